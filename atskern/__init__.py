@@ -1,0 +1,13 @@
+"""atskern: attention sampling (ATS) kernels for NumPy (Numba) and CuPy (CUDA) arrays.
+
+Functions dispatch on the array type: NumPy arrays run the Numba kernels in
+``atskern.cpu``, CuPy arrays the CUDA kernels in ``atskern.gpu``.
+``atskern.reference`` holds slow NumPy twins of every kernel.
+"""
+
+from .estimator import expectation, expectation_grad
+from .sampling import sample
+
+__version__ = "0.1.0"
+
+__all__ = ["sample", "expectation", "expectation_grad", "__version__"]

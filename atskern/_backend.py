@@ -1,0 +1,42 @@
+"""Which backend runs a call: NumPy arrays go to the Numba kernels, CuPy arrays to CUDA.
+
+CuPy is never imported here; an array is recognised as CuPy's by its type's
+module, so ``import atskern`` needs only NumPy and Numba.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+CPU = "cpu"
+GPU = "gpu"
+
+
+def is_cupy_array(array) -> bool:
+    return type(array).__module__.split(".")[0] == "cupy"
+
+
+def backend_of(**arrays) -> str:
+    """``'gpu'`` if the named arrays are CuPy arrays, ``'cpu'`` otherwise; mixing is a TypeError."""
+    kinds = {name: (GPU if is_cupy_array(a) else CPU) for name, a in arrays.items() if a is not None}
+    found = set(kinds.values())
+    if len(found) > 1:
+        described = ", ".join(f"{name} is a {'CuPy' if k == GPU else 'NumPy'} array" for name, k in kinds.items())
+        raise TypeError(f"arrays must all live on the same device: {described}")
+    return found.pop() if found else CPU
+
+
+def cupy():
+    """The ``cupy`` module, or an ImportError saying how to install it."""
+    if importlib.util.find_spec("cupy") is None:
+        raise ImportError(
+            "CuPy is needed for GPU arrays: pip install 'atskern[cuda12]' (CUDA 12) or 'atskern[cuda13]' (CUDA 13)"
+        )
+    return importlib.import_module("cupy")
+
+
+def array_module(backend: str):
+    if backend == GPU:
+        return cupy()
+    return importlib.import_module("numpy")

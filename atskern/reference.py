@@ -1,0 +1,103 @@
+"""Plain NumPy implementations of every kernel: slow, obviously correct, the tests' oracle.
+
+Each function here has a fast twin in ``atskern.cpu`` and ``atskern.gpu``
+computing the same thing; sampling draws the same random numbers
+(``atskern._rng``), so the twins can be compared draw for draw.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _rng
+
+
+def _weights(attention, logits):
+    rows = attention.shape[0]
+    flat = np.asarray(attention, dtype=np.float64).reshape(rows, -1)
+    if not logits:
+        return flat
+    top = flat.max(axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    return np.exp(flat - top)
+
+
+def sample(attention, n, *, replace=False, logits=False, seed=0):
+    """Draw ``n`` grid positions per row of ``attention`` ``(B, *grid)``.
+
+    Returns ``indices`` int32 ``(B, n, D)`` in draw order and ``probs``
+    ``(B, n)`` (the attention's dtype): each drawn position's probability
+    under the whole row's normalized distribution. Without replacement the
+    draws follow successive sampling, via exponential keys ``-log(u) / a``.
+    """
+    attention = np.asarray(attention)
+    rows, grid = attention.shape[0], attention.shape[1:]
+    weights = _weights(attention, logits)
+    flat_indices = np.empty((rows, n), dtype=np.int64)
+    totals = np.empty(rows)
+    for row in range(rows):
+        a = weights[row]
+        if replace:
+            cdf = np.cumsum(a)
+            totals[row] = cdf[-1]
+            targets = _rng.replacement_uniforms(n, row, seed) * cdf[-1]
+            flat_indices[row] = np.searchsorted(cdf, targets, side="left")
+        else:
+            totals[row] = a[a > 0].sum()
+            u = _rng.position_uniforms(a.size, row, seed)
+            keys = np.full(a.size, np.inf)
+            positive = a > 0
+            keys[positive] = -np.log(u[positive]) / a[positive]
+            flat_indices[row] = np.argsort(keys, kind="stable")[:n]
+    probs = np.take_along_axis(weights, flat_indices, axis=1) / totals[:, None]
+    coords = np.stack(np.unravel_index(flat_indices, grid), axis=-1).astype(np.int32)
+    return coords, probs.astype(attention.dtype)
+
+
+def expectation(features, probs, *, replace=False):
+    """The ATS estimate ``F`` of ``sum_i a_i f_i`` from ``n`` sampled features per row.
+
+    ``features`` ``(B, n, *F)``, ``probs`` ``(B, n)``; returns ``(B, *F)``.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    probs = np.asarray(probs, dtype=np.float64)
+    rows, n = probs.shape
+    out = np.zeros((rows,) + features.shape[2:])
+    for b in range(rows):
+        if replace:
+            out[b] = features[b].sum(axis=0) / n
+            continue
+        pm = 1.0
+        for k in range(n):
+            estimate_k = pm * features[b, k]
+            for j in range(k):
+                estimate_k = estimate_k + probs[b, j] * features[b, j]
+            out[b] += estimate_k / n
+            pm -= probs[b, k]
+    return out
+
+
+def expectation_grad(grad, features, probs, *, replace=False):
+    """Gradients of :func:`expectation` that are unbiased for the full sum.
+
+    Returns ``(grad_probs (B, n), grad_features (B, n, *F))``; see DESIGN.md.
+    """
+    grad = np.asarray(grad, dtype=np.float64)
+    features = np.asarray(features, dtype=np.float64)
+    probs = np.asarray(probs, dtype=np.float64)
+    rows, n = probs.shape
+    grad_probs = np.zeros((rows, n))
+    grad_features = np.zeros(features.shape)
+    for b in range(rows):
+        pm = 1.0
+        for k in range(n):
+            inner = float(np.sum(grad[b] * features[b, k]))
+            if replace:
+                grad_features[b, k] = grad[b] / n
+                grad_probs[b, k] = inner / probs[b, k] / n
+            else:
+                remaining = n - 1 - k
+                grad_features[b, k] = (pm + remaining * probs[b, k]) * grad[b] / n
+                grad_probs[b, k] = (pm / probs[b, k] + remaining) * inner / n
+            pm -= probs[b, k]
+    return grad_probs, grad_features

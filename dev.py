@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""The project's two entry points; each sets up everything it needs first.
+
+    python3 dev.py bench [ARGS...]   the main job: ``python -m bench`` (kernel and ATS benchmarks)
+    python3 dev.py test [ARGS...]    the whole test suite (``pytest``; ARGS go to pytest)
+
+Set-up: a virtual environment in ``.venv`` is created on first use and
+refreshed whenever ``requirements/lock.txt`` or ``pyproject.toml`` change
+(a stamp file records their hash). Only the Python running this script is
+needed on the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+LOCK = ROOT / "requirements" / "lock.txt"
+STAMP = VENV / ".atskern-stamp"
+
+
+def _venv_python() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def _wanted_stamp() -> str:
+    digest = hashlib.sha256()
+    for path in (LOCK, ROOT / "pyproject.toml"):
+        digest.update(path.read_bytes())
+    digest.update(sys.version.encode())
+    return digest.hexdigest()
+
+
+def ensure_venv() -> Path:
+    """Create or refresh ``.venv`` so that it holds exactly the pinned dependencies."""
+    python = _venv_python()
+    wanted = _wanted_stamp()
+    if python.exists() and STAMP.exists() and STAMP.read_text() == wanted:
+        return python
+    if not python.exists():
+        print(f"[dev] creating virtual environment in {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+    print("[dev] installing pinned dependencies (requirements/lock.txt)", flush=True)
+    pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
+    subprocess.run([*pip, "install", "-q", "-r", str(LOCK)], check=True)
+    subprocess.run([*pip, "install", "-q", "--no-deps", "-e", str(ROOT)], check=True)
+    STAMP.write_text(wanted)
+    return python
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in {"bench", "test"}:
+        print(__doc__, file=sys.stderr)
+        return 2
+    command, rest = argv[0], argv[1:]
+    python = ensure_venv()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "adapters")]))
+    if command == "bench":
+        args = [str(python), "-m", "bench", *rest]
+    else:
+        args = [str(python), "-m", "pytest", *rest]
+    return subprocess.run(args, cwd=ROOT, env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
