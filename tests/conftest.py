@@ -1,0 +1,53 @@
+"""Shared fixtures: the list of backends, GPU cases skipped where no CUDA device exists."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+
+def _cuda_available() -> bool:
+    if importlib.util.find_spec("cupy") is None:
+        return False
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # noqa: BLE001 - any CUDA/driver failure means "no GPU here"
+        return False
+
+
+HAS_GPU = _cuda_available()
+
+BACKENDS = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("gpu", id="gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")]),
+]
+
+
+def to_backend(array, backend):
+    """``array`` (NumPy) on ``backend``: itself for 'cpu', a CuPy copy for 'gpu'."""
+    if backend == "gpu":
+        import cupy
+
+        return cupy.asarray(array)
+    return array
+
+
+def to_numpy(array):
+    return array.get() if hasattr(array, "get") else np.asarray(array)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture
+def small_gpu_blocks(monkeypatch):
+    """Launch GPU kernels with tiny blocks so small inputs still span several blocks."""
+    from atskern.gpu import _module
+
+    monkeypatch.setattr(_module, "THREADS_PER_BLOCK", 32)

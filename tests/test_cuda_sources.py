@@ -1,0 +1,30 @@
+"""Every CUDA source compiles with nvcc (PTX for sm_90), so a kernel syntax error never lands."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from atskern.gpu._module import SOURCE_DIR, source
+
+SOURCES = sorted(p.name for p in SOURCE_DIR.glob("*.cu"))
+
+
+def test_there_are_cuda_sources():
+    assert SOURCES, f"no .cu files found in {SOURCE_DIR}"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+@pytest.mark.parametrize("name", SOURCES)
+def test_cuda_source_compiles(name, tmp_path):
+    inlined = tmp_path / name
+    inlined.write_text(source(name))
+    result = subprocess.run(
+        ["nvcc", "--ptx", "-arch=sm_90", "--std=c++17", "-Werror", "all-warnings", str(inlined), "-o", str(tmp_path / "out.ptx")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
