@@ -217,3 +217,31 @@ def test_same_draws_for_any_thread_count():
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     assert [r["threads"] for r in results] == [1, 2]
     assert results[0]["digest"] == results[1]["digest"]
+
+
+# --- GPU against CPU ----------------------------------------------------------------------
+
+gpu_only = pytest.mark.parametrize("backend", [p for p in __import__("tests.conftest").conftest.BACKENDS if p.id == "gpu"])
+
+
+@gpu_only
+@pytest.mark.parametrize("replace", [False, True])
+def test_gpu_draws_equal_cpu_draws(backend, replace):
+    attention = _attention((3000, 32, 32), np.float32, seed=12, zeros=0.2)
+    cpu_i, cpu_p = atskern.sample(attention, 20, replace=replace, seed=2019)
+    gpu_i, gpu_p = _sample(backend, attention, 20, replace=replace, seed=2019)
+    same_rows = (cpu_i == gpu_i).all(axis=(1, 2)).mean()
+    assert same_rows >= 0.999
+    np.testing.assert_allclose(gpu_p, cpu_p, rtol=1e-6)
+
+
+@gpu_only
+def test_gpu_small_blocks_many_chunks_and_large_n(backend, small_gpu_blocks, monkeypatch):
+    from atskern.gpu import sampling as gpu_sampling
+
+    monkeypatch.setattr(gpu_sampling, "MIN_CHUNK", 128)
+    attention = _attention((5, 5000), np.float64, seed=3)
+    for n in (1, 37, gpu_sampling.max_selection_n() + 1):
+        got, _ = _sample(backend, attention, n, seed=n)
+        want, _ = reference.sample(attention, n, seed=n)
+        np.testing.assert_array_equal(got, want)
