@@ -17,7 +17,7 @@ import atskern
 from atskern import reference
 from atskern.cpu import sampling as cpu_sampling
 
-from .conftest import to_backend, to_numpy
+from .conftest import BACKENDS, to_backend, to_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -221,7 +221,7 @@ def test_same_draws_for_any_thread_count():
 
 # --- GPU against CPU ----------------------------------------------------------------------
 
-gpu_only = pytest.mark.parametrize("backend", [p for p in __import__("tests.conftest").conftest.BACKENDS if p.id == "gpu"])
+gpu_only = pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id == "gpu"])
 
 
 @gpu_only
