@@ -27,7 +27,7 @@ from ._timing import Table
 NAME = "ats_dense"
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (256, 512, 1024, 1500, 2048, 4096)
-QUICK_SIZES = (256, 512)
+QUICK_SIZES = (256,)
 BATCHES = (1, 8)
 PATCHES = (10, 50)
 LOW_SCALE = 0.12
