@@ -73,7 +73,7 @@ GATHER(gather_u32_i64, unsigned int, long long)
 GATHER(gather_u64_i64, unsigned long long, long long)
 
 // Overlap lists: for each patch (b, k), the patches j != k of the same image whose boxes intersect
-// it, in increasing j. counts_only fills counts[b * K + k]; otherwise lists[starts[bk] ...].
+// it, in increasing j. Pass 0 (fill_lists == 0) writes counts[b * K + k]; pass 1 writes lists[starts[bk] ...].
 __device__ __forceinline__ bool boxes_meet(const long long* a, const long long* c, const Shape& shape) {
     return a[0] < c[0] + shape.p0 && c[0] < a[0] + shape.p0 && a[1] < c[1] + shape.p1 && c[1] < a[1] + shape.p1 &&
            a[2] < c[2] + shape.width && c[2] < a[2] + shape.width;
@@ -81,7 +81,7 @@ __device__ __forceinline__ bool boxes_meet(const long long* a, const long long* 
 
 extern "C" __global__ void overlaps(const long long* __restrict__ offsets, long long patches, SHAPE_PARAMS,
                                     const long long* __restrict__ starts, int* __restrict__ counts,
-                                    int* __restrict__ lists) {
+                                    int* __restrict__ lists, int fill_lists) {
     const Shape shape = SHAPE;
     const long long stride = (long long)gridDim.x * blockDim.x;
     for (long long bk = (long long)blockIdx.x * blockDim.x + threadIdx.x; bk < patches; bk += stride) {
@@ -91,10 +91,10 @@ extern "C" __global__ void overlaps(const long long* __restrict__ offsets, long 
         int found = 0;
         for (long long j = 0; j < shape.count; ++j) {
             if (j == k || !boxes_meet(mine, offsets + 3 * (b * shape.count + j), shape)) continue;
-            if (lists != nullptr) lists[starts[bk] + found] = (int)j;
+            if (fill_lists) lists[starts[bk] + found] = (int)j;
             ++found;
         }
-        if (counts != nullptr) counts[bk] = found;
+        if (!fill_lists) counts[bk] = found;
     }
 }
 

@@ -37,12 +37,11 @@ def _grid(total: int):
 
 def gather(images, offsets, fill_word, patches):
     """``patches[b, k, r, i0, i1, t] = images[b, r, o0 + i0, o1 + i1, o2 + t]`` or ``fill_word``."""
-    cp = cupy()
     name = f"gather_{WORD_NAMES[images.dtype.itemsize]}_{_index_suffix(images, patches)}"
     kernel = _module.function(SOURCE, name)
     blocks, threads = _grid(patches.size)
     kernel(blocks, threads, (images, offsets, patches, np.int64(patches.size)) + _shape_args(patches, images) + (fill_word,))
-    return cp
+    return patches
 
 
 def _overlap_lists(offsets, shape_args, patches_count):
@@ -51,12 +50,12 @@ def _overlap_lists(offsets, shape_args, patches_count):
     kernel = _module.function(SOURCE, "overlaps")
     blocks, threads = _grid(patches_count)
     counts = cp.empty(patches_count, dtype=cp.int32)
-    kernel(blocks, threads, (offsets, np.int64(patches_count)) + shape_args + (None, counts, None))
     starts = cp.zeros(patches_count + 1, dtype=cp.int64)
-    cp.cumsum(counts, out=starts[1:])
+    kernel(blocks, threads, (offsets, np.int64(patches_count)) + shape_args + (starts, counts, counts, np.int32(0)))
+    starts[1:] = cp.cumsum(counts, dtype=cp.int64)
     total = int(starts[-1])
     lists = cp.empty(max(1, total), dtype=cp.int32)
-    kernel(blocks, threads, (offsets, np.int64(patches_count)) + shape_args + (starts, None, lists))
+    kernel(blocks, threads, (offsets, np.int64(patches_count)) + shape_args + (starts, counts, lists, np.int32(1)))
     return starts, lists
 
 
