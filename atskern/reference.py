@@ -107,10 +107,9 @@ def _patch_window(offset, patch, spatial):
     """Per dim: the patch positions inside the image, and the image positions they read."""
     inside, source = [], []
     for o, p, s in zip(offset, patch, spatial):
-        positions = int(o) + np.arange(p)
-        keep = (positions >= 0) & (positions < s)
-        inside.append(np.flatnonzero(keep))
-        source.append(positions[keep])
+        kept = [i for i in range(p) if 0 <= int(o) + i < s]
+        inside.append(np.array(kept, dtype=np.intp))
+        source.append(np.array([int(o) + i for i in kept], dtype=np.intp))
     return np.ix_(*inside), np.ix_(*source)
 
 
