@@ -266,3 +266,166 @@ def test_multiscale_gather_and_scatter(backend, channels_first):
         offsets = reference.patch_offsets(samples, grid, shape, patch, margin=0.05)
         expected = reference.scatter_patches(g, offsets, shape, channels_first=channels_first)
         np.testing.assert_allclose(to_numpy(result), expected, rtol=1e-12, atol=1e-12)
+
+
+# --- errors -------------------------------------------------------------------
+
+X = np.zeros((2, 8, 8, 3), np.float32)
+OFFSETS = np.zeros((2, 4, 2), np.int32)
+GRAD = np.zeros((2, 4, 3, 3, 3), np.float32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(x=[[1, 2]]), TypeError, r"x must be a NumPy or CuPy array, got list"),
+        (dict(x=np.zeros((2, 8), np.float32)), ValueError, r"x must be 3 or 4 or 5-dimensional .*got shape \(2, 8\)"),
+        (dict(x=np.zeros((2, 0, 8, 3), np.float32)), ValueError, r"x must not be empty, got shape \(2, 0, 8, 3\)"),
+        (dict(x=np.zeros((2, 8, 8, 3), np.complex64)), None, None),
+        (dict(x=np.zeros((2, 8, 8, 3), np.complex128)), TypeError, r"got complex128 \(item size 16\)"),
+        (dict(x=np.zeros((2, 8, 8, 3), "V4")), TypeError, r"x must have a numeric dtype of item size 1, 2, 4 or 8"),
+        (dict(x=np.zeros((2, 8, 8, 3), np.longdouble)), TypeError, r"item size (16|12)"),
+        (dict(x=np.zeros((2, 8, 8, 3), object)), TypeError, r"got object"),
+        (dict(offsets=np.zeros((3, 4, 2), np.int32)), ValueError, r"offsets has batch size 3 .* images have batch size 2"),
+        (dict(offsets=np.zeros((2, 4, 3), np.int32)), ValueError, r"offsets must have shape \(batch, K, 2\) .* got \(2, 4, 3\)"),
+        (dict(offsets=np.zeros((2, 4), np.int32)), ValueError, r"offsets must be 3-dimensional \(batch, K, D\), got shape \(2, 4\)"),
+        (dict(offsets=np.zeros((2, 4, 2), np.float32)), TypeError, r"offsets must have an integer dtype .* got float32"),
+        (dict(offsets=np.zeros((2, 0, 2), np.int32)), ValueError, r"offsets must not be empty"),
+        (dict(patch_size=(3, 0)), ValueError, r"patch_size must be > 0 in every dim, got \(3, 0\)"),
+        (dict(patch_size=-2), ValueError, r"patch_size must be > 0 in every dim, got \(-2, -2\)"),
+        (dict(patch_size=(3, 3, 3)), ValueError, r"patch_size must have 2 entries .* got 3"),
+        (dict(patch_size=2.5), TypeError, r"patch_size must be an int or a sequence of 2 ints"),
+        (dict(patch_size=(3, 2.0)), TypeError, r"patch_size must be an integer, got 2.0"),
+        (dict(fill=1e60), ValueError, r"fill=1e\+60 cannot be represented in the images' dtype float32"),
+        (dict(x=np.zeros((2, 8, 8, 3), np.uint8), fill=-1), ValueError, r"fill=-1 cannot be represented .* uint8"),
+        (dict(x=np.zeros((2, 8, 8, 3), np.int16), fill=0.5), ValueError, r"fill=0.5 cannot be represented .* int16"),
+        (dict(fill="zero"), TypeError, r"fill must be a scalar number, got 'zero'"),
+        (dict(channels_first="yes"), TypeError, r"channels_first must be True or False, got 'yes'"),
+        (dict(out=np.zeros((2, 4, 3, 3, 2), np.float32)), ValueError, r"out must have shape \(2, 4, 3, 3, 3\), got \(2, 4, 3, 3, 2\)"),
+        (dict(out=np.zeros((2, 4, 3, 3, 3), np.float64)), TypeError, r"out must have dtype float32, got float64"),
+        (dict(out=np.zeros((2, 4, 3, 3, 6), np.float32)[..., ::2]), ValueError, r"out must be C-contiguous"),
+        (dict(out=[0]), TypeError, r"out must be a NumPy or CuPy array"),
+    ],
+)
+def test_extract_errors(kwargs, error, match):
+    args = dict(x=X, offsets=OFFSETS, patch_size=3)
+    args.update(kwargs)
+    x, offsets, patch_size = args.pop("x"), args.pop("offsets"), args.pop("patch_size")
+    if error is None:
+        assert atskern.extract_patches(x, offsets, patch_size, **args).shape == (2, 4, 3, 3, 3)
+        return
+    with pytest.raises(error, match=match):
+        atskern.extract_patches(x, offsets, patch_size, **args)
+
+
+def test_extract_read_only_out_and_mixed_devices():
+    out = np.zeros((2, 4, 3, 3, 3), np.float32)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="out must be writeable"):
+        atskern.extract_patches(X, OFFSETS, 3, out=out)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(grad=np.zeros((2, 4, 3, 3, 3), np.int32)), TypeError, r"grad must be float32 or float64 .* got int32"),
+        (dict(grad=np.zeros((2, 4, 3), np.float32)), ValueError, r"grad must be 4 or 5 or 6-dimensional"),
+        (dict(grad=np.zeros((2, 0, 3, 3, 3), np.float32)), ValueError, r"grad must not be empty"),
+        (dict(grad=np.zeros((2, 5, 3, 3, 3), np.float32)), ValueError, r"grad has 5 patches per image .* offsets has 4"),
+        (dict(offsets=np.zeros((1, 4, 2), np.int64)), ValueError, r"offsets has batch size 1"),
+        (dict(offsets=np.zeros((2, 4, 2), np.float64)), TypeError, r"offsets must have an integer dtype"),
+        (dict(spatial_shape=(8,)), ValueError, r"spatial_shape must have 2 entries .* got 1"),
+        (dict(spatial_shape=(8, 0)), ValueError, r"spatial_shape must be > 0 in every dim, got \(8, 0\)"),
+        (dict(spatial_shape=8), TypeError, r"spatial_shape must be a sequence of 2 ints, got 8"),
+        (dict(channels_first=1), TypeError, r"channels_first must be True or False, got 1"),
+        (dict(out=np.zeros((2, 8, 8, 3), np.float64)), TypeError, r"out must have dtype float32, got float64"),
+        (dict(out=np.zeros((2, 8, 9, 3), np.float32)), ValueError, r"out must have shape \(2, 8, 8, 3\), got \(2, 8, 9, 3\)"),
+        (dict(out=np.zeros((2, 8, 8, 3), np.float32, order="F")), ValueError, r"out must be C-contiguous"),
+        (dict(deterministic=None), TypeError, r"deterministic must be True or False"),
+    ],
+)
+def test_scatter_errors(kwargs, error, match):
+    args = dict(grad=GRAD, offsets=OFFSETS, spatial_shape=(8, 8))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        atskern.scatter_patches(args.pop("grad"), args.pop("offsets"), args.pop("spatial_shape"), **args)
+
+
+def test_multiscale_errors():
+    samples = np.zeros((2, 4, 2), np.int32)
+    levels = [X, np.zeros((2, 16, 16, 3), np.float32)]
+    with pytest.raises(TypeError, match=r"samples must have an integer dtype .* got float32"):
+        atskern.patch_offsets(samples.astype(np.float32), (4, 4), (8, 8), 3)
+    with pytest.raises(ValueError, match=r"grid_shape must have 2 entries"):
+        atskern.patch_offsets(samples, (4,), (8, 8), 3)
+    with pytest.raises(ValueError, match=r"level_shape must be > 0 in every dim, got \(8, 0\)"):
+        atskern.patch_offsets(samples, (4, 4), (8, 0), 3)
+    with pytest.raises(ValueError, match=r"margin must be in \[0, 0.5\), got 0.5"):
+        atskern.patch_offsets(samples, (4, 4), (8, 8), 3, margin=0.5)
+    with pytest.raises(ValueError, match=r"patch_sizes must be a list with one entry per level \(2 levels\)"):
+        atskern.extract_multiscale(levels, samples, (4, 4), [3])
+    with pytest.raises(ValueError, match=r"patch_sizes\[1\] must be > 0"):
+        atskern.extract_multiscale(levels, samples, (4, 4), [3, 0])
+    with pytest.raises(ValueError, match=r"levels\[1\] must have 2 spatial dims like samples, got shape \(2, 16, 3\)"):
+        atskern.extract_multiscale([X, np.zeros((2, 16, 3), np.float32)], samples, (4, 4), [3, 3])
+    with pytest.raises(ValueError, match=r"samples has batch size 2 but the levels have batch size 1"):
+        atskern.extract_multiscale([X, np.zeros((1, 16, 16, 3), np.float32)], samples, (4, 4), [3, 3])
+    with pytest.raises(TypeError, match=r"levels must be a list of arrays"):
+        atskern.extract_multiscale(X, samples, (4, 4), [3])
+    grads = [np.zeros((2, 4, 3, 3, 3)), np.zeros((2, 4, 5, 5, 3))]
+    with pytest.raises(ValueError, match=r"grads\[1\] holds patches of size \(5, 5\) but patch_sizes\[1\] is \(6, 6\)"):
+        atskern.scatter_multiscale(grads, samples, (4, 4), [(8, 8), (16, 16)], [3, 6])
+    with pytest.raises(ValueError, match=r"level_shapes must be a list with one entry per level"):
+        atskern.scatter_multiscale(grads, samples, (4, 4), [(8, 8)], [3, 5])
+
+
+ANY_ARRAY = st.builds(
+    lambda shape, dtype: np.zeros(shape, dtype),
+    st.lists(st.integers(0, 4), min_size=0, max_size=6).map(tuple),
+    st.sampled_from([np.uint8, np.int32, np.float16, np.float32, np.float64, np.bool_, np.complex64, "V3", object]),
+)
+ANY_VALUE = st.one_of(st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.none(), st.text(max_size=3),
+                      st.booleans(), st.lists(st.integers(-3, 5), max_size=4), ANY_ARRAY)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(x=ANY_ARRAY, offsets=ANY_ARRAY, patch=ANY_VALUE, fill=ANY_VALUE, spatial=ANY_VALUE, cf=ANY_VALUE)
+def test_validation_fuzz_never_crashes(x, offsets, patch, fill, spatial, cf):
+    """Arbitrary arguments either work or raise ValueError/TypeError; never anything else."""
+    for call in (
+        lambda: atskern.extract_patches(x, offsets, patch, fill=fill, channels_first=cf),
+        lambda: atskern.scatter_patches(x, offsets, spatial, channels_first=cf),
+        lambda: atskern.patch_offsets(offsets, spatial, spatial, patch),
+    ):
+        try:
+            call()
+        except (ValueError, TypeError):
+            pass
+
+
+# --- GPU ----------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("conftest").HAS_GPU, reason="no CUDA device")
+@pytest.mark.parametrize("channels_first", [False, True], ids=["last", "first"])
+def test_gpu_equals_cpu(channels_first, small_gpu_blocks):
+    """Gathers bitwise; scatter within rounding of the CPU, bitwise run to run, and the atomic path close."""
+    import cupy
+
+    rng = np.random.default_rng(21)
+    spatial, patch = (40, 50), (8, 6)
+    x = random_images(rng, images_shape(3, spatial, 3, channels_first), np.float32)
+    offsets = random_offsets(rng, 3, 64, spatial, patch)
+    cpu = atskern.extract_patches(x, offsets, patch, channels_first=channels_first)
+    gpu = atskern.extract_patches(cupy.asarray(x), cupy.asarray(offsets), patch, channels_first=channels_first)
+    assert np.array_equal(cpu.view(np.uint32), gpu.get().view(np.uint32))
+    grad = rng.standard_normal(cpu.shape).astype(np.float32)
+    expected = atskern.scatter_patches(grad, offsets, spatial, channels_first=channels_first)
+    first = atskern.scatter_patches(cupy.asarray(grad), cupy.asarray(offsets), spatial, channels_first=channels_first)
+    second = atskern.scatter_patches(cupy.asarray(grad), cupy.asarray(offsets), spatial, channels_first=channels_first)
+    assert np.array_equal(first.get().view(np.uint32), second.get().view(np.uint32))
+    np.testing.assert_allclose(first.get(), expected, rtol=1e-6, atol=1e-6)
+    atomic = atskern.scatter_patches(cupy.asarray(grad), cupy.asarray(offsets), spatial,
+                                     channels_first=channels_first, deterministic=False)
+    np.testing.assert_allclose(atomic.get(), expected, rtol=1e-5, atol=1e-5)
