@@ -14,8 +14,13 @@ atskern's result before it is timed. TensorFlow is imported only here.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+
+# With TensorFlow loaded, Numba's OpenMP workers that spin-wait cost ~8 ms per parallel
+# call on a machine whose cores are busy; passive waiting removes that (must precede OpenMP start-up).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 
