@@ -53,7 +53,8 @@ def _canonical_offsets(xp, offsets, layout):
     """int64 ``(B, K, 3)``: clipped to ``[-P, S]`` per dim (same pixels, no overflow), padded, last dim scaled."""
     offsets = xp.asarray(offsets)
     if np.dtype(offsets.dtype).kind == "u":
-        offsets = xp.minimum(offsets, offsets.dtype.type(max(layout.spatial)))
+        ceiling = min(max(layout.spatial), int(np.iinfo(offsets.dtype).max))
+        offsets = xp.minimum(offsets, offsets.dtype.type(ceiling))
     offsets = offsets.astype(xp.int64)
     low = xp.asarray([-p for p in layout.patch], dtype=xp.int64)
     high = xp.asarray(layout.spatial, dtype=xp.int64)

@@ -87,6 +87,10 @@ def test_extract_offset_dtypes_and_huge_offsets(backend, offsets_dtype):
     expected = reference.extract_patches(x, offsets, (4, 5))
     got = to_numpy(atskern.extract_patches(to_backend(x, backend), to_backend(offsets, backend), (4, 5)))
     assert np.array_equal(got, expected)
+    wide = random_images(rng, (1, 3, 300, 1), np.float32)  # wider than the offsets dtype can count
+    offsets = np.array([[[1, min(250, info.max)], [0, info.max]]], dtype=offsets_dtype)
+    got = to_numpy(atskern.extract_patches(to_backend(wide, backend), to_backend(offsets, backend), (2, 60), fill=-1))
+    assert np.array_equal(got, reference.extract_patches(wide, offsets, (2, 60), fill=-1))
 
 
 def test_extract_writes_into_out_and_aligns_buffers():

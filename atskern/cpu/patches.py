@@ -13,6 +13,7 @@ from __future__ import annotations
 import numba
 from numba import prange
 
+from ._copy import copy_run
 from ._jit import jit
 
 
@@ -45,11 +46,9 @@ def gather(x, offsets, fill, out):
                     if s0 < 0 or s0 >= s0_size or s1 < 0 or s1 >= s1_size:
                         dst[:] = fill
                         continue
-                    src = x[b, r, s0, s1]
                     for t in range(lo):
                         dst[t] = fill
-                    for t in range(lo, hi):
-                        dst[t] = src[o2 + t]
+                    copy_run(dst, lo, x[b, r, s0, s1], o2 + lo, hi - lo)
                     for t in range(hi, width):
                         dst[t] = fill
 
