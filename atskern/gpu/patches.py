@@ -26,8 +26,9 @@ def _shape_args(patches, images):
 
 
 def _index_suffix(*arrays) -> str:
-    """32-bit index arithmetic when every element index fits (cupyx does the same), else 64-bit."""
-    return "i32" if max(a.size for a in arrays) < INT32_LIMIT else "i64"
+    """32-bit index arithmetic when every element index, plus one grid stride, fits; else 64-bit."""
+    headroom = MAX_BLOCKS * 1024
+    return "i32" if max(a.size for a in arrays) < INT32_LIMIT - headroom else "i64"
 
 
 def _grid(total: int):
