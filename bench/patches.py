@@ -106,7 +106,27 @@ def _check(name, got, expected, exact=True):
         raise AssertionError(f"{name} disagrees with atskern")
 
 
-def run(quick: bool) -> list[dict]:
+NAME = "patches"
+
+
+def cases(quick: bool):
+    return CASES[::2] if quick else CASES
+
+
+def run(quick: bool = False, progress=None):
+    """The gather/scatter table for ``python -m bench``."""
+    from ._timing import Table
+
+    table = Table(NAME, f"Patch gather and scatter, {BATCH} images of {SIDE}x{SIDE}x{CHANNELS} (median ms per call)",
+                  ["op", "case", "method", "ms", "atskern faster by", "GB/s", "% of memcpy"])
+    for r in rows(quick, progress):
+        table.rows.append([r["op"], r["case"], r["method"], r["ms"], r["atskern_speedup"], r["gb_per_s"], r["pct_memcpy"]])
+    table.notes.append("goals: >= 5x faster than tf.gather_nd and crop_and_resize, >= 10x faster than fancy indexing, "
+                       ">= 60% of memcpy bandwidth; scatter >= 5x faster than tf.tensor_scatter_nd_add")
+    return table
+
+
+def rows(quick: bool, progress=None) -> list[dict]:
     """Rows of the gather/scatter table (one per case and method); medians over repeated calls."""
     import tensorflow as tf
 
@@ -114,9 +134,9 @@ def run(quick: bool) -> list[dict]:
     rng = np.random.default_rng(0)
     memcpy = _memcpy_bandwidth(repeats)
     gather_nd, crop_and_resize, scatter_nd_add = _tf_methods(tf)
-    rows = []
+    results = []
     images = {}
-    for dtype, patch, count in CASES:
+    for dtype, patch, count in cases(quick):
         if dtype not in images:
             images[dtype] = rng.integers(0, 256, (BATCH, SIDE, SIDE, CHANNELS)).astype(dtype)
             images[(dtype, "tf")] = tf.constant(images[dtype])
@@ -141,9 +161,11 @@ def run(quick: bool) -> list[dict]:
             timed[name] = _median_seconds(fn, fresh, repeats)
         for name, seconds in timed.items():
             rate = expected.nbytes / seconds
-            rows.append(dict(op="gather", case=label, method=name, ms=seconds * 1e3,
+            results.append(dict(op="gather", case=label, method=name, ms=seconds * 1e3,
                              atskern_speedup=seconds / timed["atskern (CPU)"], gb_per_s=rate / 1e9,
                              pct_memcpy=100 * rate / memcpy))
+        if progress is not None:
+            progress.update(1)
         if dtype == np.float32 or patch == 128:
             grad = rng.standard_normal(expected.shape).astype(np.float32)
             expected_back = atskern.scatter_patches(grad, probe, (SIDE, SIDE))
@@ -156,12 +178,12 @@ def run(quick: bool) -> list[dict]:
                 _check(name, fn(probe), expected_back, exact=False)
                 timed[name] = _median_seconds(fn, fresh, repeats)
             for name, seconds in timed.items():
-                rows.append(dict(op="scatter", case=f"float32 {patch}x{patch}x{CHANNELS}, {count} per image",
+                results.append(dict(op="scatter", case=f"float32 {patch}x{patch}x{CHANNELS}, {count} per image",
                                  method=name, ms=seconds * 1e3, atskern_speedup=seconds / timed["atskern (CPU)"],
                                  gb_per_s=grad.nbytes / seconds / 1e9, pct_memcpy=100 * grad.nbytes / seconds / memcpy))
-    rows.append(dict(op="memcpy", case="np.copyto 256 MiB", method="numpy", ms=256 * 2**20 / memcpy * 1e3,
+    results.append(dict(op="memcpy", case="np.copyto 256 MiB", method="numpy", ms=256 * 2**20 / memcpy * 1e3,
                      atskern_speedup=float("nan"), gb_per_s=memcpy / 1e9, pct_memcpy=100.0))
-    return rows
+    return results
 
 
 def markdown(rows: list[dict]) -> str:
@@ -182,6 +204,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     import numba
 
-    print(markdown(run(args.quick)))
+    print(markdown(rows(args.quick)))
     print(f"\n{BATCH} images of {SIDE}x{SIDE}x{CHANNELS}; NumPy {np.__version__}, Numba {numba.__version__} "
           f"({numba.get_num_threads()} threads); bytes = patch bytes written per call.")
