@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 import atskern
 from atskern import reference
 from atskern._memory import aligned_empty
-from conftest import to_backend, to_numpy
+from .conftest import HAS_GPU, to_backend, to_numpy
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [np.uint8, np.int16, np.float16, ml_dtypes.bfloat16, np.float32, np.float64, np.int64]
@@ -418,7 +418,7 @@ def test_validation_fuzz_never_crashes(x, offsets, patch, fill, spatial, cf):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not __import__("conftest").HAS_GPU, reason="no CUDA device")
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
 @pytest.mark.parametrize("channels_first", [False, True], ids=["last", "first"])
 def test_gpu_equals_cpu(channels_first, small_gpu_blocks):
     """Gathers bitwise; scatter within rounding of the CPU, bitwise run to run, and the atomic path close."""
