@@ -6,8 +6,8 @@ embeds each patch, and the expectation estimator averages the embeddings
 (``ats.core.attention_sampling``, with an entropy regularizer on the
 attention). Dense: the same kind of CNN over the whole image.
 
-    python -m examples.megapixel_digits.train --size 750 --epochs 8 --out runs/ats
-    python -m examples.megapixel_digits.train --model dense --size 750 --epochs 2 --out runs/dense
+    python -m examples.megapixel_digits.train --out runs/ats               # the small configuration
+    python -m examples.megapixel_digits.train --model dense --out runs/dense
 
 Prints per-epoch metrics, writes ``metrics.json`` and, for ATS, PNG overlays
 of the attention map and the sampled patches on test images.
@@ -175,11 +175,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="dataset file (made with the options below if missing)")
     parser.add_argument("--model", choices=("ats", "dense"), default="ats")
-    parser.add_argument("--size", type=int, default=750)
-    parser.add_argument("--train", type=int, default=4000)
-    parser.add_argument("--test", type=int, default=500)
-    parser.add_argument("--noise", type=int, default=50)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--size", type=int, default=300)
+    parser.add_argument("--train", type=int, default=3000)
+    parser.add_argument("--test", type=int, default=300)
+    parser.add_argument("--noise", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--n-patches", type=int, default=10)
     parser.add_argument("--patch", type=int, default=50)
