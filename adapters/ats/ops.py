@@ -149,6 +149,16 @@ def sample(attention, n_samples, *, replace=False, seed=None, deterministic=Fals
     dims = _check_attention(attention, n, bool(replace and not deterministic))
     batch = tf.shape(attention)[0]
     flat = tf.reshape(attention, (batch, -1))
+    if not (replace and not deterministic) and not attention.shape[1:].is_fully_defined():
+        positions = tf.shape(flat)[1]
+        check = tf.debugging.assert_greater_equal(
+            positions,
+            n,
+            message=f"n_samples={n} is larger than the number of attention positions; "
+            "sampling without replacement (or top-k) cannot draw more (use replace=True or a larger map)",
+        )
+        with tf.control_dependencies([check]):
+            flat = tf.identity(flat)
     if deterministic:
         indices = _top_indices(flat, tf.shape(attention)[1:], n)
     else:
