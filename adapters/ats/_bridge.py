@@ -32,6 +32,10 @@ from ._kernels import ALIGNMENT, aligned_empty
 class XLAUnsupportedError(NotImplementedError):
     """An ats op that calls a NumPy/CuPy kernel was traced inside an XLA (jit_compile) function."""
 
+    # Exception's own constructor lets autograph re-raise this type (with its
+    # message) instead of wrapping it in a StagingError.
+    __init__ = Exception.__init__
+
 
 def is_aligned(array: np.ndarray, alignment: int = ALIGNMENT) -> bool:
     return array.ctypes.data % alignment == 0

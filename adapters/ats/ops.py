@@ -111,8 +111,10 @@ def _draw_indices(attention, n: int, replace: bool, seed):
 def _top_indices(flat, grid_shape, n: int):
     """int32 ``(B, n, D)`` indices of the ``n`` largest weights of each row, largest first."""
     _, flat_index = tf.math.top_k(flat, k=n, sorted=True)
-    coords = tf.unravel_index(tf.reshape(flat_index, [-1]), tf.cast(grid_shape, tf.int32))
-    return tf.reshape(tf.transpose(coords), (tf.shape(flat)[0], n, -1))
+    grid_shape = tf.cast(grid_shape, tf.int32)
+    # row-major strides; tf.unravel_index has no XLA kernel
+    strides = tf.math.cumprod(grid_shape, exclusive=True, reverse=True)
+    return (flat_index[..., None] // strides) % grid_shape
 
 
 def sample(attention, n_samples, *, replace=False, seed=None, deterministic=False):
@@ -147,18 +149,17 @@ def sample(attention, n_samples, *, replace=False, seed=None, deterministic=Fals
     if not isinstance(replace, (bool, np.bool_)):
         raise TypeError(f"replace must be True or False, got {replace!r}")
     dims = _check_attention(attention, n, bool(replace and not deterministic))
-    batch = tf.shape(attention)[0]
-    flat = tf.reshape(attention, (batch, -1))
     if not (replace and not deterministic) and not attention.shape[1:].is_fully_defined():
-        positions = tf.shape(flat)[1]
         check = tf.debugging.assert_greater_equal(
-            positions,
+            tf.reduce_prod(tf.shape(attention)[1:]),
             n,
             message=f"n_samples={n} is larger than the number of attention positions; "
             "sampling without replacement (or top-k) cannot draw more (use replace=True or a larger map)",
         )
         with tf.control_dependencies([check]):
-            flat = tf.identity(flat)
+            attention = tf.identity(attention)
+    batch = tf.shape(attention)[0]
+    flat = tf.reshape(attention, (batch, -1))
     if deterministic:
         indices = _top_indices(flat, tf.shape(attention)[1:], n)
     else:
