@@ -147,7 +147,7 @@ class SamplePatches(keras.layers.Layer):
         check = tf.debugging.assert_less_equal(
             tf.constant(size, tf.int32),
             spatial,
-            message=f"SamplePatches: patch_size {size} is larger than x_high's spatial shape",
+            message=f"SamplePatches: patch_size {size} is larger than the spatial shape of x_high",
         )
         with tf.control_dependencies([check]):
             return tf.identity(x_high)
