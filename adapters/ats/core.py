@@ -8,6 +8,12 @@ from, and the attention map is ``(B, *grid)`` (``SampleSoftmax(squeeze_channels=
 
 from __future__ import annotations
 
+from ._keras import require_tensorflow_backend
+
+require_tensorflow_backend("ats.core")
+# The backend is checked before keras is imported, hence the late imports.
+# ruff: noqa: E402
+
 import numbers
 
 import keras
@@ -15,10 +21,9 @@ import numpy as np
 import tensorflow as tf
 
 from . import ops
-from ._keras import register, require_tensorflow_backend
+from ._keras import register
 from .utils.layers import ActivityRegularizer
 
-require_tensorflow_backend("ats.core")
 
 MODES = ("sample", "topk", "auto")
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from .._keras import require_tensorflow_backend
+
+require_tensorflow_backend("ats.utils.layers")
+# The backend is checked before keras is imported, hence the late imports.
+# ruff: noqa: E402
+
 import keras
 import tensorflow as tf
 
-from .._keras import register, require_tensorflow_backend
+from .._keras import register
 
-require_tensorflow_backend("ats.utils.layers")
 
 
 def _channels_axis() -> int:
