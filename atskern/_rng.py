@@ -81,10 +81,10 @@ def to_uniform(hi, lo):
 
 def position_words(positions, row: int, stream: int, seed: int):
     """Word ``p % 4`` of ``philox(p // 4, row, stream)`` for every position ``p``."""
-    positions = np.asarray(positions, dtype=np.uint64)
+    positions = np.asarray(positions, dtype=np.uint64).ravel()
     words = np.stack(_block_words(positions >> np.uint64(2), row, stream, seed))
     lane = (positions & np.uint64(3)).astype(np.intp)
-    return words[lane, np.arange(positions.size).reshape(positions.shape)] if positions.ndim else words[lane]
+    return words[lane, np.arange(positions.size)]
 
 
 def position_uniforms(size: int, row: int, seed: int):

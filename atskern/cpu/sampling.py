@@ -123,7 +123,7 @@ def row_statistics(weights):
     nonfinite = np.zeros(sums.shape[0], np.int64)
     for row in np.flatnonzero(~np.isfinite(totals)):
         nonfinite[row] = np.count_nonzero(~np.isfinite(weights[row]))
-    return nonfinite, negative.astype(np.int64), positive.astype(np.int64), totals
+    return nonfinite, negative.sum(axis=1).astype(np.int64), positive.sum(axis=1).astype(np.int64), totals
 
 
 @jit(inline="always")

@@ -1,0 +1,112 @@
+"""CuPy sampling kernels (CUDA source: ``sampling.cu``); the twins of ``atskern.cpu.sampling``.
+
+Inputs arrive validated and flattened to ``(B, N)`` CuPy weights. The draws
+equal the CPU kernel's for the same seed (the same Philox numbers and keys),
+up to rounding ties.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._backend import cupy
+from . import _module
+
+SOURCE = "sampling.cu"
+SORT_SIZE = 2048  # ATS_SORT_SIZE in sampling.cu
+PER_THREAD = 4  # ATS_PER_THREAD in sampling.cu
+MIN_CHUNK = 1 << 14
+MAX_GRID_Y = 65535
+
+
+def _suffix(weights) -> str:
+    return "f32" if weights.dtype == np.float32 else "f64"
+
+
+def row_statistics(weights):
+    """``(nonfinite, negative, positive, totals)`` per row, as NumPy arrays."""
+    cp = cupy()
+    nonfinite = (~cp.isfinite(weights)).sum(axis=1)
+    negative = (weights < 0).sum(axis=1)
+    positive = (weights > 0).sum(axis=1)
+    totals = weights.sum(axis=1, dtype=cp.float64)
+    return tuple(x.get() for x in (nonfinite, negative, positive, totals))
+
+
+def max_selection_n(threads: int | None = None) -> int:
+    """Largest ``n`` the one-pass shared-memory selection handles; larger ``n`` sorts all keys."""
+    threads = _module.THREADS_PER_BLOCK if threads is None else threads
+    return SORT_SIZE - PER_THREAD * threads
+
+
+def chunk_size(rows: int, size: int, threads: int) -> int:
+    """Positions per block: enough blocks to fill the device, at least ``MIN_CHUNK`` positions each.
+
+    The draws do not depend on it: each block keeps its exact n smallest keys.
+    """
+    cp = cupy()
+    target_blocks = 4 * cp.cuda.Device().attributes["MultiProcessorCount"]
+    pieces = max(1, -(-target_blocks // rows))
+    tile = PER_THREAD * threads
+    chunk = max(MIN_CHUNK, -(-size // pieces))
+    return -(-chunk // tile) * tile
+
+
+def sample_without_replacement(weights, n, seed, out, chunk=None):
+    """Write into ``out`` (B, n) int64 the flat positions of a successive-sampling draw per row."""
+    cp = cupy()
+    rows, size = weights.shape
+    threads = _module.THREADS_PER_BLOCK
+    if n > max_selection_n(threads):
+        return _sample_by_sorting(weights, n, seed, out)
+    chunk = chunk_size(rows, size, threads) if chunk is None else chunk
+    nchunks = -(-size // chunk)
+    cand_keys = cp.empty((rows, nchunks, n), cp.float64)
+    cand_idx = cp.empty((rows, nchunks, n), cp.int64)
+    cand_count = cp.empty((rows, nchunks), cp.int32)
+    kernel = _module.function(SOURCE, f"chunk_topn_{_suffix(weights)}")
+    for row0 in range(0, rows, MAX_GRID_Y):
+        row1 = min(rows, row0 + MAX_GRID_Y)
+        kernel(
+            (nchunks, row1 - row0),
+            (threads,),
+            (
+                weights[row0:row1],
+                np.int64(size),
+                np.uint32(row0),
+                np.int32(n),
+                np.uint64(seed),
+                np.int64(chunk),
+                cand_keys[row0:row1],
+                cand_idx[row0:row1],
+                cand_count[row0:row1],
+            ),
+        )
+    merge = _module.function(SOURCE, "merge_topn")
+    merge((rows,), (threads,), (cand_keys, cand_idx, cand_count, np.int32(nchunks), np.int32(n), out))
+    return out
+
+
+def _sample_by_sorting(weights, n, seed, out):
+    cp = cupy()
+    rows, size = weights.shape
+    threads = _module.THREADS_PER_BLOCK
+    keys = cp.empty((rows, size), cp.float64)
+    total = rows * size
+    blocks = min(-(-total // threads), 1 << 20)
+    kernel = _module.function(SOURCE, f"exponential_keys_{_suffix(weights)}")
+    kernel((blocks,), (threads,), (weights, np.int64(size), np.int64(total), np.uint32(0), np.uint64(seed), keys))
+    out[...] = cp.argsort(keys, axis=1)[:, :n]
+    return out
+
+
+def sample_with_replacement(weights, n, seed, out):
+    """Write into ``out`` (B, n) int64 the flat positions of ``n`` independent draws per row."""
+    cp = cupy()
+    rows, size = weights.shape
+    threads = _module.THREADS_PER_BLOCK
+    cdf = cp.cumsum(weights, axis=1, dtype=cp.float64)
+    kernel = _module.function(SOURCE, f"replacement_draws_{_suffix(weights)}")
+    blocks = -(-(rows * n) // threads)
+    kernel((blocks,), (threads,), (weights, cdf, np.int64(size), np.int32(rows), np.int32(n), np.uint64(seed), out))
+    return out

@@ -1,0 +1,1 @@
+"""atskern benchmarks: ``python -m bench`` (see ``bench/__main__.py``)."""

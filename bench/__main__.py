@@ -1,0 +1,65 @@
+"""The main job: ``python -m bench [--quick] [--only NAME ...] [--json PATH] [--no-write]``.
+
+Runs each benchmark side by side in one process, prints markdown tables and
+writes ``bench/results/<machine>.md`` (unless ``--quick`` or ``--no-write``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from ._timing import machine_description
+
+BENCHMARKS = ["sampling", "ats_dense"]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (under a minute)")
+    parser.add_argument("--only", action="append", choices=BENCHMARKS, help="run only this benchmark (repeatable)")
+    parser.add_argument("--json", type=Path, help="also write all tables as JSON here")
+    parser.add_argument("--no-write", action="store_true", help="do not write bench/results/<machine>.md")
+    parser.add_argument("--machine", help="name for the results file (default: the host name)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    from tqdm import tqdm
+
+    names = args.only or BENCHMARKS
+    modules = [importlib.import_module(f"bench.{name}") for name in names]
+    total = sum(len(module.cases(args.quick)) for module in modules)
+    machine = machine_description()
+    tables = []
+    with tqdm(total=total, desc="bench", unit="case", file=sys.stderr) as progress:
+        for module in modules:
+            progress.set_postfix_str(module.NAME)
+            tables.append(module.run(quick=args.quick, progress=progress))
+    header = "\n".join(f"- {key}: {value}" for key, value in machine.items())
+    report = f"# atskern benchmarks{' (quick)' if args.quick else ''}\n\n{header}\n\n" + "\n".join(t.markdown() for t in tables)
+    print(report)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "tables": [t.as_dict() for t in tables]}, indent=1))
+    if not (args.quick or args.no_write):
+        RESULTS.mkdir(exist_ok=True)
+        stem = args.machine or machine["machine"]
+        path = RESULTS / f"{stem}.md"
+        for table in tables:
+            if table.name == "ats_dense":
+                from .plot import plot_ats_dense
+
+                plot = plot_ats_dense(table.raw, RESULTS / f"{stem}-ats-vs-dense.png")
+                report += f"\n![ATS versus dense]({plot.name})\n"
+        path.write_text(report)
+        print(f"written: {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The ATS estimator: equal to the reference, linear, and exactly unbiased by enumeration of all draws."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+import atskern
+from atskern import reference
+
+from .conftest import to_backend, to_numpy
+
+
+def _inputs(rows, n, feature_shape, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    raw = rng.random((rows, n + 3)) + 0.05
+    probs = (raw / raw.sum(axis=1, keepdims=True))[:, :n]
+    features = rng.normal(size=(rows, n, *feature_shape))
+    grad = rng.normal(size=(rows, *feature_shape))
+    return features.astype(dtype), probs.astype(dtype), grad.astype(dtype)
+
+
+@pytest.mark.parametrize("replace", [False, True])
+@pytest.mark.parametrize("feature_shape", [(), (5,), (2, 3)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_equals_reference(backend, replace, feature_shape, dtype):
+    features, probs, grad = _inputs(4, 6, feature_shape, dtype=dtype)
+    on = lambda x: to_backend(x, backend)  # noqa: E731
+    got = to_numpy(atskern.expectation(on(features), on(probs), replace=replace))
+    got_gp, got_gf = map(to_numpy, atskern.expectation_grad(on(grad), on(features), on(probs), replace=replace))
+    want = reference.expectation(features, probs, replace=replace)
+    want_gp, want_gf = reference.expectation_grad(grad, features, probs, replace=replace)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    assert got.dtype == dtype and got.shape == (4, *feature_shape)
+    assert got_gp.dtype == dtype and got_gf.dtype == dtype
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(got_gp, want_gp, rtol=rtol, atol=rtol)
+    np.testing.assert_allclose(got_gf, want_gf, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_feature_gradient_is_the_derivative(replace):
+    """F is linear in the features, so grad_features must be exactly J^T g."""
+    features, probs, grad = _inputs(2, 4, (3,), seed=5)
+    _, grad_features = atskern.expectation_grad(grad, features, probs, replace=replace)
+    base = atskern.expectation(features, probs, replace=replace)
+    numeric = np.zeros_like(features)
+    for index in np.ndindex(features.shape):
+        bumped = features.copy()
+        bumped[index] += 1.0
+        numeric[index] = np.sum((atskern.expectation(bumped, probs, replace=replace) - base) * grad)
+    np.testing.assert_allclose(grad_features, numeric, rtol=1e-12, atol=1e-12)
+
+
+def _all_draws(a, n, replace):
+    """Every ordered draw of n positions and its exact probability."""
+    if replace:
+        seqs = np.array(list(itertools.product(range(a.size), repeat=n)), dtype=np.intp)
+        return seqs, a[seqs].prod(axis=1)
+    seqs = np.array(list(itertools.permutations(range(a.size), n)), dtype=np.intp)
+    drawn = a[seqs]
+    left = 1.0 - np.concatenate([np.zeros((len(seqs), 1)), np.cumsum(drawn, axis=1)[:, :-1]], axis=1)
+    return seqs, (drawn / left).prod(axis=1)
+
+
+def _expect_at(seqs, terms, K):
+    """Sum of ``terms[r, k]`` over draws landing on each position (exactly rounded sums)."""
+    flat_terms = terms.reshape(seqs.size, -1)
+    positions = seqs.ravel()
+    return np.array([[math.fsum(flat_terms[positions == i, c]) for c in range(flat_terms.shape[1])] for i in range(K)]).reshape(
+        (K,) + terms.shape[2:]
+    )
+
+
+def _check_unbiased(K, n, replace, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.random(K) + 0.1
+    a /= a.sum()
+    f = rng.normal(size=(K, 3))
+    g = rng.normal(size=3)
+    seqs, weight = _all_draws(a, n, replace)
+    assert abs(weight.sum() - 1.0) < 1e-12
+    rows = len(seqs)
+    features, probs = f[seqs], a[seqs]
+    estimate = atskern.expectation(features, probs, replace=replace)
+    grad_probs, grad_features = atskern.expectation_grad(np.tile(g, (rows, 1)), features, probs, replace=replace)
+
+    expected_attention_grad = _expect_at(seqs, weight[:, None] * grad_probs, K)
+    expected_feature_grad = _expect_at(seqs, weight[:, None, None] * grad_features, K)
+    expected_estimate = [math.fsum(weight * estimate[:, c]) for c in range(3)]
+
+    np.testing.assert_allclose(expected_estimate, a @ f, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(expected_attention_grad, f @ g, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(expected_feature_grad, a[:, None] * g, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 5, 7])
+def test_unbiased_without_replacement_by_enumeration(K):
+    for n in range(1, K + 1):
+        _check_unbiased(K, n, replace=False, seed=100 * K + n)
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 5, 7])
+def test_unbiased_with_replacement_by_enumeration(K):
+    for n in range(1, K + 1):
+        if K**n > 200_000:
+            continue
+        _check_unbiased(K, n, replace=True, seed=100 * K + n)
+
+
+def test_unbiased_with_replacement_largest_case():
+    _check_unbiased(7, 7, replace=True, seed=77)
+
+
+def test_enumeration_detects_a_biased_gradient():
+    """A plausible wrong gradient (the with-replacement weighting on draws without replacement) fails the check."""
+    rng = np.random.default_rng(0)
+    a = rng.random(6) + 0.1
+    a /= a.sum()
+    f = rng.normal(size=(6, 3))
+    g = rng.normal(size=3)
+    seqs, weight = _all_draws(a, 3, replace=False)
+    features, probs = f[seqs], a[seqs]
+    inner = features @ g
+    naive = inner / probs / 3  # the with-replacement weighting applied to draws without replacement
+    expected = np.zeros(6)
+    np.add.at(expected, seqs, weight[:, None] * naive)
+    assert np.abs(expected - f @ g).max() > 0.05
+
+
+# --- validation ------------------------------------------------------------------------
+
+
+def test_rejects_bad_inputs():
+    features, probs, grad = _inputs(2, 3, (4,))
+    with pytest.raises(ValueError, match=r"features must have shape \(batch, n, \.\.\.\)"):
+        atskern.expectation(features[:, :2], probs)
+    with pytest.raises(ValueError, match="probs must be 2-dimensional"):
+        atskern.expectation(features, probs[0])
+    with pytest.raises(TypeError, match="probs must be float32 or float64"):
+        atskern.expectation(features, probs.astype(np.int32))
+    with pytest.raises(TypeError, match="features must be a NumPy or CuPy array"):
+        atskern.expectation([[1.0]], probs)
+    bad = probs.copy()
+    bad[1, 2] = 0.0
+    with pytest.raises(ValueError, match="probs must be > 0"):
+        atskern.expectation(features, bad)
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match="probs contains NaN or inf"):
+        atskern.expectation_grad(grad, features, bad)
+    with pytest.raises(ValueError, match=r"grad must have the estimate's shape \(2, 4\)"):
+        atskern.expectation_grad(grad[:, :3], features, probs)
+    with pytest.raises(TypeError, match="replace must be True or False"):
+        atskern.expectation(features, probs, replace="yes")

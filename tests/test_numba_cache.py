@@ -1,0 +1,52 @@
+"""Numba's disk cache is used where a directory is writable, and atskern still imports and runs where none is."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_PRELUDE = """
+import os, tempfile
+from pathlib import Path
+_real = tempfile.NamedTemporaryFile
+def _refuse(*args, dir=None, **kwargs):
+    if dir is not None and not str(dir).startswith(os.environ.get("ALLOW", "//nothing")):
+        raise PermissionError(13, "read-only for this test", str(dir))
+    return _real(*args, dir=dir, **kwargs)
+tempfile.NamedTemporaryFile = _refuse
+import atskern
+from atskern.cpu import _jit
+
+@_jit.jit
+def plus_one(x):
+    return x + 1
+
+assert plus_one(1) == 2
+print("CACHE", _jit.CACHE, _jit.CACHE_DIR)
+"""
+
+
+def _run(tmp_path, env_extra):
+    script = tmp_path / "script.py"
+    script.write_text(_PRELUDE)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("NUMBA_CACHE_DIR", None)
+    env.update(env_extra)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_import_and_run_without_any_writable_cache_directory(tmp_path):
+    assert _run(tmp_path, {}) == "CACHE False None"
+
+
+def test_falls_back_to_a_writable_directory(tmp_path):
+    cache = tmp_path / "numba-cache"
+    line = _run(tmp_path, {"NUMBA_CACHE_DIR": str(cache), "ALLOW": str(cache)})
+    assert line == f"CACHE True {cache}"
+    assert any(cache.rglob("*.nbi")), "no Numba index file was written to the cache directory"
