@@ -10,7 +10,7 @@ tf = pytest.importorskip("tensorflow")
 from ats import _bridge  # noqa: E402
 from ats._kernels import aligned_empty  # noqa: E402
 
-from conftest import HAS_GPU  # noqa: E402
+from .conftest import HAS_GPU  # noqa: E402
 
 
 def data_pointer(tensor) -> int:

@@ -152,7 +152,7 @@ def test_expectation_layer_matches_op_and_config():
     features = tf.random.normal((2, 3, 4))
     probs = tf.fill((2, 3), 0.2)
     layer = Expectation(replace=True)
-    np.testing.assert_allclose(layer([features, probs]).numpy(), tf.reduce_mean(features, axis=1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(layer([features, probs]).numpy(), tf.reduce_mean(features, axis=1).numpy(), rtol=1e-6, atol=1e-6)
     assert Expectation.from_config(layer.get_config()).replace is True
 
 
