@@ -229,3 +229,24 @@ def test_receptive_field_maps_valid_attention_grid_to_centres():
     patches, _ = layer([x_high[:, ::4, ::4], x_high, att])
     assert patches.numpy()[0, 0, ..., 0].max() == 5
     assert core.SamplePatches.from_config(layer.get_config()).receptive_field == 4
+
+
+def test_use_logits_matches_probabilities_with_the_same_seed():
+    rng = np.random.default_rng(11)
+    logits = rng.normal(size=(2, 6, 6)).astype("float32")
+    probs = tf.reshape(tf.nn.softmax(logits.reshape(2, -1)), (2, 6, 6))
+    x_high = images((2, 24, 24, 1))
+    x_low = x_high[:, ::4, ::4]
+    from_logits = SamplePatches(3, 4, use_logits=True, mode="topk")([x_low, x_high, logits])
+    from_probs = SamplePatches(3, 4, mode="topk")([x_low, x_high, probs])
+    for a, b in zip(from_logits, from_probs):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
+
+
+def test_forcing_jit_compile_is_turned_off_by_keras():
+    model = ats_model(seed=0)
+    x = images((2, 32, 32, 1))
+    with pytest.warns(UserWarning, match="jit_compile"):
+        model.compile("sgd", [keras.losses.MeanSquaredError(), None, None], jit_compile=True)
+    assert model.jit_compile is False
+    assert model.predict(x, verbose=0)[0].shape == (2, 2)

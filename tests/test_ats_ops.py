@@ -298,3 +298,20 @@ def test_expectation_static_shape_and_errors():
         ops.expectation(tf.ones((2, 4, 4)), tf.fill((2, 3), 0.1))
     with pytest.raises(ValueError, match=r"\(batch, n\)"):
         ops.expectation(tf.ones((2, 3, 4)), tf.fill((2, 3, 1), 0.1))
+
+
+def test_extract_patches_channels_first_layout():
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(2, 9, 10, 3))
+    offsets = rng.integers(-2, 8, size=(2, 4, 2)).astype(np.int32)
+    last = ops.extract_patches(tf.constant(x), offsets, (3, 4)).numpy()
+    xt = tf.constant(np.moveaxis(x, -1, 1))
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        first = ops.extract_patches(xt, offsets, (3, 4), channels_first=True)
+    assert first.shape == (2, 4, 3, 3, 4)
+    np.testing.assert_array_equal(first.numpy(), np.moveaxis(last, -1, 2))
+    grad = tape.gradient(first, xt)
+    assert grad.shape == xt.shape and float(tf.reduce_sum(grad)) == np.count_nonzero(
+        ops.extract_patches(tf.ones_like(xt), offsets, (3, 4), channels_first=True).numpy()
+    )
