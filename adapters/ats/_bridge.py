@@ -122,7 +122,24 @@ def require_no_xla(op_name: str) -> None:
         )
 
 
+def _on_cpu(tensor) -> bool:
+    return isinstance(tensor, tf.Tensor) and "GPU" not in tensor.device.upper()
+
+
 def numpy_call(func, inputs, tout, *, name: str, stateful: bool = False):
-    """``tf.numpy_function(func, inputs, tout)`` with the XLA check; results still need ``set_shape``."""
+    """Run the NumPy function ``func`` on tensors: results are tensors of dtype ``tout``.
+
+    Eagerly on CPU tensors it goes through DLPack (inputs as read-only views,
+    aligned outputs shared with TensorFlow), where an eager
+    ``tf.numpy_function`` would copy its inputs. Otherwise it is
+    ``tf.numpy_function`` with the XLA check; graph results still need
+    ``set_shape``.
+    """
+    inputs = list(inputs)
+    if tf.executing_eagerly() and all(_on_cpu(t) for t in inputs):
+        results = func(*(to_numpy(t) for t in inputs))
+        if isinstance(tout, (list, tuple)):
+            return [from_numpy(np.asarray(r, dtype=t.as_numpy_dtype)) for r, t in zip(results, tout)]
+        return from_numpy(np.asarray(results, dtype=tout.as_numpy_dtype))
     require_no_xla(name)
-    return tf.numpy_function(func, list(inputs), tout, stateful=stateful, name=name.replace(".", "_"))
+    return tf.numpy_function(func, inputs, tout, stateful=stateful, name=name.replace(".", "_"))
