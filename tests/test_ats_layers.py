@@ -164,7 +164,12 @@ def test_layers_do_not_ask_for_xla():
 
 def test_save_and_load_round_trip(tmp_path):
     x = images((2, 32, 32, 1), seed=9)
-    for kwargs in ({"deterministic": True}, {"seed": 12}, {"mode": "auto", "replace": True}):
+    configs = (
+        {"deterministic": True, "attention_regularizer": multinomial_entropy(0.01)},
+        {"seed": 12},
+        {"mode": "auto", "replace": True},
+    )
+    for kwargs in configs:
         model = ats_model(**kwargs)
         path = tmp_path / "m.keras"
         model.save(path)
@@ -173,6 +178,9 @@ def test_save_and_load_round_trip(tmp_path):
             np.testing.assert_array_equal(before, after)
         layer = next(la for la in loaded.layers if isinstance(la, SamplePatches))
         assert layer.get_config()["seed"] == kwargs.get("seed")
+        regularizers = [la.regularizer for la in loaded.layers if isinstance(la, ActivityRegularizer)]
+        if "attention_regularizer" in kwargs:
+            assert isinstance(regularizers[0], MultinomialEntropy) and regularizers[0].strength == 0.01
 
 
 # --- errors -------------------------------------------------------------------
