@@ -136,6 +136,16 @@ def test_patch_offsets_margin_maps_valid_convolution_grid():
     np.testing.assert_array_equal(got, want)
 
 
+def test_patch_offsets_compute_the_contract_formula_in_float64():
+    # a Python float margin must not pass through float32 (that moves rounding ties)
+    rng = np.random.default_rng(12)
+    samples = rng.integers(0, 24, size=(2, 200, 2))
+    grid, level, size, m = np.array([24.0, 17.0]), np.array([1000.0, 68.0]), np.array([50.0, 8.0]), 0.05
+    want = np.rint(level * (m + (samples + 0.5) / grid * (1 - 2 * m)) - size / 2)
+    got = ops.patch_offsets(tf.constant(samples), (24, 17), (1000, 68), (50, 8), margin=m)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
 @pytest.mark.skipif(not hasattr(atskern, "patch_offsets"), reason="atskern without patch kernels")
 @pytest.mark.parametrize("margin", [0.0, 0.05])
 def test_patch_offsets_match_kernel(margin):

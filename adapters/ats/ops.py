@@ -174,6 +174,15 @@ def sample(attention, n_samples, *, replace=False, seed=None, deterministic=Fals
 # --- patches ------------------------------------------------------------------
 
 
+def _float64(value):
+    """A float64 tensor; Python and NumPy numbers are converted in float64 (not through float32)."""
+    if isinstance(value, (tf.Tensor, tf.Variable)):
+        return tf.cast(value, tf.float64)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (tf.Tensor, tf.Variable)) for v in value):
+        return tf.cast(tf.stack(value), tf.float64)
+    return tf.constant(np.asarray(value, dtype=np.float64))
+
+
 def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
     """First pixel (int32 ``(B, K, D)``) of the patch around each sampled grid cell in one image level.
 
@@ -190,9 +199,9 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
         raise ValueError(f"samples must be (batch, K, D) with a known D, got shape {samples.shape}")
     size = _size_tuple(patch_size, dims, "patch_size")
     s = tf.cast(samples, tf.float64)
-    grid = tf.cast(grid_shape, tf.float64)
-    level = tf.cast(level_shape, tf.float64)
-    m = tf.cast(margin, tf.float64)
+    grid = _float64(grid_shape)
+    level = _float64(level_shape)
+    m = _float64(margin)
     centre = level * (m + (s + 0.5) / grid * (1.0 - 2.0 * m))
     start = tf.math.round(centre - tf.constant(size, tf.float64) / 2.0)
     return tf.cast(start, tf.int32)
