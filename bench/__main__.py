@@ -6,6 +6,11 @@ writes ``bench/results/<machine>.md`` (unless ``--quick`` or ``--no-write``).
 
 from __future__ import annotations
 
+import os
+
+# Numba's OpenMP workers spin-waiting next to TensorFlow's threads cost milliseconds a call on 2 cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import importlib
 import json
@@ -14,7 +19,7 @@ from pathlib import Path
 
 from ._timing import machine_description
 
-BENCHMARKS = ["sampling", "ats_dense"]
+BENCHMARKS = ["sampling", "patches", "ats_dense"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
