@@ -122,7 +122,7 @@ def main():
     print(
         f"\n{platform.processor() or platform.machine()}, {tf.config.threading.get_inter_op_parallelism_threads()} "
         f"inter-op threads, TensorFlow {tf.__version__}, NumPy {np.__version__}, "
-        f"patch kernels from {'atskern' if _kernels.HAS_PATCH_KERNELS else 'the NumPy stand-in'}"
+        f"atskern {atskern.__version__}"
     )
 
 
