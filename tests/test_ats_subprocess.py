@@ -90,7 +90,15 @@ def test_non_tensorflow_keras_backend_is_a_clear_import_error(backend, keras_fir
         assert "torch loaded: False" in result.stdout
 
 
-def test_ats_core_does_not_import_torch():
-    result = run_python("import sys, ats.core, ats.ops, ats.utils.layers; print('torch' in sys.modules)")
+def test_ats_core_does_not_import_torch_and_sets_passive_openmp_waiting():
+    code = "import os, sys, ats.core, ats.ops, ats.utils.layers; print('torch' in sys.modules, os.environ['OMP_WAIT_POLICY'])"
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**environment, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "adapters")])},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("False")
+    assert result.stdout.strip().endswith("False PASSIVE")
