@@ -1,0 +1,372 @@
+"""TensorFlow ops of attention sampling over the atskern kernels.
+
+- :func:`sample` draws positions (atskern kernel) and gathers the
+  differentiable sampled attention with ``tf.gather_nd``; ``deterministic=True``
+  takes the top-k positions instead (plain TF, no kernel).
+- :func:`extract_patches` gathers patches (atskern kernel) with a custom
+  gradient that scatters them back (``atskern.scatter_patches``); the gradient
+  runs only when one is needed for the image.
+- :func:`patch_offsets` and :func:`extract_multiscale` map sampled cells of
+  an attention grid to patches of one or several image levels.
+- :func:`expectation` is the ATS estimator with its unbiased gradients, as
+  plain TF ops (no Python callback).
+
+All work eagerly and inside ``tf.function``; the ops that call a kernel raise
+:class:`ats._bridge.XLAUnsupportedError` when traced under ``jit_compile=True``.
+Second derivatives are not supported.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import tensorflow as tf
+
+from . import _kernels
+from ._bridge import XLAUnsupportedError, numpy_call
+
+__all__ = [
+    "sample",
+    "patch_offsets",
+    "extract_patches",
+    "extract_multiscale",
+    "expectation",
+    "XLAUnsupportedError",
+]
+
+_KERNEL_FLOATS = (tf.float32, tf.float64)
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _size_tuple(size, dims: int, name: str) -> tuple[int, ...]:
+    """``size`` as a tuple of ``dims`` positive ints (an int is repeated)."""
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
+        size = (size,) * dims
+    size = tuple(size)
+    if len(size) != dims:
+        raise ValueError(f"{name} must have {dims} entries (one per spatial dimension), got {size}")
+    return tuple(_positive_int(s, name) for s in size)
+
+
+def _seed_tensor(seed):
+    """The seed as an int64 scalar tensor (bits of a uint64), or None."""
+    if seed is None:
+        return None
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        if not 0 <= int(seed) < 2**64:
+            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+        return tf.constant(np.array(int(seed), dtype=np.uint64).view(np.int64))
+    seed = tf.convert_to_tensor(seed)
+    if not seed.dtype.is_integer or seed.shape.rank != 0:
+        raise TypeError(f"seed must be None, an int or an integer scalar tensor, got {seed!r}")
+    if seed.dtype == tf.uint64:
+        return tf.bitcast(seed, tf.int64)
+    return tf.cast(seed, tf.int64)
+
+
+# --- sampling -----------------------------------------------------------------
+
+
+def _check_attention(attention, n: int, replace: bool):
+    rank = attention.shape.rank
+    if rank not in (2, 3, 4):
+        raise ValueError(
+            "attention must be (batch, *grid) with 1 to 3 grid dimensions (rank 2 to 4), "
+            f"got shape {attention.shape}"
+        )
+    if not attention.dtype.is_floating:
+        raise TypeError(f"attention must be a floating tensor, got {attention.dtype.name}")
+    grid = attention.shape[1:]
+    if grid.is_fully_defined() and not replace:
+        positions = int(np.prod(grid.as_list()))
+        if n > positions:
+            raise ValueError(
+                f"n_samples={n} is larger than the {positions} positions of the attention grid "
+                f"{tuple(grid.as_list())}; sampling without replacement cannot draw more (use replace=True)"
+            )
+    return rank - 1
+
+
+def _draw_indices(attention, n: int, replace: bool, seed):
+    """int32 ``(B, n, D)`` indices from the atskern sampling kernel."""
+    if attention.dtype not in _KERNEL_FLOATS:
+        attention = tf.cast(attention, tf.float32)
+    seed = _seed_tensor(seed)
+
+    def draw(weights, *seed_bits):
+        key = int(seed_bits[0]) % 2**64 if seed_bits else None
+        indices, _ = _kernels.sample(weights, n, replace=replace, seed=key)
+        return indices
+
+    inputs = [attention] if seed is None else [attention, seed]
+    return numpy_call(draw, inputs, tf.int32, name="ats.ops.sample", stateful=seed is None)
+
+
+def _top_indices(flat, grid_shape, n: int):
+    """int32 ``(B, n, D)`` indices of the ``n`` largest weights of each row, largest first."""
+    _, flat_index = tf.math.top_k(flat, k=n, sorted=True)
+    grid_shape = tf.cast(grid_shape, tf.int32)
+    # row-major strides; tf.unravel_index has no XLA kernel
+    strides = tf.math.cumprod(grid_shape, exclusive=True, reverse=True)
+    return (flat_index[..., None] // strides) % grid_shape
+
+
+def sample(attention, n_samples, *, replace=False, seed=None, deterministic=False):
+    """Sample ``n_samples`` positions per row of an attention map.
+
+    Parameters
+    ----------
+    attention : tensor ``(B, *grid)``, 1 to 3 grid dimensions, floating
+        Non-negative weights (a distribution per row, e.g. from
+        ``SampleSoftmax``; rows need not sum exactly to 1).
+    n_samples : int
+    replace : bool
+        Draw with replacement (independent draws) or without (successive
+        sampling, the default of the 2019 library).
+    seed : None, int in [0, 2**64) or an integer scalar tensor
+        Key of atskern's counter-based generator: the same seed and weights
+        give the same draws. None draws a fresh key per call.
+    deterministic : bool
+        Take the ``n_samples`` largest weights (largest first) instead of
+        sampling: reproducible inference; runs under XLA.
+
+    Returns
+    -------
+    indices : int32 ``(B, n_samples, D)``
+        Grid coordinates in draw order (no gradient).
+    sampled_attention : ``(B, n_samples)``, attention's dtype
+        The normalized weight of each drawn position, gathered from
+        ``attention`` with ``tf.gather_nd`` so gradients flow to it.
+    """
+    attention = tf.convert_to_tensor(attention)
+    n = _positive_int(n_samples, "n_samples")
+    if not isinstance(replace, (bool, np.bool_)):
+        raise TypeError(f"replace must be True or False, got {replace!r}")
+    dims = _check_attention(attention, n, bool(replace and not deterministic))
+    if not (replace and not deterministic) and not attention.shape[1:].is_fully_defined():
+        check = tf.debugging.assert_greater_equal(
+            tf.reduce_prod(tf.shape(attention)[1:]),
+            n,
+            message=f"n_samples={n} is larger than the number of attention positions; "
+            "sampling without replacement (or top-k) cannot draw more (use replace=True or a larger map)",
+        )
+        with tf.control_dependencies([check]):
+            attention = tf.identity(attention)
+    batch = tf.shape(attention)[0]
+    flat = tf.reshape(attention, (batch, -1))
+    if deterministic:
+        indices = _top_indices(flat, tf.shape(attention)[1:], n)
+    else:
+        indices = _draw_indices(attention, n, bool(replace), seed)
+    indices.set_shape((attention.shape[0], n, dims))
+    sampled = tf.gather_nd(attention, indices, batch_dims=1)
+    sampled = sampled / tf.reduce_sum(flat, axis=1, keepdims=True)
+    sampled.set_shape((attention.shape[0], n))
+    return indices, sampled
+
+
+# --- patches ------------------------------------------------------------------
+
+
+def _float64(value):
+    """A float64 tensor; Python and NumPy numbers are converted in float64 (not through float32)."""
+    if isinstance(value, (tf.Tensor, tf.Variable)):
+        return tf.cast(value, tf.float64)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (tf.Tensor, tf.Variable)) for v in value):
+        return tf.cast(tf.stack(value), tf.float64)
+    return tf.constant(np.asarray(value, dtype=np.float64))
+
+
+def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
+    """First pixel (int32 ``(B, K, D)``) of the patch around each sampled grid cell in one image level.
+
+    A cell ``s`` of a grid of size ``G`` has its centre at
+    ``c = L * (m + (s + 0.5) / G * (1 - 2 m))`` in a level of size ``L``; the
+    patch starts at ``rint(c - P / 2)`` (half to even), as
+    ``atskern.patch_offsets``. ``grid_shape``, ``level_shape`` and ``margin``
+    may be tensors (per spatial dimension or scalar); ``margin`` is the
+    fraction ``receptive_field / 2 / low_size``.
+    """
+    samples = tf.convert_to_tensor(samples)
+    dims = samples.shape[-1]
+    if samples.shape.rank != 3 or dims is None:
+        raise ValueError(f"samples must be (batch, K, D) with a known D, got shape {samples.shape}")
+    size = _size_tuple(patch_size, dims, "patch_size")
+    s = tf.cast(samples, tf.float64)
+    grid = _float64(grid_shape)
+    level = _float64(level_shape)
+    m = _float64(margin)
+    centre = level * (m + (s + 0.5) / grid * (1.0 - 2.0 * m))
+    start = tf.math.round(centre - tf.constant(size, tf.float64) / 2.0)
+    return tf.cast(start, tf.int32)
+
+
+def _patch_shape(x, offsets, patch_size, channels_first):
+    batch, k = x.shape[0], offsets.shape[1]
+    channels = x.shape[1] if channels_first else x.shape[-1]
+    if channels_first:
+        return (batch, k, channels, *patch_size)
+    return (batch, k, *patch_size, channels)
+
+
+def _check_patch_inputs(x, offsets, patch_size):
+    if offsets.shape.rank != 3 or offsets.shape[-1] is None:
+        raise ValueError(f"offsets must be (batch, K, D) with a known D, got shape {offsets.shape}")
+    dims = offsets.shape[-1]
+    if x.shape.rank != dims + 2:
+        raise ValueError(
+            f"x must be (batch, *spatial, channels) with {dims} spatial dimensions (rank {dims + 2}) "
+            f"to match offsets {offsets.shape}, got shape {x.shape}"
+        )
+    if not offsets.dtype.is_integer:
+        raise TypeError(f"offsets must be an integer tensor, got {offsets.dtype.name}")
+    return _size_tuple(patch_size, dims, "patch_size")
+
+
+def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False):
+    """Patches of ``x`` starting at ``offsets``; pixels outside ``x`` take ``fill``.
+
+    ``x`` ``(B, *spatial, C)`` (``(B, C, *spatial)`` when ``channels_first``),
+    any dtype; ``offsets`` integer ``(B, K, D)``. Returns
+    ``(B, K, *patch_size, C)`` (``(B, K, C, *patch_size)``) of ``x``'s dtype.
+    For a floating ``x`` the gradient scatters the patches' gradient back
+    (``atskern.scatter_patches``); it runs only when a gradient for ``x`` is
+    requested.
+    """
+    x = tf.convert_to_tensor(x)
+    offsets = tf.convert_to_tensor(offsets)
+    size = _check_patch_inputs(x, offsets, patch_size)
+    offsets = tf.cast(offsets, tf.int32)
+    out_shape = _patch_shape(x, offsets, size, channels_first)
+    np_dtype = x.dtype.as_numpy_dtype
+
+    def forward(image, starts):
+        batch, k = starts.shape[:2]
+        channels = image.shape[1] if channels_first else image.shape[-1]
+        shape = (batch, k, channels, *size) if channels_first else (batch, k, *size, channels)
+        out = _kernels.aligned_empty(shape, np_dtype)
+        return _kernels.extract_patches(image, starts, size, fill=fill, channels_first=channels_first, out=out)
+
+    def backward(grad, starts, image_shape):
+        spatial = tuple(int(s) for s in (image_shape[2:] if channels_first else image_shape[1:-1]))
+        return _kernels.scatter_patches(np.ascontiguousarray(grad), starts, spatial, channels_first=channels_first)
+
+    @tf.custom_gradient
+    def extract(image, starts):
+        patches = numpy_call(forward, [image, starts], image.dtype, name="ats.ops.extract_patches")
+        patches.set_shape(out_shape)
+
+        def grad(upstream):
+            if not image.dtype.is_floating:
+                return None, None
+            work = tf.float64 if image.dtype == tf.float64 else tf.float32
+            scattered = numpy_call(
+                backward,
+                [tf.cast(upstream, work), starts, tf.shape(image, out_type=tf.int64)],
+                work,
+                name="ats.ops.scatter_patches",
+            )
+            scattered.set_shape(image.shape)
+            return tf.cast(scattered, image.dtype), None
+
+        return patches, grad
+
+    return extract(x, offsets)
+
+
+def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, fill=0):
+    """One patch per level of an image pyramid around each sampled grid cell.
+
+    ``levels`` is a list of ``(B, *spatial_l, C)`` tensors, ``samples`` int
+    ``(B, K, D)`` cells of a grid of shape ``grid_shape``, ``patch_sizes`` one
+    size per level (or one for all). Returns a list of ``(B, K, *P_l, C)``
+    patches; gradients scatter back into every floating level.
+    """
+    levels = list(levels)
+    if not levels:
+        raise ValueError("levels must hold at least one image level")
+    if isinstance(patch_sizes, numbers.Integral) or (
+        len(patch_sizes) and isinstance(patch_sizes[0], numbers.Integral)
+    ):
+        patch_sizes = [patch_sizes] * len(levels)
+    if len(patch_sizes) != len(levels):
+        raise ValueError(f"patch_sizes must give one size per level ({len(levels)}), got {len(patch_sizes)}")
+    patches = []
+    for level, size in zip(levels, patch_sizes):
+        level = tf.convert_to_tensor(level)
+        spatial = tf.shape(level)[1:-1]
+        offsets = patch_offsets(samples, grid_shape, spatial, size, margin=margin)
+        patches.append(extract_patches(level, offsets, size, fill=fill))
+    return patches
+
+
+# --- expectation ---------------------------------------------------------------
+
+
+def _feature_weights(probs64, replace: bool):
+    """``c_k`` of ``F = sum_k c_k f_k`` and the attention-gradient scale, float64 ``(B, n)``."""
+    n = tf.cast(tf.shape(probs64)[1], tf.float64)
+    if replace:
+        weights = tf.ones_like(probs64) / n
+        scale = 1.0 / (n * probs64)
+        return weights, scale
+    mass_left = 1.0 - (tf.cumsum(probs64, axis=1) - probs64)
+    remaining = tf.range(n - 1.0, -1.0, -1.0, dtype=tf.float64)
+    weights = (mass_left + remaining * probs64) / n
+    scale = (mass_left / probs64 + remaining) / n
+    return weights, scale
+
+
+def _expand(weights, rank: int):
+    return tf.reshape(weights, tf.concat([tf.shape(weights), tf.ones([rank - 2], tf.int32)], 0))
+
+
+def expectation(features, probs, *, replace=False):
+    """The ATS estimate of ``sum_i a_i f_i`` from ``n`` sampled features, with unbiased gradients.
+
+    ``features`` ``(B, n, *F)`` and ``probs`` ``(B, n)`` (the sampled
+    attention, in draw order) give ``(B, *F)``. The gradients are those of
+    ``atskern.expectation_grad``: features get ``c_k g``, and ``probs`` gets the
+    unbiased estimate of ``<g, f_i>`` (``w <g, f_k> / a_k`` with replacement,
+    ``w (pm_k / a_k + n - 1 - k) <g, f_k>`` without), not the derivative of the
+    forward value. ``replace`` must match how the positions were drawn.
+    """
+    features = tf.convert_to_tensor(features)
+    probs = tf.convert_to_tensor(probs)
+    if probs.shape.rank != 2:
+        raise ValueError(f"probs must be (batch, n), got shape {probs.shape}")
+    if features.shape.rank is None or features.shape.rank < 2:
+        raise ValueError(f"features must be (batch, n, ...), got shape {features.shape}")
+    if not features.dtype.is_floating or not probs.dtype.is_floating:
+        raise TypeError(f"features and probs must be floating, got {features.dtype.name} and {probs.dtype.name}")
+    if not features.shape[:2].is_compatible_with(probs.shape):
+        raise ValueError(f"features {features.shape} must start with probs' shape {probs.shape}")
+    rank = features.shape.rank
+    replace = bool(replace)
+
+    @tf.custom_gradient
+    def estimate(f, p):
+        p64 = tf.cast(p, tf.float64)
+        weights, scale = _feature_weights(p64, replace)
+        weights_f = _expand(tf.cast(weights, f.dtype), rank)
+        value = tf.reduce_sum(weights_f * f, axis=1)
+
+        def grad(upstream):
+            upstream = tf.convert_to_tensor(upstream)
+            grad_features = weights_f * tf.expand_dims(upstream, 1)
+            products = tf.cast(tf.expand_dims(upstream, 1), tf.float64) * tf.cast(f, tf.float64)
+            inner = tf.reduce_sum(tf.reshape(products, tf.concat([tf.shape(p), [-1]], 0)), axis=2)
+            grad_probs = tf.cast(scale * inner, p.dtype)
+            return tf.cast(grad_features, f.dtype), grad_probs
+
+        return value, grad
+
+    result = estimate(features, probs)
+    result.set_shape(features.shape[:1].concatenate(features.shape[2:]))
+    return result

@@ -1,0 +1,260 @@
+"""ats.core and ats.utils: Keras layers, gradients, serialization, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+
+from ats import core  # noqa: E402
+from ats.core import Expectation, SamplePatches, attention_sampling  # noqa: E402
+from ats.utils.layers import ActivityRegularizer, L2Normalize, SampleSoftmax, TotalReshape  # noqa: E402
+from ats.utils.regularizers import MultinomialEntropy, multinomial_entropy  # noqa: E402
+
+L = keras.layers
+CONV = {1: L.Conv1D, 2: L.Conv2D, 3: L.Conv3D}
+POOL = {1: L.AveragePooling1D, 2: L.AveragePooling2D, 3: L.AveragePooling3D}
+GLOBAL_MAX = {1: L.GlobalMaxPooling1D, 2: L.GlobalMaxPooling2D, 3: L.GlobalMaxPooling3D}
+
+
+def ats_model(spatial=(32, 32), pool=4, n_patches=3, patch=6, channels=1, outputs=2, **kwargs):
+    """A tiny ATS classifier on ``x_high`` of ``spatial``; x_low is its average pooling."""
+    dims = len(spatial)
+    x_high = L.Input(shape=(*spatial, channels))
+    x_low = POOL[dims](pool)(x_high)
+    attention = keras.Sequential(
+        [CONV[dims](4, 3, padding="same", activation="relu"), CONV[dims](1, 3, padding="same"), SampleSoftmax(squeeze_channels=True)]
+    )
+    feature = keras.Sequential([CONV[dims](5, 3, activation="relu"), GLOBAL_MAX[dims]()])
+    features, att, patches = attention_sampling(attention, feature, patch_size=patch, n_patches=n_patches, **kwargs)(
+        [x_low, x_high]
+    )
+    y = L.Dense(outputs)(features)
+    return keras.Model(x_high, [y, att, patches])
+
+
+def images(shape, seed=0):
+    return np.random.default_rng(seed).uniform(size=shape).astype("float32")
+
+
+# --- utils --------------------------------------------------------------------
+
+
+def test_sample_softmax_normalizes_whole_sample_and_smooths():
+    x = np.random.default_rng(0).normal(size=(2, 3, 4, 1)).astype("float32")
+    p = SampleSoftmax(squeeze_channels=True)(x).numpy()
+    assert p.shape == (2, 3, 4)
+    np.testing.assert_allclose(p.sum(axis=(1, 2)), 1, rtol=1e-6)
+    want = np.exp(x[0, ..., 0]) / np.exp(x[0]).sum()
+    np.testing.assert_allclose(p[0], want, rtol=1e-5)
+    smooth = SampleSoftmax(smooth=0.5)(x).numpy()
+    np.testing.assert_allclose(smooth[..., 0], 0.5 * p + 0.5 / 12, rtol=1e-5)
+    with pytest.raises(ValueError, match="1 channel"):
+        SampleSoftmax(squeeze_channels=True)(np.ones((1, 3, 3, 2), "float32"))
+
+
+def test_l2_normalize_and_total_reshape():
+    x = np.random.default_rng(1).normal(size=(3, 4)).astype("float32")
+    np.testing.assert_allclose(np.linalg.norm(L2Normalize()(x).numpy(), axis=-1), 1, rtol=1e-6)
+    assert TotalReshape((-1, 2))(x).shape == (6, 2)
+
+
+def test_multinomial_entropy_value_and_activity_loss():
+    p = np.array([[0.5, 0.5], [0.9, 0.1]], "float32")
+    reg = multinomial_entropy(0.1)
+    assert isinstance(reg, MultinomialEntropy)
+    want = 0.1 * np.sum(p * np.log(p + 1e-6)) / 2
+    assert float(reg(p)) == pytest.approx(want, rel=1e-5)
+    layer = ActivityRegularizer(reg)
+    np.testing.assert_array_equal(layer(p).numpy(), p)
+    assert float(layer.losses[0]) == pytest.approx(want, rel=1e-5)
+
+
+# --- pipeline -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spatial,pool,patch", [((96,), 4, 8), ((32, 32), 4, 6), ((12, 12, 12), 2, 4)], ids=["1d", "2d", "3d"]
+)
+def test_pipeline_shapes_for_signals_images_volumes(spatial, pool, patch):
+    model = ats_model(spatial, pool=pool, patch=patch, channels=2)
+    y, att, patches = model(images((2, *spatial, 2)), training=True)
+    dims = len(spatial)
+    assert y.shape == (2, 2)
+    assert att.shape == (2, *(s // pool for s in spatial))
+    assert patches.shape == (2, 3, *(patch,) * dims, 2)
+    assert model.outputs[2].shape == (None, 3, *(patch,) * dims, 2)
+
+
+def test_gradients_reach_attention_and_feature_networks():
+    model = ats_model(seed=4)
+    attention_net, feature_net = (layer for layer in model.layers if isinstance(layer, keras.Sequential))
+    x = images((4, 32, 32, 1))
+    with tf.GradientTape() as tape:
+        y, _, _ = model(x, training=True)
+        loss = tf.reduce_sum(y**2) + sum(model.losses)
+    # (the bias of the conv before SampleSoftmax is skipped: softmax ignores a constant shift,
+    # so its exact gradient is 0)
+    weights = [w for w in attention_net.trainable_weights if len(w.shape) > 1] + feature_net.trainable_weights
+    grads = tape.gradient(loss, weights)
+    for w, g in zip(weights, grads):
+        assert g is not None, w.path
+        assert float(tf.reduce_max(tf.abs(g))) > 0, w.path
+
+
+def test_patches_come_from_the_sampled_positions():
+    # attention concentrated on one cell: every patch is centred there
+    x_high = np.zeros((1, 40, 40, 1), "float32")
+    x_high[0, 20:24, 8:12, 0] = np.arange(16).reshape(4, 4)
+    x_low = x_high[:, ::4, ::4]
+    attention = np.full((1, 10, 10), 1e-9, "float32")
+    attention[0, 5, 2] = 1
+    attention /= attention.sum()
+    patches, sampled = SamplePatches(2, 4, replace=True, seed=1)([x_low, x_high, attention])
+    np.testing.assert_array_equal(patches[0, 0, ..., 0].numpy(), np.arange(16).reshape(4, 4))
+    np.testing.assert_allclose(sampled.numpy(), 1, rtol=1e-6)
+
+
+def test_seeded_and_topk_modes_are_reproducible_and_sampling_varies():
+    x = images((3, 32, 32, 1), seed=2)
+    seeded = ats_model(seed=7, n_patches=4)
+    a, b = seeded(x, training=True)[2].numpy(), seeded(x, training=True)[2].numpy()
+    np.testing.assert_array_equal(a, b)
+    topk = ats_model(deterministic=True, n_patches=4)
+    np.testing.assert_array_equal(topk(x)[2].numpy(), topk(x)[2].numpy())
+    free = ats_model(n_patches=4)
+    draws = {free(x)[2].numpy().tobytes() for _ in range(4)}
+    assert len(draws) > 1
+
+
+def test_auto_mode_samples_in_training_and_takes_topk_in_inference():
+    layer = SamplePatches(3, 2, mode="auto")
+    x = images((2, 16, 16, 1))
+    att = tf.reshape(tf.nn.softmax(tf.random.normal((2, 64))), (2, 8, 8))
+    inference = [layer([x[:, ::2, ::2], x, att], training=False)[0].numpy().tobytes() for _ in range(3)]
+    assert len(set(inference)) == 1
+    _, top = SamplePatches(3, 2, mode="topk")([x[:, ::2, ::2], x, att])
+    np.testing.assert_array_equal(layer([x[:, ::2, ::2], x, att], training=False)[1].numpy(), top.numpy())
+
+
+def test_eager_and_tf_function_agree():
+    model = ats_model(seed=3)
+    x = images((2, 32, 32, 1), seed=5)
+    eager = model(x, training=True)
+    graph = tf.function(lambda v: model(v, training=True))(x)
+    for e, g in zip(eager, graph):
+        np.testing.assert_allclose(e.numpy(), g.numpy(), rtol=1e-6)
+
+
+def test_expectation_layer_matches_op_and_config():
+    features = tf.random.normal((2, 3, 4))
+    probs = tf.fill((2, 3), 0.2)
+    layer = Expectation(replace=True)
+    np.testing.assert_allclose(layer([features, probs]).numpy(), tf.reduce_mean(features, axis=1).numpy(), rtol=1e-6, atol=1e-6)
+    assert Expectation.from_config(layer.get_config()).replace is True
+
+
+def test_layers_do_not_ask_for_xla():
+    model = ats_model(seed=0)
+    model.compile("sgd", [keras.losses.MeanSquaredError(), None, None], jit_compile="auto")
+    assert model.jit_compile is False
+
+
+def test_save_and_load_round_trip(tmp_path):
+    x = images((2, 32, 32, 1), seed=9)
+    configs = (
+        {"deterministic": True, "attention_regularizer": multinomial_entropy(0.01)},
+        {"seed": 12},
+        {"mode": "auto", "replace": True},
+    )
+    for kwargs in configs:
+        model = ats_model(**kwargs)
+        path = tmp_path / "m.keras"
+        model.save(path)
+        loaded = keras.models.load_model(path)
+        for before, after in zip(model.predict(x, verbose=0), loaded.predict(x, verbose=0)):
+            np.testing.assert_array_equal(before, after)
+        layer = next(la for la in loaded.layers if isinstance(la, SamplePatches))
+        assert layer.get_config()["seed"] == kwargs.get("seed")
+        regularizers = [la.regularizer for la in loaded.layers if isinstance(la, ActivityRegularizer)]
+        if "attention_regularizer" in kwargs:
+            assert isinstance(regularizers[0], MultinomialEntropy) and regularizers[0].strength == 0.01
+
+
+# --- errors -------------------------------------------------------------------
+
+
+def test_wrong_rank_inputs_are_refused_at_build():
+    with pytest.raises(ValueError, match="rank 3 to 5"):
+        SamplePatches(2, 2)([L.Input((4, 4, 4, 4, 1)), L.Input((8, 8, 8, 8, 1)), L.Input((4, 4, 4, 4))])
+    with pytest.raises(ValueError, match="attention must be"):
+        SamplePatches(2, 2)([L.Input((4, 4, 1)), L.Input((8, 8, 1)), L.Input((4, 4, 1))])
+    with pytest.raises(ValueError, match="x_low must have x_high's rank"):
+        SamplePatches(2, 2)([L.Input((4, 1)), L.Input((8, 8, 1)), L.Input((4, 4))])
+    with pytest.raises(ValueError, match="patch_size must have 2 entries"):
+        SamplePatches(2, (2, 2, 2))([L.Input((4, 4, 1)), L.Input((8, 8, 1)), L.Input((4, 4))])
+
+
+def test_patch_larger_than_image_is_refused():
+    with pytest.raises(ValueError, match=r"patch_size \(10, 10\) is larger than x_high's spatial shape \(8, 8\)"):
+        SamplePatches(2, 10)([L.Input((4, 4, 1)), L.Input((8, 8, 1)), L.Input((4, 4))])
+    # unknown spatial shape: checked when the data arrives
+    layer = SamplePatches(1, 10, seed=0)
+    call = tf.function(lambda a, b, c: layer([a, b, c]), input_signature=[tf.TensorSpec((None, None, None, 1))] * 2 + [tf.TensorSpec((None, None, None))])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="larger than the spatial shape of x_high"):
+        call(tf.ones((1, 4, 4, 1)), tf.ones((1, 8, 8, 1)), tf.ones((1, 4, 4)) / 16)
+
+
+def test_too_many_patches_without_replacement_is_refused():
+    inputs = [L.Input((4, 4, 1)), L.Input((16, 16, 1)), L.Input((4, 4))]
+    with pytest.raises(ValueError, match="n_patches=17 is larger than the 16 positions"):
+        SamplePatches(17, 2)(inputs)
+    with pytest.raises(ValueError, match="n_patches=17 is larger than the 16 positions"):
+        SamplePatches(17, 2, replace=True, mode="topk")(inputs)
+    SamplePatches(17, 2, replace=True)(inputs)  # with replacement it is fine
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="n_patches must be a positive integer"):
+        SamplePatches(0, 2)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        SamplePatches(2, 2, mode="best")
+    with pytest.raises(ValueError, match="seed must be None or an int"):
+        SamplePatches(2, 2, seed=-1)
+    with pytest.raises(ValueError, match="static"):
+        attention_sampling(lambda x: x, lambda x: x)([L.Input((None, None, 1)), L.Input((None, None, 1))])
+
+
+def test_receptive_field_maps_valid_attention_grid_to_centres():
+    # attention from a 'valid' 5x5 conv: grid 12 on a 16 low view; receptive_field 4
+    x_high = np.zeros((1, 64, 64, 1), "float32")
+    layer = SamplePatches(1, 3, receptive_field=4, mode="topk")
+    att = np.zeros((1, 12, 12), "float32")
+    att[0, 0, 11] = 1
+    x_high[0, 8 + 1, 4 * (2 + 11) + 1, 0] = 5  # the centre of cell (0, 11) is low (2.5, 13.5) -> high (10, 54)
+    patches, _ = layer([x_high[:, ::4, ::4], x_high, att])
+    assert patches.numpy()[0, 0, ..., 0].max() == 5
+    assert core.SamplePatches.from_config(layer.get_config()).receptive_field == 4
+
+
+def test_use_logits_matches_probabilities_with_the_same_seed():
+    rng = np.random.default_rng(11)
+    logits = rng.normal(size=(2, 6, 6)).astype("float32")
+    probs = tf.reshape(tf.nn.softmax(logits.reshape(2, -1)), (2, 6, 6))
+    x_high = images((2, 24, 24, 1))
+    x_low = x_high[:, ::4, ::4]
+    from_logits = SamplePatches(3, 4, use_logits=True, mode="topk")([x_low, x_high, logits])
+    from_probs = SamplePatches(3, 4, mode="topk")([x_low, x_high, probs])
+    for a, b in zip(from_logits, from_probs):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
+
+
+def test_forcing_jit_compile_is_turned_off_by_keras():
+    model = ats_model(seed=0)
+    x = images((2, 32, 32, 1))
+    with pytest.warns(UserWarning, match="jit_compile"):
+        model.compile("sgd", [keras.losses.MeanSquaredError(), None, None], jit_compile=True)
+    assert model.jit_compile is False
+    assert model.predict(x, verbose=0)[0].shape == (2, 2)

@@ -1,0 +1,327 @@
+"""ats.ops: sampling, patch gather/scatter, offsets and the estimator as TensorFlow ops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+import atskern  # noqa: E402
+from ats import _kernels, ops  # noqa: E402
+
+
+def softmax_map(rng, shape, dtype=np.float64):
+    logits = rng.normal(size=(shape[0], int(np.prod(shape[1:]))))
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return (p / p.sum(axis=1, keepdims=True)).reshape(shape).astype(dtype)
+
+
+def run_both(fn):
+    """``fn`` eagerly and inside ``tf.function``: both results."""
+    return fn(), tf.function(fn)()
+
+
+# --- sample -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 40), (2, 7, 9), (2, 4, 5, 3)], ids=["1d", "2d", "3d"])
+@pytest.mark.parametrize("replace", [False, True])
+def test_sample_matches_kernel_draws(shape, replace):
+    rng = np.random.default_rng(0)
+    attention = softmax_map(rng, shape)
+    eager, graph = run_both(lambda: ops.sample(tf.constant(attention), 5, replace=replace, seed=11))
+    want_idx, want_probs = atskern.sample(attention, 5, replace=replace, seed=11)
+    for indices, sampled in (eager, graph):
+        assert indices.dtype == tf.int32 and indices.shape == (shape[0], 5, len(shape) - 1)
+        np.testing.assert_array_equal(indices.numpy(), want_idx)
+        np.testing.assert_allclose(sampled.numpy(), want_probs, rtol=1e-12)
+
+
+def test_sample_static_shapes_in_graph():
+    seen = {}
+
+    @tf.function(input_signature=[tf.TensorSpec((None, None, None), tf.float32)])
+    def f(a):
+        indices, sampled = ops.sample(a, 4, seed=1)
+        seen["shapes"] = (indices.shape.as_list(), sampled.shape.as_list())
+        return indices
+
+    f(tf.ones((2, 5, 5)) / 25)
+    assert seen["shapes"] == ([None, 4, 2], [None, 4])
+
+
+def test_sample_seed_reproducible_and_unseeded_varies():
+    attention = tf.constant(softmax_map(np.random.default_rng(1), (2, 30, 30)))
+    a = ops.sample(attention, 8, seed=5)[0].numpy()
+    b = ops.sample(attention, 8, seed=5)[0].numpy()
+    np.testing.assert_array_equal(a, b)
+    draws = {ops.sample(attention, 8)[0].numpy().tobytes() for _ in range(4)}
+    assert len(draws) > 1
+
+
+def test_sample_topk_is_sorted_top_positions():
+    attention = softmax_map(np.random.default_rng(2), (3, 6, 7))
+    indices, sampled = ops.sample(tf.constant(attention), 4, deterministic=True)
+    flat = attention.reshape(3, -1)
+    order = np.argsort(-flat, axis=1)[:, :4]
+    want = np.stack(np.unravel_index(order, (6, 7)), axis=-1)
+    np.testing.assert_array_equal(indices.numpy(), want)
+    np.testing.assert_allclose(sampled.numpy(), np.take_along_axis(flat, order, 1), rtol=1e-12)
+
+
+def test_sample_topk_runs_under_xla():
+    attention = tf.constant(softmax_map(np.random.default_rng(3), (2, 5, 5), np.float32))
+    jit = tf.function(lambda a: ops.sample(a, 3, deterministic=True)[0], jit_compile=True)
+    np.testing.assert_array_equal(jit(attention).numpy(), ops.sample(attention, 3, deterministic=True)[0].numpy())
+
+
+def test_sample_unnormalized_weights_give_probabilities():
+    weights = np.random.default_rng(4).uniform(0.5, 2.0, size=(2, 10))
+    _, sampled = ops.sample(tf.constant(weights), 3, seed=0)
+    _, want = atskern.sample(weights, 3, seed=0)
+    np.testing.assert_allclose(sampled.numpy(), want, rtol=1e-12)
+
+
+def test_sample_errors():
+    with pytest.raises(ValueError, match="rank 2 to 4"):
+        ops.sample(tf.ones((2, 2, 2, 2, 2)), 1)
+    with pytest.raises(ValueError, match="larger than the 9 positions"):
+        ops.sample(tf.ones((1, 3, 3)), 10)
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        ops.sample(tf.ones((1, 3, 3)), 0)
+    with pytest.raises(TypeError, match="floating"):
+        ops.sample(tf.ones((1, 3, 3), tf.int32), 1)
+    ops.sample(tf.ones((1, 3, 3)) / 9, 10, replace=True)  # with replacement it is fine
+    # value errors of the kernel: the ValueError itself eagerly, InvalidArgumentError in a graph
+    with pytest.raises(ValueError, match="row 0 contains NaN"):
+        ops.sample(tf.constant([[0.5, np.nan]]), 1, seed=0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="row 0 contains NaN"):
+        tf.function(lambda: ops.sample(tf.constant([[0.5, np.nan]]), 1, seed=0))()
+
+
+def test_sample_dynamic_grid_too_small_is_a_clear_error():
+    f = tf.function(lambda a: ops.sample(a, 10, seed=0)[0], input_signature=[tf.TensorSpec((None, None), tf.float32)])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="larger than the number of attention positions"):
+        f(tf.ones((1, 4)) / 4)
+
+
+def test_kernel_ops_refuse_xla_clearly():
+    attention = tf.ones((1, 4, 4)) / 16
+    jit = tf.function(lambda a: ops.sample(a, 2, seed=0)[0], jit_compile=True)
+    with pytest.raises(ops.XLAUnsupportedError, match="jit_compile"):
+        jit(attention)
+    jit_patches = tf.function(lambda x: ops.extract_patches(x, tf.zeros((1, 1, 2), tf.int32), 2), jit_compile=True)
+    with pytest.raises(ops.XLAUnsupportedError, match="XLA"):
+        jit_patches(tf.ones((1, 4, 4, 1)))
+
+
+# --- offsets ------------------------------------------------------------------
+
+
+def test_patch_offsets_design_examples():
+    samples = tf.constant([[[12], [0]]])
+    np.testing.assert_array_equal(ops.patch_offsets(samples, [25], [1000], 50).numpy().ravel(), [475, -5])
+    np.testing.assert_array_equal(ops.patch_offsets(tf.constant([[[0]]]), [100], [1000], 50).numpy().ravel(), [-20])
+
+
+def test_patch_offsets_margin_maps_valid_convolution_grid():
+    # a grid of G = low - rf cells; cell s is centred at rf/2 + s + 0.5 low pixels.
+    low, rf, scale = 20, 4, 5
+    grid = low - rf
+    s = np.arange(grid).reshape(1, -1, 1)
+    # an odd patch keeps every start away from a rounding tie
+    got = ops.patch_offsets(tf.constant(s), [grid], [low * scale], 9, margin=rf / 2 / low).numpy().ravel()
+    want = np.rint((rf / 2 + s.ravel() + 0.5) * scale - 4.5)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_patch_offsets_compute_the_contract_formula_in_float64():
+    # a Python float margin must not pass through float32 (that moves rounding ties)
+    rng = np.random.default_rng(12)
+    samples = rng.integers(0, 24, size=(2, 200, 2))
+    grid, level, size, m = np.array([24.0, 17.0]), np.array([1000.0, 68.0]), np.array([50.0, 8.0]), 0.05
+    want = np.rint(level * (m + (samples + 0.5) / grid * (1 - 2 * m)) - size / 2)
+    got = ops.patch_offsets(tf.constant(samples), (24, 17), (1000, 68), (50, 8), margin=m)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+@pytest.mark.skipif(not hasattr(atskern, "patch_offsets"), reason="atskern without patch kernels")
+@pytest.mark.parametrize("margin", [0.0, 0.05])
+def test_patch_offsets_match_kernel(margin):
+    rng = np.random.default_rng(5)
+    samples = rng.integers(0, 24, size=(3, 50, 2)).astype(np.int32)
+    for grid, level, size in [((24, 24), (1000, 1000), (50, 50)), ((24, 17), (96, 68), (7, 8)), ((24, 24), (48, 48), (3, 4))]:
+        want = atskern.patch_offsets(samples, grid, level, size, margin=margin)
+        got = ops.patch_offsets(tf.constant(samples), grid, level, size, margin=margin)
+        np.testing.assert_array_equal(got.numpy(), want)
+
+
+# --- patches ------------------------------------------------------------------
+
+
+def reference_patches(x, offsets, size, fill=0):
+    """Patches by padding and slicing (an independent oracle)."""
+    pad = max(size) + int(np.abs(offsets).max())
+    widths = [(0, 0)] + [(pad, pad)] * (x.ndim - 2) + [(0, 0)]
+    padded = np.pad(x, widths, constant_values=fill)
+    out = []
+    for b in range(offsets.shape[0]):
+        out.append([padded[(b,) + tuple(slice(o + pad, o + pad + p) for o, p in zip(off, size))] for off in offsets[b]])
+    return np.array(out)
+
+
+@pytest.mark.parametrize(
+    "spatial,size", [((30,), (7,)), ((12, 15), (5, 4)), ((6, 7, 8), (3, 4, 2))], ids=["1d", "2d", "3d"]
+)
+def test_extract_patches_forward_and_adjoint(spatial, size):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, *spatial, 3))
+    offsets = np.stack([rng.integers(-p, s, size=(2, 5)) for s, p in zip(spatial, size)], axis=-1).astype(np.int32)
+    xt = tf.constant(x)
+    (eager, graph) = run_both(lambda: ops.extract_patches(xt, offsets, size, fill=0))
+    want = reference_patches(x, offsets, size)
+    np.testing.assert_array_equal(eager.numpy(), want)
+    np.testing.assert_array_equal(graph.numpy(), want)
+    g = rng.normal(size=want.shape)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        patches = ops.extract_patches(xt, offsets, size)
+    grad = tape.gradient(patches, xt, output_gradients=tf.constant(g)).numpy()
+    # dot test: <extract(x), g> == <x, scatter(g)>
+    np.testing.assert_allclose(np.vdot(want, g), np.vdot(x, grad), rtol=1e-12)
+
+
+def test_extract_patches_fill_and_dtypes():
+    x = np.arange(16, dtype=np.uint8).reshape(1, 4, 4, 1)
+    patches = ops.extract_patches(tf.constant(x), [[[-1, -1]]], 3, fill=7).numpy()
+    assert patches.dtype == np.uint8
+    np.testing.assert_array_equal(patches[0, 0, :, :, 0], [[7, 7, 7], [7, 0, 1], [7, 4, 5]])
+    half = ops.extract_patches(tf.constant(x.astype(np.float16)), [[[1, 1]]], 2)
+    assert half.dtype == tf.float16
+
+
+def test_extract_patches_gradient_only_when_needed(monkeypatch):
+    calls = []
+    real = _kernels.scatter_patches
+    monkeypatch.setattr(_kernels, "scatter_patches", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = tf.random.normal((1, 10, 10, 1))
+    w = tf.Variable(2.0)
+
+    @tf.function
+    def step(image):
+        with tf.GradientTape() as tape:
+            patches = ops.extract_patches(image, tf.zeros((1, 2, 2), tf.int32), 4)
+            loss = tf.reduce_sum(w * patches)
+        return tape.gradient(loss, w)
+
+    assert float(step(x)) == pytest.approx(float(tf.reduce_sum(ops.extract_patches(x, tf.zeros((1, 2, 2), tf.int32), 4))))
+    assert calls == []
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = tf.reduce_sum(ops.extract_patches(x, tf.zeros((1, 2, 2), tf.int32), 4))
+    grad = tape.gradient(loss, x).numpy()
+    assert calls == [1]
+    assert grad[0, :4, :4, 0].tolist() == [[2.0] * 4] * 4 and grad.sum() == 32
+
+
+def test_extract_patches_errors():
+    with pytest.raises(ValueError, match="2 spatial dimensions"):
+        ops.extract_patches(tf.ones((1, 5, 5)), tf.zeros((1, 1, 2), tf.int32), 2)
+    with pytest.raises(ValueError, match="patch_size must have 2 entries"):
+        ops.extract_patches(tf.ones((1, 5, 5, 1)), tf.zeros((1, 1, 2), tf.int32), (2, 2, 2))
+    with pytest.raises(TypeError, match="integer"):
+        ops.extract_patches(tf.ones((1, 5, 5, 1)), tf.zeros((1, 1, 2)), 2)
+
+
+def test_extract_multiscale_maps_one_sample_into_every_level():
+    rng = np.random.default_rng(7)
+    levels = [rng.normal(size=(1, 40, 40, 2)), rng.normal(size=(1, 80, 80, 2))]
+    samples = tf.constant([[[3, 7], [9, 0]]], tf.int32)
+    tensors = [tf.constant(level) for level in levels]
+    with tf.GradientTape() as tape:
+        tape.watch(tensors)
+        patches = ops.extract_multiscale(tensors, samples, (10, 10), [(6, 6), (12, 12)])
+        loss = sum(tf.reduce_sum(p) for p in patches)
+    for level, tensor, p, size in zip(levels, tensors, patches, [6, 12]):
+        offsets = ops.patch_offsets(samples, (10, 10), level.shape[1:3], size).numpy()
+        np.testing.assert_array_equal(p.numpy(), reference_patches(level, offsets, (size, size)))
+    grads = tape.gradient(loss, tensors)
+    for level, grad, size in zip(levels, grads, [6, 12]):
+        # each pixel's gradient counts the patches covering it
+        offsets = ops.patch_offsets(samples, (10, 10), level.shape[1:3], size).numpy()
+        covered = reference_patches(np.ones_like(level), offsets, (size, size)).sum()
+        assert 0 < float(tf.reduce_sum(grad)) == covered
+
+
+# --- expectation --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("replace", [False, True])
+@pytest.mark.parametrize("feature_shape", [(5,), (2, 3)])
+def test_expectation_value_and_gradients_match_atskern(replace, feature_shape):
+    rng = np.random.default_rng(8)
+    attention = softmax_map(rng, (3, 6, 6))
+    _, probs = atskern.sample(attention, 4, replace=replace, seed=3)
+    features = rng.normal(size=(3, 4, *feature_shape))
+    upstream = rng.normal(size=(3, *feature_shape))
+    f, p = tf.constant(features), tf.constant(probs)
+
+    def run():
+        with tf.GradientTape() as tape:
+            tape.watch([f, p])
+            value = ops.expectation(f, p, replace=replace)
+        return (value, *tape.gradient(value, [f, p], output_gradients=tf.constant(upstream)))
+
+    want_probs, want_features = atskern.expectation_grad(upstream, features, probs, replace=replace)
+    for value, grad_features, grad_probs in run_both(run):
+        np.testing.assert_allclose(value.numpy(), atskern.expectation(features, probs, replace=replace), rtol=1e-12)
+        np.testing.assert_allclose(grad_features.numpy(), want_features, rtol=1e-12)
+        np.testing.assert_allclose(grad_probs.numpy(), want_probs, rtol=1e-12, atol=1e-14)
+
+
+def test_attention_gradient_through_sampling_is_scatter_of_estimator_gradient():
+    rng = np.random.default_rng(9)
+    attention = softmax_map(rng, (2, 5, 5))
+    features = rng.normal(size=(2, 3, 4))
+    a = tf.constant(attention)
+    with tf.GradientTape() as tape:
+        tape.watch(a)
+        indices, sampled = ops.sample(a, 3, seed=21)
+        value = ops.expectation(tf.constant(features), sampled)
+    grad = tape.gradient(value, a).numpy()
+    idx, probs = atskern.sample(attention, 3, seed=21)
+    grad_probs, _ = atskern.expectation_grad(np.ones((2, 4)), features, probs)
+    want = np.zeros_like(attention)
+    for b in range(2):
+        for k in range(3):
+            want[(b, *idx[b, k])] += grad_probs[b, k]
+    # sampled = gather / sum(attention): the sum adds -<grad_probs, probs> to every position
+    want -= (grad_probs * probs).sum(axis=1)[:, None, None]
+    np.testing.assert_allclose(grad, want, rtol=1e-10, atol=1e-12)
+
+
+def test_expectation_static_shape_and_errors():
+    value = ops.expectation(tf.ones((2, 3, 4)), tf.fill((2, 3), 0.1))
+    assert value.shape == (2, 4)
+    with pytest.raises(ValueError, match="must start with probs' shape"):
+        ops.expectation(tf.ones((2, 4, 4)), tf.fill((2, 3), 0.1))
+    with pytest.raises(ValueError, match=r"\(batch, n\)"):
+        ops.expectation(tf.ones((2, 3, 4)), tf.fill((2, 3, 1), 0.1))
+
+
+def test_extract_patches_channels_first_layout():
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(2, 9, 10, 3))
+    offsets = rng.integers(-2, 8, size=(2, 4, 2)).astype(np.int32)
+    last = ops.extract_patches(tf.constant(x), offsets, (3, 4)).numpy()
+    xt = tf.constant(np.moveaxis(x, -1, 1))
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        first = ops.extract_patches(xt, offsets, (3, 4), channels_first=True)
+    assert first.shape == (2, 4, 3, 3, 4)
+    np.testing.assert_array_equal(first.numpy(), np.moveaxis(last, -1, 2))
+    grad = tape.gradient(first, xt)
+    assert grad.shape == xt.shape and float(tf.reduce_sum(grad)) == np.count_nonzero(
+        ops.extract_patches(tf.ones_like(xt), offsets, (3, 4), channels_first=True).numpy()
+    )
