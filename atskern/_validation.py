@@ -225,24 +225,15 @@ def check_patch_size(patch_size, ndim: int, name: str = "patch_size") -> tuple[i
     """``patch_size`` as a tuple of ``ndim`` positive ints; a single int is used for every dim."""
     if isinstance(patch_size, numbers.Integral) and not isinstance(patch_size, (bool, np.bool_)):
         patch_size = (patch_size,) * ndim
-    try:
-        sizes = tuple(patch_size)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a sequence of {ndim} ints, got {patch_size!r}") from None
-    if len(sizes) != ndim:
-        raise ValueError(f"{name} must have {ndim} entries (one per spatial dim), got {len(sizes)}: {sizes!r}")
-    sizes = tuple(require_int(s, name) for s in sizes)
-    if min(sizes) <= 0:
-        raise ValueError(f"{name} must be > 0 in every dim, got {sizes}")
-    return sizes
+    return check_shape(patch_size, ndim, name, what="an int or a sequence")
 
 
-def check_shape(shape, ndim: int, name: str) -> tuple[int, ...]:
+def check_shape(shape, ndim: int, name: str, what: str = "a sequence") -> tuple[int, ...]:
     """A spatial shape: ``ndim`` positive ints."""
     try:
         sizes = tuple(shape)
     except TypeError:
-        raise TypeError(f"{name} must be a sequence of {ndim} ints, got {shape!r}") from None
+        raise TypeError(f"{name} must be {what} of {ndim} ints, got {shape!r}") from None
     if len(sizes) != ndim:
         raise ValueError(f"{name} must have {ndim} entries (one per spatial dim), got {len(sizes)}: {sizes!r}")
     sizes = tuple(require_int(s, name) for s in sizes)
