@@ -5,11 +5,15 @@ Methods (the same feature network in all three: conv 7x7x32 / 2, three conv
 
 - ``ats``: ``ats.torch.AttentionSampling`` -- attention network on a
   ``LOW_SCALE`` view, ``N_PATCHES`` patches of ``PATCH``^2 gathered by atskern's
-  kernels (gradient scattered back by ``scatter_patches``);
+  kernels;
 - ``ats-loop``: the same model, but the gather is a per-patch Python loop of
   tensor slices (padded at the borders), the way one writes it by hand; its
   gradient is torch's slice backward, one image-sized gradient per patch;
-- ``dense``: the feature network run fully convolutionally over the whole image.
+- ``dense``: the feature network run fully convolutionally over the whole image;
+- ``ats+grad`` and ``ats-loop+grad``: as ``ats`` and ``ats-loop`` when the
+  image itself needs a gradient (a learned pre-processing, an adversarial
+  input), so the gather's backward runs: ``scatter_patches`` for the kernels,
+  one image-sized slice gradient per patch for the loop.
 
 Every configuration runs in a fresh subprocess and takes one warm-up step
 (JIT compilation) before it is measured. Peak memory is the peak resident
@@ -36,7 +40,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (1500, 4096)
 QUICK_SIZES = (256, 512)
-METHODS = ("ats", "ats-loop", "dense")
+METHODS = ("ats", "ats-loop", "dense", "ats+grad", "ats-loop+grad")
+"""``+grad``: the image itself needs a gradient (e.g. a learned pre-processing), so the gather's backward runs."""
 BATCH = 1
 N_PATCHES = 10
 PATCH = 50
@@ -84,6 +89,7 @@ def _model(torch, method: str):
     from ats.torch import functional as F
 
     nn = torch.nn
+    method = method.removesuffix("+grad")
     feature = _feature_network(torch)
     if method == "dense":
         return lambda low, x: feature(x), feature
@@ -150,13 +156,14 @@ def measure(case: dict) -> dict:
     forward, module = _model(torch, case["method"])
     module.to(device)
     optimizer = torch.optim.SGD(module.parameters(), lr=1e-3)
-    x = torch.rand(batch, 1, size, size, device=device)
-    low = torch.nn.functional.interpolate(x, scale_factor=LOW_SCALE, mode="area")
+    x = torch.rand(batch, 1, size, size, device=device, requires_grad=case["method"].endswith("+grad"))
+    low = torch.nn.functional.interpolate(x.detach(), scale_factor=LOW_SCALE, mode="area")
     y = torch.randint(0, 10, (batch,), device=device)
     cuda = device.type == "cuda"
 
     def step():
         optimizer.zero_grad(set_to_none=True)
+        x.grad = None
         loss = torch.nn.functional.cross_entropy(forward(low, x), y)
         loss.backward()
         optimizer.step()

@@ -74,12 +74,20 @@ def random_key(generator: torch.Generator | None = None) -> torch.Tensor:
     return torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=generator)
 
 
-def _strides(grid, device) -> torch.Tensor:
-    strides, step = [], 1
+def _ravel(indices: torch.Tensor, grid) -> torch.Tensor:
+    """Row-major flat index of ``(..., D)`` grid coordinates (Python-int sizes: no host-to-device copies)."""
+    flat = indices[..., 0]
+    for d in range(1, len(grid)):
+        flat = flat * int(grid[d]) + indices[..., d]
+    return flat
+
+
+def _unravel(flat: torch.Tensor, grid) -> torch.Tensor:
+    coords = []
     for size in reversed(grid):
-        strides.append(step)
-        step *= int(size)
-    return torch.tensor(strides[::-1], dtype=torch.int64, device=device)
+        coords.append(flat % int(size))
+        flat = flat // int(size)
+    return torch.stack(coords[::-1], dim=-1)
 
 
 def sample(attention, n_samples, *, replace=False, key=None, deterministic=False):
@@ -116,9 +124,7 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
     flat = attention.reshape(attention.shape[0], -1)
     if deterministic:
         flat_index = torch.topk(flat.detach(), n, dim=1, sorted=True).indices
-        strides = _strides(grid, attention.device)
-        sizes = torch.tensor(grid, dtype=torch.int64, device=attention.device)
-        indices = (flat_index[..., None] // strides) % sizes
+        indices = _unravel(flat_index, grid)
     else:
         weights = attention.detach()
         if weights.dtype not in (torch.float32, torch.float64):
@@ -126,7 +132,7 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
         if key is None:
             key = random_key()
         indices = _ops.sample_indices(weights.contiguous(), key, n, replace).to(torch.int64)
-        flat_index = (indices * _strides(grid, attention.device)).sum(-1)
+        flat_index = _ravel(indices, grid)
     sampled = flat.gather(1, flat_index) / flat.sum(dim=1, keepdim=True)
     return indices, sampled
 
@@ -145,15 +151,20 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
     """
     require_tensor(samples, "samples")
     dims = samples.shape[-1]
-    device = samples.device
-    f64 = torch.float64
-    grid = torch.tensor(size_tuple(tuple(grid_shape), dims, "grid_shape"), dtype=f64, device=device)
-    level = torch.tensor(size_tuple(tuple(level_shape), dims, "level_shape"), dtype=f64, device=device)
-    half = torch.tensor(size_tuple(patch_size, dims), dtype=f64, device=device) / 2
-    margin = torch.as_tensor(margin, dtype=f64, device=device)
-    centre = level * (margin + (samples.to(f64) + 0.5) / grid * (1 - 2 * margin))
+    grid = size_tuple(tuple(grid_shape), dims, "grid_shape")
+    level = size_tuple(tuple(level_shape), dims, "level_shape")
+    patch = size_tuple(patch_size, dims)
+    margins = [float(m) for m in margin] if isinstance(margin, (list, tuple)) else [float(margin)] * dims
+    if len(margins) != dims:
+        raise ValueError(f"margin must be a number or {dims} numbers, got {margin!r}")
+    cells = samples.to(torch.float64)
     bound = float(2**31 - 1)
-    return torch.round(centre - half).clamp(-bound, bound).to(torch.int32)
+    starts = []
+    for d in range(dims):  # Python-float constants: the same float64 operations as NumPy, no device copies
+        m = margins[d]
+        centre = float(level[d]) * (m + (cells[..., d] + 0.5) / float(grid[d]) * (1 - 2 * m))
+        starts.append(torch.round(centre - patch[d] / 2))
+    return torch.stack(starts, dim=-1).clamp(-bound, bound).to(torch.int32)
 
 
 def _check_images(x, name: str, channels_first: bool) -> tuple[int, ...]:

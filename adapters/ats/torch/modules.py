@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numbers
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -30,7 +29,8 @@ class _KeyStream:
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
         self.calls += 1
-        return torch.tensor(np.uint64(z ^ (z >> 31)).astype(np.int64), dtype=torch.int64)
+        key = z ^ (z >> 31)
+        return torch.tensor(key - 2**64 if key >= 2**63 else key, dtype=torch.int64)
 
 
 class SamplePatches(nn.Module):
