@@ -19,8 +19,9 @@ Every configuration runs in a fresh subprocess and takes one warm-up step
 (JIT compilation) before it is measured. Peak memory is the peak resident
 memory during the timed steps above the resident memory before them (CPU,
 sampled every millisecond), or ``torch.cuda.max_memory_allocated`` above what
-was allocated before (CUDA); memory the allocator kept from the warm-up step
-is not counted again, so CPU peaks are lower bounds.
+was allocated before (CUDA). On the CPU the subprocess runs with a fixed
+glibc mmap threshold (``MALLOC_MMAP_THRESHOLD_``), so that freed tensors leave
+the resident set and the peak follows the live memory.
 Time is the median over the timed steps (synchronized on CUDA).
 
 ``python -m bench.torch_ats [--quick] [--device cuda]`` prints a markdown table.
@@ -169,6 +170,8 @@ def measure(case: dict) -> dict:
         optimizer.step()
 
     step()  # warm-up: JIT compilation, allocator pools
+    optimizer.zero_grad(set_to_none=True)
+    x.grad = None  # the warm-up's gradients are not part of the baseline
     if cuda:
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -189,7 +192,9 @@ def measure(case: dict) -> dict:
 
 
 def _run_case(case: dict) -> dict:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "adapters"), os.environ.get("PYTHONPATH", "")])}
+    # a fixed mmap threshold: glibc returns every large block to the OS when it is freed, so resident
+    # memory follows the live tensors instead of the heap's high-water mark
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "adapters"), os.environ.get("PYTHONPATH", "")])}
     code = f"import json, bench.torch_ats as b; print(json.dumps(b.measure({json.dumps(case)!s})))"
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if result.returncode != 0:
