@@ -337,3 +337,19 @@ def test_extract_returns_the_kernel_buffer(monkeypatch):
     monkeypatch.setattr(atskern, "extract_patches", spy)
     patches = F.extract_patches(torch.rand(1, 1, 6, 6), torch.zeros(1, 1, 2, dtype=torch.int32), 2)
     assert patches.data_ptr() == seen["out"].ctypes.data
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_estimator_on_kernel_draws_equals_atskern_expectation_grad(replace):
+    """Sample with the kernel, estimate in torch, backpropagate: the same gradients as atskern on those draws."""
+    rng = np.random.default_rng(9)
+    attention = torch.from_numpy(rng.random((3, 4, 5)) + 0.05).requires_grad_()
+    indices, sampled = F.sample(attention, 6, replace=replace, key=_key(21))
+    _, probs = atskern.sample(attention.detach().numpy(), 6, replace=replace, seed=21)
+    features = torch.from_numpy(rng.normal(size=(3, 6, 2))).requires_grad_()
+    grad = rng.normal(size=(3, 2))
+    sampled.retain_grad()
+    F.expectation(features, sampled, replace=replace).backward(torch.from_numpy(grad))
+    want_gp, want_gf = atskern.expectation_grad(grad, features.detach().numpy(), probs, replace=replace)
+    np.testing.assert_allclose(sampled.grad.numpy(), want_gp, rtol=1e-10)
+    np.testing.assert_allclose(features.grad.numpy(), want_gf, rtol=1e-12)

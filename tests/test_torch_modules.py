@@ -237,3 +237,17 @@ def test_toy_task_is_learned():
             enumerate(pos.tolist())]
     assert np.mean(mass) > 0.5
     assert (logits.argmax(1) == y).float().mean() > 0.9
+
+
+@needs_patches
+@pytest.mark.parametrize("spatial, low, grid", [((40,), (10,), (10,)), ((12, 16, 20), (6, 8, 10), (6, 8, 10))])
+def test_sample_patches_in_1d_and_3d(spatial, low, grid):
+    layer = at.SamplePatches(4, 3, use_logits=True)
+    x = torch.rand(2, 2, *spatial, requires_grad=True)
+    logits = torch.randn(2, *grid, requires_grad=True)
+    patches, sampled = layer(torch.rand(2, 2, *low), x, logits)
+    assert patches.shape == (2, 4, 2) + (3,) * len(spatial) and sampled.shape == (2, 4)
+    (patches.sum() + sampled.sum()).backward()
+    # x is positive everywhere and the fill is 0: every nonzero patch pixel sends a gradient of 1 home
+    assert x.grad.sum().item() == (patches != 0).sum().item()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
