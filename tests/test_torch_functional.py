@@ -61,6 +61,10 @@ def test_sample_is_reproducible_from_torch_manual_seed():
     other = F.sample(attention, 5)[0]
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
+    big = 2**64 - 5  # ints and int64 tensors name the same 64-bit key
+    assert torch.equal(F.sample(attention, 5, key=big)[0], F.sample(attention, 5, key=torch.tensor(-5))[0])
+    with pytest.raises(TypeError, match="key must be an int"):
+        F.sample(attention, 5, key=-1)
 
 
 def test_sample_casts_half_precision_attention():

@@ -74,6 +74,18 @@ def random_key(generator: torch.Generator | None = None) -> torch.Tensor:
     return torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=generator)
 
 
+def key_tensor(key) -> torch.Tensor:
+    """A sampling key as a CPU int64 scalar: an int in [0, 2**64) or such a tensor (int64 wraps around)."""
+    if isinstance(key, torch.Tensor):
+        if key.numel() != 1 or key.dtype != torch.int64 or key.device.type != "cpu":
+            raise TypeError(f"key must be an int or a CPU int64 scalar tensor, got {key.dtype} {tuple(key.shape)} on {key.device}")
+        return key.reshape(())
+    if isinstance(key, bool) or not isinstance(key, numbers.Integral) or not 0 <= key < 2**64:
+        raise TypeError(f"key must be an int in [0, 2**64) or a CPU int64 scalar tensor, got {key!r}")
+    key = int(key)
+    return torch.tensor(key - 2**64 if key >= 2**63 else key, dtype=torch.int64)
+
+
 def _ravel(indices: torch.Tensor, grid) -> torch.Tensor:
     """Row-major flat index of ``(..., D)`` grid coordinates (Python-int sizes: no host-to-device copies)."""
     flat = indices[..., 0]
@@ -101,7 +113,7 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
     n_samples : int
     replace : bool
         Independent draws, or (default) successive sampling without replacement.
-    key : None or CPU int64 scalar tensor
+    key : None, int in [0, 2**64) or CPU int64 scalar tensor
         Seed of atskern's counter-based generator: the same key and weights
         give the same draws on the CPU and on CUDA. None draws one from
         torch's default generator (so ``torch.manual_seed`` makes runs repeat).
@@ -129,8 +141,7 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
         weights = attention.detach()
         if weights.dtype not in (torch.float32, torch.float64):
             weights = weights.to(torch.float32)
-        if key is None:
-            key = random_key()
+        key = random_key() if key is None else key_tensor(key)
         indices = _ops.sample_indices(weights.contiguous(), key, n, replace).to(torch.int64)
         flat_index = _ravel(indices, grid)
     sampled = flat.gather(1, flat_index) / flat.sum(dim=1, keepdim=True)

@@ -29,8 +29,7 @@ class _KeyStream:
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
         self.calls += 1
-        key = z ^ (z >> 31)
-        return torch.tensor(key - 2**64 if key >= 2**63 else key, dtype=torch.int64)
+        return F.key_tensor(z ^ (z >> 31))
 
 
 class SamplePatches(nn.Module):
