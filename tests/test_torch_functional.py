@@ -357,3 +357,21 @@ def test_estimator_on_kernel_draws_equals_atskern_expectation_grad(replace):
     want_gp, want_gf = atskern.expectation_grad(grad, features.detach().numpy(), probs, replace=replace)
     np.testing.assert_allclose(sampled.grad.numpy(), want_gp, rtol=1e-10)
     np.testing.assert_allclose(features.grad.numpy(), want_gf, rtol=1e-12)
+
+
+# --- the custom ops' registrations --------------------------------------------------------------
+
+
+@needs_patches
+@pytest.mark.parametrize("channels_first", [True, False])
+def test_patch_ops_pass_opcheck(channels_first):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the patch ops."""
+    x = torch.rand((2, 3, 9, 8) if channels_first else (2, 9, 8, 3), dtype=torch.float64, requires_grad=True)
+    offsets = torch.randint(-2, 8, (2, 4, 2), dtype=torch.int32)
+    torch.library.opcheck(_ops.extract, (x, offsets, [3, 4], 0.0, channels_first))
+    grad = torch.rand((2, 4, 3, 3, 4) if channels_first else (2, 4, 3, 4, 3), dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(_ops.scatter, (grad, offsets, [9, 8], channels_first))
+
+
+def test_sample_op_passes_opcheck():
+    torch.library.opcheck(_ops.sample_indices, (torch.rand(2, 5, 6), torch.tensor(3), 4, False))
