@@ -10,7 +10,9 @@ with ``register_autograd``:
   whose backward is ``atskern::scatter_patches`` (skipped when ``x`` needs no
   gradient), and whose double backward is the gather again.
 
-The kernel calls go through :mod:`._bridge` (zero-copy, torch's stream).
+The kernel calls go through :mod:`._bridge` (zero-copy, torch's stream) and
+write into tensors torch allocated (the kernels' ``out=``), so on CUDA the
+memory comes from torch's caching allocator, not CuPy's pool.
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ def _patch_shape(x_shape, count: int, patch_size, channels_first: bool):
     return (x_shape[0], count, *patch_size, x_shape[-1])
 
 
+def _image_shape(grad_shape, spatial_shape, channels_first: bool):
+    b, c = grad_shape[0], (grad_shape[2] if channels_first else grad_shape[-1])
+    return (b, c, *spatial_shape) if channels_first else (b, *spatial_shape, c)
+
+
 def _fill_for(dtype: torch.dtype, fill: float):
     if dtype.is_floating_point or dtype.is_complex:
         return fill
@@ -76,17 +83,19 @@ def _kernel_fill(x: torch.Tensor, moved: torch.Tensor, fill: float):
 @torch.library.custom_op("atskern::extract_patches", mutates_args=())
 def extract(x: torch.Tensor, offsets: torch.Tensor, patch_size: list[int], fill: float, channels_first: bool) -> torch.Tensor:
     """``atskern.extract_patches`` on a tensor (bytes moved as-is, so any dtype of size 1, 2, 4 or 8)."""
+    out = torch.empty(_patch_shape(tuple(x.shape), offsets.shape[1], patch_size, channels_first), dtype=x.dtype,
+                      device=x.device)  # torch owns the memory (its caching allocator on CUDA)
     moved = byte_twin(x)
     with kernel_stream(x.device):
-        patches = _kernel("extract_patches")(
+        _kernel("extract_patches")(
             to_kernel(moved),
             to_kernel(offsets),
             tuple(patch_size),
             fill=_kernel_fill(x, moved, fill),
             channels_first=channels_first,
+            out=to_kernel(byte_twin(out)),
         )
-        result = from_kernel(patches)
-    return result.view(x.dtype) if moved is not x else result
+    return out
 
 
 @extract.register_fake
@@ -100,18 +109,17 @@ _SCATTER_DTYPES = (torch.float32, torch.float64)
 @torch.library.custom_op("atskern::scatter_patches", mutates_args=())
 def scatter(grad: torch.Tensor, offsets: torch.Tensor, spatial_shape: list[int], channels_first: bool) -> torch.Tensor:
     """``atskern.scatter_patches`` (the adjoint of :func:`extract`), float32 or float64."""
+    out = torch.empty(_image_shape(tuple(grad.shape), spatial_shape, channels_first), dtype=grad.dtype, device=grad.device)
     with kernel_stream(grad.device):
-        images = _kernel("scatter_patches")(
-            to_kernel(grad), to_kernel(offsets), tuple(spatial_shape), channels_first=channels_first
+        _kernel("scatter_patches")(
+            to_kernel(grad), to_kernel(offsets), tuple(spatial_shape), channels_first=channels_first, out=to_kernel(out)
         )
-        return from_kernel(images)
+    return out
 
 
 @scatter.register_fake
 def _(grad, offsets, spatial_shape, channels_first):
-    b, c = grad.shape[0], (grad.shape[2] if channels_first else grad.shape[-1])
-    shape = (b, c, *spatial_shape) if channels_first else (b, *spatial_shape, c)
-    return grad.new_empty(shape)
+    return grad.new_empty(_image_shape(tuple(grad.shape), spatial_shape, channels_first))
 
 
 def scatter_as(grad: torch.Tensor, offsets: torch.Tensor, spatial_shape, channels_first: bool, dtype) -> torch.Tensor:
