@@ -330,13 +330,13 @@ def test_cpu_bridge_shares_memory_both_ways():
 
 
 @needs_patches
-def test_extract_returns_the_kernel_buffer(monkeypatch):
+def test_extract_kernel_writes_into_the_returned_tensor(monkeypatch):
     seen = {}
     real = atskern.extract_patches
 
     def spy(*args, **kwargs):
-        seen["out"] = real(*args, **kwargs)
-        return seen["out"]
+        seen["out"] = kwargs["out"]
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(atskern, "extract_patches", spy)
     patches = F.extract_patches(torch.rand(1, 1, 6, 6), torch.zeros(1, 1, 2, dtype=torch.int32), 2)
