@@ -6,8 +6,19 @@ Functions dispatch on the array type: NumPy arrays run the Numba kernels in
 """
 
 from .estimator import expectation, expectation_grad
+from .patches import extract_multiscale, extract_patches, patch_offsets, scatter_multiscale, scatter_patches
 from .sampling import sample
 
 __version__ = "0.1.0"
 
-__all__ = ["sample", "expectation", "expectation_grad", "__version__"]
+__all__ = [
+    "sample",
+    "expectation",
+    "expectation_grad",
+    "extract_patches",
+    "scatter_patches",
+    "patch_offsets",
+    "extract_multiscale",
+    "scatter_multiscale",
+    "__version__",
+]

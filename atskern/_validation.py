@@ -7,6 +7,7 @@ kernel never receives an input it could crash on or write out of bounds for.
 from __future__ import annotations
 
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,3 +166,252 @@ def check_probs_values(probs_min: float, probs_max_finite: bool):
         raise ValueError("probs contains NaN or inf")
     if not probs_min > 0:
         raise ValueError(f"probs must be > 0 (each drawn position's probability), got a minimum of {probs_min}")
+
+
+# --- patches ------------------------------------------------------------------
+
+GATHER_ITEMSIZES = (1, 2, 4, 8)
+_MOVABLE_KINDS = "biufc"
+
+
+@dataclass(frozen=True)
+class PatchLayout:
+    """What a validated gather or scatter call works on (spatial sizes in x's own order)."""
+
+    batch: int
+    count: int
+    spatial: tuple[int, ...]
+    channels: int
+    patch: tuple[int, ...]
+    channels_first: bool
+
+    @property
+    def ndim(self) -> int:
+        return len(self.spatial)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        if self.channels_first:
+            return (self.batch, self.channels) + self.spatial
+        return (self.batch,) + self.spatial + (self.channels,)
+
+    @property
+    def patches_shape(self) -> tuple[int, ...]:
+        if self.channels_first:
+            return (self.batch, self.count, self.channels) + self.patch
+        return (self.batch, self.count) + self.patch + (self.channels,)
+
+
+def _is_ml_dtype(dtype: np.dtype) -> bool:
+    return dtype.kind == "V" and dtype.names is None and dtype.type.__module__.startswith("ml_dtypes")
+
+
+def require_movable(array, name: str) -> np.dtype:
+    """A plain numeric dtype (or an ml_dtypes float) of item size 1, 2, 4 or 8."""
+    dtype = array_dtype(array)
+    if (dtype.kind not in _MOVABLE_KINDS and not _is_ml_dtype(dtype)) or dtype.itemsize not in GATHER_ITEMSIZES:
+        raise TypeError(
+            f"{name} must have a numeric dtype of item size 1, 2, 4 or 8 bytes "
+            f"(e.g. uint8, float16, bfloat16, float32, float64), got {dtype} (item size {dtype.itemsize})"
+        )
+    return dtype
+
+
+def check_channels_first(channels_first) -> bool:
+    return require_bool(channels_first, "channels_first")
+
+
+def check_patch_size(patch_size, ndim: int, name: str = "patch_size") -> tuple[int, ...]:
+    """``patch_size`` as a tuple of ``ndim`` positive ints; a single int is used for every dim."""
+    if isinstance(patch_size, numbers.Integral) and not isinstance(patch_size, (bool, np.bool_)):
+        patch_size = (patch_size,) * ndim
+    try:
+        sizes = tuple(patch_size)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a sequence of {ndim} ints, got {patch_size!r}") from None
+    if len(sizes) != ndim:
+        raise ValueError(f"{name} must have {ndim} entries (one per spatial dim), got {len(sizes)}: {sizes!r}")
+    sizes = tuple(require_int(s, name) for s in sizes)
+    if min(sizes) <= 0:
+        raise ValueError(f"{name} must be > 0 in every dim, got {sizes}")
+    return sizes
+
+
+def check_shape(shape, ndim: int, name: str) -> tuple[int, ...]:
+    """A spatial shape: ``ndim`` positive ints."""
+    try:
+        sizes = tuple(shape)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of {ndim} ints, got {shape!r}") from None
+    if len(sizes) != ndim:
+        raise ValueError(f"{name} must have {ndim} entries (one per spatial dim), got {len(sizes)}: {sizes!r}")
+    sizes = tuple(require_int(s, name) for s in sizes)
+    if min(sizes) <= 0:
+        raise ValueError(f"{name} must be > 0 in every dim, got {sizes}")
+    return sizes
+
+
+def check_offsets(offsets, batch: int, name: str = "offsets", ndim: int | None = None):
+    """Integer ``(batch, K, D)`` with ``D`` in 1..3 (or ``ndim``); returns ``(K, D)``."""
+    require_array(offsets, name)
+    dtype = array_dtype(offsets)
+    if dtype.kind not in "iu":
+        raise TypeError(f"{name} must have an integer dtype (e.g. int32), got {dtype}")
+    if offsets.ndim != 3:
+        raise ValueError(f"{name} must be 3-dimensional (batch, K, D), got shape {tuple(offsets.shape)}")
+    b, k, d = (int(s) for s in offsets.shape)
+    if b != batch:
+        raise ValueError(f"{name} has batch size {b} (shape {tuple(offsets.shape)}) but the images have batch size {batch}")
+    if ndim is not None and d != ndim:
+        raise ValueError(f"{name} must have shape (batch, K, {ndim}) for {ndim} spatial dims, got {tuple(offsets.shape)}")
+    if d not in (1, 2, 3):
+        raise ValueError(f"{name} must have shape (batch, K, D) with D in 1..3, got {tuple(offsets.shape)}")
+    require_nonempty(offsets, name)
+    return k, d
+
+
+def check_fill(fill, dtype: np.dtype):
+    """``fill`` as a 0-d array of ``dtype``, or an error if it cannot be represented."""
+    if isinstance(fill, (bool, np.bool_)) and dtype.kind != "b":
+        raise TypeError(f"fill must be a number, got {fill!r}")
+    if not isinstance(fill, (numbers.Number, np.generic)) or isinstance(fill, np.datetime64):
+        raise TypeError(f"fill must be a scalar number, got {fill!r} ({type(fill).__name__})")
+    bad = ValueError(f"fill={fill!r} cannot be represented in the images' dtype {dtype}")
+    try:
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = np.asarray(fill).astype(dtype)
+    except (OverflowError, ValueError, TypeError):
+        raise bad from None
+    try:
+        if dtype.kind in "iub":
+            if isinstance(fill, (complex, np.complexfloating)):
+                raise bad
+            if not isinstance(fill, (numbers.Integral, np.bool_)) and not float(fill).is_integer():
+                raise bad
+            if int(converted) != int(fill):
+                raise bad
+        elif dtype.kind == "c":
+            if np.isfinite(complex(fill)) and not np.isfinite(complex(converted)):
+                raise bad
+        else:
+            if isinstance(fill, (complex, np.complexfloating)):
+                if fill.imag != 0:
+                    raise bad
+                fill = fill.real
+            if np.isfinite(float(fill)) and not np.isfinite(float(converted.astype(np.float64))):
+                raise bad
+    except (OverflowError, ValueError, TypeError):
+        raise bad from None
+    return converted
+
+
+def _spatial_and_channels(shape, channels_first: bool):
+    if channels_first:
+        return tuple(int(s) for s in shape[2:]), int(shape[1])
+    return tuple(int(s) for s in shape[1:-1]), int(shape[-1])
+
+
+def check_out(out, shape: tuple[int, ...], dtype: np.dtype, name: str = "out"):
+    """A writeable C-contiguous buffer of exactly ``shape`` and ``dtype``."""
+    require_array(out, name)
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(out.shape)}")
+    if array_dtype(out) != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {array_dtype(out)}")
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous, got strides {tuple(out.strides)}")
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise ValueError(f"{name} must be writeable")
+
+
+_IMAGES_MEANING = "(batch, *spatial, channels) with 1 to 3 spatial dims"
+_IMAGES_MEANING_CF = "(batch, channels, *spatial) with 1 to 3 spatial dims"
+
+
+def check_gather(x, offsets, patch_size, fill, channels_first, out):
+    """Checks of ``extract_patches``; returns ``(layout, fill as a 0-d array of x's dtype)``."""
+    require_array(x, "x")
+    channels_first = check_channels_first(channels_first)
+    require_ndim(x, "x", (3, 4, 5), _IMAGES_MEANING_CF if channels_first else _IMAGES_MEANING)
+    dtype = require_movable(x, "x")
+    require_nonempty(x, "x")
+    spatial, channels = _spatial_and_channels(x.shape, channels_first)
+    count, _ = check_offsets(offsets, int(x.shape[0]), ndim=len(spatial))
+    patch = check_patch_size(patch_size, len(spatial))
+    fill_value = check_fill(fill, dtype)
+    layout = PatchLayout(int(x.shape[0]), count, spatial, channels, patch, channels_first)
+    if out is not None:
+        check_out(out, layout.patches_shape, dtype)
+    return layout, fill_value
+
+
+SCATTER_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "float64": np.dtype(np.float64),
+    "float16": np.dtype(np.float32),
+    "bfloat16": np.dtype(np.float32),
+}
+
+
+def check_scatter(grad, offsets, spatial_shape, channels_first, out):
+    """Checks of ``scatter_patches``; returns ``(layout, result dtype)``."""
+    require_array(grad, "grad")
+    channels_first = check_channels_first(channels_first)
+    meaning = "(batch, K, channels, *patch)" if channels_first else "(batch, K, *patch, channels)"
+    require_ndim(grad, "grad", (4, 5, 6), meaning + " with 1 to 3 spatial dims")
+    dtype = array_dtype(grad)
+    if dtype.name not in SCATTER_DTYPES:
+        raise TypeError(f"grad must be float32 or float64 (float16/bfloat16 accumulate in float32), got {dtype}")
+    result = SCATTER_DTYPES[dtype.name]
+    require_nonempty(grad, "grad")
+    ndim = grad.ndim - 3
+    spatial = check_shape(spatial_shape, ndim, "spatial_shape")
+    count, _ = check_offsets(offsets, int(grad.shape[0]), ndim=ndim)
+    if int(grad.shape[1]) != count:
+        raise ValueError(f"grad has {int(grad.shape[1])} patches per image (shape {tuple(grad.shape)}) but offsets has {count}")
+    patch, channels = _spatial_and_channels(grad.shape[1:], channels_first)
+    layout = PatchLayout(int(grad.shape[0]), count, spatial, channels, patch, channels_first)
+    if out is not None:
+        check_out(out, layout.image_shape, result)
+    return layout, result
+
+
+def check_levels(arrays, name: str) -> list:
+    if isinstance(arrays, (str, bytes)) or not hasattr(arrays, "__len__") or hasattr(arrays, "shape"):
+        raise TypeError(f"{name} must be a list of arrays (one per level), got {type(arrays).__name__}")
+    arrays = list(arrays)
+    if not arrays:
+        raise ValueError(f"{name} must hold at least one level, got an empty list")
+    return arrays
+
+
+def check_per_level(values, levels: int, name: str) -> list:
+    """One entry per level (a list or tuple of ``levels`` entries)."""
+    if not isinstance(values, (list, tuple)) or len(values) != levels:
+        raise ValueError(
+            f"{name} must be a list with one entry per level ({levels} levels), got {values!r}"
+        )
+    return list(values)
+
+
+def check_samples(samples, grid_shape, batch: int | None = None):
+    """Integer ``(B, K, D)`` grid cells; returns the grid shape as a tuple of D ints."""
+    require_array(samples, "samples")
+    if array_dtype(samples).kind not in "iu":
+        raise TypeError(f"samples must have an integer dtype (grid cells, e.g. from sample()), got {array_dtype(samples)}")
+    if samples.ndim != 3 or int(samples.shape[-1]) not in (1, 2, 3):
+        raise ValueError(f"samples must be (batch, K, D) with D in 1..3, got shape {tuple(samples.shape)}")
+    require_nonempty(samples, "samples")
+    if batch is not None and int(samples.shape[0]) != batch:
+        raise ValueError(f"samples has batch size {int(samples.shape[0])} but the levels have batch size {batch}")
+    return check_shape(grid_shape, int(samples.shape[-1]), "grid_shape")
+
+
+def check_margin(margin) -> float:
+    if isinstance(margin, (bool, np.bool_)) or not isinstance(margin, numbers.Real):
+        raise TypeError(f"margin must be a real number, got {margin!r}")
+    margin = float(margin)
+    if not 0.0 <= margin < 0.5:
+        raise ValueError(f"margin must be in [0, 0.5), got {margin}")
+    return margin

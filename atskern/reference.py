@@ -101,3 +101,68 @@ def expectation_grad(grad, features, probs, *, replace=False):
                 grad_probs[b, k] = (pm / probs[b, k] + remaining) * inner / n
             pm -= probs[b, k]
     return grad_probs, grad_features
+
+
+def _patch_window(offset, patch, spatial):
+    """Per dim: the patch positions inside the image, and the image positions they read."""
+    inside, source = [], []
+    for o, p, s in zip(offset, patch, spatial):
+        kept = [i for i in range(p) if 0 <= int(o) + i < s]
+        inside.append(np.array(kept, dtype=np.intp))
+        source.append(np.array([int(o) + i for i in kept], dtype=np.intp))
+    return np.ix_(*inside), np.ix_(*source)
+
+
+def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False):
+    """Patch ``k`` of image ``b`` is ``x[b, o : o + patch_size]`` with ``fill`` outside ``x``.
+
+    ``x`` ``(B, *spatial, C)``, ``offsets`` integer ``(B, K, D)``; returns
+    ``(B, K, *patch_size, C)`` (channels moved to the front with ``channels_first``).
+    """
+    x = np.asarray(x)
+    if channels_first:
+        x = np.moveaxis(x, 1, -1)
+    offsets = np.asarray(offsets)
+    batch, count, ndim = offsets.shape
+    patch = tuple(patch_size) if np.ndim(patch_size) else (int(patch_size),) * ndim
+    out = np.empty((batch, count) + patch + (x.shape[-1],), dtype=x.dtype)
+    out[...] = np.asarray(fill).astype(x.dtype)
+    for b in range(batch):
+        for k in range(count):
+            into, source = _patch_window(offsets[b, k], patch, x.shape[1:-1])
+            out[b, k][into] = x[b][source]
+    return np.moveaxis(out, -1, 2) if channels_first else out
+
+
+def scatter_patches(grad, offsets, spatial_shape, *, channels_first=False):
+    """Each patch added into zeros at its offset, in patch order; the adjoint of :func:`extract_patches`.
+
+    float16/bfloat16 gradients are accumulated in float32.
+    """
+    grad = np.asarray(grad)
+    dtype = np.float64 if grad.dtype == np.float64 else np.float32
+    grad = grad.astype(dtype)
+    if channels_first:
+        grad = np.moveaxis(grad, 2, -1)
+    offsets = np.asarray(offsets)
+    batch, count, _ = offsets.shape
+    patch = grad.shape[2:-1]
+    out = np.zeros((batch,) + tuple(spatial_shape) + (grad.shape[-1],), dtype=dtype)
+    for b in range(batch):
+        for k in range(count):
+            into, source = _patch_window(offsets[b, k], patch, spatial_shape)
+            out[b][source] += grad[b, k][into]
+    return np.moveaxis(out, -1, 1) if channels_first else out
+
+
+def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
+    """``rint(L * (m + (s + 0.5) / G * (1 - 2 m)) - P / 2)`` per sample and dim, as int32."""
+    samples = np.asarray(samples)
+    out = np.empty(samples.shape, dtype=np.int32)
+    ndim = samples.shape[-1]
+    patch = tuple(patch_size) if np.ndim(patch_size) else (int(patch_size),) * ndim
+    for index in np.ndindex(samples.shape[:-1]):
+        for d in range(ndim):
+            centre = level_shape[d] * (margin + (float(samples[index + (d,)]) + 0.5) / grid_shape[d] * (1 - 2 * margin))
+            out[index + (d,)] = int(np.rint(centre - patch[d] / 2))
+    return out

@@ -6,6 +6,11 @@ writes ``bench/results/<machine>.md`` (unless ``--quick`` or ``--no-write``).
 
 from __future__ import annotations
 
+import os
+
+# Numba's OpenMP workers spin-waiting next to TensorFlow's threads cost milliseconds a call on 2 cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import importlib
 import json
@@ -14,7 +19,7 @@ from pathlib import Path
 
 from ._timing import machine_description
 
-BENCHMARKS = ["sampling"]
+BENCHMARKS = ["sampling", "patches", "ats_dense"]
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -48,7 +53,14 @@ def main(argv=None) -> int:
         args.json.write_text(json.dumps({"machine": machine, "tables": [t.as_dict() for t in tables]}, indent=1))
     if not (args.quick or args.no_write):
         RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / f"{args.machine or machine['machine']}.md"
+        stem = args.machine or machine["machine"]
+        path = RESULTS / f"{stem}.md"
+        for table in tables:
+            if table.name == "ats_dense":
+                from .plot import plot_ats_dense
+
+                plot = plot_ats_dense(table.raw, RESULTS / f"{stem}-ats-vs-dense.png")
+                report += f"\n![ATS versus dense]({plot.name})\n"
         path.write_text(report)
         print(f"written: {path}", file=sys.stderr)
     return 0

@@ -52,6 +52,7 @@ class Table:
     columns: list[str]
     rows: list[list] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    raw: dict = field(default_factory=dict)
 
     def markdown(self) -> str:
         def cell(value):
@@ -68,7 +69,14 @@ class Table:
         return "\n".join(lines) + "\n"
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "title": self.title, "columns": self.columns, "rows": self.rows, "notes": self.notes}
+        return {
+            "name": self.name,
+            "title": self.title,
+            "columns": self.columns,
+            "rows": self.rows,
+            "notes": self.notes,
+            "raw": self.raw,
+        }
 
 
 def machine_description() -> dict:

@@ -245,3 +245,11 @@ def test_gpu_small_blocks_many_chunks_and_large_n(backend, small_gpu_blocks, mon
         got, _ = _sample(backend, attention, n, seed=n)
         want, _ = reference.sample(attention, n, seed=n)
         np.testing.assert_array_equal(got, want)
+
+
+@gpu_only
+def test_gpu_more_rows_than_one_grid_dimension(backend):
+    attention = _attention((70_000, 12), np.float32, seed=5)
+    got, _ = _sample(backend, attention, 3, seed=17)
+    want, _ = atskern.sample(attention, 3, seed=17)
+    assert (got == want).all(axis=(1, 2)).mean() >= 0.999

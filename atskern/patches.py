@@ -1,0 +1,244 @@
+"""Patch gather (``extract_patches``), its adjoint (``scatter_patches``) and the multi-scale versions.
+
+Both backends work on one canonical layout (see ``atskern.cpu.patches``):
+images ``(B, R, S0, S1, W)`` and patches ``(B, K, R, P0, P1, Wp)``, with
+missing spatial dims as leading 1s and, in channels-last, the channels folded
+into the last dim. Every reshape here is a view for contiguous inputs.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from . import _validation as v
+from ._backend import GPU, array_module, backend_of
+from ._memory import aligned_empty
+
+WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _kernels(backend: str):
+    return importlib.import_module(f"atskern.{backend}.patches")
+
+
+def _empty(xp, shape, dtype):
+    if xp is np:
+        return aligned_empty(shape, dtype)
+    return xp.empty(shape, dtype=dtype)
+
+
+def _pad3(values, fill):
+    return (fill,) * (3 - len(values)) + tuple(values)
+
+
+def _image_view(array, layout):
+    """``(B, R, S0, S1, W)`` view of images in ``layout``."""
+    s0, s1, s2 = _pad3(layout.spatial, 1)
+    if layout.channels_first:
+        return array.reshape(layout.batch, layout.channels, s0, s1, s2)
+    return array.reshape(layout.batch, 1, s0, s1, s2 * layout.channels)
+
+
+def _patches_view(array, layout):
+    """``(B, K, R, P0, P1, Wp)`` view of patches in ``layout``."""
+    p0, p1, p2 = _pad3(layout.patch, 1)
+    if layout.channels_first:
+        return array.reshape(layout.batch, layout.count, layout.channels, p0, p1, p2)
+    return array.reshape(layout.batch, layout.count, 1, p0, p1, p2 * layout.channels)
+
+
+def _canonical_offsets(xp, offsets, layout):
+    """int64 ``(B, K, 3)``: clipped to ``[-P, S]`` per dim (same pixels, no overflow), padded, last dim scaled."""
+    offsets = xp.asarray(offsets)
+    if np.dtype(offsets.dtype).kind == "u":
+        ceiling = min(max(layout.spatial), int(np.iinfo(offsets.dtype).max))
+        offsets = xp.minimum(offsets, offsets.dtype.type(ceiling))
+    offsets = offsets.astype(xp.int64)
+    low = xp.asarray([-p for p in layout.patch], dtype=xp.int64)
+    high = xp.asarray(layout.spatial, dtype=xp.int64)
+    offsets = xp.minimum(xp.maximum(offsets, low), high)
+    canonical = xp.zeros((layout.batch, layout.count, 3), dtype=xp.int64)
+    canonical[:, :, 3 - layout.ndim :] = offsets
+    if not layout.channels_first:
+        canonical[:, :, 2] *= layout.channels
+    return canonical
+
+
+def _gather(xp, backend, x, offsets, layout, fill_value, out):
+    word = WORDS[np.dtype(x.dtype).itemsize]
+    if out is None:
+        out = _empty(xp, layout.patches_shape, x.dtype)
+    if xp is np:
+        x = np.asarray(x)  # a memmap becomes a plain ndarray view: nothing is read
+    images = _image_view(x.view(word), layout)
+    if backend == GPU:
+        images = xp.ascontiguousarray(images)
+    fill_word = np.asarray(fill_value).reshape(1).view(word)[0]
+    _kernels(backend).gather(images, _canonical_offsets(xp, offsets, layout), fill_word, _patches_view(out.view(word), layout))
+    return out
+
+
+def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False, out=None):
+    """Gather one patch per offset from a batch of images.
+
+    Parameters
+    ----------
+    x : array ``(B, *spatial, C)`` (or ``(B, C, *spatial)`` with ``channels_first``), 1 to 3 spatial dims
+        Any dtype of item size 1, 2, 4 or 8 (uint8, int16, float16, bfloat16,
+        float32, float64, int64, ...); only bytes are moved. A ``numpy.memmap``
+        is read only where patches fall. Non-contiguous images may be copied.
+    offsets : integer array ``(B, K, D)``
+        First pixel of each patch; may be negative or beyond the image.
+    patch_size : int or sequence of D ints
+    fill : scalar
+        Value of the pixels outside ``x`` (must be representable in x's dtype).
+    channels_first : bool
+        Image and patch layout ``(B, C, *spatial)`` / ``(B, K, C, *patch)``.
+    out : array, optional
+        C-contiguous buffer of the result's shape and dtype.
+
+    Returns
+    -------
+    ``(B, K, *patch_size, C)`` (or ``(B, K, C, *patch_size)``) of x's dtype;
+    freshly allocated host buffers are 64-byte aligned.
+    """
+    layout, fill_value = v.check_gather(x, offsets, patch_size, fill, channels_first, out)
+    backend = backend_of(x=x, offsets=offsets, out=out)
+    xp = array_module(backend)
+    return _gather(xp, backend, x, offsets, layout, fill_value, out)
+
+
+def _scatter(xp, backend, grad, offsets, layout, result_dtype, out, deterministic=True):
+    grad = xp.ascontiguousarray(grad.astype(result_dtype, copy=False))
+    if out is None:
+        out = _empty(xp, layout.image_shape, result_dtype)
+    kernels = _kernels(backend)
+    patches = _patches_view(grad, layout)
+    canonical = _canonical_offsets(xp, offsets, layout)
+    images = _image_view(out, layout)
+    if backend == GPU:
+        kernels.scatter(patches, canonical, images, deterministic=deterministic)
+    else:
+        s0, s1, _ = images.shape[2:]
+        kernels.scatter(patches, canonical, kernels.scatter_bands(layout.batch, images.shape[1], s0 * s1), images)
+    return out
+
+
+def scatter_patches(grad, offsets, spatial_shape, *, channels_first=False, out=None, deterministic=True):
+    """Add patches back into images: the exact adjoint of :func:`extract_patches`.
+
+    Parameters
+    ----------
+    grad : array ``(B, K, *patch, C)`` (or ``(B, K, C, *patch)``), float32 or float64
+        float16 and bfloat16 are accumulated in float32.
+    offsets : integer array ``(B, K, D)``
+        The offsets the patches were extracted at.
+    spatial_shape : sequence of D ints
+        The images' spatial size.
+    channels_first, out
+        As in :func:`extract_patches`; ``out`` is overwritten.
+    deterministic : bool
+        GPU only: False allows a faster atomic-add kernel whose float sums
+        depend on scheduling. The CPU kernel is always deterministic.
+
+    Returns
+    -------
+    ``(B, *spatial_shape, C)`` (or ``(B, C, *spatial_shape)``), float32 or
+    float64: each patch added at its offset, overlaps summed in patch order,
+    parts outside the image dropped.
+    """
+    layout, result_dtype = v.check_scatter(grad, offsets, spatial_shape, channels_first, out)
+    deterministic = v.require_bool(deterministic, "deterministic")
+    backend = backend_of(grad=grad, offsets=offsets, out=out)
+    xp = array_module(backend)
+    return _scatter(xp, backend, grad, offsets, layout, result_dtype, out, deterministic)
+
+
+def _patch_offsets(xp, samples, grid, level, patch, margin):
+    cells = samples.astype(xp.float64)
+    grid = xp.asarray(grid, dtype=xp.float64)
+    level = xp.asarray(level, dtype=xp.float64)
+    half = xp.asarray(patch, dtype=xp.float64) / 2
+    centre = level * (margin + (cells + 0.5) / grid * (1 - 2 * margin))
+    start = xp.rint(centre - half)
+    bound = float(np.iinfo(np.int32).max)
+    return xp.clip(start, -bound, bound).astype(xp.int32)
+
+
+def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
+    """First pixel of the patch around each sampled grid cell, in one image level.
+
+    A cell ``s`` of a grid of ``G`` cells (per dim) has its centre at
+    ``c = L * (m + (s + 0.5) / G * (1 - 2 m))`` in a level of ``L`` pixels,
+    with ``m = margin``; its patch of ``P`` pixels starts at
+    ``rint(c - P / 2)`` (round half to even).
+
+    Returns int32 ``(B, K, D)``, on the samples' device.
+    """
+    grid = v.check_samples(samples, grid_shape)
+    ndim = len(grid)
+    level = v.check_shape(level_shape, ndim, "level_shape")
+    patch = v.check_patch_size(patch_size, ndim)
+    margin = v.check_margin(margin)
+    xp = array_module(backend_of(samples=samples))
+    return _patch_offsets(xp, samples, grid, level, patch, margin)
+
+
+def _multiscale_plan(arrays, samples, grid_shape, patch_sizes, margin, name):
+    arrays = v.check_levels(arrays, name)
+    grid = v.check_samples(samples, grid_shape)
+    patch_sizes = [v.check_patch_size(p, len(grid), f"patch_sizes[{i}]") for i, p in
+                   enumerate(v.check_per_level(patch_sizes, len(arrays), "patch_sizes"))]
+    return arrays, grid, patch_sizes, v.check_margin(margin)
+
+
+def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, fill=0, channels_first=False):
+    """Gather the patch around each sample from every level of an image pyramid.
+
+    ``levels`` is a list of image batches (as ``x`` of :func:`extract_patches`,
+    same batch size and spatial rank), ``samples`` integer ``(B, K, D)`` grid
+    cells of ``grid_shape``, ``patch_sizes`` one patch size per level. The
+    offsets of each level come from :func:`patch_offsets`. Returns a list with
+    one patch array per level. All arguments are checked before any gather.
+    """
+    levels, grid, patch_sizes, margin = _multiscale_plan(levels, samples, grid_shape, patch_sizes, margin, "levels")
+    channels_first = v.check_channels_first(channels_first)
+    backend = backend_of(samples=samples, **{f"levels[{i}]": x for i, x in enumerate(levels)})
+    xp = array_module(backend)
+    plans = []
+    for i, (x, patch) in enumerate(zip(levels, patch_sizes)):
+        v.require_array(x, f"levels[{i}]")
+        if x.ndim != len(grid) + 2:
+            raise ValueError(f"levels[{i}] must have {len(grid)} spatial dims like samples, got shape {tuple(x.shape)}")
+        batch = int(x.shape[0])
+        v.check_samples(samples, grid, batch)
+        spatial = x.shape[2:] if channels_first else x.shape[1:-1]
+        offsets = _patch_offsets(xp, samples, grid, spatial, patch, margin)
+        plans.append((x, offsets) + v.check_gather(x, offsets, patch, fill, channels_first, None))
+    return [_gather(xp, backend, x, offsets, layout, fill_value, None) for x, offsets, layout, fill_value in plans]
+
+
+def scatter_multiscale(grads, samples, grid_shape, level_shapes, patch_sizes, *, margin=0.0, channels_first=False):
+    """The adjoint of :func:`extract_multiscale`: one gradient image per level.
+
+    ``grads`` holds one patch gradient per level, ``level_shapes`` the spatial
+    shape of each level. Returns a list of ``scatter_patches`` results.
+    """
+    grads, grid, patch_sizes, margin = _multiscale_plan(grads, samples, grid_shape, patch_sizes, margin, "grads")
+    channels_first = v.check_channels_first(channels_first)
+    level_shapes = v.check_per_level(level_shapes, len(grads), "level_shapes")
+    backend = backend_of(samples=samples, **{f"grads[{i}]": g for i, g in enumerate(grads)})
+    xp = array_module(backend)
+    plans = []
+    for i, (g, patch, shape) in enumerate(zip(grads, patch_sizes, level_shapes)):
+        v.require_array(g, f"grads[{i}]")
+        shape = v.check_shape(shape, len(grid), f"level_shapes[{i}]")
+        v.check_samples(samples, grid, int(g.shape[0]) if g.ndim else None)
+        offsets = _patch_offsets(xp, samples, grid, shape, patch, margin)
+        layout, result_dtype = v.check_scatter(g, offsets, shape, channels_first, None)
+        if layout.patch != patch:
+            raise ValueError(f"grads[{i}] holds patches of size {layout.patch} but patch_sizes[{i}] is {patch}")
+        plans.append((g, offsets, layout, result_dtype))
+    return [_scatter(xp, backend, g, offsets, layout, dtype, None) for g, offsets, layout, dtype in plans]
