@@ -226,18 +226,21 @@ def test_extract_equals_slicing(dtype, channels_first):
 @needs_patches
 @pytest.mark.parametrize(
     "spatial, size, channels_first",
-    [((13,), (4,), True), ((7, 6), (3, 4), True), ((7, 6), (3, 4), False), ((5, 4, 6), (2, 3, 2), True)],
+    [((9,), (4,), True), ((5, 4), (3, 2), True), ((5, 4), (3, 2), False), ((3, 4, 3), (2, 3, 2), True)],
 )
 def test_extract_gradcheck_float64(spatial, size, channels_first):
+    # small: the numerical Jacobian calls the kernels twice per input element
     gen = torch.Generator().manual_seed(1)
     shape = (2, 2, *spatial) if channels_first else (2, *spatial, 2)
+    if len(spatial) == 3:
+        shape = (1, 2, *spatial)
     x = torch.rand(shape, dtype=torch.float64, generator=gen).requires_grad_()
     high = torch.tensor(spatial)
-    offsets = (torch.rand(2, 4, len(spatial), generator=gen) * (high + 2) - 2).to(torch.int32)
+    offsets = (torch.rand(shape[0], 3, len(spatial), generator=gen) * (high + 2) - 2).to(torch.int32)
     offsets[0, 1] = offsets[0, 0]  # an exact overlap
     fn = lambda x: F.extract_patches(x, offsets, size, channels_first=channels_first)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,))
-    assert torch.autograd.gradgradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=True)
 
 
 @needs_patches
