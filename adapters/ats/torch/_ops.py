@@ -1,0 +1,168 @@
+"""atskern's kernels registered as torch custom ops (``torch.library.custom_op``).
+
+Each op has a fake (meta) implementation, so ``torch.compile`` traces through
+it without running it, and the patch ops have their gradients registered
+with ``register_autograd``:
+
+- ``atskern::sample(attention, key, n, replace) -> int32 (B, n, D)`` grid indices
+  (no gradient; the sampled attention is a torch gather, see ``functional``);
+- ``atskern::extract_patches(x, offsets, patch_size, fill, channels_first)``,
+  whose backward is ``atskern::scatter_patches`` (skipped when ``x`` needs no
+  gradient), and whose double backward is the gather again.
+
+The kernel calls go through :mod:`._bridge` (zero-copy, torch's stream) and
+write into tensors torch allocated (the kernels' ``out=``), so on CUDA the
+memory comes from torch's caching allocator, not CuPy's pool.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import atskern
+
+from ._bridge import byte_twin, from_kernel, kernel_stream, to_kernel
+
+_U64 = 2**64
+
+
+def _kernel(name: str):
+    """``atskern.<name>``, or an ImportError when this atskern predates the patch kernels."""
+    function = getattr(atskern, name, None)
+    if function is None:
+        raise ImportError(f"atskern {atskern.__version__} has no {name}; install an atskern with the patch kernels")
+    return function
+
+
+# --- sampling -------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("atskern::sample", mutates_args=())
+def sample_indices(attention: torch.Tensor, key: torch.Tensor, n: int, replace: bool) -> torch.Tensor:
+    """int32 ``(B, n, D)`` grid indices drawn by ``atskern.sample`` with seed ``key`` (a CPU int64 scalar)."""
+    seed = int(key.item()) % _U64
+    with kernel_stream(attention.device):
+        indices, _ = atskern.sample(to_kernel(attention), n, replace=replace, seed=seed)
+        return from_kernel(indices)
+
+
+@sample_indices.register_fake
+def _(attention, key, n, replace):
+    return attention.new_empty((attention.shape[0], n, attention.dim() - 1), dtype=torch.int32)
+
+
+# --- patches --------------------------------------------------------------------------------
+
+
+def _patch_shape(x_shape, count: int, patch_size, channels_first: bool):
+    if channels_first:
+        return (x_shape[0], count, x_shape[1], *patch_size)
+    return (x_shape[0], count, *patch_size, x_shape[-1])
+
+
+def _image_shape(grad_shape, spatial_shape, channels_first: bool):
+    b, c = grad_shape[0], (grad_shape[2] if channels_first else grad_shape[-1])
+    return (b, c, *spatial_shape) if channels_first else (b, *spatial_shape, c)
+
+
+def _fill_for(dtype: torch.dtype, fill: float):
+    if dtype.is_floating_point or dtype.is_complex:
+        return fill
+    return int(fill) if math.isfinite(fill) and float(fill).is_integer() else fill
+
+
+def _kernel_fill(x: torch.Tensor, moved: torch.Tensor, fill: float):
+    """``fill`` in the dtype the kernel sees (the bit pattern of a bfloat16 ``fill`` as int16)."""
+    if moved is x:
+        return _fill_for(x.dtype, fill)
+    return int(torch.tensor(fill, dtype=x.dtype).view(moved.dtype).item())
+
+
+@torch.library.custom_op("atskern::extract_patches", mutates_args=())
+def extract(x: torch.Tensor, offsets: torch.Tensor, patch_size: list[int], fill: float, channels_first: bool) -> torch.Tensor:
+    """``atskern.extract_patches`` on a tensor (bytes moved as-is, so any dtype of size 1, 2, 4 or 8)."""
+    out = torch.empty(_patch_shape(tuple(x.shape), offsets.shape[1], patch_size, channels_first), dtype=x.dtype,
+                      device=x.device)  # torch owns the memory (its caching allocator on CUDA)
+    moved = byte_twin(x)
+    with kernel_stream(x.device):
+        _kernel("extract_patches")(
+            to_kernel(moved),
+            to_kernel(offsets),
+            tuple(patch_size),
+            fill=_kernel_fill(x, moved, fill),
+            channels_first=channels_first,
+            out=to_kernel(byte_twin(out)),
+        )
+    return out
+
+
+@extract.register_fake
+def _(x, offsets, patch_size, fill, channels_first):
+    return x.new_empty(_patch_shape(tuple(x.shape), offsets.shape[1], patch_size, channels_first))
+
+
+_SCATTER_DTYPES = (torch.float32, torch.float64)
+
+
+@torch.library.custom_op("atskern::scatter_patches", mutates_args=())
+def scatter(grad: torch.Tensor, offsets: torch.Tensor, spatial_shape: list[int], channels_first: bool) -> torch.Tensor:
+    """``atskern.scatter_patches`` (the adjoint of :func:`extract`), float32 or float64."""
+    out = torch.empty(_image_shape(tuple(grad.shape), spatial_shape, channels_first), dtype=grad.dtype, device=grad.device)
+    with kernel_stream(grad.device):
+        _kernel("scatter_patches")(
+            to_kernel(grad), to_kernel(offsets), tuple(spatial_shape), channels_first=channels_first, out=to_kernel(out)
+        )
+    return out
+
+
+@scatter.register_fake
+def _(grad, offsets, spatial_shape, channels_first):
+    return grad.new_empty(_image_shape(tuple(grad.shape), spatial_shape, channels_first))
+
+
+def scatter_as(grad: torch.Tensor, offsets: torch.Tensor, spatial_shape, channels_first: bool, dtype) -> torch.Tensor:
+    """Scatter ``grad`` (accumulating in float32 unless float64) and return it in ``dtype``."""
+    if grad.dtype not in _SCATTER_DTYPES:
+        grad = grad.to(torch.float32)
+    return scatter(grad.contiguous(), offsets, list(spatial_shape), channels_first).to(dtype)
+
+
+def _spatial(shape, channels_first: bool):
+    return list(shape[2:]) if channels_first else list(shape[1:-1])
+
+
+def _extract_setup(ctx, inputs, output):
+    x, offsets, patch_size, _fill, channels_first = inputs
+    ctx.save_for_backward(offsets)
+    ctx.spatial = _spatial(x.shape, channels_first)
+    ctx.channels_first = channels_first
+    ctx.dtype = x.dtype
+
+
+def _extract_backward(ctx, grad):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None
+    (offsets,) = ctx.saved_tensors
+    return scatter_as(grad, offsets, ctx.spatial, ctx.channels_first, ctx.dtype), None, None, None, None
+
+
+extract.register_autograd(_extract_backward, setup_context=_extract_setup)
+
+
+def _scatter_setup(ctx, inputs, output):
+    grad, offsets, _spatial_shape, channels_first = inputs
+    ctx.save_for_backward(offsets)
+    ctx.patch = _spatial(grad.shape[1:], channels_first)
+    ctx.channels_first = channels_first
+
+
+def _scatter_backward(ctx, upstream):
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    (offsets,) = ctx.saved_tensors
+    return extract(upstream.contiguous(), offsets, ctx.patch, 0.0, ctx.channels_first), None, None, None
+
+
+scatter.register_autograd(_scatter_backward, setup_context=_scatter_setup)

@@ -1,0 +1,309 @@
+"""Functional API of ``ats.torch``: sampling, patch extraction and the ATS estimator on torch tensors.
+
+Images are channels-first, ``(B, C, *spatial)`` (PyTorch's layout) unless
+``channels_first=False``; attention maps are ``(B, *grid)``; 1 to 3 spatial
+dimensions.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from . import _ops
+
+MODES = ("sample", "topk", "auto")
+
+
+# --- argument checks (Python, before any kernel) --------------------------------------------
+
+
+def positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def size_tuple(size, dims: int, name: str = "patch_size") -> tuple[int, ...]:
+    """``size`` as ``dims`` positive ints (one int is used for every dim)."""
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
+        size = (int(size),) * dims
+    try:
+        sizes = tuple(size)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a sequence of {dims} ints, got {size!r}") from None
+    if len(sizes) != dims:
+        raise ValueError(f"{name} must have {dims} entries (one per spatial dimension), got {sizes!r}")
+    for s in sizes:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
+            raise ValueError(f"{name} must hold positive integers, got {sizes!r}")
+    return tuple(int(s) for s in sizes)
+
+
+def require_tensor(value, name: str) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def check_attention(attention, n: int, without_replacement: bool) -> int:
+    """Grid dims D of an attention map ``(B, *grid)``; ValueErrors name ``attention`` or ``n_samples``."""
+    require_tensor(attention, "attention")
+    if attention.dim() not in (2, 3, 4):
+        raise ValueError(
+            f"attention must be (batch, *grid) with 1 to 3 grid dimensions (rank 2 to 4), got shape {tuple(attention.shape)}"
+        )
+    if not attention.is_floating_point():
+        raise TypeError(f"attention must be a floating tensor, got {attention.dtype}")
+    positions = attention[0].numel()
+    if without_replacement and n > positions:
+        raise ValueError(
+            f"n_samples={n} is larger than the {positions} positions of the attention map {tuple(attention.shape[1:])}; "
+            "sampling without replacement (or top-k) cannot draw more (use replace=True)"
+        )
+    return attention.dim() - 1
+
+
+# --- sampling ---------------------------------------------------------------------------------
+
+
+@torch.compiler.disable
+def random_key(generator: torch.Generator | None = None) -> torch.Tensor:
+    """A CPU int64 scalar seed for the sampling kernel, drawn from ``generator`` (torch's default one when None)."""
+    return torch.randint(0, 2**63 - 1, (), dtype=torch.int64, generator=generator)
+
+
+def key_tensor(key) -> torch.Tensor:
+    """A sampling key as a CPU int64 scalar: an int in [0, 2**64) or such a tensor (int64 wraps around)."""
+    if isinstance(key, torch.Tensor):
+        if key.numel() != 1 or key.dtype != torch.int64 or key.device.type != "cpu":
+            raise TypeError(f"key must be an int or a CPU int64 scalar tensor, got {key.dtype} {tuple(key.shape)} on {key.device}")
+        return key.reshape(())
+    if isinstance(key, bool) or not isinstance(key, numbers.Integral) or not 0 <= key < 2**64:
+        raise TypeError(f"key must be an int in [0, 2**64) or a CPU int64 scalar tensor, got {key!r}")
+    key = int(key)
+    return torch.tensor(key - 2**64 if key >= 2**63 else key, dtype=torch.int64)
+
+
+def _ravel(indices: torch.Tensor, grid) -> torch.Tensor:
+    """Row-major flat index of ``(..., D)`` grid coordinates (Python-int sizes: no host-to-device copies)."""
+    flat = indices[..., 0]
+    for d in range(1, len(grid)):
+        flat = flat * int(grid[d]) + indices[..., d]
+    return flat
+
+
+def _unravel(flat: torch.Tensor, grid) -> torch.Tensor:
+    coords = []
+    for size in reversed(grid):
+        coords.append(flat % int(size))
+        flat = flat // int(size)
+    return torch.stack(coords[::-1], dim=-1)
+
+
+def sample(attention, n_samples, *, replace=False, key=None, deterministic=False):
+    """Sample ``n_samples`` positions per row of an attention map.
+
+    Parameters
+    ----------
+    attention : tensor ``(B, *grid)``, 1 to 3 grid dimensions, floating
+        Non-negative weights (e.g. from :class:`~ats.torch.SampleSoftmax`);
+        rows need not sum exactly to 1.
+    n_samples : int
+    replace : bool
+        Independent draws, or (default) successive sampling without replacement.
+    key : None, int in [0, 2**64) or CPU int64 scalar tensor
+        Seed of atskern's counter-based generator: the same key and weights
+        give the same draws on the CPU and on CUDA. None draws one from
+        torch's default generator (so ``torch.manual_seed`` makes runs repeat).
+    deterministic : bool
+        Take the ``n_samples`` largest weights, largest first (inference).
+
+    Returns
+    -------
+    indices : int64 ``(B, n_samples, D)``
+        Grid coordinates in draw order (no gradient).
+    sampled_attention : ``(B, n_samples)``, attention's dtype
+        Each drawn position's normalized weight, a torch gather of
+        ``attention`` (so its gradient flows back to ``attention``).
+    """
+    n = positive_int(n_samples, "n_samples")
+    if not isinstance(replace, bool):
+        raise TypeError(f"replace must be True or False, got {replace!r}")
+    check_attention(attention, n, not replace or deterministic)
+    grid = tuple(attention.shape[1:])
+    flat = attention.reshape(attention.shape[0], -1)
+    if deterministic:
+        flat_index = torch.topk(flat.detach(), n, dim=1, sorted=True).indices
+        indices = _unravel(flat_index, grid)
+    else:
+        weights = attention.detach()
+        if weights.dtype not in (torch.float32, torch.float64):
+            weights = weights.to(torch.float32)
+        key = random_key() if key is None else key_tensor(key)
+        indices = _ops.sample_indices(weights.contiguous(), key, n, replace).to(torch.int64)
+        flat_index = _ravel(indices, grid)
+    sampled = flat.gather(1, flat_index) / flat.sum(dim=1, keepdim=True)
+    return indices, sampled
+
+
+# --- patches ----------------------------------------------------------------------------------
+
+
+def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
+    """First pixel of the patch around each sampled cell, in one image level (as ``atskern.patch_offsets``).
+
+    A cell ``s`` of a grid of ``G`` cells has its centre at
+    ``c = L * (m + (s + 0.5) / G * (1 - 2 m))`` in a level of ``L`` pixels
+    (``m = margin``, a float or one per dim); the patch of ``P`` pixels starts at
+    ``round(c - P / 2)`` (half to even). Computed in float64 torch ops;
+    returns int32 ``(B, K, D)``.
+    """
+    require_tensor(samples, "samples")
+    dims = samples.shape[-1]
+    grid = size_tuple(tuple(grid_shape), dims, "grid_shape")
+    level = size_tuple(tuple(level_shape), dims, "level_shape")
+    patch = size_tuple(patch_size, dims)
+    margins = [float(m) for m in margin] if isinstance(margin, (list, tuple)) else [float(margin)] * dims
+    if len(margins) != dims:
+        raise ValueError(f"margin must be a number or {dims} numbers, got {margin!r}")
+    cells = samples.to(torch.float64)
+    bound = float(2**31 - 1)
+    starts = []
+    for d in range(dims):  # Python-float constants: the same float64 operations as NumPy, no device copies
+        m = margins[d]
+        centre = float(level[d]) * (m + (cells[..., d] + 0.5) / float(grid[d]) * (1 - 2 * m))
+        starts.append(torch.round(centre - patch[d] / 2))
+    return torch.stack(starts, dim=-1).clamp(-bound, bound).to(torch.int32)
+
+
+def _check_images(x, name: str, channels_first: bool) -> tuple[int, ...]:
+    require_tensor(x, name)
+    if x.dim() not in (3, 4, 5):
+        layout = "(batch, channels, *spatial)" if channels_first else "(batch, *spatial, channels)"
+        raise ValueError(f"{name} must be {layout} with 1 to 3 spatial dimensions (rank 3 to 5), got shape {tuple(x.shape)}")
+    return tuple(x.shape[2:]) if channels_first else tuple(x.shape[1:-1])
+
+
+def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=True):
+    """Gather one patch per offset from a batch of images, differentiably.
+
+    ``x`` ``(B, C, *spatial)`` (or ``(B, *spatial, C)`` with
+    ``channels_first=False``), any dtype of item size 1, 2, 4 or 8;
+    ``offsets`` integer ``(B, K, D)``, each patch's first pixel (pixels outside
+    ``x`` take ``fill``). Returns ``(B, K, C, *patch_size)`` (or
+    ``(B, K, *patch_size, C)``). The gradient scatters the patch gradients
+    back with ``atskern.scatter_patches`` (only when ``x`` requires it).
+    """
+    spatial = _check_images(x, "x", channels_first)
+    require_tensor(offsets, "offsets")
+    if offsets.dim() != 3 or offsets.shape[0] != x.shape[0] or offsets.shape[2] != len(spatial):
+        raise ValueError(
+            f"offsets must be (batch, K, {len(spatial)}) for x of shape {tuple(x.shape)}, got {tuple(offsets.shape)}"
+        )
+    if offsets.dtype.is_floating_point or offsets.dtype == torch.bool:
+        raise TypeError(f"offsets must be an integer tensor, got {offsets.dtype}")
+    size = size_tuple(patch_size, len(spatial))
+    return _ops.extract(x.contiguous(), offsets.contiguous(), list(size), float(fill), bool(channels_first))
+
+
+def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, fill=0, channels_first=True):
+    """Gather the patch around each sampled cell from every level of an image pyramid.
+
+    ``levels`` is a list of image batches, ``samples`` integer ``(B, K, D)``
+    cells of ``grid_shape``, ``patch_sizes`` one size per level. Each level's
+    offsets come from :func:`patch_offsets`, and each level's gradient is
+    scattered back into it. Returns one patch tensor per level.
+    """
+    levels = list(levels)
+    if not isinstance(patch_sizes, (list, tuple)) or len(patch_sizes) != len(levels):
+        raise ValueError(f"patch_sizes must hold one patch size per level ({len(levels)}), got {patch_sizes!r}")
+    patches = []
+    for i, (x, size) in enumerate(zip(levels, patch_sizes)):
+        spatial = _check_images(x, f"levels[{i}]", channels_first)
+        offsets = patch_offsets(samples, grid_shape, spatial, size_tuple(size, len(spatial)), margin=margin)
+        patches.append(extract_patches(x, offsets, size, fill=fill, channels_first=channels_first))
+    return patches
+
+
+# --- the estimator ----------------------------------------------------------------------------
+
+
+def _coefficients(probs64: torch.Tensor, replace: bool):
+    """``c_k`` of ``F = sum_k c_k f_k`` and the attention-gradient scale, float64 ``(B, n)``."""
+    n = probs64.shape[1]
+    if replace:
+        return torch.full_like(probs64, 1.0 / n), 1.0 / (n * probs64)
+    mass_left = 1.0 - (torch.cumsum(probs64, dim=1) - probs64)
+    remaining = torch.arange(n - 1, -1, -1, dtype=torch.float64, device=probs64.device)
+    return (mass_left + remaining * probs64) / n, (mass_left / probs64 + remaining) / n
+
+
+def _expand(weights: torch.Tensor, dims: int) -> torch.Tensor:
+    return weights.reshape(weights.shape + (1,) * (dims - 2))
+
+
+class _Expectation(torch.autograd.Function):
+    """The estimate ``sum_k c_k f_k`` with the unbiased gradients of ``atskern.expectation_grad``."""
+
+    @staticmethod
+    def forward(ctx, features, probs, replace):
+        weights, _ = _coefficients(probs.to(torch.float64), replace)
+        ctx.save_for_backward(features, probs)
+        ctx.replace = replace
+        return (_expand(weights.to(features.dtype), features.dim()) * features).sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        features, probs = ctx.saved_tensors
+        weights, scale = _coefficients(probs.to(torch.float64), ctx.replace)
+        grad_features = grad_probs = None
+        upstream = grad.unsqueeze(1)
+        if ctx.needs_input_grad[0]:
+            grad_features = _expand(weights.to(features.dtype), features.dim()) * upstream
+        if ctx.needs_input_grad[1]:
+            products = upstream.to(torch.float64) * features.to(torch.float64)
+            inner = products.reshape(probs.shape[0], probs.shape[1], -1).sum(dim=2)
+            grad_probs = (scale * inner).to(probs.dtype)
+        return grad_features, grad_probs, None
+
+
+def expectation(features, probs, *, replace=False):
+    """The ATS estimate of ``sum_i a_i f_i`` from ``n`` sampled features, with unbiased gradients.
+
+    ``features`` ``(B, n, *F)`` and ``probs`` ``(B, n)`` (the sampled attention
+    in draw order) give ``(B, *F)``. The gradients are exactly those of
+    ``atskern.expectation_grad``: ``c_k g`` for the features and, for
+    ``probs``, ``w (pm_k / a_k + n - 1 - k) <g, f_k>`` without replacement or
+    ``w <g, f_k> / a_k`` with (``w = 1/n``, ``pm_k = 1 - sum_{j<k} a_j``), the
+    unbiased estimate of ``<g, f_i>`` rather than the derivative of the value.
+    ``replace`` must match how the positions were drawn.
+    """
+    require_tensor(features, "features")
+    require_tensor(probs, "probs")
+    if probs.dim() != 2:
+        raise ValueError(f"probs must be (batch, n), got shape {tuple(probs.shape)}")
+    if features.dim() < 2 or tuple(features.shape[:2]) != tuple(probs.shape):
+        raise ValueError(f"features must be (batch, n, ...) = {tuple(probs.shape)} + (...), got {tuple(features.shape)}")
+    if not features.is_floating_point() or not probs.is_floating_point():
+        raise TypeError(f"features and probs must be floating, got {features.dtype} and {probs.dtype}")
+    if not isinstance(replace, bool):
+        raise TypeError(f"replace must be True or False, got {replace!r}")
+    return _Expectation.apply(features, probs, replace)
+
+
+# --- attention helpers ------------------------------------------------------------------------
+
+
+def sample_softmax(x, *, smooth=0.0):
+    """Softmax over every axis but the batch, optionally mixed with the uniform distribution."""
+    p = torch.softmax(x.reshape(x.shape[0], -1), dim=1)
+    if smooth > 0:
+        p = p * (1 - smooth) + smooth / p.shape[1]
+    return p.reshape(x.shape)
+
+
+def multinomial_entropy(x, strength=1.0, eps=1e-6):
+    """``strength * sum(x log(x + eps)) / batch``: minus ``strength`` times the rows' mean entropy."""
+    return strength * torch.sum(x * torch.log(x + eps)) / x.shape[0]

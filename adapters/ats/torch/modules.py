@@ -1,0 +1,224 @@
+"""``nn.Module`` versions of the 2019 Keras API: ``AttentionSampling``, ``SamplePatches``, ``Expectation``,
+``SampleSoftmax``, ``MultinomialEntropy``. Channels-first images ``(B, C, *spatial)``."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+
+from . import functional as F
+
+
+class _KeyStream:
+    """Sampling seeds: from torch's default generator (seed None) or a reproducible stream of a fixed seed."""
+
+    def __init__(self, seed):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64):
+            raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
+        self.seed = None if seed is None else int(seed)
+        self.calls = 0
+
+    @torch.compiler.disable
+    def next(self) -> torch.Tensor:
+        if self.seed is None:
+            return F.random_key()
+        # splitmix64 of (seed, call number): a fresh, reproducible key per call
+        z = (self.seed + (self.calls + 1) * 0x9E3779B97F4A7C15) % 2**64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+        self.calls += 1
+        return F.key_tensor(z ^ (z >> 31))
+
+
+class SamplePatches(nn.Module):
+    """Sample positions from an attention map and extract ``x_high`` patches around them.
+
+    ``forward(x_low, x_high, attention)`` with ``x_low`` ``(B, C, *low)`` (the
+    view the attention network read), ``x_high`` ``(B, C, *high)`` and
+    ``attention`` ``(B, *grid)``; returns ``(patches, sampled_attention)``,
+    ``(B, n_patches, C, *patch_size)`` and ``(B, n_patches)`` (differentiable
+    with respect to ``attention``; ``patches`` with respect to ``x_high``).
+
+    Arguments
+    ---------
+    n_patches : int
+    patch_size : int or tuple, one entry per spatial dimension
+    receptive_field : int
+        The attention network's receptive field in ``x_low`` pixels (0 for
+        ``padding="same"``): maps grid cells to ``x_high`` positions.
+    replace : bool
+        Sample with replacement; pass the same value to :class:`Expectation`.
+    use_logits : bool
+        ``attention`` holds unnormalized log-probabilities.
+    mode : ``"sample"``, ``"topk"`` or ``"auto"``
+        ``"topk"`` takes the most attended positions (deterministic);
+        ``"auto"`` samples in training and takes the top-k in ``eval()``.
+    seed : None or int in [0, 2**64)
+        None: keys from torch's default generator (``torch.manual_seed``
+        repeats a run). An int: a reproducible key stream of its own.
+    fill : number
+        Value of patch pixels outside ``x_high``.
+    """
+
+    def __init__(self, n_patches, patch_size, receptive_field=0, replace=False, use_logits=False,
+                 mode="sample", seed=None, fill=0):
+        super().__init__()
+        self.n_patches = F.positive_int(n_patches, "n_patches")
+        if mode not in F.MODES:
+            raise ValueError(f"mode must be one of {F.MODES}, got {mode!r}")
+        if not isinstance(receptive_field, numbers.Real) or receptive_field < 0:
+            raise ValueError(f"receptive_field must be a number >= 0, got {receptive_field!r}")
+        self.patch_size = patch_size
+        self.receptive_field = receptive_field
+        self.replace = bool(replace)
+        self.use_logits = bool(use_logits)
+        self.mode = mode
+        self.fill = fill
+        self._keys = _KeyStream(seed)
+
+    def extra_repr(self) -> str:
+        return (f"n_patches={self.n_patches}, patch_size={self.patch_size}, receptive_field={self.receptive_field}, "
+                f"replace={self.replace}, mode={self.mode!r}")
+
+    def deterministic(self) -> bool:
+        return self.mode == "topk" or (self.mode == "auto" and not self.training)
+
+    def _check(self, x_low, x_high, attention):
+        for name, x in (("x_low", x_low), ("x_high", x_high), ("attention", attention)):
+            F.require_tensor(x, name)
+        if x_high.dim() not in (3, 4, 5):
+            raise ValueError(
+                "x_high must be (batch, channels, *spatial) with 1 to 3 spatial dimensions (rank 3 to 5), "
+                f"got shape {tuple(x_high.shape)}"
+            )
+        if x_low.dim() != x_high.dim():
+            raise ValueError(f"x_low must have x_high's rank {x_high.dim()}, got shapes {tuple(x_low.shape)} and {tuple(x_high.shape)}")
+        if attention.dim() != x_high.dim() - 1:
+            raise ValueError(
+                f"attention must be (batch, *grid) with rank {x_high.dim() - 1} (x_high's rank without channels; "
+                f"use SampleSoftmax(squeeze_channels=True)), got shape {tuple(attention.shape)}"
+            )
+        if not (x_low.shape[0] == x_high.shape[0] == attention.shape[0]):
+            raise ValueError(f"x_low, x_high and attention must share the batch size, got {x_low.shape[0]}, "
+                             f"{x_high.shape[0]} and {attention.shape[0]}")
+        dims = x_high.dim() - 2
+        size = F.size_tuple(self.patch_size, dims)
+        high = tuple(x_high.shape[2:])
+        if any(p > h for p, h in zip(size, high)):
+            raise ValueError(f"patch_size {size} is larger than x_high's spatial shape {high}")
+        return size
+
+    def forward(self, x_low, x_high, attention):
+        size = self._check(x_low, x_high, attention)
+        if self.use_logits:
+            attention = F.sample_softmax(attention)
+        deterministic = self.deterministic()
+        key = None if deterministic else self._keys.next()
+        indices, sampled = F.sample(attention, self.n_patches, replace=self.replace, key=key, deterministic=deterministic)
+        low = x_low.shape[2:]
+        margin = [float(self.receptive_field) / 2.0 / s for s in low]
+        offsets = F.patch_offsets(indices, attention.shape[1:], x_high.shape[2:], size, margin=margin)
+        patches = F.extract_patches(x_high, offsets, size, fill=self.fill, channels_first=True)
+        return patches, sampled
+
+
+class Expectation(nn.Module):
+    """The ATS estimate of the expected features, with unbiased gradients (see :func:`ats.torch.functional.expectation`).
+
+    ``forward(features, sampled_attention)``: ``(B, n, *F)`` and ``(B, n)`` to
+    ``(B, *F)``. ``replace`` must match :class:`SamplePatches`.
+    """
+
+    def __init__(self, replace=False):
+        super().__init__()
+        self.replace = bool(replace)
+
+    def extra_repr(self) -> str:
+        return f"replace={self.replace}"
+
+    def forward(self, features, sampled_attention):
+        return F.expectation(features, sampled_attention, replace=self.replace)
+
+
+class SampleSoftmax(nn.Module):
+    """Softmax over every position of a sample (all axes but the batch).
+
+    ``squeeze_channels=True`` drops the size-1 channels axis (axis 1), turning
+    ``(B, 1, *grid)`` into the ``(B, *grid)`` map :class:`SamplePatches` takes.
+    ``smooth`` in ``[0, 1)`` mixes in the uniform distribution.
+    """
+
+    def __init__(self, squeeze_channels=False, smooth=0.0):
+        super().__init__()
+        if not 0 <= float(smooth) < 1:
+            raise ValueError(f"smooth must be in [0, 1), got {smooth}")
+        self.squeeze_channels = bool(squeeze_channels)
+        self.smooth = float(smooth)
+
+    def forward(self, x):
+        if self.squeeze_channels and (x.dim() < 2 or x.shape[1] != 1):
+            raise ValueError(f"SampleSoftmax(squeeze_channels=True) needs 1 channel (axis 1), got shape {tuple(x.shape)}")
+        p = F.sample_softmax(x, smooth=self.smooth)
+        return p.squeeze(1) if self.squeeze_channels else p
+
+
+class MultinomialEntropy(nn.Module):
+    """Entropy regularizer of an attention distribution: ``strength * sum(x log(x + eps)) / batch``.
+
+    A positive ``strength`` rewards entropy (exploration); add the returned
+    scalar to the loss.
+    """
+
+    def __init__(self, strength=1.0, eps=1e-6):
+        super().__init__()
+        self.strength = float(strength)
+        self.eps = float(eps)
+
+    def forward(self, x):
+        return F.multinomial_entropy(x, self.strength, self.eps)
+
+
+def multinomial_entropy(strength=1.0, eps=1e-6):
+    """The :class:`MultinomialEntropy` regularizer (2019 name)."""
+    return MultinomialEntropy(strength, eps)
+
+
+class AttentionSampling(nn.Module):
+    """An attention network and a feature network wired into an attention-sampling model.
+
+    ``forward(x_low, x_high)`` returns ``(features, attention, patches)``:
+    ``attention(x_low)`` gives the ``(B, *grid)`` map, :class:`SamplePatches`
+    draws ``n_patches`` patches of ``patch_size`` from ``x_high``, ``feature``
+    runs on all of them as one batch of ``B * n_patches`` images
+    ``(C, *patch_size)``, and :class:`Expectation` averages their features into
+    ``(B, *F)``. With ``attention_regularizer`` (e.g. :class:`MultinomialEntropy`)
+    its value on the map is kept in ``self.regularization_loss`` after each
+    forward (add it to the loss). ``patch_size=None`` uses ``x_low``'s spatial
+    shape. ``mode``/``seed``/``fill`` as in :class:`SamplePatches`.
+    """
+
+    def __init__(self, attention, feature, patch_size=None, n_patches=10, replace=False,
+                 attention_regularizer=None, receptive_field=0, *, mode="sample", seed=None, fill=0):
+        super().__init__()
+        self.attention = attention
+        self.feature = feature
+        self.attention_regularizer = attention_regularizer
+        self.patch_size = patch_size
+        self.sample_patches = SamplePatches(n_patches, 1 if patch_size is None else patch_size, receptive_field,
+                                            replace, mode=mode, seed=seed, fill=fill)
+        self.expectation = Expectation(replace)
+        self.regularization_loss = None
+
+    def forward(self, x_low, x_high):
+        if self.patch_size is None:
+            self.sample_patches.patch_size = tuple(x_low.shape[2:])
+        attention = self.attention(x_low)
+        if self.attention_regularizer is not None:
+            self.regularization_loss = self.attention_regularizer(attention)
+        patches, sampled = self.sample_patches(x_low, x_high, attention)
+        batch, n = patches.shape[:2]
+        per_patch = self.feature(patches.flatten(0, 1))
+        features = self.expectation(per_patch.unflatten(0, (batch, n)), sampled)
+        return features, attention, patches

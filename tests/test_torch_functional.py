@@ -1,0 +1,380 @@
+"""ats.torch functional API: sampling, estimator and patch ops against atskern, exact gradients, zero-copy bridge."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import atskern  # noqa: E402
+from ats.torch import _bridge, _ops  # noqa: E402
+from ats.torch import functional as F  # noqa: E402
+
+needs_patches = pytest.mark.skipif(not hasattr(atskern, "extract_patches"), reason="atskern without the patch kernels")
+
+
+def _key(seed: int) -> torch.Tensor:
+    return torch.tensor(seed, dtype=torch.int64)
+
+
+# --- sampling ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("replace", [False, True])
+@pytest.mark.parametrize("grid", [(7,), (5, 6), (3, 4, 2)])
+def test_sample_draws_what_the_kernel_draws(replace, grid):
+    attention = torch.rand((3, *grid), dtype=torch.float64) + 0.01
+    indices, sampled = F.sample(attention, 4, replace=replace, key=_key(1234))
+    want_indices, want_probs = atskern.sample(attention.numpy(), 4, replace=replace, seed=1234)
+    assert indices.dtype == torch.int64 and indices.shape == (3, 4, len(grid))
+    np.testing.assert_array_equal(indices.numpy(), want_indices)
+    np.testing.assert_allclose(sampled.detach().numpy(), want_probs, rtol=1e-12)
+
+
+def test_sampled_attention_is_a_differentiable_gather():
+    attention = (torch.rand(2, 4, 5, dtype=torch.float64) + 0.1).requires_grad_()
+    indices, sampled = F.sample(attention, 3, key=_key(7))
+    weights = torch.randn(2, 3, dtype=torch.float64)
+    (sampled * weights).sum().backward()
+    a = attention.detach()
+    expected = torch.zeros_like(a)
+    for b in range(2):
+        total = a[b].sum()
+        for k in range(3):
+            i, j = indices[b, k].tolist()
+            assert sampled[b, k].item() == pytest.approx((a[b, i, j] / total).item(), rel=1e-14)
+            expected[b, i, j] += weights[b, k] / total
+        expected[b] -= (weights[b] * sampled[b].detach()).sum() / total
+    torch.testing.assert_close(attention.grad, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_sample_is_reproducible_from_torch_manual_seed():
+    attention = torch.rand(2, 30)
+    torch.manual_seed(3)
+    first = F.sample(attention, 5)[0]
+    torch.manual_seed(3)
+    again = F.sample(attention, 5)[0]
+    other = F.sample(attention, 5)[0]
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    big = 2**64 - 5  # ints and int64 tensors name the same 64-bit key
+    assert torch.equal(F.sample(attention, 5, key=big)[0], F.sample(attention, 5, key=torch.tensor(-5))[0])
+    with pytest.raises(TypeError, match="key must be an int"):
+        F.sample(attention, 5, key=-1)
+
+
+def test_sample_casts_half_precision_attention():
+    attention = (torch.rand(2, 6, 6) + 0.1).to(torch.bfloat16)
+    indices, sampled = F.sample(attention, 3, key=_key(5))
+    assert sampled.dtype == torch.bfloat16 and indices.shape == (2, 3, 2)
+
+
+def test_topk_takes_the_largest_first():
+    attention = torch.tensor([[[0.1, 0.5], [0.3, 0.1]], [[0.05, 0.05], [0.2, 0.7]]])
+    indices, sampled = F.sample(attention, 3, deterministic=True)
+    assert indices.tolist() == [[[0, 1], [1, 0], [0, 0]], [[1, 1], [1, 0], [0, 0]]]
+    torch.testing.assert_close(sampled[1], torch.tensor([0.7, 0.2, 0.05]))
+
+
+def test_sample_errors_name_the_argument():
+    with pytest.raises(ValueError, match=r"attention must be \(batch, \*grid\)"):
+        F.sample(torch.rand(5), 2)
+    with pytest.raises(ValueError, match=r"attention must be \(batch, \*grid\)"):
+        F.sample(torch.rand(1, 2, 2, 2, 2), 2)
+    with pytest.raises(ValueError, match="n_samples=7 is larger than the 6 positions"):
+        F.sample(torch.rand(2, 2, 3), 7)
+    with pytest.raises(ValueError, match="n_samples=7 is larger than the 6 positions"):
+        F.sample(torch.rand(2, 2, 3), 7, replace=True, deterministic=True)
+    assert F.sample(torch.rand(2, 2, 3), 7, replace=True)[0].shape == (2, 7, 2)
+    with pytest.raises(ValueError, match="n_samples must be a positive integer"):
+        F.sample(torch.rand(2, 6), 0)
+    with pytest.raises(TypeError, match="attention must be a torch.Tensor"):
+        F.sample(np.ones((2, 6)), 2)
+    with pytest.raises(TypeError, match="attention must be a floating tensor"):
+        F.sample(torch.ones(2, 6, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match="attention row 1 has no positive weight"):
+        F.sample(torch.tensor([[1.0, 2.0], [0.0, 0.0]]), 1, key=_key(0))
+
+
+# --- the estimator ----------------------------------------------------------------------------
+
+
+def _estimator_inputs(rows, n, feature_shape, seed=0):
+    rng = np.random.default_rng(seed)
+    raw = rng.random((rows, n + 3)) + 0.05
+    probs = (raw / raw.sum(axis=1, keepdims=True))[:, :n]
+    return rng.normal(size=(rows, n, *feature_shape)), probs, rng.normal(size=(rows, *feature_shape))
+
+
+def _torch_grads(features, probs, grad, replace):
+    f = torch.from_numpy(features).requires_grad_()
+    p = torch.from_numpy(probs).requires_grad_()
+    value = F.expectation(f, p, replace=replace)
+    value.backward(torch.from_numpy(grad))
+    return value.detach().numpy(), p.grad.numpy(), f.grad.numpy()
+
+
+@pytest.mark.parametrize("replace", [False, True])
+@pytest.mark.parametrize("feature_shape", [(), (5,), (2, 3)])
+def test_expectation_equals_atskern(replace, feature_shape):
+    features, probs, grad = _estimator_inputs(4, 6, feature_shape)
+    value, grad_probs, grad_features = _torch_grads(features, probs, grad, replace)
+    want_gp, want_gf = atskern.expectation_grad(grad, features, probs, replace=replace)
+    np.testing.assert_allclose(value, atskern.expectation(features, probs, replace=replace), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grad_probs, want_gp, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grad_features, want_gf, rtol=1e-12, atol=1e-12)
+
+
+def test_expectation_float32_and_partial_gradients():
+    features, probs, grad = _estimator_inputs(3, 4, (5,), seed=2)
+    f = torch.from_numpy(features).float().requires_grad_()
+    p = torch.from_numpy(probs).float()
+    value = F.expectation(f, p)
+    value.backward(torch.from_numpy(grad).float())
+    assert value.dtype == torch.float32 and p.grad is None
+    np.testing.assert_allclose(f.grad.numpy(), atskern.expectation_grad(grad, features, probs)[1], rtol=1e-5)
+
+
+def _all_draws(a, n, replace):
+    """Every ordered draw of n positions and its exact probability."""
+    if replace:
+        seqs = np.array(list(itertools.product(range(a.size), repeat=n)), dtype=np.intp)
+        return seqs, a[seqs].prod(axis=1)
+    seqs = np.array(list(itertools.permutations(range(a.size), n)), dtype=np.intp)
+    drawn = a[seqs]
+    left = 1.0 - np.concatenate([np.zeros((len(seqs), 1)), np.cumsum(drawn, axis=1)[:, :-1]], axis=1)
+    return seqs, (drawn / left).prod(axis=1)
+
+
+def _expect_at(seqs, terms, K):
+    flat_terms = terms.reshape(seqs.size, -1)
+    positions = seqs.ravel()
+    sums = [[math.fsum(flat_terms[positions == i, c]) for c in range(flat_terms.shape[1])] for i in range(K)]
+    return np.array(sums).reshape((K,) + terms.shape[2:])
+
+
+@pytest.mark.parametrize("replace", [False, True])
+@pytest.mark.parametrize("K", [2, 4, 6])
+def test_estimator_gradients_are_unbiased_by_enumeration(K, replace):
+    rng = np.random.default_rng(K + 10 * replace)
+    for n in range(1, K + 1):
+        if replace and K**n > 50_000:
+            continue
+        a = rng.random(K) + 0.1
+        a /= a.sum()
+        f, g = rng.normal(size=(K, 3)), rng.normal(size=3)
+        seqs, weight = _all_draws(a, n, replace)
+        value, grad_probs, grad_features = _torch_grads(f[seqs], a[seqs], np.tile(g, (len(seqs), 1)), replace)
+        estimate = [math.fsum(weight * value[:, c]) for c in range(3)]
+        np.testing.assert_allclose(estimate, a @ f, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(_expect_at(seqs, weight[:, None] * grad_probs, K), f @ g, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(
+            _expect_at(seqs, weight[:, None, None] * grad_features, K), a[:, None] * g, rtol=0, atol=1e-12
+        )
+
+
+def test_expectation_errors_name_the_argument():
+    f, p = torch.rand(2, 3, 4), torch.rand(2, 3)
+    with pytest.raises(ValueError, match=r"probs must be \(batch, n\)"):
+        F.expectation(f, p[0])
+    with pytest.raises(ValueError, match=r"features must be \(batch, n, \.\.\.\)"):
+        F.expectation(f[:, :2], p)
+    with pytest.raises(TypeError, match="features and probs must be floating"):
+        F.expectation(f.long(), p)
+    with pytest.raises(TypeError, match="replace must be True or False"):
+        F.expectation(f, p, replace=1)
+
+
+# --- patches ----------------------------------------------------------------------------------
+
+
+def _slice_patches(x, offsets, size, fill, channels_first):
+    """Patches by plain slicing of a padded copy (the obvious oracle)."""
+    if not channels_first:
+        x = torch.movedim(x, -1, 1)
+    pad = max(size) + int(offsets.abs().max())
+    padded = torch.nn.functional.pad(x.double(), (pad,) * (2 * len(size)), value=float(fill)).to(x.dtype)
+    out = []
+    for b in range(x.shape[0]):
+        row = []
+        for k in range(offsets.shape[1]):
+            region = tuple(slice(int(o) + pad, int(o) + pad + s) for o, s in zip(offsets[b, k], size))
+            row.append(padded[(b, slice(None)) + region])
+        out.append(torch.stack(row))
+    out = torch.stack(out)
+    return out if channels_first else torch.movedim(out, 2, -1)
+
+
+@needs_patches
+@pytest.mark.parametrize("channels_first", [True, False])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.int64])
+def test_extract_equals_slicing(dtype, channels_first):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(2, 3, 9, 11, generator=gen) * 100).to(dtype)
+    if not channels_first:
+        x = torch.movedim(x, 1, -1).contiguous()
+    offsets = torch.randint(-4, 10, (2, 5, 2), generator=gen, dtype=torch.int32)
+    got = F.extract_patches(x, offsets, (4, 3), fill=7, channels_first=channels_first)
+    assert got.dtype == dtype
+    assert torch.equal(got, _slice_patches(x, offsets, (4, 3), 7, channels_first))
+
+
+@needs_patches
+@pytest.mark.parametrize(
+    "spatial, size, channels_first",
+    [((9,), (4,), True), ((5, 4), (3, 2), True), ((5, 4), (3, 2), False), ((3, 4, 3), (2, 3, 2), True)],
+)
+def test_extract_gradcheck_float64(spatial, size, channels_first):
+    # small: the numerical Jacobian calls the kernels twice per input element
+    gen = torch.Generator().manual_seed(1)
+    shape = (2, 2, *spatial) if channels_first else (2, *spatial, 2)
+    if len(spatial) == 3:
+        shape = (1, 2, *spatial)
+    x = torch.rand(shape, dtype=torch.float64, generator=gen).requires_grad_()
+    high = torch.tensor(spatial)
+    offsets = (torch.rand(shape[0], 3, len(spatial), generator=gen) * (high + 2) - 2).to(torch.int32)
+    offsets[0, 1] = offsets[0, 0]  # an exact overlap
+    fn = lambda x: F.extract_patches(x, offsets, size, channels_first=channels_first)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=True)
+
+
+@needs_patches
+def test_extract_backward_skips_the_scatter_when_the_image_needs_no_gradient(monkeypatch):
+    calls = []
+    real = _ops.scatter_as
+    monkeypatch.setattr(_ops, "scatter_as", lambda *args: calls.append(1) or real(*args))
+    x = torch.rand(1, 2, 8, 8)
+    offsets = torch.zeros(1, 2, 2, dtype=torch.int32)
+    weight = torch.ones(1, requires_grad=True)
+    (F.extract_patches(x, offsets, 3) * weight).sum().backward()
+    assert calls == [] and weight.grad is not None
+    x.requires_grad_()
+    F.extract_patches(x, offsets, 3).sum().backward()
+    assert calls == [1]
+    assert x.grad[0, :, :3, :3].eq(2).all() and x.grad.sum() == 2 * 2 * 9
+
+
+@needs_patches
+def test_half_precision_gradient_accumulates_in_float32():
+    x = torch.zeros(1, 1, 4, 4, dtype=torch.bfloat16, requires_grad=True)
+    offsets = torch.zeros(1, 300, 2, dtype=torch.int32)  # 300 overlapping patches: 300 is not a bfloat16 sum of ones
+    F.extract_patches(x, offsets, 2).sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and x.grad[0, 0, 0, 0].item() == 300
+
+
+@needs_patches
+def test_patch_offsets_equal_atskern():
+    samples = torch.tensor([[[12, 0], [0, 24], [5, 7]]], dtype=torch.int32)
+    got = F.patch_offsets(samples, (25, 25), (1000, 1000), 50)
+    assert got[0, 0].tolist() == [475, -5]
+    want = atskern.patch_offsets(samples.numpy(), (25, 25), (1000, 1000), (50, 50))
+    np.testing.assert_array_equal(got.numpy(), want)
+    rng = np.random.default_rng(0)
+    cells = rng.integers(0, [17, 23], size=(3, 40, 2)).astype(np.int32)
+    for margin in (0.0, 0.03125, 0.1):
+        got = F.patch_offsets(torch.from_numpy(cells), (17, 23), (999, 1500), (37, 64), margin=margin)
+        want = atskern.patch_offsets(cells, (17, 23), (999, 1500), (37, 64), margin=margin)
+        np.testing.assert_array_equal(got.numpy(), want)
+
+
+@needs_patches
+def test_extract_multiscale_equals_atskern_and_scatters_into_each_level():
+    gen = torch.Generator().manual_seed(4)
+    levels = [torch.rand(2, 3, 40, 40, generator=gen, dtype=torch.float64).requires_grad_(),
+              torch.rand(2, 3, 20, 20, generator=gen, dtype=torch.float64).requires_grad_()]
+    samples = torch.randint(0, 10, (2, 4, 2), generator=gen, dtype=torch.int32)
+    patches = F.extract_multiscale(levels, samples, (10, 10), [8, (4, 6)], margin=0.05)
+    want = atskern.extract_multiscale([x.detach().numpy() for x in levels], samples.numpy(), (10, 10), [8, (4, 6)],
+                                      margin=0.05, channels_first=True)
+    for got, expected in zip(patches, want):
+        np.testing.assert_array_equal(got.detach().numpy(), expected)
+    grads = [torch.rand_like(p) for p in patches]
+    torch.autograd.backward(patches, grads)
+    want_grads = atskern.scatter_multiscale([g.numpy() for g in grads], samples.numpy(), (10, 10), [(40, 40), (20, 20)],
+                                            [8, (4, 6)], margin=0.05, channels_first=True)
+    for x, expected in zip(levels, want_grads):
+        np.testing.assert_allclose(x.grad.numpy(), expected, rtol=1e-15)
+
+
+@needs_patches
+def test_extract_errors_name_the_argument():
+    x = torch.rand(1, 2, 8, 8)
+    offsets = torch.zeros(1, 3, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"x must be \(batch, channels, \*spatial\)"):
+        F.extract_patches(x[0, 0], offsets, 2)
+    with pytest.raises(ValueError, match=r"offsets must be \(batch, K, 2\)"):
+        F.extract_patches(x, offsets[..., :1], 2)
+    with pytest.raises(TypeError, match="offsets must be an integer tensor"):
+        F.extract_patches(x, offsets.float(), 2)
+    with pytest.raises(ValueError, match="patch_size must have 2 entries"):
+        F.extract_patches(x, offsets, (2, 2, 2))
+    with pytest.raises(ValueError, match="patch_size must hold positive integers"):
+        F.extract_patches(x, offsets, (2, 0))
+    with pytest.raises(ValueError, match="patch_sizes must hold one patch size per level"):
+        F.extract_multiscale([x, x], offsets, (4, 4), [2])
+
+
+# --- the zero-copy bridge ---------------------------------------------------------------------
+
+
+def test_cpu_bridge_shares_memory_both_ways():
+    t = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    array = _bridge.to_kernel(t)
+    assert isinstance(array, np.ndarray) and array.ctypes.data == t.data_ptr()
+    back = _bridge.from_kernel(array)
+    assert back.data_ptr() == t.data_ptr()
+    bf = torch.ones(4, dtype=torch.bfloat16)
+    assert _bridge.to_kernel(_bridge.byte_twin(bf)).dtype == np.int16
+
+
+@needs_patches
+def test_extract_kernel_writes_into_the_returned_tensor(monkeypatch):
+    seen = {}
+    real = atskern.extract_patches
+
+    def spy(*args, **kwargs):
+        seen["out"] = kwargs["out"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(atskern, "extract_patches", spy)
+    patches = F.extract_patches(torch.rand(1, 1, 6, 6), torch.zeros(1, 1, 2, dtype=torch.int32), 2)
+    assert patches.data_ptr() == seen["out"].ctypes.data
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_estimator_on_kernel_draws_equals_atskern_expectation_grad(replace):
+    """Sample with the kernel, estimate in torch, backpropagate: the same gradients as atskern on those draws."""
+    rng = np.random.default_rng(9)
+    attention = torch.from_numpy(rng.random((3, 4, 5)) + 0.05).requires_grad_()
+    indices, sampled = F.sample(attention, 6, replace=replace, key=_key(21))
+    _, probs = atskern.sample(attention.detach().numpy(), 6, replace=replace, seed=21)
+    features = torch.from_numpy(rng.normal(size=(3, 6, 2))).requires_grad_()
+    grad = rng.normal(size=(3, 2))
+    sampled.retain_grad()
+    F.expectation(features, sampled, replace=replace).backward(torch.from_numpy(grad))
+    want_gp, want_gf = atskern.expectation_grad(grad, features.detach().numpy(), probs, replace=replace)
+    np.testing.assert_allclose(sampled.grad.numpy(), want_gp, rtol=1e-10)
+    np.testing.assert_allclose(features.grad.numpy(), want_gf, rtol=1e-12)
+
+
+# --- the custom ops' registrations --------------------------------------------------------------
+
+
+@needs_patches
+@pytest.mark.parametrize("channels_first", [True, False])
+def test_patch_ops_pass_opcheck(channels_first):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the patch ops."""
+    x = torch.rand((2, 3, 9, 8) if channels_first else (2, 9, 8, 3), dtype=torch.float64, requires_grad=True)
+    offsets = torch.randint(-2, 8, (2, 4, 2), dtype=torch.int32)
+    torch.library.opcheck(_ops.extract, (x, offsets, [3, 4], 0.0, channels_first))
+    grad = torch.rand((2, 4, 3, 3, 4) if channels_first else (2, 4, 3, 4, 3), dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(_ops.scatter, (grad, offsets, [9, 8], channels_first))
+
+
+def test_sample_op_passes_opcheck():
+    torch.library.opcheck(_ops.sample_indices, (torch.rand(2, 5, 6), torch.tensor(3), 4, False))

@@ -1,0 +1,101 @@
+"""ats.torch on CUDA tensors: the same results as on the CPU, on torch's current stream (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import atskern  # noqa: E402
+import ats.torch as at  # noqa: E402
+from ats.torch import functional as F  # noqa: E402
+
+from .conftest import HAS_GPU  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (HAS_GPU and torch.cuda.is_available()), reason="needs CUDA for both torch and CuPy"),
+]
+needs_patches = pytest.mark.skipif(not hasattr(atskern, "extract_patches"), reason="atskern without the patch kernels")
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_sample_on_cuda_equals_cpu(replace):
+    attention = torch.rand(4, 30, 20, dtype=torch.float64) + 0.01
+    key = torch.tensor(99)
+    cpu = F.sample(attention, 12, replace=replace, key=key)
+    gpu = F.sample(attention.cuda(), 12, replace=replace, key=key)
+    assert gpu[0].is_cuda and gpu[1].is_cuda
+    assert torch.equal(gpu[0].cpu(), cpu[0])
+    torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=1e-12, atol=0)
+
+
+@needs_patches
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_extract_and_scatter_on_cuda_equal_cpu(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.rand(2, 3, 50, 40, generator=gen) * 100).to(dtype)
+    offsets = torch.randint(-8, 45, (2, 7, 2), generator=gen, dtype=torch.int32)
+    cpu = F.extract_patches(x, offsets, (9, 8), fill=3)
+    gpu = F.extract_patches(x.cuda(), offsets.cuda(), (9, 8), fill=3)
+    assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
+    if dtype.is_floating_point:
+        xs = [x.clone().requires_grad_(), x.cuda().requires_grad_()]
+        grad = torch.rand(cpu.shape, generator=gen).to(dtype)
+        for image in xs:
+            F.extract_patches(image, offsets.to(image.device), (9, 8)).backward(grad.to(image.device))
+        torch.testing.assert_close(xs[1].grad.cpu(), xs[0].grad, rtol=1e-3 if dtype.itemsize == 2 else 1e-6, atol=1e-3)
+
+
+def test_expectation_on_cuda_equals_cpu():
+    rng = np.random.default_rng(0)
+    probs = torch.from_numpy(rng.random((3, 5)) / 6 + 0.01)
+    features = torch.from_numpy(rng.normal(size=(3, 5, 4)))
+    grad = torch.from_numpy(rng.normal(size=(3, 4)))
+    results = []
+    for device in ("cpu", "cuda"):
+        f, p = features.to(device).requires_grad_(), probs.to(device).requires_grad_()
+        value = F.expectation(f, p)
+        value.backward(grad.to(device))
+        results.append([value.detach().cpu(), f.grad.cpu(), p.grad.cpu()])
+    for cpu, gpu in zip(*results):
+        torch.testing.assert_close(gpu, cpu, rtol=1e-12, atol=1e-12)
+
+
+@needs_patches
+def test_kernels_follow_torch_current_stream():
+    x = torch.rand(4, 3, 512, 512, device="cuda")
+    offsets = torch.randint(0, 400, (4, 64, 2), dtype=torch.int32, device="cuda")
+    want = F.extract_patches(x, offsets, 64)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        y = x * 2  # queued on the side stream; the gather must see it without a synchronize
+        got = F.extract_patches(y, offsets, 64)
+        got_sum = got.sum()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(got, 2 * want)
+    assert got_sum.item() == pytest.approx(2 * want.sum().item(), rel=1e-5)
+
+
+@needs_patches
+def test_training_step_on_cuda():
+    torch.manual_seed(0)
+    attention = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1),
+                              at.SampleSoftmax(squeeze_channels=True))
+    feature = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(8, 2))
+    model = at.AttentionSampling(attention, feature, patch_size=32, n_patches=6).cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.rand(4, 1, 256, 256, device="cuda", requires_grad=True)
+    y = torch.tensor([0, 1, 0, 1], device="cuda")
+    before = [p.detach().clone() for p in model.parameters()]
+    logits, att, patches = model(nn.functional.avg_pool2d(x.detach(), 8), x)
+    loss = nn.functional.cross_entropy(logits, y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    assert logits.is_cuda and att.is_cuda and patches.shape == (4, 6, 1, 32, 32)
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
