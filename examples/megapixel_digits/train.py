@@ -179,7 +179,7 @@ def main(argv=None):
     parser.add_argument("--train", type=int, default=3000)
     parser.add_argument("--test", type=int, default=300)
     parser.add_argument("--noise", type=int, default=10)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--n-patches", type=int, default=10)
     parser.add_argument("--patch", type=int, default=50)
