@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import atskern
 from atskern import reference
 
+from .enumeration import all_draws, expect_at
 from .conftest import to_backend, to_numpy
 
 
@@ -55,41 +55,21 @@ def test_feature_gradient_is_the_derivative(replace):
     np.testing.assert_allclose(grad_features, numeric, rtol=1e-12, atol=1e-12)
 
 
-def _all_draws(a, n, replace):
-    """Every ordered draw of n positions and its exact probability."""
-    if replace:
-        seqs = np.array(list(itertools.product(range(a.size), repeat=n)), dtype=np.intp)
-        return seqs, a[seqs].prod(axis=1)
-    seqs = np.array(list(itertools.permutations(range(a.size), n)), dtype=np.intp)
-    drawn = a[seqs]
-    left = 1.0 - np.concatenate([np.zeros((len(seqs), 1)), np.cumsum(drawn, axis=1)[:, :-1]], axis=1)
-    return seqs, (drawn / left).prod(axis=1)
-
-
-def _expect_at(seqs, terms, K):
-    """Sum of ``terms[r, k]`` over draws landing on each position (exactly rounded sums)."""
-    flat_terms = terms.reshape(seqs.size, -1)
-    positions = seqs.ravel()
-    return np.array([[math.fsum(flat_terms[positions == i, c]) for c in range(flat_terms.shape[1])] for i in range(K)]).reshape(
-        (K,) + terms.shape[2:]
-    )
-
-
 def _check_unbiased(K, n, replace, seed):
     rng = np.random.default_rng(seed)
     a = rng.random(K) + 0.1
     a /= a.sum()
     f = rng.normal(size=(K, 3))
     g = rng.normal(size=3)
-    seqs, weight = _all_draws(a, n, replace)
+    seqs, weight = all_draws(a, n, replace)
     assert abs(weight.sum() - 1.0) < 1e-12
     rows = len(seqs)
     features, probs = f[seqs], a[seqs]
     estimate = atskern.expectation(features, probs, replace=replace)
     grad_probs, grad_features = atskern.expectation_grad(np.tile(g, (rows, 1)), features, probs, replace=replace)
 
-    expected_attention_grad = _expect_at(seqs, weight[:, None] * grad_probs, K)
-    expected_feature_grad = _expect_at(seqs, weight[:, None, None] * grad_features, K)
+    expected_attention_grad = expect_at(seqs, weight[:, None] * grad_probs, K)
+    expected_feature_grad = expect_at(seqs, weight[:, None, None] * grad_features, K)
     expected_estimate = [math.fsum(weight * estimate[:, c]) for c in range(3)]
 
     np.testing.assert_allclose(expected_estimate, a @ f, rtol=0, atol=1e-12)
@@ -122,7 +102,7 @@ def test_enumeration_detects_a_biased_gradient():
     a /= a.sum()
     f = rng.normal(size=(6, 3))
     g = rng.normal(size=3)
-    seqs, weight = _all_draws(a, 3, replace=False)
+    seqs, weight = all_draws(a, 3, replace=False)
     features, probs = f[seqs], a[seqs]
     inner = features @ g
     naive = inner / probs / 3  # the with-replacement weighting applied to draws without replacement

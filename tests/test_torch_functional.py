@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
@@ -13,6 +12,8 @@ torch = pytest.importorskip("torch")
 import atskern  # noqa: E402
 from ats.torch import _bridge, _ops  # noqa: E402
 from ats.torch import functional as F  # noqa: E402
+
+from .enumeration import all_draws, expect_at  # noqa: E402
 
 needs_patches = pytest.mark.skipif(not hasattr(atskern, "extract_patches"), reason="atskern without the patch kernels")
 
@@ -139,24 +140,6 @@ def test_expectation_float32_and_partial_gradients():
     np.testing.assert_allclose(f.grad.numpy(), atskern.expectation_grad(grad, features, probs)[1], rtol=1e-5)
 
 
-def _all_draws(a, n, replace):
-    """Every ordered draw of n positions and its exact probability."""
-    if replace:
-        seqs = np.array(list(itertools.product(range(a.size), repeat=n)), dtype=np.intp)
-        return seqs, a[seqs].prod(axis=1)
-    seqs = np.array(list(itertools.permutations(range(a.size), n)), dtype=np.intp)
-    drawn = a[seqs]
-    left = 1.0 - np.concatenate([np.zeros((len(seqs), 1)), np.cumsum(drawn, axis=1)[:, :-1]], axis=1)
-    return seqs, (drawn / left).prod(axis=1)
-
-
-def _expect_at(seqs, terms, K):
-    flat_terms = terms.reshape(seqs.size, -1)
-    positions = seqs.ravel()
-    sums = [[math.fsum(flat_terms[positions == i, c]) for c in range(flat_terms.shape[1])] for i in range(K)]
-    return np.array(sums).reshape((K,) + terms.shape[2:])
-
-
 @pytest.mark.parametrize("replace", [False, True])
 @pytest.mark.parametrize("K", [2, 4, 6])
 def test_estimator_gradients_are_unbiased_by_enumeration(K, replace):
@@ -167,13 +150,13 @@ def test_estimator_gradients_are_unbiased_by_enumeration(K, replace):
         a = rng.random(K) + 0.1
         a /= a.sum()
         f, g = rng.normal(size=(K, 3)), rng.normal(size=3)
-        seqs, weight = _all_draws(a, n, replace)
+        seqs, weight = all_draws(a, n, replace)
         value, grad_probs, grad_features = _torch_grads(f[seqs], a[seqs], np.tile(g, (len(seqs), 1)), replace)
         estimate = [math.fsum(weight * value[:, c]) for c in range(3)]
         np.testing.assert_allclose(estimate, a @ f, rtol=0, atol=1e-12)
-        np.testing.assert_allclose(_expect_at(seqs, weight[:, None] * grad_probs, K), f @ g, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(expect_at(seqs, weight[:, None] * grad_probs, K), f @ g, rtol=0, atol=1e-12)
         np.testing.assert_allclose(
-            _expect_at(seqs, weight[:, None, None] * grad_features, K), a[:, None] * g, rtol=0, atol=1e-12
+            expect_at(seqs, weight[:, None, None] * grad_features, K), a[:, None] * g, rtol=0, atol=1e-12
         )
 
 
