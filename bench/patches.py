@@ -26,6 +26,8 @@ import numpy as np
 
 import atskern
 
+from ._timing import Table, memcpy_bandwidth
+
 BATCH = 8
 SIDE = 2048
 CHANNELS = 3
@@ -46,13 +48,6 @@ def _median_seconds(fn, make_args, repeats):
         fn(*args)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def _memcpy_bandwidth(repeats):
-    src = np.ones(256 * 2**20, np.uint8)
-    dst = np.empty_like(src)
-    seconds = _median_seconds(lambda: np.copyto(dst, src), tuple, repeats)
-    return src.nbytes / seconds
 
 
 def _numpy_fancy(x, offsets, patch):
@@ -115,7 +110,6 @@ def cases(quick: bool):
 
 def run(quick: bool = False, progress=None):
     """The gather/scatter table for ``python -m bench``."""
-    from ._timing import Table
 
     table = Table(NAME, f"Patch gather and scatter, {BATCH} images of {SIDE}x{SIDE}x{CHANNELS} (median ms per call)",
                   ["op", "case", "method", "ms", "atskern faster by", "GB/s", "% of memcpy"])
@@ -132,7 +126,7 @@ def rows(quick: bool, progress=None) -> list[dict]:
 
     repeats = 3 if quick else 11
     rng = np.random.default_rng(0)
-    memcpy = _memcpy_bandwidth(repeats)
+    memcpy = memcpy_bandwidth(repeats=repeats)
     gather_nd, crop_and_resize, scatter_nd_add = _tf_methods(tf)
     results = []
     images = {}
