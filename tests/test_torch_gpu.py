@@ -108,3 +108,38 @@ def test_training_step_on_cuda():
     assert grads[logit_bias].abs().max() < 1e-5 * max(g.abs().max() for g in grads)
     unchanged = [n for n, b, p in zip(names, before, model.parameters()) if torch.equal(b, p)]
     assert unchanged in ([], ["attention.2.bias"]), unchanged
+
+
+@needs_patches
+def test_patch_and_estimator_steps_make_no_host_round_trip():
+    """extract -> features -> expectation, forward and backward, on CUDA: no host synchronization (torch's sync
+    debug mode raises on any, and the whole step is queued behind a device sleep without waiting for it), and no
+    memory from CuPy's pool (the kernels write into torch-allocated tensors and need no temporaries)."""
+    import cupy
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.rand(2, 3, 64, 64, device="cuda", generator=gen, requires_grad=True)
+    offsets = torch.randint(-5, 60, (2, 7, 2), device="cuda", dtype=torch.int32, generator=gen)
+    probs = (torch.rand(2, 7, device="cuda", dtype=torch.float64, generator=gen) / 10 + 0.01).requires_grad_()
+
+    def step():
+        patches = F.extract_patches(x, offsets, 9)
+        features = patches.flatten(2).to(torch.float64)
+        F.expectation(features, probs).square().sum().backward()
+
+    step()  # compiles the kernels, loads the modules
+    torch.cuda.synchronize()
+    pool = cupy.get_default_memory_pool()
+    used = pool.used_bytes()
+    done = torch.cuda.Event()
+    torch.cuda._sleep(2_000_000_000)  # about a second of device time queued ahead of the step
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        done.record()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not done.query(), "the step waited for the device"
+    torch.cuda.synchronize()
+    assert pool.used_bytes() == used
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 and torch.isfinite(probs.grad).all()
