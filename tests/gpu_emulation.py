@@ -36,10 +36,15 @@ def patch_box(offset_args, g: gp.Geometry, b: int, k: int) -> tuple[int, int, in
 
 class ByteMemory:
     """A byte buffer placed at a chosen device address; reads check that each aligned 16-byte load holds a byte
-    of the valid run it serves (the kernel's safety argument: no load can leave the allocation)."""
+    of the valid run it serves and lies inside the buffer (no load can leave the image's allocation)."""
 
     def __init__(self, data: bytes, address: int):
         self.data, self.address = bytearray(data), address
+
+    def load16_inside(self, address: int) -> bool:
+        """``load16_inside``: both aligned blocks of ``load16(address)`` lie in the buffer."""
+        first = address & ~15
+        return first >= self.address and first + (32 if address & 15 else 16) <= self.address + len(self.data)
 
     def load16(self, address: int, valid: tuple[int, int]) -> bytes:
         """``load16``: the 16 bytes at ``address`` from one or two aligned 16-byte blocks."""
@@ -48,6 +53,7 @@ class ByteMemory:
         out = b""
         for block in blocks:
             assert block + 16 > valid[0] and block < valid[1], "an aligned load holds no byte of the run"
+            assert self.address <= block and block + 16 <= self.address + len(self.data), "a load leaves the image"
             lo, hi = block - self.address, block + 16 - self.address
             chunk = bytes(self.data[max(lo, 0):max(hi, 0)])
             out += b"\xAA" * max(0, -lo) + chunk + b"\xAA" * (16 - max(0, -lo) - len(chunk))
@@ -65,6 +71,7 @@ def gather(x, offsets, layout, fill_value, *, x_address=0x10000, out_address=0x8
     """``gather`` of ``patches.cu`` with its plan: returns the patches (layout's shape, x's dtype)."""
     plan = gp.gather_plan(layout, x.dtype.itemsize, threads)
     total_rows = int(plan.args[0])
+    assert int(plan.args[1]) == x.nbytes, "the image bounds of the 16-byte loads"
     g = gp.geometry(layout)
     lanes = 1 << int(plan.tail[0])
     item = x.dtype.itemsize
@@ -98,7 +105,8 @@ def gather(x, offsets, layout, fill_value, *, x_address=0x10000, out_address=0x8
                 byte0 = (chunk << 4) - start
                 e0 = 0 if byte0 <= 0 else byte0 // item
                 e1 = min(width, (byte0 + 16) // item)
-                if byte0 >= 0 and (e1 - e0) * item == 16 and e0 >= lo and e1 <= hi:
+                if (byte0 >= 0 and (e1 - e0) * item == 16 and e0 >= lo and e1 <= hi
+                        and image.load16_inside(src + (e0 - lo) * item)):
                     data = image.load16(src + (e0 - lo) * item, valid)
                 else:
                     parts = []

@@ -74,6 +74,13 @@ __device__ __forceinline__ Box patch_box(const Offsets& off, const Geometry& g, 
 // aligned differently), the partial chunks at the row's ends and the chunks touching the border go
 // element by element.
 
+// Whether load16(p) reads only inside [begin, end): its aligned blocks, not only the 16 bytes it returns.
+__device__ __forceinline__ bool load16_inside(const unsigned char* p, unsigned long long begin, unsigned long long end) {
+    const unsigned long long address = reinterpret_cast<unsigned long long>(p);
+    const unsigned long long first = address & ~15ULL;
+    return first >= begin && first + ((address & 15ULL) ? 32ULL : 16ULL) <= end;
+}
+
 // The 16 bytes at p (any alignment) from aligned 16-byte loads; each load holds at least one of them.
 __device__ __forceinline__ uint4 load16(const unsigned char* p) {
     const unsigned long long address = reinterpret_cast<unsigned long long>(p);
@@ -94,10 +101,12 @@ __device__ __forceinline__ uint4 load16(const unsigned char* p) {
                       __funnelshift_r(v3, v4, bits));
 }
 
-// dst[t] = src[t - lo] for lo <= t < hi, fill for the other t < width; lanes threads share the row.
+// dst[t] = src[t - lo] for lo <= t < hi, fill for the other t < width; lanes threads share the row. The
+// 16-byte loads stay inside the image's bytes [begin, end) (chunks whose aligned blocks would leave it, at the
+// image's first and last bytes, go element by element), so no load leaves the image's allocation.
 template <typename T, typename I>
 __device__ __forceinline__ void copy_row(T* __restrict__ dst, const T* __restrict__ src, I lo, I hi, I width, T fill,
-                                         int lane, int lanes) {
+                                         int lane, int lanes, unsigned long long begin, unsigned long long end) {
     const long long item = (long long)sizeof(T);
     const unsigned long long start = reinterpret_cast<unsigned long long>(dst);
     const unsigned long long first = start >> 4;
@@ -108,7 +117,8 @@ __device__ __forceinline__ void copy_row(T* __restrict__ dst, const T* __restric
         const I e0 = byte0 <= 0 ? I(0) : (I)(byte0 / item);
         const long long end = (byte0 + 16) / item;
         const I e1 = end < (long long)width ? (I)end : width;
-        if (byte0 >= 0 && (long long)(e1 - e0) * item == 16 && e0 >= lo && e1 <= hi) {
+        if (byte0 >= 0 && (long long)(e1 - e0) * item == 16 && e0 >= lo && e1 <= hi &&
+            load16_inside(reinterpret_cast<const unsigned char*>(src + (e0 - lo)), begin, end)) {
             *reinterpret_cast<uint4*>(dst + e0) = load16(reinterpret_cast<const unsigned char*>(src + (e0 - lo)));
         } else {
             for (I e = e0; e < e1; ++e) dst[e] = (e >= lo && e < hi) ? src[e - lo] : fill;
@@ -118,7 +128,7 @@ __device__ __forceinline__ void copy_row(T* __restrict__ dst, const T* __restric
 
 template <typename T, typename I>
 __device__ void gather(const T* __restrict__ x, const Offsets& off, T* __restrict__ out, long long total_rows,
-                       const Geometry& g, unsigned long long fill_bits, int lanes_log2) {
+                       long long image_bytes, const Geometry& g, unsigned long long fill_bits, int lanes_log2) {
     const T fill = (T)fill_bits;  // the fill's bytes are the low bytes of fill_bits (little endian)
     const int lanes = 1 << lanes_log2;
     const int lane = (int)(threadIdx.x & (unsigned)(lanes - 1));
@@ -127,6 +137,8 @@ __device__ void gather(const T* __restrict__ x, const Offsets& off, T* __restric
     const I p0 = (I)g.p0, p1 = (I)g.p1, rows = (I)g.rows, count = (I)g.count;
     const I s0_size = (I)g.s0, s1_size = (I)g.s1;
     const I step = (I)gridDim.x * per_block;
+    const unsigned long long begin = reinterpret_cast<unsigned long long>(x);
+    const unsigned long long end = begin + (unsigned long long)image_bytes;
     for (I row = (I)blockIdx.x * per_block + (I)(threadIdx.x >> lanes_log2); row < (I)total_rows; row += step) {
         I rest = row;
         const I i1 = rest % p1;
@@ -150,14 +162,15 @@ __device__ void gather(const T* __restrict__ x, const Offsets& off, T* __restric
                 src = x + (image_row * image_width + (I)box.o2 + lo);
             }
         }
-        copy_row<T, I>(out + row * width, src, lo, hi, width, fill, lane, lanes);
+        copy_row<T, I>(out + row * width, src, lo, hi, width, fill, lane, lanes, begin, end);
     }
 }
 
 #define GATHER(name, T, I)                                                                                     \
-    extern "C" __global__ void name(const T* x, OFFSET_PARAMS, T* out, long long total_rows, GEOMETRY_PARAMS, \
-                                    unsigned long long fill_bits, int lanes_log2) {                            \
-        gather<T, I>(x, OFFSETS, out, total_rows, GEOMETRY, fill_bits, lanes_log2);                            \
+    extern "C" __global__ void name(const T* x, OFFSET_PARAMS, T* out, long long total_rows,                  \
+                                    long long image_bytes, GEOMETRY_PARAMS, unsigned long long fill_bits,      \
+                                    int lanes_log2) {                                                          \
+        gather<T, I>(x, OFFSETS, out, total_rows, image_bytes, GEOMETRY, fill_bits, lanes_log2);               \
     }
 
 GATHER(gather_u8_i32, unsigned char, int)

@@ -122,8 +122,8 @@ def gather_plan(layout, itemsize: int, threads: int) -> Plan:
     out_elements = total_rows * g.width
     image_elements = layout.batch * g.rows * g.s0 * g.s1 * g.image_width
     suffix = index_suffix(out_elements, image_elements, total_rows, headroom=MAX_BLOCKS * threads)
-    return Plan(f"gather_{WORD_NAMES[itemsize]}_{suffix}", (blocks,), (threads,), (np.int64(total_rows),) + g.args(),
-                (np.int32(lanes.bit_length() - 1),))
+    args = (np.int64(total_rows), np.int64(image_elements * itemsize)) + g.args()
+    return Plan(f"gather_{WORD_NAMES[itemsize]}_{suffix}", (blocks,), (threads,), args, (np.int32(lanes.bit_length() - 1),))
 
 
 def scatter_tile(s1: int, image_width: int, pixels: int = SCATTER_PIXELS) -> tuple[int, int]:
