@@ -53,8 +53,13 @@ class Table:
     rows: list[list] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     raw: dict = field(default_factory=dict)
+    skipped: str | None = None
+    """Why the benchmark did not run here (no rows then)."""
 
     def markdown(self) -> str:
+        if self.skipped:
+            return f"### {self.title}\n\n- skipped: {self.skipped}\n"
+
         def cell(value):
             if isinstance(value, float):
                 if value == float("inf"):
@@ -76,6 +81,7 @@ class Table:
             "rows": self.rows,
             "notes": self.notes,
             "raw": self.raw,
+            "skipped": self.skipped,
         }
 
 
@@ -118,3 +124,29 @@ def quiet_tensorflow():
     import tensorflow as tf
 
     return tf
+
+
+def has_module(name: str) -> bool:
+    """Whether ``name`` can be imported (False also where it is blocked with ``sys.modules[name] = None``)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+TENSORFLOW_MISSING = "TensorFlow is not installed: its columns are skipped (n/a)"
+
+
+def tensorflow_or_none():
+    """TensorFlow (quiet), or None where it is not installed: its benchmark columns are then skipped."""
+    try:
+        return quiet_tensorflow()
+    except ImportError:
+        return None
+
+
+def skipped(value):
+    """A table cell: ``value``, or ``'n/a'`` for a method that did not run (None)."""
+    return "n/a" if value is None else value
