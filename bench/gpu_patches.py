@@ -44,10 +44,11 @@ def unavailable():
 
 def _pixel_indices(xp, offsets, patch):
     """Row and column index arrays ``(B, K, P, P)`` and the batch index, as a user computes them per call."""
-    steps = xp.arange(patch)
+    device = {"device": offsets.device} if xp.__name__ == "torch" else {}
+    steps = xp.arange(patch, **device)
     rows = offsets[:, :, 0, None, None] + steps[:, None]
     cols = offsets[:, :, 1, None, None] + steps[None, :]
-    batch = xp.arange(offsets.shape[0])[:, None, None, None]
+    batch = xp.arange(offsets.shape[0], **device)[:, None, None, None]
     return batch, rows, cols
 
 
