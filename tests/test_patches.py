@@ -470,6 +470,22 @@ def test_gpu_equals_cpu(channels_first, tiles, index_width, small_gpu_blocks, re
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+def test_gpu_scatter_keeps_subnormals():
+    """float32 subnormal gradients: the GPU sums (compiled by CuPy with -ftz=true) keep them, bitwise as the CPU."""
+    import cupy
+
+    rng = np.random.default_rng(24)
+    offsets = rng.integers(-3, 20, (2, 40, 2))
+    tiny = np.finfo(np.float32).smallest_subnormal
+    grad = (rng.integers(-50, 50, (2, 40, 6, 6, 2)) * tiny).astype(np.float32)
+    expected = atskern.scatter_patches(grad, offsets, (20, 20))
+    assert (expected != 0).any()
+    got = atskern.scatter_patches(cupy.asarray(grad), cupy.asarray(offsets), (20, 20))
+    assert np.array_equal(got.get().view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [np.uint8, np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
 def test_gpu_gather_at_every_alignment(dtype, index_width):
     """Images and outputs starting at every byte alignment (the 16-byte path's funnel shifts), strided offsets."""

@@ -196,6 +196,15 @@ GATHER(gather_u64_i64, unsigned long long, long long)
 #define SCATTER_THREADS 256
 #define SCATTER_PIXELS 16
 
+// a + b rounded to nearest, subnormals kept: CuPy compiles with -ftz=true, which would flush float32
+// subnormals in a plain `+` (add.rn.ftz.f32) and break the bitwise match with the CPU (and exact adjointness).
+__device__ __forceinline__ float add_exact(float a, float b) {
+    float sum;
+    asm("add.rn.f32 %0, %1, %2;" : "=f"(sum) : "f"(a), "f"(b));
+    return sum;
+}
+__device__ __forceinline__ double add_exact(double a, double b) { return a + b; }  // -ftz touches only f32
+
 template <typename F, typename I>
 __device__ void scatter(const F* __restrict__ grad, const Offsets& off, F* __restrict__ out, const Geometry& g,
                         long long tiles, long long tiles_w, long long tiles_h, int tile_w_log2, int tile_h, int pixels,
@@ -257,7 +266,7 @@ __device__ void scatter(const F* __restrict__ grad, const Offsets& off, F* __res
                     const I s1 = a1 + (I)(q >> tile_w_log2), w = a2 + (I)(q & (tile_w - 1));
                     const I i1 = s1 - o1_j, t = w - o2_j;
                     if (s1 < h_end && w < w_end && i1 >= 0 && i1 < p1 && t >= 0 && t < width) {
-                        sums[p] += grad[base_j + i1 * width + t];
+                        sums[p] = add_exact(sums[p], grad[base_j + i1 * width + t]);
                     }
                 }
             }
@@ -273,7 +282,8 @@ __device__ void scatter(const F* __restrict__ grad, const Offsets& off, F* __res
     }
 }
 
-// Non-deterministic alternative (deterministic=False): one atomic add per patch element into a zeroed image.
+// Non-deterministic alternative (deterministic=False): one atomic add per patch element into a zeroed image
+// (float32 atomic adds flush subnormals to zero).
 template <typename F, typename I>
 __device__ void scatter_atomic(const F* __restrict__ grad, const Offsets& off, F* __restrict__ out, long long total,
                                const Geometry& g) {
