@@ -41,7 +41,7 @@ def _parse(argv):
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    from tqdm import tqdm
+    tqdm = _progress_bar()
 
     names = args.only or (GPU_BENCHMARKS if args.gpu else BENCHMARKS)
     modules = [importlib.import_module(f"bench.{name}") for name in names]
@@ -79,6 +79,32 @@ def main(argv=None) -> int:
         path.write_text(report)
         print(f"written: {path}", file=sys.stderr)
     return 0
+
+
+def _progress_bar():
+    """tqdm, or a silent stand-in where it is not installed (the GPU machines have no tqdm)."""
+    try:
+        from tqdm import tqdm
+
+        return tqdm
+    except ImportError:
+        class Silent:
+            def __init__(self, *args, **kwargs):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def update(self, n=1):
+                pass
+
+            def set_postfix_str(self, text):
+                pass
+
+        return Silent
 
 
 def _unavailable(module) -> str | None:

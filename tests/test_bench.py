@@ -47,6 +47,7 @@ BLOCK_TENSORFLOW = """
 import sys
 sys.modules["tensorflow"] = None  # as on the GPU machines: no TensorFlow, no Keras
 sys.modules["keras"] = None
+sys.modules["tqdm"] = None  # nor tqdm
 from bench.__main__ import main
 sys.exit(main(sys.argv[1:]))
 """
