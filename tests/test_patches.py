@@ -424,11 +424,9 @@ def index_width(request, monkeypatch):
 
     if request.param == "i64":
         monkeypatch.setattr(gp, "INT32_LIMIT", 1)
-    gp._cached_gather.cache_clear()
-    gp._cached_scatter.cache_clear()
+    gp.clear_caches()
     yield request.param
-    gp._cached_gather.cache_clear()
-    gp._cached_scatter.cache_clear()
+    gp.clear_caches()
 
 
 @pytest.fixture

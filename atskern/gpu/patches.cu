@@ -115,8 +115,8 @@ __device__ __forceinline__ void copy_row(T* __restrict__ dst, const T* __restric
         // byte0 is a multiple of sizeof(T) in (-16, width * sizeof(T)): dst is T-aligned, chunks 16-aligned
         const long long byte0 = (long long)(chunk << 4) - (long long)start;
         const I e0 = byte0 <= 0 ? I(0) : (I)(byte0 / item);
-        const long long end = (byte0 + 16) / item;
-        const I e1 = end < (long long)width ? (I)end : width;
+        const long long stop = (byte0 + 16) / item;
+        const I e1 = stop < (long long)width ? (I)stop : width;
         if (byte0 >= 0 && (long long)(e1 - e0) * item == 16 && e0 >= lo && e1 <= hi &&
             load16_inside(reinterpret_cast<const unsigned char*>(src + (e0 - lo)), begin, end)) {
             *reinterpret_cast<uint4*>(dst + e0) = load16(reinterpret_cast<const unsigned char*>(src + (e0 - lo)));
@@ -137,8 +137,8 @@ __device__ void gather(const T* __restrict__ x, const Offsets& off, T* __restric
     const I p0 = (I)g.p0, p1 = (I)g.p1, rows = (I)g.rows, count = (I)g.count;
     const I s0_size = (I)g.s0, s1_size = (I)g.s1;
     const I step = (I)gridDim.x * per_block;
-    const unsigned long long begin = reinterpret_cast<unsigned long long>(x);
-    const unsigned long long end = begin + (unsigned long long)image_bytes;
+    const unsigned long long image_begin = reinterpret_cast<unsigned long long>(x);
+    const unsigned long long image_end = image_begin + (unsigned long long)image_bytes;
     for (I row = (I)blockIdx.x * per_block + (I)(threadIdx.x >> lanes_log2); row < (I)total_rows; row += step) {
         I rest = row;
         const I i1 = rest % p1;
@@ -153,16 +153,16 @@ __device__ void gather(const T* __restrict__ x, const Offsets& off, T* __restric
         I lo = 0, hi = 0;  // the part [lo, hi) of the row inside the image
         const T* src = x;  // element lo of the row in the image (read only for lo <= t < hi)
         if (s0 >= 0 && s0 < g.s0 && s1 >= 0 && s1 < g.s1) {
-            const long long end = (long long)image_width - box.o2;  // >= 0: o2 <= S2 * scale
-            lo = (I)(box.o2 < 0 ? -box.o2 : 0);                     // <= width: o2 >= -P2 * scale
-            hi = end < (long long)width ? (I)end : width;
+            const long long inside = (long long)image_width - box.o2;  // >= 0: o2 <= S2 * scale
+            lo = (I)(box.o2 < 0 ? -box.o2 : 0);                        // <= width: o2 >= -P2 * scale
+            hi = inside < (long long)width ? (I)inside : width;
             if (hi < lo) hi = lo;
             if (hi > lo) {
                 const I image_row = ((b * rows + r) * s0_size + (I)s0) * s1_size + (I)s1;
                 src = x + (image_row * image_width + (I)box.o2 + lo);
             }
         }
-        copy_row<T, I>(out + row * width, src, lo, hi, width, fill, lane, lanes, begin, end);
+        copy_row<T, I>(out + row * width, src, lo, hi, width, fill, lane, lanes, image_begin, image_end);
     }
 }
 
@@ -199,9 +199,13 @@ GATHER(gather_u64_i64, unsigned long long, long long)
 // a + b rounded to nearest, subnormals kept: CuPy compiles with -ftz=true, which would flush float32
 // subnormals in a plain `+` (add.rn.ftz.f32) and break the bitwise match with the CPU (and exact adjointness).
 __device__ __forceinline__ float add_exact(float a, float b) {
+#ifdef __CUDA_ARCH__
     float sum;
     asm("add.rn.f32 %0, %1, %2;" : "=f"(sum) : "f"(a), "f"(b));
     return sum;
+#else
+    return a + b;  // host builds of this file (tests/cuda_host): IEEE addition
+#endif
 }
 __device__ __forceinline__ double add_exact(double a, double b) { return a + b; }  // -ftz touches only f32
 

@@ -170,30 +170,50 @@ def _device() -> int:
     return cupy().cuda.runtime.getDevice()
 
 
-@functools.lru_cache(maxsize=1024)
-def _cached_gather(layout, itemsize: int, threads: int, device: int):
-    plan = gather_plan(layout, itemsize, threads)
-    return _module.function(SOURCE, plan.kernel), plan
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str, device: int):
+    return _module.function(SOURCE, name)
 
 
-@functools.lru_cache(maxsize=1024)
-def _cached_scatter(layout, float_size: int, deterministic: bool, threads: int, pixels: int, chunk: int, device: int):
-    name = FLOAT_NAMES[float_size]
+_cached_gather_plan = functools.lru_cache(maxsize=1024)(gather_plan)
+_cached_scatter_plan = functools.lru_cache(maxsize=1024)(scatter_plan)
+_cached_atomic_plan = functools.lru_cache(maxsize=1024)(atomic_plan)
+
+
+def gather_launch(x, offsets, layout, fill_value, out, threads: int | None = None):
+    """``(kernel name, grid, block, arguments)`` of the gather: pure host logic (the CPU tests run exactly these
+    arguments through a host build of the kernel, tests/test_cuda_host.py)."""
+    plan = _cached_gather_plan(layout, x.dtype.itemsize, threads or _module.THREADS_PER_BLOCK)
+    args = (x,) + offset_args(offsets) + (out,) + plan.args + (fill_bits(fill_value),) + plan.tail
+    return plan.kernel, plan.grid, plan.block, args
+
+
+def scatter_launch(grad, offsets, layout, out, deterministic: bool = True, threads: int | None = None,
+                   pixels: int | None = None, chunk: int | None = None):
+    """``(kernel name, grid, block, arguments)`` of the deterministic (or atomic) scatter; ``grad`` already in
+    ``out``'s dtype and C-contiguous."""
+    name = FLOAT_NAMES[out.dtype.itemsize]
     if deterministic:
-        plan = scatter_plan(layout, pixels, chunk)
+        plan = _cached_scatter_plan(layout, pixels or SCATTER_PIXELS, chunk or SCATTER_CHUNK)
         kernel = "scatter_" + plan.kernel.format(float=name)
     else:
-        plan = atomic_plan(layout, threads)
+        plan = _cached_atomic_plan(layout, threads or _module.THREADS_PER_BLOCK)
         kernel = "scatter_atomic_" + plan.kernel.format(float=name)
-    return _module.function(SOURCE, kernel), plan
+    return kernel, plan.grid, plan.block, (grad,) + offset_args(offsets) + (out,) + plan.args
+
+
+def clear_caches():
+    """Forget the memoized plans (after changing the module's tuning constants, as the tests do)."""
+    for cache in (_cached_gather_plan, _cached_scatter_plan, _cached_atomic_plan):
+        cache.cache_clear()
 
 
 def gather(x, offsets, layout, fill_value, out):
     """``out`` (patches of ``layout``) = the patches of ``x`` at ``offsets``, ``fill_value`` outside. One launch."""
     if not x.flags.c_contiguous:
         x = cupy().ascontiguousarray(x)
-    kernel, plan = _cached_gather(layout, x.dtype.itemsize, _module.THREADS_PER_BLOCK, _device())
-    kernel(plan.grid, plan.block, (x,) + offset_args(offsets) + (out,) + plan.args + (fill_bits(fill_value),) + plan.tail)
+    name, grid, block, args = gather_launch(x, offsets, layout, fill_value, out)
+    _kernel(name, _device())(grid, block, args)
     return out
 
 
@@ -208,9 +228,8 @@ def scatter(grad, offsets, layout, out, *, deterministic=True):
         grad = grad.astype(out.dtype)  # float16 / bfloat16 gradients accumulate in float32
     if not grad.flags.c_contiguous:
         grad = cp.ascontiguousarray(grad)
-    kernel, plan = _cached_scatter(layout, out.dtype.itemsize, bool(deterministic), _module.THREADS_PER_BLOCK,
-                                   SCATTER_PIXELS, SCATTER_CHUNK, _device())
+    name, grid, block, args = scatter_launch(grad, offsets, layout, out, bool(deterministic))
     if not deterministic:
         out.fill(0)
-    kernel(plan.grid, plan.block, (grad,) + offset_args(offsets) + (out,) + plan.args)
+    _kernel(name, _device())(grid, block, args)
     return out
