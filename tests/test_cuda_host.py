@@ -30,9 +30,18 @@ OFFSET_DTYPES = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
 
 
+PROBE = "#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n"
+
+
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cuda_host") / "patches_host.so"
+    folder = tmp_path_factory.mktemp("cuda_host")
+    (folder / "probe.cpp").write_text(PROBE)
+    probe = subprocess.run(["g++", "-std=c++20", "-pthread", str(folder / "probe.cpp"), "-o", str(folder / "probe")],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"g++ without C++20 <barrier>: {probe.stderr.strip()[:200]}")
+    out = folder / "patches_host.so"
     build = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Wextra", "-Wshadow", "-Werror",
                             "-Wno-unknown-pragmas", f"-I{HERE}", f"-I{SOURCE_DIR}", str(HERE / "patches_host.cpp"),
                             "-o", str(out)], capture_output=True, text=True)
