@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     modules = [importlib.import_module(f"bench.{name}") for name in names]
     reasons = {module.NAME: _unavailable(module) for module in modules}
     total = sum(len(module.cases(args.quick)) for module in modules if reasons[module.NAME] is None)
-    machine = machine_description()
+    machine = machine_description(tensorflow=any(name in CPU_BENCHMARKS for name in names))
     if any(name in GPU_BENCHMARKS and reasons[name] is None for name in names):
         from ._gpu import device_description
 

@@ -85,7 +85,9 @@ class Table:
         }
 
 
-def machine_description() -> dict:
+def machine_description(tensorflow: bool = True) -> dict:
+    """The machine and library versions for a report's header (TensorFlow's only with ``tensorflow``: importing
+    it takes seconds, wasted where only GPU tables run)."""
     import numba
 
     info = {
@@ -98,12 +100,13 @@ def machine_description() -> dict:
         "numba": numba.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    try:
-        import tensorflow as tf
+    if tensorflow:
+        try:
+            import tensorflow as tf
 
-        info["tensorflow"] = tf.__version__
-    except ImportError:
-        pass
+            info["tensorflow"] = tf.__version__
+        except ImportError:
+            pass
     return info
 
 
