@@ -6,6 +6,7 @@ kernel never receives an input it could crash on or write out of bounds for.
 
 from __future__ import annotations
 
+import functools
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -295,6 +296,25 @@ def check_fill(fill, dtype: np.dtype):
     except (OverflowError, ValueError, TypeError):
         raise bad from None
     return converted
+
+
+_check_fill_uncached = check_fill
+
+
+@functools.lru_cache(maxsize=512)
+def _check_fill_memo(fill_type, fill_repr, fill, dtype):
+    converted = _check_fill_uncached(fill, dtype)
+    converted.flags.writeable = False  # shared between calls
+    return converted
+
+
+def check_fill(fill, dtype: np.dtype):  # noqa: F811 - the memoized version of the checks above
+    """``check_fill`` memoized per fill type, repr (so -0.0 is not 0.0) and dtype: ~1 us instead of ~30 on the
+    GPU hot path, where the host time of a call is the budget. Returns a read-only 0-d array."""
+    try:
+        return _check_fill_memo(type(fill), repr(fill), fill, dtype)
+    except TypeError:  # unhashable, or refused by the checks: the uncached call raises the error
+        return _check_fill_uncached(fill, dtype)
 
 
 def _spatial_and_channels(shape, channels_first: bool):

@@ -70,11 +70,11 @@ def _gather(xp, backend, x, offsets, layout, fill_value, out):
     word = WORDS[np.dtype(x.dtype).itemsize]
     if out is None:
         out = _empty(xp, layout.patches_shape, x.dtype)
+    if backend == GPU:  # one launch on the raw offsets: the kernel clips them and maps the layout itself
+        return _kernels(backend).gather(x, offsets, layout, fill_value, out)
     if xp is np:
         x = np.asarray(x)  # a memmap becomes a plain ndarray view: nothing is read
     images = _image_view(x.view(word), layout)
-    if backend == GPU:
-        images = xp.ascontiguousarray(images)
     fill_word = np.asarray(fill_value).reshape(1).view(word)[0]
     _kernels(backend).gather(images, _canonical_offsets(xp, offsets, layout), fill_word, _patches_view(out.view(word), layout))
     return out
@@ -111,6 +111,9 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False, out
 
 
 def _scatter(xp, backend, grad, offsets, layout, result_dtype, out, deterministic=True):
+    if backend == GPU:  # one launch on the raw offsets, every element written once (no memset)
+        out = _empty(xp, layout.image_shape, result_dtype) if out is None else out
+        return _kernels(backend).scatter(grad, offsets, layout, out, deterministic=deterministic)
     grad = xp.ascontiguousarray(grad.astype(result_dtype, copy=False))
     if out is None:
         out = _empty(xp, layout.image_shape, result_dtype)
@@ -118,11 +121,8 @@ def _scatter(xp, backend, grad, offsets, layout, result_dtype, out, deterministi
     patches = _patches_view(grad, layout)
     canonical = _canonical_offsets(xp, offsets, layout)
     images = _image_view(out, layout)
-    if backend == GPU:
-        kernels.scatter(patches, canonical, images, deterministic=deterministic)
-    else:
-        s0, s1, _ = images.shape[2:]
-        kernels.scatter(patches, canonical, kernels.scatter_bands(layout.batch, images.shape[1], s0 * s1), images)
+    s0, s1, _ = images.shape[2:]
+    kernels.scatter(patches, canonical, kernels.scatter_bands(layout.batch, images.shape[1], s0 * s1), images)
     return out
 
 

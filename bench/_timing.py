@@ -53,8 +53,13 @@ class Table:
     rows: list[list] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     raw: dict = field(default_factory=dict)
+    skipped: str | None = None
+    """Why the benchmark did not run here (no rows then)."""
 
     def markdown(self) -> str:
+        if self.skipped:
+            return f"### {self.title}\n\n- skipped: {self.skipped}\n"
+
         def cell(value):
             if isinstance(value, float):
                 if value == float("inf"):
@@ -76,10 +81,13 @@ class Table:
             "rows": self.rows,
             "notes": self.notes,
             "raw": self.raw,
+            "skipped": self.skipped,
         }
 
 
-def machine_description() -> dict:
+def machine_description(tensorflow: bool = True) -> dict:
+    """The machine and library versions for a report's header (TensorFlow's only with ``tensorflow``: importing
+    it takes seconds, wasted where only GPU tables run)."""
     import numba
 
     info = {
@@ -92,12 +100,13 @@ def machine_description() -> dict:
         "numba": numba.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
-    try:
-        import tensorflow as tf
+    if tensorflow:
+        try:
+            import tensorflow as tf
 
-        info["tensorflow"] = tf.__version__
-    except ImportError:
-        pass
+            info["tensorflow"] = tf.__version__
+        except ImportError:
+            pass
     return info
 
 
@@ -118,3 +127,29 @@ def quiet_tensorflow():
     import tensorflow as tf
 
     return tf
+
+
+def has_module(name: str) -> bool:
+    """Whether ``name`` can be imported (False also where it is blocked with ``sys.modules[name] = None``)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+TENSORFLOW_MISSING = "TensorFlow is not installed: its columns are skipped (n/a)"
+
+
+def tensorflow_or_none():
+    """TensorFlow (quiet), or None where it is not installed: its benchmark columns are then skipped."""
+    try:
+        return quiet_tensorflow()
+    except ImportError:
+        return None
+
+
+def skipped(value):
+    """A table cell: ``value``, or ``'n/a'`` for a method that did not run (None)."""
+    return "n/a" if value is None else value

@@ -43,6 +43,15 @@ def dense_bytes_estimate(size: int, batch: int) -> int:
     return int(pixels * 4 * 2 + activations * 3)
 
 
+def unavailable():
+    """Why this benchmark cannot run here (it is Keras on TensorFlow throughout), or None."""
+    from ._timing import has_module
+
+    if not (has_module("tensorflow") and has_module("keras")):
+        return "TensorFlow/Keras is not installed (the ATS-versus-dense CPU benchmark is Keras throughout)"
+    return None
+
+
 def cases(quick: bool):
     sizes = QUICK_SIZES if quick else SIZES
     batches = (1, 2) if quick else BATCHES

@@ -26,7 +26,7 @@ import numpy as np
 
 import atskern
 
-from ._timing import Table, memcpy_bandwidth
+from ._timing import TENSORFLOW_MISSING, Table, memcpy_bandwidth, tensorflow_or_none
 
 BATCH = 8
 SIDE = 2048
@@ -115,6 +115,8 @@ def run(quick: bool = False, progress=None):
                   ["op", "case", "method", "ms", "atskern faster by", "GB/s", "% of memcpy"])
     for r in rows(quick, progress):
         table.rows.append([r["op"], r["case"], r["method"], r["ms"], r["atskern_speedup"], r["gb_per_s"], r["pct_memcpy"]])
+    if tensorflow_or_none() is None:
+        table.notes.append(TENSORFLOW_MISSING)
     table.notes.append("goals: >= 5x faster than tf.gather_nd and crop_and_resize, >= 10x faster than fancy indexing, "
                        ">= 60% of memcpy bandwidth; scatter >= 5x faster than tf.tensor_scatter_nd_add")
     return table
@@ -122,18 +124,17 @@ def run(quick: bool = False, progress=None):
 
 def rows(quick: bool, progress=None) -> list[dict]:
     """Rows of the gather/scatter table (one per case and method); medians over repeated calls."""
-    import tensorflow as tf
-
+    tf = tensorflow_or_none()  # None: the TF methods are left out
     repeats = 3 if quick else 11
     rng = np.random.default_rng(0)
     memcpy = memcpy_bandwidth(repeats=repeats)
-    gather_nd, crop_and_resize, scatter_nd_add = _tf_methods(tf)
+    gather_nd, crop_and_resize, scatter_nd_add = _tf_methods(tf) if tf is not None else (None, None, None)
     results = []
     images = {}
     for dtype, patch, count in cases(quick):
         if dtype not in images:
             images[dtype] = rng.integers(0, 256, (BATCH, SIDE, SIDE, CHANNELS)).astype(dtype)
-            images[(dtype, "tf")] = tf.constant(images[dtype])
+            images[(dtype, "tf")] = tf.constant(images[dtype]) if tf is not None else None
         x, x_tf = images[dtype], images[(dtype, "tf")]
         label = f"{np.dtype(dtype).name} {patch}x{patch}x{CHANNELS}, {count} per image"
 
@@ -149,6 +150,8 @@ def rows(quick: bool, progress=None) -> list[dict]:
             "tf.image.crop_and_resize": lambda o: crop_and_resize(x_tf, o, patch),
             "Python slicing loop": lambda o: _python_loop(x, o, patch),
         }
+        if tf is None:
+            methods = {name: fn for name, fn in methods.items() if not name.startswith("tf.")}
         timed = {}
         for name, fn in methods.items():
             _check(name, fn(probe).astype(dtype), expected)
@@ -167,6 +170,8 @@ def rows(quick: bool, progress=None) -> list[dict]:
                 "atskern (CPU)": lambda o: atskern.scatter_patches(grad, o, (SIDE, SIDE)),
                 "tf.tensor_scatter_nd_add": lambda o: scatter_nd_add(grad, o, patch),
             }
+            if tf is None:
+                del scatter["tf.tensor_scatter_nd_add"]
             timed = {}
             for name, fn in scatter.items():
                 _check(name, fn(probe), expected_back, exact=False)

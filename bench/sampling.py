@@ -11,7 +11,7 @@ import numpy as np
 
 import atskern
 
-from ._timing import Table, median_seconds, quiet_tensorflow
+from ._timing import TENSORFLOW_MISSING, Table, median_seconds, skipped, tensorflow_or_none
 
 NAME = "sampling"
 
@@ -23,7 +23,9 @@ def cases(quick: bool):
 
 
 def _tf_gumbel_top_k():
-    tf = quiet_tensorflow()
+    tf = tensorflow_or_none()
+    if tf is None:
+        return None, None
 
     @tf.function(reduce_retracing=True)
     def gumbel_top_k(attention, n):
@@ -49,12 +51,14 @@ def run(quick: bool = False, progress=None) -> Table:
         flat = attention.reshape(rows, -1)
         probabilities = flat.astype(np.float64) / flat.sum(axis=1, dtype=np.float64, keepdims=True)
         generator = np.random.default_rng(1)
-        tf_attention = tf.constant(attention)
+        tf_attention = tf.constant(attention) if tf is not None else None
 
         indices, probs = atskern.sample(attention, n, seed=3)
         assert indices.shape == (rows, n, 2) and np.all(probs > 0)
         t_ats = median_seconds(lambda: atskern.sample(attention, n, seed=3), repeats=repeats, min_time=0.05)
-        t_tf = median_seconds(lambda: gumbel_top_k(tf_attention, n).numpy(), repeats=repeats, min_time=0.05)
+        t_tf = None
+        if tf is not None:
+            t_tf = median_seconds(lambda: gumbel_top_k(tf_attention, n).numpy(), repeats=repeats, min_time=0.05)
         choice_repeats = 1 if quick or rows * side * side > 4_000_000 else 3
         t_choice = median_seconds(
             lambda: [generator.choice(flat.shape[1], n, replace=False, p=row) for row in probabilities],
@@ -63,11 +67,13 @@ def run(quick: bool = False, progress=None) -> Table:
         )
         t_sum = median_seconds(lambda: attention.sum(), repeats=repeats, min_time=0.05)
         table.rows.append(
-            [rows, f"{side}x{side}", n, 1e3 * t_ats, 1e3 * t_tf, 1e3 * t_choice, 1e3 * t_sum,
-             t_tf / t_ats, t_choice / t_ats, t_ats / t_sum]
+            [rows, f"{side}x{side}", n, 1e3 * t_ats, skipped(t_tf and 1e3 * t_tf), 1e3 * t_choice, 1e3 * t_sum,
+             skipped(t_tf and t_tf / t_ats), t_choice / t_ats, t_ats / t_sum]
         )
         if progress is not None:
             progress.update(1)
+    if tf is None:
+        table.notes.append(TENSORFLOW_MISSING)
     table.notes.append("goals: >= 3x faster than TF Gumbel-top-k, >= 20x faster than numpy choice, within 4x of np.sum")
     table.notes.append("atskern time includes validation (one pass computing row sums and counts) and the sampling pass")
     return table

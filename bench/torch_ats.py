@@ -24,7 +24,8 @@ glibc mmap threshold (``MALLOC_MMAP_THRESHOLD_``), so that freed tensors leave
 the resident set and the peak follows the live memory.
 Time is the median over the timed steps (synchronized on CUDA).
 
-``python -m bench.torch_ats [--quick] [--device cuda]`` prints a markdown table.
+``python -m bench.torch_ats [--quick] [--device cuda] [--batch 8 --batch 32] [--methods ats,dense]`` prints a
+markdown table (the main job's CUDA table is ``bench.gpu_ats``).
 """
 
 from __future__ import annotations
@@ -44,15 +45,17 @@ QUICK_SIZES = (256, 512)
 METHODS = ("ats", "ats-loop", "dense", "ats+grad", "ats-loop+grad")
 """``+grad``: the image itself needs a gradient (e.g. a learned pre-processing), so the gather's backward runs."""
 BATCH = 1
+GPU_BATCHES = (1, 8, 32)
 N_PATCHES = 10
 PATCH = 50
 LOW_SCALE = 0.12
 
 
-def cases(quick: bool, device: str = "cpu"):
-    sizes = QUICK_SIZES if quick else SIZES
-    return [{"method": m, "size": s, "batch": BATCH, "device": device, "steps": 2 if quick else 3}
-            for s in sizes for m in METHODS]
+def cases(quick: bool, device: str = "cpu", batches=(BATCH,), methods=METHODS, sizes=None):
+    sizes = sizes or (QUICK_SIZES if quick else SIZES)
+    steps = (2 if quick else 3) if device == "cpu" else (5 if quick else 10)
+    return [{"method": m, "size": s, "batch": b, "device": device, "steps": steps}
+            for s in sizes for b in batches for m in methods]
 
 
 # --- the models ---------------------------------------------------------------------------------
@@ -205,26 +208,26 @@ def _run_case(case: dict) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool, device: str = "cpu") -> list[dict]:
+def run(quick: bool, device: str = "cpu", batches=(BATCH,), methods=METHODS, sizes=None) -> list[dict]:
     """Measure every configuration (each in a fresh subprocess); one dict per configuration."""
-    return [_run_case(case) for case in cases(quick, device)]
+    return [_run_case(case) for case in cases(quick, device, batches, methods, sizes)]
 
 
 def markdown(rows: list[dict]) -> str:
     """A table per image size, with each method's time and memory relative to ATS with the kernels."""
-    lines = ["| image | method | s / sample | x ats | peak MiB / sample | x ats |", "|---|---|---|---|---|---|"]
-    for size in sorted({r["size"] for r in rows}):
-        group = [r for r in rows if r["size"] == size]
-        ats = next(r for r in group if r["method"] == "ats")
+    lines = ["| image | batch | method | s / sample | x ats | peak MiB / sample | x ats |", "|---|---|---|---|---|---|---|"]
+    for size, batch in sorted({(r["size"], r["batch"]) for r in rows}):
+        group = [r for r in rows if r["size"] == size and r["batch"] == batch]
+        ats = next((r for r in group if r["method"] == "ats"), group[0])
         for r in group:
             lines.append(
-                f"| {size}^2 | {r['method']} | {r['seconds_per_sample']:.3g} | "
+                f"| {size}^2 | {batch} | {r['method']} | {r['seconds_per_sample']:.3g} | "
                 f"{r['seconds_per_sample'] / ats['seconds_per_sample']:.2g} | {r['peak_mib_per_sample']:.4g} | "
                 f"{r['peak_mib_per_sample'] / max(ats['peak_mib_per_sample'], 1e-9):.2g} |"
             )
     first = rows[0]
     lines.append("")
-    lines.append(f"- device {first['device']}, batch {first['batch']}, {N_PATCHES} patches of {PATCH}^2, "
+    lines.append(f"- device {first['device']}, {N_PATCHES} patches of {PATCH}^2, "
                  f"attention on a {LOW_SCALE} view, torch threads {first.get('threads')}")
     return "\n".join(lines)
 
@@ -233,8 +236,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.torch_ats", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"images of {QUICK_SIZES} instead of {SIZES}")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--batch", type=int, action="append", help=f"batch size (repeatable; default {BATCH})")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     args = parser.parse_args(argv)
-    print(markdown(run(args.quick, args.device)))
+    methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+    print(markdown(run(args.quick, args.device, tuple(args.batch or (BATCH,)), methods)))
     return 0
 
 

@@ -28,3 +28,20 @@ def test_cuda_source_compiles(name, tmp_path):
         text=True,
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_scatter_keeps_subnormals_under_cupys_ftz(tmp_path):
+    """CuPy compiles every kernel with -ftz=true; the deterministic scatter's float32 sums must still keep
+    subnormals (inline add.rn.f32), or they would differ from the CPU kernel's."""
+    inlined = tmp_path / "patches.cu"
+    inlined.write_text(source("patches.cu"))
+    ptx = tmp_path / "patches.ptx"
+    result = subprocess.run(["nvcc", "--ptx", "-arch=sm_90", "--std=c++17", "-ftz=true", str(inlined), "-o", str(ptx)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = ptx.read_text()
+    start = text.index(".entry scatter_f32_i32")
+    body = text[start:text.index(".entry", start + 10)]
+    assert "add.rn.f32" in body
+    assert ".ftz.f32" not in body

@@ -417,17 +417,41 @@ def test_validation_fuzz_never_crashes(x, offsets, patch, fill, spatial, cf):
 # --- GPU ----------------------------------------------------------------------
 
 
+@pytest.fixture(params=["i32", "i64"])
+def index_width(request, monkeypatch):
+    """Run the GPU kernels with 32-bit and (forced by a tiny limit) 64-bit index arithmetic."""
+    from atskern.gpu import patches as gp
+
+    if request.param == "i64":
+        monkeypatch.setattr(gp, "INT32_LIMIT", 1)
+    gp.clear_caches()
+    yield request.param
+    gp.clear_caches()
+
+
+@pytest.fixture
+def small_gpu_tiles(monkeypatch):
+    """Deterministic GPU scatter with 1-pixel tiles' worth of threads and 3 patches per pass (many tiles, many passes)."""
+    from atskern.gpu import patches as gp
+
+    monkeypatch.setattr(gp, "SCATTER_PIXELS", 1)
+    monkeypatch.setattr(gp, "SCATTER_CHUNK", 3)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
 @pytest.mark.parametrize("channels_first", [False, True], ids=["last", "first"])
-def test_gpu_equals_cpu(channels_first, small_gpu_blocks):
-    """Gathers bitwise; scatter within rounding of the CPU, bitwise run to run, and the atomic path close."""
+@pytest.mark.parametrize("tiles", ["default", "small"])
+def test_gpu_equals_cpu(channels_first, tiles, index_width, small_gpu_blocks, request):
+    """Gathers bitwise; the deterministic scatter bitwise the CPU kernel's (same sums, same order); atomic close."""
     import cupy
 
+    if tiles == "small":
+        request.getfixturevalue("small_gpu_tiles")
     rng = np.random.default_rng(21)
     spatial, patch = (40, 50), (8, 6)
     x = random_images(rng, images_shape(3, spatial, 3, channels_first), np.float32)
-    offsets = random_offsets(rng, 3, 64, spatial, patch)
+    offsets = random_offsets(rng, 3, 300, spatial, patch)  # > 256 patches: several passes of the tile scan
     cpu = atskern.extract_patches(x, offsets, patch, channels_first=channels_first)
     gpu = atskern.extract_patches(cupy.asarray(x), cupy.asarray(offsets), patch, channels_first=channels_first)
     assert np.array_equal(cpu.view(np.uint32), gpu.get().view(np.uint32))
@@ -435,8 +459,78 @@ def test_gpu_equals_cpu(channels_first, small_gpu_blocks):
     expected = atskern.scatter_patches(grad, offsets, spatial, channels_first=channels_first)
     first = atskern.scatter_patches(cupy.asarray(grad), cupy.asarray(offsets), spatial, channels_first=channels_first)
     second = atskern.scatter_patches(cupy.asarray(grad), cupy.asarray(offsets), spatial, channels_first=channels_first)
-    assert np.array_equal(first.get().view(np.uint32), second.get().view(np.uint32))
-    np.testing.assert_allclose(first.get(), expected, rtol=1e-6, atol=1e-6)
+    assert np.array_equal(first.get().view(np.uint32), expected.view(np.uint32))
+    assert np.array_equal(second.get().view(np.uint32), expected.view(np.uint32))
     atomic = atskern.scatter_patches(cupy.asarray(grad), cupy.asarray(offsets), spatial,
                                      channels_first=channels_first, deterministic=False)
     np.testing.assert_allclose(atomic.get(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+def test_gpu_scatter_keeps_subnormals():
+    """float32 subnormal gradients: the GPU sums (compiled by CuPy with -ftz=true) keep them, bitwise as the CPU."""
+    import cupy
+
+    rng = np.random.default_rng(24)
+    offsets = rng.integers(-3, 20, (2, 40, 2))
+    tiny = np.finfo(np.float32).smallest_subnormal
+    grad = (rng.integers(-50, 50, (2, 40, 6, 6, 2)) * tiny).astype(np.float32)
+    expected = atskern.scatter_patches(grad, offsets, (20, 20))
+    assert (expected != 0).any()
+    got = atskern.scatter_patches(cupy.asarray(grad), cupy.asarray(offsets), (20, 20))
+    assert np.array_equal(got.get().view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [np.uint8, np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_gpu_gather_at_every_alignment(dtype, index_width):
+    """Images and outputs starting at every byte alignment (the 16-byte path's funnel shifts), strided offsets."""
+    import cupy
+
+    rng = np.random.default_rng(22)
+    item = np.dtype(dtype).itemsize
+    x = random_images(rng, (2, 30, 70, 3), dtype)
+    base = rng.integers(-8, 70, (2, 2, 9, 2))
+    offsets = base[:, 1, ::-1, :]  # a reversed, strided view: the kernel reads it as it is
+    expected = reference.extract_patches(x, offsets, (5, 41), fill=2)
+    raw_x = cupy.zeros(x.nbytes + 64, np.uint8)
+    raw_out = cupy.zeros(expected.nbytes + 64, np.uint8)
+    for shift in range(0, 16, item):
+        images = raw_x[shift:shift + x.nbytes].view(dtype).reshape(x.shape)
+        images[...] = cupy.asarray(x)
+        out = raw_out[16 - shift:16 - shift + expected.nbytes].view(dtype).reshape(expected.shape)
+        got = atskern.extract_patches(images, cupy.asarray(base)[:, 1, ::-1, :], (5, 41), fill=2, out=out)
+        assert got is out
+        assert np.array_equal(out.get().view(f"u{item}"), expected.view(f"u{item}")), shift
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+def test_gpu_kernels_allocate_nothing_and_do_not_synchronize():
+    """With ``out=``, gather and deterministic scatter take no memory from CuPy's pool (no temporaries), and a
+    call returns before a long kernel queued ahead of it on the stream has finished (no host synchronization)."""
+    import cupy
+
+    rng = np.random.default_rng(23)
+    x = cupy.asarray(random_images(rng, (2, 64, 64, 3), np.float32))
+    offsets = cupy.asarray(random_offsets(rng, 2, 20, (64, 64), (9, 9)).astype(np.int64))
+    patches = cupy.empty((2, 20, 9, 9, 3), np.float32)
+    back = cupy.empty_like(x)
+    atskern.extract_patches(x, offsets, 9, out=patches)
+    atskern.scatter_patches(patches, offsets, (64, 64), out=back)  # compile first
+    pool = cupy.get_default_memory_pool()
+    used = pool.used_bytes()
+    spin = cupy.RawKernel(
+        r"""extern "C" __global__ void spin(long long cycles) { long long t = clock64(); while (clock64() - t < cycles) {} }""",
+        "spin")
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    spin((1,), (1,), (np.int64(2_000_000_000),))  # about a second on the device
+    start.record()
+    atskern.extract_patches(x, offsets, 9, out=patches)
+    atskern.scatter_patches(patches, offsets, (64, 64), out=back)
+    stop.record()
+    assert not stop.done, "a patch call waited for the device"
+    stop.synchronize()
+    assert pool.used_bytes() == used

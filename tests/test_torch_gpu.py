@@ -56,7 +56,9 @@ def test_expectation_on_cuda_equals_cpu():
     grad = torch.from_numpy(rng.normal(size=(3, 4)))
     results = []
     for device in ("cpu", "cuda"):
-        f, p = features.to(device).requires_grad_(), probs.to(device).requires_grad_()
+        # fresh leaves on each device: ``features.to("cpu")`` is ``features`` itself, so without the detach the
+        # CPU pass would make it require grad and ``.to("cuda")`` would then return a non-leaf (no ``.grad``)
+        f, p = features.to(device).detach().requires_grad_(), probs.to(device).detach().requires_grad_()
         value = F.expectation(f, p)
         value.backward(grad.to(device))
         results.append([value.detach().cpu(), f.grad.cpu(), p.grad.cpu()])
@@ -98,4 +100,46 @@ def test_training_step_on_cuda():
     optimizer.step()
     assert logits.is_cuda and att.is_cuda and patches.shape == (4, 6, 1, 32, 32)
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    # The logit layer's bias (attention.2.bias) adds one constant to every logit, which the softmax cancels:
+    # its gradient is 0 up to rounding (~1e-8), so one SGD step leaves it unchanged. Every other parameter moves.
+    names = [name for name, _ in model.named_parameters()]
+    logit_bias = names.index("attention.2.bias")
+    grads = [p.grad for p in model.parameters()]
+    assert grads[logit_bias].abs().max() < 1e-5 * max(g.abs().max() for g in grads)
+    unchanged = [n for n, b, p in zip(names, before, model.parameters()) if torch.equal(b, p)]
+    assert unchanged in ([], ["attention.2.bias"]), unchanged
+
+
+@needs_patches
+def test_patch_and_estimator_steps_make_no_host_round_trip():
+    """extract -> features -> expectation, forward and backward, on CUDA: no host synchronization (torch's sync
+    debug mode raises on any, and the whole step is queued behind a device sleep without waiting for it), and no
+    memory from CuPy's pool (the kernels write into torch-allocated tensors and need no temporaries)."""
+    import cupy
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.rand(2, 3, 64, 64, device="cuda", generator=gen, requires_grad=True)
+    offsets = torch.randint(-5, 60, (2, 7, 2), device="cuda", dtype=torch.int32, generator=gen)
+    probs = (torch.rand(2, 7, device="cuda", dtype=torch.float64, generator=gen) / 10 + 0.01).requires_grad_()
+
+    def step():
+        patches = F.extract_patches(x, offsets, 9)
+        features = patches.flatten(2).to(torch.float64)
+        F.expectation(features, probs).square().sum().backward()
+
+    step()  # compiles the kernels, loads the modules
+    torch.cuda.synchronize()
+    pool = cupy.get_default_memory_pool()
+    used = pool.used_bytes()
+    done = torch.cuda.Event()
+    torch.cuda._sleep(2_000_000_000)  # about a second of device time queued ahead of the step
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        done.record()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert not done.query(), "the step waited for the device"
+    torch.cuda.synchronize()
+    assert pool.used_bytes() == used
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 and torch.isfinite(probs.grad).all()

@@ -1,10 +1,24 @@
-"""CuPy launches of ``patches.cu``: coalesced gather, deterministic (or atomic) scatter.
+"""CuPy launches of ``patches.cu``: vectorized gather and its deterministic gather-form adjoint.
 
-Arguments arrive on the canonical layout of ``atskern.patches`` (contiguous
-CuPy arrays, int64 offsets clipped to ``[-P, S]``).
+One kernel launch per call and no host synchronization: the offsets go to the
+kernel as the caller gave them (any integer dtype, any strides; the kernel
+clips them and maps them to the canonical layout itself), there are no
+temporary buffers, and the deterministic scatter writes every image element
+exactly once (no memset). The launch configuration is a pure function of the
+validated layout (:func:`gather_plan`, :func:`scatter_plan`), memoized per
+layout and device, so the host work per call is a dictionary lookup, a few
+scalars and the launch.
+
+Canonical layout (as ``atskern.patches``): images ``(B, R, S0, S1, W)``,
+patches ``(B, K, R, P0, P1, Wp)``; ``R`` is the channels in channels-first
+(else 1), and in channels-last the channels are folded into the last dim
+(``W = S2 * C``, ``Wp = P2 * C``).
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import numpy as np
 
@@ -14,69 +28,208 @@ from . import _module
 SOURCE = "patches.cu"
 WORD_NAMES = {1: "u8", 2: "u16", 4: "u32", 8: "u64"}
 FLOAT_NAMES = {4: "f32", 8: "f64"}
+OFFSET_KINDS = {("i", 1): 0, ("u", 1): 1, ("i", 2): 2, ("u", 2): 3, ("i", 4): 4, ("u", 4): 5, ("i", 8): 6, ("u", 8): 7}
+"""The kernels' ``kind`` code of each integer offsets dtype (kind letter, item size)."""
 INT32_LIMIT = 2**31 - 1
 MAX_BLOCKS = 1 << 20
+MAX_LANES = 32
+SCATTER_THREADS = 256
+"""Block size of the deterministic scatter (fixed: its CUB block scan is compiled for it)."""
+SCATTER_PIXELS = 16
+"""Image elements per thread of the deterministic scatter (the kernel's register array holds at most this many)."""
+SCATTER_CHUNK = SCATTER_THREADS
+"""Patches tested against a tile per pass of the deterministic scatter; tests lower it to exercise many passes."""
 
 
-def _shape_args(patches, images):
-    """The scalar ``SHAPE_PARAMS`` of the kernels: K, R, P0, P1, Wp, S0, S1, W."""
-    _, count, rows, p0, p1, width = patches.shape
-    s0, s1, image_width = images.shape[2:]
-    return tuple(np.int64(v) for v in (count, rows, p0, p1, width, s0, s1, image_width))
+def _next_pow2(value: int) -> int:
+    return 1 << max(0, int(value) - 1).bit_length()
 
 
-def _index_suffix(*arrays) -> str:
-    """32-bit index arithmetic when every element index, plus one grid stride, fits; else 64-bit."""
-    headroom = MAX_BLOCKS * 1024
-    return "i32" if max(a.size for a in arrays) < INT32_LIMIT - headroom else "i64"
+class Geometry(NamedTuple):
+    """The kernels' ``GEOMETRY_PARAMS``: canonical sizes, spatial dims padded in front with 1s."""
+
+    count: int
+    rows: int
+    p0: int
+    p1: int
+    p2: int
+    scale: int
+    s0: int
+    s1: int
+    s2: int
+    dims: int
+
+    @property
+    def width(self) -> int:
+        """Elements of one patch row (``Wp``)."""
+        return self.p2 * self.scale
+
+    @property
+    def image_width(self) -> int:
+        """Elements of one image row (``W``)."""
+        return self.s2 * self.scale
+
+    def args(self) -> tuple:
+        return tuple(np.int64(v) for v in self[:-1]) + (np.int32(self.dims),)
 
 
-def _grid(total: int):
-    threads = _module.THREADS_PER_BLOCK
-    return (max(1, min(MAX_BLOCKS, -(-total // threads))),), (threads,)
+def geometry(layout) -> Geometry:
+    """The canonical sizes of a validated :class:`atskern._validation.PatchLayout`."""
+    pad = 3 - layout.ndim
+    s0, s1, s2 = (1,) * pad + tuple(layout.spatial)
+    p0, p1, p2 = (1,) * pad + tuple(layout.patch)
+    rows, scale = (layout.channels, 1) if layout.channels_first else (1, layout.channels)
+    return Geometry(layout.count, rows, p0, p1, p2, scale, s0, s1, s2, layout.ndim)
 
 
-def gather(images, offsets, fill_word, patches):
-    """``patches[b, k, r, i0, i1, t] = images[b, r, o0 + i0, o1 + i1, o2 + t]`` or ``fill_word``."""
-    name = f"gather_{WORD_NAMES[images.dtype.itemsize]}_{_index_suffix(images, patches)}"
-    kernel = _module.function(SOURCE, name)
-    blocks, threads = _grid(patches.size)
-    kernel(blocks, threads, (images, offsets, patches, np.int64(patches.size)) + _shape_args(patches, images) + (fill_word,))
-    return patches
+def index_suffix(*element_counts: int, headroom: int = 0) -> str:
+    """``'i32'`` when every element index (plus ``headroom``, a grid stride) fits in an int, else ``'i64'``."""
+    return "i32" if max(element_counts) + headroom < INT32_LIMIT else "i64"
 
 
-def _overlap_lists(offsets, shape_args, patches_count):
-    """CSR lists of the patches overlapping each patch of the same image, in increasing index."""
-    cp = cupy()
-    kernel = _module.function(SOURCE, "overlaps")
-    blocks, threads = _grid(patches_count)
-    counts = cp.empty(patches_count, dtype=cp.int32)
-    starts = cp.zeros(patches_count + 1, dtype=cp.int64)
-    kernel(blocks, threads, (offsets, np.int64(patches_count)) + shape_args + (starts, counts, counts, np.int32(0)))
-    starts[1:] = cp.cumsum(counts, dtype=cp.int64)
-    total = int(starts[-1])
-    lists = cp.empty(max(1, total), dtype=cp.int32)
-    kernel(blocks, threads, (offsets, np.int64(patches_count)) + shape_args + (starts, counts, lists, np.int32(1)))
-    return starts, lists
+def offset_args(offsets) -> tuple:
+    """``(offsets, stride_b, stride_k, stride_d, kind)``: the array itself, its byte strides and dtype code."""
+    dtype = np.dtype(offsets.dtype)
+    stride_b, stride_k, stride_d = (np.int64(s) for s in offsets.strides)
+    return offsets, stride_b, stride_k, stride_d, np.int32(OFFSET_KINDS[(dtype.kind, dtype.itemsize)])
 
 
-def scatter(patches, offsets, images, *, deterministic=True):
-    """``images`` (overwritten) = sum of the patches at their offsets.
+def fill_bits(fill_value) -> np.uint64:
+    """The fill's bytes (a 0-d array of the images' dtype) as the low bytes of a uint64 (little endian)."""
+    raw = np.asarray(fill_value).tobytes()
+    return np.uint64(int.from_bytes(raw, "little"))
 
-    Deterministic: every covered element is written once, by the thread of
-    its first covering patch, summing the covering patches in index order.
-    ``deterministic=False`` uses atomic adds instead.
+
+class Plan(NamedTuple):
+    """One launch: kernel name, grid, block and the scalar arguments that depend only on the layout
+    (``args`` go after the output array, ``tail`` last)."""
+
+    kernel: str
+    grid: tuple
+    block: tuple
+    args: tuple
+    tail: tuple = ()
+
+
+def gather_plan(layout, itemsize: int, threads: int) -> Plan:
+    """Launch of the gather: ``2**lanes_log2`` threads per patch row (enough for its 16-byte chunks, <= 32)."""
+    g = geometry(layout)
+    total_rows = layout.batch * g.count * g.rows * g.p0 * g.p1
+    chunks = -(-g.width * itemsize // 16) + 1  # + 1: the row need not start on a 16-byte boundary
+    lanes = min(MAX_LANES, threads, _next_pow2(chunks))
+    rows_per_block = threads // lanes
+    blocks = max(1, min(MAX_BLOCKS, -(-total_rows // rows_per_block)))
+    out_elements = total_rows * g.width
+    image_elements = layout.batch * g.rows * g.s0 * g.s1 * g.image_width
+    suffix = index_suffix(out_elements, image_elements, total_rows, headroom=MAX_BLOCKS * threads)
+    args = (np.int64(total_rows), np.int64(image_elements * itemsize)) + g.args()
+    return Plan(f"gather_{WORD_NAMES[itemsize]}_{suffix}", (blocks,), (threads,), args, (np.int32(lanes.bit_length() - 1),))
+
+
+def scatter_tile(s1: int, image_width: int, pixels: int = SCATTER_PIXELS) -> tuple[int, int]:
+    """``(tile_h, tile_w)`` of the deterministic scatter: ``pixels * SCATTER_THREADS`` elements (``pixels`` a power
+    of two), ``tile_w`` a power of two from 32 up; near square (256 wide) unless the image has fewer rows or narrower rows than that."""
+    elements = pixels * SCATTER_THREADS
+    tile_w = min(256, elements)
+    if s1 < elements // tile_w:  # few rows (1-D images): wider tiles
+        tile_w = min(elements, _next_pow2(-(-elements // s1)))
+    tile_w = max(min(32, elements), min(tile_w, _next_pow2(image_width)))  # narrow rows: taller tiles
+    return elements // tile_w, tile_w
+
+
+def scatter_plan(layout, pixels: int = SCATTER_PIXELS, chunk: int = SCATTER_CHUNK) -> Plan:
+    """Launch of the deterministic scatter: one block per image tile (grid-strided past ``MAX_BLOCKS``)."""
+    if pixels not in (1, 2, 4, 8, 16) or pixels > SCATTER_PIXELS or not 1 <= chunk <= SCATTER_THREADS:
+        raise ValueError(f"pixels must be a power of two <= {SCATTER_PIXELS} and chunk in 1..{SCATTER_THREADS}, "
+                         f"got {pixels}, {chunk}")
+    g = geometry(layout)
+    tile_h, tile_w = scatter_tile(g.s1, g.image_width, pixels)
+    tiles_w = -(-g.image_width // tile_w)
+    tiles_h = -(-g.s1 // tile_h)
+    tiles = layout.batch * g.rows * g.s0 * tiles_h * tiles_w
+    image_elements = layout.batch * g.rows * g.s0 * g.s1 * g.image_width
+    grad_elements = layout.batch * g.count * g.rows * g.p0 * g.p1 * g.width
+    # a tile's last index may pass the image's end by less than a tile; the rest is bounded by the sizes
+    suffix = index_suffix(image_elements, grad_elements, headroom=tile_h * tile_w + g.image_width * tile_h)
+    args = g.args() + tuple(np.int64(v) for v in (tiles, tiles_w, tiles_h)) + tuple(
+        np.int32(v) for v in (tile_w.bit_length() - 1, tile_h, pixels, chunk))
+    return Plan(f"{{float}}_{suffix}", (max(1, min(MAX_BLOCKS, tiles)),), (SCATTER_THREADS,), args)
+
+
+def atomic_plan(layout, threads: int) -> Plan:
+    """Launch of the atomic scatter: one thread per patch element (grid-strided)."""
+    g = geometry(layout)
+    total = layout.batch * g.count * g.rows * g.p0 * g.p1 * g.width
+    image_elements = layout.batch * g.rows * g.s0 * g.s1 * g.image_width
+    blocks = max(1, min(MAX_BLOCKS, -(-total // threads)))
+    suffix = index_suffix(total, image_elements, headroom=MAX_BLOCKS * threads)
+    return Plan(f"{{float}}_{suffix}", (blocks,), (threads,), (np.int64(total),) + g.args())
+
+
+def _device() -> int:
+    return cupy().cuda.runtime.getDevice()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str, device: int):
+    return _module.function(SOURCE, name)
+
+
+_cached_gather_plan = functools.lru_cache(maxsize=1024)(gather_plan)
+_cached_scatter_plan = functools.lru_cache(maxsize=1024)(scatter_plan)
+_cached_atomic_plan = functools.lru_cache(maxsize=1024)(atomic_plan)
+
+
+def gather_launch(x, offsets, layout, fill_value, out, threads: int | None = None):
+    """``(kernel name, grid, block, arguments)`` of the gather: pure host logic (the CPU tests run exactly these
+    arguments through a host build of the kernel, tests/test_cuda_host.py)."""
+    plan = _cached_gather_plan(layout, x.dtype.itemsize, threads or _module.THREADS_PER_BLOCK)
+    args = (x,) + offset_args(offsets) + (out,) + plan.args + (fill_bits(fill_value),) + plan.tail
+    return plan.kernel, plan.grid, plan.block, args
+
+
+def scatter_launch(grad, offsets, layout, out, deterministic: bool = True, threads: int | None = None,
+                   pixels: int | None = None, chunk: int | None = None):
+    """``(kernel name, grid, block, arguments)`` of the deterministic (or atomic) scatter; ``grad`` already in
+    ``out``'s dtype and C-contiguous."""
+    name = FLOAT_NAMES[out.dtype.itemsize]
+    if deterministic:
+        plan = _cached_scatter_plan(layout, pixels or SCATTER_PIXELS, chunk or SCATTER_CHUNK)
+        kernel = "scatter_" + plan.kernel.format(float=name)
+    else:
+        plan = _cached_atomic_plan(layout, threads or _module.THREADS_PER_BLOCK)
+        kernel = "scatter_atomic_" + plan.kernel.format(float=name)
+    return kernel, plan.grid, plan.block, (grad,) + offset_args(offsets) + (out,) + plan.args
+
+
+def clear_caches():
+    """Forget the memoized plans (after changing the module's tuning constants, as the tests do)."""
+    for cache in (_cached_gather_plan, _cached_scatter_plan, _cached_atomic_plan):
+        cache.cache_clear()
+
+
+def gather(x, offsets, layout, fill_value, out):
+    """``out`` (patches of ``layout``) = the patches of ``x`` at ``offsets``, ``fill_value`` outside. One launch."""
+    if not x.flags.c_contiguous:
+        x = cupy().ascontiguousarray(x)
+    name, grid, block, args = gather_launch(x, offsets, layout, fill_value, out)
+    _kernel(name, _device())(grid, block, args)
+    return out
+
+
+def scatter(grad, offsets, layout, out, *, deterministic=True):
+    """``out`` (overwritten) = the patches ``grad`` added at ``offsets``, in ``out``'s float dtype.
+
+    Deterministic (default): one launch writing every element once as the sum of its covering patches in
+    patch order, bitwise the CPU kernel's result. ``deterministic=False``: zero ``out``, then atomic adds.
     """
-    images.fill(0)
-    suffix = f"{FLOAT_NAMES[patches.dtype.itemsize]}_{_index_suffix(images, patches)}"
-    shape_args = _shape_args(patches, images)
-    blocks, threads = _grid(patches.size)
-    total = np.int64(patches.size)
+    cp = cupy()
+    if grad.dtype != out.dtype:
+        grad = grad.astype(out.dtype)  # float16 / bfloat16 gradients accumulate in float32
+    if not grad.flags.c_contiguous:
+        grad = cp.ascontiguousarray(grad)
+    name, grid, block, args = scatter_launch(grad, offsets, layout, out, bool(deterministic))
     if not deterministic:
-        kernel = _module.function(SOURCE, f"scatter_atomic_{suffix}")
-        kernel(blocks, threads, (patches, offsets, images, total) + shape_args)
-        return images
-    starts, lists = _overlap_lists(offsets, shape_args, patches.shape[0] * patches.shape[1])
-    kernel = _module.function(SOURCE, f"scatter_{suffix}")
-    kernel(blocks, threads, (patches, offsets, starts, lists, images, total) + shape_args)
-    return images
+        out.fill(0)
+    _kernel(name, _device())(grid, block, args)
+    return out

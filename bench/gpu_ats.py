@@ -1,0 +1,69 @@
+"""ATS versus dense on CUDA (PyTorch): one training step, time and peak memory, batch sizes 1, 8 and 32.
+
+Each configuration runs in a fresh subprocess (``bench.torch_ats.measure``:
+one warm-up step, then the median of synchronized steps; memory is
+``torch.cuda.max_memory_allocated`` above what was allocated before). Needs
+torch with CUDA; skipped with a note otherwise.
+
+    python -m bench.gpu_ats [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import _gpu, torch_ats
+from ._timing import Table
+
+NAME = "gpu_ats"
+SIZES = (1500,)
+QUICK_SIZES = (512,)
+BATCHES = torch_ats.GPU_BATCHES
+QUICK_BATCHES = (1, 8)
+METHODS = ("ats", "dense")
+
+
+def cases(quick: bool):
+    return torch_ats.cases(quick, "cuda", QUICK_BATCHES if quick else BATCHES, METHODS, QUICK_SIZES if quick else SIZES)
+
+
+def unavailable():
+    reason = _gpu.unavailable()
+    if reason is None and _gpu.torch_cuda() is None:
+        reason = "torch with CUDA is not installed"
+    return reason
+
+
+def run(quick: bool = False, progress=None) -> Table:
+    table = Table(NAME, "ATS versus dense on CUDA (PyTorch), one training step",
+                  ["image", "B", "method", "ms / step", "ms / sample", "peak MiB", "dense / ATS time",
+                   "dense / ATS memory"])
+    results = {}
+    for case in cases(quick):
+        results[(case["size"], case["batch"], case["method"])] = torch_ats._run_case(case)
+        if progress is not None:
+            progress.update(1)
+    for (size, batch, method), r in results.items():
+        ats = results.get((size, batch, "ats"))
+        dense = results.get((size, batch, "dense"))
+        per_sample = r["seconds_per_sample"]
+        memory = r["peak_mib_per_sample"] * batch
+        ratios = ["", ""]
+        if method == "ats" and dense is not None:
+            ratios = [dense["seconds_per_sample"] / per_sample,
+                      dense["peak_mib_per_sample"] / max(r["peak_mib_per_sample"], 1e-9)]
+        table.rows.append([f"{size}²", batch, method, 1e3 * per_sample * batch, 1e3 * per_sample, memory] + ratios)
+    table.notes.append(f"ATS: {torch_ats.N_PATCHES} patches of {torch_ats.PATCH}², attention on a "
+                       f"{torch_ats.LOW_SCALE}-scale view; dense: the same feature network over the whole image; "
+                       "inf = out of memory")
+    table.notes.append("goals (issue 10): ATS step >= 10x faster than dense at B=32 and >= 5x at B=8, >= 50x less memory")
+    table.raw = {f"{s}/{b}/{m}": r for (s, b, m), r in results.items()}
+    return table
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    reason = unavailable()
+    print(f"skipped: {reason}" if reason else run(args.quick).markdown())

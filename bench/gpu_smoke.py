@@ -1,0 +1,76 @@
+"""A small GPU workout for ``compute-sanitizer``: gathers, scatters and samples on CuPy arrays, checked against
+the CPU kernels. CuPy's memory pool is switched off, so every array is its own ``cudaMalloc`` and the
+sanitizer sees exact bounds (an access a byte past an array is an error, not a read inside the pool).
+
+    compute-sanitizer --tool memcheck python -m bench.gpu_smoke
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+
+def _check(name, got, expected, exact=True):
+    ok = np.array_equal(got, expected) if exact else np.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    if not ok:
+        raise AssertionError(f"{name}: GPU result differs from the CPU kernel")
+
+
+def patches(cupy, atskern, rng):
+    """Every item size, 1-3 spatial dims, both layouts, offsets inside, across and far outside, odd sizes."""
+    shapes = {1: ((2, 37), (9,)), 2: ((2, 13, 17), (5, 6)), 3: ((1, 5, 7, 9), (3, 2, 4))}
+    for ndim, (spatial_batch, patch) in shapes.items():
+        batch, spatial = spatial_batch[0], spatial_batch[1:]
+        for channels_first in (False, True):
+            for dtype in (np.uint8, np.float16, np.float32, np.float64):
+                shape = (batch, 3) + spatial if channels_first else (batch,) + spatial + (3,)
+                x = rng.integers(0, 200, shape).astype(dtype)
+                offsets = np.stack([rng.integers(-p - 2, s + 2, (batch, 11)) for s, p in zip(spatial, patch)], -1)
+                offsets[0, 0] = [s - p for s, p in zip(spatial, patch)]  # ends on the image's last element
+                offsets[0, 1] = [-(10**6)] * ndim
+                expected = atskern.extract_patches(x, offsets, patch, fill=3, channels_first=channels_first)
+                got = atskern.extract_patches(cupy.asarray(x), cupy.asarray(offsets.astype(np.int32)), patch, fill=3,
+                                              channels_first=channels_first)
+                _check(f"gather {dtype.__name__} {ndim}-D", got.get(), expected)
+                if dtype in (np.float32, np.float64):
+                    grad = rng.standard_normal(expected.shape).astype(dtype)
+                    back = atskern.scatter_patches(grad, offsets, spatial, channels_first=channels_first)
+                    for deterministic in (True, False):
+                        got = atskern.scatter_patches(cupy.asarray(grad), cupy.asarray(offsets), spatial,
+                                                      channels_first=channels_first, deterministic=deterministic)
+                        _check(f"scatter {dtype.__name__} {ndim}-D", got.get(), back, exact=deterministic)
+    # an unaligned uint8 image view whose last byte is the allocation's last byte
+    raw = cupy.asarray(rng.integers(0, 256, 3 + 2 * 29 * 31 * 3).astype(np.uint8))
+    x = raw[3:].reshape(2, 29, 31, 3)
+    offsets = np.array([[[0, 0], [28, 30], [27, 14], [5, 7]], [[0, 1], [26, 29], [28, 0], [1, 22]]])
+    expected = atskern.extract_patches(x.get(), offsets, (3, 9), fill=1)
+    _check("gather unaligned", atskern.extract_patches(x, cupy.asarray(offsets), (3, 9), fill=1).get(), expected)
+
+
+def sampling(cupy, atskern, rng):
+    for shape, n, replace in [((3, 40), 7, False), ((2, 30, 20), 12, True), ((2, 30, 20), 12, False),
+                              ((1, 4, 5, 6), 9, False)]:
+        attention = rng.random(shape) + 0.01
+        cpu = atskern.sample(attention, n, replace=replace, seed=5)
+        gpu = atskern.sample(cupy.asarray(attention), n, replace=replace, seed=5)
+        _check(f"sample {shape}", gpu[0].get(), cpu[0])
+
+
+def main() -> int:
+    import cupy
+
+    import atskern
+
+    cupy.cuda.set_allocator(None)  # exact allocations for the sanitizer
+    rng = np.random.default_rng(0)
+    patches(cupy, atskern, rng)
+    sampling(cupy, atskern, rng)
+    cupy.cuda.Device().synchronize()
+    print("gpu smoke: all results equal the CPU kernels")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""The GPU patch kernels' host side, on the CPU: launch plans, argument packing and NumPy emulations of the
+kernels (tests/gpu_emulation.py) against the reference. The CUDA code itself runs in the ``gpu`` tests."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import atskern
+from atskern import _validation as v
+from atskern import reference
+from atskern.gpu import patches as gp
+
+from . import gpu_emulation as emu
+
+OFFSET_DTYPES = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64]
+
+
+def layout_of(x_shape, k, patch, channels_first=False):
+    x = np.zeros(x_shape, np.uint8)
+    layout, _ = v.check_gather(x, np.zeros((x_shape[0], k, len(x_shape) - 2), np.int32), patch, 0, channels_first, None)
+    return layout
+
+
+def test_geometry_pads_dims_and_folds_channels():
+    assert gp.geometry(layout_of((2, 13, 17, 3), 5, (4, 6))) == gp.Geometry(5, 1, 1, 4, 6, 3, 1, 13, 17, 2)
+    g = gp.geometry(layout_of((2, 3, 13, 17), 5, (4, 6), channels_first=True))
+    assert g == gp.Geometry(5, 3, 1, 4, 6, 1, 1, 13, 17, 2)
+    g = gp.geometry(layout_of((1, 5, 7, 9, 2), 4, (3, 2, 4)))
+    assert (g.p0, g.p1, g.p2, g.s0, g.s1, g.s2, g.width, g.image_width, g.dims) == (3, 2, 4, 5, 7, 9, 8, 18, 3)
+    assert gp.geometry(layout_of((1, 23, 2), 4, (6,)))[2:] == (1, 1, 6, 2, 1, 1, 23, 1)
+    args = g.args()
+    assert [a.dtype for a in args] == [np.dtype(np.int64)] * 9 + [np.dtype(np.int32)]
+
+
+@pytest.mark.parametrize("dtype", OFFSET_DTYPES)
+def test_offset_args_pass_dtype_code_and_byte_strides(dtype):
+    base = np.zeros((3, 4, 2, 5), dtype)
+    offsets = base[:, ::-1, :, 2].transpose(0, 1, 2)  # reversed, strided: passed as is
+    array, sb, sk, sd, kind = gp.offset_args(offsets)
+    assert array is offsets
+    assert (int(sb), int(sk), int(sd)) == offsets.strides and int(sk) < 0
+    assert emu._INT_DTYPES[int(kind)] == np.dtype(dtype)
+
+
+@pytest.mark.parametrize("dtype, fill", [(np.uint8, 7), (np.int16, -2), (np.float16, -1.5), (np.float32, np.pi),
+                                         (np.float64, -0.0), (np.int64, -1), (ml_dtypes.bfloat16, 3.25),
+                                         (np.complex64, 1 - 2j)])
+def test_fill_bits_truncate_to_the_fill(dtype, fill):
+    value = v.check_fill(fill, np.dtype(dtype))
+    bits = int(gp.fill_bits(value))
+    size = np.dtype(dtype).itemsize
+    assert bits < 2 ** (8 * size)  # the kernel's (T)fill_bits keeps exactly the low bytes
+    assert bits.to_bytes(size, "little") == value.tobytes()
+
+
+def test_index_suffix():
+    assert gp.index_suffix(10, 2**31 - 2) == "i32"
+    assert gp.index_suffix(2**31 - 1) == "i64"
+    assert gp.index_suffix(2**31 - 100, headroom=100) == "i64"
+
+
+@pytest.mark.parametrize("x_shape, k, patch, cf", [((8, 2048, 2048, 3), 64, 32, False), ((8, 1, 1500, 1500), 10, 50, True),
+                                                   ((2, 9, 1), 3, 1, False), ((1, 3, 40000), 2, 40000, True)])
+@pytest.mark.parametrize("threads", [32, 256])
+def test_gather_plan(x_shape, k, patch, cf, threads):
+    layout = layout_of(x_shape, k, patch, cf)
+    g = gp.geometry(layout)
+    plan = gp.gather_plan(layout, 4, threads)
+    total_rows, lanes = int(plan.args[0]), 1 << int(plan.tail[0])
+    assert total_rows == layout.batch * k * g.rows * g.p0 * g.p1
+    assert lanes <= min(32, threads) and threads % lanes == 0
+    assert lanes == 32 or lanes * 16 >= g.width * 4 + 16, "enough lanes for every 16-byte chunk of a row"
+    assert plan.grid[0] * (threads // lanes) >= total_rows or plan.grid[0] == gp.MAX_BLOCKS
+    assert plan.block == (threads,) and plan.kernel == "gather_u32_i32"
+    assert gp.gather_plan(layout_of((40, 2**14, 2**14, 1), 1, 1), 1, 256).kernel == "gather_u8_i64"
+
+
+@pytest.mark.parametrize("s1, width", [(1, 23), (1, 10**6), (2048, 6144), (3, 5), (5000, 7), (40, 150)])
+@pytest.mark.parametrize("pixels", [1, 4, 16])
+def test_scatter_tiles(s1, width, pixels):
+    tile_h, tile_w = gp.scatter_tile(s1, width, pixels)
+    assert tile_h * tile_w == pixels * gp.SCATTER_THREADS
+    assert tile_w & (tile_w - 1) == 0 and tile_w >= 32
+    if s1 >= tile_h and width >= tile_w:
+        assert tile_w == 256 or tile_h == 1 or tile_w == pixels * gp.SCATTER_THREADS
+    if s1 == 1:
+        assert tile_w >= min(pixels * gp.SCATTER_THREADS, width), "1-D images: no idle rows"
+
+
+def test_scatter_plan_checks_its_tuning():
+    layout = layout_of((1, 9, 9, 1), 2, 3)
+    with pytest.raises(ValueError, match="pixels must be a power of two"):
+        gp.scatter_plan(layout, pixels=3)
+    with pytest.raises(ValueError, match="chunk in 1..256"):
+        gp.scatter_plan(layout, chunk=0)
+    plan = gp.scatter_plan(layout_of((8, 2048, 2048, 3), 512, 32))
+    assert plan.block == (256,) and plan.kernel == "{float}_i32"
+    tiles, tiles_w, tiles_h = (int(a) for a in plan.args[10:13])
+    assert tiles == 8 * tiles_w * tiles_h and tiles_w * 256 >= 6144 and tiles_h * 16 >= 2048
+
+
+def _random_case(rng, ndim, channels_first, offsets_dtype=np.int32, max_count=3):
+    spatial = tuple(int(s) for s in rng.integers(1, 12, ndim))
+    patch = tuple(int(p) for p in rng.integers(1, 7, ndim))
+    batch, channels = (int(c) for c in rng.integers(1, 4, 2))
+    count = int(rng.integers(1, max_count + 1))
+    shape = (batch, channels) + spatial if channels_first else (batch,) + spatial + (channels,)
+    offsets = np.stack([rng.integers(-p - 2, s + 2, (batch, count)) for s, p in zip(spatial, patch)], axis=-1)
+    return shape, patch, offsets.astype(offsets_dtype)
+
+
+@pytest.mark.parametrize("channels_first", [False, True], ids=["last", "first"])
+@pytest.mark.parametrize("ndim", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [np.uint8, np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_emulated_gather_equals_reference(dtype, ndim, channels_first):
+    rng = np.random.default_rng(ndim * 10 + channels_first)
+    for trial in range(3):
+        shape, patch, offsets = _random_case(rng, ndim, channels_first, OFFSET_DTYPES[trial * 3 % 8])
+        offsets = offsets.astype(np.int64)[:, ::-1].astype(offsets.dtype) if trial == 1 else offsets
+        x = rng.integers(0, 200, shape).astype(dtype)
+        layout, fill = v.check_gather(x, offsets, patch, 5, channels_first, None)
+        expected = reference.extract_patches(x, offsets, patch, fill=5, channels_first=channels_first)
+        for x_address, out_address in [(0x1000, 0x2000), (0x1000 + 8, 0x2000 + 8 * trial), (0x1008, 0x2000)]:
+            item = np.dtype(dtype).itemsize
+            got = emu.gather(x, offsets, layout, fill, x_address=x_address // item * item,
+                             out_address=out_address // item * item, threads=32)
+            assert np.array_equal(got.view(f"u{item}"), expected.view(f"u{item}"))
+
+
+def test_emulated_gather_unaligned_byte_runs():
+    """Every source/destination alignment pair of the 16-byte path, on long uint8 rows."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (1, 3, 100, 1)).astype(np.uint8)
+    offsets = np.array([[[0, 3], [1, -5], [2, 60], [1, 17]]], np.int16)
+    layout, fill = v.check_gather(x, offsets, (2, 45), 9, False, None)
+    expected = reference.extract_patches(x, offsets, (2, 45), fill=9)
+    for shift_x in range(16):
+        for shift_out in (0, 5, 11):
+            got = emu.gather(x, offsets, layout, fill, x_address=0x100 + shift_x, out_address=0x400 + shift_out)
+            assert np.array_equal(got, expected), (shift_x, shift_out)
+
+
+def test_emulated_gather_huge_offsets_of_every_dtype():
+    x = np.arange(2 * 13 * 17, dtype=np.float32).reshape(1, 13, 17, 2)
+    for dtype in OFFSET_DTYPES:
+        info = np.iinfo(dtype)
+        offsets = np.array([[[info.min, info.max], [info.max, 3], [2, info.min], [1, 2]]], dtype=dtype)
+        layout, fill = v.check_gather(x, offsets, (4, 5), 0, False, None)
+        got = emu.gather(x, offsets, layout, fill)
+        assert np.array_equal(got, reference.extract_patches(x, offsets, (4, 5))), dtype
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), ndim=st.integers(1, 3), channels_first=st.booleans(),
+       pixels=st.sampled_from([1, 2, 16]), chunk=st.sampled_from([1, 3, 256]),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_emulated_scatter_is_bitwise_the_cpu_kernel(seed, ndim, channels_first, pixels, chunk, dtype):
+    """Same sums in the same order as the CPU kernel, each element written once, for any tiling and chunking."""
+    rng = np.random.default_rng(seed)
+    shape, patch, offsets = _random_case(rng, ndim, channels_first, OFFSET_DTYPES[seed % 8], max_count=12)
+    spatial = shape[2:] if channels_first else shape[1:-1]
+    channels = shape[1] if channels_first else shape[-1]
+    grad_shape = (shape[0], offsets.shape[1]) + ((channels,) + patch if channels_first else patch + (channels,))
+    grad = rng.standard_normal(grad_shape).astype(dtype)
+    layout, _ = v.check_scatter(grad, offsets, spatial, channels_first, None)
+    expected = atskern.scatter_patches(grad, offsets, spatial, channels_first=channels_first)
+    got = emu.scatter(grad, offsets, layout, pixels=pixels, chunk=chunk)
+    assert np.array_equal(got.view(f"u{grad.itemsize}"), expected.view(f"u{grad.itemsize}"))
