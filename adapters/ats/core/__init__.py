@@ -8,7 +8,7 @@ from, and the attention map is ``(B, *grid)`` (``SampleSoftmax(squeeze_channels=
 
 from __future__ import annotations
 
-from ._keras import require_tensorflow_backend
+from .._keras import require_tensorflow_backend
 
 require_tensorflow_backend("ats.core")
 # The backend is checked before keras is imported, hence the late imports.
@@ -20,9 +20,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from . import ops
-from ._keras import register
-from .utils.layers import ActivityRegularizer
+from .. import ops
+from .._keras import register
+from ..utils.layers import ActivityRegularizer
 
 
 MODES = ("sample", "topk", "auto")

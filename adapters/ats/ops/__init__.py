@@ -23,8 +23,8 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from . import _kernels
-from ._bridge import XLAUnsupportedError, numpy_call
+from .. import _kernels
+from .._bridge import XLAUnsupportedError, numpy_call
 
 __all__ = [
     "sample",
