@@ -314,3 +314,8 @@ def attention_sampling(
 
 
 __all__ = ["attention_sampling", "SamplePatches", "Expectation", "PatchesToBatch", "BatchToPatches"]
+
+
+# The 2019 submodules (ats.core.ats_layer, builder, expectation, sampling),
+# importable as attributes after ``import ats.core`` as in 2019.
+from . import ats_layer, builder, expectation, sampling  # noqa: E402,F401
