@@ -28,10 +28,13 @@ def _epoch_end(sequence):
 
 
 def _stack(items):
-    """Stack a list of samples; lists and tuples of arrays are stacked per position."""
+    """Stack a list of samples; lists and tuples of arrays are stacked per position, into a tuple.
+
+    (A tuple, not a list: Keras 3 reads a list in a batch as one tensor, not as several inputs.)
+    """
     first = items[0]
     if isinstance(first, (list, tuple)):
-        return type(first)(np.stack([item[k] for item in items]) for k in range(len(first)))
+        return tuple(np.stack([item[k] for item in items]) for k in range(len(first)))
     return np.stack(items)
 
 
