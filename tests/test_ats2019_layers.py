@@ -255,3 +255,27 @@ def test_sample_patches_from_config_roundtrip():
     again = SamplePatches.from_config(layer.get_config())
     assert (again.n_patches, again.patch_size, again.receptive_field, again.replace, again.use_logits) == (
         5, (8, 6), 3, True, True)
+
+
+@pytest.mark.slow
+def test_2019_quick_start_survives_save_and_load(tmp_path):
+    # the 2019 README's model, Keras imports updated; saved and loaded, then compared in top-k mode
+    x_high = L.Input(shape=(1500, 1500, 1))
+    x_low = L.AveragePooling2D(pool_size=10)(x_high)
+    attention = keras.Sequential([L.Conv2D(8, 3, padding="same", activation="relu"), L.Conv2D(1, 3, padding="same"),
+                                  SampleSoftmax(squeeze_channels=True)])
+    feature = keras.Sequential([L.Conv2D(32, 3, activation="relu"), L.GlobalMaxPooling2D(), L2Normalize()])
+    features, attention, patches = attention_sampling(attention, feature, patch_size=(32, 32), n_patches=10,
+                                                      attention_regularizer=multinomial_entropy(0.01))([x_low, x_high])
+    y = L.Dense(10, activation="softmax")(features)
+    model = keras.Model(inputs=x_high, outputs=y)
+    path = tmp_path / "quick.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    for a, b in zip(model.get_weights(), loaded.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x = np.random.default_rng(10).uniform(size=(1, 1500, 1500, 1)).astype(np.float32)
+    assert loaded.predict(x, verbose=0).shape == (1, 10)
+    for m in (model, loaded):
+        next(layer for layer in m.layers if isinstance(layer, SamplePatches)).mode = "topk"
+    np.testing.assert_array_equal(model(x).numpy(), loaded(x).numpy())
