@@ -7,6 +7,8 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
@@ -246,23 +248,36 @@ def _fraction_start(s, offset, space, prev, size, src, dst):
     return round(centre - Fraction(size, 2))  # Python rounds Fractions half to even
 
 
-def test_level_offsets_are_exact_and_match_patch_offsets():
-    rng = np.random.default_rng(14)
-    for _ in range(30):
-        low = int(rng.integers(8, 40))
-        rf = int(rng.integers(0, low // 2))
-        high = low * int(rng.integers(1, 6)) + int(rng.integers(0, 3))
-        grid = int(rng.integers(1, low - rf + 1))
-        size = int(rng.integers(1, high + 1))
-        s = rng.integers(0, grid, size=(1, 6, 1))
-        starts = level_offsets(s, np.full((1, 6, 1), rf / 2), [grid], [low - rf], [size], [low], [high]).numpy()
-        want = [_fraction_start(int(v), Fraction(rf, 2), grid, low - rf, size, low, high) for v in s.ravel()]
-        assert starts.ravel().tolist() == want
-        margin = rf / 2 / low
-        mapped = ats.ops.patch_offsets(s.astype(np.int32), [grid], [high], size, margin=margin).numpy()
-        assert np.abs(mapped.ravel() - np.array(want)).max() <= 1  # float margins may land beside an exact tie
-        if rf == 0:
-            np.testing.assert_array_equal(mapped.ravel(), want)
+@settings(max_examples=60, deadline=None)
+@given(
+    low=st.integers(4, 60),
+    rf_frac=st.floats(0, 0.49),
+    ratio=st.integers(1, 8),
+    extra=st.integers(0, 5),
+    grid_frac=st.floats(0.01, 1),
+    size_frac=st.floats(0, 1),
+    data=st.data(),
+)
+def test_level_offsets_are_exact_and_match_patch_offsets(low, rf_frac, ratio, extra, grid_frac, size_frac, data):
+    rf = int(rf_frac * low)
+    high = low * ratio + extra
+    grid = max(1, int(grid_frac * (low - rf)))
+    size = max(1, int(size_frac * high))
+    s = np.array(data.draw(st.lists(st.integers(0, grid - 1), min_size=1, max_size=6))).reshape(1, -1, 1)
+    starts = level_offsets(s, np.full(s.shape, rf / 2), [grid], [low - rf], [size], [low], [high]).numpy()
+    want = [_fraction_start(int(v), Fraction(rf, 2), grid, low - rf, size, low, high) for v in s.ravel()]
+    assert starts.ravel().tolist() == want
+    # the same mapping as SamplePatches' (margin = rf / 2 / low), up to float margins beside exact ties
+    mapped = ats.ops.patch_offsets(s.astype(np.int32), [grid], [high], size, margin=rf / 2 / low).numpy()
+    assert np.abs(mapped.ravel() - np.array(want)).max() <= 1
+    if rf == 0:
+        np.testing.assert_array_equal(mapped.ravel(), want)
+
+
+def test_level_offsets_round_exact_ties_half_to_even():
+    # prev * to / (from * G) = 3 pixels per cell: centres 1.5, 4.5, 7.5, ...; a 2-pixel patch starts at c - 1
+    starts = level_offsets(np.arange(4).reshape(1, 4, 1), np.zeros((1, 4, 1)), [4], [12], [2], [12], [12]).numpy()
+    assert starts.ravel().tolist() == [0, 4, 6, 10]  # rint of 0.5, 3.5, 6.5, 9.5, half to even
 
 
 def test_from_tensors_symbolic_and_interface():

@@ -27,7 +27,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 from keras.callbacks import Callback, ModelCheckpoint  # noqa: E402
-from keras.layers import AveragePooling2D, Conv2D, Dense, GlobalMaxPooling2D, Input  # noqa: E402,F401
+from keras.layers import Conv2D, Dense, GlobalMaxPooling2D, Input  # noqa: E402
 from keras.models import Model, Sequential  # noqa: E402
 from keras.optimizers import SGD, Adam  # noqa: E402
 from keras.utils import PyDataset  # noqa: E402
