@@ -341,3 +341,33 @@ def test_builder_says_what_is_missing():
         ATSBuilder().from_tensors([tf.ones((1, 4, 4, 1))] * 2, None).attention(lambda x: x).n_patches(1).get()
     with pytest.raises(ValueError, match="receptive_field must be a non-negative integer"):
         ATSBuilder().attention_receptive_field(-1)
+
+
+class InputsBatch(MultiResolutionBatch):
+    """A MultiResolutionBatch that creates its own keras.Input levels (2019's placeholders, in Keras 3 terms)."""
+
+    def __init__(self):
+        self.levels = [L.Input(SMALL, name="low"), L.Input(LARGE, name="high")]
+        self._inner = FromTensors(self.levels, None)
+
+    def inputs(self):
+        return list(self.levels)
+
+    def targets(self):
+        return None
+
+    def data(self, level):
+        return self.levels[level]
+
+    def patches(self, *args):
+        return self._inner.patches(*args)
+
+
+def test_builder_from_a_batch_that_owns_its_inputs():
+    batch = InputsBatch()
+    result = (ATSBuilder().from_batch(batch).attention(_attention()).feature(_feature(4)).patch_size((15, 15))
+              .n_patches(2).get())
+    model = keras.Model(result.inputs, result.outputs)  # the batch's inputs are the model's inputs
+    assert [t.name for t in model.inputs] == ["low", "high"]
+    rng = np.random.default_rng(17)
+    assert model.predict([rng.uniform(size=(1, *SMALL)), rng.uniform(size=(1, *LARGE))], verbose=0).shape == (1, 4)
