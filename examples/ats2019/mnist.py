@@ -3,7 +3,8 @@
 
 Ported from the 2019 attention-sampling library's ``scripts/mnist.py`` with
 the same command-line options and model. Keras 3 changes: the ``keras.Input``
-first layers instead of ``input_shape=``; ``learning_rate=`` instead of
+first layers instead of ``input_shape=`` (the feature network's on the patch
+shape: Keras 3 refuses patches on a model declared for the full image); ``learning_rate=`` instead of
 ``lr=``; ``model.fit``/``model.evaluate`` instead of
 ``fit_generator``/``evaluate_generator``; weight checkpoints named
 ``weights.{epoch:02d}.weights.h5`` (Keras 3 wants that suffix with
