@@ -26,7 +26,6 @@ import numpy as np
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import keras  # noqa: E402
 from keras.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from keras.layers import Conv2D, Dense, GlobalMaxPooling2D, Input  # noqa: E402
 from keras.models import Model, Sequential  # noqa: E402
