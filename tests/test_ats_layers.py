@@ -239,16 +239,20 @@ def test_receptive_field_maps_valid_attention_grid_to_centres():
     assert core.SamplePatches.from_config(layer.get_config()).receptive_field == 4
 
 
-def test_use_logits_matches_probabilities_with_the_same_seed():
+def test_use_logits_samples_the_softmax_and_returns_the_logits_as_2019():
     rng = np.random.default_rng(11)
     logits = rng.normal(size=(2, 6, 6)).astype("float32")
     probs = tf.reshape(tf.nn.softmax(logits.reshape(2, -1)), (2, 6, 6))
     x_high = images((2, 24, 24, 1))
     x_low = x_high[:, ::4, ::4]
-    from_logits = SamplePatches(3, 4, use_logits=True, mode="topk")([x_low, x_high, logits])
-    from_probs = SamplePatches(3, 4, mode="topk")([x_low, x_high, probs])
-    for a, b in zip(from_logits, from_probs):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6)
+    patches_l, sampled_l = SamplePatches(3, 4, use_logits=True, mode="topk")([x_low, x_high, logits])
+    patches_p, sampled_p = SamplePatches(3, 4, mode="topk")([x_low, x_high, probs])
+    np.testing.assert_array_equal(patches_l.numpy(), patches_p.numpy())
+    # 2019's code gathered the attention input itself: the logits of the drawn cells
+    top = np.sort(logits.reshape(2, -1), axis=1)[:, ::-1][:, :3]
+    np.testing.assert_array_equal(sampled_l.numpy(), top)
+    log_norm = np.log(np.exp(logits.reshape(2, -1).astype(np.float64)).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(np.exp(top - log_norm), sampled_p.numpy(), rtol=1e-5)
 
 
 def test_forcing_jit_compile_is_turned_off_by_keras():

@@ -7,9 +7,13 @@ submodules do:
   ``extract_multiscale``, ``patch_offsets``, ``expectation``;
 - :mod:`ats.core` -- Keras layers ``attention_sampling``, ``SamplePatches``,
   ``Expectation``;
-- :mod:`ats.utils.layers` and :mod:`ats.utils.regularizers` -- the 2019
-  helpers (``SampleSoftmax``, ``L2Normalize``, ``ActivityRegularizer``,
-  ``multinomial_entropy``).
+- :mod:`ats.core.ats_layer`, :mod:`ats.core.builder`, :mod:`ats.core.sampling`,
+  :mod:`ats.core.expectation` -- the 2019 modules (``ATSBuilder``, ``sample``, ``expected``);
+- :mod:`ats.data` -- ``MultiResolutionBatch`` and ``FromTensors`` (2019);
+- :mod:`ats.utils` (the 2019 cast helpers), :mod:`ats.utils.layers`,
+  :mod:`ats.utils.regularizers`, :mod:`ats.utils.training` -- the 2019
+  helpers (``SampleSoftmax``, ``ResizeImages``, ``ImagePan``, ``Batcher``, ...);
+- :mod:`ats.torch` -- the PyTorch adapter.
 
 The Keras modules need Keras 3 on the TensorFlow backend and say so at import.
 """

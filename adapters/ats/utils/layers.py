@@ -1,4 +1,5 @@
-"""Keras layers of the 2019 library: ``SampleSoftmax``, ``L2Normalize``, ``ActivityRegularizer``, ``TotalReshape``."""
+"""Keras layers of the 2019 library: ``SampleSoftmax``, ``L2Normalize``, ``ActivityRegularizer``, ``TotalReshape``,
+and the image layers ``ResizeImages``, ``ImageLinearTransform``, ``ImagePan`` (from :mod:`ats.utils.image_layers`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from .._keras import register
+from .image_layers import ImageLinearTransform, ImagePan, ResizeImages
 
 
 
@@ -129,4 +131,12 @@ class TotalReshape(keras.layers.Layer):
         return {**super().get_config(), "shape": list(self.target_shape)}
 
 
-__all__ = ["SampleSoftmax", "L2Normalize", "ActivityRegularizer", "TotalReshape"]
+__all__ = [
+    "SampleSoftmax",
+    "L2Normalize",
+    "ActivityRegularizer",
+    "TotalReshape",
+    "ResizeImages",
+    "ImageLinearTransform",
+    "ImagePan",
+]

@@ -8,7 +8,7 @@ from, and the attention map is ``(B, *grid)`` (``SampleSoftmax(squeeze_channels=
 
 from __future__ import annotations
 
-from ._keras import require_tensorflow_backend
+from .._keras import require_tensorflow_backend
 
 require_tensorflow_backend("ats.core")
 # The backend is checked before keras is imported, hence the late imports.
@@ -20,9 +20,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from . import ops
-from ._keras import register
-from .utils.layers import ActivityRegularizer
+from .. import ops
+from .._keras import register
+from ..utils.layers import ActivityRegularizer
+from ._patch_size import infer_patch_size
 
 
 MODES = ("sample", "topk", "auto")
@@ -74,7 +75,11 @@ class SamplePatches(keras.layers.Layer):
     replace : bool
         Sample with replacement. Pass the same value to :class:`Expectation`.
     use_logits : bool
-        The attention is given as unnormalized log-probabilities.
+        The attention is given as unnormalized log-probabilities; positions
+        are drawn from their softmax and ``sampled_attention`` holds the
+        logits at the samples, as 2019's code returned them (so it is not a
+        probability: pass ``SampleSoftmax`` output instead to feed
+        :class:`Expectation`).
     mode : ``"sample"``, ``"topk"`` or ``"auto"``
         ``"topk"`` takes the most attended positions (deterministic);
         ``"auto"`` samples in training and takes the top-k in inference.
@@ -163,6 +168,7 @@ class SamplePatches(keras.layers.Layer):
         size = self._size(dims)
         if not x_high.shape[1:-1].is_fully_defined():
             x_high = self._check_patch_fits(x_high, size)
+        logits = attention
         if self.use_logits:
             flat = tf.reshape(attention, (tf.shape(attention)[0], -1))
             attention = tf.reshape(tf.nn.softmax(flat, axis=-1), tf.shape(attention))
@@ -177,6 +183,8 @@ class SamplePatches(keras.layers.Layer):
             indices, tf.shape(attention)[1:], tf.shape(x_high)[1:-1], size, margin=margin
         )
         patches = ops.extract_patches(x_high, offsets, size, fill=self.fill)
+        if self.use_logits:  # 2019 returned the logits at the samples, not probabilities
+            sampled = tf.gather_nd(logits, indices, batch_dims=1)
         return [patches, sampled]
 
     def compute_output_spec(self, inputs, training=None):
@@ -284,7 +292,9 @@ def attention_sampling(
     every patch (as a batch of ``B * n_patches``) and :class:`Expectation`
     averages the patch features into ``(B, *F)``.
 
-    ``patch_size=None`` uses ``x_low``'s spatial shape (which must be static).
+    ``patch_size=None`` uses the feature network's input shape (as 2019's
+    code did) where it is known, else ``x_low``'s spatial shape (as 2019's
+    docs said); see :func:`ats.core._patch_size.infer_patch_size`.
     ``deterministic=True`` is ``mode="topk"``; ``mode="auto"`` samples in
     training and takes the top-k in inference; ``seed`` makes sampling
     reproducible (see :class:`SamplePatches`).
@@ -294,11 +304,7 @@ def attention_sampling(
 
     def apply(inputs):
         x_low, x_high = inputs
-        size = patch_size
-        if size is None:
-            size = tuple(x_low.shape[1:-1])
-            if any(s is None for s in size):
-                raise ValueError(f"patch_size=None needs x_low's spatial shape to be static, got {x_low.shape}")
+        size = patch_size if patch_size is not None else infer_patch_size(feature, x_low)
         att = attention(x_low)
         if attention_regularizer is not None:
             att = ActivityRegularizer(attention_regularizer)(att)
@@ -314,3 +320,8 @@ def attention_sampling(
 
 
 __all__ = ["attention_sampling", "SamplePatches", "Expectation", "PatchesToBatch", "BatchToPatches"]
+
+
+# The 2019 submodules (ats.core.ats_layer, builder, expectation, sampling),
+# importable as attributes after ``import ats.core`` as in 2019.
+from . import ats_layer, builder, expectation, sampling  # noqa: E402,F401

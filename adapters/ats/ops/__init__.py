@@ -23,8 +23,8 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from . import _kernels
-from ._bridge import XLAUnsupportedError, numpy_call
+from .. import _kernels
+from .._bridge import XLAUnsupportedError, numpy_call
 
 __all__ = [
     "sample",
@@ -370,3 +370,8 @@ def expectation(features, probs, *, replace=False):
     result = estimate(features, probs)
     result.set_shape(features.shape[:1].concatenate(features.shape[2:]))
     return result
+
+
+# The 2019 import path: ``ats.ops.extract_patches`` becomes a callable module
+# that also holds ``extract_patches`` (see ats/ops/extract_patches.py).
+from . import extract_patches as _extract_patches_module  # noqa: E402,F401
