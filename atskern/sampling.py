@@ -39,7 +39,8 @@ def logits_to_weights(xp, flat):
     flat = flat.astype(xp.float64, copy=False)
     top = flat.max(axis=1, keepdims=True)
     top = xp.where(xp.isfinite(top), top, 0.0)
-    return xp.exp(flat - top)
+    with np.errstate(over="ignore"):  # only rows holding +inf/NaN, refused by validation
+        return xp.exp(flat - top)
 
 
 def rescale_rows(xp, weights, status, rows):
