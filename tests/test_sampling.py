@@ -75,7 +75,7 @@ def test_chunking_does_not_change_draws():
         np.testing.assert_array_equal(a, b)
     want, _ = reference.sample(weights, 40, seed=99)
     np.testing.assert_array_equal(whole[0], want)
-    np.testing.assert_array_equal(whole[2][:, 2], (weights > 0).sum(axis=1))
+    np.testing.assert_array_equal(whole[2][:-1, 2], (weights > 0).sum(axis=1))
 
 
 def test_large_row_equals_reference():
