@@ -127,70 +127,80 @@ def _scan_block(values, hi_words, bound, flags):
 
 @jit(parallel=True)
 def _chunk_pass(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums):
-    """One pass over the weights: each (row, chunk) item validates its positions and keeps the
-    ``capacity`` smallest keys of its positive ones in a max-heap.
+    """One pass over the weights, the (row, chunk) items in parallel (see :func:`_chunk_item`).
+
+    The loop body is one call: a small parallel region compiles in a fraction of the time.
+    """
+    rows = weights.shape[0]
+    nchunks = cand_keys.shape[1]
+    for item in prange(rows * nchunks):
+        b = item // nchunks
+        _chunk_item(weights, k0, k1, chunk, b, item - b * nchunks, cand_keys, cand_idx, cand_count, row_bound,
+                    chunk_stats, block_sums)
+
+
+@jit
+def _chunk_item(weights, k0, k1, chunk, b, c, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums):
+    """Item (row ``b``, chunk ``c``): validate its positions and keep the ``capacity`` smallest
+    keys of its positive ones in a max-heap.
 
     Per block of ``BLOCK`` positions it records the float64 sum (``block_sums``), and per chunk
-    the counts of positive and negative entries and the largest entry (``chunk_stats``).
-    ``row_bound[b, 0]`` is shared by the items of row ``b``: any item's full-heap threshold
-    bounds the row's final n-th smallest key, so keys strictly above it are dropped early. The
-    result does not depend on when (or whether) an item sees another's bound.
+    the counts of positive and negative entries (``chunk_stats``). ``row_bound[b, 0]`` is
+    shared by the items of row ``b``: any item's full-heap threshold bounds the row's final
+    n-th smallest key, so keys strictly above it are dropped early. The result does not depend
+    on when (or whether) an item sees another's bound.
     """
-    rows, size = weights.shape
-    nchunks = cand_keys.shape[1]
+    size = weights.shape[1]
     capacity = cand_keys.shape[2]
     k0 = np.uint64(k0)
     k1 = np.uint64(k1)
-    for item in prange(rows * nchunks):
-        b = item // nchunks
-        c = item - b * nchunks
-        keys = cand_keys[b, c]
-        idx = cand_idx[b, c]
-        hi_words = np.empty(BLOCK, np.uint32)
-        flags = np.zeros(BLOCK, np.bool_)
-        flag_words = flags.view(np.uint64)  # 8 flags at a time: most are all clear
-        row_weights = weights[b]
-        count = 0
-        threshold = np.inf
-        positive = 0
-        negative = 0
-        stop = min(size, (c + 1) * chunk)
-        for block_start in range(c * chunk, stop, BLOCK):
-            block_stop = min(stop, block_start + BLOCK)
-            bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
-            _fill_block(block_start, block_stop, b, k0, k1, hi_words)
-            total, pos, neg = _scan_block(row_weights[block_start:block_stop], hi_words, bound, flags)
-            block_sums[b, block_start // BLOCK] = total
-            positive += pos
-            negative += neg
-            for w in range((block_stop - block_start + 7) // 8):
-                if flag_words[w] == 0:
+    keys = cand_keys[b, c]
+    idx = cand_idx[b, c]
+    hi_words = np.empty(BLOCK, np.uint32)
+    flags = np.zeros(BLOCK, np.bool_)
+    flag_words = flags.view(np.uint64)  # 8 flags at a time: most are all clear
+    row_weights = weights[b]
+    count = 0
+    threshold = np.inf
+    positive = 0
+    negative = 0
+    stop = min(size, (c + 1) * chunk)
+    for block_start in range(c * chunk, stop, BLOCK):
+        block_stop = min(stop, block_start + BLOCK)
+        bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
+        _fill_block(block_start, block_stop, b, k0, k1, hi_words)
+        total, pos, neg = _scan_block(row_weights[block_start:block_stop], hi_words, bound, flags)
+        block_sums[b, block_start // BLOCK] = total
+        positive += pos
+        negative += neg
+        for w in range((block_stop - block_start + 7) // 8):
+            if flag_words[w] == 0:
+                continue
+            for p in range(block_start + 8 * w, min(block_start + 8 * w + 8, block_stop)):
+                if not flags[p - block_start]:
                     continue
-                for p in range(block_start + 8 * w, min(block_start + 8 * w + 8, block_stop)):
-                    if not flags[p - block_start]:
-                        continue
-                    a = np.float64(row_weights[p])
-                    hi = np.uint64(hi_words[p - block_start])
-                    if not (a > 0.0 and _headroom(hi) < a * bound):
-                        continue
-                    l0, l1, l2, l3 = block_words(np.uint64(p // 4), b, STREAM_LO, k0, k1)
-                    key = -np.log(to_uniform(hi, pick_word(l0, l1, l2, l3, p & 3))) / a
-                    if key > row_bound[b, 0]:
-                        continue
-                    if count < capacity:
-                        count = _push(keys, idx, count, key, p)
-                    elif key < threshold:
-                        _replace_top(keys, idx, capacity, key, p)
-                    else:
-                        continue
-                    if count == capacity:
-                        threshold = keys[0]
-                        bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
-                        if threshold < row_bound[b, 0]:
-                            row_bound[b, 0] = threshold
-        cand_count[b, c] = count
-        chunk_stats[b, c, 0] = positive
-        chunk_stats[b, c, 1] = negative
+                a = np.float64(row_weights[p])
+                hi = np.uint64(hi_words[p - block_start])
+                if not (a > 0.0 and _headroom(hi) < a * bound):
+                    continue
+                l0, l1, l2, l3 = block_words(np.uint64(p // 4), b, STREAM_LO, k0, k1)
+                key = -np.log(to_uniform(hi, pick_word(l0, l1, l2, l3, p & 3))) / a
+                if key > row_bound[b, 0]:
+                    continue
+                if count < capacity:
+                    count = _push(keys, idx, count, key, p)
+                elif key < threshold:
+                    _replace_top(keys, idx, capacity, key, p)
+                else:
+                    continue
+                if count == capacity:
+                    threshold = keys[0]
+                    bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
+                    if threshold < row_bound[b, 0]:
+                        row_bound[b, 0] = threshold
+    cand_count[b, c] = count
+    chunk_stats[b, c, 0] = positive
+    chunk_stats[b, c, 1] = negative
 
 
 @jit(inline="always")
@@ -326,54 +336,59 @@ def _with_replacement(weights, k0, k1, grid, indices, probs, status):
 
 @jit(parallel=True)
 def _replacement_rows(weights, k0, k1, grid, indices, probs, status):
-    """Per row: one pass for the float64 total and the status, then ``n`` inverse-CDF draws
+    for b in prange(weights.shape[0]):
+        _replacement_row(weights, b, k0, k1, grid, indices, probs, status)
+
+
+@jit
+def _replacement_row(weights, b, k0, k1, grid, indices, probs, status):
+    """Row ``b``: one pass for the float64 total and the status, then ``n`` inverse-CDF draws
     (sorted targets, a second pass over the prefix sums that stops at the last target)."""
-    rows, size = weights.shape
+    size = weights.shape[1]
     n = indices.shape[1]
     k0 = np.uint64(k0)
     k1 = np.uint64(k1)
-    for b in prange(rows):
-        total = 0.0
-        positive = 0
-        negative = 0
-        for p in range(size):
-            a = np.float64(weights[b, p])
-            total += a
-            positive += np.int64(a > 0.0)
-            negative += np.int64(a < 0.0)
-        _row_status(weights, b, total, positive, negative, status)
-        if not (positive > 0 and np.isfinite(total) and total > 0.0):
-            for k in range(n):  # an invalid row (refused unless validate=False): in-range fillers
-                indices[b, k, :] = 0
-                probs[b, k] = 0.0
-            continue
-        targets = np.empty(n, np.float64)
-        for k in range(n):
-            w0, w1, w2, w3 = block_words(np.uint64(k // 2), b, STREAM_REPLACE, k0, k1)
-            if k % 2 == 0:
-                targets[k] = to_uniform(w0, w1) * total
-            else:
-                targets[k] = to_uniform(w2, w3) * total
-        order = np.argsort(targets)
-        acc = 0.0
-        k = 0
-        last_positive = 0
-        for p in range(size):
-            a = np.float64(weights[b, p])
-            if a > 0.0:
-                last_positive = p
-            acc += a
-            while k < n and targets[order[k]] <= acc:
-                _write_coords(indices, b, order[k], p, grid)
-                probs[b, order[k]] = a / total
-                k += 1
-            if k == n:
-                break
-        a = np.float64(weights[b, last_positive])
-        while k < n:
-            _write_coords(indices, b, order[k], last_positive, grid)
+    total = 0.0
+    positive = 0
+    negative = 0
+    for p in range(size):
+        a = np.float64(weights[b, p])
+        total += a
+        positive += np.int64(a > 0.0)
+        negative += np.int64(a < 0.0)
+    _row_status(weights, b, total, positive, negative, status)
+    if not (positive > 0 and np.isfinite(total) and total > 0.0):
+        for k in range(n):  # an invalid row (refused unless validate=False): in-range fillers
+            indices[b, k, :] = 0
+            probs[b, k] = 0.0
+        return
+    targets = np.empty(n, np.float64)
+    for k in range(n):
+        w0, w1, w2, w3 = block_words(np.uint64(k // 2), b, STREAM_REPLACE, k0, k1)
+        if k % 2 == 0:
+            targets[k] = to_uniform(w0, w1) * total
+        else:
+            targets[k] = to_uniform(w2, w3) * total
+    order = np.argsort(targets)
+    acc = 0.0
+    k = 0
+    last_positive = 0
+    for p in range(size):
+        a = np.float64(weights[b, p])
+        if a > 0.0:
+            last_positive = p
+        acc += a
+        while k < n and targets[order[k]] <= acc:
+            _write_coords(indices, b, order[k], p, grid)
             probs[b, order[k]] = a / total
             k += 1
+        if k == n:
+            break
+    a = np.float64(weights[b, last_positive])
+    while k < n:
+        _write_coords(indices, b, order[k], last_positive, grid)
+        probs[b, order[k]] = a / total
+        k += 1
 
 
 def sample(weights, n, grid, seed, replace, chunk=None):
