@@ -15,12 +15,13 @@ half-way cases round half to even exactly and no float64 is needed.
 
 from __future__ import annotations
 
-from fractions import Fraction
 from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from .._xla_common import offset_table
 
 
 def _geometry(shape, channels_first: bool):
@@ -104,26 +105,6 @@ def _float_bwd(patch, fill, channels_first, spatial, residual, grad):
 
 
 _extract_float.defvjp(_float_fwd, _float_bwd)
-
-
-def _rint_half_even(value: Fraction) -> int:
-    floor = value.numerator // value.denominator
-    rest = value - floor
-    if rest > Fraction(1, 2) or (rest == Fraction(1, 2) and floor % 2):
-        return floor + 1
-    return floor
-
-
-def offset_table(grid: int, level: int, patch: int, margin) -> np.ndarray:
-    """int32 first pixel of the patch around each cell ``0..grid-1``: ``rint(L (m + (s + 1/2) / G (1 - 2 m)) - P / 2)``,
-    in exact rational arithmetic (``margin`` a float is taken at its exact binary value, a Fraction as is)."""
-    m = Fraction(margin)
-    bound = 2**31 - 1
-    starts = []
-    for s in range(grid):
-        centre = level * (m + Fraction(2 * s + 1, 2 * grid) * (1 - 2 * m))
-        starts.append(max(-bound, min(bound, _rint_half_even(centre - Fraction(patch, 2)))))
-    return np.asarray(starts, dtype=np.int32)
 
 
 def offsets_from_samples(samples, grid, level, patch, margins):
