@@ -20,13 +20,14 @@ from pathlib import Path
 from ._timing import machine_description
 
 BENCHMARKS = ["sampling", "patches", "ats_dense"]
+OPTIONAL = ["xla"]  # run only when named: --only xla (kernel path versus ats.jax / ats.tf.xla)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (under a minute)")
-    parser.add_argument("--only", action="append", choices=BENCHMARKS, help="run only this benchmark (repeatable)")
+    parser.add_argument("--only", action="append", choices=BENCHMARKS + OPTIONAL, help="run only this benchmark (repeatable)")
     parser.add_argument("--json", type=Path, help="also write all tables as JSON here")
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results/<machine>.md")
     parser.add_argument("--machine", help="name for the results file (default: the host name)")

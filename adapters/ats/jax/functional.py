@@ -12,8 +12,28 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
+from functools import partial
+
+import jax
+
 from . import _checks as c
 from . import _estimator, _patches, _rng, _sampling
+
+
+# Each public function runs one compiled computation (cached per shape and static argument), also
+# when called eagerly: JAX's op-by-op dispatch of the ~200 Philox operations would be far slower.
+# Under an outer ``jax.jit`` these simply inline.
+
+
+@partial(jax.jit, static_argnames=("n", "replace", "logits"))
+def _draw(attention, k0, k1, *, n, replace, logits):
+    flat, w = _sampling.draw(attention, n, k0, k1, replace=replace, logits=logits)
+    return _sampling.unravel(flat, attention.shape[1:]), _sampling.probabilities(w, flat, attention.dtype)
+
+
+_extract = jax.jit(_patches.extract, static_argnums=(2, 3, 4))
+_scatter = jax.jit(_patches.scatter_patches, static_argnums=(2,), static_argnames=("channels_first",))
+_expectation = jax.jit(_estimator.expectation, static_argnums=(2,))
 
 
 def sample_indices(attention, n_samples, key, *, replace=False, logits=False, strict=False):
@@ -53,12 +73,11 @@ def sample_indices(attention, n_samples, key, *, replace=False, logits=False, st
     replace = c.boolean(replace, "replace")
     logits = c.boolean(logits, "logits")
     strict = c.boolean(strict, "strict")
-    grid = c.attention(attention, n, not replace)
+    c.attention(attention, n, not replace)
     k0, k1 = _rng.seed_words(key)
     if c.is_concrete(attention):
         c.attention_values(attention, n, replace, logits, strict)
-    flat, w = _sampling.draw(lax.stop_gradient(attention), n, k0, k1, replace=replace, logits=logits)
-    return _sampling.unravel(flat, grid), _sampling.probabilities(w, flat, attention.dtype)
+    return _draw(lax.stop_gradient(attention), k0, k1, n=n, replace=replace, logits=logits)
 
 
 def sample(attention, n_samples, *, key=None, replace=False, deterministic=False):
@@ -144,7 +163,7 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False):
     if not jnp.issubdtype(offsets.dtype, jnp.integer):
         raise TypeError(f"offsets must be an integer array, got {offsets.dtype}")
     patch = c.size_tuple(patch_size, len(spatial), "patch_size")
-    return _patches.extract(x, offsets, patch, _fill(fill), channels_first)
+    return _extract(x, offsets, patch, _fill(fill), channels_first)
 
 
 def scatter_patches(grad, offsets, spatial_shape, *, channels_first=False):
@@ -158,7 +177,7 @@ def scatter_patches(grad, offsets, spatial_shape, *, channels_first=False):
     if not jnp.issubdtype(grad.dtype, jnp.floating):
         raise TypeError(f"grad must be floating, got {grad.dtype}")
     spatial = c.size_tuple(tuple(spatial_shape), offsets.shape[2], "spatial_shape")
-    return _patches.scatter_patches(grad, offsets, spatial, channels_first=channels_first)
+    return _scatter(grad, offsets, spatial, channels_first=channels_first)
 
 
 def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, fill=0, channels_first=False):
@@ -201,7 +220,7 @@ def expectation(features, probs, *, replace=False):
         raise TypeError(f"features and probs must be floating, got {features.dtype} and {probs.dtype}")
     if c.is_concrete(probs):
         c.probs_values(probs, replace)
-    return _estimator.expectation(features, probs, replace)
+    return _expectation(features, probs, replace)
 
 
 def expectation_grad(grad, features, probs, *, replace=False):
