@@ -66,8 +66,32 @@ def _without_replacement(w, n: int, k0, k1, dtype):
     exponentials = _rng.exponentials(hi, lo, dtype)
     positive = w > 0
     keys = jnp.where(positive, exponentials / jnp.where(positive, w, 1), jnp.inf)
-    _, flat = lax.top_k(-keys, n)
-    return flat
+    return smallest(keys, n)
+
+
+def smallest(keys, n: int):
+    """Flat indices ``(B, n)`` of each row's ``n`` smallest ``(key, position)`` pairs, in increasing order.
+
+    float32 keys go straight to ``lax.top_k``. XLA's CPU top-k of float64 is a
+    full sort (about 50x slower), so float64 keys first pick ``m = 2n`` (at
+    least ``n + 16``) candidates by their float32 rounding, then the exact
+    order among those: rounding is monotone, so the float64 ``n`` smallest are
+    among the candidates whenever the ``m``-th float32 key is above the
+    ``n``-th. Rows where it is not (float32 ties, e.g. R1 fillers' infinite
+    keys) take the full float64 top-k instead, so the result is always exact.
+    """
+    size = keys.shape[1]
+    m = min(size, n + max(n, 16))
+    if keys.dtype == jnp.float32 or m == size:
+        return lax.top_k(-keys, n)[1]
+    coarse, candidates = lax.top_k(-keys.astype(jnp.float32), m)
+    separated = jnp.all(coarse[:, m - 1] < coarse[:, n - 1])
+
+    def refine(_):
+        exact = jnp.take_along_axis(keys, candidates, axis=1)
+        return jnp.take_along_axis(candidates, lax.top_k(-exact, n)[1], axis=1)
+
+    return lax.cond(separated, refine, lambda _: lax.top_k(-keys, n)[1], None)
 
 
 def _searchsorted_rows(cdf, targets):

@@ -124,7 +124,24 @@ def _without_replacement(w, n: int, k0, k1):
     u = position_uniforms(rows, size, k0, k1)
     positive = w > 0
     keys = tf.where(positive, -tf.math.log(u) / tf.where(positive, w, tf.ones_like(w)), tf.constant(np.inf, tf.float64))
-    return tf.math.top_k(-keys, n).indices
+    return _smallest(keys, n)
+
+
+def _smallest(keys, n: int):
+    """Flat indices of each row's ``n`` smallest ``(key, position)``, exactly, with a float32 top-k first
+    (XLA's float64 top-k is a full sort): see ``ats.jax._sampling.smallest`` for why this is exact."""
+    size = keys.shape[1]
+    m = min(size, n + max(n, 16))
+    if m == size:
+        return tf.math.top_k(-keys, n).indices
+    coarse, candidates = tf.math.top_k(-tf.cast(keys, tf.float32), m)
+    separated = tf.reduce_all(coarse[:, m - 1] < coarse[:, n - 1])
+
+    def refine():
+        exact = tf.gather(keys, candidates, batch_dims=1)
+        return tf.gather(candidates, tf.math.top_k(-exact, n).indices, batch_dims=1)
+
+    return tf.cond(separated, refine, lambda: tf.math.top_k(-keys, n).indices)
 
 
 def _with_replacement(w, n: int, k0, k1):
