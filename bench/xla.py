@@ -27,7 +27,7 @@ def cases(quick: bool):
         ("sample", 32, 256, 100),
         ("sample", 4, 1024, 10),
         ("patches", 8, 512, 50),
-        ("patches", 8, 2048, 50),
+        ("patches", 4, 2048, 50),
         ("patches", 32, 512, 32),
     ]
 

@@ -429,3 +429,20 @@ def test_estimator_checks_probs():
     aj.expectation(features, np.array([[0.6, 0.3, 0.2]] * 2, np.float32), replace=True)
     with pytest.raises(ValueError, match="features must be"):
         aj.expectation(np.ones((2, 4, 4), np.float32), np.full((2, 3), 0.1, np.float32))
+
+
+def test_float64_selection_is_exact_through_the_float32_prefilter():
+    """``smallest``: float32 candidates, then the exact float64 order; rows with float32 ties fall back."""
+    from ats.jax._sampling import smallest
+
+    rng = np.random.default_rng(0)
+    cases = [
+        rng.exponential(size=(4, 300)),  # separated: the refinement
+        1 + rng.integers(0, 3, (4, 300)) * 1e-12,  # equal in float32, distinct in float64: the fallback
+        np.where(np.arange(300) < 295, np.inf, rng.exponential(size=(4, 300))),  # fillers' infinite keys
+    ]
+    with jax.enable_x64(True):
+        pick = jax.jit(lambda k: smallest(k, 10))
+        for keys in cases:
+            want = np.lexsort((np.broadcast_to(np.arange(300), keys.shape), keys))[:, :10]
+            np.testing.assert_array_equal(np.asarray(pick(jnp.asarray(keys))), want)

@@ -204,3 +204,13 @@ def test_errors_name_the_argument():
         xla.expectation(np.ones((1, 2, 3), np.float32), np.array([[0.9, 0.9]], np.float32))
     with pytest.raises(TypeError, match="offsets must be an integer"):
         xla.extract_patches(np.ones((1, 5, 5, 1), np.float32), np.zeros((1, 2, 2), np.float32), 3)
+
+
+def test_float64_selection_is_exact_through_the_float32_prefilter():
+    rng = np.random.default_rng(0)
+    cases = [rng.exponential(size=(4, 300)), 1 + rng.integers(0, 3, (4, 300)) * 1e-12]
+    pick = tf.function(lambda k: xla._smallest(k, 10), jit_compile=True, autograph=False)
+    for keys in cases:
+        want = np.lexsort((np.broadcast_to(np.arange(300), keys.shape), keys))[:, :10]
+        np.testing.assert_array_equal(pick(tf.constant(keys)).numpy(), want)
+        np.testing.assert_array_equal(xla._smallest(tf.constant(keys), 10).numpy(), want)

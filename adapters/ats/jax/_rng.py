@@ -87,10 +87,9 @@ def replacement_words(rows: int, n: int, k0, k1):
 
 def uniforms(hi, lo, dtype):
     """``u = (((hi << 21) | (lo >> 11)) + 1) 2**-53`` in ``(0, 1]``: exact in float64, rounded in float32."""
-    if dtype == jnp.float64:
-        mantissa = (hi.astype(jnp.uint64) << 21) | (lo.astype(jnp.uint64) >> 11)
-        return (mantissa + 1).astype(jnp.float64) * TWO_POW_M53
-    low = (lax.shift_right_logical(lo, jnp.uint32(11)) + 1).astype(jnp.float32)
+    low = (lax.shift_right_logical(lo, jnp.uint32(11)) + 1).astype(dtype)
+    if dtype == jnp.float64:  # every step exact (integers below 2**53); no 64-bit integers needed
+        return (hi.astype(jnp.float64) * 2.0**21 + low) * TWO_POW_M53
     return hi.astype(jnp.float32) * jnp.float32(TWO_POW_M32) + low * jnp.float32(TWO_POW_M53)
 
 

@@ -84,8 +84,10 @@ def smallest(keys, n: int):
     m = min(size, n + max(n, 16))
     if keys.dtype == jnp.float32 or m == size:
         return lax.top_k(-keys, n)[1]
-    coarse, candidates = lax.top_k(-keys.astype(jnp.float32), m)
-    separated = jnp.all(coarse[:, m - 1] < coarse[:, n - 1])
+    rounded = keys.astype(jnp.float32)
+    candidates = lax.top_k(-rounded, m)[1]  # indices only: XLA's CPU top-k rewrite then applies
+    coarse = jnp.take_along_axis(rounded, candidates, axis=1)
+    separated = jnp.all(coarse[:, m - 1] > coarse[:, n - 1])
 
     def refine(_):
         exact = jnp.take_along_axis(keys, candidates, axis=1)

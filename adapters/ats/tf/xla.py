@@ -134,8 +134,10 @@ def _smallest(keys, n: int):
     m = min(size, n + max(n, 16))
     if m == size:
         return tf.math.top_k(-keys, n).indices
-    coarse, candidates = tf.math.top_k(-tf.cast(keys, tf.float32), m)
-    separated = tf.reduce_all(coarse[:, m - 1] < coarse[:, n - 1])
+    rounded = tf.cast(keys, tf.float32)
+    candidates = tf.math.top_k(-rounded, m).indices  # indices only: XLA's CPU top-k rewrite then applies
+    coarse = tf.gather(rounded, candidates, batch_dims=1)
+    separated = tf.reduce_all(coarse[:, m - 1] > coarse[:, n - 1])
 
     def refine():
         exact = tf.gather(keys, candidates, batch_dims=1)
