@@ -158,7 +158,7 @@ def test_short_rows_get_lowest_index_fillers(x64):
     np.testing.assert_allclose(np.asarray(probs)[0, :3], attention[0].flat[order], rtol=1e-6)
     ref_indices, _ = reference.sample(attention, 6, seed=9)
     np.testing.assert_array_equal(np.asarray(indices), ref_indices)
-    with pytest.raises(ValueError, match="attention row 0 has 3 positive weights"):
+    with pytest.raises(ValueError, match="attention row 0 has only 3 positive weights"):
         aj.sample_indices(attention, 6, 9, strict=True)
 
 
@@ -446,3 +446,27 @@ def test_float64_selection_is_exact_through_the_float32_prefilter():
         for keys in cases:
             want = np.lexsort((np.broadcast_to(np.arange(300), keys.shape), keys))[:, :10]
             np.testing.assert_array_equal(np.asarray(pick(jnp.asarray(keys))), want)
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_fillers_and_zero_probability_gradients_equal_atskerns(x64, replace):
+    """Rules R1-R3 as atskern implements them (short rows, underflowing probabilities, the estimator)."""
+    attention = _attention((3, 6, 4), 7)
+    attention[0] = 0
+    attention[0, 1, [0, 3]] = [0.4, 0.6]
+    attention[1, :, :] *= np.arange(24).reshape(6, 4) % 3 > 0
+    indices, probs = aj.sample_indices(attention, 5, 12, replace=replace)
+    want_indices, want_probs = atskern.sample(attention, 5, seed=12, replace=replace)
+    np.testing.assert_array_equal(np.asarray(indices), want_indices)
+    np.testing.assert_array_equal(np.asarray(probs) == 0, want_probs == 0)
+    features = np.random.default_rng(1).standard_normal((3, 5, 2)).astype(np.float32)
+    g = np.ones((3, 2), np.float32)
+    grad_probs, grad_features = aj.expectation_grad(g, features, want_probs, replace=replace)
+    atol = 0 if x64 else 1e-5
+    want_grad_probs, want_grad_features = atskern.expectation_grad(g, features, want_probs, replace=replace)
+    np.testing.assert_allclose(np.asarray(grad_probs), want_grad_probs, rtol=2e-6, atol=atol)
+    np.testing.assert_allclose(np.asarray(grad_features), want_grad_features, rtol=2e-6, atol=atol)
+    with pytest.raises(ValueError, match="attention row 0 has only 2 positive weights"):
+        aj.sample_indices(attention, 5, 12, strict=True)
+    with pytest.raises(ValueError, match="attention row 0 has only 2 positive weights"):
+        atskern.sample(attention, 5, seed=12, strict=True)

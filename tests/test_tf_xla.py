@@ -84,7 +84,7 @@ def test_short_rows_get_lowest_index_fillers(mode):
     np.testing.assert_array_equal(probs.numpy()[0, 2:], 0)
     np.testing.assert_array_equal(indices.numpy(), reference.sample(attention, 5, seed=3)[0])
     if mode == "eager":
-        with pytest.raises(ValueError, match="attention row 0 has 2 positive weights"):
+        with pytest.raises(ValueError, match="attention row 0 has only 2 positive weights"):
             xla.sample_indices(attention, 5, 3, strict=True)
 
 
@@ -214,3 +214,14 @@ def test_float64_selection_is_exact_through_the_float32_prefilter():
         want = np.lexsort((np.broadcast_to(np.arange(300), keys.shape), keys))[:, :10]
         np.testing.assert_array_equal(pick(tf.constant(keys)).numpy(), want)
         np.testing.assert_array_equal(xla._smallest(tf.constant(keys), 10).numpy(), want)
+
+
+def test_fillers_equal_atskerns():
+    attention = np.random.default_rng(8).random((3, 30)).astype(np.float32)
+    attention[0, 3:] = 0
+    attention[1, ::2] = 0
+    indices, probs = _run("jit", lambda a: xla.sample_indices(a, 16, 4), tf.constant(attention))
+    want_indices, want_probs = atskern.sample(attention, 16, seed=4)
+    np.testing.assert_array_equal(indices.numpy(), want_indices)
+    np.testing.assert_allclose(probs.numpy(), want_probs, rtol=1e-6)
+    assert (want_probs[0, 3:] == 0).all()

@@ -95,8 +95,9 @@ def attention_values(att, n: int, replace: bool, logits: bool, strict: bool):
     if strict and not replace:
         for row in np.flatnonzero(positive < n)[:1]:
             raise ValueError(
-                f"attention row {row} has {int(positive[row])} positive weights, fewer than n_samples={n}; "
-                "without replacement and strict=True that is an error (strict=False pads with zero-probability fillers)"
+                f"attention row {row} has only {int(positive[row])} positive weights, fewer than n_samples={n}; "
+                "sampling without replacement with strict=True needs at least n_samples (use strict=False to pad "
+                "the draw with zero-probability fillers, replace=True, or a smaller n_samples)"
             )
 
 
