@@ -25,13 +25,14 @@ from ._timing import Table, machine_description
 CPU_BENCHMARKS = ["sampling", "patches", "ats_dense"]
 GPU_BENCHMARKS = ["gpu_sampling", "gpu_patches", "gpu_ats"]
 BENCHMARKS = CPU_BENCHMARKS + GPU_BENCHMARKS
+OPTIONAL = ["xla"]  # run only when named: --only xla (kernel path versus ats.jax / ats.tf.xla)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (under a minute)")
-    parser.add_argument("--only", action="append", choices=BENCHMARKS, help="run only this benchmark (repeatable)")
+    parser.add_argument("--only", action="append", choices=BENCHMARKS + OPTIONAL, help="run only this benchmark (repeatable)")
     parser.add_argument("--gpu", action="store_true", help=f"run only the GPU benchmarks {GPU_BENCHMARKS}")
     parser.add_argument("--json", type=Path, help="also write all tables as JSON here")
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results/<machine>.md")

@@ -1,0 +1,145 @@
+"""Framework-free parts of the XLA-native paths (``ats.jax`` and ``ats.tf.xla``): argument and value
+checks that raise before anything runs, and the exact patch-offset tables (rule R5).
+
+Value checks need concrete values: the front ends call them when called
+eagerly, never on traced (``jax.jit``) or symbolic (``tf.function``) tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import numbers
+from fractions import Fraction
+
+import numpy as np
+
+
+def positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def boolean(value, name: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def size_tuple(size, dims: int, name: str) -> tuple[int, ...]:
+    """``size`` as ``dims`` positive ints (one int is used for every dim)."""
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
+        size = (int(size),) * dims
+    try:
+        sizes = tuple(size)
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a sequence of {dims} ints, got {size!r}") from None
+    if len(sizes) != dims:
+        raise ValueError(f"{name} must have {dims} entries (one per spatial dimension), got {sizes!r}")
+    for s in sizes:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
+            raise ValueError(f"{name} must hold positive integers, got {sizes!r}")
+    return tuple(int(s) for s in sizes)
+
+
+def margins(margin, dims: int) -> list:
+    """One margin per dim, each a real in [0, 1/2) (a ``fractions.Fraction`` is kept exact)."""
+    values = list(margin) if isinstance(margin, (list, tuple)) else [margin] * dims
+    if len(values) != dims:
+        raise ValueError(f"margin must be a number or {dims} numbers, got {margin!r}")
+    for m in values:
+        if isinstance(m, bool) or not isinstance(m, numbers.Real):
+            raise TypeError(f"margin must be a real number (or one per dim), got {margin!r}")
+        if not 0 <= m < 0.5:
+            raise ValueError(f"margin must be in [0, 0.5), got {margin!r}")
+    return values
+
+
+def grid_of(shape, floating: bool, n: int, without_replacement: bool) -> tuple[int, ...]:
+    """Grid shape of an attention map of ``shape`` ``(B, *grid)``; errors name ``attention`` / ``n_samples``."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) not in (2, 3, 4):
+        raise ValueError(f"attention must be (batch, *grid) with 1 to 3 grid dimensions (rank 2 to 4), got shape {shape}")
+    if not floating:
+        raise TypeError("attention must be a floating array")
+    if 0 in shape:
+        raise ValueError(f"attention must not be empty, got shape {shape}")
+    grid = shape[1:]
+    positions = int(np.prod(grid))
+    if positions >= 2**34:
+        raise ValueError(f"attention rows must have fewer than 2**34 cells, got {positions}")
+    if without_replacement and n > positions:
+        raise ValueError(
+            f"n_samples={n} is larger than the {positions} positions of attention's grid {grid}; "
+            "sampling without replacement (or top-k) cannot draw more (use replace=True)"
+        )
+    return grid
+
+
+def attention_values(att, n: int, replace: bool, logits: bool, strict: bool):
+    """Value checks of concrete attention rows (NaN/inf, negative, empty rows, short rows when ``strict``)."""
+    flat = np.asarray(att, dtype=np.float64).reshape(att.shape[0], -1)
+    bad = np.isnan(flat) | (flat == np.inf) if logits else ~np.isfinite(flat)
+    for row in np.flatnonzero(bad.any(axis=1))[:1]:
+        what = "NaN or +inf logits" if logits else "NaN or inf"
+        raise ValueError(f"attention row {row} contains {what} ({int(bad[row].sum())} entries)")
+    if not logits:
+        for row in np.flatnonzero((flat < 0).any(axis=1))[:1]:
+            raise ValueError(
+                f"attention row {row} has {int((flat[row] < 0).sum())} negative weights; "
+                "weights must be >= 0 (pass logits=True for unnormalized log-probabilities)"
+            )
+    positive = (flat > -np.inf).sum(axis=1) if logits else (flat > 0).sum(axis=1)
+    for row in np.flatnonzero(positive == 0)[:1]:
+        raise ValueError(f"attention row {row} has no positive weight (all zero, or all logits -inf)")
+    if strict and not replace:
+        for row in np.flatnonzero(positive < n)[:1]:
+            raise ValueError(
+                f"attention row {row} has only {int(positive[row])} positive weights, fewer than n_samples={n}; "
+                "sampling without replacement with strict=True needs at least n_samples (use strict=False to pad "
+                "the draw with zero-probability fillers, replace=True, or a smaller n_samples)"
+            )
+
+
+def probs_tolerance(dtype, n: int) -> float:
+    """How far above 1 a row of probabilities may sum: 1e-6 for float64, ``n * 2**-20`` otherwise."""
+    return 1e-6 if np.dtype(dtype) == np.float64 else n * 2.0**-20
+
+
+def probs_values(probs, replace: bool):
+    """Rule R3: ``probs`` finite, in [0, 1], and (without replacement) rows summing to at most 1 + tolerance."""
+    values = np.asarray(probs, dtype=np.float64)
+    bad = ~np.isfinite(values) | (values < 0) | (values > 1)
+    for row in np.flatnonzero(bad.any(axis=1))[:1]:
+        raise ValueError(f"probs must be finite and in [0, 1]; row {row} holds {values[row][bad[row]][:3].tolist()}")
+    if not replace:
+        sums = values.sum(axis=1)
+        tolerance = probs_tolerance(probs.dtype, values.shape[1])
+        for row in np.flatnonzero(sums > 1 + tolerance)[:1]:
+            raise ValueError(
+                f"probs of row {row} sum to {sums[row]!r} > 1 + {tolerance:g}: without replacement a row's "
+                "probabilities are those of distinct cells of one distribution"
+            )
+
+
+def _rint_half_even(value: Fraction) -> int:
+    floor = value.numerator // value.denominator
+    rest = value - floor
+    if rest > Fraction(1, 2) or (rest == Fraction(1, 2) and floor % 2):
+        return floor + 1
+    return floor
+
+
+@functools.lru_cache(maxsize=256)
+def offset_table(grid: int, level: int, patch: int, margin) -> np.ndarray:
+    """int32 first pixel of the patch around each cell ``0..grid-1``: ``rint(L (m + (s + 1/2) / G (1 - 2 m)) - P / 2)``,
+    in exact rational arithmetic (``margin`` a float is taken at its exact binary value, a Fraction as is)."""
+    m = Fraction(margin)
+    bound = 2**31 - 1
+    starts = []
+    for s in range(grid):
+        centre = level * (m + Fraction(2 * s + 1, 2 * grid) * (1 - 2 * m))
+        starts.append(max(-bound, min(bound, _rint_half_even(centre - Fraction(patch, 2)))))
+    table = np.asarray(starts, dtype=np.int32)
+    table.flags.writeable = False
+    return table

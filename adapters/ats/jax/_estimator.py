@@ -1,0 +1,78 @@
+"""The ATS estimator as a ``jax.custom_vjp``: value and gradients exactly those of ``atskern.expectation_grad``.
+
+``F = sum_k c_k f_k`` with ``c_k = 1/n`` (with replacement) or
+``c_k = (pm_k + (n - 1 - k) a_k) / n`` (without), ``pm_k = 1 - sum_{j<k} a_j``.
+Gradients: ``c_k g`` for the features and, for the probabilities, the
+unbiased estimate of ``<g, f_i>``: ``<g, f_k> / (n a_k)`` or
+``(pm_k / a_k + n - 1 - k) <g, f_k> / n``. Rule R3: an entry with
+``a_k == 0`` (a filler) gets coefficient 0 and both gradients 0, so every
+result is finite. Coefficients and inner products are computed in float64
+under JAX's 64-bit mode, in float32 otherwise.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from ._rng import compute_dtype
+
+
+def mass_left(probs):
+    """``pm_k = 1 - sum_{j<k} a_j`` per row (an exclusive cumulative sum)."""
+    before = jnp.cumsum(probs, axis=1) - probs
+    return 1 - before
+
+
+def coefficients(probs, replace: bool):
+    """``(c, s)``: feature coefficients and attention-gradient scales ``(B, n)``, zero where ``probs == 0``."""
+    n = probs.shape[1]
+    filler = probs == 0
+    safe = jnp.where(filler, 1, probs)
+    if replace:
+        c = jnp.full_like(probs, 1 / n)
+        s = 1 / (n * safe)
+    else:
+        remaining = jnp.arange(n - 1, -1, -1, dtype=probs.dtype)
+        pm = mass_left(probs)
+        c = (pm + remaining * probs) / n
+        s = (pm / safe + remaining) / n
+    return jnp.where(filler, 0, c), jnp.where(filler, 0, s)
+
+
+def _expand(weights, ndim: int):
+    return weights.reshape(weights.shape + (1,) * (ndim - 2))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def expectation(features, probs, replace: bool):
+    """``(B, *F)`` estimate from ``features`` ``(B, n, *F)`` and ``probs`` ``(B, n)`` (no checks)."""
+    dtype = compute_dtype()
+    c, _ = coefficients(probs.astype(dtype), replace)
+    estimate = jnp.sum(_expand(c, features.ndim) * features.astype(dtype), axis=1)
+    return estimate.astype(features.dtype)
+
+
+def _fwd(features, probs, replace):
+    return expectation(features, probs, replace), (features, probs)
+
+
+def grads(grad, features, probs, replace: bool):
+    """``(grad_probs, grad_features)``: atskern.expectation_grad's formulas, rule R3 included."""
+    dtype = compute_dtype()
+    c, s = coefficients(probs.astype(dtype), replace)
+    grad_features = (_expand(c, features.ndim) * grad[:, None].astype(dtype)).astype(features.dtype)
+    products = grad[:, None].astype(dtype) * features.astype(dtype)
+    inner = products.reshape(probs.shape[0], probs.shape[1], -1).sum(axis=2)
+    return (s * inner).astype(probs.dtype), grad_features
+
+
+def _bwd(replace, residual, grad):
+    features, probs = residual
+    grad_probs, grad_features = grads(grad, features, probs, replace)
+    return grad_features, grad_probs
+
+
+expectation.defvjp(_fwd, _bwd)

@@ -1,0 +1,136 @@
+"""Sampling in pure JAX with atskern's generator: the same draws as ``atskern.sample`` for the same seed.
+
+Without replacement every position gets the exponential key ``-log(u) / a``
+(``u`` from atskern's HI/LO Philox streams) and ``lax.top_k`` keeps the ``n``
+smallest, ties going to the lower position as in atskern. Zero-weight cells
+have key ``+inf``, so a row with fewer than ``n`` positive weights is
+completed with its lowest-index zero-weight cells (rule R1's fillers, with
+probability 0). With replacement: inverse CDF on the cumulative sum.
+
+Precision. With JAX's 64-bit mode on (``jax_enable_x64``, globally or in a
+``jax.enable_x64`` context) keys, sums and probabilities are float64 as in
+atskern, so the draws are atskern's up to its own near-tie caveat (two keys
+equal to within an ulp, or a with-replacement target within an ulp of a CDF
+step). Without it (JAX's default; this module never changes the setting)
+they are float32: keys carry about one float32 ulp of error, so a row's draw
+differs from atskern's where two of its smallest keys are within ~2e-7 of
+each other (relatively), or a with-replacement target lies within float32
+rounding of a CDF step; the README measures how often. Weights are divided
+by their row maximum first, so any positive finite scale works; a weight
+below ~1e-37 of its row maximum gets an infinite key and, if drawn (only in
+rows with fewer larger weights than ``n``), comes in position order.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _rng
+
+
+def unravel(flat, grid) -> jnp.ndarray:
+    """Row-major grid coordinates ``(..., D)`` int32 of flat indices, by division and remainder (rule R4)."""
+    coords = []
+    for size in reversed(grid):
+        coords.append(flat % size)
+        flat = flat // size
+    return jnp.stack(coords[::-1], axis=-1).astype(jnp.int32)
+
+
+def ravel(indices, grid) -> jnp.ndarray:
+    """Flat row-major index of ``(..., D)`` grid coordinates."""
+    flat = indices[..., 0].astype(jnp.int32)
+    for d in range(1, len(grid)):
+        flat = flat * grid[d] + indices[..., d].astype(jnp.int32)
+    return flat
+
+
+def weights(attention, logits: bool, dtype):
+    """``(B, N)`` non-negative weights in ``dtype``: the attention, or ``exp(l - max_row(l))`` of logits."""
+    flat = attention.reshape(attention.shape[0], -1).astype(dtype)
+    if not logits:
+        return flat
+    top = jnp.max(flat, axis=1, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0)
+    return jnp.exp(flat - top)
+
+
+def _without_replacement(w, n: int, k0, k1, dtype):
+    rows, size = w.shape
+    if dtype == jnp.float32:  # scale-free in float32: a row's largest weight becomes 1
+        top = jnp.max(w, axis=1, keepdims=True)
+        w = w / jnp.where(top > 0, top, 1)
+    hi, lo = _rng.position_words(rows, size, k0, k1)
+    exponentials = _rng.exponentials(hi, lo, dtype)
+    positive = w > 0
+    keys = jnp.where(positive, exponentials / jnp.where(positive, w, 1), jnp.inf)
+    return smallest(keys, n)
+
+
+def smallest(keys, n: int):
+    """Flat indices ``(B, n)`` of each row's ``n`` smallest ``(key, position)`` pairs, in increasing order.
+
+    float32 keys go straight to ``lax.top_k``. XLA's CPU top-k of float64 is a
+    full sort (about 50x slower), so float64 keys first pick ``m = 2n`` (at
+    least ``n + 16``) candidates by their float32 rounding, then the exact
+    order among those: rounding is monotone, so the float64 ``n`` smallest are
+    among the candidates whenever the ``m``-th float32 key is above the
+    ``n``-th. Rows where it is not (float32 ties, e.g. R1 fillers' infinite
+    keys) take the full float64 top-k instead, so the result is always exact.
+    """
+    size = keys.shape[1]
+    m = min(size, n + max(n, 16))
+    if keys.dtype == jnp.float32 or m == size:
+        return lax.top_k(-keys, n)[1]
+    rounded = keys.astype(jnp.float32)
+    candidates = lax.top_k(-rounded, m)[1]  # indices only: XLA's CPU top-k rewrite then applies
+    coarse = jnp.take_along_axis(rounded, candidates, axis=1)
+    separated = jnp.all(coarse[:, m - 1] > coarse[:, n - 1])
+
+    def refine(_):
+        exact = jnp.take_along_axis(keys, candidates, axis=1)
+        return jnp.take_along_axis(candidates, lax.top_k(-exact, n)[1], axis=1)
+
+    return lax.cond(separated, refine, lambda _: lax.top_k(-keys, n)[1], None)
+
+
+def _searchsorted_rows(cdf, targets):
+    return jax.vmap(lambda c, t: jnp.searchsorted(c, t, side="left"))(cdf, targets)
+
+
+def _with_replacement(w, n: int, k0, k1, dtype):
+    rows, size = w.shape
+    cdf = jnp.cumsum(w, axis=1)
+    hi, lo = _rng.replacement_words(rows, n, k0, k1)
+    targets = _rng.uniforms(hi, lo, dtype) * cdf[:, -1:]
+    flat = _searchsorted_rows(cdf, targets)
+    # a parallel prefix sum need not be flat across zero weights: move to the next positive cell
+    position = jnp.arange(size, dtype=jnp.int32)
+    positive = w > 0
+    next_positive = lax.cummin(jnp.where(positive, position, size), axis=1, reverse=True)
+    last_positive = jnp.max(jnp.where(positive, position, -1), axis=1, keepdims=True)
+    moved = jnp.take_along_axis(next_positive, jnp.clip(flat, 0, size - 1), axis=1)
+    return jnp.where((flat < size) & (moved < size), moved, last_positive).astype(jnp.int32)
+
+
+def draw(attention, n: int, k0, k1, *, replace: bool, logits: bool):
+    """Flat indices ``(B, n)`` int32 and the compute-precision weights ``(B, N)`` of a draw (no checks)."""
+    dtype = _rng.compute_dtype()
+    w = weights(attention, logits, dtype)
+    if replace:
+        return _with_replacement(w, n, k0, k1, dtype), w
+    return _without_replacement(w, n, k0, k1, dtype), w
+
+
+def probabilities(w, flat, out_dtype):
+    """Each drawn cell's probability under its row (``w`` summed in compute precision), cast to ``out_dtype`` (R2)."""
+    total = jnp.sum(w, axis=1, keepdims=True)
+    return (jnp.take_along_axis(w, flat, axis=1) / total).astype(out_dtype)
+
+
+def top_cells(attention, n: int):
+    """The ``n`` largest cells of each row, largest first (ties: lower index first), flat int32."""
+    flat = attention.reshape(attention.shape[0], -1)
+    return lax.top_k(flat, n)[1].astype(jnp.int32)
