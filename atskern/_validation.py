@@ -6,6 +6,7 @@ kernel never receives an input it could crash on or write out of bounds for.
 
 from __future__ import annotations
 
+import importlib
 import numbers
 import warnings
 from dataclasses import dataclass
@@ -316,6 +317,31 @@ def check_out(out, shape: tuple[int, ...], dtype: np.dtype, name: str = "out"):
         raise ValueError(f"{name} must be writeable")
 
 
+def _shares_memory(a, b) -> bool:
+    """Whether two arrays of one library may overlap in memory (exactly where cheap, else conservatively)."""
+    on_gpu = [type(v).__module__.split(".")[0] == "cupy" for v in (a, b)]
+    if on_gpu[0] != on_gpu[1]:
+        return False  # a NumPy and a CuPy array: the device check reports the mix
+    xp = importlib.import_module("cupy") if on_gpu[0] else np
+    if not xp.may_share_memory(a, b):
+        return False
+    try:
+        return bool(xp.shares_memory(a, b, max_work=100_000))
+    except (np.exceptions.TooHardError, TypeError, NotImplementedError):
+        return True
+
+
+def check_out_disjoint(out, name: str = "out", **inputs):
+    """A ValueError naming ``out`` when it shares memory with one of ``inputs`` (the kernel would read
+    what it has already overwritten)."""
+    for input_name, array in inputs.items():
+        if array is not None and hasattr(array, "shape") and _shares_memory(out, array):
+            raise ValueError(
+                f"{name} shares memory with {input_name}; the kernel would overwrite its own input: "
+                f"pass a separate buffer as {name} (or out=None)"
+            )
+
+
 _IMAGES_MEANING = "(batch, *spatial, channels) with 1 to 3 spatial dims"
 _IMAGES_MEANING_CF = "(batch, channels, *spatial) with 1 to 3 spatial dims"
 
@@ -334,6 +360,7 @@ def check_gather(x, offsets, patch_size, fill, channels_first, out):
     layout = PatchLayout(int(x.shape[0]), count, spatial, channels, patch, channels_first)
     if out is not None:
         check_out(out, layout.patches_shape, dtype)
+        check_out_disjoint(out, x=x, offsets=offsets)
     return layout, fill_value
 
 
@@ -365,6 +392,7 @@ def check_scatter(grad, offsets, spatial_shape, channels_first, out):
     layout = PatchLayout(int(grad.shape[0]), count, spatial, channels, patch, channels_first)
     if out is not None:
         check_out(out, layout.image_shape, result)
+        check_out_disjoint(out, grad=grad, offsets=offsets)
     return layout, result
 
 

@@ -3,7 +3,12 @@
 Both backends work on one canonical layout (see ``atskern.cpu.patches``):
 images ``(B, R, S0, S1, W)`` and patches ``(B, K, R, P0, P1, Wp)``, with
 missing spatial dims as leading 1s and, in channels-last, the channels folded
-into the last dim. Every reshape here is a view for contiguous inputs.
+into the last dim. The canonical image is always a view of the caller's array,
+never a copy (a strided view of a large memmap is read only where patches
+fall): when channels-last pixels cannot be folded (the channel axis is not
+unit-stride within a pixel), the channels become the ``R`` axis instead and
+the CPU kernel copies element by element. The CUDA kernels take contiguous
+images (a non-contiguous CuPy image is copied).
 """
 
 from __future__ import annotations
@@ -33,24 +38,42 @@ def _pad3(values, fill):
     return (fill,) * (3 - len(values)) + tuple(values)
 
 
+def _reshape_view(array, shape):
+    """``array`` reshaped without a copy, or None where that needs one."""
+    try:
+        return np.reshape(array, shape, copy=False)
+    except ValueError:
+        return None
+
+
 def _image_view(array, layout):
-    """``(B, R, S0, S1, W)`` view of images in ``layout``."""
+    """``(B, R, S0, S1, W)`` view of images in ``layout`` and whether the channels are folded into ``W``."""
     s0, s1, s2 = _pad3(layout.spatial, 1)
     if layout.channels_first:
-        return array.reshape(layout.batch, layout.channels, s0, s1, s2)
-    return array.reshape(layout.batch, 1, s0, s1, s2 * layout.channels)
+        return array.reshape(layout.batch, layout.channels, s0, s1, s2), False
+    folded = (layout.batch, 1, s0, s1, s2 * layout.channels)
+    if not isinstance(array, np.ndarray):  # CuPy: the kernels need contiguous images anyway
+        return array.reshape(folded), True
+    view = _reshape_view(array, folded)
+    if view is not None:
+        return view, True
+    # channels not unit-stride within a pixel: the channel axis becomes R (a view, only unit axes added)
+    return np.moveaxis(array, -1, 1).reshape(layout.batch, layout.channels, s0, s1, s2), False
 
 
-def _patches_view(array, layout):
-    """``(B, K, R, P0, P1, Wp)`` view of patches in ``layout``."""
+def _patches_view(array, layout, folded=True):
+    """``(B, K, R, P0, P1, Wp)`` view of patches in ``layout`` (channels as ``R`` when not ``folded``)."""
     p0, p1, p2 = _pad3(layout.patch, 1)
     if layout.channels_first:
         return array.reshape(layout.batch, layout.count, layout.channels, p0, p1, p2)
+    if not folded:
+        return np.moveaxis(array, -1, 2).reshape(layout.batch, layout.count, layout.channels, p0, p1, p2)
     return array.reshape(layout.batch, layout.count, 1, p0, p1, p2 * layout.channels)
 
 
-def _canonical_offsets(xp, offsets, layout):
-    """int64 ``(B, K, 3)``: clipped to ``[-P, S]`` per dim (same pixels, no overflow), padded, last dim scaled."""
+def _canonical_offsets(xp, offsets, layout, folded=True):
+    """int64 ``(B, K, 3)``: clipped to ``[-P, S]`` per dim (same pixels, no overflow), padded, last dim
+    scaled to the folded unit (pixels times channels) when the channels are folded into it."""
     offsets = xp.asarray(offsets)
     if np.dtype(offsets.dtype).kind == "u":
         ceiling = min(max(layout.spatial), int(np.iinfo(offsets.dtype).max))
@@ -61,7 +84,7 @@ def _canonical_offsets(xp, offsets, layout):
     offsets = xp.minimum(xp.maximum(offsets, low), high)
     canonical = xp.zeros((layout.batch, layout.count, 3), dtype=xp.int64)
     canonical[:, :, 3 - layout.ndim :] = offsets
-    if not layout.channels_first:
+    if folded and not layout.channels_first:
         canonical[:, :, 2] *= layout.channels
     return canonical
 
@@ -72,11 +95,12 @@ def _gather(xp, backend, x, offsets, layout, fill_value, out):
         out = _empty(xp, layout.patches_shape, x.dtype)
     if xp is np:
         x = np.asarray(x)  # a memmap becomes a plain ndarray view: nothing is read
-    images = _image_view(x.view(word), layout)
+    images, folded = _image_view(x.view(word), layout)
     if backend == GPU:
         images = xp.ascontiguousarray(images)
     fill_word = np.asarray(fill_value).reshape(1).view(word)[0]
-    _kernels(backend).gather(images, _canonical_offsets(xp, offsets, layout), fill_word, _patches_view(out.view(word), layout))
+    canonical = _canonical_offsets(xp, offsets, layout, folded)
+    _kernels(backend).gather(images, canonical, fill_word, _patches_view(out.view(word), layout, folded))
     return out
 
 
@@ -88,7 +112,8 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False, out
     x : array ``(B, *spatial, C)`` (or ``(B, C, *spatial)`` with ``channels_first``), 1 to 3 spatial dims
         Any dtype of item size 1, 2, 4 or 8 (uint8, int16, float16, bfloat16,
         float32, float64, int64, ...); only bytes are moved. A ``numpy.memmap``
-        is read only where patches fall. Non-contiguous images may be copied.
+        is read only where patches fall. Any strides (sliced, reversed,
+        broadcast, transposed views): the CPU kernel reads them in place.
     offsets : integer array ``(B, K, D)``
         First pixel of each patch; may be negative or beyond the image.
     patch_size : int or sequence of D ints
@@ -117,7 +142,7 @@ def _scatter(xp, backend, grad, offsets, layout, result_dtype, out, deterministi
     kernels = _kernels(backend)
     patches = _patches_view(grad, layout)
     canonical = _canonical_offsets(xp, offsets, layout)
-    images = _image_view(out, layout)
+    images, _ = _image_view(out, layout)  # out is C-contiguous: always folded
     if backend == GPU:
         kernels.scatter(patches, canonical, images, deterministic=deterministic)
     else:
