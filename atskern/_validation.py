@@ -7,11 +7,15 @@ kernel never receives an input it could crash on or write out of bounds for.
 from __future__ import annotations
 
 import importlib
+import math
 import numbers
 import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
+
+from ._offsets import simplest_fraction
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 MAX_SEED = 2**64 - 1
@@ -427,10 +431,44 @@ def check_samples(samples, grid_shape, batch: int | None = None):
     return check_shape(grid_shape, int(samples.shape[-1]), "grid_shape")
 
 
-def check_margin(margin) -> float:
-    if isinstance(margin, (bool, np.bool_)) or not isinstance(margin, numbers.Real):
-        raise TypeError(f"margin must be a real number, got {margin!r}")
-    margin = float(margin)
-    if not 0.0 <= margin < 0.5:
-        raise ValueError(f"margin must be in [0, 0.5), got {margin}")
-    return margin
+def _real(value, name: str):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+def _is_sequence(value) -> bool:
+    return isinstance(value, (list, tuple)) or (hasattr(value, "ndim") and getattr(value, "ndim", 0) == 1)
+
+
+def check_margin(margin, ndim: int) -> tuple[Fraction, ...]:
+    """The margin fraction of each spatial dim, exactly.
+
+    ``margin`` is one of: a real number (a float, int or ``fractions.Fraction``)
+    for every dim; a sequence of ``ndim`` reals (one per dim); or the pair
+    ``(receptive_field, low_shape)`` with ``low_shape`` a sequence of ``ndim``
+    ints, meaning ``receptive_field / 2 / low_shape[d]`` (what the layers
+    pass). Floats are read by :func:`atskern._offsets.simplest_fraction`. Each
+    margin must lie in ``[0, 0.5)``.
+    """
+    if isinstance(margin, (list, tuple)) and len(margin) == 2 and _is_sequence(margin[1]):
+        receptive_field = _real(margin[0], "margin's receptive_field")
+        if receptive_field < 0:
+            raise ValueError(f"margin's receptive_field must be >= 0, got {receptive_field!r}")
+        low = check_shape(margin[1], ndim, "margin's low_shape")
+        values = [simplest_fraction(receptive_field) / (2 * size) for size in low]
+    elif _is_sequence(margin):
+        if len(margin) != ndim:
+            raise ValueError(
+                f"margin must be a number, {ndim} numbers (one per spatial dim) or a pair "
+                f"(receptive_field, low_shape), got {margin!r}"
+            )
+        values = [simplest_fraction(_real(m, "margin")) for m in margin]
+    else:
+        values = [simplest_fraction(_real(margin, "margin"))] * ndim
+    for value in values:
+        if not 0 <= value < Fraction(1, 2):
+            raise ValueError(f"margin must be in [0, 0.5), got {float(value)!r} (receptive_field / 2 / low_size)")
+    return tuple(values)

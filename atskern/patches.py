@@ -17,6 +17,7 @@ import importlib
 
 import numpy as np
 
+from . import _offsets
 from . import _validation as v
 from ._backend import GPU, array_module, backend_of
 from ._memory import aligned_empty
@@ -181,15 +182,24 @@ def scatter_patches(grad, offsets, spatial_shape, *, channels_first=False, out=N
     return _scatter(xp, backend, grad, offsets, layout, result_dtype, out, deterministic)
 
 
-def _patch_offsets(xp, samples, grid, level, patch, margin):
-    cells = samples.astype(xp.float64)
-    grid = xp.asarray(grid, dtype=xp.float64)
-    level = xp.asarray(level, dtype=xp.float64)
-    half = xp.asarray(patch, dtype=xp.float64) / 2
-    centre = level * (margin + (cells + 0.5) / grid * (1 - 2 * margin))
-    start = xp.rint(centre - half)
-    bound = float(np.iinfo(np.int32).max)
-    return xp.clip(start, -bound, bound).astype(xp.int32)
+def _as_int64(mask):
+    return mask.astype(np.int64)
+
+
+def _patch_offsets(xp, samples, grid, level, patch, margins):
+    """Exact int32 offsets (:mod:`atskern._offsets`), clipped to the int32 range."""
+    cells = xp.clip(samples.astype(xp.int64), -_offsets.SAMPLE_LIMIT, _offsets.SAMPLE_LIMIT)
+    columns = []
+    for d, margin in enumerate(margins):
+        args = (int(grid[d]), int(level[d]), int(patch[d]), margin.numerator, margin.denominator)
+        if _offsets.fits_int64(*args):
+            start = _offsets.start(cells[..., d], *args, to_int=_as_int64)
+        else:  # Python ints: exact beyond int64, slow (huge margin denominators)
+            host = cells[..., d].get() if xp is not np else cells[..., d]
+            start = _offsets.start(host.astype(object), *args, to_int=_as_int64)
+            start = xp.asarray(np.clip(start, -_offsets.INT32_MAX, _offsets.INT32_MAX).astype(np.int64))
+        columns.append(xp.clip(start, -_offsets.INT32_MAX, _offsets.INT32_MAX))
+    return xp.stack(columns, axis=-1).astype(xp.int32)
 
 
 def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
@@ -198,15 +208,25 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
     A cell ``s`` of a grid of ``G`` cells (per dim) has its centre at
     ``c = L * (m + (s + 0.5) / G * (1 - 2 m))`` in a level of ``L`` pixels,
     with ``m = margin``; its patch of ``P`` pixels starts at
-    ``rint(c - P / 2)`` (round half to even).
+    ``rint(c - P / 2)`` (round half to even), computed in integer arithmetic,
+    so exact ties round to even (float arithmetic misses them).
 
-    Returns int32 ``(B, K, D)``, on the samples' device.
+    ``margin``: a number for every dim, one number per dim, or the pair
+    ``(receptive_field, low_shape)`` for ``receptive_field / 2 / low_shape[d]``
+    (the margin of an attention network with a ``receptive_field``-pixel
+    receptive field and no padding over a ``low_shape`` view). A
+    ``fractions.Fraction`` or the pair is exact; a float is read as the
+    simplest fraction (denominator up to 2**24) that rounds to it, so
+    ``3 / 2 / 50`` means 3/100. Each margin lies in ``[0, 0.5)``.
+
+    Returns int32 ``(B, K, D)``, on the samples' device (samples beyond
+    ``+-2**31`` are clamped there first; offsets are clipped to int32).
     """
     grid = v.check_samples(samples, grid_shape)
     ndim = len(grid)
     level = v.check_shape(level_shape, ndim, "level_shape")
     patch = v.check_patch_size(patch_size, ndim)
-    margin = v.check_margin(margin)
+    margin = v.check_margin(margin, ndim)
     xp = array_module(backend_of(samples=samples))
     return _patch_offsets(xp, samples, grid, level, patch, margin)
 
@@ -216,7 +236,7 @@ def _multiscale_plan(arrays, samples, grid_shape, patch_sizes, margin, name):
     grid = v.check_samples(samples, grid_shape)
     patch_sizes = [v.check_patch_size(p, len(grid), f"patch_sizes[{i}]") for i, p in
                    enumerate(v.check_per_level(patch_sizes, len(arrays), "patch_sizes"))]
-    return arrays, grid, patch_sizes, v.check_margin(margin)
+    return arrays, grid, patch_sizes, v.check_margin(margin, len(grid))
 
 
 def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, fill=0, channels_first=False):

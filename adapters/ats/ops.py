@@ -23,6 +23,8 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
+from atskern import _offsets, _validation
+
 from . import _kernels
 from ._bridge import XLAUnsupportedError, numpy_call
 
@@ -174,13 +176,55 @@ def sample(attention, n_samples, *, replace=False, seed=None, deterministic=Fals
 # --- patches ------------------------------------------------------------------
 
 
-def _float64(value):
-    """A float64 tensor; Python and NumPy numbers are converted in float64 (not through float32)."""
-    if isinstance(value, (tf.Tensor, tf.Variable)):
-        return tf.cast(value, tf.float64)
-    if isinstance(value, (list, tuple)) and any(isinstance(v, (tf.Tensor, tf.Variable)) for v in value):
-        return tf.cast(tf.stack(value), tf.float64)
-    return tf.constant(np.asarray(value, dtype=np.float64))
+def _per_dim(values, dims: int, name: str):
+    """``dims`` int64 values of a shape given as ints or as an integer tensor (static ints where possible)."""
+    if isinstance(values, (tf.Tensor, tf.Variable)):
+        static = tf.get_static_value(values)
+        if static is None:
+            values = tf.cast(values, tf.int64)
+            return [values[d] for d in range(dims)]
+        values = static.tolist()
+    if isinstance(values, (list, tuple)) and any(isinstance(v, (tf.Tensor, tf.Variable)) for v in values):
+        values = [tf.get_static_value(v) if tf.get_static_value(v) is not None else tf.cast(v, tf.int64) for v in values]
+        if len(values) != dims:
+            raise ValueError(f"{name} must have {dims} entries (one per spatial dim), got {len(values)}")
+        return [int(v) if not isinstance(v, tf.Tensor) else v for v in values]
+    return list(_validation.check_shape(values, dims, name))
+
+
+def _margin_terms(margin, dims: int):
+    """Per-dim ``(num, den)`` of the margin fraction (ints, or int64 tensors for a dynamic low_shape),
+    or None for a float margin tensor (then computed in float64, not exact at ties)."""
+    if isinstance(margin, (tf.Tensor, tf.Variable)):
+        return None
+    if (isinstance(margin, (list, tuple)) and len(margin) == 2
+            and (isinstance(margin[1], (tf.Tensor, tf.Variable)) or _validation._is_sequence(margin[1]))):
+        receptive_field, low = margin
+        if isinstance(receptive_field, (tf.Tensor, tf.Variable)):
+            raise TypeError("margin's receptive_field must be a Python number (the layer's setting), got a tensor")
+        low = _per_dim(low, dims, "margin's low_shape")
+        if all(isinstance(v, int) for v in low):
+            fractions = _validation.check_margin((receptive_field, low), dims)
+            return [(f.numerator, f.denominator) for f in fractions]
+        rf = _validation.simplest_fraction(_validation._real(receptive_field, "margin's receptive_field"))
+        if rf < 0:
+            raise ValueError(f"margin's receptive_field must be >= 0, got {receptive_field!r}")
+        return [(rf.numerator, 2 * rf.denominator * v) for v in low]
+    return [(f.numerator, f.denominator) for f in _validation.check_margin(margin, dims)]
+
+
+def _float_offsets(cells, grid, level, size, margin):
+    """The float64 formula, for a margin given as a float tensor (not exact at .5 ties)."""
+    s = tf.cast(cells, tf.float64)
+    m = tf.cast(margin, tf.float64)
+    grid = tf.cast(tf.stack(grid), tf.float64)
+    level = tf.cast(tf.stack(level), tf.float64)
+    centre = level * (m + (s + 0.5) / grid * (1.0 - 2.0 * m))
+    return tf.math.round(centre - tf.constant(size, tf.float64) / 2.0)
+
+
+def _int64(mask):
+    return tf.cast(mask, tf.int64)
 
 
 def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
@@ -188,23 +232,39 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
 
     A cell ``s`` of a grid of size ``G`` has its centre at
     ``c = L * (m + (s + 0.5) / G * (1 - 2 m))`` in a level of size ``L``; the
-    patch starts at ``rint(c - P / 2)`` (half to even), as
-    ``atskern.patch_offsets``. ``grid_shape``, ``level_shape`` and ``margin``
-    may be tensors (per spatial dimension or scalar); ``margin`` is the
-    fraction ``receptive_field / 2 / low_size``.
+    patch starts at ``rint(c - P / 2)`` (half to even), computed in integer
+    arithmetic exactly as ``atskern.patch_offsets`` (same margin forms: a
+    number or ``fractions.Fraction``, one per dim, or the pair
+    ``(receptive_field, low_shape)`` for ``receptive_field / 2 / low_shape[d]``;
+    ``low_shape`` may be a tensor). ``grid_shape`` and ``level_shape`` may be
+    integer tensors. A float *tensor* margin is computed in float64 instead
+    (not exact at .5 ties).
     """
     samples = tf.convert_to_tensor(samples)
     dims = samples.shape[-1]
     if samples.shape.rank != 3 or dims is None:
         raise ValueError(f"samples must be (batch, K, D) with a known D, got shape {samples.shape}")
-    size = _size_tuple(patch_size, dims, "patch_size")
-    s = tf.cast(samples, tf.float64)
-    grid = _float64(grid_shape)
-    level = _float64(level_shape)
-    m = _float64(margin)
-    centre = level * (m + (s + 0.5) / grid * (1.0 - 2.0 * m))
-    start = tf.math.round(centre - tf.constant(size, tf.float64) / 2.0)
-    return tf.cast(start, tf.int32)
+    if not samples.dtype.is_integer:
+        raise TypeError(f"samples must be an integer tensor (grid cells), got {samples.dtype.name}")
+    size = _validation.check_patch_size(patch_size, dims)
+    grid = _per_dim(grid_shape, dims, "grid_shape")
+    level = _per_dim(level_shape, dims, "level_shape")
+    limit = _offsets.SAMPLE_LIMIT
+    cells = tf.clip_by_value(tf.cast(samples, tf.int64), -limit, limit)
+    terms = _margin_terms(margin, dims)
+    if terms is None:
+        start = _float_offsets(cells, grid, level, size, margin)
+    else:
+        columns = []
+        for d, (num, den) in enumerate(terms):
+            args = (grid[d], level[d], size[d], num, den)
+            if all(isinstance(v, int) for v in args) and not _offsets.fits_int64(*args):
+                raise ValueError(f"patch_offsets: grid_shape, level_shape, patch_size and margin of dim {d} are too "
+                                 f"large for exact int64 arithmetic ({args}); use atskern.patch_offsets")
+            columns.append(_offsets.start(cells[..., d], *args, to_int=_int64))
+        start = tf.stack(columns, axis=-1)
+    bound = _offsets.INT32_MAX
+    return tf.cast(tf.clip_by_value(start, tf.cast(-bound, start.dtype), tf.cast(bound, start.dtype)), tf.int32)
 
 
 def _patch_shape(x, offsets, patch_size, channels_first):

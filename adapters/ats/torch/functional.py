@@ -11,6 +11,8 @@ import numbers
 
 import torch
 
+from atskern import _offsets, _validation
+
 from . import _ops
 
 MODES = ("sample", "topk", "auto")
@@ -151,30 +153,41 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
 # --- patches ----------------------------------------------------------------------------------
 
 
+def _int64(mask: torch.Tensor) -> torch.Tensor:
+    return mask.to(torch.int64)
+
+
 def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
     """First pixel of the patch around each sampled cell, in one image level (as ``atskern.patch_offsets``).
 
     A cell ``s`` of a grid of ``G`` cells has its centre at
-    ``c = L * (m + (s + 0.5) / G * (1 - 2 m))`` in a level of ``L`` pixels
-    (``m = margin``, a float or one per dim); the patch of ``P`` pixels starts at
-    ``round(c - P / 2)`` (half to even). Computed in float64 torch ops;
-    returns int32 ``(B, K, D)``.
+    ``c = L * (m + (s + 0.5) / G * (1 - 2 m))`` in a level of ``L`` pixels;
+    the patch of ``P`` pixels starts at ``round(c - P / 2)`` (half to even),
+    computed in int64 torch ops exactly as atskern does (exact .5 ties).
+    ``margin``: a number or ``fractions.Fraction``, one per dim, or the pair
+    ``(receptive_field, low_shape)`` for ``receptive_field / 2 / low_shape[d]``;
+    each in ``[0, 0.5)``. ``samples``: an integer tensor ``(B, K, D)``.
+    Returns int32 ``(B, K, D)`` on the samples' device.
     """
     require_tensor(samples, "samples")
+    if samples.dim() != 3 or samples.shape[-1] not in (1, 2, 3):
+        raise ValueError(f"samples must be (batch, K, D) with D in 1..3, got shape {tuple(samples.shape)}")
+    if samples.dtype.is_floating_point or samples.dtype.is_complex or samples.dtype == torch.bool:
+        raise TypeError(f"samples must be an integer tensor (grid cells, e.g. from sample()), got {samples.dtype}")
     dims = samples.shape[-1]
-    grid = size_tuple(tuple(grid_shape), dims, "grid_shape")
-    level = size_tuple(tuple(level_shape), dims, "level_shape")
+    grid = _validation.check_shape(tuple(grid_shape), dims, "grid_shape")
+    level = _validation.check_shape(tuple(level_shape), dims, "level_shape")
     patch = size_tuple(patch_size, dims)
-    margins = [float(m) for m in margin] if isinstance(margin, (list, tuple)) else [float(margin)] * dims
-    if len(margins) != dims:
-        raise ValueError(f"margin must be a number or {dims} numbers, got {margin!r}")
-    cells = samples.to(torch.float64)
-    bound = float(2**31 - 1)
+    margins = _validation.check_margin(margin, dims)
+    cells = samples.to(torch.int64).clamp(-_offsets.SAMPLE_LIMIT, _offsets.SAMPLE_LIMIT)
     starts = []
-    for d in range(dims):  # Python-float constants: the same float64 operations as NumPy, no device copies
-        m = margins[d]
-        centre = float(level[d]) * (m + (cells[..., d] + 0.5) / float(grid[d]) * (1 - 2 * m))
-        starts.append(torch.round(centre - patch[d] / 2))
+    for d in range(dims):
+        args = (grid[d], level[d], patch[d], margins[d].numerator, margins[d].denominator)
+        if not _offsets.fits_int64(*args):
+            raise ValueError(f"patch_offsets: grid_shape, level_shape, patch_size and margin of dim {d} are too "
+                             f"large for exact int64 arithmetic ({args}); use atskern.patch_offsets")
+        starts.append(_offsets.start(cells[..., d], *args, to_int=_int64))
+    bound = _offsets.INT32_MAX
     return torch.stack(starts, dim=-1).clamp(-bound, bound).to(torch.int32)
 
 
