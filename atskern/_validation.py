@@ -350,13 +350,13 @@ _IMAGES_MEANING = "(batch, *spatial, channels) with 1 to 3 spatial dims"
 _IMAGES_MEANING_CF = "(batch, channels, *spatial) with 1 to 3 spatial dims"
 
 
-def check_gather(x, offsets, patch_size, fill, channels_first, out):
+def check_gather(x, offsets, patch_size, fill, channels_first, out, name: str = "x"):
     """Checks of ``extract_patches``; returns ``(layout, fill as a 0-d array of x's dtype)``."""
-    require_array(x, "x")
+    require_array(x, name)
     channels_first = check_channels_first(channels_first)
-    require_ndim(x, "x", (3, 4, 5), _IMAGES_MEANING_CF if channels_first else _IMAGES_MEANING)
-    dtype = require_movable(x, "x")
-    require_nonempty(x, "x")
+    require_ndim(x, name, (3, 4, 5), _IMAGES_MEANING_CF if channels_first else _IMAGES_MEANING)
+    dtype = require_movable(x, name)
+    require_nonempty(x, name)
     spatial, channels = _spatial_and_channels(x.shape, channels_first)
     count, _ = check_offsets(offsets, int(x.shape[0]), ndim=len(spatial))
     patch = check_patch_size(patch_size, len(spatial))
@@ -364,7 +364,7 @@ def check_gather(x, offsets, patch_size, fill, channels_first, out):
     layout = PatchLayout(int(x.shape[0]), count, spatial, channels, patch, channels_first)
     if out is not None:
         check_out(out, layout.patches_shape, dtype)
-        check_out_disjoint(out, x=x, offsets=offsets)
+        check_out_disjoint(out, **{name: x, "offsets": offsets})
     return layout, fill_value
 
 
@@ -376,27 +376,27 @@ SCATTER_DTYPES = {
 }
 
 
-def check_scatter(grad, offsets, spatial_shape, channels_first, out):
+def check_scatter(grad, offsets, spatial_shape, channels_first, out, name: str = "grad"):
     """Checks of ``scatter_patches``; returns ``(layout, result dtype)``."""
-    require_array(grad, "grad")
+    require_array(grad, name)
     channels_first = check_channels_first(channels_first)
     meaning = "(batch, K, channels, *patch)" if channels_first else "(batch, K, *patch, channels)"
-    require_ndim(grad, "grad", (4, 5, 6), meaning + " with 1 to 3 spatial dims")
+    require_ndim(grad, name, (4, 5, 6), meaning + " with 1 to 3 spatial dims")
     dtype = array_dtype(grad)
     if dtype.name not in SCATTER_DTYPES:
-        raise TypeError(f"grad must be float32 or float64 (float16/bfloat16 accumulate in float32), got {dtype}")
+        raise TypeError(f"{name} must be float32 or float64 (float16/bfloat16 accumulate in float32), got {dtype}")
     result = SCATTER_DTYPES[dtype.name]
-    require_nonempty(grad, "grad")
+    require_nonempty(grad, name)
     ndim = grad.ndim - 3
     spatial = check_shape(spatial_shape, ndim, "spatial_shape")
     count, _ = check_offsets(offsets, int(grad.shape[0]), ndim=ndim)
     if int(grad.shape[1]) != count:
-        raise ValueError(f"grad has {int(grad.shape[1])} patches per image (shape {tuple(grad.shape)}) but offsets has {count}")
+        raise ValueError(f"{name} has {int(grad.shape[1])} patches per image (shape {tuple(grad.shape)}) but offsets has {count}")
     patch, channels = _spatial_and_channels(grad.shape[1:], channels_first)
     layout = PatchLayout(int(grad.shape[0]), count, spatial, channels, patch, channels_first)
     if out is not None:
         check_out(out, layout.image_shape, result)
-        check_out_disjoint(out, grad=grad, offsets=offsets)
+        check_out_disjoint(out, **{name: grad, "offsets": offsets})
     return layout, result
 
 
@@ -418,7 +418,7 @@ def check_per_level(values, levels: int, name: str) -> list:
     return list(values)
 
 
-def check_samples(samples, grid_shape, batch: int | None = None):
+def check_samples(samples, grid_shape, batch: int | None = None, batch_of: str = "the levels"):
     """Integer ``(B, K, D)`` grid cells; returns the grid shape as a tuple of D ints."""
     require_array(samples, "samples")
     if array_dtype(samples).kind not in "iu":
@@ -427,7 +427,7 @@ def check_samples(samples, grid_shape, batch: int | None = None):
         raise ValueError(f"samples must be (batch, K, D) with D in 1..3, got shape {tuple(samples.shape)}")
     require_nonempty(samples, "samples")
     if batch is not None and int(samples.shape[0]) != batch:
-        raise ValueError(f"samples has batch size {int(samples.shape[0])} but the levels have batch size {batch}")
+        raise ValueError(f"samples has batch size {int(samples.shape[0])} but {batch_of} have batch size {batch}")
     return check_shape(grid_shape, int(samples.shape[-1]), "grid_shape")
 
 

@@ -261,7 +261,7 @@ def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, 
         v.check_samples(samples, grid, batch)
         spatial = x.shape[2:] if channels_first else x.shape[1:-1]
         offsets = _patch_offsets(xp, samples, grid, spatial, patch, margin)
-        plans.append((x, offsets) + v.check_gather(x, offsets, patch, fill, channels_first, None))
+        plans.append((x, offsets) + v.check_gather(x, offsets, patch, fill, channels_first, None, f"levels[{i}]"))
     return [_gather(xp, backend, x, offsets, layout, fill_value, None) for x, offsets, layout, fill_value in plans]
 
 
@@ -280,9 +280,9 @@ def scatter_multiscale(grads, samples, grid_shape, level_shapes, patch_sizes, *,
     for i, (g, patch, shape) in enumerate(zip(grads, patch_sizes, level_shapes)):
         v.require_array(g, f"grads[{i}]")
         shape = v.check_shape(shape, len(grid), f"level_shapes[{i}]")
-        v.check_samples(samples, grid, int(g.shape[0]) if g.ndim else None)
+        v.check_samples(samples, grid, int(g.shape[0]) if g.ndim else None, "the grads")
         offsets = _patch_offsets(xp, samples, grid, shape, patch, margin)
-        layout, result_dtype = v.check_scatter(g, offsets, shape, channels_first, None)
+        layout, result_dtype = v.check_scatter(g, offsets, shape, channels_first, None, f"grads[{i}]")
         if layout.patch != patch:
             raise ValueError(f"grads[{i}] holds patches of size {layout.patch} but patch_sizes[{i}] is {patch}")
         plans.append((g, offsets, layout, result_dtype))

@@ -161,6 +161,7 @@ class SamplePatches(keras.layers.Layer):
         x_low, x_high, attention = inputs
         dims = _check_ranks(x_low.shape, x_high.shape, attention.shape)
         size = self._size(dims)
+        ops.check_same_batch({"x_low": x_low, "x_high": x_high, "attention": attention})
         if not x_high.shape[1:-1].is_fully_defined():
             x_high = self._check_patch_fits(x_high, size)
         if self.use_logits:

@@ -25,7 +25,7 @@ import tensorflow as tf
 
 from atskern import _offsets, _validation
 
-from . import _kernels
+from . import _errors, _kernels
 from ._bridge import XLAUnsupportedError, numpy_call
 
 __all__ = [
@@ -46,14 +46,8 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
-def _size_tuple(size, dims: int, name: str) -> tuple[int, ...]:
-    """``size`` as a tuple of ``dims`` positive ints (an int is repeated)."""
-    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
-        size = (size,) * dims
-    size = tuple(size)
-    if len(size) != dims:
-        raise ValueError(f"{name} must have {dims} entries (one per spatial dimension), got {size}")
-    return tuple(_positive_int(s, name) for s in size)
+# one size check for every front end (atskern's): a single int for every dim, or one positive int per dim
+_size_tuple = _validation.check_patch_size
 
 
 def _seed_tensor(seed):
@@ -103,7 +97,10 @@ def _draw_indices(attention, n: int, replace: bool, seed):
 
     def draw(weights, *seed_bits):
         key = int(seed_bits[0]) % 2**64 if seed_bits else None
-        indices, _ = _kernels.sample(weights, n, replace=replace, seed=key)
+        try:
+            indices, _ = _kernels.sample(weights, n, replace=replace, seed=key)
+        except ValueError as error:
+            raise _errors.sampling_error(error) from None
         return indices
 
     inputs = [attention] if seed is None else [attention, seed]
@@ -267,6 +264,15 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
     return tf.cast(tf.clip_by_value(start, tf.cast(-bound, start.dtype), tf.cast(bound, start.dtype)), tf.int32)
 
 
+def check_same_batch(tensors: dict):
+    """A ValueError naming the tensors whose static batch sizes differ (unknown sizes are not checked here)."""
+    sizes = {name: t.shape[0] for name, t in tensors.items() if t.shape.rank and t.shape[0] is not None}
+    if len(set(sizes.values())) > 1:
+        described = ", ".join(f"{name} {size}" for name, size in sizes.items())
+        names = list(tensors)
+        raise ValueError(f"{', '.join(names[:-1])} and {names[-1]} must share the batch size, got {described}")
+
+
 def _patch_shape(x, offsets, patch_size, channels_first):
     batch, k = x.shape[0], offsets.shape[1]
     channels = x.shape[1] if channels_first else x.shape[-1]
@@ -357,9 +363,11 @@ def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, 
         patch_sizes = [patch_sizes] * len(levels)
     if len(patch_sizes) != len(levels):
         raise ValueError(f"patch_sizes must give one size per level ({len(levels)}), got {len(patch_sizes)}")
+    samples = tf.convert_to_tensor(samples)
     patches = []
-    for level, size in zip(levels, patch_sizes):
+    for i, (level, size) in enumerate(zip(levels, patch_sizes)):
         level = tf.convert_to_tensor(level)
+        check_same_batch({"samples": samples, f"levels[{i}]": level})
         spatial = tf.shape(level)[1:-1]
         offsets = patch_offsets(samples, grid_shape, spatial, size, margin=margin)
         patches.append(extract_patches(level, offsets, size, fill=fill))

@@ -7,12 +7,14 @@ dimensions.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
 from atskern import _offsets, _validation
 
+from .. import _errors
 from . import _ops
 
 MODES = ("sample", "topk", "auto")
@@ -27,20 +29,8 @@ def positive_int(value, name: str) -> int:
     return int(value)
 
 
-def size_tuple(size, dims: int, name: str = "patch_size") -> tuple[int, ...]:
-    """``size`` as ``dims`` positive ints (one int is used for every dim)."""
-    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
-        size = (int(size),) * dims
-    try:
-        sizes = tuple(size)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a sequence of {dims} ints, got {size!r}") from None
-    if len(sizes) != dims:
-        raise ValueError(f"{name} must have {dims} entries (one per spatial dimension), got {sizes!r}")
-    for s in sizes:
-        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
-            raise ValueError(f"{name} must hold positive integers, got {sizes!r}")
-    return tuple(int(s) for s in sizes)
+# one size check for every front end (atskern's): a single int for every dim, or one positive int per dim
+size_tuple = _validation.check_patch_size
 
 
 def require_tensor(value, name: str) -> torch.Tensor:
@@ -58,7 +48,9 @@ def check_attention(attention, n: int, without_replacement: bool) -> int:
         )
     if not attention.is_floating_point():
         raise TypeError(f"attention must be a floating tensor, got {attention.dtype}")
-    positions = attention[0].numel()
+    if attention.shape[0] == 0 or 0 in attention.shape[1:]:
+        raise ValueError(f"attention must not be empty (at least one row and one position), got shape {tuple(attention.shape)}")
+    positions = math.prod(attention.shape[1:])
     if without_replacement and n > positions:
         raise ValueError(
             f"n_samples={n} is larger than the {positions} positions of the attention map {tuple(attention.shape[1:])}; "
@@ -144,7 +136,10 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
         if weights.dtype not in (torch.float32, torch.float64):
             weights = weights.to(torch.float32)
         key = random_key() if key is None else key_tensor(key)
-        indices = _ops.sample_indices(weights.contiguous(), key, n, replace).to(torch.int64)
+        try:
+            indices = _ops.sample_indices(weights.contiguous(), key, n, replace).to(torch.int64)
+        except ValueError as error:
+            raise _errors.sampling_error(error) from None
         flat_index = _ravel(indices, grid)
     sampled = flat.gather(1, flat_index) / flat.sum(dim=1, keepdim=True)
     return indices, sampled
@@ -199,6 +194,37 @@ def _check_images(x, name: str, channels_first: bool) -> tuple[int, ...]:
     return tuple(x.shape[2:]) if channels_first else tuple(x.shape[1:-1])
 
 
+def _checked_fill(fill, dtype: torch.dtype):
+    """``fill`` as an exact Python scalar for the kernel (ints never pass through float), or a
+    ValueError/TypeError naming ``fill`` when ``dtype`` cannot hold it (atskern's rule, in plain Python so
+    that ``torch.compile`` traces it)."""
+    if isinstance(fill, torch.Tensor):
+        if fill.numel() != 1:
+            raise TypeError(f"fill must be a scalar number, got a tensor of shape {tuple(fill.shape)}")
+        fill = fill.item()
+    if isinstance(fill, complex) or not isinstance(fill, numbers.Real):
+        raise TypeError(f"fill must be a real number, got {fill!r} ({type(fill).__name__})")
+    bad = ValueError(f"fill={fill!r} cannot be represented in the images' dtype {dtype}")
+    if dtype == torch.bool:
+        if fill not in (0, 1):
+            raise bad
+        return bool(fill)
+    if isinstance(fill, bool) and dtype != torch.bool:
+        raise TypeError(f"fill must be a number, got {fill!r}")
+    if dtype.is_floating_point:
+        value = float(fill)
+        if math.isfinite(value) and abs(value) > torch.finfo(dtype).max:
+            raise bad
+        return value
+    if not (isinstance(fill, numbers.Integral) or float(fill).is_integer()):
+        raise bad
+    value = int(fill)
+    info = torch.iinfo(dtype)
+    if not info.min <= value <= info.max:
+        raise bad
+    return value
+
+
 def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=True):
     """Gather one patch per offset from a batch of images, differentiably.
 
@@ -218,7 +244,8 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=True):
     if offsets.dtype.is_floating_point or offsets.dtype == torch.bool:
         raise TypeError(f"offsets must be an integer tensor, got {offsets.dtype}")
     size = size_tuple(patch_size, len(spatial))
-    return _ops.extract(x.contiguous(), offsets.contiguous(), list(size), float(fill), bool(channels_first))
+    fill = _checked_fill(fill, x.dtype)
+    return _ops.extract(x.contiguous(), offsets.contiguous(), list(size), fill, bool(channels_first))
 
 
 def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, fill=0, channels_first=True):
@@ -233,8 +260,11 @@ def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, 
     if not isinstance(patch_sizes, (list, tuple)) or len(patch_sizes) != len(levels):
         raise ValueError(f"patch_sizes must hold one patch size per level ({len(levels)}), got {patch_sizes!r}")
     patches = []
+    require_tensor(samples, "samples")
     for i, (x, size) in enumerate(zip(levels, patch_sizes)):
         spatial = _check_images(x, f"levels[{i}]", channels_first)
+        if samples.dim() and samples.shape[0] != x.shape[0]:
+            raise ValueError(f"samples and levels[{i}] must share the batch size, got {samples.shape[0]} and {x.shape[0]}")
         offsets = patch_offsets(samples, grid_shape, spatial, size_tuple(size, len(spatial)), margin=margin)
         patches.append(extract_patches(x, offsets, size, fill=fill, channels_first=channels_first))
     return patches
