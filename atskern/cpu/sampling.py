@@ -1,18 +1,22 @@
-"""Numba sampling kernels: row statistics, sampling without and with replacement.
+"""Numba sampling kernels: validation fused into sampling, without and with replacement.
 
-Inputs arrive validated and flattened to ``(B, N)`` weights (see ``atskern.sampling``).
+Inputs arrive flattened to ``(B, N)`` weights (see ``atskern.sampling``, which turns the
+per-row status these kernels return into errors).
 
-Without replacement each position gets the key ``-log(u) / a`` (exponential
-keys; the n smallest in increasing order are a successive-sampling draw).
-Rows are cut into chunks (:func:`chunk_size`), processed in parallel, each
-keeping its ``n`` smallest keys in a max-heap; a merge keeps the row's ``n``
-smallest. Ties are broken by position, so the result is the row's exact ``n``
-smallest ``(key, position)`` pairs whatever the chunking or thread count.
-Inside a chunk a key is computed only when the high word of its uniform
-cannot rule it out: ``-log(u) / a >= t`` whenever ``1 - u >= a t``.
+Without replacement each position gets the key ``-log(u) / a`` (exponential keys; the n
+smallest in increasing order are a successive-sampling draw). Rows are cut into chunks
+(:func:`chunk_size`), processed in parallel in one pass that also validates the weights (sums,
+counts, largest entry), each chunk keeping its ``n`` smallest keys in a max-heap; a merge keeps
+the row's ``n`` smallest. Ties are broken by position, so the result is the row's exact ``n``
+smallest ``(key, position)`` pairs whatever the chunking or thread count. Inside a chunk a key
+is computed only when the high word of its uniform cannot rule it out: ``-log(u) / a >= t``
+whenever ``1 - u >= a t``. A row with fewer than ``n`` positive entries is padded with its
+lowest zero-weight positions (rule R1 of DESIGN.md).
 """
 
 from __future__ import annotations
+
+import math
 
 import numba
 import numpy as np
@@ -24,9 +28,6 @@ from .philox import block_words, pick_word, to_uniform
 
 MIN_CHUNK = 1 << 14
 """Fewest positions of a parallel work item (see :func:`chunk_size`)."""
-
-STATS_CHUNK = 1 << 16
-"""Positions per work item of :func:`row_statistics` (fixed: it sets the float64 summation order)."""
 
 BLOCK = 1 << 10
 """Positions whose high words are generated together (a vectorizable loop)."""
@@ -82,50 +83,6 @@ def _replace_top(keys, idx, size, key, position):
     _sift_down(keys, idx, 0, size)
 
 
-@jit(parallel=True, fastmath={"reassoc", "nsz", "arcp", "contract"})
-def _chunk_statistics(weights, chunk):
-    """Per (row, chunk): sum, count of positive and count of negative entries (float64 counters
-    vectorize; they are exact below 2**53). A NaN or inf makes the chunk's sum non-finite."""
-    rows, size = weights.shape
-    nchunks = (size + chunk - 1) // chunk
-    sums = np.zeros((rows, nchunks))
-    positive = np.zeros((rows, nchunks))
-    negative = np.zeros((rows, nchunks))
-    for item in prange(rows * nchunks):
-        b = item // nchunks
-        c = item - b * nchunks
-        values = weights[b, c * chunk : min(size, (c + 1) * chunk)]
-        acc = 0.0
-        pos = 0.0
-        neg = 0.0
-        for p in range(values.size):
-            a = np.float64(values[p])
-            acc += a
-            pos += 1.0 if a > 0.0 else 0.0
-            neg += 1.0 if a < 0.0 else 0.0
-        sums[b, c] = acc
-        positive[b, c] = pos
-        negative[b, c] = neg
-    return sums, positive, negative
-
-
-def row_statistics(weights):
-    """``(nonfinite, negative, positive, totals)`` per row of ``(B, N)`` weights, as NumPy arrays.
-
-    Chunk sums are added in chunk order (``STATS_CHUNK`` is fixed), so totals
-    do not depend on the thread count. Non-finite entries are counted only in
-    rows whose sum is not finite.
-    """
-    sums, positive, negative = _chunk_statistics(weights, STATS_CHUNK)
-    totals = np.zeros(sums.shape[0])
-    for c in range(sums.shape[1]):
-        totals += sums[:, c]
-    nonfinite = np.zeros(sums.shape[0], np.int64)
-    for row in np.flatnonzero(~np.isfinite(totals)):
-        nonfinite[row] = np.count_nonzero(~np.isfinite(weights[row]))
-    return nonfinite, negative.sum(axis=1).astype(np.int64), positive.sum(axis=1).astype(np.int64), totals
-
-
 @jit(inline="always")
 def _fill_block(block_start, block_stop, row, k0, k1, hi_words):
     """HI words of a block's positions: position ``block_start + 4 j + lane`` in ``hi_words[lane, j]``."""
@@ -159,14 +116,36 @@ def _flag_groups(weights, row, block_start, block_stop, hi_words, bound, group_h
         group_hits[:] = 1
 
 
-@jit(parallel=True)
-def _chunk_candidates(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound):
-    """Each (row, chunk) item keeps the ``capacity`` smallest keys of its positions in a max-heap.
+@jit(fastmath={"reassoc", "nsz", "contract"})
+def _block_statistics(weights, row, start, stop):
+    """Sum (float64), positive count, negative count and largest entry of ``weights[row, start:stop]``.
 
-    ``row_bound[b, 0]`` is shared by the items of row ``b``: any item's full-heap
-    threshold bounds the row's final n-th smallest key, so keys strictly
-    above it are dropped early. The result does not depend on when (or
-    whether) an item sees another's bound.
+    Vectorized (reassociated) in an order fixed by ``BLOCK``, so the sums do not depend on the
+    chunking or thread count. A NaN or inf makes the sum non-finite.
+    """
+    total = 0.0
+    positive = 0.0
+    negative = 0.0
+    top = 0.0
+    for p in range(start, stop):
+        a = np.float64(weights[row, p])
+        total += a
+        positive += 1.0 if a > 0.0 else 0.0
+        negative += 1.0 if a < 0.0 else 0.0
+        top = a if a > top else top
+    return total, positive, negative, top
+
+
+@jit(parallel=True)
+def _chunk_pass(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums):
+    """One pass over the weights: each (row, chunk) item validates its positions and keeps the
+    ``capacity`` smallest keys of its positive ones in a max-heap.
+
+    Per block of ``BLOCK`` positions it records the float64 sum (``block_sums``), and per chunk
+    the counts of positive and negative entries and the largest entry (``chunk_stats``).
+    ``row_bound[b, 0]`` is shared by the items of row ``b``: any item's full-heap threshold
+    bounds the row's final n-th smallest key, so keys strictly above it are dropped early. The
+    result does not depend on when (or whether) an item sees another's bound.
     """
     rows, size = weights.shape
     nchunks = cand_keys.shape[1]
@@ -182,9 +161,17 @@ def _chunk_candidates(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, r
         group_hits = np.empty(BLOCK // GROUP, np.int64)
         count = 0
         threshold = np.inf
+        positive = 0.0
+        negative = 0.0
+        top = 0.0
         stop = min(size, (c + 1) * chunk)
         for block_start in range(c * chunk, stop, BLOCK):
             block_stop = min(stop, block_start + BLOCK)
+            total, pos, neg, big = _block_statistics(weights, b, block_start, block_stop)
+            block_sums[b, block_start // BLOCK] = total
+            positive += pos
+            negative += neg
+            top = max(top, big)
             bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
             _fill_block(block_start, block_stop, b, k0, k1, hi_words)
             _flag_groups(weights, b, block_start, block_stop, hi_words, bound, group_hits)
@@ -212,17 +199,51 @@ def _chunk_candidates(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, r
                         if threshold < row_bound[b, 0]:
                             row_bound[b, 0] = threshold
         cand_count[b, c] = count
+        chunk_stats[b, c, 0] = positive
+        chunk_stats[b, c, 1] = negative
+        chunk_stats[b, c, 2] = top
 
 
-@jit(parallel=True)
-def _merge_candidates(cand_keys, cand_idx, cand_count, n, out):
-    """The ``n`` smallest ``(key, position)`` of each row's candidates, in increasing order."""
+@jit(inline="always")
+def _write_coords(indices, b, k, position, grid):
+    """Grid coordinates of a flat (row-major) position, by integer division and remainder."""
+    rest = position
+    for d in range(indices.shape[2] - 1, -1, -1):
+        indices[b, k, d] = rest % grid[d]
+        rest //= grid[d]
+
+
+@jit(inline="always")
+def _row_status(weights, b, total, positive, negative, top, status):
+    """Fill ``status[b]`` (see ``atskern._validation.STATUS_COLUMNS``)."""
+    nonfinite = 0
+    if not np.isfinite(total):
+        for p in range(weights.shape[1]):
+            nonfinite += not np.isfinite(weights[b, p])
+    status[b, 0] = nonfinite
+    status[b, 1] = np.int64(negative)
+    status[b, 2] = np.int64(positive)
+    status[b, 3] = math.frexp(top)[1] if 0.0 < top < np.inf else 0
+
+
+@jit
+def _finish_rows(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_sums, grid, indices, probs, status):
+    """Per row: merge the chunks' candidates into the ``n`` smallest keys in increasing order, pad
+    a row with fewer positive entries with its lowest zero-weight positions (fillers, rule R1),
+    and write grid coordinates, float64 probabilities and the row's status."""
     rows, nchunks = cand_count.shape
-    for b in prange(rows):
-        keys = np.empty(n, np.float64)
-        idx = np.empty(n, np.int64)
+    n = indices.shape[1]
+    keys = np.empty(n, np.float64)
+    idx = np.empty(n, np.int64)
+    for b in range(rows):
         count = 0
+        positive = 0.0
+        negative = 0.0
+        top = 0.0
         for c in range(nchunks):
+            positive += chunk_stats[b, c, 0]
+            negative += chunk_stats[b, c, 1]
+            top = max(top, chunk_stats[b, c, 2])
             for j in range(cand_count[b, c]):
                 key = cand_keys[b, c, j]
                 position = cand_idx[b, c, j]
@@ -230,19 +251,48 @@ def _merge_candidates(cand_keys, cand_idx, cand_count, n, out):
                     count = _push(keys, idx, count, key, position)
                 elif _greater(keys[0], idx[0], key, position):
                     _replace_top(keys, idx, n, key, position)
-        for end in range(n - 1, 0, -1):
+        total = 0.0
+        for j in range(block_sums.shape[1]):
+            total += block_sums[b, j]
+        _row_status(weights, b, total, positive, negative, top, status)
+        for end in range(count - 1, 0, -1):
             keys[0], keys[end] = keys[end], keys[0]
             idx[0], idx[end] = idx[end], idx[0]
             _sift_down(keys, idx, 0, end)
+        p = 0
+        for k in range(count, n):  # fillers: the lowest positions without positive weight
+            while weights[b, p] > 0.0:
+                p += 1
+            idx[k] = p
+            p += 1
         for k in range(n):
-            out[b, k] = idx[k]
+            _write_coords(indices, b, k, idx[k], grid)
+            a = np.float64(weights[b, idx[k]])
+            probs[b, k] = a / total if a > 0.0 else 0.0
+
+
+@jit
+def _without_replacement(weights, k0, k1, chunk, grid, indices, probs, status):
+    rows, size = weights.shape
+    n = indices.shape[1]
+    nchunks = (size + chunk - 1) // chunk
+    capacity = min(n, chunk, size)
+    cand_keys = np.empty((rows, nchunks, capacity), np.float64)
+    cand_idx = np.empty((rows, nchunks, capacity), np.int64)
+    cand_count = np.empty((rows, nchunks), np.int64)
+    row_bound = np.full((rows, 8), np.inf)  # one cache line per row: no false sharing
+    chunk_stats = np.empty((rows, nchunks, 3), np.float64)
+    block_sums = np.empty((rows, (size + BLOCK - 1) // BLOCK), np.float64)
+    _chunk_pass(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums)
+    _finish_rows(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_sums, grid, indices, probs, status)
 
 
 def chunk_size(rows, size, threads=None):
     """Positions per work item: whole rows when there are enough rows for the threads, else
     rows split so every thread has work (at least ``MIN_CHUNK`` positions, a multiple of ``BLOCK``).
 
-    The draws do not depend on this: each item keeps its exact n smallest keys.
+    The draws do not depend on this: each item keeps its exact n smallest keys, and sums are
+    taken per ``BLOCK``.
     """
     threads = numba.get_num_threads() if threads is None else threads
     pieces = max(1, -(-threads // rows))
@@ -250,35 +300,31 @@ def chunk_size(rows, size, threads=None):
     return -(-chunk // BLOCK) * BLOCK
 
 
-def sample_without_replacement(weights, n, seed, out, chunk=None):
-    """Write into ``out`` (B, n) the flat positions of a successive-sampling draw per row.
-
-    ``weights`` is ``(B, N)`` float32/float64, valid (finite, non-negative,
-    at least ``n`` positive entries per row); ``seed`` is a 64-bit integer.
-    ``chunk`` (a multiple of ``BLOCK``) overrides :func:`chunk_size`.
-    """
-    rows, size = weights.shape
-    chunk = chunk_size(rows, size) if chunk is None else chunk
-    nchunks = (size + chunk - 1) // chunk
-    capacity = min(n, chunk, size)
-    cand_keys = np.empty((rows, nchunks, capacity), np.float64)
-    cand_idx = np.empty((rows, nchunks, capacity), np.int64)
-    cand_count = np.empty((rows, nchunks), np.int64)
-    row_bound = np.full((rows, 8), np.inf)  # one cache line per row: no false sharing
-    _chunk_candidates(weights, seed & 0xFFFFFFFF, seed >> 32, chunk, cand_keys, cand_idx, cand_count, row_bound)
-    _merge_candidates(cand_keys, cand_idx, cand_count, n, out)
-    return out
-
-
 @jit(parallel=True)
-def _replacement_draws(weights, n, k0, k1, out):
+def _with_replacement(weights, k0, k1, grid, indices, probs, status):
+    """Per row: one pass for the float64 total and the status, then ``n`` inverse-CDF draws
+    (sorted targets, a second pass over the prefix sums that stops at the last target)."""
     rows, size = weights.shape
+    n = indices.shape[1]
     k0 = np.uint64(k0)
     k1 = np.uint64(k1)
     for b in prange(rows):
         total = 0.0
+        positive = 0.0
+        negative = 0.0
+        top = 0.0
         for p in range(size):
-            total += np.float64(weights[b, p])
+            a = np.float64(weights[b, p])
+            total += a
+            positive += 1.0 if a > 0.0 else 0.0
+            negative += 1.0 if a < 0.0 else 0.0
+            top = a if a > top else top
+        _row_status(weights, b, total, positive, negative, top, status)
+        if not (positive > 0.0 and np.isfinite(total) and total > 0.0):
+            for k in range(n):  # an invalid row (refused unless validate=False): in-range fillers
+                indices[b, k, :] = 0
+                probs[b, k] = 0.0
+            continue
         targets = np.empty(n, np.float64)
         for k in range(n):
             w0, w1, w2, w3 = block_words(np.uint64(k // 2), b, STREAM_REPLACE, k0, k1)
@@ -296,16 +342,35 @@ def _replacement_draws(weights, n, k0, k1, out):
                 last_positive = p
             acc += a
             while k < n and targets[order[k]] <= acc:
-                out[b, order[k]] = p
+                _write_coords(indices, b, order[k], p, grid)
+                probs[b, order[k]] = a / total
                 k += 1
             if k == n:
                 break
+        a = np.float64(weights[b, last_positive])
         while k < n:
-            out[b, order[k]] = last_positive
+            _write_coords(indices, b, order[k], last_positive, grid)
+            probs[b, order[k]] = a / total
             k += 1
 
 
-def sample_with_replacement(weights, n, seed, out):
-    """Write into ``out`` (B, n) the flat positions of ``n`` independent draws per row (inverse CDF)."""
-    _replacement_draws(weights, n, seed & 0xFFFFFFFF, seed >> 32, out)
-    return out
+def sample(weights, n, grid, seed, replace, chunk=None):
+    """The CPU sampling backend (see ``atskern.sampling`` for the interface).
+
+    ``weights`` is ``(B, N)`` float32/float64, C-contiguous; ``grid`` an int64 array of the grid
+    shape (its product is N); ``seed`` a 64-bit integer. Returns ``indices`` int32
+    ``(B, n, D)``, float64 ``probs`` ``(B, n)`` and the int64 ``status`` ``(B, 4)``. Rows that
+    the status marks invalid still get in-range indices. ``chunk`` (a multiple of ``BLOCK``)
+    overrides :func:`chunk_size` without replacement.
+    """
+    rows, size = weights.shape
+    indices = np.empty((rows, n, grid.shape[0]), np.int32)
+    probs = np.empty((rows, n), np.float64)
+    status = np.empty((rows, 4), np.int64)
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    if replace:
+        _with_replacement(weights, k0, k1, grid, indices, probs, status)
+    else:
+        chunk = chunk_size(rows, size) if chunk is None else chunk
+        _without_replacement(weights, k0, k1, chunk, grid, indices, probs, status)
+    return indices, probs, status
