@@ -89,7 +89,7 @@ def _check_attention(attention, n: int, replace: bool):
     return rank - 1
 
 
-def _draw_indices(attention, n: int, replace: bool, seed):
+def _draw_indices(attention, n: int, replace: bool, seed, strict: bool = False):
     """int32 ``(B, n, D)`` indices from the atskern sampling kernel."""
     if attention.dtype not in _KERNEL_FLOATS:
         attention = tf.cast(attention, tf.float32)
@@ -98,7 +98,7 @@ def _draw_indices(attention, n: int, replace: bool, seed):
     def draw(weights, *seed_bits):
         key = int(seed_bits[0]) % 2**64 if seed_bits else None
         try:
-            indices, _ = _kernels.sample(weights, n, replace=replace, seed=key)
+            indices, _ = _kernels.sample(weights, n, replace=replace, seed=key, strict=strict)
         except ValueError as error:
             raise _errors.sampling_error(error) from None
         return indices
@@ -116,7 +116,7 @@ def _top_indices(flat, grid_shape, n: int):
     return (flat_index[..., None] // strides) % grid_shape
 
 
-def sample(attention, n_samples, *, replace=False, seed=None, deterministic=False):
+def sample(attention, n_samples, *, replace=False, seed=None, deterministic=False, strict=False):
     """Sample ``n_samples`` positions per row of an attention map.
 
     Parameters
@@ -134,6 +134,11 @@ def sample(attention, n_samples, *, replace=False, seed=None, deterministic=Fals
     deterministic : bool
         Take the ``n_samples`` largest weights (largest first) instead of
         sampling: reproducible inference; runs under XLA.
+    strict : bool
+        Without replacement, a row with fewer than ``n_samples`` positive
+        weights (e.g. a float32 softmax that underflowed) is drawn as all its
+        positive cells followed by zero-probability fillers (estimator weight
+        exactly 0; DESIGN.md R1). ``strict=True`` raises instead.
 
     Returns
     -------
@@ -162,7 +167,7 @@ def sample(attention, n_samples, *, replace=False, seed=None, deterministic=Fals
     if deterministic:
         indices = _top_indices(flat, tf.shape(attention)[1:], n)
     else:
-        indices = _draw_indices(attention, n, bool(replace), seed)
+        indices = _draw_indices(attention, n, bool(replace), seed, bool(strict))
     indices.set_shape((attention.shape[0], n, dims))
     sampled = tf.gather_nd(attention, indices, batch_dims=1)
     sampled = sampled / tf.reduce_sum(flat, axis=1, keepdims=True)
@@ -378,17 +383,47 @@ def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, 
 
 
 def _feature_weights(probs64, replace: bool):
-    """``c_k`` of ``F = sum_k c_k f_k`` and the attention-gradient scale, float64 ``(B, n)``."""
+    """``c_k`` of ``F = sum_k c_k f_k`` and the attention-gradient scale, float64 ``(B, n)``.
+
+    A filler (``probs == 0``: rule R3 of DESIGN.md) gets 0 for both, with no division by zero.
+    """
     n = tf.cast(tf.shape(probs64)[1], tf.float64)
+    drawn = probs64 > 0
+    safe = tf.where(drawn, probs64, tf.ones_like(probs64))
+    zero = tf.zeros_like(probs64)
     if replace:
-        weights = tf.ones_like(probs64) / n
-        scale = 1.0 / (n * probs64)
-        return weights, scale
+        return tf.where(drawn, tf.ones_like(probs64) / n, zero), tf.where(drawn, 1.0 / (n * safe), zero)
     mass_left = 1.0 - (tf.cumsum(probs64, axis=1) - probs64)
     remaining = tf.range(n - 1.0, -1.0, -1.0, dtype=tf.float64)
-    weights = (mass_left + remaining * probs64) / n
-    scale = (mass_left / probs64 + remaining) / n
+    weights = tf.where(drawn, (mass_left + remaining * probs64) / n, zero)
+    scale = tf.where(drawn, (mass_left / safe + remaining) / n, zero)
     return weights, scale
+
+
+def _probs_tolerance(dtype, n):
+    """How far above 1 a draw's probabilities may sum without replacement (rounding of ``dtype``)."""
+    if dtype == tf.float64:
+        return tf.constant(1e-6, tf.float64)
+    return tf.cast(n, tf.float64) * max(2.0**-20, float(np.finfo(dtype.as_numpy_dtype).eps))
+
+
+def _checked_probs(probs, replace: bool):
+    """``probs`` (R3: finite, in [0, 1], rows summing to at most 1 + rounding without replacement):
+    a ValueError naming the row when eager, an assertion (InvalidArgumentError) in a graph."""
+    p64 = tf.cast(probs, tf.float64)
+    inside = tf.math.is_finite(p64) & (p64 >= 0) & (p64 <= 1)
+    tolerance = _probs_tolerance(probs.dtype, tf.shape(probs)[1])
+    ok = tf.reduce_all(inside)
+    if not replace:
+        ok = ok & tf.reduce_all(tf.reduce_sum(tf.where(inside, p64, tf.zeros_like(p64)), axis=1) <= 1 + tolerance)
+    if tf.executing_eagerly():
+        if not bool(ok):
+            raise _validation.explain_bad_probs(p64.numpy(), replace, float(tolerance))
+        return probs
+    message = ("ats.ops.expectation: probs must be finite, in [0, 1] and (without replacement) sum to at most 1 "
+               "per row; check the sampled attention (use replace=True if the draws were made with replacement)")
+    with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
+        return tf.identity(probs)
 
 
 def _expand(weights, rank: int):
@@ -404,6 +439,13 @@ def expectation(features, probs, *, replace=False):
     unbiased estimate of ``<g, f_i>`` (``w <g, f_k> / a_k`` with replacement,
     ``w (pm_k / a_k + n - 1 - k) <g, f_k>`` without), not the derivative of the
     forward value. ``replace`` must match how the positions were drawn.
+
+    A drawn entry with ``probs == 0`` (a filler of a short row, or a
+    probability its dtype cannot hold; DESIGN.md R1-R3) gets coefficient 0
+    and both gradients exactly 0. ``probs`` must be finite, in [0, 1], and
+    without replacement sum to at most 1 per row (up to rounding: 1e-6 for
+    float64, ``n`` times the dtype's epsilon (at least ``2**-20``) otherwise):
+    a ValueError naming the row when eager, an InvalidArgumentError in a graph.
     """
     features = tf.convert_to_tensor(features)
     probs = tf.convert_to_tensor(probs)
@@ -417,6 +459,7 @@ def expectation(features, probs, *, replace=False):
         raise ValueError(f"features {features.shape} must start with probs' shape {probs.shape}")
     rank = features.shape.rank
     replace = bool(replace)
+    probs = _checked_probs(probs, replace)
 
     @tf.custom_gradient
     def estimate(f, p):

@@ -4,7 +4,7 @@ Each op has a fake (meta) implementation, so ``torch.compile`` traces through
 it without running it, and the patch ops have their gradients registered
 with ``register_autograd``:
 
-- ``atskern::sample(attention, key, n, replace) -> int32 (B, n, D)`` grid indices
+- ``atskern::sample(attention, key, n, replace, strict) -> int32 (B, n, D)`` grid indices
   (no gradient; the sampled attention is a torch gather, see ``functional``);
 - ``atskern::extract_patches(x, offsets, patch_size, fill, channels_first)``,
   whose backward is ``atskern::scatter_patches`` (skipped when ``x`` needs no
@@ -40,16 +40,17 @@ def _kernel(name: str):
 
 
 @torch.library.custom_op("atskern::sample", mutates_args=())
-def sample_indices(attention: torch.Tensor, key: torch.Tensor, n: int, replace: bool) -> torch.Tensor:
+def sample_indices(attention: torch.Tensor, key: torch.Tensor, n: int, replace: bool,
+                   strict: bool = False) -> torch.Tensor:
     """int32 ``(B, n, D)`` grid indices drawn by ``atskern.sample`` with seed ``key`` (a CPU int64 scalar)."""
     seed = int(key.item()) % _U64
     with kernel_stream(attention.device):
-        indices, _ = atskern.sample(to_kernel(attention), n, replace=replace, seed=seed)
+        indices, _ = atskern.sample(to_kernel(attention), n, replace=replace, seed=seed, strict=strict)
         return from_kernel(indices)
 
 
 @sample_indices.register_fake
-def _(attention, key, n, replace):
+def _(attention, key, n, replace, strict=False):
     return attention.new_empty((attention.shape[0], n, attention.dim() - 1), dtype=torch.int32)
 
 

@@ -96,7 +96,7 @@ def _unravel(flat: torch.Tensor, grid) -> torch.Tensor:
     return torch.stack(coords[::-1], dim=-1)
 
 
-def sample(attention, n_samples, *, replace=False, key=None, deterministic=False):
+def sample(attention, n_samples, *, replace=False, key=None, deterministic=False, strict=False):
     """Sample ``n_samples`` positions per row of an attention map.
 
     Parameters
@@ -113,6 +113,11 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
         torch's default generator (so ``torch.manual_seed`` makes runs repeat).
     deterministic : bool
         Take the ``n_samples`` largest weights, largest first (inference).
+    strict : bool
+        Without replacement, a row with fewer than ``n_samples`` positive
+        weights is drawn as all its positive cells followed by
+        zero-probability fillers (estimator weight exactly 0; DESIGN.md R1).
+        ``strict=True`` raises a ValueError instead.
 
     Returns
     -------
@@ -137,7 +142,7 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
             weights = weights.to(torch.float32)
         key = random_key() if key is None else key_tensor(key)
         try:
-            indices = _ops.sample_indices(weights.contiguous(), key, n, replace).to(torch.int64)
+            indices = _ops.sample_indices(weights.contiguous(), key, n, replace, bool(strict)).to(torch.int64)
         except ValueError as error:
             raise _errors.sampling_error(error) from None
         flat_index = _ravel(indices, grid)
@@ -274,13 +279,32 @@ def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, 
 
 
 def _coefficients(probs64: torch.Tensor, replace: bool):
-    """``c_k`` of ``F = sum_k c_k f_k`` and the attention-gradient scale, float64 ``(B, n)``."""
+    """``c_k`` of ``F = sum_k c_k f_k`` and the attention-gradient scale, float64 ``(B, n)``;
+    0 for both at a filler (``probs == 0``: rule R3 of DESIGN.md), with no division by zero."""
     n = probs64.shape[1]
+    drawn = probs64 > 0
+    safe = torch.where(drawn, probs64, torch.ones_like(probs64))
+    zero = torch.zeros_like(probs64)
     if replace:
-        return torch.full_like(probs64, 1.0 / n), 1.0 / (n * probs64)
+        return torch.where(drawn, 1.0 / n, zero), torch.where(drawn, 1.0 / (n * safe), zero)
     mass_left = 1.0 - (torch.cumsum(probs64, dim=1) - probs64)
     remaining = torch.arange(n - 1, -1, -1, dtype=torch.float64, device=probs64.device)
-    return (mass_left + remaining * probs64) / n, (mass_left / probs64 + remaining) / n
+    weights = torch.where(drawn, (mass_left + remaining * probs64) / n, zero)
+    return weights, torch.where(drawn, (mass_left / safe + remaining) / n, zero)
+
+
+def _check_probs(probs: torch.Tensor, replace: bool):
+    """R3: ``probs`` finite, in [0, 1] and, without replacement, rows summing to at most 1 + rounding
+    (1e-6 for float64, ``n`` times the dtype's epsilon, at least ``2**-20``, otherwise); a ValueError names the row."""
+    p64 = probs.detach().to(torch.float64)
+    inside = torch.isfinite(p64) & (p64 >= 0) & (p64 <= 1)
+    n = probs.shape[1]
+    tolerance = 1e-6 if probs.dtype == torch.float64 else n * max(2.0**-20, torch.finfo(probs.dtype).eps)
+    ok = inside.all()
+    if not replace:
+        ok = ok & (torch.where(inside, p64, 0.0).sum(dim=1) <= 1 + tolerance).all()
+    if not bool(ok):
+        raise _validation.explain_bad_probs(p64.cpu().numpy(), replace, tolerance)
 
 
 def _expand(weights: torch.Tensor, dims: int) -> torch.Tensor:
@@ -312,7 +336,7 @@ class _Expectation(torch.autograd.Function):
         return grad_features, grad_probs, None
 
 
-def expectation(features, probs, *, replace=False):
+def expectation(features, probs, *, replace=False, validate=True):
     """The ATS estimate of ``sum_i a_i f_i`` from ``n`` sampled features, with unbiased gradients.
 
     ``features`` ``(B, n, *F)`` and ``probs`` ``(B, n)`` (the sampled attention
@@ -322,6 +346,13 @@ def expectation(features, probs, *, replace=False):
     ``w <g, f_k> / a_k`` with (``w = 1/n``, ``pm_k = 1 - sum_{j<k} a_j``), the
     unbiased estimate of ``<g, f_i>`` rather than the derivative of the value.
     ``replace`` must match how the positions were drawn.
+
+    A drawn entry with ``probs == 0`` (a filler of a short row, or a
+    probability its dtype cannot hold; DESIGN.md R1-R3) gets coefficient 0
+    and both gradients exactly 0. ``validate`` checks that ``probs`` are
+    finite, in [0, 1] and, without replacement, sum to at most 1 per row (a
+    ValueError naming the row; one small device sync on CUDA; skipped while
+    ``torch.compile`` traces).
     """
     require_tensor(features, "features")
     require_tensor(probs, "probs")
@@ -333,6 +364,8 @@ def expectation(features, probs, *, replace=False):
         raise TypeError(f"features and probs must be floating, got {features.dtype} and {probs.dtype}")
     if not isinstance(replace, bool):
         raise TypeError(f"replace must be True or False, got {replace!r}")
+    if validate and not torch.compiler.is_compiling():
+        _check_probs(probs, replace)
     return _Expectation.apply(features, probs, replace)
 
 
