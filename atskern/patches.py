@@ -96,9 +96,9 @@ def _gather(xp, backend, x, offsets, layout, fill_value, out):
         out = _empty(xp, layout.patches_shape, x.dtype)
     if xp is np:
         x = np.asarray(x)  # a memmap becomes a plain ndarray view: nothing is read
+    else:
+        x = xp.ascontiguousarray(x)  # the CUDA kernels take contiguous images (a copy only for views)
     images, folded = _image_view(x.view(word), layout)
-    if backend == GPU:
-        images = xp.ascontiguousarray(images)
     fill_word = np.asarray(fill_value).reshape(1).view(word)[0]
     canonical = _canonical_offsets(xp, offsets, layout, folded)
     _kernels(backend).gather(images, canonical, fill_word, _patches_view(out.view(word), layout, folded))

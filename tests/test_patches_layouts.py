@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import atskern
 from atskern import reference
 
+from .conftest import HAS_GPU
 from .test_patches import ROOT, images_shape, random_images
 
 KINDS = ("contiguous", "strided", "every_axis_strided", "reversed", "broadcast", "transposed", "fortran",
@@ -246,3 +247,26 @@ def test_scatter_out_overlapping_grad_is_refused():
                                 out=buffer[:16].reshape(1, 4, 4, 1))
     disjoint = buffer[16:32].reshape(1, 4, 4, 1)
     assert atskern.scatter_patches(grad, offsets, (4, 4), out=disjoint) is disjoint
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "broadcast"] + ["broadcast"])
+def test_gpu_any_layout_and_overlap(kind):
+    """CuPy views (copied to contiguous images before the CUDA kernels) and CuPy ``out=`` overlap."""
+    import cupy
+
+    rng = np.random.default_rng(5)
+    for channels_first in (False, True):
+        base = base_for(kind, random_images(rng, images_shape(2, (9, 11), 3, channels_first), np.float32))
+        view = view_of(cupy.asarray(base), kind, 1 if channels_first else -1) if kind != "broadcast" else \
+            cupy.broadcast_to(cupy.asarray(base)[:1], base.shape)
+        offsets = np.stack([rng.integers(-3, s + 1, size=(2, 4)) for s in (9, 11)], -1).astype(np.int32)
+        got = atskern.extract_patches(view, cupy.asarray(offsets), (3, 4), channels_first=channels_first)
+        want = reference.extract_patches(base, offsets, (3, 4), channels_first=channels_first)
+        assert np.array_equal(cupy.asnumpy(got), want)
+    buffer = cupy.zeros(4096, cupy.float32)
+    x = buffer[:2 * 9 * 11 * 3].reshape(2, 9, 11, 3)
+    out = buffer[100:100 + 2 * 4 * 3 * 4 * 3].reshape(2, 4, 3, 4, 3)
+    with pytest.raises(ValueError, match=r"out shares memory with x"):
+        atskern.extract_patches(x, cupy.zeros((2, 4, 2), cupy.int32), (3, 4), out=out)
