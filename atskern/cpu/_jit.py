@@ -48,16 +48,7 @@ CACHE = CACHE_DIR is not None
 
 
 def jit(*args, **kwargs):
-    """``numba.njit`` with nogil, and the disk cache when a cache directory is writable.
-
-    Parallel kernels are called from Python only, behind the launch lock of
-    :mod:`._threading` where the threading layer needs one.
-    """
+    """``numba.njit`` with nogil, and the disk cache when a cache directory is writable."""
     kwargs.setdefault("cache", CACHE)
     kwargs.setdefault("nogil", True)
-    if not kwargs.get("parallel"):
-        return numba.njit(*args, **kwargs)
-    if args and callable(args[0]):
-        return _threading.serialized(numba.njit(*args, **kwargs))
-    decorator = numba.njit(*args, **kwargs)
-    return lambda function: _threading.serialized(decorator(function))
+    return numba.njit(*args, **kwargs)

@@ -14,8 +14,8 @@ So, before any kernel is compiled, :func:`select` chooses ``tbb`` (fork- and
 thread-safe; the ``tbb`` wheel is a dependency). pip puts ``libtbb.so.12`` in
 ``<prefix>/lib``, which the dynamic loader does not search, so it is loaded
 by path first. Without a usable TBB the kernels run on ``workqueue`` with a
-process-wide lock around each parallel launch (fork-safe; threads take turns,
-the kernels themselves still run on every core), and a warning says how to
+process-wide lock around each public CPU call (:mod:`atskern._serial`;
+fork-safe; threads take turns, the kernels themselves still run on every core), and a warning says how to
 get TBB. A user's ``NUMBA_THREADING_LAYER`` is respected; the lock is added
 whenever the layer can be ``workqueue``. Draws do not depend on the layer or
 the thread count (counter-based generator, fixed work decomposition).
@@ -24,7 +24,6 @@ the thread count (counter-based generator, fixed work decomposition).
 from __future__ import annotations
 
 import ctypes
-import functools
 import importlib.metadata
 import os
 import sys
@@ -36,12 +35,12 @@ import numba
 TBB_LIBRARIES = {"linux": "libtbb.so.12", "darwin": "libtbb.12.dylib", "win32": "tbb12.dll"}
 INSTALL_HINT = "pip install tbb (a dependency of atskern)"
 
-_lock = threading.Lock()
+_lock = threading.RLock()
 
 
 def _reset_lock_in_child():
     global _lock
-    _lock = threading.Lock()  # a fork taken while another thread held it must not inherit a held lock
+    _lock = threading.RLock()  # a fork taken while another thread held it must not inherit a held lock
 
 
 if hasattr(os, "register_at_fork"):
@@ -79,6 +78,9 @@ def _select() -> tuple[str, bool]:
         layer = numba.threading_layer()
         return layer, layer == "workqueue"
     requested = os.environ.get("NUMBA_THREADING_LAYER", "").strip().lower()
+    configured = str(numba.config.THREADING_LAYER).lower()
+    if not requested and configured != "default":  # set in code (numba.config) before atskern loaded
+        requested = configured
     if requested:
         if requested == "tbb":
             _load_tbb()
@@ -104,15 +106,6 @@ def _select() -> tuple[str, bool]:
 LAYER, NEEDS_LOCK = _select()
 
 
-def serialized(kernel):
-    """``kernel`` (a parallel Numba dispatcher) behind the launch lock where the layer needs one."""
-    if not NEEDS_LOCK:
-        return kernel
-
-    @functools.wraps(kernel)
-    def launch(*args, **kwargs):
-        with _lock:
-            return kernel(*args, **kwargs)
-
-    launch.dispatcher = kernel
-    return launch
+def launch_lock():
+    """The process-wide lock around CPU kernel calls where the layer needs one (``workqueue``), else None."""
+    return _lock if NEEDS_LOCK else None
