@@ -270,3 +270,36 @@ def test_gpu_any_layout_and_overlap(kind):
     out = buffer[100:100 + 2 * 4 * 3 * 4 * 3].reshape(2, 4, 3, 4, 3)
     with pytest.raises(ValueError, match=r"out shares memory with x"):
         atskern.extract_patches(x, cupy.zeros((2, 4, 2), cupy.int32), (3, 4), out=out)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_offsets_and_multiscale_any_layout(data):
+    """patch_offsets and the multi-scale pair on views of samples, levels and grads (hypothesis)."""
+    ndim = data.draw(st.integers(1, 3), label="ndim")
+    channels_first = data.draw(st.booleans(), label="channels_first")
+    grid = tuple(data.draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim), label="grid"))
+    kinds = [data.draw(st.sampled_from(KINDS), label=f"kind{i}") for i in range(2)]
+    samples_kind = data.draw(st.sampled_from(["contiguous", "reversed", "fortran", "strided"]), label="samples_kind")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    samples = np.stack([rng.integers(0, g, size=(2, 3)) for g in grid], -1)
+    samples_view = view_of(samples, samples_kind, -1)
+    shapes = [tuple(g * f for g in grid) for f in (2, 3)]
+    patches = [tuple(int(v) for v in rng.integers(1, 4, size=ndim)) for _ in shapes]
+    caxis = 1 if channels_first else -1
+    bases = [base_for(k, rng.standard_normal(images_shape(2, s, 2, channels_first))) for k, s in zip(kinds, shapes)]
+    levels = [view_of(b, k, caxis) for b, k in zip(bases, kinds)]
+    margin = (1, tuple(2 * g + 1 for g in grid))
+    got = atskern.extract_multiscale(levels, samples_view, grid, patches, margin=margin, channels_first=channels_first)
+    grads = []
+    for base, kind, shape, patch, result in zip(bases, kinds, shapes, patches, got):
+        offsets = atskern.patch_offsets(samples_view, grid, shape, patch, margin=margin)
+        assert np.array_equal(offsets, reference.patch_offsets(samples, grid, shape, patch, margin=margin))
+        assert np.array_equal(result, sliced_patches(base, offsets, patch, 0.0, channels_first))
+        grads.append(view_of(base_for(kind, rng.standard_normal(result.shape)), kind, 2 if channels_first else -1))
+    back = atskern.scatter_multiscale(grads, samples_view, grid, shapes, patches, margin=margin,
+                                      channels_first=channels_first)
+    for g, shape, patch, result in zip(grads, shapes, patches, back):
+        offsets = reference.patch_offsets(samples, grid, shape, patch, margin=margin)
+        expected = reference.scatter_patches(np.ascontiguousarray(g), offsets, shape, channels_first=channels_first)
+        np.testing.assert_allclose(result, expected, rtol=1e-12, atol=1e-12)
