@@ -155,7 +155,7 @@ def check_attention(attention, n, replace, logits, strict=False, validate=True):
     require_bool(validate, "validate")
     n = require_int(n, "n", minimum=1)
     grid = tuple(int(s) for s in attention.shape[1:])
-    positions = int(np.prod(grid))
+    positions = math.prod(grid)
     if not replace and n > positions:
         raise ValueError(
             f"n={n} is larger than the {positions} positions of attention's grid {grid}; "
@@ -200,6 +200,14 @@ def check_rows(status: np.ndarray, n: int, replace: bool, logits: bool, strict: 
             "sampling without replacement with strict=True needs at least n (use strict=False to pad the draw "
             "with zero-probability fillers, replace=True, or a smaller n)"
         )
+
+
+def check_status(status: np.ndarray, n: int, replace: bool, logits: bool, strict: bool):
+    """:func:`check_rows` on a backend's ``(B + 1, 4)`` status, after a look at its summary row."""
+    nonfinite, negative, min_positive, _ = status[-1].tolist()
+    need = n if strict and not replace else 1
+    if nonfinite or (negative and not logits) or min_positive < need:
+        check_rows(status[:-1], n, replace, logits, strict)
 
 
 def rows_to_rescale(status: np.ndarray, dtype) -> np.ndarray:

@@ -4,11 +4,15 @@ The backends (``atskern.cpu.sampling``, ``atskern.gpu.sampling``) implement one 
 
     ``sample(weights, n, grid, seed, replace) -> (indices, probs, status)``
 
-on ``(B, N)`` C-contiguous float32/float64 weights: int32 grid coordinates ``(B, n, D)``,
-float64 probabilities ``(B, n)`` and an int64 status ``(B, 4)`` (see
-``atskern._validation.STATUS_COLUMNS``) computed in the same pass as the draws. This module
-turns the status into errors (the only host read-back on a GPU), and reruns the rare float64
-rows whose scale needs a power-of-two rescaling (``SCALE_FREE_EXPONENTS``).
+on ``(B, N)`` C-contiguous float32/float64 weights (``grid`` an int64 NumPy array of the
+grid shape, ``seed`` a 64-bit int): int32 grid coordinates ``(B, n, D)`` (by integer division,
+never ``unravel_index``), float64 probabilities ``(B, n)`` (0 for fillers) and an int64 status
+``(B + 1, 4)`` computed in the same pass as the draws: per row the columns of
+``atskern._validation.STATUS_COLUMNS``, then one summary row (largest non-finite and negative
+counts, smallest positive count, number of rows whose exponent is outside
+``SCALE_FREE_EXPONENTS``). Bad rows still get in-range indices. This module reads the status
+back (on a GPU the only host synchronization, skipped with ``validate=False``), turns it into
+the errors, and reruns the rare float64 rows that need a power-of-two rescaling.
 """
 
 from __future__ import annotations
@@ -104,13 +108,13 @@ def sample(attention, n, *, replace=False, logits=False, seed=None, strict=False
         indices, probs, status = kernels.sample(weights, n, grid_array, seed, replace)
         if validate or backend == CPU:
             status = status if backend == CPU else status.get()
-            rescale = v.rows_to_rescale(status, weights.dtype)
-            if rescale.any():
-                weights = rescale_rows(xp, weights, status, rescale)
+            if status[-1, v.STATUS_EXPONENT] and weights.dtype == np.float64:
+                rescale = v.rows_to_rescale(status[:-1], weights.dtype)
+                weights = rescale_rows(xp, weights, status[:-1], rescale)
                 indices, probs, status = kernels.sample(weights, n, grid_array, seed, replace)
                 status = status if backend == CPU else status.get()
             if validate:
-                v.check_rows(status, n, replace, bool(logits), bool(strict))
+                v.check_status(status, n, replace, bool(logits), bool(strict))
     except MemoryError:
         raise v.too_many_draws(n, rows, len(grid), attention.dtype.itemsize) from None
     if probs.dtype != attention.dtype:

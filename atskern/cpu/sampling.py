@@ -22,6 +22,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from .._validation import SCALE_FREE_EXPONENTS
 from .._rng import STREAM_HI, STREAM_LO, STREAM_REPLACE, TWO_POW_M32
 from ._jit import jit
 from .philox import block_words, pick_word, to_uniform
@@ -32,10 +33,11 @@ MIN_CHUNK = 1 << 14
 BLOCK = 1 << 10
 """Positions whose high words are generated together (a vectorizable loop)."""
 
-GROUP = 32
-"""Positions tested together for possible survivors; groups with none are skipped."""
-
 _REJECT_MARGIN = 1.0 + 1e-12
+
+_EXPONENT_LOW, _EXPONENT_HIGH = SCALE_FREE_EXPONENTS
+_SCREEN_LOW = 2.0 ** (SCALE_FREE_EXPONENTS[0] - 1)
+_SCREEN_HIGH = 2.0 ** SCALE_FREE_EXPONENTS[1]
 
 
 @jit(inline="always")
@@ -85,14 +87,14 @@ def _replace_top(keys, idx, size, key, position):
 
 @jit(inline="always")
 def _fill_block(block_start, block_stop, row, k0, k1, hi_words):
-    """HI words of a block's positions: position ``block_start + 4 j + lane`` in ``hi_words[lane, j]``."""
+    """HI words of a block's positions, in position order: ``hi_words[p - block_start]``."""
     first_q = block_start // 4
     for j in range((block_stop - block_start + 3) // 4):
         w0, w1, w2, w3 = block_words(np.uint64(first_q + j), row, STREAM_HI, k0, k1)
-        hi_words[0, j] = np.uint32(w0)
-        hi_words[1, j] = np.uint32(w1)
-        hi_words[2, j] = np.uint32(w2)
-        hi_words[3, j] = np.uint32(w3)
+        hi_words[4 * j] = np.uint32(w0)
+        hi_words[4 * j + 1] = np.uint32(w1)
+        hi_words[4 * j + 2] = np.uint32(w2)
+        hi_words[4 * j + 3] = np.uint32(w3)
 
 
 @jit(inline="always")
@@ -101,107 +103,104 @@ def _headroom(hi):
     return np.float64(np.uint32(0xFFFFFFFF) - hi) * TWO_POW_M32
 
 
-@jit(inline="always")
-def _flag_groups(weights, row, block_start, block_stop, hi_words, bound, group_hits):
-    """Per group of ``GROUP`` positions, how many might have a key below ``bound``."""
-    if block_stop - block_start == BLOCK:
-        for g in range(BLOCK // GROUP):
-            hits = 0
-            for j in range(g * (GROUP // 4), (g + 1) * (GROUP // 4)):
-                for lane in range(4):
-                    a = np.float64(weights[row, block_start + 4 * j + lane])
-                    hits += _headroom(hi_words[lane, j]) < a * bound
-            group_hits[g] = hits
-    else:
-        group_hits[:] = 1
-
-
 @jit(fastmath={"reassoc", "nsz", "contract"})
-def _block_statistics(weights, row, start, stop):
-    """Sum (float64), positive count, negative count and largest entry of ``weights[row, start:stop]``.
+def _scan_block(values, hi_words, bound, flags):
+    """One vectorized pass over a block's weights ``values`` (a 1-D slice): their float64 sum,
+    the counts of positive and negative entries, and per position whether its key might be
+    below ``bound`` (``flags``; ``1 - u >= a t`` rules a key out).
 
-    Vectorized (reassociated) in an order fixed by ``BLOCK``, so the sums do not depend on the
-    chunking or thread count. A NaN or inf makes the sum non-finite.
+    The sum's (reassociated) order is fixed by the block, so it does not depend on the
+    chunking or thread count; a NaN or inf makes it non-finite. Fast-math flags touch only
+    this sum: keys are computed elsewhere, exactly.
     """
     total = 0.0
-    positive = 0.0
-    negative = 0.0
-    top = 0.0
-    for p in range(start, stop):
-        a = np.float64(weights[row, p])
+    positive = 0
+    negative = 0
+    for i in range(values.size):
+        a = np.float64(values[i])
         total += a
-        positive += 1.0 if a > 0.0 else 0.0
-        negative += 1.0 if a < 0.0 else 0.0
-        top = a if a > top else top
-    return total, positive, negative, top
+        positive += np.int64(a > 0.0)
+        negative += np.int64(a < 0.0)
+        flags[i] = _headroom(hi_words[i]) < a * bound
+    return total, positive, negative
 
 
 @jit(parallel=True)
 def _chunk_pass(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums):
-    """One pass over the weights: each (row, chunk) item validates its positions and keeps the
-    ``capacity`` smallest keys of its positive ones in a max-heap.
+    """One pass over the weights, the (row, chunk) items in parallel (see :func:`_chunk_item`).
+
+    The loop body is one call: a small parallel region compiles in a fraction of the time.
+    """
+    rows = weights.shape[0]
+    nchunks = cand_keys.shape[1]
+    for item in prange(rows * nchunks):
+        b = item // nchunks
+        _chunk_item(weights, k0, k1, chunk, b, item - b * nchunks, cand_keys, cand_idx, cand_count, row_bound,
+                    chunk_stats, block_sums)
+
+
+@jit
+def _chunk_item(weights, k0, k1, chunk, b, c, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums):
+    """Item (row ``b``, chunk ``c``): validate its positions and keep the ``capacity`` smallest
+    keys of its positive ones in a max-heap.
 
     Per block of ``BLOCK`` positions it records the float64 sum (``block_sums``), and per chunk
-    the counts of positive and negative entries and the largest entry (``chunk_stats``).
-    ``row_bound[b, 0]`` is shared by the items of row ``b``: any item's full-heap threshold
-    bounds the row's final n-th smallest key, so keys strictly above it are dropped early. The
-    result does not depend on when (or whether) an item sees another's bound.
+    the counts of positive and negative entries (``chunk_stats``). ``row_bound[b, 0]`` is
+    shared by the items of row ``b``: any item's full-heap threshold bounds the row's final
+    n-th smallest key, so keys strictly above it are dropped early. The result does not depend
+    on when (or whether) an item sees another's bound.
     """
-    rows, size = weights.shape
-    nchunks = cand_keys.shape[1]
+    size = weights.shape[1]
     capacity = cand_keys.shape[2]
     k0 = np.uint64(k0)
     k1 = np.uint64(k1)
-    for item in prange(rows * nchunks):
-        b = item // nchunks
-        c = item - b * nchunks
-        keys = cand_keys[b, c]
-        idx = cand_idx[b, c]
-        hi_words = np.empty((4, BLOCK // 4), np.uint32)
-        group_hits = np.empty(BLOCK // GROUP, np.int64)
-        count = 0
-        threshold = np.inf
-        positive = 0.0
-        negative = 0.0
-        top = 0.0
-        stop = min(size, (c + 1) * chunk)
-        for block_start in range(c * chunk, stop, BLOCK):
-            block_stop = min(stop, block_start + BLOCK)
-            total, pos, neg, big = _block_statistics(weights, b, block_start, block_stop)
-            block_sums[b, block_start // BLOCK] = total
-            positive += pos
-            negative += neg
-            top = max(top, big)
-            bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
-            _fill_block(block_start, block_stop, b, k0, k1, hi_words)
-            _flag_groups(weights, b, block_start, block_stop, hi_words, bound, group_hits)
-            for g in range((block_stop - block_start + GROUP - 1) // GROUP):
-                if group_hits[g] == 0:
+    keys = cand_keys[b, c]
+    idx = cand_idx[b, c]
+    hi_words = np.empty(BLOCK, np.uint32)
+    flags = np.zeros(BLOCK, np.bool_)
+    flag_words = flags.view(np.uint64)  # 8 flags at a time: most are all clear
+    row_weights = weights[b]
+    count = 0
+    threshold = np.inf
+    positive = 0
+    negative = 0
+    stop = min(size, (c + 1) * chunk)
+    for block_start in range(c * chunk, stop, BLOCK):
+        block_stop = min(stop, block_start + BLOCK)
+        bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
+        _fill_block(block_start, block_stop, b, k0, k1, hi_words)
+        total, pos, neg = _scan_block(row_weights[block_start:block_stop], hi_words, bound, flags)
+        block_sums[b, block_start // BLOCK] = total
+        positive += pos
+        negative += neg
+        for w in range((block_stop - block_start + 7) // 8):
+            if flag_words[w] == 0:
+                continue
+            for p in range(block_start + 8 * w, min(block_start + 8 * w + 8, block_stop)):
+                if not flags[p - block_start]:
                     continue
-                for p in range(block_start + g * GROUP, min(block_start + (g + 1) * GROUP, block_stop)):
-                    a = np.float64(weights[b, p])
-                    hi = np.uint64(hi_words[p & 3, (p - block_start) // 4])
-                    if not (a > 0.0 and _headroom(hi) < a * bound):
-                        continue
-                    l0, l1, l2, l3 = block_words(np.uint64(p // 4), b, STREAM_LO, k0, k1)
-                    key = -np.log(to_uniform(hi, pick_word(l0, l1, l2, l3, p & 3))) / a
-                    if key > row_bound[b, 0]:
-                        continue
-                    if count < capacity:
-                        count = _push(keys, idx, count, key, p)
-                    elif key < threshold:
-                        _replace_top(keys, idx, capacity, key, p)
-                    else:
-                        continue
-                    if count == capacity:
-                        threshold = keys[0]
-                        bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
-                        if threshold < row_bound[b, 0]:
-                            row_bound[b, 0] = threshold
-        cand_count[b, c] = count
-        chunk_stats[b, c, 0] = positive
-        chunk_stats[b, c, 1] = negative
-        chunk_stats[b, c, 2] = top
+                a = np.float64(row_weights[p])
+                hi = np.uint64(hi_words[p - block_start])
+                if not (a > 0.0 and _headroom(hi) < a * bound):
+                    continue
+                l0, l1, l2, l3 = block_words(np.uint64(p // 4), b, STREAM_LO, k0, k1)
+                key = -np.log(to_uniform(hi, pick_word(l0, l1, l2, l3, p & 3))) / a
+                if key > row_bound[b, 0]:
+                    continue
+                if count < capacity:
+                    count = _push(keys, idx, count, key, p)
+                elif key < threshold:
+                    _replace_top(keys, idx, capacity, key, p)
+                else:
+                    continue
+                if count == capacity:
+                    threshold = keys[0]
+                    bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
+                    if threshold < row_bound[b, 0]:
+                        row_bound[b, 0] = threshold
+    cand_count[b, c] = count
+    chunk_stats[b, c, 0] = positive
+    chunk_stats[b, c, 1] = negative
 
 
 @jit(inline="always")
@@ -214,16 +213,30 @@ def _write_coords(indices, b, k, position, grid):
 
 
 @jit(inline="always")
-def _row_status(weights, b, total, positive, negative, top, status):
-    """Fill ``status[b]`` (see ``atskern._validation.STATUS_COLUMNS``)."""
+def _row_status(weights, b, total, positive, negative, status):
+    """Fill ``status[b]`` (see ``atskern._validation.STATUS_COLUMNS``).
+
+    Non-finite entries and the largest weight's exponent take a second pass, only over rows
+    whose total says they may matter: a non-finite total, or one outside
+    ``[N 2**(low-1), 2**high)`` (the largest weight lies in ``[total / N, total]``).
+    """
+    size = weights.shape[1]
     nonfinite = 0
-    if not np.isfinite(total):
-        for p in range(weights.shape[1]):
-            nonfinite += not np.isfinite(weights[b, p])
+    exponent = 0
+    if not (_SCREEN_LOW * size <= total < _SCREEN_HIGH):
+        top = 0.0
+        for p in range(size):
+            a = np.float64(weights[b, p])
+            if np.isfinite(a):
+                top = max(top, a)
+            else:
+                nonfinite += 1
+        if top > 0.0:
+            exponent = math.frexp(top)[1]
     status[b, 0] = nonfinite
-    status[b, 1] = np.int64(negative)
-    status[b, 2] = np.int64(positive)
-    status[b, 3] = math.frexp(top)[1] if 0.0 < top < np.inf else 0
+    status[b, 1] = negative
+    status[b, 2] = positive
+    status[b, 3] = exponent
 
 
 @jit
@@ -237,13 +250,11 @@ def _finish_rows(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_su
     idx = np.empty(n, np.int64)
     for b in range(rows):
         count = 0
-        positive = 0.0
-        negative = 0.0
-        top = 0.0
+        positive = 0
+        negative = 0
         for c in range(nchunks):
             positive += chunk_stats[b, c, 0]
             negative += chunk_stats[b, c, 1]
-            top = max(top, chunk_stats[b, c, 2])
             for j in range(cand_count[b, c]):
                 key = cand_keys[b, c, j]
                 position = cand_idx[b, c, j]
@@ -254,7 +265,7 @@ def _finish_rows(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_su
         total = 0.0
         for j in range(block_sums.shape[1]):
             total += block_sums[b, j]
-        _row_status(weights, b, total, positive, negative, top, status)
+        _row_status(weights, b, total, positive, negative, status)
         for end in range(count - 1, 0, -1):
             keys[0], keys[end] = keys[end], keys[0]
             idx[0], idx[end] = idx[end], idx[0]
@@ -272,6 +283,22 @@ def _finish_rows(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_su
 
 
 @jit
+def _summarize(status):
+    """The last row of ``status``: the largest non-finite and negative counts, the smallest
+    positive count, and how many rows have an exponent outside ``SCALE_FREE_EXPONENTS``."""
+    rows = status.shape[0] - 1
+    status[rows, 0] = 0
+    status[rows, 1] = 0
+    status[rows, 2] = status[0, 2]
+    status[rows, 3] = 0
+    for b in range(rows):
+        status[rows, 0] = max(status[rows, 0], status[b, 0])
+        status[rows, 1] = max(status[rows, 1], status[b, 1])
+        status[rows, 2] = min(status[rows, 2], status[b, 2])
+        status[rows, 3] += not (_EXPONENT_LOW <= status[b, 3] <= _EXPONENT_HIGH)
+
+
+@jit
 def _without_replacement(weights, k0, k1, chunk, grid, indices, probs, status):
     rows, size = weights.shape
     n = indices.shape[1]
@@ -281,10 +308,11 @@ def _without_replacement(weights, k0, k1, chunk, grid, indices, probs, status):
     cand_idx = np.empty((rows, nchunks, capacity), np.int64)
     cand_count = np.empty((rows, nchunks), np.int64)
     row_bound = np.full((rows, 8), np.inf)  # one cache line per row: no false sharing
-    chunk_stats = np.empty((rows, nchunks, 3), np.float64)
+    chunk_stats = np.empty((rows, nchunks, 2), np.int64)
     block_sums = np.empty((rows, (size + BLOCK - 1) // BLOCK), np.float64)
     _chunk_pass(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums)
     _finish_rows(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_sums, grid, indices, probs, status)
+    _summarize(status)
 
 
 def chunk_size(rows, size, threads=None):
@@ -300,58 +328,67 @@ def chunk_size(rows, size, threads=None):
     return -(-chunk // BLOCK) * BLOCK
 
 
-@jit(parallel=True)
+@jit
 def _with_replacement(weights, k0, k1, grid, indices, probs, status):
-    """Per row: one pass for the float64 total and the status, then ``n`` inverse-CDF draws
+    _replacement_rows(weights, k0, k1, grid, indices, probs, status)
+    _summarize(status)
+
+
+@jit(parallel=True)
+def _replacement_rows(weights, k0, k1, grid, indices, probs, status):
+    for b in prange(weights.shape[0]):
+        _replacement_row(weights, b, k0, k1, grid, indices, probs, status)
+
+
+@jit
+def _replacement_row(weights, b, k0, k1, grid, indices, probs, status):
+    """Row ``b``: one pass for the float64 total and the status, then ``n`` inverse-CDF draws
     (sorted targets, a second pass over the prefix sums that stops at the last target)."""
-    rows, size = weights.shape
+    size = weights.shape[1]
     n = indices.shape[1]
     k0 = np.uint64(k0)
     k1 = np.uint64(k1)
-    for b in prange(rows):
-        total = 0.0
-        positive = 0.0
-        negative = 0.0
-        top = 0.0
-        for p in range(size):
-            a = np.float64(weights[b, p])
-            total += a
-            positive += 1.0 if a > 0.0 else 0.0
-            negative += 1.0 if a < 0.0 else 0.0
-            top = a if a > top else top
-        _row_status(weights, b, total, positive, negative, top, status)
-        if not (positive > 0.0 and np.isfinite(total) and total > 0.0):
-            for k in range(n):  # an invalid row (refused unless validate=False): in-range fillers
-                indices[b, k, :] = 0
-                probs[b, k] = 0.0
-            continue
-        targets = np.empty(n, np.float64)
-        for k in range(n):
-            w0, w1, w2, w3 = block_words(np.uint64(k // 2), b, STREAM_REPLACE, k0, k1)
-            if k % 2 == 0:
-                targets[k] = to_uniform(w0, w1) * total
-            else:
-                targets[k] = to_uniform(w2, w3) * total
-        order = np.argsort(targets)
-        acc = 0.0
-        k = 0
-        last_positive = 0
-        for p in range(size):
-            a = np.float64(weights[b, p])
-            if a > 0.0:
-                last_positive = p
-            acc += a
-            while k < n and targets[order[k]] <= acc:
-                _write_coords(indices, b, order[k], p, grid)
-                probs[b, order[k]] = a / total
-                k += 1
-            if k == n:
-                break
-        a = np.float64(weights[b, last_positive])
-        while k < n:
-            _write_coords(indices, b, order[k], last_positive, grid)
+    total = 0.0
+    positive = 0
+    negative = 0
+    for p in range(size):
+        a = np.float64(weights[b, p])
+        total += a
+        positive += np.int64(a > 0.0)
+        negative += np.int64(a < 0.0)
+    _row_status(weights, b, total, positive, negative, status)
+    if not (positive > 0 and np.isfinite(total) and total > 0.0):
+        for k in range(n):  # an invalid row (refused unless validate=False): in-range fillers
+            indices[b, k, :] = 0
+            probs[b, k] = 0.0
+        return
+    targets = np.empty(n, np.float64)
+    for k in range(n):
+        w0, w1, w2, w3 = block_words(np.uint64(k // 2), b, STREAM_REPLACE, k0, k1)
+        if k % 2 == 0:
+            targets[k] = to_uniform(w0, w1) * total
+        else:
+            targets[k] = to_uniform(w2, w3) * total
+    order = np.argsort(targets)
+    acc = 0.0
+    k = 0
+    last_positive = 0
+    for p in range(size):
+        a = np.float64(weights[b, p])
+        if a > 0.0:
+            last_positive = p
+        acc += a
+        while k < n and targets[order[k]] <= acc:
+            _write_coords(indices, b, order[k], p, grid)
             probs[b, order[k]] = a / total
             k += 1
+        if k == n:
+            break
+    a = np.float64(weights[b, last_positive])
+    while k < n:
+        _write_coords(indices, b, order[k], last_positive, grid)
+        probs[b, order[k]] = a / total
+        k += 1
 
 
 def sample(weights, n, grid, seed, replace, chunk=None):
@@ -359,14 +396,15 @@ def sample(weights, n, grid, seed, replace, chunk=None):
 
     ``weights`` is ``(B, N)`` float32/float64, C-contiguous; ``grid`` an int64 array of the grid
     shape (its product is N); ``seed`` a 64-bit integer. Returns ``indices`` int32
-    ``(B, n, D)``, float64 ``probs`` ``(B, n)`` and the int64 ``status`` ``(B, 4)``. Rows that
-    the status marks invalid still get in-range indices. ``chunk`` (a multiple of ``BLOCK``)
+    ``(B, n, D)``, float64 ``probs`` ``(B, n)`` and the int64 ``status`` ``(B + 1, 4)``: one
+    row per batch row, then the summary row (see ``atskern.sampling``). Rows that the status
+    marks invalid still get in-range indices. ``chunk`` (a multiple of ``BLOCK``)
     overrides :func:`chunk_size` without replacement.
     """
     rows, size = weights.shape
     indices = np.empty((rows, n, grid.shape[0]), np.int32)
     probs = np.empty((rows, n), np.float64)
-    status = np.empty((rows, 4), np.int64)
+    status = np.empty((rows + 1, 4), np.int64)
     k0, k1 = seed & 0xFFFFFFFF, seed >> 32
     if replace:
         _with_replacement(weights, k0, k1, grid, indices, probs, status)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._backend import cupy
+from .._validation import SCALE_FREE_EXPONENTS
 from . import _module
 
 SOURCE = "sampling.cu"
@@ -26,18 +27,24 @@ def _suffix(weights) -> str:
 
 
 def row_status(weights):
-    """The int64 ``(B, 4)`` status of ``atskern._validation.STATUS_COLUMNS`` and the float64 row totals.
+    """The int64 ``(B + 1, 4)`` status (per row, then the summary row; see ``atskern.sampling``)
+    and the float64 row totals.
 
     Still CuPy reductions: the GPU rewrite (issue 10) fuses them into the sampling pass.
     """
     cp = cupy()
+    rows = weights.shape[0]
     finite = cp.isfinite(weights)
-    status = cp.empty((weights.shape[0], 4), cp.int64)
-    status[:, 0] = (~finite).sum(axis=1)
-    status[:, 1] = (weights < 0).sum(axis=1)
-    status[:, 2] = (weights > 0).sum(axis=1)
+    status = cp.empty((rows + 1, 4), cp.int64)
+    status[:rows, 0] = (~finite).sum(axis=1)
+    status[:rows, 1] = (weights < 0).sum(axis=1)
+    status[:rows, 2] = (weights > 0).sum(axis=1)
     top = cp.where(finite, weights, 0).max(axis=1).astype(cp.float64)
-    status[:, 3] = cp.where(top > 0, cp.frexp(top)[1], 0)
+    status[:rows, 3] = cp.where(top > 0, cp.frexp(top)[1], 0)
+    status[rows, :2] = status[:rows, :2].max(axis=0)
+    status[rows, 2] = status[:rows, 2].min()
+    low, high = SCALE_FREE_EXPONENTS
+    status[rows, 3] = ((status[:rows, 3] < low) | (status[:rows, 3] > high)).sum()
     totals = weights.sum(axis=1, dtype=cp.float64)
     return status, totals
 
@@ -46,7 +53,7 @@ def sample(weights, n, grid, seed, replace):
     """The GPU sampling backend, the CPU's interface (see ``atskern.sampling``).
 
     Returns int32 ``indices`` ``(B, n, D)``, float64 ``probs`` ``(B, n)`` and the int64
-    ``status`` ``(B, 4)``, all CuPy arrays (nothing is read back here).
+    ``status`` ``(B + 1, 4)``, all CuPy arrays (nothing is read back here).
     """
     cp = cupy()
     rows = weights.shape[0]
