@@ -5,9 +5,18 @@ Functions dispatch on the array type: NumPy arrays run the Numba kernels in
 ``atskern.reference`` holds slow NumPy twins of every kernel.
 """
 
+from . import patches as _patches
+from . import sampling as _sampling
+from ._serial import cpu_serialized as _cpu_serialized
 from .estimator import expectation, expectation_grad
-from .patches import extract_multiscale, extract_patches, patch_offsets, scatter_multiscale, scatter_patches
-from .sampling import sample
+from .patches import patch_offsets
+
+# the calls that launch parallel CPU kernels, behind the threading layer's lock where it needs one
+sample = _cpu_serialized(_sampling.sample)
+extract_patches = _cpu_serialized(_patches.extract_patches)
+scatter_patches = _cpu_serialized(_patches.scatter_patches)
+extract_multiscale = _cpu_serialized(_patches.extract_multiscale)
+scatter_multiscale = _cpu_serialized(_patches.scatter_multiscale)
 
 __version__ = "0.1.0"
 

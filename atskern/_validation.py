@@ -7,13 +7,17 @@ kernel never receives an input it could crash on or write out of bounds for.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import numbers
 import os
 import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
+
+from ._offsets import simplest_fraction
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 MAX_SEED = 2**64 - 1
@@ -432,17 +436,42 @@ def check_out(out, shape: tuple[int, ...], dtype: np.dtype, name: str = "out"):
         raise ValueError(f"{name} must be writeable")
 
 
+def _shares_memory(a, b) -> bool:
+    """Whether two arrays of one library may overlap in memory (exactly where cheap, else conservatively)."""
+    on_gpu = [type(v).__module__.split(".")[0] == "cupy" for v in (a, b)]
+    if on_gpu[0] != on_gpu[1]:
+        return False  # a NumPy and a CuPy array: the device check reports the mix
+    xp = importlib.import_module("cupy") if on_gpu[0] else np
+    if not xp.may_share_memory(a, b):
+        return False
+    try:
+        return bool(xp.shares_memory(a, b, max_work=100_000))
+    except (np.exceptions.TooHardError, TypeError, NotImplementedError):
+        return True
+
+
+def check_out_disjoint(out, name: str = "out", **inputs):
+    """A ValueError naming ``out`` when it shares memory with one of ``inputs`` (the kernel would read
+    what it has already overwritten)."""
+    for input_name, array in inputs.items():
+        if array is not None and hasattr(array, "shape") and _shares_memory(out, array):
+            raise ValueError(
+                f"{name} shares memory with {input_name}; the kernel would overwrite its own input: "
+                f"pass a separate buffer as {name} (or out=None)"
+            )
+
+
 _IMAGES_MEANING = "(batch, *spatial, channels) with 1 to 3 spatial dims"
 _IMAGES_MEANING_CF = "(batch, channels, *spatial) with 1 to 3 spatial dims"
 
 
-def check_gather(x, offsets, patch_size, fill, channels_first, out):
+def check_gather(x, offsets, patch_size, fill, channels_first, out, name: str = "x"):
     """Checks of ``extract_patches``; returns ``(layout, fill as a 0-d array of x's dtype)``."""
-    require_array(x, "x")
+    require_array(x, name)
     channels_first = check_channels_first(channels_first)
-    require_ndim(x, "x", (3, 4, 5), _IMAGES_MEANING_CF if channels_first else _IMAGES_MEANING)
-    dtype = require_movable(x, "x")
-    require_nonempty(x, "x")
+    require_ndim(x, name, (3, 4, 5), _IMAGES_MEANING_CF if channels_first else _IMAGES_MEANING)
+    dtype = require_movable(x, name)
+    require_nonempty(x, name)
     spatial, channels = _spatial_and_channels(x.shape, channels_first)
     count, _ = check_offsets(offsets, int(x.shape[0]), ndim=len(spatial))
     patch = check_patch_size(patch_size, len(spatial))
@@ -450,6 +479,7 @@ def check_gather(x, offsets, patch_size, fill, channels_first, out):
     layout = PatchLayout(int(x.shape[0]), count, spatial, channels, patch, channels_first)
     if out is not None:
         check_out(out, layout.patches_shape, dtype)
+        check_out_disjoint(out, **{name: x, "offsets": offsets})
     return layout, fill_value
 
 
@@ -461,26 +491,27 @@ SCATTER_DTYPES = {
 }
 
 
-def check_scatter(grad, offsets, spatial_shape, channels_first, out):
+def check_scatter(grad, offsets, spatial_shape, channels_first, out, name: str = "grad"):
     """Checks of ``scatter_patches``; returns ``(layout, result dtype)``."""
-    require_array(grad, "grad")
+    require_array(grad, name)
     channels_first = check_channels_first(channels_first)
     meaning = "(batch, K, channels, *patch)" if channels_first else "(batch, K, *patch, channels)"
-    require_ndim(grad, "grad", (4, 5, 6), meaning + " with 1 to 3 spatial dims")
+    require_ndim(grad, name, (4, 5, 6), meaning + " with 1 to 3 spatial dims")
     dtype = array_dtype(grad)
     if dtype.name not in SCATTER_DTYPES:
-        raise TypeError(f"grad must be float32 or float64 (float16/bfloat16 accumulate in float32), got {dtype}")
+        raise TypeError(f"{name} must be float32 or float64 (float16/bfloat16 accumulate in float32), got {dtype}")
     result = SCATTER_DTYPES[dtype.name]
-    require_nonempty(grad, "grad")
+    require_nonempty(grad, name)
     ndim = grad.ndim - 3
     spatial = check_shape(spatial_shape, ndim, "spatial_shape")
     count, _ = check_offsets(offsets, int(grad.shape[0]), ndim=ndim)
     if int(grad.shape[1]) != count:
-        raise ValueError(f"grad has {int(grad.shape[1])} patches per image (shape {tuple(grad.shape)}) but offsets has {count}")
+        raise ValueError(f"{name} has {int(grad.shape[1])} patches per image (shape {tuple(grad.shape)}) but offsets has {count}")
     patch, channels = _spatial_and_channels(grad.shape[1:], channels_first)
     layout = PatchLayout(int(grad.shape[0]), count, spatial, channels, patch, channels_first)
     if out is not None:
         check_out(out, layout.image_shape, result)
+        check_out_disjoint(out, **{name: grad, "offsets": offsets})
     return layout, result
 
 
@@ -502,7 +533,7 @@ def check_per_level(values, levels: int, name: str) -> list:
     return list(values)
 
 
-def check_samples(samples, grid_shape, batch: int | None = None):
+def check_samples(samples, grid_shape, batch: int | None = None, batch_of: str = "the levels"):
     """Integer ``(B, K, D)`` grid cells; returns the grid shape as a tuple of D ints."""
     require_array(samples, "samples")
     if array_dtype(samples).kind not in "iu":
@@ -511,14 +542,48 @@ def check_samples(samples, grid_shape, batch: int | None = None):
         raise ValueError(f"samples must be (batch, K, D) with D in 1..3, got shape {tuple(samples.shape)}")
     require_nonempty(samples, "samples")
     if batch is not None and int(samples.shape[0]) != batch:
-        raise ValueError(f"samples has batch size {int(samples.shape[0])} but the levels have batch size {batch}")
+        raise ValueError(f"samples has batch size {int(samples.shape[0])} but {batch_of} have batch size {batch}")
     return check_shape(grid_shape, int(samples.shape[-1]), "grid_shape")
 
 
-def check_margin(margin) -> float:
-    if isinstance(margin, (bool, np.bool_)) or not isinstance(margin, numbers.Real):
-        raise TypeError(f"margin must be a real number, got {margin!r}")
-    margin = float(margin)
-    if not 0.0 <= margin < 0.5:
-        raise ValueError(f"margin must be in [0, 0.5), got {margin}")
-    return margin
+def _real(value, name: str):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+def _is_sequence(value) -> bool:
+    return isinstance(value, (list, tuple)) or (hasattr(value, "ndim") and getattr(value, "ndim", 0) == 1)
+
+
+def check_margin(margin, ndim: int) -> tuple[Fraction, ...]:
+    """The margin fraction of each spatial dim, exactly.
+
+    ``margin`` is one of: a real number (a float, int or ``fractions.Fraction``)
+    for every dim; a sequence of ``ndim`` reals (one per dim); or the pair
+    ``(receptive_field, low_shape)`` with ``low_shape`` a sequence of ``ndim``
+    ints, meaning ``receptive_field / 2 / low_shape[d]`` (what the layers
+    pass). Floats are read by :func:`atskern._offsets.simplest_fraction`. Each
+    margin must lie in ``[0, 0.5)``.
+    """
+    if isinstance(margin, (list, tuple)) and len(margin) == 2 and _is_sequence(margin[1]):
+        receptive_field = _real(margin[0], "margin's receptive_field")
+        if receptive_field < 0:
+            raise ValueError(f"margin's receptive_field must be >= 0, got {receptive_field!r}")
+        low = check_shape(margin[1], ndim, "margin's low_shape")
+        values = [simplest_fraction(receptive_field) / (2 * size) for size in low]
+    elif _is_sequence(margin):
+        if len(margin) != ndim:
+            raise ValueError(
+                f"margin must be a number, {ndim} numbers (one per spatial dim) or a pair "
+                f"(receptive_field, low_shape), got {margin!r}"
+            )
+        values = [simplest_fraction(_real(m, "margin")) for m in margin]
+    else:
+        values = [simplest_fraction(_real(margin, "margin"))] * ndim
+    for value in values:
+        if not 0 <= value < Fraction(1, 2):
+            raise ValueError(f"margin must be in [0, 0.5), got {float(value)!r} (receptive_field / 2 / low_size)")
+    return tuple(values)

@@ -3,7 +3,12 @@
 Both backends work on one canonical layout (see ``atskern.cpu.patches``):
 images ``(B, R, S0, S1, W)`` and patches ``(B, K, R, P0, P1, Wp)``, with
 missing spatial dims as leading 1s and, in channels-last, the channels folded
-into the last dim. Every reshape here is a view for contiguous inputs.
+into the last dim. The canonical image is always a view of the caller's array,
+never a copy (a strided view of a large memmap is read only where patches
+fall): when channels-last pixels cannot be folded (the channel axis is not
+unit-stride within a pixel), the channels become the ``R`` axis instead and
+the CPU kernel copies element by element. The CUDA kernels take contiguous
+images (a non-contiguous CuPy image is copied).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import importlib
 
 import numpy as np
 
+from . import _offsets
 from . import _validation as v
 from ._backend import GPU, array_module, backend_of
 from ._memory import aligned_empty
@@ -33,24 +39,42 @@ def _pad3(values, fill):
     return (fill,) * (3 - len(values)) + tuple(values)
 
 
+def _reshape_view(array, shape):
+    """``array`` reshaped without a copy, or None where that needs one."""
+    try:
+        return np.reshape(array, shape, copy=False)
+    except ValueError:
+        return None
+
+
 def _image_view(array, layout):
-    """``(B, R, S0, S1, W)`` view of images in ``layout``."""
+    """``(B, R, S0, S1, W)`` view of images in ``layout`` and whether the channels are folded into ``W``."""
     s0, s1, s2 = _pad3(layout.spatial, 1)
     if layout.channels_first:
-        return array.reshape(layout.batch, layout.channels, s0, s1, s2)
-    return array.reshape(layout.batch, 1, s0, s1, s2 * layout.channels)
+        return array.reshape(layout.batch, layout.channels, s0, s1, s2), False
+    folded = (layout.batch, 1, s0, s1, s2 * layout.channels)
+    if not isinstance(array, np.ndarray):  # CuPy: the kernels need contiguous images anyway
+        return array.reshape(folded), True
+    view = _reshape_view(array, folded)
+    if view is not None:
+        return view, True
+    # channels not unit-stride within a pixel: the channel axis becomes R (a view, only unit axes added)
+    return np.moveaxis(array, -1, 1).reshape(layout.batch, layout.channels, s0, s1, s2), False
 
 
-def _patches_view(array, layout):
-    """``(B, K, R, P0, P1, Wp)`` view of patches in ``layout``."""
+def _patches_view(array, layout, folded=True):
+    """``(B, K, R, P0, P1, Wp)`` view of patches in ``layout`` (channels as ``R`` when not ``folded``)."""
     p0, p1, p2 = _pad3(layout.patch, 1)
     if layout.channels_first:
         return array.reshape(layout.batch, layout.count, layout.channels, p0, p1, p2)
+    if not folded:
+        return np.moveaxis(array, -1, 2).reshape(layout.batch, layout.count, layout.channels, p0, p1, p2)
     return array.reshape(layout.batch, layout.count, 1, p0, p1, p2 * layout.channels)
 
 
-def _canonical_offsets(xp, offsets, layout):
-    """int64 ``(B, K, 3)``: clipped to ``[-P, S]`` per dim (same pixels, no overflow), padded, last dim scaled."""
+def _canonical_offsets(xp, offsets, layout, folded=True):
+    """int64 ``(B, K, 3)``: clipped to ``[-P, S]`` per dim (same pixels, no overflow), padded, last dim
+    scaled to the folded unit (pixels times channels) when the channels are folded into it."""
     offsets = xp.asarray(offsets)
     if np.dtype(offsets.dtype).kind == "u":
         ceiling = min(max(layout.spatial), int(np.iinfo(offsets.dtype).max))
@@ -61,7 +85,7 @@ def _canonical_offsets(xp, offsets, layout):
     offsets = xp.minimum(xp.maximum(offsets, low), high)
     canonical = xp.zeros((layout.batch, layout.count, 3), dtype=xp.int64)
     canonical[:, :, 3 - layout.ndim :] = offsets
-    if not layout.channels_first:
+    if folded and not layout.channels_first:
         canonical[:, :, 2] *= layout.channels
     return canonical
 
@@ -72,11 +96,11 @@ def _gather(xp, backend, x, offsets, layout, fill_value, out):
         out = _empty(xp, layout.patches_shape, x.dtype)
     if backend == GPU:  # one launch on the raw offsets: the kernel clips them and maps the layout itself
         return _kernels(backend).gather(x, offsets, layout, fill_value, out)
-    if xp is np:
-        x = np.asarray(x)  # a memmap becomes a plain ndarray view: nothing is read
-    images = _image_view(x.view(word), layout)
+    x = np.asarray(x)  # a memmap becomes a plain ndarray view: nothing is read
+    images, folded = _image_view(x.view(word), layout)
     fill_word = np.asarray(fill_value).reshape(1).view(word)[0]
-    _kernels(backend).gather(images, _canonical_offsets(xp, offsets, layout), fill_word, _patches_view(out.view(word), layout))
+    canonical = _canonical_offsets(xp, offsets, layout, folded)
+    _kernels(backend).gather(images, canonical, fill_word, _patches_view(out.view(word), layout, folded))
     return out
 
 
@@ -88,7 +112,8 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False, out
     x : array ``(B, *spatial, C)`` (or ``(B, C, *spatial)`` with ``channels_first``), 1 to 3 spatial dims
         Any dtype of item size 1, 2, 4 or 8 (uint8, int16, float16, bfloat16,
         float32, float64, int64, ...); only bytes are moved. A ``numpy.memmap``
-        is read only where patches fall. Non-contiguous images may be copied.
+        is read only where patches fall. Any strides (sliced, reversed,
+        broadcast, transposed views): the CPU kernel reads them in place.
     offsets : integer array ``(B, K, D)``
         First pixel of each patch; may be negative or beyond the image.
     patch_size : int or sequence of D ints
@@ -120,7 +145,7 @@ def _scatter(xp, backend, grad, offsets, layout, result_dtype, out, deterministi
     kernels = _kernels(backend)
     patches = _patches_view(grad, layout)
     canonical = _canonical_offsets(xp, offsets, layout)
-    images = _image_view(out, layout)
+    images, _ = _image_view(out, layout)  # out is C-contiguous: always folded
     s0, s1, _ = images.shape[2:]
     kernels.scatter(patches, canonical, kernels.scatter_bands(layout.batch, images.shape[1], s0 * s1), images)
     return out
@@ -156,15 +181,24 @@ def scatter_patches(grad, offsets, spatial_shape, *, channels_first=False, out=N
     return _scatter(xp, backend, grad, offsets, layout, result_dtype, out, deterministic)
 
 
-def _patch_offsets(xp, samples, grid, level, patch, margin):
-    cells = samples.astype(xp.float64)
-    grid = xp.asarray(grid, dtype=xp.float64)
-    level = xp.asarray(level, dtype=xp.float64)
-    half = xp.asarray(patch, dtype=xp.float64) / 2
-    centre = level * (margin + (cells + 0.5) / grid * (1 - 2 * margin))
-    start = xp.rint(centre - half)
-    bound = float(np.iinfo(np.int32).max)
-    return xp.clip(start, -bound, bound).astype(xp.int32)
+def _as_int64(mask):
+    return mask.astype(np.int64)
+
+
+def _patch_offsets(xp, samples, grid, level, patch, margins):
+    """Exact int32 offsets (:mod:`atskern._offsets`), clipped to the int32 range."""
+    cells = xp.clip(samples.astype(xp.int64), -_offsets.SAMPLE_LIMIT, _offsets.SAMPLE_LIMIT)
+    columns = []
+    for d, margin in enumerate(margins):
+        args = (int(grid[d]), int(level[d]), int(patch[d]), margin.numerator, margin.denominator)
+        if _offsets.fits_int64(*args):
+            start = _offsets.start(cells[..., d], *args, to_int=_as_int64)
+        else:  # Python ints: exact beyond int64, slow (huge margin denominators)
+            host = cells[..., d].get() if xp is not np else cells[..., d]
+            start = _offsets.start(host.astype(object), *args, to_int=_as_int64)
+            start = xp.asarray(np.clip(start, -_offsets.INT32_MAX, _offsets.INT32_MAX).astype(np.int64))
+        columns.append(xp.clip(start, -_offsets.INT32_MAX, _offsets.INT32_MAX))
+    return xp.stack(columns, axis=-1).astype(xp.int32)
 
 
 def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
@@ -173,15 +207,25 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
     A cell ``s`` of a grid of ``G`` cells (per dim) has its centre at
     ``c = L * (m + (s + 0.5) / G * (1 - 2 m))`` in a level of ``L`` pixels,
     with ``m = margin``; its patch of ``P`` pixels starts at
-    ``rint(c - P / 2)`` (round half to even).
+    ``rint(c - P / 2)`` (round half to even), computed in integer arithmetic,
+    so exact ties round to even (float arithmetic misses them).
 
-    Returns int32 ``(B, K, D)``, on the samples' device.
+    ``margin``: a number for every dim, one number per dim, or the pair
+    ``(receptive_field, low_shape)`` for ``receptive_field / 2 / low_shape[d]``
+    (the margin of an attention network with a ``receptive_field``-pixel
+    receptive field and no padding over a ``low_shape`` view). A
+    ``fractions.Fraction`` or the pair is exact; a float is read as the
+    simplest fraction (denominator up to 2**24) that rounds to it, so
+    ``3 / 2 / 50`` means 3/100. Each margin lies in ``[0, 0.5)``.
+
+    Returns int32 ``(B, K, D)``, on the samples' device (samples beyond
+    ``+-2**31`` are clamped there first; offsets are clipped to int32).
     """
     grid = v.check_samples(samples, grid_shape)
     ndim = len(grid)
     level = v.check_shape(level_shape, ndim, "level_shape")
     patch = v.check_patch_size(patch_size, ndim)
-    margin = v.check_margin(margin)
+    margin = v.check_margin(margin, ndim)
     xp = array_module(backend_of(samples=samples))
     return _patch_offsets(xp, samples, grid, level, patch, margin)
 
@@ -191,7 +235,7 @@ def _multiscale_plan(arrays, samples, grid_shape, patch_sizes, margin, name):
     grid = v.check_samples(samples, grid_shape)
     patch_sizes = [v.check_patch_size(p, len(grid), f"patch_sizes[{i}]") for i, p in
                    enumerate(v.check_per_level(patch_sizes, len(arrays), "patch_sizes"))]
-    return arrays, grid, patch_sizes, v.check_margin(margin)
+    return arrays, grid, patch_sizes, v.check_margin(margin, len(grid))
 
 
 def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, fill=0, channels_first=False):
@@ -216,7 +260,7 @@ def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, 
         v.check_samples(samples, grid, batch)
         spatial = x.shape[2:] if channels_first else x.shape[1:-1]
         offsets = _patch_offsets(xp, samples, grid, spatial, patch, margin)
-        plans.append((x, offsets) + v.check_gather(x, offsets, patch, fill, channels_first, None))
+        plans.append((x, offsets) + v.check_gather(x, offsets, patch, fill, channels_first, None, f"levels[{i}]"))
     return [_gather(xp, backend, x, offsets, layout, fill_value, None) for x, offsets, layout, fill_value in plans]
 
 
@@ -235,9 +279,9 @@ def scatter_multiscale(grads, samples, grid_shape, level_shapes, patch_sizes, *,
     for i, (g, patch, shape) in enumerate(zip(grads, patch_sizes, level_shapes)):
         v.require_array(g, f"grads[{i}]")
         shape = v.check_shape(shape, len(grid), f"level_shapes[{i}]")
-        v.check_samples(samples, grid, int(g.shape[0]) if g.ndim else None)
+        v.check_samples(samples, grid, int(g.shape[0]) if g.ndim else None, "the grads")
         offsets = _patch_offsets(xp, samples, grid, shape, patch, margin)
-        layout, result_dtype = v.check_scatter(g, offsets, shape, channels_first, None)
+        layout, result_dtype = v.check_scatter(g, offsets, shape, channels_first, None, f"grads[{i}]")
         if layout.patch != patch:
             raise ValueError(f"grads[{i}] holds patches of size {layout.patch} but patch_sizes[{i}] is {patch}")
         plans.append((g, offsets, layout, result_dtype))

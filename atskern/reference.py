@@ -7,6 +7,8 @@ computing the same thing; sampling draws the same random numbers
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import numpy as np
 
 from . import _rng
@@ -191,14 +193,33 @@ def scatter_patches(grad, offsets, spatial_shape, *, channels_first=False):
     return np.moveaxis(out, -1, 1) if channels_first else out
 
 
+def _margin_fractions(margin, ndim):
+    """Per-dim exact margins: a number, one number per dim, or ``(receptive_field, low_shape)``."""
+    def exact(value):
+        if isinstance(value, Fraction):
+            return value
+        simple = Fraction(value).limit_denominator(1 << 24)
+        return simple if float(simple) == float(value) else Fraction(value)
+
+    if isinstance(margin, (list, tuple)) and len(margin) == 2 and isinstance(margin[1], (list, tuple)):
+        return [exact(margin[0]) / (2 * int(low)) for low in margin[1]]
+    if isinstance(margin, (list, tuple)):
+        return [exact(m) for m in margin]
+    return [exact(margin)] * ndim
+
+
 def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
-    """``rint(L * (m + (s + 0.5) / G * (1 - 2 m)) - P / 2)`` per sample and dim, as int32."""
+    """``round(L * (m + (s + 1/2) / G * (1 - 2 m)) - P / 2)`` per sample and dim in exact rational
+    arithmetic (Python's ``round`` of a Fraction is half to even), clipped to int32."""
     samples = np.asarray(samples)
     out = np.empty(samples.shape, dtype=np.int32)
     ndim = samples.shape[-1]
     patch = tuple(patch_size) if np.ndim(patch_size) else (int(patch_size),) * ndim
+    margins = _margin_fractions(margin, ndim)
+    limit = 2**31 - 1
     for index in np.ndindex(samples.shape[:-1]):
         for d in range(ndim):
-            centre = level_shape[d] * (margin + (float(samples[index + (d,)]) + 0.5) / grid_shape[d] * (1 - 2 * margin))
-            out[index + (d,)] = int(np.rint(centre - patch[d] / 2))
+            m, cell = margins[d], int(samples[index + (d,)])
+            centre = int(level_shape[d]) * (m + Fraction(2 * cell + 1, 2 * int(grid_shape[d])) * (1 - 2 * m))
+            out[index + (d,)] = min(limit, max(-limit, round(centre - Fraction(int(patch[d]), 2))))
     return out

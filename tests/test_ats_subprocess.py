@@ -90,15 +90,19 @@ def test_non_tensorflow_keras_backend_is_a_clear_import_error(backend, keras_fir
         assert "torch loaded: False" in result.stdout
 
 
-def test_ats_core_does_not_import_torch_and_sets_passive_openmp_waiting():
-    code = "import os, sys, ats.core, ats.ops, ats.utils.layers; print('torch' in sys.modules, os.environ['OMP_WAIT_POLICY'])"
-    environment = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        env={**environment, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "adapters")])},
-        timeout=300,
+def test_ats_core_does_not_import_torch_nor_touch_openmp_waiting():
+    """The kernels run on TBB: ``import ats`` leaves OMP_WAIT_POLICY alone (atskern sets PASSIVE only for a
+    user-selected OpenMP layer)."""
+    code = (
+        "import os, sys, ats.core, ats.ops, ats.utils.layers, numpy as np, atskern;"
+        "atskern.sample(np.ones((2, 5)), 1);"
+        "print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("False PASSIVE")
+    environment = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER")}
+    for layer, expected in (None, "False None"), ("omp", "False PASSIVE"):
+        env = {**environment, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "adapters")])}
+        if layer:
+            env["NUMBA_THREADING_LAYER"] = layer
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.strip().endswith(expected)

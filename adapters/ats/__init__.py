@@ -18,13 +18,9 @@ submodules do:
 The Keras modules need Keras 3 on the TensorFlow backend and say so at import.
 """
 
-import os
-
-# atskern's Numba kernels run on OpenMP threads. Next to TensorFlow's thread
-# pools, actively spinning OpenMP workers wait for busy cores: a 0.2 ms sample
-# call took 32 ms on a loaded 2-core machine. Passive waiting avoids that; it
-# must be set before OpenMP starts, and an explicit user setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# No OMP_WAIT_POLICY default here any more: atskern's kernels run on Numba's
+# TBB layer (atskern/cpu/_threading.py), which OpenMP's waiting policy does not
+# touch; atskern sets PASSIVE itself only when a user picks the OpenMP layer.
 
 __version__ = "0.1.0"
 

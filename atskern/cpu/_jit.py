@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numba
 
+from . import _threading  # chooses the threading layer before any kernel is compiled
+
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 

@@ -166,6 +166,7 @@ class SamplePatches(keras.layers.Layer):
         x_low, x_high, attention = inputs
         dims = _check_ranks(x_low.shape, x_high.shape, attention.shape)
         size = self._size(dims)
+        ops.check_same_batch({"x_low": x_low, "x_high": x_high, "attention": attention})
         if not x_high.shape[1:-1].is_fully_defined():
             x_high = self._check_patch_fits(x_high, size)
         logits = attention
@@ -177,10 +178,11 @@ class SamplePatches(keras.layers.Layer):
         indices, sampled = ops.sample(
             attention, self.n_patches, replace=self.replace, seed=seed, deterministic=deterministic
         )
-        low = tf.cast(tf.shape(x_low)[1:-1], tf.float64)
-        margin = float(self.receptive_field) / 2.0 / low
+        # the margin receptive_field / 2 / low_size, as an exact fraction (ties in the offsets round exactly)
+        low = x_low.shape[1:-1]
+        low = tuple(low) if low.is_fully_defined() else tf.shape(x_low)[1:-1]
         offsets = ops.patch_offsets(
-            indices, tf.shape(attention)[1:], tf.shape(x_high)[1:-1], size, margin=margin
+            indices, tf.shape(attention)[1:], tf.shape(x_high)[1:-1], size, margin=(self.receptive_field, low)
         )
         patches = ops.extract_patches(x_high, offsets, size, fill=self.fill)
         if self.use_logits:  # 2019 returned the logits at the samples, not probabilities

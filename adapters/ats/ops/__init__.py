@@ -23,7 +23,9 @@ import numbers
 import numpy as np
 import tensorflow as tf
 
-from .. import _kernels
+from atskern import _offsets, _validation
+
+from .. import _errors, _kernels
 from .._bridge import XLAUnsupportedError, numpy_call
 
 __all__ = [
@@ -44,14 +46,8 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
-def _size_tuple(size, dims: int, name: str) -> tuple[int, ...]:
-    """``size`` as a tuple of ``dims`` positive ints (an int is repeated)."""
-    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
-        size = (size,) * dims
-    size = tuple(size)
-    if len(size) != dims:
-        raise ValueError(f"{name} must have {dims} entries (one per spatial dimension), got {size}")
-    return tuple(_positive_int(s, name) for s in size)
+# one size check for every front end (atskern's): a single int for every dim, or one positive int per dim
+_size_tuple = _validation.check_patch_size
 
 
 def _seed_tensor(seed):
@@ -93,7 +89,7 @@ def _check_attention(attention, n: int, replace: bool):
     return rank - 1
 
 
-def _draw_indices(attention, n: int, replace: bool, seed):
+def _draw_indices(attention, n: int, replace: bool, seed, strict: bool = False):
     """int32 ``(B, n, D)`` indices from the atskern sampling kernel."""
     if attention.dtype not in _KERNEL_FLOATS:
         attention = tf.cast(attention, tf.float32)
@@ -101,7 +97,10 @@ def _draw_indices(attention, n: int, replace: bool, seed):
 
     def draw(weights, *seed_bits):
         key = int(seed_bits[0]) % 2**64 if seed_bits else None
-        indices, _ = _kernels.sample(weights, n, replace=replace, seed=key)
+        try:
+            indices, _ = _kernels.sample(weights, n, replace=replace, seed=key, strict=strict)
+        except ValueError as error:
+            raise _errors.sampling_error(error) from None
         return indices
 
     inputs = [attention] if seed is None else [attention, seed]
@@ -117,7 +116,7 @@ def _top_indices(flat, grid_shape, n: int):
     return (flat_index[..., None] // strides) % grid_shape
 
 
-def sample(attention, n_samples, *, replace=False, seed=None, deterministic=False):
+def sample(attention, n_samples, *, replace=False, seed=None, deterministic=False, strict=False):
     """Sample ``n_samples`` positions per row of an attention map.
 
     Parameters
@@ -135,6 +134,11 @@ def sample(attention, n_samples, *, replace=False, seed=None, deterministic=Fals
     deterministic : bool
         Take the ``n_samples`` largest weights (largest first) instead of
         sampling: reproducible inference; runs under XLA.
+    strict : bool
+        Without replacement, a row with fewer than ``n_samples`` positive
+        weights (e.g. a float32 softmax that underflowed) is drawn as all its
+        positive cells followed by zero-probability fillers (estimator weight
+        exactly 0; DESIGN.md R1). ``strict=True`` raises instead.
 
     Returns
     -------
@@ -163,7 +167,7 @@ def sample(attention, n_samples, *, replace=False, seed=None, deterministic=Fals
     if deterministic:
         indices = _top_indices(flat, tf.shape(attention)[1:], n)
     else:
-        indices = _draw_indices(attention, n, bool(replace), seed)
+        indices = _draw_indices(attention, n, bool(replace), seed, bool(strict))
     indices.set_shape((attention.shape[0], n, dims))
     sampled = tf.gather_nd(attention, indices, batch_dims=1)
     sampled = sampled / tf.reduce_sum(flat, axis=1, keepdims=True)
@@ -174,13 +178,55 @@ def sample(attention, n_samples, *, replace=False, seed=None, deterministic=Fals
 # --- patches ------------------------------------------------------------------
 
 
-def _float64(value):
-    """A float64 tensor; Python and NumPy numbers are converted in float64 (not through float32)."""
-    if isinstance(value, (tf.Tensor, tf.Variable)):
-        return tf.cast(value, tf.float64)
-    if isinstance(value, (list, tuple)) and any(isinstance(v, (tf.Tensor, tf.Variable)) for v in value):
-        return tf.cast(tf.stack(value), tf.float64)
-    return tf.constant(np.asarray(value, dtype=np.float64))
+def _per_dim(values, dims: int, name: str):
+    """``dims`` int64 values of a shape given as ints or as an integer tensor (static ints where possible)."""
+    if isinstance(values, (tf.Tensor, tf.Variable)):
+        static = tf.get_static_value(values)
+        if static is None:
+            values = tf.cast(values, tf.int64)
+            return [values[d] for d in range(dims)]
+        values = static.tolist()
+    if isinstance(values, (list, tuple)) and any(isinstance(v, (tf.Tensor, tf.Variable)) for v in values):
+        values = [tf.get_static_value(v) if tf.get_static_value(v) is not None else tf.cast(v, tf.int64) for v in values]
+        if len(values) != dims:
+            raise ValueError(f"{name} must have {dims} entries (one per spatial dim), got {len(values)}")
+        return [int(v) if not isinstance(v, tf.Tensor) else v for v in values]
+    return list(_validation.check_shape(values, dims, name))
+
+
+def _margin_terms(margin, dims: int):
+    """Per-dim ``(num, den)`` of the margin fraction (ints, or int64 tensors for a dynamic low_shape),
+    or None for a float margin tensor (then computed in float64, not exact at ties)."""
+    if isinstance(margin, (tf.Tensor, tf.Variable)):
+        return None
+    if (isinstance(margin, (list, tuple)) and len(margin) == 2
+            and (isinstance(margin[1], (tf.Tensor, tf.Variable)) or _validation._is_sequence(margin[1]))):
+        receptive_field, low = margin
+        if isinstance(receptive_field, (tf.Tensor, tf.Variable)):
+            raise TypeError("margin's receptive_field must be a Python number (the layer's setting), got a tensor")
+        low = _per_dim(low, dims, "margin's low_shape")
+        if all(isinstance(v, int) for v in low):
+            fractions = _validation.check_margin((receptive_field, low), dims)
+            return [(f.numerator, f.denominator) for f in fractions]
+        rf = _validation.simplest_fraction(_validation._real(receptive_field, "margin's receptive_field"))
+        if rf < 0:
+            raise ValueError(f"margin's receptive_field must be >= 0, got {receptive_field!r}")
+        return [(rf.numerator, 2 * rf.denominator * v) for v in low]
+    return [(f.numerator, f.denominator) for f in _validation.check_margin(margin, dims)]
+
+
+def _float_offsets(cells, grid, level, size, margin):
+    """The float64 formula, for a margin given as a float tensor (not exact at .5 ties)."""
+    s = tf.cast(cells, tf.float64)
+    m = tf.cast(margin, tf.float64)
+    grid = tf.cast(tf.stack(grid), tf.float64)
+    level = tf.cast(tf.stack(level), tf.float64)
+    centre = level * (m + (s + 0.5) / grid * (1.0 - 2.0 * m))
+    return tf.math.round(centre - tf.constant(size, tf.float64) / 2.0)
+
+
+def _int64(mask):
+    return tf.cast(mask, tf.int64)
 
 
 def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
@@ -188,23 +234,48 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
 
     A cell ``s`` of a grid of size ``G`` has its centre at
     ``c = L * (m + (s + 0.5) / G * (1 - 2 m))`` in a level of size ``L``; the
-    patch starts at ``rint(c - P / 2)`` (half to even), as
-    ``atskern.patch_offsets``. ``grid_shape``, ``level_shape`` and ``margin``
-    may be tensors (per spatial dimension or scalar); ``margin`` is the
-    fraction ``receptive_field / 2 / low_size``.
+    patch starts at ``rint(c - P / 2)`` (half to even), computed in integer
+    arithmetic exactly as ``atskern.patch_offsets`` (same margin forms: a
+    number or ``fractions.Fraction``, one per dim, or the pair
+    ``(receptive_field, low_shape)`` for ``receptive_field / 2 / low_shape[d]``;
+    ``low_shape`` may be a tensor). ``grid_shape`` and ``level_shape`` may be
+    integer tensors. A float *tensor* margin is computed in float64 instead
+    (not exact at .5 ties).
     """
     samples = tf.convert_to_tensor(samples)
     dims = samples.shape[-1]
     if samples.shape.rank != 3 or dims is None:
         raise ValueError(f"samples must be (batch, K, D) with a known D, got shape {samples.shape}")
-    size = _size_tuple(patch_size, dims, "patch_size")
-    s = tf.cast(samples, tf.float64)
-    grid = _float64(grid_shape)
-    level = _float64(level_shape)
-    m = _float64(margin)
-    centre = level * (m + (s + 0.5) / grid * (1.0 - 2.0 * m))
-    start = tf.math.round(centre - tf.constant(size, tf.float64) / 2.0)
-    return tf.cast(start, tf.int32)
+    if not samples.dtype.is_integer:
+        raise TypeError(f"samples must be an integer tensor (grid cells), got {samples.dtype.name}")
+    size = _validation.check_patch_size(patch_size, dims)
+    grid = _per_dim(grid_shape, dims, "grid_shape")
+    level = _per_dim(level_shape, dims, "level_shape")
+    limit = _offsets.SAMPLE_LIMIT
+    cells = tf.clip_by_value(tf.cast(samples, tf.int64), -limit, limit)
+    terms = _margin_terms(margin, dims)
+    if terms is None:
+        start = _float_offsets(cells, grid, level, size, margin)
+    else:
+        columns = []
+        for d, (num, den) in enumerate(terms):
+            args = (grid[d], level[d], size[d], num, den)
+            if all(isinstance(v, int) for v in args) and not _offsets.fits_int64(*args):
+                raise ValueError(f"patch_offsets: grid_shape, level_shape, patch_size and margin of dim {d} are too "
+                                 f"large for exact int64 arithmetic ({args}); use atskern.patch_offsets")
+            columns.append(_offsets.start(cells[..., d], *args, to_int=_int64))
+        start = tf.stack(columns, axis=-1)
+    bound = _offsets.INT32_MAX
+    return tf.cast(tf.clip_by_value(start, tf.cast(-bound, start.dtype), tf.cast(bound, start.dtype)), tf.int32)
+
+
+def check_same_batch(tensors: dict):
+    """A ValueError naming the tensors whose static batch sizes differ (unknown sizes are not checked here)."""
+    sizes = {name: t.shape[0] for name, t in tensors.items() if t.shape.rank and t.shape[0] is not None}
+    if len(set(sizes.values())) > 1:
+        described = ", ".join(f"{name} {size}" for name, size in sizes.items())
+        names = list(tensors)
+        raise ValueError(f"{', '.join(names[:-1])} and {names[-1]} must share the batch size, got {described}")
 
 
 def _patch_shape(x, offsets, patch_size, channels_first):
@@ -297,9 +368,11 @@ def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, 
         patch_sizes = [patch_sizes] * len(levels)
     if len(patch_sizes) != len(levels):
         raise ValueError(f"patch_sizes must give one size per level ({len(levels)}), got {len(patch_sizes)}")
+    samples = tf.convert_to_tensor(samples)
     patches = []
-    for level, size in zip(levels, patch_sizes):
+    for i, (level, size) in enumerate(zip(levels, patch_sizes)):
         level = tf.convert_to_tensor(level)
+        check_same_batch({"samples": samples, f"levels[{i}]": level})
         spatial = tf.shape(level)[1:-1]
         offsets = patch_offsets(samples, grid_shape, spatial, size, margin=margin)
         patches.append(extract_patches(level, offsets, size, fill=fill))
@@ -310,17 +383,47 @@ def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, 
 
 
 def _feature_weights(probs64, replace: bool):
-    """``c_k`` of ``F = sum_k c_k f_k`` and the attention-gradient scale, float64 ``(B, n)``."""
+    """``c_k`` of ``F = sum_k c_k f_k`` and the attention-gradient scale, float64 ``(B, n)``.
+
+    A filler (``probs == 0``: rule R3 of DESIGN.md) gets 0 for both, with no division by zero.
+    """
     n = tf.cast(tf.shape(probs64)[1], tf.float64)
+    drawn = probs64 > 0
+    safe = tf.where(drawn, probs64, tf.ones_like(probs64))
+    zero = tf.zeros_like(probs64)
     if replace:
-        weights = tf.ones_like(probs64) / n
-        scale = 1.0 / (n * probs64)
-        return weights, scale
+        return tf.where(drawn, tf.ones_like(probs64) / n, zero), tf.where(drawn, 1.0 / (n * safe), zero)
     mass_left = 1.0 - (tf.cumsum(probs64, axis=1) - probs64)
     remaining = tf.range(n - 1.0, -1.0, -1.0, dtype=tf.float64)
-    weights = (mass_left + remaining * probs64) / n
-    scale = (mass_left / probs64 + remaining) / n
+    weights = tf.where(drawn, (mass_left + remaining * probs64) / n, zero)
+    scale = tf.where(drawn, (mass_left / safe + remaining) / n, zero)
     return weights, scale
+
+
+def _probs_tolerance(dtype, n):
+    """How far above 1 a draw's probabilities may sum without replacement (rounding of ``dtype``)."""
+    if dtype == tf.float64:
+        return tf.constant(1e-6, tf.float64)
+    return tf.cast(n, tf.float64) * max(2.0**-20, float(np.finfo(dtype.as_numpy_dtype).eps))
+
+
+def _checked_probs(probs, replace: bool):
+    """``probs`` (R3: finite, in [0, 1], rows summing to at most 1 + rounding without replacement):
+    a ValueError naming the row when eager, an assertion (InvalidArgumentError) in a graph."""
+    p64 = tf.cast(probs, tf.float64)
+    inside = tf.math.is_finite(p64) & (p64 >= 0) & (p64 <= 1)
+    tolerance = _probs_tolerance(probs.dtype, tf.shape(probs)[1])
+    ok = tf.reduce_all(inside)
+    if not replace:
+        ok = ok & tf.reduce_all(tf.reduce_sum(tf.where(inside, p64, tf.zeros_like(p64)), axis=1) <= 1 + tolerance)
+    if tf.executing_eagerly():
+        if not bool(ok):
+            raise _validation.explain_bad_probs(p64.numpy(), replace, float(tolerance))
+        return probs
+    message = ("ats.ops.expectation: probs must be finite, in [0, 1] and (without replacement) sum to at most 1 "
+               "per row; check the sampled attention (use replace=True if the draws were made with replacement)")
+    with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
+        return tf.identity(probs)
 
 
 def _expand(weights, rank: int):
@@ -336,6 +439,13 @@ def expectation(features, probs, *, replace=False):
     unbiased estimate of ``<g, f_i>`` (``w <g, f_k> / a_k`` with replacement,
     ``w (pm_k / a_k + n - 1 - k) <g, f_k>`` without), not the derivative of the
     forward value. ``replace`` must match how the positions were drawn.
+
+    A drawn entry with ``probs == 0`` (a filler of a short row, or a
+    probability its dtype cannot hold; DESIGN.md R1-R3) gets coefficient 0
+    and both gradients exactly 0. ``probs`` must be finite, in [0, 1], and
+    without replacement sum to at most 1 per row (up to rounding: 1e-6 for
+    float64, ``n`` times the dtype's epsilon (at least ``2**-20``) otherwise):
+    a ValueError naming the row when eager, an InvalidArgumentError in a graph.
     """
     features = tf.convert_to_tensor(features)
     probs = tf.convert_to_tensor(probs)
@@ -349,6 +459,7 @@ def expectation(features, probs, *, replace=False):
         raise ValueError(f"features {features.shape} must start with probs' shape {probs.shape}")
     rank = features.shape.rank
     replace = bool(replace)
+    probs = _checked_probs(probs, replace)
 
     @tf.custom_gradient
     def estimate(f, p):

@@ -4,7 +4,7 @@ Each op has a fake (meta) implementation, so ``torch.compile`` traces through
 it without running it, and the patch ops have their gradients registered
 with ``register_autograd``:
 
-- ``atskern::sample(attention, key, n, replace) -> int32 (B, n, D)`` grid indices
+- ``atskern::sample(attention, key, n, replace, strict) -> int32 (B, n, D)`` grid indices
   (no gradient; the sampled attention is a torch gather, see ``functional``);
 - ``atskern::extract_patches(x, offsets, patch_size, fill, channels_first)``,
   whose backward is ``atskern::scatter_patches`` (skipped when ``x`` needs no
@@ -40,16 +40,17 @@ def _kernel(name: str):
 
 
 @torch.library.custom_op("atskern::sample", mutates_args=())
-def sample_indices(attention: torch.Tensor, key: torch.Tensor, n: int, replace: bool) -> torch.Tensor:
+def sample_indices(attention: torch.Tensor, key: torch.Tensor, n: int, replace: bool,
+                   strict: bool = False) -> torch.Tensor:
     """int32 ``(B, n, D)`` grid indices drawn by ``atskern.sample`` with seed ``key`` (a CPU int64 scalar)."""
     seed = int(key.item()) % _U64
     with kernel_stream(attention.device):
-        indices, _ = atskern.sample(to_kernel(attention), n, replace=replace, seed=seed)
+        indices, _ = atskern.sample(to_kernel(attention), n, replace=replace, seed=seed, strict=strict)
         return from_kernel(indices)
 
 
 @sample_indices.register_fake
-def _(attention, key, n, replace):
+def _(attention, key, n, replace, strict=False):
     return attention.new_empty((attention.shape[0], n, attention.dim() - 1), dtype=torch.int32)
 
 
@@ -67,13 +68,14 @@ def _image_shape(grad_shape, spatial_shape, channels_first: bool):
     return (b, c, *spatial_shape) if channels_first else (b, *spatial_shape, c)
 
 
-def _fill_for(dtype: torch.dtype, fill: float):
-    if dtype.is_floating_point or dtype.is_complex:
+def _fill_for(dtype: torch.dtype, fill):
+    """``fill`` for the kernel: an int stays an int (exact); an integral float becomes one for integer dtypes."""
+    if dtype.is_floating_point or dtype.is_complex or isinstance(fill, int):
         return fill
     return int(fill) if math.isfinite(fill) and float(fill).is_integer() else fill
 
 
-def _kernel_fill(x: torch.Tensor, moved: torch.Tensor, fill: float):
+def _kernel_fill(x: torch.Tensor, moved: torch.Tensor, fill):
     """``fill`` in the dtype the kernel sees (the bit pattern of a bfloat16 ``fill`` as int16)."""
     if moved is x:
         return _fill_for(x.dtype, fill)
@@ -81,7 +83,8 @@ def _kernel_fill(x: torch.Tensor, moved: torch.Tensor, fill: float):
 
 
 @torch.library.custom_op("atskern::extract_patches", mutates_args=())
-def extract(x: torch.Tensor, offsets: torch.Tensor, patch_size: list[int], fill: float, channels_first: bool) -> torch.Tensor:
+def extract(x: torch.Tensor, offsets: torch.Tensor, patch_size: list[int], fill: int | float | bool,
+            channels_first: bool) -> torch.Tensor:
     """``atskern.extract_patches`` on a tensor (bytes moved as-is, so any dtype of size 1, 2, 4 or 8)."""
     out = torch.empty(_patch_shape(tuple(x.shape), offsets.shape[1], patch_size, channels_first), dtype=x.dtype,
                       device=x.device)  # torch owns the memory (its caching allocator on CUDA)

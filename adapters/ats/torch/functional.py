@@ -7,10 +7,14 @@ dimensions.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
+from atskern import _offsets, _validation
+
+from .. import _errors
 from . import _ops
 
 MODES = ("sample", "topk", "auto")
@@ -25,20 +29,8 @@ def positive_int(value, name: str) -> int:
     return int(value)
 
 
-def size_tuple(size, dims: int, name: str = "patch_size") -> tuple[int, ...]:
-    """``size`` as ``dims`` positive ints (one int is used for every dim)."""
-    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
-        size = (int(size),) * dims
-    try:
-        sizes = tuple(size)
-    except TypeError:
-        raise TypeError(f"{name} must be an int or a sequence of {dims} ints, got {size!r}") from None
-    if len(sizes) != dims:
-        raise ValueError(f"{name} must have {dims} entries (one per spatial dimension), got {sizes!r}")
-    for s in sizes:
-        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
-            raise ValueError(f"{name} must hold positive integers, got {sizes!r}")
-    return tuple(int(s) for s in sizes)
+# one size check for every front end (atskern's): a single int for every dim, or one positive int per dim
+size_tuple = _validation.check_patch_size
 
 
 def require_tensor(value, name: str) -> torch.Tensor:
@@ -56,7 +48,9 @@ def check_attention(attention, n: int, without_replacement: bool) -> int:
         )
     if not attention.is_floating_point():
         raise TypeError(f"attention must be a floating tensor, got {attention.dtype}")
-    positions = attention[0].numel()
+    if attention.shape[0] == 0 or 0 in attention.shape[1:]:
+        raise ValueError(f"attention must not be empty (at least one row and one position), got shape {tuple(attention.shape)}")
+    positions = math.prod(attention.shape[1:])
     if without_replacement and n > positions:
         raise ValueError(
             f"n_samples={n} is larger than the {positions} positions of the attention map {tuple(attention.shape[1:])}; "
@@ -102,7 +96,7 @@ def _unravel(flat: torch.Tensor, grid) -> torch.Tensor:
     return torch.stack(coords[::-1], dim=-1)
 
 
-def sample(attention, n_samples, *, replace=False, key=None, deterministic=False):
+def sample(attention, n_samples, *, replace=False, key=None, deterministic=False, strict=False):
     """Sample ``n_samples`` positions per row of an attention map.
 
     Parameters
@@ -119,6 +113,11 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
         torch's default generator (so ``torch.manual_seed`` makes runs repeat).
     deterministic : bool
         Take the ``n_samples`` largest weights, largest first (inference).
+    strict : bool
+        Without replacement, a row with fewer than ``n_samples`` positive
+        weights is drawn as all its positive cells followed by
+        zero-probability fillers (estimator weight exactly 0; DESIGN.md R1).
+        ``strict=True`` raises a ValueError instead.
 
     Returns
     -------
@@ -142,7 +141,10 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
         if weights.dtype not in (torch.float32, torch.float64):
             weights = weights.to(torch.float32)
         key = random_key() if key is None else key_tensor(key)
-        indices = _ops.sample_indices(weights.contiguous(), key, n, replace).to(torch.int64)
+        try:
+            indices = _ops.sample_indices(weights.contiguous(), key, n, replace, bool(strict)).to(torch.int64)
+        except ValueError as error:
+            raise _errors.sampling_error(error) from None
         flat_index = _ravel(indices, grid)
     sampled = flat.gather(1, flat_index) / flat.sum(dim=1, keepdim=True)
     return indices, sampled
@@ -151,30 +153,41 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
 # --- patches ----------------------------------------------------------------------------------
 
 
+def _int64(mask: torch.Tensor) -> torch.Tensor:
+    return mask.to(torch.int64)
+
+
 def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
     """First pixel of the patch around each sampled cell, in one image level (as ``atskern.patch_offsets``).
 
     A cell ``s`` of a grid of ``G`` cells has its centre at
-    ``c = L * (m + (s + 0.5) / G * (1 - 2 m))`` in a level of ``L`` pixels
-    (``m = margin``, a float or one per dim); the patch of ``P`` pixels starts at
-    ``round(c - P / 2)`` (half to even). Computed in float64 torch ops;
-    returns int32 ``(B, K, D)``.
+    ``c = L * (m + (s + 0.5) / G * (1 - 2 m))`` in a level of ``L`` pixels;
+    the patch of ``P`` pixels starts at ``round(c - P / 2)`` (half to even),
+    computed in int64 torch ops exactly as atskern does (exact .5 ties).
+    ``margin``: a number or ``fractions.Fraction``, one per dim, or the pair
+    ``(receptive_field, low_shape)`` for ``receptive_field / 2 / low_shape[d]``;
+    each in ``[0, 0.5)``. ``samples``: an integer tensor ``(B, K, D)``.
+    Returns int32 ``(B, K, D)`` on the samples' device.
     """
     require_tensor(samples, "samples")
+    if samples.dim() != 3 or samples.shape[-1] not in (1, 2, 3):
+        raise ValueError(f"samples must be (batch, K, D) with D in 1..3, got shape {tuple(samples.shape)}")
+    if samples.dtype.is_floating_point or samples.dtype.is_complex or samples.dtype == torch.bool:
+        raise TypeError(f"samples must be an integer tensor (grid cells, e.g. from sample()), got {samples.dtype}")
     dims = samples.shape[-1]
-    grid = size_tuple(tuple(grid_shape), dims, "grid_shape")
-    level = size_tuple(tuple(level_shape), dims, "level_shape")
+    grid = _validation.check_shape(tuple(grid_shape), dims, "grid_shape")
+    level = _validation.check_shape(tuple(level_shape), dims, "level_shape")
     patch = size_tuple(patch_size, dims)
-    margins = [float(m) for m in margin] if isinstance(margin, (list, tuple)) else [float(margin)] * dims
-    if len(margins) != dims:
-        raise ValueError(f"margin must be a number or {dims} numbers, got {margin!r}")
-    cells = samples.to(torch.float64)
-    bound = float(2**31 - 1)
+    margins = _validation.check_margin(margin, dims)
+    cells = samples.to(torch.int64).clamp(-_offsets.SAMPLE_LIMIT, _offsets.SAMPLE_LIMIT)
     starts = []
-    for d in range(dims):  # Python-float constants: the same float64 operations as NumPy, no device copies
-        m = margins[d]
-        centre = float(level[d]) * (m + (cells[..., d] + 0.5) / float(grid[d]) * (1 - 2 * m))
-        starts.append(torch.round(centre - patch[d] / 2))
+    for d in range(dims):
+        args = (grid[d], level[d], patch[d], margins[d].numerator, margins[d].denominator)
+        if not _offsets.fits_int64(*args):
+            raise ValueError(f"patch_offsets: grid_shape, level_shape, patch_size and margin of dim {d} are too "
+                             f"large for exact int64 arithmetic ({args}); use atskern.patch_offsets")
+        starts.append(_offsets.start(cells[..., d], *args, to_int=_int64))
+    bound = _offsets.INT32_MAX
     return torch.stack(starts, dim=-1).clamp(-bound, bound).to(torch.int32)
 
 
@@ -184,6 +197,37 @@ def _check_images(x, name: str, channels_first: bool) -> tuple[int, ...]:
         layout = "(batch, channels, *spatial)" if channels_first else "(batch, *spatial, channels)"
         raise ValueError(f"{name} must be {layout} with 1 to 3 spatial dimensions (rank 3 to 5), got shape {tuple(x.shape)}")
     return tuple(x.shape[2:]) if channels_first else tuple(x.shape[1:-1])
+
+
+def _checked_fill(fill, dtype: torch.dtype):
+    """``fill`` as an exact Python scalar for the kernel (ints never pass through float), or a
+    ValueError/TypeError naming ``fill`` when ``dtype`` cannot hold it (atskern's rule, in plain Python so
+    that ``torch.compile`` traces it)."""
+    if isinstance(fill, torch.Tensor):
+        if fill.numel() != 1:
+            raise TypeError(f"fill must be a scalar number, got a tensor of shape {tuple(fill.shape)}")
+        fill = fill.item()
+    if isinstance(fill, complex) or not isinstance(fill, numbers.Real):
+        raise TypeError(f"fill must be a real number, got {fill!r} ({type(fill).__name__})")
+    bad = ValueError(f"fill={fill!r} cannot be represented in the images' dtype {dtype}")
+    if dtype == torch.bool:
+        if fill not in (0, 1):
+            raise bad
+        return bool(fill)
+    if isinstance(fill, bool) and dtype != torch.bool:
+        raise TypeError(f"fill must be a number, got {fill!r}")
+    if dtype.is_floating_point:
+        value = float(fill)
+        if math.isfinite(value) and abs(value) > torch.finfo(dtype).max:
+            raise bad
+        return value
+    if not (isinstance(fill, numbers.Integral) or float(fill).is_integer()):
+        raise bad
+    value = int(fill)
+    info = torch.iinfo(dtype)
+    if not info.min <= value <= info.max:
+        raise bad
+    return value
 
 
 def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=True):
@@ -205,7 +249,8 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=True):
     if offsets.dtype.is_floating_point or offsets.dtype == torch.bool:
         raise TypeError(f"offsets must be an integer tensor, got {offsets.dtype}")
     size = size_tuple(patch_size, len(spatial))
-    return _ops.extract(x.contiguous(), offsets.contiguous(), list(size), float(fill), bool(channels_first))
+    fill = _checked_fill(fill, x.dtype)
+    return _ops.extract(x.contiguous(), offsets.contiguous(), list(size), fill, bool(channels_first))
 
 
 def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, fill=0, channels_first=True):
@@ -220,8 +265,11 @@ def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, 
     if not isinstance(patch_sizes, (list, tuple)) or len(patch_sizes) != len(levels):
         raise ValueError(f"patch_sizes must hold one patch size per level ({len(levels)}), got {patch_sizes!r}")
     patches = []
+    require_tensor(samples, "samples")
     for i, (x, size) in enumerate(zip(levels, patch_sizes)):
         spatial = _check_images(x, f"levels[{i}]", channels_first)
+        if samples.dim() and samples.shape[0] != x.shape[0]:
+            raise ValueError(f"samples and levels[{i}] must share the batch size, got {samples.shape[0]} and {x.shape[0]}")
         offsets = patch_offsets(samples, grid_shape, spatial, size_tuple(size, len(spatial)), margin=margin)
         patches.append(extract_patches(x, offsets, size, fill=fill, channels_first=channels_first))
     return patches
@@ -231,13 +279,32 @@ def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, 
 
 
 def _coefficients(probs64: torch.Tensor, replace: bool):
-    """``c_k`` of ``F = sum_k c_k f_k`` and the attention-gradient scale, float64 ``(B, n)``."""
+    """``c_k`` of ``F = sum_k c_k f_k`` and the attention-gradient scale, float64 ``(B, n)``;
+    0 for both at a filler (``probs == 0``: rule R3 of DESIGN.md), with no division by zero."""
     n = probs64.shape[1]
+    drawn = probs64 > 0
+    safe = torch.where(drawn, probs64, torch.ones_like(probs64))
+    zero = torch.zeros_like(probs64)
     if replace:
-        return torch.full_like(probs64, 1.0 / n), 1.0 / (n * probs64)
+        return torch.where(drawn, 1.0 / n, zero), torch.where(drawn, 1.0 / (n * safe), zero)
     mass_left = 1.0 - (torch.cumsum(probs64, dim=1) - probs64)
     remaining = torch.arange(n - 1, -1, -1, dtype=torch.float64, device=probs64.device)
-    return (mass_left + remaining * probs64) / n, (mass_left / probs64 + remaining) / n
+    weights = torch.where(drawn, (mass_left + remaining * probs64) / n, zero)
+    return weights, torch.where(drawn, (mass_left / safe + remaining) / n, zero)
+
+
+def _check_probs(probs: torch.Tensor, replace: bool):
+    """R3: ``probs`` finite, in [0, 1] and, without replacement, rows summing to at most 1 + rounding
+    (1e-6 for float64, ``n`` times the dtype's epsilon, at least ``2**-20``, otherwise); a ValueError names the row."""
+    p64 = probs.detach().to(torch.float64)
+    inside = torch.isfinite(p64) & (p64 >= 0) & (p64 <= 1)
+    n = probs.shape[1]
+    tolerance = 1e-6 if probs.dtype == torch.float64 else n * max(2.0**-20, torch.finfo(probs.dtype).eps)
+    ok = inside.all()
+    if not replace:
+        ok = ok & (torch.where(inside, p64, 0.0).sum(dim=1) <= 1 + tolerance).all()
+    if not bool(ok):
+        raise _validation.explain_bad_probs(p64.cpu().numpy(), replace, tolerance)
 
 
 def _expand(weights: torch.Tensor, dims: int) -> torch.Tensor:
@@ -269,7 +336,7 @@ class _Expectation(torch.autograd.Function):
         return grad_features, grad_probs, None
 
 
-def expectation(features, probs, *, replace=False):
+def expectation(features, probs, *, replace=False, validate=True):
     """The ATS estimate of ``sum_i a_i f_i`` from ``n`` sampled features, with unbiased gradients.
 
     ``features`` ``(B, n, *F)`` and ``probs`` ``(B, n)`` (the sampled attention
@@ -279,6 +346,13 @@ def expectation(features, probs, *, replace=False):
     ``w <g, f_k> / a_k`` with (``w = 1/n``, ``pm_k = 1 - sum_{j<k} a_j``), the
     unbiased estimate of ``<g, f_i>`` rather than the derivative of the value.
     ``replace`` must match how the positions were drawn.
+
+    A drawn entry with ``probs == 0`` (a filler of a short row, or a
+    probability its dtype cannot hold; DESIGN.md R1-R3) gets coefficient 0
+    and both gradients exactly 0. ``validate`` checks that ``probs`` are
+    finite, in [0, 1] and, without replacement, sum to at most 1 per row (a
+    ValueError naming the row; one small device sync on CUDA; skipped while
+    ``torch.compile`` traces).
     """
     require_tensor(features, "features")
     require_tensor(probs, "probs")
@@ -290,6 +364,8 @@ def expectation(features, probs, *, replace=False):
         raise TypeError(f"features and probs must be floating, got {features.dtype} and {probs.dtype}")
     if not isinstance(replace, bool):
         raise TypeError(f"replace must be True or False, got {replace!r}")
+    if validate and not torch.compiler.is_compiling():
+        _check_probs(probs, replace)
     return _Expectation.apply(features, probs, replace)
 
 

@@ -117,8 +117,7 @@ class SamplePatches(nn.Module):
         deterministic = self.deterministic()
         key = None if deterministic else self._keys.next()
         indices, sampled = F.sample(attention, self.n_patches, replace=self.replace, key=key, deterministic=deterministic)
-        low = x_low.shape[2:]
-        margin = [float(self.receptive_field) / 2.0 / s for s in low]
+        margin = (self.receptive_field, tuple(x_low.shape[2:]))  # receptive_field / 2 / low, exactly
         offsets = F.patch_offsets(indices, attention.shape[1:], x_high.shape[2:], size, margin=margin)
         patches = F.extract_patches(x_high, offsets, size, fill=self.fill, channels_first=True)
         return patches, sampled

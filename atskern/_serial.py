@@ -1,0 +1,40 @@
+"""Public CPU calls behind the threading layer's launch lock where it needs one (``atskern.cpu._threading``).
+
+Numba's ``workqueue`` layer (the fallback where TBB cannot be loaded) aborts
+the process when two Python threads launch parallel kernels at once; the lock
+makes them take turns. Parallel kernels are also launched from inside other
+compiled functions, so the lock is taken here, around each public call, not
+around each kernel. With TBB (the default) no lock is taken. CuPy calls never
+take it and never import Numba.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from ._backend import is_cupy_array
+
+
+def _first_array(args):
+    first = args[0] if args else None
+    if isinstance(first, (list, tuple)) and first:
+        first = first[0]
+    return first
+
+
+def cpu_serialized(function):
+    """``function`` behind the launch lock for CPU arrays when the threading layer needs it."""
+
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        if is_cupy_array(_first_array(args)):
+            return function(*args, **kwargs)
+        from .cpu import _threading
+
+        lock = _threading.launch_lock()
+        if lock is None:
+            return function(*args, **kwargs)
+        with lock:
+            return function(*args, **kwargs)
+
+    return call

@@ -1,0 +1,144 @@
+"""Exact .5 ties in patch offsets (issue 11, item 9; rule R5): atskern, ats.ops and ats.torch agree with the
+exact rational formula everywhere, receptive fields included."""
+
+from __future__ import annotations
+
+import itertools
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+import atskern
+from atskern import reference
+
+from .conftest import to_backend, to_numpy
+
+
+def oracle(cell, grid, level, patch, margin: Fraction) -> int:
+    """``round(L (m + (s + 1/2) / G (1 - 2 m)) - P / 2)`` with rationals; Python rounds half to even."""
+    centre = level * (margin + Fraction(2 * cell + 1, 2 * grid) * (1 - 2 * margin))
+    return round(centre - Fraction(patch, 2))
+
+
+def sweep():
+    """(grid, level, patch, receptive_field, low) with many exact ties among them."""
+    cases = []
+    for grid, level, patch in itertools.product((1, 3, 8, 10, 25), (7, 50, 150, 1000), (1, 2, 5, 8, 50)):
+        for receptive_field, low in ((0, 10), (3, 50), (5, 16), (2, 8), (7, 20)):
+            if low >= grid:
+                cases.append((grid, level, patch, receptive_field, low))
+    return cases
+
+
+CASES = sweep()
+
+
+def expected_offsets(grid, level, patch, receptive_field, low):
+    margin = Fraction(receptive_field, 2 * low)
+    return np.array([oracle(s, grid, level, patch, margin) for s in range(grid)])
+
+
+def test_sweep_has_ties_that_float64_misses():
+    ties = missed = 0
+    for grid, level, patch, rf, low in CASES:
+        m = Fraction(rf, 2 * low)
+        for s in range(grid):
+            t = level * (m + Fraction(2 * s + 1, 2 * grid) * (1 - 2 * m)) - Fraction(patch, 2)
+            if (2 * t).denominator == 1 and (2 * t).numerator % 2:
+                ties += 1
+                mf = rf / 2 / low
+                missed += int(np.rint(level * (mf + (s + 0.5) / grid * (1 - 2 * mf)) - patch / 2)) != round(t)
+    assert ties > 100 and missed > 10, (ties, missed)
+
+
+def test_atskern_sweep(backend):
+    for grid, level, patch, rf, low in CASES:
+        samples = to_backend(np.arange(grid, dtype=np.int32).reshape(1, grid, 1), backend)
+        want = expected_offsets(grid, level, patch, rf, low)
+        for margin in ((rf, (low,)), Fraction(rf, 2 * low), rf / 2 / low):
+            got = to_numpy(atskern.patch_offsets(samples, (grid,), (level,), (patch,), margin=margin)).ravel()
+            assert got.tolist() == want.tolist(), (grid, level, patch, rf, low, margin)
+        ref = reference.patch_offsets(to_numpy(samples), (grid,), (level,), (patch,), margin=(rf, (low,)))
+        assert ref.ravel().tolist() == want.tolist()
+
+
+def test_issue_reproduction_and_worked_examples():
+    assert atskern.patch_offsets(np.array([[[3]]]), [50], [150], [8]).tolist() == [[[6]]]
+    for grid, cell, start in [(25, 12, 475), (25, 0, -5), (100, 0, -20)]:
+        assert atskern.patch_offsets(np.array([[[cell]]]), (grid,), (1000,), 50).tolist() == [[[start]]]
+
+
+def test_margin_forms_and_errors():
+    samples = np.array([[[3, 1]]])
+    pair = atskern.patch_offsets(samples, (8, 8), (150, 150), 50, margin=(3, (8, 8)))
+    per_dim = atskern.patch_offsets(samples, (8, 8), (150, 150), 50, margin=[Fraction(3, 16), 3 / 16])
+    assert pair.tolist() == per_dim.tolist() == [[[44, 21]]]
+    with pytest.raises(ValueError, match=r"margin must be in \[0, 0.5\)"):
+        atskern.patch_offsets(samples, (8, 8), (150, 150), 50, margin=0.7)
+    with pytest.raises(ValueError, match=r"margin must be in \[0, 0.5\)"):
+        atskern.patch_offsets(samples, (8, 8), (150, 150), 50, margin=(8, (8, 8)))
+    with pytest.raises(ValueError, match=r"margin must be a number, 2 numbers"):
+        atskern.patch_offsets(samples, (8, 8), (150, 150), 50, margin=[0.1, 0.1, 0.1])
+    with pytest.raises(TypeError, match=r"margin must be a real number"):
+        atskern.patch_offsets(samples, (8, 8), (150, 150), 50, margin="0.1")
+    with pytest.raises(ValueError, match=r"margin's low_shape must have 2 entries"):
+        atskern.patch_offsets(samples, (8, 8), (150, 150), 50, margin=(3, (8,)))
+
+
+def test_huge_denominators_stay_exact():
+    """A float margin that is no small fraction: exact in Python ints, still the rational formula."""
+    margin = 0.1 + 1e-12
+    samples = np.arange(7).reshape(1, 7, 1)
+    got = atskern.patch_offsets(samples, (7,), (1001,), (3,), margin=margin).ravel().tolist()
+    assert got == [oracle(s, 7, 1001, 3, Fraction(margin)) for s in range(7)]
+
+
+def test_tensorflow_sweep():
+    tf = pytest.importorskip("tensorflow")
+    from ats import ops
+
+    assert ops.patch_offsets(tf.constant([[[3]]]), [50], [150], [8]).numpy().tolist() == [[[6]]]
+    for grid, level, patch, rf, low in CASES[::3]:
+        samples = tf.reshape(tf.range(grid, dtype=tf.int32), (1, grid, 1))
+        want = expected_offsets(grid, level, patch, rf, low).tolist()
+        got = ops.patch_offsets(samples, (grid,), (level,), (patch,), margin=(rf, (low,)))
+        assert got.numpy().ravel().tolist() == want, (grid, level, patch, rf, low)
+        dynamic = ops.patch_offsets(samples, tf.constant([grid]), tf.constant([level]), patch,
+                                    margin=(rf, tf.constant([low])))
+        assert dynamic.numpy().ravel().tolist() == want
+    with pytest.raises(TypeError, match=r"samples must be an integer tensor"):
+        ops.patch_offsets(tf.constant([[[3.0]]]), [50], [150], [8])
+    with pytest.raises(ValueError, match=r"margin must be in \[0, 0.5\)"):
+        ops.patch_offsets(tf.constant([[[3]]]), [50], [150], [8], margin=0.7)
+
+
+def test_tensorflow_dynamic_low_shape_in_a_graph():
+    tf = pytest.importorskip("tensorflow")
+    from ats import ops
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 2], tf.int32), tf.TensorSpec([None, None, None], tf.float32)])
+    def offsets(samples, low):
+        spatial = tf.shape(low)[1:]
+        return ops.patch_offsets(samples, (8, 8), (150, 150), (50, 50), margin=(3, spatial))
+
+    assert offsets(tf.constant([[[3, 1]]]), tf.zeros((1, 8, 8))).numpy().tolist() == [[[44, 21]]]
+
+
+def test_torch_sweep():
+    torch = pytest.importorskip("torch")
+    from ats.torch import functional as F
+
+    assert F.patch_offsets(torch.tensor([[[3]]]), [50], [150], [8]).tolist() == [[[6]]]
+    for grid, level, patch, rf, low in CASES:
+        samples = torch.arange(grid).reshape(1, grid, 1)
+        want = expected_offsets(grid, level, patch, rf, low).tolist()
+        for margin in ((rf, (low,)), rf / 2 / low):
+            got = F.patch_offsets(samples, (grid,), (level,), (patch,), margin=margin)
+            assert got.ravel().tolist() == want, (grid, level, patch, rf, low, margin)
+    with pytest.raises(TypeError, match=r"samples must be an integer tensor"):
+        F.patch_offsets(torch.tensor([[[3.0]]]), [50], [150], [8])
+    with pytest.raises(ValueError, match=r"margin must be in \[0, 0.5\)"):
+        F.patch_offsets(torch.tensor([[[3]]]), [50], [150], [8], margin=0.7)
+    with pytest.raises(ValueError, match=r"samples must be \(batch, K, D\)"):
+        F.patch_offsets(torch.tensor(3), [50], [150], [8])
