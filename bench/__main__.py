@@ -20,13 +20,14 @@ from pathlib import Path
 from ._timing import machine_description
 
 BENCHMARKS = ["sampling", "patches", "ats_dense"]
+OPTIONAL = ["slides"]  # run only when named with --only (needs atskern[slides,openslide,slides-bench] and torch)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (under a minute)")
-    parser.add_argument("--only", action="append", choices=BENCHMARKS, help="run only this benchmark (repeatable)")
+    parser.add_argument("--only", action="append", choices=BENCHMARKS + OPTIONAL, help="run only this benchmark (repeatable)")
     parser.add_argument("--json", type=Path, help="also write all tables as JSON here")
     parser.add_argument("--no-write", action="store_true", help="do not write bench/results/<machine>.md")
     parser.add_argument("--machine", help="name for the results file (default: the host name)")
@@ -45,7 +46,8 @@ def main(argv=None) -> int:
     with tqdm(total=total, desc="bench", unit="case", file=sys.stderr) as progress:
         for module in modules:
             progress.set_postfix_str(module.NAME)
-            tables.append(module.run(quick=args.quick, progress=progress))
+            result = module.run(quick=args.quick, progress=progress)
+            tables.extend(result if isinstance(result, (list, tuple)) else [result])
     header = "\n".join(f"- {key}: {value}" for key, value in machine.items())
     report = f"# atskern benchmarks{' (quick)' if args.quick else ''}\n\n{header}\n\n" + "\n".join(t.markdown() for t in tables)
     print(report)
@@ -54,6 +56,8 @@ def main(argv=None) -> int:
     if not (args.quick or args.no_write):
         RESULTS.mkdir(exist_ok=True)
         stem = args.machine or machine["machine"]
+        if set(names) <= set(OPTIONAL):  # optional benchmarks get their own file, not the main table's
+            stem += "-" + "-".join(names)
         path = RESULTS / f"{stem}.md"
         for table in tables:
             if table.name == "ats_dense":
