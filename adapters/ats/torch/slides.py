@@ -47,6 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from atskern.io import grid as _grid
+
 from . import functional as F
 from .modules import Expectation, _KeyStream
 
@@ -119,35 +121,11 @@ def collate_slides(items) -> SlideBatch:
 
 
 def valid_cells(grid, padded, sizes):
-    """Bool ``(B, *grid)``: cells whose centre lies inside each slide's valid low-resolution area."""
-    masks = []
-    for g, p, axis in zip(grid, padded, range(2)):
-        centres = (torch.arange(g, dtype=torch.float64) + 0.5) * (p / g)
-        masks.append(centres[None, :] < sizes[:, axis:axis + 1].to(torch.float64))
-    return masks[0][:, :, None] & masks[1][:, None, :]
+    """Bool tensor ``(B, *grid)``: cells whose centre lies in each slide's valid low view (see atskern.io.grid)."""
+    return torch.from_numpy(_grid.valid_cells(tuple(grid), tuple(padded), np.asarray(sizes)))
 
 
-def slide_offsets(samples, grid, padded, low_size, level_shape, patch):
-    """Level offsets ``(K, 2)`` of grid cells ``samples`` ``(K, 2)`` for one slide, in exact integer arithmetic.
-
-    A cell ``s`` of a grid ``G`` laid over the padded low view of ``Hp`` pixels
-    has its centre at ``(s + 0.5) Hp / G`` low pixels, i.e. at
-    ``c = (s + 0.5) Hp / G * L / h`` pixels of a level of size ``L`` (``h`` the
-    slide's own low size); the patch starts at ``rint(c - P / 2)``, round half
-    to even. For an unpadded slide (``Hp == h``) this is
-    ``atskern.patch_offsets`` with margin 0.
-    """
-    out = np.empty((len(samples), 2), np.int64)
-    for axis in range(2):
-        s = samples[:, axis].astype(np.int64)
-        G, Hp, h, L, P = (int(grid[axis]), int(padded[axis]), int(low_size[axis]), int(level_shape[axis]),
-                          int(patch[axis]))
-        num = (2 * s + 1) * Hp * L - P * G * h  # c - P/2 = num / den
-        den = 2 * G * h
-        q, r = np.divmod(num, den)
-        up = (2 * r > den) | ((2 * r == den) & (q % 2 == 1))
-        out[:, axis] = q + up
-    return out
+slide_offsets = _grid.slide_offsets
 
 
 class SlideAttentionSampling(nn.Module):
