@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 tifffile = pytest.importorskip("tifffile")
 pytest.importorskip("imagecodecs")
@@ -87,6 +89,32 @@ def test_outside_tiles_take_the_fill(jpeg_slide):
     np.testing.assert_array_equal(got[4, :10, :20], full[SIZE - 10:, SIZE - 20:])
     empty = slide.read_patches(np.zeros((0, 2), np.int64), 8)
     assert empty.shape == (0, 8, 8, 3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_fuzz_patches_against_padded_full_read(jpeg_slide, data):
+    slide = aio.open_slide(jpeg_slide, threads=2, cache_bytes=3 * TILE * TILE * 3)
+    level = data.draw(st.integers(0, slide.level_count - 1))
+    full = _full_level_cached(str(jpeg_slide), level)
+    h, w = data.draw(st.integers(1, 150)), data.draw(st.integers(1, 150))
+    k = data.draw(st.integers(1, 6))
+    H, W = full.shape[:2]
+    offsets = np.array([[data.draw(st.integers(-h - 5, H + 5)), data.draw(st.integers(-w - 5, W + 5))] for _ in range(k)])
+    fill = data.draw(st.integers(0, 255))
+    np.testing.assert_array_equal(slide.read_patches(offsets, (h, w), level, fill=fill),
+                                  _expected(full, offsets, (h, w), fill))
+    region = slide.read_region(offsets[0], (h, w), level, fill=fill)
+    np.testing.assert_array_equal(region, _expected(full, offsets[:1], (h, w), fill)[0])
+
+
+_FULL = {}
+
+
+def _full_level_cached(path, level):
+    if (path, level) not in _FULL:
+        _FULL[path, level] = _full_level(path, level)
+    return _FULL[path, level]
 
 
 def test_lazy_level_indexing(jpeg_slide):
@@ -226,6 +254,12 @@ def test_clear_errors(tmp_path, jpeg_slide):
         slide.read_patches([0, 0], 8)
     with pytest.raises(ValueError, match="patch_size"):
         slide.read_patches([[0, 0]], 0)
+    with pytest.raises(ValueError, match="fill 300 does not fit the slide's dtype uint8"):
+        slide.read_patches([[0, 0]], 8, fill=300)
+    with pytest.raises(TypeError, match="offsets must hold integers"):
+        slide.read_patches([[0.5, 0]], 8)
+    with pytest.raises(ValueError, match="out must be a NumPy array of shape"):
+        slide.read_patches([[0, 0]], 8, out=np.empty((1, 8, 8, 4), np.uint8))
     with pytest.raises(ValueError, match="backend"):
         aio.open_slide(jpeg_slide, backend="pillow")
     with pytest.raises(ValueError, match="threads"):

@@ -15,6 +15,16 @@ from ._deps import available
 from ._tiff import SlideFormatError
 
 _TOKENS = itertools.count()
+_POOL_LOCK = threading.Lock()
+
+
+def _new_pool_lock():  # a fork can copy the lock while another thread holds it
+    global _POOL_LOCK
+    _POOL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_pool_lock)
 DEFAULT_CACHE_BYTES = 128 << 20
 
 
@@ -142,7 +152,6 @@ class Slide:
         self._token = next(_TOKENS)
         self._pool = None
         self._pool_pid = None
-        self._pool_lock = threading.Lock()
         if hasattr(backend, "levels"):
             shapes = [lv.shape for lv in backend.levels]
             tiles = [lv.tile for lv in backend.levels]
@@ -191,11 +200,10 @@ class Slide:
     def _executor(self):
         pid = os.getpid()
         if self._pool is None or self._pool_pid != pid:  # no pool yet, or a forked child (threads do not survive)
-            with self._pool_lock if self._pool_pid == pid else threading.Lock():
+            with _POOL_LOCK:
                 if self._pool is None or self._pool_pid != pid:
                     self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="atskern-io")
                     self._pool_pid = pid
-                    self._pool_lock = threading.Lock()
         return self._pool
 
     def _map(self, fn, items):
