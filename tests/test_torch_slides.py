@@ -129,3 +129,28 @@ def test_errors(slide_paths):
     model.level = 9
     with pytest.raises(ValueError, match="level 9 is out of range"):
         model(x, slide_paths[:2])
+
+
+def test_attention_sampling_takes_slides_as_x_high(slide_paths):
+    import ats.torch as at
+
+    torch.manual_seed(0)
+    attention = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 1, 3, padding=1),
+                              at.SampleSoftmax(squeeze_channels=True))
+    feature = nn.Sequential(nn.Conv2d(3, 4, 5, stride=4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = at.AttentionSampling(attention, feature, patch_size=32, n_patches=3, receptive_field=2, mode="topk")
+    slide = aio.open_slide(slide_paths[0])
+    low = slide.read_level(1)  # a pyramid level, never level 0
+    x_low = torch.from_numpy(low.transpose(2, 0, 1).copy()).float()[None] / 255
+    features, att, patches = model(x_low, [slide_paths[0]])
+    features.sum().backward()
+    assert patches.shape == (1, 3, 3, 32, 32) and features.shape == (1, 4)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in attention.parameters())
+    cells = torch.topk(att.detach().flatten(1), 3).indices[0]
+    cells = np.stack([cells // att.shape[2], cells % att.shape[2]], axis=1)
+    assert low.shape[0] == low.shape[1]
+    margin = 2 / 2 / low.shape[0]  # receptive_field / 2 / low size
+    offsets = atskern.patch_offsets(cells[None].astype(np.int32), att.shape[1:], slide.levels[0].shape[:2], 32,
+                                    margin=margin)[0]
+    want = slide.read_patches(offsets, 32).transpose(0, 3, 1, 2) / np.float32(255)
+    np.testing.assert_allclose(patches[0].numpy(), want, rtol=1e-6)

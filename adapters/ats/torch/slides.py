@@ -218,3 +218,39 @@ class SlideAttentionSampling(nn.Module):
         per_patch = self.feature(patches.flatten(0, 1))
         features = self.expectation(per_patch.unflatten(0, (b, n)), sampled)
         return features, attention, patches
+
+
+def sample_from_slides(module, x_low, slides, attention, *, scale=1.0 / 255.0):
+    """:class:`ats.torch.SamplePatches` with slides (paths or :class:`atskern.io.Slide`) as ``x_high``.
+
+    ``x_low`` ``(B, C, h, w)`` is each slide's low view (unpadded; use
+    :class:`SlideAttentionSampling` for batches of different sizes),
+    ``attention`` ``(B, gh, gw)``. Patches come from level 0 of each slide at
+    ``atskern.patch_offsets`` of the sampled cells (with the module's
+    receptive-field margin), as ``(B, n, C, *patch)`` floats of ``x_low``'s
+    dtype, pixel values times ``scale``. Returns ``(patches, sampled_attention)``.
+    """
+    F.require_tensor(x_low, "x_low")
+    F.require_tensor(attention, "attention")
+    if x_low.dim() != 4 or attention.dim() != 3:
+        raise ValueError("with slides as x_high, x_low must be (batch, channels, height, width) and attention "
+                         f"(batch, gh, gw), got shapes {tuple(x_low.shape)} and {tuple(attention.shape)}")
+    if len(slides) != x_low.shape[0] or attention.shape[0] != x_low.shape[0]:
+        raise ValueError(f"x_high (slides), x_low and attention must share the batch size, got {len(slides)}, "
+                         f"{x_low.shape[0]} and {attention.shape[0]}")
+    size = F.size_tuple(module.patch_size, 2)
+    if module.use_logits:
+        attention = F.sample_softmax(attention)
+    deterministic = module.deterministic()
+    key = None if deterministic else module._keys.next()
+    indices, sampled = F.sample(attention, module.n_patches, replace=module.replace, key=key,
+                                deterministic=deterministic)
+    margin = [float(module.receptive_field) / 2.0 / s for s in x_low.shape[2:]]
+    batch = []
+    for b, slide in enumerate(slides):
+        slide = open_cached(slide)
+        level = slide.levels[0]
+        offsets = F.patch_offsets(indices[b:b + 1].cpu(), attention.shape[1:], level.shape[:2], size, margin=margin)[0]
+        batch.append(torch.from_numpy(slide.read_patches(offsets.numpy(), size, 0, fill=module.fill)))
+    patches = torch.stack(batch).permute(0, 1, 4, 2, 3).to(device=x_low.device, dtype=x_low.dtype).mul_(scale)
+    return patches, sampled
