@@ -46,7 +46,7 @@ def test_generate_and_train_tiny(tmp_path):
     sizes = {aio.open_slide(p).levels[0].shape[:2] for p in splits["train"][0]}
     assert len(sizes) > 1  # slides of different sizes share batches
     metrics = train.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--epochs", "1",
-                          "--batch", "2", "--patches", "3", "--patch", "48", "--low-side", "128", "--workers", "1",
+                          "--batch", "2", "--patches", "3", "--patch", "48", "--low-side", "128", "--attention-downscale", "1", "--workers", "1",
                           "--overlays", "1"])
     assert np.isfinite(metrics["history"][0]["loss"]) and 0 <= metrics["history"][0]["test_accuracy"] <= 1
     assert metrics["seconds_per_step"] > 0 and metrics["peak_rss_mib_main_process"] > 0

@@ -1,13 +1,13 @@
 """Write a synthetic whole-slide data set: pyramidal, tiled JPEG TIFFs whose label is decided by small lesions.
 
-Each slide has a few tissue regions; label 1 slides hold 1-3 *lesions*
-(ringed motifs of 80 px), every slide holds 1-4 *decoys* (disks of the same
+Each slide has a few tissue regions; label 1 slides hold 2-4 *lesions*
+(ringed motifs of 80 px), every slide holds 2-4 *decoys* (disks of the same
 size and mean colour). At the low-resolution level the attention network
 reads, lesions and decoys are the same dark dot; only level 0 tells them
 apart. Slide sizes vary (pad-and-mask batches); background tiles are stored
 empty, so even 100,000² slides cost little disk.
 
-    python -m examples.slides.generate --out data/slides                       # 48 train + 16 test, 6-8k²
+    python -m examples.slides.generate --out data/slides                       # 160 train + 48 test, 2-3k²
     python -m examples.slides.generate --out data/big --train 2 --test 0 --min-size 100000 --max-size 100000
 
 Writes the slides and ``labels.csv`` (file, label, split).
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 
-def generate(out, *, n_train=48, n_test=16, min_size=6144, max_size=8192, seed=0, layout="tiff", quality=80,
-             tissue_scale=0.18, show_progress=True):
+def generate(out, *, n_train=160, n_test=48, min_size=2048, max_size=3072, seed=0, layout="tiff", quality=80,
+             tissue_scale=0.25, lesions=(2, 4), decoys=(2, 4), motif_radius=40, show_progress=True):
     """Write the data set to ``out``; returns the rows of ``labels.csv``."""
     from atskern.io import write_synthetic_slide
 
@@ -43,7 +43,8 @@ def generate(out, *, n_train=48, n_test=16, min_size=6144, max_size=8192, seed=0
         size = (int(rng.integers(min_size, max_size + 1)), int(rng.integers(min_size, max_size + 1)))
         name = f"{split}-{i:04d}.tif"
         write_synthetic_slide(out / name, size, label=label, seed=seed * 100003 + i, layout=layout, quality=quality,
-                              tissue_scale=tissue_scale, min_side=256)
+                              tissue_scale=tissue_scale, min_side=128, lesions=tuple(lesions), decoys=tuple(decoys),
+                              motif_radius=motif_radius)
         rows.append({"file": name, "label": label, "split": split, "height": size[0], "width": size[1]})
         if bar is not None:
             bar.update()
@@ -70,16 +71,20 @@ def load(out):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m examples.slides.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/slides")
-    parser.add_argument("--train", type=int, default=48)
-    parser.add_argument("--test", type=int, default=16)
-    parser.add_argument("--min-size", type=int, default=6144)
-    parser.add_argument("--max-size", type=int, default=8192)
+    parser.add_argument("--train", type=int, default=160)
+    parser.add_argument("--test", type=int, default=48)
+    parser.add_argument("--min-size", type=int, default=2048)
+    parser.add_argument("--max-size", type=int, default=3072)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", default="tiff", choices=["tiff", "bigtiff", "ome", "subifds", "svs"])
-    parser.add_argument("--tissue-scale", type=float, default=0.18)
+    parser.add_argument("--tissue-scale", type=float, default=0.25)
+    parser.add_argument("--lesions", type=int, nargs=2, default=(2, 4), help="min and max lesions per positive slide")
+    parser.add_argument("--decoys", type=int, nargs=2, default=(2, 4), help="min and max decoys per slide")
+    parser.add_argument("--motif-radius", type=int, default=40)
     args = parser.parse_args(argv)
     rows = generate(args.out, n_train=args.train, n_test=args.test, min_size=args.min_size, max_size=args.max_size,
-                    seed=args.seed, layout=args.layout, tissue_scale=args.tissue_scale)
+                    seed=args.seed, layout=args.layout, tissue_scale=args.tissue_scale, lesions=args.lesions,
+                    decoys=args.decoys, motif_radius=args.motif_radius)
     size = sum((Path(args.out) / r["file"]).stat().st_size for r in rows)
     print(f"{len(rows)} slides, {size / 2**20:.1f} MiB on disk, in {args.out}")
 

@@ -1,8 +1,8 @@
 """Train attention sampling on synthetic whole-slide images, patches read from the slide files on demand.
 
 The attention network reads a low-resolution pyramid level of each slide
-(at most ``--low-side`` pixels a side; a stride-2 convolution makes the
-attention grid half that), ``--patches`` patches of ``--patch`` pixels are
+(at most ``--low-side`` pixels a side; ``--attention-downscale`` stride-2
+convolutions make the attention grid coarser), ``--patches`` patches of ``--patch`` pixels are
 sampled from it and read from level 0 of the TIFF inside the step
 (``ats.torch.slides.SlideAttentionSampling``), a small CNN embeds each patch
 and the unbiased estimator averages the embeddings; a linear layer
@@ -47,8 +47,11 @@ def build(args):
     from ats.torch.slides import SlideAttentionSampling
 
     torch.manual_seed(args.seed)
-    attention = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                              nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1))
+    layers, channels = [], 3
+    for _ in range(args.attention_downscale):  # stride-2 convolutions: a coarser attention grid
+        layers += [nn.Conv2d(channels, 8, 3, stride=2, padding=1), nn.ReLU()]
+        channels = 8
+    attention = nn.Sequential(*layers, nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1))
     feature = nn.Sequential(nn.Conv2d(3, 16, 5, stride=2), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
                             nn.Conv2d(32, 32, 3, stride=2), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten())
     ats_model = SlideAttentionSampling(attention, feature, patch_size=args.patch, n_patches=args.patches,
@@ -94,11 +97,13 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/slides")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--patches", type=int, default=8)
+    parser.add_argument("--patches", type=int, default=12)
     parser.add_argument("--patch", type=int, default=96)
-    parser.add_argument("--low-side", type=int, default=512)
+    parser.add_argument("--low-side", type=int, default=256)
+    parser.add_argument("--attention-downscale", type=int, default=2,
+                        help="stride-2 convolutions in the attention network (grid = low view / 2**this)")
     parser.add_argument("--entropy", type=float, default=1e-4)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--overlays", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
