@@ -43,15 +43,18 @@ def _slide(path, threads, cache_bytes):
 
 
 _SLIDES = {}
+_CACHES = {}
 
 
 def _open_cached(path, pid, threads, cache_bytes):
+    """Each path opened once per process; the slides share one tile cache of ``cache_bytes`` per process."""
     key = (path, pid, threads, cache_bytes)
     slide = _SLIDES.get(key)
     if slide is None:
-        from atskern.io import open_slide
+        from atskern.io import TileCache, open_slide
 
-        slide = _SLIDES[key] = open_slide(path, threads=threads, cache_bytes=cache_bytes)
+        cache = _CACHES.setdefault((pid, cache_bytes), TileCache(cache_bytes))
+        slide = _SLIDES[key] = open_slide(path, threads=threads, cache=cache)
     return slide
 
 

@@ -53,15 +53,26 @@ from . import functional as F
 from .modules import Expectation, _KeyStream
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_cache(pid, cache_bytes):
+    from atskern.io import TileCache
+
+    return TileCache(cache_bytes)
+
+
 @functools.lru_cache(maxsize=64)
 def _open_in_process(path, pid, threads, cache_bytes):
     from atskern.io import open_slide
 
-    return open_slide(path, threads=threads, cache_bytes=cache_bytes)
+    return open_slide(path, threads=threads, cache=_shared_cache(pid, cache_bytes))
 
 
 def open_cached(slide, *, threads=None, cache_bytes=64 << 20):
-    """``slide`` if it is an :class:`atskern.io.Slide`, else the path opened once per process."""
+    """``slide`` if it is an :class:`atskern.io.Slide`, else the path opened once per process.
+
+    The slides opened this way share one tile cache of ``cache_bytes`` per
+    process, so memory stays bounded however many slides a run visits.
+    """
     if hasattr(slide, "read_patches"):
         return slide
     return _open_in_process(os.fspath(slide), os.getpid(), threads, cache_bytes)
