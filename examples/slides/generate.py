@@ -1,13 +1,13 @@
 """Write a synthetic whole-slide data set: pyramidal, tiled JPEG TIFFs whose label is decided by small lesions.
 
-Each slide has a few tissue regions; label 1 slides hold 2-4 *lesions*
-(ringed motifs of 80 px), every slide holds 2-4 *decoys* (disks of the same
+Each slide has a few tissue regions; label 1 slides hold 4-8 *lesions*
+(ringed motifs of 80 px), every slide holds 4-8 *decoys* (disks of the same
 size and mean colour). At the low-resolution level the attention network
 reads, lesions and decoys are the same dark dot; only level 0 tells them
 apart. Slide sizes vary (pad-and-mask batches); background tiles are stored
 empty, so even 100,000² slides cost little disk.
 
-    python -m examples.slides.generate --out data/slides                       # 160 train + 48 test, 2-3k²
+    python -m examples.slides.generate --out data/slides                       # 160 train + 48 test, 1.5-2k²
     python -m examples.slides.generate --out data/big --train 2 --test 0 --min-size 100000 --max-size 100000
 
 Writes the slides and ``labels.csv`` (file, label, split).
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 
-def generate(out, *, n_train=160, n_test=48, min_size=2048, max_size=3072, seed=0, layout="tiff", quality=80,
-             tissue_scale=0.25, lesions=(2, 4), decoys=(2, 4), motif_radius=40, show_progress=True):
+def generate(out, *, n_train=160, n_test=48, min_size=1536, max_size=2048, seed=0, layout="tiff", quality=80,
+             tissue_scale=0.3, lesions=(4, 8), decoys=(4, 8), motif_radius=40, show_progress=True):
     """Write the data set to ``out``; returns the rows of ``labels.csv``."""
     from atskern.io import write_synthetic_slide
 
@@ -73,13 +73,13 @@ def main(argv=None):
     parser.add_argument("--out", default="data/slides")
     parser.add_argument("--train", type=int, default=160)
     parser.add_argument("--test", type=int, default=48)
-    parser.add_argument("--min-size", type=int, default=2048)
-    parser.add_argument("--max-size", type=int, default=3072)
+    parser.add_argument("--min-size", type=int, default=1536)
+    parser.add_argument("--max-size", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", default="tiff", choices=["tiff", "bigtiff", "ome", "subifds", "svs"])
-    parser.add_argument("--tissue-scale", type=float, default=0.25)
-    parser.add_argument("--lesions", type=int, nargs=2, default=(2, 4), help="min and max lesions per positive slide")
-    parser.add_argument("--decoys", type=int, nargs=2, default=(2, 4), help="min and max decoys per slide")
+    parser.add_argument("--tissue-scale", type=float, default=0.3)
+    parser.add_argument("--lesions", type=int, nargs=2, default=(4, 8), help="min and max lesions per positive slide")
+    parser.add_argument("--decoys", type=int, nargs=2, default=(4, 8), help="min and max decoys per slide")
     parser.add_argument("--motif-radius", type=int, default=40)
     args = parser.parse_args(argv)
     rows = generate(args.out, n_train=args.train, n_test=args.test, min_size=args.min_size, max_size=args.max_size,
