@@ -97,8 +97,8 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/slides")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--patches", type=int, default=16)
-    parser.add_argument("--patch", type=int, default=96)
+    parser.add_argument("--patches", type=int, default=10)
+    parser.add_argument("--patch", type=int, default=128)
     parser.add_argument("--low-side", type=int, default=128)
     parser.add_argument("--attention-downscale", type=int, default=2,
                         help="stride-2 convolutions in the attention network (grid = low view / 2**this)")
