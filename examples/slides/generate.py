@@ -1,7 +1,7 @@
 """Write a synthetic whole-slide data set: pyramidal, tiled JPEG TIFFs whose label is decided by small lesions.
 
-Each slide has a few tissue regions; label 1 slides hold 4-8 *lesions*
-(ringed motifs of 128 px), every slide holds 4-8 *decoys* (disks of the same
+Each slide has a few tissue regions; label 1 slides hold 6-10 *lesions*
+(ringed motifs of 128 px), every slide holds 3-6 *decoys* (disks of the same
 size and mean colour). At the low-resolution level the attention network
 reads, lesions and decoys are the same dark dot; only level 0 tells them
 apart. Slide sizes vary (pad-and-mask batches); background tiles are stored
@@ -23,7 +23,7 @@ import numpy as np
 
 
 def generate(out, *, n_train=160, n_test=48, min_size=1536, max_size=2048, seed=0, layout="tiff", quality=80,
-             tissue_scale=0.3, lesions=(4, 8), decoys=(4, 8), motif_radius=64, show_progress=True):
+             tissue_scale=0.45, lesions=(6, 10), decoys=(3, 6), motif_radius=64, show_progress=True):
     """Write the data set to ``out``; returns the rows of ``labels.csv``."""
     from atskern.io import write_synthetic_slide
 
@@ -77,9 +77,9 @@ def main(argv=None):
     parser.add_argument("--max-size", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layout", default="tiff", choices=["tiff", "bigtiff", "ome", "subifds", "svs"])
-    parser.add_argument("--tissue-scale", type=float, default=0.3)
-    parser.add_argument("--lesions", type=int, nargs=2, default=(4, 8), help="min and max lesions per positive slide")
-    parser.add_argument("--decoys", type=int, nargs=2, default=(4, 8), help="min and max decoys per slide")
+    parser.add_argument("--tissue-scale", type=float, default=0.45)
+    parser.add_argument("--lesions", type=int, nargs=2, default=(6, 10), help="min and max lesions per positive slide")
+    parser.add_argument("--decoys", type=int, nargs=2, default=(3, 6), help="min and max decoys per slide")
     parser.add_argument("--motif-radius", type=int, default=64)
     args = parser.parse_args(argv)
     rows = generate(args.out, n_train=args.train, n_test=args.test, min_size=args.min_size, max_size=args.max_size,

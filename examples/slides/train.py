@@ -97,13 +97,13 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/slides")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--patches", type=int, default=10)
-    parser.add_argument("--patch", type=int, default=128)
+    parser.add_argument("--patches", type=int, default=12)
+    parser.add_argument("--patch", type=int, default=160)
     parser.add_argument("--low-side", type=int, default=128)
-    parser.add_argument("--attention-downscale", type=int, default=2,
+    parser.add_argument("--attention-downscale", type=int, default=3,
                         help="stride-2 convolutions in the attention network (grid = low view / 2**this)")
     parser.add_argument("--entropy", type=float, default=1e-4)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--overlays", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
