@@ -39,6 +39,18 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _centre_module():
+    from torch import nn
+
+    class Centre(nn.Module):
+        """Pixels in [0, 1] to [-1, 1]."""
+
+        def forward(self, x):
+            return x * 2.0 - 1.0
+
+    return Centre
+
+
 def build(args):
     import torch
     from torch import nn
@@ -46,14 +58,18 @@ def build(args):
     import ats.torch as at
     from ats.torch.slides import SlideAttentionSampling
 
+    Centre = _centre_module()
     torch.manual_seed(args.seed)
-    layers, channels = [], 3
+    layers, channels = [Centre()], 3
     for _ in range(args.attention_downscale):  # stride-2 convolutions: a coarser attention grid
-        layers += [nn.Conv2d(channels, 8, 3, stride=2, padding=1), nn.ReLU()]
+        layers += [nn.Conv2d(channels, 8, 3, stride=2, padding=1), nn.LeakyReLU(0.1)]
         channels = 8
-    attention = nn.Sequential(*layers, nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1))
-    feature = nn.Sequential(nn.Conv2d(3, 16, 5, stride=2), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
-                            nn.Conv2d(32, 32, 3, stride=2), nn.ReLU(), nn.AdaptiveMaxPool2d(1), nn.Flatten())
+    attention = nn.Sequential(*layers, nn.Conv2d(channels, 8, 3, padding=1), nn.LeakyReLU(0.1),
+                              nn.Conv2d(8, 1, 3, padding=1))
+    # leaky units on centred pixels: plain ReLUs on [0, 1] inputs can all die early and leave constant features
+    feature = nn.Sequential(Centre(), nn.Conv2d(3, 16, 5, stride=2), nn.LeakyReLU(0.1),
+                            nn.Conv2d(16, 32, 3, stride=2), nn.LeakyReLU(0.1), nn.Conv2d(32, 32, 3, stride=2),
+                            nn.LeakyReLU(0.1), nn.AdaptiveMaxPool2d(1), nn.Flatten())
     ats_model = SlideAttentionSampling(attention, feature, patch_size=args.patch, n_patches=args.patches,
                                        attention_regularizer=at.MultinomialEntropy(args.entropy), mode="auto",
                                        threads=2)
@@ -103,7 +119,7 @@ def main(argv=None):
     parser.add_argument("--attention-downscale", type=int, default=3,
                         help="stride-2 convolutions in the attention network (grid = low view / 2**this)")
     parser.add_argument("--entropy", type=float, default=1e-4)
-    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--overlays", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
