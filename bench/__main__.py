@@ -25,7 +25,7 @@ from ._timing import Table, machine_description
 CPU_BENCHMARKS = ["sampling", "patches", "ats_dense"]
 GPU_BENCHMARKS = ["gpu_sampling", "gpu_patches", "gpu_ats"]
 BENCHMARKS = CPU_BENCHMARKS + GPU_BENCHMARKS
-OPTIONAL = ["xla"]  # run only when named: --only xla (kernel path versus ats.jax / ats.tf.xla)
+OPTIONAL = ["xla", "slides"]  # run only when named with --only: xla (kernel vs ats.jax / ats.tf.xla); slides (needs atskern[slides,openslide,slides-bench] and torch)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -61,7 +61,8 @@ def main(argv=None) -> int:
                                     skipped=reasons[module.NAME]))
                 continue
             progress.set_postfix_str(module.NAME)
-            tables.append(module.run(quick=args.quick, progress=progress))
+            result = module.run(quick=args.quick, progress=progress)
+            tables.extend(result if isinstance(result, (list, tuple)) else [result])
     header = "\n".join(f"- {key}: {value}" for key, value in machine.items())
     report = f"# atskern benchmarks{' (quick)' if args.quick else ''}\n\n{header}\n\n" + "\n".join(t.markdown() for t in tables)
     print(report)
@@ -70,6 +71,8 @@ def main(argv=None) -> int:
     if not (args.quick or args.no_write):
         RESULTS.mkdir(exist_ok=True)
         stem = args.machine or machine["machine"]
+        if set(names) <= set(OPTIONAL):  # optional benchmarks get their own file, not the main table's
+            stem += "-" + "-".join(names)
         path = RESULTS / f"{stem}.md"
         for table in tables:
             if table.name == "ats_dense" and table.raw:

@@ -40,6 +40,9 @@ class SamplePatches(nn.Module):
     ``attention`` ``(B, *grid)``; returns ``(patches, sampled_attention)``,
     ``(B, n_patches, C, *patch_size)`` and ``(B, n_patches)`` (differentiable
     with respect to ``attention``; ``patches`` with respect to ``x_high``).
+    ``x_high`` may also be a list of slides (paths or ``atskern.io.Slide``):
+    the patches are then read from level 0 of each slide file (see
+    :mod:`ats.torch.slides`).
 
     Arguments
     ---------
@@ -111,6 +114,10 @@ class SamplePatches(nn.Module):
         return size
 
     def forward(self, x_low, x_high, attention):
+        if isinstance(x_high, (list, tuple)):  # slide files (atskern.io) as the high-resolution source
+            from .slides import sample_from_slides
+
+            return sample_from_slides(self, x_low, x_high, attention)
         size = self._check(x_low, x_high, attention)
         if self.use_logits:
             attention = F.sample_softmax(attention)

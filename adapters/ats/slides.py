@@ -1,0 +1,202 @@
+"""Keras 3 / TensorFlow: attention sampling with slide files as the high-resolution source.
+
+:class:`SlidePatches` is ``SamplePatches`` for whole-slide images: its
+inputs are ``[x_low, attention, slide_ids, sizes]`` where ``x_low`` holds the
+low-resolution views (read from a pyramid level, zero padded to the batch's
+largest), ``slide_ids`` int ``(B,)`` index the layer's ``slides`` (paths),
+and ``sizes`` int ``(B, 2)`` are the views' valid sizes. Attention cells in
+the padding get probability 0 (pad and mask, as in ``ats.torch.slides``);
+the patches are read from level ``level`` of each slide with
+:mod:`atskern.io` in a host callback (``tf.numpy_function``, the path the
+kernels use), so only the sampled tiles are read and decoded. Not under XLA.
+
+:class:`SlideSequence` is a ``keras.utils.PyDataset`` yielding
+``((x_low, slide_ids, sizes), labels)`` batches; with ``workers > 1`` and
+``use_multiprocessing=True`` each worker process opens its own file handles.
+"""
+
+from __future__ import annotations
+
+from ._keras import require_tensorflow_backend
+
+require_tensorflow_backend("ats.slides")
+# ruff: noqa: E402
+
+import numbers
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from atskern.io import grid as _grid
+
+from . import ops
+from ._bridge import numpy_call
+from ._keras import register
+
+MODES = ("sample", "topk", "auto")
+
+
+def _slide(path, threads, cache_bytes):
+    return _open_cached(os.fspath(path), os.getpid(), threads, cache_bytes)
+
+
+_SLIDES = {}
+_CACHES = {}
+
+
+def _open_cached(path, pid, threads, cache_bytes):
+    """Each path opened once per process; the slides share one tile cache of ``cache_bytes`` per process."""
+    key = (path, pid, threads, cache_bytes)
+    slide = _SLIDES.get(key)
+    if slide is None:
+        from atskern.io import TileCache, open_slide
+
+        cache = _CACHES.setdefault((pid, cache_bytes), TileCache(cache_bytes))
+        slide = _SLIDES[key] = open_slide(path, threads=threads, cache=cache)
+    return slide
+
+
+def _patch_size(size):
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
+        size = (size, size)
+    size = tuple(int(s) for s in size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"patch_size must be a positive int or two of them, got {size!r}")
+    return size
+
+
+@register
+class SlidePatches(keras.layers.Layer):
+    """Sample cells of an attention map over padded low views and read the patches from slide files.
+
+    Called on ``[x_low, attention, slide_ids, sizes]``: ``x_low``
+    ``(B, Hp, Wp, C)``, ``attention`` ``(B, gh, gw)`` (weights, or logits with
+    ``use_logits=True``), ``slide_ids`` int ``(B,)`` into ``slides``,
+    ``sizes`` int ``(B, 2)``. Returns ``[patches (B, n, ph, pw, C) float32
+    (pixels times scale), sampled_attention (B, n)]``, the latter
+    differentiable with respect to the attention (the masked, normalized map).
+    """
+
+    def __init__(self, slides, n_patches, patch_size, replace=False, use_logits=False, mode="sample", seed=None,
+                 fill=0, level=0, channels=3, scale=1.0 / 255.0, threads=None, cache_bytes=64 << 20, **kwargs):
+        super().__init__(**kwargs)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if isinstance(n_patches, bool) or not isinstance(n_patches, numbers.Integral) or n_patches < 1:
+            raise ValueError(f"n_patches must be a positive integer, got {n_patches!r}")
+        self.slides = [os.fspath(p) for p in slides]
+        if not self.slides:
+            raise ValueError("slides must name at least one slide file")
+        self.n_patches = int(n_patches)
+        self.patch_size = _patch_size(patch_size)
+        self.replace = bool(replace)
+        self.use_logits = bool(use_logits)
+        self.mode = mode
+        self.seed = seed
+        self.fill = fill
+        self.level = int(level)
+        self.channels = int(channels)
+        self.scale = float(scale)
+        self.threads = threads
+        self.cache_bytes = int(cache_bytes)
+        self.supports_jit = False  # the reads run in tf.numpy_function
+
+    def _deterministic(self, training) -> bool:
+        return self.mode == "topk" or (self.mode == "auto" and not training)
+
+    def _read(self, indices, slide_ids, sizes, padded, grid):
+        out = np.empty((len(indices), self.n_patches, *self.patch_size, self.channels), np.float32)
+        for b, (cells, sid) in enumerate(zip(indices, slide_ids)):
+            if not 0 <= int(sid) < len(self.slides):
+                raise ValueError(f"slide_ids[{b}] = {int(sid)} is not an index into the layer's "
+                                 f"{len(self.slides)} slides")
+            slide = _slide(self.slides[int(sid)], self.threads, self.cache_bytes)
+            level = slide.level(self.level)
+            offsets = _grid.slide_offsets(cells, grid, padded, sizes[b], level.shape[:2], self.patch_size)
+            pixels = slide.read_patches(offsets, self.patch_size, self.level, fill=self.fill)
+            if pixels.shape[-1] != self.channels:
+                raise ValueError(f"{self.slides[int(sid)]} has {pixels.shape[-1]} channels, the layer expects "
+                                 f"channels={self.channels}")
+            np.multiply(pixels, self.scale, out=out[b], casting="unsafe")
+        return out
+
+    def call(self, inputs, training=None):
+        x_low, attention, slide_ids, sizes = inputs
+        if attention.shape.rank != 3:
+            raise ValueError(f"attention must be (batch, gh, gw), got shape {tuple(attention.shape)}")
+        sizes = tf.cast(sizes, tf.int64)
+        padded = tf.shape(x_low)[1:3]
+        grid = tf.shape(attention)[1:3]
+        mask = numpy_call(lambda g, p, s: _grid.valid_cells(tuple(g), tuple(p), s), [grid, padded, sizes], tf.bool,
+                          name="ats.slides.valid_cells")
+        mask = tf.reshape(mask, tf.shape(attention))
+        if self.use_logits:
+            logits = tf.where(mask, attention, tf.constant(-np.inf, attention.dtype))
+            flat = tf.nn.softmax(tf.reshape(logits, (tf.shape(attention)[0], -1)), axis=-1)
+            attention = tf.reshape(flat, tf.shape(attention))
+        else:
+            attention = tf.where(mask, attention, tf.zeros_like(attention))
+        deterministic = self._deterministic(training)
+        seed = None if deterministic or self.seed is None else self.seed
+        indices, sampled = ops.sample(attention, self.n_patches, replace=self.replace, seed=seed,
+                                      deterministic=deterministic)
+        patches = numpy_call(self._read, [indices, tf.cast(slide_ids, tf.int64), sizes, padded, grid], tf.float32,
+                             name="ats.slides.read_patches", stateful=True)
+        patches = tf.reshape(patches, (-1, self.n_patches, *self.patch_size, self.channels))
+        return [tf.stop_gradient(patches), sampled]
+
+    def compute_output_spec(self, inputs, training=None):
+        x_low, attention = inputs[0], inputs[1]
+        batch = x_low.shape[0]
+        return [keras.KerasTensor((batch, self.n_patches, *self.patch_size, self.channels), dtype="float32"),
+                keras.KerasTensor((batch, self.n_patches), dtype=attention.dtype)]
+
+    def get_config(self):
+        return {**super().get_config(), "slides": self.slides, "n_patches": self.n_patches,
+                "patch_size": list(self.patch_size), "replace": self.replace, "use_logits": self.use_logits,
+                "mode": self.mode, "seed": self.seed, "fill": self.fill, "level": self.level,
+                "channels": self.channels, "scale": self.scale, "threads": self.threads,
+                "cache_bytes": self.cache_bytes}
+
+
+class SlideSequence(keras.utils.PyDataset):
+    """Batches ``((x_low, slide_ids, sizes), labels)`` over ``paths``; low views from a pyramid level.
+
+    ``low_side``: the largest level whose sides are at most that many pixels.
+    Views are zero padded to the batch's largest (bottom/right).
+    """
+
+    def __init__(self, paths, labels, batch_size=4, *, low_side=512, shuffle=False, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.paths = [os.fspath(p) for p in paths]
+        self.labels = np.asarray(labels)
+        if len(self.labels) != len(self.paths):
+            raise ValueError(f"labels must have one entry per slide ({len(self.paths)}), got {len(self.labels)}")
+        self.batch_size = int(batch_size)
+        self.low_side = int(low_side)
+        self.order = np.arange(len(self.paths))
+        self.shuffle = shuffle
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self):
+        return -(-len(self.paths) // self.batch_size)
+
+    def on_epoch_end(self):
+        if self.shuffle:
+            self.rng.shuffle(self.order)
+
+    def __getitem__(self, index):
+        ids = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        views = []
+        for i in ids:
+            slide = _slide(self.paths[i], 1, 0)
+            views.append(slide.read_level(slide.best_level(self.low_side)))
+        height = max(v.shape[0] for v in views)
+        width = max(v.shape[1] for v in views)
+        x_low = np.zeros((len(ids), height, width, views[0].shape[2]), np.float32)
+        for b, v in enumerate(views):
+            x_low[b, :v.shape[0], :v.shape[1]] = v / 255.0
+        sizes = np.array([v.shape[:2] for v in views], np.int64)
+        return (x_low, ids.astype(np.int32), sizes), self.labels[ids]

@@ -1,0 +1,80 @@
+"""A thread-safe LRU cache of decoded tiles with a byte budget."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+
+
+class TileCache:
+    """Least-recently-used cache of decoded tiles, bounded by ``max_bytes``.
+
+    Keys are hashable (the slides use ``(slide id, level, tile row, tile
+    column)``), values NumPy arrays, stored read-only. Inserting past the
+    budget evicts the least recently used tiles; a tile larger than the whole
+    budget is not stored. ``max_bytes=0`` disables caching. Safe to use from
+    several threads; after a fork the child gets a fresh lock (the contents,
+    copied on write, stay valid).
+    """
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise ValueError(f"max_bytes must be an int >= 0 (a byte budget), got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self._tiles: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def _checked_lock(self) -> threading.Lock:
+        if self._pid != os.getpid():  # forked: the parent's lock may have been held by another thread
+            self._lock = threading.Lock()
+            self._pid = os.getpid()
+        return self._lock
+
+    def __len__(self) -> int:
+        return len(self._tiles)
+
+    def __contains__(self, key) -> bool:
+        return key in self._tiles
+
+    def get(self, key):
+        """The cached tile, marked most recently used, or None."""
+        with self._checked_lock():
+            tile = self._tiles.get(key)
+            if tile is None:
+                self.misses += 1
+                return None
+            self._tiles.move_to_end(key)
+            self.hits += 1
+            return tile
+
+    def put(self, key, tile) -> None:
+        """Store ``tile`` (made read-only) and evict down to the budget."""
+        size = int(tile.nbytes)
+        if size > self.max_bytes:
+            return
+        tile.flags.writeable = False
+        with self._checked_lock():
+            old = self._tiles.pop(key, None)
+            if old is not None:
+                self.nbytes -= int(old.nbytes)
+            self._tiles[key] = tile
+            self.nbytes += size
+            while self.nbytes > self.max_bytes:
+                _, evicted = self._tiles.popitem(last=False)
+                self.nbytes -= int(evicted.nbytes)
+                self.evictions += 1
+
+    def clear(self) -> None:
+        with self._checked_lock():
+            self._tiles.clear()
+            self.nbytes = 0
+
+    def __repr__(self) -> str:
+        return (f"TileCache({len(self._tiles)} tiles, {self.nbytes} of {self.max_bytes} bytes, "
+                f"hits={self.hits}, misses={self.misses}, evictions={self.evictions})")

@@ -1,0 +1,137 @@
+"""The tifffile backend: tiled TIFF / BigTIFF, OME-TIFF, SubIFD and SVS pyramids, tiles read with ``os.pread``.
+
+tifffile parses the file structure once (the pyramid, each level's tile
+offsets and byte counts, its decode function); the tiles are then read with
+``os.pread`` on a descriptor of our own (no shared file position, so threads
+need no lock) and decoded by tifffile's decode closure, i.e. imagecodecs,
+which releases the GIL.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._deps import require
+
+CONVERT_HINT = (
+    "convert it to a tiled pyramid, e.g. `vips tiffsave in.tif out.tif --tile --pyramid --bigtiff "
+    "--compression jpeg --tile-width 256 --tile-height 256`, or from Python with "
+    "`atskern.io.write_pyramid(path, tifffile.imread(src))` for an image that fits in memory"
+)
+
+
+class SlideFormatError(ValueError):
+    """The file is a TIFF that atskern.io cannot read as a tiled pyramid (the message says how to convert it)."""
+
+
+@dataclass
+class TiffLevel:
+    shape: tuple  # (H, W, C)
+    dtype: np.dtype
+    tile: tuple  # (th, tw)
+    tiles_across: int
+    offsets: np.ndarray
+    bytecounts: np.ndarray
+    decode: object
+    jpegtables: bytes | None
+
+
+def _level_from_page(page, index: int, path: str) -> TiffLevel:
+    if not page.is_tiled:
+        raise SlideFormatError(
+            f"{path}: level {index} is strip-based (not tiled); atskern.io reads only tiled TIFFs, "
+            f"so that patches decode only the tiles under them: {CONVERT_HINT}")
+    if page.tiledepth != 1:
+        raise SlideFormatError(f"{path}: level {index} has volumetric tiles (depth {page.tiledepth}); not supported")
+    axes = page.axes
+    if axes not in ("YX", "YXS"):
+        raise SlideFormatError(f"{path}: level {index} has axes {axes!r}; atskern.io reads 2-D images (YX or YXS)")
+    if page.samplesperpixel > 1 and page.planarconfig != 1:
+        raise SlideFormatError(f"{path}: level {index} stores its samples in separate planes (planar configuration 2); "
+                               f"{CONVERT_HINT}")
+    height, width = int(page.imagelength), int(page.imagewidth)
+    channels = int(page.samplesperpixel) if axes == "YXS" else 1
+    if page.dtype is None:
+        raise SlideFormatError(f"{path}: level {index} has an unsupported sample format")
+    tile = (int(page.tilelength), int(page.tilewidth))
+    decode = page.decode  # built (and memoized by tifffile) now, in one thread
+    return TiffLevel(
+        shape=(height, width, channels),
+        dtype=np.dtype(page.dtype),
+        tile=tile,
+        tiles_across=-(-width // tile[1]),
+        offsets=np.asarray(page.dataoffsets, dtype=np.int64),
+        bytecounts=np.asarray(page.databytecounts, dtype=np.int64),
+        decode=decode,
+        jpegtables=page.jpegtables,
+    )
+
+
+def _check_codec(tif, page, path):
+    compression = int(page.compression)
+    if compression == 1:
+        return
+    try:
+        from tifffile import TIFF
+
+        TIFF.DECOMPRESSORS[compression]
+    except (KeyError, ImportError) as exc:  # imagecodecs missing or a codec it lacks
+        require("imagecodecs")
+        raise SlideFormatError(f"{path}: no decoder for TIFF compression {compression} ({exc})") from exc
+
+
+class TiffBackend:
+    """Pyramid levels of a TIFF file, read tile by tile."""
+
+    name = "tifffile"
+
+    def __init__(self, path: str, series: int = 0):
+        tifffile = require("tifffile")
+        self.path = path
+        try:
+            tif = tifffile.TiffFile(path)
+        except tifffile.TiffFileError as exc:
+            raise SlideFormatError(f"{path}: not a TIFF file tifffile can read ({exc})") from exc
+        try:
+            if not tif.series:
+                raise SlideFormatError(f"{path}: the TIFF holds no image series")
+            if not 0 <= series < len(tif.series):
+                raise ValueError(f"series must be in [0, {len(tif.series)}) for {path}, got {series}")
+            pages = [level.keyframe for level in tif.series[series].levels]
+            for page in pages:
+                _check_codec(tif, page, path)
+            self.levels = [_level_from_page(page, i, path) for i, page in enumerate(pages)]
+            self.kind = tif.series[series].kind
+        finally:
+            tif.close()  # everything needed is in memory; tiles are read with our own descriptor
+        self._fd = None
+        self._pid = None
+
+    def _descriptor(self) -> int:
+        pid = os.getpid()
+        if self._fd is None or self._pid != pid:  # first use, or a forked child: its own descriptor
+            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            self._pid = pid
+        return self._fd
+
+    def read_tile(self, level: int, row: int, col: int) -> np.ndarray:
+        """Decode one tile as ``(th, tw, C)``; an empty tile (byte count 0) reads as zeros."""
+        info = self.levels[level]
+        index = row * info.tiles_across + col
+        count = int(info.bytecounts[index])
+        th, tw = info.tile
+        if count == 0:
+            return np.zeros((th, tw, info.shape[2]), info.dtype)
+        data = os.pread(self._descriptor(), count, int(info.offsets[index]))
+        if len(data) != count:
+            raise OSError(f"{self.path}: short read of tile {index} at level {level} (file truncated?)")
+        segment = info.decode(data, index, jpegtables=info.jpegtables)[0]
+        return np.asarray(segment).reshape(th, tw, info.shape[2])
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
