@@ -13,15 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-PHILOX_M0 = 0xD2511F53
-PHILOX_M1 = 0xCD9E8D57
-PHILOX_W0 = 0x9E3779B9
-PHILOX_W1 = 0xBB67AE85
-PHILOX_ROUNDS = 10
-
-STREAM_HI = 0
-STREAM_LO = 1
-STREAM_REPLACE = 2
+from atskern._rng import (  # noqa: F401 - one set of constants for every implementation of the generator
+    PHILOX_M0,
+    PHILOX_M1,
+    PHILOX_ROUNDS,
+    PHILOX_W0,
+    PHILOX_W1,
+    STREAM_HI,
+    STREAM_LO,
+    STREAM_REPLACE,
+)
 
 MASK16 = 0xFFFF
 
