@@ -7,7 +7,9 @@ kernel never receives an input it could crash on or write out of bounds for.
 from __future__ import annotations
 
 import functools
+import math
 import numbers
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -21,11 +23,27 @@ def array_dtype(array) -> np.dtype:
     return np.dtype(array.dtype)
 
 
+def _type_name(array) -> str:
+    kind = type(array)
+    module = kind.__module__.split(".")[0]
+    return kind.__name__ if module == "builtins" else f"{module}.{kind.__name__}"
+
+
 def require_array(array, name: str):
-    """An ndarray-like (NumPy or CuPy) or a TypeError."""
-    if not hasattr(array, "shape") or not hasattr(array, "dtype"):
-        raise TypeError(f"{name} must be a NumPy or CuPy array, got {type(array).__name__}")
-    return array
+    """A NumPy or CuPy array, or a TypeError saying how to convert what was passed.
+
+    Framework tensors (torch, TensorFlow, JAX) are refused rather than guessed
+    at: convert them first (``tensor.numpy()`` on the CPU, ``cupy.from_dlpack``
+    on the GPU), or use the ``ats`` adapters, which do it without a copy.
+    """
+    if isinstance(array, np.ndarray) or type(array).__module__.split(".")[0] == "cupy":
+        return array
+    if hasattr(array, "__dlpack__") or hasattr(array, "__array__"):
+        raise TypeError(
+            f"{name} must be a NumPy or CuPy array, got a {_type_name(array)}; convert it first "
+            "(np.asarray(t) or t.numpy() on the CPU, cupy.from_dlpack(t) on a GPU), or use the ats adapters"
+        )
+    raise TypeError(f"{name} must be a NumPy or CuPy array, got {_type_name(array)}")
 
 
 def require_ndim(array, name: str, allowed: tuple[int, ...], meaning: str):
@@ -35,8 +53,17 @@ def require_ndim(array, name: str, allowed: tuple[int, ...], meaning: str):
 
 
 def require_float(array, name: str):
-    if array_dtype(array) not in FLOAT_DTYPES:
+    """float32 or float64 in either byte order (a non-native one is converted by :func:`native`)."""
+    if array_dtype(array).newbyteorder("=") not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got {array_dtype(array)}")
+
+
+def native(array):
+    """``array`` itself, or a native-byte-order copy of a byte-swapped one (kernels read native floats)."""
+    dtype = array_dtype(array)
+    if dtype.isnative:
+        return array
+    return array.astype(dtype.newbyteorder("="))
 
 
 def require_nonempty(array, name: str):
@@ -73,68 +100,121 @@ def seed_or_random(seed) -> int:
 
 # --- sampling -----------------------------------------------------------------
 
+STATUS_NONFINITE, STATUS_NEGATIVE, STATUS_POSITIVE, STATUS_EXPONENT = range(4)
+STATUS_COLUMNS = 4
+"""What a sampling backend reports per row, as an int64 ``(B, STATUS_COLUMNS)`` array: the counts
+of non-finite, negative and positive weights, and the binary exponent (``frexp``) of the row's
+largest weight (0 where no weight is positive and finite)."""
 
-def check_attention(attention, n, replace, logits):
-    """Static checks of ``sample``'s arguments; returns ``(n, grid_shape)``."""
+SCALE_FREE_EXPONENTS = (-64, 64)
+"""A float64 row whose largest weight has a ``frexp`` exponent outside this range is sampled from
+its weights times ``2**-exponent`` (exact: a power of two), so keys and sums neither overflow
+nor underflow. float32 rows never need it (float64 holds any float32 ratio); every backend and
+the reference apply the same rule, so draws stay identical."""
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM of this machine, or None where the OS does not say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def draws_memory(rows: int, n: int, ndim: int, itemsize: int) -> int:
+    """Bytes of ``sample``'s results and per-row work space for ``n`` draws per row."""
+    return rows * n * (4 * ndim + itemsize + 8) + 16 * n
+
+
+def too_many_draws(n: int, rows: int, ndim: int, itemsize: int, limit: int | None = None) -> ValueError:
+    need = draws_memory(rows, n, ndim, itemsize)
+    have = f", more than the {limit / 2**30:.1f} GiB of memory here" if limit else ""
+    return ValueError(
+        f"n={n} draws per row need {need / 2**30:.1f} GiB for {rows} rows (indices, probs and work space){have}; "
+        "use a smaller n"
+    )
+
+
+def check_attention(attention, n, replace, logits, strict=False, validate=True):
+    """Static checks of ``sample``'s arguments; returns ``(n, grid_shape, replace)``."""
     require_array(attention, "attention")
+    if isinstance(attention, np.ma.MaskedArray):
+        raise TypeError(
+            "attention is a numpy masked array, and sample() would ignore its mask; pass "
+            "attention.filled(0) (weights) or attention.filled(-np.inf) (logits=True) to give masked cells zero probability"
+        )
     require_ndim(attention, "attention", (2, 3, 4), "(batch, *grid) with 1 to 3 grid dimensions")
     require_float(attention, "attention")
     require_nonempty(attention, "attention")
     replace = require_bool(replace, "replace")
     require_bool(logits, "logits")
+    require_bool(strict, "strict")
+    require_bool(validate, "validate")
     n = require_int(n, "n", minimum=1)
     grid = tuple(int(s) for s in attention.shape[1:])
-    positions = int(np.prod(grid))
+    positions = math.prod(grid)
     if not replace and n > positions:
         raise ValueError(
             f"n={n} is larger than the {positions} positions of attention's grid {grid}; "
             "sampling without replacement cannot draw more than that (use replace=True)"
         )
-    return n, grid
-
-
-@dataclass(frozen=True)
-class RowStatistics:
-    """Per-row counts computed by a backend in one pass over the weights (NumPy arrays)."""
-
-    nonfinite: np.ndarray
-    negative: np.ndarray
-    positive: np.ndarray
-    totals: np.ndarray
+    if replace:
+        limit = physical_memory()
+        if limit is not None and draws_memory(int(attention.shape[0]), n, len(grid), 8) > limit:
+            raise too_many_draws(n, int(attention.shape[0]), len(grid), array_dtype(attention).itemsize, limit)
+    return n, grid, replace
 
 
 def _first(mask) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
-def check_rows(stats: RowStatistics, n: int, replace: bool, logits: bool):
-    """Value checks of the attention rows; names the first offending row."""
-    bad = stats.nonfinite > 0
+def check_rows(status: np.ndarray, n: int, replace: bool, logits: bool, strict: bool):
+    """Value checks of the attention rows from a backend's status (NumPy); names the first offending row."""
+    nonfinite = status[:, STATUS_NONFINITE]
+    negative = status[:, STATUS_NEGATIVE]
+    positive = status[:, STATUS_POSITIVE]
+    bad = nonfinite > 0
     if bad.any():
         row = _first(bad)
         what = "NaN or +inf logits" if logits else "NaN or inf"
-        raise ValueError(f"attention row {row} contains {what} ({int(stats.nonfinite[row])} entries)")
-    if not logits and (stats.negative > 0).any():
-        row = _first(stats.negative > 0)
+        raise ValueError(f"attention row {row} contains {what} ({int(nonfinite[row])} entries)")
+    if not logits and (negative > 0).any():
+        row = _first(negative > 0)
         raise ValueError(
-            f"attention row {row} has {int(stats.negative[row])} negative weights; "
+            f"attention row {row} has {int(negative[row])} negative weights; "
             "weights must be >= 0 (pass logits=True for unnormalized log-probabilities)"
         )
-    overflow = ~np.isfinite(stats.totals)
-    if overflow.any():
-        row = _first(overflow)
-        raise ValueError(f"attention row {row} sums to more than float64 can hold; rescale the weights")
-    empty = (stats.positive == 0) | ~(stats.totals > 0)
+    empty = positive == 0
     if empty.any():
         row = _first(empty)
         what = "every logit is -inf (or underflows)" if logits else "all weights are zero"
         raise ValueError(f"attention row {row} has no positive weight: {what}")
-    if not replace and (stats.positive < n).any():
-        row = _first(stats.positive < n)
+    if strict and not replace and (positive < n).any():
+        row = _first(positive < n)
         raise ValueError(
-            f"attention row {row} has only {int(stats.positive[row])} positive weights, fewer than n={n}; "
-            "sampling without replacement needs at least n (use replace=True or a smaller n)"
+            f"attention row {row} has only {int(positive[row])} positive weights, fewer than n={n}; "
+            "sampling without replacement with strict=True needs at least n (use strict=False to pad the draw "
+            "with zero-probability fillers, replace=True, or a smaller n)"
         )
+
+
+def check_status(status: np.ndarray, n: int, replace: bool, logits: bool, strict: bool):
+    """:func:`check_rows` on a backend's ``(B + 1, 4)`` status, after a look at its summary row."""
+    nonfinite, negative, min_positive, _ = status[-1].tolist()
+    need = n if strict and not replace else 1
+    if nonfinite or (negative and not logits) or min_positive < need:
+        check_rows(status[:-1], n, replace, logits, strict)
+
+
+def rows_to_rescale(status: np.ndarray, dtype) -> np.ndarray:
+    """Rows (float64 only) that :data:`SCALE_FREE_EXPONENTS` says to sample from rescaled weights."""
+    if np.dtype(dtype) != np.float64:
+        return np.zeros(status.shape[0], bool)
+    exponent = status[:, STATUS_EXPONENT]
+    usable = (status[:, STATUS_NONFINITE] == 0) & (status[:, STATUS_POSITIVE] > 0)
+    low, high = SCALE_FREE_EXPONENTS
+    return usable & ((exponent < low) | (exponent > high))
 
 
 # --- expectation --------------------------------------------------------------
@@ -162,11 +242,27 @@ def check_expectation(features, probs, grad=None):
     return tuple(int(s) for s in probs.shape)
 
 
-def check_probs_values(probs_min: float, probs_max_finite: bool):
-    if not probs_max_finite:
-        raise ValueError("probs contains NaN or inf")
-    if not probs_min > 0:
-        raise ValueError(f"probs must be > 0 (each drawn position's probability), got a minimum of {probs_min}")
+def probs_sum_tolerance(dtype, n: int) -> float:
+    """How far above 1 a draw's probabilities (without replacement) may sum: rounding of the given dtype."""
+    return 1e-6 if np.dtype(dtype) == np.float64 else n * 2.0**-20
+
+
+def explain_bad_probs(probs64: np.ndarray, replace: bool, tolerance: float) -> ValueError:
+    """The error for the first row of (NumPy, float64) ``probs`` that breaks the rules (DESIGN.md, R3)."""
+    for row, values in enumerate(probs64):
+        if not np.isfinite(values).all():
+            return ValueError(f"probs row {row} contains NaN or inf")
+        outside = (values < 0) | (values > 1)
+        if outside.any():
+            k = _first(outside)
+            return ValueError(f"probs row {row} has {values[k]!r} at draw {k}; probabilities must be in [0, 1]")
+        total = float(values.sum())
+        if not replace and total > 1 + tolerance:
+            return ValueError(
+                f"probs row {row} sums to {total!r} > 1 (tolerance {tolerance:.3g}); the probabilities of a draw "
+                "without replacement sum to at most 1 (pass replace=True if the draws were made with replacement)"
+            )
+    return ValueError("probs breaks the estimator's rules")
 
 
 # --- patches ------------------------------------------------------------------

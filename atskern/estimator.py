@@ -12,6 +12,11 @@ The feature gradient is ``c_k g``. The attention gradient is not the
 derivative of ``F`` but the unbiased estimate of ``<g, f_i>``:
 ``w <g, f_k> / a_k`` with replacement, ``w (pm_k / a_k + n - 1 - k) <g, f_k>``
 without. Sums of probabilities are taken in float64.
+
+A drawn entry with ``probs == 0`` (a filler: a short row's padding or a probability the dtype
+cannot hold, DESIGN.md R1-R3) gets ``c_k = 0`` and attention gradient 0, so results stay finite.
+``probs`` must be finite and in [0, 1]; without replacement a row may sum to at most
+``1 + 1e-6`` (float64) or ``1 + n 2**-20`` (float32), else a ValueError names the row.
 """
 
 from __future__ import annotations
@@ -26,22 +31,48 @@ def _mass_left(xp, probs64):
     return 1.0 - before
 
 
+def _check_probs(xp, probs, probs64, replace):
+    """``probs`` finite, in [0, 1], and (without replacement) summing to at most 1 + tolerance per row."""
+    ok = xp.isfinite(probs64) & (probs64 >= 0) & (probs64 <= 1)
+    tolerance = v.probs_sum_tolerance(probs.dtype, probs64.shape[1])
+    if replace:
+        good = bool(ok.all())
+    else:
+        good = bool(ok.all() & (xp.where(ok, probs64, 0.0).sum(axis=1) <= 1 + tolerance).all())
+    if not good:
+        host = probs64.get() if hasattr(probs64, "get") else probs64
+        raise v.explain_bad_probs(host, replace, tolerance)
+
+
 def _check(features, probs, grad, replace):
     v.check_expectation(features, probs, grad)
     v.require_bool(replace, "replace")
     backend = backend_of(features=features, probs=probs, grad=grad)
     xp = array_module(backend)
     probs64 = probs.astype(xp.float64)
-    v.check_probs_values(float(probs64.min()), bool(xp.isfinite(probs64).all()))
+    _check_probs(xp, probs, probs64, replace)
     return xp, probs64
 
 
 def _feature_weights(xp, probs64, replace):
+    """``c_k``; 0 for fillers (``probs == 0``: rule R3)."""
     n = probs64.shape[1]
+    drawn = probs64 > 0
     if replace:
-        return xp.full(probs64.shape, 1.0 / n)
+        return xp.where(drawn, 1.0 / n, 0.0)
     remaining = xp.arange(n - 1, -1, -1, dtype=xp.float64)
-    return (_mass_left(xp, probs64) + remaining * probs64) / n
+    return xp.where(drawn, (_mass_left(xp, probs64) + remaining * probs64) / n, 0.0)
+
+
+def _attention_scale(xp, probs64, replace):
+    """The attention gradient's factor of ``<g, f_k>``; 0 for fillers (no division by 0)."""
+    n = probs64.shape[1]
+    drawn = probs64 > 0
+    safe = xp.where(drawn, probs64, 1.0)
+    if replace:
+        return xp.where(drawn, 1.0 / (n * safe), 0.0)
+    remaining = xp.arange(n - 1, -1, -1, dtype=xp.float64)
+    return xp.where(drawn, (_mass_left(xp, probs64) / safe + remaining) / n, 0.0)
 
 
 def _expand(weights, ndim):
@@ -75,10 +106,5 @@ def expectation_grad(grad, features, probs, *, replace=False):
     grad_b = grad[:, None]
     grad_features = (_expand(weights, features.ndim) * grad_b).astype(features.dtype)
     inner = (grad_b.astype(xp.float64) * features).reshape(features.shape[0], n, -1).sum(axis=2)
-    if replace:
-        scale = 1.0 / (n * probs64)
-    else:
-        remaining = xp.arange(n - 1, -1, -1, dtype=xp.float64)
-        scale = (_mass_left(xp, probs64) / probs64 + remaining) / n
-    grad_probs = (scale * inner).astype(probs.dtype)
+    grad_probs = (_attention_scale(xp, probs64, replace) * inner).astype(probs.dtype)
     return grad_probs, grad_features

@@ -10,47 +10,78 @@ from __future__ import annotations
 import numpy as np
 
 from . import _rng
+from ._validation import SCALE_FREE_EXPONENTS
 
 
 def _weights(attention, logits):
+    """float64 ``(B, N)`` weights: ``exp(l - max l)`` for logits, and float64 rows whose largest
+    weight has a binary exponent outside ``SCALE_FREE_EXPONENTS`` times ``2**-exponent`` (exact)."""
     rows = attention.shape[0]
     flat = np.asarray(attention, dtype=np.float64).reshape(rows, -1)
-    if not logits:
+    if logits:
+        top = flat.max(axis=1, keepdims=True)
+        top = np.where(np.isfinite(top), top, 0.0)
+        return np.exp(flat - top)
+    if attention.dtype != np.float64:
         return flat
-    top = flat.max(axis=1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0.0)
-    return np.exp(flat - top)
+    low, high = SCALE_FREE_EXPONENTS
+    out = flat.copy()
+    for row in range(rows):
+        top = flat[row].max()
+        if 0 < top < np.inf:
+            exponent = int(np.frexp(top)[1])
+            if not low <= exponent <= high:
+                out[row] = np.ldexp(flat[row], -exponent)
+    return out
+
+
+def grid_coordinates(flat, grid):
+    """Row-major grid coordinates ``(..., D)`` of flat positions, by division and remainder
+    (``np.unravel_index`` is wrong for ``(N, 1)`` int64 input with N > 8192 on numpy 2.4)."""
+    flat = np.asarray(flat, dtype=np.int64)
+    coords = np.empty(flat.shape + (len(grid),), dtype=np.int64)
+    rest = flat.copy()
+    for d in range(len(grid) - 1, -1, -1):
+        coords[..., d] = rest % grid[d]
+        rest //= grid[d]
+    return coords
 
 
 def sample(attention, n, *, replace=False, logits=False, seed=0):
-    """Draw ``n`` grid positions per row of ``attention`` ``(B, *grid)``.
+    """Draw ``n`` grid positions per row of ``attention`` ``(B, *grid)`` (valid rows only).
 
     Returns ``indices`` int32 ``(B, n, D)`` in draw order and ``probs``
     ``(B, n)`` (the attention's dtype): each drawn position's probability
-    under the whole row's normalized distribution. Without replacement the
-    draws follow successive sampling, via exponential keys ``-log(u) / a``.
+    under the whole row's normalized distribution, computed in float64. Without
+    replacement the draws follow successive sampling, via exponential keys
+    ``-log(u) / a``; a row with ``p < n`` positive weights continues with its
+    ``n - p`` zero-weight positions of lowest index (fillers, probability 0).
     """
     attention = np.asarray(attention)
+    attention = attention.astype(attention.dtype.newbyteorder("="))
     rows, grid = attention.shape[0], attention.shape[1:]
     weights = _weights(attention, logits)
     flat_indices = np.empty((rows, n), dtype=np.int64)
     totals = np.empty(rows)
     for row in range(rows):
         a = weights[row]
+        totals[row] = a.sum()
         if replace:
             cdf = np.cumsum(a)
-            totals[row] = cdf[-1]
             targets = _rng.replacement_uniforms(n, row, seed) * cdf[-1]
             flat_indices[row] = np.searchsorted(cdf, targets, side="left")
         else:
-            totals[row] = a[a > 0].sum()
             u = _rng.position_uniforms(a.size, row, seed)
-            keys = np.full(a.size, np.inf)
             positive = a > 0
-            keys[positive] = -np.log(u[positive]) / a[positive]
-            flat_indices[row] = np.argsort(keys, kind="stable")[:n]
-    probs = np.take_along_axis(weights, flat_indices, axis=1) / totals[:, None]
-    coords = np.stack(np.unravel_index(flat_indices, grid), axis=-1).astype(np.int32)
+            keys = np.zeros(a.size)
+            with np.errstate(over="ignore", divide="ignore"):
+                keys[positive] = -np.log(u[positive]) / a[positive]
+            # positives by (key, position), then the zero-weight positions by position
+            order = np.lexsort((np.arange(a.size), keys, ~positive))
+            flat_indices[row] = order[:n]
+    drawn = np.take_along_axis(weights, flat_indices, axis=1)
+    probs = np.where(drawn > 0, drawn / totals[:, None], 0.0)
+    coords = grid_coordinates(flat_indices, grid).astype(np.int32)
     return coords, probs.astype(attention.dtype)
 
 
@@ -58,18 +89,20 @@ def expectation(features, probs, *, replace=False):
     """The ATS estimate ``F`` of ``sum_i a_i f_i`` from ``n`` sampled features per row.
 
     ``features`` ``(B, n, *F)``, ``probs`` ``(B, n)``; returns ``(B, *F)``.
+    A filler (``probs == 0``) contributes nothing.
     """
     features = np.asarray(features, dtype=np.float64)
     probs = np.asarray(probs, dtype=np.float64)
     rows, n = probs.shape
     out = np.zeros((rows,) + features.shape[2:])
     for b in range(rows):
+        drawn = probs[b] > 0
         if replace:
-            out[b] = features[b].sum(axis=0) / n
+            out[b] = features[b][drawn].sum(axis=0) / n
             continue
         pm = 1.0
         for k in range(n):
-            estimate_k = pm * features[b, k]
+            estimate_k = (pm if drawn[k] else 0.0) * features[b, k]
             for j in range(k):
                 estimate_k = estimate_k + probs[b, j] * features[b, j]
             out[b] += estimate_k / n
@@ -81,6 +114,7 @@ def expectation_grad(grad, features, probs, *, replace=False):
     """Gradients of :func:`expectation` that are unbiased for the full sum.
 
     Returns ``(grad_probs (B, n), grad_features (B, n, *F))``; see DESIGN.md.
+    Fillers (``probs == 0``) get zero gradients.
     """
     grad = np.asarray(grad, dtype=np.float64)
     features = np.asarray(features, dtype=np.float64)
@@ -92,6 +126,8 @@ def expectation_grad(grad, features, probs, *, replace=False):
         pm = 1.0
         for k in range(n):
             inner = float(np.sum(grad[b] * features[b, k]))
+            if probs[b, k] == 0:  # a filler: no weight, no gradient
+                continue
             if replace:
                 grad_features[b, k] = grad[b] / n
                 grad_probs[b, k] = inner / probs[b, k] / n

@@ -1,15 +1,41 @@
-"""``atskern.sample``: draw positions from attention maps, on the CPU or the GPU."""
+"""``atskern.sample``: draw positions from attention maps, on the CPU or the GPU.
+
+The backends (``atskern.cpu.sampling``, ``atskern.gpu.sampling``) implement one call,
+
+    ``sample(weights, n, grid, seed, replace) -> (indices, probs, status)``
+
+on ``(B, N)`` C-contiguous float32/float64 weights (``grid`` an int64 NumPy array of the
+grid shape, ``seed`` a 64-bit int): int32 grid coordinates ``(B, n, D)`` (by integer division,
+never ``unravel_index``), float64 probabilities ``(B, n)`` (0 for fillers) and an int64 status
+``(B + 1, 4)`` computed in the same pass as the draws: per row the columns of
+``atskern._validation.STATUS_COLUMNS``, then one summary row (largest non-finite and negative
+counts, smallest positive count, number of rows whose exponent is outside
+``SCALE_FREE_EXPONENTS``). Bad rows still get in-range indices. This module reads the status
+back (on a GPU the only host synchronization, skipped with ``validate=False``), turns it into
+the errors, and reruns the rare float64 rows that need a power-of-two rescaling.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
 
+import numpy as np
+
 from . import _validation as v
-from ._backend import array_module, backend_of
+from ._backend import CPU, array_module, backend_of
 
 
+@functools.lru_cache(maxsize=None)
 def _kernels(backend: str):
     return importlib.import_module(f"atskern.{backend}.sampling")
+
+
+@functools.lru_cache(maxsize=256)
+def _grid_array(grid: tuple[int, ...]) -> np.ndarray:
+    array = np.array(grid, dtype=np.int64)
+    array.flags.writeable = False
+    return array
 
 
 def logits_to_weights(xp, flat):
@@ -17,17 +43,27 @@ def logits_to_weights(xp, flat):
     flat = flat.astype(xp.float64, copy=False)
     top = flat.max(axis=1, keepdims=True)
     top = xp.where(xp.isfinite(top), top, 0.0)
-    return xp.exp(flat - top)
+    with np.errstate(over="ignore"):  # only rows holding +inf/NaN, refused by validation
+        return xp.exp(flat - top)
 
 
-def sample(attention, n, *, replace=False, logits=False, seed=None):
+def rescale_rows(xp, weights, status, rows):
+    """float64 copy of ``weights`` with each row in ``rows`` times ``2**-exponent`` (exact)."""
+    exponent = xp.asarray(np.where(rows, status[:, v.STATUS_EXPONENT], 0).astype(np.int32))
+    return xp.ldexp(weights.astype(xp.float64), -exponent[:, None])
+
+
+def sample(attention, n, *, replace=False, logits=False, seed=None, strict=False, validate=True):
     """Sample ``n`` positions per row of an attention map.
 
     Parameters
     ----------
     attention : array, ``(B, *grid)`` with 1 to 3 grid dimensions, float32 or float64
-        Non-negative weights (rows need not be normalized), or unnormalized
-        log-probabilities when ``logits=True`` (``-inf`` allowed).
+        Non-negative weights (rows need not be normalized; any positive finite scale, 1e-320
+        to 1e300, gives the exact distribution), or unnormalized log-probabilities when
+        ``logits=True`` (``-inf`` allowed). Either byte order; a NumPy masked array is
+        refused (its mask would be ignored: pass ``attention.filled(0)``), and so are framework
+        tensors (convert them with ``.numpy()`` / ``cupy.from_dlpack``, or use ``ats``).
     n : int
         Positions to draw per row.
     replace : bool
@@ -37,34 +73,50 @@ def sample(attention, n, *, replace=False, logits=False, seed=None):
     seed : int in [0, 2**64) or None
         Key of the counter-based generator; the same seed gives the same
         draws on every backend and thread count. None draws a fresh seed.
+    strict : bool
+        Without replacement, a row with ``p < n`` positive weights draws its ``p`` positive
+        cells (in successive-sampling order) followed by its ``n - p`` zero-weight cells of
+        lowest flat index, each with probability exactly 0: *fillers*, whose estimator weight
+        is 0. ``strict=True`` raises a ValueError for such rows instead.
+    validate : bool
+        Check the rows (NaN/inf, negative weights, no positive weight) and raise a ValueError
+        naming the first bad row (default). ``validate=False`` skips the check (on a GPU, the
+        host read-back): bad rows then give in-range indices and unspecified ``probs``.
 
     Returns
     -------
     indices : int32 ``(B, n, D)``
         Grid coordinates of the draws, in draw order.
     probs : ``(B, n)``, attention's dtype
-        Each drawn position's probability under its whole row.
+        Each drawn position's probability under its whole row, computed in float64 and cast.
+        It is 0 for fillers and where the cast underflows (e.g. float32 logits -200 next to
+        0): such a cell is a filler too (rule R2 of DESIGN.md), the one deliberate bias.
     """
-    n, grid = v.check_attention(attention, n, replace, logits)
-    backend = backend_of(attention=attention)
-    xp = array_module(backend)
+    n, grid, replace = v.check_attention(attention, n, replace, logits, strict, validate)
+    backend = CPU if type(attention) is np.ndarray else backend_of(attention=attention)
+    xp = np if backend == CPU else array_module(backend)
     kernels = _kernels(backend)
     seed = v.seed_or_random(seed)
+    attention = v.native(attention)
     rows = attention.shape[0]
 
     weights = xp.ascontiguousarray(attention).reshape(rows, -1)
     if logits:
         weights = logits_to_weights(xp, weights)
-    stats = v.RowStatistics(*kernels.row_statistics(weights))
-    v.check_rows(stats, n, bool(replace), bool(logits))
-
-    flat = xp.empty((rows, n), dtype=xp.int64)
-    if replace:
-        kernels.sample_with_replacement(weights, n, seed, flat)
-    else:
-        kernels.sample_without_replacement(weights, n, seed, flat)
-
-    totals = xp.asarray(stats.totals)
-    probs = (xp.take_along_axis(weights, flat, axis=1) / totals[:, None]).astype(attention.dtype)
-    indices = xp.stack(xp.unravel_index(flat, grid), axis=-1).astype(xp.int32)
+    grid_array = _grid_array(grid)
+    try:
+        indices, probs, status = kernels.sample(weights, n, grid_array, seed, replace)
+        if validate or backend == CPU:
+            status = status if backend == CPU else status.get()
+            if status[-1, v.STATUS_EXPONENT] and weights.dtype == np.float64:
+                rescale = v.rows_to_rescale(status[:-1], weights.dtype)
+                weights = rescale_rows(xp, weights, status[:-1], rescale)
+                indices, probs, status = kernels.sample(weights, n, grid_array, seed, replace)
+                status = status if backend == CPU else status.get()
+            if validate:
+                v.check_status(status, n, replace, bool(logits), bool(strict))
+    except MemoryError:
+        raise v.too_many_draws(n, rows, len(grid), attention.dtype.itemsize) from None
+    if probs.dtype != attention.dtype:
+        probs = probs.astype(attention.dtype)
     return indices, probs

@@ -77,3 +77,61 @@ def run(quick: bool = False, progress=None) -> Table:
     table.notes.append("goals: >= 3x faster than TF Gumbel-top-k, >= 20x faster than numpy choice, within 4x of np.sum")
     table.notes.append("atskern time includes validation (one pass computing row sums and counts) and the sampling pass")
     return table
+
+
+# --- first-call latency ------------------------------------------------------------------
+
+_FIRST_CALL = """
+import time
+clock = time.process_time
+start, cpu0 = time.perf_counter(), clock()
+import numpy as np, atskern
+imported, cpu1 = time.perf_counter(), clock()
+a = np.random.default_rng(0).random((1, 64, 64)).astype("{dtype}")
+atskern.sample(a, 5, replace={replace}, seed=1)
+done, cpu2 = time.perf_counter(), clock()
+atskern.sample(a, 5, replace={replace}, seed=2)
+again = time.perf_counter()
+print(imported - start, cpu1 - cpu0, done - imported, cpu2 - cpu1, again - done)
+"""
+
+
+def first_call_seconds(dtype: str, replace: bool, cache_dir: str, root=None) -> dict:
+    """One fresh process with the Numba cache in ``cache_dir``: wall and CPU seconds of
+    ``import atskern`` (Numba included) and of the first ``sample`` call, and the second call's
+    wall time. CPU seconds are what to compare on a loaded machine (compiling is one thread)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] if root is None else Path(root)
+    env = dict(os.environ, XDG_CACHE_HOME=cache_dir, NUMBA_CACHE_DIR=str(Path(cache_dir) / "numba"),
+               PYTHONPATH=str(root))
+    code = _FIRST_CALL.format(dtype=dtype, replace=replace)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    import_s, import_cpu, first_s, first_cpu, second_s = map(float, out.stdout.split())
+    return {"import": import_s, "import cpu": import_cpu, "first call": first_s, "first call cpu": first_cpu,
+            "second call": second_s}
+
+
+def first_call_table(root=None) -> str:
+    """Markdown table of cold (empty cache) and warm (cache filled by the cold run) first calls."""
+    import tempfile
+
+    lines = ["| attention | replace | cache | import atskern: wall / CPU s | first sample: wall / CPU s | second call ms |",
+             "|---|---|---|---|---|---|"]
+    for dtype in ("float32", "float64"):
+        for replace in (False, True):
+            with tempfile.TemporaryDirectory() as cache:
+                for state in ("cold", "warm"):
+                    r = first_call_seconds(dtype, replace, cache, root)
+                    lines.append(f"| {dtype} | {replace} | {state} | {r['import']:.2f} / {r['import cpu']:.2f} | "
+                                 f"{r['first call']:.2f} / {r['first call cpu']:.2f} | {1e3 * r['second call']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(first_call_table(sys.argv[1] if len(sys.argv) > 1 else None))

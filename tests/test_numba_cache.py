@@ -50,3 +50,30 @@ def test_falls_back_to_a_writable_directory(tmp_path):
     line = _run(tmp_path, {"NUMBA_CACHE_DIR": str(cache), "ALLOW": str(cache)})
     assert line == f"CACHE True {cache}"
     assert any(cache.rglob("*.nbi")), "no Numba index file was written to the cache directory"
+
+
+_DEFAULT_DIR = """
+import atskern
+from atskern.cpu import _jit
+import numpy as np
+atskern.sample(np.ones((1, 4), np.float32), 2, seed=0)
+print("CACHE", _jit.CACHE, _jit.CACHE_DIR)
+"""
+
+
+def test_default_cache_is_per_user_not_the_package(tmp_path):
+    """Without NUMBA_CACHE_DIR the kernels are cached under $XDG_CACHE_HOME/atskern/numba,
+    and nothing is written into the package's own __pycache__."""
+    script = tmp_path / "default.py"
+    script.write_text(_DEFAULT_DIR)
+    package_cache = ROOT / "atskern" / "cpu" / "__pycache__"
+    before = {p.name for p in package_cache.glob("*.nbi")} if package_cache.exists() else set()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    env.pop("NUMBA_CACHE_DIR", None)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    cache = tmp_path / "xdg" / "atskern" / "numba"
+    assert out.stdout.strip().splitlines()[-1] == f"CACHE True {cache}"
+    assert any(cache.rglob("sampling*.nbi")), "the sampling kernels were not cached in the per-user directory"
+    after = {p.name for p in package_cache.glob("*.nbi")} if package_cache.exists() else set()
+    assert after == before, "a kernel was cached inside the package"

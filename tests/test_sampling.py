@@ -66,15 +66,16 @@ def test_logits_equal_reference(backend, replace):
 
 
 def test_chunking_does_not_change_draws():
-    """Rows split into many chunks (and merged) give exactly the whole-row draws."""
+    """Rows split into many chunks (and merged) give exactly the whole-row draws, probs and status."""
     weights = _attention((3, 10_000), np.float64, zeros=0.5).reshape(3, -1)
-    whole = np.empty((3, 40), np.int64)
-    split = np.empty((3, 40), np.int64)
-    cpu_sampling.sample_without_replacement(weights, 40, 99, whole, chunk=16 * cpu_sampling.BLOCK)
-    cpu_sampling.sample_without_replacement(weights, 40, 99, split, chunk=cpu_sampling.BLOCK)
-    np.testing.assert_array_equal(whole, split)
+    grid = np.array([10_000], np.int64)
+    whole = cpu_sampling.sample(weights, 40, grid, 99, False, chunk=16 * cpu_sampling.BLOCK)
+    split = cpu_sampling.sample(weights, 40, grid, 99, False, chunk=cpu_sampling.BLOCK)
+    for a, b in zip(whole, split):
+        np.testing.assert_array_equal(a, b)
     want, _ = reference.sample(weights, 40, seed=99)
-    np.testing.assert_array_equal(whole, want[..., 0])
+    np.testing.assert_array_equal(whole[0], want)
+    np.testing.assert_array_equal(whole[2][:-1, 2], (weights > 0).sum(axis=1))
 
 
 def test_large_row_equals_reference():

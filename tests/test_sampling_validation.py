@@ -78,15 +78,32 @@ def test_too_few_positive_entries():
     a = _valid()
     a[1].ravel()[3:] = 0.0
     with pytest.raises(ValueError, match="attention row 1 has only 3 positive weights, fewer than n=4"):
-        atskern.sample(a, 4)
+        atskern.sample(a, 4, strict=True)
+    indices, probs = atskern.sample(a, 4, seed=0)  # the default pads with fillers (R1)
+    assert indices.shape == (2, 4, 2) and probs[1, 3] == 0
     indices, _ = atskern.sample(a, 4, replace=True, seed=0)
     assert indices.shape == (2, 4, 2)
 
 
-def test_float64_sum_overflow():
+def test_float64_sum_overflow_is_sampled_exactly():
+    """Formerly an error: rows whose float64 sum overflows are rescaled by a power of two."""
     a = np.full((1, 4), 1e308)
-    with pytest.raises(ValueError, match="attention row 0 sums to more than float64 can hold"):
-        atskern.sample(a, 1)
+    indices, probs = atskern.sample(a, 4, seed=0)
+    assert sorted(indices[0, :, 0]) == [0, 1, 2, 3]
+    np.testing.assert_allclose(probs, 0.25, rtol=1e-15)
+
+
+def test_validate_false_skips_the_checks_but_stays_in_range():
+    a = _valid((3, 4, 4))
+    a[0, 1, 1] = np.nan
+    a[1] = 0.0
+    a[2, 0, 0] = -1.0
+    for replace in (False, True):
+        indices, probs = atskern.sample(a, 5, replace=replace, seed=0, validate=False)
+        assert indices.shape == (3, 5, 2)
+        assert (indices >= 0).all() and (indices < 4).all()
+    with pytest.raises(TypeError, match="validate must be True or False"):
+        atskern.sample(a, 1, validate=1)
 
 
 def test_non_contiguous_input_is_accepted():
@@ -123,4 +140,5 @@ def test_fuzz_never_crashes(values, dtype, n, replace, logits, seed):
     rows, grid = attention.shape[0], attention.shape[1:]
     assert indices.shape == (rows, n, len(grid)) and probs.shape == (rows, n)
     assert (indices >= 0).all() and (indices < np.array(grid)).all()
-    assert np.isfinite(probs).all() and (probs > 0).all() and (probs <= 1).all()
+    assert np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()
+    assert (probs[:, 0] > 0).all(), "a row's first draw is always a positive cell"

@@ -1,23 +1,28 @@
-"""Numba sampling kernels: row statistics, sampling without and with replacement.
+"""Numba sampling kernels: validation fused into sampling, without and with replacement.
 
-Inputs arrive validated and flattened to ``(B, N)`` weights (see ``atskern.sampling``).
+Inputs arrive flattened to ``(B, N)`` weights (see ``atskern.sampling``, which turns the
+per-row status these kernels return into errors).
 
-Without replacement each position gets the key ``-log(u) / a`` (exponential
-keys; the n smallest in increasing order are a successive-sampling draw).
-Rows are cut into chunks (:func:`chunk_size`), processed in parallel, each
-keeping its ``n`` smallest keys in a max-heap; a merge keeps the row's ``n``
-smallest. Ties are broken by position, so the result is the row's exact ``n``
-smallest ``(key, position)`` pairs whatever the chunking or thread count.
-Inside a chunk a key is computed only when the high word of its uniform
-cannot rule it out: ``-log(u) / a >= t`` whenever ``1 - u >= a t``.
+Without replacement each position gets the key ``-log(u) / a`` (exponential keys; the n
+smallest in increasing order are a successive-sampling draw). Rows are cut into chunks
+(:func:`chunk_size`), processed in parallel in one pass that also validates the weights (sums,
+counts, largest entry), each chunk keeping its ``n`` smallest keys in a max-heap; a merge keeps
+the row's ``n`` smallest. Ties are broken by position, so the result is the row's exact ``n``
+smallest ``(key, position)`` pairs whatever the chunking or thread count. Inside a chunk a key
+is computed only when the high word of its uniform cannot rule it out: ``-log(u) / a >= t``
+whenever ``1 - u >= a t``. A row with fewer than ``n`` positive entries is padded with its
+lowest zero-weight positions (rule R1 of DESIGN.md).
 """
 
 from __future__ import annotations
+
+import math
 
 import numba
 import numpy as np
 from numba import prange
 
+from .._validation import SCALE_FREE_EXPONENTS
 from .._rng import STREAM_HI, STREAM_LO, STREAM_REPLACE, TWO_POW_M32
 from ._jit import jit
 from .philox import block_words, pick_word, to_uniform
@@ -25,16 +30,14 @@ from .philox import block_words, pick_word, to_uniform
 MIN_CHUNK = 1 << 14
 """Fewest positions of a parallel work item (see :func:`chunk_size`)."""
 
-STATS_CHUNK = 1 << 16
-"""Positions per work item of :func:`row_statistics` (fixed: it sets the float64 summation order)."""
-
 BLOCK = 1 << 10
 """Positions whose high words are generated together (a vectorizable loop)."""
 
-GROUP = 32
-"""Positions tested together for possible survivors; groups with none are skipped."""
-
 _REJECT_MARGIN = 1.0 + 1e-12
+
+_EXPONENT_LOW, _EXPONENT_HIGH = SCALE_FREE_EXPONENTS
+_SCREEN_LOW = 2.0 ** (SCALE_FREE_EXPONENTS[0] - 1)
+_SCREEN_HIGH = 2.0 ** SCALE_FREE_EXPONENTS[1]
 
 
 @jit(inline="always")
@@ -82,60 +85,16 @@ def _replace_top(keys, idx, size, key, position):
     _sift_down(keys, idx, 0, size)
 
 
-@jit(parallel=True, fastmath={"reassoc", "nsz", "arcp", "contract"})
-def _chunk_statistics(weights, chunk):
-    """Per (row, chunk): sum, count of positive and count of negative entries (float64 counters
-    vectorize; they are exact below 2**53). A NaN or inf makes the chunk's sum non-finite."""
-    rows, size = weights.shape
-    nchunks = (size + chunk - 1) // chunk
-    sums = np.zeros((rows, nchunks))
-    positive = np.zeros((rows, nchunks))
-    negative = np.zeros((rows, nchunks))
-    for item in prange(rows * nchunks):
-        b = item // nchunks
-        c = item - b * nchunks
-        values = weights[b, c * chunk : min(size, (c + 1) * chunk)]
-        acc = 0.0
-        pos = 0.0
-        neg = 0.0
-        for p in range(values.size):
-            a = np.float64(values[p])
-            acc += a
-            pos += 1.0 if a > 0.0 else 0.0
-            neg += 1.0 if a < 0.0 else 0.0
-        sums[b, c] = acc
-        positive[b, c] = pos
-        negative[b, c] = neg
-    return sums, positive, negative
-
-
-def row_statistics(weights):
-    """``(nonfinite, negative, positive, totals)`` per row of ``(B, N)`` weights, as NumPy arrays.
-
-    Chunk sums are added in chunk order (``STATS_CHUNK`` is fixed), so totals
-    do not depend on the thread count. Non-finite entries are counted only in
-    rows whose sum is not finite.
-    """
-    sums, positive, negative = _chunk_statistics(weights, STATS_CHUNK)
-    totals = np.zeros(sums.shape[0])
-    for c in range(sums.shape[1]):
-        totals += sums[:, c]
-    nonfinite = np.zeros(sums.shape[0], np.int64)
-    for row in np.flatnonzero(~np.isfinite(totals)):
-        nonfinite[row] = np.count_nonzero(~np.isfinite(weights[row]))
-    return nonfinite, negative.sum(axis=1).astype(np.int64), positive.sum(axis=1).astype(np.int64), totals
-
-
 @jit(inline="always")
 def _fill_block(block_start, block_stop, row, k0, k1, hi_words):
-    """HI words of a block's positions: position ``block_start + 4 j + lane`` in ``hi_words[lane, j]``."""
+    """HI words of a block's positions, in position order: ``hi_words[p - block_start]``."""
     first_q = block_start // 4
     for j in range((block_stop - block_start + 3) // 4):
         w0, w1, w2, w3 = block_words(np.uint64(first_q + j), row, STREAM_HI, k0, k1)
-        hi_words[0, j] = np.uint32(w0)
-        hi_words[1, j] = np.uint32(w1)
-        hi_words[2, j] = np.uint32(w2)
-        hi_words[3, j] = np.uint32(w3)
+        hi_words[4 * j] = np.uint32(w0)
+        hi_words[4 * j + 1] = np.uint32(w1)
+        hi_words[4 * j + 2] = np.uint32(w2)
+        hi_words[4 * j + 3] = np.uint32(w3)
 
 
 @jit(inline="always")
@@ -144,85 +103,158 @@ def _headroom(hi):
     return np.float64(np.uint32(0xFFFFFFFF) - hi) * TWO_POW_M32
 
 
-@jit(inline="always")
-def _flag_groups(weights, row, block_start, block_stop, hi_words, bound, group_hits):
-    """Per group of ``GROUP`` positions, how many might have a key below ``bound``."""
-    if block_stop - block_start == BLOCK:
-        for g in range(BLOCK // GROUP):
-            hits = 0
-            for j in range(g * (GROUP // 4), (g + 1) * (GROUP // 4)):
-                for lane in range(4):
-                    a = np.float64(weights[row, block_start + 4 * j + lane])
-                    hits += _headroom(hi_words[lane, j]) < a * bound
-            group_hits[g] = hits
-    else:
-        group_hits[:] = 1
+@jit(fastmath={"reassoc", "nsz", "contract"})
+def _scan_block(values, hi_words, bound, flags):
+    """One vectorized pass over a block's weights ``values`` (a 1-D slice): their float64 sum,
+    the counts of positive and negative entries, and per position whether its key might be
+    below ``bound`` (``flags``; ``1 - u >= a t`` rules a key out).
+
+    The sum's (reassociated) order is fixed by the block, so it does not depend on the
+    chunking or thread count; a NaN or inf makes it non-finite. Fast-math flags touch only
+    this sum: keys are computed elsewhere, exactly.
+    """
+    total = 0.0
+    positive = 0
+    negative = 0
+    for i in range(values.size):
+        a = np.float64(values[i])
+        total += a
+        positive += np.int64(a > 0.0)
+        negative += np.int64(a < 0.0)
+        flags[i] = _headroom(hi_words[i]) < a * bound
+    return total, positive, negative
 
 
 @jit(parallel=True)
-def _chunk_candidates(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound):
-    """Each (row, chunk) item keeps the ``capacity`` smallest keys of its positions in a max-heap.
+def _chunk_pass(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums):
+    """One pass over the weights, the (row, chunk) items in parallel (see :func:`_chunk_item`).
 
-    ``row_bound[b, 0]`` is shared by the items of row ``b``: any item's full-heap
-    threshold bounds the row's final n-th smallest key, so keys strictly
-    above it are dropped early. The result does not depend on when (or
-    whether) an item sees another's bound.
+    The loop body is one call: a small parallel region compiles in a fraction of the time.
     """
-    rows, size = weights.shape
+    rows = weights.shape[0]
     nchunks = cand_keys.shape[1]
+    for item in prange(rows * nchunks):
+        b = item // nchunks
+        _chunk_item(weights, k0, k1, chunk, b, item - b * nchunks, cand_keys, cand_idx, cand_count, row_bound,
+                    chunk_stats, block_sums)
+
+
+@jit
+def _chunk_item(weights, k0, k1, chunk, b, c, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums):
+    """Item (row ``b``, chunk ``c``): validate its positions and keep the ``capacity`` smallest
+    keys of its positive ones in a max-heap.
+
+    Per block of ``BLOCK`` positions it records the float64 sum (``block_sums``), and per chunk
+    the counts of positive and negative entries (``chunk_stats``). ``row_bound[b, 0]`` is
+    shared by the items of row ``b``: any item's full-heap threshold bounds the row's final
+    n-th smallest key, so keys strictly above it are dropped early. The result does not depend
+    on when (or whether) an item sees another's bound.
+    """
+    size = weights.shape[1]
     capacity = cand_keys.shape[2]
     k0 = np.uint64(k0)
     k1 = np.uint64(k1)
-    for item in prange(rows * nchunks):
-        b = item // nchunks
-        c = item - b * nchunks
-        keys = cand_keys[b, c]
-        idx = cand_idx[b, c]
-        hi_words = np.empty((4, BLOCK // 4), np.uint32)
-        group_hits = np.empty(BLOCK // GROUP, np.int64)
-        count = 0
-        threshold = np.inf
-        stop = min(size, (c + 1) * chunk)
-        for block_start in range(c * chunk, stop, BLOCK):
-            block_stop = min(stop, block_start + BLOCK)
-            bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
-            _fill_block(block_start, block_stop, b, k0, k1, hi_words)
-            _flag_groups(weights, b, block_start, block_stop, hi_words, bound, group_hits)
-            for g in range((block_stop - block_start + GROUP - 1) // GROUP):
-                if group_hits[g] == 0:
+    keys = cand_keys[b, c]
+    idx = cand_idx[b, c]
+    hi_words = np.empty(BLOCK, np.uint32)
+    flags = np.zeros(BLOCK, np.bool_)
+    flag_words = flags.view(np.uint64)  # 8 flags at a time: most are all clear
+    row_weights = weights[b]
+    count = 0
+    threshold = np.inf
+    positive = 0
+    negative = 0
+    stop = min(size, (c + 1) * chunk)
+    for block_start in range(c * chunk, stop, BLOCK):
+        block_stop = min(stop, block_start + BLOCK)
+        bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
+        _fill_block(block_start, block_stop, b, k0, k1, hi_words)
+        total, pos, neg = _scan_block(row_weights[block_start:block_stop], hi_words, bound, flags)
+        block_sums[b, block_start // BLOCK] = total
+        positive += pos
+        negative += neg
+        for w in range((block_stop - block_start + 7) // 8):
+            if flag_words[w] == 0:
+                continue
+            for p in range(block_start + 8 * w, min(block_start + 8 * w + 8, block_stop)):
+                if not flags[p - block_start]:
                     continue
-                for p in range(block_start + g * GROUP, min(block_start + (g + 1) * GROUP, block_stop)):
-                    a = np.float64(weights[b, p])
-                    hi = np.uint64(hi_words[p & 3, (p - block_start) // 4])
-                    if not (a > 0.0 and _headroom(hi) < a * bound):
-                        continue
-                    l0, l1, l2, l3 = block_words(np.uint64(p // 4), b, STREAM_LO, k0, k1)
-                    key = -np.log(to_uniform(hi, pick_word(l0, l1, l2, l3, p & 3))) / a
-                    if key > row_bound[b, 0]:
-                        continue
-                    if count < capacity:
-                        count = _push(keys, idx, count, key, p)
-                    elif key < threshold:
-                        _replace_top(keys, idx, capacity, key, p)
-                    else:
-                        continue
-                    if count == capacity:
-                        threshold = keys[0]
-                        bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
-                        if threshold < row_bound[b, 0]:
-                            row_bound[b, 0] = threshold
-        cand_count[b, c] = count
+                a = np.float64(row_weights[p])
+                hi = np.uint64(hi_words[p - block_start])
+                if not (a > 0.0 and _headroom(hi) < a * bound):
+                    continue
+                l0, l1, l2, l3 = block_words(np.uint64(p // 4), b, STREAM_LO, k0, k1)
+                key = -np.log(to_uniform(hi, pick_word(l0, l1, l2, l3, p & 3))) / a
+                if key > row_bound[b, 0]:
+                    continue
+                if count < capacity:
+                    count = _push(keys, idx, count, key, p)
+                elif key < threshold:
+                    _replace_top(keys, idx, capacity, key, p)
+                else:
+                    continue
+                if count == capacity:
+                    threshold = keys[0]
+                    bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
+                    if threshold < row_bound[b, 0]:
+                        row_bound[b, 0] = threshold
+    cand_count[b, c] = count
+    chunk_stats[b, c, 0] = positive
+    chunk_stats[b, c, 1] = negative
 
 
-@jit(parallel=True)
-def _merge_candidates(cand_keys, cand_idx, cand_count, n, out):
-    """The ``n`` smallest ``(key, position)`` of each row's candidates, in increasing order."""
+@jit(inline="always")
+def _write_coords(indices, b, k, position, grid):
+    """Grid coordinates of a flat (row-major) position, by integer division and remainder."""
+    rest = position
+    for d in range(indices.shape[2] - 1, -1, -1):
+        indices[b, k, d] = rest % grid[d]
+        rest //= grid[d]
+
+
+@jit(inline="always")
+def _row_status(weights, b, total, positive, negative, status):
+    """Fill ``status[b]`` (see ``atskern._validation.STATUS_COLUMNS``).
+
+    Non-finite entries and the largest weight's exponent take a second pass, only over rows
+    whose total says they may matter: a non-finite total, or one outside
+    ``[N 2**(low-1), 2**high)`` (the largest weight lies in ``[total / N, total]``).
+    """
+    size = weights.shape[1]
+    nonfinite = 0
+    exponent = 0
+    if not (_SCREEN_LOW * size <= total < _SCREEN_HIGH):
+        top = 0.0
+        for p in range(size):
+            a = np.float64(weights[b, p])
+            if np.isfinite(a):
+                top = max(top, a)
+            else:
+                nonfinite += 1
+        if top > 0.0:
+            exponent = math.frexp(top)[1]
+    status[b, 0] = nonfinite
+    status[b, 1] = negative
+    status[b, 2] = positive
+    status[b, 3] = exponent
+
+
+@jit
+def _finish_rows(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_sums, grid, indices, probs, status):
+    """Per row: merge the chunks' candidates into the ``n`` smallest keys in increasing order, pad
+    a row with fewer positive entries with its lowest zero-weight positions (fillers, rule R1),
+    and write grid coordinates, float64 probabilities and the row's status."""
     rows, nchunks = cand_count.shape
-    for b in prange(rows):
-        keys = np.empty(n, np.float64)
-        idx = np.empty(n, np.int64)
+    n = indices.shape[1]
+    keys = np.empty(n, np.float64)
+    idx = np.empty(n, np.int64)
+    for b in range(rows):
         count = 0
+        positive = 0
+        negative = 0
         for c in range(nchunks):
+            positive += chunk_stats[b, c, 0]
+            negative += chunk_stats[b, c, 1]
             for j in range(cand_count[b, c]):
                 key = cand_keys[b, c, j]
                 position = cand_idx[b, c, j]
@@ -230,19 +262,65 @@ def _merge_candidates(cand_keys, cand_idx, cand_count, n, out):
                     count = _push(keys, idx, count, key, position)
                 elif _greater(keys[0], idx[0], key, position):
                     _replace_top(keys, idx, n, key, position)
-        for end in range(n - 1, 0, -1):
+        total = 0.0
+        for j in range(block_sums.shape[1]):
+            total += block_sums[b, j]
+        _row_status(weights, b, total, positive, negative, status)
+        for end in range(count - 1, 0, -1):
             keys[0], keys[end] = keys[end], keys[0]
             idx[0], idx[end] = idx[end], idx[0]
             _sift_down(keys, idx, 0, end)
+        p = 0
+        for k in range(count, n):  # fillers: the lowest positions without positive weight
+            while weights[b, p] > 0.0:
+                p += 1
+            idx[k] = p
+            p += 1
         for k in range(n):
-            out[b, k] = idx[k]
+            _write_coords(indices, b, k, idx[k], grid)
+            a = np.float64(weights[b, idx[k]])
+            probs[b, k] = a / total if a > 0.0 else 0.0
+
+
+@jit
+def _summarize(status):
+    """The last row of ``status``: the largest non-finite and negative counts, the smallest
+    positive count, and how many rows have an exponent outside ``SCALE_FREE_EXPONENTS``."""
+    rows = status.shape[0] - 1
+    status[rows, 0] = 0
+    status[rows, 1] = 0
+    status[rows, 2] = status[0, 2]
+    status[rows, 3] = 0
+    for b in range(rows):
+        status[rows, 0] = max(status[rows, 0], status[b, 0])
+        status[rows, 1] = max(status[rows, 1], status[b, 1])
+        status[rows, 2] = min(status[rows, 2], status[b, 2])
+        status[rows, 3] += not (_EXPONENT_LOW <= status[b, 3] <= _EXPONENT_HIGH)
+
+
+@jit
+def _without_replacement(weights, k0, k1, chunk, grid, indices, probs, status):
+    rows, size = weights.shape
+    n = indices.shape[1]
+    nchunks = (size + chunk - 1) // chunk
+    capacity = min(n, chunk, size)
+    cand_keys = np.empty((rows, nchunks, capacity), np.float64)
+    cand_idx = np.empty((rows, nchunks, capacity), np.int64)
+    cand_count = np.empty((rows, nchunks), np.int64)
+    row_bound = np.full((rows, 8), np.inf)  # one cache line per row: no false sharing
+    chunk_stats = np.empty((rows, nchunks, 2), np.int64)
+    block_sums = np.empty((rows, (size + BLOCK - 1) // BLOCK), np.float64)
+    _chunk_pass(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums)
+    _finish_rows(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_sums, grid, indices, probs, status)
+    _summarize(status)
 
 
 def chunk_size(rows, size, threads=None):
     """Positions per work item: whole rows when there are enough rows for the threads, else
     rows split so every thread has work (at least ``MIN_CHUNK`` positions, a multiple of ``BLOCK``).
 
-    The draws do not depend on this: each item keeps its exact n smallest keys.
+    The draws do not depend on this: each item keeps its exact n smallest keys, and sums are
+    taken per ``BLOCK``.
     """
     threads = numba.get_num_threads() if threads is None else threads
     pieces = max(1, -(-threads // rows))
@@ -250,62 +328,87 @@ def chunk_size(rows, size, threads=None):
     return -(-chunk // BLOCK) * BLOCK
 
 
-def sample_without_replacement(weights, n, seed, out, chunk=None):
-    """Write into ``out`` (B, n) the flat positions of a successive-sampling draw per row.
-
-    ``weights`` is ``(B, N)`` float32/float64, valid (finite, non-negative,
-    at least ``n`` positive entries per row); ``seed`` is a 64-bit integer.
-    ``chunk`` (a multiple of ``BLOCK``) overrides :func:`chunk_size`.
-    """
-    rows, size = weights.shape
-    chunk = chunk_size(rows, size) if chunk is None else chunk
-    nchunks = (size + chunk - 1) // chunk
-    capacity = min(n, chunk, size)
-    cand_keys = np.empty((rows, nchunks, capacity), np.float64)
-    cand_idx = np.empty((rows, nchunks, capacity), np.int64)
-    cand_count = np.empty((rows, nchunks), np.int64)
-    row_bound = np.full((rows, 8), np.inf)  # one cache line per row: no false sharing
-    _chunk_candidates(weights, seed & 0xFFFFFFFF, seed >> 32, chunk, cand_keys, cand_idx, cand_count, row_bound)
-    _merge_candidates(cand_keys, cand_idx, cand_count, n, out)
-    return out
+@jit
+def _with_replacement(weights, k0, k1, grid, indices, probs, status):
+    _replacement_rows(weights, k0, k1, grid, indices, probs, status)
+    _summarize(status)
 
 
 @jit(parallel=True)
-def _replacement_draws(weights, n, k0, k1, out):
-    rows, size = weights.shape
+def _replacement_rows(weights, k0, k1, grid, indices, probs, status):
+    for b in prange(weights.shape[0]):
+        _replacement_row(weights, b, k0, k1, grid, indices, probs, status)
+
+
+@jit
+def _replacement_row(weights, b, k0, k1, grid, indices, probs, status):
+    """Row ``b``: one pass for the float64 total and the status, then ``n`` inverse-CDF draws
+    (sorted targets, a second pass over the prefix sums that stops at the last target)."""
+    size = weights.shape[1]
+    n = indices.shape[1]
     k0 = np.uint64(k0)
     k1 = np.uint64(k1)
-    for b in prange(rows):
-        total = 0.0
-        for p in range(size):
-            total += np.float64(weights[b, p])
-        targets = np.empty(n, np.float64)
-        for k in range(n):
-            w0, w1, w2, w3 = block_words(np.uint64(k // 2), b, STREAM_REPLACE, k0, k1)
-            if k % 2 == 0:
-                targets[k] = to_uniform(w0, w1) * total
-            else:
-                targets[k] = to_uniform(w2, w3) * total
-        order = np.argsort(targets)
-        acc = 0.0
-        k = 0
-        last_positive = 0
-        for p in range(size):
-            a = np.float64(weights[b, p])
-            if a > 0.0:
-                last_positive = p
-            acc += a
-            while k < n and targets[order[k]] <= acc:
-                out[b, order[k]] = p
-                k += 1
-            if k == n:
-                break
-        while k < n:
-            out[b, order[k]] = last_positive
+    total = 0.0
+    positive = 0
+    negative = 0
+    for p in range(size):
+        a = np.float64(weights[b, p])
+        total += a
+        positive += np.int64(a > 0.0)
+        negative += np.int64(a < 0.0)
+    _row_status(weights, b, total, positive, negative, status)
+    if not (positive > 0 and np.isfinite(total) and total > 0.0):
+        for k in range(n):  # an invalid row (refused unless validate=False): in-range fillers
+            indices[b, k, :] = 0
+            probs[b, k] = 0.0
+        return
+    targets = np.empty(n, np.float64)
+    for k in range(n):
+        w0, w1, w2, w3 = block_words(np.uint64(k // 2), b, STREAM_REPLACE, k0, k1)
+        if k % 2 == 0:
+            targets[k] = to_uniform(w0, w1) * total
+        else:
+            targets[k] = to_uniform(w2, w3) * total
+    order = np.argsort(targets)
+    acc = 0.0
+    k = 0
+    last_positive = 0
+    for p in range(size):
+        a = np.float64(weights[b, p])
+        if a > 0.0:
+            last_positive = p
+        acc += a
+        while k < n and targets[order[k]] <= acc:
+            _write_coords(indices, b, order[k], p, grid)
+            probs[b, order[k]] = a / total
             k += 1
+        if k == n:
+            break
+    a = np.float64(weights[b, last_positive])
+    while k < n:
+        _write_coords(indices, b, order[k], last_positive, grid)
+        probs[b, order[k]] = a / total
+        k += 1
 
 
-def sample_with_replacement(weights, n, seed, out):
-    """Write into ``out`` (B, n) the flat positions of ``n`` independent draws per row (inverse CDF)."""
-    _replacement_draws(weights, n, seed & 0xFFFFFFFF, seed >> 32, out)
-    return out
+def sample(weights, n, grid, seed, replace, chunk=None):
+    """The CPU sampling backend (see ``atskern.sampling`` for the interface).
+
+    ``weights`` is ``(B, N)`` float32/float64, C-contiguous; ``grid`` an int64 array of the grid
+    shape (its product is N); ``seed`` a 64-bit integer. Returns ``indices`` int32
+    ``(B, n, D)``, float64 ``probs`` ``(B, n)`` and the int64 ``status`` ``(B + 1, 4)``: one
+    row per batch row, then the summary row (see ``atskern.sampling``). Rows that the status
+    marks invalid still get in-range indices. ``chunk`` (a multiple of ``BLOCK``)
+    overrides :func:`chunk_size` without replacement.
+    """
+    rows, size = weights.shape
+    indices = np.empty((rows, n, grid.shape[0]), np.int32)
+    probs = np.empty((rows, n), np.float64)
+    status = np.empty((rows + 1, 4), np.int64)
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    if replace:
+        _with_replacement(weights, k0, k1, grid, indices, probs, status)
+    else:
+        chunk = chunk_size(rows, size) if chunk is None else chunk
+        _without_replacement(weights, k0, k1, chunk, grid, indices, probs, status)
+    return indices, probs, status

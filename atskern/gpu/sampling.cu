@@ -16,6 +16,7 @@
 #define ATS_NO_INDEX 0x7FFFFFFFFFFFFFFFll
 #define ATS_REJECT_MARGIN (1.0 + 1e-12)
 #define ATS_INF __longlong_as_double(0x7FF0000000000000LL)
+#define ATS_NAN __longlong_as_double(0x7FF8000000000000LL)
 
 struct TopN {
     double keys[ATS_SORT_SIZE];
@@ -168,10 +169,37 @@ extern "C" __global__ void merge_topn(const double* __restrict__ cand_keys, cons
         __syncthreads();
     }
     topn_compact(s, n);
+    // Entries [kept, n) hold ATS_NO_INDEX: the row had fewer than n positive weights (fill_short_rows).
     for (int i = threadIdx.x; i < n; i += blockDim.x) out[(long long)row * n + i] = s.idx[i];
 }
 
-// Keys of every position (for n too large for the shared-memory selection): +inf where a <= 0.
+// Rule R1: a row with p < n positive weights continues its draw with its n - p lowest positions
+// whose weight is not positive, in increasing order. One thread per row; rows with a full draw
+// return at once. Also keeps a bad row (NaN, no positive weight) in range when validation is off.
+template <typename T>
+__device__ void fill_short_rows(const T* __restrict__ weights, long long size, int rows, int n, long long* __restrict__ out) {
+    const int row = blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= rows) return;
+    long long* drawn = out + (long long)row * n;
+    if (drawn[n - 1] != ATS_NO_INDEX) return;
+    int k = 0;
+    while (k < n && drawn[k] != ATS_NO_INDEX) ++k;
+    const T* row_weights = weights + (long long)row * size;
+    for (long long p = 0; p < size && k < n; ++p) {
+        if (!(row_weights[p] > (T)0)) drawn[k++] = p;
+    }
+}
+
+extern "C" __global__ void fill_short_rows_f32(const float* weights, long long size, int rows, int n, long long* out) {
+    fill_short_rows<float>(weights, size, rows, n, out);
+}
+
+extern "C" __global__ void fill_short_rows_f64(const double* weights, long long size, int rows, int n, long long* out) {
+    fill_short_rows<double>(weights, size, rows, n, out);
+}
+
+// Keys of every position (for n too large for the shared-memory selection): NaN where a <= 0
+// (sorted last; the caller then pads short rows with fill_short_rows: rule R1).
 template <typename T>
 __device__ void exponential_keys(const T* __restrict__ weights, long long size, long long total, unsigned int row0,
                                  unsigned long long seed, double* __restrict__ keys) {
@@ -180,7 +208,7 @@ __device__ void exponential_keys(const T* __restrict__ weights, long long size, 
         const long long p = i % size;
         const double a = (double)weights[i];
         if (!(a > 0.0)) {
-            keys[i] = ATS_INF;
+            keys[i] = ATS_NAN;  // sorted after every positive position, even one whose key is +inf
             continue;
         }
         const PhiloxWords hi = block_words((unsigned long long)p >> 2, row, ATS_STREAM_HI, seed);
