@@ -75,7 +75,7 @@ def run(quick: bool = False, progress=None) -> Table:
     if tf is None:
         table.notes.append(TENSORFLOW_MISSING)
     table.notes.append("goals: >= 3x faster than TF Gumbel-top-k, >= 20x faster than numpy choice, within 4x of np.sum")
-    table.notes.append("atskern time includes validation (one pass computing row sums and counts) and the sampling pass")
+    table.notes.append("atskern time includes the validation, fused into the sampling pass (one read of the map)")
     return table
 
 

@@ -206,6 +206,12 @@ for shape, n, replace in [((1, 400_000), 30, False), ((8, 60, 70), 25, False), (
     a = rng.random(shape).astype(np.float32)
     i, p = atskern.sample(a, n, replace=replace, seed=42)
     digest.update(i.tobytes()); digest.update(p.tobytes())
+short = rng.random((3, 70_000)) * (rng.random((3, 70_000)) < 1e-4)  # fewer positives than n: fillers
+short[:, 5] = 1.0
+extreme = np.ldexp(rng.random((4, 50_000)) + 0.1, [[-1000], [-70], [0], [1020]])  # rescaled rows
+for a, n, replace in [(short, 40, False), (extreme, 20, False), (extreme, 20, True)]:
+    i, p = atskern.sample(a, n, replace=replace, seed=7)
+    digest.update(i.tobytes()); digest.update(p.tobytes())
 print(json.dumps({"threads": numba.get_num_threads(), "digest": digest.hexdigest()}))
 """
 
