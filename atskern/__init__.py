@@ -7,12 +7,13 @@ Functions dispatch on the array type: NumPy arrays run the Numba kernels in
 
 from .estimator import expectation, expectation_grad
 from .patches import extract_multiscale, extract_patches, patch_offsets, scatter_multiscale, scatter_patches
-from .sampling import sample
+from .sampling import check_status, sample
 
 __version__ = "0.1.0"
 
 __all__ = [
     "sample",
+    "check_status",
     "expectation",
     "expectation_grad",
     "extract_patches",
