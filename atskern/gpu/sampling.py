@@ -13,6 +13,7 @@ through the host build of ``sampling.cu`` in ``tests/test_cuda_host_sampling.py`
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -183,6 +184,11 @@ def sort_keys(xp, ws: Workspace, n: int):
     ws.cand_count[:rows] = (~xp.isnan(keys)).sum(axis=1).astype(np.int32)
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_id: int) -> int:
+    return int(cupy().cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
 def _empty(shape, dtype):
     return cupy().empty(shape, dtype)
 
@@ -197,7 +203,7 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
     cp = cupy()
     rows, size = weights.shape
     threads = _module.THREADS_PER_BLOCK if threads is None else threads
-    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    sms = _multiprocessors(cp.cuda.Device().id)
     p = plan(rows, size, n, replace, threads, sms, chunk)
     ws = workspace(_empty, rows, size, n, p, replace, logits)
     indices = cp.empty((rows, n, len(grid)), cp.int32)
