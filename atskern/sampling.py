@@ -72,15 +72,17 @@ def check_status(status, n, *, replace=False, logits=False, strict=False):
     v.check_status(status, int(n), bool(replace), bool(logits), bool(strict))
 
 
-def _seed_array(seed, attention):
-    """A seed held in device memory: a one-element uint64/int64 CuPy array on attention's device, or None."""
+def _seed_array(seed, xp):
+    """A seed held in device memory (a one-element uint64/int64 CuPy array, or any CUDA array such as a torch
+    tensor, viewed without a copy), or None for a host seed."""
     if isinstance(seed, np.ndarray) or not hasattr(seed, "__cuda_array_interface__"):
         return None
-    if type(attention) is np.ndarray:
+    if xp is np:
         raise TypeError("seed is a device array, but attention is a NumPy array; pass an int seed on the CPU")
+    seed = xp.asarray(seed)
     if seed.size != 1 or np.dtype(seed.dtype) not in (np.dtype(np.uint64), np.dtype(np.int64)):
         raise TypeError(f"seed as a device array must hold one uint64 or int64 value, got {seed.dtype} {tuple(seed.shape)}")
-    return seed
+    return seed.reshape(1)
 
 
 def sample(attention, n, *, replace=False, logits=False, seed=None, strict=False, validate=True, return_status=False):
@@ -138,7 +140,7 @@ def sample(attention, n, *, replace=False, logits=False, seed=None, strict=False
     backend = CPU if type(attention) is np.ndarray else backend_of(attention=attention)
     xp = np if backend == CPU else array_module(backend)
     kernels = _kernels(backend)
-    seed_ptr = _seed_array(seed, attention)
+    seed_ptr = _seed_array(seed, xp)
     seed = 0 if seed_ptr is not None else v.seed_or_random(seed)
     attention = v.native(attention)
     rows = attention.shape[0]
