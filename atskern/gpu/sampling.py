@@ -94,7 +94,8 @@ def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocess
     select = threads if replace else selection_threads(n, threads)
     sort = select is None
     threads = threads if sort else select
-    chunk = chunk_size(rows, size, threads, multiprocessors) if chunk is None else chunk
+    tile = PER_THREAD * threads  # a chunk starts on a tile: a thread's 4 positions share one Philox block
+    chunk = chunk_size(rows, size, threads, multiprocessors) if chunk is None else -(-chunk // tile) * tile
     return Plan(threads=threads, chunk=chunk, nchunks=-(-size // chunk), sort=sort)
 
 
