@@ -244,3 +244,15 @@ def test_cuda_graph_step_equals_eager_and_replays_draw_anew():
     torch.cuda.synchronize()
     assert not torch.equal(graph_indices, first)
     assert int(key.item()) == 125
+
+
+def test_sample_patches_with_a_device_key_advances_it():
+    layer = at.SamplePatches(4, 8)
+    key = torch.tensor([40], dtype=torch.int64, device="cuda")
+    layer.set_device_key(key)
+    x_low = torch.rand(2, 3, 24, 24, device="cuda")
+    x_high = torch.rand(2, 3, 96, 96, device="cuda")
+    attention = torch.rand(2, 24, 24, device="cuda") + 0.01
+    first, _ = layer(x_low, x_high, attention)
+    second, _ = layer(x_low, x_high, attention)
+    assert int(key.item()) == 42 and not torch.equal(first, second)
