@@ -10,6 +10,7 @@ from . import sampling as _sampling
 from ._serial import cpu_serialized as _cpu_serialized
 from .estimator import expectation, expectation_grad
 from .patches import patch_offsets
+from .sampling import check_status
 
 # the calls that launch parallel CPU kernels, behind the threading layer's lock where it needs one
 sample = _cpu_serialized(_sampling.sample)
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "sample",
+    "check_status",
     "expectation",
     "expectation_grad",
     "extract_patches",

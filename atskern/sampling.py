@@ -12,7 +12,9 @@ never ``unravel_index``), float64 probabilities ``(B, n)`` (0 for fillers) and a
 counts, smallest positive count, number of rows whose exponent is outside
 ``SCALE_FREE_EXPONENTS``). Bad rows still get in-range indices. This module reads the status
 back (on a GPU the only host synchronization, skipped with ``validate=False``), turns it into
-the errors, and reruns the rare float64 rows that need a power-of-two rescaling.
+the errors, and reruns the rare float64 rows that need a power-of-two rescaling. A backend whose
+module sets ``FUSED = True`` (the GPU) takes ``logits=`` and ``seed_ptr=`` keywords instead: it
+computes the logits' weights and applies the rescaling itself, so nothing waits for the device.
 """
 
 from __future__ import annotations
@@ -53,7 +55,37 @@ def rescale_rows(xp, weights, status, rows):
     return xp.ldexp(weights.astype(xp.float64), -exponent[:, None])
 
 
-def sample(attention, n, *, replace=False, logits=False, seed=None, strict=False, validate=True):
+def _invalid_rows(status, logits: bool):
+    """Rows that validation refuses (NaN/inf, negative weights unless logits, no positive weight)."""
+    bad = (status[:-1, v.STATUS_NONFINITE] > 0) | (status[:-1, v.STATUS_POSITIVE] <= 0)
+    return bad if logits else bad | (status[:-1, v.STATUS_NEGATIVE] > 0)
+
+
+def check_status(status, n, *, replace=False, logits=False, strict=False):
+    """Raise the ValueError that ``sample`` would have raised, from the status of a ``validate=False`` call.
+
+    ``status`` is the third result of ``sample(..., validate=False, return_status=True)`` (a NumPy or CuPy
+    array; a CuPy one is read back here, the one host synchronization). The message is the one ``sample``
+    gives: it names the first bad row.
+    """
+    status = np.asarray(status) if isinstance(status, np.ndarray) else status.get()
+    v.check_status(status, int(n), bool(replace), bool(logits), bool(strict))
+
+
+def _seed_array(seed, xp):
+    """A seed held in device memory (a one-element uint64/int64 CuPy array, or any CUDA array such as a torch
+    tensor, viewed without a copy), or None for a host seed."""
+    if isinstance(seed, np.ndarray) or not hasattr(seed, "__cuda_array_interface__"):
+        return None
+    if xp is np:
+        raise TypeError("seed is a device array, but attention is a NumPy array; pass an int seed on the CPU")
+    seed = xp.asarray(seed)
+    if seed.size != 1 or np.dtype(seed.dtype) not in (np.dtype(np.uint64), np.dtype(np.int64)):
+        raise TypeError(f"seed as a device array must hold one uint64 or int64 value, got {seed.dtype} {tuple(seed.shape)}")
+    return seed.reshape(1)
+
+
+def sample(attention, n, *, replace=False, logits=False, seed=None, strict=False, validate=True, return_status=False):
     """Sample ``n`` positions per row of an attention map.
 
     Parameters
@@ -70,9 +102,11 @@ def sample(attention, n, *, replace=False, logits=False, seed=None, strict=False
         Without replacement (default) the draws follow successive sampling:
         draw one, remove it, renormalize, repeat. With replacement they are
         independent.
-    seed : int in [0, 2**64) or None
+    seed : int in [0, 2**64), None, or (CuPy attention only) a one-element uint64/int64 CuPy array
         Key of the counter-based generator; the same seed gives the same
-        draws on every backend and thread count. None draws a fresh seed.
+        draws on every backend and thread count. None draws a fresh seed. A device array is read
+        by the kernels themselves (no host round trip; a CUDA graph replays it with the value it
+        holds at replay time).
     strict : bool
         Without replacement, a row with ``p < n`` positive weights draws its ``p`` positive
         cells (in successive-sampling order) followed by its ``n - p`` zero-weight cells of
@@ -80,8 +114,16 @@ def sample(attention, n, *, replace=False, logits=False, seed=None, strict=False
         is 0. ``strict=True`` raises a ValueError for such rows instead.
     validate : bool
         Check the rows (NaN/inf, negative weights, no positive weight) and raise a ValueError
-        naming the first bad row (default). ``validate=False`` skips the check (on a GPU, the
-        host read-back): bad rows then give in-range indices and unspecified ``probs``.
+        naming the first bad row (default). On a GPU this reads back one small status array,
+        the call's only host synchronization. ``validate=False`` skips the check: on a GPU the
+        call is then fully asynchronous and CUDA-graph capturable. Rows that validation would
+        refuse then get in-range indices and ``probs`` exactly 0 (estimator weight 0), on
+        every backend; ``return_status=True`` keeps the status for a later
+        :func:`check_status`.
+    return_status : bool
+        Also return the int64 status ``(B + 1, 4)`` (a CuPy array on a GPU, left on the device):
+        per row the non-finite, negative and positive counts and the largest weight's exponent,
+        then a summary row. :func:`check_status` turns it into ``sample``'s error.
 
     Returns
     -------
@@ -91,32 +133,43 @@ def sample(attention, n, *, replace=False, logits=False, seed=None, strict=False
         Each drawn position's probability under its whole row, computed in float64 and cast.
         It is 0 for fillers and where the cast underflows (e.g. float32 logits -200 next to
         0): such a cell is a filler too (rule R2 of DESIGN.md), the one deliberate bias.
+    status : int64 ``(B + 1, 4)``, only with ``return_status=True``
     """
     n, grid, replace = v.check_attention(attention, n, replace, logits, strict, validate)
+    require_return_status = v.require_bool(return_status, "return_status")
     backend = CPU if type(attention) is np.ndarray else backend_of(attention=attention)
     xp = np if backend == CPU else array_module(backend)
     kernels = _kernels(backend)
-    seed = v.seed_or_random(seed)
+    seed_ptr = _seed_array(seed, xp)
+    seed = 0 if seed_ptr is not None else v.seed_or_random(seed)
     attention = v.native(attention)
     rows = attention.shape[0]
+    fused = getattr(kernels, "FUSED", False)
 
     weights = xp.ascontiguousarray(attention).reshape(rows, -1)
-    if logits:
-        weights = logits_to_weights(xp, weights)
     grid_array = _grid_array(grid)
     try:
-        indices, probs, status = kernels.sample(weights, n, grid_array, seed, replace)
-        if validate or backend == CPU:
-            status = status if backend == CPU else status.get()
+        if fused:
+            indices, probs, status = kernels.sample(weights, n, grid_array, seed, replace, logits=bool(logits),
+                                                    seed_ptr=seed_ptr)
+            if validate:
+                v.check_status(status.get(), n, replace, bool(logits), bool(strict))
+        else:
+            if logits:
+                weights = logits_to_weights(xp, weights)
+            indices, probs, status = kernels.sample(weights, n, grid_array, seed, replace)
             if status[-1, v.STATUS_EXPONENT] and weights.dtype == np.float64:
                 rescale = v.rows_to_rescale(status[:-1], weights.dtype)
                 weights = rescale_rows(xp, weights, status[:-1], rescale)
                 indices, probs, status = kernels.sample(weights, n, grid_array, seed, replace)
-                status = status if backend == CPU else status.get()
             if validate:
                 v.check_status(status, n, replace, bool(logits), bool(strict))
+            else:
+                probs[_invalid_rows(status, bool(logits))] = 0.0  # the documented result, as on the GPU
     except MemoryError:
         raise v.too_many_draws(n, rows, len(grid), attention.dtype.itemsize) from None
     if probs.dtype != attention.dtype:
         probs = probs.astype(attention.dtype)
+    if require_return_status:
+        return indices, probs, status
     return indices, probs

@@ -2,7 +2,8 @@
 
 (a) torch Gumbel top-k (``rand``, ``log``, ``topk``), (b) ``torch.multinomial(replacement=False)`` (it refuses
 rows of more than 2**24 cells), (c) CuPy Gumbel keys + ``argpartition`` (then the n drawn sorted by key),
-(d) the read floor: one pass over the map (``a.sum()``). atskern runs with its default validation. torch
+(d) the read floor: one pass over the map (``a.sum()``). atskern runs with its default validation (one status
+read-back), and also with ``validate=False`` (no host synchronization) and ``replace=True``. torch
 columns are skipped with a note without torch's CUDA build.
 
     python -m bench.gpu_sampling [--quick]
@@ -45,7 +46,8 @@ def run(quick: bool = False, progress=None) -> Table:
     torch = _gpu.torch_cuda()
     repeats = 10 if quick else 20
     table = Table(NAME, "GPU sampling without replacement, float32 (median wall ms per call, synchronized)",
-                  ["B", "grid", "n", "atskern", "atskern GPU ms", "atskern host us", "torch Gumbel top-k",
+                  ["B", "grid", "n", "atskern", "atskern GPU ms", "atskern host us", "validate=False",
+                   "replace=True", "torch Gumbel top-k",
                    "torch.multinomial", "CuPy Gumbel + argpartition", "a.sum() floor", "vs torch top-k",
                    "vs multinomial", "/ floor"])
     rng = np.random.default_rng(0)
@@ -55,6 +57,8 @@ def run(quick: bool = False, progress=None) -> Table:
         indices, probs = atskern.sample(attention, n, seed=3)
         assert indices.shape == (rows, n, 2) and bool((probs > 0).all())
         ours = _gpu.timings(lambda: atskern.sample(attention, n, seed=3), repeats=repeats)
+        unvalidated = _gpu.timings(lambda: atskern.sample(attention, n, seed=3, validate=False), repeats=repeats)["wall"]
+        replaced = _gpu.timings(lambda: atskern.sample(attention, n, seed=3, replace=True), repeats=repeats)["wall"]
         cupy_gumbel = _gpu.timings(lambda: _cupy_gumbel(cupy, flat, n), repeats=repeats)["wall"]
         floor = _gpu.timings(lambda: attention.sum(), repeats=repeats)["wall"]
         top_k = multinomial = None
@@ -69,7 +73,8 @@ def run(quick: bool = False, progress=None) -> Table:
             if flat.shape[1] <= MULTINOMIAL_LIMIT:
                 multinomial = _gpu.timings(lambda: torch.multinomial(flat_t, n, replacement=False),
                                            repeats=repeats)["wall"]
-        table.rows.append([rows, f"{side}x{side}", n, ours["wall"], ours["gpu"], 1e3 * ours["host"], _gpu.cell(top_k),
+        table.rows.append([rows, f"{side}x{side}", n, ours["wall"], ours["gpu"], 1e3 * ours["host"], unvalidated, replaced,
+                           _gpu.cell(top_k),
                            _gpu.cell(multinomial), cupy_gumbel, floor, _gpu.cell(_gpu.ratio(top_k, ours["wall"])),
                            _gpu.cell(_gpu.ratio(multinomial, ours["wall"])), ours["wall"] / floor])
         del attention, flat, indices, probs

@@ -170,3 +170,51 @@ def test_emulated_scatter_is_bitwise_the_cpu_kernel(seed, ndim, channels_first, 
     expected = atskern.scatter_patches(grad, offsets, spatial, channels_first=channels_first)
     got = emu.scatter(grad, offsets, layout, pixels=pixels, chunk=chunk)
     assert np.array_equal(got.view(f"u{grad.itemsize}"), expected.view(f"u{grad.itemsize}"))
+
+
+# --- sampling launch plans (atskern.gpu.sampling) ---------------------------------------------
+
+
+def test_sampling_plan_picks_a_block_that_fits_n():
+    from atskern.gpu import sampling as gs
+
+    assert gs.selection_threads(10, 256) == 256
+    assert gs.selection_threads(gs.max_selection_n(256) + 1, 256) == 128
+    assert gs.selection_threads(gs.max_selection_n(32), 256) == 32
+    assert gs.selection_threads(gs.max_selection_n(32) + 1, 256) is None
+    big = gs.plan(2, 10_000, 2000, False, 256, multiprocessors=132)
+    assert big.sort
+    replace = gs.plan(2, 10_000, 2000, True, 256, multiprocessors=132)
+    assert not replace.sort and replace.threads == 256
+
+
+def test_sampling_chunks_fill_the_device_in_whole_tiles():
+    from atskern.gpu import sampling as gs
+
+    for rows, size, threads in [(1, 4096 * 4096, 256), (32, 1024 * 1024, 256), (256, 256 * 256, 128), (1, 10, 32)]:
+        chunk = gs.chunk_size(rows, size, threads, multiprocessors=132)
+        assert chunk % (gs.PER_THREAD * threads) == 0 and chunk >= gs.MIN_CHUNK
+        nchunks = -(-size // chunk)
+        assert nchunks == 1 or rows * nchunks <= 2 * gs.BLOCKS_PER_SM * 132
+
+
+def test_sampling_launch_sequence():
+    """The launches of each path, in order, and their work space: the fused pass, the rescaling pass only for
+    float64 (and logits), the sort fallback, the warp draws with replacement."""
+    from atskern.gpu import sampling as gs
+
+    def names(dtype, n, replace, logits):
+        weights = np.zeros((3, 5000), dtype)
+        p = gs.plan(3, 5000, n, replace, 256, multiprocessors=4, chunk=1024)
+        ws = gs.workspace(np.empty, 3, 5000, n, p, replace, logits)
+        steps = gs.launches(weights, n, (50, 100), 1, replace, logits, ws, p, np.empty((3, n, 2), np.int32),
+                            np.empty((3, n)))
+        return [s if s == gs.SORT_STEP else s[0] for s in steps]
+
+    assert names(np.float32, 10, False, False) == ["prepare", "chunk_topn_f32", "finish_rows_f32", "summarize"]
+    assert names(np.float64, 10, False, False) == ["prepare", "chunk_topn_f64", "finish_rows_f64", "chunk_topn_f64",
+                                                   "finish_rows_f64", "summarize"]
+    assert names(np.float32, 10, False, True)[:3] == ["prepare", "row_max_f32", "chunk_topn_f32"]
+    assert names(np.float32, 10, True, False) == ["prepare", "chunk_topn_f32", "finish_rows_f32",
+                                                  "replacement_draws_f32", "summarize"]
+    assert gs.SORT_STEP in names(np.float32, 2000, False, False)

@@ -143,3 +143,116 @@ def test_patch_and_estimator_steps_make_no_host_round_trip():
     torch.cuda.synchronize()
     assert pool.used_bytes() == used
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0 and torch.isfinite(probs.grad).all()
+
+
+# --- sampling without host synchronization (issue 10 item 4) ------------------------------
+
+
+def _cuda_attention(rows=4, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.rand(rows, 24, 24, device="cuda", generator=gen) + 0.01
+
+
+def test_device_key_draws_like_the_host_key_and_advances():
+    attention = _cuda_attention()
+    key = torch.tensor([77], dtype=torch.int64, device="cuda")
+    got, _ = F.sample(attention, 6, key=key)
+    want, _ = F.sample(attention.cpu(), 6, key=77)
+    assert torch.equal(got.cpu(), want)
+    assert int(key.item()) == 78
+    again, _ = F.sample(attention, 6, key=key)
+    assert torch.equal(again.cpu(), F.sample(attention.cpu(), 6, key=78)[0])
+
+
+def test_device_key_step_makes_no_host_round_trip():
+    attention = _cuda_attention()
+    key = torch.tensor([5], dtype=torch.int64, device="cuda")
+    F.sample(attention, 6, key=key)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        F.sample(attention, 6, key=key)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+def test_async_validation_raises_at_synchronization():
+    attention = _cuda_attention()
+    attention[2, 3, 3] = float("nan")
+    key = torch.tensor([5], dtype=torch.int64, device="cuda")
+    F.sample(attention, 6, key=key)
+    with pytest.raises(RuntimeError):
+        torch.cuda.synchronize()
+
+
+def test_validate_false_on_bad_rows_gives_in_range_indices():
+    attention = _cuda_attention()
+    attention[1] = 0.0
+    attention[2, 0, 0] = float("nan")
+    key = torch.tensor([9], dtype=torch.int64, device="cuda")
+    indices, _ = F.sample(attention, 6, key=key, validate=False)
+    torch.cuda.synchronize()
+    assert ((indices >= 0) & (indices < 24)).all()
+
+
+@needs_patches
+def test_cuda_graph_step_equals_eager_and_replays_draw_anew():
+    """sample -> extract -> features -> expectation, forward and backward, captured with torch.cuda.CUDAGraph:
+    a replay equals the eager step for the same key, and two replays draw different patches."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    image = torch.rand(2, 3, 96, 96, device="cuda", generator=gen)
+    logits = torch.randn(2, 12, 12, device="cuda", generator=gen, requires_grad=True)
+    key = torch.tensor([123], dtype=torch.int64, device="cuda")
+
+    def step():
+        attention = torch.softmax(logits.flatten(1), dim=1).view_as(logits)
+        indices, sampled = F.sample(attention, 5, key=key)
+        offsets = (indices * 8 - 4).to(torch.int32)
+        patches = F.extract_patches(image, offsets, 16)
+        features = patches.flatten(2).mean(-1)
+        loss = F.expectation(features, sampled).square().sum()
+        loss.backward()
+        return indices, loss.detach()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # warm up (compiles kernels) outside the capture
+            logits.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    key.fill_(123)
+    logits.grad = None
+    eager_indices, eager_loss = step()
+    eager_grad = logits.grad.clone()
+
+    graph = torch.cuda.CUDAGraph()
+    logits.grad = None
+    key.fill_(0)
+    with torch.cuda.graph(graph):
+        graph_indices, graph_loss = step()
+    key.fill_(123)
+    logits.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(graph_indices, eager_indices)
+    torch.testing.assert_close(graph_loss, eager_loss)
+    torch.testing.assert_close(logits.grad, eager_grad)
+    first = graph_indices.clone()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not torch.equal(graph_indices, first)
+    assert int(key.item()) == 125
+
+
+def test_sample_patches_with_a_device_key_advances_it():
+    layer = at.SamplePatches(4, 8)
+    key = torch.tensor([40], dtype=torch.int64, device="cuda")
+    layer.set_device_key(key)
+    x_low = torch.rand(2, 3, 24, 24, device="cuda")
+    x_high = torch.rand(2, 3, 96, 96, device="cuda")
+    attention = torch.rand(2, 24, 24, device="cuda") + 0.01
+    first, _ = layer(x_low, x_high, attention)
+    second, _ = layer(x_low, x_high, attention)
+    assert int(key.item()) == 42 and not torch.equal(first, second)

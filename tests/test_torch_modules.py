@@ -260,3 +260,11 @@ def test_sample_patches_in_1d_and_3d(spatial, low, grid):
     # x is positive everywhere and the fill is 0: every nonzero patch pixel sends a gradient of 1 home
     assert x.grad.sum().item() == (patches != 0).sum().item()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_sample_patches_device_key_must_be_a_cuda_int64_scalar():
+    layer = at.SamplePatches(3, 4)
+    with pytest.raises(TypeError, match="one-element int64 CUDA tensor"):
+        layer.set_device_key(torch.tensor([1]))
+    layer.set_device_key(None)
+    assert layer.validate is True

@@ -1,22 +1,40 @@
-// Sampling kernels for atskern.gpu.sampling.
+// Sampling kernels for atskern.gpu.sampling: validation fused into the draw, no host work between launches.
 //
-// Without replacement: every position p of a row gets the exponential key -log(u_p) / a_p; the n
-// smallest (key, position) pairs in increasing order are a successive-sampling draw. One block
-// streams over a chunk of a row once, keeping its n best in shared memory: offers below the
-// current n-th best key are appended to a buffer, and when the buffer could overflow the block
-// sorts best + buffer (bitonic) and keeps the n first. Most positions are rejected from the high
-// Philox word alone (1 - u >= a t implies -log(u) / a >= t). A second kernel merges the chunks'
-// lists per row the same way. No full sort of the row.
+// A call is a fixed sequence of launches (atskern.gpu.sampling.plan), each reading what the previous ones wrote
+// in device memory, so it is asynchronous and CUDA-graph capturable:
+//   prepare        per row: the shared key bound := +inf, the logits maximum := below -inf.
+//   row_max        (logits only) per (row, chunk) block: the largest finite logit, atomicMax into the row's slot.
+//   chunk_topn     per (row, chunk) block, one read of the chunk: the float64 sum, largest finite weight and the
+//                  counts of non-finite, negative and positive weights (the row's status), and the chunk's n
+//                  smallest exponential keys -log(u_p) / a_p (without replacement). Offers below the current n-th
+//                  best key go to a shared-memory buffer that a bitonic sort compacts; a key is computed only when
+//                  the high Philox word cannot rule it out (1 - u >= a t implies -log(u) / a >= t), and the row's
+//                  blocks share their n-th best keys through a global bound (atomicMin on the bits of a
+//                  non-negative double, monotone), so most blocks reject almost everything from the first tiles.
+//   finish_rows    per row: merges the chunk lists (the row's exact n smallest (key, position) pairs, ties by
+//                  position), writes the row's status, pads a short row with fillers (rule R1), and writes grid
+//                  coordinates and float64 probabilities.
+//   (float64 only) chunk_topn and finish_rows again with pass = 1: rows whose largest weight's exponent is
+//                  outside SCALE_FREE_EXPONENTS are redone on weights times 2^-exponent (exact), every other
+//                  block returns at once: the CPU's scale-free rule without a host round trip.
+//   summarize      one block: the status's summary row (what the host reads back when validating).
+// With replacement chunk_topn only gathers the statistics and replacement_draws finds each draw with a warp-wide
+// scan of one chunk (no prefix sum over the row in memory).
 //
-// With replacement: binary search of n uniforms in the row's float64 prefix sums.
+// Rows that validation would refuse (NaN/inf, negative weights, no positive weight) still get in-range indices;
+// their probabilities are 0 (their estimator weight is 0).
 #include "philox.cuh"
 
 #define ATS_SORT_SIZE 2048
 #define ATS_PER_THREAD 4
 #define ATS_NO_INDEX 0x7FFFFFFFFFFFFFFFll
 #define ATS_REJECT_MARGIN (1.0 + 1e-12)
+#define ATS_INF_BITS 0x7FF0000000000000ull
 #define ATS_INF __longlong_as_double(0x7FF0000000000000LL)
-#define ATS_NAN __longlong_as_double(0x7FF8000000000000LL)
+#define ATS_EXPONENT_LOW (-64)   // SCALE_FREE_EXPONENTS in atskern/_validation.py
+#define ATS_EXPONENT_HIGH 64
+#define ATS_STATS 5              // per (row, chunk): sum, largest finite weight, non-finite, negative, positive
+#define ATS_MAX_THREADS 1024
 
 struct TopN {
     double keys[ATS_SORT_SIZE];
@@ -25,6 +43,67 @@ struct TopN {
     int pending;  // entries [n, n + pending) are offers not yet sorted in
     double threshold;
 };
+
+struct BlockStats {  // one entry per warp
+    double sum[32];
+    double top[32];
+    long long count[3][32];
+};
+
+// A float32 weight widened to float64 without float32 arithmetic: CuPy compiles with -ftz=true, which may flush a
+// subnormal float32 to zero in a conversion; its bits give it exactly.
+__device__ __forceinline__ double widen(float x) {
+    const unsigned int bits = __float_as_uint(x);
+    if ((bits & 0x7F800000u) == 0u) {
+        const double magnitude = (double)(bits & 0x007FFFFFu) * 0x1.0p-149;
+        return (bits >> 31) ? -magnitude : magnitude;
+    }
+    return (double)x;
+}
+__device__ __forceinline__ double widen(double x) { return x; }
+
+// Order-preserving map of a double to unsigned bits (atomicMax of the logits maximum); 0 is below every double.
+__device__ __forceinline__ unsigned long long ordered_bits(double x) {
+    const unsigned long long bits = (unsigned long long)__double_as_longlong(x);
+    return (bits >> 63) ? ~bits : bits | 0x8000000000000000ull;
+}
+__device__ __forceinline__ double from_ordered_bits(unsigned long long bits) {
+    if (bits == 0ull) return -ATS_INF;
+    return __longlong_as_double((long long)((bits >> 63) ? bits & 0x7FFFFFFFFFFFFFFFull : ~bits));
+}
+
+// The row's logit maximum as logits_to_weights uses it: 0 where no logit is finite.
+__device__ __forceinline__ double logits_top(const unsigned long long* rowmax, long long row) {
+    const double top = from_ordered_bits(rowmax[row]);
+    return isfinite(top) ? top : 0.0;
+}
+
+// The weight of a position: exp(l - top) for logits, times 2^-shift (pass 1's exact rescaling).
+template <typename T>
+__device__ __forceinline__ double weight_at(const T* row_weights, long long p, int logits, double top, int shift) {
+    const double x = widen(row_weights[p]);
+    const double a = logits ? exp(x - top) : x;
+    return shift ? ldexp(a, -shift) : a;
+}
+
+// frexp exponent of a positive finite x (0 for 0): the status's exponent column.
+__device__ __forceinline__ long long exponent_of(double top) {
+    if (!(top > 0.0)) return 0;
+    int exponent = 0;
+    frexp(top, &exponent);
+    return exponent;
+}
+
+// The power of two a row is rescaled by in pass 1 (0: not rescaled): rows_to_rescale of atskern/_validation.py.
+__device__ __forceinline__ int rescale_shift(const long long* row_status, int is_double) {
+    if (!is_double || row_status[0] != 0 || row_status[2] <= 0) return 0;
+    const long long exponent = row_status[3];
+    return (exponent < ATS_EXPONENT_LOW || exponent > ATS_EXPONENT_HIGH) ? (int)exponent : 0;
+}
+
+__device__ __forceinline__ unsigned long long effective_seed(unsigned long long seed, const unsigned long long* seed_ptr) {
+    return seed_ptr ? seed_ptr[0] : seed;
+}
 
 __device__ __forceinline__ bool lex_greater(double key_a, long long idx_a, double key_b, long long idx_b) {
     return key_a > key_b || (key_a == key_b && idx_a > idx_b);
@@ -39,7 +118,7 @@ __device__ void topn_init(TopN& s) {
     __syncthreads();
 }
 
-// Called by every thread of the block.
+// Called by every thread of the block: sorts kept + pending offers (bitonic) and keeps the n first.
 __device__ void topn_compact(TopN& s, int n) {
     const int kept = s.kept;
     const int used = n + s.pending;
@@ -91,43 +170,174 @@ __device__ __forceinline__ void topn_make_room(TopN& s, int n) {
     if (s.pending > ATS_SORT_SIZE - n - ATS_PER_THREAD * (int)blockDim.x) topn_compact(s, n);
 }
 
+// The row's shared bound: every block's full-list threshold bounds the row's n-th smallest key from above, so a
+// key strictly above it cannot be drawn. Read at any time, it is a valid bound: the draws do not depend on timing.
+__device__ __forceinline__ double shared_bound(const unsigned long long* row_bound, long long row) {
+    return __longlong_as_double((long long)((const volatile unsigned long long*)row_bound)[row]);
+}
+
+__device__ __forceinline__ void publish_bound(unsigned long long* row_bound, long long row, double threshold) {
+    if (threshold >= 0.0 && threshold < ATS_INF) {
+        atomicMin(row_bound + row, (unsigned long long)__double_as_longlong(threshold + 0.0));  // +0.0, never -0.0
+    }
+}
+
+template <typename V>
+__device__ __forceinline__ V warp_sum(V value) {
+    for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_down_sync(0xFFFFFFFFu, value, offset);
+    return value;
+}
+
+__device__ __forceinline__ double warp_max(double value) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const double other = __shfl_down_sync(0xFFFFFFFFu, value, offset);
+        value = other > value ? other : value;
+    }
+    return value;
+}
+
+// Block-wide statistics (a fixed tree: deterministic for a given block size) into out[0..ATS_STATS). Called by
+// every thread of the block; blockDim.x is a multiple of 32.
+__device__ void reduce_stats(BlockStats& b, double* out, double sum, double top, long long nonfinite,
+                             long long negative, long long positive) {
+    const unsigned int warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    sum = warp_sum(sum);
+    top = warp_max(top);
+    nonfinite = warp_sum(nonfinite);
+    negative = warp_sum(negative);
+    positive = warp_sum(positive);
+    if (lane == 0) {
+        b.sum[warp] = sum;
+        b.top[warp] = top;
+        b.count[0][warp] = nonfinite;
+        b.count[1][warp] = negative;
+        b.count[2][warp] = positive;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double s = 0.0, t = 0.0;
+        long long c0 = 0, c1 = 0, c2 = 0;
+        for (unsigned int i = 0; i < (blockDim.x >> 5); ++i) {
+            s += b.sum[i];
+            t = b.top[i] > t ? b.top[i] : t;
+            c0 += b.count[0][i];
+            c1 += b.count[1][i];
+            c2 += b.count[2][i];
+        }
+        out[0] = s;
+        out[1] = t;
+        out[2] = (double)c0;  // counts below 2^53 are exact in a double
+        out[3] = (double)c1;
+        out[4] = (double)c2;
+    }
+}
+
+// Prepare: one thread per row.
+extern "C" __global__ void prepare(long long rows, unsigned long long* row_bound, unsigned long long* rowmax) {
+    const long long row = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (row >= rows) return;
+    row_bound[row] = ATS_INF_BITS;
+    if (rowmax) rowmax[row] = 0ull;
+}
+
+// The largest finite logit of each row: block (row, chunk) reduces its chunk and atomicMax-es the row's slot.
 template <typename T>
-__device__ void chunk_topn(const T* __restrict__ weights, long long size, unsigned int row0, int n,
-                           unsigned long long seed, long long chunk, double* __restrict__ cand_keys,
-                           long long* __restrict__ cand_idx, int* __restrict__ cand_count) {
-    __shared__ TopN s;
-    const unsigned int row = row0 + blockIdx.y;  // the Philox row; arrays start at row0
-    const long long start = (long long)blockIdx.x * chunk;
+__device__ void row_max(const T* __restrict__ weights, long long size, int nchunks, long long chunk,
+                        unsigned long long* __restrict__ rowmax) {
+    __shared__ double tops[ATS_MAX_THREADS];
+    const long long row = blockIdx.x / nchunks;
+    const long long start = (blockIdx.x % nchunks) * chunk;
     const long long stop = min(size, start + chunk);
-    const T* row_weights = weights + (long long)blockIdx.y * size;
-    topn_init(s);
+    const T* row_weights = weights + row * size;
+    double top = -ATS_INF;
+    for (long long p = start + threadIdx.x; p < stop; p += blockDim.x) {
+        const double x = widen(row_weights[p]);
+        if (isfinite(x) && x > top) top = x;
+    }
+    tops[threadIdx.x] = top;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (unsigned int i = 1; i < blockDim.x; ++i) top = tops[i] > top ? tops[i] : top;
+        if (top > -ATS_INF) atomicMax(rowmax + row, ordered_bits(top));
+    }
+}
+
+extern "C" __global__ void row_max_f32(const float* weights, long long size, int nchunks, long long chunk,
+                                       unsigned long long* rowmax) {
+    row_max<float>(weights, size, nchunks, chunk, rowmax);
+}
+
+extern "C" __global__ void row_max_f64(const double* weights, long long size, int nchunks, long long chunk,
+                                       unsigned long long* rowmax) {
+    row_max<double>(weights, size, nchunks, chunk, rowmax);
+}
+
+// One block per (row, chunk). select = 0 (with replacement): statistics only.
+template <typename T>
+__device__ void chunk_topn(const T* __restrict__ weights, long long size, int nchunks, long long chunk, int n,
+                           unsigned long long seed, const unsigned long long* __restrict__ seed_ptr, int logits,
+                           const unsigned long long* __restrict__ rowmax, int pass, const long long* __restrict__ status,
+                           unsigned long long* __restrict__ row_bound, double* __restrict__ cand_keys,
+                           long long* __restrict__ cand_idx, int* __restrict__ cand_count, double* __restrict__ stats,
+                           int select) {
+    __shared__ TopN s;
+    __shared__ BlockStats block_stats;
+    const long long item = blockIdx.x;
+    const long long row = item / nchunks;
+    const int is_double = sizeof(T) == 8 || logits;
+    const int shift = pass ? rescale_shift(status + row * 4, is_double) : 0;
+    if (pass && !shift) return;  // the whole block: nothing to redo for this row
+    seed = effective_seed(seed, seed_ptr);
+    const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
+    const long long start = (item % nchunks) * chunk;
+    const long long stop = min(size, start + chunk);
+    const T* row_weights = weights + row * size;
+    double sum = 0.0, top = 0.0;
+    long long nonfinite = 0, negative = 0, positive = 0;
+    if (select) topn_init(s);
     for (long long tile = start; tile < stop; tile += ATS_PER_THREAD * (long long)blockDim.x) {
-        topn_make_room(s, n);
-        const double threshold = s.threshold;
-        const double bound = threshold * ATS_REJECT_MARGIN;
+        if (select) topn_make_room(s, n);
+        const double threshold = select ? s.threshold : 0.0;
+        const double limit = select ? fmin(threshold, shared_bound(row_bound, row)) : 0.0;
+        const double bound = limit * ATS_REJECT_MARGIN;
         const long long first = tile + ATS_PER_THREAD * (long long)threadIdx.x;
         if (first < stop) {
-            const PhiloxWords hi = block_words((unsigned long long)first >> 2, row, ATS_STREAM_HI, seed);
-            PhiloxWords lo;
-            bool have_lo = false;
+            PhiloxWords hi, lo;
+            bool have_hi = false, have_lo = false;
 #pragma unroll
             for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
                 const long long p = first + lane;
                 if (p >= stop) break;
-                const double a = (double)row_weights[p];
-                if (!(a > 0.0) || !(headroom(hi.w[lane]) < a * bound)) continue;
+                const double a = weight_at(row_weights, p, logits, top_logit, shift);
+                sum += a;
+                negative += a < 0.0;  // counted as the CPU kernel does: -inf is negative, +inf positive
+                positive += a > 0.0;
+                if (!isfinite(a)) {
+                    ++nonfinite;
+                    continue;
+                }
+                top = a > top ? a : top;
+                if (!(a > 0.0) || !select) continue;
+                if (!have_hi) {
+                    hi = block_words((unsigned long long)first >> 2, (unsigned int)row, ATS_STREAM_HI, seed);
+                    have_hi = true;
+                }
+                if (!(headroom(hi.w[lane]) < a * bound)) continue;
                 if (!have_lo) {
-                    lo = block_words((unsigned long long)first >> 2, row, ATS_STREAM_LO, seed);
+                    lo = block_words((unsigned long long)first >> 2, (unsigned int)row, ATS_STREAM_LO, seed);
                     have_lo = true;
                 }
                 const double key = -log(to_uniform(hi.w[lane], lo.w[lane])) / a;
-                if (key <= threshold) topn_offer(s, n, key, p);
+                if (key <= limit) topn_offer(s, n, key, p);
             }
         }
         __syncthreads();
+        if (select && threadIdx.x == 0 && s.kept == n) publish_bound(row_bound, row, s.threshold);
     }
+    reduce_stats(block_stats, stats + item * ATS_STATS, sum, top, nonfinite, negative, positive);
+    if (!select) return;
     topn_compact(s, n);
-    const long long item = (long long)blockIdx.y * gridDim.x + blockIdx.x;
+    if (threadIdx.x == 0 && s.kept == n) publish_bound(row_bound, row, s.threshold);
     for (int i = threadIdx.x; i < s.kept; i += blockDim.x) {
         cand_keys[item * n + i] = s.keys[i];
         cand_idx[item * n + i] = s.idx[i];
@@ -135,131 +345,296 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, unsign
     if (threadIdx.x == 0) cand_count[item] = s.kept;
 }
 
-extern "C" __global__ void chunk_topn_f32(const float* weights, long long size, unsigned int row0, int n,
-                                          unsigned long long seed, long long chunk, double* cand_keys,
-                                          long long* cand_idx, int* cand_count) {
-    chunk_topn<float>(weights, size, row0, n, seed, chunk, cand_keys, cand_idx, cand_count);
+#define ATS_CHUNK_TOPN(suffix, T)                                                                                     \
+    extern "C" __global__ void chunk_topn_##suffix(                                                                   \
+        const T* weights, long long size, int nchunks, long long chunk, int n, unsigned long long seed,               \
+        const unsigned long long* seed_ptr, int logits, const unsigned long long* rowmax, int pass,                   \
+        const long long* status, unsigned long long* row_bound, double* cand_keys, long long* cand_idx,               \
+        int* cand_count, double* stats, int select) {                                                                 \
+        chunk_topn<T>(weights, size, nchunks, chunk, n, seed, seed_ptr, logits, rowmax, pass, status, row_bound,     \
+                      cand_keys, cand_idx, cand_count, stats, select);                                                \
+    }
+ATS_CHUNK_TOPN(f32, float)
+ATS_CHUNK_TOPN(f64, double)
+
+// The row's statistics from its chunks, in chunk order: total, largest finite weight, counts.
+__device__ void row_stats(const double* stats, long long row, int nchunks, double* total, double* top, long long* counts) {
+    double s = 0.0, t = 0.0;
+    long long c0 = 0, c1 = 0, c2 = 0;
+    for (int c = 0; c < nchunks; ++c) {
+        const double* at = stats + (row * nchunks + c) * ATS_STATS;
+        s += at[0];
+        t = at[1] > t ? at[1] : t;
+        c0 += (long long)at[2];
+        c1 += (long long)at[3];
+        c2 += (long long)at[4];
+    }
+    *total = s;
+    *top = t;
+    counts[0] = c0;
+    counts[1] = c1;
+    counts[2] = c2;
 }
 
-extern "C" __global__ void chunk_topn_f64(const double* weights, long long size, unsigned int row0, int n,
-                                          unsigned long long seed, long long chunk, double* cand_keys,
-                                          long long* cand_idx, int* cand_count) {
-    chunk_topn<double>(weights, size, row0, n, seed, chunk, cand_keys, cand_idx, cand_count);
+__device__ __forceinline__ void write_coords(int* indices, long long at, long long position, int dims, long long g0,
+                                             long long g1, long long g2) {
+    // integer division and remainder, never unravel_index (rule R4); grid (g0, g1, g2) of `dims` dimensions
+    const long long g[3] = {g0, g1, g2};
+    for (int d = dims - 1; d >= 0; --d) {
+        indices[at * dims + d] = (int)(position % g[d]);
+        position /= g[d];
+    }
 }
 
-// One block per row: the n smallest of the row's chunk lists, written in increasing order.
-extern "C" __global__ void merge_topn(const double* __restrict__ cand_keys, const long long* __restrict__ cand_idx,
-                                      const int* __restrict__ cand_count, int nchunks, int n, long long* __restrict__ out) {
+struct RowInfo {
+    double total;
+    double top_logit;
+    int shift;
+    int skip;
+    int valid;
+    int kept;
+};
+
+// One block per row: merge the chunks' candidate lists, status, fillers, coordinates and probabilities.
+// select = 0 (with replacement): the status only.
+template <typename T>
+__device__ void finish_rows(const T* __restrict__ weights, long long size, int nchunks, int n, int logits,
+                            const unsigned long long* __restrict__ rowmax, int pass, const double* __restrict__ cand_keys,
+                            const long long* __restrict__ cand_idx, const int* __restrict__ cand_count,
+                            const double* __restrict__ stats, long long* __restrict__ status,
+                            unsigned long long* __restrict__ row_bound, int dims, long long g0, long long g1,
+                            long long g2, int* __restrict__ indices, double* __restrict__ probs, int select,
+                            int presorted) {
     __shared__ TopN s;
-    const int row = blockIdx.x;
-    const long long offers = (long long)nchunks * n;
+    __shared__ RowInfo info;
+    const long long row = blockIdx.x;
+    const T* row_weights = weights + row * size;
+    const int is_double = sizeof(T) == 8 || logits;
+    if (threadIdx.x == 0) {
+        // pass 1 redoes rescaled rows; a presorted list was drawn from rescaled keys (exponential_keys)
+        const int shift = (pass || presorted) ? rescale_shift(status + row * 4, is_double) : 0;
+        info.skip = pass && !shift;
+        info.shift = shift;
+        if (!info.skip) {
+            double total, top;
+            long long counts[3];
+            row_stats(stats, row, nchunks, &total, &top, counts);
+            info.total = total;
+            info.top_logit = logits ? logits_top(rowmax, row) : 0.0;
+            info.valid = counts[0] == 0 && counts[1] == 0 && counts[2] > 0;
+            if (!pass) {
+                long long* out = status + row * 4;
+                out[0] = counts[0];
+                out[1] = counts[1];
+                out[2] = counts[2];
+                out[3] = exponent_of(top);
+                // A row that pass 1 redoes starts again from an open bound (chunk_topn pass 1 runs after this).
+                if (select && rescale_shift(out, is_double)) row_bound[row] = ATS_INF_BITS;
+            }
+        }
+    }
+    __syncthreads();
+    if (info.skip || !select) return;
     topn_init(s);
+    if (presorted) {  // one list per row, already the row's n smallest in order (sort_keys): copy it
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            s.keys[i] = cand_keys[row * n + i];
+            s.idx[i] = cand_idx[row * n + i];
+        }
+        if (threadIdx.x == 0) s.kept = cand_count[row];
+        __syncthreads();
+    }
+    const long long offers = presorted ? 0 : (long long)nchunks * n;
     for (long long tile = 0; tile < offers; tile += ATS_PER_THREAD * (long long)blockDim.x) {
         topn_make_room(s, n);
         const double threshold = s.threshold;
         for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
             const long long j = tile + (long long)lane * blockDim.x + threadIdx.x;
             if (j >= offers) break;
-            const int chunk = (int)(j / n);
+            const long long chunk = j / n;
             const int rank = (int)(j % n);
             if (rank >= cand_count[row * nchunks + chunk]) continue;
-            const long long at = ((long long)row * nchunks + chunk) * n + rank;
+            const long long at = (row * nchunks + chunk) * n + rank;
             if (cand_keys[at] <= threshold) topn_offer(s, n, cand_keys[at], cand_idx[at]);
         }
         __syncthreads();
     }
-    topn_compact(s, n);
-    // Entries [kept, n) hold ATS_NO_INDEX: the row had fewer than n positive weights (fill_short_rows).
-    for (int i = threadIdx.x; i < n; i += blockDim.x) out[(long long)row * n + i] = s.idx[i];
-}
-
-// Rule R1: a row with p < n positive weights continues its draw with its n - p lowest positions
-// whose weight is not positive, in increasing order. One thread per row; rows with a full draw
-// return at once. Also keeps a bad row (NaN, no positive weight) in range when validation is off.
-template <typename T>
-__device__ void fill_short_rows(const T* __restrict__ weights, long long size, int rows, int n, long long* __restrict__ out) {
-    const int row = blockIdx.x * blockDim.x + threadIdx.x;
-    if (row >= rows) return;
-    long long* drawn = out + (long long)row * n;
-    if (drawn[n - 1] != ATS_NO_INDEX) return;
-    int k = 0;
-    while (k < n && drawn[k] != ATS_NO_INDEX) ++k;
-    const T* row_weights = weights + (long long)row * size;
-    for (long long p = 0; p < size && k < n; ++p) {
-        if (!(row_weights[p] > (T)0)) drawn[k++] = p;
+    if (!presorted) topn_compact(s, n);
+    if (threadIdx.x == 0) {
+        // Fillers (rule R1): the lowest positions without positive weight, in increasing order. At most n
+        // positions are looked at: the row has fewer than n positive ones.
+        int k = s.kept;
+        for (long long p = 0; p < size && k < n; ++p) {
+            if (!(weight_at(row_weights, p, logits, info.top_logit, info.shift) > 0.0)) s.idx[k++] = p;
+        }
+        for (; k < n; ++k) s.idx[k] = 0;  // not reached for a valid row; keeps a bad one in range
+        info.kept = s.kept;
+    }
+    __syncthreads();
+    for (int k = threadIdx.x; k < n; k += blockDim.x) {
+        const long long position = s.idx[k];
+        const long long at = row * n + k;
+        write_coords(indices, at, position, dims, g0, g1, g2);
+        const double a = weight_at(row_weights, position, logits, info.top_logit, info.shift);
+        probs[at] = (info.valid && k < info.kept && a > 0.0) ? a / info.total : 0.0;
     }
 }
 
-extern "C" __global__ void fill_short_rows_f32(const float* weights, long long size, int rows, int n, long long* out) {
-    fill_short_rows<float>(weights, size, rows, n, out);
+#define ATS_FINISH_ROWS(suffix, T)                                                                                    \
+    extern "C" __global__ void finish_rows_##suffix(                                                                  \
+        const T* weights, long long size, int nchunks, int n, int logits, const unsigned long long* rowmax, int pass, \
+        const double* cand_keys, const long long* cand_idx, const int* cand_count, const double* stats,               \
+        long long* status, unsigned long long* row_bound, int dims, long long g0, long long g1, long long g2,          \
+        int* indices, double* probs, int select, int presorted) {                                                     \
+        finish_rows<T>(weights, size, nchunks, n, logits, rowmax, pass, cand_keys, cand_idx, cand_count, stats,      \
+                       status, row_bound, dims, g0, g1, g2, indices, probs, select, presorted);                       \
+    }
+ATS_FINISH_ROWS(f32, float)
+ATS_FINISH_ROWS(f64, double)
+
+// The summary row status[rows]: largest non-finite and negative counts, smallest positive count, and the number
+// of rows whose exponent is outside SCALE_FREE_EXPONENTS. One block.
+extern "C" __global__ void summarize(long long* status, long long rows) {
+    __shared__ long long part[4][ATS_MAX_THREADS];
+    long long nonfinite = 0, negative = 0, positive = 0x7FFFFFFFFFFFFFFFll, outside = 0;
+    for (long long row = threadIdx.x; row < rows; row += blockDim.x) {
+        const long long* s = status + row * 4;
+        nonfinite = s[0] > nonfinite ? s[0] : nonfinite;
+        negative = s[1] > negative ? s[1] : negative;
+        positive = s[2] < positive ? s[2] : positive;
+        outside += s[3] < ATS_EXPONENT_LOW || s[3] > ATS_EXPONENT_HIGH;
+    }
+    part[0][threadIdx.x] = nonfinite;
+    part[1][threadIdx.x] = negative;
+    part[2][threadIdx.x] = positive;
+    part[3][threadIdx.x] = outside;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (unsigned int i = 1; i < blockDim.x; ++i) {
+            nonfinite = part[0][i] > nonfinite ? part[0][i] : nonfinite;
+            negative = part[1][i] > negative ? part[1][i] : negative;
+            positive = part[2][i] < positive ? part[2][i] : positive;
+            outside += part[3][i];
+        }
+        long long* s = status + rows * 4;
+        s[0] = nonfinite;
+        s[1] = negative;
+        s[2] = positive;
+        s[3] = outside;
+    }
 }
 
-extern "C" __global__ void fill_short_rows_f64(const double* weights, long long size, int rows, int n, long long* out) {
-    fill_short_rows<double>(weights, size, rows, n, out);
-}
-
-// Keys of every position (for n too large for the shared-memory selection): NaN where a <= 0
-// (sorted last; the caller then pads short rows with fill_short_rows: rule R1).
+// Keys of every position, for n too large for the shared-memory selection (the caller sorts them; sampling.py):
+// NaN where a <= 0 or a is not finite (sorted after every positive position, even one whose key is +inf).
 template <typename T>
-__device__ void exponential_keys(const T* __restrict__ weights, long long size, long long total, unsigned int row0,
-                                 unsigned long long seed, double* __restrict__ keys) {
+__device__ void exponential_keys(const T* __restrict__ weights, long long size, long long total,
+                                 unsigned long long seed, const unsigned long long* __restrict__ seed_ptr, int logits,
+                                 const unsigned long long* __restrict__ rowmax, const long long* __restrict__ status,
+                                 double* __restrict__ keys) {
+    seed = effective_seed(seed, seed_ptr);
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total; i += (long long)gridDim.x * blockDim.x) {
-        const unsigned int row = row0 + (unsigned int)(i / size);
+        const long long row = i / size;
         const long long p = i % size;
-        const double a = (double)weights[i];
-        if (!(a > 0.0)) {
-            keys[i] = ATS_NAN;  // sorted after every positive position, even one whose key is +inf
+        const int shift = rescale_shift(status + row * 4, sizeof(T) == 8 || logits);
+        const double a = weight_at(weights + row * size, p, logits, logits ? logits_top(rowmax, row) : 0.0, shift);
+        if (!(a > 0.0) || !isfinite(a)) {
+            keys[i] = __longlong_as_double(0x7FF8000000000000LL);
             continue;
         }
-        const PhiloxWords hi = block_words((unsigned long long)p >> 2, row, ATS_STREAM_HI, seed);
-        const PhiloxWords lo = block_words((unsigned long long)p >> 2, row, ATS_STREAM_LO, seed);
+        const PhiloxWords hi = block_words((unsigned long long)p >> 2, (unsigned int)row, ATS_STREAM_HI, seed);
+        const PhiloxWords lo = block_words((unsigned long long)p >> 2, (unsigned int)row, ATS_STREAM_LO, seed);
         keys[i] = -log(to_uniform(hi.w[p & 3], lo.w[p & 3])) / a;
     }
 }
 
-extern "C" __global__ void exponential_keys_f32(const float* weights, long long size, long long total, unsigned int row0,
-                                                unsigned long long seed, double* keys) {
-    exponential_keys<float>(weights, size, total, row0, seed, keys);
-}
-
-extern "C" __global__ void exponential_keys_f64(const double* weights, long long size, long long total, unsigned int row0,
-                                                unsigned long long seed, double* keys) {
-    exponential_keys<double>(weights, size, total, row0, seed, keys);
-}
-
-// With replacement: draw k of a row is the first position whose prefix sum reaches u_k * total.
-// A parallel prefix sum may differ from the exact one by rounding, so a zero-weight position that
-// the search lands on is moved to the nearest positive one after it (or, at the end, before it).
-template <typename T>
-__device__ void replacement_draws(const T* __restrict__ weights, const double* __restrict__ cdf, long long size,
-                                  int rows, int n, unsigned long long seed, long long* __restrict__ out) {
-    const long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= (long long)rows * n) return;
-    const unsigned int row = (unsigned int)(i / n);
-    const int k = (int)(i % n);
-    const double* row_cdf = cdf + (long long)row * size;
-    const T* row_weights = weights + (long long)row * size;
-    const PhiloxWords w = block_words((unsigned long long)k >> 1, row, ATS_STREAM_REPLACE, seed);
-    const int lane = 2 * (k & 1);
-    const double target = to_uniform(w.w[lane], w.w[lane + 1]) * row_cdf[size - 1];
-    long long lo = 0, hi = size - 1;
-    while (lo < hi) {
-        const long long mid = lo + (hi - lo) / 2;
-        if (row_cdf[mid] >= target) hi = mid;
-        else lo = mid + 1;
+#define ATS_EXPONENTIAL_KEYS(suffix, T)                                                                               \
+    extern "C" __global__ void exponential_keys_##suffix(const T* weights, long long size, long long total,           \
+                                                         unsigned long long seed, const unsigned long long* seed_ptr,  \
+                                                         int logits, const unsigned long long* rowmax,                \
+                                                         const long long* status, double* keys) {                     \
+        exponential_keys<T>(weights, size, total, seed, seed_ptr, logits, rowmax, status, keys);                     \
     }
-    long long p = lo;
-    while (p < size - 1 && !(row_weights[p] > (T)0)) ++p;
-    while (p > 0 && !(row_weights[p] > (T)0)) --p;
-    out[i] = p;
+ATS_EXPONENTIAL_KEYS(f32, float)
+ATS_EXPONENTIAL_KEYS(f64, double)
+
+// With replacement, one warp per draw (blockDim.x a multiple of 32): draw k of a row is the first position whose
+// float64 prefix sum reaches u_k * total. The warp finds the chunk from the chunk sums, then scans it 32 positions
+// at a time (shuffle prefix sums). Prefix sums taken in another order than the total can miss the target by
+// rounding: then the draw is the row's last positive position.
+template <typename T>
+__device__ void replacement_draws(const T* __restrict__ weights, long long size, int nchunks, long long chunk, int n,
+                                  long long rows, unsigned long long seed, const unsigned long long* __restrict__ seed_ptr,
+                                  int logits, const unsigned long long* __restrict__ rowmax,
+                                  const long long* __restrict__ status, const double* __restrict__ stats, int dims,
+                                  long long g0, long long g1, long long g2, int* __restrict__ indices,
+                                  double* __restrict__ probs) {
+    const unsigned int lane = threadIdx.x & 31u;
+    const long long draw = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
+    if (draw >= rows * n) return;  // whole warps: blockDim.x is a multiple of 32
+    const long long row = draw / n;
+    const int k = (int)(draw % n);
+    const T* row_weights = weights + row * size;
+    const int shift = rescale_shift(status + row * 4, sizeof(T) == 8 || logits);
+    const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
+    const long long* row_status = status + row * 4;
+    const bool valid = row_status[0] == 0 && row_status[1] == 0 && row_status[2] > 0;
+    double total = 0.0;  // of the rescaled weights where pass 1 redid the row's sums (chunk_topn, select = 0)
+    for (int c = 0; c < nchunks; ++c) total += stats[(row * nchunks + c) * ATS_STATS];
+    seed = effective_seed(seed, seed_ptr);
+    const PhiloxWords w = block_words((unsigned long long)k >> 1, (unsigned int)row, ATS_STREAM_REPLACE, seed);
+    const int word = 2 * (k & 1);
+    const double target = to_uniform(w.w[word], w.w[word + 1]) * total;
+    long long found = -1;
+    double found_a = 0.0;
+    if (valid) {
+        double acc = 0.0;
+        int c = 0;
+        for (; c < nchunks - 1; ++c) {
+            const double next = acc + stats[(row * nchunks + c) * ATS_STATS];
+            if (next >= target) break;
+            acc = next;
+        }
+        for (long long base = c * chunk; base < size && found < 0; base += 32) {
+            const long long p = base + lane;
+            const double a = p < size ? weight_at(row_weights, p, logits, top_logit, shift) : 0.0;
+            double prefix = a;
+            for (int offset = 1; offset < 32; offset <<= 1) {
+                const double other = __shfl_up_sync(0xFFFFFFFFu, prefix, offset);
+                if ((int)lane >= offset) prefix += other;
+            }
+            const unsigned int hits = __ballot_sync(0xFFFFFFFFu, p < size && a > 0.0 && acc + prefix >= target);
+            if (hits) {
+                const int first = __ffs((int)hits) - 1;
+                found = base + first;
+                found_a = __shfl_sync(0xFFFFFFFFu, a, first);
+            }
+            acc += __shfl_sync(0xFFFFFFFFu, prefix, 31);
+        }
+        for (long long base = size - 1; found < 0 && base >= 0; base -= 32) {  // rounding: the last positive one
+            const long long p = base - lane;
+            const double a = p >= 0 ? weight_at(row_weights, p, logits, top_logit, shift) : 0.0;
+            const unsigned int hits = __ballot_sync(0xFFFFFFFFu, p >= 0 && a > 0.0);
+            if (hits) {
+                const int first = __ffs((int)hits) - 1;
+                found = base - first;
+                found_a = __shfl_sync(0xFFFFFFFFu, a, first);
+            }
+        }
+    }
+    if (lane == 0) {
+        const long long at = row * n + k;
+        write_coords(indices, at, found < 0 ? 0 : found, dims, g0, g1, g2);
+        probs[at] = found < 0 ? 0.0 : found_a / total;
+    }
 }
 
-extern "C" __global__ void replacement_draws_f32(const float* weights, const double* cdf, long long size, int rows, int n,
-                                                 unsigned long long seed, long long* out) {
-    replacement_draws<float>(weights, cdf, size, rows, n, seed, out);
-}
-
-extern "C" __global__ void replacement_draws_f64(const double* weights, const double* cdf, long long size, int rows, int n,
-                                                 unsigned long long seed, long long* out) {
-    replacement_draws<double>(weights, cdf, size, rows, n, seed, out);
-}
+#define ATS_REPLACEMENT_DRAWS(suffix, T)                                                                              \
+    extern "C" __global__ void replacement_draws_##suffix(                                                            \
+        const T* weights, long long size, int nchunks, long long chunk, int n, long long rows, unsigned long long seed, \
+        const unsigned long long* seed_ptr, int logits, const unsigned long long* rowmax, const long long* status,    \
+        const double* stats, int dims, long long g0, long long g1, long long g2, int* indices, double* probs) {      \
+        replacement_draws<T>(weights, size, nchunks, chunk, n, rows, seed, seed_ptr, logits, rowmax, status, stats,  \
+                             dims, g0, g1, g2, indices, probs);                                                       \
+    }
+ATS_REPLACEMENT_DRAWS(f32, float)
+ATS_REPLACEMENT_DRAWS(f64, double)

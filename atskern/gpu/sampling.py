@@ -1,164 +1,218 @@
 """CuPy sampling kernels (CUDA source: ``sampling.cu``); the twins of ``atskern.cpu.sampling``.
 
-Inputs arrive flattened to ``(B, N)`` CuPy weights; :func:`sample` is the backend interface
-of ``atskern.sampling`` (indices, probs and a per-row status in one call). The draws
-equal the CPU kernel's for the same seed (the same Philox numbers and keys),
-up to rounding ties.
+:func:`sample` is the backend interface of ``atskern.sampling``: indices, probs and the per-row status,
+computed by a fixed sequence of launches with the validation fused into the sampling pass (see the header of
+``sampling.cu``). Nothing is read back and nothing waits for the device, so a call is asynchronous and CUDA-graph
+capturable; ``atskern.sampling`` reads the status back when validating. The draws equal the CPU kernel's for the
+same seed (the same Philox numbers and keys), up to rounding ties.
+
+The launch plan is pure Python (:func:`launches`): the same plan runs on CuPy arrays here and on NumPy arrays
+through the host build of ``sampling.cu`` in ``tests/test_cuda_host_sampling.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import numpy as np
 
 from .._backend import cupy
-from .._validation import SCALE_FREE_EXPONENTS
 from . import _module
 
 SOURCE = "sampling.cu"
 SORT_SIZE = 2048  # ATS_SORT_SIZE in sampling.cu
 PER_THREAD = 4  # ATS_PER_THREAD in sampling.cu
+STATS = 5  # ATS_STATS in sampling.cu
+MIN_THREADS = 32
 MIN_CHUNK = 1 << 14
-MAX_GRID_Y = 65535
-NO_INDEX = 0x7FFFFFFFFFFFFFFF  # ATS_NO_INDEX in sampling.cu
+BLOCKS_PER_SM = 4
+NULL = np.uint64(0)  # a null pointer argument
+FUSED = True
+"""``atskern.sampling``: this backend takes logits as they are and applies the scale-free rescaling itself."""
 
 
-def _suffix(weights) -> str:
-    return "f32" if weights.dtype == np.float32 else "f64"
-
-
-def row_status(weights):
-    """The int64 ``(B + 1, 4)`` status (per row, then the summary row; see ``atskern.sampling``)
-    and the float64 row totals.
-
-    Still CuPy reductions: the GPU rewrite (issue 10) fuses them into the sampling pass.
-    """
-    cp = cupy()
-    rows = weights.shape[0]
-    finite = cp.isfinite(weights)
-    status = cp.empty((rows + 1, 4), cp.int64)
-    status[:rows, 0] = (~finite).sum(axis=1)
-    status[:rows, 1] = (weights < 0).sum(axis=1)
-    status[:rows, 2] = (weights > 0).sum(axis=1)
-    top = cp.where(finite, weights, 0).max(axis=1).astype(cp.float64)
-    status[:rows, 3] = cp.where(top > 0, cp.frexp(top)[1], 0)
-    status[rows, :2] = status[:rows, :2].max(axis=0)
-    status[rows, 2] = status[:rows, 2].min()
-    low, high = SCALE_FREE_EXPONENTS
-    status[rows, 3] = ((status[:rows, 3] < low) | (status[:rows, 3] > high)).sum()
-    totals = weights.sum(axis=1, dtype=cp.float64)
-    return status, totals
-
-
-def sample(weights, n, grid, seed, replace):
-    """The GPU sampling backend, the CPU's interface (see ``atskern.sampling``).
-
-    Returns int32 ``indices`` ``(B, n, D)``, float64 ``probs`` ``(B, n)`` and the int64
-    ``status`` ``(B + 1, 4)``, all CuPy arrays (nothing is read back here).
-    """
-    cp = cupy()
-    rows = weights.shape[0]
-    status, totals = row_status(weights)
-    flat = cp.empty((rows, n), dtype=cp.int64)
-    if replace:
-        sample_with_replacement(weights, n, seed, flat)
-    else:
-        sample_without_replacement(weights, n, seed, flat)
-    drawn = cp.take_along_axis(weights, flat, axis=1).astype(cp.float64)
-    probs = cp.where(drawn > 0, drawn / totals[:, None], 0.0)
-    indices = cp.empty((rows, n, len(grid)), dtype=cp.int32)
-    rest = flat
-    for d in range(len(grid) - 1, -1, -1):  # integer division and remainder, never unravel_index (R4)
-        indices[..., d] = rest % int(grid[d])
-        rest = rest // int(grid[d])
-    return indices, probs, status
+def _suffix(dtype) -> str:
+    return "f32" if np.dtype(dtype) == np.float32 else "f64"
 
 
 def max_selection_n(threads: int | None = None) -> int:
-    """Largest ``n`` the one-pass shared-memory selection handles; larger ``n`` sorts all keys."""
+    """Largest ``n`` the shared-memory selection handles with ``threads`` per block."""
     threads = _module.THREADS_PER_BLOCK if threads is None else threads
     return SORT_SIZE - PER_THREAD * threads
 
 
-def chunk_size(rows: int, size: int, threads: int) -> int:
-    """Positions per block: enough blocks to fill the device, at least ``MIN_CHUNK`` positions each.
+def selection_threads(n: int, threads: int) -> int | None:
+    """Block size of the selection for ``n`` draws: ``threads``, halved (down to 32) until ``n`` fits; None when
+    even 32 threads leave no room (then every key is computed and sorted)."""
+    while n > max_selection_n(threads):
+        if threads <= MIN_THREADS:
+            return None
+        threads //= 2
+    return threads
+
+
+def chunk_size(rows: int, size: int, threads: int, multiprocessors: int) -> int:
+    """Positions per block: enough blocks to fill the device, at least ``MIN_CHUNK`` positions each (fewer,
+    larger blocks: the shared row bound makes every block after the first tiles nearly free).
 
     The draws do not depend on it: each block keeps its exact n smallest keys.
     """
-    cp = cupy()
-    target_blocks = 4 * cp.cuda.Device().attributes["MultiProcessorCount"]
+    target_blocks = BLOCKS_PER_SM * multiprocessors
     pieces = max(1, -(-target_blocks // rows))
     tile = PER_THREAD * threads
     chunk = max(MIN_CHUNK, -(-size // pieces))
     return -(-chunk // tile) * tile
 
 
-def sample_without_replacement(weights, n, seed, out, chunk=None):
-    """Write into ``out`` (B, n) int64 the flat positions of a successive-sampling draw per row."""
+@dataclasses.dataclass
+class Workspace:
+    """Device memory of one call (allocated with the caller's ``empty(shape, dtype)``)."""
+
+    status: object  # int64 (B + 1, 4)
+    stats: object  # float64 (B * nchunks * STATS,)
+    row_bound: object  # uint64 (B,)
+    rowmax: object  # uint64 (B,), logits only
+    cand_keys: object  # float64 (B * nchunks * n,), without replacement
+    cand_idx: object  # int64
+    cand_count: object  # int32 (B * nchunks,)
+    keys: object  # float64 (B, N), only where n is too large for the selection
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a call launches: block size, chunking, and whether all keys are sorted instead of selected."""
+
+    threads: int
+    chunk: int
+    nchunks: int
+    sort: bool
+
+
+def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocessors: int, chunk: int | None = None) -> Plan:
+    """The launch plan of a call (pure: tests build it for the host build of the kernels)."""
+    select = threads if replace else selection_threads(n, threads)
+    sort = select is None
+    threads = threads if sort else select
+    tile = PER_THREAD * threads  # a chunk starts on a tile: a thread's 4 positions share one Philox block
+    chunk = chunk_size(rows, size, threads, multiprocessors) if chunk is None else -(-chunk // tile) * tile
+    return Plan(threads=threads, chunk=chunk, nchunks=-(-size // chunk), sort=sort)
+
+
+def workspace(empty, rows: int, size: int, n: int, p: Plan, replace: bool, logits: bool) -> Workspace:
+    items = rows * p.nchunks
+    select = not replace
+    return Workspace(
+        status=empty((rows + 1, 4), np.int64),
+        stats=empty((items * STATS,), np.float64),
+        row_bound=empty((rows,), np.uint64),
+        rowmax=empty((rows,), np.uint64) if logits else None,
+        cand_keys=empty((items * n,), np.float64) if select else None,
+        cand_idx=empty((items * n,), np.int64) if select else None,
+        cand_count=empty((items,), np.int32) if select else None,
+        keys=empty((rows, size), np.float64) if select and p.sort else None,
+    )
+
+
+def _ptr(array):
+    return NULL if array is None else array
+
+
+SORT_STEP = "sort"
+"""A step of :func:`launches` that is not a kernel: sort every key of the row (:func:`sort_keys`)."""
+
+
+def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: Workspace, p: Plan, indices, probs,
+             seed_ptr=None) -> list:
+    """The kernel launches of one call, in order: ``(kernel name, grid, block, args)`` tuples (and
+    :data:`SORT_STEP` where all keys are sorted). ``seed_ptr`` (a device uint64 array) overrides ``seed``."""
+    rows, size = weights.shape
+    suffix = _suffix(weights.dtype)
+    double = weights.dtype == np.float64 or logits
+    t, nchunks, chunk = p.threads, p.nchunks, p.chunk
+    dims = len(grid)
+    g = [int(s) for s in grid] + [1] * (3 - dims)
+    geometry = (np.int32(dims), np.int64(g[0]), np.int64(g[1]), np.int64(g[2]))
+    seed_args = (np.uint64(seed), _ptr(seed_ptr), np.int32(logits), _ptr(ws.rowmax))
+    items = rows * nchunks
+    steps = [("prepare", (-(-rows // t),), (t,), (np.int64(rows), ws.row_bound, _ptr(ws.rowmax)))]
+    if logits:
+        steps.append((f"row_max_{suffix}", (items,), (t,), (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), ws.rowmax)))
+
+    def chunk_pass(pass_, select):
+        return (f"chunk_topn_{suffix}", (items,), (t,),
+                (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), np.int32(n), *seed_args, np.int32(pass_), ws.status, ws.row_bound, _ptr(ws.cand_keys),
+                 _ptr(ws.cand_idx), _ptr(ws.cand_count), ws.stats, np.int32(select)))
+
+    def finish(pass_, select, presorted=0):
+        return (f"finish_rows_{suffix}", (rows,), (t,),
+                (weights, np.int64(size), np.int32(nchunks), np.int32(n), np.int32(logits), _ptr(ws.rowmax),
+                 np.int32(pass_), _ptr(ws.cand_keys), _ptr(ws.cand_idx), _ptr(ws.cand_count), ws.stats, ws.status,
+                 ws.row_bound, *geometry, indices, probs, np.int32(select), np.int32(presorted)))
+
+    if replace:
+        steps += [chunk_pass(0, 0), finish(0, 0)]
+        if double:
+            steps.append(chunk_pass(1, 0))
+        warps = max(1, t // 32)
+        steps.append((f"replacement_draws_{suffix}", (-(-(rows * n) // warps),), (32 * warps,),
+                      (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), np.int32(n), np.int64(rows),
+                       *seed_args, ws.status, ws.stats, *geometry, indices, probs)))
+    elif p.sort:
+        steps += [chunk_pass(0, 0), finish(0, 0)]
+        if double:
+            steps.append(chunk_pass(1, 0))
+        total = rows * size
+        steps.append((f"exponential_keys_{suffix}", (min(-(-total // t), 1 << 20),), (t,),
+                      (weights, np.int64(size), np.int64(total), *seed_args, ws.status, ws.keys)))
+        steps += [SORT_STEP, finish(0, 1, presorted=1)]
+    else:
+        steps += [chunk_pass(0, 1), finish(0, 1)]
+        if double:
+            steps += [chunk_pass(1, 1), finish(1, 1)]
+    steps.append(("summarize", (1,), (min(t, 1024),), (ws.status, np.int64(rows))))
+    return steps
+
+
+def sort_keys(xp, ws: Workspace, n: int):
+    """:data:`SORT_STEP`: each row's ``n`` smallest keys (NaN, the non-positive weights, last; ties by position)
+    as one presorted candidate list per row."""
+    rows = ws.keys.shape[0]
+    order = xp.argsort(ws.keys, axis=1, kind="stable")[:, :n] if xp is np else xp.argsort(ws.keys, axis=1)[:, :n]
+    keys = xp.take_along_axis(ws.keys, order, axis=1)
+    ws.cand_idx[: rows * n] = order.reshape(-1)
+    ws.cand_keys[: rows * n] = keys.reshape(-1)
+    ws.cand_count[:rows] = (~xp.isnan(keys)).sum(axis=1).astype(np.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_id: int) -> int:
+    return int(cupy().cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
+def _empty(shape, dtype):
+    return cupy().empty(shape, dtype)
+
+
+def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, threads=None, chunk=None):
+    """The GPU sampling backend (see ``atskern.sampling``); ``logits=True`` takes log-weights as they are.
+
+    Returns int32 ``indices`` ``(B, n, D)``, float64 ``probs`` ``(B, n)`` and the int64 ``status``
+    ``(B + 1, 4)``, all CuPy arrays on the current stream; nothing is read back. Every temporary comes from
+    CuPy's current allocator (``cupy.cuda.using_allocator`` routes them elsewhere, e.g. to torch's).
+    """
     cp = cupy()
     rows, size = weights.shape
-    threads = _module.THREADS_PER_BLOCK
-    if n > max_selection_n(threads):
-        return _sample_by_sorting(weights, n, seed, out)
-    chunk = chunk_size(rows, size, threads) if chunk is None else chunk
-    nchunks = -(-size // chunk)
-    cand_keys = cp.empty((rows, nchunks, n), cp.float64)
-    cand_idx = cp.empty((rows, nchunks, n), cp.int64)
-    cand_count = cp.empty((rows, nchunks), cp.int32)
-    kernel = _module.function(SOURCE, f"chunk_topn_{_suffix(weights)}")
-    for row0 in range(0, rows, MAX_GRID_Y):
-        row1 = min(rows, row0 + MAX_GRID_Y)
-        kernel(
-            (nchunks, row1 - row0),
-            (threads,),
-            (
-                weights[row0:row1],
-                np.int64(size),
-                np.uint32(row0),
-                np.int32(n),
-                np.uint64(seed),
-                np.int64(chunk),
-                cand_keys[row0:row1],
-                cand_idx[row0:row1],
-                cand_count[row0:row1],
-            ),
-        )
-    merge = _module.function(SOURCE, "merge_topn")
-    merge((rows,), (threads,), (cand_keys, cand_idx, cand_count, np.int32(nchunks), np.int32(n), out))
-    _fill_short_rows(weights, n, out)
-    return out
-
-
-def _fill_short_rows(weights, n, out):
-    """Pad rows whose draw ended early (``NO_INDEX`` entries) with fillers (rule R1)."""
-    rows, size = weights.shape
-    threads = _module.THREADS_PER_BLOCK
-    kernel = _module.function(SOURCE, f"fill_short_rows_{_suffix(weights)}")
-    kernel((-(-rows // threads),), (threads,), (weights, np.int64(size), np.int32(rows), np.int32(n), out))
-
-
-def _sample_by_sorting(weights, n, seed, out):
-    cp = cupy()
-    rows, size = weights.shape
-    threads = _module.THREADS_PER_BLOCK
-    keys = cp.empty((rows, size), cp.float64)
-    total = rows * size
-    blocks = min(-(-total // threads), 1 << 20)
-    kernel = _module.function(SOURCE, f"exponential_keys_{_suffix(weights)}")
-    kernel((blocks,), (threads,), (weights, np.int64(size), np.int64(total), np.uint32(0), np.uint64(seed), keys))
-    out[...] = cp.argsort(keys, axis=1)[:, :n]
-    positive = cp.take_along_axis(weights, out, axis=1) > 0
-    out[...] = cp.where(positive, out, NO_INDEX)
-    _fill_short_rows(weights, n, out)
-    return out
-
-
-def sample_with_replacement(weights, n, seed, out):
-    """Write into ``out`` (B, n) int64 the flat positions of ``n`` independent draws per row."""
-    cp = cupy()
-    rows, size = weights.shape
-    threads = _module.THREADS_PER_BLOCK
-    cdf = cp.cumsum(weights, axis=1, dtype=cp.float64)
-    kernel = _module.function(SOURCE, f"replacement_draws_{_suffix(weights)}")
-    blocks = -(-(rows * n) // threads)
-    kernel((blocks,), (threads,), (weights, cdf, np.int64(size), np.int32(rows), np.int32(n), np.uint64(seed), out))
-    return out
+    threads = _module.THREADS_PER_BLOCK if threads is None else threads
+    sms = _multiprocessors(cp.cuda.Device().id)
+    p = plan(rows, size, n, replace, threads, sms, chunk)
+    ws = workspace(_empty, rows, size, n, p, replace, logits)
+    indices = cp.empty((rows, n, len(grid)), cp.int32)
+    probs = cp.empty((rows, n), cp.float64)
+    for step in launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_ptr):
+        if step == SORT_STEP:
+            sort_keys(cp, ws, n)
+            continue
+        name, grid_dims, block, args = step
+        _module.function(SOURCE, name)(grid_dims, block, args)
+    return indices, probs, ws.status

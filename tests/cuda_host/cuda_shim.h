@@ -5,7 +5,9 @@
 #pragma once
 
 #include <barrier>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -50,6 +52,83 @@ inline T atomicAdd(T* address, T value) {
 
 template <typename T>
 inline T min(T a, T b) { return a < b ? a : b; }
+
+template <typename T>
+inline T atomicMin(T* address, T value) {
+    std::lock_guard<std::mutex> lock(atomic_mutex);
+    T old = *address;
+    if (value < old) *address = value;
+    return old;
+}
+
+template <typename T>
+inline T atomicMax(T* address, T value) {
+    std::lock_guard<std::mutex> lock(atomic_mutex);
+    T old = *address;
+    if (value > old) *address = value;
+    return old;
+}
+
+using std::exp;
+using std::fmin;
+using std::frexp;
+using std::isfinite;
+using std::ldexp;
+using std::log;
+
+inline unsigned __float_as_uint(float x) {
+    unsigned bits;
+    std::memcpy(&bits, &x, 4);
+    return bits;
+}
+inline long long __double_as_longlong(double x) {
+    long long bits;
+    std::memcpy(&bits, &x, 8);
+    return bits;
+}
+inline double __longlong_as_double(long long bits) {
+    double x;
+    std::memcpy(&x, &bits, 8);
+    return x;
+}
+inline unsigned __umulhi(unsigned a, unsigned b) { return (unsigned)(((unsigned long long)a * b) >> 32); }
+inline int __ffs(int x) { return x == 0 ? 0 : __builtin_ctz((unsigned)x) + 1; }
+
+// Warp shuffles and ballots: each thread posts its value and reads its source lane's between two block barriers,
+// so every thread of the block must make the call (the kernels call them block-uniformly, or with 32-thread blocks).
+inline unsigned long long warp_slots[1024];
+
+template <typename V>
+inline V warp_read(V value, int source) {
+    static_assert(sizeof(V) <= 8, "a shuffle moves at most 8 bytes");
+    unsigned long long bits = 0;
+    std::memcpy(&bits, &value, sizeof(V));
+    warp_slots[threadIdx.x] = bits;
+    __syncthreads();
+    V out = value;
+    if (source >= 0 && source < 32) {
+        bits = warp_slots[(threadIdx.x & ~31u) + (unsigned)source];
+        std::memcpy(&out, &bits, sizeof(V));
+    }
+    __syncthreads();
+    return out;
+}
+
+template <typename V>
+inline V __shfl_down_sync(unsigned, V value, int delta) { return warp_read(value, (int)(threadIdx.x & 31u) + delta); }
+template <typename V>
+inline V __shfl_up_sync(unsigned, V value, int delta) { return warp_read(value, (int)(threadIdx.x & 31u) - delta); }
+template <typename V>
+inline V __shfl_sync(unsigned, V value, int lane) { return warp_read(value, lane); }
+
+inline unsigned __ballot_sync(unsigned, bool predicate) {
+    warp_slots[threadIdx.x] = predicate;
+    __syncthreads();
+    unsigned bits = 0;
+    for (unsigned lane = 0; lane < 32; ++lane) bits |= (unsigned)(warp_slots[(threadIdx.x & ~31u) + lane] != 0) << lane;
+    __syncthreads();
+    return bits;
+}
 
 // Runs body() as a grid of `grid` blocks of `block` threads.
 inline void launch(unsigned grid, unsigned block, const std::function<void()>& body) {

@@ -60,7 +60,8 @@ def from_kernel(array) -> torch.Tensor:
 
 @contextlib.contextmanager
 def kernel_stream(device: torch.device):
-    """Run CuPy kernels on torch's current CUDA stream of ``device`` (no-op on the CPU)."""
+    """Run CuPy kernels on torch's current CUDA stream of ``device``, their temporaries from torch's allocator
+    (no-op on the CPU)."""
     if device.type != "cuda":
         yield
         return
@@ -68,5 +69,14 @@ def kernel_stream(device: torch.device):
     index = device.index if device.index is not None else torch.cuda.current_device()
     with cp.cuda.Device(index):
         stream = cp.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream, index)
-        with stream:
+        with stream, cp.cuda.using_allocator(_torch_allocator):
             yield
+
+
+def _torch_allocator(size: int):
+    """CuPy allocations from torch's caching allocator (on torch's current device and stream), so a CUDA graph
+    that torch captures owns every temporary of a kernel call (its private pool during capture)."""
+    cp = cupy()
+    buffer = torch.empty(max(int(size), 1), dtype=torch.uint8, device=torch.device("cuda", cp.cuda.Device().id))
+    memory = cp.cuda.UnownedMemory(buffer.data_ptr(), buffer.numel(), buffer)
+    return cp.cuda.MemoryPointer(memory, 0)

@@ -4,7 +4,7 @@ Each op has a fake (meta) implementation, so ``torch.compile`` traces through
 it without running it, and the patch ops have their gradients registered
 with ``register_autograd``:
 
-- ``atskern::sample(attention, key, n, replace, strict) -> int32 (B, n, D)`` grid indices
+- ``atskern::sample(attention, key, n, replace, strict, validate) -> int32 (B, n, D)`` grid indices
   (no gradient; the sampled attention is a torch gather, see ``functional``);
 - ``atskern::extract_patches(x, offsets, patch_size, fill, channels_first)``,
   whose backward is ``atskern::scatter_patches`` (skipped when ``x`` needs no
@@ -40,18 +40,49 @@ def _kernel(name: str):
 
 
 @torch.library.custom_op("atskern::sample", mutates_args=())
-def sample_indices(attention: torch.Tensor, key: torch.Tensor, n: int, replace: bool,
-                   strict: bool = False) -> torch.Tensor:
-    """int32 ``(B, n, D)`` grid indices drawn by ``atskern.sample`` with seed ``key`` (a CPU int64 scalar)."""
-    seed = int(key.item()) % _U64
+def sample_indices(attention: torch.Tensor, key: torch.Tensor, n: int, replace: bool, strict: bool = False,
+                   validate: bool = True) -> torch.Tensor:
+    """int32 ``(B, n, D)`` grid indices drawn by ``atskern.sample`` with seed ``key``.
+
+    ``key`` is a CPU int64 scalar (read on the host), or on CUDA a one-element int64 tensor on attention's
+    device that the kernels read themselves: then nothing waits for the device, validation becomes
+    asynchronous (:func:`assert_valid_status`: a bad row raises at the next synchronization) and the call can
+    be captured in a CUDA graph. ``validate=False`` skips the check (bad rows: in-range indices).
+    ``strict=True`` refuses rows with fewer positive weights than ``n`` (without replacement) instead of
+    drawing zero-probability fillers.
+    """
     with kernel_stream(attention.device):
-        indices, _ = atskern.sample(to_kernel(attention), n, replace=replace, seed=seed, strict=strict)
+        if key.device.type == "cuda" and attention.device.type == "cuda":
+            seed = to_kernel(key.reshape(1))
+            indices, _, status = atskern.sample(to_kernel(attention), n, replace=replace, seed=seed, strict=strict,
+                                                validate=False, return_status=True)
+            if validate:
+                assert_valid_status(from_kernel(status))
+            return from_kernel(indices)
+        seed = int(key.item()) % _U64
+        indices, _ = atskern.sample(to_kernel(attention), n, replace=replace, seed=seed, strict=strict,
+                                    validate=validate)
         return from_kernel(indices)
 
 
 @sample_indices.register_fake
-def _(attention, key, n, replace, strict=False):
+def _(attention, key, n, replace, strict=False, validate=True):
     return attention.new_empty((attention.shape[0], n, attention.dim() - 1), dtype=torch.int32)
+
+
+INVALID_ROWS = (
+    "atskern.sample: an attention row contains NaN or inf, negative weights, or no positive weight "
+    "(raised asynchronously from the device status; atskern.check_status on sample(..., return_status=True) "
+    "names the row)"
+)
+
+
+def assert_valid_status(status: torch.Tensor) -> None:
+    """Check ``atskern.sample``'s device status on the device (``torch._assert_async``): no host round trip;
+    a bad row raises at the next synchronization with :data:`INVALID_ROWS`."""
+    summary = status[-1]
+    ok = (summary[0] == 0) & (summary[1] == 0) & (summary[2] > 0)
+    torch._assert_async(ok, INVALID_ROWS)
 
 
 # --- patches --------------------------------------------------------------------------------

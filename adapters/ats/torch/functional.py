@@ -69,7 +69,12 @@ def random_key(generator: torch.Generator | None = None) -> torch.Tensor:
 
 
 def key_tensor(key) -> torch.Tensor:
-    """A sampling key as a CPU int64 scalar: an int in [0, 2**64) or such a tensor (int64 wraps around)."""
+    """A sampling key as a CPU int64 scalar: an int in [0, 2**64) or such a tensor (int64 wraps around), or a
+    one-element CUDA int64 tensor (a device key, returned as it is)."""
+    if isinstance(key, torch.Tensor) and key.device.type == "cuda":
+        if key.numel() != 1 or key.dtype != torch.int64:
+            raise TypeError(f"a CUDA key must be a one-element int64 tensor, got {key.dtype} {tuple(key.shape)}")
+        return key
     if isinstance(key, torch.Tensor):
         if key.numel() != 1 or key.dtype != torch.int64 or key.device.type != "cpu":
             raise TypeError(f"key must be an int or a CPU int64 scalar tensor, got {key.dtype} {tuple(key.shape)} on {key.device}")
@@ -96,7 +101,7 @@ def _unravel(flat: torch.Tensor, grid) -> torch.Tensor:
     return torch.stack(coords[::-1], dim=-1)
 
 
-def sample(attention, n_samples, *, replace=False, key=None, deterministic=False, strict=False):
+def sample(attention, n_samples, *, replace=False, key=None, deterministic=False, strict=False, validate=True):
     """Sample ``n_samples`` positions per row of an attention map.
 
     Parameters
@@ -111,6 +116,15 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
         Seed of atskern's counter-based generator: the same key and weights
         give the same draws on the CPU and on CUDA. None draws one from
         torch's default generator (so ``torch.manual_seed`` makes runs repeat).
+        On CUDA, a one-element int64 CUDA tensor is a *device key*: the kernels
+        read it on the device, and it is advanced by one in place after the
+        draw, so a step has no host round trip and a CUDA graph that captured
+        it draws fresh positions on every replay. Validation is then
+        asynchronous: a bad row raises at the next synchronization.
+    validate : bool
+        Check the attention rows (default). ``validate=False`` opts out: rows
+        with NaN/inf, negative weights or no positive weight then give in-range
+        indices (and whatever their gather gives as sampled attention).
     deterministic : bool
         Take the ``n_samples`` largest weights, largest first (inference).
     strict : bool
@@ -140,11 +154,17 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
         weights = attention.detach()
         if weights.dtype not in (torch.float32, torch.float64):
             weights = weights.to(torch.float32)
+        if not isinstance(validate, bool):
+            raise TypeError(f"validate must be True or False, got {validate!r}")
         key = random_key() if key is None else key_tensor(key)
+        if key.device.type == "cuda" and key.device != attention.device:
+            raise ValueError(f"a CUDA key must be on attention's device {attention.device}, got {key.device}")
         try:
-            indices = _ops.sample_indices(weights.contiguous(), key, n, replace, bool(strict)).to(torch.int64)
+            indices = _ops.sample_indices(weights.contiguous(), key, n, replace, bool(strict), validate).to(torch.int64)
         except ValueError as error:
             raise _errors.sampling_error(error) from None
+        if key.device.type == "cuda":
+            key.add_(1)  # the device key's counter: the next draw (or graph replay) uses the next seed
         flat_index = _ravel(indices, grid)
     sampled = flat.gather(1, flat_index) / flat.sum(dim=1, keepdim=True)
     return indices, sampled

@@ -80,6 +80,18 @@ class SamplePatches(nn.Module):
         self.mode = mode
         self.fill = fill
         self._keys = _KeyStream(seed)
+        self._device_key = None
+        self.validate = True
+
+    def set_device_key(self, key: torch.Tensor | None) -> None:
+        """Draw with a device key: a one-element int64 CUDA tensor that the sampling kernels read on the device
+        and that each call advances by one in place, so a training step makes no host round trip and a
+        ``torch.cuda.CUDAGraph`` capture of it draws fresh patches on every replay (validation then raises
+        asynchronously; set ``self.validate = False`` to opt out of it). ``None`` returns to host keys."""
+        if key is not None and not (isinstance(key, torch.Tensor) and key.device.type == "cuda"
+                                    and key.dtype == torch.int64 and key.numel() == 1):
+            raise TypeError(f"key must be None or a one-element int64 CUDA tensor, got {key!r}")
+        self._device_key = key
 
     def extra_repr(self) -> str:
         return (f"n_patches={self.n_patches}, patch_size={self.patch_size}, receptive_field={self.receptive_field}, "
@@ -122,8 +134,14 @@ class SamplePatches(nn.Module):
         if self.use_logits:
             attention = F.sample_softmax(attention)
         deterministic = self.deterministic()
-        key = None if deterministic else self._keys.next()
-        indices, sampled = F.sample(attention, self.n_patches, replace=self.replace, key=key, deterministic=deterministic)
+        if deterministic:
+            key = None
+        elif self._device_key is not None and attention.device == self._device_key.device:
+            key = self._device_key
+        else:
+            key = self._keys.next()
+        indices, sampled = F.sample(attention, self.n_patches, replace=self.replace, key=key, deterministic=deterministic,
+                                    validate=self.validate)
         margin = (self.receptive_field, tuple(x_low.shape[2:]))  # receptive_field / 2 / low, exactly
         offsets = F.patch_offsets(indices, attention.shape[1:], x_high.shape[2:], size, margin=margin)
         patches = F.extract_patches(x_high, offsets, size, fill=self.fill, channels_first=True)

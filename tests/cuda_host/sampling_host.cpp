@@ -1,0 +1,62 @@
+// atskern/gpu/sampling.cu compiled for the host (tests/test_cuda_host_sampling.py): one extern "C" launcher per
+// kernel, taking the grid and block sizes and then exactly the kernel's own arguments.
+#include "cuda_shim.h"
+#include "sampling.cu"
+
+#define U64 unsigned long long
+
+extern "C" void host_prepare(unsigned grid, unsigned block, long long rows, U64* row_bound, U64* rowmax) {
+    launch(grid, block, [=] { prepare(rows, row_bound, rowmax); });
+}
+
+extern "C" void host_summarize(unsigned grid, unsigned block, long long* status, long long rows) {
+    launch(grid, block, [=] { summarize(status, rows); });
+}
+
+#define SAMPLING_HOST(suffix, T)                                                                                      \
+    extern "C" void host_row_max_##suffix(unsigned grid, unsigned block, const T* weights, long long size,            \
+                                          int nchunks, long long chunk, U64* rowmax) {                                \
+        launch(grid, block, [=] { row_max_##suffix(weights, size, nchunks, chunk, rowmax); });                        \
+    }                                                                                                                 \
+    extern "C" void host_chunk_topn_##suffix(unsigned grid, unsigned block, const T* weights, long long size,         \
+                                             int nchunks, long long chunk, int n, U64 seed, const U64* seed_ptr,      \
+                                             int logits, const U64* rowmax, int pass, const long long* status,        \
+                                             U64* row_bound, double* cand_keys, long long* cand_idx, int* cand_count, \
+                                             double* stats, int select) {                                             \
+        launch(grid, block, [=] {                                                                                     \
+            chunk_topn_##suffix(weights, size, nchunks, chunk, n, seed, seed_ptr, logits, rowmax, pass, status,       \
+                                row_bound, cand_keys, cand_idx, cand_count, stats, select);                           \
+        });                                                                                                           \
+    }                                                                                                                 \
+    extern "C" void host_finish_rows_##suffix(unsigned grid, unsigned block, const T* weights, long long size,        \
+                                              int nchunks, int n, int logits, const U64* rowmax, int pass,            \
+                                              const double* cand_keys, const long long* cand_idx,                     \
+                                              const int* cand_count, const double* stats, long long* status,          \
+                                              U64* row_bound, int dims, long long g0, long long g1, long long g2,     \
+                                              int* indices, double* probs, int select, int presorted) {               \
+        launch(grid, block, [=] {                                                                                     \
+            finish_rows_##suffix(weights, size, nchunks, n, logits, rowmax, pass, cand_keys, cand_idx, cand_count,    \
+                                 stats, status, row_bound, dims, g0, g1, g2, indices, probs, select, presorted);      \
+        });                                                                                                           \
+    }                                                                                                                 \
+    extern "C" void host_exponential_keys_##suffix(unsigned grid, unsigned block, const T* weights, long long size,   \
+                                                   long long total, U64 seed, const U64* seed_ptr, int logits,        \
+                                                   const U64* rowmax, const long long* status, double* keys) {        \
+        launch(grid, block, [=] {                                                                                     \
+            exponential_keys_##suffix(weights, size, total, seed, seed_ptr, logits, rowmax, status, keys);           \
+        });                                                                                                           \
+    }                                                                                                                 \
+    extern "C" void host_replacement_draws_##suffix(unsigned grid, unsigned block, const T* weights, long long size,  \
+                                                    int nchunks, long long chunk, int n, long long rows, U64 seed,    \
+                                                    const U64* seed_ptr, int logits, const U64* rowmax,               \
+                                                    const long long* status, const double* stats, int dims,           \
+                                                    long long g0, long long g1, long long g2, int* indices,           \
+                                                    double* probs) {                                                  \
+        launch(grid, block, [=] {                                                                                     \
+            replacement_draws_##suffix(weights, size, nchunks, chunk, n, rows, seed, seed_ptr, logits, rowmax,        \
+                                       status, stats, dims, g0, g1, g2, indices, probs);                              \
+        });                                                                                                           \
+    }
+
+SAMPLING_HOST(f32, float)
+SAMPLING_HOST(f64, double)

@@ -1,0 +1,237 @@
+"""The CUDA sampling kernels' own source, compiled for the host and run on the CPU (no GPU needed).
+
+``tests/cuda_host`` shims the CUDA built-ins (a block's threads are std::threads meeting at __syncthreads, warp
+shuffles and ballots exchange through memory between barriers, atomics under a mutex), so
+``atskern/gpu/sampling.cu`` compiles with g++. Each call runs the exact launch plan of
+``atskern.gpu.sampling.launches`` -- kernel names, grids, blocks and argument lists a CuPy launch gets -- on NumPy
+arrays, with small blocks and chunks so that tiny rows span many blocks and the shared row bound, the buffer
+compaction, the rescaling pass and the sort fallback all run. Draws must equal the CPU kernel's and the
+reference's for the same seed; probabilities and the status are checked against an independent computation.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import atskern
+from atskern import _validation as v
+from atskern import reference
+from atskern.cpu import sampling as cpu_sampling
+from atskern.gpu import sampling as gs
+
+HERE = Path(__file__).resolve().parent / "cuda_host"
+SOURCE_DIR = Path(gs.__file__).resolve().parent
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
+
+PROBE = "#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n"
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cuda_host_sampling")
+    (folder / "probe.cpp").write_text(PROBE)
+    probe = subprocess.run(["g++", "-std=c++20", "-pthread", str(folder / "probe.cpp"), "-o", str(folder / "probe")],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"g++ without C++20 <barrier>: {probe.stderr.strip()[:200]}")
+    out = folder / "sampling_host.so"
+    build = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Wextra", "-Wshadow",
+                            "-Werror", "-Wno-unknown-pragmas", f"-I{HERE}", f"-I{SOURCE_DIR}",
+                            str(HERE / "sampling_host.cpp"), "-o", str(out)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-4000:]
+    return ctypes.CDLL(str(out))
+
+
+def _ctype(arg):
+    if isinstance(arg, np.ndarray):
+        return ctypes.c_void_p(arg.ctypes.data)
+    return {np.dtype(np.int64): ctypes.c_longlong, np.dtype(np.int32): ctypes.c_int,
+            np.dtype(np.uint64): ctypes.c_ulonglong}[arg.dtype](arg)
+
+
+def _garbage(shape, dtype):
+    """Work space full of a byte pattern, so a kernel that reads what it never wrote shows up."""
+    return np.full(int(np.prod(shape)) * np.dtype(dtype).itemsize, 0xA5, np.uint8).view(dtype).reshape(shape)
+
+
+def host_sample(lib, attention, n, *, seed, replace=False, logits=False, threads=32, chunk=128, seed_array=None):
+    """``atskern.gpu.sampling.sample`` with the host build: (indices, float64 probs, status, plan)."""
+    rows = attention.shape[0]
+    grid = attention.shape[1:]
+    weights = np.ascontiguousarray(attention).reshape(rows, -1)
+    size = weights.shape[1]
+    p = gs.plan(rows, size, n, replace, threads, multiprocessors=1, chunk=chunk)
+    ws = gs.workspace(_garbage, rows, size, n, p, replace, logits)
+    indices = _garbage((rows, n, len(grid)), np.int32)
+    probs = _garbage((rows, n), np.float64)
+    for step in gs.launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_array):
+        if step == gs.SORT_STEP:
+            gs.sort_keys(np, ws, n)
+            continue
+        name, grid_dims, block, args = step
+        assert len(grid_dims) == len(block) == 1 and block[0] % 32 == 0
+        getattr(lib, "host_" + name)(ctypes.c_uint(grid_dims[0]), ctypes.c_uint(block[0]), *map(_ctype, args))
+    return indices, probs, ws.status, p
+
+
+def cpu_sample(attention, n, seed, replace, logits=False):
+    """The CPU path of ``atskern.sample`` without the dtype cast: float64 probs."""
+    weights = np.ascontiguousarray(attention).reshape(attention.shape[0], -1)
+    if logits:
+        weights = atskern.sampling.logits_to_weights(np, weights)
+    grid = np.array(attention.shape[1:], np.int64)
+    indices, probs, status = cpu_sampling.sample(weights, n, grid, seed, replace)
+    rescale = v.rows_to_rescale(status[:-1], weights.dtype)
+    if rescale.any():
+        weights = atskern.sampling.rescale_rows(np, weights, status[:-1], rescale)
+        indices, probs, _ = cpu_sampling.sample(weights, n, grid, seed, replace)
+    return indices, probs, status
+
+
+def assert_same_status(status, cpu_status):
+    """Counts and the summary row exactly; the exponent column where the CPU computes it (it skips rows whose
+    total shows them in range, reporting 0; the GPU always reports the largest weight's exponent)."""
+    assert np.array_equal(status[:, :3], cpu_status[:, :3])
+    assert np.array_equal(status[-1], cpu_status[-1])
+    known = cpu_status[:-1, 3] != 0
+    assert np.array_equal(status[:-1, 3][known], cpu_status[:-1, 3][known])
+
+
+def flat_positions(indices, grid):
+    flat = np.zeros(indices.shape[:2], np.int64)
+    for d, g in enumerate(grid):
+        flat = flat * g + indices[..., d]
+    return flat
+
+
+def independent_probs(attention, flat, logits=False):
+    """Each drawn cell's probability from its own row by a plain float64 division (0 for non-positive cells)."""
+    w = np.asarray(attention, np.float64).reshape(attention.shape[0], -1)
+    if logits:
+        w = np.exp(w - w.max(axis=1, keepdims=True))
+    drawn = np.take_along_axis(w, flat, axis=1)
+    return np.where(drawn > 0, drawn / w.sum(axis=1, keepdims=True), 0.0)
+
+
+@pytest.mark.parametrize("replace", [False, True], ids=["successive", "replace"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_host_draws_equal_cpu_and_reference(lib, dtype, replace):
+    rng = np.random.default_rng(7 + replace)
+    for trial, shape in enumerate([(3, 700), (2, 19, 23), (2, 5, 6, 7), (1, 1)]):
+        attention = (rng.random(shape) ** 3).astype(dtype)
+        n = min(1 if shape == (1, 1) else 5 + 7 * trial, attention[0].size)
+        seed = 1000 + trial
+        indices, probs, status, p = host_sample(lib, attention, n, seed=seed, replace=replace)
+        assert p.nchunks > 1 or attention[0].size <= 128
+        ref_i, ref_p = reference.sample(attention, n, replace=replace, seed=seed)
+        cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, seed, replace)
+        assert np.array_equal(indices, ref_i) and np.array_equal(indices, cpu_i), (trial, shape)
+        np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
+        np.testing.assert_allclose(probs, independent_probs(attention, flat_positions(indices, shape[1:])), rtol=1e-12)
+        assert_same_status(status, cpu_status)
+
+
+@pytest.mark.parametrize("threads, chunk, ns", [(32, 128, (1, 40)), (64, 256, (3, 100)), (32, 1024, (200,))])
+def test_host_many_blocks_share_one_bound(lib, threads, chunk, ns):
+    """A long row in many chunks, several rows: the exact n smallest keys (n near the block room runs on the GPU:
+    the host barriers are slow)."""
+    rng = np.random.default_rng(threads + chunk)
+    attention = rng.exponential(size=(3, 3000)).astype(np.float32)
+    attention[1, ::3] = 0
+    for n in ns:
+        assert n <= gs.max_selection_n(threads)
+        indices, probs, status, _ = host_sample(lib, attention, n, seed=n, threads=threads, chunk=chunk)
+        cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, n, False)
+        assert np.array_equal(indices, cpu_i), n
+        np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
+        assert_same_status(status, cpu_status)
+
+
+def test_host_sort_fallback_for_large_n(lib):
+    """n beyond the selection's room (even at 32 threads): every key sorted, same draws."""
+    rng = np.random.default_rng(3)
+    attention = rng.random((2, 2300))
+    attention[1, 100:] = 0  # a short row: 100 positive cells, then fillers
+    n = gs.max_selection_n(32) + 10
+    indices, probs, status, p = host_sample(lib, attention, n, seed=5)
+    assert p.sort
+    cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, 5, False)
+    assert np.array_equal(indices, cpu_i)
+    np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
+    assert_same_status(status, cpu_status)
+
+
+def test_host_fillers_underflow_and_logits(lib):
+    """Rule R1 (short rows), logits with -inf and an underflowing cell, float32 subnormal weights (CuPy's
+    -ftz=true must not flush them: sampling.cu widens float32 by its bits)."""
+    attention = np.zeros((4, 300), np.float32)
+    attention[0, [5, 77, 250]] = [1, 2, 3]
+    attention[1, :] = 1e-44  # subnormal float32: a uniform row all the same
+    attention[2, 290:] = [1e-40, 1, 1e-45, 0, 2, 0, 0, 7, 1e-38, 3]
+    attention[3, 123] = 1
+    for n in (1, 4, 9):
+        indices, probs, status, _ = host_sample(lib, attention, n, seed=11 + n)
+        cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, 11 + n, False)
+        assert np.array_equal(indices, cpu_i), n
+        np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
+        assert_same_status(status, cpu_status)
+    assert np.array_equal(flat_positions(indices, (300,))[0], [*flat_positions(cpu_i, (300,))[0][:3], 0, 1, 2, 3, 4, 6])
+    logits = np.log(np.where(attention > 0, attention.astype(np.float64), 0.0) + 0.0, where=attention > 0,
+                    out=np.full(attention.shape, -np.inf))
+    logits[0, 9] = -800.0  # exp(-800 - max) underflows to 0 in float64: not positive, a filler candidate
+    for replace in (False, True):
+        indices, probs, status, _ = host_sample(lib, logits, 6, seed=2, replace=replace, logits=True)
+        cpu_i, cpu_p, cpu_status = cpu_sample(logits, 6, 2, replace, logits=True)
+        assert np.array_equal(indices, cpu_i), replace
+        np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
+        assert_same_status(status, cpu_status)
+
+
+@pytest.mark.parametrize("replace", [False, True], ids=["successive", "replace"])
+def test_host_scale_free_rows(lib, replace):
+    """float64 rows at 1e-320 and 1e300: the rescaling pass (pass 1) gives the exact distribution, the same
+    draws as the CPU's rescaled rerun."""
+    base = np.array([1.0, 2.0, 3.0, 0.0, 5.0] * 60)
+    attention = np.stack([base * 1e-320, base * 1e300, base, base * 2.0**-70])
+    indices, probs, status, _ = host_sample(lib, attention, 7, seed=9, replace=replace)
+    cpu_i, cpu_p, cpu_status = cpu_sample(attention, 7, 9, replace)
+    assert np.array_equal(indices, cpu_i)
+    np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
+    assert_same_status(status, cpu_status)
+    flat = flat_positions(indices, (300,))
+    np.testing.assert_allclose(probs, independent_probs(base[None].repeat(4, 0), flat), rtol=1e-12)
+    assert status[-1, v.STATUS_EXPONENT] == 3  # three rows outside SCALE_FREE_EXPONENTS were redone
+
+
+def test_host_bad_rows_stay_in_range(lib):
+    """What validate=False gives: rows that validation refuses still get in-range indices, with probability 0;
+    the status says which rows are bad, exactly as the CPU kernel's."""
+    attention = np.ones((5, 200), np.float32)
+    attention[0, 3] = np.nan
+    attention[1, 7] = -1.0
+    attention[2] = 0.0
+    attention[3, 9] = np.inf
+    for replace in (False, True):
+        indices, probs, status, _ = host_sample(lib, attention, 6, seed=1, replace=replace)
+        _, _, cpu_status = cpu_sample(attention, 6, 1, replace)
+        assert_same_status(status, cpu_status)
+        assert ((indices >= 0) & (indices < 200)).all()
+        assert (probs[:4] == 0).all() and (probs[4] > 0).all()
+        with pytest.raises(ValueError, match="attention row 0 contains NaN or inf"):
+            v.check_status(status, 6, replace, False, False)
+
+
+def test_host_seed_from_device_memory(lib):
+    """A seed read from a uint64 array (ats.torch's device key) draws as that seed."""
+    attention = np.random.default_rng(0).random((2, 400))
+    for replace in (False, True):
+        by_value = host_sample(lib, attention, 5, seed=2**63 + 17, replace=replace)
+        by_array = host_sample(lib, attention, 5, seed=0, replace=replace, seed_array=np.array([2**63 + 17], np.uint64))
+        assert np.array_equal(by_value[0], by_array[0]) and np.array_equal(by_value[1], by_array[1])

@@ -1,0 +1,116 @@
+"""The fused GPU sampling path (issue 10 items 1, 2 and 4): validation from the kernels' status, validate=False,
+device seeds, CUDA-graph capture through ats.torch. Marked gpu: skipped without a CUDA device (the kernels' logic
+runs on the CPU in tests/test_cuda_host_sampling.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import atskern
+
+from .conftest import HAS_GPU
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")]
+
+
+def _bad_rows(dtype=np.float32):
+    attention = np.random.default_rng(0).random((6, 40, 30)).astype(dtype) + 0.01
+    attention[1, 3, 4] = np.nan
+    attention[2, 0, 0] = -1.0
+    attention[3] = 0.0
+    attention[4, 7, 7] = np.inf
+    return attention
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_validation_messages_equal_the_cpu_path(replace):
+    import cupy as cp
+
+    attention = _bad_rows()
+    for row in (1, 2, 3, 4):
+        only = attention.copy()
+        for other in (1, 2, 3, 4):
+            if other != row:
+                only[other] = 0.5
+        with pytest.raises(ValueError) as cpu_error:
+            atskern.sample(only, 5, replace=replace, seed=1)
+        with pytest.raises(ValueError) as gpu_error:
+            atskern.sample(cp.asarray(only), 5, replace=replace, seed=1)
+        assert str(gpu_error.value) == str(cpu_error.value), row
+    short = np.zeros((2, 50), np.float32)
+    short[:, :3] = 1
+    with pytest.raises(ValueError) as cpu_error:
+        atskern.sample(short, 5, seed=1, strict=True)
+    with pytest.raises(ValueError) as gpu_error:
+        atskern.sample(cp.asarray(short), 5, seed=1, strict=True)
+    assert str(gpu_error.value) == str(cpu_error.value)
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_validate_false_gives_the_documented_result(replace):
+    """Bad rows: in-range indices, probs exactly 0, the status left on the device; check_status raises later."""
+    import cupy as cp
+
+    attention = _bad_rows()
+    indices, probs, status = atskern.sample(cp.asarray(attention), 5, replace=replace, seed=3, validate=False,
+                                            return_status=True)
+    assert isinstance(status, cp.ndarray)
+    indices, probs = indices.get(), probs.get()
+    assert ((indices >= 0) & (indices < np.array([40, 30]))).all()
+    assert (probs[1:5] == 0).all() and (probs[[0, 5]] > 0).all()
+    cpu_indices, cpu_probs, cpu_status = atskern.sample(attention, 5, replace=replace, seed=3, validate=False,
+                                                        return_status=True)
+    assert (cpu_probs[1:5] == 0).all()
+    assert np.array_equal(status.get()[:, :3], cpu_status[:, :3])
+    with pytest.raises(ValueError, match="attention row 1 contains NaN or inf"):
+        atskern.check_status(status, 5, replace=replace)
+    assert np.array_equal(indices[[0, 5]], cpu_indices[[0, 5]])
+
+
+@pytest.mark.parametrize("replace", [False, True])
+@pytest.mark.parametrize("logits", [False, True])
+def test_device_seed_draws_as_the_int_seed(replace, logits):
+    import cupy as cp
+
+    attention = np.random.default_rng(1).random((4, 300, 7)) * (1 if not logits else 30)
+    seed = 2**63 + 5
+    want = atskern.sample(attention, 9, replace=replace, logits=logits, seed=seed)
+    got = atskern.sample(cp.asarray(attention), 9, replace=replace, logits=logits, seed=cp.array([seed], cp.uint64))
+    assert np.array_equal(got[0].get(), want[0])
+    np.testing.assert_allclose(got[1].get(), want[1], rtol=1e-12)
+
+
+def test_scale_free_and_large_n_on_the_device():
+    import cupy as cp
+
+    base = np.random.default_rng(2).random((1, 5000))
+    attention = np.concatenate([base * 1e-320, base * 1e300, base])
+    for n in (7, 1990):  # 1990: beyond the shared-memory selection, every key sorted
+        want = atskern.sample(attention, n, seed=4)
+        got = atskern.sample(cp.asarray(attention), n, seed=4)
+        assert np.array_equal(got[0].get(), want[0]), n
+        np.testing.assert_allclose(got[1].get(), want[1], rtol=1e-12)
+
+
+def test_validate_false_call_is_capturable_in_a_cuda_graph():
+    """validate=False with a device seed: no host synchronization, so a CuPy stream capture works and a replay
+    with a new seed value draws anew."""
+    import cupy as cp
+
+    attention = cp.asarray(np.random.default_rng(3).random((8, 64, 64)).astype(np.float32))
+    seed = cp.array([11], cp.uint64)
+    atskern.sample(attention, 10, seed=seed, validate=False)  # compile and load outside the capture
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        indices, _ = atskern.sample(attention, 10, seed=seed, validate=False)
+        graph = stream.end_capture()
+    graph.launch(stream)
+    stream.synchronize()
+    first = indices.get()
+    assert np.array_equal(first, atskern.sample(attention.get(), 10, seed=11)[0])
+    seed[...] = 12
+    graph.launch(stream)
+    stream.synchronize()
+    assert np.array_equal(indices.get(), atskern.sample(attention.get(), 10, seed=12)[0])
