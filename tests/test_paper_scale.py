@@ -135,3 +135,24 @@ def test_paper_scale_pipeline_smoke_and_resume(tmp_path):
         assert picture.size == (200, 200)
     for name in ("paper_scale_test_error.png", "paper_scale_baselines.png", "paper_scale_baselines.json"):
         assert (results / name).stat().st_size > 0
+
+
+def test_mean3x3_matches_a_direct_neighbourhood_mean():
+    from examples.megapixel_digits.hit_rates import mean3x3
+
+    x = np.random.default_rng(1).random((5, 7))
+    got = mean3x3(x)
+    for i in range(5):
+        for j in range(7):
+            assert got[i, j] == pytest.approx(x[max(0, i - 1) : i + 2, max(0, j - 1) : j + 2].mean())
+
+
+def test_hit_rates_grow_with_the_ink_prior(tmp_path):
+    from examples.megapixel_digits.hit_rates import hit_rates
+
+    path = dataset.generate(tmp_path / "d", size=400, digit_size=28, n_train=12, n_test=1, n_digits=5, n_target=3,
+                            n_strokes=5, seed=2, show_progress=False)
+    uniform, inked = hit_rates(path, [0, 60], images=12, n_patches=4, patch=40)
+    for row in (uniform, inked):
+        assert 0 <= row["target_patches"] <= row["digit_patches"] <= 4
+    assert inked["digit_patches"] > uniform["digit_patches"] + 1

@@ -24,6 +24,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # at chance (0.9) until about epoch 210, about 0.2 from about epoch 250 to 500.
 REFERENCE_2019 = [(1, 0.9), (210, 0.9), (250, 0.2), (500, 0.2)]
 
+SOURCES = {"sklearn-digits": "scikit-learn digits upscaled", "mnist": "MNIST digits"}
+
 KEYS = ("image_size", "n_patches", "patch_size", "epochs", "test_error", "seconds_per_epoch", "peak_memory_mib",
         "device", "framework")
 
@@ -49,8 +51,9 @@ def plot_test_error(run: dict, path: Path):
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ref_x, ref_y = zip(*REFERENCE_2019)
     ax.plot(ref_x, ref_y, "--", color="gray", label="2019 library (TF1 Keras, MNIST digits; read off its docs)")
+    source = SOURCES.get(run["data"]["source"], run["data"]["source"])
     ax.plot(epochs, run["test_error"], "o-", color="C3", ms=3,
-            label=f"atskern + ats.torch ({run['data']['source']} digits, {run['config']['net']} nets)")
+            label=f"atskern + ats.torch ({source}, '{run['config']['net']}' networks, ink prior)")
     ax.axhline(0.1, color="C2", lw=0.8, ls=":", label="goal: 10% within 30 epochs")
     ax.set_xscale("log")
     ax.set_xlim(0.9, 550)
@@ -143,10 +146,13 @@ def main(argv=None):
     parser.add_argument("--dense", type=Path)
     parser.add_argument("--data", type=Path, help="the dataset file (default: the one the ATS run used)")
     parser.add_argument("--overlays", type=int, default=3)
+    parser.add_argument("--device", help="describe the machine (overrides the run's own description)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     run = read_run(args.ats)
+    if args.device:
+        run["device"] = args.device
     (args.out / "paper_scale.json").write_text(json.dumps(results_json(run), indent=1))
     plot_test_error(run, args.out / "paper_scale_test_error.png")
     data = args.data or Path(run["data"]["file"])

@@ -162,6 +162,8 @@ def evaluate(torch, model, args, batches, layout, is_target_all):
     hits = target_hits = 0
     with torch.no_grad():
         for step, (low, high, labels, ids) in enumerate(batches):
+            if args.max_test_steps and step >= args.max_test_steps:
+                break
             low, high, labels = to_device(torch, args, low, high, labels)
             logits, _, offsets = run_batch(model, args, low, high, mix(args.seed, 2, step), deterministic=args.eval_topk)
             loss_sum += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
@@ -190,7 +192,17 @@ def save_checkpoint(torch, path: Path, state: dict):
 def device_name(torch, device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def parse(argv=None):
@@ -216,6 +228,7 @@ def parse(argv=None):
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--max-steps", type=int, default=0, help="stop each epoch after this many steps (0: all)")
+    parser.add_argument("--max-test-steps", type=int, default=0, help="test on this many batches only (0: all)")
     parser.add_argument("--eval-topk", action="store_true", help="test on the top-k cells instead of sampling")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
