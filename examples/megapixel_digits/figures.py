@@ -72,7 +72,7 @@ def plot_test_error(run: dict, path: Path):
 def attention_overlays(run_folder: Path, data: Path, out: Path, count: int = 3, seed: int = 0):
     """PNG per test image at full resolution: the image, the attention map in red, the sampled patches in green."""
     import torch
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     from .dataset import box_downsample, load, render_uint8
     from .paper_scale import parse
@@ -109,7 +109,13 @@ def attention_overlays(run_folder: Path, data: Path, out: Path, count: int = 3, 
             d = test.digit_size
             draw.rectangle([col - 2, row - 2, col + d + 2, row + d + 2], outline=(80, 160, 255), width=2)
         predicted = int(logits.argmax(1))
-        path = out / f"paper_scale_attention_{i}_label{int(test.labels[i])}_pred{predicted}.png"
+        try:
+            font = ImageFont.load_default(size=max(12, size // 40))
+        except TypeError:  # Pillow < 10.1
+            font = ImageFont.load_default()
+        draw.text((10, 10), f"test image {i}: class {int(test.labels[i])}, predicted {predicted} "
+                  f"(after epoch {state['epoch']})", fill=(255, 255, 255), font=font)
+        path = out / f"paper_scale_attention_{i}.png"
         picture.save(path, optimize=True)
         paths.append(path)
     return paths
@@ -131,12 +137,32 @@ def plot_baselines(runs: dict, path: Path):
                                  ("best test error", "training seconds per image", "peak RSS above model (MiB)")):
         ax.bar(labels, values, color=["C3", "C0", "C1"][: len(names)])
         ax.set_title(title, fontsize=9)
+        if values is not best:
+            ax.set_yscale("log")
         for x, v in enumerate(values):
             ax.annotate(f"{v:.3g}", (x, v), ha="center", va="bottom", fontsize=8)
     fig.suptitle("1500x1500 Megapixel digits on this 2-core CPU (shared, nice 19)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def markdown(runs: dict) -> str:
+    """The README tables: the ATS run per epoch, then every model side by side."""
+    ats = runs["ATS"]
+    lines = ["| epoch | test error | train error | digit patches (test, of 10) | train s | test s |", "|---|---|---|---|---|---|"]
+    for r in ats["history"]:
+        lines.append(f"| {r['epoch']} | {r['test_error']:.1%} | {r['train_error']:.1%} | {r['test_digit_patches']:.2f} | "
+                     f"{r['train_seconds']:.0f} | {r['test_seconds']:.0f} |")
+    lines += ["", "| model | epochs (steps) | best test error | s per training step (batch) | s per image | "
+              "peak RSS above the built model |", "|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        steps = sum(h["steps"] for h in r["history"])
+        per_step = float(np.median(r["seconds_per_step"]))
+        batch = r["config"]["batch"]
+        lines.append(f"| {name} | {r['epochs']} ({steps}) | {min(r['test_error']):.1%} | {per_step:.2f} ({batch}) | "
+                     f"{per_step / batch:.3f} | {r['peak_memory_mib']:.0f} MiB |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -155,7 +181,7 @@ def main(argv=None):
         run["device"] = args.device
     (args.out / "paper_scale.json").write_text(json.dumps(results_json(run), indent=1))
     plot_test_error(run, args.out / "paper_scale_test_error.png")
-    data = args.data or Path(run["data"]["file"])
+    data = args.data or Path(run["data"].get("file") or Path(run["config"]["out"]).parent / "missing.npz")
     if args.overlays:
         attention_overlays(args.ats, data, args.out, args.overlays)
     runs = {"ATS": run}
@@ -168,6 +194,7 @@ def main(argv=None):
                    for name, r in runs.items()}
         (args.out / "paper_scale_baselines.json").write_text(json.dumps(summary, indent=1))
         plot_baselines(runs, args.out / "paper_scale_baselines.png")
+    print(markdown(runs))
 
 
 if __name__ == "__main__":
