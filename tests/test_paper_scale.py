@@ -133,6 +133,12 @@ def test_paper_scale_pipeline_smoke_and_resume(tmp_path):
         assert picture.size == (200, 200)
     for name in ("paper_scale_test_error.png", "paper_scale_baselines.png", "paper_scale_baselines.json"):
         assert (results / name).stat().st_size > 0
+    from examples.megapixel_digits import step_cost
+
+    step_cost.main(["--data", run["data"]["file"], "--batch", "2", "--repeats", "1", "--models", "ats", "dense",
+                    "--out", str(results / "cost.json")])
+    cost = json.loads((results / "cost.json").read_text())
+    assert set(cost["seconds_per_step"]) == {"ats", "dense"} and all(v > 0 for v in cost["seconds_per_step"].values())
 
 
 def test_mean3x3_matches_a_direct_neighbourhood_mean():

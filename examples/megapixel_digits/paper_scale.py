@@ -148,7 +148,7 @@ class EpochOrder:
 def loader(torch, views, args, shuffle):
     """A DataLoader whose ``sampler.epoch`` picks the order; rendering in spawn-context workers (kept across epochs)."""
     kwargs = dict(batch_size=args.batch, sampler=EpochOrder(len(views), args.seed, shuffle), drop_last=shuffle,
-                  num_workers=args.workers, pin_memory=args.device == "cuda")
+                  num_workers=args.workers, pin_memory=args.device.startswith("cuda"))
     if args.workers:
         kwargs.update(multiprocessing_context="spawn", persistent_workers=True, prefetch_factor=2)
     return torch.utils.data.DataLoader(views, **kwargs)
@@ -190,7 +190,7 @@ def save_checkpoint(torch, path: Path, state: dict):
 
 
 def device_name(torch, device: str) -> str:
-    if device == "cuda":
+    if device.startswith("cuda"):
         return torch.cuda.get_device_name()
     return f"CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
@@ -337,6 +337,8 @@ def main(argv=None):
         record.update(evaluate(torch, model, args, test_batches, test, targets["test"]))
         record["test_seconds"] = time.perf_counter() - tick
         record["peak_memory_mib"] = memory.above_mib
+        if args.device.startswith("cuda"):
+            record["peak_cuda_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
         history.append(record)
         print(json.dumps(record), flush=True)
         save_checkpoint(torch, checkpoint_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
