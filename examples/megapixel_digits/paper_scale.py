@@ -176,7 +176,7 @@ def evaluate(torch, model, args, batches, layout, is_target_all):
                 hits += int(h.sum())
                 target_hits += int(t.sum())
     model.train()
-    result = {"test_loss": loss_sum / total, "test_error": 1 - correct / total}
+    result = {"test_loss": loss_sum / total, "test_error": round(1 - correct / total, 9)}
     if args.model == "ats":
         result["test_digit_patches"] = hits / total  # patches (of n_patches) that hold a digit, per image
         result["test_target_patches"] = target_hits / total
