@@ -63,7 +63,7 @@ def plot_test_error(run: dict, path: Path):
     ax.set_ylabel("test error")
     ax.set_title(f"Megapixel digits {run['image_size']}x{run['image_size']}, {run['n_patches']} patches of "
                  f"{run['patch_size']}x{run['patch_size']}: same settings, not the same pixels", fontsize=9)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="center", bbox_to_anchor=(0.55, 0.5))
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
