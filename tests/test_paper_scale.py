@@ -124,7 +124,8 @@ def test_paper_scale_pipeline_smoke_and_resume(tmp_path):
         paper_scale.main(common + ["--epochs", "1", "--model", model, "--out", str(tmp_path / model)])
     results = tmp_path / "results"
     figures.main(["--ats", str(out), "--lowres", str(tmp_path / "lowres"), "--dense", str(tmp_path / "dense"),
-                  "--overlays", "1", "--out", str(results)])
+                  "--uniform", str(tmp_path / "lowres"), "--overlays", "1", "--out", str(results)])
+    assert json.loads((results / "paper_scale_uniform_start.json").read_text())["epochs"] == 1
     summary = json.loads((results / "paper_scale.json").read_text())
     assert list(summary)[: len(figures.KEYS)] == list(figures.KEYS)
     from PIL import Image

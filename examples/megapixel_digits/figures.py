@@ -1,6 +1,7 @@
 """Figures and the results file of the paper-scale run (from the run folders of :mod:`.paper_scale`).
 
-    python -m examples.megapixel_digits.figures --ats runs/paper_scale --lowres runs/lowres --dense runs/dense
+    python -m examples.megapixel_digits.figures --ats runs/paper_scale --lowres runs/lowres --dense runs/dense \\
+        --uniform runs/paper_scale_uniform
 
 writes into ``examples/megapixel_digits/results/``: ``paper_scale.json``,
 ``paper_scale_test_error.png`` (our test error per epoch beside the 2019
@@ -42,7 +43,7 @@ def results_json(run: dict) -> dict:
     return out
 
 
-def plot_test_error(run: dict, path: Path):
+def plot_test_error(run: dict, path: Path, uniform: dict | None = None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -55,6 +56,9 @@ def plot_test_error(run: dict, path: Path):
     source = SOURCES.get(run["data"]["source"], run["data"]["source"])
     ax.plot(epochs, run["test_error"], "o-", color="C3", ms=3,
             label=f"atskern + ats.torch ({source}, '{run['config']['net']}' networks, ink prior)")
+    if uniform is not None:
+        ax.plot(np.arange(1, len(uniform["test_error"]) + 1), uniform["test_error"], "s-", color="C0", ms=3,
+                label="the same without the ink prior (uniform start)")
     ax.axhline(0.1, color="C2", lw=0.8, ls=":", label="goal: 10% within 30 epochs")
     ax.set_xscale("log")
     ax.set_xlim(0.9, 550)
@@ -171,6 +175,7 @@ def main(argv=None):
     parser.add_argument("--ats", type=Path, default=Path("runs/paper_scale"))
     parser.add_argument("--lowres", type=Path)
     parser.add_argument("--dense", type=Path)
+    parser.add_argument("--uniform", type=Path, help="an ATS run without the ink prior (the control)")
     parser.add_argument("--data", type=Path, help="the dataset file (default: the one the ATS run used)")
     parser.add_argument("--overlays", type=int, default=3)
     parser.add_argument("--device", help="describe the machine (overrides the run's own description)")
@@ -181,7 +186,10 @@ def main(argv=None):
     if args.device:
         run["device"] = args.device
     (args.out / "paper_scale.json").write_text(json.dumps(results_json(run), indent=1))
-    plot_test_error(run, args.out / "paper_scale_test_error.png")
+    uniform = read_run(args.uniform) if args.uniform and (args.uniform / "history.json").exists() else None
+    plot_test_error(run, args.out / "paper_scale_test_error.png", uniform)
+    if uniform is not None:
+        (args.out / "paper_scale_uniform_start.json").write_text(json.dumps(results_json(uniform), indent=1))
     data = args.data or Path(run["data"].get("file") or Path(run["config"]["out"]).parent / "missing.npz")
     if args.overlays:
         attention_overlays(args.ats, data, args.out, args.overlays)
