@@ -96,3 +96,14 @@ def cell(value):
 
 def ratio(numerator, denominator):
     return None if numerator is None or denominator is None else numerator / denominator
+
+
+def script_main(module) -> None:
+    """``python -m bench.<gpu benchmark> [--quick]`` for ``module``: print its table, or why it cannot run here."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=module.__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    reason = module.unavailable()
+    print(f"skipped: {reason}" if reason else module.run(args.quick).markdown())

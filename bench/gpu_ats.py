@@ -10,7 +10,7 @@ torch with CUDA; skipped with a note otherwise.
 
 from __future__ import annotations
 
-import argparse
+import sys
 
 from . import _gpu, torch_ats
 from ._timing import Table
@@ -62,8 +62,4 @@ def run(quick: bool = False, progress=None) -> Table:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    reason = unavailable()
-    print(f"skipped: {reason}" if reason else run(args.quick).markdown())
+    _gpu.script_main(sys.modules[__name__])

@@ -15,7 +15,7 @@ torch's CUDA build.
 
 from __future__ import annotations
 
-import argparse
+import sys
 
 import numpy as np
 
@@ -164,8 +164,4 @@ def _rows(table, op, label, timed, ours, moved, copy):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    reason = unavailable()
-    print(f"skipped: {reason}" if reason else run(args.quick).markdown())
+    _gpu.script_main(sys.modules[__name__])

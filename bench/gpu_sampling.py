@@ -11,7 +11,7 @@ columns are skipped with a note without torch's CUDA build.
 
 from __future__ import annotations
 
-import argparse
+import sys
 
 import numpy as np
 
@@ -90,8 +90,4 @@ def run(quick: bool = False, progress=None) -> Table:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    reason = unavailable()
-    print(f"skipped: {reason}" if reason else run(args.quick).markdown())
+    _gpu.script_main(sys.modules[__name__])

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,42 +21,21 @@ from atskern import _validation as v
 from atskern import reference
 from atskern.gpu import patches as gp
 
-HERE = Path(__file__).resolve().parent / "cuda_host"
-SOURCE_DIR = Path(gp.__file__).resolve().parent
+from .cuda_host_build import build_host_library, ctype
+
 OFFSET_DTYPES = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64]
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
 
 
-PROBE = "#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n"
-
-
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cuda_host")
-    (folder / "probe.cpp").write_text(PROBE)
-    probe = subprocess.run(["g++", "-std=c++20", "-pthread", str(folder / "probe.cpp"), "-o", str(folder / "probe")],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"g++ without C++20 <barrier>: {probe.stderr.strip()[:200]}")
-    out = folder / "patches_host.so"
-    build = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Wextra", "-Wshadow", "-Werror",
-                            "-Wno-unknown-pragmas", f"-I{HERE}", f"-I{SOURCE_DIR}", str(HERE / "patches_host.cpp"),
-                            "-o", str(out)], capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr[-4000:]
-    return ctypes.CDLL(str(out))
-
-
-def _ctype(arg):
-    if isinstance(arg, np.ndarray):
-        return ctypes.c_void_p(arg.ctypes.data)
-    return {np.dtype(np.int64): ctypes.c_longlong, np.dtype(np.int32): ctypes.c_int,
-            np.dtype(np.uint64): ctypes.c_ulonglong}[arg.dtype](arg)
+    return build_host_library(tmp_path_factory.mktemp("cuda_host"), "patches_host")
 
 
 def launch(lib, name, grid, block, args):
     assert len(grid) == len(block) == 1
-    getattr(lib, "host_" + name)(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), *map(_ctype, args))
+    getattr(lib, "host_" + name)(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), *map(ctype, args))
 
 
 def host_gather(lib, x, offsets, patch, fill, channels_first, threads=32):

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import shutil
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,35 +23,15 @@ from atskern import reference
 from atskern.cpu import sampling as cpu_sampling
 from atskern.gpu import sampling as gs
 
-HERE = Path(__file__).resolve().parent / "cuda_host"
-SOURCE_DIR = Path(gs.__file__).resolve().parent
+from .cuda_host_build import build_host_library, ctype
+
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
-
-PROBE = "#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n"
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cuda_host_sampling")
-    (folder / "probe.cpp").write_text(PROBE)
-    probe = subprocess.run(["g++", "-std=c++20", "-pthread", str(folder / "probe.cpp"), "-o", str(folder / "probe")],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"g++ without C++20 <barrier>: {probe.stderr.strip()[:200]}")
-    out = folder / "sampling_host.so"
-    build = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Wextra", "-Wshadow",
-                            "-Werror", "-Wno-unknown-pragmas", f"-I{HERE}", f"-I{SOURCE_DIR}",
-                            str(HERE / "sampling_host.cpp"), "-o", str(out)], capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr[-4000:]
-    return ctypes.CDLL(str(out))
-
-
-def _ctype(arg):
-    if isinstance(arg, np.ndarray):
-        return ctypes.c_void_p(arg.ctypes.data)
-    return {np.dtype(np.int64): ctypes.c_longlong, np.dtype(np.int32): ctypes.c_int,
-            np.dtype(np.uint64): ctypes.c_ulonglong}[arg.dtype](arg)
+    return build_host_library(tmp_path_factory.mktemp("cuda_host_sampling"), "sampling_host")
 
 
 def _garbage(shape, dtype):
@@ -77,7 +55,7 @@ def host_sample(lib, attention, n, *, seed, replace=False, logits=False, threads
             continue
         name, grid_dims, block, args = step
         assert len(grid_dims) == len(block) == 1 and block[0] % 32 == 0
-        getattr(lib, "host_" + name)(ctypes.c_uint(grid_dims[0]), ctypes.c_uint(block[0]), *map(_ctype, args))
+        getattr(lib, "host_" + name)(ctypes.c_uint(grid_dims[0]), ctypes.c_uint(block[0]), *map(ctype, args))
     return indices, probs, ws.status, p
 
 
