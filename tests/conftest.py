@@ -51,3 +51,15 @@ def small_gpu_blocks(monkeypatch):
     from atskern.gpu import _module
 
     monkeypatch.setattr(_module, "THREADS_PER_BLOCK", 32)
+
+
+@pytest.fixture(params=["i32", "i64"])
+def index_width(request, monkeypatch):
+    """Run the GPU patch kernels with 32-bit and (forced by a tiny limit) 64-bit index arithmetic."""
+    from atskern.gpu import patches as gp
+
+    if request.param == "i64":
+        monkeypatch.setattr(gp, "INT32_LIMIT", 1)
+    gp.clear_caches()
+    yield request.param
+    gp.clear_caches()

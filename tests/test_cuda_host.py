@@ -54,15 +54,6 @@ def host_scatter(lib, grad, offsets, spatial, channels_first, deterministic=True
     return out
 
 
-@pytest.fixture(params=["i32", "i64"])
-def index_width(request, monkeypatch):
-    if request.param == "i64":
-        monkeypatch.setattr(gp, "INT32_LIMIT", 1)
-    gp.clear_caches()
-    yield request.param
-    gp.clear_caches()
-
-
 def random_case(rng, ndim, channels_first, dtype, offsets_dtype, count=6):
     spatial = tuple(int(s) for s in rng.integers(1, 14, ndim))
     patch = tuple(int(p) for p in rng.integers(1, 8, ndim))

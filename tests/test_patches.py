@@ -417,18 +417,6 @@ def test_validation_fuzz_never_crashes(x, offsets, patch, fill, spatial, cf):
 # --- GPU ----------------------------------------------------------------------
 
 
-@pytest.fixture(params=["i32", "i64"])
-def index_width(request, monkeypatch):
-    """Run the GPU kernels with 32-bit and (forced by a tiny limit) 64-bit index arithmetic."""
-    from atskern.gpu import patches as gp
-
-    if request.param == "i64":
-        monkeypatch.setattr(gp, "INT32_LIMIT", 1)
-    gp.clear_caches()
-    yield request.param
-    gp.clear_caches()
-
-
 @pytest.fixture
 def small_gpu_tiles(monkeypatch):
     """Deterministic GPU scatter with 1-pixel tiles' worth of threads and 3 patches per pass (many tiles, many passes)."""
