@@ -50,6 +50,25 @@ def require_tensorflow_backend(what: str = "ats") -> None:
         _refuse(what, keras.backend.backend())
 
 
+BACKENDS = ("tensorflow", "torch", "jax")
+
+
+def require_keras(what: str = "ats.keras") -> str:
+    """Raise ImportError unless Keras 3 runs on one of :data:`BACKENDS`; return the backend's name."""
+    backend = _configured_backend()
+    if backend not in BACKENDS:
+        raise ImportError(f"{what} runs on the Keras 3 backends {BACKENDS}, but the Keras backend is {backend!r}")
+    import keras
+
+    major = int(keras.__version__.split(".")[0])
+    if major < 3:
+        raise ImportError(f"{what} needs Keras 3, found keras {keras.__version__}")
+    backend = keras.backend.backend()
+    if backend not in BACKENDS:
+        raise ImportError(f"{what} runs on the Keras 3 backends {BACKENDS}, but the Keras backend is {backend!r}")
+    return backend
+
+
 def register(cls):
     """Register ``cls`` for ``keras.models.load_model`` under the package name ``ats``."""
     import keras

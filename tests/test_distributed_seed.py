@@ -1,0 +1,48 @@
+"""Seeds salted with the process rank: rank 0 keeps the seed, other ranks get distinct seeds."""
+
+import json
+
+import pytest
+
+from ats import _distributed
+
+
+def test_rank_zero_keeps_the_seed():
+    for seed in (0, 1, 12345, 2**64 - 1):
+        assert _distributed.salted_seed(seed, 0) == seed
+
+
+def test_ranks_get_distinct_seeds():
+    for seed in (0, 7, 2**63 + 5):
+        salted = {_distributed.salted_seed(seed, rank) for rank in range(4096)}
+        assert len(salted) == 4096
+        assert all(0 <= s < 2**64 for s in salted)
+
+
+def test_negative_index_is_refused():
+    with pytest.raises(ValueError, match="index"):
+        _distributed.salted_seed(1, -1)
+
+
+@pytest.mark.parametrize(
+    "config, rank",
+    [
+        ({"cluster": {"worker": ["a", "b"]}, "task": {"type": "worker", "index": 1}}, 1),
+        ({"cluster": {"chief": ["c"], "worker": ["a", "b"]}, "task": {"type": "worker", "index": 1}}, 2),
+        ({"cluster": {"chief": ["c"], "worker": ["a"]}, "task": {"type": "chief", "index": 0}}, 0),
+    ],
+)
+def test_rank_from_tf_config(monkeypatch, config, rank):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("TF_CONFIG", json.dumps(config))
+    assert _distributed._tf_config_rank() == rank
+
+
+def test_rank_from_torchrun_environment(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setattr(_distributed, "_torch_rank", lambda: None)
+    monkeypatch.setattr(_distributed, "_jax_rank", lambda: None)
+    assert _distributed.process_index() == 3
+    monkeypatch.setenv("RANK", "0")
+    assert _distributed.process_index() == 0
