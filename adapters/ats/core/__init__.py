@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from .. import ops
+from .._distributed import salted_seed
 from .._keras import register
 from ..utils.layers import ActivityRegularizer
 from ._patch_size import infer_patch_size
@@ -34,9 +35,10 @@ def _seed_bits(seed: int) -> tf.Tensor:
 
 
 def _input_seed(seed: int, attention) -> tf.Tensor:
-    """``seed`` mixed with a fingerprint of the attention map: same seed and map, same draws; no state."""
+    """``seed`` (salted with the process rank) mixed with a fingerprint of the attention map: same seed, rank
+    and map, same draws; no state."""
     digest = tf.fingerprint(tf.reshape(attention, (1, -1)))[0]
-    return tf.bitwise.bitwise_xor(tf.bitcast(digest, tf.int64), _seed_bits(seed))
+    return tf.bitwise.bitwise_xor(tf.bitcast(digest, tf.int64), _seed_bits(salted_seed(seed)))
 
 
 def _check_ranks(x_low, x_high, attention):
