@@ -1,6 +1,9 @@
 """Seeds salted with the process rank: rank 0 keeps the seed, other ranks get distinct seeds."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -46,3 +49,31 @@ def test_rank_from_torchrun_environment(monkeypatch):
     assert _distributed.process_index() == 3
     monkeypatch.setenv("RANK", "0")
     assert _distributed.process_index() == 0
+
+
+def test_an_initialized_framework_decides_even_for_rank_zero(monkeypatch):
+    """torch.distributed's rank 0 is not overridden by a TF_CONFIG or RANK left in the environment."""
+    monkeypatch.setattr(_distributed, "_torch_rank", lambda: 0)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a", "b"]}, "task": {"type": "worker", "index": 1}}))
+    assert _distributed.process_index() == 0
+    monkeypatch.setattr(_distributed, "_torch_rank", lambda: None)
+    monkeypatch.setattr(_distributed, "_jax_rank", lambda: None)
+    assert _distributed.process_index() == 1
+
+
+def test_asking_for_the_rank_starts_no_jax_backend():
+    pytest.importorskip("jax")
+    code = (
+        "import jax\n"
+        "from jax._src import xla_bridge\n"
+        "from ats import _distributed\n"
+        "assert _distributed.process_index() == 0\n"
+        "print(xla_bridge.backends_are_initialized())\n"
+    )
+    env = dict(os.environ)
+    env.pop("TF_CONFIG", None)
+    env.pop("RANK", None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"

@@ -29,13 +29,21 @@ def _torch_rank() -> int | None:
 
 
 def _jax_rank() -> int | None:
+    """``jax.process_index()`` in a multi-process JAX job; None otherwise, without starting a JAX backend."""
     jax = sys.modules.get("jax")
     if jax is None:
         return None
     try:
-        return int(jax.process_index())
-    except RuntimeError:  # no backend could start
+        if jax.distributed.is_initialized():
+            return int(jax.process_index())
+        # multi-host runtimes that need no jax.distributed.initialize (TPU pods): ask only once a backend runs
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized() and jax.process_count() > 1:
+            return int(jax.process_index())
+    except (AttributeError, ImportError, RuntimeError):  # another JAX version, or no backend could start
         return None
+    return None
 
 
 def _tf_config_rank() -> int | None:
@@ -58,10 +66,14 @@ def _tf_config_rank() -> int | None:
 
 
 def process_index() -> int:
-    """This process's rank: ``torch.distributed`` (when initialized), JAX's process index (when more than
-    one), ``TF_CONFIG`` (MultiWorkerMirroredStrategy), torchrun's ``RANK``; 0 in a single-process run."""
+    """This process's rank: ``torch.distributed``'s (when initialized), JAX's process index (in a
+    multi-process JAX job), the worker index of ``TF_CONFIG`` (MultiWorkerMirroredStrategy), torchrun's
+    ``RANK``, in that order; 0 in a single-process run.
+
+    Read on every call (a few microseconds), so it follows a process group set up after the model was built.
+    """
     for rank in (_torch_rank(), _jax_rank(), _tf_config_rank()):
-        if rank:
+        if rank is not None:
             return rank
     try:
         return int(os.environ.get("RANK", "0"))

@@ -17,6 +17,7 @@ from .modules import (
     MultinomialEntropy,
     SamplePatches,
     SampleSoftmax,
+    device_key,
     multinomial_entropy,
 )
 
@@ -27,6 +28,7 @@ __all__ = [
     "SampleSoftmax",
     "MultinomialEntropy",
     "multinomial_entropy",
+    "device_key",
     "functional",
     "sample",
     "patch_offsets",

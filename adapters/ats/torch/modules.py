@@ -8,11 +8,19 @@ import numbers
 import torch
 from torch import nn
 
+from .. import _distributed
 from . import functional as F
 
 
 class _KeyStream:
-    """Sampling seeds: from torch's default generator (seed None) or a reproducible stream of a fixed seed."""
+    """Sampling seeds: from torch's default generator (seed None) or a reproducible stream of a fixed seed.
+
+    Both are salted with the process rank (:func:`ats._distributed.salted_seed`)
+    when they are drawn, so that the ranks of a data-parallel job draw
+    different patches even when every rank calls ``torch.manual_seed`` with
+    the same value or builds its modules with the same ``seed``. Rank 0 (and a
+    single-process run) keeps the unsalted keys.
+    """
 
     def __init__(self, seed):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64):
@@ -22,14 +30,34 @@ class _KeyStream:
 
     @torch.compiler.disable
     def next(self) -> torch.Tensor:
+        rank = _distributed.process_index()
         if self.seed is None:
-            return F.random_key()
-        # splitmix64 of (seed, call number): a fresh, reproducible key per call
-        z = (self.seed + (self.calls + 1) * 0x9E3779B97F4A7C15) % 2**64
+            key = F.random_key()
+            return key if rank == 0 else F.key_tensor(_distributed.salted_seed(int(key), rank))
+        # splitmix64 of (salted seed, call number): a fresh, reproducible key per call
+        z = (_distributed.salted_seed(self.seed, rank) + (self.calls + 1) * 0x9E3779B97F4A7C15) % 2**64
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
         self.calls += 1
         return F.key_tensor(z ^ (z >> 31))
+
+
+def device_key(seed=None, device="cuda") -> torch.Tensor:
+    """A device key for :meth:`SamplePatches.set_device_key`, salted with this process's rank.
+
+    A one-element int64 tensor on ``device`` holding ``salted_seed(seed)``
+    (``seed`` None: a seed drawn from torch's default generator, as host keys
+    are). The kernels advance it by one per draw, so rank ``r`` draws with
+    ``salted_seed(seed, r), salted_seed(seed, r) + 1, ...``: rank 0 keeps
+    ``seed``, and other ranks start 64-bit words apart and never meet it. Call
+    it after ``torch.distributed.init_process_group`` (or under ``torchrun``,
+    which sets ``RANK``).
+    """
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64):
+        raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
+    seed = int(F.random_key()) if seed is None else int(seed)
+    key = F.key_tensor(_distributed.salted_seed(seed))
+    return key.reshape(1).to(device)
 
 
 class SamplePatches(nn.Module):
@@ -60,7 +88,10 @@ class SamplePatches(nn.Module):
         ``"auto"`` samples in training and takes the top-k in ``eval()``.
     seed : None or int in [0, 2**64)
         None: keys from torch's default generator (``torch.manual_seed``
-        repeats a run). An int: a reproducible key stream of its own.
+        repeats a run). An int: a reproducible key stream of its own. In a
+        multi-process job (``torch.distributed``, ``torchrun``) both are
+        salted with the rank, so each rank draws its own patches; rank 0
+        draws what a single process would.
     fill : number
         Value of patch pixels outside ``x_high``.
     """
@@ -87,7 +118,10 @@ class SamplePatches(nn.Module):
         """Draw with a device key: a one-element int64 CUDA tensor that the sampling kernels read on the device
         and that each call advances by one in place, so a training step makes no host round trip and a
         ``torch.cuda.CUDAGraph`` capture of it draws fresh patches on every replay (validation then raises
-        asynchronously; set ``self.validate = False`` to opt out of it). ``None`` returns to host keys."""
+        asynchronously; set ``self.validate = False`` to opt out of it). ``None`` returns to host keys.
+
+        The key is used as given: in a multi-process job make it with :func:`device_key`, which salts its seed
+        with the process rank, so that the ranks draw different patches."""
         if key is not None and not (isinstance(key, torch.Tensor) and key.device.type == "cuda"
                                     and key.dtype == torch.int64 and key.numel() == 1):
             raise TypeError(f"key must be None or a one-element int64 CUDA tensor, got {key!r}")
