@@ -73,7 +73,7 @@ def run_workers(out: Path, attempt: int):
     base = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "adapters")]), KERAS_BACKEND="tensorflow",
                 CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
     base.pop("RANK", None)
-    command = [sys.executable, "-m", "examples.distributed.keras_mwms", "--steps", str(STEPS), "--lr", str(LR),
+    command = [sys.executable, "-m", "examples.distributed.keras_mwms", "--steps", str(STEPS), "--optimizer", "sgd", "--lr", str(LR),
                "--global-batch", "4", "--record", str(out)]
     workers, logs = [], []
     try:

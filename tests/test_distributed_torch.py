@@ -155,7 +155,7 @@ def ddp_run(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "adapters")]), OMP_NUM_THREADS="1")
     env.pop("TF_CONFIG", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "examples.distributed.torch_ddp", "--steps", str(STEPS), "--batch", str(BATCH), "--lr", str(LR),
+               "-m", "examples.distributed.torch_ddp", "--steps", str(STEPS), "--batch", str(BATCH), "--optimizer", "sgd", "--lr", str(LR),
                "--seed", "none", "--torch-seed", "0", "--record", str(out)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
