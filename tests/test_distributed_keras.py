@@ -32,7 +32,8 @@ LR = 0.1
 
 
 def tf_config(ports, index: int) -> str:
-    return json.dumps({"cluster": {"worker": [f"127.0.0.1:{p}" for p in ports]}, "task": {"type": "worker", "index": index}})
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    return json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
 
 
 def test_sample_patches_seed_is_salted_with_the_worker_index(monkeypatch):
@@ -73,8 +74,8 @@ def run_workers(out: Path, attempt: int):
     base = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "adapters")]), KERAS_BACKEND="tensorflow",
                 CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="2")
     base.pop("RANK", None)
-    command = [sys.executable, "-m", "examples.distributed.keras_mwms", "--steps", str(STEPS), "--optimizer", "sgd", "--lr", str(LR),
-               "--global-batch", "4", "--record", str(out)]
+    command = [sys.executable, "-m", "examples.distributed.keras_mwms", "--steps", str(STEPS), "--optimizer", "sgd",
+               "--lr", str(LR), "--global-batch", "4", "--record", str(out)]
     workers, logs = [], []
     try:
         for index in (0, 1):
@@ -102,7 +103,8 @@ def mwms_run(tmp_path_factory):
         # a port taken between choosing it and the server binding it is worth one more try; nothing else is
         if not any("address already in use" in log.lower() or "failed to bind" in log.lower() for log in logs):
             break
-    assert codes == [0, 0], "\n\n".join(f"worker {i} exited {c}:\n{log[-4000:]}" for i, (c, log) in enumerate(zip(codes, logs)))
+    report = "\n\n".join(f"worker {i} exited {c}:\n{log[-4000:]}" for i, (c, log) in enumerate(zip(codes, logs)))
+    assert codes == [0, 0], report
     records = [dict(np.load(out / f"worker{i}.npz")) for i in (0, 1)]
     n = len([k for k in records[0] if k.startswith("initial_")])
     return records, n

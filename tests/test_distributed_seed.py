@@ -1,6 +1,7 @@
 """Seeds salted with the process rank: rank 0 keeps the seed, other ranks get distinct seeds."""
 
 import json
+import random
 import os
 import subprocess
 import sys
@@ -55,7 +56,8 @@ def test_an_initialized_framework_decides_even_for_rank_zero(monkeypatch):
     """torch.distributed's rank 0 is not overridden by a TF_CONFIG or RANK left in the environment."""
     monkeypatch.setattr(_distributed, "_torch_rank", lambda: 0)
     monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a", "b"]}, "task": {"type": "worker", "index": 1}}))
+    config = {"cluster": {"worker": ["a", "b"]}, "task": {"type": "worker", "index": 1}}
+    monkeypatch.setenv("TF_CONFIG", json.dumps(config))
     assert _distributed.process_index() == 0
     monkeypatch.setattr(_distributed, "_torch_rank", lambda: None)
     monkeypatch.setattr(_distributed, "_jax_rank", lambda: None)
@@ -77,3 +79,22 @@ def test_asking_for_the_rank_starts_no_jax_backend():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "False"
+
+
+def _circular_distance(a: int, b: int) -> int:
+    d = (a - b) % 2**64
+    return min(d, 2**64 - d)
+
+
+def test_salted_device_key_sequences_stay_far_apart():
+    """A device key counts up by one per draw: rank r draws salted_seed(seed, r) + t. For every seed, two of the
+    first 1024 ranks start more than 2**42 apart (ats.torch.device_key's docstring says so)."""
+    masks = [_distributed.salted_seed(0, r) for r in range(1024)]  # seed 0: the xor masks themselves
+    # |(s ^ m) - s| >= 2**(h+1) - m for the top bit h of m, with equality for some s: the worst seed
+    bound = min(2 ** (m.bit_length()) - m for m in (a ^ b for i, a in enumerate(masks) for b in masks[i + 1:]))
+    assert bound > 2**42
+    rng = random.Random(0)
+    for _ in range(2000):  # and directly, for random seeds and rank pairs
+        seed = rng.getrandbits(64)
+        a, b = rng.sample(range(1024), 2)
+        assert _circular_distance(_distributed.salted_seed(seed, a), _distributed.salted_seed(seed, b)) >= bound

@@ -107,7 +107,10 @@ def test_sample_patches_draws_per_rank(rank, seed):
         assert torch.equal(rank1, draw(0, _distributed.salted_seed(seed, 1)))
     torch.manual_seed(11)
     key = F.random_key() if seed is None else None
-    expected_key = _distributed.salted_seed(int(key), 1) if seed is None else splitmix64(_distributed.salted_seed(seed, 1))
+    if seed is None:
+        expected_key = _distributed.salted_seed(int(key), 1)
+    else:
+        expected_key = splitmix64(_distributed.salted_seed(seed, 1))
     indices, _ = F.sample(attention, 6, key=expected_key)
     offsets = F.patch_offsets(indices, (12, 12), (48, 48), (4, 4), margin=(0, (12, 12)))
     assert torch.equal(rank1, F.extract_patches(x_high, offsets, (4, 4), channels_first=True))
@@ -155,13 +158,14 @@ def ddp_run(tmp_path_factory):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "adapters")]), OMP_NUM_THREADS="1")
     env.pop("TF_CONFIG", None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "examples.distributed.torch_ddp", "--steps", str(STEPS), "--batch", str(BATCH), "--optimizer", "sgd", "--lr", str(LR),
-               "--seed", "none", "--torch-seed", "0", "--record", str(out)]
+               "-m", "examples.distributed.torch_ddp", "--steps", str(STEPS), "--batch", str(BATCH),
+               "--optimizer", "sgd", "--lr", str(LR), "--seed", "none", "--torch-seed", "0", "--record", str(out)]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
 
 
+@pytest.mark.slow
 def test_ranks_draw_different_patches_from_the_same_image(ddp_run):
     rank0, rank1 = ddp_run
     assert rank0["world"] == rank1["world"] == 2
@@ -169,6 +173,7 @@ def test_ranks_draw_different_patches_from_the_same_image(ddp_run):
     assert not torch.equal(rank0["probe_patches"], rank1["probe_patches"])
 
 
+@pytest.mark.slow
 def test_ranks_stay_in_sync(ddp_run):
     rank0, rank1 = ddp_run
     for step in range(STEPS):
@@ -179,6 +184,7 @@ def test_ranks_stay_in_sync(ddp_run):
     assert not torch.equal(rank0["params"][0][0], rank0["params"][-1][0])  # and they did train
 
 
+@pytest.mark.slow
 def test_gradients_are_the_mean_of_each_rank_replayed_alone(ddp_run, rank):
     """Replay both ranks in this process (rank r via ``RANK``, the same default-generator state for both, as
     torch.manual_seed(0) on every rank gives) and average their gradients by hand."""

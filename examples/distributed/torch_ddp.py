@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4, help="examples per rank and step")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
     parser.add_argument("--lr", type=float, default=0.03, help="learning rate")
-    parser.add_argument("--seed", default="none", help="'none' (keys from torch's generator) or an int: the sampling seed")
+    parser.add_argument("--seed", default="none",
+                        help="'none' (keys from torch's default generator) or an int: the modules' sampling seed")
     parser.add_argument("--torch-seed", type=int, default=0, help="torch.manual_seed on every rank")
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, one GPU per process)")
     parser.add_argument("--record", type=Path, default=None, help="write rank<r>.pt here")

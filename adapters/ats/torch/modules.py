@@ -49,9 +49,10 @@ def device_key(seed=None, device="cuda") -> torch.Tensor:
     (``seed`` None: a seed drawn from torch's default generator, as host keys
     are). The kernels advance it by one per draw, so rank ``r`` draws with
     ``salted_seed(seed, r), salted_seed(seed, r) + 1, ...``: rank 0 keeps
-    ``seed``, and other ranks start 64-bit words apart and never meet it. Call
-    it after ``torch.distributed.init_process_group`` (or under ``torchrun``,
-    which sets ``RANK``).
+    ``seed``; for any seed, the sequences of two of the first 1024 ranks are
+    more than 2**42 draws apart, so they never share a key. Call it after
+    ``torch.distributed.init_process_group`` (or under ``torchrun``, which
+    sets ``RANK``).
     """
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64):
         raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
