@@ -29,9 +29,26 @@ from .cuda_host_build import build_host_library, ctype
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
 
 
+HARNESSES = {32: "sampling_host", 64: "sampling_host_t64"}  # ATS_SELECT_THREADS of each host build
+
+
 @pytest.fixture(scope="module")
-def lib(tmp_path_factory):
-    return build_host_library(tmp_path_factory.mktemp("cuda_host_sampling"), "sampling_host")
+def libs(tmp_path_factory):
+    """The host builds by block size of the selecting kernels, built on first use."""
+    built = {}
+
+    def get(threads):
+        if threads not in built:
+            built[threads] = build_host_library(tmp_path_factory.mktemp(f"cuda_host_sampling_{threads}"),
+                                                HARNESSES[threads])
+        return built[threads]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def lib(libs):
+    return libs(32)
 
 
 def _garbage(shape, dtype):
@@ -40,7 +57,8 @@ def _garbage(shape, dtype):
 
 
 def host_sample(lib, attention, n, *, seed, replace=False, logits=False, threads=32, chunk=128, seed_array=None):
-    """``atskern.gpu.sampling.sample`` with the host build: (indices, float64 probs, status, plan)."""
+    """``atskern.gpu.sampling.sample`` with the host build: (indices, float64 probs, status, plan). ``threads``
+    must be the ATS_SELECT_THREADS ``lib`` was built with."""
     rows = attention.shape[0]
     grid = attention.shape[1:]
     weights = np.ascontiguousarray(attention).reshape(rows, -1)
@@ -117,7 +135,7 @@ def test_host_draws_equal_cpu_and_reference(lib, dtype, replace):
 
 
 @pytest.mark.parametrize("threads, chunk, ns", [(32, 128, (1, 40)), (64, 256, (3, 100)), (32, 1024, (200,))])
-def test_host_many_blocks_share_one_bound(lib, threads, chunk, ns):
+def test_host_many_blocks_share_one_bound(libs, threads, chunk, ns):
     """A long row in many chunks, several rows: the exact n smallest keys (n near the block room runs on the GPU:
     the host barriers are slow)."""
     rng = np.random.default_rng(threads + chunk)
@@ -125,7 +143,7 @@ def test_host_many_blocks_share_one_bound(lib, threads, chunk, ns):
     attention[1, ::3] = 0
     for n in ns:
         assert n <= gs.max_selection_n(threads)
-        indices, probs, status, _ = host_sample(lib, attention, n, seed=n, threads=threads, chunk=chunk)
+        indices, probs, status, _ = host_sample(libs(threads), attention, n, seed=n, threads=threads, chunk=chunk)
         cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, n, False)
         assert np.array_equal(indices, cpu_i), n
         np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
