@@ -150,12 +150,56 @@ def test_host_many_blocks_share_one_bound(libs, threads, chunk, ns):
         assert_same_status(status, cpu_status)
 
 
+def _large_n_rows(rng):
+    """Rows for n near MAX_SELECTION_N: plain, near-ties, a short row (fillers), exact ties of +inf keys, and a
+    row that the scale-free pass redoes."""
+    size = 6000
+    rows = np.empty((5, size))
+    rows[0] = rng.random(size)
+    rows[1] = np.choose(rng.integers(0, 3, size), [1.0, np.nextafter(1.0, 2.0), 2.0])  # equal and 1-ulp weights
+    rows[2] = 0.0
+    rows[2, rng.choice(size, 1500, replace=False)] = rng.random(1500) + 0.5  # 1500 positive: fillers follow (R1)
+    rows[3] = 5e-324  # keys -log(u) / 5e-324 overflow to +inf: exact ties, drawn in position order
+    rows[3, rng.choice(size, 300, replace=False)] = 1.0
+    rows[4] = rng.random(size) * 1e-300  # exponent outside SCALE_FREE_EXPONENTS: pass 1 redoes it
+    return rows
+
+
+@pytest.mark.parametrize("threads, n", [(32, 1921), (32, 2048), (64, 2048)])
+def test_host_large_n_selected_in_shared_memory(libs, threads, n):
+    """n up to MAX_SELECTION_N without the full sort: the chunks' buffers compact with the block radix sort (a
+    chunk larger than n, so a block compacts while it scans), the row merge takes two chunks' lists, ties (equal
+    +inf keys) go to the lower position across compactions and chunks, and the draws equal the reference's and
+    the CPU kernel's."""
+    attention = _large_n_rows(np.random.default_rng(n + threads))
+    indices, probs, status, p = host_sample(libs(threads), attention, n, seed=n, threads=threads, chunk=4096)
+    assert not p.sort and p.nchunks == 2
+    ref_i, ref_p = reference.sample(attention, n, seed=n)
+    cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, n, False)
+    for row in range(attention.shape[0]):
+        assert np.array_equal(indices[row], ref_i[row]) and np.array_equal(indices[row], cpu_i[row]), row
+    np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
+    flat = flat_positions(indices, attention.shape[1:])
+    expected = independent_probs(attention * np.array([1, 1, 1, 1, 1e300])[:, None], flat)
+    np.testing.assert_allclose(probs, expected, rtol=1e-12)
+    assert_same_status(status, cpu_status)
+    # independent of the reference: every draw distinct; the short row's fillers are its lowest zero cells in
+    # order, with probability 0; the +inf-key row draws its 300 unit weights first, then tied cells by position
+    assert all(len(np.unique(f)) == n for f in flat)
+    zeros = np.flatnonzero(attention[2] == 0)[: n - 1500]
+    assert np.array_equal(flat[2, 1500:], zeros) and (probs[2, 1500:] == 0).all() and (probs[2, :1500] > 0).all()
+    assert set(flat[3, :300]) == set(np.flatnonzero(attention[3] == 1.0))
+    assert np.array_equal(flat[3, 300:], np.flatnonzero(attention[3] != 1.0)[: n - 300])
+
+
 def test_host_sort_fallback_for_large_n(lib):
-    """n beyond the selection's room (even at 32 threads): every key sorted, same draws."""
+    """n beyond the shared-memory selection (MAX_SELECTION_N): every key sorted, same draws; n larger than a
+    block's buffer (the presorted list is read from device memory, never copied into shared memory)."""
     rng = np.random.default_rng(3)
     attention = rng.random((2, 2300))
     attention[1, 100:] = 0  # a short row: 100 positive cells, then fillers
-    n = gs.max_selection_n(32) + 10
+    n = gs.selection_capacity(32) + 10
+    assert n > gs.max_selection_n()
     indices, probs, status, p = host_sample(lib, attention, n, seed=5)
     assert p.sort
     cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, 5, False)
