@@ -6,8 +6,10 @@
 //   row_max        (logits only) per (row, chunk) block: the largest finite logit, atomicMax into the row's slot.
 //   chunk_topn     per (row, chunk) block, one read of the chunk: the float64 sum, largest finite weight and the
 //                  counts of non-finite, negative and positive weights (the row's status), and the chunk's n
-//                  smallest exponential keys -log(u_p) / a_p (without replacement). Offers below the current n-th
-//                  best key go to a shared-memory buffer that a bitonic sort compacts; a key is computed only when
+//                  smallest exponential keys -log(u_p) / a_p (without replacement). Offers up to the current n-th
+//                  best key are appended in position order (a block scan) to a shared-memory buffer that
+//                  cub::BlockRadixSort compacts (stable, so ties go to the lower position; n <= ATS_MAX_N = 2048,
+//                  larger n sorts every key: exponential_keys and sampling.py); a key is computed only when
 //                  the high Philox word cannot rule it out (1 - u >= a t implies -log(u) / a >= t), and the row's
 //                  blocks share their n-th best keys through a global bound (atomicMin on the bits of a
 //                  non-negative double, monotone), so most blocks reject almost everything from the first tiles.
@@ -33,8 +35,9 @@
 #define ATS_SELECT_THREADS 256
 #endif
 // Blocks of the selecting kernels an SM must hold at once: caps their registers at 65536 / (threads * blocks)
-// (2 with 256 threads: at most 128 registers, no spills with CUDA 13's ptxas for sm_90; 3 or 4 spill around the
-// sorts). A tuning knob for a GPU session (-DATS_MIN_BLOCKS=...); the draws do not depend on it.
+// (2 with 256 threads: at most 128 registers; CUDA 13's ptxas for sm_90 spills nothing in chunk_topn and a few
+// bytes in finish_rows; 3 or 4 spill around the sorts). Unmeasured on a device: a tuning knob for a GPU session
+// (-DATS_MIN_BLOCKS=...); the draws do not depend on it.
 #ifndef ATS_MIN_BLOCKS
 #define ATS_MIN_BLOCKS 2
 #endif
