@@ -16,6 +16,8 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import atskern
 from atskern import _validation as v
@@ -190,6 +192,28 @@ def test_host_large_n_selected_in_shared_memory(libs, threads, n):
     assert np.array_equal(flat[2, 1500:], zeros) and (probs[2, 1500:] == 0).all() and (probs[2, :1500] > 0).all()
     assert set(flat[3, :300]) == set(np.flatnonzero(attention[3] == 1.0))
     assert np.array_equal(flat[3, 300:], np.flatnonzero(attention[3] != 1.0)[: n - 300])
+
+
+LEVELS = [0.0, 5e-324, 1e-300, 0.25, 1.0, 1.0 + 2**-52, 3.0]  # zeros, +inf keys, equal and 1-ulp weights
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 3), size=st.integers(1, 700), n_fraction=st.floats(0.0, 1.0),
+       levels=st.lists(st.sampled_from(LEVELS), min_size=1, max_size=4, unique=True),
+       chunk=st.sampled_from([128, 256, 512]), seed=st.integers(0, 2**64 - 1))
+def test_host_fuzz_ties_fillers_and_chunks(lib, rows, size, n_fraction, levels, chunk, seed):
+    """Rows drawn from a few weight levels (many equal keys, exact +inf ties, zeros: fillers, rows that the
+    scale-free pass redoes), any n and chunking: the host build draws as the reference and the CPU kernel."""
+    rng = np.random.default_rng(seed % 2**32)
+    attention = rng.choice(np.array(levels), size=(rows, size))
+    attention[np.arange(rows), rng.integers(0, size, rows)] = max(max(levels), 5e-324)  # a positive cell a row
+    n = max(1, int(round(n_fraction * size)))
+    indices, probs, status, _ = host_sample(lib, attention, n, seed=seed, chunk=chunk)
+    ref_i, _ = reference.sample(attention, n, seed=seed)
+    cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, seed, False)
+    assert np.array_equal(indices, ref_i) and np.array_equal(indices, cpu_i)
+    np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
+    assert_same_status(status, cpu_status)
 
 
 def test_host_sort_fallback_for_large_n(lib):
