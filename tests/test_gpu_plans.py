@@ -189,7 +189,7 @@ def test_sampling_plan_selects_up_to_2048_in_shared_memory():
         assert gs.selection_capacity(threads) * 12 <= 48 * 1024  # 8-byte key bits + 4-byte values per entry
         small = gs.plan(2, 10_000, 2048, False, threads, multiprocessors=132)
         assert not small.sort and small.threads == threads
-        assert gs.compile_options(threads) == (f"-DATS_SELECT_THREADS={threads}",)
+        assert gs.compile_options(threads)[0] == f"-DATS_SELECT_THREADS={threads}"
     assert gs.plan(2, 10_000, 2049, False, 256, multiprocessors=132).sort
     replace = gs.plan(2, 10_000, 5000, True, 256, multiprocessors=132)
     assert not replace.sort and replace.threads == 256

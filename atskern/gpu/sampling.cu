@@ -37,7 +37,7 @@
 // Blocks of the selecting kernels an SM must hold at once: caps their registers at 65536 / (threads * blocks)
 // (2 with 256 threads: at most 128 registers; CUDA 13's ptxas for sm_90 spills nothing in chunk_topn and a few
 // bytes in finish_rows; 3 or 4 spill around the sorts). Unmeasured on a device: a tuning knob for a GPU session
-// (-DATS_MIN_BLOCKS=...); the draws do not depend on it.
+// (atskern.gpu.sampling.MIN_BLOCKS); the draws do not depend on it.
 #ifndef ATS_MIN_BLOCKS
 #define ATS_MIN_BLOCKS 2
 #endif
@@ -421,7 +421,7 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
 }
 
 #define ATS_CHUNK_TOPN(suffix, T)                                                                                     \
-    extern "C" __global__ void ATS_SELECT_BOUNDS chunk_topn_##suffix(                                                                   \
+    extern "C" __global__ void ATS_SELECT_BOUNDS chunk_topn_##suffix(                                                  \
         const T* weights, long long size, int nchunks, long long chunk, int n, unsigned long long seed,               \
         const unsigned long long* seed_ptr, int logits, const unsigned long long* rowmax, int pass,                   \
         const long long* status, unsigned long long* row_bound, double* cand_keys, long long* cand_idx,               \
@@ -560,7 +560,7 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
 }
 
 #define ATS_FINISH_ROWS(suffix, T)                                                                                    \
-    extern "C" __global__ void ATS_SELECT_BOUNDS finish_rows_##suffix(                                                                  \
+    extern "C" __global__ void ATS_SELECT_BOUNDS finish_rows_##suffix(                                                 \
         const T* weights, long long size, int nchunks, int n, int logits, const unsigned long long* rowmax, int pass, \
         const double* cand_keys, const long long* cand_idx, const int* cand_count, const double* stats,               \
         long long* status, unsigned long long* row_bound, int dims, long long g0, long long g1, long long g2,          \

@@ -27,6 +27,8 @@ STATS = 5  # ATS_STATS in sampling.cu
 SELECT_THREADS = (32, 64, 128, 256)
 """Block sizes the selecting kernels compile for (ATS_SELECT_THREADS: CUB's block primitives take it at compile
 time; the selection buffer of MAX_SELECTION_N + PER_THREAD * threads entries must fit 48 KiB)."""
+MIN_BLOCKS = 2
+"""ATS_MIN_BLOCKS: selecting blocks an SM must hold at once (their register cap); a tuning knob, draws unchanged."""
 MIN_CHUNK = 1 << 14
 MAX_SLOTS = 1 << 31  # positions in a chunk and candidate slots of a row: the kernels hold them in 32 bits
 BLOCKS_PER_SM = 4
@@ -53,7 +55,7 @@ def selection_capacity(threads: int) -> int:
 
 def compile_options(threads: int) -> tuple[str, ...]:
     """The nvcc/NVRTC options of the module whose selecting kernels run ``threads``-thread blocks."""
-    return (f"-DATS_SELECT_THREADS={threads}",)
+    return (f"-DATS_SELECT_THREADS={threads}", f"-DATS_MIN_BLOCKS={MIN_BLOCKS}")
 
 
 def chunk_size(rows: int, size: int, threads: int, multiprocessors: int) -> int:
