@@ -220,10 +220,11 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
     ws = workspace(_empty, rows, size, n, p, replace, logits)
     indices = cp.empty((rows, n, len(grid)), cp.int32)
     probs = cp.empty((rows, n), cp.float64)
+    options = compile_options(p.threads)
     for step in launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_ptr):
         if step == SORT_STEP:
             sort_keys(cp, ws, n)
             continue
         name, grid_dims, block, args = step
-        _module.function(SOURCE, name, compile_options(p.threads))(grid_dims, block, args)
+        _module.function(SOURCE, name, options)(grid_dims, block, args)
     return indices, probs, ws.status
