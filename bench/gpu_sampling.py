@@ -19,7 +19,8 @@ from . import _gpu
 from ._timing import Table
 
 NAME = "gpu_sampling"
-CASES = [(1, 1024, 10), (1, 4096, 100), (32, 1024, 100), (256, 256, 10), (1, 256, 10), (32, 256, 100)]
+CASES = [(1, 1024, 10), (1, 4096, 100), (32, 1024, 100), (256, 256, 10), (1, 256, 10), (32, 256, 100), (1, 1024, 2048),
+         (32, 256, 2048)]  # n = 2048: the largest n selected in shared memory (atskern.gpu.sampling.MAX_SELECTION_N)
 MULTINOMIAL_LIMIT = 2**24
 
 

@@ -16,6 +16,8 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import atskern
 from atskern import _validation as v
@@ -29,9 +31,26 @@ from .cuda_host_build import build_host_library, ctype
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
 
 
+HARNESSES = {32: "sampling_host", 64: "sampling_host_t64"}  # ATS_SELECT_THREADS of each host build
+
+
 @pytest.fixture(scope="module")
-def lib(tmp_path_factory):
-    return build_host_library(tmp_path_factory.mktemp("cuda_host_sampling"), "sampling_host")
+def libs(tmp_path_factory):
+    """The host builds by block size of the selecting kernels, built on first use."""
+    built = {}
+
+    def get(threads):
+        if threads not in built:
+            built[threads] = build_host_library(tmp_path_factory.mktemp(f"cuda_host_sampling_{threads}"),
+                                                HARNESSES[threads])
+        return built[threads]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def lib(libs):
+    return libs(32)
 
 
 def _garbage(shape, dtype):
@@ -40,7 +59,8 @@ def _garbage(shape, dtype):
 
 
 def host_sample(lib, attention, n, *, seed, replace=False, logits=False, threads=32, chunk=128, seed_array=None):
-    """``atskern.gpu.sampling.sample`` with the host build: (indices, float64 probs, status, plan)."""
+    """``atskern.gpu.sampling.sample`` with the host build: (indices, float64 probs, status, plan). ``threads``
+    must be the ATS_SELECT_THREADS ``lib`` was built with."""
     rows = attention.shape[0]
     grid = attention.shape[1:]
     weights = np.ascontiguousarray(attention).reshape(rows, -1)
@@ -117,7 +137,7 @@ def test_host_draws_equal_cpu_and_reference(lib, dtype, replace):
 
 
 @pytest.mark.parametrize("threads, chunk, ns", [(32, 128, (1, 40)), (64, 256, (3, 100)), (32, 1024, (200,))])
-def test_host_many_blocks_share_one_bound(lib, threads, chunk, ns):
+def test_host_many_blocks_share_one_bound(libs, threads, chunk, ns):
     """A long row in many chunks, several rows: the exact n smallest keys (n near the block room runs on the GPU:
     the host barriers are slow)."""
     rng = np.random.default_rng(threads + chunk)
@@ -125,19 +145,85 @@ def test_host_many_blocks_share_one_bound(lib, threads, chunk, ns):
     attention[1, ::3] = 0
     for n in ns:
         assert n <= gs.max_selection_n(threads)
-        indices, probs, status, _ = host_sample(lib, attention, n, seed=n, threads=threads, chunk=chunk)
+        indices, probs, status, _ = host_sample(libs(threads), attention, n, seed=n, threads=threads, chunk=chunk)
         cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, n, False)
         assert np.array_equal(indices, cpu_i), n
         np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
         assert_same_status(status, cpu_status)
 
 
+def _large_n_rows(rng):
+    """Rows for n near MAX_SELECTION_N: plain, near-ties, a short row (fillers), exact ties of +inf keys, and a
+    row that the scale-free pass redoes."""
+    size = 6000
+    rows = np.empty((5, size))
+    rows[0] = rng.random(size)
+    rows[1] = np.choose(rng.integers(0, 3, size), [1.0, np.nextafter(1.0, 2.0), 2.0])  # equal and 1-ulp weights
+    rows[2] = 0.0
+    rows[2, rng.choice(size, 1500, replace=False)] = rng.random(1500) + 0.5  # 1500 positive: fillers follow (R1)
+    rows[3] = 5e-324  # keys -log(u) / 5e-324 overflow to +inf: exact ties, drawn in position order
+    rows[3, rng.choice(size, 300, replace=False)] = 1.0
+    rows[4] = rng.random(size) * 1e-300  # exponent outside SCALE_FREE_EXPONENTS: pass 1 redoes it
+    return rows
+
+
+@pytest.mark.parametrize("threads, n", [(32, 1921), (32, 2048), (64, 2048)])
+def test_host_large_n_selected_in_shared_memory(libs, threads, n):
+    """n up to MAX_SELECTION_N without the full sort: the chunks' buffers compact with the block radix sort (a
+    chunk larger than n, so a block compacts while it scans), the row merge takes two chunks' lists, ties (equal
+    +inf keys) go to the lower position across compactions and chunks, and the draws equal the reference's and
+    the CPU kernel's."""
+    attention = _large_n_rows(np.random.default_rng(n + threads))
+    indices, probs, status, p = host_sample(libs(threads), attention, n, seed=n, threads=threads, chunk=4096)
+    assert not p.sort and p.nchunks == 2
+    ref_i, ref_p = reference.sample(attention, n, seed=n)
+    cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, n, False)
+    for row in range(attention.shape[0]):
+        assert np.array_equal(indices[row], ref_i[row]) and np.array_equal(indices[row], cpu_i[row]), row
+    np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
+    flat = flat_positions(indices, attention.shape[1:])
+    expected = independent_probs(attention * np.array([1, 1, 1, 1, 1e300])[:, None], flat)
+    np.testing.assert_allclose(probs, expected, rtol=1e-12)
+    assert_same_status(status, cpu_status)
+    # independent of the reference: every draw distinct; the short row's fillers are its lowest zero cells in
+    # order, with probability 0; the +inf-key row draws its 300 unit weights first, then tied cells by position
+    assert all(len(np.unique(f)) == n for f in flat)
+    zeros = np.flatnonzero(attention[2] == 0)[: n - 1500]
+    assert np.array_equal(flat[2, 1500:], zeros) and (probs[2, 1500:] == 0).all() and (probs[2, :1500] > 0).all()
+    assert set(flat[3, :300]) == set(np.flatnonzero(attention[3] == 1.0))
+    assert np.array_equal(flat[3, 300:], np.flatnonzero(attention[3] != 1.0)[: n - 300])
+
+
+LEVELS = [0.0, 5e-324, 1e-300, 0.25, 1.0, 1.0 + 2**-52, 3.0]  # zeros, +inf keys, equal and 1-ulp weights
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 3), size=st.integers(1, 700), n_fraction=st.floats(0.0, 1.0),
+       levels=st.lists(st.sampled_from(LEVELS), min_size=1, max_size=4, unique=True),
+       chunk=st.sampled_from([128, 256, 512]), seed=st.integers(0, 2**64 - 1))
+def test_host_fuzz_ties_fillers_and_chunks(lib, rows, size, n_fraction, levels, chunk, seed):
+    """Rows drawn from a few weight levels (many equal keys, exact +inf ties, zeros: fillers, rows that the
+    scale-free pass redoes), any n and chunking: the host build draws as the reference and the CPU kernel."""
+    rng = np.random.default_rng(seed % 2**32)
+    attention = rng.choice(np.array(levels), size=(rows, size))
+    attention[np.arange(rows), rng.integers(0, size, rows)] = max(max(levels), 5e-324)  # a positive cell a row
+    n = max(1, int(round(n_fraction * size)))
+    indices, probs, status, _ = host_sample(lib, attention, n, seed=seed, chunk=chunk)
+    ref_i, _ = reference.sample(attention, n, seed=seed)
+    cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, seed, False)
+    assert np.array_equal(indices, ref_i) and np.array_equal(indices, cpu_i)
+    np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
+    assert_same_status(status, cpu_status)
+
+
 def test_host_sort_fallback_for_large_n(lib):
-    """n beyond the selection's room (even at 32 threads): every key sorted, same draws."""
+    """n beyond the shared-memory selection (MAX_SELECTION_N): every key sorted, same draws; n larger than a
+    block's buffer (the presorted list is read from device memory, never copied into shared memory)."""
     rng = np.random.default_rng(3)
     attention = rng.random((2, 2300))
     attention[1, 100:] = 0  # a short row: 100 positive cells, then fillers
-    n = gs.max_selection_n(32) + 10
+    n = gs.selection_capacity(32) + 10
+    assert n > gs.max_selection_n()
     indices, probs, status, p = host_sample(lib, attention, n, seed=5)
     assert p.sort
     cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, 5, False)

@@ -3,6 +3,10 @@ kernels (tests/gpu_emulation.py) against the reference. The CUDA code itself run
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -175,17 +179,31 @@ def test_emulated_scatter_is_bitwise_the_cpu_kernel(seed, ndim, channels_first, 
 # --- sampling launch plans (atskern.gpu.sampling) ---------------------------------------------
 
 
-def test_sampling_plan_picks_a_block_that_fits_n():
+def test_sampling_plan_selects_up_to_2048_in_shared_memory():
+    """n <= MAX_SELECTION_N is selected in shared memory at every block size; beyond it every key is sorted;
+    block sizes other than the compiled ones are refused."""
     from atskern.gpu import sampling as gs
 
-    assert gs.selection_threads(10, 256) == 256
-    assert gs.selection_threads(gs.max_selection_n(256) + 1, 256) == 128
-    assert gs.selection_threads(gs.max_selection_n(32), 256) == 32
-    assert gs.selection_threads(gs.max_selection_n(32) + 1, 256) is None
-    big = gs.plan(2, 10_000, 2000, False, 256, multiprocessors=132)
-    assert big.sort
-    replace = gs.plan(2, 10_000, 2000, True, 256, multiprocessors=132)
+    assert gs.max_selection_n() == gs.MAX_SELECTION_N == 2048
+    for threads in gs.SELECT_THREADS:
+        assert gs.selection_capacity(threads) * 12 <= 48 * 1024  # 8-byte key bits + 4-byte values per entry
+        small = gs.plan(2, 10_000, 2048, False, threads, multiprocessors=132)
+        assert not small.sort and small.threads == threads
+        assert gs.compile_options(threads)[0] == f"-DATS_SELECT_THREADS={threads}"
+    assert gs.plan(2, 10_000, 2049, False, 256, multiprocessors=132).sort
+    replace = gs.plan(2, 10_000, 5000, True, 256, multiprocessors=132)
     assert not replace.sort and replace.threads == 256
+    with pytest.raises(ValueError, match="threads must be one of"):
+        gs.plan(2, 10_000, 10, False, 512, multiprocessors=132)
+
+
+def test_sampling_plan_keeps_chunk_positions_and_slots_in_32_bits():
+    from atskern.gpu import sampling as gs
+
+    huge = gs.plan(1, 2**33, 10, False, 256, multiprocessors=132)
+    assert huge.chunk < gs.MAX_SLOTS and huge.chunk % (gs.PER_THREAD * 256) == 0
+    many = gs.plan(1, 2**40, 2048, False, 256, multiprocessors=1, chunk=gs.MIN_CHUNK)
+    assert many.nchunks * 2048 < gs.MAX_SLOTS and many.chunk % (gs.PER_THREAD * 256) == 0
 
 
 def test_sampling_chunks_fill_the_device_in_whole_tiles():
@@ -217,4 +235,33 @@ def test_sampling_launch_sequence():
     assert names(np.float32, 10, False, True)[:3] == ["prepare", "row_max_f32", "chunk_topn_f32"]
     assert names(np.float32, 10, True, False) == ["prepare", "chunk_topn_f32", "finish_rows_f32",
                                                   "replacement_draws_f32", "summarize"]
-    assert gs.SORT_STEP in names(np.float32, 2000, False, False)
+    assert gs.SORT_STEP not in names(np.float32, 2048, False, False)
+    assert gs.SORT_STEP in names(np.float32, 2049, False, False)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_selecting_kernels_fit_the_default_shared_memory(tmp_path):
+    """The selection buffer (n up to 2048 plus a tile of offers) and the radix sort's storage that overlays it fit
+    the 48 KiB of static shared memory a block gets without opting in, at the largest block size; ptxas (a cubin,
+    not only PTX) says so per kernel."""
+    from atskern.gpu import sampling as gs
+    from atskern.gpu._module import source
+
+    threads = max(gs.SELECT_THREADS)
+    inlined = tmp_path / "sampling.cu"
+    inlined.write_text(source("sampling.cu"))
+    result = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "--std=c++17", "--resource-usage",
+                             *gs.compile_options(threads), str(inlined), "-o", str(tmp_path / "sampling.cubin")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    smem = {}
+    name = None
+    for line in (result.stdout + result.stderr).splitlines():
+        if "Function properties for" in line:
+            name = line.split()[-1]
+        found = re.search(r"(\d+) bytes smem", line)
+        if found and name:
+            smem[name] = int(found.group(1))
+    for kernel in ("chunk_topn_f32", "chunk_topn_f64", "finish_rows_f32", "finish_rows_f64"):
+        assert gs.selection_capacity(threads) * 12 <= smem[kernel] <= 48 * 1024, (kernel, smem)

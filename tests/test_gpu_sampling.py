@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import atskern
+from atskern import reference
 
 from .conftest import HAS_GPU
 
@@ -86,11 +87,49 @@ def test_scale_free_and_large_n_on_the_device():
 
     base = np.random.default_rng(2).random((1, 5000))
     attention = np.concatenate([base * 1e-320, base * 1e300, base])
-    for n in (7, 1990):  # 1990: beyond the shared-memory selection, every key sorted
+    for n in (7, 1990, 3500):  # 3500: beyond the shared-memory selection (2048), every key sorted
         want = atskern.sample(attention, n, seed=4)
         got = atskern.sample(cp.asarray(attention), n, seed=4)
         assert np.array_equal(got[0].get(), want[0]), n
         np.testing.assert_allclose(got[1].get(), want[1], rtol=1e-12)
+
+
+def _large_n_rows(dtype):
+    """Plain, near-tie, short (fillers), exact-tie (+inf keys, float64 only) and rescaled (float64) rows."""
+    rng = np.random.default_rng(4)
+    size = 6000
+    rows = [rng.random(size), np.choose(rng.integers(0, 3, size), [1.0, np.nextafter(1.0, 2.0), 2.0])]
+    short = np.zeros(size)
+    short[rng.choice(size, 1500, replace=False)] = rng.random(1500) + 0.5
+    rows.append(short)
+    if dtype == np.float64:
+        ties = np.full(size, 5e-324)  # keys -log(u) / 5e-324 overflow to +inf: drawn in position order
+        ties[rng.choice(size, 300, replace=False)] = 1.0
+        rows += [ties, rng.random(size) * 1e-300]
+    return np.stack(rows).astype(dtype)
+
+
+@pytest.mark.parametrize("threads", [32, 256])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_large_n_selected_on_the_device(monkeypatch, threads, dtype):
+    """n up to 2048 through the block radix sort (no full sort of the row), at the smallest and the default block
+    size, several chunks a row: draws equal the reference's, probabilities the CPU path's; 2049 takes the sort."""
+    import cupy as cp
+
+    from atskern.gpu import _module
+    from atskern.gpu import sampling as gs
+
+    monkeypatch.setattr(_module, "THREADS_PER_BLOCK", threads)
+    monkeypatch.setattr(gs, "MIN_CHUNK", 4096)
+    attention = _large_n_rows(dtype)
+    for n in (1921, 2048, 2049):
+        assert gs.plan(len(attention), attention.shape[1], n, False, threads, 132).sort == (n > 2048)
+        got_i, got_p = atskern.sample(cp.asarray(attention), n, seed=n)
+        want_i, _ = reference.sample(attention, n, seed=n)
+        cpu_i, cpu_p = atskern.sample(attention, n, seed=n)
+        assert np.array_equal(got_i.get(), want_i), n
+        assert np.array_equal(cpu_i, want_i), n
+        np.testing.assert_allclose(got_p.get(), cpu_p, rtol=1e-6 if dtype == np.float32 else 1e-12)
 
 
 def test_validate_false_call_is_capturable_in_a_cuda_graph():

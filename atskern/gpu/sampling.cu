@@ -6,8 +6,10 @@
 //   row_max        (logits only) per (row, chunk) block: the largest finite logit, atomicMax into the row's slot.
 //   chunk_topn     per (row, chunk) block, one read of the chunk: the float64 sum, largest finite weight and the
 //                  counts of non-finite, negative and positive weights (the row's status), and the chunk's n
-//                  smallest exponential keys -log(u_p) / a_p (without replacement). Offers below the current n-th
-//                  best key go to a shared-memory buffer that a bitonic sort compacts; a key is computed only when
+//                  smallest exponential keys -log(u_p) / a_p (without replacement). Offers up to the current n-th
+//                  best key are appended in position order (a block scan) to a shared-memory buffer that
+//                  cub::BlockRadixSort compacts (stable, so ties go to the lower position; n <= ATS_MAX_N = 2048,
+//                  larger n sorts every key: exponential_keys and sampling.py); a key is computed only when
 //                  the high Philox word cannot rule it out (1 - u >= a t implies -log(u) / a >= t), and the row's
 //                  blocks share their n-th best keys through a global bound (atomicMin on the bits of a
 //                  non-negative double, monotone), so most blocks reject almost everything from the first tiles.
@@ -24,10 +26,29 @@
 // Rows that validation would refuse (NaN/inf, negative weights, no positive weight) still get in-range indices;
 // their probabilities are 0 (their estimator weight is 0).
 #include "philox.cuh"
+#include <cub/block/block_radix_sort.cuh>
+#include <cub/block/block_scan.cuh>
 
-#define ATS_SORT_SIZE 2048
-#define ATS_PER_THREAD 4
-#define ATS_NO_INDEX 0x7FFFFFFFFFFFFFFFll
+// The selecting launches (chunk_topn, finish_rows) run blocks of exactly ATS_SELECT_THREADS threads, a compile-time
+// constant for CUB's block primitives: atskern.gpu.sampling compiles one module per block size (-D option).
+#ifndef ATS_SELECT_THREADS
+#define ATS_SELECT_THREADS 256
+#endif
+// Blocks of the selecting kernels an SM must hold at once: caps their registers at 65536 / (threads * blocks)
+// (2 with 256 threads: at most 128 registers; CUDA 13's ptxas for sm_90 spills nothing in chunk_topn and a few
+// bytes in finish_rows; 3 or 4 spill around the sorts). Unmeasured on a device: a tuning knob for a GPU session
+// (atskern.gpu.sampling.MIN_BLOCKS); the draws do not depend on it.
+#ifndef ATS_MIN_BLOCKS
+#define ATS_MIN_BLOCKS 2
+#endif
+#define ATS_SELECT_BOUNDS __launch_bounds__(ATS_SELECT_THREADS, ATS_MIN_BLOCKS)
+#define ATS_MAX_N 2048                                        // largest n selected in shared memory (MAX_SELECTION_N)
+#define ATS_PER_THREAD 4                                      // positions per thread and tile (one Philox block)
+#define ATS_TILE (ATS_PER_THREAD * ATS_SELECT_THREADS)
+#define ATS_CAPACITY (ATS_MAX_N + ATS_TILE)                   // the n kept plus one tile of offers
+#define ATS_SORT_ITEMS (ATS_CAPACITY / ATS_SELECT_THREADS)    // items per thread of the largest sort
+#define ATS_PAD_KEY 0xFFFFFFFFFFFFFFFFull                     // above every key's bits (+inf is 0x7FF0...)
+#define ATS_PAD_VALUE 0xFFFFFFFFu
 #define ATS_REJECT_MARGIN (1.0 + 1e-12)
 #define ATS_INF_BITS 0x7FF0000000000000ull
 #define ATS_INF __longlong_as_double(0x7FF0000000000000LL)
@@ -36,13 +57,127 @@
 #define ATS_STATS 5              // per (row, chunk): sum, largest finite weight, non-finite, negative, positive
 #define ATS_MAX_THREADS 1024
 
-struct TopN {
-    double keys[ATS_SORT_SIZE];
-    long long idx[ATS_SORT_SIZE];
-    int kept;     // entries [0, kept) are the best so far, sorted
-    int pending;  // entries [n, n + pending) are offers not yet sorted in
-    double threshold;
+static_assert(ATS_SELECT_THREADS % 32 == 0 && ATS_SELECT_THREADS <= 256 && ATS_MAX_N % ATS_SELECT_THREADS == 0,
+              "ATS_SELECT_THREADS: 32, 64, 128 or 256 (the selection buffer must fit 48 KiB of shared memory)");
+
+// The selection buffer of a block: the best keys so far and the offers since, as (key bits, value) pairs.
+// A key is a non-negative double (-0.0 is stored as +0.0), so its bits as an unsigned integer order exactly as the
+// keys do, +inf included. The value is the entry's position relative to the chunk start (chunk_topn) or its slot
+// in the row's candidate lists (finish_rows); both order exactly as the positions do.
+struct SelectList {
+    unsigned long long keys[ATS_CAPACITY];
+    unsigned int values[ATS_CAPACITY];
 };
+
+template <int ITEMS>
+using BlockSort = cub::BlockRadixSort<unsigned long long, ATS_SELECT_THREADS, ITEMS, unsigned int>;
+using BlockOffsets = cub::BlockScan<int, ATS_SELECT_THREADS>;
+
+// The sorts run on registers, so their temporary storage shares the list's memory: 12 bytes an entry in all
+// (36 KiB for 256 threads), one sort per size of the used prefix (the smallest that holds it).
+struct TopN {
+    union {
+        SelectList list;
+        BlockSort<1>::TempStorage sort1;
+        BlockSort<2>::TempStorage sort2;
+        BlockSort<4>::TempStorage sort4;
+        BlockSort<8>::TempStorage sort8;
+        BlockSort<ATS_SORT_ITEMS>::TempStorage sort_all;
+    } u;
+    BlockOffsets::TempStorage scan;
+};
+
+// What each thread knows of the buffer (block-uniform: every thread updates its copy the same way). Entries
+// [0, kept) are the best so far, sorted by (key, position); [kept, count) are offers, in increasing position.
+struct Selection {
+    int kept = 0;
+    int count = 0;
+    double threshold = ATS_INF;  // the n-th best key once n are kept: a larger key cannot be among the n best
+};
+
+__device__ __forceinline__ unsigned long long key_bits(double key) {
+    return (unsigned long long)__double_as_longlong(key + 0.0);  // -0.0 + 0.0 is +0.0
+}
+
+// Sorts the first `count` entries (stable: equal keys keep their order) and keeps the first `keep`. Called by
+// every thread of the block, the list complete (a barrier since its last write).
+template <int ITEMS>
+__device__ void sort_prefix(typename BlockSort<ITEMS>::TempStorage& storage, SelectList& list, int count, int keep) {
+    unsigned long long keys[ITEMS];
+    unsigned int values[ITEMS];
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {  // blocked arrangement: thread t holds entries [t * ITEMS, (t + 1) * ITEMS)
+        const int j = (int)threadIdx.x * ITEMS + i;
+        keys[i] = j < count ? list.keys[j] : ATS_PAD_KEY;
+        values[i] = j < count ? list.values[j] : ATS_PAD_VALUE;
+    }
+    __syncthreads();  // every entry read before the sort writes its storage over the list
+    BlockSort<ITEMS>(storage).Sort(keys, values);
+    __syncthreads();  // the sort's last reads of its storage done before the list is written again
+#pragma unroll
+    for (int i = 0; i < ITEMS; ++i) {
+        const int j = (int)threadIdx.x * ITEMS + i;
+        if (j < keep) {
+            list.keys[j] = keys[i];
+            list.values[j] = values[i];
+        }
+    }
+}
+
+// Sorts kept + offers and keeps the n first. Called by every thread of the block.
+//
+// Ties: the kept entries come from earlier positions than every offer and are sorted by (key, position); the
+// offers are in increasing position; a stable sort by key therefore orders by (key, position), the reference's
+// order (smallest key first, ties to the lower position).
+__device__ void topn_compact(TopN& s, Selection& sel, int n) {
+    __syncthreads();  // the offers written by other threads are visible
+    const int count = sel.count;
+    const int keep = min(n, count);
+    if (count <= ATS_SELECT_THREADS) {
+        sort_prefix<1>(s.u.sort1, s.u.list, count, keep);
+    } else if (count <= 2 * ATS_SELECT_THREADS) {
+        sort_prefix<2>(s.u.sort2, s.u.list, count, keep);
+    } else if (count <= 4 * ATS_SELECT_THREADS) {
+        sort_prefix<4>(s.u.sort4, s.u.list, count, keep);
+    } else if (count <= 8 * ATS_SELECT_THREADS) {
+        sort_prefix<8>(s.u.sort8, s.u.list, count, keep);
+    } else {
+        sort_prefix<ATS_SORT_ITEMS>(s.u.sort_all, s.u.list, count, keep);
+    }
+    __syncthreads();  // the kept entries are visible
+    sel.kept = keep;
+    sel.count = keep;
+    sel.threshold = keep == n ? __longlong_as_double((long long)s.u.list.keys[n - 1]) : ATS_INF;
+}
+
+// Before a tile: compact when the next tile's offers might not fit, or as soon as n entries are there to give the
+// first threshold (without it every positive position of the following tiles would be offered).
+__device__ __forceinline__ bool topn_needs_compaction(const Selection& sel, int n) {
+    return sel.count > ATS_CAPACITY - ATS_TILE || (sel.kept < n && sel.count >= n);
+}
+
+// Appends this thread's offers (ATS_PER_THREAD candidates, those flagged) after the offers of the lower threads:
+// the block's offers land in the order of (thread, lane), the order of their positions. Called by every thread.
+__device__ __forceinline__ void topn_offer(TopN& s, Selection& sel, const bool (&offered)[ATS_PER_THREAD],
+                                           const double (&keys)[ATS_PER_THREAD],
+                                           const unsigned int (&values)[ATS_PER_THREAD]) {
+    int mine = 0;
+#pragma unroll
+    for (int lane = 0; lane < ATS_PER_THREAD; ++lane) mine += offered[lane];
+    if (!__syncthreads_or(mine)) return;  // the common case once a threshold is known: no scan, no writes
+    int at = 0, total = 0;
+    BlockOffsets(s.scan).ExclusiveSum(mine, at, total);
+    at += sel.count;
+#pragma unroll
+    for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
+        if (offered[lane]) {
+            s.u.list.keys[at] = key_bits(keys[lane]);
+            s.u.list.values[at] = values[lane];
+            ++at;
+        }
+    }
+    sel.count += total;  // the next __syncthreads_or or compaction orders these writes and the scan's reuse
+}
 
 struct BlockStats {  // one entry per warp
     double sum[32];
@@ -103,71 +238,6 @@ __device__ __forceinline__ int rescale_shift(const long long* row_status, int is
 
 __device__ __forceinline__ unsigned long long effective_seed(unsigned long long seed, const unsigned long long* seed_ptr) {
     return seed_ptr ? seed_ptr[0] : seed;
-}
-
-__device__ __forceinline__ bool lex_greater(double key_a, long long idx_a, double key_b, long long idx_b) {
-    return key_a > key_b || (key_a == key_b && idx_a > idx_b);
-}
-
-__device__ void topn_init(TopN& s) {
-    if (threadIdx.x == 0) {
-        s.kept = 0;
-        s.pending = 0;
-        s.threshold = ATS_INF;
-    }
-    __syncthreads();
-}
-
-// Called by every thread of the block: sorts kept + pending offers (bitonic) and keeps the n first.
-__device__ void topn_compact(TopN& s, int n) {
-    const int kept = s.kept;
-    const int used = n + s.pending;
-    int sort_size = 1;
-    while (sort_size < used) sort_size <<= 1;
-    for (int i = threadIdx.x; i < sort_size; i += blockDim.x) {
-        if ((i >= kept && i < n) || i >= used) {
-            s.keys[i] = ATS_INF;
-            s.idx[i] = ATS_NO_INDEX;
-        }
-    }
-    __syncthreads();
-    for (int size = 2; size <= sort_size; size <<= 1) {
-        for (int stride = size >> 1; stride > 0; stride >>= 1) {
-            for (int i = threadIdx.x; i < sort_size; i += blockDim.x) {
-                const int partner = i ^ stride;
-                if (partner > i) {
-                    const bool ascending = (i & size) == 0;
-                    if (lex_greater(s.keys[i], s.idx[i], s.keys[partner], s.idx[partner]) == ascending) {
-                        const double key = s.keys[i];
-                        s.keys[i] = s.keys[partner];
-                        s.keys[partner] = key;
-                        const long long index = s.idx[i];
-                        s.idx[i] = s.idx[partner];
-                        s.idx[partner] = index;
-                    }
-                }
-            }
-            __syncthreads();
-        }
-    }
-    if (threadIdx.x == 0) {
-        const int valid = min(n, kept + s.pending);
-        s.kept = valid;
-        s.pending = 0;
-        s.threshold = valid == n ? s.keys[n - 1] : ATS_INF;
-    }
-    __syncthreads();
-}
-
-__device__ __forceinline__ void topn_offer(TopN& s, int n, double key, long long index) {
-    const int slot = atomicAdd(&s.pending, 1);
-    s.keys[n + slot] = key;
-    s.idx[n + slot] = index;
-}
-
-// Before each tile of at most ATS_PER_THREAD offers per thread: make room.
-__device__ __forceinline__ void topn_make_room(TopN& s, int n) {
-    if (s.pending > ATS_SORT_SIZE - n - ATS_PER_THREAD * (int)blockDim.x) topn_compact(s, n);
 }
 
 // The row's shared bound: every block's full-list threshold bounds the row's n-th smallest key from above, so a
@@ -294,13 +364,18 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
     const T* row_weights = weights + row * size;
     double sum = 0.0, top = 0.0;
     long long nonfinite = 0, negative = 0, positive = 0;
-    if (select) topn_init(s);
-    for (long long tile = start; tile < stop; tile += ATS_PER_THREAD * (long long)blockDim.x) {
-        if (select) topn_make_room(s, n);
-        const double threshold = select ? s.threshold : 0.0;
-        const double limit = select ? fmin(threshold, shared_bound(row_bound, row)) : 0.0;
+    Selection sel;
+    for (long long tile = start; tile < stop; tile += ATS_TILE) {
+        if (select && topn_needs_compaction(sel, n)) {
+            topn_compact(s, sel, n);
+            if (threadIdx.x == 0 && sel.kept == n) publish_bound(row_bound, row, sel.threshold);
+        }
+        const double limit = select ? fmin(sel.threshold, shared_bound(row_bound, row)) : 0.0;
         const double bound = limit * ATS_REJECT_MARGIN;
         const long long first = tile + ATS_PER_THREAD * (long long)threadIdx.x;
+        bool offered[ATS_PER_THREAD] = {};
+        double keys[ATS_PER_THREAD];
+        unsigned int offsets[ATS_PER_THREAD];
         if (first < stop) {
             PhiloxWords hi, lo;
             bool have_hi = false, have_lo = false;
@@ -327,26 +402,26 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
                     lo = block_words((unsigned long long)first >> 2, (unsigned int)row, ATS_STREAM_LO, seed);
                     have_lo = true;
                 }
-                const double key = -log(to_uniform(hi.w[lane], lo.w[lane])) / a;
-                if (key <= limit) topn_offer(s, n, key, p);
+                keys[lane] = -log(to_uniform(hi.w[lane], lo.w[lane])) / a;
+                offsets[lane] = (unsigned int)(p - start);  // a chunk holds at most 2^31 positions (plan)
+                offered[lane] = keys[lane] <= limit;
             }
         }
-        __syncthreads();
-        if (select && threadIdx.x == 0 && s.kept == n) publish_bound(row_bound, row, s.threshold);
+        if (select) topn_offer(s, sel, offered, keys, offsets);
     }
     reduce_stats(block_stats, stats + item * ATS_STATS, sum, top, nonfinite, negative, positive);
     if (!select) return;
-    topn_compact(s, n);
-    if (threadIdx.x == 0 && s.kept == n) publish_bound(row_bound, row, s.threshold);
-    for (int i = threadIdx.x; i < s.kept; i += blockDim.x) {
-        cand_keys[item * n + i] = s.keys[i];
-        cand_idx[item * n + i] = s.idx[i];
+    topn_compact(s, sel, n);
+    if (threadIdx.x == 0 && sel.kept == n) publish_bound(row_bound, row, sel.threshold);
+    for (int i = threadIdx.x; i < sel.kept; i += blockDim.x) {
+        cand_keys[item * n + i] = __longlong_as_double((long long)s.u.list.keys[i]);
+        cand_idx[item * n + i] = start + s.u.list.values[i];
     }
-    if (threadIdx.x == 0) cand_count[item] = s.kept;
+    if (threadIdx.x == 0) cand_count[item] = sel.kept;
 }
 
 #define ATS_CHUNK_TOPN(suffix, T)                                                                                     \
-    extern "C" __global__ void chunk_topn_##suffix(                                                                   \
+    extern "C" __global__ void ATS_SELECT_BOUNDS chunk_topn_##suffix(                                                  \
         const T* weights, long long size, int nchunks, long long chunk, int n, unsigned long long seed,               \
         const unsigned long long* seed_ptr, int logits, const unsigned long long* rowmax, int pass,                   \
         const long long* status, unsigned long long* row_bound, double* cand_keys, long long* cand_idx,               \
@@ -392,7 +467,6 @@ struct RowInfo {
     int shift;
     int skip;
     int valid;
-    int kept;
 };
 
 // One block per row: merge the chunks' candidate lists, status, fillers, coordinates and probabilities.
@@ -435,53 +509,58 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
     }
     __syncthreads();
     if (info.skip || !select) return;
-    topn_init(s);
-    if (presorted) {  // one list per row, already the row's n smallest in order (sort_keys): copy it
-        for (int i = threadIdx.x; i < n; i += blockDim.x) {
-            s.keys[i] = cand_keys[row * n + i];
-            s.idx[i] = cand_idx[row * n + i];
-        }
-        if (threadIdx.x == 0) s.kept = cand_count[row];
-        __syncthreads();
-    }
-    const long long offers = presorted ? 0 : (long long)nchunks * n;
-    for (long long tile = 0; tile < offers; tile += ATS_PER_THREAD * (long long)blockDim.x) {
-        topn_make_room(s, n);
-        const double threshold = s.threshold;
+    // The row's candidate lists: one per chunk (cand_count[row * nchunks + c] entries from slot (row * nchunks + c)
+    // * n), or one presorted list of the row's n smallest keys in order (sort_keys), used as it is.
+    const long long base = row * (presorted ? 1 : nchunks) * n;
+    Selection sel;
+    if (presorted) sel.kept = min(n, cand_count[row]);
+    const long long offers = presorted ? 0 : (long long)nchunks * n;  // slots; below 2^31 (plan)
+    for (long long tile = 0; tile < offers; tile += ATS_TILE) {
+        if (topn_needs_compaction(sel, n)) topn_compact(s, sel, n);
+        bool offered[ATS_PER_THREAD] = {};
+        double keys[ATS_PER_THREAD];
+        unsigned int slots[ATS_PER_THREAD];
+#pragma unroll
         for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
-            const long long j = tile + (long long)lane * blockDim.x + threadIdx.x;
+            // blocked: a thread's slots are consecutive, so the block offers them in slot order; for equal keys
+            // the slot order is the position order (a chunk's list is sorted by (key, position), and a lower chunk
+            // holds lower positions)
+            const long long j = tile + ATS_PER_THREAD * (long long)threadIdx.x + lane;
             if (j >= offers) break;
-            const long long chunk = j / n;
-            const int rank = (int)(j % n);
-            if (rank >= cand_count[row * nchunks + chunk]) continue;
-            const long long at = (row * nchunks + chunk) * n + rank;
-            if (cand_keys[at] <= threshold) topn_offer(s, n, cand_keys[at], cand_idx[at]);
+            if ((int)(j % n) >= cand_count[row * nchunks + j / n]) continue;
+            keys[lane] = cand_keys[base + j];
+            slots[lane] = (unsigned int)j;
+            offered[lane] = keys[lane] <= sel.threshold;
         }
-        __syncthreads();
+        topn_offer(s, sel, offered, keys, slots);
     }
-    if (!presorted) topn_compact(s, n);
-    if (threadIdx.x == 0) {
-        // Fillers (rule R1): the lowest positions without positive weight, in increasing order. At most n
-        // positions are looked at: the row has fewer than n positive ones.
-        int k = s.kept;
-        for (long long p = 0; p < size && k < n; ++p) {
-            if (!(weight_at(row_weights, p, logits, info.top_logit, info.shift) > 0.0)) s.idx[k++] = p;
-        }
-        for (; k < n; ++k) s.idx[k] = 0;  // not reached for a valid row; keeps a bad one in range
-        info.kept = s.kept;
-    }
-    __syncthreads();
-    for (int k = threadIdx.x; k < n; k += blockDim.x) {
-        const long long position = s.idx[k];
+    if (!presorted) topn_compact(s, sel, n);
+    for (int k = threadIdx.x; k < sel.kept; k += blockDim.x) {
+        const long long position = cand_idx[base + (presorted ? k : (long long)s.u.list.values[k])];
         const long long at = row * n + k;
         write_coords(indices, at, position, dims, g0, g1, g2);
         const double a = weight_at(row_weights, position, logits, info.top_logit, info.shift);
-        probs[at] = (info.valid && k < info.kept && a > 0.0) ? a / info.total : 0.0;
+        probs[at] = (info.valid && a > 0.0) ? a / info.total : 0.0;
+    }
+    if (threadIdx.x == 0) {
+        // Fillers (rule R1): the lowest positions without positive weight, in increasing order, probability 0.
+        // At most 2n positions are looked at: the row has fewer than n positive ones.
+        int k = sel.kept;
+        for (long long p = 0; p < size && k < n; ++p) {
+            if (!(weight_at(row_weights, p, logits, info.top_logit, info.shift) > 0.0)) {
+                write_coords(indices, row * n + k, p, dims, g0, g1, g2);
+                probs[row * n + k++] = 0.0;
+            }
+        }
+        for (; k < n; ++k) {  // not reached for a valid row; keeps a bad one in range
+            write_coords(indices, row * n + k, 0, dims, g0, g1, g2);
+            probs[row * n + k] = 0.0;
+        }
     }
 }
 
 #define ATS_FINISH_ROWS(suffix, T)                                                                                    \
-    extern "C" __global__ void finish_rows_##suffix(                                                                  \
+    extern "C" __global__ void ATS_SELECT_BOUNDS finish_rows_##suffix(                                                 \
         const T* weights, long long size, int nchunks, int n, int logits, const unsigned long long* rowmax, int pass, \
         const double* cand_keys, const long long* cand_idx, const int* cand_count, const double* stats,               \
         long long* status, unsigned long long* row_bound, int dims, long long g0, long long g1, long long g2,          \

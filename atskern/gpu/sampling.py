@@ -21,11 +21,16 @@ from .._backend import cupy
 from . import _module
 
 SOURCE = "sampling.cu"
-SORT_SIZE = 2048  # ATS_SORT_SIZE in sampling.cu
+MAX_SELECTION_N = 2048  # ATS_MAX_N in sampling.cu: larger n sorts every key of the row (cp.argsort)
 PER_THREAD = 4  # ATS_PER_THREAD in sampling.cu
 STATS = 5  # ATS_STATS in sampling.cu
-MIN_THREADS = 32
+SELECT_THREADS = (32, 64, 128, 256)
+"""Block sizes the selecting kernels compile for (ATS_SELECT_THREADS: CUB's block primitives take it at compile
+time; the selection buffer of MAX_SELECTION_N + PER_THREAD * threads entries must fit 48 KiB)."""
+MIN_BLOCKS = 2
+"""ATS_MIN_BLOCKS: selecting blocks an SM must hold at once (their register cap); a tuning knob, draws unchanged."""
 MIN_CHUNK = 1 << 14
+MAX_SLOTS = 1 << 31  # positions in a chunk and candidate slots of a row: the kernels hold them in 32 bits
 BLOCKS_PER_SM = 4
 NULL = np.uint64(0)  # a null pointer argument
 FUSED = True
@@ -37,19 +42,20 @@ def _suffix(dtype) -> str:
 
 
 def max_selection_n(threads: int | None = None) -> int:
-    """Largest ``n`` the shared-memory selection handles with ``threads`` per block."""
-    threads = _module.THREADS_PER_BLOCK if threads is None else threads
-    return SORT_SIZE - PER_THREAD * threads
+    """Largest ``n`` the shared-memory selection handles (any block size of :data:`SELECT_THREADS`); beyond it
+    every key of the row is computed and sorted."""
+    return MAX_SELECTION_N
 
 
-def selection_threads(n: int, threads: int) -> int | None:
-    """Block size of the selection for ``n`` draws: ``threads``, halved (down to 32) until ``n`` fits; None when
-    even 32 threads leave no room (then every key is computed and sorted)."""
-    while n > max_selection_n(threads):
-        if threads <= MIN_THREADS:
-            return None
-        threads //= 2
-    return threads
+def selection_capacity(threads: int) -> int:
+    """Entries of a selecting block's buffer (ATS_CAPACITY): the ``n`` kept and one tile of offers; 12 bytes each
+    (36 KiB for 256 threads), sorted with ``cub::BlockRadixSort``."""
+    return MAX_SELECTION_N + PER_THREAD * threads
+
+
+def compile_options(threads: int) -> tuple[str, ...]:
+    """The nvcc/NVRTC options of the module whose selecting kernels run ``threads``-thread blocks."""
+    return (f"-DATS_SELECT_THREADS={threads}", f"-DATS_MIN_BLOCKS={MIN_BLOCKS}")
 
 
 def chunk_size(rows: int, size: int, threads: int, multiprocessors: int) -> int:
@@ -91,11 +97,16 @@ class Plan:
 
 def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocessors: int, chunk: int | None = None) -> Plan:
     """The launch plan of a call (pure: tests build it for the host build of the kernels)."""
-    select = threads if replace else selection_threads(n, threads)
-    sort = select is None
-    threads = threads if sort else select
+    if threads not in SELECT_THREADS:
+        raise ValueError(f"threads must be one of {SELECT_THREADS} (the block size of the selecting kernels), "
+                         f"got {threads}")
+    sort = not replace and n > MAX_SELECTION_N
     tile = PER_THREAD * threads  # a chunk starts on a tile: a thread's 4 positions share one Philox block
     chunk = chunk_size(rows, size, threads, multiprocessors) if chunk is None else -(-chunk // tile) * tile
+    # 32-bit positions within a chunk and candidate slots (nchunks * n) within a row
+    chunk = min(chunk, MAX_SLOTS - tile)
+    if -(-size // chunk) * n >= MAX_SLOTS:
+        chunk = -(-(-(-size // (MAX_SLOTS // n - 1))) // tile) * tile
     return Plan(threads=threads, chunk=chunk, nchunks=-(-size // chunk), sort=sort)
 
 
@@ -209,10 +220,11 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
     ws = workspace(_empty, rows, size, n, p, replace, logits)
     indices = cp.empty((rows, n, len(grid)), cp.int32)
     probs = cp.empty((rows, n), cp.float64)
+    options = compile_options(p.threads)
     for step in launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_ptr):
         if step == SORT_STEP:
             sort_keys(cp, ws, n)
             continue
         name, grid_dims, block, args = step
-        _module.function(SOURCE, name)(grid_dims, block, args)
+        _module.function(SOURCE, name, options)(grid_dims, block, args)
     return indices, probs, ws.status

@@ -30,7 +30,7 @@ inline std::mutex atomic_mutex;
 #define __device__
 #define __forceinline__ inline
 #define __restrict__ __restrict
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #define __shared__ static
 
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
@@ -128,6 +128,16 @@ inline unsigned __ballot_sync(unsigned, bool predicate) {
     for (unsigned lane = 0; lane < 32; ++lane) bits |= (unsigned)(warp_slots[(threadIdx.x & ~31u) + lane] != 0) << lane;
     __syncthreads();
     return bits;
+}
+
+// __syncthreads_or: a barrier that also tells every thread whether any thread's predicate was non-zero.
+inline int __syncthreads_or(int predicate) {
+    warp_slots[threadIdx.x] = predicate != 0;
+    __syncthreads();
+    int any = 0;
+    for (unsigned t = 0; t < blockDim.x; ++t) any |= warp_slots[t] != 0;
+    __syncthreads();
+    return any;
 }
 
 // Runs body() as a grid of `grid` blocks of `block` threads.

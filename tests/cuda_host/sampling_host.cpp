@@ -1,6 +1,10 @@
 // atskern/gpu/sampling.cu compiled for the host (tests/test_cuda_host_sampling.py): one extern "C" launcher per
-// kernel, taking the grid and block sizes and then exactly the kernel's own arguments.
+// kernel, taking the grid and block sizes and then exactly the kernel's own arguments. The selecting kernels run
+// blocks of ATS_SELECT_THREADS threads (32 here, so that small rows span many blocks; sampling_host_t64.cpp: 64).
 #include "cuda_shim.h"
+#ifndef ATS_SELECT_THREADS
+#define ATS_SELECT_THREADS 32
+#endif
 #include "sampling.cu"
 
 #define U64 unsigned long long
