@@ -28,8 +28,39 @@ import jax.numpy as jnp
 import numpy as np
 
 import atskern
+from atskern._memory import aligned_empty
 
 VMAP = "sequential"
+
+
+def to_jax(array: np.ndarray):
+    """A fresh, 64-byte aligned NumPy result as a JAX CPU array without a copy (DLPack), else a copy.
+
+    Only for arrays nothing else references (atskern's fresh outputs): JAX
+    assumes its buffers immutable, and the alias keeps the NumPy array alive.
+    """
+    try:
+        return jax.dlpack.from_dlpack(array)
+    except (BufferError, TypeError, ValueError, RuntimeError):  # dtypes DLPack lacks (bfloat16 in NumPy), odd layouts
+        return jnp.asarray(array)
+
+
+def eager_extract(x, offsets, patch, fill, channels_first: bool):
+    """``atskern.extract_patches`` on the host buffers of concrete CPU arrays, into an aligned buffer handed to JAX."""
+    image = np.asarray(x)
+    out = aligned_empty(_patch_shape(image.shape, offsets.shape, patch, channels_first), image.dtype)
+    atskern.extract_patches(image, np.asarray(offsets), patch, fill=fill, channels_first=channels_first, out=out)
+    return to_jax(out)
+
+
+def eager_scatter(grad, offsets, spatial, channels_first: bool):
+    """``atskern.scatter_patches`` of concrete arrays (float32 for 16-bit gradients), handed to JAX without a copy."""
+    g = np.asarray(grad)
+    g = g.astype(np.float32) if g.dtype.itemsize < 4 else g
+    image = (g.shape[0], g.shape[2], *spatial) if channels_first else (g.shape[0], *spatial, g.shape[-1])
+    out = aligned_empty(image, g.dtype)
+    atskern.scatter_patches(g, np.asarray(offsets), spatial, channels_first=channels_first, out=out)
+    return to_jax(out)
 
 
 def _seed(key_words) -> int:

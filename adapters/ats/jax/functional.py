@@ -224,9 +224,7 @@ def _fill(fill, dtype, name="fill"):
 def _kernel_extract(x, offsets, patch, fill, channels_first):
     """The kernel path: atskern.extract_patches on the host arrays when eager, a callback when traced."""
     if _paths.is_concrete(x, offsets):
-        return jnp.asarray(
-            atskern.extract_patches(np.asarray(x), np.asarray(offsets), patch, fill=fill, channels_first=channels_first)
-        )
+        return _kernel.eager_extract(x, offsets, patch, fill, channels_first)
     return _kernel.extract(x, offsets, patch, fill, channels_first)
 
 
@@ -284,9 +282,7 @@ def scatter_patches(grad, offsets, spatial_shape, *, channels_first=False, path=
     spatial = c.size_tuple(tuple(spatial_shape), offsets.shape[2], "spatial_shape")
     if _paths.choose(path, "patches", grad, offsets) == "kernel":
         if _paths.is_concrete(grad, offsets):
-            g = np.asarray(grad)
-            g = g.astype(np.float32) if g.dtype.itemsize < 4 else g
-            return jnp.asarray(atskern.scatter_patches(g, np.asarray(offsets), spatial, channels_first=channels_first))
+            return _kernel.eager_scatter(grad, offsets, spatial, channels_first)
         return _kernel.scatter_patches(grad, offsets, spatial, channels_first)
     return _scatter(grad, offsets, spatial, channels_first=channels_first)
 
