@@ -67,7 +67,7 @@ def interleaved(fns: dict, repeats: int, budget: float = 20.0) -> dict:
 
 
 def _ms(times: dict, name: str):
-    return 1e3 * times[name] if name in times else float("nan")
+    return 1e3 * times[name] if name in times else "n/a"
 
 
 # --- JAX --------------------------------------------------------------------------------------
