@@ -32,8 +32,6 @@ from atskern import _validation
 from . import _checks as c
 from . import _estimator, _kernel, _patches, _paths, _rng, _sampling
 
-MODES = ("sample", "topk", "auto")  # as ats.torch.functional.MODES (used by module wrappers)
-
 
 # Each public function runs one compiled computation (cached per shape and static argument), also
 # when called eagerly: JAX's op-by-op dispatch of the ~200 Philox operations would be far slower.
