@@ -225,7 +225,7 @@ def _tf_patches(tf, rows, side, count, repeats):
 
 def run(quick: bool = False, progress=None):
     tf = quiet_tensorflow()
-    repeats = 3 if quick else 9
+    repeats = 3 if quick else 11
     jax_table = Table(
         NAME,
         "JAX: kernel path versus XLA path, float32, ms per call (median)",
