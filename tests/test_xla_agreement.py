@@ -369,7 +369,7 @@ def test_attention_helpers_equal_torch():
         np.testing.assert_allclose(
             np.asarray(aj.sample_softmax(x, smooth=smooth)), torch_f.sample_softmax(torch.from_numpy(x), smooth=smooth).numpy(), rtol=1e-6
         )
-    p = np.asarray(aj.sample_softmax(x, smooth=0.1))
+    p = np.array(aj.sample_softmax(x, smooth=0.1))  # a writable copy (torch.from_numpy warns on read-only arrays)
     np.testing.assert_allclose(p.reshape(3, -1).sum(1), 1, rtol=1e-6)
     want = 0.5 * np.sum(p * np.log(p + 1e-6)) / 3  # independent: the formula
     np.testing.assert_allclose(float(aj.multinomial_entropy(p, 0.5)), want, rtol=1e-6)
