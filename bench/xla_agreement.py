@@ -1,4 +1,4 @@
-"""How often ``ats.jax``'s float32 draws (JAX's default mode) differ from atskern's, per row.
+"""How often the float32 draws of ``ats.jax``'s XLA path (JAX's default mode) differ from atskern's, per row.
 
 ``python -m bench.xla_agreement`` prints a markdown table: typical attention
 maps (softmax of Gaussian logits at three temperatures, and uniform-ish
@@ -46,10 +46,10 @@ def measure(rows=512, side=64, seeds=4, ns=(10, 100)):
                 for seed in range(seeds):
                     attention = _map(scale, rows, side, seed)
                     want, _ = atskern.sample(attention, n, seed=seed, replace=replace)
-                    got, _ = aj.sample_indices(attention, n, seed, replace=replace)
+                    got, _ = aj.sample_indices(attention, n, seed, replace=replace, path="xla")
                     differ32 += int(np.any(np.asarray(got) != want, axis=(1, 2)).sum())
                     with jax.enable_x64(True):
-                        got64, _ = aj.sample_indices(attention, n, seed, replace=replace)
+                        got64, _ = aj.sample_indices(attention, n, seed, replace=replace, path="xla")
                     differ64 += int(np.any(np.asarray(got64) != want, axis=(1, 2)).sum())
                 lines.append(f"| {name} | {n} | {replace} | {rows * seeds} | {differ32} | {differ64} |")
     return "\n".join(lines)

@@ -1,4 +1,6 @@
-"""ats.jax: atskern's draws, patches and estimator in pure JAX, compared with atskern and independent computations."""
+"""ats.jax's pure-JAX (XLA) path: atskern's draws, patches and estimator, compared with atskern and independent
+computations. ``path="auto"`` is pinned to the XLA path here (the autouse fixture); the kernel path and the
+cross-framework comparisons are in test_xla_agreement.py."""
 
 from __future__ import annotations
 
@@ -34,6 +36,15 @@ def _flat(indices, grid):
 
 def _attention(shape, seed, dtype=np.float32):
     return (np.random.default_rng(seed).random(shape) ** 3).astype(dtype)
+
+
+@pytest.fixture(autouse=True)
+def xla_path(monkeypatch):
+    """``path="auto"`` means the XLA path in this module (on CPU it would pick atskern's kernels)."""
+    from ats.jax import _paths
+
+    choose = _paths.choose
+    monkeypatch.setattr(_paths, "choose", lambda path, *args: "xla" if path == "auto" else choose(path, *args))
 
 
 @pytest.fixture(params=[False, True], ids=["x32", "x64"])

@@ -15,11 +15,7 @@ from .._xla_common import (  # noqa: F401  (re-exported for functional.py)
     probs_values,
     size_tuple,
 )
-
-
-def is_concrete(*arrays) -> bool:
-    """True unless an argument is a tracer (under ``jit``, ``vmap``, ``grad``...)."""
-    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+from ._paths import is_concrete  # noqa: F401  (re-exported for functional.py)
 
 
 def as_array(value, name: str):

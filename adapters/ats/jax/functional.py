@@ -1,23 +1,36 @@
-"""Functional API of ``ats.jax``: sampling, patch extraction and the ATS estimator in pure JAX.
+"""Functional API of ``ats.jax``: sampling, patch extraction and the ATS estimator for JAX.
 
-Mirrors :mod:`ats.torch.functional`, with JAX's conventions: images are
-channels-last ``(B, *spatial, C)`` unless ``channels_first=True``, and the
-sampling key is explicit. Everything is written in ``jax.numpy``/``lax`` (no
-Flax, no host callback), so it compiles under ``jax.jit``, batches under
-``jax.vmap`` and runs on whatever device JAX uses.
+Mirrors :mod:`ats.torch.functional` (same function and argument names, same
+rules), with JAX's conventions: images are channels-last ``(B, *spatial, C)``
+unless ``channels_first=True`` (torch's default is channels-first), and the
+sampling key is explicit (JAX has no global generator, so ``key`` is
+required where torch would draw one).
+
+Two implementations sit behind ``path=`` (``ats.jax._paths``): ``"xla"``,
+everything in ``jax.numpy``/``lax`` (compiles under ``jax.jit``, batches under
+``jax.vmap``, runs on any JAX device); ``"kernel"``, atskern's Numba kernels
+(called directly when eager, through ``jax.pure_callback`` when traced);
+``"auto"`` (default) picks the faster one measured for the device and the
+call (the kernel on CPU for sampling, and for patches when eager; XLA on
+GPU/TPU). Both give the same draws (exactly with JAX's 64-bit mode; without
+it the XLA path can differ at near ties), the same patches and the same
+gradients.
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-from jax import lax
-
 from functools import partial
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import atskern
+from atskern import _validation
 
 from . import _checks as c
-from . import _estimator, _patches, _rng, _sampling
+from . import _estimator, _kernel, _patches, _paths, _rng, _sampling
 
 
 # Each public function runs one compiled computation (cached per shape and static argument), also
@@ -36,7 +49,25 @@ _scatter = jax.jit(_patches.scatter_patches, static_argnums=(2,), static_argname
 _expectation = jax.jit(_estimator.expectation, static_argnums=(2,))
 
 
-def sample_indices(attention, n_samples, key, *, replace=False, logits=False, strict=False):
+def _kernel_draw(attention, n, k0, k1, *, replace, logits, strict, validate):
+    """The kernel path: atskern.sample on the host array when eager, a ``pure_callback`` when traced."""
+    if _paths.is_concrete(attention, k0, k1):
+        weights = np.asarray(_kernel._kernel_weights(attention))
+        seed = int(k0) | (int(k1) << 32)
+        indices, probs = atskern.sample(weights, n, replace=replace, logits=logits, seed=seed, strict=strict, validate=validate)
+        return jnp.asarray(indices.astype(np.int32, copy=False)), jnp.asarray(probs).astype(attention.dtype)
+    return _kernel.sample_indices(attention, n, k0, k1, replace=replace, logits=logits, strict=strict, validate=validate)
+
+
+_PATH_DOC = """path : "auto", "xla" or "kernel"
+        Which implementation runs (module docstring): ``"auto"`` (default)
+        takes atskern's kernel on CPU devices where it measured faster and the
+        pure-JAX ops elsewhere (GPU/TPU); ``"xla"`` forces the ``jnp`` ops,
+        ``"kernel"`` atskern's kernels (through ``jax.pure_callback`` when
+        traced; on a GPU that is a host round trip)."""
+
+
+def sample_indices(attention, n_samples, key, *, replace=False, logits=False, strict=False, validate=True, path="auto"):
     """atskern's draw in JAX: ``(indices, probs)`` as ``atskern.sample(attention, n, seed=key)``.
 
     Parameters
@@ -53,8 +84,15 @@ def sample_indices(attention, n_samples, key, *, replace=False, logits=False, st
     strict : bool
         Without replacement, a row with fewer positive weights than
         ``n_samples`` is completed with zero-probability fillers (its
-        lowest-index zero cells, rule R1); ``strict=True`` raises instead
-        (checked only when called outside ``jit``).
+        lowest-index zero cells, rule R1); ``strict=True`` raises instead.
+    validate : bool
+        Check the rows' values (NaN, inf, negative weights, empty rows,
+        short rows when ``strict``) and raise a ValueError naming the row
+        (default). Eagerly on both paths; under ``jit`` only on the kernel
+        path (a bad row then fails the computation with atskern's message):
+        traced values are unknown to Python. ``validate=False`` skips it
+        (bad rows then give in-range but meaningless draws).
+    {path}
 
     Returns
     -------
@@ -62,39 +100,67 @@ def sample_indices(attention, n_samples, key, *, replace=False, logits=False, st
     probs : ``(B, n_samples)``, attention's dtype: each draw's probability
         under its row (0 for fillers and for probabilities the dtype cannot hold).
 
-    With JAX's 64-bit mode on, the draws equal atskern's (up to atskern's
-    near-tie caveat); without it they are computed in float32 and equal
-    atskern's except in rows with near ties (see ``ats.jax._sampling``).
-    Values are checked (NaN, inf, negative weights, empty rows) only when
-    called eagerly.
+    The kernel path is atskern, so its draws are atskern's. On the XLA path,
+    with JAX's 64-bit mode on the draws equal atskern's (up to atskern's
+    near-tie caveat); without it keys are float32 and a row can differ at
+    near ties (see ``ats.jax._sampling``).
     """
     attention = c.as_array(attention, "attention")
     n = c.positive_int(n_samples, "n_samples")
     replace = c.boolean(replace, "replace")
     logits = c.boolean(logits, "logits")
     strict = c.boolean(strict, "strict")
+    validate = c.boolean(validate, "validate")
     c.attention(attention, n, not replace)
     k0, k1 = _rng.seed_words(key)
-    if c.is_concrete(attention):
+    if _paths.choose(path, "sample", attention) == "kernel":
+        return _kernel_draw(attention, n, k0, k1, replace=replace, logits=logits, strict=strict, validate=validate)
+    if validate and c.is_concrete(attention):
         c.attention_values(attention, n, replace, logits, strict)
     return _draw(lax.stop_gradient(attention), k0, k1, n=n, replace=replace, logits=logits)
 
 
-def sample(attention, n_samples, *, key=None, replace=False, deterministic=False):
+sample_indices.__doc__ = sample_indices.__doc__.replace("{path}", _PATH_DOC)
+
+
+def sample(attention, n_samples, *, replace=False, key=None, deterministic=False, strict=False, validate=True, path="auto"):
     """Sample ``n_samples`` positions per row of an attention map, as ``ats.torch.functional.sample``.
 
-    ``attention`` ``(B, *grid)`` holds non-negative weights (e.g. a softmax).
-    ``key`` seeds atskern's generator (see :func:`sample_indices`); it is
-    required unless ``deterministic=True``, which takes the ``n_samples``
-    largest weights, largest first. Returns ``indices`` int32
-    ``(B, n_samples, D)`` (no gradient) and ``sampled_attention``
-    ``(B, n_samples)``: each drawn cell's weight divided by its row's sum, a
-    differentiable gather of ``attention``.
+    Parameters
+    ----------
+    attention : array ``(B, *grid)``, 1 to 3 grid dimensions, floating
+        Non-negative weights (e.g. from :func:`sample_softmax`); rows need
+        not sum exactly to 1.
+    n_samples : int
+    replace : bool
+        Independent draws, or (default) successive sampling without replacement.
+    key : int in ``[0, 2**64)``, uint32 array ``[k0, k1]`` or a JAX PRNG key
+        Seed of atskern's counter-based generator (see :func:`sample_indices`):
+        the same key and weights give atskern's (and ``ats.torch``'s) draws.
+        Required unless ``deterministic=True`` (JAX has no global generator
+        to draw one from, unlike torch).
+    deterministic : bool
+        Take the ``n_samples`` largest weights, largest first (ties: lower
+        index first; inference).
+    strict, validate :
+        As in :func:`sample_indices` (short rows get zero-probability
+        fillers unless ``strict``; value checks unless ``validate=False``).
+    {path}
+
+    Returns
+    -------
+    indices : int32 ``(B, n_samples, D)``
+        Grid coordinates in draw order (no gradient).
+    sampled_attention : ``(B, n_samples)``, attention's dtype
+        Each drawn cell's weight divided by its row's sum (in float32, or
+        float64 under JAX's 64-bit mode), a differentiable gather of
+        ``attention``: its gradient flows back to ``attention``.
     """
     attention = c.as_array(attention, "attention")
     n = c.positive_int(n_samples, "n_samples")
     replace = c.boolean(replace, "replace")
     deterministic = c.boolean(deterministic, "deterministic")
+    _paths.check(path)
     grid = c.attention(attention, n, not replace or deterministic)
     if deterministic:
         flat = _sampling.top_cells(lax.stop_gradient(attention), n)
@@ -102,13 +168,16 @@ def sample(attention, n_samples, *, key=None, replace=False, deterministic=False
     else:
         if key is None:
             raise TypeError("key is required to sample (an int seed, a uint32 [k0, k1] array or a JAX PRNG key)")
-        indices, _ = sample_indices(attention, n, key, replace=replace)
+        indices, _ = sample_indices(attention, n, key, replace=replace, strict=strict, validate=validate, path=path)
         flat = _sampling.ravel(indices, grid)
     rows = attention.reshape(attention.shape[0], -1)
     dtype = _rng.compute_dtype()
     total = jnp.sum(rows.astype(dtype), axis=1, keepdims=True)
     sampled = jnp.take_along_axis(rows, flat, axis=1).astype(dtype) / total
     return indices, sampled.astype(attention.dtype)
+
+
+sample.__doc__ = sample.__doc__.replace("{path}", _PATH_DOC)
 
 
 def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
@@ -139,20 +208,43 @@ def _spatial(x, name: str, channels_first: bool) -> tuple[int, ...]:
     return tuple(x.shape[2:]) if channels_first else tuple(x.shape[1:-1])
 
 
-def _fill(fill, name="fill"):
+def _fill(fill, dtype, name="fill"):
+    """``fill`` checked against the images' dtype with atskern's rule (the same error on both paths)."""
     if isinstance(fill, bool) or not isinstance(fill, (int, float)):
         raise TypeError(f"{name} must be a Python int or float, got {fill!r}")
+    try:
+        _validation.check_fill(fill, np.dtype(dtype))
+    except ValueError as error:
+        raise ValueError(str(error)) from None
     return fill
 
 
-def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False):
+def _kernel_extract(x, offsets, patch, fill, channels_first):
+    """The kernel path: atskern.extract_patches on the host arrays when eager, a callback when traced."""
+    if _paths.is_concrete(x, offsets):
+        return _kernel.eager_extract(x, offsets, patch, fill, channels_first)
+    return _kernel.extract(x, offsets, patch, fill, channels_first)
+
+
+def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False, path="auto"):
     """Gather one patch per offset, differentiably; pixels outside ``x`` take ``fill``.
 
-    ``x`` ``(B, *spatial, C)`` (or ``(B, C, *spatial)``), any dtype;
-    ``offsets`` integer ``(B, K, D)``, each patch's first pixel (anywhere).
-    Returns ``(B, K, *patch_size, C)`` (or ``(B, K, C, *patch_size)``). For a
-    floating ``x`` the gradient is :func:`scatter_patches` of the patch
-    gradient (a custom VJP), the exact adjoint.
+    Parameters
+    ----------
+    x : array ``(B, *spatial, C)`` (or ``(B, C, *spatial)`` with ``channels_first``), any dtype
+        1 to 3 spatial dimensions.
+    offsets : integer array ``(B, K, D)``
+        Each patch's first pixel; anywhere (pixels outside ``x`` take ``fill``).
+    patch_size : int or D ints
+    fill : Python int or float, representable in ``x``'s dtype
+    channels_first : bool
+        JAX's default is channels-last (``ats.torch``'s is channels-first).
+    {path}
+
+    Returns ``(B, K, *patch_size, C)`` (or ``(B, K, C, *patch_size)``) of
+    ``x``'s dtype. For a floating ``x`` the gradient is :func:`scatter_patches`
+    of the patch gradient (a ``jax.custom_vjp`` on both paths), the exact
+    adjoint; ``offsets`` get no gradient.
     """
     x = c.as_array(x, "x")
     channels_first = c.boolean(channels_first, "channels_first")
@@ -163,12 +255,19 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False):
     if not jnp.issubdtype(offsets.dtype, jnp.integer):
         raise TypeError(f"offsets must be an integer array, got {offsets.dtype}")
     patch = c.size_tuple(patch_size, len(spatial), "patch_size")
-    return _extract(x, offsets, patch, _fill(fill), channels_first)
+    fill = _fill(fill, x.dtype)
+    if _paths.choose(path, "patches", x, offsets) == "kernel":
+        return _kernel_extract(x, offsets, patch, fill, channels_first)
+    return _extract(x, offsets, patch, fill, channels_first)
 
 
-def scatter_patches(grad, offsets, spatial_shape, *, channels_first=False):
+extract_patches.__doc__ = extract_patches.__doc__.replace("{path}", _PATH_DOC)
+
+
+def scatter_patches(grad, offsets, spatial_shape, *, channels_first=False, path="auto"):
     """Each patch of ``grad`` added at its offset into zeros of ``spatial_shape``: the adjoint of
-    :func:`extract_patches` (overlaps sum, parts outside dropped). float32 for 16-bit gradients."""
+    :func:`extract_patches` (overlaps sum, parts outside dropped). float32 for 16-bit gradients.
+    ``path`` as in :func:`extract_patches` (``atskern.scatter_patches`` or a ``jnp`` scatter-add)."""
     grad = c.as_array(grad, "grad")
     offsets = c.as_array(offsets, "offsets")
     channels_first = c.boolean(channels_first, "channels_first")
@@ -176,38 +275,59 @@ def scatter_patches(grad, offsets, spatial_shape, *, channels_first=False):
         raise ValueError(f"grad must be (batch, K, *patch, C) matching offsets {tuple(offsets.shape)}, got {tuple(grad.shape)}")
     if not jnp.issubdtype(grad.dtype, jnp.floating):
         raise TypeError(f"grad must be floating, got {grad.dtype}")
+    if not jnp.issubdtype(offsets.dtype, jnp.integer):
+        raise TypeError(f"offsets must be an integer array, got {offsets.dtype}")
     spatial = c.size_tuple(tuple(spatial_shape), offsets.shape[2], "spatial_shape")
+    if _paths.choose(path, "patches", grad, offsets) == "kernel":
+        if _paths.is_concrete(grad, offsets):
+            return _kernel.eager_scatter(grad, offsets, spatial, channels_first)
+        return _kernel.scatter_patches(grad, offsets, spatial, channels_first)
     return _scatter(grad, offsets, spatial, channels_first=channels_first)
 
 
-def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, fill=0, channels_first=False):
-    """The patch around each sampled cell from every level of an image pyramid (one list entry per level).
+def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, fill=0, channels_first=False, path="auto"):
+    """Gather the patch around each sampled cell from every level of an image pyramid.
 
-    Each level's offsets come from :func:`patch_offsets`; each level's
-    gradient is scattered back into it.
+    ``levels`` is a list of image batches (``(B, *spatial_l, C)``, or
+    channels-first), ``samples`` integer ``(B, K, D)`` cells of
+    ``grid_shape``, ``patch_sizes`` one size per level. Each level's offsets
+    come from :func:`patch_offsets` (``margin`` as there), and each level's
+    gradient is scattered back into it. Returns one patch array per level.
+    ``fill``, ``channels_first`` and ``path`` as in :func:`extract_patches`.
     """
     levels = list(levels)
     if not isinstance(patch_sizes, (list, tuple)) or len(patch_sizes) != len(levels):
         raise ValueError(f"patch_sizes must hold one patch size per level ({len(levels)}), got {patch_sizes!r}")
+    _paths.check(path)
+    samples = c.as_array(samples, "samples")
     patches = []
     for i, (x, size) in enumerate(zip(levels, patch_sizes)):
         x = c.as_array(x, f"levels[{i}]")
         spatial = _spatial(x, f"levels[{i}]", channels_first)
+        if samples.ndim != 3 or samples.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"samples must be (batch, K, D) with the batch size of levels[{i}] ({x.shape[0]}), got {tuple(samples.shape)}"
+            )
         patch = c.size_tuple(size, len(spatial), f"patch_sizes[{i}]")
         offsets = patch_offsets(samples, grid_shape, spatial, patch, margin=margin)
-        patches.append(extract_patches(x, offsets, patch, fill=fill, channels_first=channels_first))
+        patches.append(extract_patches(x, offsets, patch, fill=fill, channels_first=channels_first, path=path))
     return patches
 
 
-def expectation(features, probs, *, replace=False):
+def expectation(features, probs, *, replace=False, validate=True):
     """The ATS estimate of ``sum_i a_i f_i`` from ``n`` sampled features, with unbiased gradients.
 
-    ``features`` ``(B, n, *F)`` and ``probs`` ``(B, n)`` (draw order) give
-    ``(B, *F)``. A ``jax.custom_vjp`` whose gradients are exactly
-    ``atskern.expectation_grad``'s (rule R3: ``probs == 0`` entries get
-    weight 0 and gradient 0). ``replace`` must match how the cells were drawn.
-    ``probs`` values are checked (finite, in [0, 1], rows summing to at most
-    1 + tolerance without replacement) only when called eagerly.
+    ``features`` ``(B, n, *F)`` and ``probs`` ``(B, n)`` (the sampled
+    attention in draw order) give ``(B, *F)``. A ``jax.custom_vjp`` whose
+    gradients are exactly ``atskern.expectation_grad``'s: ``c_k g`` for the
+    features and, for ``probs``, the unbiased estimate of ``<g, f_i>``
+    rather than the derivative of the value. ``replace`` must match how the
+    cells were drawn. Rule R3: ``probs == 0`` entries (fillers, or
+    probabilities the dtype cannot hold) get weight 0 and both gradients 0.
+    ``validate`` checks that ``probs`` are finite, in [0, 1] and, without
+    replacement, sum to at most 1 + tolerance per row (a ValueError naming
+    the row); only when called eagerly (traced values are unknown).
+    One implementation (the estimator is a few elementwise ops: no kernel path).
     """
     features = c.as_array(features, "features")
     probs = c.as_array(probs, "probs")
@@ -218,7 +338,7 @@ def expectation(features, probs, *, replace=False):
         raise ValueError(f"features must be (batch, n, ...) = {tuple(probs.shape)} + (...), got {tuple(features.shape)}")
     if not jnp.issubdtype(features.dtype, jnp.floating) or not jnp.issubdtype(probs.dtype, jnp.floating):
         raise TypeError(f"features and probs must be floating, got {features.dtype} and {probs.dtype}")
-    if c.is_concrete(probs):
+    if c.boolean(validate, "validate") and c.is_concrete(probs):
         c.probs_values(probs, replace)
     return _expectation(features, probs, replace)
 
@@ -231,3 +351,30 @@ def expectation_grad(grad, features, probs, *, replace=False):
     if tuple(grad.shape) != (probs.shape[0],) + tuple(features.shape[2:]):
         raise ValueError(f"grad must be (batch, *F) = {(probs.shape[0],) + tuple(features.shape[2:])}, got {tuple(grad.shape)}")
     return _estimator.grads(grad, features, probs, c.boolean(replace, "replace"))
+
+
+# --- attention helpers (as ats.torch.functional's) ----------------------------------------------
+
+
+def sample_softmax(x, *, smooth=0.0):
+    """Softmax over every axis but the batch, optionally mixed with the uniform distribution.
+
+    ``x`` ``(B, *grid)`` logits; returns the same shape, each row summing to 1:
+    ``(1 - smooth) softmax(x) + smooth / N`` over the ``N`` cells of a row.
+    """
+    x = c.as_array(x, "x")
+    if isinstance(smooth, bool) or not isinstance(smooth, (int, float)) or not 0 <= smooth <= 1:
+        raise ValueError(f"smooth must be a number in [0, 1], got {smooth!r}")
+    p = jax.nn.softmax(x.reshape(x.shape[0], -1), axis=1)
+    if smooth > 0:
+        p = p * (1 - smooth) + smooth / p.shape[1]
+    return p.reshape(x.shape)
+
+
+def multinomial_entropy(x, strength=1.0, eps=1e-6):
+    """``strength * sum(x log(x + eps)) / batch``: minus ``strength`` times the rows' mean entropy.
+
+    Added to a loss it rewards spread-out attention (the 2019 regularizer).
+    """
+    x = c.as_array(x, "x")
+    return strength * jnp.sum(x * jnp.log(x + eps)) / x.shape[0]
