@@ -35,6 +35,16 @@ BLOCK = 1 << 10
 
 _REJECT_MARGIN = 1.0 + 1e-12
 
+PIECE = 64
+"""Positions per piece of the with-replacement prefix sum (see :func:`_replacement_row`)."""
+
+_PIECE_SLACK = 1.0 + 2.0**-30  # far above the rounding of PIECE sequential float64 additions
+
+SERIAL_WORK = 1 << 17
+"""Up to this many positions in all (rows times positions per row) a call runs on the calling thread: waking
+the thread pool costs more than it saves (and on a busy machine a parallel region waits for its slowest
+thread). The draws do not depend on it."""
+
 _EXPONENT_LOW, _EXPONENT_HIGH = SCALE_FREE_EXPONENTS
 _SCREEN_LOW = 2.0 ** (SCALE_FREE_EXPONENTS[0] - 1)
 _SCREEN_HIGH = 2.0 ** SCALE_FREE_EXPONENTS[1]
@@ -134,6 +144,18 @@ def _chunk_pass(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bou
     rows = weights.shape[0]
     nchunks = cand_keys.shape[1]
     for item in prange(rows * nchunks):
+        b = item // nchunks
+        _chunk_item(weights, k0, k1, chunk, b, item - b * nchunks, cand_keys, cand_idx, cand_count, row_bound,
+                    chunk_stats, block_sums)
+
+
+@jit
+def _chunk_pass_serial(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums):
+    """:func:`_chunk_pass` on the calling thread: the same items in the same order, for work too small to pay
+    for waking the thread pool (the draws, probabilities and status are bitwise the same)."""
+    rows = weights.shape[0]
+    nchunks = cand_keys.shape[1]
+    for item in range(rows * nchunks):
         b = item // nchunks
         _chunk_item(weights, k0, k1, chunk, b, item - b * nchunks, cand_keys, cand_idx, cand_count, row_bound,
                     chunk_stats, block_sums)
@@ -299,7 +321,7 @@ def _summarize(status):
 
 
 @jit
-def _without_replacement(weights, k0, k1, chunk, grid, indices, probs, status):
+def _without_replacement(weights, k0, k1, chunk, serial, grid, indices, probs, status):
     rows, size = weights.shape
     n = indices.shape[1]
     nchunks = (size + chunk - 1) // chunk
@@ -310,7 +332,10 @@ def _without_replacement(weights, k0, k1, chunk, grid, indices, probs, status):
     row_bound = np.full((rows, 8), np.inf)  # one cache line per row: no false sharing
     chunk_stats = np.empty((rows, nchunks, 2), np.int64)
     block_sums = np.empty((rows, (size + BLOCK - 1) // BLOCK), np.float64)
-    _chunk_pass(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums)
+    if serial:
+        _chunk_pass_serial(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums)
+    else:
+        _chunk_pass(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums)
     _finish_rows(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_sums, grid, indices, probs, status)
     _summarize(status)
 
@@ -329,8 +354,12 @@ def chunk_size(rows, size, threads=None):
 
 
 @jit
-def _with_replacement(weights, k0, k1, grid, indices, probs, status):
-    _replacement_rows(weights, k0, k1, grid, indices, probs, status)
+def _with_replacement(weights, k0, k1, serial, grid, indices, probs, status):
+    if serial:
+        for b in range(weights.shape[0]):
+            _replacement_row(weights, b, k0, k1, grid, indices, probs, status)
+    else:
+        _replacement_rows(weights, k0, k1, grid, indices, probs, status)
     _summarize(status)
 
 
@@ -340,22 +369,54 @@ def _replacement_rows(weights, k0, k1, grid, indices, probs, status):
         _replacement_row(weights, b, k0, k1, grid, indices, probs, status)
 
 
+@jit(fastmath={"reassoc", "nsz", "contract"})
+def _piece_sums(weights, b, sums):
+    """One vectorized pass over row ``b``: the float64 sum of each piece of ``PIECE`` positions (``sums``; the
+    reassociated order is fixed by the piece) and the counts of positive and negative entries."""
+    size = weights.shape[1]
+    positive = 0
+    negative = 0
+    for s in range(sums.size):
+        base = s * PIECE
+        total = 0.0
+        if base + PIECE <= size:
+            for i in range(PIECE):  # a fixed trip count: one unrolled vector loop
+                a = np.float64(weights[b, base + i])
+                total += a
+                positive += np.int64(a > 0.0)
+                negative += np.int64(a < 0.0)
+        else:
+            for p in range(base, size):
+                a = np.float64(weights[b, p])
+                total += a
+                positive += np.int64(a > 0.0)
+                negative += np.int64(a < 0.0)
+        sums[s] = total
+    return positive, negative
+
+
 @jit
 def _replacement_row(weights, b, k0, k1, grid, indices, probs, status):
-    """Row ``b``: one pass for the float64 total and the status, then ``n`` inverse-CDF draws
-    (sorted targets, a second pass over the prefix sums that stops at the last target)."""
+    """Row ``b``: one vectorized pass for the piece sums and the status, then ``n`` inverse-CDF draws.
+
+    The prefix sum is taken piece by piece: ``start_c`` is the sequential float64 sum of the sums of pieces
+    ``0..c-1`` (``start`` of the last piece plus its sum is the row's total), and inside piece ``c`` the prefix
+    sum at ``p`` adds the weights from ``start_c`` one by one. Draw ``k`` is the first position of positive
+    weight whose prefix sum reaches ``u_k * total`` (the row's last positive position if rounding leaves the
+    target unreached). Only the pieces holding a target are scanned (sorted targets; a piece is skipped only
+    when its end, inflated far beyond rounding, is still below the target). The reference's single running
+    sum differs from this one by rounding, so the two can differ only where a target lies within rounding of
+    a prefix sum, as on the GPU.
+    """
     size = weights.shape[1]
     n = indices.shape[1]
     k0 = np.uint64(k0)
     k1 = np.uint64(k1)
+    sums = np.empty((size + PIECE - 1) // PIECE, np.float64)
+    positive, negative = _piece_sums(weights, b, sums)
     total = 0.0
-    positive = 0
-    negative = 0
-    for p in range(size):
-        a = np.float64(weights[b, p])
-        total += a
-        positive += np.int64(a > 0.0)
-        negative += np.int64(a < 0.0)
+    for s in range(sums.size):
+        total += sums[s]
     _row_status(weights, b, total, positive, negative, status)
     if not (positive > 0 and np.isfinite(total) and total > 0.0):
         for k in range(n):  # an invalid row (refused unless validate=False): in-range fillers
@@ -370,28 +431,35 @@ def _replacement_row(weights, b, k0, k1, grid, indices, probs, status):
         else:
             targets[k] = to_uniform(w2, w3) * total
     order = np.argsort(targets)
-    acc = 0.0
     k = 0
-    last_positive = 0
-    for p in range(size):
-        a = np.float64(weights[b, p])
-        if a > 0.0:
-            last_positive = p
-        acc += a
-        while k < n and targets[order[k]] <= acc:
-            _write_coords(indices, b, order[k], p, grid)
-            probs[b, order[k]] = a / total
-            k += 1
-        if k == n:
-            break
-    a = np.float64(weights[b, last_positive])
+    start = 0.0
+    for s in range(sums.size):
+        end = start + sums[s]
+        if end * _PIECE_SLACK >= targets[order[k]]:
+            acc = start
+            for p in range(s * PIECE, min(size, (s + 1) * PIECE)):
+                a = np.float64(weights[b, p])
+                acc += a
+                if not a > 0.0:
+                    continue
+                while k < n and targets[order[k]] <= acc:
+                    _write_coords(indices, b, order[k], p, grid)
+                    probs[b, order[k]] = a / total
+                    k += 1
+                if k == n:
+                    return
+        start = end
+    last = size - 1
+    while not weights[b, last] > 0.0:
+        last -= 1
+    a = np.float64(weights[b, last])
     while k < n:
-        _write_coords(indices, b, order[k], last_positive, grid)
+        _write_coords(indices, b, order[k], last, grid)
         probs[b, order[k]] = a / total
         k += 1
 
 
-def sample(weights, n, grid, seed, replace, chunk=None):
+def sample(weights, n, grid, seed, replace, chunk=None, serial=None):
     """The CPU sampling backend (see ``atskern.sampling`` for the interface).
 
     ``weights`` is ``(B, N)`` float32/float64, C-contiguous; ``grid`` an int64 array of the grid
@@ -399,16 +467,20 @@ def sample(weights, n, grid, seed, replace, chunk=None):
     ``(B, n, D)``, float64 ``probs`` ``(B, n)`` and the int64 ``status`` ``(B + 1, 4)``: one
     row per batch row, then the summary row (see ``atskern.sampling``). Rows that the status
     marks invalid still get in-range indices. ``chunk`` (a multiple of ``BLOCK``)
-    overrides :func:`chunk_size` without replacement.
+    overrides :func:`chunk_size` without replacement; ``serial`` (default: up to ``SERIAL_WORK``
+    positions in all) runs the call on the calling thread. Neither changes a bit of the results.
     """
     rows, size = weights.shape
+    if serial is None:
+        serial = rows * size <= SERIAL_WORK
     indices = np.empty((rows, n, grid.shape[0]), np.int32)
     probs = np.empty((rows, n), np.float64)
     status = np.empty((rows + 1, 4), np.int64)
     k0, k1 = seed & 0xFFFFFFFF, seed >> 32
     if replace:
-        _with_replacement(weights, k0, k1, grid, indices, probs, status)
+        _with_replacement(weights, k0, k1, serial, grid, indices, probs, status)
     else:
-        chunk = chunk_size(rows, size) if chunk is None else chunk
-        _without_replacement(weights, k0, k1, chunk, grid, indices, probs, status)
+        if chunk is None:
+            chunk = -(-size // BLOCK) * BLOCK if serial else chunk_size(rows, size)
+        _without_replacement(weights, k0, k1, chunk, serial, grid, indices, probs, status)
     return indices, probs, status
