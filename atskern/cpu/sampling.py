@@ -27,6 +27,9 @@ from .._rng import STREAM_HI, STREAM_LO, STREAM_REPLACE, TWO_POW_M32
 from ._jit import jit
 from .philox import block_words, pick_word, to_uniform
 
+FUSED = False
+"""The front end computes logits' weights and rescales rows for this backend (see ``atskern.sampling``)."""
+
 MIN_CHUNK = 1 << 14
 """Fewest positions of a parallel work item (see :func:`chunk_size`)."""
 
@@ -114,25 +117,33 @@ def _headroom(hi):
 
 
 @jit(fastmath={"reassoc", "nsz", "contract"})
-def _scan_block(values, hi_words, bound, flags):
-    """One vectorized pass over a block's weights ``values`` (a 1-D slice): their float64 sum,
-    the counts of positive and negative entries, and per position whether its key might be
-    below ``bound`` (``flags``; ``1 - u >= a t`` rules a key out).
+def _block_stats(values):
+    """One vectorized pass over a block's weights ``values`` (a 1-D slice): their float64 sum, the counts
+    of positive and negative entries, and the sum of squares (for :func:`_first_bound`).
 
-    The sum's (reassociated) order is fixed by the block, so it does not depend on the
-    chunking or thread count; a NaN or inf makes it non-finite. Fast-math flags touch only
-    this sum: keys are computed elsewhere, exactly.
+    The sum's (reassociated) order is fixed by the block, so it does not depend on the chunking, the
+    thread count or the path; a NaN or inf makes it non-finite. Fast-math flags touch only this function:
+    keys are computed elsewhere, exactly.
     """
     total = 0.0
     positive = 0
     negative = 0
+    squares = 0.0
     for i in range(values.size):
         a = np.float64(values[i])
         total += a
+        squares += a * a
         positive += np.int64(a > 0.0)
         negative += np.int64(a < 0.0)
-        flags[i] = _headroom(hi_words[i]) < a * bound
-    return total, positive, negative
+    return total, positive, negative, squares
+
+
+@jit
+def _flag_block(values, hi_words, bound, flags):
+    """Per position of a block whether its key might be below ``bound`` (``1 - u >= a t`` rules a key
+    out): one vectorized loop."""
+    for i in range(values.size):
+        flags[i] = _headroom(hi_words[i]) < np.float64(values[i]) * bound
 
 
 @jit(parallel=True)
@@ -171,30 +182,75 @@ def _chunk_item(weights, k0, k1, chunk, b, c, cand_keys, cand_idx, cand_count, r
     shared by the items of row ``b``: any item's full-heap threshold bounds the row's final
     n-th smallest key, so keys strictly above it are dropped early. The result does not depend
     on when (or whether) an item sees another's bound.
+
+    An item that holds a whole row first takes the row's statistics in one pass (the weights stay in
+    cache) and starts from the bound :func:`_first_bound`, so few keys are computed; if fewer than
+    ``capacity`` keys fall below it, the row's keys are selected again without it. The n smallest keys
+    below any bound are the row's n smallest whenever there are n of them, so the draws are the same.
     """
     size = weights.shape[1]
     capacity = cand_keys.shape[2]
+    start = c * chunk
+    stop = min(size, start + chunk)
+    row_weights = weights[b]
+    positive = 0
+    negative = 0
+    squares = 0.0
+    total = 0.0
+    for block_start in range(start, stop, BLOCK):
+        t, pos, neg, sq = _block_stats(row_weights[block_start:min(stop, block_start + BLOCK)])
+        block_sums[b, block_start // BLOCK] = t
+        total += t
+        positive += pos
+        negative += neg
+        squares += sq
+    chunk_stats[b, c, 0] = positive
+    chunk_stats[b, c, 1] = negative
+    first = np.inf
+    if start == 0 and stop == size and negative == 0 and positive >= capacity:
+        first = _first_bound(capacity, total, squares)
+        row_bound[b, 0] = first  # the item holds the whole row: no other item shares this bound
+    count = _select(row_weights, k0, k1, b, start, stop, cand_keys[b, c], cand_idx[b, c], row_bound, first)
+    if count < capacity and first < np.inf:
+        row_bound[b, 0] = np.inf
+        count = _select(row_weights, k0, k1, b, start, stop, cand_keys[b, c], cand_idx[b, c], row_bound, np.inf)
+    cand_count[b, c] = count
+
+
+@jit(inline="always")
+def _first_bound(n, total, squares):
+    """A bound ``t`` below which at least ``n + 5 sqrt(n) + 10`` keys are expected (so fewer than ``n`` almost
+    never fall), or inf where the weights are too uneven for that.
+
+    A key ``-log(u) / a`` falls below ``t`` with probability ``1 - exp(-a t) >= a t - (a t)**2 / 2``, so
+    at least ``W t - S t**2 / 2`` keys are expected (``W`` the weights' sum, ``S`` the sum of their
+    squares); ``t`` is the smaller root of that bound equal to the wanted count.
+    """
+    want = n + 5.0 * math.sqrt(n) + 10.0
+    disc = total * total - 2.0 * squares * want
+    if not (np.isfinite(total) and total > 0.0 and np.isfinite(disc) and disc > 0.0):
+        return np.inf
+    return 2.0 * want / (total + math.sqrt(disc))
+
+
+@jit
+def _select(row_weights, k0, k1, b, start, stop, keys, idx, row_bound, first):
+    """Keep the ``keys.size`` smallest keys below ``first`` of positions ``start..stop`` in a max-heap;
+    returns how many it holds. Inside a block a key is computed only when the high word of its uniform
+    cannot rule it out."""
+    capacity = keys.size
     k0 = np.uint64(k0)
     k1 = np.uint64(k1)
-    keys = cand_keys[b, c]
-    idx = cand_idx[b, c]
     hi_words = np.empty(BLOCK, np.uint32)
     flags = np.zeros(BLOCK, np.bool_)
     flag_words = flags.view(np.uint64)  # 8 flags at a time: most are all clear
-    row_weights = weights[b]
     count = 0
     threshold = np.inf
-    positive = 0
-    negative = 0
-    stop = min(size, (c + 1) * chunk)
-    for block_start in range(c * chunk, stop, BLOCK):
+    for block_start in range(start, stop, BLOCK):
         block_stop = min(stop, block_start + BLOCK)
         bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
         _fill_block(block_start, block_stop, b, k0, k1, hi_words)
-        total, pos, neg = _scan_block(row_weights[block_start:block_stop], hi_words, bound, flags)
-        block_sums[b, block_start // BLOCK] = total
-        positive += pos
-        negative += neg
+        _flag_block(row_weights[block_start:block_stop], hi_words, bound, flags)
         for w in range((block_stop - block_start + 7) // 8):
             if flag_words[w] == 0:
                 continue
@@ -220,9 +276,7 @@ def _chunk_item(weights, k0, k1, chunk, b, c, cand_keys, cand_idx, cand_count, r
                     bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
                     if threshold < row_bound[b, 0]:
                         row_bound[b, 0] = threshold
-    cand_count[b, c] = count
-    chunk_stats[b, c, 0] = positive
-    chunk_stats[b, c, 1] = negative
+    return count
 
 
 @jit(inline="always")
