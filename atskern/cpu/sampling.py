@@ -147,7 +147,7 @@ def _flag_block(values, hi_words, bound, flags):
 
 
 @jit(parallel=True)
-def _chunk_pass(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums):
+def _chunk_pass(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums):
     """One pass over the weights, the (row, chunk) items in parallel (see :func:`_chunk_item`).
 
     The loop body is one call: a small parallel region compiles in a fraction of the time.
@@ -156,24 +156,26 @@ def _chunk_pass(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bou
     nchunks = cand_keys.shape[1]
     for item in prange(rows * nchunks):
         b = item // nchunks
-        _chunk_item(weights, k0, k1, chunk, b, item - b * nchunks, cand_keys, cand_idx, cand_count, row_bound,
-                    chunk_stats, block_sums)
+        _chunk_item(weights, k0, k1, chunk, spare, b, item - b * nchunks, cand_keys, cand_idx, cand_count,
+                    row_bound, chunk_stats, block_sums)
 
 
 @jit
-def _chunk_pass_serial(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums):
+def _chunk_pass_serial(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_count, row_bound, chunk_stats,
+                       block_sums):
     """:func:`_chunk_pass` on the calling thread: the same items in the same order, for work too small to pay
     for waking the thread pool (the draws, probabilities and status are bitwise the same)."""
     rows = weights.shape[0]
     nchunks = cand_keys.shape[1]
     for item in range(rows * nchunks):
         b = item // nchunks
-        _chunk_item(weights, k0, k1, chunk, b, item - b * nchunks, cand_keys, cand_idx, cand_count, row_bound,
-                    chunk_stats, block_sums)
+        _chunk_item(weights, k0, k1, chunk, spare, b, item - b * nchunks, cand_keys, cand_idx, cand_count,
+                    row_bound, chunk_stats, block_sums)
 
 
 @jit
-def _chunk_item(weights, k0, k1, chunk, b, c, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums):
+def _chunk_item(weights, k0, k1, chunk, spare, b, c, cand_keys, cand_idx, cand_count, row_bound, chunk_stats,
+                block_sums):
     """Item (row ``b``, chunk ``c``): validate its positions and keep the ``capacity`` smallest
     keys of its positive ones in a max-heap.
 
@@ -208,7 +210,7 @@ def _chunk_item(weights, k0, k1, chunk, b, c, cand_keys, cand_idx, cand_count, r
     chunk_stats[b, c, 1] = negative
     first = np.inf
     if start == 0 and stop == size and negative == 0 and positive >= capacity:
-        first = _first_bound(capacity, total, squares)
+        first = _first_bound(capacity + spare, total, squares)
         row_bound[b, 0] = first  # the item holds the whole row: no other item shares this bound
     count = _select(row_weights, k0, k1, b, start, stop, cand_keys[b, c], cand_idx[b, c], row_bound, first)
     if count < capacity and first < np.inf:
@@ -218,17 +220,16 @@ def _chunk_item(weights, k0, k1, chunk, b, c, cand_keys, cand_idx, cand_count, r
 
 
 @jit(inline="always")
-def _first_bound(n, total, squares):
-    """A bound ``t`` below which at least ``n + 5 sqrt(n) + 10`` keys are expected (so fewer than ``n`` almost
-    never fall), or inf where the weights are too uneven for that.
+def _first_bound(want, total, squares):
+    """A bound ``t`` below which at least ``want`` keys are expected (``n + 5 sqrt(n) + 10`` by default, so
+    fewer than ``n`` almost never fall), or inf where the weights are too uneven for that.
 
     A key ``-log(u) / a`` falls below ``t`` with probability ``1 - exp(-a t) >= a t - (a t)**2 / 2``, so
     at least ``W t - S t**2 / 2`` keys are expected (``W`` the weights' sum, ``S`` the sum of their
-    squares); ``t`` is the smaller root of that bound equal to the wanted count.
+    squares); ``t`` is the smaller root of that bound equal to ``want``.
     """
-    want = n + 5.0 * math.sqrt(n) + 10.0
     disc = total * total - 2.0 * squares * want
-    if not (np.isfinite(total) and total > 0.0 and np.isfinite(disc) and disc > 0.0):
+    if not (want > 0.0 and np.isfinite(total) and total > 0.0 and np.isfinite(disc) and disc > 0.0):
         return np.inf
     return 2.0 * want / (total + math.sqrt(disc))
 
@@ -375,7 +376,7 @@ def _summarize(status):
 
 
 @jit
-def _without_replacement(weights, k0, k1, chunk, serial, grid, indices, probs, status):
+def _without_replacement(weights, k0, k1, chunk, serial, spare, grid, indices, probs, status):
     rows, size = weights.shape
     n = indices.shape[1]
     nchunks = (size + chunk - 1) // chunk
@@ -387,9 +388,10 @@ def _without_replacement(weights, k0, k1, chunk, serial, grid, indices, probs, s
     chunk_stats = np.empty((rows, nchunks, 2), np.int64)
     block_sums = np.empty((rows, (size + BLOCK - 1) // BLOCK), np.float64)
     if serial:
-        _chunk_pass_serial(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums)
+        _chunk_pass_serial(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_count, row_bound, chunk_stats,
+                           block_sums)
     else:
-        _chunk_pass(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums)
+        _chunk_pass(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums)
     _finish_rows(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_sums, grid, indices, probs, status)
     _summarize(status)
 
@@ -513,7 +515,7 @@ def _replacement_row(weights, b, k0, k1, grid, indices, probs, status):
         k += 1
 
 
-def sample(weights, n, grid, seed, replace, chunk=None, serial=None):
+def sample(weights, n, grid, seed, replace, chunk=None, serial=None, spare=None):
     """The CPU sampling backend (see ``atskern.sampling`` for the interface).
 
     ``weights`` is ``(B, N)`` float32/float64, C-contiguous; ``grid`` an int64 array of the grid
@@ -522,7 +524,9 @@ def sample(weights, n, grid, seed, replace, chunk=None, serial=None):
     row per batch row, then the summary row (see ``atskern.sampling``). Rows that the status
     marks invalid still get in-range indices. ``chunk`` (a multiple of ``BLOCK``)
     overrides :func:`chunk_size` without replacement; ``serial`` (default: up to ``SERIAL_WORK``
-    positions in all) runs the call on the calling thread. Neither changes a bit of the results.
+    positions in all) runs the call on the calling thread; ``spare`` (default ``5 sqrt(n) + 10``) is how many
+    keys beyond ``n`` the first bound of a whole-row item expects (see :func:`_first_bound`; a test makes it
+    negative to force the reselection). None of them changes a bit of the results.
     """
     rows, size = weights.shape
     if serial is None:
@@ -536,5 +540,6 @@ def sample(weights, n, grid, seed, replace, chunk=None, serial=None):
     else:
         if chunk is None:
             chunk = -(-size // BLOCK) * BLOCK if serial else chunk_size(rows, size)
-        _without_replacement(weights, k0, k1, chunk, serial, grid, indices, probs, status)
+        spare = 5.0 * math.sqrt(n) + 10.0 if spare is None else float(spare)
+        _without_replacement(weights, k0, k1, chunk, serial, spare, grid, indices, probs, status)
     return indices, probs, status
