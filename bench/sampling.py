@@ -89,7 +89,7 @@ def fixed_cost_cases(quick: bool):
     """``(rows, side, n, dtype, replace)``: the maps attention usually gives (150² to 1024²), B 1 and 32."""
     if quick:
         return [(1, 256, 10, "float32", False), (1, 256, 10, "float32", True)]
-    sides = {1: (150, 256, 512, 1024), 32: (150, 256, 512)}
+    sides = {1: (150, 256, 512, 1024), 32: (150, 256, 512, 1024)}
     return [(rows, side, n, dtype, replace) for rows in (1, 32) for side in sides[rows] for n in (10, 100)
             for dtype in ("float32", "float64") for replace in (False, True)]
 

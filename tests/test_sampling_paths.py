@@ -134,7 +134,8 @@ def test_paths_agree_fuzzed(rows, size, zero_rate, n, replace, dtype, seed):
     grid = np.array([size], np.int64)
     results = [cpu_sampling.sample(a, n, grid, seed, replace, serial=serial, spare=spare)
                for serial in (True, False) for spare in (None, 0.5 - n)]
-    results.append(cpu_sampling.sample(a, n, grid, seed, replace, chunk=cpu_sampling.BLOCK))  # rows split
+    for spare in (None, 0.5 - n):  # rows split into chunks, each with its own first bound
+        results.append(cpu_sampling.sample(a, n, grid, seed, replace, chunk=cpu_sampling.BLOCK, spare=spare))
     for other in results[1:]:
         for x, y in zip(results[0], other):
             np.testing.assert_array_equal(x, y)

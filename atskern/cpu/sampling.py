@@ -37,6 +37,9 @@ BLOCK = 1 << 10
 """Positions whose high words are generated together (a vectorizable loop)."""
 
 _REJECT_MARGIN = 1.0 + 1e-12
+_TWO_POW_32 = 2.0**32
+_F32_SLACK = 1.0 + 2.0**-20
+_F32_EDGE = np.float32(2.0**32 - 2048)
 
 PIECE = 64
 """Positions per piece of the with-replacement prefix sum (see :func:`_replacement_row`)."""
@@ -141,9 +144,21 @@ def _block_stats(values):
 @jit
 def _flag_block(values, hi_words, bound, flags):
     """Per position of a block whether its key might be below ``bound`` (``1 - u >= a t`` rules a key
-    out): one vectorized loop."""
-    for i in range(values.size):
-        flags[i] = _headroom(hi_words[i]) < np.float64(values[i]) * bound
+    out): one vectorized loop.
+
+    float32 weights take the test in float32 (twice the lanes): ``hi + a t 2**32 >= 2**32 - 2048`` with
+    ``t`` enlarged by ``2**-20``, a superset of the float64 test (the float32 roundings of ``hi``, of the
+    product and of the sum move it by less than 512, and the relative ones are inside the enlargement;
+    an underflowing product leaves only ``hi`` near 2**32, where the float64 test can pass). The
+    positions it flags are tested again exactly, so the float32 test changes no draw.
+    """
+    if values.itemsize == 4:
+        scaled = np.float32(bound * _TWO_POW_32 * _F32_SLACK)
+        for i in range(values.size):
+            flags[i] = np.float32(hi_words[i]) + values[i] * scaled >= _F32_EDGE
+    else:
+        for i in range(values.size):
+            flags[i] = _headroom(hi_words[i]) < np.float64(values[i]) * bound
 
 
 @jit(parallel=True)
@@ -185,10 +200,11 @@ def _chunk_item(weights, k0, k1, chunk, spare, b, c, cand_keys, cand_idx, cand_c
     n-th smallest key, so keys strictly above it are dropped early. The result does not depend
     on when (or whether) an item sees another's bound.
 
-    An item that holds a whole row first takes the row's statistics in one pass (the weights stay in
-    cache) and starts from the bound :func:`_first_bound`, so few keys are computed; if fewer than
-    ``capacity`` keys fall below it, the row's keys are selected again without it. The n smallest keys
-    below any bound are the row's n smallest whenever there are n of them, so the draws are the same.
+    The item first takes its positions' statistics in one pass (the weights stay in cache) and selects
+    keys below its own bound :func:`_first_bound` (not shared: another item's keys may lie above it), so
+    few keys are computed; if fewer than ``capacity`` keys fall below it (and the row's shared bound has
+    not come below it meanwhile), it selects again without it. The ``capacity`` smallest keys below any
+    bound are the item's smallest whenever there are that many, so the draws are the same.
     """
     size = weights.shape[1]
     capacity = cand_keys.shape[2]
@@ -209,12 +225,10 @@ def _chunk_item(weights, k0, k1, chunk, spare, b, c, cand_keys, cand_idx, cand_c
     chunk_stats[b, c, 0] = positive
     chunk_stats[b, c, 1] = negative
     first = np.inf
-    if start == 0 and stop == size and negative == 0 and positive >= capacity:
+    if negative == 0 and positive >= capacity:
         first = _first_bound(capacity + spare, total, squares)
-        row_bound[b, 0] = first  # the item holds the whole row: no other item shares this bound
     count = _select(row_weights, k0, k1, b, start, stop, cand_keys[b, c], cand_idx[b, c], row_bound, first)
-    if count < capacity and first < np.inf:
-        row_bound[b, 0] = np.inf
+    if count < capacity and first < row_bound[b, 0]:
         count = _select(row_weights, k0, k1, b, start, stop, cand_keys[b, c], cand_idx[b, c], row_bound, np.inf)
     cand_count[b, c] = count
 
@@ -236,9 +250,9 @@ def _first_bound(want, total, squares):
 
 @jit
 def _select(row_weights, k0, k1, b, start, stop, keys, idx, row_bound, first):
-    """Keep the ``keys.size`` smallest keys below ``first`` of positions ``start..stop`` in a max-heap;
-    returns how many it holds. Inside a block a key is computed only when the high word of its uniform
-    cannot rule it out."""
+    """Keep the ``keys.size`` smallest keys of positions ``start..stop`` below ``first`` and the row's shared
+    bound ``row_bound[b, 0]`` in a max-heap; returns how many it holds. Inside a block a key is computed
+    only when the high word of its uniform cannot rule it out."""
     capacity = keys.size
     k0 = np.uint64(k0)
     k1 = np.uint64(k1)
@@ -249,7 +263,7 @@ def _select(row_weights, k0, k1, b, start, stop, keys, idx, row_bound, first):
     threshold = np.inf
     for block_start in range(start, stop, BLOCK):
         block_stop = min(stop, block_start + BLOCK)
-        bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
+        bound = min(threshold, row_bound[b, 0], first) * _REJECT_MARGIN
         _fill_block(block_start, block_stop, b, k0, k1, hi_words)
         _flag_block(row_weights[block_start:block_stop], hi_words, bound, flags)
         for w in range((block_stop - block_start + 7) // 8):
@@ -264,7 +278,7 @@ def _select(row_weights, k0, k1, b, start, stop, keys, idx, row_bound, first):
                     continue
                 l0, l1, l2, l3 = block_words(np.uint64(p // 4), b, STREAM_LO, k0, k1)
                 key = -np.log(to_uniform(hi, pick_word(l0, l1, l2, l3, p & 3))) / a
-                if key > row_bound[b, 0]:
+                if key > min(row_bound[b, 0], first):
                     continue
                 if count < capacity:
                     count = _push(keys, idx, count, key, p)
@@ -274,7 +288,7 @@ def _select(row_weights, k0, k1, b, start, stop, keys, idx, row_bound, first):
                     continue
                 if count == capacity:
                     threshold = keys[0]
-                    bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
+                    bound = min(threshold, row_bound[b, 0], first) * _REJECT_MARGIN
                     if threshold < row_bound[b, 0]:
                         row_bound[b, 0] = threshold
     return count
@@ -525,7 +539,7 @@ def sample(weights, n, grid, seed, replace, chunk=None, serial=None, spare=None)
     marks invalid still get in-range indices. ``chunk`` (a multiple of ``BLOCK``)
     overrides :func:`chunk_size` without replacement; ``serial`` (default: up to ``SERIAL_WORK``
     positions in all) runs the call on the calling thread; ``spare`` (default ``5 sqrt(n) + 10``) is how many
-    keys beyond ``n`` the first bound of a whole-row item expects (see :func:`_first_bound`; a test makes it
+    keys beyond ``n`` the first bound of an item expects (see :func:`_first_bound`; a test makes it
     negative to force the reselection). None of them changes a bit of the results.
     """
     rows, size = weights.shape
