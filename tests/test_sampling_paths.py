@@ -141,3 +141,24 @@ def test_paths_agree_fuzzed(rows, size, zero_rate, n, replace, dtype, seed):
             np.testing.assert_array_equal(x, y)
     want, _ = reference.sample(a, n, replace=replace, seed=seed)
     np.testing.assert_array_equal(results[0][0], want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_segments_of_long_rows(dtype):
+    """Rows of several segments: the first bound holds in the first segment only, whatever the chunking."""
+    size = 2 * cpu_sampling.SEGMENT + 1234
+    rng = np.random.default_rng(8)
+    weights = rng.random((2, size)) + 0.01
+    weights[1, : cpu_sampling.SEGMENT // 2] = 0.0  # the first segment holds half the row's positions
+    weights[1, 5] = 1e3  # and one heavy cell
+    weights = weights.astype(dtype)
+    grid = np.array([size], np.int64)
+    for n in (3, 150):
+        runs = [cpu_sampling.sample(weights, n, grid, 31, False, serial=serial, spare=spare, chunk=chunk)
+                for serial in (True, False) for spare in (None, 0.5 - n)
+                for chunk in (None, cpu_sampling.SEGMENT + cpu_sampling.BLOCK)]
+        for other in runs[1:]:
+            for x, y in zip(runs[0], other):
+                np.testing.assert_array_equal(x, y)
+        want, _ = reference.sample(weights, n, seed=31)
+        np.testing.assert_array_equal(runs[0][0], want)

@@ -41,6 +41,10 @@ _TWO_POW_32 = 2.0**32
 _F32_SLACK = 1.0 + 2.0**-20
 _F32_EDGE = np.float32(2.0**32 - 2048)
 
+SEGMENT = 1 << 16
+"""Positions whose statistics are taken just before their keys (1 MiB of float64 weights at most, in a
+core's cache for the second pass)."""
+
 PIECE = 64
 """Positions per piece of the with-replacement prefix sum (see :func:`_replacement_row`)."""
 
@@ -200,36 +204,47 @@ def _chunk_item(weights, k0, k1, chunk, spare, b, c, cand_keys, cand_idx, cand_c
     n-th smallest key, so keys strictly above it are dropped early. The result does not depend
     on when (or whether) an item sees another's bound.
 
-    The item first takes its positions' statistics in one pass (the weights stay in cache) and selects
-    keys below its own bound :func:`_first_bound` (not shared: another item's keys may lie above it), so
-    few keys are computed; if fewer than ``capacity`` keys fall below it (and the row's shared bound has
-    not come below it meanwhile), it selects again without it. The ``capacity`` smallest keys below any
-    bound are the item's smallest whenever there are that many, so the draws are the same.
+    The item goes through its positions by segments of ``SEGMENT`` (in cache for a second pass): first
+    the segment's statistics, then its keys. In the first segment only keys below the item's own bound
+    :func:`_first_bound` (not shared: another item's keys may lie above it) are kept, so few keys are
+    computed before the heap is full; if fewer than ``capacity`` fall below it (and the row's shared
+    bound has not come below it meanwhile), the segment is selected again without it. Once the heap is
+    full its threshold is below the first bound, so the ``capacity`` smallest keys kept are the item's
+    smallest and the draws are the same.
     """
     size = weights.shape[1]
     capacity = cand_keys.shape[2]
+    keys = cand_keys[b, c]
+    idx = cand_idx[b, c]
+    row_weights = weights[b]
     start = c * chunk
     stop = min(size, start + chunk)
-    row_weights = weights[b]
     positive = 0
     negative = 0
-    squares = 0.0
-    total = 0.0
-    for block_start in range(start, stop, BLOCK):
-        t, pos, neg, sq = _block_stats(row_weights[block_start:min(stop, block_start + BLOCK)])
-        block_sums[b, block_start // BLOCK] = t
-        total += t
-        positive += pos
-        negative += neg
-        squares += sq
+    count = 0
+    for segment in range(start, stop, SEGMENT):
+        segment_stop = min(stop, segment + SEGMENT)
+        total = 0.0
+        squares = 0.0
+        seg_positive = 0
+        seg_negative = 0
+        for block_start in range(segment, segment_stop, BLOCK):
+            t, pos, neg, sq = _block_stats(row_weights[block_start:min(segment_stop, block_start + BLOCK)])
+            block_sums[b, block_start // BLOCK] = t
+            total += t
+            squares += sq
+            seg_positive += pos
+            seg_negative += neg
+        positive += seg_positive
+        negative += seg_negative
+        first = np.inf
+        if segment == start and seg_negative == 0 and seg_positive >= capacity:
+            first = _first_bound(capacity + spare, total, squares)
+        count = _select(row_weights, k0, k1, b, segment, segment_stop, keys, idx, count, row_bound, first)
+        if count < capacity and first < row_bound[b, 0]:  # too few below the first bound: again without it
+            count = _select(row_weights, k0, k1, b, segment, segment_stop, keys, idx, 0, row_bound, np.inf)
     chunk_stats[b, c, 0] = positive
     chunk_stats[b, c, 1] = negative
-    first = np.inf
-    if negative == 0 and positive >= capacity:
-        first = _first_bound(capacity + spare, total, squares)
-    count = _select(row_weights, k0, k1, b, start, stop, cand_keys[b, c], cand_idx[b, c], row_bound, first)
-    if count < capacity and first < row_bound[b, 0]:
-        count = _select(row_weights, k0, k1, b, start, stop, cand_keys[b, c], cand_idx[b, c], row_bound, np.inf)
     cand_count[b, c] = count
 
 
@@ -249,18 +264,17 @@ def _first_bound(want, total, squares):
 
 
 @jit
-def _select(row_weights, k0, k1, b, start, stop, keys, idx, row_bound, first):
-    """Keep the ``keys.size`` smallest keys of positions ``start..stop`` below ``first`` and the row's shared
-    bound ``row_bound[b, 0]`` in a max-heap; returns how many it holds. Inside a block a key is computed
-    only when the high word of its uniform cannot rule it out."""
+def _select(row_weights, k0, k1, b, start, stop, keys, idx, count, row_bound, first):
+    """Add the keys of positions ``start..stop`` below ``first`` and the row's shared bound ``row_bound[b, 0]``
+    to the max-heap ``keys[:count]`` of the ``keys.size`` smallest; returns how many it holds. Inside a
+    block a key is computed only when the high word of its uniform cannot rule it out."""
     capacity = keys.size
     k0 = np.uint64(k0)
     k1 = np.uint64(k1)
     hi_words = np.empty(BLOCK, np.uint32)
     flags = np.zeros(BLOCK, np.bool_)
     flag_words = flags.view(np.uint64)  # 8 flags at a time: most are all clear
-    count = 0
-    threshold = np.inf
+    threshold = keys[0] if count == capacity else np.inf
     for block_start in range(start, stop, BLOCK):
         block_stop = min(stop, block_start + BLOCK)
         bound = min(threshold, row_bound[b, 0], first) * _REJECT_MARGIN
