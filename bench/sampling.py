@@ -138,8 +138,8 @@ def _repeats(rows: int, side: int, quick: bool) -> int:
 def fixed_cost_table(quick: bool = False) -> Table:
     """Per case: ``atskern.sample`` against the read floor ``np.sum`` of the same map (goal: within 3x
     from 256² up)."""
-    table = Table("sampling_fixed_cost", "Sampling on small maps: fixed cost against the read floor (ms per call, median)",
-                  FIXED_COLUMNS)
+    table = Table("sampling_fixed_cost",
+                  "Sampling on small maps: fixed cost against the read floor (ms per call, median)", FIXED_COLUMNS)
     for rows, side, n, dtype, replace in fixed_cost_cases(quick):
         attention = case_attention(rows, side, dtype)
         call, floor = paired_seconds(attention, n, replace, repeats=_repeats(rows, side, quick))

@@ -42,8 +42,8 @@ _F32_SLACK = 1.0 + 2.0**-20
 _F32_EDGE = np.float32(2.0**32 - 2048)
 
 SEGMENT = 1 << 16
-"""Positions whose statistics are taken just before their keys (1 MiB of float64 weights at most, in a
-core's cache for the second pass)."""
+"""Positions at the head of an item whose statistics are taken before any of their keys, for the first bound
+(512 KiB of float64 weights at most, in a core's cache for the second pass)."""
 
 PIECE = 64
 """Positions per piece of the with-replacement prefix sum (see :func:`_replacement_row`)."""
@@ -204,13 +204,13 @@ def _chunk_item(weights, k0, k1, chunk, spare, b, c, cand_keys, cand_idx, cand_c
     n-th smallest key, so keys strictly above it are dropped early. The result does not depend
     on when (or whether) an item sees another's bound.
 
-    The item goes through its positions by segments of ``SEGMENT`` (in cache for a second pass): first
-    the segment's statistics, then its keys. In the first segment only keys below the item's own bound
-    :func:`_first_bound` (not shared: another item's keys may lie above it) are kept, so few keys are
-    computed before the heap is full; if fewer than ``capacity`` fall below it (and the row's shared
-    bound has not come below it meanwhile), the segment is selected again without it. Once the heap is
-    full its threshold is below the first bound, so the ``capacity`` smallest keys kept are the item's
-    smallest and the draws are the same.
+    The item's first ``SEGMENT`` positions (its head, in cache for a second pass) take their statistics
+    first, then their keys, keeping only keys below the item's own bound :func:`_first_bound` (not
+    shared: another item's keys may lie above it), so few keys are computed before the heap is full; if
+    fewer than ``capacity`` fall below it (and the row's shared bound has not come below it meanwhile),
+    the head is selected again without it. Once the heap is full its threshold is below the first bound,
+    so the ``capacity`` smallest keys kept are the item's smallest and the draws are the same. The rest
+    of the item goes block by block, each block's statistics taken just before its keys (one read).
     """
     size = weights.shape[1]
     capacity = cand_keys.shape[2]
@@ -219,30 +219,30 @@ def _chunk_item(weights, k0, k1, chunk, spare, b, c, cand_keys, cand_idx, cand_c
     row_weights = weights[b]
     start = c * chunk
     stop = min(size, start + chunk)
+    sums = block_sums[b]
+    head = min(stop, start + SEGMENT)
+    total = 0.0
+    squares = 0.0
     positive = 0
     negative = 0
-    count = 0
-    for segment in range(start, stop, SEGMENT):
-        segment_stop = min(stop, segment + SEGMENT)
-        total = 0.0
-        squares = 0.0
-        seg_positive = 0
-        seg_negative = 0
-        for block_start in range(segment, segment_stop, BLOCK):
-            t, pos, neg, sq = _block_stats(row_weights[block_start:min(segment_stop, block_start + BLOCK)])
-            block_sums[b, block_start // BLOCK] = t
-            total += t
-            squares += sq
-            seg_positive += pos
-            seg_negative += neg
-        positive += seg_positive
-        negative += seg_negative
-        first = np.inf
-        if segment == start and seg_negative == 0 and seg_positive >= capacity:
-            first = _first_bound(capacity + spare, total, squares)
-        count = _select(row_weights, k0, k1, b, segment, segment_stop, keys, idx, count, row_bound, first)
-        if count < capacity and first < row_bound[b, 0]:  # too few below the first bound: again without it
-            count = _select(row_weights, k0, k1, b, segment, segment_stop, keys, idx, 0, row_bound, np.inf)
+    for block_start in range(start, head, BLOCK):
+        t, pos, neg, sq = _block_stats(row_weights[block_start:min(head, block_start + BLOCK)])
+        sums[block_start // BLOCK] = t
+        total += t
+        squares += sq
+        positive += pos
+        negative += neg
+    first = np.inf
+    if negative == 0 and positive >= capacity:
+        first = _first_bound(capacity + spare, total, squares)
+    count, _, _ = _select(row_weights, k0, k1, b, start, head, keys, idx, 0, row_bound, first, sums, False)
+    if count < capacity and first < row_bound[b, 0]:  # too few below the first bound: again without it
+        count, _, _ = _select(row_weights, k0, k1, b, start, head, keys, idx, 0, row_bound, np.inf, sums, False)
+    if head < stop:
+        count, pos, neg = _select(row_weights, k0, k1, b, head, stop, keys, idx, count, row_bound, np.inf, sums,
+                                  True)
+        positive += pos
+        negative += neg
     chunk_stats[b, c, 0] = positive
     chunk_stats[b, c, 1] = negative
     cand_count[b, c] = count
@@ -264,10 +264,14 @@ def _first_bound(want, total, squares):
 
 
 @jit
-def _select(row_weights, k0, k1, b, start, stop, keys, idx, count, row_bound, first):
+def _select(row_weights, k0, k1, b, start, stop, keys, idx, count, row_bound, first, sums, take_stats):
     """Add the keys of positions ``start..stop`` below ``first`` and the row's shared bound ``row_bound[b, 0]``
-    to the max-heap ``keys[:count]`` of the ``keys.size`` smallest; returns how many it holds. Inside a
-    block a key is computed only when the high word of its uniform cannot rule it out."""
+    to the max-heap ``keys[:count]`` of the ``keys.size`` smallest; returns how many it holds, and with
+    ``take_stats`` the counts of positive and negative weights (block sums into ``sums``, each block's
+    statistics taken just before its keys, while it is in cache). Inside a block a key is computed only
+    when the high word of its uniform cannot rule it out."""
+    positive = 0
+    negative = 0
     capacity = keys.size
     k0 = np.uint64(k0)
     k1 = np.uint64(k1)
@@ -277,6 +281,11 @@ def _select(row_weights, k0, k1, b, start, stop, keys, idx, count, row_bound, fi
     threshold = keys[0] if count == capacity else np.inf
     for block_start in range(start, stop, BLOCK):
         block_stop = min(stop, block_start + BLOCK)
+        if take_stats:
+            t, pos, neg, _ = _block_stats(row_weights[block_start:block_stop])
+            sums[block_start // BLOCK] = t
+            positive += pos
+            negative += neg
         bound = min(threshold, row_bound[b, 0], first) * _REJECT_MARGIN
         _fill_block(block_start, block_stop, b, k0, k1, hi_words)
         _flag_block(row_weights[block_start:block_stop], hi_words, bound, flags)
@@ -305,7 +314,7 @@ def _select(row_weights, k0, k1, b, start, stop, keys, idx, count, row_bound, fi
                     bound = min(threshold, row_bound[b, 0], first) * _REJECT_MARGIN
                     if threshold < row_bound[b, 0]:
                         row_bound[b, 0] = threshold
-    return count
+    return count, positive, negative
 
 
 @jit(inline="always")
