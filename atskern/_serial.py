@@ -22,6 +22,17 @@ def _first_array(args):
     return first
 
 
+_threading = None
+"""``atskern.cpu._threading``, imported on the first CPU call (a CuPy call never imports Numba)."""
+
+
+def _launch_lock():
+    global _threading
+    if _threading is None:
+        from .cpu import _threading
+    return _threading.launch_lock()
+
+
 def cpu_serialized(function):
     """``function`` behind the launch lock for CPU arrays when the threading layer needs it."""
 
@@ -29,9 +40,7 @@ def cpu_serialized(function):
     def call(*args, **kwargs):
         if is_cupy_array(_first_array(args)):
             return function(*args, **kwargs)
-        from .cpu import _threading
-
-        lock = _threading.launch_lock()
+        lock = _launch_lock()
         if lock is None:
             return function(*args, **kwargs)
         with lock:

@@ -58,7 +58,8 @@ def require_ndim(array, name: str, allowed: tuple[int, ...], meaning: str):
 
 def require_float(array, name: str):
     """float32 or float64 in either byte order (a non-native one is converted by :func:`native`)."""
-    if array_dtype(array).newbyteorder("=") not in FLOAT_DTYPES:
+    dtype = array_dtype(array)
+    if dtype not in FLOAT_DTYPES and dtype.newbyteorder("=") not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32 or float64, got {array_dtype(array)}")
 
 
@@ -77,6 +78,8 @@ def require_nonempty(array, name: str):
 
 def require_int(value, name: str, minimum: int | None = None, maximum: int | None = None) -> int:
     """A Python int from an integral scalar (bools refused), within bounds."""
+    if type(value) is int and (minimum is None or value >= minimum) and (maximum is None or value <= maximum):
+        return value  # the common case, without the slower checks below
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     value = int(value)
@@ -88,6 +91,8 @@ def require_int(value, name: str, minimum: int | None = None, maximum: int | Non
 
 
 def require_bool(value, name: str) -> bool:
+    if value is True or value is False:
+        return value
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)
@@ -117,6 +122,7 @@ nor underflow. float32 rows never need it (float64 holds any float32 ratio); eve
 the reference apply the same rule, so draws stay identical."""
 
 
+@functools.lru_cache(maxsize=1)
 def physical_memory() -> int | None:
     """Bytes of RAM of this machine, or None where the OS does not say."""
     try:
@@ -141,8 +147,9 @@ def too_many_draws(n: int, rows: int, ndim: int, itemsize: int, limit: int | Non
 
 def check_attention(attention, n, replace, logits, strict=False, validate=True):
     """Static checks of ``sample``'s arguments; returns ``(n, grid_shape, replace)``."""
-    require_array(attention, "attention")
-    if isinstance(attention, np.ma.MaskedArray):
+    if type(attention) is not np.ndarray:  # a plain NumPy array passes these two checks
+        require_array(attention, "attention")
+    if type(attention) is not np.ndarray and isinstance(attention, np.ma.MaskedArray):
         raise TypeError(
             "attention is a numpy masked array, and sample() would ignore its mask; pass "
             "attention.filled(0) (weights) or attention.filled(-np.inf) (logits=True) to give masked cells zero probability"
@@ -155,7 +162,7 @@ def check_attention(attention, n, replace, logits, strict=False, validate=True):
     require_bool(strict, "strict")
     require_bool(validate, "validate")
     n = require_int(n, "n", minimum=1)
-    grid = tuple(int(s) for s in attention.shape[1:])
+    grid = attention.shape[1:] if type(attention) is np.ndarray else tuple(map(int, attention.shape[1:]))
     positions = math.prod(grid)
     if not replace and n > positions:
         raise ValueError(

@@ -140,7 +140,7 @@ def sample(attention, n, *, replace=False, logits=False, seed=None, strict=False
     backend = CPU if type(attention) is np.ndarray else backend_of(attention=attention)
     xp = np if backend == CPU else array_module(backend)
     kernels = _kernels(backend)
-    seed_ptr = _seed_array(seed, xp)
+    seed_ptr = None if type(seed) is int else _seed_array(seed, xp)
     seed = 0 if seed_ptr is not None else v.seed_or_random(seed)
     attention = v.native(attention)
     rows = attention.shape[0]

@@ -17,6 +17,7 @@ NAME = "sampling"
 
 
 def cases(quick: bool):
+    """The comparison table's cases (the fixed-cost table's, :func:`fixed_cost_cases`, come on top)."""
     if quick:
         return [(1, 256, 10), (4, 256, 100)]
     return [(b, side, n) for b in (1, 32) for side in (256, 1024) for n in (10, 100)]
@@ -75,8 +76,164 @@ def run(quick: bool = False, progress=None) -> Table:
     if tf is None:
         table.notes.append(TENSORFLOW_MISSING)
     table.notes.append("goals: >= 3x faster than TF Gumbel-top-k, >= 20x faster than numpy choice, within 4x of np.sum")
-    table.notes.append("atskern time includes the validation, fused into the sampling pass (one read of the map)")
+    table.notes.append("atskern time includes the validation: each segment's statistics, taken just before its keys "
+                       "while it is in cache")
+    return [table, fixed_cost_table(quick)]
+
+
+# --- fixed cost: small maps, every option ------------------------------------------------------
+
+FIXED_COLUMNS = ["B", "grid", "n", "dtype", "replace", "atskern ms", "np.sum floor ms", "/ floor"]
+
+
+def fixed_cost_cases(quick: bool):
+    """``(rows, side, n, dtype, replace)``: the maps attention usually gives (150² to 1024²), B 1 and 32."""
+    if quick:
+        return [(1, 256, 10, "float32", False), (1, 256, 10, "float32", True)]
+    sides = {1: (150, 256, 512, 1024), 32: (150, 256, 512, 1024)}
+    return [(rows, side, n, dtype, replace) for rows in (1, 32) for side in sides[rows] for n in (10, 100)
+            for dtype in ("float32", "float64") for replace in (False, True)]
+
+
+def case_attention(rows: int, side: int, dtype: str):
+    """The benchmark's map: uniform weights in [1e-3, 1 + 1e-3), the same for every run and version."""
+    rng = np.random.default_rng(rows * 100_003 + side)
+    return (rng.random((rows, side, side)) + 1e-3).astype(dtype)
+
+
+def paired_seconds(attention, n: int, replace: bool, sample=None, repeats: int = 50) -> tuple[float, float]:
+    """Median seconds of ``sample(attention, n, replace=replace, seed=3)`` (validation on, the default) and of
+    ``attention.sum()`` (the read floor), the two calls alternated so that both see the same machine load."""
+    import gc
+    import statistics
+    import time
+
+    sample = atskern.sample if sample is None else sample
+    for _ in range(3):
+        sample(attention, n, replace=replace, seed=3)
+        attention.sum()
+    calls, floors = [], []
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            sample(attention, n, replace=replace, seed=3)
+            middle = time.perf_counter()
+            attention.sum()
+            calls.append(middle - start)
+            floors.append(time.perf_counter() - middle)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return statistics.median(calls), statistics.median(floors)
+
+
+def _repeats(rows: int, side: int, quick: bool) -> int:
+    if quick:
+        return 10
+    return max(10, min(400, 40_000_000 // (rows * side * side)))
+
+
+def fixed_cost_table(quick: bool = False) -> Table:
+    """Per case: ``atskern.sample`` against the read floor ``np.sum`` of the same map (goal: within 3x
+    from 256² up)."""
+    table = Table("sampling_fixed_cost",
+                  "Sampling on small maps: fixed cost against the read floor (ms per call, median)", FIXED_COLUMNS)
+    for rows, side, n, dtype, replace in fixed_cost_cases(quick):
+        attention = case_attention(rows, side, dtype)
+        call, floor = paired_seconds(attention, n, replace, repeats=_repeats(rows, side, quick))
+        table.rows.append([rows, f"{side}x{side}", n, dtype, replace, 1e3 * call, 1e3 * floor, call / floor])
+    table.notes.append("goal: within 3x of np.sum from 256² up; the two calls alternate, medians of up to 400 pairs")
+    table.notes.append("A/B against another commit, interleaved in one run: python -m bench.sampling ab --base REV")
     return table
+
+
+# --- A/B against another commit, interleaved -----------------------------------------------------
+
+_WORKER = """
+import json, sys
+import numpy as np, atskern  # from PYTHONPATH: the side's own checkout
+sys.path.insert(0, {bench_root!r})  # the benchmark code: the same on both sides
+from bench.sampling import case_attention, paired_seconds
+assert atskern.__file__.startswith({atskern_root!r}), atskern.__file__
+maps = {{}}
+for line in sys.stdin:
+    rows, side, n, dtype, replace, repeats = json.loads(line)
+    key = (rows, side, dtype)
+    if key not in maps:
+        maps[key] = case_attention(rows, side, dtype)
+    call, floor = paired_seconds(maps[key], n, replace, sample=atskern.sample, repeats=repeats)
+    print(json.dumps([call, floor]), flush=True)
+"""
+
+
+def _worker(atskern_root, bench_root):
+    """A process that imports ``atskern`` from ``atskern_root`` and times the cases sent to it (bench code
+    from ``bench_root``, the same for both sides, so only atskern differs)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(atskern_root))
+    code = _WORKER.format(bench_root=str(bench_root), atskern_root=str(atskern_root))
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, cwd=str(atskern_root))
+
+
+def ab_table(base: str = "HEAD~1", rounds: int = 9, quick: bool = False, cases=None, root=None) -> str:
+    """Markdown table of the fixed-cost cases for commit ``base`` (A) and this working tree (B), each in its
+    own process; every round times each case once on both sides, in alternating order, and the table gives
+    the medians over the rounds (the noise of a shared machine hits both sides alike)."""
+    import json
+    import os
+    import statistics
+    import subprocess
+    import tarfile
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] if root is None else Path(root)
+    cases = fixed_cost_cases(quick) if cases is None else cases
+    revision = subprocess.run(["git", "rev-parse", "--short", base], cwd=root, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    base_root = Path(tempfile.gettempdir()) / f"atskern-ab-{revision}"  # kept: its Numba cache stays warm
+    if not (base_root / "atskern").is_dir():
+        with tempfile.TemporaryDirectory() as tmp:
+            archive = Path(tmp) / "base.tar"
+            subprocess.run(["git", "archive", "-o", str(archive), revision], cwd=root, check=True)
+            with tarfile.open(archive) as tar:
+                tar.extractall(Path(tmp) / "tree", filter="data")
+            os.replace(Path(tmp) / "tree", base_root)
+    workers = {"A": _worker(base_root, root), "B": _worker(root, root)}
+    times = {(case, side): [] for case in cases for side in "AB"}
+    floors = {case: [] for case in cases}
+    try:
+        for r in range(rounds):
+            for i, case in enumerate(cases):
+                rows, size = case[0], case[1]
+                request = json.dumps([*case, _repeats(rows, size, quick) // 4 + 5]) + "\n"
+                for side in ("AB" if (r + i) % 2 == 0 else "BA"):
+                    workers[side].stdin.write(request)
+                    workers[side].stdin.flush()
+                    call, floor = json.loads(workers[side].stdout.readline())
+                    times[case, side].append(call)
+                    floors[case].append(floor)
+    finally:
+        for worker in workers.values():
+            worker.stdin.close()
+            worker.wait()
+    lines = [f"A = {revision} (base), B = this tree; medians of {rounds} interleaved rounds; load average "
+             f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} at the end", "",
+             "| B | grid | n | dtype | replace | A ms | B ms | B / A | floor ms | A / floor | B / floor |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for case in cases:
+        rows, side, n, dtype, replace = case
+        a, b = (statistics.median(times[case, s]) for s in "AB")
+        floor = statistics.median(floors[case])
+        lines.append(f"| {rows} | {side}x{side} | {n} | {dtype} | {replace} | {1e3 * a:.3f} | {1e3 * b:.3f} | "
+                     f"{b / a:.2f} | {1e3 * floor:.4f} | {a / floor:.1f} | {b / floor:.1f} |")
+    return "\n".join(lines)
 
 
 # --- first-call latency ------------------------------------------------------------------
@@ -131,7 +288,27 @@ def first_call_table(root=None) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    import sys
+def _main(argv=None):
+    import argparse
 
-    print(first_call_table(sys.argv[1] if len(sys.argv) > 1 else None))
+    parser = argparse.ArgumentParser(prog="python -m bench.sampling")
+    commands = parser.add_subparsers(dest="command")
+    first = commands.add_parser("first-call", help="cold and warm first-call latency (fresh processes)")
+    first.add_argument("root", nargs="?", help="the atskern checkout to time (default: this one)")
+    ab = commands.add_parser("ab", help="fixed-cost cases, another commit (A) against this tree (B), interleaved")
+    ab.add_argument("--base", default="HEAD~1", help="the commit to compare with (default: HEAD~1)")
+    ab.add_argument("--rounds", type=int, default=9)
+    ab.add_argument("--quick", action="store_true")
+    ab.add_argument("--rows", type=int, action="append", help="only these batch sizes (repeatable)")
+    ab.add_argument("--side", type=int, action="append", help="only these map sides (repeatable)")
+    args = parser.parse_args(argv)
+    if args.command == "ab":
+        cases = [c for c in fixed_cost_cases(args.quick)
+                 if (not args.rows or c[0] in args.rows) and (not args.side or c[1] in args.side)]
+        print(ab_table(args.base, args.rounds, args.quick, cases))
+    else:
+        print(first_call_table(getattr(args, "root", None)))
+
+
+if __name__ == "__main__":
+    _main()

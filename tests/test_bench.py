@@ -24,8 +24,8 @@ def test_bench_quick_is_well_formed(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "### Sampling without replacement" in result.stdout
     report = json.loads(out.read_text())
-    assert {t["name"] for t in report["tables"]} == {"sampling", "patches", "ats_dense", "gpu_sampling", "gpu_patches",
-                                                     "gpu_ats"}
+    assert {t["name"] for t in report["tables"]} == {"sampling", "sampling_fixed_cost", "patches", "ats_dense",
+                                                     "gpu_sampling", "gpu_patches", "gpu_ats"}
     assert report["machine"]["numpy"] and report["machine"]["cores"] >= 1
     for table in report["tables"]:
         if table["skipped"]:

@@ -27,6 +27,9 @@ from .._rng import STREAM_HI, STREAM_LO, STREAM_REPLACE, TWO_POW_M32
 from ._jit import jit
 from .philox import block_words, pick_word, to_uniform
 
+FUSED = False
+"""The front end computes logits' weights and rescales rows for this backend (see ``atskern.sampling``)."""
+
 MIN_CHUNK = 1 << 14
 """Fewest positions of a parallel work item (see :func:`chunk_size`)."""
 
@@ -34,6 +37,23 @@ BLOCK = 1 << 10
 """Positions whose high words are generated together (a vectorizable loop)."""
 
 _REJECT_MARGIN = 1.0 + 1e-12
+_TWO_POW_32 = 2.0**32
+_F32_SLACK = 1.0 + 2.0**-20
+_F32_EDGE = np.float32(2.0**32 - 2048)
+
+SEGMENT = 1 << 16
+"""Positions at the head of an item whose statistics are taken before any of their keys, for the first bound
+(512 KiB of float64 weights at most, in a core's cache for the second pass)."""
+
+PIECE = 64
+"""Positions per piece of the with-replacement prefix sum (see :func:`_replacement_row`)."""
+
+_PIECE_SLACK = 1.0 + 2.0**-30  # far above the rounding of PIECE sequential float64 additions
+
+SERIAL_WORK = 1 << 17
+"""Up to this many positions in all (rows times positions per row) a call runs on the calling thread: waking
+the thread pool costs more than it saves (and on a busy machine a parallel region waits for its slowest
+thread). The draws do not depend on it."""
 
 _EXPONENT_LOW, _EXPONENT_HIGH = SCALE_FREE_EXPONENTS
 _SCREEN_LOW = 2.0 ** (SCALE_FREE_EXPONENTS[0] - 1)
@@ -104,29 +124,49 @@ def _headroom(hi):
 
 
 @jit(fastmath={"reassoc", "nsz", "contract"})
-def _scan_block(values, hi_words, bound, flags):
-    """One vectorized pass over a block's weights ``values`` (a 1-D slice): their float64 sum,
-    the counts of positive and negative entries, and per position whether its key might be
-    below ``bound`` (``flags``; ``1 - u >= a t`` rules a key out).
+def _block_stats(values):
+    """One vectorized pass over a block's weights ``values`` (a 1-D slice): their float64 sum, the counts
+    of positive and negative entries, and the sum of squares (for :func:`_first_bound`).
 
-    The sum's (reassociated) order is fixed by the block, so it does not depend on the
-    chunking or thread count; a NaN or inf makes it non-finite. Fast-math flags touch only
-    this sum: keys are computed elsewhere, exactly.
+    The sum's (reassociated) order is fixed by the block, so it does not depend on the chunking, the
+    thread count or the path; a NaN or inf makes it non-finite. Fast-math flags touch only this function:
+    keys are computed elsewhere, exactly.
     """
     total = 0.0
     positive = 0
     negative = 0
+    squares = 0.0
     for i in range(values.size):
         a = np.float64(values[i])
         total += a
+        squares += a * a
         positive += np.int64(a > 0.0)
         negative += np.int64(a < 0.0)
-        flags[i] = _headroom(hi_words[i]) < a * bound
-    return total, positive, negative
+    return total, positive, negative, squares
+
+
+@jit
+def _flag_block(values, hi_words, bound, flags):
+    """Per position of a block whether its key might be below ``bound`` (``1 - u >= a t`` rules a key
+    out): one vectorized loop.
+
+    float32 weights take the test in float32 (twice the lanes): ``hi + a t 2**32 >= 2**32 - 2048`` with
+    ``t`` enlarged by ``2**-20``, a superset of the float64 test (the float32 roundings of ``hi``, of the
+    product and of the sum move it by less than 512, and the relative ones are inside the enlargement;
+    an underflowing product leaves only ``hi`` near 2**32, where the float64 test can pass). The
+    positions it flags are tested again exactly, so the float32 test changes no draw.
+    """
+    if values.itemsize == 4:
+        scaled = np.float32(bound * _TWO_POW_32 * _F32_SLACK)
+        for i in range(values.size):
+            flags[i] = np.float32(hi_words[i]) + values[i] * scaled >= _F32_EDGE
+    else:
+        for i in range(values.size):
+            flags[i] = _headroom(hi_words[i]) < np.float64(values[i]) * bound
 
 
 @jit(parallel=True)
-def _chunk_pass(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums):
+def _chunk_pass(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums):
     """One pass over the weights, the (row, chunk) items in parallel (see :func:`_chunk_item`).
 
     The loop body is one call: a small parallel region compiles in a fraction of the time.
@@ -135,12 +175,26 @@ def _chunk_pass(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bou
     nchunks = cand_keys.shape[1]
     for item in prange(rows * nchunks):
         b = item // nchunks
-        _chunk_item(weights, k0, k1, chunk, b, item - b * nchunks, cand_keys, cand_idx, cand_count, row_bound,
-                    chunk_stats, block_sums)
+        _chunk_item(weights, k0, k1, chunk, spare, b, item - b * nchunks, cand_keys, cand_idx, cand_count,
+                    row_bound, chunk_stats, block_sums)
 
 
 @jit
-def _chunk_item(weights, k0, k1, chunk, b, c, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums):
+def _chunk_pass_serial(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_count, row_bound, chunk_stats,
+                       block_sums):
+    """:func:`_chunk_pass` on the calling thread: the same items in the same order, for work too small to pay
+    for waking the thread pool (the draws, probabilities and status are bitwise the same)."""
+    rows = weights.shape[0]
+    nchunks = cand_keys.shape[1]
+    for item in range(rows * nchunks):
+        b = item // nchunks
+        _chunk_item(weights, k0, k1, chunk, spare, b, item - b * nchunks, cand_keys, cand_idx, cand_count,
+                    row_bound, chunk_stats, block_sums)
+
+
+@jit
+def _chunk_item(weights, k0, k1, chunk, spare, b, c, cand_keys, cand_idx, cand_count, row_bound, chunk_stats,
+                block_sums):
     """Item (row ``b``, chunk ``c``): validate its positions and keep the ``capacity`` smallest
     keys of its positive ones in a max-heap.
 
@@ -149,30 +203,92 @@ def _chunk_item(weights, k0, k1, chunk, b, c, cand_keys, cand_idx, cand_count, r
     shared by the items of row ``b``: any item's full-heap threshold bounds the row's final
     n-th smallest key, so keys strictly above it are dropped early. The result does not depend
     on when (or whether) an item sees another's bound.
+
+    The item's first ``SEGMENT`` positions (its head, in cache for a second pass) take their statistics
+    first, then their keys, keeping only keys below the item's own bound :func:`_first_bound` (not
+    shared: another item's keys may lie above it), so few keys are computed before the heap is full; if
+    fewer than ``capacity`` fall below it (and the row's shared bound has not come below it meanwhile),
+    the head is selected again without it. Once the heap is full its threshold is below the first bound,
+    so the ``capacity`` smallest keys kept are the item's smallest and the draws are the same. The rest
+    of the item goes block by block, each block's statistics taken just before its keys (one read).
     """
     size = weights.shape[1]
     capacity = cand_keys.shape[2]
-    k0 = np.uint64(k0)
-    k1 = np.uint64(k1)
     keys = cand_keys[b, c]
     idx = cand_idx[b, c]
+    row_weights = weights[b]
+    start = c * chunk
+    stop = min(size, start + chunk)
+    sums = block_sums[b]
+    head = min(stop, start + SEGMENT)
+    total = 0.0
+    squares = 0.0
+    positive = 0
+    negative = 0
+    for block_start in range(start, head, BLOCK):
+        t, pos, neg, sq = _block_stats(row_weights[block_start:min(head, block_start + BLOCK)])
+        sums[block_start // BLOCK] = t
+        total += t
+        squares += sq
+        positive += pos
+        negative += neg
+    first = np.inf
+    if negative == 0 and positive >= capacity:
+        first = _first_bound(capacity + spare, total, squares)
+    count, _, _ = _select(row_weights, k0, k1, b, start, head, keys, idx, 0, row_bound, first, sums, False)
+    if count < capacity and first < row_bound[b, 0]:  # too few below the first bound: again without it
+        count, _, _ = _select(row_weights, k0, k1, b, start, head, keys, idx, 0, row_bound, np.inf, sums, False)
+    if head < stop:
+        count, pos, neg = _select(row_weights, k0, k1, b, head, stop, keys, idx, count, row_bound, np.inf, sums,
+                                  True)
+        positive += pos
+        negative += neg
+    chunk_stats[b, c, 0] = positive
+    chunk_stats[b, c, 1] = negative
+    cand_count[b, c] = count
+
+
+@jit(inline="always")
+def _first_bound(want, total, squares):
+    """A bound ``t`` below which at least ``want`` keys are expected (``n + 5 sqrt(n) + 10`` by default, so
+    fewer than ``n`` almost never fall), or inf where the weights are too uneven for that.
+
+    A key ``-log(u) / a`` falls below ``t`` with probability ``1 - exp(-a t) >= a t - (a t)**2 / 2``, so
+    at least ``W t - S t**2 / 2`` keys are expected (``W`` the weights' sum, ``S`` the sum of their
+    squares); ``t`` is the smaller root of that bound equal to ``want``.
+    """
+    disc = total * total - 2.0 * squares * want
+    if not (want > 0.0 and np.isfinite(total) and total > 0.0 and np.isfinite(disc) and disc > 0.0):
+        return np.inf
+    return 2.0 * want / (total + math.sqrt(disc))
+
+
+@jit
+def _select(row_weights, k0, k1, b, start, stop, keys, idx, count, row_bound, first, sums, take_stats):
+    """Add the keys of positions ``start..stop`` below ``first`` and the row's shared bound ``row_bound[b, 0]``
+    to the max-heap ``keys[:count]`` of the ``keys.size`` smallest; returns how many it holds, and with
+    ``take_stats`` the counts of positive and negative weights (block sums into ``sums``, each block's
+    statistics taken just before its keys, while it is in cache). Inside a block a key is computed only
+    when the high word of its uniform cannot rule it out."""
+    positive = 0
+    negative = 0
+    capacity = keys.size
+    k0 = np.uint64(k0)
+    k1 = np.uint64(k1)
     hi_words = np.empty(BLOCK, np.uint32)
     flags = np.zeros(BLOCK, np.bool_)
     flag_words = flags.view(np.uint64)  # 8 flags at a time: most are all clear
-    row_weights = weights[b]
-    count = 0
-    threshold = np.inf
-    positive = 0
-    negative = 0
-    stop = min(size, (c + 1) * chunk)
-    for block_start in range(c * chunk, stop, BLOCK):
+    threshold = keys[0] if count == capacity else np.inf
+    for block_start in range(start, stop, BLOCK):
         block_stop = min(stop, block_start + BLOCK)
-        bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
+        if take_stats:
+            t, pos, neg, _ = _block_stats(row_weights[block_start:block_stop])
+            sums[block_start // BLOCK] = t
+            positive += pos
+            negative += neg
+        bound = min(threshold, row_bound[b, 0], first) * _REJECT_MARGIN
         _fill_block(block_start, block_stop, b, k0, k1, hi_words)
-        total, pos, neg = _scan_block(row_weights[block_start:block_stop], hi_words, bound, flags)
-        block_sums[b, block_start // BLOCK] = total
-        positive += pos
-        negative += neg
+        _flag_block(row_weights[block_start:block_stop], hi_words, bound, flags)
         for w in range((block_stop - block_start + 7) // 8):
             if flag_words[w] == 0:
                 continue
@@ -185,7 +301,7 @@ def _chunk_item(weights, k0, k1, chunk, b, c, cand_keys, cand_idx, cand_count, r
                     continue
                 l0, l1, l2, l3 = block_words(np.uint64(p // 4), b, STREAM_LO, k0, k1)
                 key = -np.log(to_uniform(hi, pick_word(l0, l1, l2, l3, p & 3))) / a
-                if key > row_bound[b, 0]:
+                if key > min(row_bound[b, 0], first):
                     continue
                 if count < capacity:
                     count = _push(keys, idx, count, key, p)
@@ -195,12 +311,10 @@ def _chunk_item(weights, k0, k1, chunk, b, c, cand_keys, cand_idx, cand_count, r
                     continue
                 if count == capacity:
                     threshold = keys[0]
-                    bound = min(threshold, row_bound[b, 0]) * _REJECT_MARGIN
+                    bound = min(threshold, row_bound[b, 0], first) * _REJECT_MARGIN
                     if threshold < row_bound[b, 0]:
                         row_bound[b, 0] = threshold
-    cand_count[b, c] = count
-    chunk_stats[b, c, 0] = positive
-    chunk_stats[b, c, 1] = negative
+    return count, positive, negative
 
 
 @jit(inline="always")
@@ -299,7 +413,7 @@ def _summarize(status):
 
 
 @jit
-def _without_replacement(weights, k0, k1, chunk, grid, indices, probs, status):
+def _without_replacement(weights, k0, k1, chunk, serial, spare, grid, indices, probs, status):
     rows, size = weights.shape
     n = indices.shape[1]
     nchunks = (size + chunk - 1) // chunk
@@ -310,7 +424,11 @@ def _without_replacement(weights, k0, k1, chunk, grid, indices, probs, status):
     row_bound = np.full((rows, 8), np.inf)  # one cache line per row: no false sharing
     chunk_stats = np.empty((rows, nchunks, 2), np.int64)
     block_sums = np.empty((rows, (size + BLOCK - 1) // BLOCK), np.float64)
-    _chunk_pass(weights, k0, k1, chunk, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums)
+    if serial:
+        _chunk_pass_serial(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_count, row_bound, chunk_stats,
+                           block_sums)
+    else:
+        _chunk_pass(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums)
     _finish_rows(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_sums, grid, indices, probs, status)
     _summarize(status)
 
@@ -329,8 +447,12 @@ def chunk_size(rows, size, threads=None):
 
 
 @jit
-def _with_replacement(weights, k0, k1, grid, indices, probs, status):
-    _replacement_rows(weights, k0, k1, grid, indices, probs, status)
+def _with_replacement(weights, k0, k1, serial, grid, indices, probs, status):
+    if serial:
+        for b in range(weights.shape[0]):
+            _replacement_row(weights, b, k0, k1, grid, indices, probs, status)
+    else:
+        _replacement_rows(weights, k0, k1, grid, indices, probs, status)
     _summarize(status)
 
 
@@ -340,22 +462,54 @@ def _replacement_rows(weights, k0, k1, grid, indices, probs, status):
         _replacement_row(weights, b, k0, k1, grid, indices, probs, status)
 
 
+@jit(fastmath={"reassoc", "nsz", "contract"})
+def _piece_sums(weights, b, sums):
+    """One vectorized pass over row ``b``: the float64 sum of each piece of ``PIECE`` positions (``sums``; the
+    reassociated order is fixed by the piece) and the counts of positive and negative entries."""
+    size = weights.shape[1]
+    positive = 0
+    negative = 0
+    for s in range(sums.size):
+        base = s * PIECE
+        total = 0.0
+        if base + PIECE <= size:
+            for i in range(PIECE):  # a fixed trip count: one unrolled vector loop
+                a = np.float64(weights[b, base + i])
+                total += a
+                positive += np.int64(a > 0.0)
+                negative += np.int64(a < 0.0)
+        else:
+            for p in range(base, size):
+                a = np.float64(weights[b, p])
+                total += a
+                positive += np.int64(a > 0.0)
+                negative += np.int64(a < 0.0)
+        sums[s] = total
+    return positive, negative
+
+
 @jit
 def _replacement_row(weights, b, k0, k1, grid, indices, probs, status):
-    """Row ``b``: one pass for the float64 total and the status, then ``n`` inverse-CDF draws
-    (sorted targets, a second pass over the prefix sums that stops at the last target)."""
+    """Row ``b``: one vectorized pass for the piece sums and the status, then ``n`` inverse-CDF draws.
+
+    The prefix sum is taken piece by piece: ``start_c`` is the sequential float64 sum of the sums of pieces
+    ``0..c-1`` (``start`` of the last piece plus its sum is the row's total), and inside piece ``c`` the prefix
+    sum at ``p`` adds the weights from ``start_c`` one by one. Draw ``k`` is the first position of positive
+    weight whose prefix sum reaches ``u_k * total`` (the row's last positive position if rounding leaves the
+    target unreached). Only the pieces holding a target are scanned (sorted targets; a piece is skipped only
+    when its end, inflated far beyond rounding, is still below the target). The reference's single running
+    sum differs from this one by rounding, so the two can differ only where a target lies within rounding of
+    a prefix sum, as on the GPU.
+    """
     size = weights.shape[1]
     n = indices.shape[1]
     k0 = np.uint64(k0)
     k1 = np.uint64(k1)
+    sums = np.empty((size + PIECE - 1) // PIECE, np.float64)
+    positive, negative = _piece_sums(weights, b, sums)
     total = 0.0
-    positive = 0
-    negative = 0
-    for p in range(size):
-        a = np.float64(weights[b, p])
-        total += a
-        positive += np.int64(a > 0.0)
-        negative += np.int64(a < 0.0)
+    for s in range(sums.size):
+        total += sums[s]
     _row_status(weights, b, total, positive, negative, status)
     if not (positive > 0 and np.isfinite(total) and total > 0.0):
         for k in range(n):  # an invalid row (refused unless validate=False): in-range fillers
@@ -370,28 +524,35 @@ def _replacement_row(weights, b, k0, k1, grid, indices, probs, status):
         else:
             targets[k] = to_uniform(w2, w3) * total
     order = np.argsort(targets)
-    acc = 0.0
     k = 0
-    last_positive = 0
-    for p in range(size):
-        a = np.float64(weights[b, p])
-        if a > 0.0:
-            last_positive = p
-        acc += a
-        while k < n and targets[order[k]] <= acc:
-            _write_coords(indices, b, order[k], p, grid)
-            probs[b, order[k]] = a / total
-            k += 1
-        if k == n:
-            break
-    a = np.float64(weights[b, last_positive])
+    start = 0.0
+    for s in range(sums.size):
+        end = start + sums[s]
+        if end * _PIECE_SLACK >= targets[order[k]]:
+            acc = start
+            for p in range(s * PIECE, min(size, (s + 1) * PIECE)):
+                a = np.float64(weights[b, p])
+                acc += a
+                if not a > 0.0:
+                    continue
+                while k < n and targets[order[k]] <= acc:
+                    _write_coords(indices, b, order[k], p, grid)
+                    probs[b, order[k]] = a / total
+                    k += 1
+                if k == n:
+                    return
+        start = end
+    last = size - 1
+    while not weights[b, last] > 0.0:
+        last -= 1
+    a = np.float64(weights[b, last])
     while k < n:
-        _write_coords(indices, b, order[k], last_positive, grid)
+        _write_coords(indices, b, order[k], last, grid)
         probs[b, order[k]] = a / total
         k += 1
 
 
-def sample(weights, n, grid, seed, replace, chunk=None):
+def sample(weights, n, grid, seed, replace, chunk=None, serial=None, spare=None):
     """The CPU sampling backend (see ``atskern.sampling`` for the interface).
 
     ``weights`` is ``(B, N)`` float32/float64, C-contiguous; ``grid`` an int64 array of the grid
@@ -399,16 +560,23 @@ def sample(weights, n, grid, seed, replace, chunk=None):
     ``(B, n, D)``, float64 ``probs`` ``(B, n)`` and the int64 ``status`` ``(B + 1, 4)``: one
     row per batch row, then the summary row (see ``atskern.sampling``). Rows that the status
     marks invalid still get in-range indices. ``chunk`` (a multiple of ``BLOCK``)
-    overrides :func:`chunk_size` without replacement.
+    overrides :func:`chunk_size` without replacement; ``serial`` (default: up to ``SERIAL_WORK``
+    positions in all) runs the call on the calling thread; ``spare`` (default ``5 sqrt(n) + 10``) is how many
+    keys beyond ``n`` the first bound of an item expects (see :func:`_first_bound`; a test makes it
+    negative to force the reselection). None of them changes a bit of the results.
     """
     rows, size = weights.shape
+    if serial is None:
+        serial = rows * size <= SERIAL_WORK
     indices = np.empty((rows, n, grid.shape[0]), np.int32)
     probs = np.empty((rows, n), np.float64)
     status = np.empty((rows + 1, 4), np.int64)
     k0, k1 = seed & 0xFFFFFFFF, seed >> 32
     if replace:
-        _with_replacement(weights, k0, k1, grid, indices, probs, status)
+        _with_replacement(weights, k0, k1, serial, grid, indices, probs, status)
     else:
-        chunk = chunk_size(rows, size) if chunk is None else chunk
-        _without_replacement(weights, k0, k1, chunk, grid, indices, probs, status)
+        if chunk is None:
+            chunk = -(-size // BLOCK) * BLOCK if serial else chunk_size(rows, size)
+        spare = 5.0 * math.sqrt(n) + 10.0 if spare is None else float(spare)
+        _without_replacement(weights, k0, k1, chunk, serial, spare, grid, indices, probs, status)
     return indices, probs, status

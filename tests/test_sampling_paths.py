@@ -1,0 +1,164 @@
+"""The CPU sampling paths that only change speed give bitwise the same results: the serial path for small
+work, the first bound of whole-row items (and the reselection when it is too tight), and the piecewise
+prefix sums with replacement."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import atskern
+from atskern import reference
+from atskern.cpu import sampling as cpu_sampling
+
+
+def _rows(kind, dtype, rows=4, size=5000, seed=0):
+    rng = np.random.default_rng(seed)
+    a = rng.gamma(0.5, size=(rows, size))
+    if kind == "zeros":  # fillers (rule R1): row 1 has fewer positive cells than n; whole pieces of zeros
+        a[rng.random(a.shape) < 0.6] = 0.0
+        a[1, 7:] = 0.0
+        a[2, : 3 * cpu_sampling.PIECE] = 0.0
+        a[:, -cpu_sampling.PIECE - 5 :] = 0.0
+    elif kind == "extreme":  # float64 rows sampled from rescaled weights, and a peaked row
+        a = np.ldexp(a + 0.1, np.array([[-1000], [-70], [0], [1000]])[:rows])
+        a[2, 17] = a[2].sum() * 1e6
+    return a.astype(dtype)
+
+
+def _all_results(attention, n, replace, monkeypatch, serial_work, **kwargs):
+    monkeypatch.setattr(cpu_sampling, "SERIAL_WORK", serial_work)
+    return atskern.sample(attention, n, replace=replace, seed=123, return_status=True, **kwargs)
+
+
+@pytest.mark.parametrize("replace", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["dense", "zeros", "extreme"])
+def test_serial_path_equals_parallel_path(kind, dtype, replace, monkeypatch):
+    if kind == "extreme" and dtype == np.float32:
+        pytest.skip("float32 cannot hold the extreme rows")
+    attention = _rows(kind, dtype).reshape(4, 50, 100)
+    for n in (1, 9, 40):
+        serial = _all_results(attention, n, replace, monkeypatch, 1 << 62)
+        parallel = _all_results(attention, n, replace, monkeypatch, 0)
+        for got, want in zip(serial, parallel):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+        want_i, want_p = reference.sample(attention, n, replace=replace, seed=123)
+        np.testing.assert_array_equal(serial[0], want_i)
+        np.testing.assert_allclose(serial[1], want_p, rtol=1e-6 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_serial_path_equals_parallel_path_on_refused_rows(replace, monkeypatch):
+    """validate=False: NaN, negative and all-zero rows get the same documented result and status on both paths."""
+    attention = _rows("dense", np.float64, rows=5, size=3000)
+    attention[1, 10] = np.nan
+    attention[2, 99] = -1.0
+    attention[3] = 0.0
+    results = [_all_results(attention, 6, replace, monkeypatch, work, validate=False) for work in (1 << 62, 0)]
+    for got, want in zip(*results):
+        np.testing.assert_array_equal(got, want)
+    indices, probs, status = results[0]
+    assert (probs[1:4] == 0).all() and (indices >= 0).all() and (indices < 3000).all()
+    np.testing.assert_array_equal(status[:-1, 2], (attention > 0).sum(axis=1))
+
+
+@pytest.mark.parametrize("spare", [None, 1e9, "tiny"])
+def test_first_bound_and_reselection_give_the_same_draws(spare):
+    """A bound that expects fewer than n keys makes whole-row items select again without it; any bound gives
+    the reference's draws, probabilities and status."""
+    weights = _rows("zeros", np.float64, rows=3, size=20_000, seed=4)
+    weights[0] = np.random.default_rng(5).random(20_000) + 0.5  # uniform enough for a finite bound
+    grid = np.array([20_000], np.int64)
+    for n in (2, 25, 300):
+        chosen = 0.5 - n if spare == "tiny" else spare  # expects half a key: fewer than n almost surely
+        for serial in (True, False):
+            got = cpu_sampling.sample(weights, n, grid, 77, False, serial=serial, spare=chosen,
+                                      chunk=cpu_sampling.BLOCK * 32)
+            default = cpu_sampling.sample(weights, n, grid, 77, False, serial=serial)
+            for a, b in zip(got, default):
+                np.testing.assert_array_equal(a, b)
+        want, _ = reference.sample(weights, n, seed=77)
+        np.testing.assert_array_equal(got[0], want)
+
+
+@pytest.mark.parametrize("want", [1.0, 15.0, 300.0])
+def test_first_bound_expects_at_least_the_wanted_keys(want):
+    """Independently: the expected count of keys below the bound, sum(1 - exp(-a t)), reaches ``want``."""
+    rng = np.random.default_rng(int(want))
+    for a in (rng.random(10_000), rng.gamma(0.3, size=4000), np.r_[rng.random(3000), 40.0]):
+        bound = cpu_sampling._first_bound.py_func(want, a.sum(), (a * a).sum())
+        if np.isinf(bound):
+            continue
+        assert -np.expm1(-a * bound).sum() >= want * (1 - 1e-12)
+    peaked = np.r_[1.0, np.full(50, 1e-9)]  # one cell holds everything: no bound can expect 300 keys
+    assert np.isinf(cpu_sampling._first_bound.py_func(300.0, peaked.sum(), (peaked * peaked).sum()))
+
+
+def test_replacement_pieces_equal_the_reference_on_every_piece_boundary():
+    """Targets landing in every piece, rows whose size is not a multiple of the piece, zero pieces."""
+    piece = cpu_sampling.PIECE
+    rng = np.random.default_rng(9)
+    for size in (1, piece - 1, piece, piece + 1, 7 * piece + 3):
+        a = rng.random((3, size)) * (rng.random((3, size)) < 0.5)
+        a[:, size // 2] = 1.0
+        a[2, : size // 2] = 0.0
+        got_i, got_p = atskern.sample(a, 200, replace=True, seed=size)
+        want_i, want_p = reference.sample(a, 200, replace=True, seed=size)
+        np.testing.assert_array_equal(got_i, want_i)
+        np.testing.assert_allclose(got_p, want_p, rtol=1e-12)
+        flat = got_i[..., 0]
+        assert (np.take_along_axis(a, flat, axis=1) > 0).all(), "a zero-weight cell was drawn"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rows=st.integers(1, 3),
+    size=st.integers(1, 2500),
+    zero_rate=st.sampled_from([0.0, 0.5, 0.95]),
+    n=st.integers(1, 30),
+    replace=st.booleans(),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**64 - 1),
+)
+def test_paths_agree_fuzzed(rows, size, zero_rate, n, replace, dtype, seed):
+    rng = np.random.default_rng(seed % 2**32)
+    a = rng.random((rows, size)) * (rng.random((rows, size)) >= zero_rate)
+    a[:, rng.integers(size)] += 0.25  # every row valid
+    a = a.astype(dtype)
+    if not replace:
+        n = min(n, size)
+    grid = np.array([size], np.int64)
+    results = [cpu_sampling.sample(a, n, grid, seed, replace, serial=serial, spare=spare)
+               for serial in (True, False) for spare in (None, 0.5 - n)]
+    for spare in (None, 0.5 - n):  # rows split into chunks, each with its own first bound
+        results.append(cpu_sampling.sample(a, n, grid, seed, replace, chunk=cpu_sampling.BLOCK, spare=spare))
+    for other in results[1:]:
+        for x, y in zip(results[0], other):
+            np.testing.assert_array_equal(x, y)
+    want, _ = reference.sample(a, n, replace=replace, seed=seed)
+    np.testing.assert_array_equal(results[0][0], want)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_segments_of_long_rows(dtype):
+    """Rows of several segments: the first bound holds in the first segment only, whatever the chunking."""
+    size = 2 * cpu_sampling.SEGMENT + 1234
+    rng = np.random.default_rng(8)
+    weights = rng.random((2, size)) + 0.01
+    weights[1, : cpu_sampling.SEGMENT // 2] = 0.0  # the first segment holds half the row's positions
+    weights[1, 5] = 1e3  # and one heavy cell
+    weights = weights.astype(dtype)
+    grid = np.array([size], np.int64)
+    for n in (3, 150):
+        runs = [cpu_sampling.sample(weights, n, grid, 31, False, serial=serial, spare=spare, chunk=chunk)
+                for serial in (True, False) for spare in (None, 0.5 - n)
+                for chunk in (None, cpu_sampling.SEGMENT + cpu_sampling.BLOCK)]
+        for other in runs[1:]:
+            for x, y in zip(runs[0], other):
+                np.testing.assert_array_equal(x, y)
+        want, _ = reference.sample(weights, n, seed=31)
+        np.testing.assert_array_equal(runs[0][0], want)
