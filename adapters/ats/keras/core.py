@@ -1,42 +1,42 @@
-"""Keras layers of attention sampling (2019 names): ``attention_sampling``, ``SamplePatches``, ``Expectation``.
+"""Keras layers of attention sampling (2019 names), on Keras 3's TensorFlow, torch and JAX backends.
 
-Channels-last inputs with 1, 2 or 3 spatial dimensions (signals, images,
-volumes). ``x_low`` ``(B, *low, C)`` is the cheap view the attention network
-reads, ``x_high`` ``(B, *high, C)`` the full-resolution input patches come
-from, and the attention map is ``(B, *grid)`` (``SampleSoftmax(squeeze_channels=True)``).
+``attention_sampling``, ``SamplePatches``, ``Expectation``, ``PatchesToBatch``
+and ``BatchToPatches``. Channels-last inputs with 1, 2 or 3 spatial
+dimensions (signals, images, volumes). ``x_low`` ``(B, *low, C)`` is the cheap
+view the attention network reads, ``x_high`` ``(B, *high, C)`` the
+full-resolution input patches come from, and the attention map is
+``(B, *grid)`` (``SampleSoftmax(squeeze_channels=True)``).
+
+Everything that Keras has is written in ``keras.ops``; sampling, patch
+offsets, the patch gather (with its scatter gradient) and the estimator go to
+the running backend's op module (:mod:`ats.keras.backends`): atskern's kernels
+through :mod:`ats.ops` on TensorFlow (:mod:`ats.tf.xla` inside
+``jit_compile=True``), :mod:`ats.torch.functional` on torch (CPU or CUDA),
+:mod:`ats.jax` on JAX.
 """
 
 from __future__ import annotations
 
-from .._keras import require_tensorflow_backend
+from .._keras import require_keras
 
-require_tensorflow_backend("ats.core")
+require_keras("ats.keras")
 # The backend is checked before keras is imported, hence the late imports.
 # ruff: noqa: E402
 
 import numbers
+from fractions import Fraction
 
 import keras
 import numpy as np
-import tensorflow as tf
+from keras import ops
 
-from .. import ops
+from atskern import _validation
+
 from .._keras import register
-from ..utils.layers import ActivityRegularizer
-from ._patch_size import infer_patch_size
-
+from . import _keys
+from .backends import ops as backend_ops
 
 MODES = ("sample", "topk", "auto")
-
-
-def _seed_bits(seed: int) -> tf.Tensor:
-    return tf.constant(np.array(seed, dtype=np.uint64).view(np.int64))
-
-
-def _input_seed(seed: int, attention) -> tf.Tensor:
-    """``seed`` mixed with a fingerprint of the attention map: same seed and map, same draws; no state."""
-    digest = tf.fingerprint(tf.reshape(attention, (1, -1)))[0]
-    return tf.bitwise.bitwise_xor(tf.bitcast(digest, tf.int64), _seed_bits(seed))
 
 
 def _check_ranks(x_low, x_high, attention):
@@ -55,6 +55,17 @@ def _check_ranks(x_low, x_high, attention):
             f"use SampleSoftmax(squeeze_channels=True)), got shape {tuple(attention)}"
         )
     return rank - 2
+
+
+def _margin(receptive_field, low):
+    """``receptive_field / 2 / low[d]`` per dim as exact fractions, or the pair form for a dynamic ``low``."""
+    if isinstance(low, tuple) and all(isinstance(v, int) for v in low):
+        for v in low:
+            if receptive_field >= v:
+                raise ValueError(f"receptive_field={receptive_field} must be smaller than x_low's spatial sizes {low}")
+        return [Fraction(receptive_field, 2 * v) if isinstance(receptive_field, int) else
+                _validation.simplest_fraction(receptive_field) / (2 * v) for v in low]
+    return (receptive_field, low)
 
 
 @register
@@ -83,10 +94,18 @@ class SamplePatches(keras.layers.Layer):
     mode : ``"sample"``, ``"topk"`` or ``"auto"``
         ``"topk"`` takes the most attended positions (deterministic);
         ``"auto"`` samples in training and takes the top-k in inference.
-    seed : None or int
-        With a seed the draws are a deterministic function of the seed and the
-        attention map (reproducible, stateless, safe under ``tf.distribute``);
-        without, every call draws afresh.
+    seed : None or int in ``[0, 2**64)``
+        With a seed the draws are a deterministic function of the seed, the
+        attention map (its float32 values, the whole batch) and the process
+        rank: the key is ``fingerprint(attention) xor salted_seed(seed)``
+        (:mod:`ats.keras._keys`), so the same seed and map give the same
+        patches on every backend (TensorFlow in and out of XLA, torch, JAX),
+        need no state, and survive ``model.save``/``load_model``; training
+        still sees new draws as the weights change. Without a seed every call
+        draws afresh, from a ``keras.random.SeedGenerator`` (also inside
+        ``jax.jit``-compiled and ``jit_compile=True`` steps; ``keras.utils.set_random_seed``
+        makes a run repeat). Rank 0 of a multi-process job draws as a single
+        process; other ranks draw their own patches.
     fill : number
         Value of patch pixels that fall outside ``x_high``.
     """
@@ -108,10 +127,12 @@ class SamplePatches(keras.layers.Layer):
             raise ValueError(f"n_patches must be a positive integer, got {n_patches!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if seed is not None and not (isinstance(seed, numbers.Integral) and 0 <= seed < 2**64):
+        if seed is not None and not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed < 2**64):
             raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
-        if receptive_field < 0:
-            raise ValueError(f"receptive_field must be >= 0, got {receptive_field}")
+        if isinstance(receptive_field, bool) or not isinstance(receptive_field, numbers.Real) or receptive_field < 0:
+            raise ValueError(f"receptive_field must be a number >= 0, got {receptive_field!r}")
+        if isinstance(fill, bool) or not isinstance(fill, (int, float)):
+            raise ValueError(f"fill must be a Python int or float, got {fill!r}")
         self.n_patches = int(n_patches)
         self.patch_size = patch_size if isinstance(patch_size, numbers.Integral) else tuple(patch_size)
         self.receptive_field = receptive_field
@@ -120,11 +141,12 @@ class SamplePatches(keras.layers.Layer):
         self.mode = mode
         self.seed = None if seed is None else int(seed)
         self.fill = fill
-        # The sampling and gather kernels run through tf.numpy_function: no XLA.
-        self.supports_jit = False
+        # fresh keys per call, threaded by Keras through jitted steps (only needed when sampling unseeded)
+        self.seed_generator = keras.random.SeedGenerator() if self.seed is None and mode != "topk" else None
+        self.supports_jit = True
 
     def _size(self, dims: int) -> tuple[int, ...]:
-        return ops._size_tuple(self.patch_size, dims, "patch_size")
+        return _validation.check_patch_size(self.patch_size, dims, "patch_size")
 
     def build(self, input_shape):
         if keras.config.image_data_format() != "channels_last":
@@ -138,8 +160,8 @@ class SamplePatches(keras.layers.Layer):
         if all(h is not None for h in high) and any(p > h for p, h in zip(size, high)):
             raise ValueError(f"patch_size {size} is larger than x_high's spatial shape {high}")
         grid = attention[1:]
-        mode_without_replacement = not self.replace or self.mode != "sample"
-        if all(g is not None for g in grid) and mode_without_replacement:
+        without_replacement = not self.replace or self.mode != "sample"
+        if all(g is not None for g in grid) and without_replacement:
             positions = int(np.prod(grid))
             if self.n_patches > positions:
                 raise ValueError(
@@ -152,41 +174,35 @@ class SamplePatches(keras.layers.Layer):
             return not training
         return self.mode == "topk"
 
-    def _check_patch_fits(self, x_high, size):
-        spatial = tf.shape(x_high)[1:-1]
-        check = tf.debugging.assert_less_equal(
-            tf.constant(size, tf.int32),
-            spatial,
-            message=f"SamplePatches: patch_size {size} is larger than the spatial shape of x_high",
-        )
-        with tf.control_dependencies([check]):
-            return tf.identity(x_high)
+    def sampling_key(self, attention):
+        """The Philox key ``[k0, k1]`` (uint32 words, a backend tensor) of the next draw from ``attention``."""
+        be = backend_ops()
+        if self.seed is not None:
+            return be.xor(be.fingerprint(attention), _keys.seed_words(self.seed))
+        words = be.key_words(self.seed_generator.next())
+        salt = _keys.rank_salt()
+        return be.xor(words, salt) if salt != (0, 0) else words
 
     def call(self, inputs, training=None):
         x_low, x_high, attention = inputs
         dims = _check_ranks(x_low.shape, x_high.shape, attention.shape)
         size = self._size(dims)
-        ops.check_same_batch({"x_low": x_low, "x_high": x_high, "attention": attention})
-        if not x_high.shape[1:-1].is_fully_defined():
-            x_high = self._check_patch_fits(x_high, size)
+        be = backend_ops()
+        x_high = be.check_inputs(x_low, x_high, attention, size)
         logits = attention
         if self.use_logits:
-            flat = tf.reshape(attention, (tf.shape(attention)[0], -1))
-            attention = tf.reshape(tf.nn.softmax(flat, axis=-1), tf.shape(attention))
+            flat = ops.reshape(attention, (ops.shape(attention)[0], -1))
+            attention = ops.reshape(ops.softmax(flat, axis=-1), ops.shape(attention))
         deterministic = self._deterministic(training)
-        seed = None if self.seed is None or deterministic else _input_seed(self.seed, attention)
-        indices, sampled = ops.sample(
-            attention, self.n_patches, replace=self.replace, seed=seed, deterministic=deterministic
-        )
+        key = None if deterministic else self.sampling_key(attention)
+        indices, sampled = be.sample(attention, self.n_patches, replace=self.replace, key=key, deterministic=deterministic)
         # the margin receptive_field / 2 / low_size, as an exact fraction (ties in the offsets round exactly)
-        low = x_low.shape[1:-1]
-        low = tuple(low) if low.is_fully_defined() else tf.shape(x_low)[1:-1]
-        offsets = ops.patch_offsets(
-            indices, tf.shape(attention)[1:], tf.shape(x_high)[1:-1], size, margin=(self.receptive_field, low)
-        )
-        patches = ops.extract_patches(x_high, offsets, size, fill=self.fill)
+        margin = _margin(self.receptive_field, be.spatial_shape(x_low))
+        offsets = be.patch_offsets(indices, be.grid_shape(attention), be.spatial_shape(x_high), size, margin)
+        patches = be.extract_patches(x_high, offsets, size, self.fill)
         if self.use_logits:  # 2019 returned the logits at the samples, not probabilities
-            sampled = tf.gather_nd(logits, indices, batch_dims=1)
+            flat_index = _ravel(indices, ops.shape(logits)[1:])
+            sampled = ops.take_along_axis(ops.reshape(logits, (ops.shape(logits)[0], -1)), flat_index, axis=1)
         return [patches, sampled]
 
     def compute_output_spec(self, inputs, training=None):
@@ -211,17 +227,27 @@ class SamplePatches(keras.layers.Layer):
         }
 
 
+def _ravel(indices, grid):
+    """Row-major flat indices ``(B, n)`` of grid coordinates ``(B, n, D)``."""
+    flat = indices[..., 0]
+    for d in range(1, len(grid)):
+        flat = flat * grid[d] + indices[..., d]
+    return flat
+
+
 @register
 class Expectation(keras.layers.Layer):
     """The ATS estimate of the expected features from sampled ones, with unbiased gradients.
 
     Called on ``[features, sampled_attention]`` (``(B, n, *F)`` and ``(B, n)``);
-    returns ``(B, *F)``. ``replace`` must match :class:`SamplePatches`.
+    returns ``(B, *F)``. ``replace`` must match :class:`SamplePatches`. The
+    gradients are exactly ``atskern.expectation_grad``'s on every backend.
     """
 
     def __init__(self, replace=False, **kwargs):
         super().__init__(**kwargs)
         self.replace = bool(replace)
+        self.supports_jit = True
 
     def build(self, input_shape):
         if len(input_shape) != 2:
@@ -232,7 +258,7 @@ class Expectation(keras.layers.Layer):
 
     def call(self, inputs):
         features, sampled = inputs
-        return ops.expectation(features, sampled, replace=self.replace)
+        return backend_ops().expectation(features, sampled, self.replace)
 
     def compute_output_shape(self, input_shape):
         features = tuple(input_shape[0])
@@ -247,7 +273,7 @@ class PatchesToBatch(keras.layers.Layer):
     """``(B, n, *rest)`` to ``(B * n, *rest)``: lets the feature network see each patch as a sample."""
 
     def call(self, x):
-        return tf.reshape(x, tf.concat([[-1], tf.shape(x)[2:]], 0))
+        return ops.reshape(x, (-1, *ops.shape(x)[2:]))
 
     def compute_output_shape(self, input_shape):
         batch, n = input_shape[:2]
@@ -263,13 +289,25 @@ class BatchToPatches(keras.layers.Layer):
         self.n_patches = int(n_patches)
 
     def call(self, x):
-        return tf.reshape(x, tf.concat([[-1, self.n_patches], tf.shape(x)[1:]], 0))
+        return ops.reshape(x, (-1, self.n_patches, *ops.shape(x)[1:]))
 
     def compute_output_shape(self, input_shape):
         return (None, self.n_patches) + tuple(input_shape[1:])
 
     def get_config(self):
         return {**super().get_config(), "n_patches": self.n_patches}
+
+
+def _activity_regularizer():
+    """The ``ActivityRegularizer`` layer: ``ats.keras.layers`` (every backend) where it exists, else the
+    TensorFlow-only 2019 module ``ats.utils.layers``."""
+    try:
+        from .layers import ActivityRegularizer
+    except ModuleNotFoundError as error:
+        if error.name != f"{__package__}.layers":
+            raise
+        from ..utils.layers import ActivityRegularizer
+    return ActivityRegularizer
 
 
 def attention_sampling(
@@ -296,20 +334,24 @@ def attention_sampling(
 
     ``patch_size=None`` uses the feature network's input shape (as 2019's
     code did) where it is known, else ``x_low``'s spatial shape (as 2019's
-    docs said); see :func:`ats.core._patch_size.infer_patch_size`.
-    ``deterministic=True`` is ``mode="topk"``; ``mode="auto"`` samples in
-    training and takes the top-k in inference; ``seed`` makes sampling
-    reproducible (see :class:`SamplePatches`).
+    docs said). ``deterministic=True`` is ``mode="topk"``; ``mode="auto"``
+    samples in training and takes the top-k in inference; ``seed`` makes
+    sampling reproducible (see :class:`SamplePatches`).
     """
     if deterministic:
         mode = "topk"
 
     def apply(inputs):
         x_low, x_high = inputs
-        size = patch_size if patch_size is not None else infer_patch_size(feature, x_low)
+        if patch_size is None:
+            from ..core._patch_size import infer_patch_size
+
+            size = infer_patch_size(feature, x_low)
+        else:
+            size = patch_size
         att = attention(x_low)
         if attention_regularizer is not None:
-            att = ActivityRegularizer(attention_regularizer)(att)
+            att = _activity_regularizer()(attention_regularizer)(att)
         patches, sampled = SamplePatches(
             n_patches, size, receptive_field=receptive_field, replace=replace, mode=mode, seed=seed
         )([x_low, x_high, att])
@@ -322,8 +364,3 @@ def attention_sampling(
 
 
 __all__ = ["attention_sampling", "SamplePatches", "Expectation", "PatchesToBatch", "BatchToPatches"]
-
-
-# The 2019 submodules (ats.core.ats_layer, builder, expectation, sampling),
-# importable as attributes after ``import ats.core`` as in 2019.
-from . import ats_layer, builder, expectation, sampling  # noqa: E402,F401
