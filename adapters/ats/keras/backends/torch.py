@@ -26,8 +26,13 @@ UINT32 = UInt32Ops(
 )
 
 
+def _meta(tensor) -> bool:
+    """Keras' torch backend infers output shapes by running layers on "meta" tensors (no data)."""
+    return tensor.device.type == "meta"
+
+
 def sample(attention, n, *, replace, key, deterministic):
-    if deterministic:
+    if deterministic or _meta(attention):  # on meta tensors only the shapes matter: the top-k has them
         indices, sampled = F.sample(attention, n, replace=replace, deterministic=True)
     else:
         indices, sampled = F.sample(attention, n, replace=replace, key=_key64(key))
@@ -49,7 +54,7 @@ def extract_patches(x, offsets, size, fill):
 
 
 def expectation(features, probs, replace):
-    return F.expectation(features, probs, replace=replace)
+    return F.expectation(features, probs, replace=replace, validate=not _meta(probs))
 
 
 def fingerprint(attention):
