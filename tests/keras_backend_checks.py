@@ -115,6 +115,29 @@ def check_draws_equal_atskern():
     assert tuple(int(v) for v in numpy(be.fingerprint(ops.convert_to_tensor(att)))) == _keys.fingerprint(att)
 
 
+def check_seeded_draws_under_jit_equal_atskern():
+    """Compiled (TF jit_compile=True: ats.tf.xla; jax.jit), a seeded layer draws atskern's sample for its key."""
+    if BACKEND == "torch":
+        return "not applicable (Keras' torch backend runs eagerly)"
+    rng = np.random.default_rng(3)
+    att = random_attention(rng, (2, 5, 6))
+    x_high = rng.uniform(size=(2, 20, 24, 1)).astype("float32")
+    layer = SamplePatches(4, 3, seed=99, replace=False)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        compiled = tf.function(lambda a, b, c: layer([a, b, c]), jit_compile=True, autograph=False)
+    else:
+        import jax
+
+        compiled = jax.jit(lambda a, b, c: layer([a, b, c]))
+    patches, sampled = compiled(x_high[:, ::4, ::4], x_high, att)
+    indices, probs = atskern.sample(att, 4, seed=_keys.seeded_key(99, att))
+    np.testing.assert_allclose(numpy(sampled), probs, rtol=1e-6)
+    offsets = atskern.patch_offsets(indices, (5, 6), (20, 24), (3, 3))
+    np.testing.assert_array_equal(numpy(patches), atskern.extract_patches(x_high, offsets, (3, 3)))
+
+
 def check_unseeded_draws_are_fresh():
     att = np.full((2, 8, 8), 1 / 64, "float32")
     x = np.random.default_rng(1).uniform(size=(2, 16, 16, 1)).astype("float32")
@@ -332,6 +355,7 @@ def main(argv):
     if command == "main":
         run([
             ("draws_equal_atskern", check_draws_equal_atskern),
+            ("seeded_draws_under_jit_equal_atskern", check_seeded_draws_under_jit_equal_atskern),
             ("unseeded_draws_are_fresh", check_unseeded_draws_are_fresh),
             ("expectation_gradients_equal_atskern", check_expectation_gradients_equal_atskern),
             ("bad_input_gets_value_errors", check_bad_input_gets_value_errors),

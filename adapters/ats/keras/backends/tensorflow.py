@@ -45,10 +45,19 @@ def fingerprint(attention):
 
 
 def key_words(state):
-    """uint32 ``[k0, k1]`` of a seed generator state (int64 on this backend) or of two Python ints."""
+    """uint32 ``[k0, k1]`` of a seed generator state (int64 on this backend) or of two Python ints.
+
+    Under a ``tf.distribute`` strategy with several replicas (which all read the same mirrored state),
+    the replica's index is mixed into ``k1``, so that each replica draws its own patches.
+    """
     state = tf.convert_to_tensor(state)
     if state.dtype != tf.uint32:
         state = tf.cast(tf.bitwise.bitwise_and(tf.cast(state, tf.int64), tf.constant(_keys.MASK32, tf.int64)), tf.uint32)
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+        replica = tf.cast(context.replica_id_in_sync_group, tf.uint32)
+        salt = UINT32.mul(replica, tf.constant(_keys.GOLDEN32, tf.uint32))
+        state = tf.bitwise.bitwise_xor(state, tf.stack([tf.constant(0, tf.uint32), salt]))
     return state
 
 
