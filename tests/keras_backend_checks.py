@@ -292,6 +292,25 @@ def check_save(directory):
     np.save(directory / f"{BACKEND}.npy", model.predict(small_inputs(), verbose=0))
 
 
+RELEASE = Path(__file__).resolve().parent / "data" / "keras_tf_only_release"
+
+
+def check_files_of_the_tf_only_release_load():
+    """.keras files saved by the TensorFlow-only ats.core (tests/data/keras_tf_only_release) load and predict
+    as then (their SampleSoftmax is the 2019 helpers', backend-agnostic once ats.keras.layers exists)."""
+    try:
+        import ats.keras.layers  # noqa: F401
+    except ImportError:
+        if BACKEND != "tensorflow":
+            return "skipped: the files' SampleSoftmax needs the backend-agnostic ats.keras.layers"
+        import ats.utils.layers  # noqa: F401
+        import ats.utils.regularizers  # noqa: F401
+    x = np.random.default_rng(9).uniform(size=(3, 32, 32, 1)).astype("float32")
+    for name in ("auto", "topk"):
+        model = keras.models.load_model(RELEASE / f"{name}.keras")
+        np.testing.assert_allclose(model.predict(x, verbose=0), np.load(RELEASE / f"{name}.npy"), rtol=1e-5, atol=1e-6)
+
+
 def check_load(directory, source):
     model = keras.models.load_model(directory / f"{source}.keras")
     np.testing.assert_allclose(model.predict(small_inputs(), verbose=0), np.load(directory / f"{source}.npy"), rtol=1e-5, atol=1e-6)
@@ -361,6 +380,7 @@ def main(argv):
             ("bad_input_gets_value_errors", check_bad_input_gets_value_errors),
             ("quick_start_fits_and_predicts", check_quick_start_fits_and_predicts),
             ("jitted_training", check_jitted_training),
+            ("files_of_the_tf_only_release_load", check_files_of_the_tf_only_release_load),
             ("save", lambda: check_save(directory)),
         ])
     elif command == "load":

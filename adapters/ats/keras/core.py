@@ -131,8 +131,9 @@ class SamplePatches(keras.layers.Layer):
             raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
         if isinstance(receptive_field, bool) or not isinstance(receptive_field, numbers.Real) or receptive_field < 0:
             raise ValueError(f"receptive_field must be a number >= 0, got {receptive_field!r}")
-        if isinstance(fill, bool) or not isinstance(fill, (int, float)):
-            raise ValueError(f"fill must be a Python int or float, got {fill!r}")
+        if isinstance(fill, (bool, np.bool_)) or not isinstance(fill, numbers.Real):
+            raise ValueError(f"fill must be a real number, got {fill!r}")
+        fill = int(fill) if isinstance(fill, numbers.Integral) else float(fill)
         self.n_patches = int(n_patches)
         self.patch_size = patch_size if isinstance(patch_size, numbers.Integral) else tuple(patch_size)
         self.receptive_field = receptive_field
@@ -175,7 +176,9 @@ class SamplePatches(keras.layers.Layer):
         return self.mode == "topk"
 
     def sampling_key(self, attention):
-        """The Philox key ``[k0, k1]`` (uint32 words, a backend tensor) of the next draw from ``attention``."""
+        """The Philox key ``[k0, k1]`` (uint32 words, a backend tensor) for a draw from ``attention``:
+        ``atskern.sample(attention, n, seed=k0 + 2**32 k1)`` draws what the layer draws with it. With
+        ``seed=None`` each call takes the seed generator's next state (a new key)."""
         be = backend_ops()
         if self.seed is not None:
             return be.xor(be.fingerprint(attention), _keys.seed_words(self.seed))
