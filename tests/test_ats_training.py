@@ -8,6 +8,8 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
+from tests.keras_toy import toy_images  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 
@@ -42,27 +44,6 @@ def test_2019_quick_start_on_1500x1500_images():
     history = model.fit(x, labels, batch_size=2, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
     assert model.predict(x[:1], verbose=0).shape == (1, 10)
-
-
-def toy_images(n, size=256, seed=0):
-    """Noise plus one framed 24x24 block; the label is the orientation of the bar inside it.
-
-    At the 8x lower resolution the two classes look the same (both give the
-    same 3x3 blob), so only high-resolution patches of the block carry the label.
-    """
-    rng = np.random.default_rng(seed)
-    x = (rng.uniform(size=(n, size, size, 1)) * 0.1).astype("float32")
-    labels = rng.integers(0, 2, n)
-    for i, label in enumerate(labels):
-        block = np.zeros((24, 24), "float32")
-        block[0, :] = block[-1, :] = block[:, 0] = block[:, -1] = 1
-        if label:
-            block[11:13, :] = 1
-        else:
-            block[:, 11:13] = 1
-        r, c = rng.integers(8, size - 32, 2)
-        x[i, r : r + 24, c : c + 24, 0] += block
-    return x, labels
 
 
 class StopWhenLearned(keras.callbacks.Callback):

@@ -1,21 +1,22 @@
-"""ats: attention sampling for Keras 3 / TensorFlow, a drop-in for the 2019 library, over atskern kernels.
+"""ats: attention sampling for Keras 3, PyTorch and JAX, a drop-in for the 2019 library, over atskern kernels.
 
 ``import ats`` is light: it imports neither TensorFlow nor Keras. The
 submodules do:
 
 - :mod:`ats.ops` -- TensorFlow ops: ``sample``, ``extract_patches``,
   ``extract_multiscale``, ``patch_offsets``, ``expectation``;
-- :mod:`ats.core` -- Keras layers ``attention_sampling``, ``SamplePatches``,
-  ``Expectation``;
+- :mod:`ats.keras` -- Keras layers ``attention_sampling``, ``SamplePatches``,
+  ``Expectation`` on Keras' TensorFlow, torch and JAX backends (also at their
+  2019 path :mod:`ats.core`);
 - :mod:`ats.core.ats_layer`, :mod:`ats.core.builder`, :mod:`ats.core.sampling`,
   :mod:`ats.core.expectation` -- the 2019 modules (``ATSBuilder``, ``sample``, ``expected``);
 - :mod:`ats.data` -- ``MultiResolutionBatch`` and ``FromTensors`` (2019);
 - :mod:`ats.utils` (the 2019 cast helpers), :mod:`ats.utils.layers`,
   :mod:`ats.utils.regularizers`, :mod:`ats.utils.training` -- the 2019
   helpers (``SampleSoftmax``, ``ResizeImages``, ``ImagePan``, ``Batcher``, ...);
-- :mod:`ats.torch` -- the PyTorch adapter.
+- :mod:`ats.torch` -- the PyTorch adapter; :mod:`ats.jax` -- pure JAX; :mod:`ats.tf` -- XLA-native TF ops.
 
-The Keras modules need Keras 3 on the TensorFlow backend and say so at import.
+Modules that only run on Keras' TensorFlow backend (``ats.ops``, ...) say so at import.
 """
 
 # No OMP_WAIT_POLICY default here any more: atskern's kernels run on Numba's

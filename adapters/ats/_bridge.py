@@ -13,7 +13,8 @@ Two roads:
   use, so they run eagerly and inside ``tf.function``. In a graph TensorFlow
   hands its CPU buffers to NumPy without a copy; an eager call copies the
   inputs. Neither road compiles under XLA: :func:`numpy_call` raises a clear
-  error when traced inside ``jit_compile=True``.
+  error when traced inside ``jit_compile=True`` (``ats.ops.sample`` and
+  ``extract_patches`` switch to :mod:`ats.tf.xla` there instead of calling it).
 
 On the GPU, TensorFlow and CuPy run on different CUDA streams and legacy
 DLPack carries no stream, so :func:`to_cupy` waits for the device before
@@ -118,7 +119,7 @@ def require_no_xla(op_name: str) -> None:
         raise XLAUnsupportedError(
             f"{op_name} calls an atskern kernel through tf.numpy_function, which XLA cannot compile; "
             "run it outside jit_compile=True (Keras: model.compile(..., jit_compile=False); "
-            "the ats layers set supports_jit=False so Keras does this by default)"
+            "layers that need it set supports_jit=False so Keras does this by default)"
         )
 
 

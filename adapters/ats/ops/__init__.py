@@ -11,9 +11,15 @@
 - :func:`expectation` is the ATS estimator with its unbiased gradients, as
   plain TF ops (no Python callback).
 
-All work eagerly and inside ``tf.function``; the ops that call a kernel raise
-:class:`ats._bridge.XLAUnsupportedError` when traced under ``jit_compile=True``.
-Second derivatives are not supported.
+All work eagerly, inside ``tf.function`` and inside XLA contexts
+(``tf.function(jit_compile=True)``, ``model.compile(jit_compile=True)``):
+where a kernel cannot run (``tf.numpy_function`` does not compile under
+XLA), :func:`sample` and :func:`extract_patches` use the plain TensorFlow ops
+of :mod:`ats.tf.xla` instead, which draw the same positions for the same seed
+(atskern's generator in TF ops) and gather the same patches. An unseeded
+draw under XLA takes its key from TensorFlow's stateful random op.
+:class:`XLAUnsupportedError` stays importable (old code catches it); the
+ops no longer raise it. Second derivatives are not supported.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import tensorflow as tf
 from atskern import _offsets, _validation
 
 from .. import _errors, _kernels
-from .._bridge import XLAUnsupportedError, numpy_call
+from .._bridge import XLAUnsupportedError, in_xla_context, numpy_call
 
 __all__ = [
     "sample",
@@ -50,6 +56,9 @@ def _positive_int(value, name: str) -> int:
 _size_tuple = _validation.check_patch_size
 
 
+_MASK32 = 0xFFFFFFFF
+
+
 def _seed_tensor(seed):
     """The seed as an int64 scalar tensor (bits of a uint64), or None."""
     if seed is None:
@@ -59,11 +68,34 @@ def _seed_tensor(seed):
             raise ValueError(f"seed must be in [0, 2**64), got {seed}")
         return tf.constant(np.array(int(seed), dtype=np.uint64).view(np.int64))
     seed = tf.convert_to_tensor(seed)
+    if seed.dtype == tf.uint32 and seed.shape.as_list() == [2]:  # Philox key words [k0, k1]
+        words = tf.cast(seed, tf.uint64)
+        bits = tf.bitwise.bitwise_or(words[0], tf.bitwise.left_shift(words[1], tf.constant(32, tf.uint64)))
+        return tf.bitcast(bits, tf.int64)
     if not seed.dtype.is_integer or seed.shape.rank != 0:
-        raise TypeError(f"seed must be None, an int or an integer scalar tensor, got {seed!r}")
+        raise TypeError(f"seed must be None, an int, an integer scalar tensor or uint32 key words [k0, k1], got {seed!r}")
     if seed.dtype == tf.uint64:
         return tf.bitcast(seed, tf.int64)
     return tf.cast(seed, tf.int64)
+
+
+def _xla_seed(seed):
+    """The seed as ``ats.tf.xla``'s key: an int, or uint32 words ``[k0, k1]`` (a fresh random key for None)."""
+    if seed is None:
+        # TensorFlow's stateful RNG (compiles under XLA): a new key on every run of the step
+        return tf.bitcast(tf.random.uniform([2], tf.int32.min, tf.int32.max, dtype=tf.int32), tf.uint32)
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        return int(seed)
+    bits = _seed_tensor(seed)
+    low = tf.bitwise.bitwise_and(bits, tf.constant(_MASK32, tf.int64))
+    high = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, tf.constant(32, tf.int64)), tf.constant(_MASK32, tf.int64))
+    return tf.cast(tf.stack([low, high]), tf.uint32)
+
+
+def _xla():
+    from ..tf import xla
+
+    return xla
 
 
 # --- sampling -----------------------------------------------------------------
@@ -128,9 +160,11 @@ def sample(attention, n_samples, *, replace=False, seed=None, deterministic=Fals
     replace : bool
         Draw with replacement (independent draws) or without (successive
         sampling, the default of the 2019 library).
-    seed : None, int in [0, 2**64) or an integer scalar tensor
+    seed : None, int in [0, 2**64), an integer scalar tensor or uint32 words ``[k0, k1]``
         Key of atskern's counter-based generator: the same seed and weights
-        give the same draws. None draws a fresh key per call.
+        give the same draws (also under XLA, where :mod:`ats.tf.xla` draws
+        them; the key words ``[k0, k1]`` are the seed ``k0 + 2**32 k1``).
+        None draws a fresh key per call.
     deterministic : bool
         Take the ``n_samples`` largest weights (largest first) instead of
         sampling: reproducible inference; runs under XLA.
@@ -166,6 +200,13 @@ def sample(attention, n_samples, *, replace=False, seed=None, deterministic=Fals
     flat = tf.reshape(attention, (batch, -1))
     if deterministic:
         indices = _top_indices(flat, tf.shape(attention)[1:], n)
+    elif in_xla_context():
+        if not attention.shape[1:].is_fully_defined():
+            raise ValueError(f"attention's grid must be static to sample under XLA (jit_compile=True), got shape {attention.shape}")
+        if strict:
+            raise ValueError("strict=True is not available under XLA (the rows' values are not known when tracing)")
+        sampling = attention if attention.dtype in _KERNEL_FLOATS else tf.cast(attention, tf.float32)
+        indices, _ = _xla().sample_indices(sampling, n, _xla_seed(seed), replace=bool(replace))
     else:
         indices = _draw_indices(attention, n, bool(replace), seed, bool(strict))
     indices.set_shape((attention.shape[0], n, dims))
@@ -314,6 +355,11 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False):
     offsets = tf.convert_to_tensor(offsets)
     size = _check_patch_inputs(x, offsets, patch_size)
     offsets = tf.cast(offsets, tf.int32)
+    if in_xla_context():
+        spatial = x.shape[2:] if channels_first else x.shape[1:-1]
+        if not spatial.is_fully_defined():
+            raise ValueError(f"x's spatial shape must be static to extract patches under XLA (jit_compile=True), got {x.shape}")
+        return _xla().extract_patches(x, offsets, size, fill=fill, channels_first=channels_first)
     out_shape = _patch_shape(x, offsets, size, channels_first)
     np_dtype = x.dtype.as_numpy_dtype
 

@@ -1,0 +1,90 @@
+"""The ``ats.keras`` ops on Keras' TensorFlow backend: :mod:`ats.ops`.
+
+``ats.ops`` calls atskern's kernels (``tf.numpy_function``, DLPack when
+eager) and, when traced inside an XLA context (``jit_compile=True``), the
+plain TensorFlow ops of :mod:`ats.tf.xla` instead, which draw the same
+positions for the same key.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from ... import ops as tf_ops
+from ...tf.xla import OPS as UINT32
+from .. import _keys
+
+
+def sample(attention, n, *, replace, key, deterministic):
+    return tf_ops.sample(attention, n, replace=replace, seed=key, deterministic=deterministic)
+
+
+def patch_offsets(indices, grid, level, size, margin):
+    return tf_ops.patch_offsets(indices, grid, level, size, margin=margin)
+
+
+def extract_patches(x, offsets, size, fill):
+    return tf_ops.extract_patches(x, offsets, size, fill=fill)
+
+
+def expectation(features, probs, replace):
+    return tf_ops.expectation(features, probs, replace=replace)
+
+
+def fingerprint(attention):
+    """uint32 ``[word0, word1]`` of :func:`ats.keras._keys.fingerprint`, in TensorFlow ops (compiles under XLA)."""
+    bits = tf.reshape(tf.bitcast(tf.cast(tf.stop_gradient(attention), tf.float32), tf.uint32), [-1])
+    index = tf.cast(tf.range(tf.size(bits)), tf.uint32)
+    words = []
+    for j in (0, 1):
+        offset = UINT32.mul(UINT32.add(UINT32.add(index, index), tf.constant(j + 1, tf.uint32)), tf.constant(_keys.GOLDEN32, tf.uint32))
+        mixed = _keys.fmix32(UINT32.add(bits, offset), UINT32)
+        total = tf.reduce_sum(tf.cast(mixed, tf.int64))
+        words.append(tf.cast(tf.bitwise.bitwise_and(total, tf.constant(_keys.MASK32, tf.int64)), tf.uint32))
+    return tf.stack(words)
+
+
+def key_words(state):
+    """uint32 ``[k0, k1]`` of a seed generator state (int64 on this backend) or of two Python ints.
+
+    Under a ``tf.distribute`` strategy with several replicas (which all read the same mirrored state),
+    the replica's index is mixed into ``k1``, so that each replica draws its own patches.
+    """
+    state = tf.convert_to_tensor(state)
+    if state.dtype != tf.uint32:
+        state = tf.cast(tf.bitwise.bitwise_and(tf.cast(state, tf.int64), tf.constant(_keys.MASK32, tf.int64)), tf.uint32)
+    context = tf.distribute.get_replica_context()
+    if context is not None and context.num_replicas_in_sync > 1:
+        replica = tf.cast(context.replica_id_in_sync_group, tf.uint32)
+        salt = UINT32.mul(replica, tf.constant(_keys.GOLDEN32, tf.uint32))
+        state = tf.bitwise.bitwise_xor(state, tf.stack([tf.constant(0, tf.uint32), salt]))
+    return state
+
+
+def xor(words, salt):
+    return tf.bitwise.bitwise_xor(words, tf.constant(salt, tf.uint32))
+
+
+def check_inputs(x_low, x_high, attention, size):
+    """The batch sizes (statically, where known) and, for an unknown spatial shape, the patch fitting x_high."""
+    tf_ops.check_same_batch({"x_low": x_low, "x_high": x_high, "attention": attention})
+    if x_high.shape[1:-1].is_fully_defined():
+        return x_high
+    check = tf.debugging.assert_less_equal(
+        tf.constant(size, tf.int32),
+        tf.shape(x_high)[1:-1],
+        message=f"SamplePatches: patch_size {size} is larger than the spatial shape of x_high",
+    )
+    with tf.control_dependencies([check]):
+        return tf.identity(x_high)
+
+
+def spatial_shape(x):
+    """``x``'s spatial sizes: Python ints where static, else a tensor."""
+    spatial = x.shape[1:-1]
+    return tuple(spatial) if spatial.is_fully_defined() else tf.shape(x)[1:-1]
+
+
+def grid_shape(attention):
+    grid = attention.shape[1:]
+    return tuple(grid) if grid.is_fully_defined() else tf.shape(attention)[1:]

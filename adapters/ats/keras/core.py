@@ -1,0 +1,369 @@
+"""Keras layers of attention sampling (2019 names), on Keras 3's TensorFlow, torch and JAX backends.
+
+``attention_sampling``, ``SamplePatches``, ``Expectation``, ``PatchesToBatch``
+and ``BatchToPatches``. Channels-last inputs with 1, 2 or 3 spatial
+dimensions (signals, images, volumes). ``x_low`` ``(B, *low, C)`` is the cheap
+view the attention network reads, ``x_high`` ``(B, *high, C)`` the
+full-resolution input patches come from, and the attention map is
+``(B, *grid)`` (``SampleSoftmax(squeeze_channels=True)``).
+
+Everything that Keras has is written in ``keras.ops``; sampling, patch
+offsets, the patch gather (with its scatter gradient) and the estimator go to
+the running backend's op module (:mod:`ats.keras.backends`): atskern's kernels
+through :mod:`ats.ops` on TensorFlow (:mod:`ats.tf.xla` inside
+``jit_compile=True``), :mod:`ats.torch.functional` on torch (CPU or CUDA),
+:mod:`ats.jax` on JAX.
+"""
+
+from __future__ import annotations
+
+from .._keras import require_keras
+
+require_keras("ats.keras")
+# The backend is checked before keras is imported, hence the late imports.
+# ruff: noqa: E402
+
+import numbers
+from fractions import Fraction
+
+import keras
+import numpy as np
+from keras import ops
+
+from atskern import _validation
+
+from .._keras import register
+from . import _keys
+from .backends import ops as backend_ops
+
+MODES = ("sample", "topk", "auto")
+
+
+def _check_ranks(x_low, x_high, attention):
+    """Spatial dimensions D from the three input shapes, or a ValueError naming them."""
+    rank = len(x_high)
+    if rank not in (3, 4, 5):
+        raise ValueError(
+            "x_high must be (batch, *spatial, channels) with 1 to 3 spatial dimensions (rank 3 to 5), "
+            f"got shape {tuple(x_high)}"
+        )
+    if len(x_low) != rank:
+        raise ValueError(f"x_low must have x_high's rank {rank}, got shapes {tuple(x_low)} and {tuple(x_high)}")
+    if len(attention) != rank - 1:
+        raise ValueError(
+            f"attention must be (batch, *grid) with rank {rank - 1} (x_high's rank without channels; "
+            f"use SampleSoftmax(squeeze_channels=True)), got shape {tuple(attention)}"
+        )
+    return rank - 2
+
+
+def _margin(receptive_field, low):
+    """``receptive_field / 2 / low[d]`` per dim as exact fractions, or the pair form for a dynamic ``low``."""
+    if isinstance(low, tuple) and all(isinstance(v, int) for v in low):
+        for v in low:
+            if receptive_field >= v:
+                raise ValueError(f"receptive_field={receptive_field} must be smaller than x_low's spatial sizes {low}")
+        return [Fraction(receptive_field, 2 * v) if isinstance(receptive_field, int) else
+                _validation.simplest_fraction(receptive_field) / (2 * v) for v in low]
+    return (receptive_field, low)
+
+
+@register
+class SamplePatches(keras.layers.Layer):
+    """Sample positions from an attention map and extract ``x_high`` patches around them.
+
+    Called on ``[x_low, x_high, attention]``; returns ``[patches, sampled_attention]``
+    with ``patches`` ``(B, n_patches, *patch_size, C)`` and ``sampled_attention``
+    ``(B, n_patches)`` (differentiable with respect to the attention).
+
+    Arguments
+    ---------
+    n_patches : int
+    patch_size : int or tuple, one entry per spatial dimension
+    receptive_field : int
+        The attention network's receptive field in ``x_low`` pixels (0 for
+        ``padding="same"``): maps attention cells to ``x_high`` positions.
+    replace : bool
+        Sample with replacement. Pass the same value to :class:`Expectation`.
+    use_logits : bool
+        The attention is given as unnormalized log-probabilities; positions
+        are drawn from their softmax and ``sampled_attention`` holds the
+        logits at the samples, as 2019's code returned them (so it is not a
+        probability: pass ``SampleSoftmax`` output instead to feed
+        :class:`Expectation`).
+    mode : ``"sample"``, ``"topk"`` or ``"auto"``
+        ``"topk"`` takes the most attended positions (deterministic);
+        ``"auto"`` samples in training and takes the top-k in inference.
+    seed : None or int in ``[0, 2**64)``
+        With a seed the draws are a deterministic function of the seed, the
+        attention map (its float32 values, the whole batch) and the process
+        rank: the key is ``fingerprint(attention) xor salted_seed(seed)``
+        (:mod:`ats.keras._keys`), so the same seed and map give the same
+        patches on every backend (TensorFlow in and out of XLA, torch, JAX),
+        need no state, and survive ``model.save``/``load_model``; training
+        still sees new draws as the weights change. Without a seed every call
+        draws afresh, from a ``keras.random.SeedGenerator`` (also inside
+        ``jax.jit``-compiled and ``jit_compile=True`` steps; ``keras.utils.set_random_seed``
+        makes a run repeat). Rank 0 of a multi-process job draws as a single
+        process; other ranks draw their own patches.
+    fill : number
+        Value of patch pixels that fall outside ``x_high``.
+    """
+
+    def __init__(
+        self,
+        n_patches,
+        patch_size,
+        receptive_field=0,
+        replace=False,
+        use_logits=False,
+        mode="sample",
+        seed=None,
+        fill=0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(n_patches, bool) or not isinstance(n_patches, numbers.Integral) or n_patches < 1:
+            raise ValueError(f"n_patches must be a positive integer, got {n_patches!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if seed is not None and not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed < 2**64):
+            raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
+        if isinstance(receptive_field, bool) or not isinstance(receptive_field, numbers.Real) or receptive_field < 0:
+            raise ValueError(f"receptive_field must be a number >= 0, got {receptive_field!r}")
+        if isinstance(fill, (bool, np.bool_)) or not isinstance(fill, numbers.Real):
+            raise ValueError(f"fill must be a real number, got {fill!r}")
+        fill = int(fill) if isinstance(fill, numbers.Integral) else float(fill)
+        self.n_patches = int(n_patches)
+        self.patch_size = patch_size if isinstance(patch_size, numbers.Integral) else tuple(patch_size)
+        self.receptive_field = receptive_field
+        self.replace = bool(replace)
+        self.use_logits = bool(use_logits)
+        self.mode = mode
+        self.seed = None if seed is None else int(seed)
+        self.fill = fill
+        # fresh keys per call, threaded by Keras through jitted steps (only needed when sampling unseeded)
+        self.seed_generator = keras.random.SeedGenerator() if self.seed is None and mode != "topk" else None
+        self.supports_jit = True
+
+    def _size(self, dims: int) -> tuple[int, ...]:
+        return _validation.check_patch_size(self.patch_size, dims, "patch_size")
+
+    def build(self, input_shape):
+        if keras.config.image_data_format() != "channels_last":
+            raise ValueError("SamplePatches supports channels_last data only (keras.config.image_data_format())")
+        if len(input_shape) != 3:
+            raise ValueError(f"SamplePatches is called on [x_low, x_high, attention], got {len(input_shape)} inputs")
+        x_low, x_high, attention = (tuple(s) for s in input_shape)
+        dims = _check_ranks(x_low, x_high, attention)
+        size = self._size(dims)
+        high = x_high[1:-1]
+        if all(h is not None for h in high) and any(p > h for p, h in zip(size, high)):
+            raise ValueError(f"patch_size {size} is larger than x_high's spatial shape {high}")
+        grid = attention[1:]
+        without_replacement = not self.replace or self.mode != "sample"
+        if all(g is not None for g in grid) and without_replacement:
+            positions = int(np.prod(grid))
+            if self.n_patches > positions:
+                raise ValueError(
+                    f"n_patches={self.n_patches} is larger than the {positions} positions of the attention map "
+                    f"{grid}; sampling without replacement (or top-k) cannot draw more (use replace=True)"
+                )
+
+    def _deterministic(self, training) -> bool:
+        if self.mode == "auto":
+            return not training
+        return self.mode == "topk"
+
+    def sampling_key(self, attention):
+        """The Philox key ``[k0, k1]`` (uint32 words, a backend tensor) for a draw from ``attention``:
+        ``atskern.sample(attention, n, seed=k0 + 2**32 k1)`` draws what the layer draws with it. With
+        ``seed=None`` each call takes the seed generator's next state (a new key)."""
+        be = backend_ops()
+        if self.seed is not None:
+            return be.xor(be.fingerprint(attention), _keys.seed_words(self.seed))
+        words = be.key_words(self.seed_generator.next())
+        salt = _keys.rank_salt()
+        return be.xor(words, salt) if salt != (0, 0) else words
+
+    def call(self, inputs, training=None):
+        x_low, x_high, attention = inputs
+        dims = _check_ranks(x_low.shape, x_high.shape, attention.shape)
+        size = self._size(dims)
+        be = backend_ops()
+        x_high = be.check_inputs(x_low, x_high, attention, size)
+        logits = attention
+        if self.use_logits:
+            flat = ops.reshape(attention, (ops.shape(attention)[0], -1))
+            attention = ops.reshape(ops.softmax(flat, axis=-1), ops.shape(attention))
+        deterministic = self._deterministic(training)
+        key = None if deterministic else self.sampling_key(attention)
+        indices, sampled = be.sample(attention, self.n_patches, replace=self.replace, key=key, deterministic=deterministic)
+        # the margin receptive_field / 2 / low_size, as an exact fraction (ties in the offsets round exactly)
+        margin = _margin(self.receptive_field, be.spatial_shape(x_low))
+        offsets = be.patch_offsets(indices, be.grid_shape(attention), be.spatial_shape(x_high), size, margin)
+        patches = be.extract_patches(x_high, offsets, size, self.fill)
+        if self.use_logits:  # 2019 returned the logits at the samples, not probabilities
+            flat_index = _ravel(indices, ops.shape(logits)[1:])
+            sampled = ops.take_along_axis(ops.reshape(logits, (ops.shape(logits)[0], -1)), flat_index, axis=1)
+        return [patches, sampled]
+
+    def compute_output_spec(self, inputs, training=None):
+        x_low, x_high, attention = inputs
+        dims = _check_ranks(x_low.shape, x_high.shape, attention.shape)
+        batch = x_high.shape[0]
+        patches = keras.KerasTensor((batch, self.n_patches, *self._size(dims), x_high.shape[-1]), dtype=x_high.dtype)
+        sampled = keras.KerasTensor((batch, self.n_patches), dtype=attention.dtype)
+        return [patches, sampled]
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "n_patches": self.n_patches,
+            "patch_size": self.patch_size if isinstance(self.patch_size, int) else list(self.patch_size),
+            "receptive_field": self.receptive_field,
+            "replace": self.replace,
+            "use_logits": self.use_logits,
+            "mode": self.mode,
+            "seed": self.seed,
+            "fill": self.fill,
+        }
+
+
+def _ravel(indices, grid):
+    """Row-major flat indices ``(B, n)`` of grid coordinates ``(B, n, D)``."""
+    flat = indices[..., 0]
+    for d in range(1, len(grid)):
+        flat = flat * grid[d] + indices[..., d]
+    return flat
+
+
+@register
+class Expectation(keras.layers.Layer):
+    """The ATS estimate of the expected features from sampled ones, with unbiased gradients.
+
+    Called on ``[features, sampled_attention]`` (``(B, n, *F)`` and ``(B, n)``);
+    returns ``(B, *F)``. ``replace`` must match :class:`SamplePatches`. The
+    gradients are exactly ``atskern.expectation_grad``'s on every backend.
+    """
+
+    def __init__(self, replace=False, **kwargs):
+        super().__init__(**kwargs)
+        self.replace = bool(replace)
+        self.supports_jit = True
+
+    def build(self, input_shape):
+        if len(input_shape) != 2:
+            raise ValueError(f"Expectation is called on [features, sampled_attention], got {len(input_shape)} inputs")
+        features, probs = (tuple(s) for s in input_shape)
+        if len(probs) != 2 or len(features) < 2:
+            raise ValueError(f"Expectation needs features (B, n, ...) and sampled_attention (B, n), got {features} and {probs}")
+
+    def call(self, inputs):
+        features, sampled = inputs
+        return backend_ops().expectation(features, sampled, self.replace)
+
+    def compute_output_shape(self, input_shape):
+        features = tuple(input_shape[0])
+        return (features[0],) + features[2:]
+
+    def get_config(self):
+        return {**super().get_config(), "replace": self.replace}
+
+
+@register
+class PatchesToBatch(keras.layers.Layer):
+    """``(B, n, *rest)`` to ``(B * n, *rest)``: lets the feature network see each patch as a sample."""
+
+    def call(self, x):
+        return ops.reshape(x, (-1, *ops.shape(x)[2:]))
+
+    def compute_output_shape(self, input_shape):
+        batch, n = input_shape[:2]
+        return (None if batch is None or n is None else batch * n,) + tuple(input_shape[2:])
+
+
+@register
+class BatchToPatches(keras.layers.Layer):
+    """``(B * n, *rest)`` back to ``(B, n, *rest)``."""
+
+    def __init__(self, n_patches, **kwargs):
+        super().__init__(**kwargs)
+        self.n_patches = int(n_patches)
+
+    def call(self, x):
+        return ops.reshape(x, (-1, self.n_patches, *ops.shape(x)[1:]))
+
+    def compute_output_shape(self, input_shape):
+        return (None, self.n_patches) + tuple(input_shape[1:])
+
+    def get_config(self):
+        return {**super().get_config(), "n_patches": self.n_patches}
+
+
+def _activity_regularizer():
+    """The ``ActivityRegularizer`` layer: ``ats.keras.layers`` (every backend) where it exists, else the
+    TensorFlow-only 2019 module ``ats.utils.layers``."""
+    try:
+        from .layers import ActivityRegularizer
+    except ModuleNotFoundError as error:
+        if error.name != f"{__package__}.layers":
+            raise
+        from ..utils.layers import ActivityRegularizer
+    return ActivityRegularizer
+
+
+def attention_sampling(
+    attention,
+    feature,
+    patch_size=None,
+    n_patches=10,
+    replace=False,
+    attention_regularizer=None,
+    receptive_field=0,
+    *,
+    mode="sample",
+    deterministic=False,
+    seed=None,
+):
+    """Wire an attention network and a feature network into an attention-sampling pipeline.
+
+    Returns a callable ``([x_low, x_high]) -> [features, attention, patches]``:
+    ``attention(x_low)`` gives the ``(B, *grid)`` attention map (regularized by
+    ``attention_regularizer`` if given), :class:`SamplePatches` draws
+    ``n_patches`` patches of ``patch_size`` from ``x_high``, ``feature`` runs on
+    every patch (as a batch of ``B * n_patches``) and :class:`Expectation`
+    averages the patch features into ``(B, *F)``.
+
+    ``patch_size=None`` uses the feature network's input shape (as 2019's
+    code did) where it is known, else ``x_low``'s spatial shape (as 2019's
+    docs said). ``deterministic=True`` is ``mode="topk"``; ``mode="auto"``
+    samples in training and takes the top-k in inference; ``seed`` makes
+    sampling reproducible (see :class:`SamplePatches`).
+    """
+    if deterministic:
+        mode = "topk"
+
+    def apply(inputs):
+        x_low, x_high = inputs
+        if patch_size is None:
+            from ..core._patch_size import infer_patch_size
+
+            size = infer_patch_size(feature, x_low)
+        else:
+            size = patch_size
+        att = attention(x_low)
+        if attention_regularizer is not None:
+            att = _activity_regularizer()(attention_regularizer)(att)
+        patches, sampled = SamplePatches(
+            n_patches, size, receptive_field=receptive_field, replace=replace, mode=mode, seed=seed
+        )([x_low, x_high, att])
+        per_patch = feature(PatchesToBatch()(patches))
+        features = BatchToPatches(n_patches)(per_patch)
+        features = Expectation(replace=replace)([features, sampled])
+        return [features, att, patches]
+
+    return apply
+
+
+__all__ = ["attention_sampling", "SamplePatches", "Expectation", "PatchesToBatch", "BatchToPatches"]
