@@ -12,10 +12,12 @@ require_keras("ats.keras")
 # ruff: noqa: E402
 
 # keras-helpers: the 2019 helpers in keras.ops
+from .builder import ATSBuilder, ATSOutput
 from .data import FromTensors, LevelPatches, MultiResolutionBatch, level_offsets
 from .image_layers import ImageLinearTransform, ImagePan, ResizeImages
 from .layers import ActivityRegularizer, L2Normalize, SampleSoftmax, TotalReshape
 from .regularizers import MultinomialEntropy, multinomial_entropy
+from .functions import Expected, Sample, expected, sample
 from .training import Batcher, DataTransform, LambdaTransform, compose_sequences
 
 __all__ = [
@@ -37,4 +39,10 @@ __all__ = [
     "FromTensors",
     "level_offsets",
     "LevelPatches",
+    "sample",
+    "Sample",
+    "expected",
+    "Expected",
+    "ATSBuilder",
+    "ATSOutput",
 ]
