@@ -13,13 +13,19 @@ kernels use), so only the sampled tiles are read and decoded. Not under XLA.
 :class:`SlideSequence` is a ``keras.utils.PyDataset`` yielding
 ``((x_low, slide_ids, sizes), labels)`` batches; with ``workers > 1`` and
 ``use_multiprocessing=True`` each worker process opens its own file handles.
+
+Backends: :class:`SlideSequence` yields NumPy batches and runs on every Keras
+3 backend. :class:`SlidePatches` reads the files in a TensorFlow host
+callback and runs on the TensorFlow backend only; on torch or JAX,
+constructing it raises a ``NotImplementedError`` that says so (PyTorch
+users: :mod:`ats.torch.slides` is the same pipeline in torch).
 """
 
 from __future__ import annotations
 
-from ._keras import require_tensorflow_backend
+from ._keras import require_keras
 
-require_tensorflow_backend("ats.slides")
+require_keras("ats.slides")
 # ruff: noqa: E402
 
 import numbers
@@ -27,12 +33,9 @@ import os
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from atskern.io import grid as _grid
 
-from . import ops
-from ._bridge import numpy_call
 from ._keras import register
 
 MODES = ("sample", "topk", "auto")
@@ -81,6 +84,14 @@ class SlidePatches(keras.layers.Layer):
 
     def __init__(self, slides, n_patches, patch_size, replace=False, use_logits=False, mode="sample", seed=None,
                  fill=0, level=0, channels=3, scale=1.0 / 255.0, threads=None, cache_bytes=64 << 20, **kwargs):
+        backend = keras.backend.backend()
+        if backend != "tensorflow":
+            raise NotImplementedError(
+                f"ats.slides.SlidePatches runs on the TensorFlow backend of Keras only (it reads the slide files in a "
+                f"tf.numpy_function host callback), but the Keras backend is {backend!r}: set KERAS_BACKEND=tensorflow, "
+                "or with PyTorch use ats.torch.slides.SlideAttentionSampling (ats.slides.SlideSequence works on every "
+                "backend)"
+            )
         super().__init__(**kwargs)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -123,6 +134,11 @@ class SlidePatches(keras.layers.Layer):
         return out
 
     def call(self, inputs, training=None):
+        import tensorflow as tf
+
+        from . import ops
+        from ._bridge import numpy_call
+
         x_low, attention, slide_ids, sizes = inputs
         if attention.shape.rank != 3:
             raise ValueError(f"attention must be (batch, gh, gw), got shape {tuple(attention.shape)}")
