@@ -168,9 +168,6 @@ def _errors(out):
     big = dict(sample_space=[997], previous_patch_size=[99991], patch_size=[255], shape_from=[100003],
                shape_to=[400009])  # no common divisor: the products need more than 31 bits
     out["level_overflow"] = _error(lambda: _np(level_offsets(np.zeros((1, 1, 1), np.int32), np.zeros((1, 1, 1)), **big)))
-    import ats.slides  # SlideSequence runs everywhere; SlidePatches says where it runs
-
-    out["slides"] = _error(lambda: ats.slides.SlidePatches(["a.tif"], 2, 8))
 
 
 def _functions(data, out):

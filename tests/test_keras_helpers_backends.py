@@ -215,15 +215,6 @@ def test_bad_arguments_are_value_errors_naming_them(run):
         assert f"'{run['backend']}' backend" in errors["area"][1]
 
 
-def test_tensorflow_only_pieces_say_so(run):
-    error = run["slides"]
-    if run["backend"] == "tensorflow":
-        assert error is None
-    else:
-        assert error[0] == "NotImplementedError"
-        assert "TensorFlow backend" in error[1] and f"{run['backend']!r}" in error[1] and "ats.torch.slides" in error[1]
-
-
 def test_level_offsets_int32_overflow_is_refused_not_wrapped(run):
     error = run["level_overflow"]
     if run["backend"] == "jax":  # no 64-bit integers without jax_enable_x64

@@ -14,11 +14,12 @@ kernels use), so only the sampled tiles are read and decoded. Not under XLA.
 ``((x_low, slide_ids, sizes), labels)`` batches; with ``workers > 1`` and
 ``use_multiprocessing=True`` each worker process opens its own file handles.
 
-Backends: :class:`SlideSequence` yields NumPy batches and runs on every Keras
-3 backend. :class:`SlidePatches` reads the files in a TensorFlow host
-callback and runs on the TensorFlow backend only; on torch or JAX,
-constructing it raises a ``NotImplementedError`` that says so (PyTorch
-users: :mod:`ats.torch.slides` is the same pipeline in torch).
+Backends: both run on every Keras 3 backend. The host callback that reads
+the files is ``tf.numpy_function`` on TensorFlow (not under XLA), a direct
+NumPy call on torch (eager; PyTorch users also have :mod:`ats.torch.slides`)
+and ``jax.pure_callback`` on JAX (so the layer compiles under ``jax.jit``,
+the reads running on the host). Sampling goes to the backend's adapter, as
+for :func:`ats.keras.functions.sample`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import numpy as np
 from atskern.io import grid as _grid
 
 from ._keras import register
+from .keras import _helper_ops
+from .keras.functions import _gather
 
 MODES = ("sample", "topk", "auto")
 
@@ -59,6 +62,22 @@ def _open_cached(path, pid, threads, cache_bytes):
         cache = _CACHES.setdefault((pid, cache_bytes), TileCache(cache_bytes))
         slide = _SLIDES[key] = open_slide(path, threads=threads, cache=cache)
     return slide
+
+
+def _host_call(fn, args, shape, dtype):
+    """``fn`` on NumPy copies of ``args`` (torch: eagerly; JAX: ``jax.pure_callback``), as a backend tensor."""
+    from keras import ops
+
+    shape = tuple(int(s) for s in shape)
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def host(*arrays):
+            return np.asarray(fn(*(np.asarray(a) for a in arrays)), dtype=dtype).reshape(shape)
+
+        return jax.pure_callback(host, jax.ShapeDtypeStruct(shape, np.dtype(dtype)), *args)
+    out = np.asarray(fn(*(ops.convert_to_numpy(a) for a in args)), dtype=dtype).reshape(shape)
+    return ops.convert_to_tensor(out)
 
 
 def _patch_size(size):
@@ -84,14 +103,6 @@ class SlidePatches(keras.layers.Layer):
 
     def __init__(self, slides, n_patches, patch_size, replace=False, use_logits=False, mode="sample", seed=None,
                  fill=0, level=0, channels=3, scale=1.0 / 255.0, threads=None, cache_bytes=64 << 20, **kwargs):
-        backend = keras.backend.backend()
-        if backend != "tensorflow":
-            raise NotImplementedError(
-                f"ats.slides.SlidePatches runs on the TensorFlow backend of Keras only (it reads the slide files in a "
-                f"tf.numpy_function host callback), but the Keras backend is {backend!r}: set KERAS_BACKEND=tensorflow, "
-                "or with PyTorch use ats.torch.slides.SlideAttentionSampling (ats.slides.SlideSequence works on every "
-                "backend)"
-            )
         super().__init__(**kwargs)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -112,7 +123,16 @@ class SlidePatches(keras.layers.Layer):
         self.scale = float(scale)
         self.threads = threads
         self.cache_bytes = int(cache_bytes)
-        self.supports_jit = False  # the reads run in tf.numpy_function
+        # TensorFlow: the reads run in tf.numpy_function (no XLA); JAX: jax.pure_callback (jit is fine)
+        self.supports_jit = keras.backend.backend() == "jax"
+        # draws without a seed: a Keras seed generator (a variable, so jitted steps draw afresh on JAX)
+        # (always made, so that the layer's variables do not depend on its seed)
+        self.seed_generator = keras.random.SeedGenerator()
+
+    def load_own_variables(self, store):
+        if len(store) == 0:  # saved before the layer had a seed generator
+            return
+        super().load_own_variables(store)
 
     def _deterministic(self, training) -> bool:
         return self.mode == "topk" or (self.mode == "auto" and not training)
@@ -134,6 +154,8 @@ class SlidePatches(keras.layers.Layer):
         return out
 
     def call(self, inputs, training=None):
+        if keras.backend.backend() != "tensorflow":
+            return self._call_keras_ops(inputs, training)
         import tensorflow as tf
 
         from . import ops
@@ -162,6 +184,36 @@ class SlidePatches(keras.layers.Layer):
                              name="ats.slides.read_patches", stateful=True)
         patches = tf.reshape(patches, (-1, self.n_patches, *self.patch_size, self.channels))
         return [tf.stop_gradient(patches), sampled]
+
+    def _call_keras_ops(self, inputs, training):
+        """torch and JAX: the same steps as the TensorFlow path in ``keras.ops``; shapes are static here."""
+        from keras import ops
+
+        x_low, attention, slide_ids, sizes = inputs
+        if len(attention.shape) != 3:
+            raise ValueError(f"attention must be (batch, gh, gw), got shape {tuple(attention.shape)}")
+        padded = tuple(int(s) for s in x_low.shape[1:3])
+        grid = tuple(int(s) for s in attention.shape[1:3])
+        batch = int(attention.shape[0])
+        mask = _host_call(lambda s: _grid.valid_cells(grid, padded, s), [sizes], attention.shape, "bool")
+        if self.use_logits:
+            logits = ops.where(mask, attention, ops.full_like(attention, -np.inf))
+            attention = ops.reshape(ops.softmax(ops.reshape(logits, (batch, -1)), axis=-1), attention.shape)
+        else:
+            attention = ops.where(mask, attention, ops.zeros_like(attention))
+        if self._deterministic(training):
+            _, flat = ops.top_k(ops.stop_gradient(ops.reshape(attention, (batch, -1))), self.n_patches, sorted=True)
+            indices = ops.stack([flat // grid[1], flat % grid[1]], axis=-1)
+        else:
+            seed = self.seed
+            if seed is None and keras.backend.backend() == "jax":
+                seed = keras.random.randint((), 0, 2**31 - 1, dtype="int32", seed=self.seed_generator)
+            indices = _helper_ops.draw(attention, self.n_patches, replace=self.replace, seed=seed)
+        sampled = _gather(attention, indices) / ops.sum(ops.reshape(attention, (batch, -1)), axis=1, keepdims=True)
+        shape = (batch, self.n_patches, *self.patch_size, self.channels)
+        patches = _host_call(lambda i, s, z: self._read(i, s, z, padded, grid), [indices, slide_ids, sizes], shape,
+                             "float32")
+        return [ops.stop_gradient(patches), sampled]
 
     def compute_output_spec(self, inputs, training=None):
         x_low, attention = inputs[0], inputs[1]

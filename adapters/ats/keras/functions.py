@@ -184,7 +184,8 @@ class Sample(keras.layers.Layer):
         self.replace = bool(replace)
         self.use_logits = bool(use_logits)
         self.seed = None if seed is None else int(seed)
-        self.seed_generator = keras.random.SeedGenerator() if self.seed is None else None
+        # used without a seed; always made, so that the layer's variables do not depend on its seed
+        self.seed_generator = keras.random.SeedGenerator()
         # TensorFlow's draw runs in tf.numpy_function (no XLA); torch and JAX trace
         self.supports_jit = keras.backend.backend() != "tensorflow"
 
@@ -203,7 +204,7 @@ class Sample(keras.layers.Layer):
         ]
 
     def load_own_variables(self, store):
-        if len(store) == 0:  # saved before the layer had a seed generator, or with a seed: nothing to restore
+        if len(store) == 0:  # saved before the layer had a seed generator: nothing to restore
             return
         super().load_own_variables(store)
 
