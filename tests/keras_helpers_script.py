@@ -103,6 +103,14 @@ def _layers(data, out):
     out["softmax_grad_finite"] = bool(
         np.isfinite(_grad(lambda x: ops.sum(SampleSoftmax(smooth=0.1)(x) ** 2), data["softmax_x"])[0]).all()
     )
+    from ats import utils
+
+    x = data["reshape_x"]
+    out["casts"] = [
+        str(_np(utils.to_float16(x)).dtype), str(_np(utils.to_dtype(x, "int", 8, sign=False)).dtype),
+        str(_np(utils.to_tensor([1, 2])).dtype), str(_np(utils.to_tensor([1, 2], "float64")).dtype),
+        list(_np(utils.expand_many(x, [0, -1])).shape), _error(lambda: utils.to_dtype(x, "float", 8)),
+    ]
     keras.backend.clear_session()
 
 

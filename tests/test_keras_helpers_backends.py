@@ -157,6 +157,13 @@ def test_layers_equal_numpy(run):
     assert run["softmax_grad_finite"]
 
 
+def test_casts(run):
+    f16, u8, default, f64, shape, error = run["casts"]
+    assert (f16, u8, default, shape) == ("float16", "uint8", "int32", [1, 2, 3, 4, 1])
+    assert f64 == ("float32" if run["backend"] == "jax" else "float64")  # JAX without x64 has no float64
+    assert error[0] == "ValueError" and "float8" in error[1]
+
+
 def test_resize_equals_numpy(run):
     x = DATA["resize_x"].astype(np.float64)
     bilinear = _linear_resize(_linear_resize(x, 4, 1), 5, 2)

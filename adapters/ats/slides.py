@@ -1,4 +1,4 @@
-"""Keras 3 / TensorFlow: attention sampling with slide files as the high-resolution source.
+"""Keras 3 (TensorFlow, torch or JAX backend): attention sampling with slide files as the high-resolution source.
 
 :class:`SlidePatches` is ``SamplePatches`` for whole-slide images: its
 inputs are ``[x_low, attention, slide_ids, sizes]`` where ``x_low`` holds the
@@ -7,8 +7,8 @@ largest), ``slide_ids`` int ``(B,)`` index the layer's ``slides`` (paths),
 and ``sizes`` int ``(B, 2)`` are the views' valid sizes. Attention cells in
 the padding get probability 0 (pad and mask, as in ``ats.torch.slides``);
 the patches are read from level ``level`` of each slide with
-:mod:`atskern.io` in a host callback (``tf.numpy_function``, the path the
-kernels use), so only the sampled tiles are read and decoded. Not under XLA.
+:mod:`atskern.io` in a host callback (see Backends below), so only the
+sampled tiles are read and decoded.
 
 :class:`SlideSequence` is a ``keras.utils.PyDataset`` yielding
 ``((x_low, slide_ids, sizes), labels)`` batches; with ``workers > 1`` and
