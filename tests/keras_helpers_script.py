@@ -204,6 +204,12 @@ def _functions(data, out):
     patches, offsets = FromTensors([data["level_x"][:, ::4, ::4], data["level_x"]], None).patches(
         data["level_samples"], zeros, [5, 5], [10, 8], [6, 5], 0, 1)
     out["from_tensors"] = [_np(patches).tolist(), _np(offsets).tolist()]
+    import keras
+
+    levels = [keras.Input((10, 8, 3)), keras.Input((40, 30, 3))]
+    cells, starts = keras.Input((3, 2), dtype="int32"), keras.Input((3, 2))
+    symbolic, _ = FromTensors(levels, None).patches(cells, starts, 5, [10, 8], 6, 0, 1)  # ints: every dimension
+    out["symbolic_int_size"] = list(symbolic.shape)
 
 
 def _model(data, out, model_dir):

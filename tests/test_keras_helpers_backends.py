@@ -271,6 +271,10 @@ def test_level_offsets_and_patches_equal_exact_arithmetic(run):
         np.testing.assert_array_equal(patches[b, k], padded[b, r:r + 6, c:c + 5])
 
 
+def test_symbolic_patches_take_an_int_size_per_dimension(run):
+    assert run["symbolic_int_size"] == [None, 3, 6, 6, 3]
+
+
 def test_model_fits_saves_and_loads(run):
     assert run["fit"]["finite_loss"] and run["fit"]["augmentation_state_advanced"]
     if run["backend"] == "jax":

@@ -259,15 +259,20 @@ class FromTensors(MultiResolutionBatch):
 
     def patches(self, samples, offsets, sample_space, previous_patch_size, patch_size, fromlevel, tolevel):
         x_from, x_to = self._xs[fromlevel], self._xs[tolevel]
+        dims = len(x_to.shape) - 2
+
+        def per_dim(value, name):  # an int means the same size in every dimension
+            value = static_size(value, name)
+            return [value] * dims if isinstance(value, int) else value
+
         if is_symbolic(samples, offsets, x_from, x_to):
             layer = LevelPatches(
-                static_ints(static_size(sample_space, "sample_space"), "sample_space"),
-                static_ints(static_size(previous_patch_size, "previous_patch_size"), "previous_patch_size"),
-                static_ints(static_size(patch_size, "patch_size"), "patch_size"),
+                static_ints(per_dim(sample_space, "sample_space"), "sample_space"),
+                static_ints(per_dim(previous_patch_size, "previous_patch_size"), "previous_patch_size"),
+                static_ints(per_dim(patch_size, "patch_size"), "patch_size"),
             )
             return tuple(layer([samples, offsets, x_from, x_to]))
-        size = static_size(patch_size, "patch_size")
-        size = [size] * (len(self._xs[tolevel].shape) - 2) if isinstance(size, int) else size
+        size = per_dim(patch_size, "patch_size")
         x_to = ops.convert_to_tensor(x_to)
         starts = level_offsets(
             samples, offsets, sample_space, previous_patch_size, size, self._shape(fromlevel), self._shape(tolevel)
