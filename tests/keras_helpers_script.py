@@ -46,6 +46,17 @@ LEVEL = dict(sample_space=[5, 5], previous_patch_size=[9, 7], patch_size=[6, 5],
 SEED = 11
 
 
+def _module(path_2019, path_new):
+    """The 2019 module where ``ats.core`` imports on this backend (it does once the core layers run on every
+    backend), else the module that defines the names."""
+    import importlib
+
+    try:
+        return importlib.import_module(path_2019)
+    except ImportError:
+        return importlib.import_module(path_new)
+
+
 def _np(x):
     import keras
 
@@ -147,7 +158,7 @@ def _augmentations(data, out):
 
 
 def _errors(out):
-    from ats.keras.functions import sample  # ats.core.sampling once ats.core runs on every backend
+    sample = _module("ats.core.sampling", "ats.keras.functions").sample
     from ats.utils.layers import ImageLinearTransform, ImagePan, L2Normalize, ResizeImages, SampleSoftmax, TotalReshape
     from ats.utils.regularizers import MultinomialEntropy
     from ats.utils.training import Batcher
@@ -182,7 +193,10 @@ def _functions(data, out):
     from keras import ops
 
     from ats.data.from_tensors import FromTensors, level_offsets
-    from ats.keras.functions import expected, sample  # ats.core.{expectation,sampling} re-export them
+
+    sample = _module("ats.core.sampling", "ats.keras.functions").sample
+    expected = _module("ats.core.expectation", "ats.keras.functions").expected
+    out["modules"] = [_module(f"ats.core.{m}", f"ats.keras.{n}").__name__ for m, n in (("sampling", "functions"), ("builder", "builder"))]
 
     att = data["attention"]
     samples, sampled = sample(4, att, (5, 6), seed=SEED)
@@ -216,7 +230,7 @@ def _model(data, out, model_dir):
     import keras
     from keras import layers as L
 
-    from ats.keras.builder import ATSBuilder  # ats.core.builder re-exports it
+    ATSBuilder = _module("ats.core.builder", "ats.keras.builder").ATSBuilder
     from ats.utils.layers import (
         ActivityRegularizer,
         ImageLinearTransform,
