@@ -196,7 +196,8 @@ def _functions(data, out):
 
     sample = _module("ats.core.sampling", "ats.keras.functions").sample
     expected = _module("ats.core.expectation", "ats.keras.functions").expected
-    out["modules"] = [_module(f"ats.core.{m}", f"ats.keras.{n}").__name__ for m, n in (("sampling", "functions"), ("builder", "builder"))]
+    out["modules"] = [_module(f"ats.core.{m}", f"ats.keras.{n}").__name__
+                      for m, n in (("sampling", "functions"), ("builder", "builder"))]
 
     att = data["attention"]
     samples, sampled = sample(4, att, (5, 6), seed=SEED)
