@@ -1,4 +1,4 @@
-"""Keras 3 / TensorFlow: attention sampling with slide files as the high-resolution source.
+"""Keras 3 (TensorFlow, torch or JAX backend): attention sampling with slide files as the high-resolution source.
 
 :class:`SlidePatches` is ``SamplePatches`` for whole-slide images: its
 inputs are ``[x_low, attention, slide_ids, sizes]`` where ``x_low`` holds the
@@ -7,19 +7,26 @@ largest), ``slide_ids`` int ``(B,)`` index the layer's ``slides`` (paths),
 and ``sizes`` int ``(B, 2)`` are the views' valid sizes. Attention cells in
 the padding get probability 0 (pad and mask, as in ``ats.torch.slides``);
 the patches are read from level ``level`` of each slide with
-:mod:`atskern.io` in a host callback (``tf.numpy_function``, the path the
-kernels use), so only the sampled tiles are read and decoded. Not under XLA.
+:mod:`atskern.io` in a host callback (see Backends below), so only the
+sampled tiles are read and decoded.
 
 :class:`SlideSequence` is a ``keras.utils.PyDataset`` yielding
 ``((x_low, slide_ids, sizes), labels)`` batches; with ``workers > 1`` and
 ``use_multiprocessing=True`` each worker process opens its own file handles.
+
+Backends: both run on every Keras 3 backend. The host callback that reads
+the files is ``tf.numpy_function`` on TensorFlow (not under XLA), a direct
+NumPy call on torch (eager; PyTorch users also have :mod:`ats.torch.slides`)
+and ``jax.pure_callback`` on JAX (so the layer compiles under ``jax.jit``,
+the reads running on the host). Sampling goes to the backend's adapter, as
+for :func:`ats.keras.functions.sample`.
 """
 
 from __future__ import annotations
 
-from ._keras import require_tensorflow_backend
+from ._keras import require_keras
 
-require_tensorflow_backend("ats.slides")
+require_keras("ats.slides")
 # ruff: noqa: E402
 
 import numbers
@@ -27,13 +34,12 @@ import os
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from atskern.io import grid as _grid
 
-from . import ops
-from ._bridge import numpy_call
 from ._keras import register
+from .keras import _helper_ops
+from .keras.functions import _gather
 
 MODES = ("sample", "topk", "auto")
 
@@ -56,6 +62,22 @@ def _open_cached(path, pid, threads, cache_bytes):
         cache = _CACHES.setdefault((pid, cache_bytes), TileCache(cache_bytes))
         slide = _SLIDES[key] = open_slide(path, threads=threads, cache=cache)
     return slide
+
+
+def _host_call(fn, args, shape, dtype):
+    """``fn`` on NumPy copies of ``args`` (torch: eagerly; JAX: ``jax.pure_callback``), as a backend tensor."""
+    from keras import ops
+
+    shape = tuple(int(s) for s in shape)
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def host(*arrays):
+            return np.asarray(fn(*(np.asarray(a) for a in arrays)), dtype=dtype).reshape(shape)
+
+        return jax.pure_callback(host, jax.ShapeDtypeStruct(shape, np.dtype(dtype)), *args)
+    out = np.asarray(fn(*(ops.convert_to_numpy(a) for a in args)), dtype=dtype).reshape(shape)
+    return ops.convert_to_tensor(out)
 
 
 def _patch_size(size):
@@ -101,7 +123,16 @@ class SlidePatches(keras.layers.Layer):
         self.scale = float(scale)
         self.threads = threads
         self.cache_bytes = int(cache_bytes)
-        self.supports_jit = False  # the reads run in tf.numpy_function
+        # TensorFlow: the reads run in tf.numpy_function (no XLA); JAX: jax.pure_callback (jit is fine)
+        self.supports_jit = keras.backend.backend() == "jax"
+        # draws without a seed: a Keras seed generator (a variable, so jitted steps draw afresh on JAX)
+        # (always made, so that the layer's variables do not depend on its seed)
+        self.seed_generator = keras.random.SeedGenerator()
+
+    def load_own_variables(self, store):
+        if len(store) == 0:  # saved before the layer had a seed generator
+            return
+        super().load_own_variables(store)
 
     def _deterministic(self, training) -> bool:
         return self.mode == "topk" or (self.mode == "auto" and not training)
@@ -123,6 +154,13 @@ class SlidePatches(keras.layers.Layer):
         return out
 
     def call(self, inputs, training=None):
+        if keras.backend.backend() != "tensorflow":
+            return self._call_keras_ops(inputs, training)
+        import tensorflow as tf
+
+        from . import ops
+        from ._bridge import numpy_call
+
         x_low, attention, slide_ids, sizes = inputs
         if attention.shape.rank != 3:
             raise ValueError(f"attention must be (batch, gh, gw), got shape {tuple(attention.shape)}")
@@ -146,6 +184,36 @@ class SlidePatches(keras.layers.Layer):
                              name="ats.slides.read_patches", stateful=True)
         patches = tf.reshape(patches, (-1, self.n_patches, *self.patch_size, self.channels))
         return [tf.stop_gradient(patches), sampled]
+
+    def _call_keras_ops(self, inputs, training):
+        """torch and JAX: the same steps as the TensorFlow path in ``keras.ops``; shapes are static here."""
+        from keras import ops
+
+        x_low, attention, slide_ids, sizes = inputs
+        if len(attention.shape) != 3:
+            raise ValueError(f"attention must be (batch, gh, gw), got shape {tuple(attention.shape)}")
+        padded = tuple(int(s) for s in x_low.shape[1:3])
+        grid = tuple(int(s) for s in attention.shape[1:3])
+        batch = int(attention.shape[0])
+        mask = _host_call(lambda s: _grid.valid_cells(grid, padded, s), [sizes], attention.shape, "bool")
+        if self.use_logits:
+            logits = ops.where(mask, attention, ops.full_like(attention, -np.inf))
+            attention = ops.reshape(ops.softmax(ops.reshape(logits, (batch, -1)), axis=-1), attention.shape)
+        else:
+            attention = ops.where(mask, attention, ops.zeros_like(attention))
+        if self._deterministic(training):
+            _, flat = ops.top_k(ops.stop_gradient(ops.reshape(attention, (batch, -1))), self.n_patches, sorted=True)
+            indices = ops.stack([flat // grid[1], flat % grid[1]], axis=-1)
+        else:
+            seed = self.seed
+            if seed is None and keras.backend.backend() == "jax":
+                seed = keras.random.randint((), 0, 2**31 - 1, dtype="int32", seed=self.seed_generator)
+            indices = _helper_ops.draw(attention, self.n_patches, replace=self.replace, seed=seed)
+        sampled = _gather(attention, indices) / ops.sum(ops.reshape(attention, (batch, -1)), axis=1, keepdims=True)
+        shape = (batch, self.n_patches, *self.patch_size, self.channels)
+        patches = _host_call(lambda i, s, z: self._read(i, s, z, padded, grid), [indices, slide_ids, sizes], shape,
+                             "float32")
+        return [ops.stop_gradient(patches), sampled]
 
     def compute_output_spec(self, inputs, training=None):
         x_low, attention = inputs[0], inputs[1]

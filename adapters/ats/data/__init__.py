@@ -1,11 +1,11 @@
 """Multi-resolution data (2019 names): ``MultiResolutionBatch`` and ``FromTensors``.
 
-The data have ``n`` spatial dimensions and are available at several
-resolutions, the **levels** (0 the lowest); every level shows the same
-region, so a position in one level maps to a region of another by the ratio
-of their shapes.
+The classes live in :mod:`ats.keras.data` (every Keras 3 backend); this is
+their 2019 import path, with the 2019 submodules :mod:`ats.data.base` and
+:mod:`ats.data.from_tensors`.
 """
 
+from . import base, from_tensors  # noqa: F401
 from .base import MultiResolutionBatch
 from .from_tensors import FromTensors
 
