@@ -18,8 +18,8 @@ Backends: both run on every Keras 3 backend. The host callback that reads
 the files is ``tf.numpy_function`` on TensorFlow (not under XLA), a direct
 NumPy call on torch (eager; PyTorch users also have :mod:`ats.torch.slides`)
 and ``jax.pure_callback`` on JAX (so the layer compiles under ``jax.jit``,
-the reads running on the host). Sampling goes to the backend's adapter, as
-for :func:`ats.keras.functions.sample`.
+the reads running on the host). Sampling goes to the backend's op module
+(:mod:`ats.keras.backends`), as for :func:`ats.keras.functions.sample`.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ import numpy as np
 from atskern.io import grid as _grid
 
 from ._keras import register
-from .keras import _helper_ops
-from .keras.functions import _gather
+from ._layer_args import MODES, check_sampling_args  # noqa: F401 (MODES: public here)
+from .keras._keys import check_seed
+from .keras.functions import _gather, draw
 
-MODES = ("sample", "topk", "auto")
 
 
 def _slide(path, threads, cache_bytes):
@@ -104,19 +104,16 @@ class SlidePatches(keras.layers.Layer):
     def __init__(self, slides, n_patches, patch_size, replace=False, use_logits=False, mode="sample", seed=None,
                  fill=0, level=0, channels=3, scale=1.0 / 255.0, threads=None, cache_bytes=64 << 20, **kwargs):
         super().__init__(**kwargs)
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if isinstance(n_patches, bool) or not isinstance(n_patches, numbers.Integral) or n_patches < 1:
-            raise ValueError(f"n_patches must be a positive integer, got {n_patches!r}")
+        n_patches, _, fill = check_sampling_args(n_patches, mode, fill=fill)
         self.slides = [os.fspath(p) for p in slides]
         if not self.slides:
             raise ValueError("slides must name at least one slide file")
-        self.n_patches = int(n_patches)
+        self.n_patches = n_patches
         self.patch_size = _patch_size(patch_size)
         self.replace = bool(replace)
         self.use_logits = bool(use_logits)
         self.mode = mode
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.fill = fill
         self.level = int(level)
         self.channels = int(channels)
@@ -208,7 +205,7 @@ class SlidePatches(keras.layers.Layer):
             seed = self.seed
             if seed is None and keras.backend.backend() == "jax":
                 seed = keras.random.randint((), 0, 2**31 - 1, dtype="int32", seed=self.seed_generator)
-            indices = _helper_ops.draw(attention, self.n_patches, replace=self.replace, seed=seed)
+            indices = draw(attention, self.n_patches, replace=self.replace, seed=seed)
         sampled = _gather(attention, indices) / ops.sum(ops.reshape(attention, (batch, -1)), axis=1, keepdims=True)
         shape = (batch, self.n_patches, *self.patch_size, self.channels)
         patches = _host_call(lambda i, s, z: self._read(i, s, z, padded, grid), [indices, slide_ids, sizes], shape,

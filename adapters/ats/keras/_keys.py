@@ -20,13 +20,22 @@ backend (TensorFlow, in and out of XLA, torch, JAX under ``jit``) gives the
 same words: a seeded layer draws the same patches for the same map on every
 backend. :func:`fingerprint` below is the NumPy reference the backends are
 tested against.
+
+The 2019 helpers (:func:`ats.keras.functions.sample`, ``ats.slides``) take a
+``seed`` of their own: None, an int or an integer scalar tensor, used as the
+key itself (no fingerprint), so ``seed=s`` draws ``atskern.sample(..., seed=s)``
+(on rank 0: other ranks xor it with their salt, as above). Each backend's
+``seed_key`` turns such a seed into key words; None takes a fresh seed per
+call (:func:`fresh_seed`; TensorFlow instead draws a fresh key in the graph).
 """
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
-from .. import _distributed
+from .. import _distributed, _layer_args
 
 GOLDEN32 = 0x9E3779B9
 FMIX_M1 = 0x85EBCA6B
@@ -57,6 +66,28 @@ def fingerprint(attention) -> tuple[int, int]:
         x ^= x >> 16
         words.append(int(x.sum(dtype=np.uint64) & MASK32))
     return words[0], words[1]
+
+
+def check_seed(seed, *, tensors: bool = False):
+    """``seed`` as None or an int in ``[0, 2**64)`` (a ValueError otherwise); with ``tensors``, an integer
+    scalar tensor is accepted too (returned as it is)."""
+    if tensors and seed is not None and not isinstance(seed, numbers.Integral):
+        import keras
+
+        if keras.ops.is_tensor(seed):
+            return seed
+        raise ValueError(f"seed must be None, an int in [0, 2**64) or an integer scalar tensor, got {seed!r}")
+    return _layer_args.check_seed(seed)
+
+
+def fresh_seed() -> int:
+    """A new sampling seed from NumPy's global generator (for helper calls made without one)."""
+    return int(np.random.randint(0, 2**63 - 1, dtype=np.int64))
+
+
+def seed_key(seed: int) -> np.ndarray:
+    """The rank-salted ``seed`` as the key words ``[k0, k1]``, a NumPy uint32 array."""
+    return np.array(seed_words(seed), dtype=np.uint32)
 
 
 def seed_words(seed: int) -> tuple[int, int]:

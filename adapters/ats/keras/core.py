@@ -33,10 +33,10 @@ from keras import ops
 from atskern import _validation
 
 from .._keras import register
+from .._layer_args import MODES, check_sampling_args  # noqa: F401 (MODES: public here since 2019's layout)
 from . import _keys
 from .backends import ops as backend_ops
 
-MODES = ("sample", "topk", "auto")
 
 
 def _check_ranks(x_low, x_high, attention):
@@ -123,25 +123,12 @@ class SamplePatches(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if isinstance(n_patches, bool) or not isinstance(n_patches, numbers.Integral) or n_patches < 1:
-            raise ValueError(f"n_patches must be a positive integer, got {n_patches!r}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if seed is not None and not (isinstance(seed, numbers.Integral) and not isinstance(seed, bool) and 0 <= seed < 2**64):
-            raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
-        if isinstance(receptive_field, bool) or not isinstance(receptive_field, numbers.Real) or receptive_field < 0:
-            raise ValueError(f"receptive_field must be a number >= 0, got {receptive_field!r}")
-        if isinstance(fill, (bool, np.bool_)) or not isinstance(fill, numbers.Real):
-            raise ValueError(f"fill must be a real number, got {fill!r}")
-        fill = int(fill) if isinstance(fill, numbers.Integral) else float(fill)
-        self.n_patches = int(n_patches)
+        self.n_patches, self.receptive_field, self.fill = check_sampling_args(n_patches, mode, receptive_field, fill)
         self.patch_size = patch_size if isinstance(patch_size, numbers.Integral) else tuple(patch_size)
-        self.receptive_field = receptive_field
         self.replace = bool(replace)
         self.use_logits = bool(use_logits)
         self.mode = mode
-        self.seed = None if seed is None else int(seed)
-        self.fill = fill
+        self.seed = _keys.check_seed(seed)
         # fresh keys per call, threaded by Keras through jitted steps (only needed when sampling unseeded)
         self.seed_generator = keras.random.SeedGenerator() if self.seed is None and mode != "topk" else None
         self.supports_jit = True
@@ -201,8 +188,8 @@ class SamplePatches(keras.layers.Layer):
         indices, sampled = be.sample(attention, self.n_patches, replace=self.replace, key=key, deterministic=deterministic)
         # the margin receptive_field / 2 / low_size, as an exact fraction (ties in the offsets round exactly)
         margin = _margin(self.receptive_field, be.spatial_shape(x_low))
-        offsets = be.patch_offsets(indices, be.grid_shape(attention), be.spatial_shape(x_high), size, margin)
-        patches = be.extract_patches(x_high, offsets, size, self.fill)
+        offsets = be.patch_offsets(indices, be.grid_shape(attention), be.spatial_shape(x_high), size, margin=margin)
+        patches = be.extract_patches(x_high, offsets, size, fill=self.fill)
         if self.use_logits:  # 2019 returned the logits at the samples, not probabilities
             flat_index = _ravel(indices, ops.shape(logits)[1:])
             sampled = ops.take_along_axis(ops.reshape(logits, (ops.shape(logits)[0], -1)), flat_index, axis=1)
@@ -261,7 +248,7 @@ class Expectation(keras.layers.Layer):
 
     def call(self, inputs):
         features, sampled = inputs
-        return backend_ops().expectation(features, sampled, self.replace)
+        return backend_ops().expectation(features, sampled, replace=self.replace)
 
     def compute_output_shape(self, input_shape):
         features = tuple(input_shape[0])

@@ -15,7 +15,8 @@ level ``from`` starting at ``offset`` maps to level ``to`` (ratio
 (offsets are taken to the nearest half pixel), so ties round the same way
 on every machine, where 2019's float32 arithmetic could land beside them.
 
-Written in ``keras.ops`` (the patch gather goes to the backend's adapter),
+Written in ``keras.ops`` (the patch gather goes to the backend's op module,
+:mod:`ats.keras.backends`),
 so it runs on Keras 3's TensorFlow, torch and JAX backends. The 2019 paths
 :mod:`ats.data`, :mod:`ats.data.base` and :mod:`ats.data.from_tensors`
 re-export these names.
@@ -37,7 +38,7 @@ from keras import ops
 
 from .._keras import register
 from .._symbolic import is_symbolic, static_ints
-from . import _helper_ops
+from .backends import ops as backend_ops
 
 __all__ = ["MultiResolutionBatch", "FromTensors", "level_offsets", "LevelPatches", "static_size"]
 
@@ -116,17 +117,15 @@ def static_size(size, name: str = "size"):
     ints = _python_ints(size)
     if ints is not None:
         return ints[0] if isinstance(size, (numbers.Integral, np.integer)) else ints
-    if _helper_ops.backend() == "tensorflow":
-        from ..ops.extract_patches import static_size as tf_static_size
-
-        return tf_static_size(size, name)
-    try:
-        value = np.asarray(ops.convert_to_numpy(size) if ops.is_tensor(size) else size)
-    except Exception:  # a traced value (jax.jit): not known now
-        value = None
-    if value is None or value.dtype == object or not np.issubdtype(value.dtype, np.integer):
-        raise ValueError(f"{name} must be known now (Python ints, a shape or a concrete integer tensor), got {size!r}")
-    return [int(v) for v in value.reshape(-1)]
+    value = backend_ops().static_value(size)
+    if value is None or value.dtype == object:
+        raise ValueError(
+            f"{name} must be known now (Python ints, a shape or a tensor whose value is known when traced), got "
+            f"{size!r}; the patches' shape depends on it"
+        )
+    if not np.issubdtype(value.dtype, np.integer):
+        raise TypeError(f"{name} must hold integers, got dtype {value.dtype}")
+    return int(value) if value.ndim == 0 else [int(v) for v in value.reshape(-1)]
 
 
 # --- exact level-to-level mapping --------------------------------------------------------------
@@ -134,11 +133,7 @@ def static_size(size, name: str = "size"):
 
 def _int64_available() -> bool:
     """JAX has 64-bit integers only under ``jax_enable_x64``; TensorFlow and torch always."""
-    if _helper_ops.backend() != "jax":
-        return True
-    import jax
-
-    return jax.dtypes.canonicalize_dtype(np.int64) == np.dtype(np.int64)
+    return backend_ops().x64()
 
 
 def _round_half_even(numerator, denominator):
@@ -277,7 +272,7 @@ class FromTensors(MultiResolutionBatch):
         starts = level_offsets(
             samples, offsets, sample_space, previous_patch_size, size, self._shape(fromlevel), self._shape(tolevel)
         )
-        return _helper_ops.extract_patches(x_to, starts, size), starts
+        return backend_ops().extract_patches(x_to, starts, tuple(size)), starts
 
 
 @register

@@ -2,7 +2,7 @@
 
 Their 2019 import paths :mod:`ats.core.sampling` and :mod:`ats.core.expectation`
 re-export them. Written in ``keras.ops``; the draw and the default
-estimator go to the running backend's adapter (:mod:`ats.keras._helper_ops`),
+estimator go to the running backend's op module (:mod:`ats.keras.backends`),
 so they run on Keras 3's TensorFlow, torch and JAX backends. The functions
 take backend tensors (eagerly, in ``tf.function``, under ``jax.jit``) and
 symbolic Keras tensors (then they add their layer to the functional model).
@@ -14,9 +14,11 @@ order and the attention values at those positions (the logits themselves
 when ``use_logits=True``, as in 2019). Without replacement the draw is
 successive sampling, the distribution 2019's Gumbel-top-k trick drew from;
 with replacement independent draws. The randomness is atskern's
-counter-based generator: the same ``seed`` gives the same draws on every
-backend (JAX without 64-bit mode: up to near ties), a different stream of
-numbers than 2019's, from the same distribution.
+counter-based generator: ``seed=s`` draws ``atskern.sample(..., seed=s)``, the
+same draws on every backend (JAX without 64-bit mode: up to near ties), a
+different stream of numbers than 2019's, from the same distribution (in a
+multi-process job, ranks other than 0 salt the seed with their rank:
+:mod:`ats.keras._keys`).
 
 ``expected(attention, features, replace=False, weights=None)`` estimates the
 expectation of the features under the attention distribution from ``n``
@@ -61,7 +63,8 @@ from keras import ops
 
 from .._keras import register
 from .._symbolic import is_symbolic
-from . import _helper_ops
+from . import _keys
+from .backends import ops as backend_ops
 
 __all__ = ["sample", "Sample", "expected", "Expected"]
 
@@ -79,14 +82,7 @@ def _static_value(value):
     """The value of a shape-like argument if it is known now (None for run-time tensors)."""
     if not ops.is_tensor(value):
         return value
-    if _helper_ops.backend() == "tensorflow":
-        import tensorflow as tf
-
-        return tf.get_static_value(value)
-    try:
-        return ops.convert_to_numpy(value)
-    except Exception:  # a traced value (jax.jit)
-        return None
+    return backend_ops().static_value(value)
 
 
 def _check_sample_space(sample_space, attention):
@@ -162,8 +158,22 @@ def sample(n_samples, attention, sample_space, replace=False, use_logits=False, 
     weights = attention
     if use_logits:
         weights = ops.reshape(ops.softmax(_rows(attention), axis=-1), ops.shape(attention))
-    samples = _helper_ops.draw(weights, n, replace=bool(replace), seed=seed)
+    samples = draw(weights, n, replace=bool(replace), seed=seed)
     return samples, _gather(attention, samples)
+
+
+def draw(weights, n: int, *, replace: bool, seed=None):
+    """int32 grid coordinates ``(B, n, D)`` drawn from ``weights`` ``(B, *grid)`` (no gradient).
+
+    ``seed`` is None (a fresh draw: eagerly a new seed per call), an int in
+    ``[0, 2**64)``, or an integer scalar tensor (e.g. from a
+    ``keras.random.SeedGenerator``, so that compiled functions draw afresh per
+    call); ``seed=s`` draws ``atskern.sample(weights, n, seed=s)`` (rank 0).
+    """
+    be = backend_ops()
+    key = be.seed_key(_keys.check_seed(seed, tensors=True))
+    indices, _ = be.sample(ops.stop_gradient(weights), n, replace=replace, key=key, deterministic=False)
+    return indices
 
 
 @register
@@ -178,12 +188,9 @@ class Sample(keras.layers.Layer):
     def __init__(self, n_samples, replace=False, use_logits=False, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.n_samples = _positive_int(n_samples, "n_samples")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
-                                 or not 0 <= seed < 2**64):
-            raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
         self.replace = bool(replace)
         self.use_logits = bool(use_logits)
-        self.seed = None if seed is None else int(seed)
+        self.seed = _keys.check_seed(seed)
         # used without a seed; always made, so that the layer's variables do not depend on its seed
         self.seed_generator = keras.random.SeedGenerator()
         # TensorFlow's draw runs in tf.numpy_function (no XLA); torch and JAX trace
@@ -217,12 +224,7 @@ class Sample(keras.layers.Layer):
 
 
 def _compute_dtype() -> str:
-    if _helper_ops.backend() == "jax":
-        import jax
-
-        if jax.dtypes.canonicalize_dtype(np.float64) != np.dtype(np.float64):
-            return "float32"
-    return "float64"
+    return "float64" if backend_ops().x64() else "float32"
 
 
 def _exclusive_cumsum(x, reverse=False):
@@ -299,7 +301,7 @@ def expected(attention, features, replace=False, weights=None):
     attention = ops.convert_to_tensor(attention)
     features = ops.convert_to_tensor(features)
     if weights is None:
-        return _helper_ops.expectation(features, attention, replace=bool(replace))
+        return backend_ops().expectation(features, attention, replace=bool(replace))
     weights = ops.convert_to_tensor(weights)
     if len(attention.shape) != 2:
         raise ValueError(f"attention must be (batch, n), got shape {tuple(attention.shape)}")

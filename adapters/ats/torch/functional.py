@@ -15,9 +15,8 @@ import torch
 from atskern import _offsets, _validation
 
 from .. import _errors
+from .._layer_args import MODES  # noqa: F401 (the layers' modes, shared by every front end)
 from . import _ops
-
-MODES = ("sample", "topk", "auto")
 
 
 # --- argument checks (Python, before any kernel) --------------------------------------------

@@ -3,12 +3,11 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import nn
 
 from .. import _distributed
+from .._layer_args import check_sampling_args, check_seed
 from . import functional as F
 
 
@@ -23,9 +22,7 @@ class _KeyStream:
     """
 
     def __init__(self, seed):
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64):
-            raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
-        self.seed = None if seed is None else int(seed)
+        self.seed = check_seed(seed)
         self.calls = 0
 
     @torch.compiler.disable
@@ -54,9 +51,8 @@ def device_key(seed=None, device="cuda") -> torch.Tensor:
     ``torch.distributed.init_process_group`` (or under ``torchrun``, which
     sets ``RANK``).
     """
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**64):
-        raise ValueError(f"seed must be None or an int in [0, 2**64), got {seed!r}")
-    seed = int(F.random_key()) if seed is None else int(seed)
+    seed = check_seed(seed)
+    seed = int(F.random_key()) if seed is None else seed
     key = F.key_tensor(_distributed.salted_seed(seed))
     return key.reshape(1).to(device)
 
@@ -100,17 +96,11 @@ class SamplePatches(nn.Module):
     def __init__(self, n_patches, patch_size, receptive_field=0, replace=False, use_logits=False,
                  mode="sample", seed=None, fill=0):
         super().__init__()
-        self.n_patches = F.positive_int(n_patches, "n_patches")
-        if mode not in F.MODES:
-            raise ValueError(f"mode must be one of {F.MODES}, got {mode!r}")
-        if not isinstance(receptive_field, numbers.Real) or receptive_field < 0:
-            raise ValueError(f"receptive_field must be a number >= 0, got {receptive_field!r}")
+        self.n_patches, self.receptive_field, self.fill = check_sampling_args(n_patches, mode, receptive_field, fill)
         self.patch_size = patch_size
-        self.receptive_field = receptive_field
         self.replace = bool(replace)
         self.use_logits = bool(use_logits)
         self.mode = mode
-        self.fill = fill
         self._keys = _KeyStream(seed)
         self._device_key = None
         self.validate = True

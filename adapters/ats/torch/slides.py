@@ -49,6 +49,7 @@ from torch import nn
 
 from atskern.io import grid as _grid
 
+from .._layer_args import check_sampling_args
 from . import functional as F
 from .modules import Expectation, _KeyStream
 
@@ -160,13 +161,12 @@ class SlideAttentionSampling(nn.Module):
                  level=0, mode="sample", seed=None, fill=0, scale=1.0 / 255.0, threads=None,
                  cache_bytes=64 << 20):
         super().__init__()
-        if mode not in F.MODES:
-            raise ValueError(f"mode must be one of {F.MODES}, got {mode!r}")
+        n_patches, _, fill = check_sampling_args(n_patches, mode, fill=fill)
         self.attention = attention
         self.feature = feature
         self.attention_regularizer = attention_regularizer
         self.patch_size = F.size_tuple(patch_size, 2)
-        self.n_patches = F.positive_int(n_patches, "n_patches")
+        self.n_patches = n_patches
         self.replace = bool(replace)
         self.level = int(level)
         self.mode = mode

@@ -6,10 +6,13 @@ float32 and may order near-tied keys differently from atskern (see ``ats.jax``).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ... import jax as aj
+from ...jax import expectation, extract_patches, patch_offsets  # noqa: F401 (this backend's ops)
 from ...jax._rng import OPS as UINT32
 from .. import _keys
 
@@ -18,18 +21,6 @@ def sample(attention, n, *, replace, key, deterministic):
     if deterministic:
         return aj.sample(attention, n, replace=replace, deterministic=True)
     return aj.sample(attention, n, key=key, replace=replace)
-
-
-def patch_offsets(indices, grid, level, size, margin):
-    return aj.patch_offsets(indices, grid, level, size, margin=margin)
-
-
-def extract_patches(x, offsets, size, fill):
-    return aj.extract_patches(x, offsets, size, fill=fill)
-
-
-def expectation(features, probs, replace):
-    return aj.expectation(features, probs, replace=replace)
 
 
 def fingerprint(attention):
@@ -52,6 +43,29 @@ def xor(words, salt):
     return words ^ jnp.asarray(salt, dtype=jnp.uint32)
 
 
+def seed_key(seed):
+    """Key words (uint32) of a helper's seed: None takes a fresh seed (:func:`ats.keras._keys.fresh_seed`;
+    under ``jax.jit`` a constant of the trace: pass a seed tensor there); an int or an integer scalar tensor
+    ``s`` (traced or not) gives the words of ``s`` (two's complement), salted with the process rank."""
+    if seed is None:
+        seed = _keys.fresh_seed()
+    if isinstance(seed, int):
+        return jnp.asarray(_keys.seed_key(seed))
+    seed = jnp.asarray(seed)
+    if seed.shape != () or not jnp.issubdtype(seed.dtype, jnp.integer):
+        raise TypeError(f"seed must be None, an int or an integer scalar tensor, got {seed!r}")
+    low = seed.astype(jnp.uint32)
+    if seed.dtype.itemsize > 4:  # 64-bit mode
+        high = (seed >> 32).astype(jnp.uint32)
+    elif jnp.issubdtype(seed.dtype, jnp.signedinteger):
+        high = jnp.where(seed < 0, jnp.uint32(_keys.MASK32), jnp.uint32(0))
+    else:
+        high = jnp.uint32(0)
+    words = jnp.stack([low, high])
+    salt = _keys.rank_salt()
+    return xor(words, salt) if salt != (0, 0) else words
+
+
 def check_inputs(x_low, x_high, attention, size):
     sizes = {"x_low": x_low.shape[0], "x_high": x_high.shape[0], "attention": attention.shape[0]}
     if len(set(sizes.values())) > 1:
@@ -66,3 +80,16 @@ def spatial_shape(x):
 
 def grid_shape(attention):
     return tuple(int(s) for s in attention.shape[1:])
+
+
+def static_value(value):
+    """``value`` as NumPy, or None for a value traced by ``jax.jit`` (not known now)."""
+    try:
+        return np.asarray(value)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def x64():
+    """Whether JAX's 64-bit mode is on (the library never turns it on itself)."""
+    return jax.dtypes.canonicalize_dtype(np.float64) == np.dtype(np.float64)

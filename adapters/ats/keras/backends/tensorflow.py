@@ -8,27 +8,18 @@ positions for the same key.
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from ... import ops as tf_ops
+from ...ops import expectation, extract_patches, patch_offsets  # noqa: F401 (this backend's ops)
+from ...ops.extract_patches import _trace_time_value
 from ...tf.xla import OPS as UINT32
 from .. import _keys
 
 
 def sample(attention, n, *, replace, key, deterministic):
     return tf_ops.sample(attention, n, replace=replace, seed=key, deterministic=deterministic)
-
-
-def patch_offsets(indices, grid, level, size, margin):
-    return tf_ops.patch_offsets(indices, grid, level, size, margin=margin)
-
-
-def extract_patches(x, offsets, size, fill):
-    return tf_ops.extract_patches(x, offsets, size, fill=fill)
-
-
-def expectation(features, probs, replace):
-    return tf_ops.expectation(features, probs, replace=replace)
 
 
 def fingerprint(attention):
@@ -65,6 +56,24 @@ def xor(words, salt):
     return tf.bitwise.bitwise_xor(words, tf.constant(salt, tf.uint32))
 
 
+def seed_key(seed):
+    """Key words of a helper's seed: None stays None (``ats.ops.sample`` then draws a fresh key on every run
+    of the graph); an int or an integer scalar tensor ``s`` gives the words of ``s`` (two's complement), salted."""
+    if seed is None:
+        return None
+    if isinstance(seed, int):
+        return tf.constant(_keys.seed_key(seed))
+    seed = tf.convert_to_tensor(seed)
+    if not seed.dtype.is_integer or seed.shape.rank != 0:
+        raise TypeError(f"seed must be None, an int or an integer scalar tensor, got {seed!r}")
+    bits = tf.bitcast(seed, tf.int64) if seed.dtype == tf.uint64 else tf.cast(seed, tf.int64)
+    mask = tf.constant(_keys.MASK32, tf.int64)
+    high = tf.bitwise.right_shift(bits, tf.constant(32, tf.int64))
+    words = tf.cast(tf.stack([tf.bitwise.bitwise_and(bits, mask), tf.bitwise.bitwise_and(high, mask)]), tf.uint32)
+    salt = _keys.rank_salt()
+    return xor(words, salt) if salt != (0, 0) else words
+
+
 def check_inputs(x_low, x_high, attention, size):
     """The batch sizes (statically, where known) and, for an unknown spatial shape, the patch fitting x_high."""
     tf_ops.check_same_batch({"x_low": x_low, "x_high": x_high, "attention": attention})
@@ -88,3 +97,17 @@ def spatial_shape(x):
 def grid_shape(attention):
     grid = attention.shape[1:]
     return tuple(grid) if grid.is_fully_defined() else tf.shape(attention)[1:]
+
+
+def static_value(value):
+    """``value`` (a tensor, a list holding tensors, or plain values) as NumPy if TensorFlow knows it while
+    tracing (constants, static shapes), else None."""
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (tf.Tensor, tf.Variable)) for v in value):
+        value = tf.convert_to_tensor(value)
+    if isinstance(value, (tf.Tensor, tf.Variable)):
+        return _trace_time_value(value)
+    return np.asarray(value)
+
+
+def x64():
+    return True

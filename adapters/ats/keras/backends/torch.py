@@ -7,6 +7,7 @@ channels-last, so patches are gathered with ``channels_first=False``.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ...torch import functional as F
@@ -45,15 +46,14 @@ def _key64(words):
     return (words[0] | (words[1] << 32)).reshape(())
 
 
-def patch_offsets(indices, grid, level, size, margin):
-    return F.patch_offsets(indices, grid, level, size, margin=margin)
+patch_offsets = F.patch_offsets
 
 
-def extract_patches(x, offsets, size, fill):
+def extract_patches(x, offsets, size, *, fill=0):
     return F.extract_patches(x, offsets, size, fill=fill, channels_first=False)
 
 
-def expectation(features, probs, replace):
+def expectation(features, probs, *, replace):
     return F.expectation(features, probs, replace=replace, validate=not _meta(probs))
 
 
@@ -80,6 +80,22 @@ def xor(words, salt):
     return words ^ torch.as_tensor(salt, dtype=torch.int64, device=words.device)
 
 
+def seed_key(seed):
+    """Key words (CPU int64 tensor of uint32 values) of a helper's seed: None takes a fresh seed
+    (:func:`ats.keras._keys.fresh_seed`); an int or an integer scalar tensor ``s`` gives the words of ``s``
+    (two's complement), salted with the process rank."""
+    if seed is None:
+        seed = _keys.fresh_seed()
+    if isinstance(seed, int):
+        return torch.as_tensor(_keys.seed_key(seed).astype(np.int64))
+    if not isinstance(seed, torch.Tensor) or seed.numel() != 1 or seed.dtype.is_floating_point or seed.dtype == torch.bool:
+        raise TypeError(f"seed must be None, an int or an integer scalar tensor, got {seed!r}")
+    bits = seed.detach().to("cpu", torch.int64).reshape(())
+    words = torch.stack([bits & _MASK, (bits >> 32) & _MASK])
+    salt = _keys.rank_salt()
+    return xor(words, salt) if salt != (0, 0) else words
+
+
 def check_inputs(x_low, x_high, attention, size):
     _check_batch(x_low, x_high, attention)
     return x_high
@@ -98,3 +114,16 @@ def spatial_shape(x):
 
 def grid_shape(attention):
     return tuple(int(s) for s in attention.shape[1:])
+
+
+def static_value(value):
+    """``value`` as NumPy (torch tensors are always concrete here: Keras' torch backend runs eagerly)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value):
+        return np.asarray([static_value(v) for v in value])
+    return np.asarray(value)
+
+
+def x64():
+    return True
