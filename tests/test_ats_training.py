@@ -8,7 +8,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from tests.keras_toy import toy_images  # noqa: E402
+from tests.keras_toy import learn_toy_task  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -46,48 +46,9 @@ def test_2019_quick_start_on_1500x1500_images():
     assert model.predict(x[:1], verbose=0).shape == (1, 10)
 
 
-class StopWhenLearned(keras.callbacks.Callback):
-    """Record the loss of every step; stop once the last 10 average below ``target``."""
-
-    def __init__(self, target):
-        super().__init__()
-        self.target = target
-        self.losses = []
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.losses.append(float(logs["loss"]))
-        if len(self.losses) >= 20 and np.mean(self.losses[-10:]) < self.target:
-            self.model.stop_training = True
-
-
 def test_toy_task_where_only_sampled_regions_carry_the_label_is_learned():
-    from keras import layers as L
-
     from ats.core import attention_sampling
     from ats.utils.layers import SampleSoftmax
     from ats.utils.regularizers import multinomial_entropy
 
-    keras.utils.set_random_seed(0)
-    x_high = L.Input((256, 256, 1))
-    x_low = L.AveragePooling2D(8)(x_high)
-    attention = keras.Sequential(
-        [L.Conv2D(8, 3, padding="same", activation="relu"), L.Conv2D(1, 3, padding="same"), SampleSoftmax(squeeze_channels=True)]
-    )
-    feature = keras.Sequential([L.Conv2D(8, 3, activation="relu"), L.Conv2D(8, 3, activation="relu"), L.GlobalMaxPooling2D()])
-    features, _, _ = attention_sampling(
-        attention, feature, patch_size=32, n_patches=6, attention_regularizer=multinomial_entropy(0.001), seed=1
-    )([x_low, x_high])
-    model = keras.Model(x_high, L.Dense(2, activation="softmax")(features))
-    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
-
-    x, labels = toy_images(256)
-    stop = StopWhenLearned(target=0.25)
-    model.fit(x, labels, batch_size=8, epochs=15, verbose=0, callbacks=[stop])
-    first = np.mean(stop.losses[:10])
-    last = np.mean(stop.losses[-10:])
-    assert first > 0.6, stop.losses[:10]
-    assert last < 0.3, f"loss went from {first:.3f} to {last:.3f} in {len(stop.losses)} steps"
-    # and it generalizes to new images
-    x_test, y_test = toy_images(64, seed=1)
-    accuracy = np.mean(model.predict(x_test, verbose=0).argmax(axis=1) == y_test)
-    assert accuracy > 0.8
+    learn_toy_task(attention_sampling, SampleSoftmax, multinomial_entropy(0.001))

@@ -21,7 +21,6 @@ CPU devices.
 
 from __future__ import annotations
 
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,8 @@ import numpy as np
 
 import atskern
 from atskern._memory import aligned_empty
+
+from ._patches import with_adjoint
 
 VMAP = "sequential"
 
@@ -132,27 +133,6 @@ def scatter_patches(grad, offsets, spatial, channels_first: bool):
     return jax.pure_callback(host, jax.ShapeDtypeStruct(image, dtype), grad, offsets, vmap_method=VMAP)
 
 
-def extract(x, offsets, patch, fill, channels_first: bool):
-    """Differentiable kernel gather: the gradient of ``x`` is :func:`scatter_patches` (``offsets`` get none)."""
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        return gather(x, offsets, patch, fill, channels_first)
-    spatial = tuple(x.shape[2:]) if channels_first else tuple(x.shape[1:-1])
-    return _extract_float(x, offsets, patch, fill, channels_first, spatial)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _extract_float(x, offsets, patch, fill, channels_first, spatial):
-    return gather(x, offsets, patch, fill, channels_first)
-
-
-def _float_fwd(x, offsets, patch, fill, channels_first, spatial):
-    return gather(x, offsets, patch, fill, channels_first), (offsets, jnp.zeros((), x.dtype))
-
-
-def _float_bwd(patch, fill, channels_first, spatial, residual, grad):
-    offsets, like = residual
-    image = scatter_patches(grad, offsets, spatial, channels_first).astype(like.dtype)
-    return image, np.zeros(offsets.shape, dtype=jax.dtypes.float0)
-
-
-_extract_float.defvjp(_float_fwd, _float_bwd)
+extract = with_adjoint(gather, scatter_patches)
+extract.__doc__ = ("Differentiable kernel gather: the gradient of ``x`` is :func:`scatter_patches` "
+                   "(``offsets`` get none).")

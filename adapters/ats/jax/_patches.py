@@ -81,30 +81,39 @@ def scatter_patches(grad, offsets, spatial_shape, *, channels_first: bool = Fals
     return transpose(grad.astype(dtype))[0]
 
 
-def extract(x, offsets, patch, fill, channels_first: bool):
-    """Differentiable gather: the gradient of ``x`` is :func:`scatter_patches` (``offsets`` get none)."""
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        return gather(x, offsets, patch, fill, channels_first)
-    spatial, _ = _geometry(x.shape, channels_first)
-    return _extract_float(x, offsets, patch, fill, channels_first, spatial)
+def with_adjoint(gather_fn, scatter_fn):
+    """``extract(x, offsets, patch, fill, channels_first)``: ``gather_fn`` with ``scatter_fn`` as the gradient
+    of a floating ``x`` (``offsets`` get none). Both take ``(..., channels_first)`` positionally:
+    ``gather_fn(x, offsets, patch, fill, channels_first)`` and
+    ``scatter_fn(grad, offsets, spatial, channels_first)``. The XLA path (here) and the kernel path
+    (``ats.jax._kernel``) pair their own gather and scatter with it."""
+
+    @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+    def extract_float(x, offsets, patch, fill, channels_first, spatial):
+        return gather_fn(x, offsets, patch, fill, channels_first)
+
+    def forward(x, offsets, patch, fill, channels_first, spatial):
+        return gather_fn(x, offsets, patch, fill, channels_first), (offsets, jnp.zeros((), x.dtype))
+
+    def backward(patch, fill, channels_first, spatial, residual, grad):
+        offsets, like = residual
+        image = scatter_fn(grad, offsets, spatial, channels_first).astype(like.dtype)
+        return image, np.zeros(offsets.shape, dtype=jax.dtypes.float0)
+
+    extract_float.defvjp(forward, backward)
+
+    def extract(x, offsets, patch, fill, channels_first: bool):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return gather_fn(x, offsets, patch, fill, channels_first)
+        spatial, _ = _geometry(x.shape, channels_first)
+        return extract_float(x, offsets, patch, fill, channels_first, spatial)
+
+    return extract
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _extract_float(x, offsets, patch, fill, channels_first, spatial):
-    return gather(x, offsets, patch, fill, channels_first)
-
-
-def _float_fwd(x, offsets, patch, fill, channels_first, spatial):
-    return gather(x, offsets, patch, fill, channels_first), (offsets, jnp.zeros((), x.dtype))
-
-
-def _float_bwd(patch, fill, channels_first, spatial, residual, grad):
-    offsets, like = residual
-    image = scatter_patches(grad, offsets, spatial, channels_first=channels_first).astype(like.dtype)
-    return image, np.zeros(offsets.shape, dtype=jax.dtypes.float0)
-
-
-_extract_float.defvjp(_float_fwd, _float_bwd)
+extract = with_adjoint(gather, lambda grad, offsets, spatial, channels_first: scatter_patches(
+    grad, offsets, spatial, channels_first=channels_first))
+extract.__doc__ = "Differentiable gather: the gradient of ``x`` is :func:`scatter_patches` (``offsets`` get none)."
 
 
 def offsets_from_samples(samples, grid, level, patch, margins):
