@@ -14,20 +14,14 @@ from ats import slides as ks  # noqa: E402
 from ats.core import Expectation  # noqa: E402
 from atskern import io as aio  # noqa: E402
 from atskern.io import grid  # noqa: E402
+from tests.keras_slides import write_slides  # noqa: E402
 
 L = keras.layers
 
 
 @pytest.fixture(scope="module")
 def slide_paths(tmp_path_factory):
-    root = tmp_path_factory.mktemp("keras-slides")
-    paths = []
-    for i, size in enumerate([(640, 640), (512, 896), (960, 704)]):
-        path = root / f"k{i}.tif"
-        aio.write_synthetic_slide(path, size, label=i % 2, seed=10 + i, tile=128, factor=4, min_side=256,
-                                  tissue_scale=0.3, motif_radius=24)
-        paths.append(str(path))
-    return paths
+    return write_slides(tmp_path_factory.mktemp("keras-slides"))
 
 
 def _model(paths, mode="sample"):

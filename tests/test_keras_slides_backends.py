@@ -20,6 +20,8 @@ pytest.importorskip("tifffile")
 pytest.importorskip("imagecodecs")
 pytest.importorskip("keras")
 
+from tests.keras_slides import write_slides  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
@@ -90,16 +92,7 @@ SCRIPT = """
 
 @pytest.fixture(scope="module")
 def slide_paths(tmp_path_factory):
-    from atskern import io as aio
-
-    root = tmp_path_factory.mktemp("keras-slides-backends")
-    paths = []
-    for i, size in enumerate([(640, 640), (512, 896), (960, 704)]):
-        path = root / f"k{i}.tif"
-        aio.write_synthetic_slide(path, size, label=i % 2, seed=10 + i, tile=128, factor=4, min_side=256,
-                                  tissue_scale=0.3, motif_radius=24)
-        paths.append(str(path))
-    return paths
+    return write_slides(tmp_path_factory.mktemp("keras-slides-backends"))
 
 
 @pytest.mark.slow
