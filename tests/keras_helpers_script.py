@@ -232,31 +232,23 @@ def _model(data, out, model_dir):
     from keras import layers as L
 
     ATSBuilder = _module("ats.core.builder", "ats.keras.builder").ATSBuilder
-    from ats.utils.layers import (
-        ActivityRegularizer,
-        ImageLinearTransform,
-        ImagePan,
-        L2Normalize,
-        ResizeImages,
-        SampleSoftmax,
-        TotalReshape,
-    )
+    from ats.utils import layers as U  # the 2019 path of the helper layers
     from ats.utils.regularizers import multinomial_entropy
     from ats.utils.training import Batcher
 
     backend = keras.backend.backend()
     keras.utils.set_random_seed(0)
     x_in = L.Input((32, 32, 1))
-    x = ImagePan(pixels=2, vertically=True, seed=1)(ImageLinearTransform(seed=2)(x_in))
-    x_low = ResizeImages((8, 8))(x)
+    x = U.ImagePan(pixels=2, vertically=True, seed=1)(U.ImageLinearTransform(seed=2)(x_in))
+    x_low = U.ResizeImages((8, 8))(x)
     att = L.Conv2D(1, 3, padding="same")(x_low)
-    att = ActivityRegularizer(multinomial_entropy(0.01))(SampleSoftmax(squeeze_channels=True, smooth=1e-3)(att))
+    att = U.ActivityRegularizer(multinomial_entropy(0.01))(U.SampleSoftmax(squeeze_channels=True, smooth=1e-3)(att))
     result = (ATSBuilder().from_tensors([x_low, x], None).attention(lambda t: att)
               .feature(keras.Sequential([L.Conv2D(3, 3, activation="relu"), L.GlobalMaxPooling2D()]))
               .patch_size((8, 8)).n_patches(3).get())
-    y = L.Dense(2)(L2Normalize()(result.outputs))
+    y = L.Dense(2)(U.L2Normalize()(result.outputs))
     trained = keras.Model(x_in, y)
-    model = keras.Model(x_in, [y, TotalReshape((-1, 64))(att)])
+    model = keras.Model(x_in, [y, U.TotalReshape((-1, 64))(att)])
     for layer in model._flatten_layers():
         if type(layer).__name__ == "Sample":
             layer.seed = 5  # reproducible draws for the comparisons

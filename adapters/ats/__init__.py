@@ -1,22 +1,31 @@
 """ats: attention sampling for Keras 3, PyTorch and JAX, a drop-in for the 2019 library, over atskern kernels.
 
-``import ats`` is light: it imports neither TensorFlow nor Keras. The
-submodules do:
+``import ats`` is light: it imports no framework. The submodules do:
 
-- :mod:`ats.ops` -- TensorFlow ops: ``sample``, ``extract_patches``,
-  ``extract_multiscale``, ``patch_offsets``, ``expectation``;
-- :mod:`ats.keras` -- Keras layers ``attention_sampling``, ``SamplePatches``,
-  ``Expectation`` on Keras' TensorFlow, torch and JAX backends (also at their
-  2019 path :mod:`ats.core`);
-- :mod:`ats.core.ats_layer`, :mod:`ats.core.builder`, :mod:`ats.core.sampling`,
-  :mod:`ats.core.expectation` -- the 2019 modules (``ATSBuilder``, ``sample``, ``expected``);
-- :mod:`ats.data` -- ``MultiResolutionBatch`` and ``FromTensors`` (2019);
-- :mod:`ats.utils` (the 2019 cast helpers), :mod:`ats.utils.layers`,
-  :mod:`ats.utils.regularizers`, :mod:`ats.utils.training` -- the 2019
-  helpers (``SampleSoftmax``, ``ResizeImages``, ``ImagePan``, ``Batcher``, ...);
-- :mod:`ats.torch` -- the PyTorch adapter; :mod:`ats.jax` -- pure JAX; :mod:`ats.tf` -- XLA-native TF ops.
+- :mod:`ats.keras` -- the Keras 3 layers ``attention_sampling``,
+  ``SamplePatches``, ``Expectation``, ``PatchesToBatch``, ``BatchToPatches``
+  and the 2019 helpers (:mod:`ats.keras.layers`, ``image_layers``,
+  ``regularizers``, ``training``, ``functions``, ``builder``, ``data``), on
+  Keras' TensorFlow, torch and JAX backends (one small op module per backend:
+  :mod:`ats.keras.backends`);
+- the 2019 import paths, re-exporting them on every backend: :mod:`ats.core`
+  (with ``ats.core.ats_layer``, ``builder``, ``sampling``, ``expectation``:
+  ``ATSBuilder``, ``sample``, ``expected``), :mod:`ats.data`
+  (``MultiResolutionBatch``, ``FromTensors``), :mod:`ats.utils` (the cast
+  helpers) with :mod:`ats.utils.layers`, ``ats.utils.regularizers`` and
+  ``ats.utils.training`` (``SampleSoftmax``, ``ResizeImages``, ``ImagePan``,
+  ``Batcher``, ...);
+- :mod:`ats.slides` -- Keras layers and data reading whole-slide files (every backend);
+- :mod:`ats.ops` -- TensorFlow ops (``sample``, ``extract_patches``,
+  ``extract_multiscale``, ``patch_offsets``, ``expectation``): TensorFlow
+  only (they need TensorFlow, not Keras), also under XLA
+  (``jit_compile=True``), where they use :mod:`ats.tf.xla`;
+- :mod:`ats.tf.xla` -- atskern's draws and gathers in plain TensorFlow ops (XLA-compilable);
+- :mod:`ats.torch` -- the PyTorch adapter (custom ops, ``nn.Module`` layers, ``ats.torch.slides``);
+- :mod:`ats.jax` -- pure JAX (``jit``, ``vmap``, any device), no Flax needed.
 
-Modules that only run on Keras' TensorFlow backend (``ats.ops``, ...) say so at import.
+The Keras modules raise an ImportError saying so when imported under a Keras
+backend other than tensorflow, torch or jax.
 """
 
 # No OMP_WAIT_POLICY default here any more: atskern's kernels run on Numba's
