@@ -204,6 +204,17 @@ def _functions(data, out):
     replaced, _ = sample(4, att, (5, 6), replace=True, seed=SEED)
     out["sample"] = [_np(samples).tolist(), _np(sampled).tolist(), _np(replaced).tolist(), str(_np(samples).dtype)]
     logits_samples, logits_at = sample(4, np.log(att), (5, 6), use_logits=True, seed=SEED)
+    # seed forms: an integer scalar tensor (negative: its two's complement), a seed above 2**32, and rank 1 of a
+    # multi-process job (torchrun's RANK), which salts the seed
+    seeds = [sample(4, att, (5, 6), seed=ops.convert_to_tensor(np.int32(SEED)))[0],
+             sample(4, att, (5, 6), seed=ops.convert_to_tensor(np.int32(-SEED)))[0],
+             sample(4, att, (5, 6), seed=2**40 + SEED)[0]]
+    os.environ["RANK"] = "1"
+    try:
+        seeds.append(sample(4, att, (5, 6), seed=SEED)[0])
+    finally:
+        del os.environ["RANK"]
+    out["sample_seed_forms"] = [_np(v).tolist() for v in seeds]
     out["sample_logits"] = [_np(logits_samples).tolist(), _np(logits_at).tolist()]
     probs = _np(sampled)
     f, w, g = data["features"], data["weights"], data["upstream"]

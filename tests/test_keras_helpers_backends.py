@@ -246,6 +246,23 @@ def test_sample_equals_the_kernel_and_gathers_the_attention(run):
     np.testing.assert_allclose(at_logits, np.log(att)[rows, samples[..., 0], samples[..., 1]], rtol=1e-6)
 
 
+def test_sample_seed_forms_are_the_kernel_seeds(run):
+    """A seed tensor s draws atskern's seed s (mod 2**64), an int above 2**32 its own seed, and rank 1 the
+    salted seed (ats._distributed.salted_seed), on every backend."""
+    atskern = pytest.importorskip("atskern")
+    from ats._distributed import salted_seed
+
+    att = DATA["attention"]
+    tensor, negative, large, rank1 = (_a(v) for v in run["sample_seed_forms"])
+    np.testing.assert_array_equal(tensor, atskern.sample(att, 4, seed=SEED)[0])
+    np.testing.assert_array_equal(negative, atskern.sample(att, 4, seed=2**64 - SEED)[0])
+    np.testing.assert_array_equal(large, atskern.sample(att, 4, seed=2**40 + SEED)[0])
+    salted = salted_seed(SEED, 1)
+    assert salted != SEED
+    np.testing.assert_array_equal(rank1, atskern.sample(att, 4, seed=salted)[0])
+    assert not np.array_equal(rank1, atskern.sample(att, 4, seed=SEED)[0])  # the salt changes the draw here
+
+
 @pytest.mark.parametrize("replace", [False, True], ids=["without", "with"])
 def test_weighted_expected_value_and_gradients_equal_the_formulas(run, replace):
     value, grad_a, grad_f, default = (_a(v) for v in run["expected_" + ("replace" if replace else "noreplace")])

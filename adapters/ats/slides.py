@@ -43,7 +43,6 @@ from .keras._keys import check_seed
 from .keras.functions import _gather, draw
 
 
-
 def _slide(path, threads, cache_bytes):
     return _open_cached(os.fspath(path), os.getpid(), threads, cache_bytes)
 
