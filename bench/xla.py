@@ -259,7 +259,7 @@ def run(quick: bool = False, progress=None):
         "its operands (the whole image for patches)",
     ]
     tf_table.notes += common + [
-        "ats.ops calls atskern through tf.numpy_function (it cannot compile under jit_compile=True)",
+        "ats.ops calls atskern through tf.numpy_function outside XLA; under jit_compile=True it switches to ats.tf.xla (that column)",
         "'same result': draws / patches / gradients equal to atskern's",
     ]
     return [jax_table, tf_table]
