@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import ml_dtypes
@@ -19,6 +17,7 @@ import atskern
 from atskern import reference
 from atskern._memory import aligned_empty
 from .conftest import HAS_GPU, to_backend, to_numpy
+from .memmap_probe import run_next_to_big_memmap
 
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = [np.uint8, np.int16, np.float16, ml_dtypes.bfloat16, np.float32, np.float64, np.int64]
@@ -123,32 +122,20 @@ def test_extract_non_contiguous_images():
 
 def test_extract_from_sparse_memmap_reads_only_patches(tmp_path):
     """A 4 GiB sparse memmap: extracting 64 patches must not page in the file."""
-    script = textwrap.dedent(
-        f"""
-        import json, resource, sys
-        import numpy as np
-        import atskern
-        def peak_kib():
-            for line in open("/proc/self/status"):
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-        shape = (1, 32768, 32768, 4)
-        x = np.memmap({str(tmp_path / 'big.u8')!r}, dtype=np.uint8, mode="w+", shape=shape)
+    report = run_next_to_big_memmap(
+        tmp_path,
+        """
         rng = np.random.default_rng(0)
         offsets = rng.integers(-10, 32768, size=(1, 64, 2)).astype(np.int32)
         atskern.extract_patches(np.zeros((1, 64, 64, 4), np.uint8), offsets[:, :2] % 8, (64, 64))  # compile
         before = peak_kib()
-        patches = atskern.extract_patches(x, offsets, (64, 64), fill=3)
+        patches = atskern.extract_patches(mm, offsets, (64, 64), fill=3)
         after = peak_kib()
         inside = (offsets[0] >= 0).all(axis=1)
-        print(json.dumps({{"grew_kib": after - before, "file_bytes": x.nbytes,
-                           "ok": bool((patches[0, inside, 5:, 5:] == 0).all())}}))
-        """
+        print(json.dumps({"grew_kib": after - before, "file_bytes": mm.nbytes,
+                          "ok": bool((patches[0, inside, 5:, 5:] == 0).all())}))
+        """,
     )
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'adapters'}")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240)
-    assert run.returncode == 0, run.stderr
-    report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["ok"]
     assert report["file_bytes"] == 4 * 2**30
     # 64 patches x 64 rows touch 4096 pages; the kernel maps up to 64 KiB around each fault

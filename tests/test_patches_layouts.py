@@ -7,12 +7,6 @@ padded copy gives, without copying the view whole.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import ml_dtypes
 import numpy as np
 import pytest
@@ -23,7 +17,8 @@ import atskern
 from atskern import reference
 
 from .conftest import HAS_GPU
-from .test_patches import ROOT, images_shape, random_images
+from .memmap_probe import run_next_to_big_memmap
+from .test_patches import images_shape, random_images
 
 KINDS = ("contiguous", "strided", "every_axis_strided", "reversed", "broadcast", "transposed", "fortran",
          "channel_strided")
@@ -89,17 +84,23 @@ def same_bits(a, b):
     return np.array_equal(a.view(f"u{a.itemsize}"), b.view(f"u{b.itemsize}"))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(data=st.data())
-def test_extract_any_layout(data):
-    kind = data.draw(st.sampled_from(KINDS), label="kind")
-    dtype = np.dtype(data.draw(st.sampled_from(DTYPES), label="dtype"))
+def draw_geometry(data):
+    """One drawn case: channels_first, spatial and patch shapes (1-3 dims), batch, count, channels, a seeded rng."""
     ndim = data.draw(st.integers(1, 3), label="ndim")
     channels_first = data.draw(st.booleans(), label="channels_first")
     spatial = tuple(data.draw(st.lists(st.integers(1, 7), min_size=ndim, max_size=ndim), label="spatial"))
     patch = tuple(data.draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim), label="patch"))
     batch, count, channels = (data.draw(st.integers(1, 3), label=n) for n in ("batch", "count", "channels"))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    return channels_first, spatial, patch, batch, count, channels, rng
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_extract_any_layout(data):
+    kind = data.draw(st.sampled_from(KINDS), label="kind")
+    dtype = np.dtype(data.draw(st.sampled_from(DTYPES), label="dtype"))
+    channels_first, spatial, patch, batch, count, channels, rng = draw_geometry(data)
     base = base_for(kind, random_images(rng, images_shape(batch, spatial, channels, channels_first), dtype))
     x = view_of(base, kind, 1 if channels_first else -1)
     assert np.array_equal(x.view(f"u{dtype.itemsize}"), base.view(f"u{dtype.itemsize}"))
@@ -116,12 +117,7 @@ def test_extract_any_layout(data):
 def test_scatter_any_layout(data):
     """Non-contiguous ``grad`` and ``offsets``: the reference's result on contiguous copies, and the adjoint."""
     kind = data.draw(st.sampled_from(KINDS), label="kind")
-    ndim = data.draw(st.integers(1, 3), label="ndim")
-    channels_first = data.draw(st.booleans(), label="channels_first")
-    spatial = tuple(data.draw(st.lists(st.integers(1, 7), min_size=ndim, max_size=ndim), label="spatial"))
-    patch = tuple(data.draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim), label="patch"))
-    batch, count, channels = (data.draw(st.integers(1, 3), label=n) for n in ("batch", "count", "channels"))
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    channels_first, spatial, patch, batch, count, channels, rng = draw_geometry(data)
     offsets = np.stack([rng.integers(-p - 1, s + 1, size=(batch, count)) for s, p in zip(spatial, patch)], -1)
     shape = (batch, count, channels) + patch if channels_first else (batch, count) + patch + (channels,)
     base = base_for(kind, rng.standard_normal(shape))
@@ -176,17 +172,9 @@ def test_issue_reproductions_layouts():
 
 def test_strided_memmap_view_is_not_copied(tmp_path):
     """Strided views of a 4 GiB sparse memmap (channel-strided too): only the patches' pages are read."""
-    script = textwrap.dedent(
-        f"""
-        import json
-        import numpy as np
-        import atskern
-        def peak_kib():
-            for line in open("/proc/self/status"):
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-        shape = (1, 32768, 32768, 4)
-        mm = np.memmap({str(tmp_path / 'big.u8')!r}, dtype=np.uint8, mode="w+", shape=shape)
+    report = run_next_to_big_memmap(
+        tmp_path,
+        """
         mm[0, 100:110, 200:210, :] = np.arange(400, dtype=np.uint8).reshape(10, 10, 4)
         rng = np.random.default_rng(0)
         views = [mm[:, ::2, ::3], mm[:, ::-1, :, ::2], mm.transpose(0, 3, 1, 2)]
@@ -205,13 +193,9 @@ def test_strided_memmap_view_is_not_copied(tmp_path):
             direct = v[(0, slice(None)) + index] if cf else v[(0,) + index]
             results.append(bool(np.array_equal(patches[0, 0], direct)))
         after = peak_kib()
-        print(json.dumps({{"grew_kib": after - before, "file_bytes": mm.nbytes, "ok": results}}))
-        """
+        print(json.dumps({"grew_kib": after - before, "file_bytes": mm.nbytes, "ok": results}))
+        """,
     )
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'adapters'}")
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=240)
-    assert run.returncode == 0, run.stderr
-    report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["ok"] == [True, True, True]
     assert report["grew_kib"] * 1024 < report["file_bytes"] / 8, report
 
