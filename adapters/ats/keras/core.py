@@ -36,6 +36,7 @@ from .._keras import register
 from .._layer_args import MODES, check_sampling_args  # noqa: F401 (MODES: public here since 2019's layout)
 from . import _keys
 from .backends import ops as backend_ops
+from .layers import ActivityRegularizer
 
 
 
@@ -288,18 +289,6 @@ class BatchToPatches(keras.layers.Layer):
         return {**super().get_config(), "n_patches": self.n_patches}
 
 
-def _activity_regularizer():
-    """The ``ActivityRegularizer`` layer: ``ats.keras.layers`` (every backend) where it exists, else the
-    TensorFlow-only 2019 module ``ats.utils.layers``."""
-    try:
-        from .layers import ActivityRegularizer
-    except ModuleNotFoundError as error:
-        if error.name != f"{__package__}.layers":
-            raise
-        from ..utils.layers import ActivityRegularizer
-    return ActivityRegularizer
-
-
 def attention_sampling(
     attention,
     feature,
@@ -341,7 +330,7 @@ def attention_sampling(
             size = patch_size
         att = attention(x_low)
         if attention_regularizer is not None:
-            att = _activity_regularizer()(attention_regularizer)(att)
+            att = ActivityRegularizer(attention_regularizer)(att)
         patches, sampled = SamplePatches(
             n_patches, size, receptive_field=receptive_field, replace=replace, mode=mode, seed=seed
         )([x_low, x_high, att])
