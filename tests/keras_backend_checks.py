@@ -30,6 +30,8 @@ from keras import ops  # noqa: E402
 import atskern  # noqa: E402
 from ats.keras import Expectation, SamplePatches, attention_sampling  # noqa: E402
 from ats.keras import _keys  # noqa: E402
+from ats.keras.layers import SampleSoftmax  # noqa: E402
+from ats.keras.regularizers import multinomial_entropy  # noqa: E402
 from ats.keras.backends import ops as backend_ops  # noqa: E402
 
 from tests.keras_toy import learn_toy_task  # noqa: E402
@@ -38,41 +40,6 @@ BACKEND = keras.backend.backend()
 BACKENDS = ("tensorflow", "torch", "jax")
 
 
-# --- SampleSoftmax and multinomial_entropy: the helpers' backend-agnostic versions where merged ---------
-
-def _helpers():
-    """(SampleSoftmax, multinomial_entropy or None): the backend-agnostic ats.keras.layers / regularizers
-    where they exist (the keras-helpers branch), else on every backend a stand-in softmax and no
-    regularizer (attention_sampling wraps a regularizer in their ActivityRegularizer), so that a file saved
-    on one backend holds only classes that every backend can load."""
-    try:
-        from ats.keras.layers import SampleSoftmax
-        from ats.keras.regularizers import multinomial_entropy
-    except ImportError:
-        return StandInSoftmax, None
-    return SampleSoftmax, multinomial_entropy
-
-
-@keras.saving.register_keras_serializable(package="ats_test")
-class StandInSoftmax(keras.layers.Layer):
-    """Softmax over all axes but the batch, dropping the channel axis (SampleSoftmax(squeeze_channels=True))."""
-
-    def __init__(self, squeeze_channels=True, **kwargs):
-        super().__init__(**kwargs)
-        self.squeeze_channels = squeeze_channels
-
-    def call(self, x):
-        p = ops.softmax(ops.reshape(x, (ops.shape(x)[0], -1)), axis=-1)
-        return ops.reshape(p, ops.shape(x)[:-1])
-
-    def compute_output_shape(self, shape):
-        return tuple(shape[:-1])
-
-    def get_config(self):
-        return {**super().get_config(), "squeeze_channels": self.squeeze_channels}
-
-
-SampleSoftmax, multinomial_entropy = _helpers()
 
 
 def numpy(x):
@@ -229,7 +196,7 @@ def quick_start(size=1500):
     attention = keras.Sequential([L.Conv2D(8, 3, padding="same", activation="relu"), L.Conv2D(1, 3, padding="same"),
                                   SampleSoftmax(squeeze_channels=True)])
     feature = keras.Sequential([L.Conv2D(32, 3, activation="relu"), L.GlobalMaxPooling2D()])
-    regularizer = multinomial_entropy(0.01) if multinomial_entropy else None
+    regularizer = multinomial_entropy(0.01)
     features, attention, patches = attention_sampling(attention, feature, patch_size=(32, 32), n_patches=10,
                                                       attention_regularizer=regularizer)([x_low, x_high])
     y = L.Dense(10, activation="softmax")(features)
@@ -273,7 +240,7 @@ def small_model():
     attention = keras.Sequential([L.Conv2D(4, 3, padding="same", activation="relu"), L.Conv2D(1, 3, padding="same"),
                                   SampleSoftmax(squeeze_channels=True)])
     feature = keras.Sequential([L.Conv2D(5, 3, activation="relu"), L.GlobalMaxPooling2D()])
-    regularizer = multinomial_entropy(0.01) if multinomial_entropy else None
+    regularizer = multinomial_entropy(0.01)
     features, _, _ = attention_sampling(attention, feature, patch_size=6, n_patches=3, mode="auto",
                                         attention_regularizer=regularizer)([x_low, x_high])
     return keras.Model(x_high, L.Dense(2)(features))
@@ -297,14 +264,7 @@ RELEASE = Path(__file__).resolve().parent / "data" / "keras_tf_only_release"
 
 def check_files_of_the_tf_only_release_load():
     """.keras files saved by the TensorFlow-only ats.core (tests/data/keras_tf_only_release) load and predict
-    as then (their SampleSoftmax is the 2019 helpers', backend-agnostic once ats.keras.layers exists)."""
-    try:
-        import ats.keras.layers  # noqa: F401
-    except ImportError:
-        if BACKEND != "tensorflow":
-            return "skipped: the files' SampleSoftmax needs the backend-agnostic ats.keras.layers"
-        import ats.utils.layers  # noqa: F401
-        import ats.utils.regularizers  # noqa: F401
+    as then (their SampleSoftmax is the 2019 helpers', registered by importing ats.keras.layers)."""
     x = np.random.default_rng(9).uniform(size=(3, 32, 32, 1)).astype("float32")
     for name in ("auto", "topk"):
         model = keras.models.load_model(RELEASE / f"{name}.keras")
@@ -321,7 +281,7 @@ def check_load(directory, source):
 
 def check_toy_task():
     """tests/test_ats_training.py's toy task and criteria (tests/keras_toy.py), on this backend."""
-    regularizer = multinomial_entropy(0.001) if multinomial_entropy else None
+    regularizer = multinomial_entropy(0.001)
     first, last, steps, accuracy = learn_toy_task(attention_sampling, SampleSoftmax, regularizer)
     print(f"TOY {BACKEND}: loss {first:.3f} -> {last:.3f} in {steps} steps, test accuracy {accuracy:.3f}")
 

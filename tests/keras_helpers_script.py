@@ -46,17 +46,6 @@ LEVEL = dict(sample_space=[5, 5], previous_patch_size=[9, 7], patch_size=[6, 5],
 SEED = 11
 
 
-def _module(path_2019, path_new):
-    """The 2019 module where ``ats.core`` imports on this backend (it does once the core layers run on every
-    backend), else the module that defines the names."""
-    import importlib
-
-    try:
-        return importlib.import_module(path_2019)
-    except ImportError:
-        return importlib.import_module(path_new)
-
-
 def _np(x):
     import keras
 
@@ -158,7 +147,7 @@ def _augmentations(data, out):
 
 
 def _errors(out):
-    sample = _module("ats.core.sampling", "ats.keras.functions").sample
+    from ats.core.sampling import sample
     from ats.utils.layers import ImageLinearTransform, ImagePan, L2Normalize, ResizeImages, SampleSoftmax, TotalReshape
     from ats.utils.regularizers import MultinomialEntropy
     from ats.utils.training import Batcher
@@ -194,10 +183,8 @@ def _functions(data, out):
 
     from ats.data.from_tensors import FromTensors, level_offsets
 
-    sample = _module("ats.core.sampling", "ats.keras.functions").sample
-    expected = _module("ats.core.expectation", "ats.keras.functions").expected
-    out["modules"] = [_module(f"ats.core.{m}", f"ats.keras.{n}").__name__
-                      for m, n in (("sampling", "functions"), ("builder", "builder"))]
+    from ats.core.expectation import expected
+    from ats.core.sampling import sample
 
     att = data["attention"]
     samples, sampled = sample(4, att, (5, 6), seed=SEED)
@@ -242,7 +229,7 @@ def _model(data, out, model_dir):
     import keras
     from keras import layers as L
 
-    ATSBuilder = _module("ats.core.builder", "ats.keras.builder").ATSBuilder
+    from ats.core.builder import ATSBuilder
     from ats.utils import layers as U  # the 2019 path of the helper layers
     from ats.utils.regularizers import multinomial_entropy
     from ats.utils.training import Batcher
