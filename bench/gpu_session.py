@@ -1,18 +1,21 @@
-"""One GPU session in under 6 minutes: the GPU tests, a compute-sanitizer memcheck run, the GPU benchmarks.
+"""One GPU session in under 6 minutes: the GPU tests, compute-sanitizer runs, the GPU benchmarks, a tuning probe.
 
-    PYTHONPATH=.:adapters python3 -m bench.gpu_session [--machine NAME] [--budget SECONDS]
+    PYTHONPATH=.:adapters python3 -m bench.gpu_session [--machine NAME] [--budget SECONDS] [--logs DIR]
 
 Steps, each in its own subprocess with a time limit carved from the budget
 (default 330 s), so a hang or a crash costs one step, not the session:
 
-1. ``pytest -m gpu`` (every CUDA test: kernels against the CPU, ats.torch on CUDA);
-2. ``compute-sanitizer --tool memcheck python -m bench.gpu_smoke`` (gathers, scatters, samples with CuPy's pool
-   off, so out-of-bounds accesses are caught at the byte);
-3. the GPU benchmarks (``python -m bench --only gpu_patches`` / ``gpu_sampling`` / ``gpu_ats``), in quick mode
-   when little time is left.
+1. at the same time (they need the CPUs more than the GPU): ``pytest -m gpu`` over the test files that hold GPU
+   cases (pytest-xdist workers where it is installed), ``compute-sanitizer --tool memcheck python -m
+   bench.gpu_smoke`` (gathers, scatters, samples and ``validate=False`` on bad rows with CuPy's pool off, so
+   out-of-bounds accesses are caught at the byte) and ``--tool racecheck`` on its sampling part;
+2. one after another, alone on the GPU: the GPU benchmarks (``python -m bench --only gpu_patches`` /
+   ``gpu_sampling`` / ``gpu_ats``), in quick mode when little time is left, then ``python -m bench.gpu_tuning``.
 
 Writes ``bench/results/<machine>.md`` (default: ``gpu-`` and the device name) with the device, the versions,
-the test and sanitizer summaries and the tables; exits 1 when a test, the sanitizer or a benchmark failed.
+the test and sanitizer summaries and the tables, rewritten after every step (a session cut short keeps what
+ran); ``--logs DIR`` also keeps each step's whole output. Exits 1 when a test, the sanitizer or a benchmark
+failed.
 """
 
 from __future__ import annotations
@@ -26,14 +29,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-BENCHMARKS = [("gpu_patches", 60, 25), ("gpu_sampling", 50, 20), ("gpu_ats", 80, 35)]
+BENCHMARKS = [("gpu_sampling", 50, 20), ("gpu_patches", 60, 25), ("gpu_ats", 80, 35)]
 """(name, seconds for the full run, seconds for --quick): the estimates that decide full or quick."""
-TEST_SECONDS = 150
-SANITIZER_SECONDS = 70
+TEST_FILES = ["test_gpu_sampling.py", "test_torch_gpu.py", "test_patches.py", "test_patches_layouts.py",
+              "test_sampling.py", "test_sampling_edges.py", "test_estimator.py", "test_patch_offsets_exact.py",
+              "test_ats_bridge.py", "test_distributed_torch.py"]
+"""The files that hold GPU cases and import neither TensorFlow nor Keras at collection (the GPU machines have
+neither); ``test_gpu_session_test_files_cover_every_gpu_case`` keeps the list complete."""
+TEST_SECONDS = 140
+SANITIZER_SECONDS = 90
+TUNING_SECONDS = (70, 30)
 
 
 def _env() -> dict:
@@ -91,50 +101,106 @@ def _fence(text: str, limit: int = 4000) -> str:
     return "```\n" + (text[-limit:] if len(text) > limit else text) + "\n```"
 
 
+def _workers() -> list[str]:
+    """pytest-xdist workers and a per-test time limit, where those plugins are installed."""
+    import importlib.util
+
+    options = []
+    if importlib.util.find_spec("xdist") is not None:
+        options += ["-n", str(max(1, min(12, (os.cpu_count() or 2) - 4)))]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        options += ["--timeout", "90"]
+    return options
+
+
+def _status(step) -> str:
+    return "timed out" if step["timed_out"] else f"exit {step['rc']}"
+
+
+def _keep_log(logs: Path | None, name: str, step: dict) -> None:
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / f"{name}.log").write_text(f"$ {step['command']}\n# {_status(step)}, {step['seconds']:.0f} s\n"
+                                          + step["stdout"] + "\n--- stderr ---\n" + step["stderr"])
+
+
+def test_command() -> list[str]:
+    files = [str(Path("tests") / name) for name in TEST_FILES]
+    return [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE", *_workers(), *files]
+
+
+def sanitizer_commands(sanitizer: str) -> dict:
+    smoke = [sys.executable, "-m", "bench.gpu_smoke"]
+    return {"memcheck": [sanitizer, "--tool", "memcheck", "--error-exitcode", "3", *smoke],
+            "racecheck": [sanitizer, "--tool", "racecheck", "--error-exitcode", "3", *smoke, "--sampling-only"]}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_session", description=__doc__.splitlines()[0])
     parser.add_argument("--machine", help="results file stem (default: gpu- and the device name)")
     parser.add_argument("--budget", type=float, default=330.0, help="seconds for the whole session (default 330)")
     parser.add_argument("--skip-tests", action="store_true", help="benchmarks only")
+    parser.add_argument("--skip-tuning", action="store_true", help="no bench.gpu_tuning step")
     parser.add_argument("--results", type=Path, default=RESULTS, help=f"folder of the report (default {RESULTS})")
+    parser.add_argument("--logs", type=Path, help="also write each step's whole output here (<step>.log)")
     args = parser.parse_args(argv)
     deadline = time.monotonic() + args.budget
     left = lambda: deadline - time.monotonic()  # noqa: E731
     device = _device_name()
     stem = args.machine or machine_stem(device)
-    sections, ok = [], True
-    bench_reserve = sum(quick for _, _, quick in BENCHMARKS)
+    sections, ok, machine = [], True, {}
+    bench_reserve = sum(quick for _, _, quick in BENCHMARKS) + (0 if args.skip_tuning else TUNING_SECONDS[1])
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"{stem}.md"
 
-    if not args.skip_tests:
-        step = run_step([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE"],
-                        min(TEST_SECONDS, left() - SANITIZER_SECONDS - bench_reserve))
-        ok &= step["rc"] == 0
-        status = "timed out" if step["timed_out"] else f"exit {step['rc']}"
-        sections.append(f"## GPU tests (`pytest -m gpu`, {status}, {step['seconds']:.0f} s)\n\n"
-                        + _fence(pytest_summary(step["stdout"]) or step["stdout"][-2000:] + step["stderr"][-2000:]))
-        print(sections[-1], file=sys.stderr)
+    def write_report():
+        header = "\n".join(f"- {key}: {value}" for key, value in machine.items()) or f"- gpu: {device}"
+        text = (f"# atskern GPU session on {device}\n\n{header}\n\n"
+                "Written by `python -m bench.gpu_session` (GPU tests, compute-sanitizer, GPU benchmarks, tuning "
+                "probe).\n\n" + "\n\n".join(sections) + "\n")
+        path.write_text(text)
+        return text
+
+    def add(section):
+        sections.append(section)
+        print(section, file=sys.stderr, flush=True)
+        write_report()
 
     sanitizer = _sanitizer()
-    if sanitizer is None:
-        sections.append("## compute-sanitizer memcheck\n\n- skipped: compute-sanitizer not found")
-    else:
-        step = run_step([sanitizer, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-m", "bench.gpu_smoke"],
-                        min(SANITIZER_SECONDS, left() - bench_reserve))
+    parallel = {}
+    if not args.skip_tests:
+        parallel["tests"] = (test_command(), min(TEST_SECONDS, left() - bench_reserve))
+    if sanitizer is not None:
+        for name, command in sanitizer_commands(sanitizer).items():
+            parallel[name] = (command, min(SANITIZER_SECONDS, left() - bench_reserve))
+    with ThreadPoolExecutor(max_workers=max(1, len(parallel))) as pool:
+        futures = {name: pool.submit(run_step, command, timeout) for name, (command, timeout) in parallel.items()}
+        done = {name: future.result() for name, future in futures.items()}
+    for name, step in done.items():
+        _keep_log(args.logs, name, step)
         ok &= step["rc"] == 0
-        status = "timed out" if step["timed_out"] else f"exit {step['rc']}"
-        text = sanitizer_summary(step["stdout"] + step["stderr"])
-        if step["rc"] not in (0, None):
-            text += "\n" + (step["stdout"] + step["stderr"])[-3000:]
-        sections.append(f"## compute-sanitizer memcheck (`python -m bench.gpu_smoke`, {status}, "
-                        f"{step['seconds']:.0f} s)\n\n" + _fence(text))
-        print(sections[-1], file=sys.stderr)
+    if "tests" in done:
+        step = done["tests"]
+        add(f"## GPU tests (`pytest -m gpu` over {len(TEST_FILES)} files, {_status(step)}, {step['seconds']:.0f} s)"
+            "\n\n" + _fence(pytest_summary(step["stdout"]) or step["stdout"][-2000:] + step["stderr"][-2000:]))
+    if sanitizer is None:
+        add("## compute-sanitizer memcheck and racecheck\n\n- skipped: compute-sanitizer not found")
+    for name in ("memcheck", "racecheck"):
+        if name in done:
+            step = done[name]
+            text = sanitizer_summary(step["stdout"] + step["stderr"])
+            if step["rc"] not in (0, None):
+                text += "\n" + (step["stdout"] + step["stderr"])[-3000:]
+            smoke = "python -m bench.gpu_smoke" + (" --sampling-only" if name == "racecheck" else "")
+            add(f"## compute-sanitizer {name} (`{smoke}`, {_status(step)}, {step['seconds']:.0f} s)\n\n"
+                + _fence(text))
 
-    machine = {}
+    tuning_reserve = 0 if args.skip_tuning else TUNING_SECONDS[1]
     for i, (name, full, quick) in enumerate(BENCHMARKS):
-        later = sum(q for _, _, q in BENCHMARKS[i + 1:])
+        later = sum(q for _, _, q in BENCHMARKS[i + 1:]) + tuning_reserve
         budget = left() - later
         if budget < quick:
-            sections.append(f"### {name}\n\n- skipped: out of session time")
+            add(f"### {name}\n\n- skipped: out of session time")
             ok = False
             continue
         with tempfile.TemporaryDirectory() as tmp:
@@ -143,6 +209,7 @@ def main(argv=None) -> int:
             if budget < full:
                 command.append("--quick")
             step = run_step(command, budget)
+            _keep_log(args.logs, name, step)
             if step["rc"] == 0 and out.exists():
                 report = json.loads(out.read_text())
                 machine = report["machine"]
@@ -150,22 +217,25 @@ def main(argv=None) -> int:
 
                 for table in report["tables"]:
                     raw = {k: table[k] for k in ("name", "title", "columns", "rows", "notes", "raw", "skipped")}
-                    sections.append(Table(**raw).markdown() + ("\n- (quick mode: little session time left)\n"
-                                                               if "--quick" in command else ""))
+                    add(Table(**raw).markdown() + ("\n- (quick mode: little session time left)\n"
+                                                   if "--quick" in command else ""))
             else:
                 ok = False
-                status = "timed out" if step["timed_out"] else f"exit {step['rc']}"
-                sections.append(f"### {name}\n\n- failed ({status}):\n\n" + _fence(step["stderr"][-3000:]))
-        print(sections[-1], file=sys.stderr)
+                add(f"### {name}\n\n- failed ({_status(step)}):\n\n" + _fence(step["stderr"][-3000:]))
 
-    header = "\n".join(f"- {key}: {value}" for key, value in machine.items()) or f"- gpu: {device}"
-    report = (f"# atskern GPU session on {device}\n\n{header}\n\n"
-              "Written by `python -m bench.gpu_session` (GPU tests, compute-sanitizer memcheck, GPU benchmarks).\n\n"
-              + "\n\n".join(sections) + "\n")
-    args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"{stem}.md"
-    path.write_text(report)
-    print(report)
+    if not args.skip_tuning:
+        full, quick = TUNING_SECONDS
+        if left() < quick:
+            add("## Tuning probe\n\n- skipped: out of session time")
+        else:
+            command = [sys.executable, "-m", "bench.gpu_tuning"] + (["--quick"] if left() < full else [])
+            step = run_step(command, left())
+            _keep_log(args.logs, "tuning", step)
+            ok &= step["rc"] == 0
+            add(f"## Tuning probe (`python -m bench.gpu_tuning`, {_status(step)}, {step['seconds']:.0f} s)\n\n"
+                + step["stdout"].strip() + ("" if step["rc"] == 0 else "\n\n" + _fence(step["stderr"][-3000:])))
+
+    print(write_report())
     print(f"written: {path} ({args.budget - left():.0f} s)", file=sys.stderr)
     return 0 if ok else 1
 

@@ -51,22 +51,55 @@ def patches(cupy, atskern, rng):
 
 def sampling(cupy, atskern, rng):
     for shape, n, replace in [((3, 40), 7, False), ((2, 30, 20), 12, True), ((2, 30, 20), 12, False),
-                              ((1, 4, 5, 6), 9, False)]:
+                              ((1, 4, 5, 6), 9, False), ((2, 300, 300), 100, False), ((2, 300, 300), 100, True),
+                              ((2, 60, 60), 2048, False), ((1, 70, 70), 3000, False)]:
         attention = rng.random(shape) + 0.01
-        cpu = atskern.sample(attention, n, replace=replace, seed=5)
-        gpu = atskern.sample(cupy.asarray(attention), n, replace=replace, seed=5)
-        _check(f"sample {shape}", gpu[0].get(), cpu[0])
+        for logits in (False, True):
+            given = np.log(attention) if logits else attention
+            cpu = atskern.sample(given, n, replace=replace, logits=logits, seed=5)
+            gpu = atskern.sample(cupy.asarray(given), n, replace=replace, logits=logits, seed=5)
+            _check(f"sample {shape} n={n} replace={replace} logits={logits}", gpu[0].get(), cpu[0])
 
 
-def main() -> int:
+def unvalidated_bad_rows(cupy, atskern, rng):
+    """``validate=False`` on rows validation refuses: in-range indices, probs 0 on the bad rows, the good rows
+    drawn as the CPU draws them, and the status equal to the CPU's (the documented result, without faults)."""
+    for dtype in (np.float32, np.float64):
+        for n, replace in [(7, False), (7, True), (600, False), (2100, False)]:
+            attention = (rng.random((6, 48, 50)) + 0.01).astype(dtype)
+            attention[1, 3, 4] = np.nan
+            attention[2, 0, 0] = -1.0
+            attention[3] = 0.0
+            attention[4, 5:] = 0.0  # fewer positive cells than some n: fillers
+            attention[5, 0, 1] = np.inf
+            cpu = atskern.sample(attention, n, replace=replace, seed=11, validate=False, return_status=True)
+            gpu = atskern.sample(cupy.asarray(attention), n, replace=replace, seed=11, validate=False,
+                                 return_status=True)
+            indices, probs, status = (a.get() for a in gpu)
+            if not ((indices >= 0).all() and (indices < np.array([48, 50])).all()):
+                raise AssertionError(f"validate=False {dtype.__name__} n={n}: index out of range")
+            if not (probs[[1, 2, 3, 5]] == 0).all():
+                raise AssertionError(f"validate=False {dtype.__name__} n={n}: a bad row has a nonzero prob")
+            _check(f"validate=False status {dtype.__name__} n={n}", status, cpu[2])
+            _check(f"validate=False good rows {dtype.__name__} n={n}", indices[[0, 4]], cpu[0][[0, 4]])
+
+
+def main(argv=None) -> int:
+    import argparse
+
     import cupy
 
     import atskern
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sampling-only", action="store_true", help="only the sampling kernels (for racecheck)")
+    args = parser.parse_args(argv)
     cupy.cuda.set_allocator(None)  # exact allocations for the sanitizer
     rng = np.random.default_rng(0)
-    patches(cupy, atskern, rng)
+    if not args.sampling_only:
+        patches(cupy, atskern, rng)
     sampling(cupy, atskern, rng)
+    unvalidated_bad_rows(cupy, atskern, rng)
     cupy.cuda.Device().synchronize()
     print("gpu smoke: all results equal the CPU kernels")
     return 0

@@ -82,6 +82,19 @@ def test_gpu_session_helpers():
     assert step["timed_out"] and step["rc"] is None and step["seconds"] < 20
 
 
+def test_gpu_session_test_files_cover_every_gpu_case():
+    """The session's pytest runs an explicit file list (the GPU machines have no TensorFlow/Keras, whose test files
+    would not import there): every other file with GPU cases must be on it."""
+    import re
+
+    from bench import gpu_session as gs
+
+    marked = re.compile(r"mark\.gpu|HAS_GPU|def test_\w*\(.*\bbackend\b")
+    with_gpu = {p.name for p in (ROOT / "tests").glob("test_*.py") if marked.search(p.read_text())} - {"test_bench.py"}
+    assert with_gpu - set(gs.TEST_FILES) == {"test_keras_backends.py", "test_keras_slides_backends.py"}
+    assert all((ROOT / "tests" / name).exists() for name in gs.TEST_FILES)
+
+
 @pytest.mark.slow
 def test_gpu_session_runs_without_a_gpu(tmp_path):
     """Here (no GPU): the session still completes, reports what it skipped and writes its file."""

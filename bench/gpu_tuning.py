@@ -1,0 +1,196 @@
+"""Tuning probe of the GPU sampling kernels: registers and spills per compile option, the GPU time of each
+launch of one call, and ``atskern.sample`` under each block size and ``MIN_BLOCKS`` (draws checked unchanged).
+
+    PYTHONPATH=.:adapters python3 -m bench.gpu_tuning [--quick]
+
+Prints markdown tables; the session script (``bench.gpu_session``) keeps them in its report. The knobs are module
+attributes of ``atskern.gpu.sampling`` (``MIN_BLOCKS``, ``BLOCKS_PER_SM``) and ``atskern.gpu._module``
+(``THREADS_PER_BLOCK``); the draws do not depend on any of them, which this script checks on every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import numpy as np
+
+from . import _gpu
+
+CONFIGS = [(256, 2, 4), (256, 3, 4), (256, 4, 4), (128, 2, 4), (128, 4, 4), (256, 2, 8), (256, 2, 2)]
+"""(threads per block, MIN_BLOCKS, BLOCKS_PER_SM)."""
+CASES = [(1, 1024, 10), (1, 4096, 10), (1, 4096, 100), (32, 1024, 100), (256, 256, 10), (32, 256, 100), (1, 256, 10)]
+KERNELS = ("chunk_topn_f32", "finish_rows_f32", "replacement_draws_f32", "chunk_topn_f64", "finish_rows_f64")
+
+
+class knobs:
+    """Set the tuning attributes for a ``with`` block."""
+
+    def __init__(self, threads, min_blocks, blocks_per_sm):
+        self.values = {"threads": threads, "min_blocks": min_blocks, "blocks_per_sm": blocks_per_sm}
+
+    def __enter__(self):
+        from atskern.gpu import _module, sampling
+
+        self.saved = (_module.THREADS_PER_BLOCK, sampling.MIN_BLOCKS, sampling.BLOCKS_PER_SM)
+        _module.THREADS_PER_BLOCK = self.values["threads"]
+        sampling.MIN_BLOCKS = self.values["min_blocks"]
+        sampling.BLOCKS_PER_SM = self.values["blocks_per_sm"]
+
+    def __exit__(self, *exc):
+        from atskern.gpu import _module, sampling
+
+        _module.THREADS_PER_BLOCK, sampling.MIN_BLOCKS, sampling.BLOCKS_PER_SM = self.saved
+        return False
+
+
+def register_table() -> str:
+    from atskern.gpu import _module, sampling
+
+    lines = ["| threads | MIN_BLOCKS | kernel | registers | local bytes | static shared bytes |", "|---|---|---|---|---|---|"]
+    seen = set()
+    for threads, min_blocks, _ in CONFIGS:
+        if (threads, min_blocks) in seen:
+            continue
+        seen.add((threads, min_blocks))
+        with knobs(threads, min_blocks, 4):
+            options = sampling.compile_options(threads)
+            for kernel in KERNELS:
+                attributes = _module.function(sampling.SOURCE, kernel, options).attributes
+                lines.append(f"| {threads} | {min_blocks} | {kernel} | {attributes['num_regs']} | "
+                             f"{attributes['local_size_bytes']} | {attributes['shared_size_bytes']} |")
+    for kernel in ("gather_u32_i32", "gather_u8_i32", "scatter_f32_i32", "scatter_atomic_f32_i32"):
+        try:
+            attributes = _module.function("patches.cu", kernel).attributes
+            lines.append(f"| - | - | {kernel} | {attributes['num_regs']} | {attributes['local_size_bytes']} | "
+                         f"{attributes['shared_size_bytes']} |")
+        except Exception as error:  # noqa: BLE001 - a name that is not in the module: say so, go on
+            lines.append(f"| - | - | {kernel} | ({type(error).__name__}) | | |")
+    return "\n".join(lines)
+
+
+def launch_breakdown(rows, side, n, replace=False, repeats=20) -> list[str]:
+    """GPU milliseconds of each launch of one ``sample`` call (CUDA events around each, median of repeats)."""
+    import cupy
+
+    from atskern.gpu import _module, sampling
+
+    attention = cupy.asarray(np.random.default_rng(0).random((rows, side * side), dtype=np.float32) + 1e-3)
+    threads = _module.THREADS_PER_BLOCK
+    sms = sampling._multiprocessors(cupy.cuda.Device().id)
+    p = sampling.plan(rows, side * side, n, replace, threads, sms)
+    ws = sampling.workspace(sampling._empty, rows, side * side, n, p, replace, False)
+    indices = cupy.empty((rows, n, 2), cupy.int32)
+    probs = cupy.empty((rows, n), cupy.float64)
+    steps = sampling.launches(attention, n, (side, side), 3, replace, False, ws, p, indices, probs)
+    options = sampling.compile_options(threads)
+    times = {i: [] for i in range(len(steps))}
+    for repeat in range(repeats + 2):
+        for i, step in enumerate(steps):
+            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record()
+            if step == sampling.SORT_STEP:
+                sampling.sort_keys(cupy, ws, n)
+            else:
+                name, grid, block, args = step
+                _module.function(sampling.SOURCE, name, options)(grid, block, args)
+            stop.record()
+            stop.synchronize()
+            if repeat >= 2:
+                times[i].append(cupy.cuda.get_elapsed_time(start, stop))
+    out = []
+    for i, step in enumerate(steps):
+        name = step if step == sampling.SORT_STEP else f"{step[0]} grid {step[1][0]} x {step[2][0]}"
+        out.append(f"| {rows} | {side}² | {n} | {'yes' if replace else 'no'} | {p.chunk} x {p.nchunks} | {name} | "
+                   f"{statistics.median(times[i]):.4f} |")
+    return out
+
+
+def breakdown_table(quick: bool) -> str:
+    lines = ["| B | grid | n | replace | chunk x chunks | launch | GPU ms |", "|---|---|---|---|---|---|---|"]
+    for rows, side, n in (CASES[:2] if quick else CASES):
+        lines += launch_breakdown(rows, side, n)
+    lines += launch_breakdown(1, 4096, 100, replace=True)
+    return "\n".join(lines)
+
+
+def config_table(quick: bool) -> str:
+    import cupy
+
+    import atskern
+
+    rng = np.random.default_rng(0)
+    header = "| B | grid | n | " + " | ".join(f"t{t} mb{m} bps{b}" for t, m, b in CONFIGS) + " |"
+    lines = ["GPU ms (wall ms) of `atskern.sample` per configuration: threads, MIN_BLOCKS, BLOCKS_PER_SM", "",
+             header, "|" + "---|" * (3 + len(CONFIGS))]
+    for rows, side, n in (CASES[:2] if quick else CASES):
+        attention = cupy.asarray(rng.random((rows, side, side), dtype=np.float32) + np.float32(1e-3))
+        reference = None
+        cells = []
+        for config in CONFIGS:
+            with knobs(*config):
+                drawn = atskern.sample(attention, n, seed=3)[0].get()
+                if reference is None:
+                    reference = drawn
+                elif not np.array_equal(drawn, reference):
+                    raise AssertionError(f"draws depend on the configuration {config} at {(rows, side, n)}")
+                t = _gpu.timings(lambda: atskern.sample(attention, n, seed=3), repeats=10 if quick else 20)
+                cells.append(f"{t['gpu']:.3f} ({t['wall']:.3f})")
+        lines.append(f"| {rows} | {side}² | {n} | " + " | ".join(cells) + " |")
+        del attention
+        cupy.get_default_memory_pool().free_all_blocks()
+    return "\n".join(lines)
+
+
+def torch_step_profile(batch: int = 8, size: int = 1500, steps: int = 5) -> str:
+    """torch's profiler over ``steps`` ATS training steps of ``bench.torch_ats`` on CUDA: the top operators by
+    host time, and host against CUDA time per step (where a step's time goes when it is host-bound)."""
+    from . import torch_ats
+
+    torch = _gpu.torch_cuda()
+    if torch is None:
+        return "skipped: torch with CUDA is not installed"
+    torch.manual_seed(0)
+    forward, module = torch_ats._model(torch, "ats")
+    module.cuda()
+    optimizer = torch.optim.SGD(module.parameters(), lr=1e-3)
+    x = torch.rand(batch, 1, size, size, device="cuda")
+    low = torch.nn.functional.interpolate(x, scale_factor=torch_ats.LOW_SCALE, mode="area")
+    y = torch.randint(0, 10, (batch,), device="cuda")
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(forward(low, x), y).backward()
+        optimizer.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    table = averages.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48)
+    return f"B={batch}, {size}², {steps} steps\n\n```\n{table}\n```"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    reason = _gpu.unavailable()
+    if reason:
+        print(f"skipped: {reason}")
+        return 0
+    print("### Registers per compile option\n\n" + register_table() + "\n", flush=True)
+    print("### GPU time per launch (default configuration)\n\n" + breakdown_table(args.quick) + "\n", flush=True)
+    print("### Configurations\n\n" + config_table(args.quick) + "\n", flush=True)
+    print("### torch profile of the ATS training step\n\n" + torch_step_profile() + "\n", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
