@@ -63,7 +63,8 @@ def sampling(cupy, atskern, rng):
 
 def unvalidated_bad_rows(cupy, atskern, rng):
     """``validate=False`` on rows validation refuses: in-range indices, probs 0 on the bad rows, the good rows
-    drawn as the CPU draws them, and the status equal to the CPU's (the documented result, without faults)."""
+    drawn as the CPU draws them, and the status counts equal to the CPU's (the documented result, without
+    faults)."""
     for dtype in (np.float32, np.float64):
         for n, replace in [(7, False), (7, True), (600, False), (2100, False)]:
             attention = (rng.random((6, 48, 50)) + 0.01).astype(dtype)
@@ -80,7 +81,9 @@ def unvalidated_bad_rows(cupy, atskern, rng):
                 raise AssertionError(f"validate=False {dtype.__name__} n={n}: index out of range")
             if not (probs[[1, 2, 3, 5]] == 0).all():
                 raise AssertionError(f"validate=False {dtype.__name__} n={n}: a bad row has a nonzero prob")
-            _check(f"validate=False status {dtype.__name__} n={n}", status, cpu[2])
+            # the counts (columns 0-2, and the summary of them) are the contract; the exponent column is the
+            # float64 rescaling's business and is not compared on refused rows
+            _check(f"validate=False status {dtype.__name__} n={n}", status[:, :3], cpu[2][:, :3])
             _check(f"validate=False good rows {dtype.__name__} n={n}", indices[[0, 4]], cpu[0][[0, 4]])
 
 

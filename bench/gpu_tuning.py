@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 
 import numpy as np
 
@@ -177,18 +178,80 @@ def torch_step_profile(batch: int = 8, size: int = 1500, steps: int = 5) -> str:
     return f"B={batch}, {size}², {steps} steps\n\n```\n{table}\n```"
 
 
+def host_profile(calls: int = 200) -> str:
+    """cProfile of eager ``ats.torch`` calls on CUDA tensors (sample, extract_patches, expectation forward and
+    backward) and of ``atskern`` on CuPy arrays: where the host time of a call goes."""
+    import cProfile
+    import io
+    import pstats
+
+    import cupy
+
+    import atskern
+
+    torch = _gpu.torch_cuda()
+    if torch is None:
+        return "skipped: torch with CUDA is not installed"
+    from ats.torch import functional as F
+
+    attention = torch.rand(8, 180, 180, device="cuda") + 0.01
+    image = torch.rand(8, 1, 1500, 1500, device="cuda", requires_grad=True)
+    offsets = torch.randint(0, 1450, (8, 10, 2), device="cuda", dtype=torch.int32)
+    features = torch.rand(8, 10, 32, device="cuda", requires_grad=True)
+    probs = torch.full((8, 10), 0.01, dtype=torch.float32, device="cuda", requires_grad=True)
+    a_cp = cupy.asarray(np.random.default_rng(0).random((8, 180, 180), dtype=np.float32) + 0.01)
+    x_cp = cupy.asarray(np.random.default_rng(0).random((8, 1500, 1500, 3), dtype=np.float32))
+    o_cp = cupy.asarray(np.random.default_rng(0).integers(0, 1450, (8, 10, 2)).astype(np.int32))
+    work = {
+        "ats.torch sample (host key)": lambda: F.sample(attention, 10, key=5),
+        "ats.torch extract_patches": lambda: F.extract_patches(image, offsets, 50),
+        "ats.torch expectation fwd+bwd": lambda: F.expectation(features, probs).sum().backward(),
+        "ats.torch extract fwd+bwd": lambda: F.extract_patches(image, offsets, 50).sum().backward(),
+        "atskern.sample (CuPy)": lambda: atskern.sample(a_cp, 10, seed=5),
+        "atskern.sample validate=False (CuPy)": lambda: atskern.sample(a_cp, 10, seed=5, validate=False),
+        "atskern.extract_patches (CuPy)": lambda: atskern.extract_patches(x_cp, o_cp, (50, 50)),
+    }
+    out = []
+    for name, fn in work.items():
+        for _ in range(5):
+            fn()
+        torch.cuda.synchronize()
+        profiler = cProfile.Profile()
+        start = time.perf_counter()
+        profiler.enable()
+        for _ in range(calls):
+            fn()
+        profiler.disable()
+        host = (time.perf_counter() - start) / calls
+        torch.cuda.synchronize()
+        stream = io.StringIO()
+        pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(22)
+        text = "\n".join(line for line in stream.getvalue().splitlines() if line.strip())
+        out.append(f"#### {name}: {1e6 * host:.0f} us of host time per call under cProfile\n\n```\n{text}\n```")
+    return "\n\n".join(out)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=["registers", "breakdown", "configs", "torch-profile", "host-profile"],
+                        action="append", help="run only these parts (repeatable; default all)")
     args = parser.parse_args(argv)
+    parts = set(args.only or ["registers", "breakdown", "configs", "torch-profile", "host-profile"])
     reason = _gpu.unavailable()
     if reason:
         print(f"skipped: {reason}")
         return 0
-    print("### Registers per compile option\n\n" + register_table() + "\n", flush=True)
-    print("### GPU time per launch (default configuration)\n\n" + breakdown_table(args.quick) + "\n", flush=True)
-    print("### Configurations\n\n" + config_table(args.quick) + "\n", flush=True)
-    print("### torch profile of the ATS training step\n\n" + torch_step_profile() + "\n", flush=True)
+    if "registers" in parts:
+        print("### Registers per compile option\n\n" + register_table() + "\n", flush=True)
+    if "breakdown" in parts:
+        print("### GPU time per launch (default configuration)\n\n" + breakdown_table(args.quick) + "\n", flush=True)
+    if "configs" in parts:
+        print("### Configurations\n\n" + config_table(args.quick) + "\n", flush=True)
+    if "torch-profile" in parts:
+        print("### torch profile of the ATS training step\n\n" + torch_step_profile() + "\n", flush=True)
+    if "host-profile" in parts:
+        print("### Host time of single calls (cProfile)\n\n" + host_profile() + "\n", flush=True)
     return 0
 
 

@@ -44,6 +44,9 @@ SIZES = (1500, 4096)
 QUICK_SIZES = (256, 512)
 METHODS = ("ats", "ats-loop", "dense", "ats+grad", "ats-loop+grad")
 """``+grad``: the image itself needs a gradient (e.g. a learned pre-processing), so the gather's backward runs."""
+GRAPH_METHODS = ("ats-graph", "dense-graph")
+"""CUDA only: the whole training step (forward, backward, SGD step) captured once with ``torch.cuda.graph`` and
+replayed; ATS draws through a device key, so every replay samples fresh patches."""
 BATCH = 1
 GPU_BATCHES = (1, 8, 32)
 N_PATCHES = 10
@@ -93,7 +96,7 @@ def _model(torch, method: str):
     from ats.torch import functional as F
 
     nn = torch.nn
-    method = method.removesuffix("+grad")
+    method = method.removesuffix("+grad").removesuffix("-graph")
     feature = _feature_network(torch)
     if method == "dense":
         return lambda low, x: feature(x), feature
@@ -157,8 +160,13 @@ def measure(case: dict) -> dict:
     torch.manual_seed(0)
     device = torch.device(case["device"])
     size, batch = case["size"], case["batch"]
+    graphed = case["method"].endswith("-graph")
     forward, module = _model(torch, case["method"])
     module.to(device)
+    if graphed and hasattr(module, "sample_patches"):
+        import ats.torch as at
+
+        module.sample_patches.set_device_key(at.device_key(0, device))
     optimizer = torch.optim.SGD(module.parameters(), lr=1e-3)
     x = torch.rand(batch, 1, size, size, device=device, requires_grad=case["method"].endswith("+grad"))
     low = torch.nn.functional.interpolate(x.detach(), scale_factor=LOW_SCALE, mode="area")
@@ -172,7 +180,10 @@ def measure(case: dict) -> dict:
         loss.backward()
         optimizer.step()
 
-    step()  # warm-up: JIT compilation, allocator pools
+    if graphed:
+        step = _captured(torch, step, optimizer)
+    else:
+        step()  # warm-up: JIT compilation, allocator pools
     optimizer.zero_grad(set_to_none=True)
     x.grad = None  # the warm-up's gradients are not part of the baseline
     if cuda:
@@ -190,8 +201,36 @@ def measure(case: dict) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() if cuda else rss.stop()) - base
+    if graphed:
+        peak = step.peak
     return {**case, "seconds_per_sample": statistics.median(times) / batch,
             "peak_mib_per_sample": max(peak, 0) / batch / 2**20, "threads": torch.get_num_threads()}
+
+
+def _captured(torch, step, optimizer):
+    """``step`` captured in a CUDA graph (after warm-up steps on a side stream, as torch's documentation does):
+    a callable that replays it, with ``.peak``, the bytes the capture allocated above what was live before
+    (the graph's private pool: every activation and gradient of the step)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    torch.cuda.synchronize()
+
+    def replay():
+        graph.replay()
+
+    replay.peak = torch.cuda.max_memory_allocated() - before
+    return replay
 
 
 def _run_case(case: dict) -> dict:
@@ -237,12 +276,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"images of {QUICK_SIZES} instead of {SIZES}")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--batch", type=int, action="append", help=f"batch size (repeatable; default {BATCH})")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated subset of {METHODS + GRAPH_METHODS} (the -graph ones on CUDA only)")
     args = parser.parse_args(argv)
     methods = tuple(m for m in args.methods.split(",") if m)
-    unknown = set(methods) - set(METHODS)
+    unknown = set(methods) - set(METHODS + GRAPH_METHODS)
     if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {METHODS + GRAPH_METHODS}")
     print(markdown(run(args.quick, args.device, tuple(args.batch or (BATCH,)), methods)))
     return 0
 

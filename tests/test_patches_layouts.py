@@ -7,6 +7,8 @@ padded copy gives, without copying the view whole.
 
 from __future__ import annotations
 
+import importlib
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -26,32 +28,34 @@ DTYPES = [np.uint8, np.int16, np.float16, ml_dtypes.bfloat16, np.float32, np.flo
 
 
 def view_of(base, kind, channel_axis):
-    """A view with ``base``'s values in ``kind``'s layout (``broadcast`` needs a base constant along axis 0)."""
+    """A view with ``base``'s values in ``kind``'s layout (``broadcast`` needs a base constant along axis 0); ``base``
+    a NumPy or CuPy array, the view of the same library."""
+    xp = np if isinstance(base, np.ndarray) else importlib.import_module(type(base).__module__.split(".")[0])
     if kind == "contiguous":
         return base
     if kind == "strided":
-        big = np.zeros((base.shape[0], 2 * base.shape[1]) + base.shape[2:], base.dtype)
+        big = xp.zeros((base.shape[0], 2 * base.shape[1]) + base.shape[2:], base.dtype)
         big[:, 1::2] = base
         return big[:, 1::2]
     if kind == "every_axis_strided":
-        big = np.zeros(tuple(2 * s for s in base.shape), base.dtype)
+        big = xp.zeros(tuple(2 * s for s in base.shape), base.dtype)
         index = tuple(slice(None, None, 2) for _ in base.shape)
         big[index] = base
         return big[index]
     if kind == "reversed":
-        flipped = np.ascontiguousarray(base[::-1, ..., ::-1])
+        flipped = xp.ascontiguousarray(base[::-1, ..., ::-1])
         return flipped[::-1, ..., ::-1]
     if kind == "broadcast":
-        return np.broadcast_to(base[:1], base.shape)
+        return xp.broadcast_to(base[:1], base.shape)
     if kind == "transposed":
-        other = np.ascontiguousarray(np.moveaxis(base, channel_axis, 1 if channel_axis == -1 else -1))
-        return np.moveaxis(other, 1 if channel_axis == -1 else -1, channel_axis)
+        other = xp.ascontiguousarray(xp.moveaxis(base, channel_axis, 1 if channel_axis == -1 else -1))
+        return xp.moveaxis(other, 1 if channel_axis == -1 else -1, channel_axis)
     if kind == "fortran":
-        return np.asfortranarray(base)
+        return xp.asfortranarray(base)
     if kind == "channel_strided":
         shape = list(base.shape)
         shape[channel_axis] *= 3
-        big = np.zeros(shape, base.dtype)
+        big = xp.zeros(shape, base.dtype)
         index = [slice(None)] * base.ndim
         index[channel_axis] = slice(1, None, 3)
         big[tuple(index)] = base

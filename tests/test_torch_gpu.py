@@ -177,13 +177,39 @@ def test_device_key_step_makes_no_host_round_trip():
     torch.cuda.synchronize()
 
 
-def test_async_validation_raises_at_synchronization():
-    attention = _cuda_attention()
+ASYNC_FAILURE = """
+import sys, torch
+from ats.torch import functional as F
+attention = torch.rand(4, 24, 24, device="cuda") + 0.01
+key = torch.tensor([5], dtype=torch.int64, device="cuda")
+if sys.argv[1] == "rows":
     attention[2, 3, 3] = float("nan")
-    key = torch.tensor([5], dtype=torch.int64, device="cuda")
     F.sample(attention, 6, key=key)
-    with pytest.raises(RuntimeError):
-        torch.cuda.synchronize()
+else:
+    probs = torch.full((2, 6), 0.3, dtype=torch.float64, device="cuda")  # rows sum to 1.8 > 1
+    F.expectation(torch.rand(2, 6, 3, device="cuda"), probs)
+print("queued without a host round trip", flush=True)
+torch.cuda.synchronize()
+print("not raised", flush=True)
+"""
+
+
+@pytest.mark.parametrize("what", ["rows", "probs"])
+def test_async_validation_raises_at_synchronization(what):
+    """A bad attention row (device key) or bad probs on CUDA: the call returns, the next synchronization raises.
+    In a subprocess: a device-side assert leaves the process's CUDA context unusable."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "adapters"), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", ASYNC_FAILURE, what], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert "queued without a host round trip" in done.stdout, done.stderr[-2000:]
+    assert "not raised" not in done.stdout
+    assert done.returncode != 0 and "assert" in done.stderr.lower(), done.stderr[-2000:]
 
 
 def test_validate_false_on_bad_rows_gives_in_range_indices():

@@ -44,24 +44,23 @@ def sample_indices(attention: torch.Tensor, key: torch.Tensor, n: int, replace: 
                    validate: bool = True) -> torch.Tensor:
     """int32 ``(B, n, D)`` grid indices drawn by ``atskern.sample`` with seed ``key``.
 
-    ``key`` is a CPU int64 scalar (read on the host), or on CUDA a one-element int64 tensor on attention's
-    device that the kernels read themselves: then nothing waits for the device, validation becomes
-    asynchronous (:func:`assert_valid_status`: a bad row raises at the next synchronization) and the call can
-    be captured in a CUDA graph. ``validate=False`` skips the check (bad rows: in-range indices).
-    ``strict=True`` refuses rows with fewer positive weights than ``n`` (without replacement) instead of
-    drawing zero-probability fillers.
+    ``key`` is a CPU int64 scalar (read on the host, passed to the kernels by value), or on CUDA a one-element
+    int64 tensor on attention's device that the kernels read themselves (a *device key*: a CUDA graph that
+    captured the call draws with the key's value at each replay). On CUDA nothing waits for the device with
+    either key: validation is asynchronous (:func:`assert_valid_status`: a bad row raises at the next
+    synchronization). ``validate=False`` skips the check (bad rows: in-range indices). ``strict=True`` refuses
+    rows with fewer positive weights than ``n`` (without replacement) instead of drawing zero-probability fillers.
     """
     with kernel_stream(attention.device):
-        if key.device.type == "cuda" and attention.device.type == "cuda":
-            seed = to_kernel(key.reshape(1))
+        if attention.device.type == "cuda":
+            seed = to_kernel(key.reshape(1)) if key.device.type == "cuda" else int(key.item()) % _U64
             indices, _, status = atskern.sample(to_kernel(attention), n, replace=replace, seed=seed, strict=strict,
                                                 validate=False, return_status=True)
             if validate:
-                assert_valid_status(from_kernel(status))
+                assert_valid_status(from_kernel(status), n if strict and not replace else 1)
             return from_kernel(indices)
-        seed = int(key.item()) % _U64
-        indices, _ = atskern.sample(to_kernel(attention), n, replace=replace, seed=seed, strict=strict,
-                                    validate=validate)
+        indices, _ = atskern.sample(to_kernel(attention), n, replace=replace, seed=int(key.item()) % _U64,
+                                    strict=strict, validate=validate)
         return from_kernel(indices)
 
 
@@ -71,17 +70,19 @@ def _(attention, key, n, replace, strict=False, validate=True):
 
 
 INVALID_ROWS = (
-    "atskern.sample: an attention row contains NaN or inf, negative weights, or no positive weight "
+    "atskern.sample: an attention row contains NaN or inf, negative weights, or no positive weight (with "
+    "strict=True: fewer positive weights than n) "
     "(raised asynchronously from the device status; atskern.check_status on sample(..., return_status=True) "
     "names the row)"
 )
 
 
-def assert_valid_status(status: torch.Tensor) -> None:
+def assert_valid_status(status: torch.Tensor, need: int = 1) -> None:
     """Check ``atskern.sample``'s device status on the device (``torch._assert_async``): no host round trip;
-    a bad row raises at the next synchronization with :data:`INVALID_ROWS`."""
+    a bad row (or, with ``need = n``, a row with fewer than ``n`` positive weights) raises at the next
+    synchronization with :data:`INVALID_ROWS`."""
     summary = status[-1]
-    ok = (summary[0] == 0) & (summary[1] == 0) & (summary[2] > 0)
+    ok = (summary[0] == 0) & (summary[1] == 0) & (summary[2] >= need)
     torch._assert_async(ok, INVALID_ROWS)
 
 

@@ -117,11 +117,14 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
         torch's default generator (so ``torch.manual_seed`` makes runs repeat).
         On CUDA, a one-element int64 CUDA tensor is a *device key*: the kernels
         read it on the device, and it is advanced by one in place after the
-        draw, so a step has no host round trip and a CUDA graph that captured
-        it draws fresh positions on every replay. Validation is then
-        asynchronous: a bad row raises at the next synchronization.
+        draw, so a CUDA graph that captured it draws fresh positions on every
+        replay (a host key is baked into a captured graph).
     validate : bool
-        Check the attention rows (default). ``validate=False`` opts out: rows
+        Check the attention rows (default). On CUDA the check is asynchronous
+        (nothing waits for the device): a bad row raises a device-side assert
+        at the next synchronization, which leaves the process's CUDA context
+        unusable, as torch's own device asserts do; ``atskern.sample`` on the
+        CPU tensors names the row. ``validate=False`` opts out: rows
         with NaN/inf, negative weights or no positive weight then give in-range
         indices (and whatever their gather gives as sampled attention).
     deterministic : bool
@@ -312,6 +315,10 @@ def _coefficients(probs64: torch.Tensor, replace: bool):
     return weights, torch.where(drawn, (mass_left / safe + remaining) / n, zero)
 
 
+BAD_PROBS_ON_DEVICE = ("ats.torch.expectation: probs must be finite, in [0, 1] and, without replacement, sum to at "
+                       "most 1 per row (checked on the device; rerun with CPU tensors for the row)")
+
+
 def _check_probs(probs: torch.Tensor, replace: bool):
     """R3: ``probs`` finite, in [0, 1] and, without replacement, rows summing to at most 1 + rounding
     (1e-6 for float64, ``n`` times the dtype's epsilon, at least ``2**-20``, otherwise); a ValueError names the row."""
@@ -322,7 +329,9 @@ def _check_probs(probs: torch.Tensor, replace: bool):
     ok = inside.all()
     if not replace:
         ok = ok & (torch.where(inside, p64, 0.0).sum(dim=1) <= 1 + tolerance).all()
-    if not bool(ok):
+    if probs.is_cuda:  # no host round trip (CUDA-graph capturable): a device assert, raised at the next sync
+        torch._assert_async(ok, BAD_PROBS_ON_DEVICE)
+    elif not bool(ok):
         raise _validation.explain_bad_probs(p64.cpu().numpy(), replace, tolerance)
 
 
@@ -370,7 +379,8 @@ def expectation(features, probs, *, replace=False, validate=True):
     probability its dtype cannot hold; DESIGN.md R1-R3) gets coefficient 0
     and both gradients exactly 0. ``validate`` checks that ``probs`` are
     finite, in [0, 1] and, without replacement, sum to at most 1 per row (a
-    ValueError naming the row; one small device sync on CUDA; skipped while
+    ValueError naming the row; on CUDA a device-side assert instead, with no
+    host round trip, raised at the next synchronization; skipped while
     ``torch.compile`` traces).
     """
     require_tensor(features, "features")
