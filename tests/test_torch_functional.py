@@ -359,5 +359,28 @@ def test_patch_ops_pass_opcheck(channels_first):
     torch.library.opcheck(_ops.scatter, (grad, offsets, [9, 8], channels_first))
 
 
+@needs_patches
+def test_eager_functions_equal_the_custom_ops():
+    """Eager calls skip the custom ops' dispatch (autograd Functions over the same implementations): values, first
+    and second derivatives equal the custom ops', which torch.compile traces."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 3, 9, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    offsets = torch.randint(-2, 8, (2, 5, 2), dtype=torch.int32, generator=gen)
+    weight = torch.rand(2, 5, 3, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    outer = torch.rand(2, 3, 9, 8, dtype=torch.float64, generator=gen)
+
+    def derivatives(extract):
+        out = extract(x, offsets, [3, 4], 0.0, True)
+        (grad,) = torch.autograd.grad((out * weight).sum(), x, create_graph=True)  # the scatter of weight
+        (second,) = torch.autograd.grad((grad * outer).sum(), weight)  # the scatter's backward: a gather
+        return out, grad, second
+
+    for eager, op in zip(derivatives(_ops.extract_patches), derivatives(_ops.extract)):
+        assert torch.equal(eager, op)
+    attention = torch.rand(3, 7, 6, generator=gen)
+    key = torch.tensor(11)
+    assert torch.equal(_ops.sample_patches_indices(attention, key, 5, False), _ops.sample_indices(attention, key, 5, False))
+
+
 def test_sample_op_passes_opcheck():
     torch.library.opcheck(_ops.sample_indices, (torch.rand(2, 5, 6), torch.tensor(3), 4, False))

@@ -162,7 +162,8 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
         if key.device.type == "cuda" and key.device != attention.device:
             raise ValueError(f"a CUDA key must be on attention's device {attention.device}, got {key.device}")
         try:
-            indices = _ops.sample_indices(weights.contiguous(), key, n, replace, bool(strict), validate).to(torch.int64)
+            indices = _ops.sample_patches_indices(weights.contiguous(), key, n, replace, bool(strict),
+                                                      validate).to(torch.int64)
         except ValueError as error:
             raise _errors.sampling_error(error) from None
         if key.device.type == "cuda":
@@ -272,7 +273,7 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=True):
         raise TypeError(f"offsets must be an integer tensor, got {offsets.dtype}")
     size = size_tuple(patch_size, len(spatial))
     fill = _checked_fill(fill, x.dtype)
-    return _ops.extract(x.contiguous(), offsets.contiguous(), list(size), fill, bool(channels_first))
+    return _ops.extract_patches(x.contiguous(), offsets.contiguous(), list(size), fill, bool(channels_first))
 
 
 def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, fill=0, channels_first=True):
@@ -315,8 +316,8 @@ def _coefficients(probs64: torch.Tensor, replace: bool):
     return weights, torch.where(drawn, (mass_left / safe + remaining) / n, zero)
 
 
-BAD_PROBS_ON_DEVICE = ("ats.torch.expectation: probs must be finite, in [0, 1] and, without replacement, sum to at "
-                       "most 1 per row (checked on the device; rerun with CPU tensors for the row)")
+BAD_PROBS_ON_DEVICE = ("ats.torch.expectation: probs must be finite, in [0, 1] and, without replacement, sum to "
+                       "at most 1 per row (checked on the device; CPU tensors name the row)")
 
 
 def _check_probs(probs: torch.Tensor, replace: bool):
@@ -344,23 +345,22 @@ class _Expectation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, probs, replace):
-        weights, _ = _coefficients(probs.to(torch.float64), replace)
-        ctx.save_for_backward(features, probs)
-        ctx.replace = replace
+        weights, scale = _coefficients(probs.to(torch.float64), replace)
+        ctx.save_for_backward(features, weights, scale)  # (B, n) coefficients: computed once per step
+        ctx.probs_dtype = probs.dtype
         return (_expand(weights.to(features.dtype), features.dim()) * features).sum(dim=1)
 
     @staticmethod
     def backward(ctx, grad):
-        features, probs = ctx.saved_tensors
-        weights, scale = _coefficients(probs.to(torch.float64), ctx.replace)
+        features, weights, scale = ctx.saved_tensors
         grad_features = grad_probs = None
         upstream = grad.unsqueeze(1)
         if ctx.needs_input_grad[0]:
             grad_features = _expand(weights.to(features.dtype), features.dim()) * upstream
         if ctx.needs_input_grad[1]:
             products = upstream.to(torch.float64) * features.to(torch.float64)
-            inner = products.reshape(probs.shape[0], probs.shape[1], -1).sum(dim=2)
-            grad_probs = (scale * inner).to(probs.dtype)
+            inner = products.reshape(scale.shape[0], scale.shape[1], -1).sum(dim=2)
+            grad_probs = (scale * inner).to(ctx.probs_dtype)
         return grad_features, grad_probs, None
 
 
