@@ -27,16 +27,24 @@ def backend_of(**arrays) -> str:
     return found.pop() if found else CPU
 
 
+_cupy = None
+
+
 def cupy():
-    """The ``cupy`` module, or an ImportError saying how to install it."""
-    if importlib.util.find_spec("cupy") is None:
-        raise ImportError(
-            "CuPy is needed for GPU arrays: pip install 'atskern[cuda12]' (CUDA 12) or 'atskern[cuda13]' (CUDA 13)"
-        )
-    return importlib.import_module("cupy")
+    """The ``cupy`` module (imported once, on the first GPU call), or an ImportError saying how to install it."""
+    global _cupy
+    if _cupy is None:
+        if importlib.util.find_spec("cupy") is None:
+            raise ImportError(
+                "CuPy is needed for GPU arrays: pip install 'atskern[cuda12]' (CUDA 12) or 'atskern[cuda13]' (CUDA 13)"
+            )
+        _cupy = importlib.import_module("cupy")
+    return _cupy
 
 
 def array_module(backend: str):
     if backend == GPU:
         return cupy()
-    return importlib.import_module("numpy")
+    import numpy
+
+    return numpy

@@ -11,8 +11,10 @@ work that reads their outputs without any synchronization.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
+import warnings
 
 import numpy as np
 import torch
@@ -21,13 +23,18 @@ import torch
 _BYTE_TWINS = {torch.bfloat16: torch.int16}
 
 
+_cupy = None
+
+
 def cupy():
-    """The ``cupy`` module, or an ImportError saying how to install it."""
-    if importlib.util.find_spec("cupy") is None:
-        raise ImportError(
-            "ats.torch needs CuPy for CUDA tensors: pip install 'atskern[cuda12]' (CUDA 12) or 'atskern[cuda13]' (CUDA 13)"
-        )
-    return importlib.import_module("cupy")
+    """The ``cupy`` module (imported once), or an ImportError saying how to install it."""
+    global _cupy
+    if _cupy is None:
+        if importlib.util.find_spec("cupy") is None:
+            raise ImportError("ats.torch needs CuPy for CUDA tensors: pip install 'atskern[cuda12]' (CUDA 12) or "
+                              "'atskern[cuda13]' (CUDA 13)")
+        _cupy = importlib.import_module("cupy")
+    return _cupy
 
 
 def byte_twin(tensor: torch.Tensor) -> torch.Tensor:
@@ -68,9 +75,17 @@ def kernel_stream(device: torch.device):
     cp = cupy()
     index = device.index if device.index is not None else torch.cuda.current_device()
     with cp.cuda.Device(index):
-        stream = cp.cuda.ExternalStream(torch.cuda.current_stream(index).cuda_stream, index)
-        with stream, cp.cuda.using_allocator(_torch_allocator):
+        with _cupy_stream(torch.cuda.current_stream(index).cuda_stream, index), cp.cuda.using_allocator(_torch_allocator):
             yield
+
+
+@functools.lru_cache(maxsize=64)
+def _cupy_stream(pointer: int, index: int):
+    """CuPy's handle of torch's stream ``pointer`` on device ``index`` (made once per stream: CuPy warns on each)."""
+    cp = cupy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # CuPy 14 deprecates ExternalStream for from_external
+        return cp.cuda.ExternalStream(pointer, index)
 
 
 def _torch_allocator(size: int):
