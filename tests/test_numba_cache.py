@@ -77,3 +77,46 @@ def test_default_cache_is_per_user_not_the_package(tmp_path):
     assert any(cache.rglob("sampling*.nbi")), "the sampling kernels were not cached in the per-user directory"
     after = {p.name for p in package_cache.glob("*.nbi")} if package_cache.exists() else set()
     assert after == before, "a kernel was cached inside the package"
+
+
+_TWICE = """
+import sys
+from atskern.cpu import _jit
+if sys.argv[2] == "numbered":  # Numba's own naming, to show the race this guards against
+    _jit._ENTRIES_BY_KEY = None
+
+@_jit.jit
+def twice_plus_one(x):
+    return x * 2 + 1
+
+value = {"int": 20, "float": 0.25}[sys.argv[1]]
+print(repr(twice_plus_one(value)))
+"""
+
+
+def _race(tmp_path, naming):
+    """Two processes compile different signatures of one function into empty caches at the same time: A ends up
+    with its index and B's data files (the last writes of a concurrent cold start). A third process then loads A's
+    signature from that cache."""
+    script = tmp_path / "twice.py"
+    script.write_text(_TWICE)
+    caches = {name: tmp_path / f"cache-{naming}-{name}" for name in ("a", "b")}
+
+    def run(cache, argument):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), NUMBA_CACHE_DIR=str(cache))
+        done = subprocess.run([sys.executable, str(script), argument, naming], env=env, capture_output=True, text=True)
+        return done.returncode, done.stdout.strip().splitlines()[-1:] if done.stdout.strip() else []
+
+    assert run(caches["a"], "int") == (0, ["41"])
+    assert run(caches["b"], "float") == (0, ["1.5"])
+    for data in caches["b"].rglob("*.nbc"):
+        target = caches["a"] / data.relative_to(caches["b"])
+        target.write_bytes(data.read_bytes())
+    return run(caches["a"], "int")
+
+
+def test_concurrent_cold_starts_never_load_another_signatures_code(tmp_path):
+    """Each signature's code lives under a name derived from its key, so B's data never replaces A's: A's
+    signature loads its own code (Numba's numbering, shown second, would hand it B's float code)."""
+    assert _race(tmp_path, "keyed") == (0, ["41"])
+    assert _race(tmp_path, "numbered") != (0, ["41"])

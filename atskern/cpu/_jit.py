@@ -7,6 +7,10 @@ Compiled kernels are cached (``cache=True``) in, by priority:
 3. ``<temporary folder>/atskern-numba-<uid>``;
 
 never the package's own ``__pycache__`` (a site-packages folder is often read-only or shared).
+Each compiled signature goes to a data file named by a hash of its index key (Numba numbers them
+1, 2, ... in the order one process compiled them: two processes that compile different signatures
+on a cold cache at the same time, e.g. data-loader workers or DDP ranks, wrote different code under
+one name, and a third loaded one signature's machine code for another and crashed).
 Inside that directory Numba keys each cache file by the source file's absolute folder, so
 several installs of atskern never overwrite each other's entries. Only atskern's functions
 are redirected (a cache locator of our own); other libraries' Numba caches are left where
@@ -15,7 +19,9 @@ Numba puts them. Caching is turned off only if no directory is writable.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -100,8 +106,44 @@ if CACHE_DIR is not None and not os.environ.get("NUMBA_CACHE_DIR"):
         numba.config.CACHE_DIR = str(CACHE_DIR)
 
 
+def _entries_by_key():
+    """``numba.core.caching.IndexDataCacheFile`` with one data file per index key (see the module docstring),
+    or None if Numba's API moved."""
+    try:
+        from numba.core.caching import IndexDataCacheFile
+    except ImportError:
+        return None
+
+    class EntriesByKey(IndexDataCacheFile):
+        def save(self, key, data):
+            digest = hashlib.sha256(pickle.dumps(key, protocol=4)).hexdigest()[:24]
+            data_name = self._index_name[: -len(".nbi")] + f".{digest}.nbc"
+            self._save_data(data_name, data)  # before the index names it (a reader skips a missing file anyway)
+            overloads = self._load_index()
+            if overloads.get(key) != data_name:
+                overloads[key] = data_name
+                self._save_index(overloads)
+
+    return EntriesByKey
+
+
+_ENTRIES_BY_KEY = _entries_by_key()
+
+
+def _keyed_entries(dispatcher):
+    """``dispatcher`` with its disk cache (if any) writing one data file per key."""
+    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    if _ENTRIES_BY_KEY is not None and cache_file is not None and isinstance(cache_file, _ENTRIES_BY_KEY.__base__):
+        cache_file.__class__ = _ENTRIES_BY_KEY
+    return dispatcher
+
+
 def jit(*args, **kwargs):
-    """``numba.njit`` with nogil, and the disk cache when a cache directory is writable."""
+    """``numba.njit`` with nogil, and the disk cache (one file per compiled signature) when a cache directory is
+    writable."""
     kwargs.setdefault("cache", CACHE)
     kwargs.setdefault("nogil", True)
-    return numba.njit(*args, **kwargs)
+    if len(args) == 1 and callable(args[0]):
+        return _keyed_entries(numba.njit(**kwargs)(args[0]))
+    decorate = numba.njit(*args, **kwargs)
+    return lambda function: _keyed_entries(decorate(function))
