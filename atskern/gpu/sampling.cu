@@ -100,9 +100,11 @@ __device__ __forceinline__ unsigned long long key_bits(double key) {
 }
 
 // Sorts the first `count` entries (stable: equal keys keep their order) and keeps the first `keep`. Called by
-// every thread of the block, the list complete (a barrier since its last write).
+// every thread of the block, the list complete (a barrier since its last write). With begin_bit > 0 the order is
+// that of the keys' bits from begin_bit up only (finish_rows' bound: fewer radix passes).
 template <int ITEMS>
-__device__ void sort_prefix(typename BlockSort<ITEMS>::TempStorage& storage, SelectList& list, int count, int keep) {
+__device__ void sort_prefix(typename BlockSort<ITEMS>::TempStorage& storage, SelectList& list, int count, int keep,
+                            int begin_bit = 0) {
     unsigned long long keys[ITEMS];
     unsigned int values[ITEMS];
 #pragma unroll
@@ -112,7 +114,7 @@ __device__ void sort_prefix(typename BlockSort<ITEMS>::TempStorage& storage, Sel
         values[i] = j < count ? list.values[j] : ATS_PAD_VALUE;
     }
     __syncthreads();  // every entry read before the sort writes its storage over the list
-    BlockSort<ITEMS>(storage).Sort(keys, values);
+    BlockSort<ITEMS>(storage).Sort(keys, values, begin_bit);
     __syncthreads();  // the sort's last reads of its storage done before the list is written again
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
@@ -124,27 +126,33 @@ __device__ void sort_prefix(typename BlockSort<ITEMS>::TempStorage& storage, Sel
     }
 }
 
+// Sorts the list's first `count` entries (by the key bits from begin_bit up) and keeps the first `keep`, with the
+// smallest sort that holds them. Called by every thread of the block; the kept entries are visible on return.
+__device__ void sort_list(TopN& s, int count, int keep, int begin_bit = 0) {
+    __syncthreads();  // the entries written by other threads are visible
+    if (count <= ATS_SELECT_THREADS) {
+        sort_prefix<1>(s.u.sort1, s.u.list, count, keep, begin_bit);
+    } else if (count <= 2 * ATS_SELECT_THREADS) {
+        sort_prefix<2>(s.u.sort2, s.u.list, count, keep, begin_bit);
+    } else if (count <= 4 * ATS_SELECT_THREADS) {
+        sort_prefix<4>(s.u.sort4, s.u.list, count, keep, begin_bit);
+    } else if (count <= 8 * ATS_SELECT_THREADS) {
+        sort_prefix<8>(s.u.sort8, s.u.list, count, keep, begin_bit);
+    } else {
+        sort_prefix<ATS_SORT_ITEMS>(s.u.sort_all, s.u.list, count, keep, begin_bit);
+    }
+    __syncthreads();  // the kept entries are visible
+}
+
 // Sorts kept + offers and keeps the n first. Called by every thread of the block.
 //
 // Ties: the kept entries come from earlier positions than every offer and are sorted by (key, position); the
 // offers are in increasing position; a stable sort by key therefore orders by (key, position), the reference's
 // order (smallest key first, ties to the lower position).
 __device__ void topn_compact(TopN& s, Selection& sel, int n) {
-    __syncthreads();  // the offers written by other threads are visible
     const int count = sel.count;
     const int keep = min(n, count);
-    if (count <= ATS_SELECT_THREADS) {
-        sort_prefix<1>(s.u.sort1, s.u.list, count, keep);
-    } else if (count <= 2 * ATS_SELECT_THREADS) {
-        sort_prefix<2>(s.u.sort2, s.u.list, count, keep);
-    } else if (count <= 4 * ATS_SELECT_THREADS) {
-        sort_prefix<4>(s.u.sort4, s.u.list, count, keep);
-    } else if (count <= 8 * ATS_SELECT_THREADS) {
-        sort_prefix<8>(s.u.sort8, s.u.list, count, keep);
-    } else {
-        sort_prefix<ATS_SORT_ITEMS>(s.u.sort_all, s.u.list, count, keep);
-    }
-    __syncthreads();  // the kept entries are visible
+    sort_list(s, count, keep);
     sel.kept = keep;
     sel.count = keep;
     sel.threshold = keep == n ? __longlong_as_double((long long)s.u.list.keys[n - 1]) : ATS_INF;
@@ -432,23 +440,21 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
 ATS_CHUNK_TOPN(f32, float)
 ATS_CHUNK_TOPN(f64, double)
 
-// The row's statistics from its chunks, in chunk order: total, largest finite weight, counts.
-__device__ void row_stats(const double* stats, long long row, int nchunks, double* total, double* top, long long* counts) {
-    double s = 0.0, t = 0.0;
-    long long c0 = 0, c1 = 0, c2 = 0;
-    for (int c = 0; c < nchunks; ++c) {
+// The row's statistics from its chunks into out[0..ATS_STATS) (total, largest finite weight, counts): thread t
+// adds chunks t, t + blockDim.x, ... in order, then reduce_stats' fixed tree. The order depends on the block size
+// and the chunk count only (the plan), never on timing. Called by every thread of the block.
+__device__ void row_stats(BlockStats& b, double* out, const double* stats, long long row, int nchunks) {
+    double sum = 0.0, top = 0.0;
+    long long nonfinite = 0, negative = 0, positive = 0;
+    for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
         const double* at = stats + (row * nchunks + c) * ATS_STATS;
-        s += at[0];
-        t = at[1] > t ? at[1] : t;
-        c0 += (long long)at[2];
-        c1 += (long long)at[3];
-        c2 += (long long)at[4];
+        sum += at[0];
+        top = at[1] > top ? at[1] : top;
+        nonfinite += (long long)at[2];
+        negative += (long long)at[3];
+        positive += (long long)at[4];
     }
-    *total = s;
-    *top = t;
-    counts[0] = c0;
-    counts[1] = c1;
-    counts[2] = c2;
+    reduce_stats(b, out, sum, top, nonfinite, negative, positive);
 }
 
 __device__ __forceinline__ void write_coords(int* indices, long long at, long long position, int dims, long long g0,
@@ -462,12 +468,119 @@ __device__ __forceinline__ void write_coords(int* indices, long long at, long lo
 }
 
 struct RowInfo {
+    double stats[ATS_STATS];  // row_stats
     double total;
     double top_logit;
+    double bound;  // the row's shared bound when the merge starts
     int shift;
     int skip;
     int valid;
+    int redo;  // pass 0 of a row that pass 1 redoes: no merge
 };
+
+// How many leading entries of a list sorted by key are at most `bound`: a galloping then a binary search, about
+// 2 log2(answer) reads (a chunk's list mostly holds few keys under a good bound).
+__device__ int prefix_at_most(const double* keys, int count, double bound) {
+    if (count <= 0 || !(keys[0] <= bound)) return 0;
+    int good = 1, bad = count + 1;  // keys[good - 1] <= bound; bad: count + 1 or keys[bad - 1] > bound
+    for (int probe = 2; probe <= count; probe *= 2) {
+        if (keys[probe - 1] <= bound) {
+            good = probe;
+        } else {
+            bad = probe;
+            break;
+        }
+    }
+    while (bad - good > 1) {
+        const int mid = good + (bad - good) / 2;
+        if (keys[mid - 1] <= bound) {
+            good = mid;
+        } else {
+            bad = mid;
+        }
+    }
+    return good;
+}
+
+// The merge of finish_rows: the row's exact n smallest (key, slot) pairs of its chunk lists into s.u.list (values:
+// slots, chunk c's i-th entry at c * n + i); returns how many (min(n, candidates)). Called by every thread.
+//
+// Only the keys at most `bound`, an upper bound of the row's n-th smallest key, can be among them, and each chunk's
+// list is sorted by (key, position), so they are a prefix of each list. The bound is the smallest of the row's
+// shared bound (chunk_topn: a block's n-th best key) and, when the lists hold more than a buffer, the n-th smallest
+// of the lists' heads (the first j entries of each chunk: n of the row's keys are at most it), taken on the keys'
+// high 32 bits (half the radix passes) and rounded up to the largest key with the same high bits. The prefixes
+// are gathered in slot order (a scan over the chunks), which is the position order, and one stable sort by key
+// orders them by (key, position), the reference's order. Where they do not fit the buffer (exact ties of many
+// keys, +inf keys), every slot is offered tile by tile up to the bound, compacting as chunk_topn does.
+__device__ int merge_lists(TopN& s, int* lens, int* offs, const double* __restrict__ keys, const int* __restrict__ counts,
+                           int nchunks, int n, double bound) {
+    if ((long long)nchunks * n > ATS_CAPACITY) {
+        const int j = min(n, max(1, (2 * n + nchunks - 1) / nchunks));  // about 2n heads
+        const int heads = min(nchunks, ATS_CAPACITY / j) * j;  // the first chunks' heads: any n of them bound
+        if (heads >= n) {
+            for (int e = threadIdx.x; e < heads; e += blockDim.x) {
+                const int c = e / j, i = e - c * j;
+                s.u.list.keys[e] = i < counts[c] ? key_bits(keys[(long long)c * n + i]) : ATS_PAD_KEY;
+                s.u.list.values[e] = (unsigned int)e;
+            }
+            sort_list(s, heads, n, 32);
+            const unsigned long long high = s.u.list.keys[n - 1] >> 32;
+            __syncthreads();  // every thread has read the n-th entry before the list is written again
+            // the first n entries' high bits are at most `high`; +inf (0x7FF00000) or a pad bounds nothing
+            if (high < (ATS_INF_BITS >> 32)) bound = fmin(bound, __longlong_as_double((long long)((high << 32) | 0xFFFFFFFFull)));
+        }
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int total = 0;  // block-uniform
+    for (int c0 = 0; c0 < nchunks; c0 += ATS_SELECT_THREADS) {
+        const int c = c0 + (int)threadIdx.x;
+        const int len = c < nchunks ? prefix_at_most(keys + (long long)c * n, counts[c], bound) : 0;
+        int at = 0, sum = 0;
+        BlockOffsets(s.scan).ExclusiveSum(len, at, sum);
+        lens[threadIdx.x] = len;
+        offs[threadIdx.x] = total + at;
+        __syncthreads();
+        if (total + sum <= ATS_CAPACITY) {  // block-uniform
+            const int here = min(ATS_SELECT_THREADS, nchunks - c0);
+            for (int l = warp; l < here; l += ATS_SELECT_THREADS / 32) {  // a warp per chunk, a lane per entry
+                for (int i = lane; i < lens[l]; i += 32) {
+                    const long long slot = (long long)(c0 + l) * n + i;
+                    s.u.list.keys[offs[l] + i] = key_bits(keys[slot]);
+                    s.u.list.values[offs[l] + i] = (unsigned int)slot;
+                }
+            }
+        }
+        total += sum;
+        __syncthreads();  // lens, offs and the scan's storage are reused
+    }
+    if (total <= ATS_CAPACITY) {
+        sort_list(s, total, min(n, total));
+        return min(n, total);
+    }
+    Selection sel;
+    const long long offers = (long long)nchunks * n;  // slots; below 2^31 (plan)
+    for (long long tile = 0; tile < offers; tile += ATS_TILE) {
+        if (topn_needs_compaction(sel, n)) topn_compact(s, sel, n);
+        const double limit = fmin(sel.threshold, bound);
+        bool offered[ATS_PER_THREAD] = {};
+        double offer_keys[ATS_PER_THREAD];
+        unsigned int slots[ATS_PER_THREAD];
+#pragma unroll
+        for (int lane_ = 0; lane_ < ATS_PER_THREAD; ++lane_) {
+            // blocked: a thread's slots are consecutive, so the block offers them in slot order
+            const long long slot = tile + ATS_PER_THREAD * (long long)threadIdx.x + lane_;
+            if (slot >= offers) break;
+            if ((int)(slot % n) >= counts[slot / n]) continue;
+            offer_keys[lane_] = keys[slot];
+            slots[lane_] = (unsigned int)slot;
+            offered[lane_] = offer_keys[lane_] <= limit;
+        }
+        topn_offer(s, sel, offered, offer_keys, slots);
+    }
+    topn_compact(s, sel, n);
+    return sel.kept;
+}
 
 // One block per row: merge the chunks' candidate lists, status, fillers, coordinates and probabilities.
 // select = 0 (with replacement): the status only.
@@ -481,6 +594,9 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
                             int presorted) {
     __shared__ TopN s;
     __shared__ RowInfo info;
+    __shared__ BlockStats block_stats;
+    __shared__ int lens[ATS_SELECT_THREADS];
+    __shared__ int offs[ATS_SELECT_THREADS];
     const long long row = blockIdx.x;
     const T* row_weights = weights + row * size;
     const int is_double = sizeof(T) == 8 || logits;
@@ -489,54 +605,44 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
         const int shift = (pass || presorted) ? rescale_shift(status + row * 4, is_double) : 0;
         info.skip = pass && !shift;
         info.shift = shift;
-        if (!info.skip) {
-            double total, top;
-            long long counts[3];
-            row_stats(stats, row, nchunks, &total, &top, counts);
-            info.total = total;
-            info.top_logit = logits ? logits_top(rowmax, row) : 0.0;
-            info.valid = counts[0] == 0 && counts[1] == 0 && counts[2] > 0;
-            if (!pass) {
-                long long* out = status + row * 4;
-                out[0] = counts[0];
-                out[1] = counts[1];
-                out[2] = counts[2];
-                out[3] = exponent_of(top);
-                // A row that pass 1 redoes starts again from an open bound (chunk_topn pass 1 runs after this).
-                if (select && rescale_shift(out, is_double)) row_bound[row] = ATS_INF_BITS;
+    }
+    __syncthreads();
+    if (info.skip) return;  // block-uniform
+    row_stats(block_stats, info.stats, stats, row, nchunks);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const long long counts[3] = {(long long)info.stats[2], (long long)info.stats[3], (long long)info.stats[4]};
+        info.total = info.stats[0];
+        info.top_logit = logits ? logits_top(rowmax, row) : 0.0;
+        info.valid = counts[0] == 0 && counts[1] == 0 && counts[2] > 0;
+        info.bound = shared_bound(row_bound, row);
+        info.redo = 0;
+        if (!pass) {
+            long long* out = status + row * 4;
+            out[0] = counts[0];
+            out[1] = counts[1];
+            out[2] = counts[2];
+            out[3] = exponent_of(info.stats[1]);
+            // A row that pass 1 redoes starts again from an open bound (chunk_topn pass 1 runs after this), and
+            // its merge here would be overwritten: skipped.
+            if (select && !presorted && rescale_shift(out, is_double)) {
+                row_bound[row] = ATS_INF_BITS;
+                info.redo = 1;
             }
         }
     }
     __syncthreads();
-    if (info.skip || !select) return;
+    if (!select || info.redo) return;  // block-uniform
     // The row's candidate lists: one per chunk (cand_count[row * nchunks + c] entries from slot (row * nchunks + c)
-    // * n), or one presorted list of the row's n smallest keys in order (sort_keys), used as it is.
+    // * n), or one presorted list of the row's n smallest keys in order (sort_keys), used as it is; so is a single
+    // chunk's list (its exact n smallest keys, sorted).
+    const int direct = presorted || nchunks == 1;
     const long long base = row * (presorted ? 1 : nchunks) * n;
-    Selection sel;
-    if (presorted) sel.kept = min(n, cand_count[row]);
-    const long long offers = presorted ? 0 : (long long)nchunks * n;  // slots; below 2^31 (plan)
-    for (long long tile = 0; tile < offers; tile += ATS_TILE) {
-        if (topn_needs_compaction(sel, n)) topn_compact(s, sel, n);
-        bool offered[ATS_PER_THREAD] = {};
-        double keys[ATS_PER_THREAD];
-        unsigned int slots[ATS_PER_THREAD];
-#pragma unroll
-        for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
-            // blocked: a thread's slots are consecutive, so the block offers them in slot order; for equal keys
-            // the slot order is the position order (a chunk's list is sorted by (key, position), and a lower chunk
-            // holds lower positions)
-            const long long j = tile + ATS_PER_THREAD * (long long)threadIdx.x + lane;
-            if (j >= offers) break;
-            if ((int)(j % n) >= cand_count[row * nchunks + j / n]) continue;
-            keys[lane] = cand_keys[base + j];
-            slots[lane] = (unsigned int)j;
-            offered[lane] = keys[lane] <= sel.threshold;
-        }
-        topn_offer(s, sel, offered, keys, slots);
-    }
-    if (!presorted) topn_compact(s, sel, n);
-    for (int k = threadIdx.x; k < sel.kept; k += blockDim.x) {
-        const long long position = cand_idx[base + (presorted ? k : (long long)s.u.list.values[k])];
+    const int kept = direct ? min(n, cand_count[row * (presorted ? 1 : nchunks)])
+                            : merge_lists(s, lens, offs, cand_keys + base, cand_count + row * nchunks, nchunks, n,
+                                          info.bound);
+    for (int k = threadIdx.x; k < kept; k += blockDim.x) {
+        const long long position = cand_idx[base + (direct ? k : (long long)s.u.list.values[k])];
         const long long at = row * n + k;
         write_coords(indices, at, position, dims, g0, g1, g2);
         const double a = weight_at(row_weights, position, logits, info.top_logit, info.shift);
@@ -545,7 +651,7 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
     if (threadIdx.x == 0) {
         // Fillers (rule R1): the lowest positions without positive weight, in increasing order, probability 0.
         // At most 2n positions are looked at: the row has fewer than n positive ones.
-        int k = sel.kept;
+        int k = kept;
         for (long long p = 0; p < size && k < n; ++p) {
             if (!(weight_at(row_weights, p, logits, info.top_logit, info.shift) > 0.0)) {
                 write_coords(indices, row * n + k, p, dims, g0, g1, g2);

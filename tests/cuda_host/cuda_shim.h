@@ -52,6 +52,8 @@ inline T atomicAdd(T* address, T value) {
 
 template <typename T>
 inline T min(T a, T b) { return a < b ? a : b; }
+template <typename T>
+inline T max(T a, T b) { return a < b ? b : a; }
 
 template <typename T>
 inline T atomicMin(T* address, T value) {
