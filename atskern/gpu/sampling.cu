@@ -20,8 +20,9 @@
 //                  outside SCALE_FREE_EXPONENTS are redone on weights times 2^-exponent (exact), every other
 //                  block returns at once: the CPU's scale-free rule without a host round trip.
 //   summarize      one block: the status's summary row (what the host reads back when validating).
-// With replacement chunk_topn only gathers the statistics and replacement_draws finds each draw with a warp-wide
-// scan of one chunk (no prefix sum over the row in memory).
+// With replacement chunk_topn only gathers the statistics (short chunks) and replacement_draws finds each draw
+// with one block: a scan of the row's chunk sums, then of the positions from the chunk found (no prefix sum over the
+// row in memory).
 //
 // Rows that validation would refuse (NaN/inf, negative weights, no positive weight) still get in-range indices;
 // their probabilities are 0 (their estimator weight is 0).
@@ -223,10 +224,46 @@ __device__ __forceinline__ double logits_top(const unsigned long long* rowmax, l
 
 // The weight of a position: exp(l - top) for logits, times 2^-shift (pass 1's exact rescaling).
 template <typename T>
-__device__ __forceinline__ double weight_at(const T* row_weights, long long p, int logits, double top, int shift) {
-    const double x = widen(row_weights[p]);
+__device__ __forceinline__ double weight_of(T raw, int logits, double top, int shift) {
+    const double x = widen(raw);
     const double a = logits ? exp(x - top) : x;
     return shift ? ldexp(a, -shift) : a;
+}
+template <typename T>
+__device__ __forceinline__ double weight_at(const T* row_weights, long long p, int logits, double top, int shift) {
+    return weight_of(row_weights[p], logits, top, shift);
+}
+
+// A thread's ATS_PER_THREAD raw weights from position `first` (those below `stop`; 0 past it): 16-byte loads where
+// the four are there and aligned (a row's start need not be).
+__device__ __forceinline__ void load_lanes(const float* row_weights, long long first, long long stop,
+                                           float (&raw)[ATS_PER_THREAD]) {
+    const float* at = row_weights + first;
+    if (first + 4 <= stop && ((unsigned long long)at & 15ull) == 0ull) {
+        const float4 v = *reinterpret_cast<const float4*>(at);
+        raw[0] = v.x;
+        raw[1] = v.y;
+        raw[2] = v.z;
+        raw[3] = v.w;
+    } else {
+#pragma unroll
+        for (int lane = 0; lane < ATS_PER_THREAD; ++lane) raw[lane] = first + lane < stop ? at[lane] : 0.0f;
+    }
+}
+__device__ __forceinline__ void load_lanes(const double* row_weights, long long first, long long stop,
+                                           double (&raw)[ATS_PER_THREAD]) {
+    const double* at = row_weights + first;
+    if (first + 4 <= stop && ((unsigned long long)at & 15ull) == 0ull) {
+        const double2 v0 = *reinterpret_cast<const double2*>(at);
+        const double2 v1 = *reinterpret_cast<const double2*>(at + 2);
+        raw[0] = v0.x;
+        raw[1] = v0.y;
+        raw[2] = v1.x;
+        raw[3] = v1.y;
+    } else {
+#pragma unroll
+        for (int lane = 0; lane < ATS_PER_THREAD; ++lane) raw[lane] = first + lane < stop ? at[lane] : 0.0;
+    }
 }
 
 // frexp exponent of a positive finite x (0 for 0): the status's exponent column.
@@ -371,16 +408,29 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
     const long long stop = min(size, start + chunk);
     const T* row_weights = weights + row * size;
     double sum = 0.0, top = 0.0;
-    long long nonfinite = 0, negative = 0, positive = 0;
+    int nonfinite = 0, negative = 0, positive = 0;  // a chunk holds fewer than 2^31 positions (plan)
     Selection sel;
+    // The next tile's weights and the row's shared bound are read a tile ahead (any bound read earlier is valid),
+    // so their latency overlaps the current tile's work and barriers.
+    T ahead[ATS_PER_THREAD];
+    load_lanes(row_weights, start + ATS_PER_THREAD * (long long)threadIdx.x, stop, ahead);
+    double shared_ahead = select ? shared_bound(row_bound, row) : 0.0;
     for (long long tile = start; tile < stop; tile += ATS_TILE) {
+        const long long first = tile + ATS_PER_THREAD * (long long)threadIdx.x;
+        T raw[ATS_PER_THREAD];
+#pragma unroll
+        for (int lane = 0; lane < ATS_PER_THREAD; ++lane) raw[lane] = ahead[lane];
+        const double shared_limit = shared_ahead;
+        if (tile + ATS_TILE < stop) {
+            load_lanes(row_weights, first + ATS_TILE, stop, ahead);
+            if (select) shared_ahead = shared_bound(row_bound, row);
+        }
         if (select && topn_needs_compaction(sel, n)) {
             topn_compact(s, sel, n);
             if (threadIdx.x == 0 && sel.kept == n) publish_bound(row_bound, row, sel.threshold);
         }
-        const double limit = select ? fmin(sel.threshold, shared_bound(row_bound, row)) : 0.0;
+        const double limit = select ? fmin(sel.threshold, shared_limit) : 0.0;
         const double bound = limit * ATS_REJECT_MARGIN;
-        const long long first = tile + ATS_PER_THREAD * (long long)threadIdx.x;
         bool offered[ATS_PER_THREAD] = {};
         double keys[ATS_PER_THREAD];
         unsigned int offsets[ATS_PER_THREAD];
@@ -391,7 +441,7 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
             for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
                 const long long p = first + lane;
                 if (p >= stop) break;
-                const double a = weight_at(row_weights, p, logits, top_logit, shift);
+                const double a = weight_of(raw[lane], logits, top_logit, shift);
                 sum += a;
                 negative += a < 0.0;  // counted as the CPU kernel does: -inf is negative, +inf positive
                 positive += a > 0.0;
@@ -742,10 +792,21 @@ __device__ void exponential_keys(const T* __restrict__ weights, long long size, 
 ATS_EXPONENTIAL_KEYS(f32, float)
 ATS_EXPONENTIAL_KEYS(f64, double)
 
-// With replacement, one warp per draw (blockDim.x a multiple of 32): draw k of a row is the first position whose
-// float64 prefix sum reaches u_k * total. The warp finds the chunk from the chunk sums, then scans it 32 positions
-// at a time (shuffle prefix sums). Prefix sums taken in another order than the total can miss the target by
-// rounding: then the draw is the row's last positive position.
+// With replacement, one block of ATS_SELECT_THREADS threads per draw: draw k of a row is the first position of
+// positive weight whose float64 prefix sum reaches u_k * total. The block adds the row's chunk sums (row_stats'
+// order) for the total, finds the chunk with a block scan of the chunk sums, ATS_SELECT_THREADS chunks a step,
+// then scans the positions from that chunk's start a tile (ATS_TILE positions) a step. Prefix sums taken in
+// another order than the total can miss the target by rounding: then the draw is the row's last positive position.
+using BlockPrefix = cub::BlockScan<double, ATS_SELECT_THREADS>;
+
+struct DrawShared {
+    BlockPrefix::TempStorage scan;
+    BlockStats stats;
+    double row[ATS_STATS];
+    double start;  // prefix sum before the chunk found
+    int hit;       // the first hit of a step (chunk or position offset), INT_MAX for none
+};
+
 template <typename T>
 __device__ void replacement_draws(const T* __restrict__ weights, long long size, int nchunks, long long chunk, int n,
                                   long long rows, unsigned long long seed, const unsigned long long* __restrict__ seed_ptr,
@@ -753,9 +814,9 @@ __device__ void replacement_draws(const T* __restrict__ weights, long long size,
                                   const long long* __restrict__ status, const double* __restrict__ stats, int dims,
                                   long long g0, long long g1, long long g2, int* __restrict__ indices,
                                   double* __restrict__ probs) {
-    const unsigned int lane = threadIdx.x & 31u;
-    const long long draw = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
-    if (draw >= rows * n) return;  // whole warps: blockDim.x is a multiple of 32
+    __shared__ DrawShared sh;
+    const long long draw = blockIdx.x;
+    if (draw >= rows * n) return;  // the whole block
     const long long row = draw / n;
     const int k = (int)(draw % n);
     const T* row_weights = weights + row * size;
@@ -763,53 +824,81 @@ __device__ void replacement_draws(const T* __restrict__ weights, long long size,
     const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
     const long long* row_status = status + row * 4;
     const bool valid = row_status[0] == 0 && row_status[1] == 0 && row_status[2] > 0;
-    double total = 0.0;  // of the rescaled weights where pass 1 redid the row's sums (chunk_topn, select = 0)
-    for (int c = 0; c < nchunks; ++c) total += stats[(row * nchunks + c) * ATS_STATS];
+    // of the rescaled weights where pass 1 redid the row's sums (chunk_topn, select = 0)
+    row_stats(sh.stats, sh.row, stats, row, nchunks);
+    __syncthreads();
+    const double total = sh.row[0];
     seed = effective_seed(seed, seed_ptr);
     const PhiloxWords w = block_words((unsigned long long)k >> 1, (unsigned int)row, ATS_STREAM_REPLACE, seed);
     const int word = 2 * (k & 1);
     const double target = to_uniform(w.w[word], w.w[word + 1]) * total;
     long long found = -1;
-    double found_a = 0.0;
-    if (valid) {
-        double acc = 0.0;
-        int c = 0;
-        for (; c < nchunks - 1; ++c) {
-            const double next = acc + stats[(row * nchunks + c) * ATS_STATS];
-            if (next >= target) break;
-            acc = next;
+    if (valid) {  // block-uniform
+        // the chunk: the first whose prefix sum (with its own sum) reaches the target, else the last
+        if (threadIdx.x == 0) sh.hit = 0x7FFFFFFF;
+        double acc = 0.0;  // block-uniform: the prefix sum before this step's chunks
+        for (int c0 = 0; c0 < nchunks; c0 += ATS_SELECT_THREADS) {
+            const int c = c0 + (int)threadIdx.x;
+            const double own = c < nchunks ? stats[(row * nchunks + c) * ATS_STATS] : 0.0;
+            double before = 0.0, step = 0.0;
+            BlockPrefix(sh.scan).ExclusiveSum(own, before, step);
+            const bool hit = c < nchunks && (acc + before + own >= target || c == nchunks - 1);
+            if (hit) atomicMin(&sh.hit, c);
+            __syncthreads();
+            const int first = sh.hit;
+            if (c == first) sh.start = acc + before;
+            __syncthreads();
+            if (first != 0x7FFFFFFF) break;
+            acc += step;
         }
-        for (long long base = c * chunk; base < size && found < 0; base += 32) {
-            const long long p = base + lane;
-            const double a = p < size ? weight_at(row_weights, p, logits, top_logit, shift) : 0.0;
-            double prefix = a;
-            for (int offset = 1; offset < 32; offset <<= 1) {
-                const double other = __shfl_up_sync(0xFFFFFFFFu, prefix, offset);
-                if ((int)lane >= offset) prefix += other;
+        acc = sh.start;
+        const int c = sh.hit;
+        __syncthreads();  // every thread has read sh.hit and sh.start
+        for (long long tile = c * chunk; tile < size; tile += ATS_TILE) {
+            if (threadIdx.x == 0) sh.hit = 0x7FFFFFFF;
+            const long long first = tile + ATS_PER_THREAD * (long long)threadIdx.x;
+            T raw[ATS_PER_THREAD];
+            load_lanes(row_weights, first, size, raw);
+            double a[ATS_PER_THREAD], local[ATS_PER_THREAD];
+            double run = 0.0;
+#pragma unroll
+            for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
+                a[lane] = first + lane < size ? weight_of(raw[lane], logits, top_logit, shift) : 0.0;
+                run += a[lane];
+                local[lane] = run;
             }
-            const unsigned int hits = __ballot_sync(0xFFFFFFFFu, p < size && a > 0.0 && acc + prefix >= target);
-            if (hits) {
-                const int first = __ffs((int)hits) - 1;
-                found = base + first;
-                found_a = __shfl_sync(0xFFFFFFFFu, a, first);
+            double before = 0.0, step = 0.0;
+            BlockPrefix(sh.scan).ExclusiveSum(run, before, step);  // its barriers order sh.hit's reset
+#pragma unroll
+            for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
+                if (first + lane < size && a[lane] > 0.0 && acc + (before + local[lane]) >= target) {
+                    atomicMin(&sh.hit, ATS_PER_THREAD * (int)threadIdx.x + lane);
+                    break;
+                }
             }
-            acc += __shfl_sync(0xFFFFFFFFu, prefix, 31);
+            __syncthreads();
+            const int hit = sh.hit;
+            __syncthreads();  // every thread has read sh.hit before the next step resets it
+            if (hit != 0x7FFFFFFF) {
+                found = tile + hit;
+                break;
+            }
+            acc += step;
         }
-        for (long long base = size - 1; found < 0 && base >= 0; base -= 32) {  // rounding: the last positive one
-            const long long p = base - lane;
-            const double a = p >= 0 ? weight_at(row_weights, p, logits, top_logit, shift) : 0.0;
-            const unsigned int hits = __ballot_sync(0xFFFFFFFFu, p >= 0 && a > 0.0);
-            if (hits) {
-                const int first = __ffs((int)hits) - 1;
-                found = base - first;
-                found_a = __shfl_sync(0xFFFFFFFFu, a, first);
-            }
+        for (long long end = size; found < 0 && end > 0; end -= ATS_SELECT_THREADS) {  // rounding: the last positive
+            if (threadIdx.x == 0) sh.hit = -1;
+            __syncthreads();
+            const long long p = end - ATS_SELECT_THREADS + (long long)threadIdx.x;
+            if (p >= 0 && weight_at(row_weights, p, logits, top_logit, shift) > 0.0) atomicMax(&sh.hit, (int)threadIdx.x);
+            __syncthreads();
+            if (sh.hit >= 0) found = end - ATS_SELECT_THREADS + sh.hit;
+            __syncthreads();  // every thread has read sh.hit before the next step resets it
         }
     }
-    if (lane == 0) {
+    if (threadIdx.x == 0) {
         const long long at = row * n + k;
         write_coords(indices, at, found < 0 ? 0 : found, dims, g0, g1, g2);
-        probs[at] = found < 0 ? 0.0 : found_a / total;
+        probs[at] = found < 0 ? 0.0 : weight_at(row_weights, found, logits, top_logit, shift) / total;
     }
 }
 

@@ -29,9 +29,17 @@ SELECT_THREADS = (32, 64, 128, 256)
 time; the selection buffer of MAX_SELECTION_N + PER_THREAD * threads entries must fit 48 KiB)."""
 MIN_BLOCKS = 2
 """ATS_MIN_BLOCKS: selecting blocks an SM must hold at once (their register cap); a tuning knob, draws unchanged."""
-MIN_CHUNK = 1 << 14
+MIN_CHUNK = 1 << 12
+"""Fewest positions of a chunk (4 tiles of 256 threads): a small map still spreads over many short blocks (the
+latency of a block is about one tile per 1024 positions, serialized), and finish_rows merges only the prefix of
+each chunk's list under the row's bound, so many chunks cost the merge little."""
 MAX_SLOTS = 1 << 31  # positions in a chunk and candidate slots of a row: the kernels hold them in 32 bits
-BLOCKS_PER_SM = 4
+BLOCKS_PER_SM = 2
+"""Target chunks per multiprocessor: one wave of selecting blocks (``MIN_BLOCKS`` of them fit an SM at once; on
+the H200, 2 beat 4 for 1 x 4096²)."""
+REPLACE_TILES = 8
+"""With replacement, most tiles of a chunk: a draw's block finds its chunk from the chunk sums, then scans the
+positions from the chunk's start a tile a step."""
 NULL = np.uint64(0)  # a null pointer argument
 FUSED = True
 """``atskern.sampling``: this backend takes logits as they are and applies the scale-free rescaling itself."""
@@ -59,8 +67,8 @@ def compile_options(threads: int) -> tuple[str, ...]:
 
 
 def chunk_size(rows: int, size: int, threads: int, multiprocessors: int) -> int:
-    """Positions per block: enough blocks to fill the device, at least ``MIN_CHUNK`` positions each (fewer,
-    larger blocks: the shared row bound makes every block after the first tiles nearly free).
+    """Positions per block: about ``BLOCKS_PER_SM`` blocks per multiprocessor over the call (one wave), at least
+    ``MIN_CHUNK`` positions each, a whole number of tiles.
 
     The draws do not depend on it: each block keeps its exact n smallest keys.
     """
@@ -102,7 +110,11 @@ def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocess
                          f"got {threads}")
     sort = not replace and n > MAX_SELECTION_N
     tile = PER_THREAD * threads  # a chunk starts on a tile: a thread's 4 positions share one Philox block
-    chunk = chunk_size(rows, size, threads, multiprocessors) if chunk is None else -(-chunk // tile) * tile
+    if chunk is None:
+        chunk = chunk_size(rows, size, threads, multiprocessors)
+        if replace:  # a draw's block scans from its chunk's start: short chunks, short scans
+            chunk = min(chunk, REPLACE_TILES * tile)
+    chunk = -(-chunk // tile) * tile
     # 32-bit positions within a chunk and candidate slots (nchunks * n) within a row
     chunk = min(chunk, MAX_SLOTS - tile)
     if -(-size // chunk) * n >= MAX_SLOTS:
@@ -165,8 +177,7 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
         steps += [chunk_pass(0, 0), finish(0, 0)]
         if double:
             steps.append(chunk_pass(1, 0))
-        warps = max(1, t // 32)
-        steps.append((f"replacement_draws_{suffix}", (-(-(rows * n) // warps),), (32 * warps,),
+        steps.append((f"replacement_draws_{suffix}", (rows * n,), (t,),
                       (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), np.int32(n), np.int64(rows),
                        *seed_args, ws.status, ws.stats, *geometry, indices, probs)))
     elif p.sort:

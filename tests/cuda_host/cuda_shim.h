@@ -19,6 +19,12 @@ struct dim3 {
 struct uint4 {
     unsigned x, y, z, w;
 };
+struct float4 {
+    float x, y, z, w;
+};
+struct double2 {
+    double x, y;
+};
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
 inline thread_local dim3 threadIdx, blockIdx;
