@@ -389,3 +389,24 @@ def test_plan_spreads_small_maps_over_many_short_blocks():
         assert r.chunk == min(p.chunk, gs.REPLACE_TILES * tile)
     huge = gs.plan(1, 1 << 30, 2048, False, 256, 132)
     assert huge.nchunks * 2048 < gs.MAX_SLOTS
+
+
+def test_host_summary_row_without_its_own_launch(lib):
+    """The first finish_rows writes the summary row (its last block to finish, counted in row_bound[rows]), in
+    every plan: the fused pass, the rescaling pass, with replacement, and the sort fallback, whose presorted
+    finish keeps the status of the unscaled weights (the CPU's): a row at 1e-300 counts as outside the scale-free
+    exponents, and a row whose huge weights rescale to zeros keeps its positive count."""
+    rng = np.random.default_rng(12)
+    attention = rng.random((5, 2300))
+    attention[1] *= 1e-300
+    attention[2, :5] = 1e300  # rescaled by 2^-997: its 1e-30 weights underflow, its count must not change
+    attention[2, 5:10] = 1e-30
+    attention[3, :2000] = 0
+    attention[4, 7] = np.inf
+    for n, replace in [(5, False), (5, True), (gs.selection_capacity(32) + 10, False)]:
+        assert gs.plan(5, 2300, n, replace, 32, 1, chunk=128).sort == (n > gs.max_selection_n())
+        _, _, status, _ = host_sample(lib, attention, n, seed=3, replace=replace)
+        _, _, cpu_status = cpu_sample(attention, n, 3, replace)
+        assert_same_status(status, cpu_status)
+        assert status[2, v.STATUS_POSITIVE] == 2300 and status[-1, v.STATUS_EXPONENT] == 2
+        assert status[-1, v.STATUS_NONFINITE] == 1 and status[-1, v.STATUS_POSITIVE] == 300

@@ -19,7 +19,8 @@
 //   (float64 only) chunk_topn and finish_rows again with pass = 1: rows whose largest weight's exponent is
 //                  outside SCALE_FREE_EXPONENTS are redone on weights times 2^-exponent (exact), every other
 //                  block returns at once: the CPU's scale-free rule without a host round trip.
-//   summarize      one block: the status's summary row (what the host reads back when validating).
+//                  The block that writes the last row's status (pass 0) also writes the status's summary row
+//                  (what the host reads back when validating): a count of blocks done that prepare zeroes.
 // With replacement chunk_topn only gathers the statistics (short chunks) and replacement_draws finds each draw
 // with one block: a scan of the row's chunk sums, then of the positions from the chunk found (no prefix sum over the
 // row in memory).
@@ -84,6 +85,7 @@ struct TopN {
         BlockSort<4>::TempStorage sort4;
         BlockSort<8>::TempStorage sort8;
         BlockSort<ATS_SORT_ITEMS>::TempStorage sort_all;
+        long long summary[4][ATS_SELECT_THREADS];  // finish_rows' summary row, before its merge
     } u;
     BlockOffsets::TempStorage scan;
 };
@@ -347,10 +349,14 @@ __device__ void reduce_stats(BlockStats& b, double* out, double sum, double top,
     }
 }
 
-// Prepare: one thread per row.
+// Prepare: one thread per row, and one for row_bound[rows], the count of finish_rows blocks done (summary row).
 extern "C" __global__ void prepare(long long rows, unsigned long long* row_bound, unsigned long long* rowmax) {
     const long long row = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (row >= rows) return;
+    if (row > rows) return;
+    if (row == rows) {
+        row_bound[rows] = 0ull;
+        return;
+    }
     row_bound[row] = ATS_INF_BITS;
     if (rowmax) rowmax[row] = 0ull;
 }
@@ -526,6 +532,7 @@ struct RowInfo {
     int skip;
     int valid;
     int redo;  // pass 0 of a row that pass 1 redoes: no merge
+    int last;  // this block is the last to write its row's status: it writes the summary row
 };
 
 // How many leading entries of a list sorted by key are at most `bound`: a galloping then a binary search, about
@@ -632,6 +639,42 @@ __device__ int merge_lists(TopN& s, int* lens, int* offs, const double* __restri
     return sel.kept;
 }
 
+// The summary row status[rows]: largest non-finite and negative counts, smallest positive count, and the number
+// of rows whose exponent is outside SCALE_FREE_EXPONENTS. Called by every thread of the block that finished last
+// (every row's status written and fenced before its block counted itself done), the list's memory free.
+__device__ void summarize_rows(TopN& s, long long* status, long long rows) {
+    __threadfence();
+    const volatile long long* rows_status = status;  // written by other blocks: read past this SM's L1
+    long long nonfinite = 0, negative = 0, positive = 0x7FFFFFFFFFFFFFFFll, outside = 0;
+    for (long long row = threadIdx.x; row < rows; row += blockDim.x) {
+        const long long f = rows_status[row * 4], g = rows_status[row * 4 + 1], p = rows_status[row * 4 + 2];
+        const long long e = rows_status[row * 4 + 3];
+        nonfinite = f > nonfinite ? f : nonfinite;
+        negative = g > negative ? g : negative;
+        positive = p < positive ? p : positive;
+        outside += e < ATS_EXPONENT_LOW || e > ATS_EXPONENT_HIGH;
+    }
+    s.u.summary[0][threadIdx.x] = nonfinite;
+    s.u.summary[1][threadIdx.x] = negative;
+    s.u.summary[2][threadIdx.x] = positive;
+    s.u.summary[3][threadIdx.x] = outside;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (unsigned int i = 1; i < blockDim.x; ++i) {
+            nonfinite = s.u.summary[0][i] > nonfinite ? s.u.summary[0][i] : nonfinite;
+            negative = s.u.summary[1][i] > negative ? s.u.summary[1][i] : negative;
+            positive = s.u.summary[2][i] < positive ? s.u.summary[2][i] : positive;
+            outside += s.u.summary[3][i];
+        }
+        long long* out = status + rows * 4;
+        out[0] = nonfinite;
+        out[1] = negative;
+        out[2] = positive;
+        out[3] = outside;
+    }
+    __syncthreads();  // the summary's reads of the list's memory done before the merge writes it
+}
+
 // One block per row: merge the chunks' candidate lists, status, fillers, coordinates and probabilities.
 // select = 0 (with replacement): the status only.
 template <typename T>
@@ -667,7 +710,8 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
         info.valid = counts[0] == 0 && counts[1] == 0 && counts[2] > 0;
         info.bound = shared_bound(row_bound, row);
         info.redo = 0;
-        if (!pass) {
+        info.last = 0;
+        if (!pass && !presorted) {  // the status is final here (a presorted or pass 1 finish keeps it)
             long long* out = status + row * 4;
             out[0] = counts[0];
             out[1] = counts[1];
@@ -675,13 +719,16 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
             out[3] = exponent_of(info.stats[1]);
             // A row that pass 1 redoes starts again from an open bound (chunk_topn pass 1 runs after this), and
             // its merge here would be overwritten: skipped.
-            if (select && !presorted && rescale_shift(out, is_double)) {
+            if (select && rescale_shift(out, is_double)) {
                 row_bound[row] = ATS_INF_BITS;
                 info.redo = 1;
             }
+            __threadfence();  // the row's status before the count of blocks done (row_bound[rows], prepare)
+            info.last = atomicAdd(row_bound + gridDim.x, 1ull) == (unsigned long long)gridDim.x - 1ull;
         }
     }
     __syncthreads();
+    if (info.last) summarize_rows(s, status, gridDim.x);  // block-uniform: the block that finished last
     if (!select || info.redo) return;  // block-uniform
     // The row's candidate lists: one per chunk (cand_count[row * nchunks + c] entries from slot (row * nchunks + c)
     // * n), or one presorted list of the row's n smallest keys in order (sort_keys), used as it is; so is a single
@@ -726,38 +773,6 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
     }
 ATS_FINISH_ROWS(f32, float)
 ATS_FINISH_ROWS(f64, double)
-
-// The summary row status[rows]: largest non-finite and negative counts, smallest positive count, and the number
-// of rows whose exponent is outside SCALE_FREE_EXPONENTS. One block.
-extern "C" __global__ void summarize(long long* status, long long rows) {
-    __shared__ long long part[4][ATS_MAX_THREADS];
-    long long nonfinite = 0, negative = 0, positive = 0x7FFFFFFFFFFFFFFFll, outside = 0;
-    for (long long row = threadIdx.x; row < rows; row += blockDim.x) {
-        const long long* s = status + row * 4;
-        nonfinite = s[0] > nonfinite ? s[0] : nonfinite;
-        negative = s[1] > negative ? s[1] : negative;
-        positive = s[2] < positive ? s[2] : positive;
-        outside += s[3] < ATS_EXPONENT_LOW || s[3] > ATS_EXPONENT_HIGH;
-    }
-    part[0][threadIdx.x] = nonfinite;
-    part[1][threadIdx.x] = negative;
-    part[2][threadIdx.x] = positive;
-    part[3][threadIdx.x] = outside;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        for (unsigned int i = 1; i < blockDim.x; ++i) {
-            nonfinite = part[0][i] > nonfinite ? part[0][i] : nonfinite;
-            negative = part[1][i] > negative ? part[1][i] : negative;
-            positive = part[2][i] < positive ? part[2][i] : positive;
-            outside += part[3][i];
-        }
-        long long* s = status + rows * 4;
-        s[0] = nonfinite;
-        s[1] = negative;
-        s[2] = positive;
-        s[3] = outside;
-    }
-}
 
 // Keys of every position, for n too large for the shared-memory selection (the caller sorts them; sampling.py):
 // NaN where a <= 0 or a is not finite (sorted after every positive position, even one whose key is +inf).

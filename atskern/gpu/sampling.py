@@ -85,7 +85,7 @@ class Workspace:
 
     status: object  # int64 (B + 1, 4)
     stats: object  # float64 (B * nchunks * STATS,)
-    row_bound: object  # uint64 (B,)
+    row_bound: object  # uint64 (B + 1,): the rows' shared bounds, then finish_rows' count of blocks done
     rowmax: object  # uint64 (B,), logits only
     cand_keys: object  # float64 (B * nchunks * n,), without replacement
     cand_idx: object  # int64
@@ -128,7 +128,7 @@ def workspace(empty, rows: int, size: int, n: int, p: Plan, replace: bool, logit
     return Workspace(
         status=empty((rows + 1, 4), np.int64),
         stats=empty((items * STATS,), np.float64),
-        row_bound=empty((rows,), np.uint64),
+        row_bound=empty((rows + 1,), np.uint64),
         rowmax=empty((rows,), np.uint64) if logits else None,
         cand_keys=empty((items * n,), np.float64) if select else None,
         cand_idx=empty((items * n,), np.int64) if select else None,
@@ -158,7 +158,7 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
     geometry = (np.int32(dims), np.int64(g[0]), np.int64(g[1]), np.int64(g[2]))
     seed_args = (np.uint64(seed), _ptr(seed_ptr), np.int32(logits), _ptr(ws.rowmax))
     items = rows * nchunks
-    steps = [("prepare", (-(-rows // t),), (t,), (np.int64(rows), ws.row_bound, _ptr(ws.rowmax)))]
+    steps = [("prepare", (-(-(rows + 1) // t),), (t,), (np.int64(rows), ws.row_bound, _ptr(ws.rowmax)))]
     if logits:
         steps.append((f"row_max_{suffix}", (items,), (t,), (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), ws.rowmax)))
 
@@ -192,7 +192,6 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
         steps += [chunk_pass(0, 1), finish(0, 1)]
         if double:
             steps += [chunk_pass(1, 1), finish(1, 1)]
-    steps.append(("summarize", (1,), (min(t, 1024),), (ws.status, np.int64(rows))))
     return steps
 
 
@@ -212,6 +211,13 @@ def _multiprocessors(device_id: int) -> int:
     return int(cupy().cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str, options: tuple[str, ...], device_id: int):
+    """A compiled kernel of :data:`SOURCE` on device ``device_id`` (the current one when called), memoized: a call
+    launches several, and looking each up costs host time."""
+    return _module.function(SOURCE, name, options)
+
+
 def _empty(shape, dtype):
     return cupy().empty(shape, dtype)
 
@@ -226,7 +232,8 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
     cp = cupy()
     rows, size = weights.shape
     threads = _module.THREADS_PER_BLOCK if threads is None else threads
-    sms = _multiprocessors(cp.cuda.Device().id)
+    device_id = cp.cuda.Device().id
+    sms = _multiprocessors(device_id)
     p = plan(rows, size, n, replace, threads, sms, chunk)
     ws = workspace(_empty, rows, size, n, p, replace, logits)
     indices = cp.empty((rows, n, len(grid)), cp.int32)
@@ -237,5 +244,5 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
             sort_keys(cp, ws, n)
             continue
         name, grid_dims, block, args = step
-        _module.function(SOURCE, name, options)(grid_dims, block, args)
+        _kernel(name, options, device_id)(grid_dims, block, args)
     return indices, probs, ws.status

@@ -4,6 +4,7 @@
 // block that runs at a time. For CPU-only CI of the kernels' own code (tests/test_cuda_host.py), not for speed.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -40,6 +41,7 @@ inline std::mutex atomic_mutex;
 #define __shared__ static
 
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 template <typename T>
 inline T __ldg(const T* p) { return *p; }

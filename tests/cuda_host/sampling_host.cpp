@@ -13,10 +13,6 @@ extern "C" void host_prepare(unsigned grid, unsigned block, long long rows, U64*
     launch(grid, block, [=] { prepare(rows, row_bound, rowmax); });
 }
 
-extern "C" void host_summarize(unsigned grid, unsigned block, long long* status, long long rows) {
-    launch(grid, block, [=] { summarize(status, rows); });
-}
-
 #define SAMPLING_HOST(suffix, T)                                                                                      \
     extern "C" void host_row_max_##suffix(unsigned grid, unsigned block, const T* weights, long long size,            \
                                           int nchunks, long long chunk, U64* rowmax) {                                \
