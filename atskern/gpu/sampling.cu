@@ -570,7 +570,8 @@ __device__ int prefix_at_most(const double* keys, int count, double bound) {
 // are gathered in slot order (a scan over the chunks), which is the position order, and one stable sort by key
 // orders them by (key, position), the reference's order. Where they do not fit the buffer (exact ties of many
 // keys, +inf keys), every slot is offered tile by tile up to the bound, compacting as chunk_topn does.
-__device__ int merge_lists(TopN& s, int* lens, int* offs, const double* __restrict__ keys, const int* __restrict__ counts,
+// Not inlined: finish_rows then spills nothing at 256 threads and MIN_BLOCKS 2 (ptxas, CUDA 13).
+__device__ __noinline__ int merge_lists(TopN& s, int* lens, int* offs, const double* __restrict__ keys, const int* __restrict__ counts,
                            int nchunks, int n, double bound) {
     if ((long long)nchunks * n > ATS_CAPACITY) {
         const int j = min(n, max(1, (2 * n + nchunks - 1) / nchunks));  // about 2n heads

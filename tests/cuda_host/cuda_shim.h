@@ -4,12 +4,15 @@
 // block that runs at a time. For CPU-only CI of the kernels' own code (tests/test_cuda_host.py), not for speed.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
+#include <numeric>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -36,6 +39,7 @@ inline std::mutex atomic_mutex;
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))  // after every standard header: libstdc++ spells the attribute so
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
 #define __shared__ static
