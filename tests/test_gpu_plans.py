@@ -234,8 +234,10 @@ def test_sampling_launch_sequence():
     assert names(np.float64, 10, False, False) == ["prepare", "chunk_topn_f64", "finish_rows_f64", "chunk_topn_f64",
                                                    "finish_rows_f64"]
     assert names(np.float32, 10, False, True)[:3] == ["prepare", "row_max_f32", "chunk_topn_f32"]
-    assert names(np.float32, 10, True, False) == ["prepare", "chunk_topn_f32", "finish_rows_f32",
+    assert names(np.float32, 10, True, False) == ["prepare", "chunk_stats_f32", "finish_rows_f32",
                                                   "replacement_draws_f32"]
+    assert names(np.float64, 10, True, False) == ["prepare", "chunk_stats_f64", "finish_rows_f64", "chunk_stats_f64",
+                                                  "replacement_draws_f64"]
     assert gs.SORT_STEP not in names(np.float32, 2048, False, False)
     assert gs.SORT_STEP in names(np.float32, 2049, False, False)
 

@@ -2,28 +2,31 @@
 //
 // A call is a fixed sequence of launches (atskern.gpu.sampling.plan), each reading what the previous ones wrote
 // in device memory, so it is asynchronous and CUDA-graph capturable:
-//   prepare        per row: the shared key bound := +inf, the logits maximum := below -inf.
+//   prepare        per row: the shared key bound := +inf, the logits maximum := below -inf; the count of
+//                  finish_rows blocks done := 0.
 //   row_max        (logits only) per (row, chunk) block: the largest finite logit, atomicMax into the row's slot.
 //   chunk_topn     per (row, chunk) block, one read of the chunk: the float64 sum, largest finite weight and the
 //                  counts of non-finite, negative and positive weights (the row's status), and the chunk's n
 //                  smallest exponential keys -log(u_p) / a_p (without replacement). Offers up to the current n-th
 //                  best key are appended in position order (a block scan) to a shared-memory buffer that
-//                  cub::BlockRadixSort compacts (stable, so ties go to the lower position; n <= ATS_MAX_N = 2048,
-//                  larger n sorts every key: exponential_keys and sampling.py); a key is computed only when
-//                  the high Philox word cannot rule it out (1 - u >= a t implies -log(u) / a >= t), and the row's
-//                  blocks share their n-th best keys through a global bound (atomicMin on the bits of a
-//                  non-negative double, monotone), so most blocks reject almost everything from the first tiles.
-//   finish_rows    per row: merges the chunk lists (the row's exact n smallest (key, position) pairs, ties by
-//                  position), writes the row's status, pads a short row with fillers (rule R1), and writes grid
-//                  coordinates and float64 probabilities.
+//                  cub::BlockRadixSort compacts when it is about full (stable, so ties go to the lower position;
+//                  n <= ATS_MAX_N = 2048, larger n sorts every key: exponential_keys and sampling.py); a key is
+//                  computed only when the high Philox word cannot rule it out (1 - u >= a t implies
+//                  -log(u) / a >= t), and the row's blocks share their n-th best keys through a global bound
+//                  (atomicMin on the bits of a non-negative double, monotone), so most blocks reject almost
+//                  everything from the first tiles. The next tile's weights are loaded a tile ahead.
+//   finish_rows    per row: sums the chunks' statistics (a block reduction in a fixed order), writes the row's
+//                  status, merges the chunk lists (the row's exact n smallest (key, position) pairs, ties by
+//                  position: only each sorted list's prefix under a bound of the row's n-th key, see merge_lists),
+//                  pads a short row with fillers (rule R1), and writes grid coordinates and float64
+//                  probabilities. The block that counts itself done last (pass 0) also writes the status's
+//                  summary row (what the host reads back when validating).
 //   (float64 only) chunk_topn and finish_rows again with pass = 1: rows whose largest weight's exponent is
 //                  outside SCALE_FREE_EXPONENTS are redone on weights times 2^-exponent (exact), every other
 //                  block returns at once: the CPU's scale-free rule without a host round trip.
-//                  The block that writes the last row's status (pass 0) also writes the status's summary row
-//                  (what the host reads back when validating): a count of blocks done that prepare zeroes.
-// With replacement chunk_topn only gathers the statistics (short chunks) and replacement_draws finds each draw
-// with one block: a scan of the row's chunk sums, then of the positions from the chunk found (no prefix sum over the
-// row in memory).
+// With replacement chunk_stats gathers the statistics (short chunks: chunk_topn's sums without its selection)
+// and replacement_draws finds each draw with one block: a scan of the row's chunk sums, then of the positions from
+// the chunk found (no prefix sum over the row in memory). The sort fallback takes its statistics from chunk_stats.
 //
 // Rows that validation would refuse (NaN/inf, negative weights, no positive weight) still get in-range indices;
 // their probabilities are 0 (their estimator weight is 0).
@@ -37,9 +40,9 @@
 #define ATS_SELECT_THREADS 256
 #endif
 // Blocks of the selecting kernels an SM must hold at once: caps their registers at 65536 / (threads * blocks)
-// (2 with 256 threads: at most 128 registers; CUDA 13's ptxas for sm_90 spills nothing in chunk_topn and a few
-// bytes in finish_rows; 3 or 4 spill around the sorts). Unmeasured on a device: a tuning knob for a GPU session
-// (atskern.gpu.sampling.MIN_BLOCKS); the draws do not depend on it.
+// (2 with 256 threads: at most 128 registers; CUDA 13's ptxas for sm_90 spills nothing in finish_rows and
+// 20-100 bytes in chunk_topn, the tile-ahead loads; 3 or 4 spill around the sorts: slower on the H200). A tuning
+// knob for a GPU session (atskern.gpu.sampling.MIN_BLOCKS); the draws do not depend on it.
 #ifndef ATS_MIN_BLOCKS
 #define ATS_MIN_BLOCKS 2
 #endif
@@ -495,6 +498,53 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
     }
 ATS_CHUNK_TOPN(f32, float)
 ATS_CHUNK_TOPN(f64, double)
+
+// The statistics of chunk_topn alone (with replacement, and before the sort fallback): one block per (row, chunk)
+// of ATS_SELECT_THREADS threads, the positions visited as chunk_topn visits them (the same sums, bit for bit),
+// without the selection's shared memory and register cap, so many more blocks share an SM.
+template <typename T>
+__device__ void chunk_stats(const T* __restrict__ weights, long long size, int nchunks, long long chunk, int logits,
+                            const unsigned long long* __restrict__ rowmax, int pass,
+                            const long long* __restrict__ status, double* __restrict__ stats) {
+    __shared__ BlockStats block_stats;
+    const long long item = blockIdx.x;
+    const long long row = item / nchunks;
+    const int shift = pass ? rescale_shift(status + row * 4, sizeof(T) == 8 || logits) : 0;
+    if (pass && !shift) return;  // the whole block: nothing to redo for this row
+    const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
+    const long long start = (item % nchunks) * chunk;
+    const long long stop = min(size, start + chunk);
+    const T* row_weights = weights + row * size;
+    double sum = 0.0, top = 0.0;
+    int nonfinite = 0, negative = 0, positive = 0;  // a chunk holds fewer than 2^31 positions (plan)
+    for (long long first = start + ATS_PER_THREAD * (long long)threadIdx.x; first < stop; first += ATS_TILE) {
+        T raw[ATS_PER_THREAD];
+        load_lanes(row_weights, first, stop, raw);
+#pragma unroll
+        for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
+            if (first + lane >= stop) break;
+            const double a = weight_of(raw[lane], logits, top_logit, shift);
+            sum += a;
+            negative += a < 0.0;
+            positive += a > 0.0;
+            if (!isfinite(a)) {
+                ++nonfinite;
+                continue;
+            }
+            top = a > top ? a : top;
+        }
+    }
+    reduce_stats(block_stats, stats + item * ATS_STATS, sum, top, nonfinite, negative, positive);
+}
+
+#define ATS_CHUNK_STATS(suffix, T)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(ATS_SELECT_THREADS) chunk_stats_##suffix(                         \
+        const T* weights, long long size, int nchunks, long long chunk, int logits, const unsigned long long* rowmax, \
+        int pass, const long long* status, double* stats) {                                                          \
+        chunk_stats<T>(weights, size, nchunks, chunk, logits, rowmax, pass, status, stats);                           \
+    }
+ATS_CHUNK_STATS(f32, float)
+ATS_CHUNK_STATS(f64, double)
 
 // The row's statistics from its chunks into out[0..ATS_STATS) (total, largest finite weight, counts): thread t
 // adds chunks t, t + blockDim.x, ... in order, then reduce_stats' fixed tree. The order depends on the block size

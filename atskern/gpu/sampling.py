@@ -167,6 +167,11 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
                 (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), np.int32(n), *seed_args, np.int32(pass_), ws.status, ws.row_bound, _ptr(ws.cand_keys),
                  _ptr(ws.cand_idx), _ptr(ws.cand_count), ws.stats, np.int32(select)))
 
+    def stats_pass(pass_):
+        return (f"chunk_stats_{suffix}", (items,), (t,),
+                (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), np.int32(logits), _ptr(ws.rowmax),
+                 np.int32(pass_), ws.status, ws.stats))
+
     def finish(pass_, select, presorted=0):
         return (f"finish_rows_{suffix}", (rows,), (t,),
                 (weights, np.int64(size), np.int32(nchunks), np.int32(n), np.int32(logits), _ptr(ws.rowmax),
@@ -174,16 +179,16 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
                  ws.row_bound, *geometry, indices, probs, np.int32(select), np.int32(presorted)))
 
     if replace:
-        steps += [chunk_pass(0, 0), finish(0, 0)]
+        steps += [stats_pass(0), finish(0, 0)]
         if double:
-            steps.append(chunk_pass(1, 0))
+            steps.append(stats_pass(1))
         steps.append((f"replacement_draws_{suffix}", (rows * n,), (t,),
                       (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), np.int32(n), np.int64(rows),
                        *seed_args, ws.status, ws.stats, *geometry, indices, probs)))
     elif p.sort:
-        steps += [chunk_pass(0, 0), finish(0, 0)]
+        steps += [stats_pass(0), finish(0, 0)]
         if double:
-            steps.append(chunk_pass(1, 0))
+            steps.append(stats_pass(1))
         total = rows * size
         steps.append((f"exponential_keys_{suffix}", (min(-(-total // t), 1 << 20),), (t,),
                       (weights, np.int64(size), np.int64(total), *seed_args, ws.status, ws.keys)))

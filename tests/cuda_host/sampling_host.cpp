@@ -28,6 +28,13 @@ extern "C" void host_prepare(unsigned grid, unsigned block, long long rows, U64*
                                 row_bound, cand_keys, cand_idx, cand_count, stats, select);                           \
         });                                                                                                           \
     }                                                                                                                 \
+    extern "C" void host_chunk_stats_##suffix(unsigned grid, unsigned block, const T* weights, long long size,        \
+                                              int nchunks, long long chunk, int logits, const U64* rowmax, int pass,  \
+                                              const long long* status, double* stats) {                               \
+        launch(grid, block, [=] {                                                                                     \
+            chunk_stats_##suffix(weights, size, nchunks, chunk, logits, rowmax, pass, status, stats);                 \
+        });                                                                                                           \
+    }                                                                                                                 \
     extern "C" void host_finish_rows_##suffix(unsigned grid, unsigned block, const T* weights, long long size,        \
                                               int nchunks, int n, int logits, const U64* rowmax, int pass,            \
                                               const double* cand_keys, const long long* cand_idx,                     \
