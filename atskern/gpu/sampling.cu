@@ -132,11 +132,47 @@ __device__ void sort_prefix(typename BlockSort<ITEMS>::TempStorage& storage, Sel
     }
 }
 
+// At most 32 entries: a bitonic network on (key bits from begin_bit up, value) pairs in one warp's registers (no
+// radix passes, no block barriers inside). The values of a list are distinct and increase with the position (or
+// slot) wherever two entries' keys tie and their order matters (kept entries sorted by (key, position), then
+// offers of later positions), so ordering by (key, value) is the stable sort by key. Every warp runs the network
+// on the same entries (the host harness's shuffles are block-wide); warp 0 writes. Called by every thread.
+__device__ void sort_small(SelectList& list, int count, int keep, int begin_bit) {
+    const int lane = (int)(threadIdx.x & 31u);
+    unsigned long long key = lane < count ? list.keys[lane] : ATS_PAD_KEY;
+    unsigned int value = lane < count ? list.values[lane] : ATS_PAD_VALUE;
+    const unsigned long long order = begin_bit ? key >> begin_bit : key;
+    unsigned long long rank = order;
+#pragma unroll
+    for (int k = 2; k <= 32; k <<= 1) {
+#pragma unroll
+        for (int j = k >> 1; j > 0; j >>= 1) {
+            const unsigned long long other_key = __shfl_xor_sync(0xFFFFFFFFu, key, j);
+            const unsigned long long other_rank = __shfl_xor_sync(0xFFFFFFFFu, rank, j);
+            const unsigned int other_value = __shfl_xor_sync(0xFFFFFFFFu, value, j);
+            const bool other_first = other_rank < rank || (other_rank == rank && other_value < value);
+            const bool ascending = (lane & k) == 0, lower = (lane & j) == 0;
+            if (lower == ascending ? other_first : !other_first && !(other_rank == rank && other_value == value)) {
+                key = other_key;
+                rank = other_rank;
+                value = other_value;
+            }
+        }
+    }
+    __syncthreads();  // every warp has read the entries before warp 0 writes
+    if (threadIdx.x < 32u && lane < keep) {
+        list.keys[lane] = key;
+        list.values[lane] = value;
+    }
+}
+
 // Sorts the list's first `count` entries (by the key bits from begin_bit up) and keeps the first `keep`, with the
 // smallest sort that holds them. Called by every thread of the block; the kept entries are visible on return.
 __device__ void sort_list(TopN& s, int count, int keep, int begin_bit = 0) {
     __syncthreads();  // the entries written by other threads are visible
-    if (count <= ATS_SELECT_THREADS) {
+    if (count <= 32) {
+        sort_small(s.u.list, count, keep, begin_bit);
+    } else if (count <= ATS_SELECT_THREADS) {
         sort_prefix<1>(s.u.sort1, s.u.list, count, keep, begin_bit);
     } else if (count <= 2 * ATS_SELECT_THREADS) {
         sort_prefix<2>(s.u.sort2, s.u.list, count, keep, begin_bit);

@@ -134,6 +134,8 @@ template <typename V>
 inline V __shfl_up_sync(unsigned, V value, int delta) { return warp_read(value, (int)(threadIdx.x & 31u) - delta); }
 template <typename V>
 inline V __shfl_sync(unsigned, V value, int lane) { return warp_read(value, lane); }
+template <typename V>
+inline V __shfl_xor_sync(unsigned, V value, int mask) { return warp_read(value, (int)(threadIdx.x & 31u) ^ mask); }
 
 inline unsigned __ballot_sync(unsigned, bool predicate) {
     warp_slots[threadIdx.x] = predicate;
