@@ -410,3 +410,22 @@ def test_host_summary_row_without_its_own_launch(lib):
         assert_same_status(status, cpu_status)
         assert status[2, v.STATUS_POSITIVE] == 2300 and status[-1, v.STATUS_EXPONENT] == 2
         assert status[-1, v.STATUS_NONFINITE] == 1 and status[-1, v.STATUS_POSITIVE] == 300
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_host_first_tile_bound_and_its_retry(libs, dtype):
+    """chunk_topn's first tile takes keys only below its own bound (the CPU's first bound on the tile's weights);
+    where fewer than n fall below it, the tile is taken again without it, its statistics counted once. The
+    64-thread harness expects only n keys below that bound, so each row's first block retries about half the
+    time: the draws still equal the reference's, and the status (counts, sums) the CPU kernel's."""
+    rng = np.random.default_rng(40)
+    attention = (rng.random((40, 700)) + 0.05).astype(dtype)
+    attention[::7, 5] = 0.0
+    for n in (1, 5, 20):
+        indices, probs, status, _ = host_sample(libs(64), attention, n, seed=n, threads=64, chunk=256)
+        ref_i, _ = reference.sample(attention, n, seed=n)
+        cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, n, False)
+        assert np.array_equal(indices, ref_i) and np.array_equal(indices, cpu_i), n
+        np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
+        np.testing.assert_allclose(probs, independent_probs(attention, flat_positions(indices, (700,))), rtol=1e-12)
+        assert_same_status(status, cpu_status)

@@ -47,6 +47,11 @@
 #define ATS_MIN_BLOCKS 2
 #endif
 #define ATS_SELECT_BOUNDS __launch_bounds__(ATS_SELECT_THREADS, ATS_MIN_BLOCKS)
+// Keys chunk_topn expects below its first tile's own bound (first_bound): fewer than n fall below it with
+// probability about 1e-5 (a host harness sets n, so that the tile is often taken again).
+#ifndef ATS_HEAD_WANT
+#define ATS_HEAD_WANT(n) ((n) + 4.0 * sqrt((double)(n)) + 6.0)
+#endif
 #define ATS_MAX_N 2048                                        // largest n selected in shared memory (MAX_SELECTION_N)
 #define ATS_PER_THREAD 4                                      // positions per thread and tile (one Philox block)
 #define ATS_TILE (ATS_PER_THREAD * ATS_SELECT_THREADS)
@@ -432,6 +437,50 @@ extern "C" __global__ void row_max_f64(const double* weights, long long size, in
     row_max<double>(weights, size, nchunks, chunk, rowmax);
 }
 
+// The first tile's bound of chunk_topn (block-uniform; called by every thread): t with W t - S t^2 / 2 = want
+// (W, S: the sum and the sum of squares of the tile's weights), below which about `want` of its keys fall in
+// expectation (1 - exp(-a t) >= a t - (a t)^2 / 2), or +inf where the tile has bad or too few usable weights or t
+// would not be below the row's shared bound. Thread 0's reading of the shared bound becomes every thread's
+// (*shared), so that whether the first tile is taken again is block-uniform.
+__device__ double first_bound(BlockStats& b, double want, double total, double squares, int usable, int bad,
+                              const unsigned long long* row_bound, long long row, double* shared) {
+    const unsigned int warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    total = warp_sum(total);
+    squares = warp_sum(squares);
+    usable = warp_sum(usable);
+    bad = warp_sum(bad);
+    if (lane == 0) {
+        b.sum[warp] = total;
+        b.top[warp] = squares;
+        b.count[0][warp] = usable;
+        b.count[1][warp] = bad;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double w = 0.0, q = 0.0;
+        long long u = 0, d = 0;
+        for (unsigned int i = 0; i < (blockDim.x >> 5); ++i) {
+            w += b.sum[i];
+            q += b.top[i];
+            u += b.count[0][i];
+            d += b.count[1][i];
+        }
+        const double disc = w * w - 2.0 * q * want;
+        double t = ATS_INF;
+        if (d == 0 && (double)u >= want && isfinite(w) && w > 0.0 && isfinite(disc) && disc > 0.0) {
+            t = 2.0 * want / (w + sqrt(disc));
+        }
+        const double limit = shared_bound(row_bound, row);
+        b.sum[0] = t < limit ? t : ATS_INF;
+        b.top[0] = limit;
+    }
+    __syncthreads();
+    const double t = b.sum[0];
+    *shared = b.top[0];
+    __syncthreads();  // every thread has read the result before the storage is used again
+    return t;
+}
+
 // One block per (row, chunk). select = 0 (with replacement): statistics only.
 template <typename T>
 __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nchunks, long long chunk, int n,
@@ -460,21 +509,47 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
     T ahead[ATS_PER_THREAD];
     load_lanes(row_weights, start + ATS_PER_THREAD * (long long)threadIdx.x, stop, ahead);
     double shared_ahead = select ? shared_bound(row_bound, row) : 0.0;
-    for (long long tile = start; tile < stop; tile += ATS_TILE) {
-        const long long first = tile + ATS_PER_THREAD * (long long)threadIdx.x;
-        T raw[ATS_PER_THREAD];
+    // The first tile's own bound (the CPU kernel's first bound, on the tile's weights): below it the tile holds
+    // about `want` keys, so that few are computed, offered and sorted before the first threshold. If fewer than n
+    // fall below it, the tile is taken again without it (exact either way). Block-uniform, like the shared bound
+    // the first tile uses (thread 0's reading).
+    double head_bound = ATS_INF;
+    const double want = ATS_HEAD_WANT(n);
+    if (select && want <= (double)ATS_TILE) {  // block-uniform
+        double total = 0.0, squares = 0.0;
+        int usable = 0, bad = 0;
 #pragma unroll
-        for (int lane = 0; lane < ATS_PER_THREAD; ++lane) raw[lane] = ahead[lane];
-        const double shared_limit = shared_ahead;
-        if (tile + ATS_TILE < stop) {
-            load_lanes(row_weights, first + ATS_TILE, stop, ahead);
-            if (select) shared_ahead = shared_bound(row_bound, row);
+        for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
+            if (start + ATS_PER_THREAD * (long long)threadIdx.x + lane >= stop) break;
+            const double a = weight_of(ahead[lane], logits, top_logit, shift);
+            bad += !(a >= 0.0) || !isfinite(a);
+            if (a > 0.0 && isfinite(a)) {
+                total += a;
+                squares += a * a;
+                ++usable;
+            }
+        }
+        head_bound = first_bound(block_stats, want, total, squares, usable, bad, row_bound, row, &shared_ahead);
+    }
+    bool again = false;  // the first tile again, without head_bound
+    T raw[ATS_PER_THREAD];
+    double shared_limit = 0.0;
+    for (long long tile = start; tile < stop;) {
+        const long long first = tile + ATS_PER_THREAD * (long long)threadIdx.x;
+        if (!again) {
+#pragma unroll
+            for (int lane = 0; lane < ATS_PER_THREAD; ++lane) raw[lane] = ahead[lane];
+            shared_limit = shared_ahead;
+            if (tile + ATS_TILE < stop) {
+                load_lanes(row_weights, first + ATS_TILE, stop, ahead);
+                if (select) shared_ahead = shared_bound(row_bound, row);
+            }
         }
         if (select && topn_needs_compaction(sel, n)) {
             topn_compact(s, sel, n);
             if (threadIdx.x == 0 && sel.kept == n) publish_bound(row_bound, row, sel.threshold);
         }
-        const double limit = select ? fmin(sel.threshold, shared_limit) : 0.0;
+        const double limit = select ? fmin(fmin(sel.threshold, shared_limit), head_bound) : 0.0;
         const double bound = limit * ATS_REJECT_MARGIN;
         bool offered[ATS_PER_THREAD] = {};
         double keys[ATS_PER_THREAD];
@@ -487,14 +562,14 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
                 const long long p = first + lane;
                 if (p >= stop) break;
                 const double a = weight_of(raw[lane], logits, top_logit, shift);
-                sum += a;
-                negative += a < 0.0;  // counted as the CPU kernel does: -inf is negative, +inf positive
-                positive += a > 0.0;
-                if (!isfinite(a)) {
-                    ++nonfinite;
-                    continue;
+                if (!again) {  // the statistics once per position
+                    sum += a;
+                    negative += a < 0.0;  // counted as the CPU kernel does: -inf is negative, +inf positive
+                    positive += a > 0.0;
+                    nonfinite += !isfinite(a);
+                    top = (isfinite(a) && a > top) ? a : top;
                 }
-                top = a > top ? a : top;
+                if (!isfinite(a)) continue;
                 if (!(a > 0.0) || !select) continue;
                 if (!have_hi) {
                     hi = block_words((unsigned long long)first >> 2, (unsigned int)row, ATS_STREAM_HI, seed);
@@ -511,6 +586,16 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
             }
         }
         if (select) topn_offer(s, sel, offered, keys, offsets);
+        if (head_bound < ATS_INF) {  // block-uniform: the first tile is done
+            head_bound = ATS_INF;
+            if (sel.count < n) {  // too few keys below the tile's bound: the tile again (sel.kept is 0)
+                sel.count = 0;
+                again = true;
+                continue;
+            }
+        }
+        again = false;
+        tile += ATS_TILE;
     }
     reduce_stats(block_stats, stats + item * ATS_STATS, sum, top, nonfinite, negative, positive);
     if (!select) return;
