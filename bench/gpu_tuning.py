@@ -22,7 +22,8 @@ from . import _gpu
 CONFIGS = [(256, 2, 4), (256, 3, 4), (256, 4, 4), (128, 2, 4), (128, 4, 4), (256, 2, 8), (256, 2, 2)]
 """(threads per block, MIN_BLOCKS, BLOCKS_PER_SM)."""
 CASES = [(1, 1024, 10), (1, 4096, 10), (1, 4096, 100), (32, 1024, 100), (256, 256, 10), (32, 256, 100), (1, 256, 10)]
-KERNELS = ("chunk_topn_f32", "finish_rows_f32", "replacement_draws_f32", "chunk_topn_f64", "finish_rows_f64")
+KERNELS = ("chunk_topn_f32", "finish_rows_f32", "chunk_stats_f32", "replacement_draws_f32", "chunk_topn_f64",
+           "finish_rows_f64")
 
 
 class knobs:

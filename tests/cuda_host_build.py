@@ -23,7 +23,9 @@ def build_host_library(folder: Path, harness: str) -> ctypes.CDLL:
     if probe.returncode != 0:
         pytest.skip(f"g++ without C++20 <barrier>: {probe.stderr.strip()[:200]}")
     out = folder / f"{harness}.so"
-    build = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-Wall", "-Wextra", "-Wshadow",
+    # -fno-gnu-unique: a template's function-local statics (the shims' __shared__ variables) would otherwise be
+    # STB_GNU_UNIQUE symbols, bound to the first loaded library's copy across every harness of another block size
+    build = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-fno-gnu-unique", "-Wall", "-Wextra", "-Wshadow",
                             "-Werror", "-Wno-unknown-pragmas", f"-I{HERE}", f"-I{SOURCE_DIR}",
                             str(HERE / f"{harness}.cpp"), "-o", str(out)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-4000:]

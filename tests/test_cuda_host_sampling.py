@@ -299,3 +299,133 @@ def test_host_seed_from_device_memory(lib):
         by_value = host_sample(lib, attention, 5, seed=2**63 + 17, replace=replace)
         by_array = host_sample(lib, attention, 5, seed=0, replace=replace, seed_array=np.array([2**63 + 17], np.uint64))
         assert np.array_equal(by_value[0], by_array[0]) and np.array_equal(by_value[1], by_array[1])
+
+
+def _merge_rows(rng, size):
+    """Rows for finish_rows' merge: plain, peaked (one hot region: most chunk lists empty), equal weights,
+    1-ulp ties, exact +inf key ties after 300 unit weights, a short row (fillers) and a row pass 1 rescales."""
+    rows = np.empty((7, size))
+    rows[0] = rng.random(size)
+    rows[1] = rng.random(size) * 1e-3
+    rows[1, size // 3: size // 3 + 500] += 50.0 * rng.random(500)
+    rows[2] = 1.0
+    rows[3] = np.choose(rng.integers(0, 2, size), [1.0, np.nextafter(1.0, 2.0)])
+    rows[4] = 5e-324
+    rows[4, rng.choice(size, 300, replace=False)] = 1.0
+    rows[5] = 0.0
+    rows[5, rng.choice(size, 70, replace=False)] = rng.random(70) + 0.1
+    rows[6] = rng.random(size) * 1e-300
+    return rows
+
+
+@pytest.mark.parametrize("n", [9, 60, 400])
+def test_host_merge_takes_list_prefixes_under_the_bound(lib, n):
+    """finish_rows with many chunk lists (47 chunks, more than the 32 threads of a block: the chunk scan and the
+    statistics reduction take several rounds), more slots than a block's buffer (nchunks * n > capacity: the
+    bound from the lists' heads) and rows where the prefixes overflow the buffer (+inf key ties: the bound
+    bounds nothing, the tile-by-tile merge): draws equal the reference's and the CPU kernel's, ties by position."""
+    attention = _merge_rows(np.random.default_rng(n), 6000)
+    indices, probs, status, p = host_sample(lib, attention, n, seed=n, chunk=128)
+    assert p.nchunks == 47 and p.nchunks > 32
+    assert p.nchunks * n > gs.selection_capacity(32) or n == 9
+    ref_i, _ = reference.sample(attention, n, seed=n)
+    cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, n, False)
+    for row in range(attention.shape[0]):
+        assert np.array_equal(indices[row], ref_i[row]) and np.array_equal(indices[row], cpu_i[row]), row
+    np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
+    flat = flat_positions(indices, attention.shape[1:])
+    scaled = attention * np.array([1, 1, 1, 1, 1, 1, 1e300])[:, None]
+    np.testing.assert_allclose(probs, independent_probs(scaled, flat), rtol=1e-12)
+    assert_same_status(status, cpu_status)
+    # independent of the reference: the equal-weight rows' probabilities are 1 / size; the +inf-key row draws
+    # its unit weights first, then the tied cells in position order; the short row ends in its lowest zeros
+    np.testing.assert_allclose(probs[2], 1.0 / 6000, rtol=1e-12)
+    ones = np.flatnonzero(attention[4] == 1.0)
+    assert set(flat[4, : min(n, 300)]) <= set(ones)
+    if n > 300:
+        assert np.array_equal(flat[4, 300:], np.flatnonzero(attention[4] != 1.0)[: n - 300])
+    if n > 70:
+        assert np.array_equal(flat[5, 70:], np.flatnonzero(attention[5] == 0)[: n - 70])
+        assert (probs[5, 70:] == 0).all()
+
+
+@pytest.mark.parametrize("chunk", [128, 1024])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_host_replacement_draws_scan_chunks_and_tiles(lib, dtype, chunk):
+    """With replacement, one block a draw: the chunk found by a block scan of the chunk sums (47 chunks: two
+    steps of 32), then the positions scanned a tile a step (1024-position chunks: 8 tiles of 128); rows with
+    zeros between positive cells and a peaked row. Draws equal the CPU kernel's; probabilities an independent
+    division."""
+    rng = np.random.default_rng(chunk)
+    attention = rng.random((4, 6000)).astype(dtype)
+    attention[1, ::2] = 0
+    attention[2, :5000] = 0
+    attention[3] = 0
+    attention[3, [17, 4500, 5999]] = [1.0, 3.0, 2.0]
+    n = 50
+    indices, probs, status, p = host_sample(lib, attention, n, seed=21, replace=True, chunk=chunk)
+    assert p.nchunks == -(-6000 // chunk)
+    cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, 21, True)
+    assert np.array_equal(indices, cpu_i)
+    np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
+    flat = flat_positions(indices, (6000,))
+    np.testing.assert_allclose(probs, independent_probs(attention, flat), rtol=1e-12)
+    assert set(flat[3]) <= {17, 4500, 5999} and (flat[2] >= 5000).all() and (flat[1] % 2 == 1).all()
+    assert_same_status(status, cpu_status)
+
+
+def test_plan_spreads_small_maps_over_many_short_blocks():
+    """The default chunking on a 132-multiprocessor device: a 256² map in 16 blocks of 4 tiles, larger calls in
+    about one wave of selecting blocks, replacement chunks of at most REPLACE_TILES tiles; the candidate slots
+    of a row stay below 2^31."""
+    tile = gs.PER_THREAD * 256
+    small = gs.plan(1, 256 * 256, 10, False, 256, 132)
+    assert small.chunk == gs.MIN_CHUNK == 4 * tile and small.nchunks == 16
+    for rows, size in [(1, 1024**2), (1, 4096**2), (32, 1024**2), (256, 256**2)]:
+        p = gs.plan(rows, size, 100, False, 256, 132)
+        assert p.chunk % tile == 0 and p.nchunks * p.chunk >= size > (p.nchunks - 1) * p.chunk
+        assert rows * p.nchunks <= 2 * gs.BLOCKS_PER_SM * 132 or p.chunk == gs.MIN_CHUNK
+        r = gs.plan(rows, size, 100, True, 256, 132)
+        assert r.chunk == min(p.chunk, gs.REPLACE_TILES * tile)
+    huge = gs.plan(1, 1 << 30, 2048, False, 256, 132)
+    assert huge.nchunks * 2048 < gs.MAX_SLOTS
+
+
+def test_host_summary_row_without_its_own_launch(lib):
+    """The first finish_rows writes the summary row (its last block to finish, counted in row_bound[rows]), in
+    every plan: the fused pass, the rescaling pass, with replacement, and the sort fallback, whose presorted
+    finish keeps the status of the unscaled weights (the CPU's): a row at 1e-300 counts as outside the scale-free
+    exponents, and a row whose huge weights rescale to zeros keeps its positive count."""
+    rng = np.random.default_rng(12)
+    attention = rng.random((5, 2300))
+    attention[1] *= 1e-300
+    attention[2, :5] = 1e300  # rescaled by 2^-997: its 1e-30 weights underflow, its count must not change
+    attention[2, 5:10] = 1e-30
+    attention[3, :2000] = 0
+    attention[4, 7] = np.inf
+    for n, replace in [(5, False), (5, True), (gs.selection_capacity(32) + 10, False)]:
+        assert gs.plan(5, 2300, n, replace, 32, 1, chunk=128).sort == (n > gs.max_selection_n())
+        _, _, status, _ = host_sample(lib, attention, n, seed=3, replace=replace)
+        _, _, cpu_status = cpu_sample(attention, n, 3, replace)
+        assert_same_status(status, cpu_status)
+        assert status[2, v.STATUS_POSITIVE] == 2300 and status[-1, v.STATUS_EXPONENT] == 2
+        assert status[-1, v.STATUS_NONFINITE] == 1 and status[-1, v.STATUS_POSITIVE] == 300
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_host_first_tile_bound_and_its_retry(libs, dtype):
+    """chunk_topn's first tile takes keys only below its own bound (the CPU's first bound on the tile's weights);
+    where fewer than n fall below it, the tile is taken again without it, its statistics counted once. The
+    64-thread harness expects only n keys below that bound, so each row's first block retries about half the
+    time: the draws still equal the reference's, and the status (counts, sums) the CPU kernel's."""
+    rng = np.random.default_rng(40)
+    attention = (rng.random((40, 700)) + 0.05).astype(dtype)
+    attention[::7, 5] = 0.0
+    for n in (1, 5, 20):
+        indices, probs, status, _ = host_sample(libs(64), attention, n, seed=n, threads=64, chunk=256)
+        ref_i, _ = reference.sample(attention, n, seed=n)
+        cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, n, False)
+        assert np.array_equal(indices, ref_i) and np.array_equal(indices, cpu_i), n
+        np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
+        np.testing.assert_allclose(probs, independent_probs(attention, flat_positions(indices, (700,))), rtol=1e-12)
+        assert_same_status(status, cpu_status)

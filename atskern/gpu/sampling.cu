@@ -2,26 +2,31 @@
 //
 // A call is a fixed sequence of launches (atskern.gpu.sampling.plan), each reading what the previous ones wrote
 // in device memory, so it is asynchronous and CUDA-graph capturable:
-//   prepare        per row: the shared key bound := +inf, the logits maximum := below -inf.
+//   prepare        per row: the shared key bound := +inf, the logits maximum := below -inf; the count of
+//                  finish_rows blocks done := 0.
 //   row_max        (logits only) per (row, chunk) block: the largest finite logit, atomicMax into the row's slot.
 //   chunk_topn     per (row, chunk) block, one read of the chunk: the float64 sum, largest finite weight and the
 //                  counts of non-finite, negative and positive weights (the row's status), and the chunk's n
 //                  smallest exponential keys -log(u_p) / a_p (without replacement). Offers up to the current n-th
 //                  best key are appended in position order (a block scan) to a shared-memory buffer that
-//                  cub::BlockRadixSort compacts (stable, so ties go to the lower position; n <= ATS_MAX_N = 2048,
-//                  larger n sorts every key: exponential_keys and sampling.py); a key is computed only when
-//                  the high Philox word cannot rule it out (1 - u >= a t implies -log(u) / a >= t), and the row's
-//                  blocks share their n-th best keys through a global bound (atomicMin on the bits of a
-//                  non-negative double, monotone), so most blocks reject almost everything from the first tiles.
-//   finish_rows    per row: merges the chunk lists (the row's exact n smallest (key, position) pairs, ties by
-//                  position), writes the row's status, pads a short row with fillers (rule R1), and writes grid
-//                  coordinates and float64 probabilities.
+//                  cub::BlockRadixSort compacts when it is about full (stable, so ties go to the lower position;
+//                  n <= ATS_MAX_N = 2048, larger n sorts every key: exponential_keys and sampling.py); a key is
+//                  computed only when the high Philox word cannot rule it out (1 - u >= a t implies
+//                  -log(u) / a >= t), and the row's blocks share their n-th best keys through a global bound
+//                  (atomicMin on the bits of a non-negative double, monotone), so most blocks reject almost
+//                  everything from the first tiles. The next tile's weights are loaded a tile ahead.
+//   finish_rows    per row: sums the chunks' statistics (a block reduction in a fixed order), writes the row's
+//                  status, merges the chunk lists (the row's exact n smallest (key, position) pairs, ties by
+//                  position: only each sorted list's prefix under a bound of the row's n-th key, see merge_lists),
+//                  pads a short row with fillers (rule R1), and writes grid coordinates and float64
+//                  probabilities. The block that counts itself done last (pass 0) also writes the status's
+//                  summary row (what the host reads back when validating).
 //   (float64 only) chunk_topn and finish_rows again with pass = 1: rows whose largest weight's exponent is
 //                  outside SCALE_FREE_EXPONENTS are redone on weights times 2^-exponent (exact), every other
 //                  block returns at once: the CPU's scale-free rule without a host round trip.
-//   summarize      one block: the status's summary row (what the host reads back when validating).
-// With replacement chunk_topn only gathers the statistics and replacement_draws finds each draw with a warp-wide
-// scan of one chunk (no prefix sum over the row in memory).
+// With replacement chunk_stats gathers the statistics (short chunks: chunk_topn's sums without its selection)
+// and replacement_draws finds each draw with one block: a scan of the row's chunk sums, then of the positions from
+// the chunk found (no prefix sum over the row in memory). The sort fallback takes its statistics from chunk_stats.
 //
 // Rows that validation would refuse (NaN/inf, negative weights, no positive weight) still get in-range indices;
 // their probabilities are 0 (their estimator weight is 0).
@@ -35,13 +40,18 @@
 #define ATS_SELECT_THREADS 256
 #endif
 // Blocks of the selecting kernels an SM must hold at once: caps their registers at 65536 / (threads * blocks)
-// (2 with 256 threads: at most 128 registers; CUDA 13's ptxas for sm_90 spills nothing in chunk_topn and a few
-// bytes in finish_rows; 3 or 4 spill around the sorts). Unmeasured on a device: a tuning knob for a GPU session
-// (atskern.gpu.sampling.MIN_BLOCKS); the draws do not depend on it.
+// (2 with 256 threads: at most 128 registers; CUDA 13's ptxas for sm_90 spills nothing in finish_rows and
+// 20-100 bytes in chunk_topn, the tile-ahead loads; 3 or 4 spill around the sorts: slower on the H200). A tuning
+// knob for a GPU session (atskern.gpu.sampling.MIN_BLOCKS); the draws do not depend on it.
 #ifndef ATS_MIN_BLOCKS
 #define ATS_MIN_BLOCKS 2
 #endif
 #define ATS_SELECT_BOUNDS __launch_bounds__(ATS_SELECT_THREADS, ATS_MIN_BLOCKS)
+// Keys chunk_topn expects below its first tile's own bound (first_bound): fewer than n fall below it with
+// probability about 1e-5 (a host harness sets n, so that the tile is often taken again).
+#ifndef ATS_HEAD_WANT
+#define ATS_HEAD_WANT(n) ((n) + 4.0 * sqrt((double)(n)) + 6.0)
+#endif
 #define ATS_MAX_N 2048                                        // largest n selected in shared memory (MAX_SELECTION_N)
 #define ATS_PER_THREAD 4                                      // positions per thread and tile (one Philox block)
 #define ATS_TILE (ATS_PER_THREAD * ATS_SELECT_THREADS)
@@ -83,6 +93,7 @@ struct TopN {
         BlockSort<4>::TempStorage sort4;
         BlockSort<8>::TempStorage sort8;
         BlockSort<ATS_SORT_ITEMS>::TempStorage sort_all;
+        long long summary[4][ATS_SELECT_THREADS];  // finish_rows' summary row, before its merge
     } u;
     BlockOffsets::TempStorage scan;
 };
@@ -100,9 +111,11 @@ __device__ __forceinline__ unsigned long long key_bits(double key) {
 }
 
 // Sorts the first `count` entries (stable: equal keys keep their order) and keeps the first `keep`. Called by
-// every thread of the block, the list complete (a barrier since its last write).
+// every thread of the block, the list complete (a barrier since its last write). With begin_bit > 0 the order is
+// that of the keys' bits from begin_bit up only (finish_rows' bound: fewer radix passes).
 template <int ITEMS>
-__device__ void sort_prefix(typename BlockSort<ITEMS>::TempStorage& storage, SelectList& list, int count, int keep) {
+__device__ void sort_prefix(typename BlockSort<ITEMS>::TempStorage& storage, SelectList& list, int count, int keep,
+                            int begin_bit = 0) {
     unsigned long long keys[ITEMS];
     unsigned int values[ITEMS];
 #pragma unroll
@@ -112,7 +125,7 @@ __device__ void sort_prefix(typename BlockSort<ITEMS>::TempStorage& storage, Sel
         values[i] = j < count ? list.values[j] : ATS_PAD_VALUE;
     }
     __syncthreads();  // every entry read before the sort writes its storage over the list
-    BlockSort<ITEMS>(storage).Sort(keys, values);
+    BlockSort<ITEMS>(storage).Sort(keys, values, begin_bit);
     __syncthreads();  // the sort's last reads of its storage done before the list is written again
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
@@ -124,27 +137,69 @@ __device__ void sort_prefix(typename BlockSort<ITEMS>::TempStorage& storage, Sel
     }
 }
 
+// At most 32 entries: a bitonic network on (key bits from begin_bit up, value) pairs in one warp's registers (no
+// radix passes, no block barriers inside). The values of a list are distinct and increase with the position (or
+// slot) wherever two entries' keys tie and their order matters (kept entries sorted by (key, position), then
+// offers of later positions), so ordering by (key, value) is the stable sort by key. Every warp runs the network
+// on the same entries (the host harness's shuffles are block-wide); warp 0 writes. Called by every thread.
+__device__ void sort_small(SelectList& list, int count, int keep, int begin_bit) {
+    const int lane = (int)(threadIdx.x & 31u);
+    unsigned long long key = lane < count ? list.keys[lane] : ATS_PAD_KEY;
+    unsigned int value = lane < count ? list.values[lane] : ATS_PAD_VALUE;
+    const unsigned long long order = begin_bit ? key >> begin_bit : key;
+    unsigned long long rank = order;
+#pragma unroll
+    for (int k = 2; k <= 32; k <<= 1) {
+#pragma unroll
+        for (int j = k >> 1; j > 0; j >>= 1) {
+            const unsigned long long other_key = __shfl_xor_sync(0xFFFFFFFFu, key, j);
+            const unsigned long long other_rank = __shfl_xor_sync(0xFFFFFFFFu, rank, j);
+            const unsigned int other_value = __shfl_xor_sync(0xFFFFFFFFu, value, j);
+            const bool other_first = other_rank < rank || (other_rank == rank && other_value < value);
+            const bool ascending = (lane & k) == 0, lower = (lane & j) == 0;
+            if (lower == ascending ? other_first : !other_first && !(other_rank == rank && other_value == value)) {
+                key = other_key;
+                rank = other_rank;
+                value = other_value;
+            }
+        }
+    }
+    __syncthreads();  // every warp has read the entries before warp 0 writes
+    if (threadIdx.x < 32u && lane < keep) {
+        list.keys[lane] = key;
+        list.values[lane] = value;
+    }
+}
+
+// Sorts the list's first `count` entries (by the key bits from begin_bit up) and keeps the first `keep`, with the
+// smallest sort that holds them. Called by every thread of the block; the kept entries are visible on return.
+__device__ void sort_list(TopN& s, int count, int keep, int begin_bit = 0) {
+    __syncthreads();  // the entries written by other threads are visible
+    if (count <= 32) {
+        sort_small(s.u.list, count, keep, begin_bit);
+    } else if (count <= ATS_SELECT_THREADS) {
+        sort_prefix<1>(s.u.sort1, s.u.list, count, keep, begin_bit);
+    } else if (count <= 2 * ATS_SELECT_THREADS) {
+        sort_prefix<2>(s.u.sort2, s.u.list, count, keep, begin_bit);
+    } else if (count <= 4 * ATS_SELECT_THREADS) {
+        sort_prefix<4>(s.u.sort4, s.u.list, count, keep, begin_bit);
+    } else if (count <= 8 * ATS_SELECT_THREADS) {
+        sort_prefix<8>(s.u.sort8, s.u.list, count, keep, begin_bit);
+    } else {
+        sort_prefix<ATS_SORT_ITEMS>(s.u.sort_all, s.u.list, count, keep, begin_bit);
+    }
+    __syncthreads();  // the kept entries are visible
+}
+
 // Sorts kept + offers and keeps the n first. Called by every thread of the block.
 //
 // Ties: the kept entries come from earlier positions than every offer and are sorted by (key, position); the
 // offers are in increasing position; a stable sort by key therefore orders by (key, position), the reference's
 // order (smallest key first, ties to the lower position).
 __device__ void topn_compact(TopN& s, Selection& sel, int n) {
-    __syncthreads();  // the offers written by other threads are visible
     const int count = sel.count;
     const int keep = min(n, count);
-    if (count <= ATS_SELECT_THREADS) {
-        sort_prefix<1>(s.u.sort1, s.u.list, count, keep);
-    } else if (count <= 2 * ATS_SELECT_THREADS) {
-        sort_prefix<2>(s.u.sort2, s.u.list, count, keep);
-    } else if (count <= 4 * ATS_SELECT_THREADS) {
-        sort_prefix<4>(s.u.sort4, s.u.list, count, keep);
-    } else if (count <= 8 * ATS_SELECT_THREADS) {
-        sort_prefix<8>(s.u.sort8, s.u.list, count, keep);
-    } else {
-        sort_prefix<ATS_SORT_ITEMS>(s.u.sort_all, s.u.list, count, keep);
-    }
-    __syncthreads();  // the kept entries are visible
+    sort_list(s, count, keep);
     sel.kept = keep;
     sel.count = keep;
     sel.threshold = keep == n ? __longlong_as_double((long long)s.u.list.keys[n - 1]) : ATS_INF;
@@ -215,10 +270,46 @@ __device__ __forceinline__ double logits_top(const unsigned long long* rowmax, l
 
 // The weight of a position: exp(l - top) for logits, times 2^-shift (pass 1's exact rescaling).
 template <typename T>
-__device__ __forceinline__ double weight_at(const T* row_weights, long long p, int logits, double top, int shift) {
-    const double x = widen(row_weights[p]);
+__device__ __forceinline__ double weight_of(T raw, int logits, double top, int shift) {
+    const double x = widen(raw);
     const double a = logits ? exp(x - top) : x;
     return shift ? ldexp(a, -shift) : a;
+}
+template <typename T>
+__device__ __forceinline__ double weight_at(const T* row_weights, long long p, int logits, double top, int shift) {
+    return weight_of(row_weights[p], logits, top, shift);
+}
+
+// A thread's ATS_PER_THREAD raw weights from position `first` (those below `stop`; 0 past it): 16-byte loads where
+// the four are there and aligned (a row's start need not be).
+__device__ __forceinline__ void load_lanes(const float* row_weights, long long first, long long stop,
+                                           float (&raw)[ATS_PER_THREAD]) {
+    const float* at = row_weights + first;
+    if (first + 4 <= stop && ((unsigned long long)at & 15ull) == 0ull) {
+        const float4 v = *reinterpret_cast<const float4*>(at);
+        raw[0] = v.x;
+        raw[1] = v.y;
+        raw[2] = v.z;
+        raw[3] = v.w;
+    } else {
+#pragma unroll
+        for (int lane = 0; lane < ATS_PER_THREAD; ++lane) raw[lane] = first + lane < stop ? at[lane] : 0.0f;
+    }
+}
+__device__ __forceinline__ void load_lanes(const double* row_weights, long long first, long long stop,
+                                           double (&raw)[ATS_PER_THREAD]) {
+    const double* at = row_weights + first;
+    if (first + 4 <= stop && ((unsigned long long)at & 15ull) == 0ull) {
+        const double2 v0 = *reinterpret_cast<const double2*>(at);
+        const double2 v1 = *reinterpret_cast<const double2*>(at + 2);
+        raw[0] = v0.x;
+        raw[1] = v0.y;
+        raw[2] = v1.x;
+        raw[3] = v1.y;
+    } else {
+#pragma unroll
+        for (int lane = 0; lane < ATS_PER_THREAD; ++lane) raw[lane] = first + lane < stop ? at[lane] : 0.0;
+    }
 }
 
 // frexp exponent of a positive finite x (0 for 0): the status's exponent column.
@@ -302,10 +393,14 @@ __device__ void reduce_stats(BlockStats& b, double* out, double sum, double top,
     }
 }
 
-// Prepare: one thread per row.
+// Prepare: one thread per row, and one for row_bound[rows], the count of finish_rows blocks done (summary row).
 extern "C" __global__ void prepare(long long rows, unsigned long long* row_bound, unsigned long long* rowmax) {
     const long long row = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (row >= rows) return;
+    if (row > rows) return;
+    if (row == rows) {
+        row_bound[rows] = 0ull;
+        return;
+    }
     row_bound[row] = ATS_INF_BITS;
     if (rowmax) rowmax[row] = 0ull;
 }
@@ -342,6 +437,50 @@ extern "C" __global__ void row_max_f64(const double* weights, long long size, in
     row_max<double>(weights, size, nchunks, chunk, rowmax);
 }
 
+// The first tile's bound of chunk_topn (block-uniform; called by every thread): t with W t - S t^2 / 2 = want
+// (W, S: the sum and the sum of squares of the tile's weights), below which about `want` of its keys fall in
+// expectation (1 - exp(-a t) >= a t - (a t)^2 / 2), or +inf where the tile has bad or too few usable weights or t
+// would not be below the row's shared bound. Thread 0's reading of the shared bound becomes every thread's
+// (*shared), so that whether the first tile is taken again is block-uniform.
+__device__ double first_bound(BlockStats& b, double want, double total, double squares, int usable, int bad,
+                              const unsigned long long* row_bound, long long row, double* shared) {
+    const unsigned int warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    total = warp_sum(total);
+    squares = warp_sum(squares);
+    usable = warp_sum(usable);
+    bad = warp_sum(bad);
+    if (lane == 0) {
+        b.sum[warp] = total;
+        b.top[warp] = squares;
+        b.count[0][warp] = usable;
+        b.count[1][warp] = bad;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double w = 0.0, q = 0.0;
+        long long u = 0, d = 0;
+        for (unsigned int i = 0; i < (blockDim.x >> 5); ++i) {
+            w += b.sum[i];
+            q += b.top[i];
+            u += b.count[0][i];
+            d += b.count[1][i];
+        }
+        const double disc = w * w - 2.0 * q * want;
+        double t = ATS_INF;
+        if (d == 0 && (double)u >= want && isfinite(w) && w > 0.0 && isfinite(disc) && disc > 0.0) {
+            t = 2.0 * want / (w + sqrt(disc));
+        }
+        const double limit = shared_bound(row_bound, row);
+        b.sum[0] = t < limit ? t : ATS_INF;
+        b.top[0] = limit;
+    }
+    __syncthreads();
+    const double t = b.sum[0];
+    *shared = b.top[0];
+    __syncthreads();  // every thread has read the result before the storage is used again
+    return t;
+}
+
 // One block per (row, chunk). select = 0 (with replacement): statistics only.
 template <typename T>
 __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nchunks, long long chunk, int n,
@@ -363,16 +502,55 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
     const long long stop = min(size, start + chunk);
     const T* row_weights = weights + row * size;
     double sum = 0.0, top = 0.0;
-    long long nonfinite = 0, negative = 0, positive = 0;
+    int nonfinite = 0, negative = 0, positive = 0;  // a chunk holds fewer than 2^31 positions (plan)
     Selection sel;
-    for (long long tile = start; tile < stop; tile += ATS_TILE) {
+    // The next tile's weights and the row's shared bound are read a tile ahead (any bound read earlier is valid),
+    // so their latency overlaps the current tile's work and barriers.
+    T ahead[ATS_PER_THREAD];
+    load_lanes(row_weights, start + ATS_PER_THREAD * (long long)threadIdx.x, stop, ahead);
+    double shared_ahead = select ? shared_bound(row_bound, row) : 0.0;
+    // The first tile's own bound (the CPU kernel's first bound, on the tile's weights): below it the tile holds
+    // about `want` keys, so that few are computed, offered and sorted before the first threshold. If fewer than n
+    // fall below it, the tile is taken again without it (exact either way). Block-uniform, like the shared bound
+    // the first tile uses (thread 0's reading).
+    double head_bound = ATS_INF;
+    const double want = ATS_HEAD_WANT(n);
+    if (select && want <= (double)ATS_TILE) {  // block-uniform
+        double total = 0.0, squares = 0.0;
+        int usable = 0, bad = 0;
+#pragma unroll
+        for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
+            if (start + ATS_PER_THREAD * (long long)threadIdx.x + lane >= stop) break;
+            const double a = weight_of(ahead[lane], logits, top_logit, shift);
+            bad += !(a >= 0.0) || !isfinite(a);
+            if (a > 0.0 && isfinite(a)) {
+                total += a;
+                squares += a * a;
+                ++usable;
+            }
+        }
+        head_bound = first_bound(block_stats, want, total, squares, usable, bad, row_bound, row, &shared_ahead);
+    }
+    bool again = false;  // the first tile again, without head_bound
+    T raw[ATS_PER_THREAD];
+    double shared_limit = 0.0;
+    for (long long tile = start; tile < stop;) {
+        const long long first = tile + ATS_PER_THREAD * (long long)threadIdx.x;
+        if (!again) {
+#pragma unroll
+            for (int lane = 0; lane < ATS_PER_THREAD; ++lane) raw[lane] = ahead[lane];
+            shared_limit = shared_ahead;
+            if (tile + ATS_TILE < stop) {
+                load_lanes(row_weights, first + ATS_TILE, stop, ahead);
+                if (select) shared_ahead = shared_bound(row_bound, row);
+            }
+        }
         if (select && topn_needs_compaction(sel, n)) {
             topn_compact(s, sel, n);
             if (threadIdx.x == 0 && sel.kept == n) publish_bound(row_bound, row, sel.threshold);
         }
-        const double limit = select ? fmin(sel.threshold, shared_bound(row_bound, row)) : 0.0;
+        const double limit = select ? fmin(fmin(sel.threshold, shared_limit), head_bound) : 0.0;
         const double bound = limit * ATS_REJECT_MARGIN;
-        const long long first = tile + ATS_PER_THREAD * (long long)threadIdx.x;
         bool offered[ATS_PER_THREAD] = {};
         double keys[ATS_PER_THREAD];
         unsigned int offsets[ATS_PER_THREAD];
@@ -383,15 +561,15 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
             for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
                 const long long p = first + lane;
                 if (p >= stop) break;
-                const double a = weight_at(row_weights, p, logits, top_logit, shift);
-                sum += a;
-                negative += a < 0.0;  // counted as the CPU kernel does: -inf is negative, +inf positive
-                positive += a > 0.0;
-                if (!isfinite(a)) {
-                    ++nonfinite;
-                    continue;
+                const double a = weight_of(raw[lane], logits, top_logit, shift);
+                if (!again) {  // the statistics once per position
+                    sum += a;
+                    negative += a < 0.0;  // counted as the CPU kernel does: -inf is negative, +inf positive
+                    positive += a > 0.0;
+                    nonfinite += !isfinite(a);
+                    top = (isfinite(a) && a > top) ? a : top;
                 }
-                top = a > top ? a : top;
+                if (!isfinite(a)) continue;
                 if (!(a > 0.0) || !select) continue;
                 if (!have_hi) {
                     hi = block_words((unsigned long long)first >> 2, (unsigned int)row, ATS_STREAM_HI, seed);
@@ -408,6 +586,16 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
             }
         }
         if (select) topn_offer(s, sel, offered, keys, offsets);
+        if (head_bound < ATS_INF) {  // block-uniform: the first tile is done
+            head_bound = ATS_INF;
+            if (sel.count < n) {  // too few keys below the tile's bound: the tile again (sel.kept is 0)
+                sel.count = 0;
+                again = true;
+                continue;
+            }
+        }
+        again = false;
+        tile += ATS_TILE;
     }
     reduce_stats(block_stats, stats + item * ATS_STATS, sum, top, nonfinite, negative, positive);
     if (!select) return;
@@ -432,23 +620,68 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
 ATS_CHUNK_TOPN(f32, float)
 ATS_CHUNK_TOPN(f64, double)
 
-// The row's statistics from its chunks, in chunk order: total, largest finite weight, counts.
-__device__ void row_stats(const double* stats, long long row, int nchunks, double* total, double* top, long long* counts) {
-    double s = 0.0, t = 0.0;
-    long long c0 = 0, c1 = 0, c2 = 0;
-    for (int c = 0; c < nchunks; ++c) {
-        const double* at = stats + (row * nchunks + c) * ATS_STATS;
-        s += at[0];
-        t = at[1] > t ? at[1] : t;
-        c0 += (long long)at[2];
-        c1 += (long long)at[3];
-        c2 += (long long)at[4];
+// The statistics of chunk_topn alone (with replacement, and before the sort fallback): one block per (row, chunk)
+// of ATS_SELECT_THREADS threads, the positions visited as chunk_topn visits them (the same sums, bit for bit),
+// without the selection's shared memory and register cap, so many more blocks share an SM.
+template <typename T>
+__device__ void chunk_stats(const T* __restrict__ weights, long long size, int nchunks, long long chunk, int logits,
+                            const unsigned long long* __restrict__ rowmax, int pass,
+                            const long long* __restrict__ status, double* __restrict__ stats) {
+    __shared__ BlockStats block_stats;
+    const long long item = blockIdx.x;
+    const long long row = item / nchunks;
+    const int shift = pass ? rescale_shift(status + row * 4, sizeof(T) == 8 || logits) : 0;
+    if (pass && !shift) return;  // the whole block: nothing to redo for this row
+    const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
+    const long long start = (item % nchunks) * chunk;
+    const long long stop = min(size, start + chunk);
+    const T* row_weights = weights + row * size;
+    double sum = 0.0, top = 0.0;
+    int nonfinite = 0, negative = 0, positive = 0;  // a chunk holds fewer than 2^31 positions (plan)
+    for (long long first = start + ATS_PER_THREAD * (long long)threadIdx.x; first < stop; first += ATS_TILE) {
+        T raw[ATS_PER_THREAD];
+        load_lanes(row_weights, first, stop, raw);
+#pragma unroll
+        for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
+            if (first + lane >= stop) break;
+            const double a = weight_of(raw[lane], logits, top_logit, shift);
+            sum += a;
+            negative += a < 0.0;
+            positive += a > 0.0;
+            if (!isfinite(a)) {
+                ++nonfinite;
+                continue;
+            }
+            top = a > top ? a : top;
+        }
     }
-    *total = s;
-    *top = t;
-    counts[0] = c0;
-    counts[1] = c1;
-    counts[2] = c2;
+    reduce_stats(block_stats, stats + item * ATS_STATS, sum, top, nonfinite, negative, positive);
+}
+
+#define ATS_CHUNK_STATS(suffix, T)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(ATS_SELECT_THREADS) chunk_stats_##suffix(                         \
+        const T* weights, long long size, int nchunks, long long chunk, int logits, const unsigned long long* rowmax, \
+        int pass, const long long* status, double* stats) {                                                          \
+        chunk_stats<T>(weights, size, nchunks, chunk, logits, rowmax, pass, status, stats);                           \
+    }
+ATS_CHUNK_STATS(f32, float)
+ATS_CHUNK_STATS(f64, double)
+
+// The row's statistics from its chunks into out[0..ATS_STATS) (total, largest finite weight, counts): thread t
+// adds chunks t, t + blockDim.x, ... in order, then reduce_stats' fixed tree. The order depends on the block size
+// and the chunk count only (the plan), never on timing. Called by every thread of the block.
+__device__ void row_stats(BlockStats& b, double* out, const double* stats, long long row, int nchunks) {
+    double sum = 0.0, top = 0.0;
+    long long nonfinite = 0, negative = 0, positive = 0;
+    for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
+        const double* at = stats + (row * nchunks + c) * ATS_STATS;
+        sum += at[0];
+        top = at[1] > top ? at[1] : top;
+        nonfinite += (long long)at[2];
+        negative += (long long)at[3];
+        positive += (long long)at[4];
+    }
+    reduce_stats(b, out, sum, top, nonfinite, negative, positive);
 }
 
 __device__ __forceinline__ void write_coords(int* indices, long long at, long long position, int dims, long long g0,
@@ -462,12 +695,157 @@ __device__ __forceinline__ void write_coords(int* indices, long long at, long lo
 }
 
 struct RowInfo {
+    double stats[ATS_STATS];  // row_stats
     double total;
     double top_logit;
+    double bound;  // the row's shared bound when the merge starts
     int shift;
     int skip;
     int valid;
+    int redo;  // pass 0 of a row that pass 1 redoes: no merge
+    int last;  // this block is the last to write its row's status: it writes the summary row
 };
+
+// How many leading entries of a list sorted by key are at most `bound`: a galloping then a binary search, about
+// 2 log2(answer) reads (a chunk's list mostly holds few keys under a good bound).
+__device__ int prefix_at_most(const double* keys, int count, double bound) {
+    if (count <= 0 || !(keys[0] <= bound)) return 0;
+    int good = 1, bad = count + 1;  // keys[good - 1] <= bound; bad: count + 1 or keys[bad - 1] > bound
+    for (int probe = 2; probe <= count; probe *= 2) {
+        if (keys[probe - 1] <= bound) {
+            good = probe;
+        } else {
+            bad = probe;
+            break;
+        }
+    }
+    while (bad - good > 1) {
+        const int mid = good + (bad - good) / 2;
+        if (keys[mid - 1] <= bound) {
+            good = mid;
+        } else {
+            bad = mid;
+        }
+    }
+    return good;
+}
+
+// The merge of finish_rows: the row's exact n smallest (key, slot) pairs of its chunk lists into s.u.list (values:
+// slots, chunk c's i-th entry at c * n + i); returns how many (min(n, candidates)). Called by every thread.
+//
+// Only the keys at most `bound`, an upper bound of the row's n-th smallest key, can be among them, and each chunk's
+// list is sorted by (key, position), so they are a prefix of each list. The bound is the smallest of the row's
+// shared bound (chunk_topn: a block's n-th best key) and, when the lists hold more than a buffer, the n-th smallest
+// of the lists' heads (the first j entries of each chunk: n of the row's keys are at most it), taken on the keys'
+// high 32 bits (half the radix passes) and rounded up to the largest key with the same high bits. The prefixes
+// are gathered in slot order (a scan over the chunks), which is the position order, and one stable sort by key
+// orders them by (key, position), the reference's order. Where they do not fit the buffer (exact ties of many
+// keys, +inf keys), every slot is offered tile by tile up to the bound, compacting as chunk_topn does.
+// Not inlined: finish_rows then spills nothing at 256 threads and MIN_BLOCKS 2 (ptxas, CUDA 13).
+__device__ __noinline__ int merge_lists(TopN& s, int* lens, int* offs, const double* __restrict__ keys, const int* __restrict__ counts,
+                           int nchunks, int n, double bound) {
+    if ((long long)nchunks * n > ATS_CAPACITY) {
+        const int j = min(n, max(1, (2 * n + nchunks - 1) / nchunks));  // about 2n heads
+        const int heads = min(nchunks, ATS_CAPACITY / j) * j;  // the first chunks' heads: any n of them bound
+        if (heads >= n) {
+            for (int e = threadIdx.x; e < heads; e += blockDim.x) {
+                const int c = e / j, i = e - c * j;
+                s.u.list.keys[e] = i < counts[c] ? key_bits(keys[(long long)c * n + i]) : ATS_PAD_KEY;
+                s.u.list.values[e] = (unsigned int)e;
+            }
+            sort_list(s, heads, n, 32);
+            const unsigned long long high = s.u.list.keys[n - 1] >> 32;
+            __syncthreads();  // every thread has read the n-th entry before the list is written again
+            // the first n entries' high bits are at most `high`; +inf (0x7FF00000) or a pad bounds nothing
+            if (high < (ATS_INF_BITS >> 32)) bound = fmin(bound, __longlong_as_double((long long)((high << 32) | 0xFFFFFFFFull)));
+        }
+    }
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int total = 0;  // block-uniform
+    for (int c0 = 0; c0 < nchunks; c0 += ATS_SELECT_THREADS) {
+        const int c = c0 + (int)threadIdx.x;
+        const int len = c < nchunks ? prefix_at_most(keys + (long long)c * n, counts[c], bound) : 0;
+        int at = 0, sum = 0;
+        BlockOffsets(s.scan).ExclusiveSum(len, at, sum);
+        lens[threadIdx.x] = len;
+        offs[threadIdx.x] = total + at;
+        __syncthreads();
+        if (total + sum <= ATS_CAPACITY) {  // block-uniform
+            const int here = min(ATS_SELECT_THREADS, nchunks - c0);
+            for (int l = warp; l < here; l += ATS_SELECT_THREADS / 32) {  // a warp per chunk, a lane per entry
+                for (int i = lane; i < lens[l]; i += 32) {
+                    const long long slot = (long long)(c0 + l) * n + i;
+                    s.u.list.keys[offs[l] + i] = key_bits(keys[slot]);
+                    s.u.list.values[offs[l] + i] = (unsigned int)slot;
+                }
+            }
+        }
+        total += sum;
+        __syncthreads();  // lens, offs and the scan's storage are reused
+    }
+    if (total <= ATS_CAPACITY) {
+        sort_list(s, total, min(n, total));
+        return min(n, total);
+    }
+    Selection sel;
+    const long long offers = (long long)nchunks * n;  // slots; below 2^31 (plan)
+    for (long long tile = 0; tile < offers; tile += ATS_TILE) {
+        if (topn_needs_compaction(sel, n)) topn_compact(s, sel, n);
+        const double limit = fmin(sel.threshold, bound);
+        bool offered[ATS_PER_THREAD] = {};
+        double offer_keys[ATS_PER_THREAD];
+        unsigned int slots[ATS_PER_THREAD];
+#pragma unroll
+        for (int lane_ = 0; lane_ < ATS_PER_THREAD; ++lane_) {
+            // blocked: a thread's slots are consecutive, so the block offers them in slot order
+            const long long slot = tile + ATS_PER_THREAD * (long long)threadIdx.x + lane_;
+            if (slot >= offers) break;
+            if ((int)(slot % n) >= counts[slot / n]) continue;
+            offer_keys[lane_] = keys[slot];
+            slots[lane_] = (unsigned int)slot;
+            offered[lane_] = offer_keys[lane_] <= limit;
+        }
+        topn_offer(s, sel, offered, offer_keys, slots);
+    }
+    topn_compact(s, sel, n);
+    return sel.kept;
+}
+
+// The summary row status[rows]: largest non-finite and negative counts, smallest positive count, and the number
+// of rows whose exponent is outside SCALE_FREE_EXPONENTS. Called by every thread of the block that finished last
+// (every row's status written and fenced before its block counted itself done), the list's memory free.
+__device__ void summarize_rows(TopN& s, long long* status, long long rows) {
+    __threadfence();
+    const volatile long long* rows_status = status;  // written by other blocks: read past this SM's L1
+    long long nonfinite = 0, negative = 0, positive = 0x7FFFFFFFFFFFFFFFll, outside = 0;
+    for (long long row = threadIdx.x; row < rows; row += blockDim.x) {
+        const long long f = rows_status[row * 4], g = rows_status[row * 4 + 1], p = rows_status[row * 4 + 2];
+        const long long e = rows_status[row * 4 + 3];
+        nonfinite = f > nonfinite ? f : nonfinite;
+        negative = g > negative ? g : negative;
+        positive = p < positive ? p : positive;
+        outside += e < ATS_EXPONENT_LOW || e > ATS_EXPONENT_HIGH;
+    }
+    s.u.summary[0][threadIdx.x] = nonfinite;
+    s.u.summary[1][threadIdx.x] = negative;
+    s.u.summary[2][threadIdx.x] = positive;
+    s.u.summary[3][threadIdx.x] = outside;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (unsigned int i = 1; i < blockDim.x; ++i) {
+            nonfinite = s.u.summary[0][i] > nonfinite ? s.u.summary[0][i] : nonfinite;
+            negative = s.u.summary[1][i] > negative ? s.u.summary[1][i] : negative;
+            positive = s.u.summary[2][i] < positive ? s.u.summary[2][i] : positive;
+            outside += s.u.summary[3][i];
+        }
+        long long* out = status + rows * 4;
+        out[0] = nonfinite;
+        out[1] = negative;
+        out[2] = positive;
+        out[3] = outside;
+    }
+    __syncthreads();  // the summary's reads of the list's memory done before the merge writes it
+}
 
 // One block per row: merge the chunks' candidate lists, status, fillers, coordinates and probabilities.
 // select = 0 (with replacement): the status only.
@@ -481,6 +859,9 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
                             int presorted) {
     __shared__ TopN s;
     __shared__ RowInfo info;
+    __shared__ BlockStats block_stats;
+    __shared__ int lens[ATS_SELECT_THREADS];
+    __shared__ int offs[ATS_SELECT_THREADS];
     const long long row = blockIdx.x;
     const T* row_weights = weights + row * size;
     const int is_double = sizeof(T) == 8 || logits;
@@ -489,54 +870,48 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
         const int shift = (pass || presorted) ? rescale_shift(status + row * 4, is_double) : 0;
         info.skip = pass && !shift;
         info.shift = shift;
-        if (!info.skip) {
-            double total, top;
-            long long counts[3];
-            row_stats(stats, row, nchunks, &total, &top, counts);
-            info.total = total;
-            info.top_logit = logits ? logits_top(rowmax, row) : 0.0;
-            info.valid = counts[0] == 0 && counts[1] == 0 && counts[2] > 0;
-            if (!pass) {
-                long long* out = status + row * 4;
-                out[0] = counts[0];
-                out[1] = counts[1];
-                out[2] = counts[2];
-                out[3] = exponent_of(top);
-                // A row that pass 1 redoes starts again from an open bound (chunk_topn pass 1 runs after this).
-                if (select && rescale_shift(out, is_double)) row_bound[row] = ATS_INF_BITS;
+    }
+    __syncthreads();
+    if (info.skip) return;  // block-uniform
+    row_stats(block_stats, info.stats, stats, row, nchunks);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const long long counts[3] = {(long long)info.stats[2], (long long)info.stats[3], (long long)info.stats[4]};
+        info.total = info.stats[0];
+        info.top_logit = logits ? logits_top(rowmax, row) : 0.0;
+        info.valid = counts[0] == 0 && counts[1] == 0 && counts[2] > 0;
+        info.bound = shared_bound(row_bound, row);
+        info.redo = 0;
+        info.last = 0;
+        if (!pass && !presorted) {  // the status is final here (a presorted or pass 1 finish keeps it)
+            long long* out = status + row * 4;
+            out[0] = counts[0];
+            out[1] = counts[1];
+            out[2] = counts[2];
+            out[3] = exponent_of(info.stats[1]);
+            // A row that pass 1 redoes starts again from an open bound (chunk_topn pass 1 runs after this), and
+            // its merge here would be overwritten: skipped.
+            if (select && rescale_shift(out, is_double)) {
+                row_bound[row] = ATS_INF_BITS;
+                info.redo = 1;
             }
+            __threadfence();  // the row's status before the count of blocks done (row_bound[rows], prepare)
+            info.last = atomicAdd(row_bound + gridDim.x, 1ull) == (unsigned long long)gridDim.x - 1ull;
         }
     }
     __syncthreads();
-    if (info.skip || !select) return;
+    if (info.last) summarize_rows(s, status, gridDim.x);  // block-uniform: the block that finished last
+    if (!select || info.redo) return;  // block-uniform
     // The row's candidate lists: one per chunk (cand_count[row * nchunks + c] entries from slot (row * nchunks + c)
-    // * n), or one presorted list of the row's n smallest keys in order (sort_keys), used as it is.
+    // * n), or one presorted list of the row's n smallest keys in order (sort_keys), used as it is; so is a single
+    // chunk's list (its exact n smallest keys, sorted).
+    const int direct = presorted || nchunks == 1;
     const long long base = row * (presorted ? 1 : nchunks) * n;
-    Selection sel;
-    if (presorted) sel.kept = min(n, cand_count[row]);
-    const long long offers = presorted ? 0 : (long long)nchunks * n;  // slots; below 2^31 (plan)
-    for (long long tile = 0; tile < offers; tile += ATS_TILE) {
-        if (topn_needs_compaction(sel, n)) topn_compact(s, sel, n);
-        bool offered[ATS_PER_THREAD] = {};
-        double keys[ATS_PER_THREAD];
-        unsigned int slots[ATS_PER_THREAD];
-#pragma unroll
-        for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
-            // blocked: a thread's slots are consecutive, so the block offers them in slot order; for equal keys
-            // the slot order is the position order (a chunk's list is sorted by (key, position), and a lower chunk
-            // holds lower positions)
-            const long long j = tile + ATS_PER_THREAD * (long long)threadIdx.x + lane;
-            if (j >= offers) break;
-            if ((int)(j % n) >= cand_count[row * nchunks + j / n]) continue;
-            keys[lane] = cand_keys[base + j];
-            slots[lane] = (unsigned int)j;
-            offered[lane] = keys[lane] <= sel.threshold;
-        }
-        topn_offer(s, sel, offered, keys, slots);
-    }
-    if (!presorted) topn_compact(s, sel, n);
-    for (int k = threadIdx.x; k < sel.kept; k += blockDim.x) {
-        const long long position = cand_idx[base + (presorted ? k : (long long)s.u.list.values[k])];
+    const int kept = direct ? min(n, cand_count[row * (presorted ? 1 : nchunks)])
+                            : merge_lists(s, lens, offs, cand_keys + base, cand_count + row * nchunks, nchunks, n,
+                                          info.bound);
+    for (int k = threadIdx.x; k < kept; k += blockDim.x) {
+        const long long position = cand_idx[base + (direct ? k : (long long)s.u.list.values[k])];
         const long long at = row * n + k;
         write_coords(indices, at, position, dims, g0, g1, g2);
         const double a = weight_at(row_weights, position, logits, info.top_logit, info.shift);
@@ -545,7 +920,7 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
     if (threadIdx.x == 0) {
         // Fillers (rule R1): the lowest positions without positive weight, in increasing order, probability 0.
         // At most 2n positions are looked at: the row has fewer than n positive ones.
-        int k = sel.kept;
+        int k = kept;
         for (long long p = 0; p < size && k < n; ++p) {
             if (!(weight_at(row_weights, p, logits, info.top_logit, info.shift) > 0.0)) {
                 write_coords(indices, row * n + k, p, dims, g0, g1, g2);
@@ -570,38 +945,6 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
     }
 ATS_FINISH_ROWS(f32, float)
 ATS_FINISH_ROWS(f64, double)
-
-// The summary row status[rows]: largest non-finite and negative counts, smallest positive count, and the number
-// of rows whose exponent is outside SCALE_FREE_EXPONENTS. One block.
-extern "C" __global__ void summarize(long long* status, long long rows) {
-    __shared__ long long part[4][ATS_MAX_THREADS];
-    long long nonfinite = 0, negative = 0, positive = 0x7FFFFFFFFFFFFFFFll, outside = 0;
-    for (long long row = threadIdx.x; row < rows; row += blockDim.x) {
-        const long long* s = status + row * 4;
-        nonfinite = s[0] > nonfinite ? s[0] : nonfinite;
-        negative = s[1] > negative ? s[1] : negative;
-        positive = s[2] < positive ? s[2] : positive;
-        outside += s[3] < ATS_EXPONENT_LOW || s[3] > ATS_EXPONENT_HIGH;
-    }
-    part[0][threadIdx.x] = nonfinite;
-    part[1][threadIdx.x] = negative;
-    part[2][threadIdx.x] = positive;
-    part[3][threadIdx.x] = outside;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        for (unsigned int i = 1; i < blockDim.x; ++i) {
-            nonfinite = part[0][i] > nonfinite ? part[0][i] : nonfinite;
-            negative = part[1][i] > negative ? part[1][i] : negative;
-            positive = part[2][i] < positive ? part[2][i] : positive;
-            outside += part[3][i];
-        }
-        long long* s = status + rows * 4;
-        s[0] = nonfinite;
-        s[1] = negative;
-        s[2] = positive;
-        s[3] = outside;
-    }
-}
 
 // Keys of every position, for n too large for the shared-memory selection (the caller sorts them; sampling.py):
 // NaN where a <= 0 or a is not finite (sorted after every positive position, even one whose key is +inf).
@@ -636,10 +979,21 @@ __device__ void exponential_keys(const T* __restrict__ weights, long long size, 
 ATS_EXPONENTIAL_KEYS(f32, float)
 ATS_EXPONENTIAL_KEYS(f64, double)
 
-// With replacement, one warp per draw (blockDim.x a multiple of 32): draw k of a row is the first position whose
-// float64 prefix sum reaches u_k * total. The warp finds the chunk from the chunk sums, then scans it 32 positions
-// at a time (shuffle prefix sums). Prefix sums taken in another order than the total can miss the target by
-// rounding: then the draw is the row's last positive position.
+// With replacement, one block of ATS_SELECT_THREADS threads per draw: draw k of a row is the first position of
+// positive weight whose float64 prefix sum reaches u_k * total. The block adds the row's chunk sums (row_stats'
+// order) for the total, finds the chunk with a block scan of the chunk sums, ATS_SELECT_THREADS chunks a step,
+// then scans the positions from that chunk's start a tile (ATS_TILE positions) a step. Prefix sums taken in
+// another order than the total can miss the target by rounding: then the draw is the row's last positive position.
+using BlockPrefix = cub::BlockScan<double, ATS_SELECT_THREADS>;
+
+struct DrawShared {
+    BlockPrefix::TempStorage scan;
+    BlockStats stats;
+    double row[ATS_STATS];
+    double start;  // prefix sum before the chunk found
+    int hit;       // the first hit of a step (chunk or position offset), INT_MAX for none
+};
+
 template <typename T>
 __device__ void replacement_draws(const T* __restrict__ weights, long long size, int nchunks, long long chunk, int n,
                                   long long rows, unsigned long long seed, const unsigned long long* __restrict__ seed_ptr,
@@ -647,9 +1001,9 @@ __device__ void replacement_draws(const T* __restrict__ weights, long long size,
                                   const long long* __restrict__ status, const double* __restrict__ stats, int dims,
                                   long long g0, long long g1, long long g2, int* __restrict__ indices,
                                   double* __restrict__ probs) {
-    const unsigned int lane = threadIdx.x & 31u;
-    const long long draw = (blockIdx.x * (long long)blockDim.x + threadIdx.x) >> 5;
-    if (draw >= rows * n) return;  // whole warps: blockDim.x is a multiple of 32
+    __shared__ DrawShared sh;
+    const long long draw = blockIdx.x;
+    if (draw >= rows * n) return;  // the whole block
     const long long row = draw / n;
     const int k = (int)(draw % n);
     const T* row_weights = weights + row * size;
@@ -657,53 +1011,81 @@ __device__ void replacement_draws(const T* __restrict__ weights, long long size,
     const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
     const long long* row_status = status + row * 4;
     const bool valid = row_status[0] == 0 && row_status[1] == 0 && row_status[2] > 0;
-    double total = 0.0;  // of the rescaled weights where pass 1 redid the row's sums (chunk_topn, select = 0)
-    for (int c = 0; c < nchunks; ++c) total += stats[(row * nchunks + c) * ATS_STATS];
+    // of the rescaled weights where pass 1 redid the row's sums (chunk_topn, select = 0)
+    row_stats(sh.stats, sh.row, stats, row, nchunks);
+    __syncthreads();
+    const double total = sh.row[0];
     seed = effective_seed(seed, seed_ptr);
     const PhiloxWords w = block_words((unsigned long long)k >> 1, (unsigned int)row, ATS_STREAM_REPLACE, seed);
     const int word = 2 * (k & 1);
     const double target = to_uniform(w.w[word], w.w[word + 1]) * total;
     long long found = -1;
-    double found_a = 0.0;
-    if (valid) {
-        double acc = 0.0;
-        int c = 0;
-        for (; c < nchunks - 1; ++c) {
-            const double next = acc + stats[(row * nchunks + c) * ATS_STATS];
-            if (next >= target) break;
-            acc = next;
+    if (valid) {  // block-uniform
+        // the chunk: the first whose prefix sum (with its own sum) reaches the target, else the last
+        if (threadIdx.x == 0) sh.hit = 0x7FFFFFFF;
+        double acc = 0.0;  // block-uniform: the prefix sum before this step's chunks
+        for (int c0 = 0; c0 < nchunks; c0 += ATS_SELECT_THREADS) {
+            const int c = c0 + (int)threadIdx.x;
+            const double own = c < nchunks ? stats[(row * nchunks + c) * ATS_STATS] : 0.0;
+            double before = 0.0, step = 0.0;
+            BlockPrefix(sh.scan).ExclusiveSum(own, before, step);
+            const bool hit = c < nchunks && (acc + before + own >= target || c == nchunks - 1);
+            if (hit) atomicMin(&sh.hit, c);
+            __syncthreads();
+            const int first = sh.hit;
+            if (c == first) sh.start = acc + before;
+            __syncthreads();
+            if (first != 0x7FFFFFFF) break;
+            acc += step;
         }
-        for (long long base = c * chunk; base < size && found < 0; base += 32) {
-            const long long p = base + lane;
-            const double a = p < size ? weight_at(row_weights, p, logits, top_logit, shift) : 0.0;
-            double prefix = a;
-            for (int offset = 1; offset < 32; offset <<= 1) {
-                const double other = __shfl_up_sync(0xFFFFFFFFu, prefix, offset);
-                if ((int)lane >= offset) prefix += other;
+        acc = sh.start;
+        const int c = sh.hit;
+        __syncthreads();  // every thread has read sh.hit and sh.start
+        for (long long tile = c * chunk; tile < size; tile += ATS_TILE) {
+            if (threadIdx.x == 0) sh.hit = 0x7FFFFFFF;
+            const long long first = tile + ATS_PER_THREAD * (long long)threadIdx.x;
+            T raw[ATS_PER_THREAD];
+            load_lanes(row_weights, first, size, raw);
+            double a[ATS_PER_THREAD], local[ATS_PER_THREAD];
+            double run = 0.0;
+#pragma unroll
+            for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
+                a[lane] = first + lane < size ? weight_of(raw[lane], logits, top_logit, shift) : 0.0;
+                run += a[lane];
+                local[lane] = run;
             }
-            const unsigned int hits = __ballot_sync(0xFFFFFFFFu, p < size && a > 0.0 && acc + prefix >= target);
-            if (hits) {
-                const int first = __ffs((int)hits) - 1;
-                found = base + first;
-                found_a = __shfl_sync(0xFFFFFFFFu, a, first);
+            double before = 0.0, step = 0.0;
+            BlockPrefix(sh.scan).ExclusiveSum(run, before, step);  // its barriers order sh.hit's reset
+#pragma unroll
+            for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
+                if (first + lane < size && a[lane] > 0.0 && acc + (before + local[lane]) >= target) {
+                    atomicMin(&sh.hit, ATS_PER_THREAD * (int)threadIdx.x + lane);
+                    break;
+                }
             }
-            acc += __shfl_sync(0xFFFFFFFFu, prefix, 31);
+            __syncthreads();
+            const int hit = sh.hit;
+            __syncthreads();  // every thread has read sh.hit before the next step resets it
+            if (hit != 0x7FFFFFFF) {
+                found = tile + hit;
+                break;
+            }
+            acc += step;
         }
-        for (long long base = size - 1; found < 0 && base >= 0; base -= 32) {  // rounding: the last positive one
-            const long long p = base - lane;
-            const double a = p >= 0 ? weight_at(row_weights, p, logits, top_logit, shift) : 0.0;
-            const unsigned int hits = __ballot_sync(0xFFFFFFFFu, p >= 0 && a > 0.0);
-            if (hits) {
-                const int first = __ffs((int)hits) - 1;
-                found = base - first;
-                found_a = __shfl_sync(0xFFFFFFFFu, a, first);
-            }
+        for (long long end = size; found < 0 && end > 0; end -= ATS_SELECT_THREADS) {  // rounding: the last positive
+            if (threadIdx.x == 0) sh.hit = -1;
+            __syncthreads();
+            const long long p = end - ATS_SELECT_THREADS + (long long)threadIdx.x;
+            if (p >= 0 && weight_at(row_weights, p, logits, top_logit, shift) > 0.0) atomicMax(&sh.hit, (int)threadIdx.x);
+            __syncthreads();
+            if (sh.hit >= 0) found = end - ATS_SELECT_THREADS + sh.hit;
+            __syncthreads();  // every thread has read sh.hit before the next step resets it
         }
     }
-    if (lane == 0) {
+    if (threadIdx.x == 0) {
         const long long at = row * n + k;
         write_coords(indices, at, found < 0 ? 0 : found, dims, g0, g1, g2);
-        probs[at] = found < 0 ? 0.0 : found_a / total;
+        probs[at] = found < 0 ? 0.0 : weight_at(row_weights, found, logits, top_logit, shift) / total;
     }
 }
 

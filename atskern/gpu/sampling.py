@@ -29,9 +29,17 @@ SELECT_THREADS = (32, 64, 128, 256)
 time; the selection buffer of MAX_SELECTION_N + PER_THREAD * threads entries must fit 48 KiB)."""
 MIN_BLOCKS = 2
 """ATS_MIN_BLOCKS: selecting blocks an SM must hold at once (their register cap); a tuning knob, draws unchanged."""
-MIN_CHUNK = 1 << 14
+MIN_CHUNK = 1 << 12
+"""Fewest positions of a chunk (4 tiles of 256 threads): a small map still spreads over many short blocks (the
+latency of a block is about one tile per 1024 positions, serialized), and finish_rows merges only the prefix of
+each chunk's list under the row's bound, so many chunks cost the merge little."""
 MAX_SLOTS = 1 << 31  # positions in a chunk and candidate slots of a row: the kernels hold them in 32 bits
-BLOCKS_PER_SM = 4
+BLOCKS_PER_SM = 2
+"""Target chunks per multiprocessor: one wave of selecting blocks (``MIN_BLOCKS`` of them fit an SM at once; on
+the H200, 2 beat 4 for 1 x 4096²)."""
+REPLACE_TILES = 8
+"""With replacement, most tiles of a chunk: a draw's block finds its chunk from the chunk sums, then scans the
+positions from the chunk's start a tile a step."""
 NULL = np.uint64(0)  # a null pointer argument
 FUSED = True
 """``atskern.sampling``: this backend takes logits as they are and applies the scale-free rescaling itself."""
@@ -59,8 +67,8 @@ def compile_options(threads: int) -> tuple[str, ...]:
 
 
 def chunk_size(rows: int, size: int, threads: int, multiprocessors: int) -> int:
-    """Positions per block: enough blocks to fill the device, at least ``MIN_CHUNK`` positions each (fewer,
-    larger blocks: the shared row bound makes every block after the first tiles nearly free).
+    """Positions per block: about ``BLOCKS_PER_SM`` blocks per multiprocessor over the call (one wave), at least
+    ``MIN_CHUNK`` positions each, a whole number of tiles.
 
     The draws do not depend on it: each block keeps its exact n smallest keys.
     """
@@ -77,7 +85,7 @@ class Workspace:
 
     status: object  # int64 (B + 1, 4)
     stats: object  # float64 (B * nchunks * STATS,)
-    row_bound: object  # uint64 (B,)
+    row_bound: object  # uint64 (B + 1,): the rows' shared bounds, then finish_rows' count of blocks done
     rowmax: object  # uint64 (B,), logits only
     cand_keys: object  # float64 (B * nchunks * n,), without replacement
     cand_idx: object  # int64
@@ -102,7 +110,11 @@ def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocess
                          f"got {threads}")
     sort = not replace and n > MAX_SELECTION_N
     tile = PER_THREAD * threads  # a chunk starts on a tile: a thread's 4 positions share one Philox block
-    chunk = chunk_size(rows, size, threads, multiprocessors) if chunk is None else -(-chunk // tile) * tile
+    if chunk is None:
+        chunk = chunk_size(rows, size, threads, multiprocessors)
+        if replace:  # a draw's block scans from its chunk's start: short chunks, short scans
+            chunk = min(chunk, REPLACE_TILES * tile)
+    chunk = -(-chunk // tile) * tile
     # 32-bit positions within a chunk and candidate slots (nchunks * n) within a row
     chunk = min(chunk, MAX_SLOTS - tile)
     if -(-size // chunk) * n >= MAX_SLOTS:
@@ -116,7 +128,7 @@ def workspace(empty, rows: int, size: int, n: int, p: Plan, replace: bool, logit
     return Workspace(
         status=empty((rows + 1, 4), np.int64),
         stats=empty((items * STATS,), np.float64),
-        row_bound=empty((rows,), np.uint64),
+        row_bound=empty((rows + 1,), np.uint64),
         rowmax=empty((rows,), np.uint64) if logits else None,
         cand_keys=empty((items * n,), np.float64) if select else None,
         cand_idx=empty((items * n,), np.int64) if select else None,
@@ -146,7 +158,7 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
     geometry = (np.int32(dims), np.int64(g[0]), np.int64(g[1]), np.int64(g[2]))
     seed_args = (np.uint64(seed), _ptr(seed_ptr), np.int32(logits), _ptr(ws.rowmax))
     items = rows * nchunks
-    steps = [("prepare", (-(-rows // t),), (t,), (np.int64(rows), ws.row_bound, _ptr(ws.rowmax)))]
+    steps = [("prepare", (-(-(rows + 1) // t),), (t,), (np.int64(rows), ws.row_bound, _ptr(ws.rowmax)))]
     if logits:
         steps.append((f"row_max_{suffix}", (items,), (t,), (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), ws.rowmax)))
 
@@ -155,6 +167,11 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
                 (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), np.int32(n), *seed_args, np.int32(pass_), ws.status, ws.row_bound, _ptr(ws.cand_keys),
                  _ptr(ws.cand_idx), _ptr(ws.cand_count), ws.stats, np.int32(select)))
 
+    def stats_pass(pass_):
+        return (f"chunk_stats_{suffix}", (items,), (t,),
+                (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), np.int32(logits), _ptr(ws.rowmax),
+                 np.int32(pass_), ws.status, ws.stats))
+
     def finish(pass_, select, presorted=0):
         return (f"finish_rows_{suffix}", (rows,), (t,),
                 (weights, np.int64(size), np.int32(nchunks), np.int32(n), np.int32(logits), _ptr(ws.rowmax),
@@ -162,17 +179,16 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
                  ws.row_bound, *geometry, indices, probs, np.int32(select), np.int32(presorted)))
 
     if replace:
-        steps += [chunk_pass(0, 0), finish(0, 0)]
+        steps += [stats_pass(0), finish(0, 0)]
         if double:
-            steps.append(chunk_pass(1, 0))
-        warps = max(1, t // 32)
-        steps.append((f"replacement_draws_{suffix}", (-(-(rows * n) // warps),), (32 * warps,),
+            steps.append(stats_pass(1))
+        steps.append((f"replacement_draws_{suffix}", (rows * n,), (t,),
                       (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), np.int32(n), np.int64(rows),
                        *seed_args, ws.status, ws.stats, *geometry, indices, probs)))
     elif p.sort:
-        steps += [chunk_pass(0, 0), finish(0, 0)]
+        steps += [stats_pass(0), finish(0, 0)]
         if double:
-            steps.append(chunk_pass(1, 0))
+            steps.append(stats_pass(1))
         total = rows * size
         steps.append((f"exponential_keys_{suffix}", (min(-(-total // t), 1 << 20),), (t,),
                       (weights, np.int64(size), np.int64(total), *seed_args, ws.status, ws.keys)))
@@ -181,7 +197,6 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
         steps += [chunk_pass(0, 1), finish(0, 1)]
         if double:
             steps += [chunk_pass(1, 1), finish(1, 1)]
-    steps.append(("summarize", (1,), (min(t, 1024),), (ws.status, np.int64(rows))))
     return steps
 
 
@@ -201,6 +216,13 @@ def _multiprocessors(device_id: int) -> int:
     return int(cupy().cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str, options: tuple[str, ...], device_id: int):
+    """A compiled kernel of :data:`SOURCE` on device ``device_id`` (the current one when called), memoized: a call
+    launches several, and looking each up costs host time."""
+    return _module.function(SOURCE, name, options)
+
+
 def _empty(shape, dtype):
     return cupy().empty(shape, dtype)
 
@@ -215,7 +237,8 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
     cp = cupy()
     rows, size = weights.shape
     threads = _module.THREADS_PER_BLOCK if threads is None else threads
-    sms = _multiprocessors(cp.cuda.Device().id)
+    device_id = cp.cuda.Device().id
+    sms = _multiprocessors(device_id)
     p = plan(rows, size, n, replace, threads, sms, chunk)
     ws = workspace(_empty, rows, size, n, p, replace, logits)
     indices = cp.empty((rows, n, len(grid)), cp.int32)
@@ -226,5 +249,5 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
             sort_keys(cp, ws, n)
             continue
         name, grid_dims, block, args = step
-        _module.function(SOURCE, name, options)(grid_dims, block, args)
+        _kernel(name, options, device_id)(grid_dims, block, args)
     return indices, probs, ws.status

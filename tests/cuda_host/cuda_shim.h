@@ -4,11 +4,15 @@
 // block that runs at a time. For CPU-only CI of the kernels' own code (tests/test_cuda_host.py), not for speed.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
+#include <numeric>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -18,6 +22,12 @@ struct dim3 {
 };
 struct uint4 {
     unsigned x, y, z, w;
+};
+struct float4 {
+    float x, y, z, w;
+};
+struct double2 {
+    double x, y;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
@@ -29,11 +39,13 @@ inline std::mutex atomic_mutex;
 #define __global__
 #define __device__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))  // after every standard header: libstdc++ spells the attribute so
 #define __restrict__ __restrict
 #define __launch_bounds__(...)
 #define __shared__ static
 
 inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
@@ -52,6 +64,8 @@ inline T atomicAdd(T* address, T value) {
 
 template <typename T>
 inline T min(T a, T b) { return a < b ? a : b; }
+template <typename T>
+inline T max(T a, T b) { return a < b ? b : a; }
 
 template <typename T>
 inline T atomicMin(T* address, T value) {
@@ -120,6 +134,8 @@ template <typename V>
 inline V __shfl_up_sync(unsigned, V value, int delta) { return warp_read(value, (int)(threadIdx.x & 31u) - delta); }
 template <typename V>
 inline V __shfl_sync(unsigned, V value, int lane) { return warp_read(value, lane); }
+template <typename V>
+inline V __shfl_xor_sync(unsigned, V value, int mask) { return warp_read(value, (int)(threadIdx.x & 31u) ^ mask); }
 
 inline unsigned __ballot_sync(unsigned, bool predicate) {
     warp_slots[threadIdx.x] = predicate;

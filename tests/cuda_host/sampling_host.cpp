@@ -13,10 +13,6 @@ extern "C" void host_prepare(unsigned grid, unsigned block, long long rows, U64*
     launch(grid, block, [=] { prepare(rows, row_bound, rowmax); });
 }
 
-extern "C" void host_summarize(unsigned grid, unsigned block, long long* status, long long rows) {
-    launch(grid, block, [=] { summarize(status, rows); });
-}
-
 #define SAMPLING_HOST(suffix, T)                                                                                      \
     extern "C" void host_row_max_##suffix(unsigned grid, unsigned block, const T* weights, long long size,            \
                                           int nchunks, long long chunk, U64* rowmax) {                                \
@@ -30,6 +26,13 @@ extern "C" void host_summarize(unsigned grid, unsigned block, long long* status,
         launch(grid, block, [=] {                                                                                     \
             chunk_topn_##suffix(weights, size, nchunks, chunk, n, seed, seed_ptr, logits, rowmax, pass, status,       \
                                 row_bound, cand_keys, cand_idx, cand_count, stats, select);                           \
+        });                                                                                                           \
+    }                                                                                                                 \
+    extern "C" void host_chunk_stats_##suffix(unsigned grid, unsigned block, const T* weights, long long size,        \
+                                              int nchunks, long long chunk, int logits, const U64* rowmax, int pass,  \
+                                              const long long* status, double* stats) {                               \
+        launch(grid, block, [=] {                                                                                     \
+            chunk_stats_##suffix(weights, size, nchunks, chunk, logits, rowmax, pass, status, stats);                 \
         });                                                                                                           \
     }                                                                                                                 \
     extern "C" void host_finish_rows_##suffix(unsigned grid, unsigned block, const T* weights, long long size,        \
