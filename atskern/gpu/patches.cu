@@ -68,11 +68,18 @@ __device__ __forceinline__ Box patch_box(const Offsets& off, const Geometry& g, 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Gather: a group of 2^lanes_log2 threads per patch row (Wp contiguous elements of the output). The row is
-// cut at the output's 16-byte boundaries; every whole 16-byte chunk whose source lies in the image is one
-// 16-byte store fed by one or two aligned 16-byte loads (funnel-shifted when source and destination are
-// aligned differently), the partial chunks at the row's ends and the chunks touching the border go
-// element by element.
+// Gather: a group of 2^lanes_log2 threads per unit of `unit_rows` consecutive rows of one patch plane (the
+// P1 rows of patch (b, k), channel row r, slice i0: one box, one offsets read per unit). Each patch row (Wp
+// contiguous elements of the output) is cut at the output's 16-byte boundaries; lane l of the group takes the
+// row's chunks l, l + lanes, ... (`slots` of them). Every whole 16-byte chunk whose source lies in the image is
+// one 16-byte store fed by one or two aligned 16-byte loads (funnel-shifted when source and destination are
+// aligned differently); the loads of GATHER_BATCH rows are issued before their stores (bytes in flight), whole
+// chunks outside the image are one 16-byte store of the fill, and the partial chunks at a row's ends and the
+// chunks touching the image's border go element by element.
+
+#define GATHER_BATCH 4
+#define GATHER_MAX_THREADS 256  // the launches' block size (atskern.gpu._module.THREADS_PER_BLOCK) at most
+// blocks per SM the registers allow: 3 (<= 85 registers a thread) with int indices, 2 with 64-bit ones (no spills)
 
 // Whether load16(p) reads only inside [begin, end): its aligned blocks, not only the 16 bytes it returns.
 __device__ __forceinline__ bool load16_inside(const unsigned char* p, unsigned long long begin, unsigned long long end) {
@@ -81,14 +88,9 @@ __device__ __forceinline__ bool load16_inside(const unsigned char* p, unsigned l
     return first >= begin && first + ((address & 15ULL) ? 32ULL : 16ULL) <= end;
 }
 
-// The 16 bytes at p (any alignment) from aligned 16-byte loads; each load holds at least one of them.
-__device__ __forceinline__ uint4 load16(const unsigned char* p) {
-    const unsigned long long address = reinterpret_cast<unsigned long long>(p);
-    const unsigned shift = (unsigned)(address & 15ULL);
-    const uint4* aligned = reinterpret_cast<const uint4*>(address - shift);
-    const uint4 a = __ldg(aligned);
+// The 16 bytes at `shift` (0..15) into the 32 bytes a, b (little endian).
+__device__ __forceinline__ uint4 funnel16(uint4 a, uint4 b, unsigned shift) {
     if (shift == 0) return a;
-    const uint4 b = __ldg(aligned + 1);
     const unsigned bits = (shift & 3u) * 8u;
     unsigned v0, v1, v2, v3, v4;
     switch (shift >> 2) {
@@ -101,86 +103,170 @@ __device__ __forceinline__ uint4 load16(const unsigned char* p) {
                       __funnelshift_r(v3, v4, bits));
 }
 
-// dst[t] = src[t - lo] for lo <= t < hi, fill for the other t < width; lanes threads share the row. The
-// 16-byte loads stay inside the image's bytes [begin, end) (chunks whose aligned blocks would leave it, at the
-// image's first and last bytes, go element by element), so no load leaves the image's allocation.
+// One output chunk of a patch row: its elements [e0, e1) and how it is written.
+enum ChunkMode { CHUNK_NONE = 0, CHUNK_FAST = 1, CHUNK_FILL = 2, CHUNK_SLOW = 3 };
+
 template <typename T, typename I>
-__device__ __forceinline__ void copy_row(T* __restrict__ dst, const T* __restrict__ src, I lo, I hi, I width, T fill,
-                                         int lane, int lanes, unsigned long long begin, unsigned long long end) {
+struct Chunk {
+    I e0, e1;
+    int mode;
+    const unsigned char* source;  // CHUNK_FAST: the chunk's first source byte
+};
+
+// Chunk number `chunk` (counted from the row's first 16-byte line) of the row dst[0, width), whose part [lo, hi)
+// comes from src (src[0] is element lo). A fast chunk's 16-byte loads stay inside the image's bytes
+// [begin, end) (chunks whose aligned blocks would leave it, at the image's first and last bytes, go element
+// by element), so no load leaves the image's allocation.
+template <typename T, typename I>
+__device__ __forceinline__ Chunk<T, I> row_chunk(const T* dst, const T* src, I lo, I hi, I width, unsigned long long chunk,
+                                                 unsigned long long begin, unsigned long long end) {
     const long long item = (long long)sizeof(T);
     const unsigned long long start = reinterpret_cast<unsigned long long>(dst);
     const unsigned long long first = start >> 4;
     const unsigned long long last = (start + (unsigned long long)width * sizeof(T) - 1ULL) >> 4;
-    for (unsigned long long chunk = first + (unsigned long long)lane; chunk <= last; chunk += (unsigned long long)lanes) {
-        // byte0 is a multiple of sizeof(T) in (-16, width * sizeof(T)): dst is T-aligned, chunks 16-aligned
-        const long long byte0 = (long long)(chunk << 4) - (long long)start;
-        const I e0 = byte0 <= 0 ? I(0) : (I)(byte0 / item);
-        const long long stop = (byte0 + 16) / item;
-        const I e1 = stop < (long long)width ? (I)stop : width;
-        if (byte0 >= 0 && (long long)(e1 - e0) * item == 16 && e0 >= lo && e1 <= hi &&
-            load16_inside(reinterpret_cast<const unsigned char*>(src + (e0 - lo)), begin, end)) {
-            *reinterpret_cast<uint4*>(dst + e0) = load16(reinterpret_cast<const unsigned char*>(src + (e0 - lo)));
-        } else {
-            for (I e = e0; e < e1; ++e) dst[e] = (e >= lo && e < hi) ? src[e - lo] : fill;
+    Chunk<T, I> c;
+    c.e0 = 0;
+    c.e1 = 0;
+    c.mode = CHUNK_NONE;
+    c.source = nullptr;
+    if (first + chunk > last) return c;
+    // byte0 is a multiple of sizeof(T) in (-16, width * sizeof(T)): dst is T-aligned, chunks 16-aligned
+    const long long byte0 = (long long)((first + chunk) << 4) - (long long)start;
+    c.e0 = byte0 <= 0 ? I(0) : (I)(byte0 / item);
+    const long long stop = (byte0 + 16) / item;
+    c.e1 = stop < (long long)width ? (I)stop : width;
+    c.mode = CHUNK_SLOW;
+    if (byte0 >= 0 && (long long)(c.e1 - c.e0) * item == 16) {
+        if (c.e0 >= lo && c.e1 <= hi) {
+            const unsigned char* s = reinterpret_cast<const unsigned char*>(src + (c.e0 - lo));
+            if (load16_inside(s, begin, end)) {
+                c.mode = CHUNK_FAST;
+                c.source = s;
+            }
+        } else if (c.e1 <= lo || c.e0 >= hi) {
+            c.mode = CHUNK_FILL;
         }
     }
+    return c;
 }
 
 template <typename T, typename I>
-__device__ void gather(const T* __restrict__ x, const Offsets& off, T* __restrict__ out, long long total_rows,
-                       long long image_bytes, const Geometry& g, unsigned long long fill_bits, int lanes_log2) {
+__device__ void gather(const T* __restrict__ x, const Offsets& off, T* __restrict__ out, long long units,
+                       long long image_bytes, const Geometry& g, unsigned long long fill_bits, int lanes_log2,
+                       int unit_rows, int slots) {
     const T fill = (T)fill_bits;  // the fill's bytes are the low bytes of fill_bits (little endian)
+    unsigned long long fill8 = sizeof(T) == 8 ? fill_bits : fill_bits & ((1ULL << (8 * (sizeof(T) & 7))) - 1ULL);
+    fill8 *= sizeof(T) == 1 ? 0x0101010101010101ULL : sizeof(T) == 2 ? 0x0001000100010001ULL
+           : sizeof(T) == 4 ? 0x0000000100000001ULL : 1ULL;  // the fill repeated over 8 bytes
+    const uint4 fill16 = make_uint4((unsigned)fill8, (unsigned)(fill8 >> 32), (unsigned)fill8, (unsigned)(fill8 >> 32));
     const int lanes = 1 << lanes_log2;
     const int lane = (int)(threadIdx.x & (unsigned)(lanes - 1));
     const I per_block = (I)(blockDim.x >> lanes_log2);
     const I width = (I)(g.p2 * g.scale), image_width = (I)(g.s2 * g.scale);
     const I p0 = (I)g.p0, p1 = (I)g.p1, rows = (I)g.rows, count = (I)g.count;
     const I s0_size = (I)g.s0, s1_size = (I)g.s1;
+    const I segments = (p1 + (I)unit_rows - 1) / (I)unit_rows;
     const I step = (I)gridDim.x * per_block;
     const unsigned long long image_begin = reinterpret_cast<unsigned long long>(x);
     const unsigned long long image_end = image_begin + (unsigned long long)image_bytes;
-    for (I row = (I)blockIdx.x * per_block + (I)(threadIdx.x >> lanes_log2); row < (I)total_rows; row += step) {
-        I rest = row;
-        const I i1 = rest % p1;
-        rest /= p1;
+    for (I unit = (I)blockIdx.x * per_block + (I)(threadIdx.x >> lanes_log2); unit < (I)units; unit += step) {
+        const I segment = unit % segments;
+        I rest = unit / segments;  // the plane (b, k, r, i0)
+        const I plane = rest;
         const I i0 = rest % p0;
         rest /= p0;
         const I r = rest % rows;
         const I bk = rest / rows;
         const I b = bk / count;
         const Box box = patch_box(off, g, b, bk - b * count);
-        const long long s0 = box.o0 + i0, s1 = box.o1 + i1;
-        I lo = 0, hi = 0;  // the part [lo, hi) of the row inside the image
-        const T* src = x;  // element lo of the row in the image (read only for lo <= t < hi)
-        if (s0 >= 0 && s0 < g.s0 && s1 >= 0 && s1 < g.s1) {
+        const long long s0 = box.o0 + i0;
+        I lo = 0, hi = 0;  // the part [lo, hi) of the plane's rows inside the image (rows inside S1)
+        if (s0 >= 0 && s0 < g.s0) {
             const long long inside = (long long)image_width - box.o2;  // >= 0: o2 <= S2 * scale
             lo = (I)(box.o2 < 0 ? -box.o2 : 0);                        // <= width: o2 >= -P2 * scale
             hi = inside < (long long)width ? (I)inside : width;
             if (hi < lo) hi = lo;
-            if (hi > lo) {
-                const I image_row = ((b * rows + r) * s0_size + (I)s0) * s1_size + (I)s1;
-                src = x + (image_row * image_width + (I)box.o2 + lo);
+        }
+        const I first_row = segment * (I)unit_rows;  // i1 of the unit's first row
+        const I n = p1 - first_row < (I)unit_rows ? p1 - first_row : (I)unit_rows;
+        T* const dst0 = out + (plane * p1 + first_row) * width;
+        // image row of (b, r, s0, s1 = o1 + first_row), valid only where 0 <= s0 < S0 and 0 <= s1 < S1
+        const long long s1_first = box.o1 + (long long)first_row;
+        const I plane_row = ((b * rows + r) * s0_size + (I)(hi > lo ? s0 : 0)) * s1_size;
+        // row u of the unit: its part inside the image ([0, 0) where the row lies outside) and its source
+        auto row_source = [&](I u, I& row_lo, I& row_hi) -> const T* {
+            const long long s1 = s1_first + (long long)u;
+            const bool inside = hi > lo && s1 >= 0 && s1 < g.s1;
+            row_lo = inside ? lo : I(0);
+            row_hi = inside ? hi : I(0);
+            return inside ? x + ((plane_row + (I)s1) * image_width + (I)box.o2 + lo) : x;
+        };
+        for (int slot = 0; slot < slots; ++slot) {
+            const unsigned long long chunk = (unsigned long long)(lane + slot * lanes);
+            for (I u0 = 0; u0 < n; u0 += GATHER_BATCH) {
+                uint4 a[GATHER_BATCH], bb[GATHER_BATCH];
+                I e0[GATHER_BATCH];
+                int mode[GATHER_BATCH];
+                unsigned shift[GATHER_BATCH];
+#pragma unroll
+                for (int j = 0; j < GATHER_BATCH; ++j) {  // the loads of the batch's rows first
+                    const I u = u0 + (I)j;
+                    mode[j] = CHUNK_NONE;
+                    e0[j] = 0;
+                    shift[j] = 0;
+                    if (u < n) {
+                        I row_lo, row_hi;
+                        const T* src = row_source(u, row_lo, row_hi);
+                        const Chunk<T, I> c = row_chunk<T, I>(dst0 + u * width, src, row_lo, row_hi, width, chunk,
+                                                              image_begin, image_end);
+                        mode[j] = c.mode;
+                        e0[j] = c.e0;
+                        if (c.mode == CHUNK_FAST) {
+                            const unsigned long long address = reinterpret_cast<unsigned long long>(c.source);
+                            const uint4* aligned = reinterpret_cast<const uint4*>(address & ~15ULL);
+                            shift[j] = (unsigned)(address & 15ULL);
+                            a[j] = __ldg(aligned);
+                            bb[j] = shift[j] ? __ldg(aligned + 1) : a[j];
+                        }
+                    }
+                }
+#pragma unroll
+                for (int j = 0; j < GATHER_BATCH; ++j) {  // then the stores
+                    const I u = u0 + (I)j;
+                    T* const dst = dst0 + u * width;
+                    if (mode[j] == CHUNK_FAST) {
+                        *reinterpret_cast<uint4*>(dst + e0[j]) = funnel16(a[j], bb[j], shift[j]);
+                    } else if (mode[j] == CHUNK_FILL) {
+                        *reinterpret_cast<uint4*>(dst + e0[j]) = fill16;
+                    } else if (mode[j] == CHUNK_SLOW) {  // rare: recompute the row's source
+                        I row_lo, row_hi;
+                        const T* src = row_source(u, row_lo, row_hi);
+                        const Chunk<T, I> c = row_chunk<T, I>(dst, src, row_lo, row_hi, width, chunk, image_begin,
+                                                              image_end);
+                        for (I e = c.e0; e < c.e1; ++e) dst[e] = (e >= row_lo && e < row_hi) ? src[e - row_lo] : fill;
+                    }
+                }
             }
         }
-        copy_row<T, I>(out + row * width, src, lo, hi, width, fill, lane, lanes, image_begin, image_end);
     }
 }
 
-#define GATHER(name, T, I)                                                                                     \
-    extern "C" __global__ void name(const T* x, OFFSET_PARAMS, T* out, long long total_rows,                  \
-                                    long long image_bytes, GEOMETRY_PARAMS, unsigned long long fill_bits,      \
-                                    int lanes_log2) {                                                          \
-        gather<T, I>(x, OFFSETS, out, total_rows, image_bytes, GEOMETRY, fill_bits, lanes_log2);               \
+#define GATHER(name, T, I, min_blocks)                                                                         \
+    extern "C" __global__ void __launch_bounds__(GATHER_MAX_THREADS, min_blocks)                               \
+        name(const T* x, OFFSET_PARAMS, T* out, long long units, long long image_bytes,                        \
+                                    GEOMETRY_PARAMS, unsigned long long fill_bits, int lanes_log2,             \
+                                    int unit_rows, int slots) {                                                \
+        gather<T, I>(x, OFFSETS, out, units, image_bytes, GEOMETRY, fill_bits, lanes_log2, unit_rows, slots);  \
     }
 
-GATHER(gather_u8_i32, unsigned char, int)
-GATHER(gather_u16_i32, unsigned short, int)
-GATHER(gather_u32_i32, unsigned int, int)
-GATHER(gather_u64_i32, unsigned long long, int)
-GATHER(gather_u8_i64, unsigned char, long long)
-GATHER(gather_u16_i64, unsigned short, long long)
-GATHER(gather_u32_i64, unsigned int, long long)
-GATHER(gather_u64_i64, unsigned long long, long long)
+GATHER(gather_u8_i32, unsigned char, int, 3)
+GATHER(gather_u16_i32, unsigned short, int, 3)
+GATHER(gather_u32_i32, unsigned int, int, 3)
+GATHER(gather_u64_i32, unsigned long long, int, 3)
+GATHER(gather_u8_i64, unsigned char, long long, 2)
+GATHER(gather_u16_i64, unsigned short, long long, 2)
+GATHER(gather_u32_i64, unsigned int, long long, 2)
+GATHER(gather_u64_i64, unsigned long long, long long, 2)
 
 // ---------------------------------------------------------------------------------------------------------
 // Deterministic scatter in gather form: every image element is written exactly once (0 where no patch

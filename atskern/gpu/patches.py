@@ -33,6 +33,11 @@ OFFSET_KINDS = {("i", 1): 0, ("u", 1): 1, ("i", 2): 2, ("u", 2): 3, ("i", 4): 4,
 INT32_LIMIT = 2**31 - 1
 MAX_BLOCKS = 1 << 20
 MAX_LANES = 32
+GATHER_MAX_THREADS = 256
+"""The gather's __launch_bounds__ (patches.cu GATHER_MAX_THREADS): its blocks have at most this many threads."""
+GATHER_UNIT_ROWS = 8
+"""Consecutive rows of a patch plane per thread group of the gather (one offsets read per unit; the kernel
+issues the loads of 4 rows before their stores)."""
 SCATTER_THREADS = 256
 """Block size of the deterministic scatter (fixed: its CUB block scan is compiled for it)."""
 SCATTER_PIXELS = 16
@@ -111,19 +116,25 @@ class Plan(NamedTuple):
     tail: tuple = ()
 
 
-def gather_plan(layout, itemsize: int, threads: int) -> Plan:
-    """Launch of the gather: ``2**lanes_log2`` threads per patch row (enough for its 16-byte chunks, <= 32)."""
+def gather_plan(layout, itemsize: int, threads: int, unit_rows: int | None = None) -> Plan:
+    """Launch of the gather: a group of ``2**lanes_log2`` threads (enough for a row's 16-byte chunks, <= 32;
+    each lane takes ``slots`` chunks of a row) per unit of ``unit_rows`` consecutive rows of one patch plane."""
     g = geometry(layout)
-    total_rows = layout.batch * g.count * g.rows * g.p0 * g.p1
+    threads = min(threads, GATHER_MAX_THREADS)
+    unit_rows = min(unit_rows or GATHER_UNIT_ROWS, g.p1)
+    planes = layout.batch * g.count * g.rows * g.p0
+    units = planes * -(-g.p1 // unit_rows)
     chunks = -(-g.width * itemsize // 16) + 1  # + 1: the row need not start on a 16-byte boundary
     lanes = min(MAX_LANES, threads, _next_pow2(chunks))
-    rows_per_block = threads // lanes
-    blocks = max(1, min(MAX_BLOCKS, -(-total_rows // rows_per_block)))
-    out_elements = total_rows * g.width
+    slots = -(-chunks // lanes)
+    groups_per_block = threads // lanes
+    blocks = max(1, min(MAX_BLOCKS, -(-units // groups_per_block)))
+    out_elements = planes * g.p1 * g.width
     image_elements = layout.batch * g.rows * g.s0 * g.s1 * g.image_width
-    suffix = index_suffix(out_elements, image_elements, total_rows, headroom=MAX_BLOCKS * threads)
-    args = (np.int64(total_rows), np.int64(image_elements * itemsize)) + g.args()
-    return Plan(f"gather_{WORD_NAMES[itemsize]}_{suffix}", (blocks,), (threads,), args, (np.int32(lanes.bit_length() - 1),))
+    suffix = index_suffix(out_elements + unit_rows * g.width, image_elements, units, headroom=MAX_BLOCKS * threads)
+    args = (np.int64(units), np.int64(image_elements * itemsize)) + g.args()
+    tail = (np.int32(lanes.bit_length() - 1), np.int32(unit_rows), np.int32(slots))
+    return Plan(f"gather_{WORD_NAMES[itemsize]}_{suffix}", (blocks,), (threads,), args, tail)
 
 
 def scatter_tile(s1: int, image_width: int, pixels: int = SCATTER_PIXELS) -> tuple[int, int]:
