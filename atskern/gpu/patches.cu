@@ -273,11 +273,13 @@ GATHER(gather_u64_i64, unsigned long long, long long, 2)
 // covers it), by the thread that owns it, as 0 + g_k1 + g_k2 + ... over its covering patches in increasing
 // patch index: the CPU kernel's order, so the result is bitwise the CPU's, run to run and device to device.
 //
-// One block of SCATTER_THREADS threads per tile: one s0, tile_h rows of S1 and 2^tile_w_log2 elements of W
-// (tile_h * 2^tile_w_log2 = pixels * SCATTER_THREADS; thread t owns the tile elements t + p * SCATTER_THREADS).
-// The block walks the image's patches in chunks of `chunk` (<= SCATTER_THREADS): each thread tests one
-// patch's box against the tile, a block scan packs the hits into shared memory in patch order, and every
-// thread adds the hits that cover its elements. No atomics, no sort, no temporary buffers, no memset.
+// Blocks of SCATTER_THREADS threads, each taking a contiguous range of tiles: a tile is one s0, tile_h rows of S1
+// and 2^tile_w_log2 elements of W (tile_h * 2^tile_w_log2 = pixels * SCATTER_THREADS; thread t owns the tile
+// elements t + p * SCATTER_THREADS). The block walks the image's patches in chunks of `chunk`
+// (<= SCATTER_THREADS): each thread tests one patch's box (kept in registers from tile to tile of the same
+// image) against the tile; when one does, a block scan packs the hits into shared memory in patch order and
+// every thread adds the hits that cover its elements. A tile no patch covers is written as 16-byte zeros.
+// No atomics, no sort, no temporary buffers, no memset.
 
 #define SCATTER_THREADS 256
 #define SCATTER_PIXELS 16
@@ -309,7 +311,18 @@ __device__ void scatter(const F* __restrict__ grad, const Offsets& off, F* __res
     const I p0 = (I)g.p0, p1 = (I)g.p1, rows = (I)g.rows, count = (I)g.count;
     const I s0_size = (I)g.s0, s1_size = (I)g.s1;
     const int tile_w = 1 << tile_w_log2;
-    for (long long tile = blockIdx.x; tile < tiles; tile += gridDim.x) {  // block-uniform: the barriers are safe
+    // Tiles nobody covers are written with 16-byte stores of zeros where every tile row starts 16-byte aligned
+    // (tile_w is a multiple of the vector's elements: tile columns start aligned when the image rows do).
+    const int vector = (int)(16 / sizeof(F));
+    const bool vectors = (reinterpret_cast<unsigned long long>(out) & 15ULL) == 0 && image_width % (I)vector == 0;
+    // The block's contiguous range of tiles (tiles of one image row band follow each other): thread tid keeps the
+    // box of patch k0 + tid of image b in registers while the tiles stay in image b and pass k0.
+    const long long per_block = (tiles + (long long)gridDim.x - 1) / (long long)gridDim.x;
+    const long long tile_begin = (long long)blockIdx.x * per_block;
+    const long long tile_end = tile_begin + per_block < tiles ? tile_begin + per_block : tiles;
+    I box_b = -1, box_o0 = 0, box_o1 = 0, box_o2 = 0;  // clipped offsets fit in I: |o| <= the sizes
+    long long box_k0 = -1;
+    for (long long tile = tile_begin; tile < tile_end; ++tile) {  // block-uniform: the barriers are safe
         long long rest = tile;
         const I a2 = (I)(rest % tiles_w) * (I)tile_w;
         rest /= tiles_w;
@@ -324,21 +337,30 @@ __device__ void scatter(const F* __restrict__ grad, const Offsets& off, F* __res
         F sums[SCATTER_PIXELS];
 #pragma unroll
         for (int p = 0; p < SCATTER_PIXELS; ++p) sums[p] = F(0);
+        int touched = 0;  // block-uniform: some patch covers part of the tile
         for (long long k0 = 0; k0 < g.count; k0 += chunk) {
             int hit = 0;
             I base = 0, o1 = 0, o2 = 0;
             const long long k = k0 + tid;
             if (tid < chunk && k < g.count) {
-                const Box box = patch_box(off, g, b, k);
-                const long long i0 = (long long)s0 - box.o0;
-                if (i0 >= 0 && i0 < g.p0 && box.o1 < (long long)h_end && (long long)a1 < box.o1 + g.p1 &&
-                    box.o2 < (long long)w_end && (long long)a2 < box.o2 + (long long)width) {
+                if (b != box_b || k0 != box_k0) {
+                    const Box box = patch_box(off, g, b, k);
+                    box_o0 = (I)box.o0;
+                    box_o1 = (I)box.o1;
+                    box_o2 = (I)box.o2;
+                    box_b = b;
+                    box_k0 = k0;
+                }
+                const I i0 = s0 - box_o0;
+                if (i0 >= 0 && i0 < p0 && box_o1 < h_end && a1 < box_o1 + p1 && box_o2 < w_end && a2 < box_o2 + width) {
                     hit = 1;
-                    base = ((((I)b * count + (I)k) * rows + r) * p0 + (I)i0) * p1 * width;
-                    o1 = (I)box.o1;
-                    o2 = (I)box.o2;
+                    base = ((((I)b * count + (I)k) * rows + r) * p0 + i0) * p1 * width;
+                    o1 = box_o1;
+                    o2 = box_o2;
                 }
             }
+            if (!__syncthreads_or(hit)) continue;  // no patch of this chunk covers the tile
+            touched = 1;
             int slot = 0, hits = 0;
             Scan(scan).ExclusiveSum(hit, slot, hits);
             if (hit) {
@@ -362,12 +384,22 @@ __device__ void scatter(const F* __restrict__ grad, const Offsets& off, F* __res
             }
             __syncthreads();  // the hit list and the scan storage are reused by the next chunk
         }
+        F* const plane = out + ((b * rows + r) * s0_size + s0) * s1_size * image_width;
+        if (!touched && vectors) {  // 0 everywhere: 16-byte stores
+            const int per_row_log2 = tile_w_log2 - (vector == 4 ? 2 : 1);
+            const int count_v = (tile_h * tile_w) / vector;
+            for (int v = tid; v < count_v; v += SCATTER_THREADS) {
+                const I s1 = a1 + (I)(v >> per_row_log2), w = a2 + (I)((v & ((1 << per_row_log2) - 1)) * vector);
+                if (s1 < h_end && w < w_end) *reinterpret_cast<uint4*>(plane + s1 * image_width + w) = make_uint4(0, 0, 0, 0);
+            }
+            continue;
+        }
 #pragma unroll
         for (int p = 0; p < SCATTER_PIXELS; ++p) {
             if (p >= pixels) break;
             const int q = tid + p * SCATTER_THREADS;
             const I s1 = a1 + (I)(q >> tile_w_log2), w = a2 + (I)(q & (tile_w - 1));
-            if (s1 < h_end && w < w_end) out[(((b * rows + r) * s0_size + s0) * s1_size + s1) * image_width + w] = sums[p];
+            if (s1 < h_end && w < w_end) plane[s1 * image_width + w] = sums[p];
         }
     }
 }
@@ -399,8 +431,8 @@ __device__ void scatter_atomic(const F* __restrict__ grad, const Offsets& off, F
     }
 }
 
-#define SCATTER(suffix, F, I)                                                                                   \
-    extern "C" __global__ void __launch_bounds__(SCATTER_THREADS)                                              \
+#define SCATTER(suffix, F, I, min_blocks)                                                                      \
+    extern "C" __global__ void __launch_bounds__(SCATTER_THREADS, min_blocks)                                  \
         scatter_##suffix(const F* grad, OFFSET_PARAMS, F* out, GEOMETRY_PARAMS, long long tiles,               \
                          long long tiles_w, long long tiles_h, int tile_w_log2, int tile_h, int pixels, int chunk) { \
         scatter<F, I>(grad, OFFSETS, out, GEOMETRY, tiles, tiles_w, tiles_h, tile_w_log2, tile_h, pixels, chunk);  \
@@ -410,7 +442,8 @@ __device__ void scatter_atomic(const F* __restrict__ grad, const Offsets& off, F
         scatter_atomic<F, I>(grad, OFFSETS, out, total, GEOMETRY);                                              \
     }
 
-SCATTER(f32_i32, float, int)
-SCATTER(f64_i32, double, int)
-SCATTER(f32_i64, float, long long)
-SCATTER(f64_i64, double, long long)
+// min_blocks: resident blocks per SM the registers allow without spills (ptxas): 4 = <= 64 registers a thread
+SCATTER(f32_i32, float, int, 4)
+SCATTER(f64_i32, double, int, 3)
+SCATTER(f32_i64, float, long long, 2)
+SCATTER(f64_i64, double, long long, 1)

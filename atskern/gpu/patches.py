@@ -42,6 +42,8 @@ SCATTER_THREADS = 256
 """Block size of the deterministic scatter (fixed: its CUB block scan is compiled for it)."""
 SCATTER_PIXELS = 16
 """Image elements per thread of the deterministic scatter (the kernel's register array holds at most this many)."""
+SCATTER_BLOCKS = 2048
+"""Most blocks of the deterministic scatter (a few waves of resident blocks on an H100/H200)."""
 SCATTER_CHUNK = SCATTER_THREADS
 """Patches tested against a tile per pass of the deterministic scatter; tests lower it to exercise many passes."""
 
@@ -149,7 +151,8 @@ def scatter_tile(s1: int, image_width: int, pixels: int = SCATTER_PIXELS) -> tup
 
 
 def scatter_plan(layout, pixels: int = SCATTER_PIXELS, chunk: int = SCATTER_CHUNK) -> Plan:
-    """Launch of the deterministic scatter: one block per image tile (grid-strided past ``MAX_BLOCKS``)."""
+    """Launch of the deterministic scatter: at most ``SCATTER_BLOCKS`` blocks, each taking a contiguous range of
+    image tiles (so the patch boxes a thread keeps in registers serve many tiles)."""
     if pixels not in (1, 2, 4, 8, 16) or pixels > SCATTER_PIXELS or not 1 <= chunk <= SCATTER_THREADS:
         raise ValueError(f"pixels must be a power of two <= {SCATTER_PIXELS} and chunk in 1..{SCATTER_THREADS}, "
                          f"got {pixels}, {chunk}")
@@ -164,7 +167,7 @@ def scatter_plan(layout, pixels: int = SCATTER_PIXELS, chunk: int = SCATTER_CHUN
     suffix = index_suffix(image_elements, grad_elements, headroom=tile_h * tile_w + g.image_width * tile_h)
     args = g.args() + tuple(np.int64(v) for v in (tiles, tiles_w, tiles_h)) + tuple(
         np.int32(v) for v in (tile_w.bit_length() - 1, tile_h, pixels, chunk))
-    return Plan(f"{{float}}_{suffix}", (max(1, min(MAX_BLOCKS, tiles)),), (SCATTER_THREADS,), args)
+    return Plan(f"{{float}}_{suffix}", (max(1, min(SCATTER_BLOCKS, tiles)),), (SCATTER_THREADS,), args)
 
 
 def atomic_plan(layout, threads: int) -> Plan:
