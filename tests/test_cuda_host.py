@@ -285,3 +285,26 @@ def test_host_scatter_writes_nothing_past_out(lib, guarded):
     launch(lib, *gp.scatter_launch(grad, offsets, layout, out, True, pixels=1))
     expected = atskern.scatter_patches(grad, offsets, (16, 16))
     assert np.array_equal(out.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("channels_first", [False, True], ids=["last", "first"])
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_host_scatter_few_blocks_step_through_every_axis(lib, channels_first, blocks):
+    """A block's tile range crosses tile rows, slices (S0), channel rows (R) and images (B): the tiles' coordinates
+    stepped tile by tile, the boxes reloaded per image; 3-D images, several chunks of patches."""
+    rng = np.random.default_rng(9 + blocks)
+    saved = gp.SCATTER_BLOCKS
+    try:
+        gp.SCATTER_BLOCKS = blocks
+        gp.clear_caches()
+        for trial in range(2):
+            x, offsets, spatial, patch = random_case(rng, 3, channels_first, np.float32, np.int16, count=7)
+            patches = atskern.extract_patches(x, offsets, patch, channels_first=channels_first)
+            grad = rng.standard_normal(patches.shape).astype(np.float32)
+            expected = atskern.scatter_patches(grad, offsets, spatial, channels_first=channels_first)
+            for pixels, chunk in [(1, 256), (1, 3), (4, 2)]:
+                got = host_scatter(lib, grad, offsets, spatial, channels_first, pixels=pixels, chunk=chunk)
+                assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), (trial, pixels, chunk)
+    finally:
+        gp.SCATTER_BLOCKS = saved
+        gp.clear_caches()

@@ -322,16 +322,34 @@ __device__ void scatter(const F* __restrict__ grad, const Offsets& off, F* __res
     const long long tile_end = tile_begin + per_block < tiles ? tile_begin + per_block : tiles;
     I box_b = -1, box_o0 = 0, box_o1 = 0, box_o2 = 0;  // clipped offsets fit in I: |o| <= the sizes
     long long box_k0 = -1;
+    // tile_begin's coordinates, then stepped tile by tile (no 64-bit divisions per tile)
+    long long rest = tile_begin;
+    I a2 = (I)(rest % tiles_w) * (I)tile_w;
+    rest /= tiles_w;
+    I a1 = (I)(rest % tiles_h) * (I)tile_h;
+    rest /= tiles_h;
+    I s0 = (I)(rest % g.s0);
+    rest /= g.s0;
+    I r = (I)(rest % g.rows);
+    I b = (I)(rest / g.rows);
     for (long long tile = tile_begin; tile < tile_end; ++tile) {  // block-uniform: the barriers are safe
-        long long rest = tile;
-        const I a2 = (I)(rest % tiles_w) * (I)tile_w;
-        rest /= tiles_w;
-        const I a1 = (I)(rest % tiles_h) * (I)tile_h;
-        rest /= tiles_h;
-        const I s0 = (I)(rest % g.s0);
-        rest /= g.s0;
-        const I r = (I)(rest % g.rows);
-        const I b = (I)(rest / g.rows);
+        if (tile > tile_begin) {
+            a2 += (I)tile_w;
+            if (a2 >= image_width) {
+                a2 = 0;
+                a1 += (I)tile_h;
+                if (a1 >= s1_size) {
+                    a1 = 0;
+                    if (++s0 == s0_size) {
+                        s0 = 0;
+                        if (++r == rows) {
+                            r = 0;
+                            ++b;
+                        }
+                    }
+                }
+            }
+        }
         const I h_end = a1 + (I)tile_h < s1_size ? a1 + (I)tile_h : s1_size;
         const I w_end = a2 + (I)tile_w < image_width ? a2 + (I)tile_w : image_width;
         F sums[SCATTER_PIXELS];
