@@ -96,9 +96,15 @@ def index_suffix(*element_counts: int, headroom: int = 0) -> str:
 
 def offset_args(offsets) -> tuple:
     """``(offsets, stride_b, stride_k, stride_d, kind)``: the array itself, its byte strides and dtype code."""
-    dtype = np.dtype(offsets.dtype)
-    stride_b, stride_k, stride_d = (np.int64(s) for s in offsets.strides)
-    return offsets, stride_b, stride_k, stride_d, np.int32(OFFSET_KINDS[(dtype.kind, dtype.itemsize)])
+    return (offsets,) + _offset_scalars(offsets.dtype, offsets.strides)
+
+
+@functools.lru_cache(maxsize=256)
+def _offset_scalars(dtype, strides) -> tuple:
+    """The scalars of :func:`offset_args` (memoized per dtype and strides: no NumPy scalars made per call)."""
+    dtype = np.dtype(dtype)
+    stride_b, stride_k, stride_d = (np.int64(s) for s in strides)
+    return stride_b, stride_k, stride_d, np.int32(OFFSET_KINDS[(dtype.kind, dtype.itemsize)])
 
 
 def fill_bits(fill_value) -> np.uint64:
@@ -198,7 +204,8 @@ def gather_launch(x, offsets, layout, fill_value, out, threads: int | None = Non
     """``(kernel name, grid, block, arguments)`` of the gather: pure host logic (the CPU tests run exactly these
     arguments through a host build of the kernel, tests/test_cuda_host.py)."""
     plan = _cached_gather_plan(layout, x.dtype.itemsize, threads or _module.THREADS_PER_BLOCK)
-    args = (x,) + offset_args(offsets) + (out,) + plan.args + (fill_bits(fill_value),) + plan.tail
+    args = (x, offsets) + _offset_scalars(offsets.dtype, offsets.strides) + (out,) + plan.args + (
+        fill_bits(fill_value),) + plan.tail
     return plan.kernel, plan.grid, plan.block, args
 
 
@@ -213,12 +220,13 @@ def scatter_launch(grad, offsets, layout, out, deterministic: bool = True, threa
     else:
         plan = _cached_atomic_plan(layout, threads or _module.THREADS_PER_BLOCK)
         kernel = "scatter_atomic_" + plan.kernel.format(float=name)
-    return kernel, plan.grid, plan.block, (grad,) + offset_args(offsets) + (out,) + plan.args
+    return kernel, plan.grid, plan.block, (grad, offsets) + _offset_scalars(offsets.dtype, offsets.strides) + (
+        out,) + plan.args
 
 
 def clear_caches():
     """Forget the memoized plans (after changing the module's tuning constants, as the tests do)."""
-    for cache in (_cached_gather_plan, _cached_scatter_plan, _cached_atomic_plan):
+    for cache in (_cached_gather_plan, _cached_scatter_plan, _cached_atomic_plan, _offset_scalars):
         cache.cache_clear()
 
 
