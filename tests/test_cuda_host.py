@@ -308,3 +308,15 @@ def test_host_scatter_few_blocks_step_through_every_axis(lib, channels_first, bl
     finally:
         gp.SCATTER_BLOCKS = saved
         gp.clear_caches()
+
+
+def test_launch_constants_match_the_kernel_source():
+    """The host side's copies of the kernels' compile-time constants (block sizes the launch bounds and the block
+    scan are compiled for, rows per batch) equal patches.cu's #defines."""
+    import re
+
+    from atskern.gpu._module import source
+
+    defines = dict(re.findall(r"^#define (\w+) (\d+)", source("patches.cu"), re.M))
+    for name in ("GATHER_BATCH", "GATHER_MAX_THREADS", "SCATTER_THREADS", "SCATTER_PIXELS"):
+        assert int(defines[name]) == getattr(gp, name), name

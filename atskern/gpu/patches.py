@@ -35,6 +35,8 @@ MAX_BLOCKS = 1 << 20
 MAX_LANES = 32
 GATHER_MAX_THREADS = 256
 """The gather's __launch_bounds__ (patches.cu GATHER_MAX_THREADS): its blocks have at most this many threads."""
+GATHER_BATCH = 4
+"""Rows whose loads the gather issues before their stores (patches.cu GATHER_BATCH)."""
 GATHER_UNIT_ROWS = 8
 """Consecutive rows of a patch plane per thread group of the gather (one offsets read per unit; the kernel
 issues the loads of 4 rows before their stores)."""
@@ -139,7 +141,8 @@ def gather_plan(layout, itemsize: int, threads: int, unit_rows: int | None = Non
     blocks = max(1, min(MAX_BLOCKS, -(-units // groups_per_block)))
     out_elements = planes * g.p1 * g.width
     image_elements = layout.batch * g.rows * g.s0 * g.s1 * g.image_width
-    suffix = index_suffix(out_elements + unit_rows * g.width, image_elements, units, headroom=MAX_BLOCKS * threads)
+    # a batch's row pointers may pass the output's end by GATHER_BATCH rows (computed, never used)
+    suffix = index_suffix(out_elements + GATHER_BATCH * g.width, image_elements, units, headroom=MAX_BLOCKS * threads)
     args = (np.int64(units), np.int64(image_elements * itemsize)) + g.args()
     tail = (np.int32(lanes.bit_length() - 1), np.int32(unit_rows), np.int32(slots))
     return Plan(f"gather_{WORD_NAMES[itemsize]}_{suffix}", (blocks,), (threads,), args, tail)
