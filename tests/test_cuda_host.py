@@ -318,5 +318,26 @@ def test_launch_constants_match_the_kernel_source():
     from atskern.gpu._module import source
 
     defines = dict(re.findall(r"^#define (\w+) (\d+)", source("patches.cu"), re.M))
-    for name in ("GATHER_BATCH", "GATHER_MAX_THREADS", "SCATTER_THREADS", "SCATTER_PIXELS"):
+    for name in ("GATHER_BATCH", "GATHER_MAX_THREADS", "SCATTER_THREADS", "SCATTER_PIXELS", "SCATTER_STAGED"):
         assert int(defines[name]) == getattr(gp, name), name
+
+
+def test_host_scatter_more_patches_than_staged(lib):
+    """1100 patches per image: the first SCATTER_STAGED boxes come from shared memory, the rest from the offsets
+    (read per tile); two images, so the staged boxes are replaced; still bitwise the CPU kernel."""
+    rng = np.random.default_rng(10)
+    count = 1100
+    assert count > 1024  # patches.cu SCATTER_STAGED
+    offsets = rng.integers(-3, 24, (2, count, 2)).astype(np.int32)
+    grad = rng.standard_normal((2, count, 3, 2, 2)).astype(np.float32)
+    expected = atskern.scatter_patches(grad, offsets, (24, 20))
+    saved = gp.SCATTER_BLOCKS
+    try:
+        gp.SCATTER_BLOCKS = 1
+        gp.clear_caches()
+        for pixels, chunk in [(16, 256), (1, 200)]:
+            got = host_scatter(lib, grad, offsets, (24, 20), False, pixels=pixels, chunk=chunk)
+            assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), (pixels, chunk)
+    finally:
+        gp.SCATTER_BLOCKS = saved
+        gp.clear_caches()

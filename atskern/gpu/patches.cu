@@ -276,13 +276,14 @@ GATHER(gather_u64_i64, unsigned long long, long long, 2)
 // Blocks of SCATTER_THREADS threads, each taking a contiguous range of tiles: a tile is one s0, tile_h rows of S1
 // and 2^tile_w_log2 elements of W (tile_h * 2^tile_w_log2 = pixels * SCATTER_THREADS; thread t owns the tile
 // elements t + p * SCATTER_THREADS). The block walks the image's patches in chunks of `chunk`
-// (<= SCATTER_THREADS): each thread tests one patch's box (kept in registers from tile to tile of the same
-// image) against the tile; when one does, a block scan packs the hits into shared memory in patch order and
+// (<= SCATTER_THREADS): each thread tests one patch's box (the image's first SCATTER_STAGED boxes staged in
+// shared memory once per image the block visits) against the tile; when one does, a block scan packs the hits into shared memory in patch order and
 // every thread adds the hits that cover its elements. A tile no patch covers is written as 16-byte zeros.
 // No atomics, no sort, no temporary buffers, no memset.
 
 #define SCATTER_THREADS 256
 #define SCATTER_PIXELS 16
+#define SCATTER_STAGED 1024  // patch boxes per image staged in shared memory
 
 // a + b rounded to nearest, subnormals kept: CuPy compiles with -ftz=true, which would flush float32
 // subnormals in a plain `+` (add.rn.ftz.f32) and break the bitwise match with the CPU (and exact adjointness).
@@ -320,8 +321,13 @@ __device__ void scatter(const F* __restrict__ grad, const Offsets& off, F* __res
     const long long per_block = (tiles + (long long)gridDim.x - 1) / (long long)gridDim.x;
     const long long tile_begin = (long long)blockIdx.x * per_block;
     const long long tile_end = tile_begin + per_block < tiles ? tile_begin + per_block : tiles;
-    I box_b = -1, box_o0 = 0, box_o1 = 0, box_o2 = 0;  // clipped offsets fit in I: |o| <= the sizes
-    long long box_k0 = -1;
+    // The boxes of image b's first SCATTER_STAGED patches, staged in shared memory once per image the block
+    // visits (clipped offsets fit in I: |o| <= the sizes); later patches are read from the offsets per tile.
+    __shared__ I staged_o0[SCATTER_STAGED];
+    __shared__ I staged_o1[SCATTER_STAGED];
+    __shared__ I staged_o2[SCATTER_STAGED];
+    I staged_b = -1;
+    const long long staged = g.count < SCATTER_STAGED ? g.count : SCATTER_STAGED;
     // tile_begin's coordinates, then stepped tile by tile (no 64-bit divisions per tile)
     long long rest = tile_begin;
     I a2 = (I)(rest % tiles_w) * (I)tile_w;
@@ -352,6 +358,17 @@ __device__ void scatter(const F* __restrict__ grad, const Offsets& off, F* __res
         }
         const I h_end = a1 + (I)tile_h < s1_size ? a1 + (I)tile_h : s1_size;
         const I w_end = a2 + (I)tile_w < image_width ? a2 + (I)tile_w : image_width;
+        if (b != staged_b) {  // block-uniform
+            __syncthreads();  // every thread is done with the previous image's boxes
+            for (long long k = tid; k < staged; k += SCATTER_THREADS) {
+                const Box box = patch_box(off, g, b, k);
+                staged_o0[k] = (I)box.o0;
+                staged_o1[k] = (I)box.o1;
+                staged_o2[k] = (I)box.o2;
+            }
+            __syncthreads();
+            staged_b = b;
+        }
         F sums[SCATTER_PIXELS];
 #pragma unroll
         for (int p = 0; p < SCATTER_PIXELS; ++p) sums[p] = F(0);
@@ -361,13 +378,16 @@ __device__ void scatter(const F* __restrict__ grad, const Offsets& off, F* __res
             I base = 0, o1 = 0, o2 = 0;
             const long long k = k0 + tid;
             if (tid < chunk && k < g.count) {
-                if (b != box_b || k0 != box_k0) {
+                I box_o0, box_o1, box_o2;
+                if (k < staged) {
+                    box_o0 = staged_o0[k];
+                    box_o1 = staged_o1[k];
+                    box_o2 = staged_o2[k];
+                } else {
                     const Box box = patch_box(off, g, b, k);
                     box_o0 = (I)box.o0;
                     box_o1 = (I)box.o1;
                     box_o2 = (I)box.o2;
-                    box_b = b;
-                    box_k0 = k0;
                 }
                 const I i0 = s0 - box_o0;
                 if (i0 >= 0 && i0 < p0 && box_o1 < h_end && a1 < box_o1 + p1 && box_o2 < w_end && a2 < box_o2 + width) {

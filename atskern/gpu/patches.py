@@ -44,6 +44,8 @@ SCATTER_THREADS = 256
 """Block size of the deterministic scatter (fixed: its CUB block scan is compiled for it)."""
 SCATTER_PIXELS = 16
 """Image elements per thread of the deterministic scatter (the kernel's register array holds at most this many)."""
+SCATTER_STAGED = 1024
+"""Patch boxes per image the deterministic scatter stages in shared memory (patches.cu SCATTER_STAGED)."""
 SCATTER_BLOCKS = 2048
 """Most blocks of the deterministic scatter (a few waves of resident blocks on an H100/H200)."""
 SCATTER_CHUNK = SCATTER_THREADS
