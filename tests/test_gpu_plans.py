@@ -108,6 +108,8 @@ def test_scatter_plan_checks_its_tuning():
     assert plan.block == (256,) and plan.kernel == "{float}_i32"
     tiles, tiles_w, tiles_h = (int(a) for a in plan.args[10:13])
     assert tiles == 8 * tiles_w * tiles_h and tiles_w * 256 >= 6144 and tiles_h * 16 >= 2048
+    assert plan.grid == (min(gp.SCATTER_BLOCKS, tiles),), "blocks take contiguous tile ranges"
+    assert gp.scatter_plan(layout_of((1, 9, 9, 1), 2, 3)).grid == (1,)
 
 
 def _random_case(rng, ndim, channels_first, offsets_dtype=np.int32, max_count=3):
