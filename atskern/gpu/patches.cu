@@ -118,8 +118,9 @@ struct Chunk {
 // [begin, end) (chunks whose aligned blocks would leave it, at the image's first and last bytes, go element
 // by element), so no load leaves the image's allocation.
 template <typename T, typename I>
-__device__ __forceinline__ Chunk<T, I> row_chunk(const T* dst, const T* src, I lo, I hi, I width, unsigned long long chunk,
-                                                 unsigned long long begin, unsigned long long end) {
+__device__ __forceinline__ Chunk<T, I> row_chunk(const T* dst, const T* src, I lo, I hi, I width,
+                                                 unsigned long long chunk, unsigned long long begin,
+                                                 unsigned long long end) {
     const long long item = (long long)sizeof(T);
     const unsigned long long start = reinterpret_cast<unsigned long long>(dst);
     const unsigned long long first = start >> 4;
@@ -277,8 +278,9 @@ GATHER(gather_u64_i64, unsigned long long, long long, 2)
 // and 2^tile_w_log2 elements of W (tile_h * 2^tile_w_log2 = pixels * SCATTER_THREADS; thread t owns the tile
 // elements t + p * SCATTER_THREADS). The block walks the image's patches in chunks of `chunk`
 // (<= SCATTER_THREADS): each thread tests one patch's box (the image's first SCATTER_STAGED boxes staged in
-// shared memory once per image the block visits) against the tile; when one does, a block scan packs the hits into shared memory in patch order and
-// every thread adds the hits that cover its elements. A tile no patch covers is written as 16-byte zeros.
+// shared memory once per image the block visits) against the tile; when one does, a block scan packs the hits
+// into shared memory in patch order and every thread adds the hits that cover its elements. A tile no patch
+// covers skips the scan and is written as 16-byte zeros where the rows are 16-byte aligned.
 // No atomics, no sort, no temporary buffers, no memset.
 
 #define SCATTER_THREADS 256
@@ -316,8 +318,7 @@ __device__ void scatter(const F* __restrict__ grad, const Offsets& off, F* __res
     // (tile_w is a multiple of the vector's elements: tile columns start aligned when the image rows do).
     const int vector = (int)(16 / sizeof(F));
     const bool vectors = (reinterpret_cast<unsigned long long>(out) & 15ULL) == 0 && image_width % (I)vector == 0;
-    // The block's contiguous range of tiles (tiles of one image row band follow each other): thread tid keeps the
-    // box of patch k0 + tid of image b in registers while the tiles stay in image b and pass k0.
+    // The block's contiguous range of tiles (a band of tile rows, in image order).
     const long long per_block = (tiles + (long long)gridDim.x - 1) / (long long)gridDim.x;
     const long long tile_begin = (long long)blockIdx.x * per_block;
     const long long tile_end = tile_begin + per_block < tiles ? tile_begin + per_block : tiles;
@@ -389,8 +390,9 @@ __device__ void scatter(const F* __restrict__ grad, const Offsets& off, F* __res
                     box_o1 = (I)box.o1;
                     box_o2 = (I)box.o2;
                 }
-                const I i0 = s0 - box_o0;
-                if (i0 >= 0 && i0 < p0 && box_o1 < h_end && a1 < box_o1 + p1 && box_o2 < w_end && a2 < box_o2 + width) {
+                const I i0 = s0 - box_o0;  // the sums below in 64 bits: a box may end past the int range
+                if (i0 >= 0 && i0 < p0 && box_o1 < h_end && (long long)a1 < (long long)box_o1 + g.p1 &&
+                    box_o2 < w_end && (long long)a2 < (long long)box_o2 + (long long)width) {
                     hit = 1;
                     base = ((((I)b * count + (I)k) * rows + r) * p0 + i0) * p1 * width;
                     o1 = box_o1;
@@ -428,7 +430,9 @@ __device__ void scatter(const F* __restrict__ grad, const Offsets& off, F* __res
             const int count_v = (tile_h * tile_w) / vector;
             for (int v = tid; v < count_v; v += SCATTER_THREADS) {
                 const I s1 = a1 + (I)(v >> per_row_log2), w = a2 + (I)((v & ((1 << per_row_log2) - 1)) * vector);
-                if (s1 < h_end && w < w_end) *reinterpret_cast<uint4*>(plane + s1 * image_width + w) = make_uint4(0, 0, 0, 0);
+                if (s1 < h_end && w < w_end) {
+                    *reinterpret_cast<uint4*>(plane + s1 * image_width + w) = make_uint4(0, 0, 0, 0);
+                }
             }
             continue;
         }
