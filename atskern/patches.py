@@ -25,8 +25,15 @@ from ._memory import aligned_empty
 WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
+_KERNELS: dict = {}
+
+
 def _kernels(backend: str):
-    return importlib.import_module(f"atskern.{backend}.patches")
+    """``atskern.<backend>.patches`` (imported on first use, then looked up: no import machinery per call)."""
+    module = _KERNELS.get(backend)
+    if module is None:
+        module = _KERNELS[backend] = importlib.import_module(f"atskern.{backend}.patches")
+    return module
 
 
 def _empty(xp, shape, dtype):

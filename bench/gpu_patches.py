@@ -15,6 +15,7 @@ torch's CUDA build.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import numpy as np
@@ -40,6 +41,61 @@ def cases(quick: bool):
 
 def unavailable():
     return _gpu.unavailable()
+
+
+QUEUED_CALLS = 10
+"""Calls timed back to back behind a spin kernel for the ``kernel ms`` column."""
+_SPIN = r"""
+extern "C" __global__ void spin_ns(unsigned long long ns) {
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do {
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while (now - start < ns);
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _spin_kernel():
+    import cupy
+
+    return cupy.RawKernel(_SPIN, "spin_ns")
+
+
+def queued_device_ms(fn, host_ms: float) -> float:
+    """Device milliseconds per call of ``fn`` without its host time: the stream is held by a spin kernel while
+    ``QUEUED_CALLS`` calls are queued behind it, so the CUDA events around them time only the GPU work (kernels
+    and the gaps between them). ``host_ms``: the host time per call, to size the spin."""
+    import cupy
+
+    spin = _spin_kernel()
+    stream = cupy.cuda.get_current_stream()
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    fn()
+    _gpu.synchronize()
+    spin_ns = int(2e6 * (QUEUED_CALLS * host_ms + 2.0))  # twice the queueing time, plus 2 ms
+    spin((1,), (1,), (np.uint64(spin_ns),))
+    start.record(stream)
+    for _ in range(QUEUED_CALLS):
+        fn()  # each result goes back to the pool at once: reused in stream order, no allocation in between
+    end.record(stream)
+    if end.done:  # the spin ended before the calls were queued: the host time leaked in
+        raise RuntimeError("the spin kernel ended before the calls were queued")
+    end.synchronize()
+    return cupy.cuda.get_elapsed_time(start, end) / QUEUED_CALLS
+
+
+def _queued_timings(timed, fns):
+    """Adds ``kernel`` (ms per call, host time excluded: :func:`queued_device_ms`) to each timing, NaN on failure."""
+    errors = []
+    for name, t in timed.items():
+        try:
+            t["kernel"] = min(queued_device_ms(fns[name], t["host"]) for _ in range(3))
+        except Exception as error:  # noqa: BLE001 - a missing column must not lose the table
+            t["kernel"] = float("nan")
+            errors.append(f"{name}: {type(error).__name__}: {error}")
+    return errors
 
 
 def _pixel_indices(xp, offsets, patch):
@@ -107,8 +163,10 @@ def run(quick: bool = False, progress=None) -> Table:
     copy = _gpu.copy_bandwidth(repeats=repeats)
     table = Table(NAME, f"GPU patch gather and scatter, {BATCH} images of {SIDE}x{SIDE}x{CHANNELS} "
                         "(median ms per call, synchronized)",
-                  ["op", "case", "method", "wall ms", "GPU ms", "host us", "atskern faster by", "GB/s", "% of d2d copy"])
+                  ["op", "case", "method", "wall ms", "GPU ms", "host us", "atskern faster by", "GB/s", "% of d2d copy",
+                   "kernel ms", "kernel % of d2d copy"])
     rng = np.random.default_rng(0)
+    errors = []
     images = {}
     for dtype, patch, count in cases(quick):
         if dtype not in images:
@@ -118,26 +176,30 @@ def run(quick: bool = False, progress=None) -> Table:
         label = f"{np.dtype(dtype).name} {patch}x{patch}x{CHANNELS}, {count} per image"
         expected = None
         timed = {}
-        for name, fn in _methods(x, offsets, patch, torch).items():
+        methods = _methods(x, offsets, patch, torch)
+        for name, fn in methods.items():
             got = cupy.asarray(fn())
             if expected is None:
                 expected = got
             elif not bool(cupy.array_equal(got, expected)):
                 raise AssertionError(f"{name} disagrees with atskern on {label}")
             timed[name] = _gpu.timings(fn, repeats=repeats)
+        errors += _queued_timings(timed, methods)
         moved = 2 * expected.nbytes
         _rows(table, "gather", label, timed, "atskern", moved, copy)
         if dtype == np.float32:
             grad = cupy.asarray(rng.standard_normal(expected.shape).astype(np.float32))
             reference = None
             timed = {}
-            for name, fn in _scatter_methods(grad, offsets, patch, torch).items():
+            methods = _scatter_methods(grad, offsets, patch, torch)
+            for name, fn in methods.items():
                 got = cupy.asarray(fn())
                 if reference is None:
                     reference = got
                 elif not bool(cupy.allclose(got, reference, rtol=1e-5, atol=1e-4)):
                     raise AssertionError(f"{name} disagrees with atskern on {label}")
                 timed[name] = _gpu.timings(fn, repeats=repeats)
+            errors += _queued_timings(timed, methods)
             _rows(table, "scatter", label, timed, "atskern (deterministic)", grad.nbytes + reference.nbytes, copy)
             del grad, reference
         del offsets, expected
@@ -145,11 +207,15 @@ def run(quick: bool = False, progress=None) -> Table:
         if progress is not None:
             progress.update(1)
     table.rows.append(["d2d copy", "1 GiB", "cudaMemcpyAsync", float("nan"), 2 * 2**30 / copy * 1e3, float("nan"),
-                       float("nan"), copy / 1e9, 100.0])
+                       float("nan"), copy / 1e9, 100.0, 2 * 2**30 / copy * 1e3, 100.0])
     if torch is None:
         table.notes.append("torch columns skipped: torch with CUDA is not installed")
     table.notes.append("bytes moved: gather = read + write of the patches; scatter = the gradient read + the image "
                        "written. d2d copy counts read + write. host us: cupyx.profiler.benchmark CPU time per call.")
+    table.notes.append("GPU ms (cupyx.profiler.benchmark) runs from an event recorded before the call to one after it "
+                       "on an idle stream, so it includes the host time up to the launch; kernel ms: device time per "
+                       f"call with {QUEUED_CALLS} calls queued back to back behind a spin kernel (no host time)")
+    table.notes += [f"kernel ms not measured for {error}" for error in errors]
     table.notes.append("goals (issue 10): host <= 30 us per call; gather >= 50% of d2d copy when it moves >= 32 MB and "
                        ">= 2x faster than torch and CuPy fancy indexing; deterministic scatter >= 3x faster than "
                        "index_put_(accumulate=True)")
@@ -159,8 +225,9 @@ def run(quick: bool = False, progress=None) -> Table:
 def _rows(table, op, label, timed, ours, moved, copy):
     for name, t in timed.items():
         rate = moved / (t["gpu"] / 1e3)
+        kernel_rate = moved / (t["kernel"] / 1e3)
         table.rows.append([op, label, name, t["wall"], t["gpu"], 1e3 * t["host"], t["wall"] / timed[ours]["wall"],
-                           rate / 1e9, 100 * rate / copy])
+                           rate / 1e9, 100 * rate / copy, t["kernel"], 100 * kernel_rate / copy])
 
 
 if __name__ == "__main__":

@@ -70,10 +70,13 @@ class ByteMemory:
 def gather(x, offsets, layout, fill_value, *, x_address=0x10000, out_address=0x80000, threads=256):
     """``gather`` of ``patches.cu`` with its plan: returns the patches (layout's shape, x's dtype)."""
     plan = gp.gather_plan(layout, x.dtype.itemsize, threads)
-    total_rows = int(plan.args[0])
-    assert int(plan.args[1]) == x.nbytes, "the image bounds of the 16-byte loads"
     g = gp.geometry(layout)
+    total_rows = layout.batch * g.count * g.rows * g.p0 * g.p1
+    unit_rows = int(plan.tail[1])
+    assert int(plan.args[0]) == total_rows // g.p1 * -(-g.p1 // unit_rows), "one unit per unit_rows rows of a plane"
+    assert int(plan.args[1]) == x.nbytes, "the image bounds of the 16-byte loads"
     lanes = 1 << int(plan.tail[0])
+    assert lanes * int(plan.tail[2]) * 16 >= g.width * x.dtype.itemsize + 16, "slots for every chunk of a row"
     item = x.dtype.itemsize
     width, image_width = g.width, g.image_width
     assert x_address % item == 0 and out_address % item == 0

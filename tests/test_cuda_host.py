@@ -136,3 +136,208 @@ def test_host_scatter_many_overlapping_patches(lib):
     for pixels in (1, 16):
         got = host_scatter(lib, grad, offsets, (30, 40), False, pixels=pixels)
         assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), pixels
+
+
+@pytest.fixture
+def unit_rows(request):
+    """Run with ``GATHER_UNIT_ROWS`` = request.param (the plans are memoized: forget them before and after)."""
+    saved = gp.GATHER_UNIT_ROWS
+    gp.GATHER_UNIT_ROWS = request.param
+    gp.clear_caches()
+    yield request.param
+    gp.GATHER_UNIT_ROWS = saved
+    gp.clear_caches()
+
+
+@pytest.mark.parametrize("unit_rows", [1, 3, 8], indirect=True)
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_host_gather_long_rows_partial_units_and_fills(lib, dtype, unit_rows):
+    """Rows of several 16-byte chunks per lane (``slots`` > 1), planes of 13 rows in units of 1, 3 and 8 rows
+    (a partial last unit), rows and whole chunks outside the image (16-byte fill stores), partial rows."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 200, (2, 40, 90, 3)).astype(dtype)
+    offsets = np.array([[[0, 0], [30, 20], [-5, 60], [35, -40]], [[-12, -69], [27, 89], [10, 10], [-13, 5]]], np.int64)
+    patch = (13, 70)  # a row: 210 elements; float32/64: 54/107 chunks, 2/4 slots of 32 lanes
+    layout, fill = v.check_gather(x, offsets, patch, 9, False, None)
+    plan = gp.gather_plan(layout, x.dtype.itemsize, 64)
+    assert int(plan.tail[1]) == unit_rows and (int(plan.tail[2]) >= 2 or x.dtype.itemsize < 4)
+    expected = reference.extract_patches(x, offsets, patch, fill=9)
+    for threads in (32, 64, 256):
+        got = host_gather(lib, x, offsets, patch, 9, False, threads=threads)
+        assert np.array_equal(got, expected), threads
+    cf = np.ascontiguousarray(np.moveaxis(x, -1, 1))  # channels first: planes per channel row
+    got = host_gather(lib, cf, offsets, patch, 9, True, threads=64)
+    assert np.array_equal(got, reference.extract_patches(cf, offsets, patch, fill=9, channels_first=True))
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16], ids=lambda d: np.dtype(d).name)
+def test_host_gather_unaligned_starts_at_every_byte(lib, dtype):
+    """Image and output starts at every (item-aligned) byte of a 16-byte line, rows of several chunks per lane:
+    the funnel shift at every shift, the element-wise chunks at the ends; nothing written outside ``out``."""
+    rng = np.random.default_rng(6)
+    item = np.dtype(dtype).itemsize
+    image = rng.integers(0, 2**(8 * item), (2, 7, 310, 1), dtype=np.uint64).astype(dtype)
+    offsets = np.array([[[0, 0], [3, 1], [1, 290], [5, -30]], [[-1, 7], [2, 299], [6, 13], [0, 150]]], np.int32)
+    patch = (3, 301)
+    expected = reference.extract_patches(image, offsets, patch, fill=3)
+    for shift in range(0, 16, item):
+        raw = np.zeros(image.nbytes + 32, np.uint8)
+        x = raw[shift:shift + image.nbytes].view(dtype).reshape(image.shape)
+        x[...] = image
+        layout, fill = v.check_gather(x, offsets, patch, 3, False, None)
+        at = (3 * shift + item) % 16 // item * item
+        raw_out = np.zeros(expected.nbytes + 32, np.uint8)
+        out = raw_out[at:at + expected.nbytes].view(dtype).reshape(expected.shape)
+        launch(lib, *gp.gather_launch(x, offsets, layout, fill, out, threads=64))
+        assert np.array_equal(out, expected), shift
+        assert not raw_out[:at].any() and not raw_out[at + expected.nbytes:].any(), shift
+
+
+class GuardedPages:
+    """A read-write page between two inaccessible ones: the host build segfaults on any access outside it."""
+
+    def __init__(self):
+        import mmap
+
+        self.page = mmap.PAGESIZE
+        self.map = mmap.mmap(-1, 3 * self.page)
+        self.bytes = np.frombuffer(self.map, np.uint8)
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        self._protect(0)
+
+    def _protect(self, mode):
+        base = self.bytes.ctypes.data
+        for start in (base, base + 2 * self.page):
+            assert self.libc.mprotect(start, self.page, mode) == 0, ctypes.get_errno()
+
+    def array(self, shape, dtype, at_end):
+        """An array of ``shape`` that starts at the page's first byte, or ends at its last one."""
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        assert nbytes <= self.page
+        start = 2 * self.page - nbytes if at_end else self.page
+        return self.bytes[start:start + nbytes].view(dtype).reshape(shape)
+
+    def close(self):
+        self._protect(3)  # PROT_READ | PROT_WRITE, so the mapping can go
+
+
+@pytest.fixture
+def guarded():
+    pages = GuardedPages()
+    yield pages
+    pages.close()
+
+
+@pytest.mark.parametrize("at_end", [False, True], ids=["first_byte", "last_byte"])
+def test_host_gather_reads_nothing_outside_the_image(lib, guarded, at_end):
+    """The image starts (ends) at an inaccessible page: patches over its first and last elements, at every
+    alignment of the image's end, read only its bytes (a stray 16-byte load would segfault here)."""
+    rng = np.random.default_rng(7)
+    for width in range(40, 56):  # the image's byte count, hence its start (or end) alignment, changes
+        shape = (1, 20, width, 3)
+        x = guarded.array(shape, np.uint8, at_end)
+        x[...] = rng.integers(0, 256, shape)
+        offsets = np.array([[[0, 0], [15, width - 9], [16, width - 10], [-2, -3], [18, width - 3]]], np.int32)
+        expected = reference.extract_patches(x, offsets, (5, 11), fill=1)
+        assert np.array_equal(host_gather(lib, x, offsets, (5, 11), 1, False, threads=64), expected), width
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("at", [0, 1], ids=["aligned", "shifted"])
+@pytest.mark.parametrize("channels", [4, 3])
+def test_host_scatter_zero_tiles(lib, dtype, at, channels):
+    """Mostly untouched tiles: 16-byte zero stores where ``out`` and its rows are 16-byte aligned, element stores
+    otherwise (``out`` one element off, rows of 3 * 50 elements); every element written, +0.0 where no patch
+    lies, nothing outside ``out``; a few blocks taking many tiles across images (the boxes kept in registers
+    reloaded per image and per chunk of patches)."""
+    rng = np.random.default_rng(8 + at)
+    spatial = (70, 50)
+    offsets = np.array([[[3, 4], [60, 40], [-2, 45]], [[30, -3], [66, 20], [10, 10]]], np.int32)
+    grad = rng.standard_normal((2, 3, 5, 6, channels)).astype(dtype)
+    expected = atskern.scatter_patches(grad, offsets, spatial)
+    layout, _ = v.check_scatter(grad, offsets, spatial, False, None)
+    item = np.dtype(dtype).itemsize
+    saved = gp.SCATTER_BLOCKS
+    try:
+        for blocks, pixels, chunk in [(saved, 16, 256), (3, 1, 256), (2, 4, 2), (5, 1, 1)]:
+            gp.SCATTER_BLOCKS = blocks
+            gp.clear_caches()
+            raw = np.full(expected.nbytes // item + 2 + 8, np.nan, dtype)
+            start = 8 - at  # raw is 64-byte aligned: out at 16-byte alignment or one element off it
+            out = raw[start:start + expected.size].reshape(expected.shape)
+            launch(lib, *gp.scatter_launch(np.ascontiguousarray(grad), offsets, layout, out, True, pixels=pixels,
+                                           chunk=chunk))
+            assert np.array_equal(out.view(f"u{item}"), expected.view(f"u{item}")), (blocks, pixels, chunk)
+            assert np.isnan(raw[:start]).all() and np.isnan(raw[start + expected.size:]).all()
+    finally:
+        gp.SCATTER_BLOCKS = saved
+        gp.clear_caches()
+
+
+def test_host_scatter_writes_nothing_past_out(lib, guarded):
+    """``out`` ends at an inaccessible page: the 16-byte zero stores of the last tile stay inside it."""
+    grad = np.ones((1, 2, 3, 3, 4), np.float32)
+    offsets = np.array([[[0, 0], [1, 1]]], np.int32)
+    out = guarded.array((1, 16, 16, 4), np.float32, at_end=True)
+    out[...] = np.nan
+    layout, _ = v.check_scatter(grad, offsets, (16, 16), False, None)
+    launch(lib, *gp.scatter_launch(grad, offsets, layout, out, True, pixels=1))
+    expected = atskern.scatter_patches(grad, offsets, (16, 16))
+    assert np.array_equal(out.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("channels_first", [False, True], ids=["last", "first"])
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_host_scatter_few_blocks_step_through_every_axis(lib, channels_first, blocks):
+    """A block's tile range crosses tile rows, slices (S0), channel rows (R) and images (B): the tiles' coordinates
+    stepped tile by tile, the boxes reloaded per image; 3-D images, several chunks of patches."""
+    rng = np.random.default_rng(9 + blocks)
+    saved = gp.SCATTER_BLOCKS
+    try:
+        gp.SCATTER_BLOCKS = blocks
+        gp.clear_caches()
+        for trial in range(2):
+            x, offsets, spatial, patch = random_case(rng, 3, channels_first, np.float32, np.int16, count=7)
+            patches = atskern.extract_patches(x, offsets, patch, channels_first=channels_first)
+            grad = rng.standard_normal(patches.shape).astype(np.float32)
+            expected = atskern.scatter_patches(grad, offsets, spatial, channels_first=channels_first)
+            for pixels, chunk in [(1, 256), (1, 3), (4, 2)]:
+                got = host_scatter(lib, grad, offsets, spatial, channels_first, pixels=pixels, chunk=chunk)
+                assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), (trial, pixels, chunk)
+    finally:
+        gp.SCATTER_BLOCKS = saved
+        gp.clear_caches()
+
+
+def test_launch_constants_match_the_kernel_source():
+    """The host side's copies of the kernels' compile-time constants (block sizes the launch bounds and the block
+    scan are compiled for, rows per batch) equal patches.cu's #defines."""
+    import re
+
+    from atskern.gpu._module import source
+
+    defines = dict(re.findall(r"^#define (\w+) (\d+)", source("patches.cu"), re.M))
+    for name in ("GATHER_BATCH", "GATHER_MAX_THREADS", "SCATTER_THREADS", "SCATTER_PIXELS", "SCATTER_STAGED"):
+        assert int(defines[name]) == getattr(gp, name), name
+
+
+def test_host_scatter_more_patches_than_staged(lib):
+    """1100 patches per image: the first SCATTER_STAGED boxes come from shared memory, the rest from the offsets
+    (read per tile); two images, so the staged boxes are replaced; still bitwise the CPU kernel."""
+    rng = np.random.default_rng(10)
+    count = 1100
+    assert count > 1024  # patches.cu SCATTER_STAGED
+    offsets = rng.integers(-3, 24, (2, count, 2)).astype(np.int32)
+    grad = rng.standard_normal((2, count, 3, 2, 2)).astype(np.float32)
+    expected = atskern.scatter_patches(grad, offsets, (24, 20))
+    saved = gp.SCATTER_BLOCKS
+    try:
+        gp.SCATTER_BLOCKS = 1
+        gp.clear_caches()
+        for pixels, chunk in [(16, 256), (1, 200)]:
+            got = host_scatter(lib, grad, offsets, (24, 20), False, pixels=pixels, chunk=chunk)
+            assert np.array_equal(got.view(np.uint32), expected.view(np.uint32)), (pixels, chunk)
+    finally:
+        gp.SCATTER_BLOCKS = saved
+        gp.clear_caches()

@@ -74,11 +74,14 @@ def test_gather_plan(x_shape, k, patch, cf, threads):
     layout = layout_of(x_shape, k, patch, cf)
     g = gp.geometry(layout)
     plan = gp.gather_plan(layout, 4, threads)
-    total_rows, lanes = int(plan.args[0]), 1 << int(plan.tail[0])
-    assert total_rows == layout.batch * k * g.rows * g.p0 * g.p1
+    units, lanes = int(plan.args[0]), 1 << int(plan.tail[0])
+    unit_rows, slots = int(plan.tail[1]), int(plan.tail[2])
+    assert 1 <= unit_rows <= min(g.p1, gp.GATHER_UNIT_ROWS)
+    assert units == layout.batch * k * g.rows * g.p0 * -(-g.p1 // unit_rows), "every row in one unit"
     assert lanes <= min(32, threads) and threads % lanes == 0
-    assert lanes == 32 or lanes * 16 >= g.width * 4 + 16, "enough lanes for every 16-byte chunk of a row"
-    assert plan.grid[0] * (threads // lanes) >= total_rows or plan.grid[0] == gp.MAX_BLOCKS
+    assert lanes * slots * 16 >= g.width * 4 + 16, "enough lane slots for every 16-byte chunk of a row"
+    assert lanes == 32 or slots == 1
+    assert plan.grid[0] * (threads // lanes) >= units or plan.grid[0] == gp.MAX_BLOCKS
     assert plan.block == (threads,) and plan.kernel == "gather_u32_i32"
     assert gp.gather_plan(layout_of((40, 2**14, 2**14, 1), 1, 1), 1, 256).kernel == "gather_u8_i64"
 
@@ -105,6 +108,8 @@ def test_scatter_plan_checks_its_tuning():
     assert plan.block == (256,) and plan.kernel == "{float}_i32"
     tiles, tiles_w, tiles_h = (int(a) for a in plan.args[10:13])
     assert tiles == 8 * tiles_w * tiles_h and tiles_w * 256 >= 6144 and tiles_h * 16 >= 2048
+    assert plan.grid == (min(gp.SCATTER_BLOCKS, tiles),), "blocks take contiguous tile ranges"
+    assert gp.scatter_plan(layout_of((1, 9, 9, 1), 2, 3)).grid == (1,)
 
 
 def _random_case(rng, ndim, channels_first, offsets_dtype=np.int32, max_count=3):

@@ -33,10 +33,21 @@ OFFSET_KINDS = {("i", 1): 0, ("u", 1): 1, ("i", 2): 2, ("u", 2): 3, ("i", 4): 4,
 INT32_LIMIT = 2**31 - 1
 MAX_BLOCKS = 1 << 20
 MAX_LANES = 32
+GATHER_MAX_THREADS = 256
+"""The gather's __launch_bounds__ (patches.cu GATHER_MAX_THREADS): its blocks have at most this many threads."""
+GATHER_BATCH = 4
+"""Rows whose loads the gather issues before their stores (patches.cu GATHER_BATCH)."""
+GATHER_UNIT_ROWS = 8
+"""Consecutive rows of a patch plane per thread group of the gather (one offsets read per unit; the kernel
+issues the loads of 4 rows before their stores)."""
 SCATTER_THREADS = 256
 """Block size of the deterministic scatter (fixed: its CUB block scan is compiled for it)."""
 SCATTER_PIXELS = 16
 """Image elements per thread of the deterministic scatter (the kernel's register array holds at most this many)."""
+SCATTER_STAGED = 1024
+"""Patch boxes per image the deterministic scatter stages in shared memory (patches.cu SCATTER_STAGED)."""
+SCATTER_BLOCKS = 2048
+"""Most blocks of the deterministic scatter (a few waves of resident blocks on an H100/H200)."""
 SCATTER_CHUNK = SCATTER_THREADS
 """Patches tested against a tile per pass of the deterministic scatter; tests lower it to exercise many passes."""
 
@@ -89,9 +100,15 @@ def index_suffix(*element_counts: int, headroom: int = 0) -> str:
 
 def offset_args(offsets) -> tuple:
     """``(offsets, stride_b, stride_k, stride_d, kind)``: the array itself, its byte strides and dtype code."""
-    dtype = np.dtype(offsets.dtype)
-    stride_b, stride_k, stride_d = (np.int64(s) for s in offsets.strides)
-    return offsets, stride_b, stride_k, stride_d, np.int32(OFFSET_KINDS[(dtype.kind, dtype.itemsize)])
+    return (offsets,) + _offset_scalars(offsets.dtype, offsets.strides)
+
+
+@functools.lru_cache(maxsize=256)
+def _offset_scalars(dtype, strides) -> tuple:
+    """The scalars of :func:`offset_args` (memoized per dtype and strides: no NumPy scalars made per call)."""
+    dtype = np.dtype(dtype)
+    stride_b, stride_k, stride_d = (np.int64(s) for s in strides)
+    return stride_b, stride_k, stride_d, np.int32(OFFSET_KINDS[(dtype.kind, dtype.itemsize)])
 
 
 def fill_bits(fill_value) -> np.uint64:
@@ -111,19 +128,26 @@ class Plan(NamedTuple):
     tail: tuple = ()
 
 
-def gather_plan(layout, itemsize: int, threads: int) -> Plan:
-    """Launch of the gather: ``2**lanes_log2`` threads per patch row (enough for its 16-byte chunks, <= 32)."""
+def gather_plan(layout, itemsize: int, threads: int, unit_rows: int | None = None) -> Plan:
+    """Launch of the gather: a group of ``2**lanes_log2`` threads (enough for a row's 16-byte chunks, <= 32;
+    each lane takes ``slots`` chunks of a row) per unit of ``unit_rows`` consecutive rows of one patch plane."""
     g = geometry(layout)
-    total_rows = layout.batch * g.count * g.rows * g.p0 * g.p1
+    threads = min(threads, GATHER_MAX_THREADS)
+    unit_rows = min(unit_rows or GATHER_UNIT_ROWS, g.p1)
+    planes = layout.batch * g.count * g.rows * g.p0
+    units = planes * -(-g.p1 // unit_rows)
     chunks = -(-g.width * itemsize // 16) + 1  # + 1: the row need not start on a 16-byte boundary
     lanes = min(MAX_LANES, threads, _next_pow2(chunks))
-    rows_per_block = threads // lanes
-    blocks = max(1, min(MAX_BLOCKS, -(-total_rows // rows_per_block)))
-    out_elements = total_rows * g.width
+    slots = -(-chunks // lanes)
+    groups_per_block = threads // lanes
+    blocks = max(1, min(MAX_BLOCKS, -(-units // groups_per_block)))
+    out_elements = planes * g.p1 * g.width
     image_elements = layout.batch * g.rows * g.s0 * g.s1 * g.image_width
-    suffix = index_suffix(out_elements, image_elements, total_rows, headroom=MAX_BLOCKS * threads)
-    args = (np.int64(total_rows), np.int64(image_elements * itemsize)) + g.args()
-    return Plan(f"gather_{WORD_NAMES[itemsize]}_{suffix}", (blocks,), (threads,), args, (np.int32(lanes.bit_length() - 1),))
+    # a batch's row pointers may pass the output's end by GATHER_BATCH rows (computed, never used)
+    suffix = index_suffix(out_elements + GATHER_BATCH * g.width, image_elements, units, headroom=MAX_BLOCKS * threads)
+    args = (np.int64(units), np.int64(image_elements * itemsize)) + g.args()
+    tail = (np.int32(lanes.bit_length() - 1), np.int32(unit_rows), np.int32(slots))
+    return Plan(f"gather_{WORD_NAMES[itemsize]}_{suffix}", (blocks,), (threads,), args, tail)
 
 
 def scatter_tile(s1: int, image_width: int, pixels: int = SCATTER_PIXELS) -> tuple[int, int]:
@@ -138,7 +162,8 @@ def scatter_tile(s1: int, image_width: int, pixels: int = SCATTER_PIXELS) -> tup
 
 
 def scatter_plan(layout, pixels: int = SCATTER_PIXELS, chunk: int = SCATTER_CHUNK) -> Plan:
-    """Launch of the deterministic scatter: one block per image tile (grid-strided past ``MAX_BLOCKS``)."""
+    """Launch of the deterministic scatter: at most ``SCATTER_BLOCKS`` blocks, each taking a contiguous range of
+    image tiles (so the patch boxes a thread keeps in registers serve many tiles)."""
     if pixels not in (1, 2, 4, 8, 16) or pixels > SCATTER_PIXELS or not 1 <= chunk <= SCATTER_THREADS:
         raise ValueError(f"pixels must be a power of two <= {SCATTER_PIXELS} and chunk in 1..{SCATTER_THREADS}, "
                          f"got {pixels}, {chunk}")
@@ -153,7 +178,7 @@ def scatter_plan(layout, pixels: int = SCATTER_PIXELS, chunk: int = SCATTER_CHUN
     suffix = index_suffix(image_elements, grad_elements, headroom=tile_h * tile_w + g.image_width * tile_h)
     args = g.args() + tuple(np.int64(v) for v in (tiles, tiles_w, tiles_h)) + tuple(
         np.int32(v) for v in (tile_w.bit_length() - 1, tile_h, pixels, chunk))
-    return Plan(f"{{float}}_{suffix}", (max(1, min(MAX_BLOCKS, tiles)),), (SCATTER_THREADS,), args)
+    return Plan(f"{{float}}_{suffix}", (max(1, min(SCATTER_BLOCKS, tiles)),), (SCATTER_THREADS,), args)
 
 
 def atomic_plan(layout, threads: int) -> Plan:
@@ -184,7 +209,8 @@ def gather_launch(x, offsets, layout, fill_value, out, threads: int | None = Non
     """``(kernel name, grid, block, arguments)`` of the gather: pure host logic (the CPU tests run exactly these
     arguments through a host build of the kernel, tests/test_cuda_host.py)."""
     plan = _cached_gather_plan(layout, x.dtype.itemsize, threads or _module.THREADS_PER_BLOCK)
-    args = (x,) + offset_args(offsets) + (out,) + plan.args + (fill_bits(fill_value),) + plan.tail
+    args = (x, offsets) + _offset_scalars(offsets.dtype, offsets.strides) + (out,) + plan.args + (
+        fill_bits(fill_value),) + plan.tail
     return plan.kernel, plan.grid, plan.block, args
 
 
@@ -199,12 +225,13 @@ def scatter_launch(grad, offsets, layout, out, deterministic: bool = True, threa
     else:
         plan = _cached_atomic_plan(layout, threads or _module.THREADS_PER_BLOCK)
         kernel = "scatter_atomic_" + plan.kernel.format(float=name)
-    return kernel, plan.grid, plan.block, (grad,) + offset_args(offsets) + (out,) + plan.args
+    return kernel, plan.grid, plan.block, (grad, offsets) + _offset_scalars(offsets.dtype, offsets.strides) + (
+        out,) + plan.args
 
 
 def clear_caches():
     """Forget the memoized plans (after changing the module's tuning constants, as the tests do)."""
-    for cache in (_cached_gather_plan, _cached_scatter_plan, _cached_atomic_plan):
+    for cache in (_cached_gather_plan, _cached_scatter_plan, _cached_atomic_plan, _offset_scalars):
         cache.cache_clear()
 
 

@@ -5,11 +5,11 @@
 
 #define GATHER_HOST(name, T)                                                                                    \
     extern "C" void host_##name(unsigned grid, unsigned block, const T* x, OFFSET_PARAMS, T* out,               \
-                                long long total_rows, long long image_bytes, GEOMETRY_PARAMS,                   \
-                                unsigned long long fill_bits, int lanes_log2) {                                 \
+                                long long units, long long image_bytes, GEOMETRY_PARAMS,                        \
+                                unsigned long long fill_bits, int lanes_log2, int unit_rows, int slots) {       \
         launch(grid, block, [=] {                                                                               \
-            name(x, offsets, stride_b, stride_k, stride_d, kind, out, total_rows, image_bytes, count, rows, p0,  \
-                 p1, p2, scale, s0, s1, s2, dims, fill_bits, lanes_log2);                                       \
+            name(x, offsets, stride_b, stride_k, stride_d, kind, out, units, image_bytes, count, rows, p0, p1,   \
+                 p2, scale, s0, s1, s2, dims, fill_bits, lanes_log2, unit_rows, slots);                         \
         });                                                                                                     \
     }
 
