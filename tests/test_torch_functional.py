@@ -382,5 +382,16 @@ def test_eager_functions_equal_the_custom_ops():
     assert torch.equal(_ops.sample_patches_indices(attention, key, 5, False), _ops.sample_indices(attention, key, 5, False))
 
 
+@needs_patches
+def test_meta_tensors_take_the_custom_ops_fake_implementations():
+    """Keras builds a model by calling it on meta tensors: sampling and gathers then give shapes, not kernels."""
+    attention = torch.rand(2, 6, 7, device="meta")
+    indices = _ops.sample_patches_indices(attention, torch.tensor(3, device="meta"), 4, False)
+    assert indices.device.type == "meta" and tuple(indices.shape) == (2, 4, 2)
+    patches = _ops.extract_patches(torch.rand(2, 3, 30, 40, device="meta"), torch.zeros(2, 4, 2, dtype=torch.int32,
+                                   device="meta"), [5, 6], 0.0, True)
+    assert patches.device.type == "meta" and tuple(patches.shape) == (2, 4, 3, 5, 6)
+
+
 def test_sample_op_passes_opcheck():
     torch.library.opcheck(_ops.sample_indices, (torch.rand(2, 5, 6), torch.tensor(3), 4, False))

@@ -239,15 +239,24 @@ class _EagerScatter(torch.autograd.Function):
         return _scatter_backward(ctx, upstream, _EagerExtract.apply)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _traced(*tensors) -> bool:
+    """Whether the call is being traced rather than run: torch.compile, or tensors that hold no data (the meta
+    device Keras builds models on, fake or functional tensor subclasses): then only the custom ops will do."""
+    return torch.compiler.is_compiling() or any(type(t) not in _PLAIN or t.device.type == "meta" for t in tensors)
+
+
 def sample_patches_indices(attention, key, n, replace, strict=False, validate=True):
-    """:func:`sample_indices`: the custom op under torch.compile, a direct call otherwise."""
-    if torch.compiler.is_compiling():
+    """:func:`sample_indices`: the custom op when traced, a direct call otherwise."""
+    if _traced(attention, key):
         return sample_indices(attention, key, n, replace, strict, validate)
     return _sample(attention, key, n, replace, strict, validate)
 
 
 def extract_patches(x, offsets, patch_size, fill, channels_first):
-    """:func:`extract` with its gradients: the custom op under torch.compile, an autograd Function otherwise."""
-    if torch.compiler.is_compiling():
+    """:func:`extract` with its gradients: the custom op when traced, an autograd Function otherwise."""
+    if _traced(x, offsets):
         return extract(x, offsets, patch_size, fill, channels_first)
     return _EagerExtract.apply(x, offsets, patch_size, fill, channels_first)
