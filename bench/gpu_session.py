@@ -8,7 +8,8 @@ Steps, each in its own subprocess with a time limit carved from the budget
 1. at the same time (they need the CPUs more than the GPU): ``pytest -m gpu`` over the test files that hold GPU
    cases (pytest-xdist workers where it is installed), ``compute-sanitizer --tool memcheck python -m
    bench.gpu_smoke`` (gathers, scatters, samples and ``validate=False`` on bad rows with CuPy's pool off, so
-   out-of-bounds accesses are caught at the byte) and ``--tool racecheck`` on its sampling part;
+   out-of-bounds accesses are caught at the byte) and ``--tool racecheck`` on the same workout (shared-memory
+   hazards of the block scans, sorts and staged patch boxes);
 2. one after another, alone on the GPU: the GPU benchmarks (``python -m bench --only gpu_patches`` /
    ``gpu_sampling`` / ``gpu_ats``), in quick mode when little time is left, then ``python -m bench.gpu_tuning``.
 
@@ -42,7 +43,7 @@ TEST_FILES = ["test_gpu_sampling.py", "test_torch_gpu.py", "test_patches.py", "t
 """The files that hold GPU cases and import neither TensorFlow nor Keras at collection (the GPU machines have
 neither); ``test_gpu_session_test_files_cover_every_gpu_case`` keeps the list complete."""
 TEST_SECONDS = 140
-SANITIZER_SECONDS = 90
+SANITIZER_SECONDS = 110
 TUNING_SECONDS = (70, 30)
 
 
@@ -132,7 +133,7 @@ def test_command() -> list[str]:
 def sanitizer_commands(sanitizer: str) -> dict:
     smoke = [sys.executable, "-m", "bench.gpu_smoke"]
     return {"memcheck": [sanitizer, "--tool", "memcheck", "--error-exitcode", "3", *smoke],
-            "racecheck": [sanitizer, "--tool", "racecheck", "--error-exitcode", "3", *smoke, "--sampling-only"]}
+            "racecheck": [sanitizer, "--tool", "racecheck", "--error-exitcode", "3", *smoke]}
 
 
 def main(argv=None) -> int:
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
             text = sanitizer_summary(step["stdout"] + step["stderr"])
             if step["rc"] not in (0, None):
                 text += "\n" + (step["stdout"] + step["stderr"])[-3000:]
-            smoke = "python -m bench.gpu_smoke" + (" --sampling-only" if name == "racecheck" else "")
+            smoke = "python -m bench.gpu_smoke"
             add(f"## compute-sanitizer {name} (`{smoke}`, {_status(step)}, {step['seconds']:.0f} s)\n\n"
                 + _fence(text))
 
