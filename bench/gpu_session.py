@@ -35,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-BENCHMARKS = [("gpu_sampling", 50, 20), ("gpu_patches", 60, 25), ("gpu_ats", 80, 35)]
+BENCHMARKS = [("gpu_sampling", 40, 20), ("gpu_patches", 40, 20), ("gpu_ats", 130, 40)]
 """(name, seconds for the full run, seconds for --quick): the estimates that decide full or quick."""
 TEST_FILES = ["test_gpu_sampling.py", "test_torch_gpu.py", "test_patches.py", "test_patches_layouts.py",
               "test_sampling.py", "test_sampling_edges.py", "test_estimator.py", "test_patch_offsets_exact.py",
@@ -44,7 +44,8 @@ TEST_FILES = ["test_gpu_sampling.py", "test_torch_gpu.py", "test_patches.py", "t
 neither); ``test_gpu_session_test_files_cover_every_gpu_case`` keeps the list complete."""
 TEST_SECONDS = 140
 SANITIZER_SECONDS = 110
-TUNING_SECONDS = (70, 30)
+TUNING_SECONDS = (25, 15)
+TUNING_PARTS = ["--only", "registers", "--only", "breakdown"]
 
 
 def _env() -> dict:
@@ -229,7 +230,7 @@ def main(argv=None) -> int:
         if left() < quick:
             add("## Tuning probe\n\n- skipped: out of session time")
         else:
-            command = [sys.executable, "-m", "bench.gpu_tuning"] + (["--quick"] if left() < full else [])
+            command = [sys.executable, "-m", "bench.gpu_tuning", *TUNING_PARTS] + (["--quick"] if left() < full else [])
             step = run_step(command, left())
             _keep_log(args.logs, "tuning", step)
             ok &= step["rc"] == 0
