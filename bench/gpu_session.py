@@ -76,7 +76,8 @@ def pytest_summary(output: str) -> str:
 
 
 def sanitizer_summary(output: str) -> str:
-    found = [line.strip() for line in output.splitlines() if "ERROR SUMMARY" in line or "gpu smoke" in line]
+    found = [line.strip() for line in output.splitlines()
+             if "ERROR SUMMARY" in line or "RACECHECK SUMMARY" in line or "gpu smoke" in line]
     return "\n".join(found) or "(no summary line)"
 
 

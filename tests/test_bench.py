@@ -78,6 +78,8 @@ def test_gpu_session_helpers():
     output = "..F.\nFAILED tests/test_x.py::test_y - AssertionError\n1 failed, 3 passed, 2 skipped in 4.20s\n"
     assert gs.pytest_summary(output) == "FAILED tests/test_x.py::test_y - AssertionError\n1 failed, 3 passed, 2 skipped in 4.20s"
     assert gs.sanitizer_summary("gpu smoke: all results equal\n========= ERROR SUMMARY: 0 errors\n").endswith("0 errors")
+    racecheck = "gpu smoke: ok\n========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n"
+    assert gs.sanitizer_summary(racecheck).endswith("(0 errors, 0 warnings)")
     step = gs.run_step([sys.executable, "-c", "import time; print('started', flush=True); time.sleep(30)"], 2)
     assert step["timed_out"] and step["rc"] is None and step["seconds"] < 20
 

@@ -182,13 +182,14 @@ import sys, torch
 from ats.torch import functional as F
 attention = torch.rand(4, 24, 24, device="cuda") + 0.01
 key = torch.tensor([5], dtype=torch.int64, device="cuda")
+attention[2, 3, 3] = float("nan")  # (setting an element from the host synchronizes: before the check below)
+probs = torch.full((2, 6), 0.3, dtype=torch.float64, device="cuda")  # rows sum to 1.8 > 1
+features = torch.rand(2, 6, 3, device="cuda")
 torch.cuda.set_sync_debug_mode("error")  # the failing call itself must not wait for the device
 if sys.argv[1] == "rows":
-    attention[2, 3, 3] = float("nan")
     F.sample(attention, 6, key=key)
 else:
-    probs = torch.full((2, 6), 0.3, dtype=torch.float64, device="cuda")  # rows sum to 1.8 > 1
-    F.expectation(torch.rand(2, 6, 3, device="cuda"), probs)
+    F.expectation(features, probs)
 torch.cuda.set_sync_debug_mode("default")
 torch.cuda.synchronize()
 print("not raised", flush=True)
