@@ -2,7 +2,8 @@
 """The project's two entry points; each sets up everything it needs first.
 
     python3 dev.py bench [ARGS...]   the main job: ``python -m bench`` (kernel and ATS benchmarks)
-    python3 dev.py test [ARGS...]    the whole test suite (``pytest``; ARGS go to pytest)
+    python3 dev.py test [ARGS...]    the whole test suite (``pytest`` on pytest-xdist workers, one per core up to
+                                     4; ARGS go to pytest, ``-n 0`` runs it in one process)
 
 Set-up: a virtual environment in ``.venv`` is created on first use and
 refreshed whenever ``requirements/lock.txt`` or ``pyproject.toml`` change
@@ -54,6 +55,13 @@ def ensure_venv() -> Path:
     return python
 
 
+def _workers(rest: list[str]) -> list[str]:
+    """pytest-xdist workers (one per core, at most 4; a test file stays on one worker, so its module fixtures
+    run once), unless the arguments choose (``-n``, ``-p no:xdist``)."""
+    chosen = any(a in ("-n", "--numprocesses", "no:xdist") or a.startswith(("-n", "--numprocesses=")) for a in rest)
+    return [] if chosen else ["-n", str(max(1, min(4, os.cpu_count() or 1))), "--dist", "loadfile"]
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"bench", "test"}:
         print(__doc__, file=sys.stderr)
@@ -64,7 +72,7 @@ def main(argv: list[str]) -> int:
     if command == "bench":
         args = [str(python), "-m", "bench", *rest]
     else:
-        args = [str(python), "-m", "pytest", *rest]
+        args = [str(python), "-m", "pytest", *_workers(rest), *rest]
     return subprocess.run(args, cwd=ROOT, env=env).returncode
 
 
