@@ -82,7 +82,7 @@ def launch_breakdown(rows, side, n, replace=False, repeats=20) -> list[str]:
     threads = _module.THREADS_PER_BLOCK
     sms = sampling._multiprocessors(cupy.cuda.Device().id)
     p = sampling.plan(rows, side * side, n, replace, threads, sms)
-    ws = sampling.workspace(sampling._empty, rows, side * side, n, p, replace, False)
+    ws = sampling.workspace(cupy.empty, rows, side * side, n, p, replace, False)
     indices = cupy.empty((rows, n, 2), cupy.int32)
     probs = cupy.empty((rows, n), cupy.float64)
     steps = sampling.launches(attention, n, (side, side), 3, replace, False, ws, p, indices, probs)

@@ -209,8 +209,7 @@ def gather_launch(x, offsets, layout, fill_value, out, threads: int | None = Non
     """``(kernel name, grid, block, arguments)`` of the gather: pure host logic (the CPU tests run exactly these
     arguments through a host build of the kernel, tests/test_cuda_host.py)."""
     plan = _cached_gather_plan(layout, x.dtype.itemsize, threads or _module.THREADS_PER_BLOCK)
-    args = (x, offsets) + _offset_scalars(offsets.dtype, offsets.strides) + (out,) + plan.args + (
-        fill_bits(fill_value),) + plan.tail
+    args = (x,) + offset_args(offsets) + (out,) + plan.args + (fill_bits(fill_value),) + plan.tail
     return plan.kernel, plan.grid, plan.block, args
 
 
@@ -225,8 +224,7 @@ def scatter_launch(grad, offsets, layout, out, deterministic: bool = True, threa
     else:
         plan = _cached_atomic_plan(layout, threads or _module.THREADS_PER_BLOCK)
         kernel = "scatter_atomic_" + plan.kernel.format(float=name)
-    return kernel, plan.grid, plan.block, (grad, offsets) + _offset_scalars(offsets.dtype, offsets.strides) + (
-        out,) + plan.args
+    return kernel, plan.grid, plan.block, (grad,) + offset_args(offsets) + (out,) + plan.args
 
 
 def clear_caches():

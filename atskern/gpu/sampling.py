@@ -223,10 +223,6 @@ def _kernel(name: str, options: tuple[str, ...], device_id: int):
     return _module.function(SOURCE, name, options)
 
 
-def _empty(shape, dtype):
-    return cupy().empty(shape, dtype)
-
-
 ALIGNMENT = 256
 
 

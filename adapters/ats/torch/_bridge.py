@@ -12,29 +12,24 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
-import importlib.util
 import warnings
 
 import numpy as np
 import torch
 
+from atskern import _backend
+
 # torch dtypes NumPy has no twin for, moved as same-size integers (gathers only move bytes)
 _BYTE_TWINS = {torch.bfloat16: torch.int16}
 
 
-_cupy = None
-
-
 def cupy():
-    """The ``cupy`` module (imported once), or an ImportError saying how to install it."""
-    global _cupy
-    if _cupy is None:
-        if importlib.util.find_spec("cupy") is None:
-            raise ImportError("ats.torch needs CuPy for CUDA tensors: pip install 'atskern[cuda12]' (CUDA 12) or "
-                              "'atskern[cuda13]' (CUDA 13)")
-        _cupy = importlib.import_module("cupy")
-    return _cupy
+    """The ``cupy`` module (atskern's, imported once), or an ImportError saying how to install it."""
+    try:
+        return _backend.cupy()
+    except ImportError:
+        raise ImportError("ats.torch needs CuPy for CUDA tensors: pip install 'atskern[cuda12]' (CUDA 12) or "
+                          "'atskern[cuda13]' (CUDA 13)") from None
 
 
 def byte_twin(tensor: torch.Tensor) -> torch.Tensor:
