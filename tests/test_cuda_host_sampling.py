@@ -12,6 +12,7 @@ reference's for the same seed; probabilities and the status are checked against 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import shutil
 
 import numpy as np
@@ -58,15 +59,21 @@ def _garbage(shape, dtype):
     return np.full(int(np.prod(shape)) * np.dtype(dtype).itemsize, 0xA5, np.uint8).view(dtype).reshape(shape)
 
 
-def host_sample(lib, attention, n, *, seed, replace=False, logits=False, threads=32, chunk=128, seed_array=None):
+def host_sample(lib, attention, n, *, seed, replace=False, logits=False, threads=32, chunk=128, seed_array=None,
+                capacity=None, keep=None):
     """``atskern.gpu.sampling.sample`` with the host build: (indices, float64 probs, status, plan). ``threads``
-    must be the ATS_SELECT_THREADS ``lib`` was built with."""
+    must be the ATS_SELECT_THREADS ``lib`` was built with. ``capacity`` overrides the plan's screening buffer (0:
+    every row selected chunk by chunk); ``keep`` (a dict) receives the workspace."""
     rows = attention.shape[0]
     grid = attention.shape[1:]
     weights = np.ascontiguousarray(attention).reshape(rows, -1)
     size = weights.shape[1]
     p = gs.plan(rows, size, n, replace, threads, multiprocessors=1, chunk=chunk)
+    if capacity is not None:
+        p = dataclasses.replace(p, capacity=capacity)
     ws = gs.workspace(_garbage, rows, size, n, p, replace, logits)
+    if keep is not None:
+        keep["workspace"] = ws
     indices = _garbage((rows, n, len(grid)), np.int32)
     probs = _garbage((rows, n), np.float64)
     for step in gs.launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_array):
@@ -136,16 +143,18 @@ def test_host_draws_equal_cpu_and_reference(lib, dtype, replace):
         assert_same_status(status, cpu_status)
 
 
+@pytest.mark.parametrize("screen", [True, False], ids=["screened", "selected"])
 @pytest.mark.parametrize("threads, chunk, ns", [(32, 128, (1, 40)), (64, 256, (3, 100)), (32, 1024, (200,))])
-def test_host_many_blocks_share_one_bound(libs, threads, chunk, ns):
+def test_host_many_blocks_share_one_bound(libs, threads, chunk, ns, screen):
     """A long row in many chunks, several rows: the exact n smallest keys (n near the block room runs on the GPU:
-    the host barriers are slow)."""
+    the host barriers are slow), screened, and selected chunk by chunk through the shared bound."""
     rng = np.random.default_rng(threads + chunk)
     attention = rng.exponential(size=(3, 3000)).astype(np.float32)
     attention[1, ::3] = 0
     for n in ns:
         assert n <= gs.max_selection_n(threads)
-        indices, probs, status, _ = host_sample(libs(threads), attention, n, seed=n, threads=threads, chunk=chunk)
+        indices, probs, status, _ = host_sample(libs(threads), attention, n, seed=n, threads=threads, chunk=chunk,
+                                                capacity=None if screen else 0)
         cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, n, False)
         assert np.array_equal(indices, cpu_i), n
         np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
@@ -200,15 +209,15 @@ LEVELS = [0.0, 5e-324, 1e-300, 0.25, 1.0, 1.0 + 2**-52, 3.0]  # zeros, +inf keys
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.integers(1, 3), size=st.integers(1, 700), n_fraction=st.floats(0.0, 1.0),
        levels=st.lists(st.sampled_from(LEVELS), min_size=1, max_size=4, unique=True),
-       chunk=st.sampled_from([128, 256, 512]), seed=st.integers(0, 2**64 - 1))
-def test_host_fuzz_ties_fillers_and_chunks(lib, rows, size, n_fraction, levels, chunk, seed):
+       chunk=st.sampled_from([128, 256, 512]), seed=st.integers(0, 2**64 - 1), screen=st.booleans())
+def test_host_fuzz_ties_fillers_and_chunks(lib, rows, size, n_fraction, levels, chunk, seed, screen):
     """Rows drawn from a few weight levels (many equal keys, exact +inf ties, zeros: fillers, rows that the
     scale-free pass redoes), any n and chunking: the host build draws as the reference and the CPU kernel."""
     rng = np.random.default_rng(seed % 2**32)
     attention = rng.choice(np.array(levels), size=(rows, size))
     attention[np.arange(rows), rng.integers(0, size, rows)] = max(max(levels), 5e-324)  # a positive cell a row
     n = max(1, int(round(n_fraction * size)))
-    indices, probs, status, _ = host_sample(lib, attention, n, seed=seed, chunk=chunk)
+    indices, probs, status, _ = host_sample(lib, attention, n, seed=seed, chunk=chunk, capacity=None if screen else 0)
     ref_i, _ = reference.sample(attention, n, seed=seed)
     cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, seed, False)
     assert np.array_equal(indices, ref_i) and np.array_equal(indices, cpu_i)
@@ -319,13 +328,13 @@ def _merge_rows(rng, size):
 
 
 @pytest.mark.parametrize("n", [9, 60, 400])
-def test_host_merge_takes_list_prefixes_under_the_bound(lib, n):
+def test_host_merge_takes_list_prefixes_under_the_bound(lib, n):  # every row selected: no screening buffer
     """finish_rows with many chunk lists (47 chunks, more than the 32 threads of a block: the chunk scan and the
     statistics reduction take several rounds), more slots than a block's buffer (nchunks * n > capacity: the
     bound from the lists' heads) and rows where the prefixes overflow the buffer (+inf key ties: the bound
     bounds nothing, the tile-by-tile merge): draws equal the reference's and the CPU kernel's, ties by position."""
     attention = _merge_rows(np.random.default_rng(n), 6000)
-    indices, probs, status, p = host_sample(lib, attention, n, seed=n, chunk=128)
+    indices, probs, status, p = host_sample(lib, attention, n, seed=n, chunk=128, capacity=0)
     assert p.nchunks == 47 and p.nchunks > 32
     assert p.nchunks * n > gs.selection_capacity(32) or n == 9
     ref_i, _ = reference.sample(attention, n, seed=n)
@@ -422,10 +431,57 @@ def test_host_first_tile_bound_and_its_retry(libs, dtype):
     attention = (rng.random((40, 700)) + 0.05).astype(dtype)
     attention[::7, 5] = 0.0
     for n in (1, 5, 20):
-        indices, probs, status, _ = host_sample(libs(64), attention, n, seed=n, threads=64, chunk=256)
+        indices, probs, status, _ = host_sample(libs(64), attention, n, seed=n, threads=64, chunk=256, capacity=0)
         ref_i, _ = reference.sample(attention, n, seed=n)
         cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, n, False)
         assert np.array_equal(indices, ref_i) and np.array_equal(indices, cpu_i), n
         np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
         np.testing.assert_allclose(probs, independent_probs(attention, flat_positions(indices, (700,))), rtol=1e-12)
         assert_same_status(status, cpu_status)
+
+
+def _plans(ws, rows, pass_=0):
+    return ws.row_plan[pass_ * rows:(pass_ + 1) * rows]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_host_rows_screened_selected_or_alone(libs, dtype):
+    """Each row's plan from its statistics (chunk_stats' last block): even rows are screened (every key under the
+    row's bound t into one buffer, then sorted), uneven ones (S > W^2 / 2 want), short ones (fewer positive cells
+    than want) and bad ones are selected chunk by chunk; pass 0 skips a row that pass 1 rescales, which pass 1
+    screens. A screened row with fewer than n keys under t (the 64-thread harness expects only n / 2 + 1 there)
+    or more than its buffer holds is selected by finish_rows alone. Every way gives the reference's draws."""
+    rng = np.random.default_rng(5)
+    size = 1500
+    attention = (rng.random((6, size)) + 0.05).astype(dtype)
+    attention[1, 7] = size  # uneven: one cell holds half the mass
+    attention[2, 40:] = 0  # short: 40 positive cells
+    attention[3, 11] = np.nan
+    if dtype == np.float64:
+        attention[4] *= 1e-300  # rescaled by pass 1
+    n = 12
+    for threads, capacity in [(32, None), (64, None), (32, n + 1)]:
+        keep = {}
+        indices, probs, status, p = host_sample(libs(threads), attention, n, seed=9, threads=threads, chunk=256,
+                                                capacity=capacity, keep=keep)
+        ws = keep["workspace"]
+        plans = _plans(ws, 6)
+        screened = np.isfinite(plans) & (plans > 0)
+        # the 64-thread harness's smaller want screens the short row too
+        assert list(screened) == [True, False, threads == 64, False, dtype == np.float32, True]
+        if dtype == np.float64:
+            assert plans[4] == -1.0 and 0 < _plans(ws, 6, 1)[4] < np.inf
+        kept = ws.counters[6:12]  # pass 0's screened counts
+        if threads == 64:  # about n / 2 + 1 keys expected below t: rows fall short of n
+            assert (kept[screened] < n).any()
+        else:
+            assert (kept[screened] >= n).all()
+        if capacity is not None:
+            assert (kept[screened] > capacity).all()
+        ref_i, _ = reference.sample(np.where(np.isnan(attention), 0, attention), n, seed=9)
+        cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, 9, False)
+        valid = [0, 1, 2, 4, 5]
+        assert np.array_equal(indices[valid], ref_i[valid]) and np.array_equal(indices[valid], cpu_i[valid])
+        np.testing.assert_allclose(probs[valid], cpu_p[valid], rtol=1e-12)
+        assert_same_status(status, cpu_status)
+        assert (probs[3] == 0).all() and ((indices >= 0) & (indices < size)).all()

@@ -132,6 +132,41 @@ def test_large_n_selected_on_the_device(monkeypatch, threads, dtype):
         np.testing.assert_allclose(got_p.get(), cpu_p, rtol=1e-6 if dtype == np.float32 else 1e-12)
 
 
+def _screening_rows(dtype, size):
+    """Rows for each way of sampling without replacement: even (screened), one cell holding half the mass (selected
+    chunk by chunk), 40 positive cells (selected: fewer than screening expects), zero-heavy, and a float64 row that
+    pass 1 rescales (screened there)."""
+    rng = np.random.default_rng(size)
+    rows = rng.random((5, size)) + 0.05
+    rows[1, 7] = size
+    rows[2, 40:] = 0
+    rows[3, ::3] = 0
+    if dtype == np.float64:
+        rows[4] *= 1e-300
+    return rows.astype(dtype)
+
+
+@pytest.mark.parametrize("capacity", ["planned", "tight"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [1, 10, 100])
+def test_screened_selected_and_alone_rows_draw_as_the_cpu(monkeypatch, n, dtype, capacity):
+    """Screened rows (every key under the row's bound into one buffer, sorted), rows selected chunk by chunk, and,
+    with a screening buffer of n + 1 slots, screened rows that overflow it and finish_rows selects alone: the
+    draws equal the CPU kernel's and the reference's, over many chunks of a 300x300 map."""
+    import cupy as cp
+
+    from atskern.gpu import sampling as gs
+
+    if capacity == "tight":
+        monkeypatch.setattr(gs, "screen_capacity", lambda n_, size, threads: n_ + 1)
+    attention = _screening_rows(dtype, 300 * 300).reshape(5, 300, 300)
+    got_i, got_p = atskern.sample(cp.asarray(attention), n, seed=n + 7)
+    cpu_i, cpu_p = atskern.sample(attention, n, seed=n + 7)
+    want_i, _ = reference.sample(attention, n, seed=n + 7)
+    assert np.array_equal(got_i.get(), cpu_i) and np.array_equal(cpu_i, want_i)
+    np.testing.assert_allclose(got_p.get(), cpu_p, rtol=1e-6 if dtype == np.float32 else 1e-12)
+
+
 def test_validate_false_call_is_capturable_in_a_cuda_graph():
     """validate=False with a device seed: no host synchronization, so a CuPy stream capture works and a replay
     with a new seed value draws anew."""

@@ -64,7 +64,7 @@
 #define ATS_INF __longlong_as_double(0x7FF0000000000000LL)
 #define ATS_EXPONENT_LOW (-64)   // SCALE_FREE_EXPONENTS in atskern/_validation.py
 #define ATS_EXPONENT_HIGH 64
-#define ATS_STATS 5              // per (row, chunk): sum, largest finite weight, non-finite, negative, positive
+#define ATS_STATS 6              // per (row, chunk): sum, largest finite weight, non-finite, negative, positive, squares
 #define ATS_MAX_THREADS 1024
 
 static_assert(ATS_SELECT_THREADS % 32 == 0 && ATS_SELECT_THREADS <= 256 && ATS_MAX_N % ATS_SELECT_THREADS == 0,
@@ -237,6 +237,7 @@ __device__ __forceinline__ void topn_offer(TopN& s, Selection& sel, const bool (
 struct BlockStats {  // one entry per warp
     double sum[32];
     double top[32];
+    double squares[32];
     long long count[3][32];
 };
 
@@ -321,10 +322,13 @@ __device__ __forceinline__ long long exponent_of(double top) {
 }
 
 // The power of two a row is rescaled by in pass 1 (0: not rescaled): rows_to_rescale of atskern/_validation.py.
-__device__ __forceinline__ int rescale_shift(const long long* row_status, int is_double) {
-    if (!is_double || row_status[0] != 0 || row_status[2] <= 0) return 0;
-    const long long exponent = row_status[3];
+__device__ __forceinline__ int rescale_shift_of(long long nonfinite, long long positive, long long exponent,
+                                                int is_double) {
+    if (!is_double || nonfinite != 0 || positive <= 0) return 0;
     return (exponent < ATS_EXPONENT_LOW || exponent > ATS_EXPONENT_HIGH) ? (int)exponent : 0;
+}
+__device__ __forceinline__ int rescale_shift(const long long* row_status, int is_double) {
+    return rescale_shift_of(row_status[0], row_status[2], row_status[3], is_double);
 }
 
 __device__ __forceinline__ unsigned long long effective_seed(unsigned long long seed, const unsigned long long* seed_ptr) {
@@ -360,9 +364,10 @@ __device__ __forceinline__ double warp_max(double value) {
 // Block-wide statistics (a fixed tree: deterministic for a given block size) into out[0..ATS_STATS). Called by
 // every thread of the block; blockDim.x is a multiple of 32.
 __device__ void reduce_stats(BlockStats& b, double* out, double sum, double top, long long nonfinite,
-                             long long negative, long long positive) {
+                             long long negative, long long positive, double squares) {
     const unsigned int warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     sum = warp_sum(sum);
+    squares = warp_sum(squares);
     top = warp_max(top);
     nonfinite = warp_sum(nonfinite);
     negative = warp_sum(negative);
@@ -370,16 +375,18 @@ __device__ void reduce_stats(BlockStats& b, double* out, double sum, double top,
     if (lane == 0) {
         b.sum[warp] = sum;
         b.top[warp] = top;
+        b.squares[warp] = squares;
         b.count[0][warp] = nonfinite;
         b.count[1][warp] = negative;
         b.count[2][warp] = positive;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-        double s = 0.0, t = 0.0;
+        double s = 0.0, t = 0.0, q = 0.0;
         long long c0 = 0, c1 = 0, c2 = 0;
         for (unsigned int i = 0; i < (blockDim.x >> 5); ++i) {
             s += b.sum[i];
+            q += b.squares[i];
             t = b.top[i] > t ? b.top[i] : t;
             c0 += b.count[0][i];
             c1 += b.count[1][i];
@@ -390,11 +397,15 @@ __device__ void reduce_stats(BlockStats& b, double* out, double sum, double top,
         out[2] = (double)c0;  // counts below 2^53 are exact in a double
         out[3] = (double)c1;
         out[4] = (double)c2;
+        out[5] = q;
     }
 }
 
 // Prepare: one thread per row, and one for row_bound[rows], the count of finish_rows blocks done (summary row).
-extern "C" __global__ void prepare(long long rows, unsigned long long* row_bound, unsigned long long* rowmax) {
+// counters (4 * rows, or null): per pass, the row's chunk_stats blocks done, then its screened keys (ATS_DONE,
+// ATS_SCREENED).
+extern "C" __global__ void prepare(long long rows, unsigned long long* row_bound, unsigned long long* rowmax,
+                                   unsigned int* counters) {
     const long long row = blockIdx.x * (long long)blockDim.x + threadIdx.x;
     if (row > rows) return;
     if (row == rows) {
@@ -403,6 +414,9 @@ extern "C" __global__ void prepare(long long rows, unsigned long long* row_bound
     }
     row_bound[row] = ATS_INF_BITS;
     if (rowmax) rowmax[row] = 0ull;
+    if (counters) {
+        for (int c = 0; c < 4; ++c) counters[c * rows + row] = 0u;
+    }
 }
 
 // The largest finite logit of each row: block (row, chunk) reduces its chunk and atomicMax-es the row's slot.
@@ -437,11 +451,11 @@ extern "C" __global__ void row_max_f64(const double* weights, long long size, in
     row_max<double>(weights, size, nchunks, chunk, rowmax);
 }
 
-// The first tile's bound of chunk_topn (block-uniform; called by every thread): t with W t - S t^2 / 2 = want
+// The first tile's bound of select_range (block-uniform; called by every thread): t with W t - S t^2 / 2 = want
 // (W, S: the sum and the sum of squares of the tile's weights), below which about `want` of its keys fall in
 // expectation (1 - exp(-a t) >= a t - (a t)^2 / 2), or +inf where the tile has bad or too few usable weights or t
-// would not be below the row's shared bound. Thread 0's reading of the shared bound becomes every thread's
-// (*shared), so that whether the first tile is taken again is block-uniform.
+// would not be below the row's shared bound (row_bound null: none). Thread 0's reading of the shared bound becomes
+// every thread's (*shared), so that whether the first tile is taken again is block-uniform.
 __device__ double first_bound(BlockStats& b, double want, double total, double squares, int usable, int bad,
                               const unsigned long long* row_bound, long long row, double* shared) {
     const unsigned int warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
@@ -470,7 +484,7 @@ __device__ double first_bound(BlockStats& b, double want, double total, double s
         if (d == 0 && (double)u >= want && isfinite(w) && w > 0.0 && isfinite(disc) && disc > 0.0) {
             t = 2.0 * want / (w + sqrt(disc));
         }
-        const double limit = shared_bound(row_bound, row);
+        const double limit = row_bound ? shared_bound(row_bound, row) : ATS_INF;
         b.sum[0] = t < limit ? t : ATS_INF;
         b.top[0] = limit;
     }
@@ -481,41 +495,77 @@ __device__ double first_bound(BlockStats& b, double want, double total, double s
     return t;
 }
 
-// One block per (row, chunk). select = 0 (with replacement): statistics only.
+// The row's statistics from its chunks into out[0..ATS_STATS) (total, largest finite weight, counts, squares):
+// thread t adds chunks t, t + blockDim.x, ... in order, then reduce_stats' fixed tree. The order depends on the
+// block size and the chunk count only (the plan), never on timing. Called by every thread of the block. `stats` is
+// read past this SM's L1 (chunk_stats' last block reads what the row's other blocks wrote).
+__device__ void row_stats(BlockStats& b, double* out, const double* stats, long long row, int nchunks) {
+    double sum = 0.0, top = 0.0, squares = 0.0;
+    long long nonfinite = 0, negative = 0, positive = 0;
+    for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
+        const volatile double* at = stats + (row * nchunks + c) * ATS_STATS;
+        sum += at[0];
+        const double t = at[1];
+        top = t > top ? t : top;
+        nonfinite += (long long)at[2];
+        negative += (long long)at[3];
+        positive += (long long)at[4];
+        squares += at[5];
+    }
+    reduce_stats(b, out, sum, top, nonfinite, negative, positive, squares);
+}
+
+// A row's plan (row_plan[pass * rows + row], written by chunk_stats, read by chunk_topn and finish_rows): from its
+// statistics `row` (row_stats), ATS_PLAN_SKIP for pass 0 of a row that pass 1 rescales, a finite t > 0 for a row
+// screened below t (a valid row where at least ATS_SCREEN_WANT(n) keys are expected below t, by the bound of
+// first_bound on the row's sum W and sum of squares S), or +inf for a row selected chunk by chunk (bad rows, rows
+// too short or too uneven for the bound: S > W^2 / (2 want), and every row when capacity is 0).
+//
+// Screening keeps every key at most t. With at least n of them (probability about 1 - 1e-9 with want = n + 6
+// sqrt(n) + 16 expected, Poisson-like), the row's n smallest keys are all at most t, so they are among the kept;
+// with fewer, or more than the buffer's `capacity` (about twice want: sampling.py), finish_rows selects the row
+// alone, exactly.
+#ifndef ATS_SCREEN_WANT
+#define ATS_SCREEN_WANT(n) ((double)(n) + 6.0 * sqrt((double)(n)) + 16.0)
+#endif
+#define ATS_PLAN_SKIP (-1.0)
+
+__device__ double row_plan_of(const double* row, int n, int capacity, int is_double, int pass) {
+    const long long nonfinite = (long long)row[2], negative = (long long)row[3], positive = (long long)row[4];
+    if (!pass && rescale_shift_of(nonfinite, positive, exponent_of(row[1]), is_double)) return ATS_PLAN_SKIP;
+    if (capacity <= 0 || capacity > ATS_CAPACITY || nonfinite != 0 || negative != 0) return ATS_INF;
+    const double want = ATS_SCREEN_WANT(n), total = row[0], squares = row[5];
+    if ((double)positive < want || !(total > 0.0) || !isfinite(total)) return ATS_INF;
+    const double disc = total * total - 2.0 * squares * want;
+    if (!(isfinite(disc) && disc > 0.0)) return ATS_INF;
+    const double t = 2.0 * want / (total + sqrt(disc));
+    return (t > 0.0 && t < ATS_INF) ? t : ATS_INF;
+}
+
+// The n smallest (key, position) pairs of the row's positions [start, stop) into s.u.list, sorted (values:
+// positions relative to start); returns how many (fewer than n where fewer weights are positive). Called by every
+// thread of the block. row_bound: the row's shared bound, read and published (chunk_topn), or null (finish_rows
+// selecting a row alone).
+//
+// Offers up to the current n-th best key are appended in position order (a block scan) to the buffer, which
+// cub::BlockRadixSort compacts when it is about full (stable, so ties go to the lower position); a key is computed
+// only when the high Philox word cannot rule it out (1 - u >= a t implies -log(u) / a >= t). The next tile's
+// weights and the shared bound are read a tile ahead (any bound read earlier is valid), so their latency overlaps
+// the current tile's work and barriers. The first tile takes keys only below its own bound (the CPU kernel's first
+// bound, on the tile's weights): below it the tile holds about `want` keys, so that few are computed, offered and
+// sorted before the first threshold. If fewer than n fall below it, the tile is taken again without it (exact
+// either way). Block-uniform, like the shared bound the first tile uses (thread 0's reading).
 template <typename T>
-__device__ void chunk_topn(const T* __restrict__ weights, long long size, int nchunks, long long chunk, int n,
-                           unsigned long long seed, const unsigned long long* __restrict__ seed_ptr, int logits,
-                           const unsigned long long* __restrict__ rowmax, int pass, const long long* __restrict__ status,
-                           unsigned long long* __restrict__ row_bound, double* __restrict__ cand_keys,
-                           long long* __restrict__ cand_idx, int* __restrict__ cand_count, double* __restrict__ stats,
-                           int select) {
-    __shared__ TopN s;
-    __shared__ BlockStats block_stats;
-    const long long item = blockIdx.x;
-    const long long row = item / nchunks;
-    const int is_double = sizeof(T) == 8 || logits;
-    const int shift = pass ? rescale_shift(status + row * 4, is_double) : 0;
-    if (pass && !shift) return;  // the whole block: nothing to redo for this row
-    seed = effective_seed(seed, seed_ptr);
-    const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
-    const long long start = (item % nchunks) * chunk;
-    const long long stop = min(size, start + chunk);
-    const T* row_weights = weights + row * size;
-    double sum = 0.0, top = 0.0;
-    int nonfinite = 0, negative = 0, positive = 0;  // a chunk holds fewer than 2^31 positions (plan)
+__device__ int select_range(TopN& s, BlockStats& block_stats, const T* __restrict__ row_weights, long long row,
+                            long long start, long long stop, int n, unsigned long long seed, int logits,
+                            double top_logit, int shift, unsigned long long* __restrict__ row_bound) {
     Selection sel;
-    // The next tile's weights and the row's shared bound are read a tile ahead (any bound read earlier is valid),
-    // so their latency overlaps the current tile's work and barriers.
     T ahead[ATS_PER_THREAD];
     load_lanes(row_weights, start + ATS_PER_THREAD * (long long)threadIdx.x, stop, ahead);
-    double shared_ahead = select ? shared_bound(row_bound, row) : 0.0;
-    // The first tile's own bound (the CPU kernel's first bound, on the tile's weights): below it the tile holds
-    // about `want` keys, so that few are computed, offered and sorted before the first threshold. If fewer than n
-    // fall below it, the tile is taken again without it (exact either way). Block-uniform, like the shared bound
-    // the first tile uses (thread 0's reading).
+    double shared_ahead = row_bound ? shared_bound(row_bound, row) : ATS_INF;
     double head_bound = ATS_INF;
     const double want = ATS_HEAD_WANT(n);
-    if (select && want <= (double)ATS_TILE) {  // block-uniform
+    if (want <= (double)ATS_TILE) {  // block-uniform
         double total = 0.0, squares = 0.0;
         int usable = 0, bad = 0;
 #pragma unroll
@@ -542,14 +592,14 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
             shared_limit = shared_ahead;
             if (tile + ATS_TILE < stop) {
                 load_lanes(row_weights, first + ATS_TILE, stop, ahead);
-                if (select) shared_ahead = shared_bound(row_bound, row);
+                if (row_bound) shared_ahead = shared_bound(row_bound, row);
             }
         }
-        if (select && topn_needs_compaction(sel, n)) {
+        if (topn_needs_compaction(sel, n)) {
             topn_compact(s, sel, n);
-            if (threadIdx.x == 0 && sel.kept == n) publish_bound(row_bound, row, sel.threshold);
+            if (row_bound && threadIdx.x == 0 && sel.kept == n) publish_bound(row_bound, row, sel.threshold);
         }
-        const double limit = select ? fmin(fmin(sel.threshold, shared_limit), head_bound) : 0.0;
+        const double limit = fmin(fmin(sel.threshold, shared_limit), head_bound);
         const double bound = limit * ATS_REJECT_MARGIN;
         bool offered[ATS_PER_THREAD] = {};
         double keys[ATS_PER_THREAD];
@@ -562,15 +612,7 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
                 const long long p = first + lane;
                 if (p >= stop) break;
                 const double a = weight_of(raw[lane], logits, top_logit, shift);
-                if (!again) {  // the statistics once per position
-                    sum += a;
-                    negative += a < 0.0;  // counted as the CPU kernel does: -inf is negative, +inf positive
-                    positive += a > 0.0;
-                    nonfinite += !isfinite(a);
-                    top = (isfinite(a) && a > top) ? a : top;
-                }
-                if (!isfinite(a)) continue;
-                if (!(a > 0.0) || !select) continue;
+                if (!(a > 0.0) || !isfinite(a)) continue;
                 if (!have_hi) {
                     hi = block_words((unsigned long long)first >> 2, (unsigned int)row, ATS_STREAM_HI, seed);
                     have_hi = true;
@@ -581,11 +623,11 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
                     have_lo = true;
                 }
                 keys[lane] = -log(to_uniform(hi.w[lane], lo.w[lane])) / a;
-                offsets[lane] = (unsigned int)(p - start);  // a chunk holds at most 2^31 positions (plan)
+                offsets[lane] = (unsigned int)(p - start);  // a range holds at most 2^31 positions (plan)
                 offered[lane] = keys[lane] <= limit;
             }
         }
-        if (select) topn_offer(s, sel, offered, keys, offsets);
+        topn_offer(s, sel, offered, keys, offsets);
         if (head_bound < ATS_INF) {  // block-uniform: the first tile is done
             head_bound = ATS_INF;
             if (sel.count < n) {  // too few keys below the tile's bound: the tile again (sel.kept is 0)
@@ -597,15 +639,105 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
         again = false;
         tile += ATS_TILE;
     }
-    reduce_stats(block_stats, stats + item * ATS_STATS, sum, top, nonfinite, negative, positive);
-    if (!select) return;
     topn_compact(s, sel, n);
-    if (threadIdx.x == 0 && sel.kept == n) publish_bound(row_bound, row, sel.threshold);
-    for (int i = threadIdx.x; i < sel.kept; i += blockDim.x) {
+    if (row_bound && threadIdx.x == 0 && sel.kept == n) publish_bound(row_bound, row, sel.threshold);
+    return sel.kept;
+}
+
+#ifndef ATS_SCREEN_UNROLL
+#define ATS_SCREEN_UNROLL 4  // tiles whose weights a thread loads before screening them (loads in flight)
+#endif
+
+// Screening: every key of positions [start, stop) at most t goes to the row's buffer (keys, positions) at a slot
+// taken from *count (slots past `capacity` are counted, not written; finish_rows then selects the row alone). No
+// barrier: each thread streams its positions, ATS_SCREEN_UNROLL tiles of loads at a time; the high Philox word
+// rules out nearly every key (1 - u >= a t implies -log(u) / a >= t), so few keys are computed and fewer kept.
+template <typename T>
+__device__ void screen_range(const T* __restrict__ row_weights, long long row, long long start, long long stop,
+                             unsigned long long seed, int logits, double top_logit, int shift, double t,
+                             unsigned int* count, int capacity, double* __restrict__ keys,
+                             long long* __restrict__ positions) {
+    const double bound = t * ATS_REJECT_MARGIN;
+    for (long long first = start + ATS_PER_THREAD * (long long)threadIdx.x; first < stop;
+         first += (long long)ATS_TILE * ATS_SCREEN_UNROLL) {
+        T raw[ATS_SCREEN_UNROLL][ATS_PER_THREAD];
+#pragma unroll
+        for (int u = 0; u < ATS_SCREEN_UNROLL; ++u) load_lanes(row_weights, first + (long long)u * ATS_TILE, stop, raw[u]);
+#pragma unroll
+        for (int u = 0; u < ATS_SCREEN_UNROLL; ++u) {
+            const long long at = first + (long long)u * ATS_TILE;
+            if (at >= stop) break;
+            double a[ATS_PER_THREAD];
+            bool any = false;
+#pragma unroll
+            for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
+                a[lane] = at + lane < stop ? weight_of(raw[u][lane], logits, top_logit, shift) : 0.0;
+                any |= a[lane] > 0.0;
+            }
+            if (!any) continue;
+            const PhiloxWords hi = block_words((unsigned long long)at >> 2, (unsigned int)row, ATS_STREAM_HI, seed);
+            bool hit[ATS_PER_THREAD];
+            bool need = false;
+#pragma unroll
+            for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
+                hit[lane] = a[lane] > 0.0 && headroom(hi.w[lane]) < a[lane] * bound;
+                need |= hit[lane];
+            }
+            if (!need) continue;
+            const PhiloxWords lo = block_words((unsigned long long)at >> 2, (unsigned int)row, ATS_STREAM_LO, seed);
+#pragma unroll
+            for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
+                if (!hit[lane]) continue;
+                const double key = -log(to_uniform(hi.w[lane], lo.w[lane])) / a[lane];
+                if (!(key <= t)) continue;
+                const unsigned int slot = atomicAdd(count, 1u);
+                if (slot < (unsigned int)capacity) {
+                    keys[slot] = key;
+                    positions[slot] = at + lane;
+                }
+            }
+        }
+    }
+}
+
+// One block per (row, chunk), after chunk_stats: a screened row's keys at most its plan's t into the row's buffer
+// (screen_range), a selected row's chunk n smallest keys into the chunk's candidate list (select_range).
+template <typename T>
+__device__ void chunk_topn(const T* __restrict__ weights, long long size, int nchunks, long long chunk, int n,
+                           unsigned long long seed, const unsigned long long* __restrict__ seed_ptr, int logits,
+                           const unsigned long long* __restrict__ rowmax, int pass, const long long* __restrict__ status,
+                           unsigned long long* __restrict__ row_bound, double* __restrict__ cand_keys,
+                           long long* __restrict__ cand_idx, int* __restrict__ cand_count, int capacity,
+                           const double* __restrict__ row_plan, unsigned int* __restrict__ counters,
+                           double* __restrict__ screen_keys, long long* __restrict__ screen_idx) {
+    __shared__ TopN s;
+    __shared__ BlockStats block_stats;
+    const long long item = blockIdx.x;
+    const long long rows = gridDim.x / nchunks;
+    const long long row = item / nchunks;
+    const int is_double = sizeof(T) == 8 || logits;
+    const int shift = pass ? rescale_shift(status + row * 4, is_double) : 0;
+    if (pass && !shift) return;  // the whole block: nothing to redo for this row
+    const double plan = row_plan[pass * rows + row];
+    if (plan == ATS_PLAN_SKIP) return;  // pass 0 of a row that pass 1 redoes
+    seed = effective_seed(seed, seed_ptr);
+    const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
+    const long long start = (item % nchunks) * chunk;
+    const long long stop = min(size, start + chunk);
+    const T* row_weights = weights + row * size;
+    if (plan < ATS_INF) {  // block-uniform
+        screen_range(row_weights, row, start, stop, seed, logits, top_logit, shift, plan,
+                     counters + (2 * pass + 1) * rows + row, capacity, screen_keys + row * capacity,
+                     screen_idx + row * capacity);
+        return;
+    }
+    const int kept = select_range(s, block_stats, row_weights, row, start, stop, n, seed, logits, top_logit, shift,
+                                  row_bound);
+    for (int i = threadIdx.x; i < kept; i += blockDim.x) {
         cand_keys[item * n + i] = __longlong_as_double((long long)s.u.list.keys[i]);
         cand_idx[item * n + i] = start + s.u.list.values[i];
     }
-    if (threadIdx.x == 0) cand_count[item] = sel.kept;
+    if (threadIdx.x == 0) cand_count[item] = kept;
 }
 
 #define ATS_CHUNK_TOPN(suffix, T)                                                                                     \
@@ -613,30 +745,37 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
         const T* weights, long long size, int nchunks, long long chunk, int n, unsigned long long seed,               \
         const unsigned long long* seed_ptr, int logits, const unsigned long long* rowmax, int pass,                   \
         const long long* status, unsigned long long* row_bound, double* cand_keys, long long* cand_idx,               \
-        int* cand_count, double* stats, int select) {                                                                 \
+        int* cand_count, int capacity, const double* row_plan, unsigned int* counters, double* screen_keys,           \
+        long long* screen_idx) {                                                                                      \
         chunk_topn<T>(weights, size, nchunks, chunk, n, seed, seed_ptr, logits, rowmax, pass, status, row_bound,     \
-                      cand_keys, cand_idx, cand_count, stats, select);                                                \
+                      cand_keys, cand_idx, cand_count, capacity, row_plan, counters, screen_keys, screen_idx);       \
     }
 ATS_CHUNK_TOPN(f32, float)
 ATS_CHUNK_TOPN(f64, double)
 
-// The statistics of chunk_topn alone (with replacement, and before the sort fallback): one block per (row, chunk)
-// of ATS_SELECT_THREADS threads, the positions visited as chunk_topn visits them (the same sums, bit for bit),
-// without the selection's shared memory and register cap, so many more blocks share an SM.
+// The statistics of every path: one block per (row, chunk) of ATS_SELECT_THREADS threads (sum, largest finite
+// weight, counts, sum of squares), without the selection's shared memory and register cap, so many blocks share an
+// SM. With `planned` (without replacement, before chunk_topn), the row's last block to finish (a count in
+// counters) adds the row's statistics and writes its plan (row_plan_of).
 template <typename T>
 __device__ void chunk_stats(const T* __restrict__ weights, long long size, int nchunks, long long chunk, int logits,
                             const unsigned long long* __restrict__ rowmax, int pass,
-                            const long long* __restrict__ status, double* __restrict__ stats) {
+                            const long long* __restrict__ status, double* __restrict__ stats, int n, int planned,
+                            int capacity, unsigned int* __restrict__ counters, double* __restrict__ row_plan) {
     __shared__ BlockStats block_stats;
+    __shared__ double row_info[ATS_STATS];
+    __shared__ int last;
     const long long item = blockIdx.x;
+    const long long rows = gridDim.x / nchunks;
     const long long row = item / nchunks;
-    const int shift = pass ? rescale_shift(status + row * 4, sizeof(T) == 8 || logits) : 0;
+    const int is_double = sizeof(T) == 8 || logits;
+    const int shift = pass ? rescale_shift(status + row * 4, is_double) : 0;
     if (pass && !shift) return;  // the whole block: nothing to redo for this row
     const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
     const long long start = (item % nchunks) * chunk;
     const long long stop = min(size, start + chunk);
     const T* row_weights = weights + row * size;
-    double sum = 0.0, top = 0.0;
+    double sum = 0.0, top = 0.0, squares = 0.0;
     int nonfinite = 0, negative = 0, positive = 0;  // a chunk holds fewer than 2^31 positions (plan)
     for (long long first = start + ATS_PER_THREAD * (long long)threadIdx.x; first < stop; first += ATS_TILE) {
         T raw[ATS_PER_THREAD];
@@ -646,43 +785,40 @@ __device__ void chunk_stats(const T* __restrict__ weights, long long size, int n
             if (first + lane >= stop) break;
             const double a = weight_of(raw[lane], logits, top_logit, shift);
             sum += a;
-            negative += a < 0.0;
+            negative += a < 0.0;  // counted as the CPU kernel does: -inf is negative, +inf positive
             positive += a > 0.0;
             if (!isfinite(a)) {
                 ++nonfinite;
                 continue;
             }
             top = a > top ? a : top;
+            squares += a * a;
         }
     }
-    reduce_stats(block_stats, stats + item * ATS_STATS, sum, top, nonfinite, negative, positive);
+    reduce_stats(block_stats, stats + item * ATS_STATS, sum, top, nonfinite, negative, positive, squares);
+    if (!planned) return;
+    if (threadIdx.x == 0) {
+        __threadfence();  // this chunk's statistics before its count
+        last = atomicAdd(counters + 2 * pass * rows + row, 1u) == (unsigned int)nchunks - 1u;
+    }
+    __syncthreads();
+    if (!last) return;  // block-uniform
+    __threadfence();
+    row_stats(block_stats, row_info, stats, row, nchunks);
+    __syncthreads();
+    if (threadIdx.x == 0) row_plan[pass * rows + row] = row_plan_of(row_info, n, capacity, is_double, pass);
 }
 
 #define ATS_CHUNK_STATS(suffix, T)                                                                                    \
     extern "C" __global__ void __launch_bounds__(ATS_SELECT_THREADS) chunk_stats_##suffix(                         \
         const T* weights, long long size, int nchunks, long long chunk, int logits, const unsigned long long* rowmax, \
-        int pass, const long long* status, double* stats) {                                                          \
-        chunk_stats<T>(weights, size, nchunks, chunk, logits, rowmax, pass, status, stats);                           \
+        int pass, const long long* status, double* stats, int n, int planned, int capacity, unsigned int* counters,   \
+        double* row_plan) {                                                                                           \
+        chunk_stats<T>(weights, size, nchunks, chunk, logits, rowmax, pass, status, stats, n, planned, capacity,      \
+                       counters, row_plan);                                                                           \
     }
 ATS_CHUNK_STATS(f32, float)
 ATS_CHUNK_STATS(f64, double)
-
-// The row's statistics from its chunks into out[0..ATS_STATS) (total, largest finite weight, counts): thread t
-// adds chunks t, t + blockDim.x, ... in order, then reduce_stats' fixed tree. The order depends on the block size
-// and the chunk count only (the plan), never on timing. Called by every thread of the block.
-__device__ void row_stats(BlockStats& b, double* out, const double* stats, long long row, int nchunks) {
-    double sum = 0.0, top = 0.0;
-    long long nonfinite = 0, negative = 0, positive = 0;
-    for (int c = threadIdx.x; c < nchunks; c += blockDim.x) {
-        const double* at = stats + (row * nchunks + c) * ATS_STATS;
-        sum += at[0];
-        top = at[1] > top ? at[1] : top;
-        nonfinite += (long long)at[2];
-        negative += (long long)at[3];
-        positive += (long long)at[4];
-    }
-    reduce_stats(b, out, sum, top, nonfinite, negative, positive);
-}
 
 __device__ __forceinline__ void write_coords(int* indices, long long at, long long position, int dims, long long g0,
                                              long long g1, long long g2) {
@@ -847,8 +983,49 @@ __device__ void summarize_rows(TopN& s, long long* status, long long rows) {
     __syncthreads();  // the summary's reads of the list's memory done before the merge writes it
 }
 
-// One block per row: merge the chunks' candidate lists, status, fillers, coordinates and probabilities.
-// select = 0 (with replacement): the status only.
+// A screened row's kept keys (count of them, n <= count <= capacity, in the order the atomics gave) sorted by
+// (key, position) into s.u.list (values: slots of the row's buffer); returns n. Equal keys (rare: the radix sort
+// orders them by slot) are put in position order by thread 0. Called by every thread of the block.
+__device__ int sort_screened(TopN& s, const double* __restrict__ keys, const long long* __restrict__ positions,
+                             int count, int n) {
+    for (int i = threadIdx.x; i < count; i += blockDim.x) {
+        s.u.list.keys[i] = key_bits(keys[i]);
+        s.u.list.values[i] = (unsigned int)i;
+    }
+    sort_list(s, count, count);
+    bool tie = false;
+    for (int i = threadIdx.x; i < n && i + 1 < count; i += blockDim.x) tie |= s.u.list.keys[i] == s.u.list.keys[i + 1];
+    if (__syncthreads_or(tie)) {
+        if (threadIdx.x == 0) {  // insertion by position inside each run of equal keys
+            for (int i = 1; i < count; ++i) {
+                const unsigned long long key = s.u.list.keys[i];
+                const unsigned int slot = s.u.list.values[i];
+                int j = i;
+                for (; j > 0 && s.u.list.keys[j - 1] == key && positions[s.u.list.values[j - 1]] > positions[slot]; --j) {
+                    s.u.list.keys[j] = s.u.list.keys[j - 1];
+                    s.u.list.values[j] = s.u.list.values[j - 1];
+                }
+                s.u.list.keys[j] = key;
+                s.u.list.values[j] = slot;
+            }
+        }
+        __syncthreads();
+    }
+    return n;
+}
+
+// finish_rows' fallback for a screened row with too few or too many kept keys: the whole row selected by this
+// block alone (positions below 2^31: sampling.py screens no longer row). Not inlined: it is rarely run.
+template <typename T>
+__device__ __noinline__ int select_row(TopN& s, BlockStats& block_stats, const T* row_weights, long long row,
+                                       long long size, int n, unsigned long long seed, int logits, double top_logit,
+                                       int shift) {
+    return select_range(s, block_stats, row_weights, row, 0, size, n, seed, logits, top_logit, shift,
+                        (unsigned long long*)nullptr);
+}
+
+// One block per row: merge the chunks' candidate lists (or sort a screened row's keys), status, fillers,
+// coordinates and probabilities. select = 0 (with replacement): the status only.
 template <typename T>
 __device__ void finish_rows(const T* __restrict__ weights, long long size, int nchunks, int n, int logits,
                             const unsigned long long* __restrict__ rowmax, int pass, const double* __restrict__ cand_keys,
@@ -856,7 +1033,10 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
                             const double* __restrict__ stats, long long* __restrict__ status,
                             unsigned long long* __restrict__ row_bound, int dims, long long g0, long long g1,
                             long long g2, int* __restrict__ indices, double* __restrict__ probs, int select,
-                            int presorted) {
+                            int presorted, unsigned long long seed, const unsigned long long* __restrict__ seed_ptr,
+                            int capacity, const double* __restrict__ row_plan,
+                            const unsigned int* __restrict__ counters, const double* __restrict__ screen_keys,
+                            const long long* __restrict__ screen_idx) {
     __shared__ TopN s;
     __shared__ RowInfo info;
     __shared__ BlockStats block_stats;
@@ -905,13 +1085,29 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
     // The row's candidate lists: one per chunk (cand_count[row * nchunks + c] entries from slot (row * nchunks + c)
     // * n), or one presorted list of the row's n smallest keys in order (sort_keys), used as it is; so is a single
     // chunk's list (its exact n smallest keys, sorted).
+    // A screened row (its plan a finite t): its buffer's keys sorted, or the row selected alone.
+    const double plan = presorted ? ATS_INF : row_plan[pass * (long long)gridDim.x + row];
+    const int screened = plan < ATS_INF;  // block-uniform
+    const long long screen_base = row * capacity;
+    const unsigned int screened_count = screened ? counters[(2 * pass + 1) * (long long)gridDim.x + row] : 0u;
+    const int alone = screened && !(screened_count >= (unsigned int)n && screened_count <= (unsigned int)capacity);
     const int direct = presorted || nchunks == 1;
     const long long base = row * (presorted ? 1 : nchunks) * n;
-    const int kept = direct ? min(n, cand_count[row * (presorted ? 1 : nchunks)])
-                            : merge_lists(s, lens, offs, cand_keys + base, cand_count + row * nchunks, nchunks, n,
-                                          info.bound);
+    int kept;
+    if (alone) {
+        kept = select_row(s, block_stats, row_weights, row, size, n, effective_seed(seed, seed_ptr), logits,
+                          info.top_logit, info.shift);
+    } else if (screened) {
+        kept = sort_screened(s, screen_keys + screen_base, screen_idx + screen_base, (int)screened_count, n);
+    } else {
+        kept = direct ? min(n, cand_count[row * (presorted ? 1 : nchunks)])
+                      : merge_lists(s, lens, offs, cand_keys + base, cand_count + row * nchunks, nchunks, n,
+                                    info.bound);
+    }
     for (int k = threadIdx.x; k < kept; k += blockDim.x) {
-        const long long position = cand_idx[base + (direct ? k : (long long)s.u.list.values[k])];
+        const long long position = alone ? (long long)s.u.list.values[k]
+                                   : screened ? screen_idx[screen_base + s.u.list.values[k]]
+                                   : cand_idx[base + (direct ? k : (long long)s.u.list.values[k])];
         const long long at = row * n + k;
         write_coords(indices, at, position, dims, g0, g1, g2);
         const double a = weight_at(row_weights, position, logits, info.top_logit, info.shift);
@@ -939,9 +1135,12 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
         const T* weights, long long size, int nchunks, int n, int logits, const unsigned long long* rowmax, int pass, \
         const double* cand_keys, const long long* cand_idx, const int* cand_count, const double* stats,               \
         long long* status, unsigned long long* row_bound, int dims, long long g0, long long g1, long long g2,          \
-        int* indices, double* probs, int select, int presorted) {                                                     \
+        int* indices, double* probs, int select, int presorted, unsigned long long seed,                              \
+        const unsigned long long* seed_ptr, int capacity, const double* row_plan, const unsigned int* counters,       \
+        const double* screen_keys, const long long* screen_idx) {                                                     \
         finish_rows<T>(weights, size, nchunks, n, logits, rowmax, pass, cand_keys, cand_idx, cand_count, stats,      \
-                       status, row_bound, dims, g0, g1, g2, indices, probs, select, presorted);                       \
+                       status, row_bound, dims, g0, g1, g2, indices, probs, select, presorted, seed, seed_ptr,       \
+                       capacity, row_plan, counters, screen_keys, screen_idx);                                        \
     }
 ATS_FINISH_ROWS(f32, float)
 ATS_FINISH_ROWS(f64, double)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from . import _module
 SOURCE = "sampling.cu"
 MAX_SELECTION_N = 2048  # ATS_MAX_N in sampling.cu: larger n sorts every key of the row (cp.argsort)
 PER_THREAD = 4  # ATS_PER_THREAD in sampling.cu
-STATS = 5  # ATS_STATS in sampling.cu
+STATS = 6  # ATS_STATS in sampling.cu
 SELECT_THREADS = (32, 64, 128, 256)
 """Block sizes the selecting kernels compile for (ATS_SELECT_THREADS: CUB's block primitives take it at compile
 time; the selection buffer of MAX_SELECTION_N + PER_THREAD * threads entries must fit 48 KiB)."""
@@ -61,6 +62,26 @@ def selection_capacity(threads: int) -> int:
     return MAX_SELECTION_N + PER_THREAD * threads
 
 
+def screen_want(n: int) -> float:
+    """Keys a screened row expects below its bound (ATS_SCREEN_WANT in sampling.cu): fewer than ``n`` fall below it
+    with probability about 1e-9."""
+    return n + 6.0 * math.sqrt(n) + 16.0
+
+
+def screen_capacity(n: int, size: int, threads: int) -> int:
+    """Slots of a row's screening buffer (ATS: twice the keys expected below the bound, plus 64), or 0 where rows are
+    selected chunk by chunk instead: ``n`` too large for the buffer to fit a selecting block's sort, or rows of 2^31
+    positions and more (finish_rows' fallback selects a row alone, in 32-bit positions).
+
+    More keys than that fall below the bound only far out in the tail (the bound expects a lower bound of the count);
+    then, as with fewer than ``n``, finish_rows selects the row alone: slower, the same draws.
+    """
+    capacity = math.ceil(2.0 * screen_want(n)) + 64
+    if capacity > selection_capacity(threads) or size >= MAX_SLOTS - PER_THREAD * threads:
+        return 0
+    return capacity
+
+
 def compile_options(threads: int) -> tuple[str, ...]:
     """The nvcc/NVRTC options of the module whose selecting kernels run ``threads``-thread blocks."""
     return (f"-DATS_SELECT_THREADS={threads}", f"-DATS_MIN_BLOCKS={MIN_BLOCKS}")
@@ -85,6 +106,10 @@ class Workspace:
 
     status: object  # int64 (B + 1, 4)
     stats: object  # float64 (B * nchunks * STATS,)
+    counters: object  # uint32 (4 * B,): per pass, chunk_stats blocks done and screened keys of each row
+    row_plan: object  # float64 (2 * B,): per pass, each row's plan (chunk_stats -> chunk_topn, finish_rows)
+    screen_keys: object  # float64 (B * capacity,): the screened rows' kept keys
+    screen_idx: object  # int64 (B * capacity,): and their positions
     row_bound: object  # uint64 (B + 1,): the rows' shared bounds, then finish_rows' count of blocks done
     rowmax: object  # uint64 (B,), logits only
     cand_keys: object  # float64 (B * nchunks * n,), without replacement
@@ -101,6 +126,8 @@ class Plan:
     chunk: int
     nchunks: int
     sort: bool
+    capacity: int = 0
+    """Slots of a row's screening buffer (:func:`screen_capacity`; 0: no row is screened)."""
 
 
 def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocessors: int, chunk: int | None = None) -> Plan:
@@ -119,15 +146,21 @@ def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocess
     chunk = min(chunk, MAX_SLOTS - tile)
     if -(-size // chunk) * n >= MAX_SLOTS:
         chunk = -(-(-(-size // (MAX_SLOTS // n - 1))) // tile) * tile
-    return Plan(threads=threads, chunk=chunk, nchunks=-(-size // chunk), sort=sort)
+    capacity = 0 if replace or sort else screen_capacity(n, size, threads)
+    return Plan(threads=threads, chunk=chunk, nchunks=-(-size // chunk), sort=sort, capacity=capacity)
 
 
 def workspace(empty, rows: int, size: int, n: int, p: Plan, replace: bool, logits: bool) -> Workspace:
     items = rows * p.nchunks
     select = not replace
+    planned = select and not p.sort
     return Workspace(
         status=empty((rows + 1, 4), np.int64),
         stats=empty((items * STATS,), np.float64),
+        counters=empty((4 * rows,), np.uint32) if planned else None,
+        row_plan=empty((2 * rows,), np.float64) if planned else None,
+        screen_keys=empty((rows * p.capacity,), np.float64) if p.capacity else None,
+        screen_idx=empty((rows * p.capacity,), np.int64) if p.capacity else None,
         row_bound=empty((rows + 1,), np.uint64),
         rowmax=empty((rows,), np.uint64) if logits else None,
         cand_keys=empty((items * n,), np.float64) if select else None,
@@ -158,25 +191,31 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
     geometry = (np.int32(dims), np.int64(g[0]), np.int64(g[1]), np.int64(g[2]))
     seed_args = (np.uint64(seed), _ptr(seed_ptr), np.int32(logits), _ptr(ws.rowmax))
     items = rows * nchunks
-    steps = [("prepare", (-(-(rows + 1) // t),), (t,), (np.int64(rows), ws.row_bound, _ptr(ws.rowmax)))]
+    steps = [("prepare", (-(-(rows + 1) // t),), (t,),
+              (np.int64(rows), ws.row_bound, _ptr(ws.rowmax), _ptr(ws.counters)))]
     if logits:
         steps.append((f"row_max_{suffix}", (items,), (t,), (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), ws.rowmax)))
 
-    def chunk_pass(pass_, select):
-        return (f"chunk_topn_{suffix}", (items,), (t,),
-                (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), np.int32(n), *seed_args, np.int32(pass_), ws.status, ws.row_bound, _ptr(ws.cand_keys),
-                 _ptr(ws.cand_idx), _ptr(ws.cand_count), ws.stats, np.int32(select)))
+    capacity = np.int32(p.capacity)
+    screen_args = (capacity, _ptr(ws.row_plan), _ptr(ws.counters), _ptr(ws.screen_keys), _ptr(ws.screen_idx))
 
-    def stats_pass(pass_):
+    def chunk_pass(pass_):
+        return (f"chunk_topn_{suffix}", (items,), (t,),
+                (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), np.int32(n), *seed_args, np.int32(pass_),
+                 ws.status, ws.row_bound, _ptr(ws.cand_keys), _ptr(ws.cand_idx), _ptr(ws.cand_count), *screen_args))
+
+    def stats_pass(pass_, planned=0):
         return (f"chunk_stats_{suffix}", (items,), (t,),
                 (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), np.int32(logits), _ptr(ws.rowmax),
-                 np.int32(pass_), ws.status, ws.stats))
+                 np.int32(pass_), ws.status, ws.stats, np.int32(n), np.int32(planned), capacity, _ptr(ws.counters),
+                 _ptr(ws.row_plan)))
 
     def finish(pass_, select, presorted=0):
         return (f"finish_rows_{suffix}", (rows,), (t,),
                 (weights, np.int64(size), np.int32(nchunks), np.int32(n), np.int32(logits), _ptr(ws.rowmax),
                  np.int32(pass_), _ptr(ws.cand_keys), _ptr(ws.cand_idx), _ptr(ws.cand_count), ws.stats, ws.status,
-                 ws.row_bound, *geometry, indices, probs, np.int32(select), np.int32(presorted)))
+                 ws.row_bound, *geometry, indices, probs, np.int32(select), np.int32(presorted), np.uint64(seed),
+                 _ptr(seed_ptr), *screen_args))
 
     if replace:
         steps += [stats_pass(0), finish(0, 0)]
@@ -194,9 +233,9 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
                       (weights, np.int64(size), np.int64(total), *seed_args, ws.status, ws.keys)))
         steps += [SORT_STEP, finish(0, 1, presorted=1)]
     else:
-        steps += [chunk_pass(0, 1), finish(0, 1)]
+        steps += [stats_pass(0, 1), chunk_pass(0), finish(0, 1)]
         if double:
-            steps += [chunk_pass(1, 1), finish(1, 1)]
+            steps += [stats_pass(1, 1), chunk_pass(1), finish(1, 1)]
     return steps
 
 

@@ -9,8 +9,9 @@
 
 #define U64 unsigned long long
 
-extern "C" void host_prepare(unsigned grid, unsigned block, long long rows, U64* row_bound, U64* rowmax) {
-    launch(grid, block, [=] { prepare(rows, row_bound, rowmax); });
+extern "C" void host_prepare(unsigned grid, unsigned block, long long rows, U64* row_bound, U64* rowmax,
+                             unsigned* counters) {
+    launch(grid, block, [=] { prepare(rows, row_bound, rowmax, counters); });
 }
 
 #define SAMPLING_HOST(suffix, T)                                                                                      \
@@ -22,17 +23,21 @@ extern "C" void host_prepare(unsigned grid, unsigned block, long long rows, U64*
                                              int nchunks, long long chunk, int n, U64 seed, const U64* seed_ptr,      \
                                              int logits, const U64* rowmax, int pass, const long long* status,        \
                                              U64* row_bound, double* cand_keys, long long* cand_idx, int* cand_count, \
-                                             double* stats, int select) {                                             \
+                                             int capacity, const double* row_plan, unsigned* counters,                \
+                                             double* screen_keys, long long* screen_idx) {                            \
         launch(grid, block, [=] {                                                                                     \
             chunk_topn_##suffix(weights, size, nchunks, chunk, n, seed, seed_ptr, logits, rowmax, pass, status,       \
-                                row_bound, cand_keys, cand_idx, cand_count, stats, select);                           \
+                                row_bound, cand_keys, cand_idx, cand_count, capacity, row_plan, counters,             \
+                                screen_keys, screen_idx);                                                             \
         });                                                                                                           \
     }                                                                                                                 \
     extern "C" void host_chunk_stats_##suffix(unsigned grid, unsigned block, const T* weights, long long size,        \
                                               int nchunks, long long chunk, int logits, const U64* rowmax, int pass,  \
-                                              const long long* status, double* stats) {                               \
+                                              const long long* status, double* stats, int n, int planned,             \
+                                              int capacity, unsigned* counters, double* row_plan) {                   \
         launch(grid, block, [=] {                                                                                     \
-            chunk_stats_##suffix(weights, size, nchunks, chunk, logits, rowmax, pass, status, stats);                 \
+            chunk_stats_##suffix(weights, size, nchunks, chunk, logits, rowmax, pass, status, stats, n, planned,       \
+                                 capacity, counters, row_plan);                                                       \
         });                                                                                                           \
     }                                                                                                                 \
     extern "C" void host_finish_rows_##suffix(unsigned grid, unsigned block, const T* weights, long long size,        \
@@ -40,10 +45,14 @@ extern "C" void host_prepare(unsigned grid, unsigned block, long long rows, U64*
                                               const double* cand_keys, const long long* cand_idx,                     \
                                               const int* cand_count, const double* stats, long long* status,          \
                                               U64* row_bound, int dims, long long g0, long long g1, long long g2,     \
-                                              int* indices, double* probs, int select, int presorted) {               \
+                                              int* indices, double* probs, int select, int presorted, U64 seed,       \
+                                              const U64* seed_ptr, int capacity, const double* row_plan,              \
+                                              const unsigned* counters, const double* screen_keys,                    \
+                                              const long long* screen_idx) {                                          \
         launch(grid, block, [=] {                                                                                     \
             finish_rows_##suffix(weights, size, nchunks, n, logits, rowmax, pass, cand_keys, cand_idx, cand_count,    \
-                                 stats, status, row_bound, dims, g0, g1, g2, indices, probs, select, presorted);      \
+                                 stats, status, row_bound, dims, g0, g1, g2, indices, probs, select, presorted, seed, \
+                                 seed_ptr, capacity, row_plan, counters, screen_keys, screen_idx);                    \
         });                                                                                                           \
     }                                                                                                                 \
     extern "C" void host_exponential_keys_##suffix(unsigned grid, unsigned block, const T* weights, long long size,   \

@@ -1,5 +1,6 @@
-// sampling_host.cpp with 64-thread selecting blocks (tests/test_cuda_host_sampling.py), and a first-tile bound
-// that expects only n keys.
+// sampling_host.cpp with 64-thread selecting blocks (tests/test_cuda_host_sampling.py), a first-tile bound that
+// expects only n keys, and a screening bound that expects only n / 2 + 1 (finish_rows selects such rows alone).
 #define ATS_SELECT_THREADS 64
 #define ATS_HEAD_WANT(n) ((double)(n))  // chunk_topn's first tile is taken again often (fewer than n below its bound)
+#define ATS_SCREEN_WANT(n) (0.5 * (double)(n) + 1.0)  // fewer than n keys below a screened row's bound, mostly
 #include "sampling_host.cpp"
