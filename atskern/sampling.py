@@ -6,7 +6,8 @@ The backends (``atskern.cpu.sampling``, ``atskern.gpu.sampling``) implement one 
 
 on ``(B, N)`` C-contiguous float32/float64 weights (``grid`` an int64 NumPy array of the
 grid shape, ``seed`` a 64-bit int): int32 grid coordinates ``(B, n, D)`` (by integer division,
-never ``unravel_index``), float64 probabilities ``(B, n)`` (0 for fillers) and an int64 status
+never ``unravel_index``), float64 probabilities ``(B, n)`` (0 for fillers; the GPU backend writes them in the
+attention's dtype, rounded as NumPy's cast rounds) and an int64 status
 ``(B + 1, 4)`` computed in the same pass as the draws: per row the columns of
 ``atskern._validation.STATUS_COLUMNS``, then one summary row (largest non-finite and negative
 counts, smallest positive count, number of rows whose exponent is outside

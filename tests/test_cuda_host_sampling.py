@@ -60,10 +60,11 @@ def _garbage(shape, dtype):
 
 
 def host_sample(lib, attention, n, *, seed, replace=False, logits=False, threads=32, chunk=128, seed_array=None,
-                capacity=None, keep=None):
+                capacity=None, keep=None, probs_dtype=np.float64):
     """``atskern.gpu.sampling.sample`` with the host build: (indices, float64 probs, status, plan). ``threads``
     must be the ATS_SELECT_THREADS ``lib`` was built with. ``capacity`` overrides the plan's screening buffer (0:
-    every row selected chunk by chunk); ``keep`` (a dict) receives the workspace."""
+    every row selected chunk by chunk); ``keep`` (a dict) receives the workspace; ``probs_dtype`` is float64 (the
+    tests' precision) or float32 (as the CuPy path writes float32 maps' probabilities)."""
     rows = attention.shape[0]
     grid = attention.shape[1:]
     weights = np.ascontiguousarray(attention).reshape(rows, -1)
@@ -75,7 +76,7 @@ def host_sample(lib, attention, n, *, seed, replace=False, logits=False, threads
     if keep is not None:
         keep["workspace"] = ws
     indices = _garbage((rows, n, len(grid)), np.int32)
-    probs = _garbage((rows, n), np.float64)
+    probs = _garbage((rows, n), probs_dtype)
     for step in gs.launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_array):
         if step == gs.SORT_STEP:
             gs.sort_keys(np, ws, n)
@@ -485,3 +486,43 @@ def test_host_rows_screened_selected_or_alone(libs, dtype):
         np.testing.assert_allclose(probs[valid], cpu_p[valid], rtol=1e-12)
         assert_same_status(status, cpu_status)
         assert (probs[3] == 0).all() and ((indices >= 0) & (indices < size)).all()
+
+
+def test_host_screened_rows_ranked_or_sorted(lib):
+    """A screened row's kept keys are ranked (each entry counts the entries before it) up to RANK_MAX of them, and
+    sorted with the block radix sort beyond: n = 850 keeps about 1040 keys a row, so both run; the draws equal the
+    reference's and the CPU kernel's."""
+    rng = np.random.default_rng(85)
+    attention = rng.random((4, 5000)) + 0.1
+    attention[2, ::2] = 1.0
+    n = 850
+    keep = {}
+    indices, probs, status, p = host_sample(lib, attention, n, seed=4, chunk=1024, keep=keep)
+    kept = keep["workspace"].counters[4:8]
+    assert p.capacity > 0 and (kept <= p.capacity).all() and (kept >= n).all()
+    assert (kept > gs.RANK_MAX).any() and (kept <= gs.RANK_MAX).any()
+    ref_i, _ = reference.sample(attention, n, seed=4)
+    cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, 4, False)
+    assert np.array_equal(indices, ref_i) and np.array_equal(indices, cpu_i)
+    np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
+    assert_same_status(status, cpu_status)
+
+
+@pytest.mark.parametrize("replace", [False, True], ids=["successive", "replace"])
+def test_host_float32_probabilities_round_as_numpy(lib, replace):
+    """float32 probabilities written by the kernels (the CuPy path, no cast launch) equal NumPy's cast of the
+    float64 ones bit for bit, subnormal results included (CuPy compiles with -ftz=true: a plain conversion could
+    flush them to zero, turning drawn cells into fillers)."""
+    rng = np.random.default_rng(11)
+    attention = np.full((3, 50), 1e-40, np.float32)  # subnormal float32 weights next to 1.0
+    attention[:, 0] = 1.0
+    attention[1, 1:] = rng.random(49).astype(np.float32) * np.float32(3e-38)
+    attention[2] = rng.random(50).astype(np.float32) + np.float32(0.1)
+    wide = host_sample(lib, attention, 50, seed=2, replace=replace)
+    narrow = host_sample(lib, attention, 50, seed=2, replace=replace, probs_dtype=np.float32)
+    assert np.array_equal(narrow[0], wide[0])
+    expected = wide[1].astype(np.float32)
+    assert narrow[1].dtype == np.float32 and np.array_equal(narrow[1].view(np.uint32), expected.view(np.uint32))
+    if not replace:  # every cell drawn: subnormal probabilities were there to keep (with replacement: only cell 0)
+        tiny = expected[expected != 0]
+        assert (np.abs(tiny) < np.finfo(np.float32).tiny).any()

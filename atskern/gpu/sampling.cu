@@ -2,31 +2,39 @@
 //
 // A call is a fixed sequence of launches (atskern.gpu.sampling.plan), each reading what the previous ones wrote
 // in device memory, so it is asynchronous and CUDA-graph capturable:
-//   prepare        per row: the shared key bound := +inf, the logits maximum := below -inf; the count of
-//                  finish_rows blocks done := 0.
+//   prepare        per row: the shared key bound := +inf, the logits maximum := below -inf, the counters := 0; the
+//                  count of finish_rows blocks done := 0.
 //   row_max        (logits only) per (row, chunk) block: the largest finite logit, atomicMax into the row's slot.
-//   chunk_topn     per (row, chunk) block, one read of the chunk: the float64 sum, largest finite weight and the
-//                  counts of non-finite, negative and positive weights (the row's status), and the chunk's n
-//                  smallest exponential keys -log(u_p) / a_p (without replacement). Offers up to the current n-th
-//                  best key are appended in position order (a block scan) to a shared-memory buffer that
-//                  cub::BlockRadixSort compacts when it is about full (stable, so ties go to the lower position;
-//                  n <= ATS_MAX_N = 2048, larger n sorts every key: exponential_keys and sampling.py); a key is
-//                  computed only when the high Philox word cannot rule it out (1 - u >= a t implies
-//                  -log(u) / a >= t), and the row's blocks share their n-th best keys through a global bound
-//                  (atomicMin on the bits of a non-negative double, monotone), so most blocks reject almost
-//                  everything from the first tiles. The next tile's weights are loaded a tile ahead.
+//   chunk_stats    per (row, chunk) block, one read of the chunk: the float64 sum and sum of squares, the largest
+//                  finite weight and the counts of non-finite, negative and positive weights (the row's status).
+//                  Without replacement the row's last block to finish adds the row's statistics and writes its
+//                  plan (row_plan_of): screened below a bound t, selected chunk by chunk, or skipped (pass 0 of a
+//                  row that pass 1 rescales).
+//   chunk_topn     per (row, chunk) block, the exponential keys -log(u_p) / a_p. A key is computed only when the
+//                  high Philox word cannot rule it out (1 - u >= a t implies -log(u) / a >= t).
+//                  Screened rows (even weights: most rows): every key at most t goes to the row's buffer through
+//                  an atomic slot count, no barrier, loads of several tiles in flight (screen_range): one more read
+//                  of the map at about the speed of the statistics pass.
+//                  Selected rows (uneven, short or bad rows): the chunk's n smallest keys (select_range): offers up
+//                  to the current n-th best key are appended in position order (a block scan) to a shared-memory
+//                  buffer that cub::BlockRadixSort compacts when it is about full (stable, so ties go to the lower
+//                  position; n <= ATS_MAX_N = 2048, larger n sorts every key: exponential_keys and sampling.py),
+//                  and the row's blocks share their n-th best keys through a global bound (atomicMin on the bits of
+//                  a non-negative double, monotone).
 //   finish_rows    per row: sums the chunks' statistics (a block reduction in a fixed order), writes the row's
-//                  status, merges the chunk lists (the row's exact n smallest (key, position) pairs, ties by
-//                  position: only each sorted list's prefix under a bound of the row's n-th key, see merge_lists),
-//                  pads a short row with fillers (rule R1), and writes grid coordinates and float64
-//                  probabilities. The block that counts itself done last (pass 0) also writes the status's
-//                  summary row (what the host reads back when validating).
-//   (float64 only) chunk_topn and finish_rows again with pass = 1: rows whose largest weight's exponent is
-//                  outside SCALE_FREE_EXPONENTS are redone on weights times 2^-exponent (exact), every other
-//                  block returns at once: the CPU's scale-free rule without a host round trip.
-// With replacement chunk_stats gathers the statistics (short chunks: chunk_topn's sums without its selection)
-// and replacement_draws finds each draw with one block: a scan of the row's chunk sums, then of the positions from
-// the chunk found (no prefix sum over the row in memory). The sort fallback takes its statistics from chunk_stats.
+//                  status, takes the row's exact n smallest (key, position) pairs, ties by position: a screened
+//                  row's buffer ranked or sorted (or, with fewer than n keys under t or more than the buffer holds,
+//                  the row selected by this block alone), a selected row's chunk lists merged (only each sorted
+//                  list's prefix under a bound of the row's n-th key, see merge_lists); pads a short row with
+//                  fillers (rule R1), and writes grid coordinates and probabilities. The block that counts itself
+//                  done last (pass 0) also writes the status's summary row (what the host reads back when
+//                  validating).
+//   (float64 only) chunk_stats, chunk_topn and finish_rows again with pass = 1: rows whose largest weight's
+//                  exponent is outside SCALE_FREE_EXPONENTS are redone on weights times 2^-exponent (exact), every
+//                  other block returns at once: the CPU's scale-free rule without a host round trip.
+// With replacement chunk_stats gathers the statistics (short chunks) and replacement_draws finds each draw with one
+// block: a scan of the row's chunk sums, then of the positions from the chunk found (no prefix sum over the row in
+// memory). The sort fallback takes its statistics from chunk_stats.
 //
 // Rows that validation would refuse (NaN/inf, negative weights, no positive weight) still get in-range indices;
 // their probabilities are 0 (their estimator weight is 0).
@@ -663,19 +671,22 @@ __device__ void screen_range(const T* __restrict__ row_weights, long long row, l
         T raw[ATS_SCREEN_UNROLL][ATS_PER_THREAD];
 #pragma unroll
         for (int u = 0; u < ATS_SCREEN_UNROLL; ++u) load_lanes(row_weights, first + (long long)u * ATS_TILE, stop, raw[u]);
+        PhiloxWords his[ATS_SCREEN_UNROLL];  // independent generator chains, interleaved by the compiler
+#pragma unroll
+        for (int u = 0; u < ATS_SCREEN_UNROLL; ++u) {
+            his[u] = block_words((unsigned long long)(first + (long long)u * ATS_TILE) >> 2, (unsigned int)row,
+                                 ATS_STREAM_HI, seed);
+        }
 #pragma unroll
         for (int u = 0; u < ATS_SCREEN_UNROLL; ++u) {
             const long long at = first + (long long)u * ATS_TILE;
             if (at >= stop) break;
             double a[ATS_PER_THREAD];
-            bool any = false;
 #pragma unroll
             for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
                 a[lane] = at + lane < stop ? weight_of(raw[u][lane], logits, top_logit, shift) : 0.0;
-                any |= a[lane] > 0.0;
             }
-            if (!any) continue;
-            const PhiloxWords hi = block_words((unsigned long long)at >> 2, (unsigned int)row, ATS_STREAM_HI, seed);
+            const PhiloxWords& hi = his[u];
             bool hit[ATS_PER_THREAD];
             bool need = false;
 #pragma unroll
@@ -777,22 +788,29 @@ __device__ void chunk_stats(const T* __restrict__ weights, long long size, int n
     const T* row_weights = weights + row * size;
     double sum = 0.0, top = 0.0, squares = 0.0;
     int nonfinite = 0, negative = 0, positive = 0;  // a chunk holds fewer than 2^31 positions (plan)
-    for (long long first = start + ATS_PER_THREAD * (long long)threadIdx.x; first < stop; first += ATS_TILE) {
-        T raw[ATS_PER_THREAD];
-        load_lanes(row_weights, first, stop, raw);
+    // ATS_SCREEN_UNROLL tiles loaded before any is added (loads in flight), added in tile order: the sums do not
+    // depend on the unrolling
+    for (long long first = start + ATS_PER_THREAD * (long long)threadIdx.x; first < stop;
+         first += (long long)ATS_TILE * ATS_SCREEN_UNROLL) {
+        T raw[ATS_SCREEN_UNROLL][ATS_PER_THREAD];
 #pragma unroll
-        for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
-            if (first + lane >= stop) break;
-            const double a = weight_of(raw[lane], logits, top_logit, shift);
-            sum += a;
-            negative += a < 0.0;  // counted as the CPU kernel does: -inf is negative, +inf positive
-            positive += a > 0.0;
-            if (!isfinite(a)) {
-                ++nonfinite;
-                continue;
+        for (int u = 0; u < ATS_SCREEN_UNROLL; ++u) load_lanes(row_weights, first + (long long)u * ATS_TILE, stop, raw[u]);
+#pragma unroll
+        for (int u = 0; u < ATS_SCREEN_UNROLL; ++u) {
+#pragma unroll
+            for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
+                if (first + (long long)u * ATS_TILE + lane >= stop) break;
+                const double a = weight_of(raw[u][lane], logits, top_logit, shift);
+                sum += a;
+                negative += a < 0.0;  // counted as the CPU kernel does: -inf is negative, +inf positive
+                positive += a > 0.0;
+                if (!isfinite(a)) {
+                    ++nonfinite;
+                    continue;
+                }
+                top = a > top ? a : top;
+                squares += a * a;
             }
-            top = a > top ? a : top;
-            squares += a * a;
         }
     }
     reduce_stats(block_stats, stats + item * ATS_STATS, sum, top, nonfinite, negative, positive, squares);
@@ -819,6 +837,24 @@ __device__ void chunk_stats(const T* __restrict__ weights, long long size, int n
     }
 ATS_CHUNK_STATS(f32, float)
 ATS_CHUNK_STATS(f64, double)
+
+// A probability into `probs`: float64, or (single) float32 rounded to nearest even with subnormal results kept,
+// as NumPy's cast gives it (CuPy compiles with -ftz=true, which may flush them in a conversion).
+__device__ __forceinline__ void store_prob(void* probs, long long at, double p, int single) {
+    if (!single) {
+        static_cast<double*>(probs)[at] = p;
+        return;
+    }
+    const double magnitude = fabs(p);
+    float out;
+    if (magnitude < 0x1.0p-126) {
+        const unsigned int bits = (unsigned int)rint(magnitude * 0x1.0p149);  // the subnormal's bits (2^23: FLT_MIN)
+        out = __uint_as_float(bits | (p < 0.0 ? 0x80000000u : 0u));
+    } else {
+        out = (float)p;
+    }
+    static_cast<float*>(probs)[at] = out;
+}
 
 __device__ __forceinline__ void write_coords(int* indices, long long at, long long position, int dims, long long g0,
                                              long long g1, long long g2) {
@@ -1014,6 +1050,34 @@ __device__ int sort_screened(TopN& s, const double* __restrict__ keys, const lon
     return n;
 }
 
+// A screened row's n smallest kept keys by rank (count of them, n <= count <= ATS_RANK_MAX): each entry's rank is
+// the number of entries before it in (key, position) order (positions read only for equal keys), and entry i
+// goes to s.u.list.values[rank] (slots); no sort, no barrier but two. Called by every thread of the block.
+#ifndef ATS_RANK_MAX
+#define ATS_RANK_MAX 1024
+#endif
+__device__ int rank_screened(TopN& s, const double* __restrict__ keys, const long long* __restrict__ positions,
+                             int count, int n) {
+    for (int i = threadIdx.x; i < count; i += blockDim.x) s.u.list.keys[i] = key_bits(keys[i]);
+    __syncthreads();
+    for (int i = threadIdx.x; i < count; i += blockDim.x) {
+        const unsigned long long key = s.u.list.keys[i];
+        int rank = 0, equal = 0;
+        for (int j = 0; j < count; ++j) {
+            const unsigned long long other = s.u.list.keys[j];
+            rank += other < key;
+            equal += other == key;
+        }
+        if (equal > 1) {  // ties (itself included once): the lower positions first
+            const long long position = positions[i];
+            for (int j = 0; j < count; ++j) rank += s.u.list.keys[j] == key && positions[j] < position;
+        }
+        if (rank < n) s.u.list.values[rank] = (unsigned int)i;
+    }
+    __syncthreads();
+    return n;
+}
+
 // finish_rows' fallback for a screened row with too few or too many kept keys: the whole row selected by this
 // block alone (positions below 2^31: sampling.py screens no longer row). Not inlined: it is rarely run.
 template <typename T>
@@ -1032,7 +1096,7 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
                             const long long* __restrict__ cand_idx, const int* __restrict__ cand_count,
                             const double* __restrict__ stats, long long* __restrict__ status,
                             unsigned long long* __restrict__ row_bound, int dims, long long g0, long long g1,
-                            long long g2, int* __restrict__ indices, double* __restrict__ probs, int select,
+                            long long g2, int* __restrict__ indices, void* __restrict__ probs, int single, int select,
                             int presorted, unsigned long long seed, const unsigned long long* __restrict__ seed_ptr,
                             int capacity, const double* __restrict__ row_plan,
                             const unsigned int* __restrict__ counters, const double* __restrict__ screen_keys,
@@ -1097,6 +1161,8 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
     if (alone) {
         kept = select_row(s, block_stats, row_weights, row, size, n, effective_seed(seed, seed_ptr), logits,
                           info.top_logit, info.shift);
+    } else if (screened && screened_count <= ATS_RANK_MAX) {
+        kept = rank_screened(s, screen_keys + screen_base, screen_idx + screen_base, (int)screened_count, n);
     } else if (screened) {
         kept = sort_screened(s, screen_keys + screen_base, screen_idx + screen_base, (int)screened_count, n);
     } else {
@@ -1111,7 +1177,7 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
         const long long at = row * n + k;
         write_coords(indices, at, position, dims, g0, g1, g2);
         const double a = weight_at(row_weights, position, logits, info.top_logit, info.shift);
-        probs[at] = (info.valid && a > 0.0) ? a / info.total : 0.0;
+        store_prob(probs, at, (info.valid && a > 0.0) ? a / info.total : 0.0, single);
     }
     if (threadIdx.x == 0) {
         // Fillers (rule R1): the lowest positions without positive weight, in increasing order, probability 0.
@@ -1120,12 +1186,12 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
         for (long long p = 0; p < size && k < n; ++p) {
             if (!(weight_at(row_weights, p, logits, info.top_logit, info.shift) > 0.0)) {
                 write_coords(indices, row * n + k, p, dims, g0, g1, g2);
-                probs[row * n + k++] = 0.0;
+                store_prob(probs, row * n + k++, 0.0, single);
             }
         }
         for (; k < n; ++k) {  // not reached for a valid row; keeps a bad one in range
             write_coords(indices, row * n + k, 0, dims, g0, g1, g2);
-            probs[row * n + k] = 0.0;
+            store_prob(probs, row * n + k, 0.0, single);
         }
     }
 }
@@ -1135,12 +1201,12 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
         const T* weights, long long size, int nchunks, int n, int logits, const unsigned long long* rowmax, int pass, \
         const double* cand_keys, const long long* cand_idx, const int* cand_count, const double* stats,               \
         long long* status, unsigned long long* row_bound, int dims, long long g0, long long g1, long long g2,          \
-        int* indices, double* probs, int select, int presorted, unsigned long long seed,                              \
+        int* indices, void* probs, int single, int select, int presorted, unsigned long long seed,                    \
         const unsigned long long* seed_ptr, int capacity, const double* row_plan, const unsigned int* counters,       \
         const double* screen_keys, const long long* screen_idx) {                                                     \
         finish_rows<T>(weights, size, nchunks, n, logits, rowmax, pass, cand_keys, cand_idx, cand_count, stats,      \
-                       status, row_bound, dims, g0, g1, g2, indices, probs, select, presorted, seed, seed_ptr,       \
-                       capacity, row_plan, counters, screen_keys, screen_idx);                                        \
+                       status, row_bound, dims, g0, g1, g2, indices, probs, single, select, presorted, seed,       \
+                       seed_ptr, capacity, row_plan, counters, screen_keys, screen_idx);                              \
     }
 ATS_FINISH_ROWS(f32, float)
 ATS_FINISH_ROWS(f64, double)
@@ -1199,7 +1265,7 @@ __device__ void replacement_draws(const T* __restrict__ weights, long long size,
                                   int logits, const unsigned long long* __restrict__ rowmax,
                                   const long long* __restrict__ status, const double* __restrict__ stats, int dims,
                                   long long g0, long long g1, long long g2, int* __restrict__ indices,
-                                  double* __restrict__ probs) {
+                                  void* __restrict__ probs, int single) {
     __shared__ DrawShared sh;
     const long long draw = blockIdx.x;
     if (draw >= rows * n) return;  // the whole block
@@ -1284,7 +1350,7 @@ __device__ void replacement_draws(const T* __restrict__ weights, long long size,
     if (threadIdx.x == 0) {
         const long long at = row * n + k;
         write_coords(indices, at, found < 0 ? 0 : found, dims, g0, g1, g2);
-        probs[at] = found < 0 ? 0.0 : weight_at(row_weights, found, logits, top_logit, shift) / total;
+        store_prob(probs, at, found < 0 ? 0.0 : weight_at(row_weights, found, logits, top_logit, shift) / total, single);
     }
 }
 
@@ -1292,9 +1358,10 @@ __device__ void replacement_draws(const T* __restrict__ weights, long long size,
     extern "C" __global__ void replacement_draws_##suffix(                                                            \
         const T* weights, long long size, int nchunks, long long chunk, int n, long long rows, unsigned long long seed, \
         const unsigned long long* seed_ptr, int logits, const unsigned long long* rowmax, const long long* status,    \
-        const double* stats, int dims, long long g0, long long g1, long long g2, int* indices, double* probs) {      \
+        const double* stats, int dims, long long g0, long long g1, long long g2, int* indices, void* probs,           \
+        int single) {                                                                                                 \
         replacement_draws<T>(weights, size, nchunks, chunk, n, rows, seed, seed_ptr, logits, rowmax, status, stats,  \
-                             dims, g0, g1, g2, indices, probs);                                                       \
+                             dims, g0, g1, g2, indices, probs, single);                                               \
     }
 ATS_REPLACEMENT_DRAWS(f32, float)
 ATS_REPLACEMENT_DRAWS(f64, double)

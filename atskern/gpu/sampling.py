@@ -25,6 +25,7 @@ SOURCE = "sampling.cu"
 MAX_SELECTION_N = 2048  # ATS_MAX_N in sampling.cu: larger n sorts every key of the row (cp.argsort)
 PER_THREAD = 4  # ATS_PER_THREAD in sampling.cu
 STATS = 6  # ATS_STATS in sampling.cu
+RANK_MAX = 1024  # ATS_RANK_MAX in sampling.cu: a screened row of more kept keys is sorted rather than ranked
 SELECT_THREADS = (32, 64, 128, 256)
 """Block sizes the selecting kernels compile for (ATS_SELECT_THREADS: CUB's block primitives take it at compile
 time; the selection buffer of MAX_SELECTION_N + PER_THREAD * threads entries must fit 48 KiB)."""
@@ -150,12 +151,13 @@ def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocess
     return Plan(threads=threads, chunk=chunk, nchunks=-(-size // chunk), sort=sort, capacity=capacity)
 
 
-def workspace(empty, rows: int, size: int, n: int, p: Plan, replace: bool, logits: bool) -> Workspace:
+def workspace(empty, rows: int, size: int, n: int, p: Plan, replace: bool, logits: bool, status_empty=None) -> Workspace:
+    """The call's device memory from ``empty(shape, dtype)`` (the status from ``status_empty`` when given)."""
     items = rows * p.nchunks
     select = not replace
     planned = select and not p.sort
     return Workspace(
-        status=empty((rows + 1, 4), np.int64),
+        status=(status_empty or empty)((rows + 1, 4), np.int64),
         stats=empty((items * STATS,), np.float64),
         counters=empty((4 * rows,), np.uint32) if planned else None,
         row_plan=empty((2 * rows,), np.float64) if planned else None,
@@ -197,6 +199,7 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
         steps.append((f"row_max_{suffix}", (items,), (t,), (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), ws.rowmax)))
 
     capacity = np.int32(p.capacity)
+    single = np.int32(probs.dtype == np.float32)  # probs written in float32 (else float64)
     screen_args = (capacity, _ptr(ws.row_plan), _ptr(ws.counters), _ptr(ws.screen_keys), _ptr(ws.screen_idx))
 
     def chunk_pass(pass_):
@@ -214,7 +217,7 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
         return (f"finish_rows_{suffix}", (rows,), (t,),
                 (weights, np.int64(size), np.int32(nchunks), np.int32(n), np.int32(logits), _ptr(ws.rowmax),
                  np.int32(pass_), _ptr(ws.cand_keys), _ptr(ws.cand_idx), _ptr(ws.cand_count), ws.stats, ws.status,
-                 ws.row_bound, *geometry, indices, probs, np.int32(select), np.int32(presorted), np.uint64(seed),
+                 ws.row_bound, *geometry, indices, probs, single, np.int32(select), np.int32(presorted), np.uint64(seed),
                  _ptr(seed_ptr), *screen_args))
 
     if replace:
@@ -223,7 +226,7 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
             steps.append(stats_pass(1))
         steps.append((f"replacement_draws_{suffix}", (rows * n,), (t,),
                       (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), np.int32(n), np.int64(rows),
-                       *seed_args, ws.status, ws.stats, *geometry, indices, probs)))
+                       *seed_args, ws.status, ws.stats, *geometry, indices, probs, single)))
     elif p.sort:
         steps += [stats_pass(0), finish(0, 0)]
         if double:
@@ -266,28 +269,36 @@ ALIGNMENT = 256
 
 
 def _one_allocation(build):
-    """``build(empty)`` with every array carved from one allocation of the current allocator (256-byte aligned):
-    one allocator call per ``sample`` instead of one per array (through torch's allocator each costs ~10 µs)."""
+    """``build(empty, scratch)`` with every array carved from one allocation of the current allocator (256-byte
+    aligned): one allocator call per ``sample`` instead of one per array (through torch's allocator each costs
+    ~10 µs). ``empty(shape, dtype)`` gives a CuPy array; ``scratch(shape, dtype)`` only the device address (a
+    uint64 kernel argument: building a CuPy array costs host time, and the kernels' scratch is never read here).
+    Returns ``build``'s result and the allocation, which must outlive the launches."""
     cp = cupy()
     sizes = []
 
     def measure(shape, dtype):
         sizes.append(-(-int(np.prod(shape)) * np.dtype(dtype).itemsize // ALIGNMENT) * ALIGNMENT)
 
-    build(measure)
+    build(measure, measure)
     memory = cp.cuda.alloc(max(sum(sizes), 1))
+    base = memory.ptr
     offsets = iter(np.cumsum([0] + sizes[:-1]).tolist())
 
     def carve(shape, dtype):
         return cp.ndarray(shape, dtype, memptr=memory + next(offsets))
 
-    return build(carve)
+    def address(shape, dtype):
+        return np.uint64(base + next(offsets))
+
+    return build(carve, address), memory
 
 
 def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, threads=None, chunk=None):
     """The GPU sampling backend (see ``atskern.sampling``); ``logits=True`` takes log-weights as they are.
 
-    Returns int32 ``indices`` ``(B, n, D)``, float64 ``probs`` ``(B, n)`` and the int64 ``status``
+    Returns int32 ``indices`` ``(B, n, D)``, ``probs`` ``(B, n)`` in the weights' dtype (computed in float64 and
+    rounded as NumPy's cast rounds) and the int64 ``status``
     ``(B + 1, 4)``, all CuPy arrays on the current stream; nothing is read back. Every temporary comes from
     CuPy's current allocator (``cupy.cuda.using_allocator`` routes them elsewhere, e.g. to torch's).
     """
@@ -297,9 +308,12 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
     device_id = cp.cuda.Device().id
     sms = _multiprocessors(device_id)
     p = plan(rows, size, n, replace, threads, sms, chunk)
-    ws, indices, probs = _one_allocation(
-        lambda empty: (workspace(empty, rows, size, n, p, replace, logits), empty((rows, n, len(grid)), np.int32),
-                       empty((rows, n), np.float64)))
+
+    def build(empty, scratch):  # the status is returned; the sort step reads its workspace as arrays
+        ws = workspace(empty if p.sort else scratch, rows, size, n, p, replace, logits, status_empty=empty)
+        return ws, empty((rows, n, len(grid)), np.int32), empty((rows, n), weights.dtype)
+
+    (ws, indices, probs), memory = _one_allocation(build)
     options = compile_options(p.threads)
     for step in launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_ptr):
         if step == SORT_STEP:

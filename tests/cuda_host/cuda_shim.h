@@ -95,6 +95,11 @@ inline unsigned __float_as_uint(float x) {
     std::memcpy(&bits, &x, 4);
     return bits;
 }
+inline float __uint_as_float(unsigned x) {
+    float out;
+    std::memcpy(&out, &x, sizeof out);
+    return out;
+}
 inline long long __double_as_longlong(double x) {
     long long bits;
     std::memcpy(&bits, &x, 8);

@@ -45,13 +45,15 @@ extern "C" void host_prepare(unsigned grid, unsigned block, long long rows, U64*
                                               const double* cand_keys, const long long* cand_idx,                     \
                                               const int* cand_count, const double* stats, long long* status,          \
                                               U64* row_bound, int dims, long long g0, long long g1, long long g2,     \
-                                              int* indices, double* probs, int select, int presorted, U64 seed,       \
+                                              int* indices, void* probs, int single, int select, int presorted,      \
+                                              U64 seed,                                                               \
                                               const U64* seed_ptr, int capacity, const double* row_plan,              \
                                               const unsigned* counters, const double* screen_keys,                    \
                                               const long long* screen_idx) {                                          \
         launch(grid, block, [=] {                                                                                     \
             finish_rows_##suffix(weights, size, nchunks, n, logits, rowmax, pass, cand_keys, cand_idx, cand_count,    \
-                                 stats, status, row_bound, dims, g0, g1, g2, indices, probs, select, presorted, seed, \
+                                 stats, status, row_bound, dims, g0, g1, g2, indices, probs, single, select, presorted, \
+                                 seed,                                                                                \
                                  seed_ptr, capacity, row_plan, counters, screen_keys, screen_idx);                    \
         });                                                                                                           \
     }                                                                                                                 \
@@ -67,10 +69,10 @@ extern "C" void host_prepare(unsigned grid, unsigned block, long long rows, U64*
                                                     const U64* seed_ptr, int logits, const U64* rowmax,               \
                                                     const long long* status, const double* stats, int dims,           \
                                                     long long g0, long long g1, long long g2, int* indices,           \
-                                                    double* probs) {                                                  \
+                                                    void* probs, int single) {                                        \
         launch(grid, block, [=] {                                                                                     \
             replacement_draws_##suffix(weights, size, nchunks, chunk, n, rows, seed, seed_ptr, logits, rowmax,        \
-                                       status, stats, dims, g0, g1, g2, indices, probs);                              \
+                                       status, stats, dims, g0, g1, g2, indices, probs, single);                      \
         });                                                                                                           \
     }
 
