@@ -268,6 +268,11 @@ def _kernel(name: str, options: tuple[str, ...], device_id: int):
 ALIGNMENT = 256
 
 
+@functools.lru_cache(maxsize=None)
+def _itemsize(dtype) -> int:
+    return np.dtype(dtype).itemsize  # np.dtype() and np.prod cost microseconds: a dozen arrays a call
+
+
 def _one_allocation(build):
     """``build(empty, scratch)`` with every array carved from one allocation of the current allocator (256-byte
     aligned): one allocator call per ``sample`` instead of one per array (through torch's allocator each costs
@@ -278,7 +283,7 @@ def _one_allocation(build):
     sizes = []
 
     def measure(shape, dtype):
-        sizes.append(-(-int(np.prod(shape)) * np.dtype(dtype).itemsize // ALIGNMENT) * ALIGNMENT)
+        sizes.append(-(-math.prod(shape) * _itemsize(dtype) // ALIGNMENT) * ALIGNMENT)
 
     build(measure, measure)
     memory = cp.cuda.alloc(max(sum(sizes), 1))
