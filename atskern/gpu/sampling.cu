@@ -711,6 +711,28 @@ __device__ void screen_range(const T* __restrict__ row_weights, long long row, l
     }
 }
 
+// Block (row, chunk) of a launch over rows * nchunks blocks: its row, positions [start, stop), the power of two
+// pass 1 rescales the row by (rescale_shift), and whether the block has nothing to do (pass 1, a row not rescaled).
+struct ChunkItem {
+    long long item, rows, row, start, stop;
+    int shift;
+    bool skip;
+};
+
+template <typename T>
+__device__ __forceinline__ ChunkItem chunk_item(long long size, int nchunks, long long chunk, int logits, int pass,
+                                                const long long* status) {
+    ChunkItem c;
+    c.item = blockIdx.x;
+    c.rows = gridDim.x / nchunks;
+    c.row = c.item / nchunks;
+    c.shift = pass ? rescale_shift(status + c.row * 4, sizeof(T) == 8 || logits) : 0;
+    c.skip = pass && !c.shift;
+    c.start = (c.item % nchunks) * chunk;
+    c.stop = min(size, c.start + chunk);
+    return c;
+}
+
 // One block per (row, chunk), after chunk_stats: a screened row's keys at most its plan's t into the row's buffer
 // (screen_range), a selected row's chunk n smallest keys into the chunk's candidate list (select_range).
 template <typename T>
@@ -723,18 +745,14 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
                            double* __restrict__ screen_keys, long long* __restrict__ screen_idx) {
     __shared__ TopN s;
     __shared__ BlockStats block_stats;
-    const long long item = blockIdx.x;
-    const long long rows = gridDim.x / nchunks;
-    const long long row = item / nchunks;
-    const int is_double = sizeof(T) == 8 || logits;
-    const int shift = pass ? rescale_shift(status + row * 4, is_double) : 0;
-    if (pass && !shift) return;  // the whole block: nothing to redo for this row
+    const ChunkItem c = chunk_item<T>(size, nchunks, chunk, logits, pass, status);
+    if (c.skip) return;  // the whole block
+    const long long item = c.item, rows = c.rows, row = c.row, start = c.start, stop = c.stop;
+    const int shift = c.shift;
     const double plan = row_plan[pass * rows + row];
     if (plan == ATS_PLAN_SKIP) return;  // pass 0 of a row that pass 1 redoes
     seed = effective_seed(seed, seed_ptr);
     const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
-    const long long start = (item % nchunks) * chunk;
-    const long long stop = min(size, start + chunk);
     const T* row_weights = weights + row * size;
     if (plan < ATS_INF) {  // block-uniform
         screen_range(row_weights, row, start, stop, seed, logits, top_logit, shift, plan,
@@ -776,15 +794,11 @@ __device__ void chunk_stats(const T* __restrict__ weights, long long size, int n
     __shared__ BlockStats block_stats;
     __shared__ double row_info[ATS_STATS];
     __shared__ int last;
-    const long long item = blockIdx.x;
-    const long long rows = gridDim.x / nchunks;
-    const long long row = item / nchunks;
-    const int is_double = sizeof(T) == 8 || logits;
-    const int shift = pass ? rescale_shift(status + row * 4, is_double) : 0;
-    if (pass && !shift) return;  // the whole block: nothing to redo for this row
+    const ChunkItem c = chunk_item<T>(size, nchunks, chunk, logits, pass, status);
+    if (c.skip) return;  // the whole block
+    const long long item = c.item, rows = c.rows, row = c.row, start = c.start, stop = c.stop;
+    const int shift = c.shift;
     const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
-    const long long start = (item % nchunks) * chunk;
-    const long long stop = min(size, start + chunk);
     const T* row_weights = weights + row * size;
     double sum = 0.0, top = 0.0, squares = 0.0;
     int nonfinite = 0, negative = 0, positive = 0;  // a chunk holds fewer than 2^31 positions (plan)
@@ -824,7 +838,7 @@ __device__ void chunk_stats(const T* __restrict__ weights, long long size, int n
     __threadfence();
     row_stats(block_stats, row_info, stats, row, nchunks);
     __syncthreads();
-    if (threadIdx.x == 0) row_plan[pass * rows + row] = row_plan_of(row_info, n, capacity, is_double, pass);
+    if (threadIdx.x == 0) row_plan[pass * rows + row] = row_plan_of(row_info, n, capacity, sizeof(T) == 8 || logits, pass);
 }
 
 #define ATS_CHUNK_STATS(suffix, T)                                                                                    \
