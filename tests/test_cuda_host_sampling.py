@@ -526,3 +526,62 @@ def test_host_float32_probabilities_round_as_numpy(lib, replace):
     if not replace:  # every cell drawn: subnormal probabilities were there to keep (with replacement: only cell 0)
         tiny = expected[expected != 0]
         assert (np.abs(tiny) < np.finfo(np.float32).tiny).any()
+
+
+class _FakeMemory:
+    """A device allocation as ``atskern.gpu.sampling._one_allocation`` uses it: an address, and ``+ offset``."""
+
+    def __init__(self, ptr, size=None):
+        self.ptr, self.size = ptr, size
+
+    def __add__(self, offset):
+        return _FakeMemory(self.ptr + offset)
+
+
+class _FakeArray:
+    def __init__(self, shape, dtype, memptr):
+        self.shape, self.dtype, self.ptr = tuple(shape), np.dtype(dtype), memptr.ptr
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+
+
+@pytest.mark.parametrize("replace, n, dtype", [(False, 10, np.float32), (False, 3000, np.float64), (True, 7, np.float64)])
+def test_one_allocation_carves_disjoint_aligned_pieces(monkeypatch, replace, n, dtype):
+    """The CuPy path's single allocation: the returned arrays (status, indices, probs in the weights' dtype) and
+    every scratch address lie inside it, 256-byte aligned, without overlap; the scratch is addresses, not arrays,
+    except for the sort step (large n), which reads its workspace as arrays."""
+    import types
+
+    allocations = []
+
+    def alloc(size):
+        allocations.append(_FakeMemory(1 << 20, size))
+        return allocations[-1]
+
+    monkeypatch.setattr(gs, "cupy", lambda: types.SimpleNamespace(cuda=types.SimpleNamespace(alloc=alloc),
+                                                                  ndarray=_FakeArray))
+    rows, size = 3, 5000
+    p = gs.plan(rows, size, n, replace, 256, 132)
+
+    def build(empty, scratch):
+        ws = gs.workspace(empty if p.sort else scratch, rows, size, n, p, replace, False, status_empty=empty)
+        return ws, empty((rows, n, 2), np.int32), empty((rows, n), np.dtype(dtype))
+
+    (ws, indices, probs), memory = gs._one_allocation(build)
+    assert allocations == [memory]
+    pieces = [(indices.ptr, indices.nbytes), (probs.ptr, probs.nbytes), (ws.status.ptr, ws.status.nbytes)]
+    assert probs.dtype == dtype and ws.status.shape == (rows + 1, 4) and indices.shape == (rows, n, 2)
+    shapes = vars(gs.workspace(lambda shape, dtype: (shape, np.dtype(dtype)), rows, size, n, p, replace, False))
+    for name, value in vars(ws).items():
+        if value is None or name == "status":
+            continue
+        shape, item_dtype = shapes[name]
+        if p.sort:
+            assert isinstance(value, _FakeArray) and value.shape == tuple(shape), name
+        else:
+            assert isinstance(value, np.uint64), name  # a kernel argument as it is
+        pieces.append((int(value.ptr if p.sort else value), int(np.prod(shape)) * item_dtype.itemsize))
+    pieces.sort()
+    for (start, length), (following, _) in zip(pieces, pieces[1:]):
+        assert start + length <= following
+    assert all(start % gs.ALIGNMENT == 0 for start, _ in pieces)
+    assert pieces[0][0] >= memory.ptr and pieces[-1][0] + pieces[-1][1] <= memory.ptr + memory.size
