@@ -288,6 +288,90 @@ def first_call_table(root=None) -> str:
     return "\n".join(lines)
 
 
+# --- where one call's time goes ------------------------------------------------------------
+
+def _part_kernels():
+    """Numba loops over one row that time the kernel's per-block steps alone, block by block as
+    ``atskern.cpu.sampling`` runs them: the statistics, the high words of every position's uniform (one
+    Philox4x32-10 block per 4 positions: every position needs one, whatever the bound), and the flags."""
+    from atskern.cpu import sampling as cs
+    from atskern.cpu._jit import jit
+
+    block = cs.BLOCK
+
+    @jit
+    def statistics_pass(row):
+        total = 0.0
+        for start in range(0, row.size, block):
+            t, _, _, squares = cs._block_stats(row[start:start + block])
+            total += t + squares
+        return total
+
+    @jit
+    def high_words_pass(row):
+        words = np.empty(block, np.uint32)
+        check = 0
+        for start in range(0, row.size, block):
+            cs._fill_block(start, min(row.size, start + block), 0, np.uint64(1), np.uint64(2), words)
+            check += words[0]
+        return check
+
+    @jit
+    def flags_pass(row, bound):
+        words = np.full(block, 7, np.uint32)
+        flags = np.zeros(block, np.bool_)
+        check = 0
+        for start in range(0, row.size, block):
+            stop = min(row.size, start + block)
+            cs._flag_block(row[start:stop], words[:stop - start], bound, flags)
+            check += flags[0]
+        return check
+
+    return statistics_pass, high_words_pass, flags_pass
+
+
+def parts_table(side: int = 256, n: int = 10, repeats: int = 300) -> str:
+    """Markdown table: one ``(1, side, side)`` map, without replacement, medians of CPU time per call (the
+    process's, so a loaded machine inflates it less than wall time): ``atskern.sample``, the kernel alone
+    (``atskern.cpu.sampling.sample``: the front end is the difference), the kernel's per-block steps alone, and
+    the read floor ``np.sum``."""
+    import statistics
+    import time
+
+    from atskern.cpu import sampling as cs
+
+    statistics_pass, high_words_pass, flags_pass = _part_kernels()
+
+    def cpu_us(fn, inner=10):
+        for _ in range(3):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start = time.process_time_ns()
+            for _ in range(inner):
+                fn()
+            times.append((time.process_time_ns() - start) / inner)
+        return statistics.median(times) / 1e3
+
+    lines = [f"One {side}x{side} map, n = {n}, without replacement: CPU time per call (us, median of {repeats})", "",
+             "| dtype | atskern.sample | kernel | front end | statistics | high words | flags | np.sum | "
+             "sample / np.sum | high words / np.sum |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for dtype in ("float32", "float64"):
+        attention = case_attention(1, side, dtype)
+        weights = attention.reshape(1, -1)
+        row = weights[0]
+        grid = np.array([side, side], np.int64)
+        call = cpu_us(lambda: atskern.sample(attention, n, seed=3))
+        kernel = cpu_us(lambda: cs.sample(weights, n, grid, 3, False))
+        stats = cpu_us(lambda: statistics_pass(row))
+        words = cpu_us(lambda: high_words_pass(row))
+        flags = cpu_us(lambda: flags_pass(row, 1e-4))
+        floor = cpu_us(lambda: attention.sum())
+        lines.append(f"| {dtype} | {call:.1f} | {kernel:.1f} | {call - kernel:.1f} | {stats:.1f} | {words:.1f} | "
+                     f"{flags:.1f} | {floor:.1f} | {call / floor:.1f} | {words / floor:.1f} |")
+    return "\n".join(lines)
+
+
 def _main(argv=None):
     import argparse
 
@@ -301,8 +385,13 @@ def _main(argv=None):
     ab.add_argument("--quick", action="store_true")
     ab.add_argument("--rows", type=int, action="append", help="only these batch sizes (repeatable)")
     ab.add_argument("--side", type=int, action="append", help="only these map sides (repeatable)")
+    parts = commands.add_parser("parts", help="where one small map's call goes: front end, kernel, its steps")
+    parts.add_argument("--side", type=int, default=256)
+    parts.add_argument("-n", type=int, default=10)
     args = parser.parse_args(argv)
-    if args.command == "ab":
+    if args.command == "parts":
+        print(parts_table(args.side, args.n))
+    elif args.command == "ab":
         cases = [c for c in fixed_cost_cases(args.quick)
                  if (not args.rows or c[0] in args.rows) and (not args.side or c[1] in args.side)]
         print(ab_table(args.base, args.rounds, args.quick, cases))

@@ -162,3 +162,42 @@ def test_segments_of_long_rows(dtype):
                 np.testing.assert_array_equal(x, y)
         want, _ = reference.sample(weights, n, seed=31)
         np.testing.assert_array_equal(runs[0][0], want)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "zeros", "signed", "wide", "nan"])
+def test_block_scans_give_the_statistics_bit_for_bit(kind):
+    """The block sums and counts do not depend on which scan took them (the head's statistics, the rest's
+    sum, or the fused float64 sum-and-flags of a whole block), and every flag passes where the exact test
+    ``1 - (hi + 1) 2**-32 < a t`` does, so no key below the bound is ruled out."""
+    rng = np.random.default_rng(["uniform", "zeros", "signed", "wide", "nan"].index(kind))
+    block = cpu_sampling.BLOCK
+    for trial in range(40):
+        size = block if trial % 2 == 0 else int(rng.integers(1, block))
+        values = {"uniform": rng.random(size), "signed": rng.normal(size=size),
+                  "wide": np.ldexp(rng.random(size), rng.integers(-1074, 1000, size))}.get(kind, rng.random(size))
+        if kind == "zeros":
+            values[rng.random(size) < 0.5] = 0.0
+        if kind == "nan":
+            values[rng.integers(size)] = np.nan
+        hi = rng.integers(0, 2**32, block, dtype=np.uint64).astype(np.uint32)
+        hi[:64] = 2**32 - 1 - rng.integers(0, 4, 64)  # uniforms next to 1: flagged at the smallest products
+        bound = float(np.ldexp(1.0, int(rng.integers(-1100, 40)))) if trial % 5 else np.inf
+        with np.errstate(over="ignore", invalid="ignore"):
+            exact = (2.0**32 - 1 - hi[:size].astype(np.float64)) * 2.0**-32 < values * bound
+        for dtype in (np.float32, np.float64):
+            v = values.astype(dtype) if dtype == np.float64 else values.clip(-1e30, 1e30).astype(dtype)
+            total, positive, negative, _ = cpu_sampling._block_stats(v)
+            assert (positive, negative) == ((v > 0).sum(), (v < 0).sum())
+            rest = cpu_sampling._block_sum(v)
+            assert rest[1:] == (positive, negative)
+            assert np.float64(rest[0]).tobytes() == np.float64(total).tobytes()
+            flags = np.zeros(block, np.bool_)
+            cpu_sampling._flag_block(v, hi[:size], bound, flags)
+            if dtype == np.float64:
+                assert not np.any(exact & ~flags[:size])
+            if dtype == np.float64 and size == block:
+                fused = np.zeros(block, np.bool_)
+                scan = cpu_sampling._scan_full_block(v, hi, bound, fused)
+                assert scan[1:] == (positive, negative)
+                assert np.float64(scan[0]).tobytes() == np.float64(total).tobytes()
+                np.testing.assert_array_equal(fused, flags)

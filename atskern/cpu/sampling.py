@@ -126,7 +126,8 @@ def _headroom(hi):
 @jit(fastmath={"reassoc", "nsz", "contract"})
 def _block_stats(values):
     """One vectorized pass over a block's weights ``values`` (a 1-D slice): their float64 sum, the counts
-    of positive and negative entries, and the sum of squares (for :func:`_first_bound`).
+    of positive and negative entries, and the sum of squares (for :func:`_first_bound`). Negative entries are
+    counted (a second pass, in cache) only in a block with a non-positive or NaN entry: elsewhere there are none.
 
     The sum's (reassociated) order is fixed by the block, so it does not depend on the chunking, the
     thread count or the path; a NaN or inf makes it non-finite. Fast-math flags touch only this function:
@@ -134,15 +135,57 @@ def _block_stats(values):
     """
     total = 0.0
     positive = 0
-    negative = 0
     squares = 0.0
     for i in range(values.size):
         a = np.float64(values[i])
         total += a
         squares += a * a
         positive += np.int64(a > 0.0)
-        negative += np.int64(a < 0.0)
+    negative = 0
+    if positive < values.size:
+        for i in range(values.size):
+            negative += np.int64(np.float64(values[i]) < 0.0)
     return total, positive, negative, squares
+
+
+@jit(fastmath={"reassoc", "nsz", "contract"})
+def _block_sum(values):
+    """:func:`_block_stats` without the sum of squares: the same float64 sum (the same vectorized order) and
+    the count of positive entries; negative entries are counted only in a block that has a non-positive one."""
+    total = 0.0
+    positive = 0
+    for i in range(values.size):
+        a = np.float64(values[i])
+        total += a
+        positive += np.int64(a > 0.0)
+    negative = 0
+    if positive < values.size:
+        for i in range(values.size):
+            negative += np.int64(np.float64(values[i]) < 0.0)
+    return total, positive, negative
+
+
+@jit(fastmath={"reassoc", "nsz", "contract"})
+def _scan_full_block(values, hi_words, bound, flags):
+    """:func:`_block_sum` and :func:`_flag_block` in one vectorized loop, for a whole block (``BLOCK``
+    positions) of float64 weights: the same sum, bit for bit (the loop's vectorized order is that of
+    :func:`_block_stats` when the trip count is ``BLOCK``; a partial block's remainder is ordered otherwise,
+    so partial blocks take the two functions). The flag test has one product and one comparison (nothing for
+    the fast-math flags to change): ``float(2**32 - 1 - hi) < a (t 2**32)``, which passes wherever the exact
+    test does (see :func:`_flag_block`)."""
+    total = 0.0
+    positive = 0
+    scaled = bound * _TWO_POW_32
+    for i in range(BLOCK):
+        a = values[i]
+        total += a
+        positive += np.int64(a > 0.0)
+        flags[i] = np.float64(np.uint32(0xFFFFFFFF) - hi_words[i]) < a * scaled
+    negative = 0
+    if positive < BLOCK:
+        for i in range(BLOCK):
+            negative += np.int64(values[i] < 0.0)
+    return total, positive, negative
 
 
 @jit
@@ -153,16 +196,19 @@ def _flag_block(values, hi_words, bound, flags):
     float32 weights take the test in float32 (twice the lanes): ``hi + a t 2**32 >= 2**32 - 2048`` with
     ``t`` enlarged by ``2**-20``, a superset of the float64 test (the float32 roundings of ``hi``, of the
     product and of the sum move it by less than 512, and the relative ones are inside the enlargement;
-    an underflowing product leaves only ``hi`` near 2**32, where the float64 test can pass). The
-    positions it flags are tested again exactly, so the float32 test changes no draw.
+    an underflowing product leaves only ``hi`` near 2**32, where the float64 test can pass). float64 weights
+    take ``float(2**32 - 1 - hi) < a (t 2**32)``, the exact test scaled by 2**32 (one product fewer per
+    position; it differs only where ``a t`` is subnormal, and then passes more). The positions either flags
+    are tested again exactly, so neither test changes a draw.
     """
     if values.itemsize == 4:
         scaled = np.float32(bound * _TWO_POW_32 * _F32_SLACK)
         for i in range(values.size):
             flags[i] = np.float32(hi_words[i]) + values[i] * scaled >= _F32_EDGE
     else:
+        scaled = bound * _TWO_POW_32
         for i in range(values.size):
-            flags[i] = _headroom(hi_words[i]) < np.float64(values[i]) * bound
+            flags[i] = np.float64(np.uint32(0xFFFFFFFF) - hi_words[i]) < np.float64(values[i]) * scaled
 
 
 @jit(parallel=True)
@@ -268,8 +314,9 @@ def _select(row_weights, k0, k1, b, start, stop, keys, idx, count, row_bound, fi
     """Add the keys of positions ``start..stop`` below ``first`` and the row's shared bound ``row_bound[b, 0]``
     to the max-heap ``keys[:count]`` of the ``keys.size`` smallest; returns how many it holds, and with
     ``take_stats`` the counts of positive and negative weights (block sums into ``sums``, each block's
-    statistics taken just before its keys, while it is in cache). Inside a block a key is computed only
-    when the high word of its uniform cannot rule it out."""
+    statistics taken just before its keys, while it is in cache: for a whole block of float64 weights in the
+    flags' loop, :func:`_scan_full_block`). Inside a block a key is computed only when the high word of its
+    uniform cannot rule it out."""
     positive = 0
     negative = 0
     capacity = keys.size
@@ -281,14 +328,18 @@ def _select(row_weights, k0, k1, b, start, stop, keys, idx, count, row_bound, fi
     threshold = keys[0] if count == capacity else np.inf
     for block_start in range(start, stop, BLOCK):
         block_stop = min(stop, block_start + BLOCK)
+        bound = min(threshold, row_bound[b, 0], first) * _REJECT_MARGIN
+        _fill_block(block_start, block_stop, b, k0, k1, hi_words)
+        if take_stats and row_weights.itemsize == 8 and block_stop - block_start == BLOCK:
+            t, pos, neg = _scan_full_block(row_weights[block_start:block_stop], hi_words, bound, flags)
+        else:
+            if take_stats:
+                t, pos, neg = _block_sum(row_weights[block_start:block_stop])
+            _flag_block(row_weights[block_start:block_stop], hi_words, bound, flags)
         if take_stats:
-            t, pos, neg, _ = _block_stats(row_weights[block_start:block_stop])
             sums[block_start // BLOCK] = t
             positive += pos
             negative += neg
-        bound = min(threshold, row_bound[b, 0], first) * _REJECT_MARGIN
-        _fill_block(block_start, block_stop, b, k0, k1, hi_words)
-        _flag_block(row_weights[block_start:block_stop], hi_words, bound, flags)
         for w in range((block_stop - block_start + 7) // 8):
             if flag_words[w] == 0:
                 continue
