@@ -232,3 +232,34 @@ def test_atskern_kernels_are_versioned_by_every_module_they_can_inline():
     cache_file = getattr(getattr(sampling._without_replacement, "_cache", None), "_cache_file", None)
     if _jit.CACHE and cache_file is not None:
         assert cache_file._source_stamp[1] == _jit._sources_digest()
+
+
+def _save_many(cache_path, worker, count, start):
+    from atskern.cpu import _jit
+
+    entries = _jit._ENTRIES_BY_KEY(cache_path=cache_path, filename_base="kernel-10.py311", source_stamp="source")
+    start.wait()
+    for i in range(count):
+        entries.save(((f"worker {worker}", i),), f"code {worker} {i}")
+
+
+def test_processes_saving_at_once_keep_every_entry(tmp_path):
+    """Each save re-reads and rewrites the index; under the lock no process drops another's entries (which left
+    later processes compiling afresh, whose floating-point rounding can differ from the cached code's)."""
+    import multiprocessing
+
+    from atskern.cpu import _jit
+
+    workers, count = 4, 60
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(workers)
+    processes = [context.Process(target=_save_many, args=(str(tmp_path), w, count, start)) for w in range(workers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert [process.exitcode for process in processes] == [0] * workers
+    entries = _jit._ENTRIES_BY_KEY(cache_path=str(tmp_path), filename_base="kernel-10.py311", source_stamp="source")
+    loaded = {(w, i): entries.load(((f"worker {w}", i),)) for w in range(workers) for i in range(count)}
+    missing = [k for k, v in loaded.items() if v != f"code {k[0]} {k[1]}"]
+    assert not missing, f"{len(missing)} of {workers * count} entries lost"

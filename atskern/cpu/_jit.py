@@ -28,6 +28,7 @@ Numba puts them. Caching is turned off only if no directory is writable.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import hashlib
 import os
@@ -116,6 +117,27 @@ if CACHE_DIR is not None and not os.environ.get("NUMBA_CACHE_DIR"):
         numba.config.CACHE_DIR = str(CACHE_DIR)
 
 
+@contextlib.contextmanager
+def _index_lock(index_path: str):
+    """An exclusive lock on ``index_path`` across processes, for one read-modify-write of the index (best effort:
+    none where ``fcntl`` or the lock file is unavailable)."""
+    try:
+        import fcntl
+
+        handle = open(index_path + ".lock", "a+b")  # noqa: SIM115 - closed below
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass  # e.g. a file system without locks: the write below is still atomic
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
 def _entries_by_key():
     """``numba.core.caching.IndexDataCacheFile`` with one data file per index key and source version, which starts
     the threading layer before handing Numba code that calls it (see the module docstring), or None if Numba's API
@@ -137,10 +159,11 @@ def _entries_by_key():
         def save(self, key, data):
             data_name = self._data_name_for(key)
             self._save_data(data_name, data)  # before the index names it (a reader skips a missing file anyway)
-            overloads = self._load_index()
-            if overloads.get(key) != data_name:
-                overloads[key] = data_name
-                self._save_index(overloads)
+            with _index_lock(self._index_path):  # two processes adding entries at once would each drop the other's
+                overloads = self._load_index()
+                if overloads.get(key) != data_name:
+                    overloads[key] = data_name
+                    self._save_index(overloads)
 
         def load(self, key):
             data_name = self._load_index().get(key)
