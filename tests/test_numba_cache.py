@@ -263,3 +263,17 @@ def test_processes_saving_at_once_keep_every_entry(tmp_path):
     loaded = {(w, i): entries.load(((f"worker {w}", i),)) for w in range(workers) for i in range(count)}
     missing = [k for k, v in loaded.items() if v != f"code {k[0]} {k[1]}"]
     assert not missing, f"{len(missing)} of {workers * count} entries lost"
+
+
+def test_equal_keys_name_the_same_data_file(tmp_path):
+    """The name is the same in every process: equal keys built from different (or shared) objects, as types and
+    strings are in different processes, give one name (pickle bytes did not: a later process missed the entry and
+    compiled again)."""
+    from atskern.cpu import _jit
+
+    entries = _jit._ENTRIES_BY_KEY(cache_path=str(tmp_path), filename_base="kernel-10.py311", source_stamp="source")
+    name = "".join(["float", "64"])
+    shared = ((name, "2d"), (name, "2d"))
+    copies = (("".join(["float", "64"]), "2d"), ("".join(["float", "64"]), "2d"))
+    assert shared == copies and shared[0][0] is shared[1][0] and copies[0][0] is not copies[1][0]
+    assert entries._data_name_for(shared) == entries._data_name_for(copies)

@@ -152,8 +152,9 @@ def _entries_by_key():
             # the source stamp too: the key hashes only the function's own bytecode, so two versions of the module
             # (an edit or a checkout while another process runs) would otherwise write different code under one
             # name, and an index of one version could name the other's code
-            named = pickle.dumps((key, self._source_stamp), protocol=4)
-            digest = hashlib.sha256(named).hexdigest()[:24]
+            # (repr, not pickle: equal keys pickle to different bytes when one repeats an object another has as
+            # two equal copies, so a name from pickle bytes changed from process to process)
+            digest = hashlib.sha256(repr((key, self._source_stamp)).encode()).hexdigest()[:24]
             return self._index_name[: -len(".nbi")] + f".{digest}.nbc"
 
         def save(self, key, data):
