@@ -120,3 +120,160 @@ def test_concurrent_cold_starts_never_load_another_signatures_code(tmp_path):
     signature loads its own code (Numba's numbering, shown second, would hand it B's float code)."""
     assert _race(tmp_path, "keyed") == (0, ["41"])
     assert _race(tmp_path, "numbered") != (0, ["41"])
+
+
+_NESTED = """
+import sys
+import numpy as np
+from numba import prange
+from atskern.cpu import _jit
+
+@_jit.jit(parallel=True)
+def parallel_sum(x):
+    total = 0.0
+    for i in prange(x.shape[0]):
+        total += x[i]
+    return total
+
+@_jit.jit
+def sum_plus_one(x):
+    return parallel_sum(x) + 1.0
+
+x = np.arange(1000.0)
+print(repr((parallel_sum if sys.argv[1] == "inner" else sum_plus_one)(x)))
+import numba
+print(numba.threading_layer())
+"""
+
+
+def _nested(tmp_path, cache, step, layer=None):
+    script = tmp_path / "nested.py"
+    script.write_text(_NESTED)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), NUMBA_CACHE_DIR=str(cache), NUMBA_DEBUG_CACHE="1")
+    env.pop("NUMBA_THREADING_LAYER", None)
+    if layer:
+        env["NUMBA_THREADING_LAYER"] = layer
+    done = subprocess.run([sys.executable, "-W", "ignore", str(script), step], env=env, capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    loaded = [line.rsplit("/", 1)[-1] for line in lines if line.startswith("[cache] data loaded")]
+    return done.returncode, [line for line in lines if not line.startswith("[cache]")], loaded
+
+
+def test_a_cached_caller_of_a_cached_parallel_kernel_runs_in_a_fresh_process(tmp_path):
+    """The crash of a cache written by test runs: a process loads the parallel kernel from the cache and compiles
+    a caller of it (Numba then records nothing to re-run for the caller: issue 8578). A fresh process that loads
+    that caller first used to call address 0 (SIGSEGV) in the parallel region; it must start the threading layer."""
+    cache = tmp_path / "cache"
+    assert _nested(tmp_path, cache, "inner")[0] == 0  # the parallel kernel alone, cached
+    returncode, lines, loaded = _nested(tmp_path, cache, "outer")
+    assert (returncode, lines[:1]) == (0, ["499501.0"])
+    assert any(name.startswith("nested.parallel_sum") for name in loaded), "the parallel kernel was not loaded"
+    returncode, lines, loaded = _nested(tmp_path, cache, "outer")
+    assert returncode == 0, f"the cached caller crashed (return code {returncode})"
+    assert lines[:1] == ["499501.0"]
+    assert [name.split(".")[1].split("-")[0] for name in loaded] == ["sum_plus_one"], loaded
+
+
+def test_code_cached_under_one_threading_layer_runs_under_another(tmp_path):
+    """The threading layer is called by name, not built into the code: what a ``workqueue`` process cached runs in
+    a process on atskern's layer (TBB where it loads) and back."""
+    cache = tmp_path / "cache"
+    assert _nested(tmp_path, cache, "outer", "workqueue")[:2] == (0, ["499501.0", "workqueue"])
+    returncode, lines, loaded = _nested(tmp_path, cache, "outer")
+    assert (returncode, lines[:1], len(loaded)) == (0, ["499501.0"], 1)
+    assert _nested(tmp_path, cache, "outer", "workqueue")[:2] == (0, ["499501.0", "workqueue"])
+
+
+def test_an_index_only_names_its_own_source_versions_code(tmp_path):
+    """Two versions of one module (an edit or a checkout while another process runs) share the index and data file
+    names of a function at the same line with the same bytecode. Whatever order their writes land in, a version
+    loads its own code or compiles, never the other version's."""
+    from atskern.cpu import _jit
+
+    entries = _jit._ENTRIES_BY_KEY
+    key = (("float64",), ("x86_64", "cpu", ""), ("code", "closure"))
+    old = entries(cache_path=str(tmp_path), filename_base="kernel-10.py311", source_stamp="old source")
+    new = entries(cache_path=str(tmp_path), filename_base="kernel-10.py311", source_stamp="new source")
+    save_data = old._save_data
+
+    def interleaved(name, data):  # the old version's data, then all of the new version's save, then the old index
+        save_data(name, data)
+        new.save(key, "code of the new source")
+
+    old._save_data = interleaved
+    old.save(key, "code of the old source")
+    assert old.load(key) in ("code of the old source", None)
+    assert new.load(key) in ("code of the new source", None)
+    new.save(key, "code of the new source")
+    assert new.load(key) == "code of the new source"
+
+
+def test_the_threading_symbols_cover_those_numba_registers():
+    """Numba's parallel code calls these C functions by name; an entry that names one starts the layer first."""
+    import inspect
+    import re
+
+    from numba.np.ufunc import parallel
+
+    from atskern.cpu import _threading
+
+    source = inspect.getsource(parallel._launch_threads) + inspect.getsource(parallel._load_threading_functions)
+    registered = {name.encode() for name in re.findall(r"add_symbol\(\s*['\"](\w+)['\"]", source)}
+    assert registered and registered <= set(_threading.PARALLEL_SYMBOLS)
+
+
+def test_atskern_kernels_are_versioned_by_every_module_they_can_inline():
+    """A kernel inlines code and constants from other modules (``sampling`` from ``philox``, ``_rng``,
+    ``_validation``); an edit to any of them must miss the cache, not load the old generator."""
+    from atskern.cpu import _jit, sampling
+
+    names = {str(path.relative_to(_jit.PACKAGE_DIR)) for path in _jit.kernel_sources()}
+    assert {"cpu/sampling.py", "cpu/philox.py", "_rng.py", "_validation.py"} <= names
+    cache_file = getattr(getattr(sampling._without_replacement, "_cache", None), "_cache_file", None)
+    if _jit.CACHE and cache_file is not None:
+        assert cache_file._source_stamp[1] == _jit._sources_digest()
+
+
+def _save_many(cache_path, worker, count, start):
+    from atskern.cpu import _jit
+
+    entries = _jit._ENTRIES_BY_KEY(cache_path=cache_path, filename_base="kernel-10.py311", source_stamp="source")
+    start.wait()
+    for i in range(count):
+        entries.save(((f"worker {worker}", i),), f"code {worker} {i}")
+
+
+def test_processes_saving_at_once_keep_every_entry(tmp_path):
+    """Each save re-reads and rewrites the index; under the lock no process drops another's entries (which left
+    later processes compiling afresh, whose floating-point rounding can differ from the cached code's)."""
+    import multiprocessing
+
+    from atskern.cpu import _jit
+
+    workers, count = 4, 60
+    context = multiprocessing.get_context("spawn")
+    start = context.Barrier(workers)
+    processes = [context.Process(target=_save_many, args=(str(tmp_path), w, count, start)) for w in range(workers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+    assert [process.exitcode for process in processes] == [0] * workers
+    entries = _jit._ENTRIES_BY_KEY(cache_path=str(tmp_path), filename_base="kernel-10.py311", source_stamp="source")
+    loaded = {(w, i): entries.load(((f"worker {w}", i),)) for w in range(workers) for i in range(count)}
+    missing = [k for k, v in loaded.items() if v != f"code {k[0]} {k[1]}"]
+    assert not missing, f"{len(missing)} of {workers * count} entries lost"
+
+
+def test_equal_keys_name_the_same_data_file(tmp_path):
+    """The name is the same in every process: equal keys built from different (or shared) objects, as types and
+    strings are in different processes, give one name (pickle bytes did not: a later process missed the entry and
+    compiled again)."""
+    from atskern.cpu import _jit
+
+    entries = _jit._ENTRIES_BY_KEY(cache_path=str(tmp_path), filename_base="kernel-10.py311", source_stamp="source")
+    name = "".join(["float", "64"])
+    shared = ((name, "2d"), (name, "2d"))
+    copies = (("".join(["float", "64"]), "2d"), ("".join(["float", "64"]), "2d"))
+    assert shared == copies and shared[0][0] is shared[1][0] and copies[0][0] is not copies[1][0]
+    assert entries._data_name_for(shared) == entries._data_name_for(copies)

@@ -7,10 +7,18 @@ Compiled kernels are cached (``cache=True``) in, by priority:
 3. ``<temporary folder>/atskern-numba-<uid>``;
 
 never the package's own ``__pycache__`` (a site-packages folder is often read-only or shared).
-Each compiled signature goes to a data file named by a hash of its index key (Numba numbers them
-1, 2, ... in the order one process compiled them: two processes that compile different signatures
-on a cold cache at the same time, e.g. data-loader workers or DDP ranks, wrote different code under
-one name, and a third loaded one signature's machine code for another and crashed).
+Each compiled signature goes to a data file named by a hash of its index key and of the source
+file's stamp (Numba numbers them 1, 2, ... in the order one process compiled them: two processes
+that compile different signatures on a cold cache at the same time, e.g. data-loader workers or DDP
+ranks, wrote different code under one name, and a third loaded one signature's machine code for
+another and crashed; an index only loads the file of its own name, so no interleaving of writers
+can pair an index with another signature's or another source version's code).
+For atskern's kernels that stamp also covers every module they can inline (:func:`kernel_sources`).
+Code that calls the threading layer (a parallel kernel, or any kernel that calls one) is loaded
+only after the layer has started (:func:`atskern.cpu._threading.launch`): Numba's own loader
+skips that for a cached kernel whose parallel callee was itself loaded from the cache, and the
+loaded code then calls address 0. The layer is not part of the code (it is called by name), so
+code compiled under one layer runs under another.
 Inside that directory Numba keys each cache file by the source file's absolute folder, so
 several installs of atskern never overwrite each other's entries. Only atskern's functions
 are redirected (a cache locator of our own); other libraries' Numba caches are left where
@@ -19,6 +27,9 @@ Numba puts them. Caching is turned off only if no directory is writable.
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import functools
 import hashlib
 import os
 import pickle
@@ -106,23 +117,71 @@ if CACHE_DIR is not None and not os.environ.get("NUMBA_CACHE_DIR"):
         numba.config.CACHE_DIR = str(CACHE_DIR)
 
 
-def _entries_by_key():
-    """``numba.core.caching.IndexDataCacheFile`` with one data file per index key (see the module docstring),
-    or None if Numba's API moved."""
+@contextlib.contextmanager
+def _index_lock(index_path: str):
+    """An exclusive lock on ``index_path`` across processes, for one read-modify-write of the index (best effort:
+    none where ``fcntl`` or the lock file is unavailable)."""
     try:
-        from numba.core.caching import IndexDataCacheFile
+        import fcntl
+
+        handle = open(index_path + ".lock", "a+b")  # noqa: SIM115 - closed below
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass  # e.g. a file system without locks: the write below is still atomic
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
+def _entries_by_key():
+    """``numba.core.caching.IndexDataCacheFile`` with one data file per index key and source version, which starts
+    the threading layer before handing Numba code that calls it (see the module docstring), or None if Numba's API
+    moved."""
+    try:
+        from numba.core.caching import IndexDataCacheFile, _cache_log
     except ImportError:
         return None
 
     class EntriesByKey(IndexDataCacheFile):
+        def _data_name_for(self, key):
+            # the source stamp too: the key hashes only the function's own bytecode, so two versions of the module
+            # (an edit or a checkout while another process runs) would otherwise write different code under one
+            # name, and an index of one version could name the other's code
+            # (repr, not pickle: equal keys pickle to different bytes when one repeats an object another has as
+            # two equal copies, so a name from pickle bytes changed from process to process)
+            digest = hashlib.sha256(repr((key, self._source_stamp)).encode()).hexdigest()[:24]
+            return self._index_name[: -len(".nbi")] + f".{digest}.nbc"
+
         def save(self, key, data):
-            digest = hashlib.sha256(pickle.dumps(key, protocol=4)).hexdigest()[:24]
-            data_name = self._index_name[: -len(".nbi")] + f".{digest}.nbc"
+            data_name = self._data_name_for(key)
             self._save_data(data_name, data)  # before the index names it (a reader skips a missing file anyway)
-            overloads = self._load_index()
-            if overloads.get(key) != data_name:
-                overloads[key] = data_name
-                self._save_index(overloads)
+            with _index_lock(self._index_path):  # two processes adding entries at once would each drop the other's
+                overloads = self._load_index()
+                if overloads.get(key) != data_name:
+                    overloads[key] = data_name
+                    self._save_index(overloads)
+
+        def load(self, key):
+            data_name = self._load_index().get(key)
+            if data_name != self._data_name_for(key):
+                return None  # an entry of another version or naming: compile (and replace it)
+            try:
+                with open(self._data_path(data_name), "rb") as f:
+                    raw = f.read()
+            except OSError:
+                return None  # removed while the index still names it
+            if any(symbol in raw for symbol in _threading.PARALLEL_SYMBOLS):
+                try:
+                    _threading.launch()  # before Numba links the code (see _threading.launch)
+                except Exception:  # no layer can start here: compiling raises the real error
+                    return None
+            _cache_log("[cache] data loaded from %r", self._data_path(data_name))
+            return pickle.loads(raw)
 
     return EntriesByKey
 
@@ -130,11 +189,50 @@ def _entries_by_key():
 _ENTRIES_BY_KEY = _entries_by_key()
 
 
+def kernel_sources(start: Path = Path(__file__).parent) -> list[Path]:
+    """The package's source files compiled kernels can take code or constants from: every module of ``start``
+    (this folder) and the atskern modules they import, transitively (relative imports only)."""
+    pending = sorted(start.glob("*.py"))
+    found: set[Path] = set()
+    while pending:
+        path = pending.pop()
+        if path in found or not path.is_file():
+            continue
+        found.add(path)
+        for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = path.parent
+                for _ in range(node.level - 1):
+                    base = base.parent
+                parts = node.module.split(".") if node.module else []
+                target = base.joinpath(*parts)
+                pending += [target.with_suffix(".py"), target / "__init__.py"]
+                pending += [target / f"{alias.name}.py" for alias in node.names]
+    return sorted(p for p in found if PACKAGE_DIR in p.parents)
+
+
+@functools.lru_cache(maxsize=None)
+def _sources_digest() -> str:
+    digest = hashlib.sha256()
+    for path in kernel_sources():
+        digest.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def _keyed_entries(dispatcher):
-    """``dispatcher`` with its disk cache (if any) writing one data file per key."""
+    """``dispatcher`` with its disk cache (if any) writing one data file per key and source version, where the
+    version of one of atskern's kernels covers every module it can inline (:func:`kernel_sources`; Numba's own
+    stamp covers only the file of the function, and its key only the function's own bytecode, so an edit to
+    ``philox.py`` alone would leave ``sampling.py``'s cached kernels running the old generator)."""
     cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
     if _ENTRIES_BY_KEY is not None and cache_file is not None and isinstance(cache_file, _ENTRIES_BY_KEY.__base__):
         cache_file.__class__ = _ENTRIES_BY_KEY
+        try:
+            inside = PACKAGE_DIR in Path(dispatcher.py_func.__code__.co_filename).resolve().parents
+        except OSError:
+            inside = False
+        if inside:
+            cache_file._source_stamp = (cache_file._source_stamp, _sources_digest())
     return dispatcher
 
 

@@ -106,6 +106,36 @@ def _select() -> tuple[str, bool]:
 LAYER, NEEDS_LOCK = _select()
 
 
+PARALLEL_SYMBOLS = (
+    b"numba_parallel_for",
+    b"do_scheduling_signed",
+    b"do_scheduling_unsigned",
+    b"allocate_sched",
+    b"deallocate_sched",
+    b"get_num_threads",
+    b"set_num_threads",
+    b"get_thread_id",
+    b"set_parallel_chunksize",
+    b"get_parallel_chunksize",
+    b"get_sched_size",
+)
+"""The C functions of the threading layer that compiled code calls by name. Numba tells the JIT where they are
+only when it starts the layer (``numba.np.ufunc.parallel._launch_threads``): code linked before that gets null
+addresses for them."""
+
+
+def launch():
+    """Start the threading layer chosen above now (no-op once started), so the :data:`PARALLEL_SYMBOLS` resolve.
+
+    Numba does this when it compiles a parallel kernel, and when it loads one from its disk cache, but not when it
+    loads a cached kernel that only *calls* a parallel one it had itself loaded from the cache: such an entry
+    records nothing to re-run (Numba issues 8578 and 9938), and the first call jumps to address 0.
+    """
+    from numba.np.ufunc import parallel
+
+    parallel._launch_threads()
+
+
 def launch_lock():
     """The process-wide lock around CPU kernel calls where the layer needs one (``workqueue``), else None."""
     return _lock if NEEDS_LOCK else None
