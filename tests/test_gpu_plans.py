@@ -222,9 +222,10 @@ def test_sampling_chunks_fill_the_device_in_whole_tiles():
 
 
 def test_sampling_launch_sequence():
-    """The launches of each path, in order, and their work space: the fused pass, the rescaling pass only for
-    float64 (and logits), the sort fallback, the block-per-draw scan with replacement; the summary row is written
-    by the first finish_rows (no launch of its own)."""
+    """The launches of each path, in order, and their work space: the statistics (with each row's plan), the
+    screening or selecting pass, the rescaling passes only for float64 (and logits), the sort fallback, the
+    block-per-draw scan with replacement; the summary row is written by the first finish_rows (no launch of its
+    own)."""
     from atskern.gpu import sampling as gs
 
     def names(dtype, n, replace, logits):
@@ -235,10 +236,10 @@ def test_sampling_launch_sequence():
                             np.empty((3, n)))
         return [s if s == gs.SORT_STEP else s[0] for s in steps]
 
-    assert names(np.float32, 10, False, False) == ["prepare", "chunk_topn_f32", "finish_rows_f32"]
-    assert names(np.float64, 10, False, False) == ["prepare", "chunk_topn_f64", "finish_rows_f64", "chunk_topn_f64",
-                                                   "finish_rows_f64"]
-    assert names(np.float32, 10, False, True)[:3] == ["prepare", "row_max_f32", "chunk_topn_f32"]
+    assert names(np.float32, 10, False, False) == ["prepare", "chunk_stats_f32", "chunk_topn_f32", "finish_rows_f32"]
+    assert names(np.float64, 10, False, False) == ["prepare", "chunk_stats_f64", "chunk_topn_f64", "finish_rows_f64",
+                                                   "chunk_stats_f64", "chunk_topn_f64", "finish_rows_f64"]
+    assert names(np.float32, 10, False, True)[:4] == ["prepare", "row_max_f32", "chunk_stats_f32", "chunk_topn_f32"]
     assert names(np.float32, 10, True, False) == ["prepare", "chunk_stats_f32", "finish_rows_f32",
                                                   "replacement_draws_f32"]
     assert names(np.float64, 10, True, False) == ["prepare", "chunk_stats_f64", "finish_rows_f64", "chunk_stats_f64",
