@@ -372,7 +372,7 @@ def test_host_replacement_draws_scan_chunks_and_tiles(lib, dtype, chunk):
     attention[2, :5000] = 0
     attention[3] = 0
     attention[3, [17, 4500, 5999]] = [1.0, 3.0, 2.0]
-    n = 50
+    n = 20  # a block a draw: the host harness's barriers make each one slow
     indices, probs, status, p = host_sample(lib, attention, n, seed=21, replace=True, chunk=chunk)
     assert p.nchunks == -(-6000 // chunk)
     cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, 21, True)
@@ -429,7 +429,7 @@ def test_host_first_tile_bound_and_its_retry(libs, dtype):
     64-thread harness expects only n keys below that bound, so each row's first block retries about half the
     time: the draws still equal the reference's, and the status (counts, sums) the CPU kernel's."""
     rng = np.random.default_rng(40)
-    attention = (rng.random((40, 700)) + 0.05).astype(dtype)
+    attention = (rng.random((24, 700)) + 0.05).astype(dtype)
     attention[::7, 5] = 0.0
     for n in (1, 5, 20):
         indices, probs, status, _ = host_sample(libs(64), attention, n, seed=n, threads=64, chunk=256, capacity=0)
