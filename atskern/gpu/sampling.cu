@@ -409,9 +409,15 @@ __device__ void reduce_stats(BlockStats& b, double* out, double sum, double top,
     }
 }
 
-// Prepare: one thread per row, and one for row_bound[rows], the count of finish_rows blocks done (summary row).
-// counters (4 * rows, or null): per pass, the row's chunk_stats blocks done, then its screened keys (ATS_DONE,
-// ATS_SCREENED).
+// counters (4 * rows): per pass, the row's chunk_stats blocks done (ATS_DONE), then its screened keys (ATS_SCREENED).
+#define ATS_DONE 0
+#define ATS_SCREENED 1
+__device__ __forceinline__ long long counter_at(int pass, int kind, long long rows, long long row) {
+    return (2LL * pass + kind) * rows + row;
+}
+
+// Prepare: one thread per row, and one for row_bound[rows], the count of finish_rows blocks done (summary row); the
+// counters (or null) := 0.
 extern "C" __global__ void prepare(long long rows, unsigned long long* row_bound, unsigned long long* rowmax,
                                    unsigned int* counters) {
     const long long row = blockIdx.x * (long long)blockDim.x + threadIdx.x;
@@ -459,10 +465,20 @@ extern "C" __global__ void row_max_f64(const double* weights, long long size, in
     row_max<double>(weights, size, nchunks, chunk, rowmax);
 }
 
-// The first tile's bound of select_range (block-uniform; called by every thread): t with W t - S t^2 / 2 = want
-// (W, S: the sum and the sum of squares of the tile's weights), below which about `want` of its keys fall in
-// expectation (1 - exp(-a t) >= a t - (a t)^2 / 2), or +inf where the tile has bad or too few usable weights or t
-// would not be below the row's shared bound (row_bound null: none). Thread 0's reading of the shared bound becomes
+// The t with W t - S t^2 / 2 = want (the smaller root), below which at least `want` of the keys of weights with sum
+// W and sum of squares S fall in expectation (1 - exp(-a t) >= a t - (a t)^2 / 2); +inf where there is none (W not
+// positive and finite, S > W^2 / (2 want)) or t is not a positive finite double.
+__device__ __forceinline__ double count_bound(double want, double total, double squares) {
+    if (!(total > 0.0) || !isfinite(total)) return ATS_INF;
+    const double disc = total * total - 2.0 * squares * want;
+    if (!(isfinite(disc) && disc > 0.0)) return ATS_INF;
+    const double t = 2.0 * want / (total + sqrt(disc));
+    return (t > 0.0 && t < ATS_INF) ? t : ATS_INF;
+}
+
+// The first tile's bound of select_range (block-uniform; called by every thread): count_bound of the tile's weights
+// (about `want` of its keys below it), or +inf where the tile has bad or too few usable weights or t would not be
+// below the row's shared bound (row_bound null: none). Thread 0's reading of the shared bound becomes
 // every thread's (*shared), so that whether the first tile is taken again is block-uniform.
 __device__ double first_bound(BlockStats& b, double want, double total, double squares, int usable, int bad,
                               const unsigned long long* row_bound, long long row, double* shared) {
@@ -487,11 +503,7 @@ __device__ double first_bound(BlockStats& b, double want, double total, double s
             u += b.count[0][i];
             d += b.count[1][i];
         }
-        const double disc = w * w - 2.0 * q * want;
-        double t = ATS_INF;
-        if (d == 0 && (double)u >= want && isfinite(w) && w > 0.0 && isfinite(disc) && disc > 0.0) {
-            t = 2.0 * want / (w + sqrt(disc));
-        }
+        const double t = (d == 0 && (double)u >= want) ? count_bound(want, w, q) : ATS_INF;
         const double limit = row_bound ? shared_bound(row_bound, row) : ATS_INF;
         b.sum[0] = t < limit ? t : ATS_INF;
         b.top[0] = limit;
@@ -525,8 +537,8 @@ __device__ void row_stats(BlockStats& b, double* out, const double* stats, long 
 
 // A row's plan (row_plan[pass * rows + row], written by chunk_stats, read by chunk_topn and finish_rows): from its
 // statistics `row` (row_stats), ATS_PLAN_SKIP for pass 0 of a row that pass 1 rescales, a finite t > 0 for a row
-// screened below t (a valid row where at least ATS_SCREEN_WANT(n) keys are expected below t, by the bound of
-// first_bound on the row's sum W and sum of squares S), or +inf for a row selected chunk by chunk (bad rows, rows
+// screened below t (a valid row where at least ATS_SCREEN_WANT(n) keys are expected below t: count_bound of the
+// row's sum W and sum of squares S), or +inf for a row selected chunk by chunk (bad rows, rows
 // too short or too uneven for the bound: S > W^2 / (2 want), and every row when capacity is 0).
 //
 // Screening keeps every key at most t. With at least n of them (probability about 1 - 1e-9 with want = n + 6
@@ -542,12 +554,8 @@ __device__ double row_plan_of(const double* row, int n, int capacity, int is_dou
     const long long nonfinite = (long long)row[2], negative = (long long)row[3], positive = (long long)row[4];
     if (!pass && rescale_shift_of(nonfinite, positive, exponent_of(row[1]), is_double)) return ATS_PLAN_SKIP;
     if (capacity <= 0 || capacity > ATS_CAPACITY || nonfinite != 0 || negative != 0) return ATS_INF;
-    const double want = ATS_SCREEN_WANT(n), total = row[0], squares = row[5];
-    if ((double)positive < want || !(total > 0.0) || !isfinite(total)) return ATS_INF;
-    const double disc = total * total - 2.0 * squares * want;
-    if (!(isfinite(disc) && disc > 0.0)) return ATS_INF;
-    const double t = 2.0 * want / (total + sqrt(disc));
-    return (t > 0.0 && t < ATS_INF) ? t : ATS_INF;
+    const double want = ATS_SCREEN_WANT(n);
+    return (double)positive < want ? ATS_INF : count_bound(want, row[0], row[5]);
 }
 
 // The n smallest (key, position) pairs of the row's positions [start, stop) into s.u.list, sorted (values:
@@ -756,7 +764,7 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
     const T* row_weights = weights + row * size;
     if (plan < ATS_INF) {  // block-uniform
         screen_range(row_weights, row, start, stop, seed, logits, top_logit, shift, plan,
-                     counters + (2 * pass + 1) * rows + row, capacity, screen_keys + row * capacity,
+                     counters + counter_at(pass, ATS_SCREENED, rows, row), capacity, screen_keys + row * capacity,
                      screen_idx + row * capacity);
         return;
     }
@@ -831,7 +839,7 @@ __device__ void chunk_stats(const T* __restrict__ weights, long long size, int n
     if (!planned) return;
     if (threadIdx.x == 0) {
         __threadfence();  // this chunk's statistics before its count
-        last = atomicAdd(counters + 2 * pass * rows + row, 1u) == (unsigned int)nchunks - 1u;
+        last = atomicAdd(counters + counter_at(pass, ATS_DONE, rows, row), 1u) == (unsigned int)nchunks - 1u;
     }
     __syncthreads();
     if (!last) return;  // block-uniform
@@ -1167,7 +1175,7 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
     const double plan = presorted ? ATS_INF : row_plan[pass * (long long)gridDim.x + row];
     const int screened = plan < ATS_INF;  // block-uniform
     const long long screen_base = row * capacity;
-    const unsigned int screened_count = screened ? counters[(2 * pass + 1) * (long long)gridDim.x + row] : 0u;
+    const unsigned int screened_count = screened ? counters[counter_at(pass, ATS_SCREENED, gridDim.x, row)] : 0u;
     const int alone = screened && !(screened_count >= (unsigned int)n && screened_count <= (unsigned int)capacity);
     const int direct = presorted || nchunks == 1;
     const long long base = row * (presorted ? 1 : nchunks) * n;
