@@ -13,6 +13,7 @@ images (a non-contiguous CuPy image is copied).
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import numpy as np
@@ -25,15 +26,10 @@ from ._memory import aligned_empty
 WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-_KERNELS: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _kernels(backend: str):
     """``atskern.<backend>.patches`` (imported on first use, then looked up: no import machinery per call)."""
-    module = _KERNELS.get(backend)
-    if module is None:
-        module = _KERNELS[backend] = importlib.import_module(f"atskern.{backend}.patches")
-    return module
+    return importlib.import_module(f"atskern.{backend}.patches")
 
 
 def _empty(xp, shape, dtype):
