@@ -123,6 +123,24 @@ def _headroom(hi):
     return np.float64(np.uint32(0xFFFFFFFF) - hi) * TWO_POW_M32
 
 
+@jit(inline="always")
+def _negatives(values, positive):
+    """The count of negative entries of ``values``, of which ``positive`` are positive: a second pass (in cache)
+    only where some entry is not positive; elsewhere there are none."""
+    negative = 0
+    if positive < values.size:
+        for i in range(values.size):
+            negative += np.int64(np.float64(values[i]) < 0.0)
+    return negative
+
+
+@jit(inline="always")
+def _flag64(hi, a, scaled):
+    """Whether a float64 weight's key might be below ``t``: ``float(2**32 - 1 - hi) < a (t 2**32)`` with ``scaled``
+    ``= t 2**32``, the exact test ``1 - u < a t`` scaled by 2**32 (see :func:`_flag_block`)."""
+    return np.float64(np.uint32(0xFFFFFFFF) - hi) < a * scaled
+
+
 @jit(fastmath={"reassoc", "nsz", "contract"})
 def _block_stats(values):
     """One vectorized pass over a block's weights ``values`` (a 1-D slice): their float64 sum, the counts
@@ -141,11 +159,7 @@ def _block_stats(values):
         total += a
         squares += a * a
         positive += np.int64(a > 0.0)
-    negative = 0
-    if positive < values.size:
-        for i in range(values.size):
-            negative += np.int64(np.float64(values[i]) < 0.0)
-    return total, positive, negative, squares
+    return total, positive, _negatives(values, positive), squares
 
 
 @jit(fastmath={"reassoc", "nsz", "contract"})
@@ -158,11 +172,7 @@ def _block_sum(values):
         a = np.float64(values[i])
         total += a
         positive += np.int64(a > 0.0)
-    negative = 0
-    if positive < values.size:
-        for i in range(values.size):
-            negative += np.int64(np.float64(values[i]) < 0.0)
-    return total, positive, negative
+    return total, positive, _negatives(values, positive)
 
 
 @jit(fastmath={"reassoc", "nsz", "contract"})
@@ -180,12 +190,8 @@ def _scan_full_block(values, hi_words, bound, flags):
         a = values[i]
         total += a
         positive += np.int64(a > 0.0)
-        flags[i] = np.float64(np.uint32(0xFFFFFFFF) - hi_words[i]) < a * scaled
-    negative = 0
-    if positive < BLOCK:
-        for i in range(BLOCK):
-            negative += np.int64(values[i] < 0.0)
-    return total, positive, negative
+        flags[i] = _flag64(hi_words[i], a, scaled)
+    return total, positive, _negatives(values, positive)
 
 
 @jit
@@ -208,7 +214,7 @@ def _flag_block(values, hi_words, bound, flags):
     else:
         scaled = bound * _TWO_POW_32
         for i in range(values.size):
-            flags[i] = np.float64(np.uint32(0xFFFFFFFF) - hi_words[i]) < np.float64(values[i]) * scaled
+            flags[i] = _flag64(hi_words[i], np.float64(values[i]), scaled)
 
 
 @jit(parallel=True)
