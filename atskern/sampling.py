@@ -154,7 +154,7 @@ def sample(attention, n, *, replace=False, logits=False, seed=None, strict=False
             indices, probs, status = kernels.sample(weights, n, grid_array, seed, replace, logits=bool(logits),
                                                     seed_ptr=seed_ptr)
             if validate:
-                v.check_status(status.get(), n, replace, bool(logits), bool(strict))
+                v.check_status(kernels.read_status(status), n, replace, bool(logits), bool(strict))
         else:
             if logits:
                 weights = logits_to_weights(xp, weights)

@@ -73,44 +73,52 @@ def register_table() -> str:
 
 
 def launch_breakdown(rows, side, n, replace=False, repeats=20) -> list[str]:
-    """GPU milliseconds of each launch of one ``sample`` call (CUDA events around each, median of repeats)."""
+    """GPU microseconds of each step of one ``sample`` call: the launches are queued behind a spin kernel, so the
+    CUDA events between them time the GPU work alone (each kernel and the gap before it), not the host's launch
+    time; median of ``repeats``."""
     import cupy
 
-    from atskern.gpu import _module, sampling
+    from atskern.gpu import _launch, _module, sampling
+
+    from .gpu_patches import _spin_kernel
 
     attention = cupy.asarray(np.random.default_rng(0).random((rows, side * side), dtype=np.float32) + 1e-3)
     threads = _module.THREADS_PER_BLOCK
-    sms = sampling._multiprocessors(cupy.cuda.Device().id)
-    p = sampling.plan(rows, side * side, n, replace, threads, sms)
-    ws = sampling.workspace(cupy.empty, rows, side * side, n, p, replace, False)
-    indices = cupy.empty((rows, n, 2), cupy.int32)
-    probs = cupy.empty((rows, n), cupy.float64)
+    device = cupy.cuda.Device().id
+    p = sampling.plan(rows, side * side, n, replace, threads, sampling._multiprocessors(device))
+    lay = sampling.layout(rows, side * side, n, p, replace, False, 2, np.dtype(np.float32))
+    ws, indices, probs, memory = sampling.allocate(lay, arrays=p.sort)
     steps = sampling.launches(attention, n, (side, side), 3, replace, False, ws, p, indices, probs)
     options = sampling.compile_options(threads)
+    stream = cupy.cuda.get_current_stream()
     times = {i: [] for i in range(len(steps))}
     for repeat in range(repeats + 2):
+        events = [cupy.cuda.Event() for _ in range(len(steps) + 1)]
+        _spin_kernel()((1,), (1,), (np.uint64(300_000),))  # 0.3 ms: the host queues every step meanwhile
+        events[0].record(stream)
         for i, step in enumerate(steps):
-            start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record()
-            if step == sampling.SORT_STEP:
+            if step == sampling.ZERO_STEP:
+                cupy.cuda.runtime.memsetAsync(memory.ptr, 0, lay.zeroed, stream.ptr)
+            elif step == sampling.SORT_STEP:
                 sampling.sort_keys(cupy, ws, n)
             else:
                 name, grid, block, args = step
-                _module.function(sampling.SOURCE, name, options)(grid, block, args)
-            stop.record()
-            stop.synchronize()
-            if repeat >= 2:
-                times[i].append(cupy.cuda.get_elapsed_time(start, stop))
+                _launch.launch(sampling._handle(name, options, device), grid, block, args, stream.ptr)
+            events[i + 1].record(stream)
+        events[-1].synchronize()
+        if repeat >= 2:
+            for i in range(len(steps)):
+                times[i].append(cupy.cuda.get_elapsed_time(events[i], events[i + 1]) * 1000)
     out = []
     for i, step in enumerate(steps):
-        name = step if step == sampling.SORT_STEP else f"{step[0]} grid {step[1][0]} x {step[2][0]}"
+        name = step if isinstance(step, str) else f"{step[0]} grid {step[1][0]} x {step[2][0]}"
         out.append(f"| {rows} | {side}² | {n} | {'yes' if replace else 'no'} | {p.chunk} x {p.nchunks} | {name} | "
-                   f"{statistics.median(times[i]):.4f} |")
+                   f"{statistics.median(times[i]):.1f} |")
     return out
 
 
 def breakdown_table(quick: bool) -> str:
-    lines = ["| B | grid | n | replace | chunk x chunks | launch | GPU ms |", "|---|---|---|---|---|---|---|"]
+    lines = ["| B | grid | n | replace | chunk x chunks | launch | GPU us (queued) |", "|---|---|---|---|---|---|---|"]
     for rows, side, n in (CASES[:2] if quick else CASES):
         lines += launch_breakdown(rows, side, n)
     lines += launch_breakdown(1, 4096, 100, replace=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import functools
+import re
 import subprocess
 from pathlib import Path
 
@@ -32,9 +34,44 @@ def build_host_library(folder: Path, harness: str) -> ctypes.CDLL:
     return ctypes.CDLL(str(out))
 
 
-def ctype(arg):
-    """A launch argument (NumPy array or scalar) as the ctypes value the host harness takes."""
-    if isinstance(arg, np.ndarray):
-        return ctypes.c_void_p(arg.ctypes.data)
-    return {np.dtype(np.int64): ctypes.c_longlong, np.dtype(np.int32): ctypes.c_int,
-            np.dtype(np.uint64): ctypes.c_ulonglong}[arg.dtype](arg)
+C_TYPES = {"ptr": ctypes.c_void_p, "i32": ctypes.c_int, "u32": ctypes.c_uint, "i64": ctypes.c_longlong,
+           "u64": ctypes.c_ulonglong}
+_SCALARS = {"int": "i32", "unsigned int": "u32", "unsigned": "u32", "long long": "i64", "long long int": "i64",
+            "unsigned long long": "u64", "unsigned long long int": "u64", "float": "f32", "double": "f64"}
+_KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\((?:[^()]|\([^()]*\))*\)\s*)?'
+                     r'(\w+)\s*\(([^)]*)\)')
+
+
+def _parameter_kind(declaration: str) -> str:
+    """``ptr`` for a pointer, else the scalar's tag (i32, u32, i64, u64, f32, f64) of one C parameter declaration."""
+    if "*" in declaration:
+        return "ptr"
+    words = [w for w in declaration.split() if w not in ("const", "__restrict__", "__restrict")]
+    return _SCALARS[" ".join(words[:-1])]  # the last word is the parameter's name
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_parameters(source: str) -> dict:
+    """``{kernel name: parameter kinds}`` of the ``extern "C" __global__`` kernels of ``atskern/gpu/<source>``, read
+    from the preprocessed source (``g++ -E``: the kernels declared through macros included), as the driver sees
+    them: what every launch list must match, argument for argument (``atskern.gpu._launch`` packs them untyped)."""
+    result = subprocess.run(["g++", "-E", "-P", "-x", "c++", "-std=c++17", f"-I{HERE}", f"-I{SOURCE_DIR}",
+                             str(SOURCE_DIR / source)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    kernels = {}
+    for match in _KERNEL.finditer(result.stdout):
+        declarations = [d.strip() for d in match.group(2).split(",") if d.strip()]
+        kernels[match.group(1)] = tuple(_parameter_kind(d) for d in declarations)
+    assert kernels, f"no kernel found in {source}"
+    return kernels
+
+
+def call_host(lib, source: str, name: str, grid, block, args):
+    """Run kernel ``name`` of ``source`` through the host build ``lib`` (its ``host_<name>`` launcher) with a launch
+    list's arguments (NumPy arrays for pointers, 0 for a null one, integers), typed from the kernel's parameters."""
+    kinds = kernel_parameters(source)[name]
+    assert len(grid) == len(block) == 1 and len(args) == len(kinds), (name, len(args), len(kinds))
+    function = getattr(lib, "host_" + name)
+    function.argtypes = [ctypes.c_uint, ctypes.c_uint] + [C_TYPES[k] for k in kinds]
+    values = [arg.ctypes.data if isinstance(arg, np.ndarray) else (None if arg is None else int(arg)) for arg in args]
+    function(grid[0], block[0], *values)

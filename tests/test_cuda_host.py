@@ -21,7 +21,7 @@ from atskern import _validation as v
 from atskern import reference
 from atskern.gpu import patches as gp
 
-from .cuda_host_build import build_host_library, ctype
+from .cuda_host_build import build_host_library, call_host
 
 OFFSET_DTYPES = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64]
 
@@ -34,8 +34,7 @@ def lib(tmp_path_factory):
 
 
 def launch(lib, name, grid, block, args):
-    assert len(grid) == len(block) == 1
-    getattr(lib, "host_" + name)(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), *map(ctype, args))
+    call_host(lib, gp.SOURCE, name, grid, block, args)
 
 
 def host_gather(lib, x, offsets, patch, fill, channels_first, threads=32):

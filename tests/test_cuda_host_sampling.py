@@ -11,7 +11,6 @@ reference's for the same seed; probabilities and the status are checked against 
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import shutil
 
@@ -26,7 +25,7 @@ from atskern import reference
 from atskern.cpu import sampling as cpu_sampling
 from atskern.gpu import sampling as gs
 
-from .cuda_host_build import build_host_library, ctype
+from .cuda_host_build import build_host_library, call_host
 
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
@@ -78,12 +77,15 @@ def host_sample(lib, attention, n, *, seed, replace=False, logits=False, threads
     indices = _garbage((rows, n, len(grid)), np.int32)
     probs = _garbage((rows, n), probs_dtype)
     for step in gs.launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_array):
+        if step == gs.ZERO_STEP:
+            gs.zero_workspace(ws)
+            continue
         if step == gs.SORT_STEP:
             gs.sort_keys(np, ws, n)
             continue
         name, grid_dims, block, args = step
-        assert len(grid_dims) == len(block) == 1 and block[0] % 32 == 0
-        getattr(lib, "host_" + name)(ctypes.c_uint(grid_dims[0]), ctypes.c_uint(block[0]), *map(ctype, args))
+        assert block[0] % 32 == 0
+        call_host(lib, gs.SOURCE, name, grid_dims, block, args)
     return indices, probs, ws.status, p
 
 
@@ -529,7 +531,7 @@ def test_host_float32_probabilities_round_as_numpy(lib, replace):
 
 
 class _FakeMemory:
-    """A device allocation as ``atskern.gpu.sampling._one_allocation`` uses it: an address, and ``+ offset``."""
+    """A device allocation as ``atskern.gpu.sampling.allocate`` uses it: an address, and ``+ offset``."""
 
     def __init__(self, ptr, size=None):
         self.ptr, self.size = ptr, size
@@ -544,11 +546,13 @@ class _FakeArray:
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
 
 
-@pytest.mark.parametrize("replace, n, dtype", [(False, 10, np.float32), (False, 3000, np.float64), (True, 7, np.float64)])
-def test_one_allocation_carves_disjoint_aligned_pieces(monkeypatch, replace, n, dtype):
+@pytest.mark.parametrize("replace, n, dtype, logits", [(False, 10, np.float32, False), (False, 3000, np.float64, False),
+                                                        (True, 7, np.float64, True), (False, 50, np.float64, True)])
+def test_one_allocation_carves_disjoint_aligned_pieces(monkeypatch, replace, n, dtype, logits):
     """The CuPy path's single allocation: the returned arrays (status, indices, probs in the weights' dtype) and
-    every scratch address lie inside it, 256-byte aligned, without overlap; the scratch is addresses, not arrays,
-    except for the sort step (large n), which reads its workspace as arrays."""
+    every scratch address lie inside it, 256-byte aligned, without overlap, each as large as the workspace the
+    host build gets; the scratch is addresses, not arrays, except for the sort step (large n), which reads its
+    workspace as arrays."""
     import types
 
     allocations = []
@@ -561,24 +565,21 @@ def test_one_allocation_carves_disjoint_aligned_pieces(monkeypatch, replace, n, 
                                                                   ndarray=_FakeArray))
     rows, size = 3, 5000
     p = gs.plan(rows, size, n, replace, 256, 132)
-
-    def build(empty, scratch):
-        ws = gs.workspace(empty if p.sort else scratch, rows, size, n, p, replace, False, status_empty=empty)
-        return ws, empty((rows, n, 2), np.int32), empty((rows, n), np.dtype(dtype))
-
-    (ws, indices, probs), memory = gs._one_allocation(build)
-    assert allocations == [memory]
+    lay = gs.layout(rows, size, n, p, replace, logits, 2, np.dtype(dtype))
+    ws, indices, probs, memory = gs.allocate(lay, arrays=p.sort)
+    assert allocations == [memory] and memory.size == lay.total
     pieces = [(indices.ptr, indices.nbytes), (probs.ptr, probs.nbytes), (ws.status.ptr, ws.status.nbytes)]
     assert probs.dtype == dtype and ws.status.shape == (rows + 1, 4) and indices.shape == (rows, n, 2)
-    shapes = vars(gs.workspace(lambda shape, dtype: (shape, np.dtype(dtype)), rows, size, n, p, replace, False))
+    shapes = vars(gs.workspace(lambda shape, dtype: (shape, np.dtype(dtype)), rows, size, n, p, replace, logits))
     for name, value in vars(ws).items():
+        assert (value is None) == (shapes[name] is None), name
         if value is None or name == "status":
             continue
         shape, item_dtype = shapes[name]
         if p.sort:
             assert isinstance(value, _FakeArray) and value.shape == tuple(shape), name
         else:
-            assert isinstance(value, np.uint64), name  # a kernel argument as it is
+            assert type(value) is int, name  # a kernel argument as it is
         pieces.append((int(value.ptr if p.sort else value), int(np.prod(shape)) * item_dtype.itemsize))
     pieces.sort()
     for (start, length), (following, _) in zip(pieces, pieces[1:]):

@@ -37,7 +37,7 @@ def test_geometry_pads_dims_and_folds_channels():
     assert (g.p0, g.p1, g.p2, g.s0, g.s1, g.s2, g.width, g.image_width, g.dims) == (3, 2, 4, 5, 7, 9, 8, 18, 3)
     assert gp.geometry(layout_of((1, 23, 2), 4, (6,)))[2:] == (1, 1, 6, 2, 1, 1, 23, 1)
     args = g.args()
-    assert [a.dtype for a in args] == [np.dtype(np.int64)] * 9 + [np.dtype(np.int32)]
+    assert args == tuple(g) and all(type(a) is int for a in args)  # plain integers: atskern.gpu._launch packs them
 
 
 @pytest.mark.parametrize("dtype", OFFSET_DTYPES)
@@ -234,15 +234,15 @@ def test_sampling_launch_sequence():
         ws = gs.workspace(np.empty, 3, 5000, n, p, replace, logits)
         steps = gs.launches(weights, n, (50, 100), 1, replace, logits, ws, p, np.empty((3, n, 2), np.int32),
                             np.empty((3, n)))
-        return [s if s == gs.SORT_STEP else s[0] for s in steps]
+        return [s if s in (gs.SORT_STEP, gs.ZERO_STEP) else s[0] for s in steps]
 
-    assert names(np.float32, 10, False, False) == ["prepare", "chunk_stats_f32", "chunk_topn_f32", "finish_rows_f32"]
-    assert names(np.float64, 10, False, False) == ["prepare", "chunk_stats_f64", "chunk_topn_f64", "finish_rows_f64",
+    assert names(np.float32, 10, False, False) == [gs.ZERO_STEP, "chunk_stats_f32", "chunk_topn_f32", "finish_rows_f32"]
+    assert names(np.float64, 10, False, False) == [gs.ZERO_STEP, "chunk_stats_f64", "chunk_topn_f64", "finish_rows_f64",
                                                    "chunk_stats_f64", "chunk_topn_f64", "finish_rows_f64"]
-    assert names(np.float32, 10, False, True)[:4] == ["prepare", "row_max_f32", "chunk_stats_f32", "chunk_topn_f32"]
-    assert names(np.float32, 10, True, False) == ["prepare", "chunk_stats_f32", "finish_rows_f32",
+    assert names(np.float32, 10, False, True)[:4] == [gs.ZERO_STEP, "row_max_f32", "chunk_stats_f32", "chunk_topn_f32"]
+    assert names(np.float32, 10, True, False) == [gs.ZERO_STEP, "chunk_stats_f32", "finish_rows_f32",
                                                   "replacement_draws_f32"]
-    assert names(np.float64, 10, True, False) == ["prepare", "chunk_stats_f64", "finish_rows_f64", "chunk_stats_f64",
+    assert names(np.float64, 10, True, False) == [gs.ZERO_STEP, "chunk_stats_f64", "finish_rows_f64", "chunk_stats_f64",
                                                   "replacement_draws_f64"]
     assert gs.SORT_STEP not in names(np.float32, 2048, False, False)
     assert gs.SORT_STEP in names(np.float32, 2049, False, False)

@@ -7,7 +7,8 @@ temporary buffers, and the deterministic scatter writes every image element
 exactly once (no memset). The launch configuration is a pure function of the
 validated layout (:func:`gather_plan`, :func:`scatter_plan`), memoized per
 layout and device, so the host work per call is a dictionary lookup, a few
-scalars and the launch.
+scalars and the launch (``atskern.gpu._launch``: through the driver, the
+arguments packed as 64-bit words).
 
 Canonical layout (as ``atskern.patches``): images ``(B, R, S0, S1, W)``,
 patches ``(B, K, R, P0, P1, Wp)``; ``R`` is the channels in channels-first
@@ -23,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .._backend import cupy
-from . import _module
+from . import _launch, _module
 
 SOURCE = "patches.cu"
 WORD_NAMES = {1: "u8", 2: "u16", 4: "u32", 8: "u64"}
@@ -81,7 +82,7 @@ class Geometry(NamedTuple):
         return self.s2 * self.scale
 
     def args(self) -> tuple:
-        return tuple(np.int64(v) for v in self[:-1]) + (np.int32(self.dims),)
+        return tuple(int(v) for v in self)
 
 
 def geometry(layout) -> Geometry:
@@ -107,14 +108,13 @@ def offset_args(offsets) -> tuple:
 def _offset_scalars(dtype, strides) -> tuple:
     """The scalars of :func:`offset_args` (memoized per dtype and strides: no NumPy scalars made per call)."""
     dtype = np.dtype(dtype)
-    stride_b, stride_k, stride_d = (np.int64(s) for s in strides)
-    return stride_b, stride_k, stride_d, np.int32(OFFSET_KINDS[(dtype.kind, dtype.itemsize)])
+    stride_b, stride_k, stride_d = (int(s) for s in strides)
+    return stride_b, stride_k, stride_d, OFFSET_KINDS[(dtype.kind, dtype.itemsize)]
 
 
-def fill_bits(fill_value) -> np.uint64:
+def fill_bits(fill_value) -> int:
     """The fill's bytes (a 0-d array of the images' dtype) as the low bytes of a uint64 (little endian)."""
-    raw = np.asarray(fill_value).tobytes()
-    return np.uint64(int.from_bytes(raw, "little"))
+    return int.from_bytes(np.asarray(fill_value).tobytes(), "little")
 
 
 class Plan(NamedTuple):
@@ -145,8 +145,8 @@ def gather_plan(layout, itemsize: int, threads: int, unit_rows: int | None = Non
     image_elements = layout.batch * g.rows * g.s0 * g.s1 * g.image_width
     # a batch's row pointers may pass the output's end by GATHER_BATCH rows (computed, never used)
     suffix = index_suffix(out_elements + GATHER_BATCH * g.width, image_elements, units, headroom=MAX_BLOCKS * threads)
-    args = (np.int64(units), np.int64(image_elements * itemsize)) + g.args()
-    tail = (np.int32(lanes.bit_length() - 1), np.int32(unit_rows), np.int32(slots))
+    args = (int(units), int(image_elements * itemsize)) + g.args()
+    tail = (lanes.bit_length() - 1, int(unit_rows), int(slots))
     return Plan(f"gather_{WORD_NAMES[itemsize]}_{suffix}", (blocks,), (threads,), args, tail)
 
 
@@ -176,8 +176,7 @@ def scatter_plan(layout, pixels: int = SCATTER_PIXELS, chunk: int = SCATTER_CHUN
     grad_elements = layout.batch * g.count * g.rows * g.p0 * g.p1 * g.width
     # a tile's last index may pass the image's end by less than a tile; the rest is bounded by the sizes
     suffix = index_suffix(image_elements, grad_elements, headroom=tile_h * tile_w + g.image_width * tile_h)
-    args = g.args() + tuple(np.int64(v) for v in (tiles, tiles_w, tiles_h)) + tuple(
-        np.int32(v) for v in (tile_w.bit_length() - 1, tile_h, pixels, chunk))
+    args = g.args() + tuple(int(v) for v in (tiles, tiles_w, tiles_h, tile_w.bit_length() - 1, tile_h, pixels, chunk))
     return Plan(f"{{float}}_{suffix}", (max(1, min(SCATTER_BLOCKS, tiles)),), (SCATTER_THREADS,), args)
 
 
@@ -188,7 +187,7 @@ def atomic_plan(layout, threads: int) -> Plan:
     image_elements = layout.batch * g.rows * g.s0 * g.s1 * g.image_width
     blocks = max(1, min(MAX_BLOCKS, -(-total // threads)))
     suffix = index_suffix(total, image_elements, headroom=MAX_BLOCKS * threads)
-    return Plan(f"{{float}}_{suffix}", (blocks,), (threads,), (np.int64(total),) + g.args())
+    return Plan(f"{{float}}_{suffix}", (blocks,), (threads,), (int(total),) + g.args())
 
 
 def _device() -> int:
@@ -196,8 +195,9 @@ def _device() -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(name: str, device: int):
-    return _module.function(SOURCE, name)
+def _handle(name: str, device: int) -> int:
+    """The ``CUfunction`` of kernel ``name`` on ``device`` (memoized)."""
+    return _module.function(SOURCE, name).kernel.ptr
 
 
 _cached_gather_plan = functools.lru_cache(maxsize=1024)(gather_plan)
@@ -238,7 +238,7 @@ def gather(x, offsets, layout, fill_value, out):
     if not x.flags.c_contiguous:
         x = cupy().ascontiguousarray(x)
     name, grid, block, args = gather_launch(x, offsets, layout, fill_value, out)
-    _kernel(name, _device())(grid, block, args)
+    _launch.launch(_handle(name, _device()), grid, block, args)
     return out
 
 
@@ -256,5 +256,5 @@ def scatter(grad, offsets, layout, out, *, deterministic=True):
     name, grid, block, args = scatter_launch(grad, offsets, layout, out, bool(deterministic))
     if not deterministic:
         out.fill(0)
-    _kernel(name, _device())(grid, block, args)
+    _launch.launch(_handle(name, _device()), grid, block, args)
     return out

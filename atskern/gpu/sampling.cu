@@ -2,8 +2,8 @@
 //
 // A call is a fixed sequence of launches (atskern.gpu.sampling.plan), each reading what the previous ones wrote
 // in device memory, so it is asynchronous and CUDA-graph capturable:
-//   prepare        per row: the shared key bound := +inf, the logits maximum := below -inf, the counters := 0; the
-//                  count of finish_rows blocks done := 0.
+//   (a memset)     the host zeroes the counters, the rows' shared key bounds (0 stands for +inf: shared_bound),
+//                  the count of finish_rows blocks done and the logits maxima (0 is below -inf): no launch.
 //   row_max        (logits only) per (row, chunk) block: the largest finite logit, atomicMax into the row's slot.
 //   chunk_stats    per (row, chunk) block, one read of the chunk: the float64 sum and sum of squares, the largest
 //                  finite weight and the counts of non-finite, negative and positive weights (the row's status).
@@ -55,6 +55,9 @@
 #define ATS_MIN_BLOCKS 2
 #endif
 #define ATS_SELECT_BOUNDS __launch_bounds__(ATS_SELECT_THREADS, ATS_MIN_BLOCKS)
+// Most threads of a chunk_stats block (atskern.gpu.sampling.stats_threads: twice a selecting block, at most 512;
+// two such blocks an SM, as many chunks as selecting blocks).
+#define ATS_STATS_THREADS (2 * ATS_SELECT_THREADS < 512 ? 2 * ATS_SELECT_THREADS : 512)
 // Keys chunk_topn expects below its first tile's own bound (first_bound): fewer than n fall below it with
 // probability about 1e-5 (a host harness sets n, so that the tile is often taken again).
 #ifndef ATS_HEAD_WANT
@@ -345,13 +348,17 @@ __device__ __forceinline__ unsigned long long effective_seed(unsigned long long 
 
 // The row's shared bound: every block's full-list threshold bounds the row's n-th smallest key from above, so a
 // key strictly above it cannot be drawn. Read at any time, it is a valid bound: the draws do not depend on timing.
+// row_bound[row] holds the complement of the bound's bits (bits of a non-negative double order as the doubles do,
+// so their complements order the other way: atomicMax tightens), and 0 stands for +inf: a zeroed array (one
+// memset of the host, no launch) holds no bound.
 __device__ __forceinline__ double shared_bound(const unsigned long long* row_bound, long long row) {
-    return __longlong_as_double((long long)((const volatile unsigned long long*)row_bound)[row]);
+    const unsigned long long stored = ((const volatile unsigned long long*)row_bound)[row];
+    return stored ? __longlong_as_double((long long)~stored) : ATS_INF;
 }
 
 __device__ __forceinline__ void publish_bound(unsigned long long* row_bound, long long row, double threshold) {
     if (threshold >= 0.0 && threshold < ATS_INF) {
-        atomicMin(row_bound + row, (unsigned long long)__double_as_longlong(threshold + 0.0));  // +0.0, never -0.0
+        atomicMax(row_bound + row, ~(unsigned long long)__double_as_longlong(threshold + 0.0));  // +0.0, never -0.0
     }
 }
 
@@ -414,23 +421,6 @@ __device__ void reduce_stats(BlockStats& b, double* out, double sum, double top,
 #define ATS_SCREENED 1
 __device__ __forceinline__ long long counter_at(int pass, int kind, long long rows, long long row) {
     return (2LL * pass + kind) * rows + row;
-}
-
-// Prepare: one thread per row, and one for row_bound[rows], the count of finish_rows blocks done (summary row); the
-// counters (or null) := 0.
-extern "C" __global__ void prepare(long long rows, unsigned long long* row_bound, unsigned long long* rowmax,
-                                   unsigned int* counters) {
-    const long long row = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (row > rows) return;
-    if (row == rows) {
-        row_bound[rows] = 0ull;
-        return;
-    }
-    row_bound[row] = ATS_INF_BITS;
-    if (rowmax) rowmax[row] = 0ull;
-    if (counters) {
-        for (int c = 0; c < 4; ++c) counters[c * rows + row] = 0u;
-    }
 }
 
 // The largest finite logit of each row: block (row, chunk) reduces its chunk and atomicMax-es the row's slot.
@@ -810,18 +800,20 @@ __device__ void chunk_stats(const T* __restrict__ weights, long long size, int n
     const T* row_weights = weights + row * size;
     double sum = 0.0, top = 0.0, squares = 0.0;
     int nonfinite = 0, negative = 0, positive = 0;  // a chunk holds fewer than 2^31 positions (plan)
-    // ATS_SCREEN_UNROLL tiles loaded before any is added (loads in flight), added in tile order: the sums do not
-    // depend on the unrolling
+    // ATS_SCREEN_UNROLL tiles (of the block's own size: ATS_STATS_THREADS threads, more than a selecting block, for
+    // more loads in flight per SM) loaded before any is added, added in tile order: the sums depend on the block
+    // size (the plan), not on the unrolling
+    const long long tile = ATS_PER_THREAD * (long long)blockDim.x;
     for (long long first = start + ATS_PER_THREAD * (long long)threadIdx.x; first < stop;
-         first += (long long)ATS_TILE * ATS_SCREEN_UNROLL) {
+         first += tile * ATS_SCREEN_UNROLL) {
         T raw[ATS_SCREEN_UNROLL][ATS_PER_THREAD];
 #pragma unroll
-        for (int u = 0; u < ATS_SCREEN_UNROLL; ++u) load_lanes(row_weights, first + (long long)u * ATS_TILE, stop, raw[u]);
+        for (int u = 0; u < ATS_SCREEN_UNROLL; ++u) load_lanes(row_weights, first + u * tile, stop, raw[u]);
 #pragma unroll
         for (int u = 0; u < ATS_SCREEN_UNROLL; ++u) {
 #pragma unroll
             for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
-                if (first + (long long)u * ATS_TILE + lane >= stop) break;
+                if (first + u * tile + lane >= stop) break;
                 const double a = weight_of(raw[u][lane], logits, top_logit, shift);
                 sum += a;
                 negative += a < 0.0;  // counted as the CPU kernel does: -inf is negative, +inf positive
@@ -850,7 +842,7 @@ __device__ void chunk_stats(const T* __restrict__ weights, long long size, int n
 }
 
 #define ATS_CHUNK_STATS(suffix, T)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(ATS_SELECT_THREADS) chunk_stats_##suffix(                         \
+    extern "C" __global__ void __launch_bounds__(ATS_STATS_THREADS, 2) chunk_stats_##suffix(                       \
         const T* weights, long long size, int nchunks, long long chunk, int logits, const unsigned long long* rowmax, \
         int pass, const long long* status, double* stats, int n, int planned, int capacity, unsigned int* counters,   \
         double* row_plan) {                                                                                           \
@@ -1158,10 +1150,10 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
             // A row that pass 1 redoes starts again from an open bound (chunk_topn pass 1 runs after this), and
             // its merge here would be overwritten: skipped.
             if (select && rescale_shift(out, is_double)) {
-                row_bound[row] = ATS_INF_BITS;
+                row_bound[row] = 0ull;  // no bound
                 info.redo = 1;
             }
-            __threadfence();  // the row's status before the count of blocks done (row_bound[rows], prepare)
+            __threadfence();  // the row's status before the count of blocks done (row_bound[rows], zeroed)
             info.last = atomicAdd(row_bound + gridDim.x, 1ull) == (unsigned long long)gridDim.x - 1ull;
         }
     }

@@ -15,11 +15,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 
 import numpy as np
 
 from .._backend import cupy
-from . import _module
+from . import _launch, _module
 
 SOURCE = "sampling.cu"
 MAX_SELECTION_N = 2048  # ATS_MAX_N in sampling.cu: larger n sorts every key of the row (cp.argsort)
@@ -42,7 +43,6 @@ the H200, 2 beat 4 for 1 x 4096²)."""
 REPLACE_TILES = 8
 """With replacement, most tiles of a chunk: a draw's block finds its chunk from the chunk sums, then scans the
 positions from the chunk's start a tile a step."""
-NULL = np.uint64(0)  # a null pointer argument
 FUSED = True
 """``atskern.sampling``: this backend takes logits as they are and applies the scale-free rescaling itself."""
 
@@ -83,19 +83,27 @@ def screen_capacity(n: int, size: int, threads: int) -> int:
     return capacity
 
 
+def stats_threads(threads: int) -> int:
+    """Block size of ``chunk_stats`` (ATS_STATS_THREADS): twice the selecting blocks', at most 512 -- the
+    statistics pass streams the map with no shared buffer, and more threads an SM keep more loads in flight."""
+    return min(2 * threads, 512)
+
+
 def compile_options(threads: int) -> tuple[str, ...]:
     """The nvcc/NVRTC options of the module whose selecting kernels run ``threads``-thread blocks."""
     return (f"-DATS_SELECT_THREADS={threads}", f"-DATS_MIN_BLOCKS={MIN_BLOCKS}")
 
 
 def chunk_size(rows: int, size: int, threads: int, multiprocessors: int) -> int:
-    """Positions per block: about ``BLOCKS_PER_SM`` blocks per multiprocessor over the call (one wave), at least
-    ``MIN_CHUNK`` positions each, a whole number of tiles.
+    """Positions per block: at most ``BLOCKS_PER_SM`` blocks per multiprocessor over the call (one wave: a row
+    cut into one piece more would leave a second wave of a few blocks, each as long as the first -- 288 blocks for
+    32 rows of 1024² on the H100's 264 slots took 2.7x the time per cell of 261), at least ``MIN_CHUNK`` positions
+    each, a whole number of tiles.
 
     The draws do not depend on it: each block keeps its exact n smallest keys.
     """
     target_blocks = BLOCKS_PER_SM * multiprocessors
-    pieces = max(1, -(-target_blocks // rows))
+    pieces = max(1, target_blocks // rows)
     tile = PER_THREAD * threads
     chunk = max(MIN_CHUNK, -(-size // pieces))
     return -(-chunk // tile) * tile
@@ -105,14 +113,15 @@ def chunk_size(rows: int, size: int, threads: int, multiprocessors: int) -> int:
 class Workspace:
     """Device memory of one call (allocated with the caller's ``empty(shape, dtype)``)."""
 
+    counters: object  # uint32 (4 * B,): per pass, chunk_stats blocks done and screened keys of each row
+    row_bound: object  # uint64 (B + 1,): the rows' shared bounds (complemented bits, 0: none), then finish_rows'
+    # count of blocks done
+    rowmax: object  # uint64 (B,), logits only
     status: object  # int64 (B + 1, 4)
     stats: object  # float64 (B * nchunks * STATS,)
-    counters: object  # uint32 (4 * B,): per pass, chunk_stats blocks done and screened keys of each row
     row_plan: object  # float64 (2 * B,): per pass, each row's plan (chunk_stats -> chunk_topn, finish_rows)
     screen_keys: object  # float64 (B * capacity,): the screened rows' kept keys
     screen_idx: object  # int64 (B * capacity,): and their positions
-    row_bound: object  # uint64 (B + 1,): the rows' shared bounds, then finish_rows' count of blocks done
-    rowmax: object  # uint64 (B,), logits only
     cand_keys: object  # float64 (B * nchunks * n,), without replacement
     cand_idx: object  # int64
     cand_count: object  # int32 (B * nchunks,)
@@ -151,89 +160,109 @@ def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocess
     return Plan(threads=threads, chunk=chunk, nchunks=-(-size // chunk), sort=sort, capacity=capacity)
 
 
-def workspace(empty, rows: int, size: int, n: int, p: Plan, replace: bool, logits: bool, status_empty=None) -> Workspace:
-    """The call's device memory from ``empty(shape, dtype)`` (the status from ``status_empty`` when given)."""
+def workspace_specs(rows: int, size: int, n: int, p: Plan, replace: bool, logits: bool) -> dict:
+    """The call's device arrays (the :class:`Workspace` fields) as ``{field: (shape, dtype) or None}``."""
     items = rows * p.nchunks
     select = not replace
     planned = select and not p.sort
-    return Workspace(
-        status=(status_empty or empty)((rows + 1, 4), np.int64),
-        stats=empty((items * STATS,), np.float64),
-        counters=empty((4 * rows,), np.uint32) if planned else None,
-        row_plan=empty((2 * rows,), np.float64) if planned else None,
-        screen_keys=empty((rows * p.capacity,), np.float64) if p.capacity else None,
-        screen_idx=empty((rows * p.capacity,), np.int64) if p.capacity else None,
-        row_bound=empty((rows + 1,), np.uint64),
-        rowmax=empty((rows,), np.uint64) if logits else None,
-        cand_keys=empty((items * n,), np.float64) if select else None,
-        cand_idx=empty((items * n,), np.int64) if select else None,
-        cand_count=empty((items,), np.int32) if select else None,
-        keys=empty((rows, size), np.float64) if select and p.sort else None,
-    )
+    return {  # the ZEROED fields first and together: one memset
+        "counters": ((4 * rows,), np.uint32) if planned else None,
+        "row_bound": ((rows + 1,), np.uint64),
+        "rowmax": ((rows,), np.uint64) if logits else None,
+        "status": ((rows + 1, 4), np.int64),
+        "stats": ((items * STATS,), np.float64),
+        "row_plan": ((2 * rows,), np.float64) if planned else None,
+        "screen_keys": ((rows * p.capacity,), np.float64) if p.capacity else None,
+        "screen_idx": ((rows * p.capacity,), np.int64) if p.capacity else None,
+        "cand_keys": ((items * n,), np.float64) if select else None,
+        "cand_idx": ((items * n,), np.int64) if select else None,
+        "cand_count": ((items,), np.int32) if select else None,
+        "keys": ((rows, size), np.float64) if select and p.sort else None,
+    }
+
+
+def workspace(empty, rows: int, size: int, n: int, p: Plan, replace: bool, logits: bool, status_empty=None) -> Workspace:
+    """The call's device memory from ``empty(shape, dtype)`` (the status from ``status_empty`` when given)."""
+    specs = workspace_specs(rows, size, n, p, replace, logits)
+    fields = {name: None if spec is None else empty(*spec) for name, spec in specs.items() if name != "status"}
+    return Workspace(status=(status_empty or empty)(*specs["status"]), **fields)
 
 
 def _ptr(array):
-    return NULL if array is None else array
+    return 0 if array is None else array
 
 
 SORT_STEP = "sort"
 """A step of :func:`launches` that is not a kernel: sort every key of the row (:func:`sort_keys`)."""
+ZERO_STEP = "zero"
+"""The first step of :func:`launches`, not a kernel: zero the :data:`ZEROED` fields of the workspace (one
+``memsetAsync`` over them on the device: they lie together, first in the allocation)."""
+ZEROED = ("counters", "row_bound", "rowmax")
+
+
+def zero_workspace(ws: Workspace):
+    """:data:`ZERO_STEP` on a workspace of arrays (the host build's)."""
+    for name in ZEROED:
+        array = getattr(ws, name)
+        if array is not None:
+            array[...] = 0
 
 
 def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: Workspace, p: Plan, indices, probs,
              seed_ptr=None) -> list:
     """The kernel launches of one call, in order: ``(kernel name, grid, block, args)`` tuples (and
-    :data:`SORT_STEP` where all keys are sorted). ``seed_ptr`` (a device uint64 array) overrides ``seed``."""
+    :data:`SORT_STEP` where all keys are sorted). ``seed_ptr`` (a device uint64 array) overrides ``seed``.
+
+    The arguments are the arrays (or device addresses) and plain Python integers, in the kernels' parameter order;
+    ``atskern.gpu._launch`` packs them, the host harness types them from the kernels' parameter lists."""
     rows, size = weights.shape
     suffix = _suffix(weights.dtype)
     double = weights.dtype == np.float64 or logits
     t, nchunks, chunk = p.threads, p.nchunks, p.chunk
+    n, seed, logits = int(n), int(seed), int(bool(logits))
     dims = len(grid)
     g = [int(s) for s in grid] + [1] * (3 - dims)
-    geometry = (np.int32(dims), np.int64(g[0]), np.int64(g[1]), np.int64(g[2]))
-    seed_args = (np.uint64(seed), _ptr(seed_ptr), np.int32(logits), _ptr(ws.rowmax))
+    geometry = (dims, g[0], g[1], g[2])
+    seed_args = (seed, _ptr(seed_ptr), logits, _ptr(ws.rowmax))
     items = rows * nchunks
-    steps = [("prepare", (-(-(rows + 1) // t),), (t,),
-              (np.int64(rows), ws.row_bound, _ptr(ws.rowmax), _ptr(ws.counters)))]
+    steps = [ZERO_STEP]
     if logits:
-        steps.append((f"row_max_{suffix}", (items,), (t,), (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), ws.rowmax)))
+        steps.append((f"row_max_{suffix}", (items,), (t,), (weights, size, nchunks, chunk, ws.rowmax)))
 
-    capacity = np.int32(p.capacity)
-    single = np.int32(probs.dtype == np.float32)  # probs written in float32 (else float64)
+    capacity = p.capacity
+    single = int(probs.dtype == np.float32)  # probs written in float32 (else float64)
     screen_args = (capacity, _ptr(ws.row_plan), _ptr(ws.counters), _ptr(ws.screen_keys), _ptr(ws.screen_idx))
 
     def chunk_pass(pass_):
         return (f"chunk_topn_{suffix}", (items,), (t,),
-                (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), np.int32(n), *seed_args, np.int32(pass_),
-                 ws.status, ws.row_bound, _ptr(ws.cand_keys), _ptr(ws.cand_idx), _ptr(ws.cand_count), *screen_args))
+                (weights, size, nchunks, chunk, n, *seed_args, pass_, ws.status, ws.row_bound, _ptr(ws.cand_keys),
+                 _ptr(ws.cand_idx), _ptr(ws.cand_count), *screen_args))
 
     def stats_pass(pass_, planned=0):
-        return (f"chunk_stats_{suffix}", (items,), (t,),
-                (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), np.int32(logits), _ptr(ws.rowmax),
-                 np.int32(pass_), ws.status, ws.stats, np.int32(n), np.int32(planned), capacity, _ptr(ws.counters),
-                 _ptr(ws.row_plan)))
+        return (f"chunk_stats_{suffix}", (items,), (stats_threads(t),),
+                (weights, size, nchunks, chunk, logits, _ptr(ws.rowmax), pass_, ws.status, ws.stats, n, planned,
+                 capacity, _ptr(ws.counters), _ptr(ws.row_plan)))
 
     def finish(pass_, select, presorted=0):
         return (f"finish_rows_{suffix}", (rows,), (t,),
-                (weights, np.int64(size), np.int32(nchunks), np.int32(n), np.int32(logits), _ptr(ws.rowmax),
-                 np.int32(pass_), _ptr(ws.cand_keys), _ptr(ws.cand_idx), _ptr(ws.cand_count), ws.stats, ws.status,
-                 ws.row_bound, *geometry, indices, probs, single, np.int32(select), np.int32(presorted), np.uint64(seed),
-                 _ptr(seed_ptr), *screen_args))
+                (weights, size, nchunks, n, logits, _ptr(ws.rowmax), pass_, _ptr(ws.cand_keys), _ptr(ws.cand_idx),
+                 _ptr(ws.cand_count), ws.stats, ws.status, ws.row_bound, *geometry, indices, probs, single, select,
+                 presorted, seed, _ptr(seed_ptr), *screen_args))
 
     if replace:
         steps += [stats_pass(0), finish(0, 0)]
         if double:
             steps.append(stats_pass(1))
         steps.append((f"replacement_draws_{suffix}", (rows * n,), (t,),
-                      (weights, np.int64(size), np.int32(nchunks), np.int64(chunk), np.int32(n), np.int64(rows),
-                       *seed_args, ws.status, ws.stats, *geometry, indices, probs, single)))
+                      (weights, size, nchunks, chunk, n, rows, *seed_args, ws.status, ws.stats, *geometry, indices,
+                       probs, single)))
     elif p.sort:
         steps += [stats_pass(0), finish(0, 0)]
         if double:
             steps.append(stats_pass(1))
         total = rows * size
         steps.append((f"exponential_keys_{suffix}", (min(-(-total // t), 1 << 20),), (t,),
-                      (weights, np.int64(size), np.int64(total), *seed_args, ws.status, ws.keys)))
+                      (weights, size, total, *seed_args, ws.status, ws.keys)))
         steps += [SORT_STEP, finish(0, 1, presorted=1)]
     else:
         steps += [stats_pass(0, 1), chunk_pass(0), finish(0, 1)]
@@ -259,44 +288,74 @@ def _multiprocessors(device_id: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(name: str, options: tuple[str, ...], device_id: int):
-    """A compiled kernel of :data:`SOURCE` on device ``device_id`` (the current one when called), memoized: a call
-    launches several, and looking each up costs host time."""
-    return _module.function(SOURCE, name, options)
+def _handle(name: str, options: tuple[str, ...], device_id: int) -> int:
+    """The ``CUfunction`` of a compiled kernel of :data:`SOURCE` on device ``device_id`` (the current one when
+    called), memoized: a call launches several, and looking each up costs host time."""
+    return _module.function(SOURCE, name, options).kernel.ptr
 
 
 ALIGNMENT = 256
 
 
-@functools.lru_cache(maxsize=None)
-def _itemsize(dtype) -> int:
-    return np.dtype(dtype).itemsize  # np.dtype() and np.prod cost microseconds: a dozen arrays a call
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a call's arrays lie in its one device allocation (byte offsets, each 256-byte aligned): the
+    :class:`Workspace` fields, then ``indices`` and ``probs``."""
+
+    total: int
+    specs: dict  # name -> (shape, dtype), or None where the call has no such array
+    offsets: dict  # name -> offset, for the arrays it has
+    zeroed: int  # bytes from offset 0 that ZERO_STEP clears (the ZEROED fields)
 
 
-def _one_allocation(build):
-    """``build(empty, scratch)`` with every array carved from one allocation of the current allocator (256-byte
-    aligned): one allocator call per ``sample`` instead of one per array (through torch's allocator each costs
-    ~10 µs). ``empty(shape, dtype)`` gives a CuPy array; ``scratch(shape, dtype)`` only the device address (a
-    uint64 kernel argument: building a CuPy array costs host time, and the kernels' scratch is never read here).
-    Returns ``build``'s result and the allocation, which must outlive the launches."""
+@functools.lru_cache(maxsize=1024)
+def layout(rows: int, size: int, n: int, p: Plan, replace: bool, logits: bool, dims: int, probs_dtype) -> Layout:
+    """The :class:`Layout` of a call (memoized: per call only the allocation and the addresses are made)."""
+    specs = workspace_specs(rows, size, n, p, replace, logits)
+    specs["indices"] = ((rows, n, dims), np.dtype(np.int32))
+    specs["probs"] = ((rows, n), np.dtype(probs_dtype))
+    offsets, at, zeroed = {}, 0, 0
+    for name, spec in specs.items():
+        if spec is not None:
+            offsets[name] = at
+            at += -(-math.prod(spec[0]) * np.dtype(spec[1]).itemsize // ALIGNMENT) * ALIGNMENT
+            if name in ZEROED:
+                zeroed = at
+    return Layout(total=max(at, ALIGNMENT), specs=specs, offsets=offsets, zeroed=zeroed)
+
+
+def allocate(lay: Layout, arrays: bool):
+    """One allocation of the current CuPy allocator for a call (one allocator call instead of a dozen: through
+    torch's allocator each costs ~10 µs): ``(workspace, indices, probs, memory)``. The status, indices and probs are
+    CuPy arrays; the other workspace fields are CuPy arrays with ``arrays`` (the sort step reads them), else their
+    device addresses (kernel arguments as they are: building a CuPy array costs host time). ``memory`` must outlive
+    the launches (the arrays hold it)."""
     cp = cupy()
-    sizes = []
-
-    def measure(shape, dtype):
-        sizes.append(-(-math.prod(shape) * _itemsize(dtype) // ALIGNMENT) * ALIGNMENT)
-
-    build(measure, measure)
-    memory = cp.cuda.alloc(max(sum(sizes), 1))
+    memory = cp.cuda.alloc(lay.total)
     base = memory.ptr
-    offsets = iter(np.cumsum([0] + sizes[:-1]).tolist())
 
-    def carve(shape, dtype):
-        return cp.ndarray(shape, dtype, memptr=memory + next(offsets))
+    def array(name):
+        shape, dtype = lay.specs[name]
+        return cp.ndarray(shape, dtype, memptr=memory + lay.offsets[name])
 
-    def address(shape, dtype):
-        return np.uint64(base + next(offsets))
+    fields = {}
+    for name in _WORKSPACE_FIELDS:
+        if lay.specs[name] is None:
+            fields[name] = None
+        elif arrays or name == "status":
+            fields[name] = array(name)
+        else:
+            fields[name] = base + lay.offsets[name]
+    return Workspace(**fields), array("indices"), array("probs"), memory
 
-    return build(carve, address), memory
+
+_WORKSPACE_FIELDS = tuple(field.name for field in dataclasses.fields(Workspace))
+_cached_plan = functools.lru_cache(maxsize=1024)(plan)
+
+
+@functools.lru_cache(maxsize=None)
+def _options(threads: int) -> tuple[str, ...]:
+    return compile_options(threads)
 
 
 def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, threads=None, chunk=None):
@@ -310,20 +369,43 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
     cp = cupy()
     rows, size = weights.shape
     threads = _module.THREADS_PER_BLOCK if threads is None else threads
-    device_id = cp.cuda.Device().id
-    sms = _multiprocessors(device_id)
-    p = plan(rows, size, n, replace, threads, sms, chunk)
-
-    def build(empty, scratch):  # the status is returned; the sort step reads its workspace as arrays
-        ws = workspace(empty if p.sort else scratch, rows, size, n, p, replace, logits, status_empty=empty)
-        return ws, empty((rows, n, len(grid)), np.int32), empty((rows, n), weights.dtype)
-
-    (ws, indices, probs), memory = _one_allocation(build)
-    options = compile_options(p.threads)
+    device_id = cp.cuda.runtime.getDevice()
+    p = _cached_plan(rows, size, n, replace, threads, _multiprocessors(device_id), chunk)
+    lay = layout(rows, size, n, p, replace, bool(logits), len(grid), weights.dtype)
+    ws, indices, probs, memory = allocate(lay, arrays=p.sort)
+    options = _options(p.threads)
+    stream = cp.cuda.get_current_stream().ptr
     for step in launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_ptr):
+        if step == ZERO_STEP:
+            cp.cuda.runtime.memsetAsync(memory.ptr, 0, lay.zeroed, stream)
+            continue
         if step == SORT_STEP:
             sort_keys(cp, ws, n)
             continue
         name, grid_dims, block, args = step
-        _kernel(name, options, device_id)(grid_dims, block, args)
+        _launch.launch(_handle(name, options, device_id), grid_dims, block, args, stream)
     return indices, probs, ws.status
+
+
+class _Pinned(threading.local):
+    def __init__(self):
+        self.memory, self.nbytes = None, 0
+
+
+_pinned = _Pinned()
+
+
+def read_status(status) -> np.ndarray:
+    """The status (a CuPy array) on the host: one copy into this thread's page-locked buffer on the current stream,
+    then a wait for the stream (the call's one host synchronization; cheaper than ``status.get()``)."""
+    cp = cupy()
+    nbytes = status.nbytes
+    if _pinned.nbytes < nbytes:
+        _pinned.nbytes = max(nbytes, 4096)
+        _pinned.memory = cp.cuda.alloc_pinned_memory(_pinned.nbytes)
+    host = np.frombuffer(_pinned.memory, np.int64, status.size)
+    stream = cp.cuda.get_current_stream()
+    cp.cuda.runtime.memcpyAsync(host.ctypes.data, status.data.ptr, nbytes, cp.cuda.runtime.memcpyDeviceToHost,
+                                stream.ptr)
+    stream.synchronize()
+    return host.reshape(status.shape).copy()

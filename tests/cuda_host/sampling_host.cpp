@@ -9,11 +9,6 @@
 
 #define U64 unsigned long long
 
-extern "C" void host_prepare(unsigned grid, unsigned block, long long rows, U64* row_bound, U64* rowmax,
-                             unsigned* counters) {
-    launch(grid, block, [=] { prepare(rows, row_bound, rowmax, counters); });
-}
-
 #define SAMPLING_HOST(suffix, T)                                                                                      \
     extern "C" void host_row_max_##suffix(unsigned grid, unsigned block, const T* weights, long long size,            \
                                           int nchunks, long long chunk, U64* rowmax) {                                \
