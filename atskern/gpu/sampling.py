@@ -32,6 +32,9 @@ SELECT_THREADS = (32, 64, 128, 256)
 time; the selection buffer of MAX_SELECTION_N + PER_THREAD * threads entries must fit 48 KiB)."""
 MIN_BLOCKS = 2
 """ATS_MIN_BLOCKS: selecting blocks an SM must hold at once (their register cap); a tuning knob, draws unchanged."""
+SCREEN_UNROLL = 4
+"""ATS_SCREEN_UNROLL: tiles of loads a thread of the statistics and screening passes issues before using them (and
+generator chains it interleaves); a tuning knob, draws unchanged."""
 MIN_CHUNK = 1 << 12
 """Fewest positions of a chunk (4 tiles of 256 threads): a small map still spreads over many short blocks (the
 latency of a block is about one tile per 1024 positions, serialized), and finish_rows merges only the prefix of
@@ -91,7 +94,12 @@ def stats_threads(threads: int) -> int:
 
 def compile_options(threads: int) -> tuple[str, ...]:
     """The nvcc/NVRTC options of the module whose selecting kernels run ``threads``-thread blocks."""
-    return (f"-DATS_SELECT_THREADS={threads}", f"-DATS_MIN_BLOCKS={MIN_BLOCKS}")
+    return _options(threads, MIN_BLOCKS, SCREEN_UNROLL)
+
+
+@functools.lru_cache(maxsize=None)
+def _options(threads: int, min_blocks: int, unroll: int) -> tuple[str, ...]:
+    return (f"-DATS_SELECT_THREADS={threads}", f"-DATS_MIN_BLOCKS={min_blocks}", f"-DATS_SCREEN_UNROLL={unroll}")
 
 
 def chunk_size(rows: int, size: int, threads: int, multiprocessors: int) -> int:
@@ -353,10 +361,6 @@ _WORKSPACE_FIELDS = tuple(field.name for field in dataclasses.fields(Workspace))
 _cached_plan = functools.lru_cache(maxsize=1024)(plan)
 
 
-@functools.lru_cache(maxsize=None)
-def _options(threads: int) -> tuple[str, ...]:
-    return compile_options(threads)
-
 
 def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, threads=None, chunk=None):
     """The GPU sampling backend (see ``atskern.sampling``); ``logits=True`` takes log-weights as they are.
@@ -373,7 +377,7 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
     p = _cached_plan(rows, size, n, replace, threads, _multiprocessors(device_id), chunk)
     lay = layout(rows, size, n, p, replace, bool(logits), len(grid), weights.dtype)
     ws, indices, probs, memory = allocate(lay, arrays=p.sort)
-    options = _options(p.threads)
+    options = compile_options(p.threads)
     stream = cp.cuda.get_current_stream().ptr
     for step in launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_ptr):
         if step == ZERO_STEP:
