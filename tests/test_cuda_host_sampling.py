@@ -424,6 +424,23 @@ def test_host_summary_row_without_its_own_launch(lib):
         assert status[-1, v.STATUS_NONFINITE] == 1 and status[-1, v.STATUS_POSITIVE] == 300
 
 
+def test_host_summary_row_reduces_across_warps(libs):
+    """The summary row from many rows and a block of two warps: each extreme sits in a row that the second warp
+    reads (rows 32 + 64 k), the others in the first, so a reduction that dropped a warp would show."""
+    rng = np.random.default_rng(21)
+    attention = rng.random((100, 300)) + 0.5
+    attention[45, :3] = np.nan  # the most non-finite cells (row 45: the second warp; row 70: the first)
+    attention[70, :2] = np.nan
+    attention[97, 10:14] = -1.0  # the most negative cells, second warp (rows 32..63 and 96..99)
+    attention[40, :280] = 0.0  # the fewest positive cells: 20
+    attention[99] *= 1e-300  # outside the scale-free exponents
+    attention[38] *= 1e300
+    _, _, status, _ = host_sample(libs(64), attention, 5, seed=4, threads=64)
+    _, _, cpu_status = cpu_sample(attention, 5, 4, False)
+    assert_same_status(status, cpu_status)
+    assert status[-1].tolist() == [3, 4, 20, 2]
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_host_first_tile_bound_and_its_retry(libs, dtype):
     """chunk_topn's first tile takes keys only below its own bound (the CPU's first bound on the tile's weights);

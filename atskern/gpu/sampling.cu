@@ -368,6 +368,15 @@ __device__ __forceinline__ V warp_sum(V value) {
     return value;
 }
 
+// The warp's largest (or smallest) value, in lane 0.
+__device__ __forceinline__ long long warp_extreme(long long value, bool largest) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const long long other = __shfl_down_sync(0xFFFFFFFFu, value, offset);
+        value = largest ? (other > value ? other : value) : (other < value ? other : value);
+    }
+    return value;
+}
+
 __device__ __forceinline__ double warp_max(double value) {
     for (int offset = 16; offset > 0; offset >>= 1) {
         const double other = __shfl_down_sync(0xFFFFFFFFu, value, offset);
@@ -1012,13 +1021,22 @@ __device__ void summarize_rows(TopN& s, long long* status, long long rows) {
         positive = p < positive ? p : positive;
         outside += e < ATS_EXPONENT_LOW || e > ATS_EXPONENT_HIGH;
     }
-    s.u.summary[0][threadIdx.x] = nonfinite;
-    s.u.summary[1][threadIdx.x] = negative;
-    s.u.summary[2][threadIdx.x] = positive;
-    s.u.summary[3][threadIdx.x] = outside;
+    // each warp's extremes by shuffles, then thread 0 over the warps (not over every thread: a serial loop of
+    // shared-memory reads was microseconds of a one-block finish)
+    nonfinite = warp_extreme(nonfinite, true);
+    negative = warp_extreme(negative, true);
+    positive = warp_extreme(positive, false);
+    outside = warp_sum(outside);
+    if ((threadIdx.x & 31u) == 0u) {
+        const unsigned int warp = threadIdx.x >> 5;
+        s.u.summary[0][warp] = nonfinite;
+        s.u.summary[1][warp] = negative;
+        s.u.summary[2][warp] = positive;
+        s.u.summary[3][warp] = outside;
+    }
     __syncthreads();
     if (threadIdx.x == 0) {
-        for (unsigned int i = 1; i < blockDim.x; ++i) {
+        for (unsigned int i = 1; i < (blockDim.x >> 5); ++i) {
             nonfinite = s.u.summary[0][i] > nonfinite ? s.u.summary[0][i] : nonfinite;
             negative = s.u.summary[1][i] > negative ? s.u.summary[1][i] : negative;
             positive = s.u.summary[2][i] < positive ? s.u.summary[2][i] : positive;
