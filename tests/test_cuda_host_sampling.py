@@ -11,8 +11,10 @@ reference's for the same seed; probabilities and the status are checked against 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ from atskern import reference
 from atskern.cpu import sampling as cpu_sampling
 from atskern.gpu import sampling as gs
 
-from .cuda_host_build import build_host_library, call_host
+from .cuda_host_build import C_TYPES, build_host_library, call_host, kernel_parameters
 
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
@@ -603,3 +605,106 @@ def test_one_allocation_carves_disjoint_aligned_pieces(monkeypatch, replace, n, 
         assert start + length <= following
     assert all(start % gs.ALIGNMENT == 0 for start, _ in pieces)
     assert pieces[0][0] >= memory.ptr and pieces[-1][0] + pieces[-1][1] <= memory.ptr + memory.size
+
+
+class _DeviceArray(np.ndarray):
+    """A NumPy array posing as a CuPy one for ``atskern.gpu`` (``.data.ptr`` is its address)."""
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.ctypes.data)
+
+
+class _EmulatedDevice:
+    """Just enough of CuPy for ``atskern.gpu.sampling.sample`` and ``read_status`` to run on the host build: an
+    allocation is host memory filled with a byte pattern (a missed zeroing shows), the memset is ``ctypes.memset``,
+    and ``driver.launchKernel`` reads the packed slots back (as wide as each parameter of the kernel) and calls the
+    host launcher: the untyped launch path, the layout, the memset and the read-back of the CuPy path, end to end."""
+
+    def __init__(self, lib, names):
+        self.lib, self.names, self.buffers, self.launched = lib, names, [], []
+        cuda = types.SimpleNamespace(
+            alloc=self.alloc, alloc_pinned_memory=lambda size: np.zeros(size, np.uint8),
+            runtime=types.SimpleNamespace(getDevice=lambda: 0, memsetAsync=self.memset, memcpyAsync=self.memcpy,
+                                          memcpyDeviceToHost=2),
+            driver=types.SimpleNamespace(launchKernel=self.launch_kernel),
+            get_current_stream=lambda: types.SimpleNamespace(ptr=0, synchronize=lambda: None))
+        self.module = types.SimpleNamespace(cuda=cuda, ndarray=self.ndarray)
+
+    def alloc(self, size):
+        buffer = np.full(size, 0xA5, np.uint8)
+        self.buffers.append(buffer)
+        return _FakeMemory(buffer.ctypes.data, size)
+
+    def ndarray(self, shape, dtype, memptr):
+        for buffer in self.buffers:
+            start = buffer.ctypes.data
+            if start <= memptr.ptr < start + buffer.size:
+                return np.ndarray(shape, dtype, buffer=buffer, offset=memptr.ptr - start).view(_DeviceArray)
+        raise AssertionError("an array outside every allocation")
+
+    def memset(self, ptr, value, size, stream):
+        ctypes.memset(ptr, value, size)
+        self.launched.append("memset")
+
+    def memcpy(self, dst, src, size, kind, stream):
+        ctypes.memmove(dst, src, size)
+
+    def launch_kernel(self, handle, gx, gy, gz, bx, by, bz, shared, stream, table, extra):
+        name = self.names[handle]
+        kinds = kernel_parameters(gs.SOURCE)[name]
+        words = [ctypes.c_uint64.from_address(ctypes.c_uint64.from_address(table + 8 * i).value).value
+                 for i in range(len(kinds))]
+        width = {"i32": 32, "u32": 32, "i64": 64, "u64": 64, "ptr": 64}
+        values = []
+        for kind, word in zip(kinds, words):
+            word &= (1 << width[kind]) - 1
+            if kind in ("i32", "i64") and word >> (width[kind] - 1):
+                word -= 1 << width[kind]
+            values.append((word or None) if kind == "ptr" else word)
+        assert (gy, gz, by, bz, shared, extra) == (1, 1, 1, 1, 0, 0)
+        function = getattr(self.lib, "host_" + name)
+        function.argtypes = [ctypes.c_uint, ctypes.c_uint] + [C_TYPES[k] for k in kinds]
+        function(gx, bx, *values)
+        self.launched.append(name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("replace, logits", [(False, False), (True, False), (False, True)])
+def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace, logits):
+    """``atskern.gpu.sampling.sample`` itself (one allocation, the memset, the launches through packed slots) and
+    ``read_status`` on the emulated device: the draws, probabilities and status of the host harness's direct path
+    and of the CPU kernel, including a bad row and a float64 row that the rescaling pass redoes."""
+    from atskern.gpu import _launch
+
+    names = sorted(kernel_parameters(gs.SOURCE))
+    device = _EmulatedDevice(lib, names)
+    monkeypatch.setattr(gs, "cupy", lambda: device.module)
+    monkeypatch.setattr(_launch, "cupy", lambda: device.module)
+    monkeypatch.setattr(gs, "_handle", lambda name, options, device_id: names.index(name))
+    monkeypatch.setattr(gs, "_multiprocessors", lambda device_id: 1)
+    rng = np.random.default_rng(31)
+    attention = (rng.random((4, 9, 70)) + 0.05).astype(dtype)
+    attention[1, 0, :5] = np.nan if not logits else np.inf  # refused by validation: in-range draws, probs 0
+    if dtype == np.float64 and not logits:
+        attention[2] *= 1e-200  # redone on rescaled weights
+    if logits:
+        attention = np.log(attention)
+    n, seed = 7, 2**64 - 3
+    weights = np.ascontiguousarray(attention).reshape(4, -1).view(_DeviceArray)
+    grid = np.array(attention.shape[1:], np.int64)
+    indices, probs, status = gs.sample(weights, n, grid, seed, replace, logits=logits, threads=32, chunk=128)
+    host_status = gs.read_status(status)
+    suffix = "f32" if dtype == np.float32 else "f64"
+    assert device.launched[0] == "memset" and device.launched.count("memset") == 1
+    assert device.launched[-1] == (f"replacement_draws_{suffix}" if replace else f"finish_rows_{suffix}")
+    want_i, want_p, want_status, _ = host_sample(lib, attention, n, seed=seed, replace=replace, logits=logits,
+                                                 probs_dtype=dtype)
+    assert np.array_equal(np.asarray(indices), want_i)
+    assert np.array_equal(np.asarray(probs).view(np.uint8), want_p.view(np.uint8))
+    assert np.array_equal(host_status, want_status) and np.array_equal(np.asarray(status), want_status)
+    cpu_i, _, cpu_status = cpu_sample(attention, n, seed, replace, logits=logits)
+    good = np.ones(4, bool)
+    good[1] = False
+    assert np.array_equal(np.asarray(indices)[good], cpu_i[good])
+    assert_same_status(host_status, cpu_status)
