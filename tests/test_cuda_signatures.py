@@ -114,9 +114,15 @@ def _fake_cupy(calls):
                                   [ctypes.c_uint64.from_address(s).value for s in slots], table,
                                   threading.get_ident()))
 
+    def free(ptr):
+        assert ptr == 0
+        calls.setdefault("bind", []).append((threading.get_ident(), calls.get("device", 0)))
+
     driver = types.SimpleNamespace(launchKernel=launch_kernel)
+    runtime = types.SimpleNamespace(getDevice=lambda: calls.get("device", 0), free=free)
     stream = types.SimpleNamespace(ptr=0xABC)
-    return types.SimpleNamespace(cuda=types.SimpleNamespace(driver=driver, get_current_stream=lambda: stream))
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(driver=driver, runtime=runtime,
+                                                            get_current_stream=lambda: stream))
 
 
 def test_launch_passes_a_table_of_slots_holding_the_words(monkeypatch):
@@ -149,3 +155,26 @@ def test_each_thread_packs_into_its_own_slots(monkeypatch):
     assert len({table for _, _, table, _ in calls["launches"]}) == 2
     assert len({thread for _, _, _, thread in calls["launches"]}) == 2
     assert sorted(words for _, words, _, _ in calls["launches"]) == [[0, 0], [1, 1]]
+
+
+def test_first_launch_of_a_thread_on_a_device_binds_its_context(monkeypatch):
+    """A thread that has made no runtime call has no current context for a driver launch: the first launch of each
+    thread on each device makes one (``cudaFree(0)``), later ones cost a set lookup."""
+    calls = {"launches": [], "count": 1}
+    monkeypatch.setattr(_launch, "cupy", lambda: _fake_cupy(calls))
+    monkeypatch.setattr(_launch._slots, "bound", set())  # this thread's, as if it had launched nothing yet
+    main = threading.get_ident()
+
+    def launches():
+        for _ in range(3):
+            _launch.launch(1, (1,), (32,), (0,))
+
+    worker = threading.Thread(target=launches)
+    worker.start()
+    worker.join()
+    launches()
+    calls["device"] = 1
+    launches()
+    binds = calls["bind"]
+    assert sorted(binds, key=str) == sorted([(worker.ident, 0), (main, 0), (main, 1)], key=str)
+    assert len(calls["launches"]) == 9
