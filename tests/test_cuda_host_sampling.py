@@ -626,8 +626,8 @@ class _EmulatedDevice:
         cuda = types.SimpleNamespace(
             alloc=self.alloc, alloc_pinned_memory=lambda size: np.zeros(size, np.uint8),
             runtime=types.SimpleNamespace(getDevice=lambda: 0, memsetAsync=self.memset, memcpyAsync=self.memcpy,
-                                          memcpyDeviceToHost=2, free=lambda ptr: None),
-            driver=types.SimpleNamespace(launchKernel=self.launch_kernel),
+                                          memcpyDeviceToHost=2),
+            driver=types.SimpleNamespace(launchKernel=self.launch_kernel, ctxGetCurrent=lambda: 1),
             get_current_stream=lambda: types.SimpleNamespace(ptr=0, synchronize=lambda: None))
         self.module = types.SimpleNamespace(cuda=cuda, ndarray=self.ndarray)
 

@@ -114,12 +114,16 @@ def _fake_cupy(calls):
                                   [ctypes.c_uint64.from_address(s).value for s in slots], table,
                                   threading.get_ident()))
 
+    bound = calls.setdefault("bound", set())  # threads with a current context
+
     def free(ptr):
         assert ptr == 0
-        calls.setdefault("bind", []).append((threading.get_ident(), calls.get("device", 0)))
+        calls.setdefault("bind", []).append(threading.get_ident())
+        bound.add(threading.get_ident())
 
-    driver = types.SimpleNamespace(launchKernel=launch_kernel)
-    runtime = types.SimpleNamespace(getDevice=lambda: calls.get("device", 0), free=free)
+    driver = types.SimpleNamespace(launchKernel=launch_kernel,
+                                   ctxGetCurrent=lambda: 0x77 if threading.get_ident() in bound else 0)
+    runtime = types.SimpleNamespace(free=free)
     stream = types.SimpleNamespace(ptr=0xABC)
     return types.SimpleNamespace(cuda=types.SimpleNamespace(driver=driver, runtime=runtime,
                                                             get_current_stream=lambda: stream))
@@ -157,24 +161,23 @@ def test_each_thread_packs_into_its_own_slots(monkeypatch):
     assert sorted(words for _, words, _, _ in calls["launches"]) == [[0, 0], [1, 1]]
 
 
-def test_first_launch_of_a_thread_on_a_device_binds_its_context(monkeypatch):
-    """A thread that has made no runtime call has no current context for a driver launch: the first launch of each
-    thread on each device makes one (``cudaFree(0)``), later ones cost a set lookup."""
-    calls = {"launches": [], "count": 1}
+def test_a_launch_without_a_current_context_binds_one(monkeypatch):
+    """A thread that has made no runtime call has no current context for a driver launch: its first launch makes
+    one (``cudaFree(0)``); later launches, and threads that have one, make no such call."""
+    calls = {"launches": [], "count": 1, "bound": {threading.get_ident()}}  # this thread: a context already
     monkeypatch.setattr(_launch, "cupy", lambda: _fake_cupy(calls))
-    monkeypatch.setattr(_launch._slots, "bound", set())  # this thread's, as if it had launched nothing yet
-    main = threading.get_ident()
 
-    def launches():
+    def launches(barrier=None):
         for _ in range(3):
             _launch.launch(1, (1,), (32,), (0,))
+        if barrier is not None:
+            barrier.wait()  # both workers alive at once: distinct thread idents
 
-    worker = threading.Thread(target=launches)
-    worker.start()
-    worker.join()
+    barrier = threading.Barrier(2)
+    workers = [threading.Thread(target=launches, args=(barrier,)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
     launches()
-    calls["device"] = 1
-    launches()
-    binds = calls["bind"]
-    assert sorted(binds, key=str) == sorted([(worker.ident, 0), (main, 0), (main, 1)], key=str)
-    assert len(calls["launches"]) == 9
+    assert sorted(calls["bind"]) == sorted(worker.ident for worker in workers) and len(calls["launches"]) == 9

@@ -13,8 +13,9 @@ The slots are per thread and per argument count, so concurrent launches from sev
 the driver copies the arguments before ``launchKernel`` returns.
 
 A driver-API launch runs in the calling thread's current context, and a thread that has made no CUDA runtime call
-has none (CuPy's own launches guard against this; CuPy issue #72): the first launch of a thread on a device makes
-the device's primary context current with a harmless runtime call (``cudaFree(0)``).
+has none (CuPy's own launches guard against this; CuPy issue #72): a launch that finds no current context makes the
+current device's primary context current with a harmless runtime call (``cudaFree(0)``), never during a stream
+capture (a capturing thread has a context).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ WORD = (1 << 64) - 1
 class _Slots(threading.local):
     def __init__(self):
         self.by_count = {}
-        self.bound = set()  # devices whose primary context this thread has made current
 
 
 _slots = _Slots()
@@ -78,10 +78,8 @@ def launch(function, grid, block, args, stream=None):
     x ``block`` (1 to 3 dims each) with ``args`` on ``stream`` (a CuPy stream or a ``CUstream`` address; default:
     CuPy's current stream). Asynchronous, CUDA-graph capturable."""
     cp = cupy()
-    device = cp.cuda.runtime.getDevice()
-    if device not in _slots.bound:
-        cp.cuda.runtime.free(0)  # binds the device's primary context to this thread (no-op where it is)
-        _slots.bound.add(device)
+    if cp.cuda.driver.ctxGetCurrent() == 0:
+        cp.cuda.runtime.free(0)  # binds the current device's primary context to this thread
     handle = function if type(function) is int else function.kernel.ptr
     if stream is None:
         stream = cp.cuda.get_current_stream().ptr
