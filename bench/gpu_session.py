@@ -11,7 +11,8 @@ Steps, each in its own subprocess with a time limit carved from the budget
    out-of-bounds accesses are caught at the byte) and ``--tool racecheck`` on the same workout (shared-memory
    hazards of the block scans, sorts and staged patch boxes);
 2. one after another, alone on the GPU: the GPU benchmarks (``python -m bench --only gpu_patches`` /
-   ``gpu_sampling`` / ``gpu_ats``), in quick mode when little time is left, then ``python -m bench.gpu_tuning``.
+   ``gpu_sampling`` / ``gpu_ats``), in quick mode when little time is left, then ``python -m bench.gpu_tuning``
+   (each sampling kernel's GPU time, and Nsight Compute on the streaming kernels where ``ncu`` is installed).
 
 Writes ``bench/results/<machine>.md`` (default: ``gpu-`` and the device name) with the device, the versions,
 the test and sanitizer summaries and the tables, rewritten after every step (a session cut short keeps what
@@ -44,8 +45,10 @@ TEST_FILES = ["test_gpu_sampling.py", "test_torch_gpu.py", "test_patches.py", "t
 neither); ``test_gpu_session_test_files_cover_every_gpu_case`` keeps the list complete."""
 TEST_SECONDS = 140
 SANITIZER_SECONDS = 110
-TUNING_SECONDS = (25, 15)
-TUNING_PARTS = ["--only", "registers", "--only", "breakdown"]
+TUNING_SECONDS = (60, 15)
+TUNING_PARTS = ["--only", "breakdown", "--only", "ncu"]
+"""The tuning step: each kernel's GPU time, then Nsight Compute on the streaming kernels (skipped without ncu; in
+quick mode only the breakdown runs)."""
 
 
 def _env() -> dict:
@@ -231,7 +234,8 @@ def main(argv=None) -> int:
         if left() < quick:
             add("## Tuning probe\n\n- skipped: out of session time")
         else:
-            command = [sys.executable, "-m", "bench.gpu_tuning", *TUNING_PARTS] + (["--quick"] if left() < full else [])
+            parts = TUNING_PARTS if left() >= full else ["--only", "breakdown", "--quick"]
+            command = [sys.executable, "-m", "bench.gpu_tuning", *parts]
             step = run_step(command, left())
             _keep_log(args.logs, "tuning", step)
             ok &= step["rc"] == 0

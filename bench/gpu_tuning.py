@@ -1,5 +1,6 @@
 """Tuning probe of the GPU sampling kernels: registers and spills per compile option, the GPU time of each
-launch of one call, and ``atskern.sample`` under each block size and ``MIN_BLOCKS`` (draws checked unchanged).
+launch of one call, and ``atskern.sample`` under each block size and ``MIN_BLOCKS`` (draws checked unchanged);
+``--only ncu`` adds Nsight Compute's sections for the streaming kernels where ``ncu`` is installed.
 
     PYTHONPATH=.:adapters python3 -m bench.gpu_tuning [--quick]
 
@@ -240,11 +241,58 @@ def host_profile(calls: int = 200) -> str:
     return "\n\n".join(out)
 
 
+NCU_KERNELS = "regex:^(chunk_stats|chunk_topn|finish_rows)_f32$"
+NCU_SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "MemoryWorkloadAnalysis", "WarpStateStats")
+NCU_TARGET = """
+import cupy, numpy as np, atskern
+x = cupy.asarray(np.random.default_rng(0).random((1, 4096, 4096), dtype=np.float32) + np.float32(1e-3))
+for seed in range(3):
+    atskern.sample(x, 100, seed=seed)
+"""
+"""The profiled program: three calls on 1 x 4096², n=100 (the first compiles; ncu profiles the last call's kernels)."""
+
+
+def _ncu() -> str | None:
+    import glob
+    import shutil
+
+    found = shutil.which("ncu")
+    if found:
+        return found
+    candidates = sorted(glob.glob("/usr/local/cuda*/bin/ncu") + glob.glob("/opt/nvidia/nsight-compute/*/ncu"))
+    return candidates[-1] if candidates else None
+
+
+def ncu_profile(timeout: float = 120.0) -> str:
+    """Nsight Compute's view of the streaming kernels of one call on 1 x 4096², n=100: bandwidth reached (speed of
+    light), occupancy, registers and what the warps wait on -- what the read-floor goal of issue 10 hinges on."""
+    import os
+    import subprocess
+
+    ncu = _ncu()
+    if ncu is None:
+        return "- skipped: ncu (Nsight Compute) not found"
+    command = [ncu, "--kernel-name", NCU_KERNELS, "--launch-skip", "6", "--launch-count", "3", "--target-processes",
+               "all"]
+    for section in NCU_SECTIONS:
+        command += ["--section", section]
+    command += [sys.executable, "-c", NCU_TARGET]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [".", "adapters", os.environ.get("PYTHONPATH")])))
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return f"- ncu timed out after {timeout:.0f} s"
+    text = result.stdout.strip() or result.stderr.strip()
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("==PROF==")]
+    return f"`{' '.join(command[:2])} ... ({', '.join(NCU_SECTIONS)})`, exit {result.returncode}\n\n```\n" + \
+        "\n".join(lines[-400:]) + "\n```"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", choices=["registers", "breakdown", "configs", "torch-profile", "host-profile"],
-                        action="append", help="run only these parts (repeatable; default all)")
+    parser.add_argument("--only", choices=["registers", "breakdown", "configs", "torch-profile", "host-profile", "ncu"],
+                        action="append", help="run only these parts (repeatable; default all but ncu)")
     args = parser.parse_args(argv)
     parts = set(args.only or ["registers", "breakdown", "configs", "torch-profile", "host-profile"])
     reason = _gpu.unavailable()
@@ -259,6 +307,8 @@ def main(argv=None) -> int:
         print("### Configurations\n\n" + config_table(args.quick) + "\n", flush=True)
     if "torch-profile" in parts:
         print("### torch profile of the ATS training step\n\n" + torch_step_profile() + "\n", flush=True)
+    if "ncu" in parts:
+        print("### Nsight Compute profile of the streaming kernels\n\n" + ncu_profile() + "\n", flush=True)
     if "host-profile" in parts:
         print("### Host time of single calls (cProfile)\n\n" + host_profile() + "\n", flush=True)
     return 0

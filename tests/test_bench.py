@@ -108,3 +108,21 @@ def test_gpu_session_runs_without_a_gpu(tmp_path):
     assert "compute-sanitizer memcheck" in report and "GPU patch gather and scatter" in report
     assert "skipped" in report
     assert result.returncode in (0, 1), result.stderr[-3000:]
+
+
+def test_ncu_profile_command_and_skip(tmp_path, monkeypatch):
+    """``bench.gpu_tuning --only ncu``: skipped without Nsight Compute; with it, the streaming kernels of one call
+    are profiled in the sections that say how near the bandwidth they are (a stand-in ncu echoes its arguments)."""
+    from bench import gpu_tuning
+
+    monkeypatch.setattr(gpu_tuning, "_ncu", lambda: None)
+    assert "skipped" in gpu_tuning.ncu_profile()
+    fake = tmp_path / "ncu"
+    fake.write_text(f"#!{sys.executable}\nimport sys\nprint('==PROF== connected')\nprint(' '.join(sys.argv[1:]))\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(gpu_tuning, "_ncu", lambda: str(fake))
+    report = gpu_tuning.ncu_profile()
+    assert "exit 0" in report and "==PROF==" not in report
+    for part in ("chunk_stats|chunk_topn|finish_rows", "--launch-skip 6", "SpeedOfLight", "WarpStateStats",
+                 "atskern.sample(x, 100"):
+        assert part in report, part
