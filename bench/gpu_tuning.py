@@ -79,7 +79,7 @@ def launch_breakdown(rows, side, n, replace=False, repeats=20) -> list[str]:
     time; median of ``repeats``."""
     import cupy
 
-    from atskern.gpu import _launch, _module, sampling
+    from atskern.gpu import _module, sampling
 
     from .gpu_patches import _spin_kernel
 
@@ -95,17 +95,10 @@ def launch_breakdown(rows, side, n, replace=False, repeats=20) -> list[str]:
     times = {i: [] for i in range(len(steps))}
     for repeat in range(repeats + 2):
         events = [cupy.cuda.Event() for _ in range(len(steps) + 1)]
+        recorded = iter(events)
         _spin_kernel()((1,), (1,), (np.uint64(300_000),))  # 0.3 ms: the host queues every step meanwhile
-        events[0].record(stream)
-        for i, step in enumerate(steps):
-            if step == sampling.ZERO_STEP:
-                cupy.cuda.runtime.memsetAsync(memory.ptr, 0, lay.zeroed, stream.ptr)
-            elif step == sampling.SORT_STEP:
-                sampling.sort_keys(cupy, ws, n)
-            else:
-                name, grid, block, args = step
-                _launch.launch(sampling._handle(name, options, device), grid, block, args, stream.ptr)
-            events[i + 1].record(stream)
+        next(recorded).record(stream)
+        sampling.run_steps(steps, ws, n, lay, memory, options, device, after_step=lambda: next(recorded).record(stream))
         events[-1].synchronize()
         if repeat >= 2:
             for i in range(len(steps)):

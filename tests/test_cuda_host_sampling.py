@@ -708,3 +708,14 @@ def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace
     good[1] = False
     assert np.array_equal(np.asarray(indices)[good], cpu_i[good])
     assert_same_status(host_status, cpu_status)
+
+    # the step runner that sample() and the tuning probe share: every step issued, the hook called after each
+    p = gs.plan(4, weights.shape[1], n, replace, 32, 1, chunk=128)
+    lay = gs.layout(4, weights.shape[1], n, p, replace, logits, 2, np.dtype(dtype))
+    ws, again_i, again_p, memory = gs.allocate(lay, arrays=p.sort)
+    steps = gs.launches(weights, n, grid, seed, replace, logits, ws, p, again_i, again_p)
+    issued = []
+    device.launched.clear()
+    gs.run_steps(steps, ws, n, lay, memory, (), 0, after_step=lambda: issued.append(len(device.launched)))
+    assert issued == list(range(1, len(steps) + 1))
+    assert np.array_equal(np.asarray(again_i), want_i) and np.array_equal(gs.read_status(ws.status), want_status)

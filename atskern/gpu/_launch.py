@@ -39,7 +39,8 @@ _slots = _Slots()
 
 
 def _table(count: int):
-    """This thread's slots for ``count`` arguments: (writable bytes, address of the pointer table, packer)."""
+    """This thread's slots for ``count`` arguments: (writable bytes, address of the pointer table, packer, and the
+    two arrays behind them, kept alive with the entry)."""
     entry = _slots.by_count.get(count)
     if entry is None:
         values = np.zeros(max(count, 1), np.uint64)

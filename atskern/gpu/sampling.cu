@@ -104,7 +104,7 @@ struct TopN {
         BlockSort<4>::TempStorage sort4;
         BlockSort<8>::TempStorage sort8;
         BlockSort<ATS_SORT_ITEMS>::TempStorage sort_all;
-        long long summary[4][ATS_SELECT_THREADS];  // finish_rows' summary row, before its merge
+        long long summary[4][32];  // finish_rows' summary row, one entry per warp, before its merge
     } u;
     BlockOffsets::TempStorage scan;
 };
@@ -368,19 +368,21 @@ __device__ __forceinline__ V warp_sum(V value) {
     return value;
 }
 
-// The warp's largest (or smallest) value, in lane 0.
-__device__ __forceinline__ long long warp_extreme(long long value, bool largest) {
+// The warp's largest (smallest) value, in lane 0.
+template <typename V>
+__device__ __forceinline__ V warp_max(V value) {
     for (int offset = 16; offset > 0; offset >>= 1) {
-        const long long other = __shfl_down_sync(0xFFFFFFFFu, value, offset);
-        value = largest ? (other > value ? other : value) : (other < value ? other : value);
+        const V other = __shfl_down_sync(0xFFFFFFFFu, value, offset);
+        value = other > value ? other : value;
     }
     return value;
 }
 
-__device__ __forceinline__ double warp_max(double value) {
+template <typename V>
+__device__ __forceinline__ V warp_min(V value) {
     for (int offset = 16; offset > 0; offset >>= 1) {
-        const double other = __shfl_down_sync(0xFFFFFFFFu, value, offset);
-        value = other > value ? other : value;
+        const V other = __shfl_down_sync(0xFFFFFFFFu, value, offset);
+        value = other < value ? other : value;
     }
     return value;
 }
@@ -1023,9 +1025,9 @@ __device__ void summarize_rows(TopN& s, long long* status, long long rows) {
     }
     // each warp's extremes by shuffles, then thread 0 over the warps (not over every thread: a serial loop of
     // shared-memory reads was microseconds of a one-block finish)
-    nonfinite = warp_extreme(nonfinite, true);
-    negative = warp_extreme(negative, true);
-    positive = warp_extreme(positive, false);
+    nonfinite = warp_max(nonfinite);
+    negative = warp_max(negative);
+    positive = warp_min(positive);
     outside = warp_sum(outside);
     if ((threadIdx.x & 31u) == 0u) {
         const unsigned int warp = threadIdx.x >> 5;

@@ -122,8 +122,8 @@ class Workspace:
     """Device memory of one call (allocated with the caller's ``empty(shape, dtype)``)."""
 
     counters: object  # uint32 (4 * B,): per pass, chunk_stats blocks done and screened keys of each row
-    row_bound: object  # uint64 (B + 1,): the rows' shared bounds (complemented bits, 0: none), then finish_rows'
-    # count of blocks done
+    row_bound: object  # uint64 (B + 1,): the rows' shared bounds (complemented bits, 0: none), then the count of
+    #                    finish_rows blocks done
     rowmax: object  # uint64 (B,), logits only
     status: object  # int64 (B + 1, 4)
     stats: object  # float64 (B * nchunks * STATS,)
@@ -189,11 +189,11 @@ def workspace_specs(rows: int, size: int, n: int, p: Plan, replace: bool, logits
     }
 
 
-def workspace(empty, rows: int, size: int, n: int, p: Plan, replace: bool, logits: bool, status_empty=None) -> Workspace:
-    """The call's device memory from ``empty(shape, dtype)`` (the status from ``status_empty`` when given)."""
+def workspace(empty, rows: int, size: int, n: int, p: Plan, replace: bool, logits: bool) -> Workspace:
+    """The call's device memory from ``empty(shape, dtype)`` (the host build's; the CuPy path uses :func:`layout`
+    and :func:`allocate`)."""
     specs = workspace_specs(rows, size, n, p, replace, logits)
-    fields = {name: None if spec is None else empty(*spec) for name, spec in specs.items() if name != "status"}
-    return Workspace(status=(status_empty or empty)(*specs["status"]), **fields)
+    return Workspace(**{name: None if spec is None else empty(*spec) for name, spec in specs.items()})
 
 
 def _ptr(array):
@@ -218,8 +218,8 @@ def zero_workspace(ws: Workspace):
 
 def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: Workspace, p: Plan, indices, probs,
              seed_ptr=None) -> list:
-    """The kernel launches of one call, in order: ``(kernel name, grid, block, args)`` tuples (and
-    :data:`SORT_STEP` where all keys are sorted). ``seed_ptr`` (a device uint64 array) overrides ``seed``.
+    """The steps of one call, in order: :data:`ZERO_STEP` first, then ``(kernel name, grid, block, args)`` tuples
+    (and :data:`SORT_STEP` where all keys are sorted). ``seed_ptr`` (a device uint64 array) overrides ``seed``.
 
     The arguments are the arrays (or device addresses) and plain Python integers, in the kernels' parameter order;
     ``atskern.gpu._launch`` packs them, the host harness types them from the kernels' parameter lists."""
@@ -377,18 +377,28 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
     p = _cached_plan(rows, size, n, replace, threads, _multiprocessors(device_id), chunk)
     lay = layout(rows, size, n, p, replace, bool(logits), len(grid), weights.dtype)
     ws, indices, probs, memory = allocate(lay, arrays=p.sort)
-    options = compile_options(p.threads)
+    steps = launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_ptr)
+    run_steps(steps, ws, n, lay, memory, compile_options(p.threads), device_id)
+    return indices, probs, ws.status
+
+
+def run_steps(steps, ws: Workspace, n: int, lay: Layout, memory, options: tuple[str, ...], device_id: int,
+              after_step=None):
+    """Issue :func:`launches`' steps on CuPy's current stream: the memset over ``memory`` (from :func:`allocate`),
+    the sort step, and the kernels compiled with ``options``; ``after_step()`` is called after each (the tuning
+    probe records an event there)."""
+    cp = cupy()
     stream = cp.cuda.get_current_stream().ptr
-    for step in launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_ptr):
+    for step in steps:
         if step == ZERO_STEP:
             cp.cuda.runtime.memsetAsync(memory.ptr, 0, lay.zeroed, stream)
-            continue
-        if step == SORT_STEP:
+        elif step == SORT_STEP:
             sort_keys(cp, ws, n)
-            continue
-        name, grid_dims, block, args = step
-        _launch.launch(_handle(name, options, device_id), grid_dims, block, args, stream)
-    return indices, probs, ws.status
+        else:
+            name, grid_dims, block, args = step
+            _launch.launch(_handle(name, options, device_id), grid_dims, block, args, stream)
+        if after_step is not None:
+            after_step()
 
 
 class _Pinned(threading.local):
