@@ -221,6 +221,19 @@ def test_sampling_chunks_fill_the_device_in_whole_tiles():
         assert nchunks == 1 or rows * nchunks <= 2 * gs.BLOCKS_PER_SM * 132
 
 
+def test_sampling_chunks_never_spill_into_a_second_wave():
+    """Rows cut into pieces take at most one wave of resident blocks: 32 rows of 1024² on 132 SMs had 9 pieces a
+    row, 288 blocks for 264 slots, and the last 24 blocks doubled the time on the H100."""
+    from atskern.gpu import sampling as gs
+
+    slots = gs.BLOCKS_PER_SM * 132
+    for rows in (1, 7, 32, 100, 131, 264):
+        nchunks = -(-1024 * 1024 // gs.chunk_size(rows, 1024 * 1024, 256, multiprocessors=132))
+        assert rows * nchunks <= slots, rows
+        assert rows * (nchunks + 1) > slots or nchunks * gs.MIN_CHUNK >= 1024 * 1024  # and no fewer pieces than fit
+    assert -(-1024 * 1024 // gs.chunk_size(32, 1024 * 1024, 256, multiprocessors=132)) == 8
+
+
 def test_sampling_launch_sequence():
     """The launches of each path, in order, and their work space: the statistics (with each row's plan), the
     screening or selecting pass, the rescaling passes only for float64 (and logits), the sort fallback, the
