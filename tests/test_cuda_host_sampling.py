@@ -675,12 +675,12 @@ def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace
     """``atskern.gpu.sampling.sample`` itself (one allocation, the memset, the launches through packed slots) and
     ``read_status`` on the emulated device: the draws, probabilities and status of the host harness's direct path
     and of the CPU kernel, including a bad row and a float64 row that the rescaling pass redoes."""
-    from atskern.gpu import _launch
+    from atskern.gpu import _launch, _sequence
 
     names = sorted(kernel_parameters(gs.SOURCE))
     device = _EmulatedDevice(lib, names)
-    monkeypatch.setattr(gs, "cupy", lambda: device.module)
-    monkeypatch.setattr(_launch, "cupy", lambda: device.module)
+    for module in (gs, _launch, _sequence):
+        monkeypatch.setattr(module, "cupy", lambda: device.module)
     monkeypatch.setattr(gs, "_handle", lambda name, options, device_id: names.index(name))
     monkeypatch.setattr(gs, "_multiprocessors", lambda device_id: 1)
     rng = np.random.default_rng(31)
@@ -708,6 +708,11 @@ def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace
     good[1] = False
     assert np.array_equal(np.asarray(indices)[good], cpu_i[good])
     assert_same_status(host_status, cpu_status)
+    # the seed read from device memory by the kernels (its own recorded sequence: one more slot)
+    seed_array = np.array([seed], np.uint64).view(_DeviceArray)
+    by_device = gs.sample(weights, n, grid, 0, replace, logits=logits, seed_ptr=seed_array, threads=32, chunk=128)
+    assert np.array_equal(np.asarray(by_device[0]), want_i)
+    assert np.array_equal(np.asarray(by_device[1]).view(np.uint8), want_p.view(np.uint8))
 
     # the step runner that sample() and the tuning probe share: every step issued, the hook called after each
     p = gs.plan(4, weights.shape[1], n, replace, 32, 1, chunk=128)

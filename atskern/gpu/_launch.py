@@ -74,13 +74,18 @@ def pack(args) -> list:
     return [a & WORD if type(a) is int else word(a) for a in args]
 
 
+def bind_context(cp) -> None:
+    """Make the current device's primary context current where this thread has none (see the module docstring)."""
+    if cp.cuda.driver.ctxGetCurrent() == 0:
+        cp.cuda.runtime.free(0)
+
+
 def launch(function, grid, block, args, stream=None):
     """Launch ``function`` (a CuPy ``RawKernel`` of the current device, or its ``CUfunction`` address) on ``grid``
     x ``block`` (1 to 3 dims each) with ``args`` on ``stream`` (a CuPy stream or a ``CUstream`` address; default:
     CuPy's current stream). Asynchronous, CUDA-graph capturable."""
     cp = cupy()
-    if cp.cuda.driver.ctxGetCurrent() == 0:
-        cp.cuda.runtime.free(0)  # binds the current device's primary context to this thread
+    bind_context(cp)
     handle = function if type(function) is int else function.kernel.ptr
     if stream is None:
         stream = cp.cuda.get_current_stream().ptr

@@ -20,7 +20,7 @@ import threading
 import numpy as np
 
 from .._backend import cupy
-from . import _launch, _module
+from . import _launch, _module, _sequence
 
 SOURCE = "sampling.cu"
 MAX_SELECTION_N = 2048  # ATS_MAX_N in sampling.cu: larger n sorts every key of the row (cp.argsort)
@@ -227,7 +227,8 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
     suffix = _suffix(weights.dtype)
     double = weights.dtype == np.float64 or logits
     t, nchunks, chunk = p.threads, p.nchunks, p.chunk
-    n, seed, logits = int(n), int(seed), int(bool(logits))
+    n, logits = int(n), int(bool(logits))
+    seed = seed if isinstance(seed, _sequence.Slot) else int(seed)
     dims = len(grid)
     g = [int(s) for s in grid] + [1] * (3 - dims)
     geometry = (dims, g[0], g[1], g[2])
@@ -358,8 +359,45 @@ def allocate(lay: Layout, arrays: bool):
 
 
 _WORKSPACE_FIELDS = tuple(field.name for field in dataclasses.fields(Workspace))
-_cached_plan = functools.lru_cache(maxsize=1024)(plan)
 
+
+@dataclasses.dataclass(frozen=True)
+class RecordedCall:
+    """A call shape's plan, layout and packed launch sequence (None where the plan sorts every key: its sort step
+    is not a kernel of this module)."""
+
+    plan: Plan
+    layout: Layout
+    sequence: _sequence.LaunchSequence | None
+
+
+@functools.lru_cache(maxsize=256)
+def recorded_call(rows: int, size: int, n: int, grid: tuple, replace: bool, logits: bool, dtype, probs_dtype,
+                  threads: int, chunk, device_id: int, seed_on_device: bool, knobs: tuple) -> RecordedCall:
+    """The :class:`RecordedCall` of a call shape on device ``device_id``: :func:`launches` with the allocation's
+    offsets for the workspace, indices and probs, and slots for the weights, the seed and (``seed_on_device``) the
+    seed's device address, in that order. ``knobs`` (``BLOCKS_PER_SM``, ``MIN_BLOCKS``, ``SCREEN_UNROLL``: their
+    values now) keys the memo, so that a tuning change takes effect."""
+    p = plan(rows, size, n, replace, threads, _multiprocessors(device_id), chunk)
+    lay = layout(rows, size, n, p, replace, logits, len(grid), probs_dtype)
+    if p.sort:
+        return RecordedCall(p, lay, None)
+    weights = _sequence.Slot("weights", (rows, size), np.dtype(dtype))
+    seed, seed_ptr = _sequence.Slot("seed"), _sequence.Slot("seed_ptr") if seed_on_device else None
+    ws = Workspace(**{name: None if lay.specs[name] is None else _sequence.Offset(lay.offsets[name])
+                      for name in _WORKSPACE_FIELDS})
+    indices = _sequence.Offset(lay.offsets["indices"])
+    probs = _sequence.Offset(lay.offsets["probs"], lay.specs["probs"][1])
+    options = compile_options(threads)
+    steps = []
+    for step in launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_ptr):
+        if step == ZERO_STEP:
+            steps.append((_sequence.MEMSET, 0, lay.zeroed))
+        else:
+            name, grid_dims, block, args = step
+            steps.append((_handle(name, options, device_id), grid_dims, block, args))
+    slots = (weights, seed) + ((seed_ptr,) if seed_on_device else ())
+    return RecordedCall(p, lay, _sequence.LaunchSequence(steps, slots))
 
 
 def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, threads=None, chunk=None):
@@ -369,17 +407,29 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
     rounded as NumPy's cast rounds) and the int64 ``status``
     ``(B + 1, 4)``, all CuPy arrays on the current stream; nothing is read back. Every temporary comes from
     CuPy's current allocator (``cupy.cuda.using_allocator`` routes them elsewhere, e.g. to torch's).
+
+    The launches of a call shape are recorded once (:func:`recorded_call`) and replayed with the call's
+    allocation, weights and seed (``atskern.gpu._sequence``).
     """
     cp = cupy()
     rows, size = weights.shape
     threads = _module.THREADS_PER_BLOCK if threads is None else threads
     device_id = cp.cuda.runtime.getDevice()
-    p = _cached_plan(rows, size, n, replace, threads, _multiprocessors(device_id), chunk)
-    lay = layout(rows, size, n, p, replace, bool(logits), len(grid), weights.dtype)
-    ws, indices, probs, memory = allocate(lay, arrays=p.sort)
-    steps = launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_ptr)
-    run_steps(steps, ws, n, lay, memory, compile_options(p.threads), device_id)
-    return indices, probs, ws.status
+    call = recorded_call(rows, size, int(n), tuple(grid), bool(replace), bool(logits), weights.dtype, weights.dtype,
+                         threads, chunk, device_id, seed_ptr is not None, (BLOCKS_PER_SM, MIN_BLOCKS, SCREEN_UNROLL))
+    lay = call.layout
+    if call.sequence is None:
+        ws, indices, probs, memory = allocate(lay, arrays=True)
+        steps = launches(weights, n, grid, seed, replace, logits, ws, call.plan, indices, probs, seed_ptr)
+        run_steps(steps, ws, n, lay, memory, compile_options(call.plan.threads), device_id)
+        return indices, probs, ws.status
+    memory = cp.cuda.alloc(lay.total)
+    values = (weights, seed, seed_ptr) if seed_ptr is not None else (weights, seed)
+    call.sequence.replay(memory.ptr, values, cp.cuda.get_current_stream().ptr)
+    specs, offsets = lay.specs, lay.offsets
+    return (cp.ndarray(*specs["indices"], memptr=memory + offsets["indices"]),
+            cp.ndarray(*specs["probs"], memptr=memory + offsets["probs"]),
+            cp.ndarray(*specs["status"], memptr=memory + offsets["status"]))
 
 
 def run_steps(steps, ws: Workspace, n: int, lay: Layout, memory, options: tuple[str, ...], device_id: int,
