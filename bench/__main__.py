@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ._timing import Table, machine_description
 
-CPU_BENCHMARKS = ["sampling", "patches", "ats_dense"]
+CPU_BENCHMARKS = ["sampling", "patches", "ats_dense", "host_path"]
 GPU_BENCHMARKS = ["gpu_sampling", "gpu_patches", "gpu_ats"]
 BENCHMARKS = CPU_BENCHMARKS + GPU_BENCHMARKS
 OPTIONAL = ["xla", "slides"]  # run only when named with --only: xla (kernel vs ats.jax / ats.tf.xla); slides (needs atskern[slides,openslide,slides-bench] and torch)

@@ -25,7 +25,7 @@ def test_bench_quick_is_well_formed(tmp_path):
     assert "### Sampling without replacement" in result.stdout
     report = json.loads(out.read_text())
     assert {t["name"] for t in report["tables"]} == {"sampling", "sampling_fixed_cost", "patches", "ats_dense",
-                                                     "gpu_sampling", "gpu_patches", "gpu_ats"}
+                                                     "host_path", "gpu_sampling", "gpu_patches", "gpu_ats"}
     assert report["machine"]["numpy"] and report["machine"]["cores"] >= 1
     for table in report["tables"]:
         if table["skipped"]:
@@ -38,6 +38,9 @@ def test_bench_quick_is_well_formed(tmp_path):
     sampling = next(t for t in report["tables"] if t["name"] == "sampling")
     for row in sampling["rows"]:
         assert all(isinstance(v, float) and math.isfinite(v) and v > 0 for v in row[3:])
+    host = next(t for t in report["tables"] if t["name"] == "host_path")
+    assert [row[0] for row in host["rows"]] == ["atskern.sample", "atskern.extract_patches", "atskern.scatter_patches"]
+    assert all(isinstance(v, float) and v > 0 for v in host["rows"][0][2:])
     ats_rows = [row for row in next(t for t in report["tables"] if t["name"] == "ats_dense")["rows"]]
     assert any(str(row[2]).startswith("ATS") and isinstance(row[3], float) for row in ats_rows)
     assert any(row[2] == "dense" and isinstance(row[3], float) for row in ats_rows)
@@ -126,3 +129,24 @@ def test_ncu_profile_command_and_skip(tmp_path, monkeypatch):
     for part in ("chunk_stats|chunk_topn|finish_rows", "--launch-skip 6", "SpeedOfLight", "WarpStateStats",
                  "atskern.sample(x, 100"):
         assert part in report, part
+
+
+def test_host_path_stand_in_runs_the_gpu_calls_and_is_put_back():
+    """``bench.host_path``'s stand-in CuPy runs the GPU front ends end to end (shapes and dtypes of the results),
+    and whatever CuPy module and kernel handles were there before come back after the block."""
+    import numpy as np
+
+    import atskern
+    from atskern import _backend
+    from atskern.gpu import patches, sampling
+    from bench import _stand_in_cupy
+
+    before = (_backend._cupy, sampling._handle, sampling._multiprocessors, patches._handle)
+    with _stand_in_cupy.installed() as cp:
+        attention = cp.ndarray((2, 16, 16), np.float32)
+        indices, probs = atskern.sample(attention, 3, seed=1)
+        assert (indices.shape, indices.dtype, probs.shape, probs.dtype) == ((2, 3, 2), np.int32, (2, 3), np.float32)
+        assert _backend.is_cupy_array(indices)
+        out = atskern.extract_patches(cp.ndarray((2, 64, 64, 3), np.uint8), cp.ndarray((2, 5, 2), np.int32), 8)
+        assert (out.shape, out.dtype) == ((2, 5, 8, 8, 3), np.uint8)
+    assert (_backend._cupy, sampling._handle, sampling._multiprocessors, patches._handle) == before
