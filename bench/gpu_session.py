@@ -44,9 +44,9 @@ TEST_FILES = ["test_gpu_sampling.py", "test_torch_gpu.py", "test_patches.py", "t
 """The files that hold GPU cases and import neither TensorFlow nor Keras at collection (the GPU machines have
 neither); ``test_gpu_session_test_files_cover_every_gpu_case`` keeps the list complete."""
 TEST_SECONDS = 140
-SANITIZER_SECONDS = 110
-TUNING_SECONDS = (60, 15)
-TUNING_PARTS = ["--only", "breakdown", "--only", "ncu"]
+SANITIZER_SECONDS = 150
+TUNING_SECONDS = (90, 15)
+TUNING_PARTS = ["--only", "breakdown", "--only", "finish", "--only", "ncu"]
 """The tuning step: each kernel's GPU time, then Nsight Compute on the streaming kernels (skipped without ncu; in
 quick mode only the breakdown runs)."""
 

@@ -97,12 +97,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sampling-only", action="store_true", help="only the sampling kernels (for racecheck)")
     args = parser.parse_args(argv)
+    from atskern.gpu import sampling as gpu_sampling
+
     cupy.cuda.set_allocator(None)  # exact allocations for the sanitizer
     rng = np.random.default_rng(0)
     if not args.sampling_only:
         patches(cupy, atskern, rng)
-    sampling(cupy, atskern, rng)
-    unvalidated_bad_rows(cupy, atskern, rng)
+    saved = gpu_sampling.FUSED_FINISH
+    try:
+        for fused in (False, True):  # rows finished by finish_rows, and by their last select_rows block
+            gpu_sampling.FUSED_FINISH = fused
+            sampling(cupy, atskern, rng)
+            unvalidated_bad_rows(cupy, atskern, rng)
+    finally:
+        gpu_sampling.FUSED_FINISH = saved
     cupy.cuda.Device().synchronize()
     print("gpu smoke: all results equal the CPU kernels")
     return 0

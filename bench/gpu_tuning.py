@@ -147,6 +147,50 @@ def config_table(quick: bool) -> str:
     return "\n".join(lines)
 
 
+def finish_table(quick: bool) -> str:
+    """``atskern.sample`` with each row finished by a ``finish_rows`` launch against by its last ``select_rows``
+    block (``FUSED_FINISH``), in one process, alternating, draws and probabilities checked equal; then the GPU time
+    per launch of the fused plan. The knob's default is set from this table."""
+    import cupy
+
+    import atskern
+    from atskern.gpu import sampling
+
+    lines = ["| B | grid | n | finish_rows: GPU ms (wall ms) | select_rows: GPU ms (wall ms) | wall: finish_rows / "
+             "select_rows |", "|---|---|---|---|---|---|"]
+    rng = np.random.default_rng(0)
+    saved = sampling.FUSED_FINISH
+    try:
+        for rows, side, n in (CASES[:2] if quick else CASES):
+            attention = cupy.asarray(rng.random((rows, side, side), dtype=np.float32) + np.float32(1e-3))
+            drawn, timed = {}, {False: [], True: []}
+            for fused in (False, True):
+                sampling.FUSED_FINISH = fused
+                indices, probs = atskern.sample(attention, n, seed=3)
+                drawn[fused] = (indices.get(), probs.get())
+            if not all(np.array_equal(a, b) for a, b in zip(drawn[False], drawn[True])):
+                raise AssertionError(f"select_rows draws differ from finish_rows' at {(rows, side, n)}")
+            for _ in range(2 if quick else 4):  # alternating, so drift on a shared machine hits both
+                for fused in (False, True):
+                    sampling.FUSED_FINISH = fused
+                    timed[fused].append(_gpu.timings(lambda: atskern.sample(attention, n, seed=3),
+                                                     repeats=10 if quick else 25))
+            cells = {fused: (statistics.median(t["gpu"] for t in timed[fused]),
+                             statistics.median(t["wall"] for t in timed[fused])) for fused in timed}
+            lines.append(f"| {rows} | {side}² | {n} | {cells[False][0]:.3f} ({cells[False][1]:.3f}) | "
+                         f"{cells[True][0]:.3f} ({cells[True][1]:.3f}) | {cells[False][1] / cells[True][1]:.2f} |")
+            del attention
+            cupy.get_default_memory_pool().free_all_blocks()
+        sampling.FUSED_FINISH = True
+        lines += ["", "GPU time per launch with FUSED_FINISH = True:", "",
+                  "| B | grid | n | replace | chunk x chunks | launch | GPU us (queued) |", "|---|---|---|---|---|---|---|"]
+        for rows, side, n in CASES[:2]:
+            lines += launch_breakdown(rows, side, n)
+    finally:
+        sampling.FUSED_FINISH = saved
+    return "\n".join(lines)
+
+
 def torch_step_profile(batch: int = 8, size: int = 1500, steps: int = 5) -> str:
     """torch's profiler over ``steps`` ATS training steps of ``bench.torch_ats`` on CUDA: the top operators by
     host time, and host against CUDA time per step (where a step's time goes when it is host-bound)."""
@@ -284,10 +328,11 @@ def ncu_profile(timeout: float = 120.0) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--only", choices=["registers", "breakdown", "configs", "torch-profile", "host-profile", "ncu"],
+    parser.add_argument("--only", choices=["registers", "breakdown", "finish", "configs", "torch-profile", "host-profile",
+                                           "ncu"],
                         action="append", help="run only these parts (repeatable; default all but ncu)")
     args = parser.parse_args(argv)
-    parts = set(args.only or ["registers", "breakdown", "configs", "torch-profile", "host-profile"])
+    parts = set(args.only or ["registers", "breakdown", "finish", "configs", "torch-profile", "host-profile"])
     reason = _gpu.unavailable()
     if reason:
         print(f"skipped: {reason}")
@@ -296,6 +341,9 @@ def main(argv=None) -> int:
         print("### Registers per compile option\n\n" + register_table() + "\n", flush=True)
     if "breakdown" in parts:
         print("### GPU time per launch (default configuration)\n\n" + breakdown_table(args.quick) + "\n", flush=True)
+    if "finish" in parts:
+        print("### Rows finished apart or in the selecting launch (FUSED_FINISH)\n\n" + finish_table(args.quick) + "\n",
+              flush=True)
     if "configs" in parts:
         print("### Configurations\n\n" + config_table(args.quick) + "\n", flush=True)
     if "torch-profile" in parts:

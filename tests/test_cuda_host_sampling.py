@@ -55,22 +55,30 @@ def lib(libs):
     return libs(32)
 
 
+@pytest.fixture(params=[False, True], ids=["finish_rows", "select_rows"])
+def finish(request, monkeypatch):
+    """Each row finished by a finish_rows launch, or by its last select_rows block (gs.FUSED_FINISH)."""
+    monkeypatch.setattr(gs, "FUSED_FINISH", request.param)
+    return request.param
+
+
 def _garbage(shape, dtype):
     """Work space full of a byte pattern, so a kernel that reads what it never wrote shows up."""
     return np.full(int(np.prod(shape)) * np.dtype(dtype).itemsize, 0xA5, np.uint8).view(dtype).reshape(shape)
 
 
 def host_sample(lib, attention, n, *, seed, replace=False, logits=False, threads=32, chunk=128, seed_array=None,
-                capacity=None, keep=None, probs_dtype=np.float64):
+                capacity=None, keep=None, probs_dtype=np.float64, fused=None):
     """``atskern.gpu.sampling.sample`` with the host build: (indices, float64 probs, status, plan). ``threads``
     must be the ATS_SELECT_THREADS ``lib`` was built with. ``capacity`` overrides the plan's screening buffer (0:
     every row selected chunk by chunk); ``keep`` (a dict) receives the workspace; ``probs_dtype`` is float64 (the
-    tests' precision) or float32 (as the CuPy path writes float32 maps' probabilities)."""
+    tests' precision) or float32 (as the CuPy path writes float32 maps' probabilities); ``fused`` overrides
+    gs.FUSED_FINISH."""
     rows = attention.shape[0]
     grid = attention.shape[1:]
     weights = np.ascontiguousarray(attention).reshape(rows, -1)
     size = weights.shape[1]
-    p = gs.plan(rows, size, n, replace, threads, multiprocessors=1, chunk=chunk)
+    p = gs.plan(rows, size, n, replace, threads, multiprocessors=1, chunk=chunk, fused=fused)
     if capacity is not None:
         p = dataclasses.replace(p, capacity=capacity)
     ws = gs.workspace(_garbage, rows, size, n, p, replace, logits)
@@ -130,6 +138,7 @@ def independent_probs(attention, flat, logits=False):
     return np.where(drawn > 0, drawn / w.sum(axis=1, keepdims=True), 0.0)
 
 
+@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("replace", [False, True], ids=["successive", "replace"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_host_draws_equal_cpu_and_reference(lib, dtype, replace):
@@ -148,6 +157,7 @@ def test_host_draws_equal_cpu_and_reference(lib, dtype, replace):
         assert_same_status(status, cpu_status)
 
 
+@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("screen", [True, False], ids=["screened", "selected"])
 @pytest.mark.parametrize("threads, chunk, ns", [(32, 128, (1, 40)), (64, 256, (3, 100)), (32, 1024, (200,))])
 def test_host_many_blocks_share_one_bound(libs, threads, chunk, ns, screen):
@@ -181,6 +191,7 @@ def _large_n_rows(rng):
     return rows
 
 
+@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("threads, n", [(32, 1921), (32, 2048), (64, 2048)])
 def test_host_large_n_selected_in_shared_memory(libs, threads, n):
     """n up to MAX_SELECTION_N without the full sort: the chunks' buffers compact with the block radix sort (a
@@ -214,15 +225,18 @@ LEVELS = [0.0, 5e-324, 1e-300, 0.25, 1.0, 1.0 + 2**-52, 3.0]  # zeros, +inf keys
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.integers(1, 3), size=st.integers(1, 700), n_fraction=st.floats(0.0, 1.0),
        levels=st.lists(st.sampled_from(LEVELS), min_size=1, max_size=4, unique=True),
-       chunk=st.sampled_from([128, 256, 512]), seed=st.integers(0, 2**64 - 1), screen=st.booleans())
-def test_host_fuzz_ties_fillers_and_chunks(lib, rows, size, n_fraction, levels, chunk, seed, screen):
+       chunk=st.sampled_from([128, 256, 512]), seed=st.integers(0, 2**64 - 1), screen=st.booleans(),
+       fused=st.booleans())
+def test_host_fuzz_ties_fillers_and_chunks(lib, rows, size, n_fraction, levels, chunk, seed, screen, fused):
     """Rows drawn from a few weight levels (many equal keys, exact +inf ties, zeros: fillers, rows that the
     scale-free pass redoes), any n and chunking: the host build draws as the reference and the CPU kernel."""
     rng = np.random.default_rng(seed % 2**32)
     attention = rng.choice(np.array(levels), size=(rows, size))
     attention[np.arange(rows), rng.integers(0, size, rows)] = max(max(levels), 5e-324)  # a positive cell a row
     n = max(1, int(round(n_fraction * size)))
-    indices, probs, status, _ = host_sample(lib, attention, n, seed=seed, chunk=chunk, capacity=None if screen else 0)
+    indices, probs, status, p = host_sample(lib, attention, n, seed=seed, chunk=chunk, capacity=None if screen else 0,
+                                            fused=fused)
+    assert p.fused == (fused and not p.sort)
     ref_i, _ = reference.sample(attention, n, seed=seed)
     cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, seed, False)
     assert np.array_equal(indices, ref_i) and np.array_equal(indices, cpu_i)
@@ -244,6 +258,9 @@ def test_host_sort_fallback_for_large_n(lib):
     assert np.array_equal(indices, cpu_i)
     np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
     assert_same_status(status, cpu_status)
+
+
+@pytest.mark.usefixtures("finish")
 
 
 def test_host_fillers_underflow_and_logits(lib):
@@ -272,6 +289,7 @@ def test_host_fillers_underflow_and_logits(lib):
         assert_same_status(status, cpu_status)
 
 
+@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("replace", [False, True], ids=["successive", "replace"])
 def test_host_scale_free_rows(lib, replace):
     """float64 rows at 1e-320 and 1e300: the rescaling pass (pass 1) gives the exact distribution, the same
@@ -286,6 +304,9 @@ def test_host_scale_free_rows(lib, replace):
     flat = flat_positions(indices, (300,))
     np.testing.assert_allclose(probs, independent_probs(base[None].repeat(4, 0), flat), rtol=1e-12)
     assert status[-1, v.STATUS_EXPONENT] == 3  # three rows outside SCALE_FREE_EXPONENTS were redone
+
+
+@pytest.mark.usefixtures("finish")
 
 
 def test_host_bad_rows_stay_in_range(lib):
@@ -304,6 +325,9 @@ def test_host_bad_rows_stay_in_range(lib):
         assert (probs[:4] == 0).all() and (probs[4] > 0).all()
         with pytest.raises(ValueError, match="attention row 0 contains NaN or inf"):
             v.check_status(status, 6, replace, False, False)
+
+
+@pytest.mark.usefixtures("finish")
 
 
 def test_host_seed_from_device_memory(lib):
@@ -332,6 +356,7 @@ def _merge_rows(rng, size):
     return rows
 
 
+@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("n", [9, 60, 400])
 def test_host_merge_takes_list_prefixes_under_the_bound(lib, n):  # every row selected: no screening buffer
     """finish_rows with many chunk lists (47 chunks, more than the 32 threads of a block: the chunk scan and the
@@ -405,6 +430,9 @@ def test_plan_spreads_small_maps_over_many_short_blocks():
     assert huge.nchunks * 2048 < gs.MAX_SLOTS
 
 
+@pytest.mark.usefixtures("finish")
+
+
 def test_host_summary_row_without_its_own_launch(lib):
     """The first finish_rows writes the summary row (its last block to finish, counted in row_bound[rows]), in
     every plan: the fused pass, the rescaling pass, with replacement, and the sort fallback, whose presorted
@@ -424,6 +452,9 @@ def test_host_summary_row_without_its_own_launch(lib):
         assert_same_status(status, cpu_status)
         assert status[2, v.STATUS_POSITIVE] == 2300 and status[-1, v.STATUS_EXPONENT] == 2
         assert status[-1, v.STATUS_NONFINITE] == 1 and status[-1, v.STATUS_POSITIVE] == 300
+
+
+@pytest.mark.usefixtures("finish")
 
 
 def test_host_summary_row_reduces_across_warps(libs):
@@ -669,6 +700,7 @@ class _EmulatedDevice:
         self.launched.append(name)
 
 
+@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("replace, logits", [(False, False), (True, False), (False, True)])
 def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace, logits):
@@ -697,7 +729,9 @@ def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace
     host_status = gs.read_status(status)
     suffix = "f32" if dtype == np.float32 else "f64"
     assert device.launched[0] == "memset" and device.launched.count("memset") == 1
-    assert device.launched[-1] == (f"replacement_draws_{suffix}" if replace else f"finish_rows_{suffix}")
+    last = "replacement_draws" if replace else "select_rows" if gs.FUSED_FINISH else "finish_rows"
+    assert device.launched[-1] == f"{last}_{suffix}"
+    assert (f"chunk_topn_{suffix}" in device.launched) == (not replace and not gs.FUSED_FINISH)
     want_i, want_p, want_status, _ = host_sample(lib, attention, n, seed=seed, replace=replace, logits=logits,
                                                  probs_dtype=dtype)
     assert np.array_equal(np.asarray(indices), want_i)

@@ -15,6 +15,15 @@ from .conftest import HAS_GPU
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")]
 
 
+@pytest.fixture(params=[False, True], ids=["finish_rows", "select_rows"])
+def finish(request, monkeypatch):
+    """Each row finished by a finish_rows launch, or by its last select_rows block in the selecting launch."""
+    from atskern.gpu import sampling as gs
+
+    monkeypatch.setattr(gs, "FUSED_FINISH", request.param)
+    return request.param
+
+
 def _bad_rows(dtype=np.float32):
     attention = np.random.default_rng(0).random((6, 40, 30)).astype(dtype) + 0.01
     attention[1, 3, 4] = np.nan
@@ -24,6 +33,7 @@ def _bad_rows(dtype=np.float32):
     return attention
 
 
+@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("replace", [False, True])
 def test_validation_messages_equal_the_cpu_path(replace):
     import cupy as cp
@@ -48,6 +58,7 @@ def test_validation_messages_equal_the_cpu_path(replace):
     assert str(gpu_error.value) == str(cpu_error.value)
 
 
+@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("replace", [False, True])
 def test_validate_false_gives_the_documented_result(replace):
     """Bad rows: in-range indices, probs exactly 0, the status left on the device; check_status raises later."""
@@ -82,6 +93,7 @@ def test_device_seed_draws_as_the_int_seed(replace, logits):
     np.testing.assert_allclose(got[1].get(), want[1], rtol=1e-12)
 
 
+@pytest.mark.usefixtures("finish")
 def test_scale_free_and_large_n_on_the_device():
     import cupy as cp
 
@@ -109,6 +121,7 @@ def _large_n_rows(dtype):
     return np.stack(rows).astype(dtype)
 
 
+@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("threads", [32, 256])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_large_n_selected_on_the_device(monkeypatch, threads, dtype):
@@ -146,6 +159,7 @@ def _screening_rows(dtype, size):
     return rows.astype(dtype)
 
 
+@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("capacity", ["planned", "tight"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [1, 10, 100])

@@ -39,9 +39,10 @@ def handles(monkeypatch):
 
 
 def _knobs():
-    return gs.BLOCKS_PER_SM, gs.MIN_BLOCKS, gs.SCREEN_UNROLL
+    return gs.BLOCKS_PER_SM, gs.MIN_BLOCKS, gs.SCREEN_UNROLL, gs.FUSED_FINISH
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["finish_rows", "select_rows"])
 @pytest.mark.parametrize("rows, size, n, replace, logits, dtype, seed_on_device", [
     (1, 65536, 10, False, False, np.float32, False),
     (32, 1 << 20, 100, False, False, np.float32, True),
@@ -49,10 +50,12 @@ def _knobs():
     (2, 70000, 50, False, True, np.float64, True),
     (4, 9000, 12, True, True, np.float32, True),
 ])
-def test_replay_words_are_the_launch_lists_words(handles, rows, size, n, replace, logits, dtype, seed_on_device):
+def test_replay_words_are_the_launch_lists_words(handles, monkeypatch, rows, size, n, replace, logits, dtype,
+                                                 seed_on_device, fused):
     """Every launch of a recorded call replayed at an allocation gets the words ``_launch.pack`` makes of
     ``launches()`` built with that allocation's addresses, the weights' address and the seed; the memset comes
     first and clears the zeroed fields; handles, grids and blocks are the launch lists'."""
+    monkeypatch.setattr(gs, "FUSED_FINISH", fused)
     grid = (size,) if size % 2 else (2, size // 2)
     call = gs.recorded_call(rows, size, n, grid, replace, logits, np.dtype(dtype), np.dtype(dtype), 256, None, 0,
                             seed_on_device, _knobs())
@@ -68,6 +71,7 @@ def test_replay_words_are_the_launch_lists_words(handles, rows, size, n, replace
     indices = _DeviceArray(*lay.specs["indices"], BASE + lay.offsets["indices"])
     probs = _DeviceArray(*lay.specs["probs"], BASE + lay.offsets["probs"])
     steps = gs.launches(weights, n, grid, seed, replace, logits, ws, call.plan, indices, probs, seed_array)
+    assert call.plan.fused == (fused and not replace)
     assert steps[0] == gs.ZERO_STEP and call.sequence.ops[0] == (_sequence.MEMSET, 0, lay.zeroed)
     assert len(call.sequence.ops) == len(steps)
     for op, step in zip(call.sequence.ops[1:], steps[1:]):

@@ -29,7 +29,9 @@
 //                  fillers (rule R1), and writes grid coordinates and probabilities. The block that counts itself
 //                  done last (pass 0) also writes the status's summary row (what the host reads back when
 //                  validating).
-//   (float64 only) chunk_stats, chunk_topn and finish_rows again with pass = 1: rows whose largest weight's
+//   select_rows    (a plan with `fused`, atskern.gpu.sampling.FUSED_FINISH) chunk_topn and finish_rows in one launch:
+//                  each (row, chunk) block selects, and the row's last block to count itself done finishes the row.
+//   (float64 only) chunk_stats, chunk_topn and finish_rows (or select_rows) again with pass = 1: rows whose largest weight's
 //                  exponent is outside SCALE_FREE_EXPONENTS are redone on weights times 2^-exponent (exact), every
 //                  other block returns at once: the CPU's scale-free rule without a host round trip.
 // With replacement chunk_stats gathers the statistics (short chunks) and replacement_draws finds each draw with one
@@ -427,11 +429,14 @@ __device__ void reduce_stats(BlockStats& b, double* out, double sum, double top,
     }
 }
 
-// counters (4 * rows): per pass, the row's chunk_stats blocks done (ATS_DONE), then its screened keys (ATS_SCREENED).
+// counters (6 * rows): per pass, the row's chunk_stats blocks done (ATS_DONE), its screened keys (ATS_SCREENED) and
+// its select_rows blocks done (ATS_SELECTED).
 #define ATS_DONE 0
 #define ATS_SCREENED 1
+#define ATS_SELECTED 2
+#define ATS_COUNTER_KINDS 3
 __device__ __forceinline__ long long counter_at(int pass, int kind, long long rows, long long row) {
-    return (2LL * pass + kind) * rows + row;
+    return ((long long)ATS_COUNTER_KINDS * pass + kind) * rows + row;
 }
 
 // The largest finite logit of each row: block (row, chunk) reduces its chunk and atomicMax-es the row's slot.
@@ -742,8 +747,40 @@ __device__ __forceinline__ ChunkItem chunk_item(long long size, int nchunks, lon
     return c;
 }
 
-// One block per (row, chunk), after chunk_stats: a screened row's keys at most its plan's t into the row's buffer
-// (screen_range), a selected row's chunk n smallest keys into the chunk's candidate list (select_range).
+// Block (row, chunk) after chunk_stats: a screened row's keys at most its plan's t into the row's buffer
+// (screen_range), a selected row's chunk n smallest keys into the chunk's candidate list (select_range); nothing for
+// pass 0 of a row that pass 1 redoes. Called by every thread of the block (c not skipped).
+template <typename T>
+__device__ void chunk_select(TopN& s, BlockStats& block_stats, const ChunkItem& c, const T* __restrict__ weights,
+                             long long size, int n, unsigned long long seed,
+                             const unsigned long long* __restrict__ seed_ptr, int logits,
+                             const unsigned long long* __restrict__ rowmax, int pass,
+                             unsigned long long* __restrict__ row_bound, double* __restrict__ cand_keys,
+                             long long* __restrict__ cand_idx, int* __restrict__ cand_count, int capacity,
+                             const double* __restrict__ row_plan, unsigned int* __restrict__ counters,
+                             double* __restrict__ screen_keys, long long* __restrict__ screen_idx) {
+    const long long item = c.item, rows = c.rows, row = c.row, start = c.start, stop = c.stop;
+    const double plan = row_plan[pass * rows + row];
+    if (plan == ATS_PLAN_SKIP) return;  // pass 0 of a row that pass 1 redoes
+    seed = effective_seed(seed, seed_ptr);
+    const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
+    const T* row_weights = weights + row * size;
+    if (plan < ATS_INF) {  // block-uniform
+        screen_range(row_weights, row, start, stop, seed, logits, top_logit, c.shift, plan,
+                     counters + counter_at(pass, ATS_SCREENED, rows, row), capacity, screen_keys + row * capacity,
+                     screen_idx + row * capacity);
+        return;
+    }
+    const int kept = select_range(s, block_stats, row_weights, row, start, stop, n, seed, logits, top_logit, c.shift,
+                                  row_bound);
+    for (int i = threadIdx.x; i < kept; i += blockDim.x) {
+        cand_keys[item * n + i] = __longlong_as_double((long long)s.u.list.keys[i]);
+        cand_idx[item * n + i] = start + s.u.list.values[i];
+    }
+    if (threadIdx.x == 0) cand_count[item] = kept;
+}
+
+// One block per (row, chunk): chunk_select (finish_rows then finishes the rows).
 template <typename T>
 __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nchunks, long long chunk, int n,
                            unsigned long long seed, const unsigned long long* __restrict__ seed_ptr, int logits,
@@ -756,26 +793,8 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
     __shared__ BlockStats block_stats;
     const ChunkItem c = chunk_item<T>(size, nchunks, chunk, logits, pass, status);
     if (c.skip) return;  // the whole block
-    const long long item = c.item, rows = c.rows, row = c.row, start = c.start, stop = c.stop;
-    const int shift = c.shift;
-    const double plan = row_plan[pass * rows + row];
-    if (plan == ATS_PLAN_SKIP) return;  // pass 0 of a row that pass 1 redoes
-    seed = effective_seed(seed, seed_ptr);
-    const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
-    const T* row_weights = weights + row * size;
-    if (plan < ATS_INF) {  // block-uniform
-        screen_range(row_weights, row, start, stop, seed, logits, top_logit, shift, plan,
-                     counters + counter_at(pass, ATS_SCREENED, rows, row), capacity, screen_keys + row * capacity,
-                     screen_idx + row * capacity);
-        return;
-    }
-    const int kept = select_range(s, block_stats, row_weights, row, start, stop, n, seed, logits, top_logit, shift,
-                                  row_bound);
-    for (int i = threadIdx.x; i < kept; i += blockDim.x) {
-        cand_keys[item * n + i] = __longlong_as_double((long long)s.u.list.keys[i]);
-        cand_idx[item * n + i] = start + s.u.list.values[i];
-    }
-    if (threadIdx.x == 0) cand_count[item] = kept;
+    chunk_select<T>(s, block_stats, c, weights, size, n, seed, seed_ptr, logits, rowmax, pass, row_bound, cand_keys,
+                    cand_idx, cand_count, capacity, row_plan, counters, screen_keys, screen_idx);
 }
 
 #define ATS_CHUNK_TOPN(suffix, T)                                                                                     \
@@ -906,10 +925,10 @@ struct RowInfo {
 // How many leading entries of a list sorted by key are at most `bound`: a galloping then a binary search, about
 // 2 log2(answer) reads (a chunk's list mostly holds few keys under a good bound).
 __device__ int prefix_at_most(const double* keys, int count, double bound) {
-    if (count <= 0 || !(keys[0] <= bound)) return 0;
+    if (count <= 0 || !(__ldcg(keys) <= bound)) return 0;
     int good = 1, bad = count + 1;  // keys[good - 1] <= bound; bad: count + 1 or keys[bad - 1] > bound
     for (int probe = 2; probe <= count; probe *= 2) {
-        if (keys[probe - 1] <= bound) {
+        if (__ldcg(keys + probe - 1) <= bound) {
             good = probe;
         } else {
             bad = probe;
@@ -918,7 +937,7 @@ __device__ int prefix_at_most(const double* keys, int count, double bound) {
     }
     while (bad - good > 1) {
         const int mid = good + (bad - good) / 2;
-        if (keys[mid - 1] <= bound) {
+        if (__ldcg(keys + mid - 1) <= bound) {
             good = mid;
         } else {
             bad = mid;
@@ -947,7 +966,7 @@ __device__ __noinline__ int merge_lists(TopN& s, int* lens, int* offs, const dou
         if (heads >= n) {
             for (int e = threadIdx.x; e < heads; e += blockDim.x) {
                 const int c = e / j, i = e - c * j;
-                s.u.list.keys[e] = i < counts[c] ? key_bits(keys[(long long)c * n + i]) : ATS_PAD_KEY;
+                s.u.list.keys[e] = i < __ldcg(counts + c) ? key_bits(__ldcg(keys + (long long)c * n + i)) : ATS_PAD_KEY;
                 s.u.list.values[e] = (unsigned int)e;
             }
             sort_list(s, heads, n, 32);
@@ -961,7 +980,7 @@ __device__ __noinline__ int merge_lists(TopN& s, int* lens, int* offs, const dou
     int total = 0;  // block-uniform
     for (int c0 = 0; c0 < nchunks; c0 += ATS_SELECT_THREADS) {
         const int c = c0 + (int)threadIdx.x;
-        const int len = c < nchunks ? prefix_at_most(keys + (long long)c * n, counts[c], bound) : 0;
+        const int len = c < nchunks ? prefix_at_most(keys + (long long)c * n, __ldcg(counts + c), bound) : 0;
         int at = 0, sum = 0;
         BlockOffsets(s.scan).ExclusiveSum(len, at, sum);
         lens[threadIdx.x] = len;
@@ -972,7 +991,7 @@ __device__ __noinline__ int merge_lists(TopN& s, int* lens, int* offs, const dou
             for (int l = warp; l < here; l += ATS_SELECT_THREADS / 32) {  // a warp per chunk, a lane per entry
                 for (int i = lane; i < lens[l]; i += 32) {
                     const long long slot = (long long)(c0 + l) * n + i;
-                    s.u.list.keys[offs[l] + i] = key_bits(keys[slot]);
+                    s.u.list.keys[offs[l] + i] = key_bits(__ldcg(keys + slot));
                     s.u.list.values[offs[l] + i] = (unsigned int)slot;
                 }
             }
@@ -997,8 +1016,8 @@ __device__ __noinline__ int merge_lists(TopN& s, int* lens, int* offs, const dou
             // blocked: a thread's slots are consecutive, so the block offers them in slot order
             const long long slot = tile + ATS_PER_THREAD * (long long)threadIdx.x + lane_;
             if (slot >= offers) break;
-            if ((int)(slot % n) >= counts[slot / n]) continue;
-            offer_keys[lane_] = keys[slot];
+            if ((int)(slot % n) >= __ldcg(counts + slot / n)) continue;
+            offer_keys[lane_] = __ldcg(keys + slot);
             slots[lane_] = (unsigned int)slot;
             offered[lane_] = offer_keys[lane_] <= limit;
         }
@@ -1059,7 +1078,7 @@ __device__ void summarize_rows(TopN& s, long long* status, long long rows) {
 __device__ int sort_screened(TopN& s, const double* __restrict__ keys, const long long* __restrict__ positions,
                              int count, int n) {
     for (int i = threadIdx.x; i < count; i += blockDim.x) {
-        s.u.list.keys[i] = key_bits(keys[i]);
+        s.u.list.keys[i] = key_bits(__ldcg(keys + i));
         s.u.list.values[i] = (unsigned int)i;
     }
     sort_list(s, count, count);
@@ -1071,7 +1090,8 @@ __device__ int sort_screened(TopN& s, const double* __restrict__ keys, const lon
                 const unsigned long long key = s.u.list.keys[i];
                 const unsigned int slot = s.u.list.values[i];
                 int j = i;
-                for (; j > 0 && s.u.list.keys[j - 1] == key && positions[s.u.list.values[j - 1]] > positions[slot]; --j) {
+                for (; j > 0 && s.u.list.keys[j - 1] == key &&
+                       __ldcg(positions + s.u.list.values[j - 1]) > __ldcg(positions + slot); --j) {
                     s.u.list.keys[j] = s.u.list.keys[j - 1];
                     s.u.list.values[j] = s.u.list.values[j - 1];
                 }
@@ -1092,7 +1112,7 @@ __device__ int sort_screened(TopN& s, const double* __restrict__ keys, const lon
 #endif
 __device__ int rank_screened(TopN& s, const double* __restrict__ keys, const long long* __restrict__ positions,
                              int count, int n) {
-    for (int i = threadIdx.x; i < count; i += blockDim.x) s.u.list.keys[i] = key_bits(keys[i]);
+    for (int i = threadIdx.x; i < count; i += blockDim.x) s.u.list.keys[i] = key_bits(__ldcg(keys + i));
     __syncthreads();
     for (int i = threadIdx.x; i < count; i += blockDim.x) {
         const unsigned long long key = s.u.list.keys[i];
@@ -1103,8 +1123,8 @@ __device__ int rank_screened(TopN& s, const double* __restrict__ keys, const lon
             equal += other == key;
         }
         if (equal > 1) {  // ties (itself included once): the lower positions first
-            const long long position = positions[i];
-            for (int j = 0; j < count; ++j) rank += s.u.list.keys[j] == key && positions[j] < position;
+            const long long position = __ldcg(positions + i);
+            for (int j = 0; j < count; ++j) rank += s.u.list.keys[j] == key && __ldcg(positions + j) < position;
         }
         if (rank < n) s.u.list.values[rank] = (unsigned int)i;
     }
@@ -1122,25 +1142,32 @@ __device__ __noinline__ int select_row(TopN& s, BlockStats& block_stats, const T
                         (unsigned long long*)nullptr);
 }
 
-// One block per row: merge the chunks' candidate lists (or sort a screened row's keys), status, fillers,
-// coordinates and probabilities. select = 0 (with replacement): the status only.
+// The shared memory of a row's finish besides the selection buffer and the block statistics.
+struct FinishShared {
+    RowInfo info;
+    int lens[ATS_SELECT_THREADS];
+    int offs[ATS_SELECT_THREADS];
+};
+
+// Row `row` of `rows` by one block: merge the row's candidate lists (or sort a screened row's keys), status,
+// fillers, coordinates and probabilities. select = 0 (with replacement): the status only. Run by finish_rows (a
+// block per row) or by the row's last select_rows block, which reads what the row's other blocks wrote during the
+// same launch: such data (lists, counts, screened keys and positions, counters) is read with __ldcg, at the L2
+// where the writers' fence and count put it, never from this SM's L1.
 template <typename T>
-__device__ void finish_rows(const T* __restrict__ weights, long long size, int nchunks, int n, int logits,
-                            const unsigned long long* __restrict__ rowmax, int pass, const double* __restrict__ cand_keys,
-                            const long long* __restrict__ cand_idx, const int* __restrict__ cand_count,
-                            const double* __restrict__ stats, long long* __restrict__ status,
-                            unsigned long long* __restrict__ row_bound, int dims, long long g0, long long g1,
-                            long long g2, int* __restrict__ indices, void* __restrict__ probs, int single, int select,
-                            int presorted, unsigned long long seed, const unsigned long long* __restrict__ seed_ptr,
-                            int capacity, const double* __restrict__ row_plan,
-                            const unsigned int* __restrict__ counters, const double* __restrict__ screen_keys,
-                            const long long* __restrict__ screen_idx) {
-    __shared__ TopN s;
-    __shared__ RowInfo info;
-    __shared__ BlockStats block_stats;
-    __shared__ int lens[ATS_SELECT_THREADS];
-    __shared__ int offs[ATS_SELECT_THREADS];
-    const long long row = blockIdx.x;
+__device__ void finish_row(TopN& s, BlockStats& block_stats, FinishShared& f, long long row, long long rows,
+                           const T* __restrict__ weights, long long size, int nchunks, int n, int logits,
+                           const unsigned long long* __restrict__ rowmax, int pass, const double* cand_keys,
+                           const long long* cand_idx, const int* cand_count, const double* __restrict__ stats,
+                           long long* __restrict__ status, unsigned long long* __restrict__ row_bound, int dims,
+                           long long g0, long long g1, long long g2, int* __restrict__ indices,
+                           void* __restrict__ probs, int single, int select, int presorted, unsigned long long seed,
+                           const unsigned long long* __restrict__ seed_ptr, int capacity,
+                           const double* __restrict__ row_plan, const unsigned int* counters,
+                           const double* screen_keys, const long long* screen_idx) {
+    RowInfo& info = f.info;
+    int* lens = f.lens;
+    int* offs = f.offs;
     const T* row_weights = weights + row * size;
     const int is_double = sizeof(T) == 8 || logits;
     if (threadIdx.x == 0) {
@@ -1174,20 +1201,20 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
                 info.redo = 1;
             }
             __threadfence();  // the row's status before the count of blocks done (row_bound[rows], zeroed)
-            info.last = atomicAdd(row_bound + gridDim.x, 1ull) == (unsigned long long)gridDim.x - 1ull;
+            info.last = atomicAdd(row_bound + rows, 1ull) == (unsigned long long)rows - 1ull;
         }
     }
     __syncthreads();
-    if (info.last) summarize_rows(s, status, gridDim.x);  // block-uniform: the block that finished last
+    if (info.last) summarize_rows(s, status, rows);  // block-uniform: the block that finished last
     if (!select || info.redo) return;  // block-uniform
     // The row's candidate lists: one per chunk (cand_count[row * nchunks + c] entries from slot (row * nchunks + c)
     // * n), or one presorted list of the row's n smallest keys in order (sort_keys), used as it is; so is a single
     // chunk's list (its exact n smallest keys, sorted).
     // A screened row (its plan a finite t): its buffer's keys sorted, or the row selected alone.
-    const double plan = presorted ? ATS_INF : row_plan[pass * (long long)gridDim.x + row];
+    const double plan = presorted ? ATS_INF : row_plan[pass * rows + row];
     const int screened = plan < ATS_INF;  // block-uniform
     const long long screen_base = row * capacity;
-    const unsigned int screened_count = screened ? counters[counter_at(pass, ATS_SCREENED, gridDim.x, row)] : 0u;
+    const unsigned int screened_count = screened ? __ldcg(counters + counter_at(pass, ATS_SCREENED, rows, row)) : 0u;
     const int alone = screened && !(screened_count >= (unsigned int)n && screened_count <= (unsigned int)capacity);
     const int direct = presorted || nchunks == 1;
     const long long base = row * (presorted ? 1 : nchunks) * n;
@@ -1200,14 +1227,14 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
     } else if (screened) {
         kept = sort_screened(s, screen_keys + screen_base, screen_idx + screen_base, (int)screened_count, n);
     } else {
-        kept = direct ? min(n, cand_count[row * (presorted ? 1 : nchunks)])
+        kept = direct ? min(n, __ldcg(cand_count + row * (presorted ? 1 : nchunks)))
                       : merge_lists(s, lens, offs, cand_keys + base, cand_count + row * nchunks, nchunks, n,
                                     info.bound);
     }
     for (int k = threadIdx.x; k < kept; k += blockDim.x) {
         const long long position = alone ? (long long)s.u.list.values[k]
-                                   : screened ? screen_idx[screen_base + s.u.list.values[k]]
-                                   : cand_idx[base + (direct ? k : (long long)s.u.list.values[k])];
+                                   : screened ? __ldcg(screen_idx + screen_base + s.u.list.values[k])
+                                   : __ldcg(cand_idx + base + (direct ? k : (long long)s.u.list.values[k]));
         const long long at = row * n + k;
         write_coords(indices, at, position, dims, g0, g1, g2);
         const double a = weight_at(row_weights, position, logits, info.top_logit, info.shift);
@@ -1230,6 +1257,26 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
     }
 }
 
+// One block per row: finish_row (after chunk_topn, or alone: the status of the with-replacement and sort paths).
+template <typename T>
+__device__ void finish_rows(const T* __restrict__ weights, long long size, int nchunks, int n, int logits,
+                            const unsigned long long* __restrict__ rowmax, int pass, const double* __restrict__ cand_keys,
+                            const long long* __restrict__ cand_idx, const int* __restrict__ cand_count,
+                            const double* __restrict__ stats, long long* __restrict__ status,
+                            unsigned long long* __restrict__ row_bound, int dims, long long g0, long long g1,
+                            long long g2, int* __restrict__ indices, void* __restrict__ probs, int single, int select,
+                            int presorted, unsigned long long seed, const unsigned long long* __restrict__ seed_ptr,
+                            int capacity, const double* __restrict__ row_plan,
+                            const unsigned int* __restrict__ counters, const double* __restrict__ screen_keys,
+                            const long long* __restrict__ screen_idx) {
+    __shared__ TopN s;
+    __shared__ BlockStats block_stats;
+    __shared__ FinishShared f;
+    finish_row<T>(s, block_stats, f, blockIdx.x, gridDim.x, weights, size, nchunks, n, logits, rowmax, pass, cand_keys,
+                  cand_idx, cand_count, stats, status, row_bound, dims, g0, g1, g2, indices, probs, single, select,
+                  presorted, seed, seed_ptr, capacity, row_plan, counters, screen_keys, screen_idx);
+}
+
 #define ATS_FINISH_ROWS(suffix, T)                                                                                    \
     extern "C" __global__ void ATS_SELECT_BOUNDS finish_rows_##suffix(                                                 \
         const T* weights, long long size, int nchunks, int n, int logits, const unsigned long long* rowmax, int pass, \
@@ -1244,6 +1291,86 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
     }
 ATS_FINISH_ROWS(f32, float)
 ATS_FINISH_ROWS(f64, double)
+
+// chunk_select with a register allocation of its own, as in chunk_topn (inlined into select_rows, whose finish
+// and fences take registers too, its loops spilled more: ptxas, CUDA 13, sm_90).
+template <typename T>
+__device__ __noinline__ void chunk_select_apart(TopN& s, BlockStats& block_stats, const ChunkItem& c,
+                                                const T* weights, long long size, int n, unsigned long long seed,
+                                                const unsigned long long* seed_ptr, int logits,
+                                                const unsigned long long* rowmax, int pass,
+                                                unsigned long long* row_bound, double* cand_keys, long long* cand_idx,
+                                                int* cand_count, int capacity, const double* row_plan,
+                                                unsigned int* counters, double* screen_keys, long long* screen_idx) {
+    chunk_select<T>(s, block_stats, c, weights, size, n, seed, seed_ptr, logits, rowmax, pass, row_bound, cand_keys,
+                    cand_idx, cand_count, capacity, row_plan, counters, screen_keys, screen_idx);
+}
+
+// finish_row with a register allocation of its own (not inlined: the selection's loops keep theirs).
+template <typename T>
+__device__ __noinline__ void finish_row_apart(TopN& s, BlockStats& block_stats, FinishShared& f, long long row,
+                                              long long rows, const T* weights, long long size, int nchunks, int n,
+                                              int logits, const unsigned long long* rowmax, int pass,
+                                              const double* cand_keys, const long long* cand_idx,
+                                              const int* cand_count, const double* stats, long long* status,
+                                              unsigned long long* row_bound, int dims, long long g0, long long g1,
+                                              long long g2, int* indices, void* probs, int single,
+                                              unsigned long long seed, const unsigned long long* seed_ptr,
+                                              int capacity, const double* row_plan, const unsigned int* counters,
+                                              const double* screen_keys, const long long* screen_idx) {
+    finish_row<T>(s, block_stats, f, row, rows, weights, size, nchunks, n, logits, rowmax, pass, cand_keys, cand_idx,
+                  cand_count, stats, status, row_bound, dims, g0, g1, g2, indices, probs, single, 1, 0, seed, seed_ptr,
+                  capacity, row_plan, counters, screen_keys, screen_idx);
+}
+
+// chunk_topn and finish_rows in one launch (a plan with `fused`): block (row, chunk) runs chunk_select, and the
+// row's last block to finish (a count in counters, after every thread's fence) runs finish_row for the row while
+// other rows' blocks still select: one launch and one kernel boundary fewer per call.
+template <typename T>
+__device__ void select_rows(const T* __restrict__ weights, long long size, int nchunks, long long chunk, int n,
+                            unsigned long long seed, const unsigned long long* __restrict__ seed_ptr, int logits,
+                            const unsigned long long* __restrict__ rowmax, int pass, long long* __restrict__ status,
+                            unsigned long long* __restrict__ row_bound, double* __restrict__ cand_keys,
+                            long long* __restrict__ cand_idx, int* __restrict__ cand_count, int capacity,
+                            const double* __restrict__ row_plan, unsigned int* __restrict__ counters,
+                            double* __restrict__ screen_keys, long long* __restrict__ screen_idx,
+                            const double* __restrict__ stats, int dims, long long g0, long long g1, long long g2,
+                            int* __restrict__ indices, void* __restrict__ probs, int single) {
+    __shared__ TopN s;
+    __shared__ BlockStats block_stats;
+    __shared__ FinishShared f;
+    __shared__ int last;
+    const ChunkItem c = chunk_item<T>(size, nchunks, chunk, logits, pass, status);
+    if (c.skip) return;  // the whole block; the row's finish skips it too (pass 1, a row not rescaled)
+    chunk_select_apart<T>(s, block_stats, c, weights, size, n, seed, seed_ptr, logits, rowmax, pass, row_bound, cand_keys,
+                    cand_idx, cand_count, capacity, row_plan, counters, screen_keys, screen_idx);
+    __threadfence();  // every thread's writes (list, count, screened keys) before the block counts itself done
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(counters + counter_at(pass, ATS_SELECTED, c.rows, c.row), 1u) == (unsigned int)nchunks - 1u;
+    }
+    __syncthreads();
+    if (!last) return;  // block-uniform
+    __threadfence();
+    finish_row_apart<T>(s, block_stats, f, c.row, c.rows, weights, size, nchunks, n, logits, rowmax, pass, cand_keys,
+                        cand_idx, cand_count, stats, status, row_bound, dims, g0, g1, g2, indices, probs, single, seed,
+                        seed_ptr, capacity, row_plan, counters, screen_keys, screen_idx);
+}
+
+#define ATS_SELECT_ROWS(suffix, T)                                                                                    \
+    extern "C" __global__ void ATS_SELECT_BOUNDS select_rows_##suffix(                                                 \
+        const T* weights, long long size, int nchunks, long long chunk, int n, unsigned long long seed,               \
+        const unsigned long long* seed_ptr, int logits, const unsigned long long* rowmax, int pass, long long* status, \
+        unsigned long long* row_bound, double* cand_keys, long long* cand_idx, int* cand_count, int capacity,         \
+        const double* row_plan, unsigned int* counters, double* screen_keys, long long* screen_idx,                   \
+        const double* stats, int dims, long long g0, long long g1, long long g2, int* indices, void* probs,           \
+        int single) {                                                                                                 \
+        select_rows<T>(weights, size, nchunks, chunk, n, seed, seed_ptr, logits, rowmax, pass, status, row_bound,    \
+                       cand_keys, cand_idx, cand_count, capacity, row_plan, counters, screen_keys, screen_idx, stats, \
+                       dims, g0, g1, g2, indices, probs, single);                                                     \
+    }
+ATS_SELECT_ROWS(f32, float)
+ATS_SELECT_ROWS(f64, double)
 
 // Keys of every position, for n too large for the shared-memory selection (the caller sorts them; sampling.py):
 // NaN where a <= 0 or a is not finite (sorted after every positive position, even one whose key is +inf).

@@ -26,6 +26,7 @@ SOURCE = "sampling.cu"
 MAX_SELECTION_N = 2048  # ATS_MAX_N in sampling.cu: larger n sorts every key of the row (cp.argsort)
 PER_THREAD = 4  # ATS_PER_THREAD in sampling.cu
 STATS = 6  # ATS_STATS in sampling.cu
+COUNTER_KINDS = 3  # ATS_COUNTER_KINDS in sampling.cu: counters per row and pass
 RANK_MAX = 1024  # ATS_RANK_MAX in sampling.cu: a screened row of more kept keys is sorted rather than ranked
 SELECT_THREADS = (32, 64, 128, 256)
 """Block sizes the selecting kernels compile for (ATS_SELECT_THREADS: CUB's block primitives take it at compile
@@ -48,6 +49,10 @@ REPLACE_TILES = 8
 positions from the chunk's start a tile a step."""
 FUSED = True
 """``atskern.sampling``: this backend takes logits as they are and applies the scale-free rescaling itself."""
+FUSED_FINISH = False
+"""Plans' ``fused``: each row finished by its last ``select_rows`` block instead of a ``finish_rows`` launch after
+``chunk_topn`` (one launch and one kernel boundary fewer per call; the same draws). A tuning knob, off until a GPU
+session has measured it (``bench.gpu_tuning``)."""
 
 
 def _suffix(dtype) -> str:
@@ -121,7 +126,8 @@ def chunk_size(rows: int, size: int, threads: int, multiprocessors: int) -> int:
 class Workspace:
     """Device memory of one call (allocated with the caller's ``empty(shape, dtype)``)."""
 
-    counters: object  # uint32 (4 * B,): per pass, chunk_stats blocks done and screened keys of each row
+    counters: object  # uint32 (6 * B,): per pass, chunk_stats blocks done, screened keys and select_rows blocks
+    #                   done of each row
     row_bound: object  # uint64 (B + 1,): the rows' shared bounds (complemented bits, 0: none), then the count of
     #                    finish_rows blocks done
     rowmax: object  # uint64 (B,), logits only
@@ -146,10 +152,14 @@ class Plan:
     sort: bool
     capacity: int = 0
     """Slots of a row's screening buffer (:func:`screen_capacity`; 0: no row is screened)."""
+    fused: bool = False
+    """Rows finished inside the selecting launch (``select_rows``; :data:`FUSED_FINISH`)."""
 
 
-def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocessors: int, chunk: int | None = None) -> Plan:
-    """The launch plan of a call (pure: tests build it for the host build of the kernels)."""
+def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocessors: int, chunk: int | None = None,
+         fused: bool | None = None) -> Plan:
+    """The launch plan of a call (pure: tests build it for the host build of the kernels); ``fused`` defaults to
+    :data:`FUSED_FINISH` (it applies without replacement where keys are selected, not sorted)."""
     if threads not in SELECT_THREADS:
         raise ValueError(f"threads must be one of {SELECT_THREADS} (the block size of the selecting kernels), "
                          f"got {threads}")
@@ -165,7 +175,8 @@ def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocess
     if -(-size // chunk) * n >= MAX_SLOTS:
         chunk = -(-(-(-size // (MAX_SLOTS // n - 1))) // tile) * tile
     capacity = 0 if replace or sort else screen_capacity(n, size, threads)
-    return Plan(threads=threads, chunk=chunk, nchunks=-(-size // chunk), sort=sort, capacity=capacity)
+    fused = (FUSED_FINISH if fused is None else bool(fused)) and not (replace or sort)
+    return Plan(threads=threads, chunk=chunk, nchunks=-(-size // chunk), sort=sort, capacity=capacity, fused=fused)
 
 
 def workspace_specs(rows: int, size: int, n: int, p: Plan, replace: bool, logits: bool) -> dict:
@@ -174,7 +185,7 @@ def workspace_specs(rows: int, size: int, n: int, p: Plan, replace: bool, logits
     select = not replace
     planned = select and not p.sort
     return {  # the ZEROED fields first and together: one memset
-        "counters": ((4 * rows,), np.uint32) if planned else None,
+        "counters": ((COUNTER_KINDS * 2 * rows,), np.uint32) if planned else None,
         "row_bound": ((rows + 1,), np.uint64),
         "rowmax": ((rows,), np.uint64) if logits else None,
         "status": ((rows + 1, 4), np.int64),
@@ -252,6 +263,11 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
                 (weights, size, nchunks, chunk, logits, _ptr(ws.rowmax), pass_, ws.status, ws.stats, n, planned,
                  capacity, _ptr(ws.counters), _ptr(ws.row_plan)))
 
+    def select_rows(pass_):
+        return (f"select_rows_{suffix}", (items,), (t,),
+                (weights, size, nchunks, chunk, n, *seed_args, pass_, ws.status, ws.row_bound, _ptr(ws.cand_keys),
+                 _ptr(ws.cand_idx), _ptr(ws.cand_count), *screen_args, ws.stats, *geometry, indices, probs, single))
+
     def finish(pass_, select, presorted=0):
         return (f"finish_rows_{suffix}", (rows,), (t,),
                 (weights, size, nchunks, n, logits, _ptr(ws.rowmax), pass_, _ptr(ws.cand_keys), _ptr(ws.cand_idx),
@@ -274,9 +290,9 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
                       (weights, size, total, *seed_args, ws.status, ws.keys)))
         steps += [SORT_STEP, finish(0, 1, presorted=1)]
     else:
-        steps += [stats_pass(0, 1), chunk_pass(0), finish(0, 1)]
-        if double:
-            steps += [stats_pass(1, 1), chunk_pass(1), finish(1, 1)]
+        for pass_ in (0, 1) if double else (0,):
+            steps.append(stats_pass(pass_, 1))
+            steps += [select_rows(pass_)] if p.fused else [chunk_pass(pass_), finish(pass_, 1)]
     return steps
 
 
@@ -376,8 +392,8 @@ def recorded_call(rows: int, size: int, n: int, grid: tuple, replace: bool, logi
                   threads: int, chunk, device_id: int, seed_on_device: bool, knobs: tuple) -> RecordedCall:
     """The :class:`RecordedCall` of a call shape on device ``device_id``: :func:`launches` with the allocation's
     offsets for the workspace, indices and probs, and slots for the weights, the seed and (``seed_on_device``) the
-    seed's device address, in that order. ``knobs`` (``BLOCKS_PER_SM``, ``MIN_BLOCKS``, ``SCREEN_UNROLL``: their
-    values now) keys the memo, so that a tuning change takes effect."""
+    seed's device address, in that order. ``knobs`` (``BLOCKS_PER_SM``, ``MIN_BLOCKS``, ``SCREEN_UNROLL``,
+    ``FUSED_FINISH``: their values now) keys the memo, so that a tuning change takes effect."""
     p = plan(rows, size, n, replace, threads, _multiprocessors(device_id), chunk)
     lay = layout(rows, size, n, p, replace, logits, len(grid), probs_dtype)
     if p.sort:
@@ -416,7 +432,8 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
     threads = _module.THREADS_PER_BLOCK if threads is None else threads
     device_id = cp.cuda.runtime.getDevice()
     call = recorded_call(rows, size, int(n), tuple(grid), bool(replace), bool(logits), weights.dtype, weights.dtype,
-                         threads, chunk, device_id, seed_ptr is not None, (BLOCKS_PER_SM, MIN_BLOCKS, SCREEN_UNROLL))
+                         threads, chunk, device_id, seed_ptr is not None,
+                         (BLOCKS_PER_SM, MIN_BLOCKS, SCREEN_UNROLL, FUSED_FINISH))
     lay = call.layout
     if call.sequence is None:
         ws, indices, probs, memory = allocate(lay, arrays=True)

@@ -49,6 +49,8 @@ inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst
 
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
+template <typename T>
+inline T __ldcg(const T* p) { return *p; }
 
 inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned shift) {
     return (unsigned)(((((unsigned long long)hi) << 32) | lo) >> (shift & 31u));

@@ -52,6 +52,20 @@
                                  seed_ptr, capacity, row_plan, counters, screen_keys, screen_idx);                    \
         });                                                                                                           \
     }                                                                                                                 \
+    extern "C" void host_select_rows_##suffix(unsigned grid, unsigned block, const T* weights, long long size,        \
+                                              int nchunks, long long chunk, int n, U64 seed, const U64* seed_ptr,     \
+                                              int logits, const U64* rowmax, int pass, long long* status,             \
+                                              U64* row_bound, double* cand_keys, long long* cand_idx,                 \
+                                              int* cand_count, int capacity, const double* row_plan,                  \
+                                              unsigned* counters, double* screen_keys, long long* screen_idx,         \
+                                              const double* stats, int dims, long long g0, long long g1,              \
+                                              long long g2, int* indices, void* probs, int single) {                  \
+        launch(grid, block, [=] {                                                                                     \
+            select_rows_##suffix(weights, size, nchunks, chunk, n, seed, seed_ptr, logits, rowmax, pass, status,      \
+                                 row_bound, cand_keys, cand_idx, cand_count, capacity, row_plan, counters,            \
+                                 screen_keys, screen_idx, stats, dims, g0, g1, g2, indices, probs, single);           \
+        });                                                                                                           \
+    }                                                                                                                 \
     extern "C" void host_exponential_keys_##suffix(unsigned grid, unsigned block, const T* weights, long long size,   \
                                                    long long total, U64 seed, const U64* seed_ptr, int logits,        \
                                                    const U64* rowmax, const long long* status, double* keys) {        \
