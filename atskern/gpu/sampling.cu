@@ -922,13 +922,23 @@ struct RowInfo {
     int last;  // this block is the last to write its row's status: it writes the summary row
 };
 
+// A read of data the kernel's own blocks may have written during this launch (COHERENT: select_rows' finish, at the
+// L2 where the writers' fence put it, never a stale line of this SM's L1) or that an earlier launch wrote (a plain
+// load: finish_rows, which then keeps its registers unspilled).
+template <bool COHERENT, typename V>
+__device__ __forceinline__ V load_written(const V* p) {
+    if (COHERENT) return __ldcg(p);
+    return *p;
+}
+
 // How many leading entries of a list sorted by key are at most `bound`: a galloping then a binary search, about
 // 2 log2(answer) reads (a chunk's list mostly holds few keys under a good bound).
+template <bool COHERENT>
 __device__ int prefix_at_most(const double* keys, int count, double bound) {
-    if (count <= 0 || !(__ldcg(keys) <= bound)) return 0;
+    if (count <= 0 || !(load_written<COHERENT>(keys) <= bound)) return 0;
     int good = 1, bad = count + 1;  // keys[good - 1] <= bound; bad: count + 1 or keys[bad - 1] > bound
     for (int probe = 2; probe <= count; probe *= 2) {
-        if (__ldcg(keys + probe - 1) <= bound) {
+        if (load_written<COHERENT>(keys + probe - 1) <= bound) {
             good = probe;
         } else {
             bad = probe;
@@ -937,7 +947,7 @@ __device__ int prefix_at_most(const double* keys, int count, double bound) {
     }
     while (bad - good > 1) {
         const int mid = good + (bad - good) / 2;
-        if (__ldcg(keys + mid - 1) <= bound) {
+        if (load_written<COHERENT>(keys + mid - 1) <= bound) {
             good = mid;
         } else {
             bad = mid;
@@ -958,6 +968,7 @@ __device__ int prefix_at_most(const double* keys, int count, double bound) {
 // orders them by (key, position), the reference's order. Where they do not fit the buffer (exact ties of many
 // keys, +inf keys), every slot is offered tile by tile up to the bound, compacting as chunk_topn does.
 // Not inlined: finish_rows then spills nothing at 256 threads and MIN_BLOCKS 2 (ptxas, CUDA 13).
+template <bool COHERENT>
 __device__ __noinline__ int merge_lists(TopN& s, int* lens, int* offs, const double* __restrict__ keys, const int* __restrict__ counts,
                            int nchunks, int n, double bound) {
     if ((long long)nchunks * n > ATS_CAPACITY) {
@@ -966,7 +977,7 @@ __device__ __noinline__ int merge_lists(TopN& s, int* lens, int* offs, const dou
         if (heads >= n) {
             for (int e = threadIdx.x; e < heads; e += blockDim.x) {
                 const int c = e / j, i = e - c * j;
-                s.u.list.keys[e] = i < __ldcg(counts + c) ? key_bits(__ldcg(keys + (long long)c * n + i)) : ATS_PAD_KEY;
+                s.u.list.keys[e] = i < load_written<COHERENT>(counts + c) ? key_bits(load_written<COHERENT>(keys + (long long)c * n + i)) : ATS_PAD_KEY;
                 s.u.list.values[e] = (unsigned int)e;
             }
             sort_list(s, heads, n, 32);
@@ -980,7 +991,7 @@ __device__ __noinline__ int merge_lists(TopN& s, int* lens, int* offs, const dou
     int total = 0;  // block-uniform
     for (int c0 = 0; c0 < nchunks; c0 += ATS_SELECT_THREADS) {
         const int c = c0 + (int)threadIdx.x;
-        const int len = c < nchunks ? prefix_at_most(keys + (long long)c * n, __ldcg(counts + c), bound) : 0;
+        const int len = c < nchunks ? prefix_at_most<COHERENT>(keys + (long long)c * n, load_written<COHERENT>(counts + c), bound) : 0;
         int at = 0, sum = 0;
         BlockOffsets(s.scan).ExclusiveSum(len, at, sum);
         lens[threadIdx.x] = len;
@@ -991,7 +1002,7 @@ __device__ __noinline__ int merge_lists(TopN& s, int* lens, int* offs, const dou
             for (int l = warp; l < here; l += ATS_SELECT_THREADS / 32) {  // a warp per chunk, a lane per entry
                 for (int i = lane; i < lens[l]; i += 32) {
                     const long long slot = (long long)(c0 + l) * n + i;
-                    s.u.list.keys[offs[l] + i] = key_bits(__ldcg(keys + slot));
+                    s.u.list.keys[offs[l] + i] = key_bits(load_written<COHERENT>(keys + slot));
                     s.u.list.values[offs[l] + i] = (unsigned int)slot;
                 }
             }
@@ -1016,8 +1027,8 @@ __device__ __noinline__ int merge_lists(TopN& s, int* lens, int* offs, const dou
             // blocked: a thread's slots are consecutive, so the block offers them in slot order
             const long long slot = tile + ATS_PER_THREAD * (long long)threadIdx.x + lane_;
             if (slot >= offers) break;
-            if ((int)(slot % n) >= __ldcg(counts + slot / n)) continue;
-            offer_keys[lane_] = __ldcg(keys + slot);
+            if ((int)(slot % n) >= load_written<COHERENT>(counts + slot / n)) continue;
+            offer_keys[lane_] = load_written<COHERENT>(keys + slot);
             slots[lane_] = (unsigned int)slot;
             offered[lane_] = offer_keys[lane_] <= limit;
         }
@@ -1075,10 +1086,11 @@ __device__ void summarize_rows(TopN& s, long long* status, long long rows) {
 // A screened row's kept keys (count of them, n <= count <= capacity, in the order the atomics gave) sorted by
 // (key, position) into s.u.list (values: slots of the row's buffer); returns n. Equal keys (rare: the radix sort
 // orders them by slot) are put in position order by thread 0. Called by every thread of the block.
+template <bool COHERENT>
 __device__ int sort_screened(TopN& s, const double* __restrict__ keys, const long long* __restrict__ positions,
                              int count, int n) {
     for (int i = threadIdx.x; i < count; i += blockDim.x) {
-        s.u.list.keys[i] = key_bits(__ldcg(keys + i));
+        s.u.list.keys[i] = key_bits(load_written<COHERENT>(keys + i));
         s.u.list.values[i] = (unsigned int)i;
     }
     sort_list(s, count, count);
@@ -1091,7 +1103,7 @@ __device__ int sort_screened(TopN& s, const double* __restrict__ keys, const lon
                 const unsigned int slot = s.u.list.values[i];
                 int j = i;
                 for (; j > 0 && s.u.list.keys[j - 1] == key &&
-                       __ldcg(positions + s.u.list.values[j - 1]) > __ldcg(positions + slot); --j) {
+                       load_written<COHERENT>(positions + s.u.list.values[j - 1]) > load_written<COHERENT>(positions + slot); --j) {
                     s.u.list.keys[j] = s.u.list.keys[j - 1];
                     s.u.list.values[j] = s.u.list.values[j - 1];
                 }
@@ -1110,9 +1122,10 @@ __device__ int sort_screened(TopN& s, const double* __restrict__ keys, const lon
 #ifndef ATS_RANK_MAX
 #define ATS_RANK_MAX 1024
 #endif
+template <bool COHERENT>
 __device__ int rank_screened(TopN& s, const double* __restrict__ keys, const long long* __restrict__ positions,
                              int count, int n) {
-    for (int i = threadIdx.x; i < count; i += blockDim.x) s.u.list.keys[i] = key_bits(__ldcg(keys + i));
+    for (int i = threadIdx.x; i < count; i += blockDim.x) s.u.list.keys[i] = key_bits(load_written<COHERENT>(keys + i));
     __syncthreads();
     for (int i = threadIdx.x; i < count; i += blockDim.x) {
         const unsigned long long key = s.u.list.keys[i];
@@ -1123,8 +1136,8 @@ __device__ int rank_screened(TopN& s, const double* __restrict__ keys, const lon
             equal += other == key;
         }
         if (equal > 1) {  // ties (itself included once): the lower positions first
-            const long long position = __ldcg(positions + i);
-            for (int j = 0; j < count; ++j) rank += s.u.list.keys[j] == key && __ldcg(positions + j) < position;
+            const long long position = load_written<COHERENT>(positions + i);
+            for (int j = 0; j < count; ++j) rank += s.u.list.keys[j] == key && load_written<COHERENT>(positions + j) < position;
         }
         if (rank < n) s.u.list.values[rank] = (unsigned int)i;
     }
@@ -1152,9 +1165,9 @@ struct FinishShared {
 // Row `row` of `rows` by one block: merge the row's candidate lists (or sort a screened row's keys), status,
 // fillers, coordinates and probabilities. select = 0 (with replacement): the status only. Run by finish_rows (a
 // block per row) or by the row's last select_rows block, which reads what the row's other blocks wrote during the
-// same launch: such data (lists, counts, screened keys and positions, counters) is read with __ldcg, at the L2
-// where the writers' fence and count put it, never from this SM's L1.
-template <typename T>
+// same launch: such data (lists, counts, screened keys and positions, counters) is read with load_written, COHERENT
+// there: at the L2 where the writers' fence and count put it, never from this SM's L1.
+template <typename T, bool COHERENT>
 __device__ void finish_row(TopN& s, BlockStats& block_stats, FinishShared& f, long long row, long long rows,
                            const T* __restrict__ weights, long long size, int nchunks, int n, int logits,
                            const unsigned long long* __restrict__ rowmax, int pass, const double* cand_keys,
@@ -1214,7 +1227,7 @@ __device__ void finish_row(TopN& s, BlockStats& block_stats, FinishShared& f, lo
     const double plan = presorted ? ATS_INF : row_plan[pass * rows + row];
     const int screened = plan < ATS_INF;  // block-uniform
     const long long screen_base = row * capacity;
-    const unsigned int screened_count = screened ? __ldcg(counters + counter_at(pass, ATS_SCREENED, rows, row)) : 0u;
+    const unsigned int screened_count = screened ? load_written<COHERENT>(counters + counter_at(pass, ATS_SCREENED, rows, row)) : 0u;
     const int alone = screened && !(screened_count >= (unsigned int)n && screened_count <= (unsigned int)capacity);
     const int direct = presorted || nchunks == 1;
     const long long base = row * (presorted ? 1 : nchunks) * n;
@@ -1223,18 +1236,18 @@ __device__ void finish_row(TopN& s, BlockStats& block_stats, FinishShared& f, lo
         kept = select_row(s, block_stats, row_weights, row, size, n, effective_seed(seed, seed_ptr), logits,
                           info.top_logit, info.shift);
     } else if (screened && screened_count <= ATS_RANK_MAX) {
-        kept = rank_screened(s, screen_keys + screen_base, screen_idx + screen_base, (int)screened_count, n);
+        kept = rank_screened<COHERENT>(s, screen_keys + screen_base, screen_idx + screen_base, (int)screened_count, n);
     } else if (screened) {
-        kept = sort_screened(s, screen_keys + screen_base, screen_idx + screen_base, (int)screened_count, n);
+        kept = sort_screened<COHERENT>(s, screen_keys + screen_base, screen_idx + screen_base, (int)screened_count, n);
     } else {
-        kept = direct ? min(n, __ldcg(cand_count + row * (presorted ? 1 : nchunks)))
-                      : merge_lists(s, lens, offs, cand_keys + base, cand_count + row * nchunks, nchunks, n,
+        kept = direct ? min(n, load_written<COHERENT>(cand_count + row * (presorted ? 1 : nchunks)))
+                      : merge_lists<COHERENT>(s, lens, offs, cand_keys + base, cand_count + row * nchunks, nchunks, n,
                                     info.bound);
     }
     for (int k = threadIdx.x; k < kept; k += blockDim.x) {
         const long long position = alone ? (long long)s.u.list.values[k]
-                                   : screened ? __ldcg(screen_idx + screen_base + s.u.list.values[k])
-                                   : __ldcg(cand_idx + base + (direct ? k : (long long)s.u.list.values[k]));
+                                   : screened ? load_written<COHERENT>(screen_idx + screen_base + s.u.list.values[k])
+                                   : load_written<COHERENT>(cand_idx + base + (direct ? k : (long long)s.u.list.values[k]));
         const long long at = row * n + k;
         write_coords(indices, at, position, dims, g0, g1, g2);
         const double a = weight_at(row_weights, position, logits, info.top_logit, info.shift);
@@ -1272,7 +1285,7 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
     __shared__ TopN s;
     __shared__ BlockStats block_stats;
     __shared__ FinishShared f;
-    finish_row<T>(s, block_stats, f, blockIdx.x, gridDim.x, weights, size, nchunks, n, logits, rowmax, pass, cand_keys,
+    finish_row<T, false>(s, block_stats, f, blockIdx.x, gridDim.x, weights, size, nchunks, n, logits, rowmax, pass, cand_keys,
                   cand_idx, cand_count, stats, status, row_bound, dims, g0, g1, g2, indices, probs, single, select,
                   presorted, seed, seed_ptr, capacity, row_plan, counters, screen_keys, screen_idx);
 }
@@ -1318,7 +1331,7 @@ __device__ __noinline__ void finish_row_apart(TopN& s, BlockStats& block_stats, 
                                               unsigned long long seed, const unsigned long long* seed_ptr,
                                               int capacity, const double* row_plan, const unsigned int* counters,
                                               const double* screen_keys, const long long* screen_idx) {
-    finish_row<T>(s, block_stats, f, row, rows, weights, size, nchunks, n, logits, rowmax, pass, cand_keys, cand_idx,
+    finish_row<T, true>(s, block_stats, f, row, rows, weights, size, nchunks, n, logits, rowmax, pass, cand_keys, cand_idx,
                   cand_count, stats, status, row_bound, dims, g0, g1, g2, indices, probs, single, 1, 0, seed, seed_ptr,
                   capacity, row_plan, counters, screen_keys, screen_idx);
 }
