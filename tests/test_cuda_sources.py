@@ -45,3 +45,40 @@ def test_scatter_keeps_subnormals_under_cupys_ftz(tmp_path):
     body = text[start:text.index(".entry", start + 10)]
     assert "add.rn.f32" in body
     assert ".ftz.f32" not in body
+
+
+def _ptxas_report(tmp_path, name: str, options: tuple[str, ...]) -> list[tuple[str, str, int, int]]:
+    """``(entry kernel, function, spill store bytes, spill load bytes)`` of every function ptxas reports for
+    ``name`` compiled for sm_90 with ``options`` and CuPy's -ftz=true."""
+    inlined = tmp_path / name
+    inlined.write_text(source(name))
+    result = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "--std=c++17", "-ftz=true", "-Xptxas", "-v", *options,
+                             str(inlined), "-o", str(tmp_path / "out.cubin")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report, entry, function = [], None, None
+    for line in result.stderr.splitlines():
+        if "Compiling entry function" in line:
+            entry = line.split("'")[1]
+        elif "Function properties for" in line:
+            function = line.split("Function properties for")[1].strip()
+        elif "bytes spill stores" in line and function is not None:
+            numbers = [int(word) for word in line.replace(",", " ").split() if word.isdigit()]
+            report.append((entry, function, numbers[1], numbers[2]))  # stack frame, spill stores, spill loads
+            function = None
+    return report
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_streaming_loops_keep_everything_in_registers(tmp_path):
+    """The per-position loops of the statistics and screening passes (``stats_range`` and ``screen_range``, every
+    dtype, plain weights and logits/rescaled ones) spill nothing under chunk_stats' and chunk_topn's register
+    caps, with the default compile options (ptxas -v, sm_90): inlined into their kernels, beside exp and the
+    selection, they had spilled 80-130 bytes."""
+    from atskern.gpu import sampling as gs
+
+    report = _ptxas_report(tmp_path, "sampling.cu", gs.compile_options(256))
+    loops = [(entry, function, stores, loads) for entry, function, stores, loads in report
+             if entry.startswith(("chunk_stats_", "chunk_topn_")) and ("stats_range" in function or
+                                                                      "screen_range" in function)]
+    assert len(loops) == 8, report  # 2 dtypes x (plain, general) x (stats in chunk_stats, screen in chunk_topn)
+    assert all(stores == 0 and loads == 0 for _, _, stores, loads in loops), loops

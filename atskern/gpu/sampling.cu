@@ -289,6 +289,13 @@ __device__ __forceinline__ double weight_of(T raw, int logits, double top, int s
     const double a = logits ? exp(x - top) : x;
     return shift ? ldexp(a, -shift) : a;
 }
+// weight_of where PLAIN says at compile time that there are no logits and no shift (the weights as they are): the
+// streaming loops' common case, compiled without exp and ldexp (fewer registers: ptxas spilled in those loops).
+template <bool PLAIN, typename T>
+__device__ __forceinline__ double weight_as(T raw, int logits, double top, int shift) {
+    if (PLAIN) return widen(raw);
+    return weight_of(raw, logits, top, shift);
+}
 template <typename T>
 __device__ __forceinline__ double weight_at(const T* row_weights, long long p, int logits, double top, int shift) {
     return weight_of(row_weights[p], logits, top, shift);
@@ -667,38 +674,45 @@ __device__ int select_range(TopN& s, BlockStats& block_stats, const T* __restric
 }
 
 #ifndef ATS_SCREEN_UNROLL
-#define ATS_SCREEN_UNROLL 4  // tiles whose weights a thread loads before screening them (loads in flight)
+#define ATS_SCREEN_UNROLL 4  // tiles of float32 weights a thread loads before using them (loads in flight)
 #endif
+// The streaming loops' unrolling for weights of type T: ATS_SCREEN_UNROLL tiles of float32, half as many of float64
+// (the same bytes in flight; four tiles of doubles took 32 registers for the loads alone and spilled).
+template <typename T>
+__host__ __device__ constexpr int unroll_of() {
+    return sizeof(T) == 8 ? (ATS_SCREEN_UNROLL + 1) / 2 : ATS_SCREEN_UNROLL;
+}
 
 // Screening: every key of positions [start, stop) at most t goes to the row's buffer (keys, positions) at a slot
 // taken from *count (slots past `capacity` are counted, not written; finish_rows then selects the row alone). No
 // barrier: each thread streams its positions, ATS_SCREEN_UNROLL tiles of loads at a time; the high Philox word
 // rules out nearly every key (1 - u >= a t implies -log(u) / a >= t), so few keys are computed and fewer kept.
-template <typename T>
-__device__ void screen_range(const T* __restrict__ row_weights, long long row, long long start, long long stop,
+template <bool PLAIN, typename T>
+__device__ __noinline__ void screen_range(const T* __restrict__ row_weights, long long row, long long start, long long stop,
                              unsigned long long seed, int logits, double top_logit, int shift, double t,
                              unsigned int* count, int capacity, double* __restrict__ keys,
                              long long* __restrict__ positions) {
+    constexpr int UNROLL = unroll_of<T>();
     const double bound = t * ATS_REJECT_MARGIN;
     for (long long first = start + ATS_PER_THREAD * (long long)threadIdx.x; first < stop;
-         first += (long long)ATS_TILE * ATS_SCREEN_UNROLL) {
-        T raw[ATS_SCREEN_UNROLL][ATS_PER_THREAD];
+         first += (long long)ATS_TILE * UNROLL) {
+        T raw[UNROLL][ATS_PER_THREAD];
 #pragma unroll
-        for (int u = 0; u < ATS_SCREEN_UNROLL; ++u) load_lanes(row_weights, first + (long long)u * ATS_TILE, stop, raw[u]);
-        PhiloxWords his[ATS_SCREEN_UNROLL];  // independent generator chains, interleaved by the compiler
+        for (int u = 0; u < UNROLL; ++u) load_lanes(row_weights, first + (long long)u * ATS_TILE, stop, raw[u]);
+        PhiloxWords his[UNROLL];  // independent generator chains, interleaved by the compiler
 #pragma unroll
-        for (int u = 0; u < ATS_SCREEN_UNROLL; ++u) {
+        for (int u = 0; u < UNROLL; ++u) {
             his[u] = block_words((unsigned long long)(first + (long long)u * ATS_TILE) >> 2, (unsigned int)row,
                                  ATS_STREAM_HI, seed);
         }
 #pragma unroll
-        for (int u = 0; u < ATS_SCREEN_UNROLL; ++u) {
+        for (int u = 0; u < UNROLL; ++u) {
             const long long at = first + (long long)u * ATS_TILE;
             if (at >= stop) break;
             double a[ATS_PER_THREAD];
 #pragma unroll
             for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
-                a[lane] = at + lane < stop ? weight_of(raw[u][lane], logits, top_logit, shift) : 0.0;
+                a[lane] = at + lane < stop ? weight_as<PLAIN>(raw[u][lane], logits, top_logit, shift) : 0.0;
             }
             const PhiloxWords& hi = his[u];
             bool hit[ATS_PER_THREAD];
@@ -766,9 +780,14 @@ __device__ void chunk_select(TopN& s, BlockStats& block_stats, const ChunkItem& 
     const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
     const T* row_weights = weights + row * size;
     if (plan < ATS_INF) {  // block-uniform
-        screen_range(row_weights, row, start, stop, seed, logits, top_logit, c.shift, plan,
-                     counters + counter_at(pass, ATS_SCREENED, rows, row), capacity, screen_keys + row * capacity,
-                     screen_idx + row * capacity);
+        unsigned int* count = counters + counter_at(pass, ATS_SCREENED, rows, row);
+        if (!logits && !c.shift) {
+            screen_range<true>(row_weights, row, start, stop, seed, logits, top_logit, c.shift, plan, count, capacity,
+                               screen_keys + row * capacity, screen_idx + row * capacity);
+        } else {
+            screen_range<false>(row_weights, row, start, stop, seed, logits, top_logit, c.shift, plan, count, capacity,
+                                screen_keys + row * capacity, screen_idx + row * capacity);
+        }
         return;
     }
     const int kept = select_range(s, block_stats, row_weights, row, start, stop, n, seed, logits, top_logit, c.shift,
@@ -810,6 +829,49 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
 ATS_CHUNK_TOPN(f32, float)
 ATS_CHUNK_TOPN(f64, double)
 
+// A chunk's statistics, as chunk_stats reduces them (counts as the CPU kernel takes them: -inf is negative, +inf
+// positive; the largest finite weight, 0 below).
+struct ChunkSums {
+    double sum = 0.0, top = 0.0, squares = 0.0;
+    int nonfinite = 0, negative = 0, positive = 0;  // a chunk holds fewer than 2^31 positions (plan)
+};
+
+// This thread's part of positions [start, stop) of a row into t (PLAIN: weight_as). Not inlined: each version
+// gets its own registers, and ptxas reports each (sm_90, 64 registers: the plain one spills nothing, the general
+// one, with exp and ldexp, about 80 bytes; inlined into one kernel the plain loop shared the general one's spills).
+template <bool PLAIN, typename T>
+__device__ __noinline__ void stats_range(ChunkSums& t, const T* __restrict__ row_weights, long long start,
+                                            long long stop, int logits, double top_logit, int shift) {
+    // unroll_of<T>() tiles (of the block's own size: ATS_STATS_THREADS threads, more than a selecting block, for
+    // more loads in flight per SM) loaded before any is added, added in tile order: the sums depend on the block
+    // size (the plan), not on the unrolling
+    constexpr int UNROLL = unroll_of<T>();
+    const long long tile = ATS_PER_THREAD * (long long)blockDim.x;
+    for (long long first = start + ATS_PER_THREAD * (long long)threadIdx.x; first < stop;
+         first += tile * UNROLL) {
+        T raw[UNROLL][ATS_PER_THREAD];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) load_lanes(row_weights, first + u * tile, stop, raw[u]);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+#pragma unroll
+            for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
+                if (first + u * tile + lane >= stop) break;
+                const double a = weight_as<PLAIN>(raw[u][lane], logits, top_logit, shift);
+                t.sum += a;
+                t.negative += a < 0.0;  // counted as the CPU kernel does: -inf is negative, +inf positive
+                t.positive += a > 0.0;
+                if (!isfinite(a)) {
+                    ++t.nonfinite;
+                    continue;
+                }
+                t.top = a > t.top ? a : t.top;
+                t.squares += a * a;
+            }
+        }
+    }
+}
+
 // The statistics of every path: one block per (row, chunk) of ATS_SELECT_THREADS threads (sum, largest finite
 // weight, counts, sum of squares), without the selection's shared memory and register cap, so many blocks share an
 // SM. With `planned` (without replacement, before chunk_topn), the row's last block to finish (a count in
@@ -828,36 +890,13 @@ __device__ void chunk_stats(const T* __restrict__ weights, long long size, int n
     const int shift = c.shift;
     const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
     const T* row_weights = weights + row * size;
-    double sum = 0.0, top = 0.0, squares = 0.0;
-    int nonfinite = 0, negative = 0, positive = 0;  // a chunk holds fewer than 2^31 positions (plan)
-    // ATS_SCREEN_UNROLL tiles (of the block's own size: ATS_STATS_THREADS threads, more than a selecting block, for
-    // more loads in flight per SM) loaded before any is added, added in tile order: the sums depend on the block
-    // size (the plan), not on the unrolling
-    const long long tile = ATS_PER_THREAD * (long long)blockDim.x;
-    for (long long first = start + ATS_PER_THREAD * (long long)threadIdx.x; first < stop;
-         first += tile * ATS_SCREEN_UNROLL) {
-        T raw[ATS_SCREEN_UNROLL][ATS_PER_THREAD];
-#pragma unroll
-        for (int u = 0; u < ATS_SCREEN_UNROLL; ++u) load_lanes(row_weights, first + u * tile, stop, raw[u]);
-#pragma unroll
-        for (int u = 0; u < ATS_SCREEN_UNROLL; ++u) {
-#pragma unroll
-            for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
-                if (first + u * tile + lane >= stop) break;
-                const double a = weight_of(raw[u][lane], logits, top_logit, shift);
-                sum += a;
-                negative += a < 0.0;  // counted as the CPU kernel does: -inf is negative, +inf positive
-                positive += a > 0.0;
-                if (!isfinite(a)) {
-                    ++nonfinite;
-                    continue;
-                }
-                top = a > top ? a : top;
-                squares += a * a;
-            }
-        }
+    ChunkSums t;
+    if (!logits && !shift) {
+        stats_range<true>(t, row_weights, start, stop, logits, top_logit, shift);
+    } else {
+        stats_range<false>(t, row_weights, start, stop, logits, top_logit, shift);
     }
-    reduce_stats(block_stats, stats + item * ATS_STATS, sum, top, nonfinite, negative, positive, squares);
+    reduce_stats(block_stats, stats + item * ATS_STATS, t.sum, t.top, t.nonfinite, t.negative, t.positive, t.squares);
     if (!planned) return;
     if (threadIdx.x == 0) {
         __threadfence();  // this chunk's statistics before its count

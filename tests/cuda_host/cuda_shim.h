@@ -38,6 +38,7 @@ inline std::mutex atomic_mutex;
 
 #define __global__
 #define __device__
+#define __host__
 #define __forceinline__ inline
 #define __noinline__ __attribute__((noinline))  // after every standard header: libstdc++ spells the attribute so
 #define __restrict__ __restrict
