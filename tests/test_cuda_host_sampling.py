@@ -261,8 +261,6 @@ def test_host_sort_fallback_for_large_n(lib):
 
 
 @pytest.mark.usefixtures("finish")
-
-
 def test_host_fillers_underflow_and_logits(lib):
     """Rule R1 (short rows), logits with -inf and an underflowing cell, float32 subnormal weights (CuPy's
     -ftz=true must not flush them: sampling.cu widens float32 by its bits)."""
@@ -306,9 +304,28 @@ def test_host_scale_free_rows(lib, replace):
     assert status[-1, v.STATUS_EXPONENT] == 3  # three rows outside SCALE_FREE_EXPONENTS were redone
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_host_status_exponent_is_the_largest_finite_weights(lib, dtype):
+    """The status's exponent column on every row, bad ones included: frexp's exponent of the row's largest finite
+    weight (0 where none is positive), from NumPy (the CPU kernel reports 0 on rows its total shows in range, so
+    the other tests compare it only where the CPU computes it). float32 rows take the plain path's bit tests."""
+    tiny = np.finfo(dtype).smallest_subnormal
+    attention = np.zeros((7, 300), dtype)
+    attention[0, :5] = [-7.0, 3.0, -100.0, 0.5, -0.0]  # negatives larger in magnitude than the largest weight
+    attention[1, :4] = [np.nan, 2.0, 6.0, -np.inf]
+    attention[2, :3] = [tiny, 3 * tiny, 0.0]  # subnormals only
+    attention[3, :3] = [np.inf, 0.25, 0.125]
+    attention[4, :3] = [-1.0, -2.0, -0.0]  # nothing positive
+    attention[6, ::7] = 1e30 if dtype == np.float32 else 1e300
+    _, _, status, _ = host_sample(lib, attention, 3, seed=4)
+    largest = np.where(np.isfinite(attention) & (attention > 0), attention, 0).max(axis=1).astype(np.float64)
+    assert np.array_equal(status[:-1, v.STATUS_EXPONENT], np.frexp(largest)[1])
+    assert np.array_equal(status[:-1, v.STATUS_NEGATIVE], (attention < 0).sum(axis=1))
+    assert np.array_equal(status[:-1, v.STATUS_POSITIVE], (attention > 0).sum(axis=1))
+    assert np.array_equal(status[:-1, v.STATUS_NONFINITE], (~np.isfinite(attention)).sum(axis=1))
+
+
 @pytest.mark.usefixtures("finish")
-
-
 def test_host_bad_rows_stay_in_range(lib):
     """What validate=False gives: rows that validation refuses still get in-range indices, with probability 0;
     the status says which rows are bad, exactly as the CPU kernel's."""
@@ -328,8 +345,6 @@ def test_host_bad_rows_stay_in_range(lib):
 
 
 @pytest.mark.usefixtures("finish")
-
-
 def test_host_seed_from_device_memory(lib):
     """A seed read from a uint64 array (ats.torch's device key) draws as that seed."""
     attention = np.random.default_rng(0).random((2, 400))
@@ -431,8 +446,6 @@ def test_plan_spreads_small_maps_over_many_short_blocks():
 
 
 @pytest.mark.usefixtures("finish")
-
-
 def test_host_summary_row_without_its_own_launch(lib):
     """The first finish_rows writes the summary row (its last block to finish, counted in row_bound[rows]), in
     every plan: the fused pass, the rescaling pass, with replacement, and the sort fallback, whose presorted
@@ -455,8 +468,6 @@ def test_host_summary_row_without_its_own_launch(lib):
 
 
 @pytest.mark.usefixtures("finish")
-
-
 def test_host_summary_row_reduces_across_warps(libs):
     """The summary row from many rows and a block of two warps: each extreme sits in a row that the second warp
     reads (rows 32 + 64 k), the others in the first, so a reduction that dropped a warp would show."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -82,3 +83,14 @@ def test_streaming_loops_keep_everything_in_registers(tmp_path):
                                                                       "screen_range" in function)]
     assert len(loops) == 8, report  # 2 dtypes x (plain, general) x (stats in chunk_stats, screen in chunk_topn)
     assert all(stores == 0 and loads == 0 for _, _, stores, loads in loops), loops
+    # nor do they touch local memory otherwise (ptxas does not count a caller's variable reached through a
+    # reference as a spill: sums accumulated that way had put 96 st.local in the statistics loop)
+    ptx = tmp_path / "sampling.ptx"
+    result = subprocess.run(["nvcc", "--ptx", "-arch=sm_90", "--std=c++17", "-ftz=true", *gs.compile_options(256),
+                             str(tmp_path / "sampling.cu"), "-o", str(ptx)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = ptx.read_text()
+    bodies = re.findall(r"\.func[^\n]*?(_Z\d+(?:stats_range|screen_range)\w*)\((.*?)\n}\n", text, re.S)
+    assert len(bodies) == 8, [name for name, _ in bodies]
+    assert all("ld.local" not in body and "st.local" not in body for _, body in bodies), \
+        [name for name, body in bodies if "ld.local" in body or "st.local" in body]

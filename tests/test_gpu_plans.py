@@ -209,6 +209,11 @@ def test_sampling_plan_keeps_chunk_positions_and_slots_in_32_bits():
     assert huge.chunk < gs.MAX_SLOTS and huge.chunk % (gs.PER_THREAD * 256) == 0
     many = gs.plan(1, 2**40, 2048, False, 256, multiprocessors=1, chunk=gs.MIN_CHUNK)
     assert many.nchunks * 2048 < gs.MAX_SLOTS and many.chunk % (gs.PER_THREAD * 256) == 0
+    # the streaming loops' 32-bit offsets stay below 2^31 however far a thread steps past the chunk's end:
+    # 4 positions x 512 threads x 8 unrolled tiles (the largest block and knob values) from a chunk's last offset
+    rows_of_huge_chunks = gs.plan(10_000, 2**31, 10, False, 256, multiprocessors=132)
+    assert rows_of_huge_chunks.chunk <= gs.MAX_CHUNK
+    assert gs.MAX_CHUNK - 1 + gs.PER_THREAD * 512 * 8 < 2**31
 
 
 def test_sampling_chunks_fill_the_device_in_whole_tiles():

@@ -836,27 +836,58 @@ struct ChunkSums {
     int nonfinite = 0, negative = 0, positive = 0;  // a chunk holds fewer than 2^31 positions (plan)
 };
 
-// This thread's part of positions [start, stop) of a row into t (PLAIN: weight_as). Not inlined: each version
-// gets its own registers, and ptxas reports each (sm_90, 64 registers: the plain one spills nothing, the general
-// one, with exp and ldexp, about 80 bytes; inlined into one kernel the plain loop shared the general one's spills).
+// A plain float32 weight's statistics from its bits, as the general path takes them from the widened double (CuPy's
+// -ftz=true may flush subnormals in float32 arithmetic and comparisons, never in integer tests of the bits):
+// negative and positive counts (-inf and +inf included, NaN in neither), non-finite count; the sums and the
+// largest weight (as the bits of a non-negative float, which order as their values) over finite weights only (a
+// row with a non-finite weight is refused: its sum is never used). Fewer live doubles than the general path.
+__device__ __forceinline__ void add_plain_bits(ChunkSums& t, unsigned int& top_bits, float x) {
+    const unsigned int bits = __float_as_uint(x), magnitude = bits & 0x7FFFFFFFu;
+    const bool minus = (bits >> 31) != 0u;
+    const bool number = magnitude != 0u && magnitude <= 0x7F800000u;  // not a zero, not NaN
+    t.negative += minus && number;
+    t.positive += !minus && number;
+    if (magnitude >= 0x7F800000u) {
+        ++t.nonfinite;
+        return;
+    }
+    if (!minus && bits > top_bits) top_bits = bits;
+    const double a = widen(x);
+    t.sum += a;
+    t.squares += a * a;
+}
+
+// This thread's part of positions [start, stop) of a row (PLAIN: weight_as; plain float32: add_plain_bits). Not inlined: each version gets its
+// own registers, and ptxas reports each (inlined into chunk_stats beside exp and ldexp, the loop spilled 84 bytes
+// at 64 registers). The sums are returned, not accumulated through a reference: that put them in local memory.
 template <bool PLAIN, typename T>
-__device__ __noinline__ void stats_range(ChunkSums& t, const T* __restrict__ row_weights, long long start,
-                                            long long stop, int logits, double top_logit, int shift) {
+__device__ __noinline__ ChunkSums stats_range(const T* __restrict__ row_weights, long long start, long long stop,
+                                              int logits, double top_logit, int shift) {
+    ChunkSums t;
+    constexpr bool BITS = PLAIN && sizeof(T) == 4;
+    unsigned int top_bits = 0u;  // BITS: the largest finite non-negative weight's bits
     // unroll_of<T>() tiles (of the block's own size: ATS_STATS_THREADS threads, more than a selecting block, for
     // more loads in flight per SM) loaded before any is added, added in tile order: the sums depend on the block
     // size (the plan), not on the unrolling
+    // positions as 32-bit offsets from the chunk's start: fewer registers (a chunk holds at most MAX_CHUNK, 2^16
+    // short of 2^31: an offset stepped past the end stays an int)
     constexpr int UNROLL = unroll_of<T>();
-    const long long tile = ATS_PER_THREAD * (long long)blockDim.x;
-    for (long long first = start + ATS_PER_THREAD * (long long)threadIdx.x; first < stop;
-         first += tile * UNROLL) {
+    const T* __restrict__ chunk_weights = row_weights + start;
+    const int count = (int)(stop - start);
+    const int tile = ATS_PER_THREAD * (int)blockDim.x;
+    for (int first = ATS_PER_THREAD * (int)threadIdx.x; first < count; first += tile * UNROLL) {
         T raw[UNROLL][ATS_PER_THREAD];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) load_lanes(row_weights, first + u * tile, stop, raw[u]);
+        for (int u = 0; u < UNROLL; ++u) load_lanes(chunk_weights, first + u * tile, count, raw[u]);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
 #pragma unroll
             for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
-                if (first + u * tile + lane >= stop) break;
+                if (first + u * tile + lane >= count) break;
+                if constexpr (BITS) {
+                    add_plain_bits(t, top_bits, raw[u][lane]);
+                    continue;
+                }
                 const double a = weight_as<PLAIN>(raw[u][lane], logits, top_logit, shift);
                 t.sum += a;
                 t.negative += a < 0.0;  // counted as the CPU kernel does: -inf is negative, +inf positive
@@ -870,6 +901,8 @@ __device__ __noinline__ void stats_range(ChunkSums& t, const T* __restrict__ row
             }
         }
     }
+    if constexpr (BITS) t.top = widen(__uint_as_float(top_bits));
+    return t;
 }
 
 // The statistics of every path: one block per (row, chunk) of ATS_SELECT_THREADS threads (sum, largest finite
@@ -890,12 +923,8 @@ __device__ void chunk_stats(const T* __restrict__ weights, long long size, int n
     const int shift = c.shift;
     const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
     const T* row_weights = weights + row * size;
-    ChunkSums t;
-    if (!logits && !shift) {
-        stats_range<true>(t, row_weights, start, stop, logits, top_logit, shift);
-    } else {
-        stats_range<false>(t, row_weights, start, stop, logits, top_logit, shift);
-    }
+    const ChunkSums t = (!logits && !shift) ? stats_range<true>(row_weights, start, stop, logits, top_logit, shift)
+                                            : stats_range<false>(row_weights, start, stop, logits, top_logit, shift);
     reduce_stats(block_stats, stats + item * ATS_STATS, t.sum, t.top, t.nonfinite, t.negative, t.positive, t.squares);
     if (!planned) return;
     if (threadIdx.x == 0) {

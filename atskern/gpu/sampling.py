@@ -41,6 +41,9 @@ MIN_CHUNK = 1 << 12
 latency of a block is about one tile per 1024 positions, serialized), and finish_rows merges only the prefix of
 each chunk's list under the row's bound, so many chunks cost the merge little."""
 MAX_SLOTS = 1 << 31  # positions in a chunk and candidate slots of a row: the kernels hold them in 32 bits
+MAX_CHUNK = MAX_SLOTS - (1 << 16)
+"""Most positions of a chunk: the streaming loops step through a chunk in 32-bit offsets, up to 2^16 past its end
+(a tile of 512 threads times 8 unrolled tiles, the largest knob values), short of 2^31."""
 BLOCKS_PER_SM = 2
 """Target chunks per multiprocessor: one wave of selecting blocks (``MIN_BLOCKS`` of them fit an SM at once; on
 the H200, 2 beat 4 for 1 x 4096²)."""
@@ -171,7 +174,7 @@ def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocess
             chunk = min(chunk, REPLACE_TILES * tile)
     chunk = -(-chunk // tile) * tile
     # 32-bit positions within a chunk and candidate slots (nchunks * n) within a row
-    chunk = min(chunk, MAX_SLOTS - tile)
+    chunk = min(chunk, MAX_CHUNK)
     if -(-size // chunk) * n >= MAX_SLOTS:
         chunk = -(-(-(-size // (MAX_SLOTS // n - 1))) // tile) * tile
     capacity = 0 if replace or sort else screen_capacity(n, size, threads)
