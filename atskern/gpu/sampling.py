@@ -473,7 +473,7 @@ def run_steps(steps, ws: Workspace, n: int, lay: Layout, memory, options: tuple[
 
 class _Pinned(threading.local):
     def __init__(self):
-        self.memory, self.nbytes = None, 0
+        self.memory, self.words, self.address = None, np.zeros(0, np.int64), 0
 
 
 _pinned = _Pinned()
@@ -483,13 +483,13 @@ def read_status(status) -> np.ndarray:
     """The status (a CuPy array) on the host: one copy into this thread's page-locked buffer on the current stream,
     then a wait for the stream (the call's one host synchronization; cheaper than ``status.get()``)."""
     cp = cupy()
-    nbytes = status.nbytes
-    if _pinned.nbytes < nbytes:
-        _pinned.nbytes = max(nbytes, 4096)
-        _pinned.memory = cp.cuda.alloc_pinned_memory(_pinned.nbytes)
-    host = np.frombuffer(_pinned.memory, np.int64, status.size)
+    size = status.size
+    if _pinned.words.size < size:
+        _pinned.memory = cp.cuda.alloc_pinned_memory(max(8 * size, 4096))
+        _pinned.words = np.frombuffer(_pinned.memory, np.int64)
+        _pinned.address = _pinned.words.ctypes.data
     stream = cp.cuda.get_current_stream()
-    cp.cuda.runtime.memcpyAsync(host.ctypes.data, status.data.ptr, nbytes, cp.cuda.runtime.memcpyDeviceToHost,
+    cp.cuda.runtime.memcpyAsync(_pinned.address, status.data.ptr, 8 * size, cp.cuda.runtime.memcpyDeviceToHost,
                                 stream.ptr)
     stream.synchronize()
-    return host.reshape(status.shape).copy()
+    return _pinned.words[:size].reshape(status.shape).copy()
