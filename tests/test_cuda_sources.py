@@ -86,6 +86,10 @@ def test_streaming_loops_keep_everything_in_registers(tmp_path):
              if "stats_range" in function or "screen_range" in function]
     assert len(loops) == 8, report  # 2 dtypes x (plain, general) x (stats in chunk_stats, screen in chunk_topn)
     assert all(stores == 0 and loads == 0 for _, _, stores, loads in loops), loops
+    # and float32's selecting loop, the n = 2048 path (select_range in chunk_topn_f32)
+    selecting = [(stores, loads) for entry, function, stores, loads in report
+                 if entry == "chunk_topn_f32" and "select_rangeIf" in function]
+    assert selecting == [(0, 0)], report
     # nor do they touch local memory otherwise (ptxas does not count a caller's variable reached through a
     # reference as a spill: sums accumulated that way had put 96 st.local in the statistics loop)
     bodies = re.findall(r"\.func[^\n]*?(_Z\d+(?:stats_range|screen_range)\w*)\((.*?)\n}\n", ptx.read_text(), re.S)

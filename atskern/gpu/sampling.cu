@@ -583,9 +583,10 @@ __device__ double row_plan_of(const double* row, int n, int capacity, int is_dou
 // the current tile's work and barriers. The first tile takes keys only below its own bound (the CPU kernel's first
 // bound, on the tile's weights): below it the tile holds about `want` keys, so that few are computed, offered and
 // sorted before the first threshold. If fewer than n fall below it, the tile is taken again without it (exact
-// either way). Block-uniform, like the shared bound the first tile uses (thread 0's reading).
+// either way). Block-uniform, like the shared bound the first tile uses (thread 0's reading). Not inlined, like the
+// streaming loops: its own registers (ptxas, sm_90: chunk_topn_f32 then spills nothing, from 16 bytes).
 template <typename T>
-__device__ int select_range(TopN& s, BlockStats& block_stats, const T* __restrict__ row_weights, long long row,
+__device__ __noinline__ int select_range(TopN& s, BlockStats& block_stats, const T* __restrict__ row_weights, long long row,
                             long long start, long long stop, int n, unsigned long long seed, int logits,
                             double top_logit, int shift, unsigned long long* __restrict__ row_bound) {
     Selection sel;
