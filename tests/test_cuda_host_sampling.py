@@ -344,7 +344,6 @@ def test_host_bad_rows_stay_in_range(lib):
             v.check_status(status, 6, replace, False, False)
 
 
-@pytest.mark.usefixtures("finish")
 def test_host_seed_from_device_memory(lib):
     """A seed read from a uint64 array (ats.torch's device key) draws as that seed."""
     attention = np.random.default_rng(0).random((2, 400))
@@ -371,16 +370,16 @@ def _merge_rows(rng, size):
     return rows
 
 
-@pytest.mark.usefixtures("finish")
-@pytest.mark.parametrize("n", [9, 60, 400])
-def test_host_merge_takes_list_prefixes_under_the_bound(lib, n):  # every row selected: no screening buffer
+@pytest.mark.parametrize("n, fused", [(9, False), (60, False), (400, False), (60, True), (400, True)],
+                         ids=["9", "60", "400", "select_rows-60", "select_rows-400"])
+def test_host_merge_takes_list_prefixes_under_the_bound(lib, n, fused):  # every row selected: no screening buffer
     """finish_rows with many chunk lists (47 chunks, more than the 32 threads of a block: the chunk scan and the
     statistics reduction take several rounds), more slots than a block's buffer (nchunks * n > capacity: the
     bound from the lists' heads) and rows where the prefixes overflow the buffer (+inf key ties: the bound
     bounds nothing, the tile-by-tile merge): draws equal the reference's and the CPU kernel's, ties by position."""
     attention = _merge_rows(np.random.default_rng(n), 6000)
-    indices, probs, status, p = host_sample(lib, attention, n, seed=n, chunk=128, capacity=0)
-    assert p.nchunks == 47 and p.nchunks > 32
+    indices, probs, status, p = host_sample(lib, attention, n, seed=n, chunk=128, capacity=0, fused=fused)
+    assert p.nchunks == 47 and p.nchunks > 32 and p.fused == fused
     assert p.nchunks * n > gs.selection_capacity(32) or n == 9
     ref_i, _ = reference.sample(attention, n, seed=n)
     cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, n, False)
@@ -467,7 +466,6 @@ def test_host_summary_row_without_its_own_launch(lib):
         assert status[-1, v.STATUS_NONFINITE] == 1 and status[-1, v.STATUS_POSITIVE] == 300
 
 
-@pytest.mark.usefixtures("finish")
 def test_host_summary_row_reduces_across_warps(libs):
     """The summary row from many rows and a block of two warps: each extreme sits in a row that the second warp
     reads (rows 32 + 64 k), the others in the first, so a reduction that dropped a warp would show."""
