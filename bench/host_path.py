@@ -46,13 +46,9 @@ def _launch_lists_per_call(weights, n, grid, seed):
     from atskern.gpu import sampling as gs
 
     rows, size = weights.shape
-    device = 0
-    p = gs.plan(rows, size, n, False, 256, gs._multiprocessors(device))
+    p = gs.plan(rows, size, n, False, 256, gs._multiprocessors(0))
     lay = gs.layout(rows, size, n, p, False, False, len(grid), weights.dtype)
-    ws, indices, probs, memory = gs.allocate(lay, arrays=p.sort)
-    steps = gs.launches(weights, n, grid, seed, False, False, ws, p, indices, probs)
-    gs.run_steps(steps, ws, n, lay, memory, gs.compile_options(p.threads), device)
-    return indices, probs, ws.status
+    return gs.sample_from_lists(weights, n, grid, seed, False, False, None, p, lay, 0)
 
 
 def run(quick: bool = False, progress=None) -> Table:

@@ -63,3 +63,13 @@ def index_width(request, monkeypatch):
     gp.clear_caches()
     yield request.param
     gp.clear_caches()
+
+
+@pytest.fixture(params=[False, True], ids=["finish_rows", "select_rows"])
+def finish(request, monkeypatch):
+    """GPU sampling with each row finished by a finish_rows launch, or by its last select_rows block in the
+    selecting launch (atskern.gpu.sampling.FUSED_FINISH; the host build and the CuPy path alike)."""
+    from atskern.gpu import sampling as gs
+
+    monkeypatch.setattr(gs, "FUSED_FINISH", request.param)
+    return request.param

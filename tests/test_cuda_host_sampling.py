@@ -55,13 +55,6 @@ def lib(libs):
     return libs(32)
 
 
-@pytest.fixture(params=[False, True], ids=["finish_rows", "select_rows"])
-def finish(request, monkeypatch):
-    """Each row finished by a finish_rows launch, or by its last select_rows block (gs.FUSED_FINISH)."""
-    monkeypatch.setattr(gs, "FUSED_FINISH", request.param)
-    return request.param
-
-
 def _garbage(shape, dtype):
     """Work space full of a byte pattern, so a kernel that reads what it never wrote shows up."""
     return np.full(int(np.prod(shape)) * np.dtype(dtype).itemsize, 0xA5, np.uint8).view(dtype).reshape(shape)

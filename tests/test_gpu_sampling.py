@@ -15,15 +15,6 @@ from .conftest import HAS_GPU
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")]
 
 
-@pytest.fixture(params=[False, True], ids=["finish_rows", "select_rows"])
-def finish(request, monkeypatch):
-    """Each row finished by a finish_rows launch, or by its last select_rows block in the selecting launch."""
-    from atskern.gpu import sampling as gs
-
-    monkeypatch.setattr(gs, "FUSED_FINISH", request.param)
-    return request.param
-
-
 def _bad_rows(dtype=np.float32):
     attention = np.random.default_rng(0).random((6, 40, 30)).astype(dtype) + 0.01
     attention[1, 3, 4] = np.nan

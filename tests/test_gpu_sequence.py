@@ -57,7 +57,7 @@ def test_replay_words_are_the_launch_lists_words(handles, monkeypatch, rows, siz
     first and clears the zeroed fields; handles, grids and blocks are the launch lists'."""
     monkeypatch.setattr(gs, "FUSED_FINISH", fused)
     grid = (size,) if size % 2 else (2, size // 2)
-    call = gs.recorded_call(rows, size, n, grid, replace, logits, np.dtype(dtype), np.dtype(dtype), 256, None, 0,
+    call = gs.recorded_call(rows, size, n, grid, replace, logits, np.dtype(dtype), 256, None, 0,
                             seed_on_device, _knobs())
     weights = _DeviceArray((rows, size), dtype, 0x5000_0000_0100)
     seed = 2**64 - 5
@@ -86,7 +86,7 @@ def test_replay_words_are_the_launch_lists_words(handles, monkeypatch, rows, siz
 def test_replays_on_two_threads_use_their_own_words(handles):
     """Two threads replaying one sequence at once pack into separate buffers (a shared one would hand a launch
     the other call's addresses)."""
-    call = gs.recorded_call(1, 65536, 10, (256, 256), False, False, np.dtype(np.float32), np.dtype(np.float32), 256,
+    call = gs.recorded_call(1, 65536, 10, (256, 256), False, False, np.dtype(np.float32), 256,
                             None, 0, False, _knobs())
     meet = threading.Barrier(2)
     seen = {}

@@ -124,7 +124,7 @@ class LaunchSequence:
         for the slots. Asynchronous, CUDA-graph capturable."""
         cp = cupy()
         self.pack(base, values)
-        _, tables = self._buffers()
+        tables = self._local.tables  # built by pack's first call on this thread
         _launch.bind_context(cp)
         driver, runtime = cp.cuda.driver, cp.cuda.runtime
         for op, table in zip(self.ops, tables):

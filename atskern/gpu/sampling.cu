@@ -31,9 +31,10 @@
 //                  validating).
 //   select_rows    (a plan with `fused`, atskern.gpu.sampling.FUSED_FINISH) chunk_topn and finish_rows in one launch:
 //                  each (row, chunk) block selects, and the row's last block to count itself done finishes the row.
-//   (float64 only) chunk_stats, chunk_topn and finish_rows (or select_rows) again with pass = 1: rows whose largest weight's
-//                  exponent is outside SCALE_FREE_EXPONENTS are redone on weights times 2^-exponent (exact), every
-//                  other block returns at once: the CPU's scale-free rule without a host round trip.
+//   (float64 only) chunk_stats, chunk_topn and finish_rows (or select_rows) again with pass = 1: rows whose
+//                  largest weight's exponent is outside SCALE_FREE_EXPONENTS are redone on weights times
+//                  2^-exponent (exact), every other block returns at once: the CPU's scale-free rule without a host
+//                  round trip.
 // With replacement chunk_stats gathers the statistics (short chunks) and replacement_draws finds each draw with one
 // block: a scan of the row's chunk sums, then of the positions from the chunk found (no prefix sum over the row in
 // memory). The sort fallback takes its statistics from chunk_stats.
@@ -1214,15 +1215,6 @@ __device__ int rank_screened(TopN& s, const double* __restrict__ keys, const lon
     return n;
 }
 
-// finish_rows' fallback for a screened row with too few or too many kept keys: the whole row selected by this
-// block alone (positions below 2^31: sampling.py screens no longer row). Not inlined: it is rarely run.
-template <typename T>
-__device__ __noinline__ int select_row(TopN& s, BlockStats& block_stats, const T* row_weights, long long row,
-                                       long long size, int n, unsigned long long seed, int logits, double top_logit,
-                                       int shift) {
-    return select_range(s, block_stats, row_weights, row, 0, size, n, seed, logits, top_logit, shift,
-                        (unsigned long long*)nullptr);
-}
 
 // The shared memory of a row's finish besides the selection buffer and the block statistics.
 struct FinishShared {
@@ -1302,8 +1294,10 @@ __device__ void finish_row(TopN& s, BlockStats& block_stats, FinishShared& f, lo
     const long long base = row * (presorted ? 1 : nchunks) * n;
     int kept;
     if (alone) {
-        kept = select_row(s, block_stats, row_weights, row, size, n, effective_seed(seed, seed_ptr), logits,
-                          info.top_logit, info.shift);
+        // the fallback for a screened row with too few or too many kept keys: the whole row selected by this block
+        // alone (positions below 2^31: sampling.py screens no longer row), without a shared bound
+        kept = select_range(s, block_stats, row_weights, row, 0, size, n, effective_seed(seed, seed_ptr), logits,
+                            info.top_logit, info.shift, (unsigned long long*)nullptr);
     } else if (screened && screened_count <= ATS_RANK_MAX) {
         kept = rank_screened<COHERENT>(s, screen_keys + screen_base, screen_idx + screen_base, (int)screened_count, n);
     } else if (screened) {

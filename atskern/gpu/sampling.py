@@ -34,8 +34,9 @@ time; the selection buffer of MAX_SELECTION_N + PER_THREAD * threads entries mus
 MIN_BLOCKS = 2
 """ATS_MIN_BLOCKS: selecting blocks an SM must hold at once (their register cap); a tuning knob, draws unchanged."""
 SCREEN_UNROLL = 4
-"""ATS_SCREEN_UNROLL: tiles of loads a thread of the statistics and screening passes issues before using them (and
-generator chains it interleaves); a tuning knob, draws unchanged."""
+"""ATS_SCREEN_UNROLL: tiles of float32 loads a thread of the statistics and screening passes issues before using
+them (and generator chains it interleaves; float64: half as many tiles, the same bytes); a tuning knob, draws
+unchanged."""
 MIN_CHUNK = 1 << 12
 """Fewest positions of a chunk (4 tiles of 256 threads): a small map still spreads over many short blocks (the
 latency of a block is about one tile per 1024 positions, serialized), and finish_rows merges only the prefix of
@@ -391,14 +392,14 @@ class RecordedCall:
 
 
 @functools.lru_cache(maxsize=256)
-def recorded_call(rows: int, size: int, n: int, grid: tuple, replace: bool, logits: bool, dtype, probs_dtype,
-                  threads: int, chunk, device_id: int, seed_on_device: bool, knobs: tuple) -> RecordedCall:
+def recorded_call(rows: int, size: int, n: int, grid: tuple, replace: bool, logits: bool, dtype, threads: int, chunk,
+                  device_id: int, seed_on_device: bool, knobs: tuple) -> RecordedCall:
     """The :class:`RecordedCall` of a call shape on device ``device_id``: :func:`launches` with the allocation's
     offsets for the workspace, indices and probs, and slots for the weights, the seed and (``seed_on_device``) the
-    seed's device address, in that order. ``knobs`` (``BLOCKS_PER_SM``, ``MIN_BLOCKS``, ``SCREEN_UNROLL``,
+    seed's device address, in that order; ``dtype`` is the weights' and the probabilities'. ``knobs`` (``BLOCKS_PER_SM``, ``MIN_BLOCKS``, ``SCREEN_UNROLL``,
     ``FUSED_FINISH``: their values now) keys the memo, so that a tuning change takes effect."""
     p = plan(rows, size, n, replace, threads, _multiprocessors(device_id), chunk)
-    lay = layout(rows, size, n, p, replace, logits, len(grid), probs_dtype)
+    lay = layout(rows, size, n, p, replace, logits, len(grid), dtype)
     if p.sort:
         return RecordedCall(p, lay, None)
     weights = _sequence.Slot("weights", (rows, size), np.dtype(dtype))
@@ -434,15 +435,12 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
     rows, size = weights.shape
     threads = _module.THREADS_PER_BLOCK if threads is None else threads
     device_id = cp.cuda.runtime.getDevice()
-    call = recorded_call(rows, size, int(n), tuple(grid), bool(replace), bool(logits), weights.dtype, weights.dtype,
-                         threads, chunk, device_id, seed_ptr is not None,
+    call = recorded_call(rows, size, int(n), tuple(grid), bool(replace), bool(logits), weights.dtype, threads, chunk,
+                         device_id, seed_ptr is not None,
                          (BLOCKS_PER_SM, MIN_BLOCKS, SCREEN_UNROLL, FUSED_FINISH))
     lay = call.layout
     if call.sequence is None:
-        ws, indices, probs, memory = allocate(lay, arrays=True)
-        steps = launches(weights, n, grid, seed, replace, logits, ws, call.plan, indices, probs, seed_ptr)
-        run_steps(steps, ws, n, lay, memory, compile_options(call.plan.threads), device_id)
-        return indices, probs, ws.status
+        return sample_from_lists(weights, n, grid, seed, replace, logits, seed_ptr, call.plan, lay, device_id)
     memory = cp.cuda.alloc(lay.total)
     values = (weights, seed, seed_ptr) if seed_ptr is not None else (weights, seed)
     call.sequence.replay(memory.ptr, values, cp.cuda.get_current_stream().ptr)
@@ -450,6 +448,15 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
     return (cp.ndarray(*specs["indices"], memptr=memory + offsets["indices"]),
             cp.ndarray(*specs["probs"], memptr=memory + offsets["probs"]),
             cp.ndarray(*specs["status"], memptr=memory + offsets["status"]))
+
+
+def sample_from_lists(weights, n, grid, seed, replace, logits, seed_ptr, p: Plan, lay: Layout, device_id: int):
+    """:func:`sample` from launch lists built and packed now (:func:`launches`, :func:`run_steps`): the path of plans
+    that sort every key (their sort step reads CuPy arrays), and ``bench.host_path``'s baseline."""
+    ws, indices, probs, memory = allocate(lay, arrays=p.sort)
+    steps = launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_ptr)
+    run_steps(steps, ws, n, lay, memory, compile_options(p.threads), device_id)
+    return indices, probs, ws.status
 
 
 def run_steps(steps, ws: Workspace, n: int, lay: Layout, memory, options: tuple[str, ...], device_id: int,
