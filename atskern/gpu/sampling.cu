@@ -685,10 +685,62 @@ __host__ __device__ constexpr int unroll_of() {
     return sizeof(T) == 8 ? (ATS_SCREEN_UNROLL + 1) / 2 : ATS_SCREEN_UNROLL;
 }
 
+// Whether every one of a thread's float32 weights is a positive normal number (bits 0x00800000 to 0x7F7FFFFF: not
+// zero, subnormal, negative, infinite or NaN), the plain loops' common case: one unsigned maximum per weight.
+template <int UNROLL>
+__device__ __forceinline__ bool positive_normals(const float (&raw)[UNROLL][ATS_PER_THREAD]) {
+    unsigned int above = 0u;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+#pragma unroll
+        for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
+            const unsigned int offset = __float_as_uint(raw[u][lane]) - 0x00800000u;
+            above = offset > above ? offset : above;
+        }
+    }
+    return above < 0x7F000000u;
+}
+
 // Screening: every key of positions [start, stop) at most t goes to the row's buffer (keys, positions) at a slot
 // taken from *count (slots past `capacity` are counted, not written; finish_rows then selects the row alone). No
 // barrier: each thread streams its positions, ATS_SCREEN_UNROLL tiles of loads at a time; the high Philox word
 // rules out nearly every key (1 - u >= a t implies -log(u) / a >= t), so few keys are computed and fewer kept.
+// One tile of screen_range: the keys of positions at to at + 3 (those below stop) that the high words `hi` do not
+// rule out. FAST: all four inside the range and positive normal float32 weights, taken as they are.
+template <bool FAST, bool PLAIN, typename T>
+__device__ __forceinline__ void screen_tile(const T (&raw)[ATS_PER_THREAD], const PhiloxWords& hi, long long at,
+                                            long long stop, long long row, unsigned long long seed, int logits,
+                                            double top_logit, int shift, double t, double bound, unsigned int* count,
+                                            int capacity, double* __restrict__ keys,
+                                            long long* __restrict__ positions) {
+    double a[ATS_PER_THREAD];
+    bool hit[ATS_PER_THREAD];
+    bool need = false;
+#pragma unroll
+    for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
+        if constexpr (FAST) {
+            a[lane] = (double)raw[lane];
+        } else {
+            a[lane] = at + lane < stop ? weight_as<PLAIN>(raw[lane], logits, top_logit, shift) : 0.0;
+        }
+        hit[lane] = (FAST || a[lane] > 0.0) && headroom(hi.w[lane]) < a[lane] * bound;
+        need |= hit[lane];
+    }
+    if (!need) return;
+    const PhiloxWords lo = block_words((unsigned long long)at >> 2, (unsigned int)row, ATS_STREAM_LO, seed);
+#pragma unroll
+    for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
+        if (!hit[lane]) continue;
+        const double key = -log(to_uniform(hi.w[lane], lo.w[lane])) / a[lane];
+        if (!(key <= t)) continue;
+        const unsigned int slot = atomicAdd(count, 1u);
+        if (slot < (unsigned int)capacity) {
+            keys[slot] = key;
+            positions[slot] = at + lane;
+        }
+    }
+}
+
 template <bool PLAIN, typename T>
 __device__ __noinline__ void screen_range(const T* __restrict__ row_weights, long long row, long long start, long long stop,
                              unsigned long long seed, int logits, double top_logit, int shift, double t,
@@ -707,36 +759,22 @@ __device__ __noinline__ void screen_range(const T* __restrict__ row_weights, lon
             his[u] = block_words((unsigned long long)(first + (long long)u * ATS_TILE) >> 2, (unsigned int)row,
                                  ATS_STREAM_HI, seed);
         }
+        if constexpr (PLAIN && sizeof(T) == 4) {
+            if (first + (long long)(UNROLL - 1) * ATS_TILE + ATS_PER_THREAD <= stop && positive_normals<UNROLL>(raw)) {
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) {
+                    screen_tile<true, PLAIN>(raw[u], his[u], first + (long long)u * ATS_TILE, stop, row, seed, logits,
+                                             top_logit, shift, t, bound, count, capacity, keys, positions);
+                }
+                continue;
+            }
+        }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const long long at = first + (long long)u * ATS_TILE;
             if (at >= stop) break;
-            double a[ATS_PER_THREAD];
-#pragma unroll
-            for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
-                a[lane] = at + lane < stop ? weight_as<PLAIN>(raw[u][lane], logits, top_logit, shift) : 0.0;
-            }
-            const PhiloxWords& hi = his[u];
-            bool hit[ATS_PER_THREAD];
-            bool need = false;
-#pragma unroll
-            for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
-                hit[lane] = a[lane] > 0.0 && headroom(hi.w[lane]) < a[lane] * bound;
-                need |= hit[lane];
-            }
-            if (!need) continue;
-            const PhiloxWords lo = block_words((unsigned long long)at >> 2, (unsigned int)row, ATS_STREAM_LO, seed);
-#pragma unroll
-            for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
-                if (!hit[lane]) continue;
-                const double key = -log(to_uniform(hi.w[lane], lo.w[lane])) / a[lane];
-                if (!(key <= t)) continue;
-                const unsigned int slot = atomicAdd(count, 1u);
-                if (slot < (unsigned int)capacity) {
-                    keys[slot] = key;
-                    positions[slot] = at + lane;
-                }
-            }
+            screen_tile<false, PLAIN>(raw[u], his[u], at, stop, row, seed, logits, top_logit, shift, t, bound, count,
+                                      capacity, keys, positions);
         }
     }
 }
@@ -881,6 +919,25 @@ __device__ __noinline__ ChunkSums stats_range(const T* __restrict__ row_weights,
         T raw[UNROLL][ATS_PER_THREAD];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) load_lanes(chunk_weights, first + u * tile, count, raw[u]);
+        if constexpr (BITS) {
+            // every position of the group inside the chunk and a positive normal weight: what add_plain_bits does
+            // with each, in the same order, without its tests (widening a normal float32 is exact under -ftz)
+            if (first + (UNROLL - 1) * tile + ATS_PER_THREAD <= count && positive_normals<UNROLL>(raw)) {
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) {
+#pragma unroll
+                    for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
+                        const unsigned int bits = __float_as_uint(raw[u][lane]);
+                        top_bits = bits > top_bits ? bits : top_bits;
+                        const double a = (double)raw[u][lane];
+                        t.sum += a;
+                        t.squares += a * a;
+                    }
+                }
+                t.positive += UNROLL * ATS_PER_THREAD;
+                continue;
+            }
+        }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
 #pragma unroll
