@@ -1,6 +1,6 @@
 """Tuning probe of the GPU sampling kernels: registers and spills per compile option, the GPU time of each
 launch of one call, and ``atskern.sample`` under each block size and ``MIN_BLOCKS`` (draws checked unchanged);
-``--only ncu`` adds Nsight Compute's sections for the streaming kernels where ``ncu`` is installed.
+``--only where`` splits a call's time into host and device parts; ``--only ncu`` adds Nsight Compute's sections for the streaming kernels where ``ncu`` is installed.
 
     PYTHONPATH=.:adapters python3 -m bench.gpu_tuning [--quick]
 
@@ -191,6 +191,80 @@ def finish_table(quick: bool) -> str:
     return "\n".join(lines)
 
 
+WHERE_CASES = [(1, 256, 10), (32, 256, 100), (1, 1024, 10), (1, 4096, 100), (32, 1024, 100), (256, 256, 10)]
+
+
+def _median_us(fn, synchronize, reps=150, warm=15) -> float:
+    """Median wall µs of ``fn()`` followed by ``synchronize()``."""
+    for _ in range(warm):
+        fn()
+    synchronize()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter_ns()
+        fn()
+        synchronize()
+        times.append(time.perf_counter_ns() - start)
+    return statistics.median(times) / 1000
+
+
+def _host_us(fn, synchronize, reps=150) -> float:
+    """Mean host µs of ``fn()`` over ``reps`` calls back to back, no wait between them."""
+    for _ in range(15):
+        fn()
+    synchronize()
+    start = time.perf_counter_ns()
+    for _ in range(reps):
+        fn()
+    host = (time.perf_counter_ns() - start) / reps / 1000
+    synchronize()
+    return host
+
+
+def where_table() -> str:
+    """Where a float32 ``atskern.sample`` call's time goes, with either finish (``FUSED_FINISH``): wall µs with
+    and without validation, the backend's host time issuing its memset and launches (no wait), the front end's
+    host time (the rest, validate=False), torch Gumbel top-k (rand, log, top-k) and ``a.sum()`` in the same run."""
+    import cupy
+
+    import atskern
+    from atskern.gpu import sampling
+
+    torch = _gpu.torch_cuda()
+
+    def synchronize():
+        cupy.cuda.Device().synchronize()
+
+    lines = ["| B | grid | n | finish | sample | validate=False | backend host (no wait) | front host | torch top-k | "
+             "a.sum() | torch top-k / sample |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rng = np.random.default_rng(0)
+    saved = sampling.FUSED_FINISH
+    try:
+        for rows, side, n in WHERE_CASES:
+            attention = cupy.asarray(rng.random((rows, side, side), dtype=np.float32) + np.float32(1e-3))
+            weights = attention.reshape(rows, -1)
+            topk = float("nan")
+            if torch is not None:
+                flat = torch.as_tensor(weights, device="cuda")
+                topk = _median_us(lambda: (flat.log() - (-torch.rand_like(flat).log()).log()).topk(n, dim=1),
+                                  torch.cuda.synchronize)
+            floor = _median_us(lambda: float(attention.sum()), synchronize)
+            for fused in (False, True):
+                sampling.FUSED_FINISH = fused
+                total = _median_us(lambda: atskern.sample(attention, n, seed=1), synchronize)
+                unchecked = _median_us(lambda: atskern.sample(attention, n, seed=1, validate=False), synchronize)
+                backend = _host_us(lambda: sampling.sample(weights, n, (side, side), 1, False), synchronize)
+                front = _host_us(lambda: atskern.sample(attention, n, seed=1, validate=False), synchronize) - backend
+                lines.append(f"| {rows} | {side}² | {n} | {'select_rows' if fused else 'finish_rows'} | {total:.1f} | "
+                             f"{unchecked:.1f} | {backend:.1f} | {front:.1f} | {topk:.1f} | {floor:.1f} | "
+                             f"{topk / total:.2f} |")
+            del attention, weights
+            cupy.get_default_memory_pool().free_all_blocks()
+    finally:
+        sampling.FUSED_FINISH = saved
+    return "\n".join(lines)
+
+
 def torch_step_profile(batch: int = 8, size: int = 1500, steps: int = 5) -> str:
     """torch's profiler over ``steps`` ATS training steps of ``bench.torch_ats`` on CUDA: the top operators by
     host time, and host against CUDA time per step (where a step's time goes when it is host-bound)."""
@@ -329,10 +403,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=["registers", "breakdown", "finish", "configs", "torch-profile", "host-profile",
-                                           "ncu"],
+                                           "where", "ncu"],
                         action="append", help="run only these parts (repeatable; default all but ncu)")
     args = parser.parse_args(argv)
-    parts = set(args.only or ["registers", "breakdown", "finish", "configs", "torch-profile", "host-profile"])
+    parts = set(args.only or ["registers", "breakdown", "finish", "where", "configs", "torch-profile",
+                              "host-profile"])
     reason = _gpu.unavailable()
     if reason:
         print(f"skipped: {reason}")
@@ -344,6 +419,8 @@ def main(argv=None) -> int:
     if "finish" in parts:
         print("### Rows finished apart or in the selecting launch (FUSED_FINISH)\n\n" + finish_table(args.quick) + "\n",
               flush=True)
+    if "where" in parts:
+        print("### Where a sampling call's time goes (float32, µs)\n\n" + where_table() + "\n", flush=True)
     if "configs" in parts:
         print("### Configurations\n\n" + config_table(args.quick) + "\n", flush=True)
     if "torch-profile" in parts:

@@ -55,8 +55,11 @@ FUSED = True
 """``atskern.sampling``: this backend takes logits as they are and applies the scale-free rescaling itself."""
 FUSED_FINISH = False
 """Plans' ``fused``: each row finished by its last ``select_rows`` block instead of a ``finish_rows`` launch after
-``chunk_topn`` (one launch and one kernel boundary fewer per call; the same draws). A tuning knob, off until a GPU
-session has measured it (``bench.gpu_tuning``)."""
+``chunk_topn`` (one launch and one kernel boundary fewer per call; the same draws). Off: on an H100
+(``bench.gpu_tuning --only finish``, 2026-11-26) the fused plan's wall time was 0.82x to 1.13x the two-launch plan's
+over seven shapes, no better, and its one-row ``select_rows`` (71.8 us GPU on 1 x 4096², n=10) cost more than
+``chunk_topn`` and ``finish_rows`` apart (49.4 + 18.9): the row's last block finishes it while the others are
+done, so the launch saved buys nothing on the device."""
 
 
 def _suffix(dtype) -> str:
