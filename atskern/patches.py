@@ -18,7 +18,7 @@ import importlib
 
 import numpy as np
 
-from . import _offsets
+from . import _check_memo, _offsets
 from . import _validation as v
 from ._backend import GPU, array_module, backend_of
 from ._memory import aligned_empty
@@ -132,10 +132,18 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False, out
     ``(B, K, *patch_size, C)`` (or ``(B, K, C, *patch_size)``) of x's dtype;
     freshly allocated host buffers are 64-byte aligned.
     """
-    layout, fill_value = v.check_gather(x, offsets, patch_size, fill, channels_first, out)
-    backend = backend_of(x=x, offsets=offsets, out=out)
+    signature = _check_memo.gather_signature(x, offsets, patch_size, fill, channels_first, out)
+    layout, fill_value, backend = _checked_gather(signature, x, offsets, patch_size, fill, channels_first, out)
     xp = array_module(backend)
     return _gather(xp, backend, x, offsets, layout, fill_value, out)
+
+
+def _check_gather(x, offsets, patch_size, fill, channels_first, out):
+    layout, fill_value = v.check_gather(x, offsets, patch_size, fill, channels_first, out)
+    return layout, fill_value, backend_of(x=x, offsets=offsets, out=out)
+
+
+_checked_gather = _check_memo.CheckMemo(_check_gather)
 
 
 def _scatter(xp, backend, grad, offsets, layout, result_dtype, out, deterministic=True):
@@ -177,11 +185,20 @@ def scatter_patches(grad, offsets, spatial_shape, *, channels_first=False, out=N
     float64: each patch added at its offset, overlaps summed in patch order,
     parts outside the image dropped.
     """
-    layout, result_dtype = v.check_scatter(grad, offsets, spatial_shape, channels_first, out)
-    deterministic = v.require_bool(deterministic, "deterministic")
-    backend = backend_of(grad=grad, offsets=offsets, out=out)
+    signature = _check_memo.scatter_signature(grad, offsets, spatial_shape, channels_first, out, deterministic)
+    layout, result_dtype, deterministic, backend = _checked_scatter(signature, grad, offsets, spatial_shape,
+                                                                    channels_first, out, deterministic)
     xp = array_module(backend)
     return _scatter(xp, backend, grad, offsets, layout, result_dtype, out, deterministic)
+
+
+def _check_scatter(grad, offsets, spatial_shape, channels_first, out, deterministic):
+    layout, result_dtype = v.check_scatter(grad, offsets, spatial_shape, channels_first, out)
+    deterministic = v.require_bool(deterministic, "deterministic")
+    return layout, result_dtype, deterministic, backend_of(grad=grad, offsets=offsets, out=out)
+
+
+_checked_scatter = _check_memo.CheckMemo(_check_scatter)
 
 
 def _as_int64(mask):
