@@ -12,7 +12,8 @@ Steps, each in its own subprocess with a time limit carved from the budget
    hazards of the block scans, sorts and staged patch boxes);
 2. one after another, alone on the GPU: the GPU benchmarks (``python -m bench --only gpu_patches`` /
    ``gpu_sampling`` / ``gpu_ats``), in quick mode when little time is left, then ``python -m bench.gpu_tuning``
-   (each sampling kernel's GPU time, and Nsight Compute on the streaming kernels where ``ncu`` is installed).
+   (each sampling kernel's GPU time, the two finishes compared, where a sampling call's time goes, and Nsight
+   Compute on the streaming kernels where ``ncu`` is installed).
 
 Writes ``bench/results/<machine>.md`` (default: ``gpu-`` and the device name) with the device, the versions,
 the test and sanitizer summaries and the tables, rewritten after every step (a session cut short keeps what
@@ -48,10 +49,10 @@ TEST_SECONDS = 230
 (each compile option set is one NVRTC compile of sampling.cu per worker); 140 s with the sanitizers beside them
 timed out there."""
 SANITIZER_SECONDS = 150
-TUNING_SECONDS = (90, 15)
-TUNING_PARTS = ["--only", "breakdown", "--only", "finish", "--only", "ncu"]
-"""The tuning step: each kernel's GPU time, then Nsight Compute on the streaming kernels (skipped without ncu; in
-quick mode only the breakdown runs)."""
+TUNING_SECONDS = (100, 15)
+TUNING_PARTS = ["--only", "breakdown", "--only", "finish", "--only", "where", "--only", "ncu"]
+"""The tuning step: each kernel's GPU time, the two finishes compared, where a sampling call's time goes, then
+Nsight Compute on the streaming kernels (skipped without ncu; in quick mode only the breakdown runs)."""
 
 
 def _env() -> dict:
