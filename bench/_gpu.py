@@ -37,24 +37,31 @@ def synchronize():
     importlib.import_module("cupy").cuda.Device().synchronize()
 
 
+def median_wall(fn, wait=None, *, repeats: int = 20, warmup: int = 3) -> float:
+    """Median seconds of ``fn()`` followed by ``wait()`` (default: the CuPy device's synchronize)."""
+    wait = wait or synchronize
+    for _ in range(warmup):
+        fn()
+    wait()
+    walls = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        wait()
+        walls.append(time.perf_counter() - start)
+    return statistics.median(walls)
+
+
 def timings(fn, *, repeats: int = 20, warmup: int = 3) -> dict:
     """Median milliseconds of ``fn()``: ``wall`` (each call synchronized, as a user waiting for the result sees
     it), and from ``cupyx.profiler.benchmark`` the host time (``host``) and the GPU time (``gpu``, CUDA events on
     the current stream, which torch's default stream shares)."""
     from cupyx.profiler import benchmark
 
-    for _ in range(warmup):
-        fn()
-    synchronize()
-    walls = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize()
-        walls.append(time.perf_counter() - start)
+    wall = median_wall(fn, repeats=repeats, warmup=warmup)
     result = benchmark(fn, n_repeat=repeats, n_warmup=1)
     return {
-        "wall": 1e3 * statistics.median(walls),
+        "wall": 1e3 * wall,
         "host": 1e3 * float(statistics.median(result.cpu_times.tolist())),
         "gpu": 1e3 * float(statistics.median(result.gpu_times[0].tolist())),
     }

@@ -194,20 +194,6 @@ def finish_table(quick: bool) -> str:
 WHERE_CASES = [(1, 256, 10), (32, 256, 100), (1, 1024, 10), (1, 4096, 100), (32, 1024, 100), (256, 256, 10)]
 
 
-def _median_us(fn, synchronize, reps=150, warm=15) -> float:
-    """Median wall µs of ``fn()`` followed by ``synchronize()``."""
-    for _ in range(warm):
-        fn()
-    synchronize()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter_ns()
-        fn()
-        synchronize()
-        times.append(time.perf_counter_ns() - start)
-    return statistics.median(times) / 1000
-
-
 def _host_us(fn, synchronize, reps=150) -> float:
     """Mean host µs of ``fn()`` over ``reps`` calls back to back, no wait between them."""
     for _ in range(15):
@@ -235,6 +221,9 @@ def where_table() -> str:
     def synchronize():
         cupy.cuda.Device().synchronize()
 
+    def median_us(fn, wait=synchronize):
+        return 1e6 * _gpu.median_wall(fn, wait, repeats=150, warmup=15)
+
     lines = ["| B | grid | n | finish | sample | validate=False | backend host (no wait) | front host | torch top-k | "
              "a.sum() | torch top-k / sample |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     rng = np.random.default_rng(0)
@@ -246,13 +235,13 @@ def where_table() -> str:
             topk = float("nan")
             if torch is not None:
                 flat = torch.as_tensor(weights, device="cuda")
-                topk = _median_us(lambda: (flat.log() - (-torch.rand_like(flat).log()).log()).topk(n, dim=1),
-                                  torch.cuda.synchronize)
-            floor = _median_us(lambda: float(attention.sum()), synchronize)
+                topk = median_us(lambda: (flat.log() - (-torch.rand_like(flat).log()).log()).topk(n, dim=1),
+                                 torch.cuda.synchronize)
+            floor = median_us(lambda: float(attention.sum()))
             for fused in (False, True):
                 sampling.FUSED_FINISH = fused
-                total = _median_us(lambda: atskern.sample(attention, n, seed=1), synchronize)
-                unchecked = _median_us(lambda: atskern.sample(attention, n, seed=1, validate=False), synchronize)
+                total = median_us(lambda: atskern.sample(attention, n, seed=1))
+                unchecked = median_us(lambda: atskern.sample(attention, n, seed=1, validate=False))
                 backend = _host_us(lambda: sampling.sample(weights, n, (side, side), 1, False), synchronize)
                 front = _host_us(lambda: atskern.sample(attention, n, seed=1, validate=False), synchronize) - backend
                 lines.append(f"| {rows} | {side}² | {n} | {'select_rows' if fused else 'finish_rows'} | {total:.1f} | "

@@ -58,32 +58,36 @@ def replay(walk):
         yield tuple(current)
 
 
-GATHER_POOLS = (IMAGES, OFFSETS, PATCH_SIZES, FILLS, FLAGS)
-SCATTER_POOLS = (GRADS, OFFSETS, SHAPES, FLAGS, FLAGS)
+def gather_args(cp, image, offset, patch, fill, flag):
+    return (cp.ndarray(*IMAGES[image]), cp.ndarray(*OFFSETS[offset]), PATCH_SIZES[patch], FILLS[fill], FLAGS[flag],
+            None)
 
 
+def scatter_args(cp, grad, offset, shape, flag, deterministic):
+    return (cp.ndarray(*GRADS[grad]), cp.ndarray(*OFFSETS[offset]), SHAPES[shape], FLAGS[flag], None,
+            FLAGS[deterministic])
+
+
+CALLS = {
+    "gather": ((IMAGES, OFFSETS, PATCH_SIZES, FILLS, FLAGS), gather_args, "gather_signature", "_checked_gather",
+               "_check_gather"),
+    "scatter": ((GRADS, OFFSETS, SHAPES, FLAGS, FLAGS), scatter_args, "scatter_signature", "_checked_scatter",
+                "_check_scatter"),
+}
+
+
+@pytest.mark.parametrize("call", sorted(CALLS))
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(walks(GATHER_POOLS))
-def test_remembered_gather_checks_answer_as_the_checks(walk):
+@given(data=st.data())
+def test_remembered_checks_answer_as_the_checks(call, data):
+    pools, make_args, signature_of, remembered, checks = CALLS[call]
+    walk = data.draw(walks(pools))
     with _stand_in_cupy.installed() as cp:
-        patches._checked_gather.clear()
-        for image, offset, patch, fill, flag in replay(walk):
-            args = (cp.ndarray(*IMAGES[image]), cp.ndarray(*OFFSETS[offset]), PATCH_SIZES[patch], FILLS[fill],
-                    FLAGS[flag], None)
-            signature = _check_memo.gather_signature(*args)
-            assert outcome(patches._checked_gather, signature, *args) == outcome(patches._check_gather, *args)
-
-
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(walks(SCATTER_POOLS))
-def test_remembered_scatter_checks_answer_as_the_checks(walk):
-    with _stand_in_cupy.installed() as cp:
-        patches._checked_scatter.clear()
-        for grad, offset, shape, flag, deterministic in replay(walk):
-            args = (cp.ndarray(*GRADS[grad]), cp.ndarray(*OFFSETS[offset]), SHAPES[shape], FLAGS[flag], None,
-                    FLAGS[deterministic])
-            signature = _check_memo.scatter_signature(*args)
-            assert outcome(patches._checked_scatter, signature, *args) == outcome(patches._check_scatter, *args)
+        getattr(patches, remembered).clear()
+        for indices in replay(walk):
+            args = make_args(cp, *indices)
+            signature = getattr(_check_memo, signature_of)(*args)
+            assert outcome(getattr(patches, remembered), signature, *args) == outcome(getattr(patches, checks), *args)
 
 
 def test_a_remembered_call_does_not_answer_for_a_look_alike():
