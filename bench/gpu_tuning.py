@@ -60,7 +60,7 @@ def register_table() -> str:
         with knobs(threads, min_blocks, 4):
             options = sampling.compile_options(threads)
             for kernel in KERNELS:
-                attributes = _module.function(sampling.SOURCE, kernel, options).attributes
+                attributes = sampling.function(kernel, options).attributes
                 lines.append(f"| {threads} | {min_blocks} | {kernel} | {attributes['num_regs']} | "
                              f"{attributes['local_size_bytes']} | {attributes['shared_size_bytes']} |")
     for kernel in ("gather_u32_i32", "gather_u8_i32", "scatter_f32_i32", "scatter_atomic_f32_i32"):

@@ -239,6 +239,61 @@ def test_sampling_chunks_never_spill_into_a_second_wave():
     assert -(-1024 * 1024 // gs.chunk_size(32, 1024 * 1024, 256, multiprocessors=132)) == 8
 
 
+def sampling_step_names(dtype, n, replace, logits):
+    """The steps of a sampling call on 3 rows of 5000 weights: kernel names, ``ZERO_STEP`` and ``SORT_STEP``."""
+    from atskern.gpu import sampling as gs
+
+    weights = np.zeros((3, 5000), dtype)
+    p = gs.plan(3, 5000, n, replace, 256, multiprocessors=4, chunk=1024)
+    ws = gs.workspace(np.empty, 3, 5000, n, p, replace, logits)
+    steps = gs.launches(weights, n, (50, 100), 1, replace, logits, ws, p, np.empty((3, n, 2), np.int32),
+                        np.empty((3, n)))
+    return [s if s in (gs.SORT_STEP, gs.ZERO_STEP) else s[0] for s in steps]
+
+
+def _kernels_defined(tmp_path, group: int) -> set:
+    """The kernels sampling.cu defines with ``-DATS_GROUP=group``, from its preprocessed text (nvcc -E)."""
+    from atskern.gpu import sampling as gs
+    from atskern.gpu._module import source
+
+    inlined = tmp_path / "sampling.cu"
+    inlined.write_text(source("sampling.cu"))
+    result = subprocess.run(["nvcc", "-E", "--std=c++17", *gs.compile_options(256), f"-DATS_GROUP={group}",
+                             str(inlined), "-o", str(tmp_path / f"group{group}.ii")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / f"group{group}.ii").read_text()
+    return set(re.findall(r'extern "C" __attribute__\(\(global\)\) void '
+                          r'(?:__attribute__\(\(launch_bounds\(.*?\)\)\)\s*)?(\w+)\s*\(', text))
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_every_launched_kernel_is_in_the_module_of_its_group(tmp_path, monkeypatch):
+    """A call compiles only the module of each kernel's group (``kernel_group``: one dtype's kernels, select_rows
+    apart): every kernel of every path (float32/float64, logits, with replacement, the sort fallback, both
+    finishes) is defined in its group's module, the groups split the default module's kernels without overlap,
+    and each group holds a kernel some path launches."""
+    from atskern.gpu import sampling as gs
+
+    defined = {group: _kernels_defined(tmp_path, group) for group in (0, 1, 2, 3, 4)}
+    assert len(defined[0]) == 14, defined[0]
+    launched = set()
+    for fused in (False, True):
+        monkeypatch.setattr(gs, "FUSED_FINISH", fused)
+        for dtype in (np.float32, np.float64):
+            for n in (10, 2049):
+                for replace in (False, True):
+                    for logits in (False, True):
+                        launched |= set(sampling_step_names(dtype, n, replace, logits)) - {gs.ZERO_STEP, gs.SORT_STEP}
+    for name in sorted(launched):
+        assert name in defined[gs.kernel_group(name)], (name, gs.kernel_group(name))
+    groups = [defined[group] for group in (1, 2, 3, 4)]
+    assert set().union(*groups) == defined[0]
+    assert sum(len(group) for group in groups) == len(defined[0])
+    assert all(group & launched for group in groups)
+    with pytest.raises(ValueError, match="not a kernel"):
+        gs.kernel_group("gather_u8_i32")
+
+
 def test_sampling_launch_sequence():
     """The launches of each path, in order, and their work space: the statistics (with each row's plan), the
     screening or selecting pass, the rescaling passes only for float64 (and logits), the sort fallback, the
@@ -246,14 +301,7 @@ def test_sampling_launch_sequence():
     own)."""
     from atskern.gpu import sampling as gs
 
-    def names(dtype, n, replace, logits):
-        weights = np.zeros((3, 5000), dtype)
-        p = gs.plan(3, 5000, n, replace, 256, multiprocessors=4, chunk=1024)
-        ws = gs.workspace(np.empty, 3, 5000, n, p, replace, logits)
-        steps = gs.launches(weights, n, (50, 100), 1, replace, logits, ws, p, np.empty((3, n, 2), np.int32),
-                            np.empty((3, n)))
-        return [s if s in (gs.SORT_STEP, gs.ZERO_STEP) else s[0] for s in steps]
-
+    names = sampling_step_names
     assert names(np.float32, 10, False, False) == [gs.ZERO_STEP, "chunk_stats_f32", "chunk_topn_f32", "finish_rows_f32"]
     assert names(np.float64, 10, False, False) == [gs.ZERO_STEP, "chunk_stats_f64", "chunk_topn_f64", "finish_rows_f64",
                                                    "chunk_stats_f64", "chunk_topn_f64", "finish_rows_f64"]

@@ -41,6 +41,16 @@
 //
 // Rows that validation would refuse (NaN/inf, negative weights, no positive weight) still get in-range indices;
 // their probabilities are 0 (their estimator weight is 0).
+
+// The kernels a module defines (atskern.gpu.sampling.kernel_group: one NVRTC compile per group, so a call compiles
+// only its dtype's kernels, about half the work): ATS_GROUP 1, every float32 kernel but select_rows; 2, every float64
+// one but select_rows; 3 and 4, select_rows_f32 and select_rows_f64 (the fused finish, off by default); 0 (the
+// default: CI's nvcc check, the host harness), all of them.
+#ifndef ATS_GROUP
+#define ATS_GROUP 0
+#endif
+#define ATS_IN_GROUP(group) (ATS_GROUP == 0 || ATS_GROUP == (group))
+
 #include "philox.cuh"
 #include <cub/block/block_radix_sort.cuh>
 #include <cub/block/block_scan.cuh>
@@ -469,15 +479,19 @@ __device__ void row_max(const T* __restrict__ weights, long long size, int nchun
     }
 }
 
+#if ATS_IN_GROUP(1)
 extern "C" __global__ void row_max_f32(const float* weights, long long size, int nchunks, long long chunk,
                                        unsigned long long* rowmax) {
     row_max<float>(weights, size, nchunks, chunk, rowmax);
 }
+#endif
 
+#if ATS_IN_GROUP(2)
 extern "C" __global__ void row_max_f64(const double* weights, long long size, int nchunks, long long chunk,
                                        unsigned long long* rowmax) {
     row_max<double>(weights, size, nchunks, chunk, rowmax);
 }
+#endif
 
 // The t with W t - S t^2 / 2 = want (the smaller root), below which at least `want` of the keys of weights with sum
 // W and sum of squares S fall in expectation (1 - exp(-a t) >= a t - (a t)^2 / 2); +inf where there is none (W not
@@ -866,8 +880,12 @@ __device__ void chunk_topn(const T* __restrict__ weights, long long size, int nc
         chunk_topn<T>(weights, size, nchunks, chunk, n, seed, seed_ptr, logits, rowmax, pass, status, row_bound,     \
                       cand_keys, cand_idx, cand_count, capacity, row_plan, counters, screen_keys, screen_idx);       \
     }
+#if ATS_IN_GROUP(1)
 ATS_CHUNK_TOPN(f32, float)
+#endif
+#if ATS_IN_GROUP(2)
 ATS_CHUNK_TOPN(f64, double)
+#endif
 
 // A chunk's statistics, as chunk_stats reduces them (counts as the CPU kernel takes them: -inf is negative, +inf
 // positive; the largest finite weight, 0 below).
@@ -1006,8 +1024,12 @@ __device__ void chunk_stats(const T* __restrict__ weights, long long size, int n
         chunk_stats<T>(weights, size, nchunks, chunk, logits, rowmax, pass, status, stats, n, planned, capacity,      \
                        counters, row_plan);                                                                           \
     }
+#if ATS_IN_GROUP(1)
 ATS_CHUNK_STATS(f32, float)
+#endif
+#if ATS_IN_GROUP(2)
 ATS_CHUNK_STATS(f64, double)
+#endif
 
 // A probability into `probs`: float64, or (single) float32 rounded to nearest even with subnormal results kept,
 // as NumPy's cast gives it (CuPy compiles with -ftz=true, which may flush them in a conversion).
@@ -1422,8 +1444,12 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
                        status, row_bound, dims, g0, g1, g2, indices, probs, single, select, presorted, seed,       \
                        seed_ptr, capacity, row_plan, counters, screen_keys, screen_idx);                              \
     }
+#if ATS_IN_GROUP(1)
 ATS_FINISH_ROWS(f32, float)
+#endif
+#if ATS_IN_GROUP(2)
 ATS_FINISH_ROWS(f64, double)
+#endif
 
 // chunk_select with a register allocation of its own, as in chunk_topn (inlined into select_rows, whose finish
 // and fences take registers too, its loops spilled more: ptxas, CUDA 13, sm_90).
@@ -1502,8 +1528,12 @@ __device__ void select_rows(const T* __restrict__ weights, long long size, int n
                        cand_keys, cand_idx, cand_count, capacity, row_plan, counters, screen_keys, screen_idx, stats, \
                        dims, g0, g1, g2, indices, probs, single);                                                     \
     }
+#if ATS_IN_GROUP(3)
 ATS_SELECT_ROWS(f32, float)
+#endif
+#if ATS_IN_GROUP(4)
 ATS_SELECT_ROWS(f64, double)
+#endif
 
 // Keys of every position, for n too large for the shared-memory selection (the caller sorts them; sampling.py):
 // NaN where a <= 0 or a is not finite (sorted after every positive position, even one whose key is +inf).
@@ -1535,8 +1565,12 @@ __device__ void exponential_keys(const T* __restrict__ weights, long long size, 
                                                          const long long* status, double* keys) {                     \
         exponential_keys<T>(weights, size, total, seed, seed_ptr, logits, rowmax, status, keys);                     \
     }
+#if ATS_IN_GROUP(1)
 ATS_EXPONENTIAL_KEYS(f32, float)
+#endif
+#if ATS_IN_GROUP(2)
 ATS_EXPONENTIAL_KEYS(f64, double)
+#endif
 
 // With replacement, one block of ATS_SELECT_THREADS threads per draw: draw k of a row is the first position of
 // positive weight whose float64 prefix sum reaches u_k * total. The block adds the row's chunk sums (row_stats'
@@ -1657,5 +1691,9 @@ __device__ void replacement_draws(const T* __restrict__ weights, long long size,
         replacement_draws<T>(weights, size, nchunks, chunk, n, rows, seed, seed_ptr, logits, rowmax, status, stats,  \
                              dims, g0, g1, g2, indices, probs, single);                                               \
     }
+#if ATS_IN_GROUP(1)
 ATS_REPLACEMENT_DRAWS(f32, float)
+#endif
+#if ATS_IN_GROUP(2)
 ATS_REPLACEMENT_DRAWS(f64, double)
+#endif

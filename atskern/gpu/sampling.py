@@ -319,11 +319,30 @@ def _multiprocessors(device_id: int) -> int:
     return int(cupy().cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
+KERNEL_GROUPS = {("f32", False): 1, ("f64", False): 2, ("f32", True): 3, ("f64", True): 4}
+"""``ATS_GROUP`` of sampling.cu per (dtype suffix, select_rows): which module variant defines a kernel."""
+
+
+def kernel_group(name: str) -> int:
+    """The ``ATS_GROUP`` whose module defines kernel ``name``: each dtype's kernels compile apart, and
+    ``select_rows`` (the fused finish) apart from the rest, so a call compiles what it launches and little more."""
+    suffix = name.rsplit("_", 1)[-1]
+    if suffix not in ("f32", "f64"):
+        raise ValueError(f"not a kernel of {SOURCE}: {name!r}")
+    return KERNEL_GROUPS[(suffix, name.startswith("select_rows_"))]
+
+
+def function(name: str, options: tuple[str, ...]):
+    """The compiled kernel ``name`` (a CuPy ``RawKernel``) of :data:`SOURCE` with ``options`` on the current device,
+    from the module of its group (:func:`kernel_group`)."""
+    return _module.function(SOURCE, name, options + (f"-DATS_GROUP={kernel_group(name)}",))
+
+
 @functools.lru_cache(maxsize=None)
 def _handle(name: str, options: tuple[str, ...], device_id: int) -> int:
     """The ``CUfunction`` of a compiled kernel of :data:`SOURCE` on device ``device_id`` (the current one when
     called), memoized: a call launches several, and looking each up costs host time."""
-    return _module.function(SOURCE, name, options).kernel.ptr
+    return function(name, options).kernel.ptr
 
 
 ALIGNMENT = 256
