@@ -1,6 +1,7 @@
 """Tuning probe of the GPU sampling kernels: registers and spills per compile option, the GPU time of each
 launch of one call, and ``atskern.sample`` under each block size and ``MIN_BLOCKS`` (draws checked unchanged);
-``--only where`` splits a call's time into host and device parts; ``--only ncu`` adds Nsight Compute's sections for the streaming kernels where ``ncu`` is installed.
+``--only where`` splits a call's time into host and device parts; ``--only ncu`` adds Nsight Compute's sections
+for the streaming kernels where ``ncu`` is installed.
 
     PYTHONPATH=.:adapters python3 -m bench.gpu_tuning [--quick]
 
@@ -194,16 +195,16 @@ def finish_table(quick: bool) -> str:
 WHERE_CASES = [(1, 256, 10), (32, 256, 100), (1, 1024, 10), (1, 4096, 100), (32, 1024, 100), (256, 256, 10)]
 
 
-def _host_us(fn, synchronize, reps=150) -> float:
+def _host_us(fn, reps=150) -> float:
     """Mean host µs of ``fn()`` over ``reps`` calls back to back, no wait between them."""
     for _ in range(15):
         fn()
-    synchronize()
+    _gpu.synchronize()
     start = time.perf_counter_ns()
     for _ in range(reps):
         fn()
     host = (time.perf_counter_ns() - start) / reps / 1000
-    synchronize()
+    _gpu.synchronize()
     return host
 
 
@@ -218,10 +219,7 @@ def where_table() -> str:
 
     torch = _gpu.torch_cuda()
 
-    def synchronize():
-        cupy.cuda.Device().synchronize()
-
-    def median_us(fn, wait=synchronize):
+    def median_us(fn, wait=None):
         return 1e6 * _gpu.median_wall(fn, wait, repeats=150, warmup=15)
 
     lines = ["| B | grid | n | finish | sample | validate=False | backend host (no wait) | front host | torch top-k | "
@@ -242,8 +240,8 @@ def where_table() -> str:
                 sampling.FUSED_FINISH = fused
                 total = median_us(lambda: atskern.sample(attention, n, seed=1))
                 unchecked = median_us(lambda: atskern.sample(attention, n, seed=1, validate=False))
-                backend = _host_us(lambda: sampling.sample(weights, n, (side, side), 1, False), synchronize)
-                front = _host_us(lambda: atskern.sample(attention, n, seed=1, validate=False), synchronize) - backend
+                backend = _host_us(lambda: sampling.sample(weights, n, (side, side), 1, False))
+                front = _host_us(lambda: atskern.sample(attention, n, seed=1, validate=False)) - backend
                 lines.append(f"| {rows} | {side}² | {n} | {'select_rows' if fused else 'finish_rows'} | {total:.1f} | "
                              f"{unchecked:.1f} | {backend:.1f} | {front:.1f} | {topk:.1f} | {floor:.1f} | "
                              f"{topk / total:.2f} |")

@@ -69,10 +69,10 @@ def scatter_args(cp, grad, offset, shape, flag, deterministic):
 
 
 CALLS = {
-    "gather": ((IMAGES, OFFSETS, PATCH_SIZES, FILLS, FLAGS), gather_args, "gather_signature", "_checked_gather",
-               "_check_gather"),
-    "scatter": ((GRADS, OFFSETS, SHAPES, FLAGS, FLAGS), scatter_args, "scatter_signature", "_checked_scatter",
-                "_check_scatter"),
+    "gather": ((IMAGES, OFFSETS, PATCH_SIZES, FILLS, FLAGS), gather_args, _check_memo.gather_signature,
+               patches._checked_gather, patches._check_gather),
+    "scatter": ((GRADS, OFFSETS, SHAPES, FLAGS, FLAGS), scatter_args, _check_memo.scatter_signature,
+                patches._checked_scatter, patches._check_scatter),
 }
 
 
@@ -83,11 +83,10 @@ def test_remembered_checks_answer_as_the_checks(call, data):
     pools, make_args, signature_of, remembered, checks = CALLS[call]
     walk = data.draw(walks(pools))
     with _stand_in_cupy.installed() as cp:
-        getattr(patches, remembered).clear()
+        remembered.clear()
         for indices in replay(walk):
             args = make_args(cp, *indices)
-            signature = getattr(_check_memo, signature_of)(*args)
-            assert outcome(getattr(patches, remembered), signature, *args) == outcome(getattr(patches, checks), *args)
+            assert outcome(remembered, signature_of(*args), *args) == outcome(checks, *args)
 
 
 def test_a_remembered_call_does_not_answer_for_a_look_alike():

@@ -715,10 +715,6 @@ __device__ __forceinline__ bool positive_normals(const float (&raw)[UNROLL][ATS_
     return above < 0x7F000000u;
 }
 
-// Screening: every key of positions [start, stop) at most t goes to the row's buffer (keys, positions) at a slot
-// taken from *count (slots past `capacity` are counted, not written; finish_rows then selects the row alone). No
-// barrier: each thread streams its positions, ATS_SCREEN_UNROLL tiles of loads at a time; the high Philox word
-// rules out nearly every key (1 - u >= a t implies -log(u) / a >= t), so few keys are computed and fewer kept.
 // One tile of screen_range: the keys of positions at to at + 3 (those below stop) that the high words `hi` do not
 // rule out. FAST: all four inside the range and positive normal float32 weights, taken as they are.
 template <bool FAST, bool PLAIN, typename T>
@@ -755,6 +751,10 @@ __device__ __forceinline__ void screen_tile(const T (&raw)[ATS_PER_THREAD], cons
     }
 }
 
+// Screening: every key of positions [start, stop) at most t goes to the row's buffer (keys, positions) at a slot
+// taken from *count (slots past `capacity` are counted, not written; finish_rows then selects the row alone). No
+// barrier: each thread streams its positions, ATS_SCREEN_UNROLL tiles of loads at a time; the high Philox word
+// rules out nearly every key (1 - u >= a t implies -log(u) / a >= t), so few keys are computed and fewer kept.
 template <bool PLAIN, typename T>
 __device__ __noinline__ void screen_range(const T* __restrict__ row_weights, long long row, long long start, long long stop,
                              unsigned long long seed, int logits, double top_logit, int shift, double t,
