@@ -151,8 +151,9 @@ def sample(attention, n, *, replace=False, logits=False, seed=None, strict=False
     grid_array = _grid_array(grid)
     try:
         if fused:
+            host_status = bool(validate) and not require_return_status  # read back here, before the next call
             indices, probs, status = kernels.sample(weights, n, grid_array, seed, replace, logits=bool(logits),
-                                                    seed_ptr=seed_ptr)
+                                                    seed_ptr=seed_ptr, host_status=host_status)
             if validate:
                 v.check_status(kernels.read_status(status), n, replace, bool(logits), bool(strict))
         else:

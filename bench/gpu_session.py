@@ -50,9 +50,10 @@ TEST_SECONDS = 230
 timed out there."""
 SANITIZER_SECONDS = 150
 TUNING_SECONDS = (100, 15)
-TUNING_PARTS = ["--only", "breakdown", "--only", "finish", "--only", "where", "--only", "ncu"]
-"""The tuning step: each kernel's GPU time, the two finishes compared, where a sampling call's time goes, then
-Nsight Compute on the streaming kernels (skipped without ncu; in quick mode only the breakdown runs)."""
+TUNING_PARTS = ["--only", "breakdown", "--only", "status", "--only", "finish", "--only", "where", "--only", "ncu"]
+"""The tuning step: each kernel's GPU time, the status read back by a copy or from mapped host memory, the two
+finishes compared, where a sampling call's time goes, then Nsight Compute on the streaming kernels (skipped without
+ncu; in quick mode only the breakdown runs)."""
 
 
 def _env() -> dict:

@@ -1,6 +1,7 @@
 """Tuning probe of the GPU sampling kernels: registers and spills per compile option, the GPU time of each
 launch of one call, and ``atskern.sample`` under each block size and ``MIN_BLOCKS`` (draws checked unchanged);
-``--only where`` splits a call's time into host and device parts; ``--only ncu`` adds Nsight Compute's sections
+``--only where`` splits a call's time into host and device parts; ``--only status`` times the status read-back
+by a copy against mapped host memory (``MAPPED_STATUS``); ``--only ncu`` adds Nsight Compute's sections
 for the streaming kernels where ``ncu`` is installed.
 
     PYTHONPATH=.:adapters python3 -m bench.gpu_tuning [--quick]
@@ -252,6 +253,48 @@ def where_table() -> str:
     return "\n".join(lines)
 
 
+def status_table(quick: bool) -> str:
+    """A validated float32 ``atskern.sample`` with its status read back by a copy from device memory against written
+    by the kernels into mapped host memory (``MAPPED_STATUS``): wall µs per call, alternating in one process, the
+    draws and probabilities checked equal; ``validate=False`` (no read-back) for reference. The knob's default is
+    set from this table."""
+    import cupy
+
+    import atskern
+    from atskern.gpu import sampling
+
+    def median_us(fn):
+        return 1e6 * _gpu.median_wall(fn, None, repeats=60 if quick else 150, warmup=15)
+
+    lines = ["| B | grid | n | status copied (µs) | status mapped (µs) | validate=False (µs) | copied / mapped |",
+             "|---|---|---|---|---|---|---|"]
+    rng = np.random.default_rng(0)
+    saved = sampling.MAPPED_STATUS
+    try:
+        for rows, side, n in (WHERE_CASES[:3] if quick else WHERE_CASES):
+            attention = cupy.asarray(rng.random((rows, side, side), dtype=np.float32) + np.float32(1e-3))
+            drawn, timed = {}, {False: [], True: []}
+            for mapped in (False, True):
+                sampling.MAPPED_STATUS = mapped
+                indices, probs = atskern.sample(attention, n, seed=3)
+                drawn[mapped] = (indices.get(), probs.get())
+            if not all(np.array_equal(a, b) for a, b in zip(drawn[False], drawn[True])):
+                raise AssertionError(f"draws with the mapped status differ at {(rows, side, n)}")
+            for _ in range(2 if quick else 3):  # alternating, so drift on a shared machine hits both
+                for mapped in (False, True):
+                    sampling.MAPPED_STATUS = mapped
+                    timed[mapped].append(median_us(lambda: atskern.sample(attention, n, seed=3)))
+            unchecked = median_us(lambda: atskern.sample(attention, n, seed=3, validate=False))
+            copied, mapped = statistics.median(timed[False]), statistics.median(timed[True])
+            lines.append(f"| {rows} | {side}² | {n} | {copied:.1f} | {mapped:.1f} | {unchecked:.1f} | "
+                         f"{copied / mapped:.2f} |")
+            del attention
+            cupy.get_default_memory_pool().free_all_blocks()
+    finally:
+        sampling.MAPPED_STATUS = saved
+    return "\n".join(lines)
+
+
 def torch_step_profile(batch: int = 8, size: int = 1500, steps: int = 5) -> str:
     """torch's profiler over ``steps`` ATS training steps of ``bench.torch_ats`` on CUDA: the top operators by
     host time, and host against CUDA time per step (where a step's time goes when it is host-bound)."""
@@ -390,10 +433,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=["registers", "breakdown", "finish", "configs", "torch-profile", "host-profile",
-                                           "where", "ncu"],
+                                           "where", "status", "ncu"],
                         action="append", help="run only these parts (repeatable; default all but ncu)")
     args = parser.parse_args(argv)
-    parts = set(args.only or ["registers", "breakdown", "finish", "where", "configs", "torch-profile",
+    parts = set(args.only or ["registers", "breakdown", "finish", "where", "status", "configs", "torch-profile",
                               "host-profile"])
     reason = _gpu.unavailable()
     if reason:
@@ -408,6 +451,9 @@ def main(argv=None) -> int:
               flush=True)
     if "where" in parts:
         print("### Where a sampling call's time goes (float32, µs)\n\n" + where_table() + "\n", flush=True)
+    if "status" in parts:
+        print("### The status read back by a copy or written into mapped host memory (MAPPED_STATUS, float32)\n\n"
+              + status_table(args.quick) + "\n", flush=True)
     if "configs" in parts:
         print("### Configurations\n\n" + config_table(args.quick) + "\n", flush=True)
     if "torch-profile" in parts:

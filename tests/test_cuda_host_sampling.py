@@ -656,13 +656,33 @@ class _EmulatedDevice:
 
     def __init__(self, lib, names):
         self.lib, self.names, self.buffers, self.launched = lib, names, [], []
+        self.host_buffers, self.waits = {}, 0
+        stream = types.SimpleNamespace(ptr=0, synchronize=self.synchronize)
         cuda = types.SimpleNamespace(
             alloc=self.alloc, alloc_pinned_memory=lambda size: np.zeros(size, np.uint8),
             runtime=types.SimpleNamespace(getDevice=lambda: 0, memsetAsync=self.memset, memcpyAsync=self.memcpy,
-                                          memcpyDeviceToHost=2),
+                                          memcpyDeviceToHost=2, hostAlloc=self.host_alloc, freeHost=self.free_host,
+                                          pointerGetAttributes=self.pointer_attributes),
             driver=types.SimpleNamespace(launchKernel=self.launch_kernel, ctxGetCurrent=lambda: 1),
-            get_current_stream=lambda: types.SimpleNamespace(ptr=0, synchronize=lambda: None))
+            get_current_stream=lambda: stream)
         self.module = types.SimpleNamespace(cuda=cuda, ndarray=self.ndarray)
+
+    def synchronize(self):
+        self.waits += 1
+
+    def host_alloc(self, size, flags):
+        """Mapped host memory: on the emulated device, host memory at the same address (a byte pattern first)."""
+        assert flags == 3  # cudaHostAllocPortable | cudaHostAllocMapped
+        buffer = np.full(size, 0x5A, np.uint8)
+        self.host_buffers[buffer.ctypes.data] = buffer
+        return buffer.ctypes.data
+
+    def free_host(self, ptr):
+        del self.host_buffers[ptr]
+
+    def pointer_attributes(self, ptr):
+        assert ptr in self.host_buffers
+        return types.SimpleNamespace(devicePointer=ptr)
 
     def alloc(self, size):
         buffer = np.full(size, 0xA5, np.uint8)
@@ -760,3 +780,66 @@ def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace
     gs.run_steps(steps, ws, n, lay, memory, (), 0, after_step=lambda: issued.append(len(device.launched)))
     assert issued == list(range(1, len(steps) + 1))
     assert np.array_equal(np.asarray(again_i), want_i) and np.array_equal(gs.read_status(ws.status), want_status)
+
+
+@pytest.mark.usefixtures("finish")
+@pytest.mark.parametrize("rows", [1, 6])
+def test_mapped_status_end_to_end_on_the_host_build(monkeypatch, lib, rows):
+    """``MAPPED_STATUS``: a validated float32 call (``host_status=True``) has its kernels write the status into this
+    thread's mapped host buffer (filled with a byte pattern first): after ``read_status``'s one wait it is the status
+    of the device-memory path, bad rows and summary row included, with the same draws, and no copy is issued; the
+    buffer is reused by the next call. Calls ``maps_status`` leaves out (float64, logits, with replacement) and
+    calls without ``host_status`` keep a device status."""
+    from atskern.gpu import _launch, _mapped, _sequence
+
+    names = sorted(kernel_parameters(gs.SOURCE))
+    device = _EmulatedDevice(lib, names)
+    for module in (gs, _launch, _sequence, _mapped):
+        monkeypatch.setattr(module, "cupy", lambda: device.module)
+    monkeypatch.setattr(gs, "_handle", lambda name, options, device_id: names.index(name))
+    monkeypatch.setattr(gs, "_multiprocessors", lambda device_id: 1)
+    monkeypatch.setattr(_mapped, "_buffers", _mapped._Buffers())
+    copies = []
+
+    def memcpy(*args):
+        copies.append(args)
+        device.memcpy(*args)
+
+    device.module.cuda.runtime.memcpyAsync = memcpy
+    gs.recorded_call.cache_clear()
+    rng = np.random.default_rng(7)
+    attention = (rng.random((rows, 9, 70)) + 0.05).astype(np.float32)
+    attention[-1, 3, :4] = -1.0  # a refused row: its status counts them
+    weights = attention.reshape(rows, -1).view(_DeviceArray)
+    grid = np.array(attention.shape[1:], np.int64)
+    n, seed = 7, 12345
+    want_i, want_p, want_status, _ = host_sample(lib, attention, n, seed=seed, probs_dtype=np.float32)
+
+    monkeypatch.setattr(gs, "MAPPED_STATUS", True)
+    for _ in range(2):  # the second call reuses the thread's buffer
+        indices, probs, status = gs.sample(weights, n, grid, seed, False, threads=32, chunk=128, host_status=True)
+        assert type(status) is np.ndarray and status.shape == (rows + 1, 4)
+        (buffer,) = device.host_buffers.values()
+        assert buffer.ctypes.data <= status.ctypes.data < buffer.ctypes.data + buffer.size
+        waits = device.waits
+        read = gs.read_status(status)
+        assert device.waits == waits + 1 and not copies
+        assert np.array_equal(read, want_status) and read.ctypes.data != status.ctypes.data
+        assert np.array_equal(np.asarray(indices), want_i)
+        assert np.array_equal(np.asarray(probs).view(np.uint8), want_p.view(np.uint8))
+        status[...] = -1  # the next call must write every entry again
+
+    device_status = gs.sample(weights, n, grid, seed, False, threads=32, chunk=128)[2]
+    assert isinstance(device_status, _DeviceArray) and np.array_equal(gs.read_status(device_status), want_status)
+    assert len(copies) == 1
+    for kwargs in ({"replace": True}, {"logits": True}):
+        out = gs.sample(weights, n, grid, seed, kwargs.get("replace", False), logits=kwargs.get("logits", False),
+                        threads=32, chunk=128, host_status=True)
+        assert isinstance(out[2], _DeviceArray), kwargs
+    double = attention.astype(np.float64).reshape(rows, -1).view(_DeviceArray)
+    assert isinstance(gs.sample(double, n, grid, seed, False, threads=32, chunk=128, host_status=True)[2],
+                      _DeviceArray)
+    monkeypatch.setattr(gs, "MAPPED_STATUS", False)
+    assert isinstance(gs.sample(weights, n, grid, seed, False, threads=32, chunk=128, host_status=True)[2],
+                      _DeviceArray)
+    gs.recorded_call.cache_clear()

@@ -20,7 +20,7 @@ import threading
 import numpy as np
 
 from .._backend import cupy
-from . import _launch, _module, _sequence
+from . import _launch, _mapped, _module, _sequence
 
 SOURCE = "sampling.cu"
 MAX_SELECTION_N = 2048  # ATS_MAX_N in sampling.cu: larger n sorts every key of the row (cp.argsort)
@@ -60,6 +60,13 @@ FUSED_FINISH = False
 over seven shapes, no better, and its one-row ``select_rows`` (71.8 us GPU on 1 x 4096², n=10) cost more than
 ``chunk_topn`` and ``finish_rows`` apart (49.4 + 18.9): the row's last block finishes it while the others are
 done, so the launch saved buys nothing on the device."""
+MAPPED_STATUS = False
+"""``sample(host_status=True)`` (a validated call of ``atskern.sample``) on a call whose status is final when its
+last launch ends (:func:`maps_status`): the kernels write the status straight into this thread's page-locked,
+device-mapped host buffer (``atskern.gpu._mapped``), and :func:`read_status` waits for the stream and reads it,
+with no device-to-host copy queued behind the kernels (on an H100 the validated call took 17 to 23 us more than
+``validate=False``: ``bench.gpu_tuning --only where``). Off until timed on a GPU: ``bench.gpu_tuning --only
+status`` runs both ways."""
 
 
 def _suffix(dtype) -> str:
@@ -415,11 +422,12 @@ class RecordedCall:
 
 @functools.lru_cache(maxsize=256)
 def recorded_call(rows: int, size: int, n: int, grid: tuple, replace: bool, logits: bool, dtype, threads: int, chunk,
-                  device_id: int, seed_on_device: bool, knobs: tuple) -> RecordedCall:
+                  device_id: int, seed_on_device: bool, knobs: tuple, status_slot: bool = False) -> RecordedCall:
     """The :class:`RecordedCall` of a call shape on device ``device_id``: :func:`launches` with the allocation's
-    offsets for the workspace, indices and probs, and slots for the weights, the seed and (``seed_on_device``) the
-    seed's device address, in that order; ``dtype`` is the weights' and the probabilities'. ``knobs`` (``BLOCKS_PER_SM``, ``MIN_BLOCKS``, ``SCREEN_UNROLL``,
-    ``FUSED_FINISH``: their values now) keys the memo, so that a tuning change takes effect."""
+    offsets for the workspace, indices and probs, and slots for the weights, the seed, (``seed_on_device``) the
+    seed's device address and (``status_slot``) the status's address, in that order; ``dtype`` is the weights' and
+    the probabilities'. ``knobs`` (``BLOCKS_PER_SM``, ``MIN_BLOCKS``, ``SCREEN_UNROLL``, ``FUSED_FINISH``: their
+    values now) keys the memo, so that a tuning change takes effect."""
     p = plan(rows, size, n, replace, threads, _multiprocessors(device_id), chunk)
     lay = layout(rows, size, n, p, replace, logits, len(grid), dtype)
     if p.sort:
@@ -428,6 +436,9 @@ def recorded_call(rows: int, size: int, n: int, grid: tuple, replace: bool, logi
     seed, seed_ptr = _sequence.Slot("seed"), _sequence.Slot("seed_ptr") if seed_on_device else None
     ws = Workspace(**{name: None if lay.specs[name] is None else _sequence.Offset(lay.offsets[name])
                       for name in _WORKSPACE_FIELDS})
+    status = _sequence.Slot("status", lay.specs["status"][0], np.dtype(np.int64)) if status_slot else None
+    if status is not None:
+        ws.status = status
     indices = _sequence.Offset(lay.offsets["indices"])
     probs = _sequence.Offset(lay.offsets["probs"], lay.specs["probs"][1])
     options = compile_options(threads)
@@ -438,11 +449,19 @@ def recorded_call(rows: int, size: int, n: int, grid: tuple, replace: bool, logi
         else:
             name, grid_dims, block, args = step
             steps.append((_handle(name, options, device_id), grid_dims, block, args))
-    slots = (weights, seed) + ((seed_ptr,) if seed_on_device else ())
+    slots = (weights, seed) + ((seed_ptr,) if seed_on_device else ()) + ((status,) if status_slot else ())
     return RecordedCall(p, lay, _sequence.LaunchSequence(steps, slots))
 
 
-def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, threads=None, chunk=None):
+def maps_status(n: int, replace: bool, logits: bool, dtype) -> bool:
+    """Whether a call's status may live in mapped host memory (:data:`MAPPED_STATUS`): one pass whose status the
+    finishing launch writes last and no later launch reads (float32 weights, not logits, without replacement,
+    keys selected rather than sorted); the finishing launch's summary reads the rows' statuses back."""
+    return not replace and not logits and np.dtype(dtype) == np.float32 and int(n) <= MAX_SELECTION_N
+
+
+def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, threads=None, chunk=None,
+           host_status=False):
     """The GPU sampling backend (see ``atskern.sampling``); ``logits=True`` takes log-weights as they are.
 
     Returns int32 ``indices`` ``(B, n, D)``, ``probs`` ``(B, n)`` in the weights' dtype (computed in float64 and
@@ -452,24 +471,33 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
 
     The launches of a call shape are recorded once (:func:`recorded_call`) and replayed with the call's
     allocation, weights and seed (``atskern.gpu._sequence``).
+
+    ``host_status=True`` (a caller that reads the status with :func:`read_status` before this thread's next call):
+    with :data:`MAPPED_STATUS`, on a call :func:`maps_status` admits, the status is a NumPy array in this thread's
+    mapped host buffer, written by the kernels; valid once :func:`read_status` has waited for the stream.
     """
     cp = cupy()
     rows, size = weights.shape
     threads = _module.THREADS_PER_BLOCK if threads is None else threads
     device_id = cp.cuda.runtime.getDevice()
+    mapped = None
+    if host_status and MAPPED_STATUS and maps_status(n, replace, logits, weights.dtype):
+        mapped = _mapped.status_buffer((rows + 1, 4), device_id)
     call = recorded_call(rows, size, int(n), tuple(grid), bool(replace), bool(logits), weights.dtype, threads, chunk,
                          device_id, seed_ptr is not None,
-                         (BLOCKS_PER_SM, MIN_BLOCKS, SCREEN_UNROLL, FUSED_FINISH))
+                         (BLOCKS_PER_SM, MIN_BLOCKS, SCREEN_UNROLL, FUSED_FINISH), mapped is not None)
     lay = call.layout
     if call.sequence is None:
         return sample_from_lists(weights, n, grid, seed, replace, logits, seed_ptr, call.plan, lay, device_id)
     memory = cp.cuda.alloc(lay.total)
     values = (weights, seed, seed_ptr) if seed_ptr is not None else (weights, seed)
+    if mapped is not None:
+        values += (mapped[1],)
     call.sequence.replay(memory.ptr, values, cp.cuda.get_current_stream().ptr)
     specs, offsets = lay.specs, lay.offsets
+    status = mapped[0] if mapped is not None else cp.ndarray(*specs["status"], memptr=memory + offsets["status"])
     return (cp.ndarray(*specs["indices"], memptr=memory + offsets["indices"]),
-            cp.ndarray(*specs["probs"], memptr=memory + offsets["probs"]),
-            cp.ndarray(*specs["status"], memptr=memory + offsets["status"]))
+            cp.ndarray(*specs["probs"], memptr=memory + offsets["probs"]), status)
 
 
 def sample_from_lists(weights, n, grid, seed, replace, logits, seed_ptr, p: Plan, lay: Layout, device_id: int):
@@ -509,9 +537,14 @@ _pinned = _Pinned()
 
 
 def read_status(status) -> np.ndarray:
-    """The status (a CuPy array) on the host: one copy into this thread's page-locked buffer on the current stream,
-    then a wait for the stream (the call's one host synchronization; cheaper than ``status.get()``)."""
+    """The status on the host, after a wait for the current stream (the call's one host synchronization): a CuPy
+    array through one copy into this thread's page-locked buffer on the stream (cheaper than ``status.get()``); a
+    NumPy one (``sample(host_status=True)`` with :data:`MAPPED_STATUS`: written by the kernels into mapped host
+    memory) as it is once the stream is done."""
     cp = cupy()
+    if type(status) is np.ndarray:
+        cp.cuda.get_current_stream().synchronize()
+        return status.copy()
     size = status.size
     if _pinned.words.size < size:
         _pinned.memory = cp.cuda.alloc_pinned_memory(max(8 * size, 4096))
