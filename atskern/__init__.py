@@ -13,11 +13,11 @@ from .patches import patch_offsets
 from .sampling import check_status
 
 # the calls that launch parallel CPU kernels, behind the threading layer's lock where it needs one
-sample = _cpu_serialized(_sampling.sample)
-extract_patches = _cpu_serialized(_patches.extract_patches)
-scatter_patches = _cpu_serialized(_patches.scatter_patches)
-extract_multiscale = _cpu_serialized(_patches.extract_multiscale)
-scatter_multiscale = _cpu_serialized(_patches.scatter_multiscale)
+sample = _cpu_serialized(_sampling.sample, __name__)
+extract_patches = _cpu_serialized(_patches.extract_patches, __name__)
+scatter_patches = _cpu_serialized(_patches.scatter_patches, __name__)
+extract_multiscale = _cpu_serialized(_patches.extract_multiscale, __name__)
+scatter_multiscale = _cpu_serialized(_patches.scatter_multiscale, __name__)
 
 __version__ = "0.1.0"
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+import numpy as np
+
 INT32_MAX = 2**31 - 1
 SAMPLE_LIMIT = 2**31
 """Samples are clamped to ``[-SAMPLE_LIMIT, SAMPLE_LIMIT]`` (grid cells are far inside)."""
@@ -55,6 +57,8 @@ def simplest_fraction(value) -> Fraction:
     with denominator at most 2**24 that rounds to it (``3 / 2 / 50`` gives 3/100), else its exact value."""
     if isinstance(value, Fraction):
         return value
+    if isinstance(value, np.floating):  # float16/float32/longdouble: Fraction takes Python floats only
+        value = float(value)
     exact = Fraction(value)
     if exact.denominator == 1:
         return exact

@@ -33,8 +33,9 @@ def _launch_lock():
     return _threading.launch_lock()
 
 
-def cpu_serialized(function):
-    """``function`` behind the launch lock for CPU arrays when the threading layer needs it."""
+def cpu_serialized(function, module: str):
+    """``function`` behind the launch lock for CPU arrays when the threading layer needs it, named as the attribute
+    of ``module`` that holds it (so ``pickle`` finds it there: multiprocessing pools, spawned DataLoader workers)."""
 
     @functools.wraps(function)
     def call(*args, **kwargs):
@@ -46,4 +47,5 @@ def cpu_serialized(function):
         with lock:
             return function(*args, **kwargs)
 
+    call.__module__ = module
     return call

@@ -100,6 +100,7 @@ def expectation_grad(grad, features, probs, *, replace=False):
     drawn positions gives ``<grad, f_i>`` at every position ``i`` and
     scattering ``grad_features`` gives ``a_i grad``.
     """
+    v.require_array(grad, "grad")  # None is expectation's "no gradient" inside _check
     xp, probs64 = _check(features, probs, grad, replace)
     n = probs64.shape[1]
     weights = _feature_weights(xp, probs64, replace)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 
 import numpy as np
 
@@ -32,10 +33,16 @@ def _kernels(backend: str):
     return importlib.import_module(f"atskern.{backend}.patches")
 
 
-def _empty(xp, shape, dtype):
-    if xp is np:
-        return aligned_empty(shape, dtype)
-    return xp.empty(shape, dtype=dtype)
+def _empty(xp, shape, dtype, what: str):
+    """A new output array, or a ValueError naming ``what`` sized it where it cannot be allocated."""
+    try:
+        if xp is np:
+            return aligned_empty(shape, dtype)
+        return xp.empty(shape, dtype=dtype)
+    except (MemoryError, ValueError) as error:  # ValueError: more elements than an index holds
+        nbytes = math.prod(int(s) for s in shape) * np.dtype(dtype).itemsize
+        raise ValueError(f"{what} give an output of shape {tuple(int(s) for s in shape)} ({nbytes / 2**30:.3g} GiB "
+                         f"of {np.dtype(dtype)}), more than can be allocated here ({type(error).__name__})") from None
 
 
 def _pad3(values, fill):
@@ -96,7 +103,7 @@ def _canonical_offsets(xp, offsets, layout, folded=True):
 def _gather(xp, backend, x, offsets, layout, fill_value, out):
     word = WORDS[np.dtype(x.dtype).itemsize]
     if out is None:
-        out = _empty(xp, layout.patches_shape, x.dtype)
+        out = _empty(xp, layout.patches_shape, x.dtype, "x's batch, the offsets and patch_size")
     if backend == GPU:  # one launch on the raw offsets: the kernel clips them and maps the layout itself
         return _kernels(backend).gather(x, offsets, layout, fill_value, out)
     x = np.asarray(x)  # a memmap becomes a plain ndarray view: nothing is read
@@ -148,11 +155,11 @@ _checked_gather = _check_memo.CheckMemo(_check_gather)
 
 def _scatter(xp, backend, grad, offsets, layout, result_dtype, out, deterministic=True):
     if backend == GPU:  # one launch on the raw offsets, every element written once (no memset)
-        out = _empty(xp, layout.image_shape, result_dtype) if out is None else out
+        out = _empty(xp, layout.image_shape, result_dtype, "grad's batch and spatial_shape") if out is None else out
         return _kernels(backend).scatter(grad, offsets, layout, out, deterministic=deterministic)
     grad = xp.ascontiguousarray(grad.astype(result_dtype, copy=False))
     if out is None:
-        out = _empty(xp, layout.image_shape, result_dtype)
+        out = _empty(xp, layout.image_shape, result_dtype, "grad's batch and spatial_shape")
     kernels = _kernels(backend)
     patches = _patches_view(grad, layout)
     canonical = _canonical_offsets(xp, offsets, layout)
@@ -207,6 +214,8 @@ def _as_int64(mask):
 
 def _patch_offsets(xp, samples, grid, level, patch, margins):
     """Exact int32 offsets (:mod:`atskern._offsets`), clipped to the int32 range."""
+    if samples.dtype.kind == "u":  # uint64 cells past 2**63 would wrap in the cast: clamp them first
+        samples = xp.minimum(samples, np.uint64(_offsets.SAMPLE_LIMIT))
     cells = xp.clip(samples.astype(xp.int64), -_offsets.SAMPLE_LIMIT, _offsets.SAMPLE_LIMIT)
     columns = []
     for d, margin in enumerate(margins):

@@ -178,7 +178,7 @@ def scatter_patches(grad, offsets, spatial_shape, *, channels_first=False):
     float16/bfloat16 gradients are accumulated in float32.
     """
     grad = np.asarray(grad)
-    dtype = np.float64 if grad.dtype == np.float64 else np.float32
+    dtype = np.float64 if grad.dtype.kind == "f" and grad.dtype.itemsize == 8 else np.float32
     grad = grad.astype(dtype)
     if channels_first:
         grad = np.moveaxis(grad, 2, -1)

@@ -69,8 +69,14 @@ def check_status(status, n, *, replace=False, logits=False, strict=False):
     array; a CuPy one is read back here, the one host synchronization). The message is the one ``sample``
     gives: it names the first bad row.
     """
+    v.require_array(status, "status")
     status = np.asarray(status) if isinstance(status, np.ndarray) else status.get()
-    v.check_status(status, int(n), bool(replace), bool(logits), bool(strict))
+    if status.ndim != 2 or status.shape[0] < 2 or status.shape[1] != 4 or status.dtype.kind not in "iu":
+        raise ValueError(f"status must be the integer (B + 1, 4) status that sample(..., return_status=True) "
+                         f"returns, got {status.dtype} {status.shape}")
+    n = v.require_int(n, "n", minimum=1)
+    v.check_status(status, n, v.require_bool(replace, "replace"), v.require_bool(logits, "logits"),
+                   v.require_bool(strict, "strict"))
 
 
 def _seed_array(seed, xp):
@@ -130,7 +136,7 @@ def sample(attention, n, *, replace=False, logits=False, seed=None, strict=False
     -------
     indices : int32 ``(B, n, D)``
         Grid coordinates of the draws, in draw order.
-    probs : ``(B, n)``, attention's dtype
+    probs : ``(B, n)``, attention's dtype (native byte order)
         Each drawn position's probability under its whole row, computed in float64 and cast.
         It is 0 for fillers and where the cast underflows (e.g. float32 logits -200 next to
         0): such a cell is a filler too (rule R2 of DESIGN.md), the one deliberate bias.

@@ -150,3 +150,21 @@ def test_draws_identical_across_layers_and_thread_counts():
         assert (name, count) == (layer or "tbb", threads)
         digests.add(digest)
     assert len(digests) == 1
+
+
+def test_public_calls_pickle_by_reference():
+    """The calls behind the launch lock pickle as themselves (pools and spawned workers send them by name); a
+    pickled partial runs and gives the direct call's result."""
+    import functools
+    import pickle
+
+    import numpy as np
+
+    import atskern
+
+    for name in ("sample", "extract_patches", "scatter_patches", "extract_multiscale", "scatter_multiscale"):
+        function = getattr(atskern, name)
+        assert pickle.loads(pickle.dumps(function)) is function, name
+    call = pickle.loads(pickle.dumps(functools.partial(atskern.sample, n=3, seed=4)))
+    attention = np.random.default_rng(0).random((2, 6, 6))
+    assert np.array_equal(call(attention)[0], atskern.sample(attention, 3, seed=4)[0])

@@ -142,3 +142,25 @@ def test_torch_sweep():
         F.patch_offsets(torch.tensor([[[3]]]), [50], [150], [8], margin=0.7)
     with pytest.raises(ValueError, match=r"samples must be \(batch, K, D\)"):
         F.patch_offsets(torch.tensor(3), [50], [150], [8])
+
+
+def test_uint64_samples_clamp_instead_of_wrapping():
+    """uint64 cells past 2**63 clamp to the far end like the reference (a cast first wrapped them to negatives)."""
+    samples = np.array([[[2**64 - 1], [2**63], [2**31 + 5], [3]]], dtype=np.uint64)
+    got = atskern.patch_offsets(samples, (7,), (1000,), 10)
+    want = reference.patch_offsets(samples, (7,), (1000,), 10)
+    assert got.tolist() == want.tolist()
+    assert got[0, :3, 0].tolist() == [2**31 - 1] * 3 and got[0, 3, 0] == oracle(3, 7, 1000, 10, Fraction(0))
+    image = np.arange(1000.0).reshape(1, 1000, 1)
+    (patches,) = atskern.extract_multiscale([image], samples, (7,), [10], fill=-1.0)
+    assert np.all(patches[0, :3] == -1.0)  # clamped past the image's end: all fill
+
+
+@pytest.mark.parametrize("kind", [np.float16, np.float32, np.float64, np.longdouble])
+def test_numpy_float_margins_read_as_python_floats(kind):
+    samples = np.array([[[3, 1]]])
+    margin = kind(0.03)
+    want = atskern.patch_offsets(samples, (8, 8), (150, 150), 50, margin=float(margin))
+    assert atskern.patch_offsets(samples, (8, 8), (150, 150), 50, margin=margin).tolist() == want.tolist()
+    pair = atskern.patch_offsets(samples, (8, 8), (150, 150), 50, margin=(kind(3), (8, 8)))
+    assert pair.tolist() == atskern.patch_offsets(samples, (8, 8), (150, 150), 50, margin=(3.0, (8, 8))).tolist()

@@ -509,3 +509,15 @@ def test_gpu_kernels_allocate_nothing_and_do_not_synchronize():
     assert not stop.done, "a patch call waited for the device"
     stop.synchronize()
     assert pool.used_bytes() == used
+
+
+def test_outputs_too_large_to_allocate_name_the_arguments():
+    """Sizes whose output NumPy cannot even index get a ValueError naming the arguments that set them (NumPy's
+    own said "Maximum allowed dimension exceeded")."""
+    x, offsets = np.zeros((1, 8, 8, 1), np.float32), np.zeros((1, 1, 2), np.int64)
+    with pytest.raises(ValueError, match=r"x's batch, the offsets and patch_size give an output of shape "
+                                         r"\(1, 1, 1099511627776, 1099511627776, 1\)"):
+        atskern.extract_patches(x, offsets, 2**40)
+    with pytest.raises(ValueError, match=r"grad's batch and spatial_shape give an output of shape "
+                                         r"\(1, 1099511627776, 1099511627776, 1\)"):
+        atskern.scatter_patches(np.zeros((1, 1, 2, 2, 1)), offsets, (2**40, 2**40))

@@ -291,3 +291,18 @@ def test_offsets_and_multiscale_any_layout(data):
         offsets = reference.patch_offsets(samples, grid, shape, patch, margin=margin)
         expected = reference.scatter_patches(np.ascontiguousarray(g), offsets, shape, channels_first=channels_first)
         np.testing.assert_allclose(result, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_byte_swapped_float64_gradients_keep_float64_in_kernel_and_reference(order):
+    """A big-endian float64 gradient accumulates in float64 in the kernel and in the reference alike (the
+    reference once compared the dtype with float64 and summed byte-swapped ones in float32)."""
+    grad = (np.arange(12.0).reshape(1, 2, 3, 2) / 3).astype(f"{order}f8")
+    offsets = np.array([[[0], [2]]])
+    got = atskern.scatter_patches(grad, offsets, (6,))
+    want = reference.scatter_patches(grad, offsets, (6,))
+    assert got.dtype == want.dtype == np.float64
+    by_hand = np.zeros((1, 6, 2))
+    for k, start in enumerate((0, 2)):
+        by_hand[0, start:start + 3] += grad[0, k].astype(np.float64)
+    assert np.array_equal(got, by_hand) and np.array_equal(want, by_hand)

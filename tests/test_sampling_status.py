@@ -52,3 +52,22 @@ def test_return_status_and_device_seed_arguments_are_checked():
         atskern.sample(a, 1, return_status=1)
     indices, probs = atskern.sample(a, 2, seed=3)
     assert indices.shape == (1, 2, 2) and probs.shape == (1, 2)
+
+
+@pytest.mark.parametrize("status, n, error, message", [
+    ([[0, 0, 4, 0], [0, 0, 4, 0]], 4, TypeError, "status must be a NumPy or CuPy array, got list"),
+    (np.zeros((2, 3), np.int64), 4, ValueError, r"status must be the integer \(B \+ 1, 4\) status .* int64 \(2, 3\)"),
+    (np.zeros((1, 4), np.int64), 4, ValueError, r"status must be the integer \(B \+ 1, 4\) status"),
+    (np.zeros((2, 4)), 4, ValueError, r"status must be the integer \(B \+ 1, 4\) status .* float64"),
+    (np.zeros((2, 4), np.int64), 3.7, TypeError, "n must be an integer, got 3.7"),
+    (np.zeros((2, 4), np.int64), 0, ValueError, "n must be >= 1, got 0"),
+])
+def test_check_status_refuses_what_is_not_a_status(status, n, error, message):
+    with pytest.raises(error, match=message):
+        atskern.check_status(status, n)
+
+
+def test_expectation_grad_names_a_missing_gradient():
+    features, probs = np.ones((2, 3, 4)), np.full((2, 3), 0.25)
+    with pytest.raises(TypeError, match="grad must be a NumPy or CuPy array, got NoneType"):
+        atskern.expectation_grad(None, features, probs)

@@ -142,3 +142,23 @@ def test_fuzz_never_crashes(values, dtype, n, replace, logits, seed):
     assert (indices >= 0).all() and (indices < np.array(grid)).all()
     assert np.isfinite(probs).all() and (probs >= 0).all() and (probs <= 1).all()
     assert (probs[:, 0] > 0).all(), "a row's first draw is always a positive cell"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("replace", [False, True])
+@pytest.mark.parametrize("row", [[1.0, -1.0], [0.5, -0.5, 0.0]])
+def test_negative_weights_summing_to_zero_are_refused_not_divided_by(dtype, replace, row):
+    """A row whose negative weights cancel its positive ones (total exactly 0) gets the negative-weights error,
+    and with validate=False in-range draws of probability 0 (the kernel divided by the zero total)."""
+    attention = np.array([row, [1.0] * len(row)], dtype)
+    with pytest.raises(ValueError, match="attention row 0 has 1 negative weights"):
+        atskern.sample(attention, 1, seed=1, replace=replace)
+    indices, probs = atskern.sample(attention, 1, seed=1, replace=replace, validate=False)
+    assert 0 <= indices[0, 0, 0] < len(row) and probs[0, 0] == 0.0 and probs[1, 0] > 0.0
+
+
+def test_strict_message_says_a_rescaled_row_can_underflow():
+    """A float64 row spanning more than the format's range: its smallest weight underflows after the rescaling
+    by the largest weight's exponent, and the strict error says why the count is lower than the row's nonzeros."""
+    with pytest.raises(ValueError, match=r"only 1 positive weights, fewer than n=2 \(a weight that underflows"):
+        atskern.sample(np.array([[1e300, 1e-300, 0.0]]), 2, strict=True)

@@ -450,7 +450,7 @@ def _finish_rows(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_su
         for k in range(n):
             _write_coords(indices, b, k, idx[k], grid)
             a = np.float64(weights[b, idx[k]])
-            probs[b, k] = a / total if a > 0.0 else 0.0
+            probs[b, k] = a / total if a > 0.0 and total > 0.0 else 0.0  # total <= 0: a refused row
 
 
 @jit
