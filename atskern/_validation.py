@@ -267,7 +267,7 @@ def explain_bad_probs(probs64: np.ndarray, replace: bool, tolerance: float) -> V
         outside = (values < 0) | (values > 1)
         if outside.any():
             k = _first(outside)
-            return ValueError(f"probs row {row} has {values[k]!r} at draw {k}; probabilities must be in [0, 1]")
+            return ValueError(f"probs row {row} has {float(values[k])!r} at draw {k}; probabilities must be in [0, 1]")
         total = float(values.sum())
         if not replace and total > 1 + tolerance:
             return ValueError(

@@ -481,3 +481,29 @@ def test_fillers_and_zero_probability_gradients_equal_atskerns(x64, replace):
         aj.sample_indices(attention, 5, 12, strict=True)
     with pytest.raises(ValueError, match="attention row 0 has only 2 positive weights"):
         atskern.sample(attention, 5, seed=12, strict=True)
+
+
+@pytest.mark.parametrize("path", ["xla", "kernel"])
+def test_sampled_attention_when_the_row_sum_overflows_float32(path):
+    """Unnormalized float32 (and float16) rows whose sum overflows: each draw's share of its row, as atskern's
+    probabilities (an inf sum made every sampled attention 0)."""
+    attention = jnp.array([[3e38, 3e38, 1.0]], jnp.float32)
+    indices, sampled = aj.sample(attention, 2, key=0, path=path)
+    assert sorted(np.asarray(indices)[0, :, 0].tolist()) == [0, 1]
+    np.testing.assert_allclose(np.asarray(sampled), [[0.5, 0.5]], rtol=1e-6)
+    jitted = jax.jit(lambda a: aj.sample(a, 2, key=0, path=path)[1])(attention)
+    np.testing.assert_allclose(np.asarray(jitted), [[0.5, 0.5]], rtol=1e-6)
+    half = aj.sample(jnp.full((1, 64, 64), 20.0, jnp.float16), 3, key=1, path=path)[1]
+    np.testing.assert_allclose(np.asarray(half, np.float64), np.full((1, 3), 1 / 4096), rtol=1e-3)
+
+
+@pytest.mark.parametrize("row, message", [([1.0, float("nan"), 0.5], "contains NaN or inf"),
+                                          ([1.0, -3.0, 0.5], "has 1 negative weights"),
+                                          ([0.0, 0.0, 0.0], "has no positive weight")])
+def test_top_k_mode_refuses_the_rows_sampling_refuses(row, message):
+    attention = jnp.array([[0.2, 0.3, 0.5], row])
+    with pytest.raises(ValueError, match=f"attention row 1 {message}"):
+        aj.sample(attention, 2, deterministic=True)
+    aj.sample(attention, 2, deterministic=True, validate=False)
+    with pytest.raises(ValueError, match="only 2 positive weights, fewer than n_samples=3"):
+        aj.sample(jnp.array([[1.0, 0.0, 0.5]]), 3, deterministic=True, strict=True)

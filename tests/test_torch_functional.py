@@ -395,3 +395,76 @@ def test_meta_tensors_take_the_custom_ops_fake_implementations():
 
 def test_sample_op_passes_opcheck():
     torch.library.opcheck(_ops.sample_indices, (torch.rand(2, 5, 6), torch.tensor(3), 4, False))
+
+
+@pytest.mark.parametrize("attention, dtype", [(torch.full((1, 64, 64), 20.0), torch.float16),
+                                              (torch.tensor([[1e308, 1e308, 1.0]], dtype=torch.float64), torch.float64)])
+def test_sampled_attention_when_the_row_sum_overflows_its_dtype(attention, dtype):
+    """Unnormalized rows whose sum overflows the attention's dtype: the sampled attention is each drawn cell's
+    share of the row, as atskern's probabilities (the division by an inf sum gave 0 everywhere)."""
+    attention = attention.to(dtype)
+    indices, sampled = F.sample(attention, 2, key=5)
+    row = attention.reshape(-1).to(torch.float64).tolist()
+    top = max(row)
+    share = math.fsum(v / top for v in row)  # the row's sum over its largest: finite, unlike the sum
+    want = torch.tensor([[row[i] / top / share for i in F._ravel(indices, tuple(attention.shape[1:]))[0].tolist()]],
+                        dtype=torch.float64)
+    assert sampled.dtype == dtype and torch.all(sampled > 0)
+    torch.testing.assert_close(sampled.to(torch.float64), want, rtol=1e-3 if dtype == torch.float16 else 1e-12,
+                               atol=0)
+    _, probs = atskern.sample(attention.to(torch.float64).numpy(), 2, seed=5)
+    np.testing.assert_allclose(sampled.to(torch.float64).numpy(), probs, rtol=1e-3)
+
+
+def test_sampled_attention_gradient_with_the_row_scaling():
+    """The row's largest weight scales the float64 sum but is detached: the gradient is that of gather / sum."""
+    x = (torch.rand(3, 7, dtype=torch.float64) + 0.1).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: F.sample(x, 3, key=2)[1], (x,))
+    indices, sampled = F.sample(x, 3, key=2)
+    flat_index = indices[..., 0]
+    (x.gather(1, flat_index) / x.sum(dim=1, keepdim=True)).sum().backward()
+    want, x.grad = x.grad, None
+    sampled.sum().backward()
+    torch.testing.assert_close(x.grad, want, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("row, message", [
+    ([1.0, float("nan"), 0.5], "attention row 0 contains NaN or inf"),
+    ([1.0, -3.0, 0.5], "attention row 0 has 1 negative weights"),
+    ([0.0, 0.0, 0.0], "attention row 0 has no positive weight"),
+])
+def test_top_k_mode_refuses_the_rows_sampling_refuses(row, message):
+    attention = torch.tensor([[0.2, 0.3, 0.5], row])
+    with pytest.raises(ValueError, match=message.replace("row 0", "row 1")):
+        F.sample(attention, 2, deterministic=True)
+    with pytest.raises(ValueError, match=message.replace("row 0", "row 1")):
+        F.sample(attention, 2, key=1)
+    F.sample(attention, 2, deterministic=True, validate=False)  # the explicit opt-out
+
+
+def test_top_k_mode_strict_and_fillers():
+    attention = torch.tensor([[1.0, 0.0, 0.5]])
+    with pytest.raises(ValueError, match="only 2 positive weights, fewer than n=3"):
+        F.sample(attention, 3, deterministic=True, strict=True)
+    indices, sampled = F.sample(attention, 3, deterministic=True)
+    assert indices[0, :, 0].tolist() == [0, 2, 1] and sampled[0, 2] == 0
+
+
+@pytest.mark.parametrize("name", ["replace", "deterministic", "strict", "validate"])
+def test_sample_flags_must_be_bools(name):
+    with pytest.raises(TypeError, match=f"{name} must be True or False, got 'False'"):
+        F.sample(torch.rand(1, 4, 4), 2, key=1, **{name: "False"})
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float8_e4m3fn])
+def test_complex_and_float8_images_are_refused_by_name(dtype):
+    x = torch.zeros(1, 2, 4, 4).to(dtype)
+    with pytest.raises(TypeError, match=rf"x must be a real, integer or bool tensor, got {dtype}"):
+        F.extract_patches(x, torch.zeros(1, 1, 2, dtype=torch.int64), 2)
+    view = torch.zeros(1, 2, 4, 4, dtype=dtype).view(torch.uint8 if dtype.itemsize == 1 else torch.int64)
+    assert F.extract_patches(view, torch.zeros(1, 1, 2, dtype=torch.int64), 2).shape == (1, 1, 2, 2, 2)
+
+
+def test_probs_error_shows_a_plain_float():
+    with pytest.raises(ValueError, match=r"probs row 0 has -0.5 at draw 1"):
+        F.expectation(torch.ones(1, 2, 3), torch.tensor([[0.5, -0.5]]))

@@ -268,3 +268,31 @@ def test_sample_patches_device_key_must_be_a_cuda_int64_scalar():
         layer.set_device_key(torch.tensor([1]))
     layer.set_device_key(None)
     assert layer.validate is True
+
+
+def test_deepcopy_and_averaged_model_after_a_regularized_step():
+    """The regularizer's last value is a tensor of the training graph; copies hold it detached (deepcopy refused
+    the non-leaf tensor, and with it AveragedModel and best-model copies)."""
+    import copy
+
+    from torch.optim.swa_utils import AveragedModel
+
+    torch.manual_seed(0)
+    model = _tiny_model(attention_regularizer=at.MultinomialEntropy(1e-3))
+    features, _, _ = model(torch.rand(2, 1, 8, 8), torch.rand(2, 1, 32, 32))
+    (features.sum() + model.regularization_loss).backward()
+    clone = copy.deepcopy(model)
+    assert clone.regularization_loss.grad_fn is None and model.regularization_loss.grad_fn is not None
+    assert torch.equal(clone.regularization_loss, model.regularization_loss.detach())
+    for a, b in zip(clone.parameters(), model.parameters()):
+        assert torch.equal(a, b) and a is not b
+    AveragedModel(model)
+
+
+@pytest.mark.parametrize("make", [lambda: at.SamplePatches(3, 4, replace="False"),
+                                  lambda: at.SamplePatches(3, 4, use_logits=1),
+                                  lambda: at.Expectation(replace="False"),
+                                  lambda: at.SampleSoftmax(squeeze_channels="yes")])
+def test_module_flags_must_be_bools(make):
+    with pytest.raises(TypeError, match="must be True or False"):
+        make()

@@ -163,6 +163,8 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
     _paths.check(path)
     grid = c.attention(attention, n, not replace or deterministic)
     if deterministic:
+        if c.boolean(validate, "validate") and c.is_concrete(attention):  # the rows sampling refuses
+            c.attention_values(attention, n, False, False, c.boolean(strict, "strict"))
         flat = _sampling.top_cells(lax.stop_gradient(attention), n)
         indices = _sampling.unravel(flat, grid)
     else:
@@ -170,10 +172,14 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
             raise TypeError("key is required to sample (an int seed, a uint32 [k0, k1] array or a JAX PRNG key)")
         indices, _ = sample_indices(attention, n, key, replace=replace, strict=strict, validate=validate, path=path)
         flat = _sampling.ravel(indices, grid)
-    rows = attention.reshape(attention.shape[0], -1)
-    dtype = _rng.compute_dtype()
-    total = jnp.sum(rows.astype(dtype), axis=1, keepdims=True)
-    sampled = jnp.take_along_axis(rows, flat, axis=1).astype(dtype) / total
+    rows = attention.reshape(attention.shape[0], -1).astype(_rng.compute_dtype())
+    # rows times 2**-e, e the largest weight's exponent (it cancels): the sum stays finite (3e38 + 3e38 in float32);
+    # two normal factors, as XLA's CPU flushes a subnormal factor (1 / 3e38) to zero
+    exponent = lax.stop_gradient(jnp.frexp(jnp.max(rows, axis=1, keepdims=True))[1]).astype(rows.dtype)
+    exponent = jnp.where(jnp.isfinite(exponent), exponent, jnp.zeros_like(exponent))
+    half = jnp.floor(exponent / 2)
+    scaled = rows * jnp.exp2(-half) * jnp.exp2(half - exponent)
+    sampled = jnp.take_along_axis(scaled, flat, axis=1) / jnp.sum(scaled, axis=1, keepdims=True)
     return indices, sampled.astype(attention.dtype)
 
 

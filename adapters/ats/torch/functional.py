@@ -120,7 +120,7 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
         draw, so a CUDA graph that captured it draws fresh positions on every
         replay (a host key is baked into a captured graph).
     validate : bool
-        Check the attention rows (default). On CUDA the check is asynchronous
+        Check the attention rows (default; in top-k mode too). On CUDA the check is asynchronous
         (nothing waits for the device): a bad row raises a device-side assert
         at the next synchronization, which leaves the process's CUDA context
         unusable, as torch's own device asserts do; ``atskern.sample`` on the
@@ -144,33 +144,64 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
         ``attention`` (so its gradient flows back to ``attention``).
     """
     n = positive_int(n_samples, "n_samples")
-    if not isinstance(replace, bool):
-        raise TypeError(f"replace must be True or False, got {replace!r}")
+    for value, name in ((replace, "replace"), (deterministic, "deterministic"), (strict, "strict"),
+                        (validate, "validate")):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
     check_attention(attention, n, not replace or deterministic)
     grid = tuple(attention.shape[1:])
     flat = attention.reshape(attention.shape[0], -1)
     if deterministic:
+        if validate:
+            _check_rows(flat.detach(), n, strict)
         flat_index = torch.topk(flat.detach(), n, dim=1, sorted=True).indices
         indices = _unravel(flat_index, grid)
     else:
         weights = attention.detach()
         if weights.dtype not in (torch.float32, torch.float64):
             weights = weights.to(torch.float32)
-        if not isinstance(validate, bool):
-            raise TypeError(f"validate must be True or False, got {validate!r}")
         key = random_key() if key is None else key_tensor(key)
         if key.device.type == "cuda" and key.device != attention.device:
             raise ValueError(f"a CUDA key must be on attention's device {attention.device}, got {key.device}")
         try:
-            indices = _ops.sample_patches_indices(weights.contiguous(), key, n, replace, bool(strict),
+            indices = _ops.sample_patches_indices(weights.contiguous(), key, n, replace, strict,
                                                       validate).to(torch.int64)
         except ValueError as error:
             raise _errors.sampling_error(error) from None
         if key.device.type == "cuda":
             key.add_(1)  # the device key's counter: the next draw (or graph replay) uses the next seed
         flat_index = _ravel(indices, grid)
-    sampled = flat.gather(1, flat_index) / flat.sum(dim=1, keepdim=True)
-    return indices, sampled
+    return indices, _normalized_gather(flat, flat_index)
+
+
+def _normalized_gather(flat, flat_index):
+    """``flat[b, i] / sum(flat[b])`` in float64 over weights divided by the row's largest (differentiable; the
+    detached largest cancels), cast back: a row's sum that overflows the attention's dtype (float16 weights of 20
+    over 64², float64 near 1e308) no longer makes every sampled attention 0."""
+    wide = flat.to(torch.float64)
+    top = wide.detach().amax(dim=1, keepdim=True)
+    top = torch.where(top > 0, top, torch.ones_like(top))  # an all-zero row (validate=False): 0 / 0 as before
+    scaled = wide / top
+    return (scaled.gather(1, flat_index) / scaled.sum(dim=1, keepdim=True)).to(flat.dtype)
+
+
+def _check_rows(flat, n: int, strict: bool):
+    """Top-k mode's row checks, as sampling's: a ValueError naming the first bad row (NaN/inf, negative weights,
+    no positive weight; with ``strict``, fewer than ``n`` positive); asynchronous on a device or in a compiled
+    graph (``torch._assert_async``, :data:`_ops.INVALID_ROWS`)."""
+    nonfinite = (~torch.isfinite(flat)).sum(dim=1)
+    negative = (flat < 0).sum(dim=1)
+    positive = (flat > 0).sum(dim=1)
+    need = n if strict else 1
+    if flat.device.type != "cpu" or torch.compiler.is_compiling():
+        ok = (nonfinite.amax() == 0) & (negative.amax() == 0) & (positive.amin() >= need)
+        torch._assert_async(ok, _ops.INVALID_ROWS)
+        return
+    status = torch.stack([nonfinite, negative, positive, torch.zeros_like(positive)], dim=1).numpy()
+    try:
+        _validation.check_rows(status, n, False, False, strict)
+    except ValueError as error:
+        raise _errors.sampling_error(error) from None
 
 
 # --- patches ----------------------------------------------------------------------------------
@@ -257,7 +288,8 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=True):
     """Gather one patch per offset from a batch of images, differentiably.
 
     ``x`` ``(B, C, *spatial)`` (or ``(B, *spatial, C)`` with
-    ``channels_first=False``), any dtype of item size 1, 2, 4 or 8;
+    ``channels_first=False``), any real, integer or bool dtype of item size 1, 2, 4 or 8 (complex and float8
+    data through an integer view of the same size);
     ``offsets`` integer ``(B, K, D)``, each patch's first pixel (pixels outside
     ``x`` take ``fill``). Returns ``(B, K, C, *patch_size)`` (or
     ``(B, K, *patch_size, C)``). The gradient scatters the patch gradients
@@ -272,6 +304,9 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=True):
     if offsets.dtype.is_floating_point or offsets.dtype == torch.bool:
         raise TypeError(f"offsets must be an integer tensor, got {offsets.dtype}")
     size = size_tuple(patch_size, len(spatial))
+    if x.dtype.is_complex or (x.dtype.is_floating_point and x.dtype.itemsize == 1):
+        raise TypeError(f"x must be a real, integer or bool tensor, got {x.dtype}; gather complex or float8 data "
+                        "through an integer view of the same item size (x.view(torch.int64), x.view(torch.uint8))")
     fill = _checked_fill(fill, x.dtype)
     return _ops.extract_patches(x.contiguous(), offsets.contiguous(), list(size), fill, bool(channels_first))
 

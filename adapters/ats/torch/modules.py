@@ -11,6 +11,26 @@ from .._layer_args import check_sampling_args, check_seed
 from . import functional as F
 
 
+def flag(value, name: str) -> bool:
+    """A module's True/False argument (``bool("False")`` would be True)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+class RegularizedModel(nn.Module):
+    """A model that keeps its attention regularizer's last value in ``regularization_loss`` (a tensor of the
+    training graph): copies and pickles hold it detached (``copy.deepcopy`` refuses a non-leaf tensor, so
+    ``AveragedModel`` and best-model copies failed after a forward)."""
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        loss = state.get("regularization_loss")
+        if isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
+            state["regularization_loss"] = loss.detach()
+        return state
+
+
 class _KeyStream:
     """Sampling seeds: from torch's default generator (seed None) or a reproducible stream of a fixed seed.
 
@@ -98,8 +118,8 @@ class SamplePatches(nn.Module):
         super().__init__()
         self.n_patches, self.receptive_field, self.fill = check_sampling_args(n_patches, mode, receptive_field, fill)
         self.patch_size = patch_size
-        self.replace = bool(replace)
-        self.use_logits = bool(use_logits)
+        self.replace = flag(replace, "replace")
+        self.use_logits = flag(use_logits, "use_logits")
         self.mode = mode
         self._keys = _KeyStream(seed)
         self._device_key = None
@@ -182,7 +202,7 @@ class Expectation(nn.Module):
 
     def __init__(self, replace=False):
         super().__init__()
-        self.replace = bool(replace)
+        self.replace = flag(replace, "replace")
 
     def extra_repr(self) -> str:
         return f"replace={self.replace}"
@@ -203,7 +223,7 @@ class SampleSoftmax(nn.Module):
         super().__init__()
         if not 0 <= float(smooth) < 1:
             raise ValueError(f"smooth must be in [0, 1), got {smooth}")
-        self.squeeze_channels = bool(squeeze_channels)
+        self.squeeze_channels = flag(squeeze_channels, "squeeze_channels")
         self.smooth = float(smooth)
 
     def forward(self, x):
@@ -234,7 +254,7 @@ def multinomial_entropy(strength=1.0, eps=1e-6):
     return MultinomialEntropy(strength, eps)
 
 
-class AttentionSampling(nn.Module):
+class AttentionSampling(RegularizedModel):
     """An attention network and a feature network wired into an attention-sampling model.
 
     ``forward(x_low, x_high)`` returns ``(features, attention, patches)``:

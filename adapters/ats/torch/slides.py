@@ -45,13 +45,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch import nn
 
 from atskern.io import grid as _grid
 
 from .._layer_args import check_sampling_args
 from . import functional as F
-from .modules import Expectation, _KeyStream
+from .modules import Expectation, RegularizedModel, _KeyStream, flag
 
 
 @functools.lru_cache(maxsize=8)
@@ -140,7 +139,7 @@ def valid_cells(grid, padded, sizes):
 slide_offsets = _grid.slide_offsets
 
 
-class SlideAttentionSampling(nn.Module):
+class SlideAttentionSampling(RegularizedModel):
     """Attention sampling with a slide file as the high-resolution source.
 
     ``forward(x_low, slides, sizes=None)``: ``x_low`` ``(B, C, Hp, Wp)`` the
@@ -167,7 +166,7 @@ class SlideAttentionSampling(nn.Module):
         self.attention_regularizer = attention_regularizer
         self.patch_size = F.size_tuple(patch_size, 2)
         self.n_patches = n_patches
-        self.replace = bool(replace)
+        self.replace = flag(replace, "replace")
         self.level = int(level)
         self.mode = mode
         self.fill = fill
