@@ -225,3 +225,20 @@ def test_fillers_equal_atskerns():
     np.testing.assert_array_equal(indices.numpy(), want_indices)
     np.testing.assert_allclose(probs.numpy(), want_probs, rtol=1e-6)
     assert (want_probs[0, 3:] == 0).all()
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_unknown_batch_under_xla_draws_as_atskern(replace):
+    """A compiled function traced with a None batch (Keras retraces so for a last, smaller batch): the rows'
+    length stays static and the draws are atskern's (``int()`` of the batch once failed)."""
+    attention = np.random.default_rng(4).random((3, 6, 5)).astype(np.float32)
+    spec = [tf.TensorSpec((None, 6, 5), tf.float32)]
+    compiled = tf.function(lambda a: xla.sample_indices(a, 4, 9, replace=replace), input_signature=spec,
+                           jit_compile=True)
+    indices, probs = compiled(tf.constant(attention))
+    want_i, want_p = atskern.sample(attention, 4, seed=9, replace=replace)
+    assert np.array_equal(indices.numpy(), want_i)
+    np.testing.assert_allclose(probs.numpy(), want_p, rtol=1e-6)
+    sampled = tf.function(lambda a: xla.sample(a, 4, 9, replace=replace)[1], input_signature=spec,
+                          jit_compile=True)(tf.constant(attention))
+    np.testing.assert_allclose(sampled.numpy(), want_p, rtol=1e-6)

@@ -56,8 +56,9 @@ def margins(margin, dims: int) -> list:
 
 
 def grid_of(shape, floating: bool, n: int, without_replacement: bool) -> tuple[int, ...]:
-    """Grid shape of an attention map of ``shape`` ``(B, *grid)``; errors name ``attention`` / ``n_samples``."""
-    shape = tuple(int(s) for s in shape)
+    """Grid shape of an attention map of ``shape`` ``(B, *grid)`` (the batch may be unknown: None, as when Keras
+    traces a last, smaller batch); errors name ``attention`` / ``n_samples``."""
+    shape = tuple(None if s is None else int(s) for s in shape)
     if len(shape) not in (2, 3, 4):
         raise ValueError(f"attention must be (batch, *grid) with 1 to 3 grid dimensions (rank 2 to 4), got shape {shape}")
     if not floating:
@@ -65,6 +66,8 @@ def grid_of(shape, floating: bool, n: int, without_replacement: bool) -> tuple[i
     if 0 in shape:
         raise ValueError(f"attention must not be empty, got shape {shape}")
     grid = shape[1:]
+    if None in grid:
+        raise ValueError(f"attention's grid must have a static shape to be sampled in XLA ops, got shape {shape}")
     positions = int(np.prod(grid))
     if positions >= 2**34:
         raise ValueError(f"attention rows must have fewer than 2**34 cells, got {positions}")

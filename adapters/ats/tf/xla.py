@@ -111,7 +111,8 @@ def _ravel(indices, grid):
 
 
 def _weights(attention, logits: bool):
-    flat = tf.cast(tf.reshape(attention, [tf.shape(attention)[0], -1]), tf.float64)
+    size = int(np.prod(attention.shape[1:]))  # static (grid_of): the rows' length stays known with a None batch
+    flat = tf.cast(tf.reshape(attention, [-1, size]), tf.float64)
     if not logits:
         return flat
     top = tf.reduce_max(flat, axis=1, keepdims=True)
