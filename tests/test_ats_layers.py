@@ -277,3 +277,13 @@ def test_jit_compile_true_trains_and_predicts_as_without():
     history = model.fit(x, [y, np.zeros((4, 8, 8)), np.zeros((4, 3, 6, 6, 1))], batch_size=2, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
     assert any(not np.array_equal(b, w.numpy()) for b, w in zip(before, model.trainable_weights))
+
+
+def test_multinomial_entropy_of_half_precision_attention_is_float32():
+    """Under mixed precision the attention is float16: the penalty comes back in float32 (Keras adds losses in
+    float32; a float16 penalty failed the step), computed from the float32 values."""
+    attention = np.random.default_rng(0).dirichlet(np.ones(12), size=3).astype(np.float16)
+    penalty = multinomial_entropy(0.1)(attention)
+    assert keras.backend.standardize_dtype(penalty.dtype) == "float32"
+    x = attention.astype(np.float32)
+    np.testing.assert_allclose(float(penalty), 0.1 * np.sum(x * np.log(x + 1e-6)) / 3, rtol=1e-5)

@@ -89,3 +89,19 @@ def test_errors(slide_paths):
     x = np.zeros((1, 16, 16, 3), np.float32)
     with pytest.raises(Exception, match="not an index into the layer's 3 slides"):
         layer([x, np.zeros((1, 16, 16), np.float32), np.array([7], np.int32), np.array([[16, 16]])])
+
+
+def test_slide_sequence_scales_the_low_views(tmp_path):
+    """SlideSequence multiplies the low views by ``scale`` (1/255 by default, as SlidePatches' patches; a uint16
+    slide takes 1/65535): it always divided by 255 before."""
+    image = (np.arange(256 * 256, dtype=np.uint32).reshape(256, 256) * 997 % 65536).astype(np.uint16)
+    path = aio.write_pyramid(tmp_path / "u16.tif", image, tile=64, compression="zstd")
+    slide = aio.open_slide(path)
+    view = slide.read_level(slide.best_level(80))
+    (x_low, _, sizes), _ = ks.SlideSequence([path], [0], batch_size=1, low_side=80, scale=1 / 65535)[0]
+    np.testing.assert_allclose(x_low[0, ..., 0], view[..., 0] / 65535, rtol=1e-6)
+    assert x_low.max() <= 1.0 and tuple(sizes[0]) == view.shape[:2]
+    (default, _, _), _ = ks.SlideSequence([path], [0], batch_size=1, low_side=80)[0]
+    np.testing.assert_allclose(default, x_low * (65535 / 255), rtol=1e-6)
+    with pytest.raises(ValueError, match="scale must be a positive number"):
+        ks.SlideSequence([path], [0], scale=0)

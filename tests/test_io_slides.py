@@ -298,3 +298,34 @@ def test_import_without_the_optional_packages(jpeg_slide):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ERR" in out.stdout and "pip install 'atskern[slides]'" in out.stdout
+
+
+def test_every_slide_keeps_a_cell_of_the_grid():
+    """A cell is valid where its centre lies inside the slide's low view; a slide shorter than half a cell along an
+    axis keeps that axis's first cell (it had none: an all-zero attention row, refused by sampling)."""
+    from atskern.io import grid
+
+    mask = grid.valid_cells((4, 4), (64, 64), [[64, 64], [40, 8], [1, 1], [20, 0]])
+    assert mask[0].all()
+    assert mask[1].tolist() == [[True, False, False, False]] * 2 + [[False] * 4] * 2  # centres 8, 24, 40, 56
+    assert mask[2].tolist() == [[True, False, False, False]] + [[False] * 4] * 3
+    assert not mask[3].any()  # an empty slide has no cell
+
+
+def test_auto_backend_keeps_tifffile_hint_when_openslide_also_refuses(tmp_path):
+    """With OpenSlide installed, "auto" tries it after tifffile; a file neither reads gets tifffile's error, with
+    its conversion hint (OpenSlide's own said "Unsupported or missing image file"), as a SlideFormatError."""
+    from atskern.io._deps import available
+
+    if not available("openslide"):
+        pytest.skip("OpenSlide is not installed")
+    strips = tmp_path / "strips.tif"
+    with tifffile.TiffWriter(strips) as writer:
+        writer.write(np.zeros((200, 300), np.uint8), metadata=None)
+        writer.write(np.zeros((100, 150), np.uint8), subfiletype=1, metadata=None)
+    with pytest.raises(aio.SlideFormatError, match="strip-based.*vips tiffsave.*OpenSlide cannot read it either"):
+        aio.open_slide(strips)
+    junk = tmp_path / "junk.tif"
+    junk.write_bytes(b"hello")
+    with pytest.raises(ValueError, match="not a TIFF.*OpenSlide cannot read it either"):
+        aio.open_slide(junk)

@@ -42,7 +42,8 @@ SCRIPT = """
         x = L.Input(shape=x_low.shape[1:])
         i = L.Input(shape=(), dtype="int32")
         s = L.Input(shape=(2,), dtype="int32")
-        logits = L.Conv2D(1, 3, padding="same")(L.Conv2D(4, 3, padding="same", activation="relu")(x))
+        # a grid coarser than x_low (Keras' torch trainer once ran the layer on all-ones sizes: every cell masked)
+        logits = L.Conv2D(1, 3, strides=2, padding="same")(L.Conv2D(4, 3, padding="same", activation="relu")(x))
         logits = L.Reshape(logits.shape[1:3])(logits)
         patches, sampled = ks.SlidePatches(paths, n_patches=4, patch_size=32, use_logits=True, mode=mode,
                                            seed=3)([x, logits, i, s])

@@ -98,6 +98,14 @@ class SlidePatches(keras.layers.Layer):
     ``sizes`` int ``(B, 2)``. Returns ``[patches (B, n, ph, pw, C) float32
     (pixels times scale), sampled_attention (B, n)]``, the latter
     differentiable with respect to the attention (the masked, normalized map).
+
+    ``seed``: None (default) draws a fresh key on every call (the layer's seed
+    generator). An int is the sampling key itself, as for the 2019 helpers
+    (``atskern.sample(..., seed=seed)`` draws the same cells): every call
+    reuses the same random numbers, so for training leave it None (unlike
+    :class:`ats.keras.SamplePatches`, whose seed is mixed with the map).
+    Cells whose centre lies outside a slide's own low view (the padding) are
+    never drawn; a slide shorter than half a cell keeps the first cell.
     """
 
     def __init__(self, slides, n_patches, patch_size, replace=False, use_logits=False, mode="sample", seed=None,
@@ -229,10 +237,12 @@ class SlideSequence(keras.utils.PyDataset):
     """Batches ``((x_low, slide_ids, sizes), labels)`` over ``paths``; low views from a pyramid level.
 
     ``low_side``: the largest level whose sides are at most that many pixels.
-    Views are zero padded to the batch's largest (bottom/right).
+    Views are multiplied by ``scale`` (as :class:`SlidePatches` scales the patches: 1/255 for uint8 slides,
+    1/65535 for uint16) and zero padded to the batch's largest (bottom/right).
     """
 
-    def __init__(self, paths, labels, batch_size=4, *, low_side=512, shuffle=False, seed=0, **kwargs):
+    def __init__(self, paths, labels, batch_size=4, *, low_side=512, shuffle=False, seed=0, scale=1.0 / 255.0,
+                 **kwargs):
         super().__init__(**kwargs)
         self.paths = [os.fspath(p) for p in paths]
         self.labels = np.asarray(labels)
@@ -243,6 +253,9 @@ class SlideSequence(keras.utils.PyDataset):
         self.order = np.arange(len(self.paths))
         self.shuffle = shuffle
         self.rng = np.random.default_rng(seed)
+        self.scale = float(scale)
+        if not (np.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be a positive number, got {scale!r}")
 
     def __len__(self):
         return -(-len(self.paths) // self.batch_size)
@@ -261,6 +274,6 @@ class SlideSequence(keras.utils.PyDataset):
         width = max(v.shape[1] for v in views)
         x_low = np.zeros((len(ids), height, width, views[0].shape[2]), np.float32)
         for b, v in enumerate(views):
-            x_low[b, :v.shape[0], :v.shape[1]] = v / 255.0
+            np.multiply(v, self.scale, out=x_low[b, :v.shape[0], :v.shape[1]], casting="unsafe")
         sizes = np.array([v.shape[:2] for v in views], np.int64)
         return (x_low, ids.astype(np.int32), sizes), self.labels[ids]

@@ -6,7 +6,8 @@ import numpy as np
 
 
 def valid_cells(grid, padded, sizes) -> np.ndarray:
-    """Bool ``(B, *grid)``: the cells whose centre lies inside each slide's valid low-resolution area.
+    """Bool ``(B, *grid)``: the cells whose centre lies inside each slide's valid low-resolution area, and the
+    first cell of an axis along which a slide is shorter than half a cell (so that every slide has a cell).
 
     ``grid`` ``(gh, gw)`` covers a padded low view of ``padded`` ``(Hp, Wp)``
     pixels; ``sizes`` ``(B, 2)`` are the slides' own low-view sizes (their
@@ -16,7 +17,9 @@ def valid_cells(grid, padded, sizes) -> np.ndarray:
     masks = []
     for axis in range(2):
         centres = (np.arange(grid[axis], dtype=np.float64) + 0.5) * (padded[axis] / grid[axis])
-        masks.append(centres[None, :] < sizes[:, axis:axis + 1])
+        mask = centres[None, :] < sizes[:, axis:axis + 1]
+        mask[:, 0] |= sizes[:, axis] > 0
+        masks.append(mask)
     return masks[0][:, :, None] & masks[1][:, None, :]
 
 

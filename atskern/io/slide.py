@@ -388,12 +388,13 @@ def open_slide(path, *, backend="auto", threads=None, cache=None, cache_bytes=DE
     if backend in ("auto", "tifffile"):
         from ._tiff import TiffBackend
 
+        tiff_error = None
         try:
             impl = TiffBackend(path, series)
-        except SlideFormatError:
+        except SlideFormatError as error:
             if backend == "tifffile" or not available("openslide"):
                 raise
-            impl = None
+            impl, tiff_error = None, error
         if impl is not None:
             if require_pyramid and len(impl.levels) < 2:
                 raise SlideFormatError(
@@ -403,5 +404,11 @@ def open_slide(path, *, backend="auto", threads=None, cache=None, cache_bytes=DE
             return Slide(path, impl, threads=threads, cache=cache, cache_bytes=cache_bytes, options=options)
     from ._openslide import OpenSlideBackend
 
-    impl = OpenSlideBackend(path)
+    if backend == "openslide":
+        impl = OpenSlideBackend(path)
+    else:  # auto, after tifffile refused it: OpenSlide's own error says less than tifffile's, which has the fix
+        try:
+            impl = OpenSlideBackend(path)
+        except Exception as error:
+            raise SlideFormatError(f"{tiff_error} (OpenSlide cannot read it either: {error})") from None
     return Slide(path, impl, threads=threads, cache=cache, cache_bytes=cache_bytes, options=options)

@@ -45,6 +45,8 @@ class MultinomialEntropy(keras.regularizers.Regularizer):
 
     def __call__(self, x):
         x = ops.convert_to_tensor(x)
+        if keras.backend.standardize_dtype(x.dtype) in ("float16", "bfloat16"):
+            x = ops.cast(x, "float32")  # mixed precision: Keras adds the losses in float32
         batch = ops.cast(ops.shape(x)[0], x.dtype)
         return self.strength * ops.sum(x * ops.log(x + self.eps)) / batch
 
