@@ -287,3 +287,17 @@ def test_multinomial_entropy_of_half_precision_attention_is_float32():
     assert keras.backend.standardize_dtype(penalty.dtype) == "float32"
     x = attention.astype(np.float32)
     np.testing.assert_allclose(float(penalty), 0.1 * np.sum(x * np.log(x + 1e-6)) / 3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: SamplePatches(3, 8.0), TypeError, r"patch_size must be a positive integer or a tuple of them.*8\.0"),
+    (lambda: SamplePatches(3, "8"), TypeError, r"patch_size must be a positive integer or a tuple of them.*'8'"),
+    (lambda: SamplePatches(3, (8, 0)), TypeError, r"patch_size must be a positive integer or a tuple"),
+    (lambda: SamplePatches(3, 0), ValueError, r"patch_size must be a positive integer"),
+    (lambda: SamplePatches(3, 8, replace="no"), TypeError, "replace must be True or False, got 'no'"),
+    (lambda: SamplePatches(3, 8, use_logits=1), TypeError, "use_logits must be True or False, got 1"),
+    (lambda: Expectation(replace="False"), TypeError, "replace must be True or False"),
+])
+def test_layer_arguments_are_checked_by_name(make, error, message):
+    with pytest.raises(error, match=message):
+        make()

@@ -30,6 +30,27 @@ def check_sampling_args(n_patches, mode, receptive_field=0, fill=0):
     return int(n_patches), receptive_field, int(fill) if isinstance(fill, numbers.Integral) else float(fill)
 
 
+def check_flag(value, name: str) -> bool:
+    """A layer's True/False argument (``bool("no")`` would be True), or a TypeError naming it."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_patch_size_arg(patch_size):
+    """A layer's ``patch_size`` as given: a positive int, or a tuple of them (one per spatial dim, checked against
+    the inputs when the layer is called); a TypeError or ValueError naming it otherwise."""
+    if isinstance(patch_size, numbers.Integral) and not isinstance(patch_size, (bool, np.bool_)):
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be a positive integer or one per spatial dim, got {patch_size!r}")
+        return int(patch_size)
+    if not isinstance(patch_size, (list, tuple)) or not all(
+            isinstance(s, numbers.Integral) and not isinstance(s, (bool, np.bool_)) and s >= 1 for s in patch_size):
+        raise TypeError(f"patch_size must be a positive integer or a tuple of them (one per spatial dim), "
+                        f"got {patch_size!r}")
+    return tuple(int(s) for s in patch_size)
+
+
 def check_seed(seed):
     """``seed`` as None or an int in ``[0, 2**64)``, or a ValueError."""
     if seed is None:

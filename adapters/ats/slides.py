@@ -38,7 +38,7 @@ import numpy as np
 from atskern.io import grid as _grid
 
 from ._keras import register
-from ._layer_args import MODES, check_sampling_args  # noqa: F401 (MODES: public here)
+from ._layer_args import MODES, check_flag, check_sampling_args  # noqa: F401 (MODES: public here)
 from .keras._keys import check_seed
 from .keras.functions import _gather, draw
 
@@ -117,8 +117,8 @@ class SlidePatches(keras.layers.Layer):
             raise ValueError("slides must name at least one slide file")
         self.n_patches = n_patches
         self.patch_size = _patch_size(patch_size)
-        self.replace = bool(replace)
-        self.use_logits = bool(use_logits)
+        self.replace = check_flag(replace, "replace")
+        self.use_logits = check_flag(use_logits, "use_logits")
         self.mode = mode
         self.seed = check_seed(seed)
         self.fill = fill

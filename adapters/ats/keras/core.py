@@ -23,7 +23,6 @@ require_keras("ats.keras")
 # The backend is checked before keras is imported, hence the late imports.
 # ruff: noqa: E402
 
-import numbers
 from fractions import Fraction
 
 import keras
@@ -33,7 +32,8 @@ from keras import ops
 from atskern import _validation
 
 from .._keras import register
-from .._layer_args import MODES, check_sampling_args  # noqa: F401 (MODES: public here since 2019's layout)
+from .._layer_args import MODES  # noqa: F401 (public here since 2019's layout)
+from .._layer_args import check_flag, check_patch_size_arg, check_sampling_args
 from . import _keys
 from .backends import ops as backend_ops
 from .layers import ActivityRegularizer
@@ -125,9 +125,9 @@ class SamplePatches(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.n_patches, self.receptive_field, self.fill = check_sampling_args(n_patches, mode, receptive_field, fill)
-        self.patch_size = patch_size if isinstance(patch_size, numbers.Integral) else tuple(patch_size)
-        self.replace = bool(replace)
-        self.use_logits = bool(use_logits)
+        self.patch_size = check_patch_size_arg(patch_size)
+        self.replace = check_flag(replace, "replace")
+        self.use_logits = check_flag(use_logits, "use_logits")
         self.mode = mode
         self.seed = _keys.check_seed(seed)
         # fresh keys per call, threaded by Keras through jitted steps (only needed when sampling unseeded)
@@ -237,7 +237,7 @@ class Expectation(keras.layers.Layer):
 
     def __init__(self, replace=False, **kwargs):
         super().__init__(**kwargs)
-        self.replace = bool(replace)
+        self.replace = check_flag(replace, "replace")
         self.supports_jit = True
 
     def build(self, input_shape):

@@ -62,6 +62,7 @@ import numpy as np
 from keras import ops
 
 from .._keras import register
+from .._layer_args import check_flag
 from .._symbolic import is_symbolic
 from . import _keys
 from .backends import ops as backend_ops
@@ -188,8 +189,8 @@ class Sample(keras.layers.Layer):
     def __init__(self, n_samples, replace=False, use_logits=False, seed=None, **kwargs):
         super().__init__(**kwargs)
         self.n_samples = _positive_int(n_samples, "n_samples")
-        self.replace = bool(replace)
-        self.use_logits = bool(use_logits)
+        self.replace = check_flag(replace, "replace")
+        self.use_logits = check_flag(use_logits, "use_logits")
         self.seed = _keys.check_seed(seed)
         # used without a seed; always made, so that the layer's variables do not depend on its seed
         self.seed_generator = keras.random.SeedGenerator()
@@ -336,7 +337,7 @@ class Expected(keras.layers.Layer):
 
     def __init__(self, replace=False, **kwargs):
         super().__init__(**kwargs)
-        self.replace = bool(replace)
+        self.replace = check_flag(replace, "replace")
 
     def call(self, inputs):
         attention, features, *weights = inputs

@@ -7,15 +7,8 @@ import torch
 from torch import nn
 
 from .. import _distributed
-from .._layer_args import check_sampling_args, check_seed
+from .._layer_args import check_flag, check_sampling_args, check_seed
 from . import functional as F
-
-
-def flag(value, name: str) -> bool:
-    """A module's True/False argument (``bool("False")`` would be True)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return value
 
 
 class RegularizedModel(nn.Module):
@@ -118,8 +111,8 @@ class SamplePatches(nn.Module):
         super().__init__()
         self.n_patches, self.receptive_field, self.fill = check_sampling_args(n_patches, mode, receptive_field, fill)
         self.patch_size = patch_size
-        self.replace = flag(replace, "replace")
-        self.use_logits = flag(use_logits, "use_logits")
+        self.replace = check_flag(replace, "replace")
+        self.use_logits = check_flag(use_logits, "use_logits")
         self.mode = mode
         self._keys = _KeyStream(seed)
         self._device_key = None
@@ -202,7 +195,7 @@ class Expectation(nn.Module):
 
     def __init__(self, replace=False):
         super().__init__()
-        self.replace = flag(replace, "replace")
+        self.replace = check_flag(replace, "replace")
 
     def extra_repr(self) -> str:
         return f"replace={self.replace}"
@@ -223,7 +216,7 @@ class SampleSoftmax(nn.Module):
         super().__init__()
         if not 0 <= float(smooth) < 1:
             raise ValueError(f"smooth must be in [0, 1), got {smooth}")
-        self.squeeze_channels = flag(squeeze_channels, "squeeze_channels")
+        self.squeeze_channels = check_flag(squeeze_channels, "squeeze_channels")
         self.smooth = float(smooth)
 
     def forward(self, x):

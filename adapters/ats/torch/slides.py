@@ -48,9 +48,9 @@ import torch
 
 from atskern.io import grid as _grid
 
-from .._layer_args import check_sampling_args
+from .._layer_args import check_flag, check_sampling_args
 from . import functional as F
-from .modules import Expectation, RegularizedModel, _KeyStream, flag
+from .modules import Expectation, RegularizedModel, _KeyStream
 
 
 @functools.lru_cache(maxsize=8)
@@ -166,7 +166,7 @@ class SlideAttentionSampling(RegularizedModel):
         self.attention_regularizer = attention_regularizer
         self.patch_size = F.size_tuple(patch_size, 2)
         self.n_patches = n_patches
-        self.replace = flag(replace, "replace")
+        self.replace = check_flag(replace, "replace")
         self.level = int(level)
         self.mode = mode
         self.fill = fill
