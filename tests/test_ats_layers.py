@@ -301,3 +301,23 @@ def test_multinomial_entropy_of_half_precision_attention_is_float32():
 def test_layer_arguments_are_checked_by_name(make, error, message):
     with pytest.raises(error, match=message):
         make()
+
+
+def test_receptive_field_is_checked_against_a_dynamic_x_low():
+    """In a graph where x_low's size is only known at run time, a receptive_field not below it fails the step
+    (the eager call raises a ValueError); it gave mirrored patch positions without a word before."""
+    import tensorflow as tf
+
+    spec = [tf.TensorSpec((None, None, None, 1))] * 2 + [tf.TensorSpec((None, None, None))]
+    x_low = np.zeros((1, 16, 16, 1), "float32")
+    x_high = np.arange(4096, dtype="float32").reshape(1, 64, 64, 1)
+    attention = np.zeros((1, 16, 16), "float32")
+    attention[0, 0, 0] = 1
+    bad = SamplePatches(1, 4, receptive_field=20, mode="topk")
+    with pytest.raises(ValueError, match="receptive_field=20 must be smaller than x_low's spatial sizes"):
+        bad([x_low, x_high, attention])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="receptive_field=20 must be smaller"):
+        tf.function(lambda a, b, c: bad([a, b, c]), input_signature=spec)(x_low, x_high, attention)
+    good = SamplePatches(1, 4, receptive_field=3, mode="topk")
+    traced = tf.function(lambda a, b, c: good([a, b, c]), input_signature=spec)(x_low, x_high, attention)
+    np.testing.assert_array_equal(traced[0].numpy(), good([x_low, x_high, attention])[0].numpy())

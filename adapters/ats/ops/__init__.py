@@ -252,7 +252,14 @@ def _margin_terms(margin, dims: int):
         rf = _validation.simplest_fraction(_validation._real(receptive_field, "margin's receptive_field"))
         if rf < 0:
             raise ValueError(f"margin's receptive_field must be >= 0, got {receptive_field!r}")
-        return [(rf.numerator, 2 * rf.denominator * v) for v in low]
+        terms = []
+        for v in low:  # a margin below 1/2 (receptive_field < low size), as the static path checks it
+            den = rf.denominator * tf.cast(v, tf.int64)
+            check = tf.debugging.assert_less(tf.constant(rf.numerator, tf.int64), den, message=(
+                f"receptive_field={receptive_field} must be smaller than x_low's spatial sizes"))
+            with tf.control_dependencies([check]):
+                terms.append((rf.numerator, 2 * tf.identity(den)))
+        return terms
     return [(f.numerator, f.denominator) for f in _validation.check_margin(margin, dims)]
 
 
