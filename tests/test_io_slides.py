@@ -264,6 +264,8 @@ def test_clear_errors(tmp_path, jpeg_slide):
         aio.open_slide(jpeg_slide, backend="pillow")
     with pytest.raises(ValueError, match="threads"):
         aio.open_slide(jpeg_slide, threads=0)
+    with pytest.raises(TypeError, match="series must be an integer.*'0'"):
+        aio.open_slide(jpeg_slide, series="0")
 
 
 @pytest.mark.parametrize("layout,compression", [("tiff", "jpeg"), ("bigtiff", "jpeg"), ("svs", "jpeg"),

@@ -384,6 +384,9 @@ def open_slide(path, *, backend="auto", threads=None, cache=None, cache_bytes=DE
         raise IsADirectoryError(f"{path!r} is a directory, not a slide file")
     if backend not in ("auto", "tifffile", "openslide"):
         raise ValueError(f"backend must be 'auto', 'tifffile' or 'openslide', got {backend!r}")
+    if isinstance(series, bool) or not isinstance(series, numbers.Integral):
+        raise TypeError(f"series must be an integer (the TIFF's image series), got {series!r}")
+    series = int(series)
     options = dict(series=series, require_pyramid=require_pyramid)
     if backend in ("auto", "tifffile"):
         from ._tiff import TiffBackend
