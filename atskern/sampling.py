@@ -100,7 +100,11 @@ def sample(attention, n, *, replace=False, logits=False, seed=None, strict=False
     attention : array, ``(B, *grid)`` with 1 to 3 grid dimensions, float32 or float64
         Non-negative weights (rows need not be normalized; any positive finite scale, 1e-320
         to 1e300, gives the exact distribution), or unnormalized log-probabilities when
-        ``logits=True`` (``-inf`` allowed). Either byte order; a NumPy masked array is
+        ``logits=True`` (``-inf`` allowed). One limit inside a float64 row: a cell whose key
+        ``-log(u) / w`` overflows (``w`` below about 1e-307 once the row is scaled, i.e. about
+        2**-1019 of the row's largest, within a factor 2**64; logits about 706 below the
+        largest) is drawn without replacement after every other cell, and such cells in
+        position order rather than by weight. Either byte order; a NumPy masked array is
         refused (its mask would be ignored: pass ``attention.filled(0)``), and so are framework
         tensors (convert them with ``.numpy()`` / ``cupy.from_dlpack``, or use ``ats``).
     n : int
