@@ -354,3 +354,32 @@ def test_extract_patches_channels_first_layout():
     assert grad.shape == xt.shape and float(tf.reduce_sum(grad)) == np.count_nonzero(
         ops.extract_patches(tf.ones_like(xt), offsets, (3, 4), channels_first=True).numpy()
     )
+
+
+@pytest.mark.parametrize("row, message", [([1.0, np.nan, 0.5], "contains NaN or inf"),
+                                          ([1.0, -3.0, 0.5], "has 1 negative weights"),
+                                          ([0.0, 0.0, 0.0], "has no positive weight")])
+def test_sample_topk_refuses_the_rows_sampling_refuses(row, message):
+    attention = tf.constant([[0.2, 0.3, 0.5], row], tf.float32)
+    with pytest.raises(ValueError, match=f"attention row 1 {message}"):
+        ops.sample(attention, 2, deterministic=True)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="attention rows must be finite and >= 0"):
+        tf.function(lambda a: ops.sample(a, 2, deterministic=True))(attention)
+    good = tf.constant([[0.2, 0.3, 0.5], [0.1, 0.0, 0.9]], tf.float32)
+    eager = ops.sample(good, 2, deterministic=True)
+    traced = tf.function(lambda a: ops.sample(a, 2, deterministic=True))(good)
+    assert np.array_equal(eager[0].numpy(), traced[0].numpy())
+    with pytest.raises(ValueError, match="only 1 positive weights, fewer than n_samples=2"):
+        ops.sample(tf.constant([[0.0, 0.0, 0.9]]), 2, deterministic=True, strict=True)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_sampled_attention_when_the_row_sum_overflows_float16(deterministic):
+    """Unnormalized float16 weights whose row sum overflows float16: each draw's share of its row (it was 0)."""
+    attention = tf.fill((1, 64, 64), tf.constant(20.0, tf.float16))
+    _, sampled = ops.sample(attention, 3, seed=1, deterministic=deterministic)
+    assert sampled.dtype == tf.float16
+    np.testing.assert_allclose(sampled.numpy().astype(np.float64), np.full((1, 3), 1 / 4096), rtol=1e-3)
+    big = tf.constant([[1e308, 1e308, 1.0]], tf.float64)
+    _, shares = tf.function(lambda a: ops.sample(a, 2, seed=1, deterministic=deterministic), jit_compile=True)(big)
+    np.testing.assert_allclose(shares.numpy(), [[0.5, 0.5]], rtol=1e-12)

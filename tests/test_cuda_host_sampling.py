@@ -785,11 +785,11 @@ def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace
 @pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("rows", [1, 6])
 def test_mapped_status_end_to_end_on_the_host_build(monkeypatch, lib, rows):
-    """``MAPPED_STATUS``: a validated float32 call (``host_status=True``) has its kernels write the status into this
-    thread's mapped host buffer (filled with a byte pattern first): after ``read_status``'s one wait it is the status
-    of the device-memory path, bad rows and summary row included, with the same draws, and no copy is issued; the
-    buffer is reused by the next call. Calls ``maps_status`` leaves out (float64, logits, with replacement) and
-    calls without ``host_status`` keep a device status."""
+    """``MAPPED_STATUS``: on a validated call (``host_status=True``) the block that writes the summary row copies the
+    whole status into this thread's mapped host buffer (filled with a byte pattern first): after ``read_status``'s
+    one wait it is the status of the device-memory path, bad rows and summary row included, with the same draws, and
+    no copy is issued; the buffer is reused by the next call. Every recorded path maps it (float64, logits, with
+    replacement); the plan that sorts every key and calls without ``host_status`` keep the device status."""
     from atskern.gpu import _launch, _mapped, _sequence
 
     names = sorted(kernel_parameters(gs.SOURCE))
@@ -810,36 +810,38 @@ def test_mapped_status_end_to_end_on_the_host_build(monkeypatch, lib, rows):
     rng = np.random.default_rng(7)
     attention = (rng.random((rows, 9, 70)) + 0.05).astype(np.float32)
     attention[-1, 3, :4] = -1.0  # a refused row: its status counts them
-    weights = attention.reshape(rows, -1).view(_DeviceArray)
     grid = np.array(attention.shape[1:], np.int64)
     n, seed = 7, 12345
-    want_i, want_p, want_status, _ = host_sample(lib, attention, n, seed=seed, probs_dtype=np.float32)
+
+    def call(weights, host_status, **kwargs):
+        return gs.sample(weights, n, grid, seed, kwargs.pop("replace", False), threads=32, chunk=128,
+                         host_status=host_status, **kwargs)
 
     monkeypatch.setattr(gs, "MAPPED_STATUS", True)
-    for _ in range(2):  # the second call reuses the thread's buffer
-        indices, probs, status = gs.sample(weights, n, grid, seed, False, threads=32, chunk=128, host_status=True)
-        assert type(status) is np.ndarray and status.shape == (rows + 1, 4)
-        (buffer,) = device.host_buffers.values()
-        assert buffer.ctypes.data <= status.ctypes.data < buffer.ctypes.data + buffer.size
-        waits = device.waits
-        read = gs.read_status(status)
-        assert device.waits == waits + 1 and not copies
-        assert np.array_equal(read, want_status) and read.ctypes.data != status.ctypes.data
-        assert np.array_equal(np.asarray(indices), want_i)
-        assert np.array_equal(np.asarray(probs).view(np.uint8), want_p.view(np.uint8))
-        status[...] = -1  # the next call must write every entry again
+    for dtype, kwargs in [(np.float32, {}), (np.float32, {"replace": True}), (np.float64, {}),
+                          (np.float32, {"logits": True})]:
+        weights = attention.astype(dtype).reshape(rows, -1).view(_DeviceArray)
+        if kwargs.get("logits"):
+            weights = np.log(np.abs(weights)).view(_DeviceArray)
+        device_i, device_p, device_status = call(weights, False, **kwargs)
+        want_status = gs.read_status(device_status)
+        copied = len(copies)
+        for _ in range(2):  # the second call reuses the thread's buffer
+            indices, probs, status = call(weights, True, **kwargs)
+            assert type(status) is np.ndarray and status.shape == (rows + 1, 4)
+            (buffer,) = device.host_buffers.values()
+            assert buffer.ctypes.data <= status.ctypes.data < buffer.ctypes.data + buffer.size
+            waits = device.waits
+            read = gs.read_status(status)
+            assert device.waits == waits + 1 and len(copies) == copied, kwargs
+            assert np.array_equal(read, want_status) and read.ctypes.data != status.ctypes.data, kwargs
+            assert np.array_equal(np.asarray(indices), np.asarray(device_i)), kwargs
+            assert np.array_equal(np.asarray(probs).view(np.uint8), np.asarray(device_p).view(np.uint8)), kwargs
+            status[...] = -1  # the next call must write every entry again
+    want_i, want_p, want_status, _ = host_sample(lib, attention, n, seed=seed, probs_dtype=np.float32)
+    assert np.array_equal(want_status, gs.read_status(call(attention.reshape(rows, -1).view(_DeviceArray), True)[2]))
 
-    device_status = gs.sample(weights, n, grid, seed, False, threads=32, chunk=128)[2]
-    assert isinstance(device_status, _DeviceArray) and np.array_equal(gs.read_status(device_status), want_status)
-    assert len(copies) == 1
-    for kwargs in ({"replace": True}, {"logits": True}):
-        out = gs.sample(weights, n, grid, seed, kwargs.get("replace", False), logits=kwargs.get("logits", False),
-                        threads=32, chunk=128, host_status=True)
-        assert isinstance(out[2], _DeviceArray), kwargs
-    double = attention.astype(np.float64).reshape(rows, -1).view(_DeviceArray)
-    assert isinstance(gs.sample(double, n, grid, seed, False, threads=32, chunk=128, host_status=True)[2],
-                      _DeviceArray)
-    monkeypatch.setattr(gs, "MAPPED_STATUS", False)
-    assert isinstance(gs.sample(weights, n, grid, seed, False, threads=32, chunk=128, host_status=True)[2],
-                      _DeviceArray)
+    monkeypatch.setattr(gs, "MAX_SELECTION_N", n - 1)  # n now sorts every key: no recorded sequence, no copy
+    assert isinstance(call(attention.reshape(rows, -1).view(_DeviceArray), True)[2], _DeviceArray)
+    monkeypatch.undo()
     gs.recorded_call.cache_clear()

@@ -196,39 +196,41 @@ def test_validate_false_call_is_capturable_in_a_cuda_graph():
 
 
 @pytest.mark.usefixtures("finish")
-@pytest.mark.parametrize("rows", [1, 37])
-def test_mapped_status_validates_as_the_device_status(monkeypatch, rows):
-    """``MAPPED_STATUS``: a validated float32 call's kernels write its status into mapped host memory; the draws,
-    probabilities and every validation error equal those of the status kept in device memory and of the CPU path,
-    on a stream of CuPy's and on the null stream."""
+@pytest.mark.parametrize("rows", [1, 37, 300])
+@pytest.mark.parametrize("dtype, replace", [(np.float32, False), (np.float64, False), (np.float32, True)])
+def test_mapped_status_validates_as_the_device_status(monkeypatch, rows, dtype, replace):
+    """``MAPPED_STATUS``: the block that writes a validated call's summary row copies the status into mapped host
+    memory; the draws, probabilities and every validation error equal those of the status read back from device
+    memory and of the CPU path, on a stream of CuPy's and on the null stream (300 rows: more than a block's threads
+    in the summary's loops)."""
     import cupy as cp
 
     from atskern.gpu import _mapped
     from atskern.gpu import sampling as gs
 
-    attention = np.random.default_rng(rows).random((rows, 64, 48)).astype(np.float32) + 0.01
+    attention = (np.random.default_rng(rows).random((rows, 64, 48)) + 0.01).astype(dtype)
     monkeypatch.setattr(gs, "MAPPED_STATUS", False)
-    want_i, want_p = atskern.sample(cp.asarray(attention), 9, seed=4)
+    want_i, want_p = atskern.sample(cp.asarray(attention), 9, seed=4, replace=replace)
     monkeypatch.setattr(gs, "MAPPED_STATUS", True)
     buffers = []
     original = _mapped.status_buffer
     monkeypatch.setattr(_mapped, "status_buffer", lambda *args: buffers.append(original(*args)) or buffers[-1])
     for stream in (cp.cuda.Stream(non_blocking=True), cp.cuda.Stream.null):
         with stream:
-            got_i, got_p = atskern.sample(cp.asarray(attention), 9, seed=4)
+            got_i, got_p = atskern.sample(cp.asarray(attention), 9, seed=4, replace=replace)
         assert np.array_equal(got_i.get(), want_i.get()) and np.array_equal(got_p.get(), want_p.get())
     assert len(buffers) == 2 and all(buffer is not None for buffer in buffers)  # the mapped path was taken
-    cpu_i, _ = atskern.sample(attention, 9, seed=4)
+    cpu_i, _ = atskern.sample(attention, 9, seed=4, replace=replace)
     assert np.array_equal(want_i.get(), cpu_i)
 
-    bad = _bad_rows()
+    bad = _bad_rows(dtype)
     for row in (1, 2, 3, 4):
         only = bad.copy()
         for other in (1, 2, 3, 4):
             if other != row:
                 only[other] = 0.5
         with pytest.raises(ValueError) as cpu_error:
-            atskern.sample(only, 5, seed=1)
+            atskern.sample(only, 5, seed=1, replace=replace)
         with pytest.raises(ValueError) as gpu_error:
-            atskern.sample(cp.asarray(only), 5, seed=1)
+            atskern.sample(cp.asarray(only), 5, seed=1, replace=replace)
         assert str(gpu_error.value) == str(cpu_error.value), row

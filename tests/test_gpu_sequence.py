@@ -144,3 +144,31 @@ def test_a_tuning_knob_change_takes_effect_on_the_next_call(handles, monkeypatch
     monkeypatch.setattr(gs, "BLOCKS_PER_SM", 2 * gs.BLOCKS_PER_SM)
     doubled = gs.plan(1, size, 10, False, 256, 132).nchunks
     assert doubled > 1.9 * default and stats_blocks() == [doubled]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["finish_rows", "select_rows"])
+@pytest.mark.parametrize("replace, logits, dtype", [(False, False, np.float32), (True, False, np.float64),
+                                                    (False, True, np.float32)])
+def test_replay_passes_the_status_host_copy_to_every_finish(handles, monkeypatch, fused, replace, logits, dtype):
+    """With a ``status_host`` slot (MAPPED_STATUS) the mapped buffer's address reaches the last argument of every
+    finishing launch (finish_rows, select_rows) and nothing else changes: the status itself stays in the
+    allocation."""
+    monkeypatch.setattr(gs, "FUSED_FINISH", fused)
+    rows, size, n, host = 3, 70000, 9, 0x7F00_1234_5600
+    weights = _DeviceArray((rows, size), dtype, 0x5000_0000_0100)
+    plain = gs.recorded_call(rows, size, n, (size,), replace, logits, np.dtype(dtype), 256, None, 0, False, _knobs())
+    mapped = gs.recorded_call(rows, size, n, (size,), replace, logits, np.dtype(dtype), 256, None, 0, False, _knobs(),
+                              True)
+    before = plain.sequence.pack(BASE, (weights, 5)).copy()
+    after = mapped.sequence.pack(BASE, (weights, 5, host)).copy()
+    finishing = 0
+    for op in mapped.sequence.ops[1:]:
+        handle, *_, first, count = op
+        name = NAMES[handle - 1000]
+        last = first + count - 1
+        if name.startswith(("finish_rows_", "select_rows_")):
+            assert kernel_parameters(gs.SOURCE)[name][-1] == "ptr" and after[last] == host and before[last] == 0
+            finishing += 1
+            last -= 1
+        assert np.array_equal(after[first:last + 1], before[first:last + 1]), name
+    assert finishing >= 1

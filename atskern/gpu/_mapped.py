@@ -1,9 +1,10 @@
 """A thread's page-locked host buffer mapped into the device's address space: kernels store into it directly.
 
-``atskern.gpu.sampling`` points a validated call's status at it (``MAPPED_STATUS``): the kernels write the status
-into host memory as they finish, so the host reads it after one wait for the stream, with no device-to-host copy
-queued behind the kernels. One buffer per thread, grown as needed and reused by the thread's next call: a call
-reads its status before the thread issues another (``sampling.read_status``).
+``atskern.gpu.sampling`` hands it to a validated call (``MAPPED_STATUS``): the block that writes the status's
+summary row copies the whole status into it, so the host reads it after one wait for the stream, with no
+device-to-host copy queued behind the kernels. One buffer per thread, grown as needed and reused by the thread's
+next call: a call reads its status before the thread issues another (``sampling.read_status``; a call interrupted
+before its read, then a call on another stream, could see the first call's late copy).
 
 The buffer comes from ``cudaHostAlloc`` with the portable and mapped flags; the address a kernel uses on the current
 device is ``cudaPointerGetAttributes``' device pointer (with unified addressing it is usually the host address, not

@@ -1189,8 +1189,11 @@ __device__ __noinline__ int merge_lists(TopN& s, int* lens, int* offs, const dou
 
 // The summary row status[rows]: largest non-finite and negative counts, smallest positive count, and the number
 // of rows whose exponent is outside SCALE_FREE_EXPONENTS. Called by every thread of the block that finished last
-// (every row's status written and fenced before its block counted itself done), the list's memory free.
-__device__ void summarize_rows(TopN& s, long long* status, long long rows) {
+// (every row's status written and fenced before its block counted itself done), the list's memory free. With
+// status_host (mapped host memory: atskern.gpu.sampling.MAPPED_STATUS), the whole status is then copied there with
+// coalesced stores, so the host reads it after its wait for the stream with no copy queued (the kernels never read
+// host memory).
+__device__ void summarize_rows(TopN& s, long long* status, long long rows, long long* status_host) {
     __threadfence();
     const volatile long long* rows_status = status;  // written by other blocks: read past this SM's L1
     long long nonfinite = 0, negative = 0, positive = 0x7FFFFFFFFFFFFFFFll, outside = 0;
@@ -1229,7 +1232,11 @@ __device__ void summarize_rows(TopN& s, long long* status, long long rows) {
         out[2] = positive;
         out[3] = outside;
     }
-    __syncthreads();  // the summary's reads of the list's memory done before the merge writes it
+    __syncthreads();  // the summary's reads of the list's memory done before the merge writes it; the summary row
+                      // visible to the block's threads
+    if (status_host != nullptr) {
+        for (long long i = threadIdx.x; i < (rows + 1) * 4; i += blockDim.x) status_host[i] = rows_status[i];
+    }
 }
 
 // A screened row's kept keys (count of them, n <= count <= capacity, in the order the atomics gave) sorted by
@@ -1317,7 +1324,7 @@ __device__ void finish_row(TopN& s, BlockStats& block_stats, FinishShared& f, lo
                            void* __restrict__ probs, int single, int select, int presorted, unsigned long long seed,
                            const unsigned long long* __restrict__ seed_ptr, int capacity,
                            const double* __restrict__ row_plan, const unsigned int* counters,
-                           const double* screen_keys, const long long* screen_idx) {
+                           const double* screen_keys, const long long* screen_idx, long long* status_host) {
     RowInfo& info = f.info;
     int* lens = f.lens;
     int* offs = f.offs;
@@ -1358,7 +1365,7 @@ __device__ void finish_row(TopN& s, BlockStats& block_stats, FinishShared& f, lo
         }
     }
     __syncthreads();
-    if (info.last) summarize_rows(s, status, rows);  // block-uniform: the block that finished last
+    if (info.last) summarize_rows(s, status, rows, status_host);  // block-uniform: the block that finished last
     if (!select || info.redo) return;  // block-uniform
     // The row's candidate lists: one per chunk (cand_count[row * nchunks + c] entries from slot (row * nchunks + c)
     // * n), or one presorted list of the row's n smallest keys in order (sort_keys), used as it is; so is a single
@@ -1423,13 +1430,13 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
                             int presorted, unsigned long long seed, const unsigned long long* __restrict__ seed_ptr,
                             int capacity, const double* __restrict__ row_plan,
                             const unsigned int* __restrict__ counters, const double* __restrict__ screen_keys,
-                            const long long* __restrict__ screen_idx) {
+                            const long long* __restrict__ screen_idx, long long* __restrict__ status_host) {
     __shared__ TopN s;
     __shared__ BlockStats block_stats;
     __shared__ FinishShared f;
     finish_row<T, false>(s, block_stats, f, blockIdx.x, gridDim.x, weights, size, nchunks, n, logits, rowmax, pass, cand_keys,
                   cand_idx, cand_count, stats, status, row_bound, dims, g0, g1, g2, indices, probs, single, select,
-                  presorted, seed, seed_ptr, capacity, row_plan, counters, screen_keys, screen_idx);
+                  presorted, seed, seed_ptr, capacity, row_plan, counters, screen_keys, screen_idx, status_host);
 }
 
 #define ATS_FINISH_ROWS(suffix, T)                                                                                    \
@@ -1439,10 +1446,10 @@ __device__ void finish_rows(const T* __restrict__ weights, long long size, int n
         long long* status, unsigned long long* row_bound, int dims, long long g0, long long g1, long long g2,          \
         int* indices, void* probs, int single, int select, int presorted, unsigned long long seed,                    \
         const unsigned long long* seed_ptr, int capacity, const double* row_plan, const unsigned int* counters,       \
-        const double* screen_keys, const long long* screen_idx) {                                                     \
+        const double* screen_keys, const long long* screen_idx, long long* status_host) {                             \
         finish_rows<T>(weights, size, nchunks, n, logits, rowmax, pass, cand_keys, cand_idx, cand_count, stats,      \
                        status, row_bound, dims, g0, g1, g2, indices, probs, single, select, presorted, seed,       \
-                       seed_ptr, capacity, row_plan, counters, screen_keys, screen_idx);                              \
+                       seed_ptr, capacity, row_plan, counters, screen_keys, screen_idx, status_host);                 \
     }
 #if ATS_IN_GROUP(1)
 ATS_FINISH_ROWS(f32, float)
@@ -1476,10 +1483,11 @@ __device__ __noinline__ void finish_row_apart(TopN& s, BlockStats& block_stats, 
                                               long long g2, int* indices, void* probs, int single,
                                               unsigned long long seed, const unsigned long long* seed_ptr,
                                               int capacity, const double* row_plan, const unsigned int* counters,
-                                              const double* screen_keys, const long long* screen_idx) {
+                                              const double* screen_keys, const long long* screen_idx,
+                                              long long* status_host) {
     finish_row<T, true>(s, block_stats, f, row, rows, weights, size, nchunks, n, logits, rowmax, pass, cand_keys, cand_idx,
                   cand_count, stats, status, row_bound, dims, g0, g1, g2, indices, probs, single, 1, 0, seed, seed_ptr,
-                  capacity, row_plan, counters, screen_keys, screen_idx);
+                  capacity, row_plan, counters, screen_keys, screen_idx, status_host);
 }
 
 // chunk_topn and finish_rows in one launch (a plan with `fused`): block (row, chunk) runs chunk_select, and the
@@ -1494,7 +1502,8 @@ __device__ void select_rows(const T* __restrict__ weights, long long size, int n
                             const double* __restrict__ row_plan, unsigned int* __restrict__ counters,
                             double* __restrict__ screen_keys, long long* __restrict__ screen_idx,
                             const double* __restrict__ stats, int dims, long long g0, long long g1, long long g2,
-                            int* __restrict__ indices, void* __restrict__ probs, int single) {
+                            int* __restrict__ indices, void* __restrict__ probs, int single,
+                            long long* __restrict__ status_host) {
     __shared__ TopN s;
     __shared__ BlockStats block_stats;
     __shared__ FinishShared f;
@@ -1513,7 +1522,7 @@ __device__ void select_rows(const T* __restrict__ weights, long long size, int n
     __threadfence();
     finish_row_apart<T>(s, block_stats, f, c.row, c.rows, weights, size, nchunks, n, logits, rowmax, pass, cand_keys,
                         cand_idx, cand_count, stats, status, row_bound, dims, g0, g1, g2, indices, probs, single, seed,
-                        seed_ptr, capacity, row_plan, counters, screen_keys, screen_idx);
+                        seed_ptr, capacity, row_plan, counters, screen_keys, screen_idx, status_host);
 }
 
 #define ATS_SELECT_ROWS(suffix, T)                                                                                    \
@@ -1523,10 +1532,10 @@ __device__ void select_rows(const T* __restrict__ weights, long long size, int n
         unsigned long long* row_bound, double* cand_keys, long long* cand_idx, int* cand_count, int capacity,         \
         const double* row_plan, unsigned int* counters, double* screen_keys, long long* screen_idx,                   \
         const double* stats, int dims, long long g0, long long g1, long long g2, int* indices, void* probs,           \
-        int single) {                                                                                                 \
+        int single, long long* status_host) {                                                                         \
         select_rows<T>(weights, size, nchunks, chunk, n, seed, seed_ptr, logits, rowmax, pass, status, row_bound,    \
                        cand_keys, cand_idx, cand_count, capacity, row_plan, counters, screen_keys, screen_idx, stats, \
-                       dims, g0, g1, g2, indices, probs, single);                                                     \
+                       dims, g0, g1, g2, indices, probs, single, status_host);                                        \
     }
 #if ATS_IN_GROUP(3)
 ATS_SELECT_ROWS(f32, float)

@@ -61,12 +61,12 @@ over seven shapes, no better, and its one-row ``select_rows`` (71.8 us GPU on 1 
 ``chunk_topn`` and ``finish_rows`` apart (49.4 + 18.9): the row's last block finishes it while the others are
 done, so the launch saved buys nothing on the device."""
 MAPPED_STATUS = False
-"""``sample(host_status=True)`` (a validated call of ``atskern.sample``) on a call whose status is final when its
-last launch ends (:func:`maps_status`): the kernels write the status straight into this thread's page-locked,
-device-mapped host buffer (``atskern.gpu._mapped``), and :func:`read_status` waits for the stream and reads it,
-with no device-to-host copy queued behind the kernels (on an H100 the validated call took 17 to 23 us more than
-``validate=False``: ``bench.gpu_tuning --only where``). Off until timed on a GPU: ``bench.gpu_tuning --only
-status`` runs both ways."""
+"""``sample(host_status=True)`` (a validated call of ``atskern.sample``) on a recorded call (:func:`maps_status`):
+the block that writes the status's summary row also copies the whole status into this thread's page-locked,
+device-mapped host buffer (``atskern.gpu._mapped``; the kernels never read host memory), and :func:`read_status`
+waits for the stream and reads it, with no device-to-host copy queued behind the kernels (on an H100 the validated
+call took 17 to 23 us more than ``validate=False``: ``bench.gpu_tuning --only where``). Off until timed on a GPU:
+``bench.gpu_tuning --only status`` runs both ways."""
 
 
 def _suffix(dtype) -> str:
@@ -242,9 +242,10 @@ def zero_workspace(ws: Workspace):
 
 
 def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: Workspace, p: Plan, indices, probs,
-             seed_ptr=None) -> list:
+             seed_ptr=None, status_host=None) -> list:
     """The steps of one call, in order: :data:`ZERO_STEP` first, then ``(kernel name, grid, block, args)`` tuples
-    (and :data:`SORT_STEP` where all keys are sorted). ``seed_ptr`` (a device uint64 array) overrides ``seed``.
+    (and :data:`SORT_STEP` where all keys are sorted). ``seed_ptr`` (a device uint64 array) overrides ``seed``;
+    ``status_host`` (mapped host memory, :data:`MAPPED_STATUS`) receives a copy of the final status.
 
     The arguments are the arrays (or device addresses) and plain Python integers, in the kernels' parameter order;
     ``atskern.gpu._launch`` packs them, the host harness types them from the kernels' parameter lists."""
@@ -280,13 +281,14 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
     def select_rows(pass_):
         return (f"select_rows_{suffix}", (items,), (t,),
                 (weights, size, nchunks, chunk, n, *seed_args, pass_, ws.status, ws.row_bound, _ptr(ws.cand_keys),
-                 _ptr(ws.cand_idx), _ptr(ws.cand_count), *screen_args, ws.stats, *geometry, indices, probs, single))
+                 _ptr(ws.cand_idx), _ptr(ws.cand_count), *screen_args, ws.stats, *geometry, indices, probs, single,
+                 _ptr(status_host)))
 
     def finish(pass_, select, presorted=0):
         return (f"finish_rows_{suffix}", (rows,), (t,),
                 (weights, size, nchunks, n, logits, _ptr(ws.rowmax), pass_, _ptr(ws.cand_keys), _ptr(ws.cand_idx),
                  _ptr(ws.cand_count), ws.stats, ws.status, ws.row_bound, *geometry, indices, probs, single, select,
-                 presorted, seed, _ptr(seed_ptr), *screen_args))
+                 presorted, seed, _ptr(seed_ptr), *screen_args, _ptr(status_host)))
 
     if replace:
         steps += [stats_pass(0), finish(0, 0)]
@@ -425,9 +427,9 @@ def recorded_call(rows: int, size: int, n: int, grid: tuple, replace: bool, logi
                   device_id: int, seed_on_device: bool, knobs: tuple, status_slot: bool = False) -> RecordedCall:
     """The :class:`RecordedCall` of a call shape on device ``device_id``: :func:`launches` with the allocation's
     offsets for the workspace, indices and probs, and slots for the weights, the seed, (``seed_on_device``) the
-    seed's device address and (``status_slot``) the status's address, in that order; ``dtype`` is the weights' and
-    the probabilities'. ``knobs`` (``BLOCKS_PER_SM``, ``MIN_BLOCKS``, ``SCREEN_UNROLL``, ``FUSED_FINISH``: their
-    values now) keys the memo, so that a tuning change takes effect."""
+    seed's device address and (``status_slot``) the status's host copy's address, in that order; ``dtype`` is the
+    weights' and the probabilities'. ``knobs`` (``BLOCKS_PER_SM``, ``MIN_BLOCKS``, ``SCREEN_UNROLL``,
+    ``FUSED_FINISH``: their values now) keys the memo, so that a tuning change takes effect."""
     p = plan(rows, size, n, replace, threads, _multiprocessors(device_id), chunk)
     lay = layout(rows, size, n, p, replace, logits, len(grid), dtype)
     if p.sort:
@@ -436,14 +438,12 @@ def recorded_call(rows: int, size: int, n: int, grid: tuple, replace: bool, logi
     seed, seed_ptr = _sequence.Slot("seed"), _sequence.Slot("seed_ptr") if seed_on_device else None
     ws = Workspace(**{name: None if lay.specs[name] is None else _sequence.Offset(lay.offsets[name])
                       for name in _WORKSPACE_FIELDS})
-    status = _sequence.Slot("status", lay.specs["status"][0], np.dtype(np.int64)) if status_slot else None
-    if status is not None:
-        ws.status = status
+    status = _sequence.Slot("status_host") if status_slot else None
     indices = _sequence.Offset(lay.offsets["indices"])
     probs = _sequence.Offset(lay.offsets["probs"], lay.specs["probs"][1])
     options = compile_options(threads)
     steps = []
-    for step in launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_ptr):
+    for step in launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_ptr, status):
         if step == ZERO_STEP:
             steps.append((_sequence.MEMSET, 0, lay.zeroed))
         else:
@@ -453,11 +453,11 @@ def recorded_call(rows: int, size: int, n: int, grid: tuple, replace: bool, logi
     return RecordedCall(p, lay, _sequence.LaunchSequence(steps, slots))
 
 
-def maps_status(n: int, replace: bool, logits: bool, dtype) -> bool:
-    """Whether a call's status may live in mapped host memory (:data:`MAPPED_STATUS`): one pass whose status the
-    finishing launch writes last and no later launch reads (float32 weights, not logits, without replacement,
-    keys selected rather than sorted); the finishing launch's summary reads the rows' statuses back."""
-    return not replace and not logits and np.dtype(dtype) == np.float32 and int(n) <= MAX_SELECTION_N
+def maps_status(n: int, replace: bool) -> bool:
+    """Whether a call copies its status into mapped host memory (:data:`MAPPED_STATUS`): every recorded call, that
+    is every plan but the one that sorts all keys (its sort step is not a kernel). The status is final once the
+    first pass's finish writes its summary row, on every path; the copy is made there."""
+    return bool(replace) or int(n) <= MAX_SELECTION_N
 
 
 def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, threads=None, chunk=None,
@@ -473,15 +473,15 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
     allocation, weights and seed (``atskern.gpu._sequence``).
 
     ``host_status=True`` (a caller that reads the status with :func:`read_status` before this thread's next call):
-    with :data:`MAPPED_STATUS`, on a call :func:`maps_status` admits, the status is a NumPy array in this thread's
-    mapped host buffer, written by the kernels; valid once :func:`read_status` has waited for the stream.
+    with :data:`MAPPED_STATUS`, on a call :func:`maps_status` admits, the status returned is a NumPy array in this
+    thread's mapped host buffer, a copy the kernels make; valid once :func:`read_status` has waited for the stream.
     """
     cp = cupy()
     rows, size = weights.shape
     threads = _module.THREADS_PER_BLOCK if threads is None else threads
     device_id = cp.cuda.runtime.getDevice()
     mapped = None
-    if host_status and MAPPED_STATUS and maps_status(n, replace, logits, weights.dtype):
+    if host_status and MAPPED_STATUS and maps_status(n, replace):
         mapped = _mapped.status_buffer((rows + 1, 4), device_id)
     call = recorded_call(rows, size, int(n), tuple(grid), bool(replace), bool(logits), weights.dtype, threads, chunk,
                          device_id, seed_ptr is not None,

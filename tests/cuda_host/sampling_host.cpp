@@ -44,12 +44,12 @@
                                               U64 seed,                                                               \
                                               const U64* seed_ptr, int capacity, const double* row_plan,              \
                                               const unsigned* counters, const double* screen_keys,                    \
-                                              const long long* screen_idx) {                                          \
+                                              const long long* screen_idx, long long* status_host) {                  \
         launch(grid, block, [=] {                                                                                     \
             finish_rows_##suffix(weights, size, nchunks, n, logits, rowmax, pass, cand_keys, cand_idx, cand_count,    \
                                  stats, status, row_bound, dims, g0, g1, g2, indices, probs, single, select, presorted, \
                                  seed,                                                                                \
-                                 seed_ptr, capacity, row_plan, counters, screen_keys, screen_idx);                    \
+                                 seed_ptr, capacity, row_plan, counters, screen_keys, screen_idx, status_host);       \
         });                                                                                                           \
     }                                                                                                                 \
     extern "C" void host_select_rows_##suffix(unsigned grid, unsigned block, const T* weights, long long size,        \
@@ -59,11 +59,13 @@
                                               int* cand_count, int capacity, const double* row_plan,                  \
                                               unsigned* counters, double* screen_keys, long long* screen_idx,         \
                                               const double* stats, int dims, long long g0, long long g1,              \
-                                              long long g2, int* indices, void* probs, int single) {                  \
+                                              long long g2, int* indices, void* probs, int single,                    \
+                                              long long* status_host) {                                               \
         launch(grid, block, [=] {                                                                                     \
             select_rows_##suffix(weights, size, nchunks, chunk, n, seed, seed_ptr, logits, rowmax, pass, status,      \
                                  row_bound, cand_keys, cand_idx, cand_count, capacity, row_plan, counters,            \
-                                 screen_keys, screen_idx, stats, dims, g0, g1, g2, indices, probs, single);           \
+                                 screen_keys, screen_idx, stats, dims, g0, g1, g2, indices, probs, single,            \
+                                 status_host);                                                                        \
         });                                                                                                           \
     }                                                                                                                 \
     extern "C" void host_exponential_keys_##suffix(unsigned grid, unsigned block, const T* weights, long long size,   \
