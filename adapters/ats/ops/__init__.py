@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from atskern import _offsets, _validation
 
-from .. import _errors, _kernels
+from .. import _errors, _kernels, _xla_common
 from .._bridge import XLAUnsupportedError, in_xla_context, numpy_call
 
 __all__ = [
@@ -199,6 +199,7 @@ def sample(attention, n_samples, *, replace=False, seed=None, deterministic=Fals
     batch = tf.shape(attention)[0]
     flat = tf.reshape(attention, (batch, -1))
     if deterministic:
+        flat = _checked_rows(flat, n, bool(strict))
         indices = _top_indices(flat, tf.shape(attention)[1:], n)
     elif in_xla_context():
         if not attention.shape[1:].is_fully_defined():
@@ -210,10 +211,45 @@ def sample(attention, n_samples, *, replace=False, seed=None, deterministic=Fals
     else:
         indices = _draw_indices(attention, n, bool(replace), seed, bool(strict))
     indices.set_shape((attention.shape[0], n, dims))
-    sampled = tf.gather_nd(attention, indices, batch_dims=1)
-    sampled = sampled / tf.reduce_sum(flat, axis=1, keepdims=True)
+    sampled = _row_shares(flat, tf.gather_nd(attention, indices, batch_dims=1))
     sampled.set_shape((attention.shape[0], n))
     return indices, sampled
+
+
+def _row_shares(flat, gathered):
+    """``gathered / sum(flat)`` per row in float64 over weights times ``2**-e`` (``e`` about the exponent of the row's
+    largest; it cancels), cast back: a sum that overflows the attention's dtype (unnormalized float16 weights) gave 0.
+    Two power-of-two factors, each a normal number, as XLA's CPU may flush a subnormal one to zero."""
+    top = tf.stop_gradient(tf.reduce_max(tf.cast(flat, tf.float64), axis=1, keepdims=True))
+    exponent = tf.math.floor(tf.math.log(tf.where(top > 0, top, tf.ones_like(top))) / np.log(2.0))
+    exponent = tf.where(tf.math.is_finite(exponent), exponent, tf.zeros_like(exponent))
+    half = tf.math.floor(exponent / 2.0)
+    two = tf.constant(2.0, tf.float64)
+    first, second = tf.math.pow(two, -half), tf.math.pow(two, half - exponent)  # applied one after the other
+
+    def scaled(x):
+        return tf.cast(x, tf.float64) * first * second
+
+    total = tf.reduce_sum(scaled(flat), axis=1, keepdims=True)
+    return tf.cast(scaled(gathered) / total, flat.dtype)
+
+
+def _checked_rows(flat, n: int, strict: bool):
+    """Top-k mode's row checks, as sampling's: eagerly a ValueError naming the first bad row (NaN/inf, negative
+    weights, no positive weight; with ``strict``, fewer than ``n`` positive), in a graph an assertion."""
+    if tf.executing_eagerly():
+        try:
+            _xla_common.attention_values(flat.numpy(), n, False, False, strict)
+        except ValueError as error:
+            raise _errors.sampling_error(error) from None
+        return flat
+    finite = tf.reduce_all(tf.math.is_finite(flat))
+    non_negative = tf.reduce_all(flat >= 0)
+    positive = tf.reduce_min(tf.reduce_sum(tf.cast(flat > 0, tf.int32), axis=1)) >= (n if strict else 1)
+    check = tf.debugging.Assert(finite & non_negative & positive, [
+        "attention rows must be finite and >= 0 with a positive weight (and, strict, n_samples of them)"])
+    with tf.control_dependencies([check]):
+        return tf.identity(flat)
 
 
 # --- patches ------------------------------------------------------------------
