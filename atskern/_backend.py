@@ -27,6 +27,16 @@ def backend_of(**arrays) -> str:
     return found.pop() if found else CPU
 
 
+def require_current_device(**arrays) -> None:
+    """A ValueError naming the first CuPy array that is not on the current device (the kernels launch there and
+    would read another device's memory: an illegal-address fault that ends the process's CUDA context)."""
+    current = cupy().cuda.runtime.getDevice()
+    for name, array in arrays.items():
+        if array is not None and array.device.id != current:
+            raise ValueError(f"{name} is on GPU {array.device.id} but the current device is GPU {current}; call "
+                             f"under `with cupy.cuda.Device({array.device.id}):`")
+
+
 _cupy = None
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import _check_memo, _offsets
 from . import _validation as v
-from ._backend import GPU, array_module, backend_of
+from ._backend import GPU, array_module, backend_of, require_current_device
 from ._memory import aligned_empty
 
 WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -102,6 +102,8 @@ def _canonical_offsets(xp, offsets, layout, folded=True):
 
 def _gather(xp, backend, x, offsets, layout, fill_value, out):
     word = WORDS[np.dtype(x.dtype).itemsize]
+    if backend == GPU:
+        require_current_device(x=x, offsets=offsets, out=out)
     if out is None:
         out = _empty(xp, layout.patches_shape, x.dtype, "x's batch, the offsets and patch_size")
     if backend == GPU:  # one launch on the raw offsets: the kernel clips them and maps the layout itself
@@ -155,6 +157,7 @@ _checked_gather = _check_memo.CheckMemo(_check_gather)
 
 def _scatter(xp, backend, grad, offsets, layout, result_dtype, out, deterministic=True):
     if backend == GPU:  # one launch on the raw offsets, every element written once (no memset)
+        require_current_device(grad=grad, offsets=offsets, out=out)
         out = _empty(xp, layout.image_shape, result_dtype, "grad's batch and spatial_shape") if out is None else out
         return _kernels(backend).scatter(grad, offsets, layout, out, deterministic=deterministic)
     grad = xp.ascontiguousarray(grad.astype(result_dtype, copy=False))

@@ -26,7 +26,7 @@ import importlib
 import numpy as np
 
 from . import _validation as v
-from ._backend import CPU, array_module, backend_of
+from ._backend import CPU, array_module, backend_of, require_current_device
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,6 +152,8 @@ def sample(attention, n, *, replace=False, logits=False, seed=None, strict=False
     xp = np if backend == CPU else array_module(backend)
     kernels = _kernels(backend)
     seed_ptr = None if type(seed) is int else _seed_array(seed, xp)
+    if backend != CPU:
+        require_current_device(attention=attention, seed=seed_ptr)
     seed = 0 if seed_ptr is not None else v.seed_or_random(seed)
     attention = v.native(attention)
     rows = attention.shape[0]

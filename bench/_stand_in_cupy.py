@@ -35,10 +35,11 @@ class _Flags:
 
 
 class ndarray:
-    """Shape, dtype, C-contiguous strides and a device address; no data."""
+    """Shape, dtype, C-contiguous strides and a device address (on device 0); no data."""
 
     __module__ = "cupy"
     flags = _Flags()
+    device = types.SimpleNamespace(id=0)
 
     def __init__(self, shape, dtype=np.float64, memptr=None):
         self.shape = shape = tuple(int(s) for s in shape)

@@ -89,3 +89,27 @@ def test_only_a_status_read_back_at_once_asks_for_host_memory(monkeypatch, valid
         out = atskern.sample(cp.ndarray((2, 16, 16), np.float32), 4, seed=1, validate=validate,
                              return_status=return_status)
     assert seen == [asked] and len(out) == (3 if return_status else 2)
+
+
+@pytest.mark.parametrize("call", ["sample", "extract_patches", "scatter_patches"])
+def test_arrays_on_another_device_are_refused_by_name(call):
+    """A CuPy array on a device other than the current one gets a ValueError naming it before anything is launched
+    (the kernels run on the current device: reading the other device's memory faults and ends the CUDA context)."""
+    from bench import _stand_in_cupy
+
+    with _stand_in_cupy.installed() as cp:
+        elsewhere = types.SimpleNamespace(id=1)
+        if call == "sample":
+            attention = cp.ndarray((2, 16, 16), np.float32)
+            attention.device = elsewhere
+            with pytest.raises(ValueError, match=r"attention is on GPU 1 but the current device is GPU 0"):
+                atskern.sample(attention, 4, seed=1)
+        else:
+            images = cp.ndarray((2, 32, 32, 3), np.float32)
+            offsets = cp.ndarray((2, 4, 2), np.int64)
+            offsets.device = elsewhere
+            with pytest.raises(ValueError, match=r"offsets is on GPU 1 .*cupy.cuda.Device\(1\)"):
+                if call == "extract_patches":
+                    atskern.extract_patches(images, offsets, 8)
+                else:
+                    atskern.scatter_patches(cp.ndarray((2, 4, 8, 8, 3), np.float32), offsets, (32, 32))
