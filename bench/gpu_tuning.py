@@ -149,6 +149,31 @@ def config_table(quick: bool) -> str:
     return "\n".join(lines)
 
 
+def _same_draws_both_ways(sampling, knob: str, attention, n: int, what: str) -> None:
+    """``atskern.sample``'s draws and probabilities with the boolean ``knob`` of ``sampling`` off and on are equal,
+    or an AssertionError saying ``what`` differs (the knob is left on)."""
+    import atskern
+
+    drawn = {}
+    for value in (False, True):
+        setattr(sampling, knob, value)
+        indices, probs = atskern.sample(attention, n, seed=3)
+        drawn[value] = (indices.get(), probs.get())
+    if not all(np.array_equal(a, b) for a, b in zip(drawn[False], drawn[True])):
+        raise AssertionError(f"{what} at {(attention.shape, n)}")
+
+
+def _alternating(sampling, knob: str, measure, rounds: int) -> dict:
+    """``{False: [...], True: [...]}``: ``measure()`` with the boolean ``knob`` of ``sampling`` off and on, in turn,
+    ``rounds`` times each (so drift on a shared machine hits both)."""
+    timed = {False: [], True: []}
+    for _ in range(rounds):
+        for value in (False, True):
+            setattr(sampling, knob, value)
+            timed[value].append(measure())
+    return timed
+
+
 def finish_table(quick: bool) -> str:
     """``atskern.sample`` with each row finished by a ``finish_rows`` launch against by its last ``select_rows``
     block (``FUSED_FINISH``), in one process, alternating, draws and probabilities checked equal; then the GPU time
@@ -165,18 +190,9 @@ def finish_table(quick: bool) -> str:
     try:
         for rows, side, n in (CASES[:2] if quick else CASES):
             attention = cupy.asarray(rng.random((rows, side, side), dtype=np.float32) + np.float32(1e-3))
-            drawn, timed = {}, {False: [], True: []}
-            for fused in (False, True):
-                sampling.FUSED_FINISH = fused
-                indices, probs = atskern.sample(attention, n, seed=3)
-                drawn[fused] = (indices.get(), probs.get())
-            if not all(np.array_equal(a, b) for a, b in zip(drawn[False], drawn[True])):
-                raise AssertionError(f"select_rows draws differ from finish_rows' at {(rows, side, n)}")
-            for _ in range(2 if quick else 4):  # alternating, so drift on a shared machine hits both
-                for fused in (False, True):
-                    sampling.FUSED_FINISH = fused
-                    timed[fused].append(_gpu.timings(lambda: atskern.sample(attention, n, seed=3),
-                                                     repeats=10 if quick else 25))
+            _same_draws_both_ways(sampling, "FUSED_FINISH", attention, n, "select_rows draws differ from finish_rows'")
+            timed = _alternating(sampling, "FUSED_FINISH", lambda: _gpu.timings(
+                lambda: atskern.sample(attention, n, seed=3), repeats=10 if quick else 25), 2 if quick else 4)
             cells = {fused: (statistics.median(t["gpu"] for t in timed[fused]),
                              statistics.median(t["wall"] for t in timed[fused])) for fused in timed}
             lines.append(f"| {rows} | {side}² | {n} | {cells[False][0]:.3f} ({cells[False][1]:.3f}) | "
@@ -274,17 +290,9 @@ def status_table(quick: bool) -> str:
         # B = 1024: the summary's copy of many rows into host memory
         for rows, side, n in (WHERE_CASES[:3] if quick else WHERE_CASES + [(1024, 64, 10)]):
             attention = cupy.asarray(rng.random((rows, side, side), dtype=np.float32) + np.float32(1e-3))
-            drawn, timed = {}, {False: [], True: []}
-            for mapped in (False, True):
-                sampling.MAPPED_STATUS = mapped
-                indices, probs = atskern.sample(attention, n, seed=3)
-                drawn[mapped] = (indices.get(), probs.get())
-            if not all(np.array_equal(a, b) for a, b in zip(drawn[False], drawn[True])):
-                raise AssertionError(f"draws with the mapped status differ at {(rows, side, n)}")
-            for _ in range(2 if quick else 3):  # alternating, so drift on a shared machine hits both
-                for mapped in (False, True):
-                    sampling.MAPPED_STATUS = mapped
-                    timed[mapped].append(median_us(lambda: atskern.sample(attention, n, seed=3)))
+            _same_draws_both_ways(sampling, "MAPPED_STATUS", attention, n, "draws with the mapped status differ")
+            timed = _alternating(sampling, "MAPPED_STATUS",
+                                 lambda: median_us(lambda: atskern.sample(attention, n, seed=3)), 2 if quick else 3)
             unchecked = median_us(lambda: atskern.sample(attention, n, seed=3, validate=False))
             copied, mapped = statistics.median(timed[False]), statistics.median(timed[True])
             lines.append(f"| {rows} | {side}² | {n} | {copied:.1f} | {mapped:.1f} | {unchecked:.1f} | "

@@ -153,3 +153,15 @@ def test_host_path_stand_in_runs_the_gpu_calls_and_is_put_back():
         out = atskern.extract_patches(cp.ndarray((2, 64, 64, 3), np.uint8), cp.ndarray((2, 5, 2), np.int32), 8)
         assert (out.shape, out.dtype) == ((2, 5, 8, 8, 3), np.uint8)
     assert (_backend._cupy, sampling._handle, sampling._multiprocessors, patches._handle) == before
+
+
+def test_knob_timings_alternate_the_knob():
+    """The tuning tables time a knob's two settings in turn (drift hits both), each measure under its setting."""
+    import types
+
+    from bench import gpu_tuning
+
+    module = types.SimpleNamespace(KNOB=None)
+    seen = []
+    timed = gpu_tuning._alternating(module, "KNOB", lambda: seen.append(module.KNOB) or len(seen), 3)
+    assert seen == [False, True] * 3 and timed == {False: [1, 3, 5], True: [2, 4, 6]}
