@@ -279,3 +279,22 @@ def test_2019_quick_start_survives_save_and_load(tmp_path):
     for m in (model, loaded):
         next(layer for layer in m.layers if isinstance(layer, SamplePatches)).mode = "topk"
     np.testing.assert_array_equal(model(x).numpy(), loaded(x).numpy())
+
+
+def test_2019_forms_the_port_kept():
+    """Forms 2019 accepted that an earlier port refused: L2Normalize over several axes or all of them, a NumPy
+    patch_size, and SamplePatches.compute_output_shape (2019 had it; Keras' default raises)."""
+    x = np.random.default_rng(0).random((2, 4, 5, 3)).astype("float32")
+    for axis in ([1, 2], (1, 2), None):
+        got = np.asarray(L2Normalize(axis=axis)(x))
+        over = tuple(range(x.ndim)) if axis is None else tuple(axis)
+        want = x / np.sqrt(np.maximum((x.astype(np.float64) ** 2).sum(axis=over, keepdims=True), 1e-12))
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert L2Normalize.from_config(L2Normalize(axis=(1, 2)).get_config()).axis == (1, 2)
+    layer = SamplePatches(3, np.array([3, 3]))
+    assert layer.compute_output_shape([(None, 5, 6, 1), (None, 20, 24, 1), (None, 5, 6)]) == [
+        (None, 3, 3, 3, 1), (None, 3)]
+    x_low, x_high = np.random.rand(2, 5, 6, 1).astype("float32"), np.random.rand(2, 20, 24, 1).astype("float32")
+    attention = np.full((2, 5, 6), 1 / 30, "float32")
+    patches, sampled = layer([x_low, x_high, attention])
+    assert tuple(patches.shape) == (2, 3, 3, 3, 1) and tuple(sampled.shape) == (2, 3)

@@ -44,6 +44,8 @@ def check_patch_size_arg(patch_size):
         if patch_size < 1:
             raise ValueError(f"patch_size must be a positive integer or one per spatial dim, got {patch_size!r}")
         return int(patch_size)
+    if isinstance(patch_size, np.ndarray) and patch_size.ndim == 1:  # 2019 unpacked any sequence, arrays too
+        patch_size = patch_size.tolist()
     if not isinstance(patch_size, (list, tuple)) or not all(
             isinstance(s, numbers.Integral) and not isinstance(s, (bool, np.bool_)) and s >= 1 for s in patch_size):
         raise TypeError(f"patch_size must be a positive integer or a tuple of them (one per spatial dim), "

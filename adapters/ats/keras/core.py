@@ -196,13 +196,16 @@ class SamplePatches(keras.layers.Layer):
             sampled = ops.take_along_axis(ops.reshape(logits, (ops.shape(logits)[0], -1)), flat_index, axis=1)
         return [patches, sampled]
 
+    def compute_output_shape(self, input_shape):
+        """``[(B, n_patches, *patch_size, C), (B, n_patches)]`` from the shapes of ``[x_low, x_high, attention]``."""
+        low, high, attention = (tuple(shape) for shape in input_shape)
+        dims = _check_ranks(low, high, attention)
+        return [(high[0], self.n_patches, *self._size(dims), high[-1]), (high[0], self.n_patches)]
+
     def compute_output_spec(self, inputs, training=None):
         x_low, x_high, attention = inputs
-        dims = _check_ranks(x_low.shape, x_high.shape, attention.shape)
-        batch = x_high.shape[0]
-        patches = keras.KerasTensor((batch, self.n_patches, *self._size(dims), x_high.shape[-1]), dtype=x_high.dtype)
-        sampled = keras.KerasTensor((batch, self.n_patches), dtype=attention.dtype)
-        return [patches, sampled]
+        patches, sampled = self.compute_output_shape([x_low.shape, x_high.shape, attention.shape])
+        return [keras.KerasTensor(patches, dtype=x_high.dtype), keras.KerasTensor(sampled, dtype=attention.dtype)]
 
     def get_config(self):
         return {

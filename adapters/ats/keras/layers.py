@@ -78,15 +78,25 @@ class SampleSoftmax(keras.layers.Layer):
         return {**super().get_config(), "squeeze_channels": self.squeeze_channels, "smooth": self.smooth}
 
 
+def _axis(axis):
+    """An int, a tuple of ints, or None (every axis), as 2019's ``K.l2_normalize`` took them."""
+    if axis is None:
+        return None
+    if isinstance(axis, numbers.Integral) and not isinstance(axis, bool):
+        return int(axis)
+    if isinstance(axis, (list, tuple)) and axis and all(
+            isinstance(a, numbers.Integral) and not isinstance(a, bool) for a in axis):
+        return tuple(int(a) for a in axis)
+    raise ValueError(f"axis must be an int, a list of ints or None, got {axis!r}")
+
+
 @register
 class L2Normalize(keras.layers.Layer):
-    """Scale ``axis`` to unit L2 norm."""
+    """Scale ``axis`` (an int, a list of ints, or None for all axes) to unit L2 norm."""
 
     def __init__(self, axis=-1, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-            raise ValueError(f"axis must be an int, got {axis!r}")
-        self.axis = int(axis)
+        self.axis = _axis(axis)
 
     def call(self, x):
         # x / sqrt(max(sum x^2, 1e-12)): the epsilon of TensorFlow's l2_normalize, which 2019 used
@@ -97,7 +107,7 @@ class L2Normalize(keras.layers.Layer):
         return tuple(input_shape)
 
     def get_config(self):
-        return {**super().get_config(), "axis": self.axis}
+        return {**super().get_config(), "axis": list(self.axis) if isinstance(self.axis, tuple) else self.axis}
 
 
 @register
