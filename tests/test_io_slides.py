@@ -331,3 +331,50 @@ def test_auto_backend_keeps_tifffile_hint_when_openslide_also_refuses(tmp_path):
     junk.write_bytes(b"hello")
     with pytest.raises(ValueError, match="not a TIFF.*OpenSlide cannot read it either"):
         aio.open_slide(junk)
+
+
+def test_close_waits_for_reads_in_flight_and_slides_do_not_leak_descriptors(tmp_path):
+    """close() in one thread while others read: every read returns the right pixels or none (a closed descriptor's
+    number, reused by another open file mid-read, once returned that file's pixels); a collected slide closes its
+    descriptor (open_cached's evictions and dropped slides leaked one each)."""
+    import gc
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (256, 256, 3), dtype=np.uint8)
+    path = aio.write_pyramid(tmp_path / "a.tif", image, tile=64, compression="none")
+    other = aio.write_pyramid(tmp_path / "b.tif", 255 - image, tile=64, compression="none")
+    slide = aio.open_slide(path, cache_bytes=0, threads=2)
+    offsets = np.array([[0, 0], [100, 120], [190, 64]])
+    want = np.stack([image[r:r + 64, c:c + 64] for r, c in offsets])
+    stop, wrong, failures = threading.Event(), [], []
+
+    def read():
+        while not stop.is_set():
+            try:
+                if not np.array_equal(slide.read_patches(offsets, 64), want):
+                    wrong.append(1)
+            except Exception as error:  # noqa: BLE001 (any failure is counted)
+                failures.append(repr(error))
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for thread in readers:
+        thread.start()
+    for _ in range(300):
+        slide.close()
+        fd = os.open(other, os.O_RDONLY)
+        os.close(fd)
+    stop.set()
+    for thread in readers:
+        thread.join()
+    assert not wrong and not failures, (len(wrong), failures[:3])
+
+    if not os.path.isdir("/proc/self/fd"):
+        return
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        dropped = aio.open_slide(path)
+        dropped.read_patches(offsets, 8)
+        del dropped
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) - before <= 1

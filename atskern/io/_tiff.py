@@ -2,14 +2,19 @@
 
 tifffile parses the file structure once (the pyramid, each level's tile
 offsets and byte counts, its decode function); the tiles are then read with
-``os.pread`` on a descriptor of our own (no shared file position, so threads
-need no lock) and decoded by tifffile's decode closure, i.e. imagecodecs,
-which releases the GIL.
+``os.pread`` on a descriptor of our own (no shared file position) and
+decoded by tifffile's decode closure, i.e. imagecodecs, which releases the
+GIL. The descriptor is closed by :meth:`TiffBackend.close` (which waits for
+reads in flight: the number could otherwise be reused by another file
+mid-read) or when the backend is collected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +88,19 @@ def _check_codec(tif, page, path):
         raise SlideFormatError(f"{path}: no decoder for TIFF compression {compression} ({exc})") from exc
 
 
+_BACKENDS = weakref.WeakSet()
+"""Live backends: a forked child gives each a fresh lock (a parent thread may have held one at the fork)."""
+
+
+def _fresh_locks_in_child():
+    for backend in list(_BACKENDS):
+        backend._guard = threading.Condition()
+        backend._reads = 0
+
+
+os.register_at_fork(after_in_child=_fresh_locks_in_child)
+
+
 class TiffBackend:
     """Pyramid levels of a TIFF file, read tile by tile."""
 
@@ -109,13 +127,41 @@ class TiffBackend:
             tif.close()  # everything needed is in memory; tiles are read with our own descriptor
         self._fd = None
         self._pid = None
+        self._closer = None
+        self._guard = threading.Condition()
+        self._reads = 0  # preads in flight on self._fd
+        _BACKENDS.add(self)
 
-    def _descriptor(self) -> int:
-        pid = os.getpid()
-        if self._fd is None or self._pid != pid:  # first use, or a forked child: its own descriptor
-            self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-            self._pid = pid
-        return self._fd
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.update(_fd=None, _pid=None, _closer=None, _guard=None, _reads=0)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._guard = threading.Condition()
+        _BACKENDS.add(self)
+
+    @contextlib.contextmanager
+    def _descriptor(self):
+        """The descriptor to read with, held open (``close`` waits) until the block ends."""
+        with self._guard:
+            pid = os.getpid()
+            if self._fd is None or self._pid != pid:  # first use, after a close, or a forked child: its own
+                if self._closer is not None:
+                    self._closer.detach()  # a forked child's copy of the parent's descriptor: left to the parent
+                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+                self._fd, self._pid = fd, pid
+                self._closer = weakref.finalize(self, os.close, fd)
+                self._reads = 0
+            self._reads += 1
+            fd = self._fd
+        try:
+            yield fd
+        finally:
+            with self._guard:
+                self._reads -= 1
+                self._guard.notify_all()
 
     def read_tile(self, level: int, row: int, col: int) -> np.ndarray:
         """Decode one tile as ``(th, tw, C)``; an empty tile (byte count 0) reads as zeros."""
@@ -125,13 +171,18 @@ class TiffBackend:
         th, tw = info.tile
         if count == 0:
             return np.zeros((th, tw, info.shape[2]), info.dtype)
-        data = os.pread(self._descriptor(), count, int(info.offsets[index]))
+        with self._descriptor() as fd:
+            data = os.pread(fd, count, int(info.offsets[index]))
         if len(data) != count:
             raise OSError(f"{self.path}: short read of tile {index} at level {level} (file truncated?)")
         segment = info.decode(data, index, jpegtables=info.jpegtables)[0]
         return np.asarray(segment).reshape(th, tw, info.shape[2])
 
     def close(self) -> None:
-        if self._fd is not None and self._pid == os.getpid():
-            os.close(self._fd)
-        self._fd = None
+        """Close the descriptor once the reads in flight are done (a later read opens the file again)."""
+        with self._guard:
+            while self._reads and self._pid == os.getpid():
+                self._guard.wait()
+            if self._closer is not None and self._pid == os.getpid():
+                self._closer()  # os.close, once
+            self._fd, self._closer = None, None

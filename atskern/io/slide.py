@@ -209,10 +209,14 @@ class Slide:
     def _map(self, fn, items):
         if self.threads == 1 or len(items) < 2:
             return [fn(item) for item in items]
-        return list(self._executor().map(fn, items))
+        try:
+            return list(self._executor().map(fn, items))
+        except RuntimeError:  # "cannot schedule new futures after shutdown": a close() in another thread
+            return [fn(item) for item in items]
 
     def close(self) -> None:
-        """Close the file and stop the thread pool (also done at exit)."""
+        """Close the file and stop the thread pool (also done at exit, or when the slide is collected). Reads in
+        flight in other threads finish first; a later read opens the file again."""
         if self._pool is not None and self._pool_pid == os.getpid():
             self._pool.shutdown(wait=True)
         self._pool = None
