@@ -378,3 +378,26 @@ def test_close_waits_for_reads_in_flight_and_slides_do_not_leak_descriptors(tmp_
         del dropped
     gc.collect()
     assert len(os.listdir("/proc/self/fd")) - before <= 1
+
+
+def test_write_pyramid_refuses_what_it_would_write_wrong(tmp_path):
+    """JPEG holds uint8 images of 1 or 3 channels (tifffile wrote uint16 as 12-bit JPEG: values over 4095 lost);
+    factors are the level ratios readers recognize (a factor of 8 gave a file open_slide saw as one level); a
+    narrow image's pyramid stops before a 1-pixel side, so every written level is found."""
+    u16 = np.random.default_rng(0).integers(0, 60000, (128, 128, 3), dtype=np.uint16)
+    with pytest.raises(ValueError, match="compression='jpeg' holds uint8 images of 1 or 3 channels, got uint16"):
+        aio.write_pyramid(tmp_path / "u.tif", u16, tile=64)
+    with pytest.raises(ValueError, match="got uint8 with 4 channels"):
+        aio.write_pyramid(tmp_path / "rgba.tif", np.zeros((128, 128, 4), np.uint8), tile=64)
+    path = aio.write_pyramid(tmp_path / "u.tif", u16, tile=64, compression="zstd")
+    assert np.array_equal(aio.open_slide(path).read_level(0), u16)
+    with pytest.raises(ValueError, match=r"factor must be one of \(2, 3, 4\)"):
+        aio.write_pyramid(tmp_path / "f8.tif", np.zeros((512, 512), np.uint8), tile=64, factor=8)
+    for shape, factor in [((1006, 6), 2), ((1150, 79), 4), ((700, 3), 2)]:
+        path = aio.write_pyramid(tmp_path / "narrow.tif", np.zeros(shape, np.uint8), tile=16, factor=factor,
+                                 compression="none")
+        levels = [level.shape[:2] for level in aio.open_slide(path, require_pyramid=False).levels]
+        want = [shape]
+        while max(want[-1]) > 16 and min(-(-s // factor) for s in want[-1]) >= 2:
+            want.append(tuple(-(-s // factor) for s in want[-1]))
+        assert levels == want, (shape, factor)

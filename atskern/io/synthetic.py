@@ -36,12 +36,24 @@ NUCLEUS_SPACING = 24.0
 NUCLEUS_RADIUS = 5.0
 
 
+FACTORS = (2, 3, 4)
+"""Downsampling factors of a written pyramid: the ones tifffile recognizes between levels (``pyramidize_series``),
+so that :func:`atskern.io.open_slide` finds every level."""
+
+
 def _pyramid_shapes(shape, tile, factor, min_side):
+    """Level shapes and downsamples down to a longest side of at most ``min_side``; a level stops the pyramid
+    before a side would reach 1 pixel (tifffile finds no factor between a 1-pixel side and the next)."""
+    if isinstance(factor, bool) or factor not in FACTORS:
+        raise ValueError(f"factor must be one of {FACTORS} (the level ratios TIFF readers recognize), got {factor!r}")
     shapes, downsamples = [tuple(shape)], [1]
     d = 1
     while max(shapes[-1]) > min_side:
         d *= factor
-        shapes.append((-(-shape[0] // d), -(-shape[1] // d)))
+        nxt = (-(-shape[0] // d), -(-shape[1] // d))
+        if min(nxt) < 2:
+            break
+        shapes.append(nxt)
         downsamples.append(d)
     return shapes, downsamples
 
@@ -56,6 +68,10 @@ def _write(path, shapes, channels, dtype, tile, tile_fn, *, layout, compression,
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {tuple(COMPRESSIONS)}, got {compression!r}")
     codec = COMPRESSIONS[compression]
+    if codec == "jpeg" and (np.dtype(dtype) != np.uint8 or channels not in (1, 3)):
+        # tifffile would write 12-bit JPEG for uint16 (values over 4095 destroyed) or fail on the shape
+        raise ValueError(f"compression='jpeg' holds uint8 images of 1 or 3 channels, got {np.dtype(dtype)} with "
+                         f"{channels} channels; use a lossless one (zstd, deflate, lzw) or jpeg2000")
     args = dict(tile=(tile, tile), compression=codec, photometric="rgb" if channels == 3 else "minisblack",
                 metadata=None)
     if codec == "jpeg":
@@ -108,12 +124,14 @@ def write_pyramid(path, image, *, tile=256, factor=2, min_side=None, layout="tif
                   sparse=False):
     """Write ``image`` ``(H, W)`` or ``(H, W, C)`` as a tiled pyramid TIFF; returns ``path``.
 
-    Levels are 2x (``factor``) block means down to a side of at most
-    ``min_side`` (default: one tile). ``layout``: ``"tiff"`` (reduced pages),
-    ``"bigtiff"``, ``"ome"`` (OME-TIFF, levels in SubIFDs), ``"subifds"``
-    (plain TIFF, levels in SubIFDs) or ``"svs"`` (Aperio-like: description,
-    a stripped thumbnail as page 1). ``compression``: jpeg, jpeg2000,
-    deflate, lzw, zstd, none. ``sparse=True`` stores all-zero tiles empty.
+    Levels are ``factor`` x ``factor`` block means (2, 3 or 4: the ratios
+    TIFF readers recognize) down to a side of at most ``min_side`` (default:
+    one tile), stopping before a side would reach 1 pixel. ``layout``:
+    ``"tiff"`` (reduced pages), ``"bigtiff"``, ``"ome"`` (OME-TIFF, levels in
+    SubIFDs), ``"subifds"`` (plain TIFF, levels in SubIFDs) or ``"svs"``
+    (Aperio-like: description, a stripped thumbnail as page 1).
+    ``compression``: jpeg (uint8, 1 or 3 channels), jpeg2000, deflate, lzw,
+    zstd, none. ``sparse=True`` stores all-zero tiles empty.
     """
     image = np.asarray(image)
     if image.ndim == 2:
