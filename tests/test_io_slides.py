@@ -401,3 +401,11 @@ def test_write_pyramid_refuses_what_it_would_write_wrong(tmp_path):
         while max(want[-1]) > 16 and min(-(-s // factor) for s in want[-1]) >= 2:
             want.append(tuple(-(-s // factor) for s in want[-1]))
         assert levels == want, (shape, factor)
+
+
+def test_offsets_past_int64_read_as_fill(jpeg_slide):
+    """uint64 offsets past 2**63 (and huge float offsets) are far outside the level: all fill (a cast wrapped
+    2**64 - 1 round to -1, the slide's corner)."""
+    slide = aio.open_slide(jpeg_slide)
+    for offsets in (np.array([[2**64 - 1, 0], [0, 2**63]], np.uint64), np.array([[1e30, 0.0], [-1e30, 0.0]])):
+        assert np.all(slide.read_patches(offsets, 4, fill=7) == 7)

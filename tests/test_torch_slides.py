@@ -123,6 +123,9 @@ def test_errors(slide_paths):
         model(x, slide_paths[:1])
     with pytest.raises(ValueError, match=r"sizes must be \(batch, 2\)"):
         model(x, slide_paths[:2], sizes=[32, 32])
+    for sizes in ([[32, 32], [0, 5]], [[32, 64], [32, 32]]):  # an empty view; level-0 sizes past the padded view
+        with pytest.raises(ValueError, match=r"sizes\[\d\] = .* must lie in \[1, \(32, 32\)\]"):
+            model(x, slide_paths[:2], sizes=sizes)
     with pytest.raises(ValueError, match="labels must have one entry per slide"):
         ts.SlideDataset(slide_paths, [1])
     model.patch_size = (16, 16)
@@ -154,3 +157,28 @@ def test_attention_sampling_takes_slides_as_x_high(slide_paths):
                                     margin=margin)[0]
     want = slide.read_patches(offsets, 32).transpose(0, 3, 1, 2) / np.float32(255)
     np.testing.assert_allclose(patches[0].numpy(), want, rtol=1e-6)
+
+
+def test_a_slide_shorter_than_half_a_cell_reads_its_middle(tmp_path):
+    """The one cell a slide shorter than half an attention cell keeps is centred on the slide (its centre lay
+    outside it: a patch of fill only)."""
+    from atskern.io import grid
+
+    offsets = grid.slide_offsets([[0, 0]], (11, 11), (44, 44), (1, 1), (16, 16), (8, 8))
+    assert offsets.tolist() == [[4, 4]]  # (16 - 8) / 2: the patch covers the slide's middle
+    inside = grid.slide_offsets([[0, 1]], (11, 11), (44, 44), (44, 44), (704, 704), (8, 8))
+    assert inside.tolist() == [[28, 92]]  # a cell inside the slide: the formula's centre, unchanged
+    image = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
+    tiny = aio.write_pyramid(tmp_path / "tiny.tif", image, tile=16, factor=4, min_side=1, compression="none")
+    patch = aio.open_slide(tiny).read_patches(offsets, 8)  # a 1 x 1 low view in a batch padded to 44 x 44
+    assert np.array_equal(patch[0], image[4:12, 4:12])
+
+
+def test_slide_dataset_scale(tmp_path):
+    image = (np.arange(128 * 128 * 3, dtype=np.uint32).reshape(128, 128, 3) * 613 % 65536).astype(np.uint16)
+    path = aio.write_pyramid(tmp_path / "u16.tif", image, tile=32, compression="zstd")
+    x_low, _, _ = ts.SlideDataset([path], low_side=64, scale=1 / 65535)[0]
+    level = aio.open_slide(path).read_level(aio.open_slide(path).best_level(64))
+    np.testing.assert_allclose(x_low.numpy(), level.transpose(2, 0, 1) / 65535, rtol=1e-6)
+    with pytest.raises(ValueError, match="scale must be a positive number"):
+        ts.SlideDataset([path], scale=-1)

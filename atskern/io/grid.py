@@ -32,7 +32,9 @@ def slide_offsets(samples, grid, padded, low_size, level_shape, patch) -> np.nda
     the slide's own low size); the patch starts at ``rint(c - P / 2)``, round
     half to even, computed on integers (no float lands beside a .5 tie). For
     an unpadded slide (``Hp == h``) this is ``atskern.patch_offsets`` with
-    margin 0.
+    margin 0. A cell whose centre lies outside the slide's view (the first
+    cell of a slide shorter than half a cell, which :func:`valid_cells` keeps)
+    is centred on the slide instead: ``c = L / 2``.
     """
     samples = np.asarray(samples)
     if samples.ndim != 2 or samples.shape[1] != 2:
@@ -43,6 +45,7 @@ def slide_offsets(samples, grid, padded, low_size, level_shape, patch) -> np.nda
         G, Hp, h, L, P = (int(grid[axis]), int(padded[axis]), int(low_size[axis]), int(level_shape[axis]),
                           int(patch[axis]))
         num = (2 * s + 1) * Hp * L - P * G * h  # c - P / 2 == num / den
+        num = np.where((2 * s + 1) * Hp >= 2 * G * h, (L - P) * G * h, num)  # centre outside: the slide's middle
         den = 2 * G * h
         q, r = np.divmod(num, den)
         out[:, axis] = q + ((2 * r > den) | ((2 * r == den) & (q % 2 == 1)))

@@ -49,10 +49,13 @@ def _offsets(offsets):
     array = np.asarray(offsets)
     if array.ndim != 2 or array.shape[1] != 2:
         raise ValueError(f"offsets must be (K, 2) (row, column) first pixels in the level, got shape {array.shape}")
-    if array.dtype.kind not in "iu":
+    limit = 2**62  # far past any level: such a patch is all fill, and no cast wraps it round to the slide
+    if array.dtype.kind == "u":
+        return np.minimum(array, np.uint64(limit)).astype(np.int64)
+    if array.dtype.kind != "i":
         if array.dtype.kind == "f" and array.size and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
-            array = array.astype(np.int64)
-        elif array.size:
+            return np.clip(array, -limit, limit).astype(np.int64)
+        if array.size:
             raise TypeError(f"offsets must hold integers, got dtype {array.dtype}")
     return array.astype(np.int64, copy=False)
 

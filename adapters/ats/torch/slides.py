@@ -89,7 +89,8 @@ class SlideBatch(NamedTuple):
 
 
 class SlideDataset(torch.utils.data.Dataset):
-    """Slides as ``(x_low (C, h, w) float32 in [0, 1], path, label)``: the low view read from a pyramid level.
+    """Slides as ``(x_low (C, h, w) float32, path, label)``: the low view read from a pyramid level, times
+    ``scale`` (1/255 by default: [0, 1] for uint8 slides; 1/65535 for uint16, as the module's ``scale``).
 
     ``low_side``: the low view is the largest level whose sides are at most
     ``low_side`` pixels (``Slide.best_level``); ``low_level`` picks a level
@@ -97,13 +98,16 @@ class SlideDataset(torch.utils.data.Dataset):
     DataLoader worker its own), never at construction.
     """
 
-    def __init__(self, paths, labels=None, *, low_side=512, low_level=None):
+    def __init__(self, paths, labels=None, *, low_side=512, low_level=None, scale=1.0 / 255.0):
         self.paths = [os.fspath(p) for p in paths]
         if labels is not None and len(labels) != len(self.paths):
             raise ValueError(f"labels must have one entry per slide ({len(self.paths)}), got {len(labels)}")
         self.labels = labels
         self.low_side = int(low_side)
         self.low_level = low_level
+        self.scale = float(scale)
+        if not (np.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"scale must be a positive number, got {scale!r}")
 
     def __len__(self):
         return len(self.paths)
@@ -112,7 +116,7 @@ class SlideDataset(torch.utils.data.Dataset):
         slide = open_cached(self.paths[i], threads=1, cache_bytes=0)
         level = slide.best_level(self.low_side) if self.low_level is None else self.low_level
         low = slide.read_level(level)  # a small level of the pyramid: never level 0
-        x_low = torch.from_numpy(np.ascontiguousarray(low.transpose(2, 0, 1))).float().div_(255.0)
+        x_low = torch.from_numpy(np.ascontiguousarray(low.transpose(2, 0, 1))).float().mul_(self.scale)
         label = None if self.labels is None else self.labels[i]
         return x_low, self.paths[i], label
 
@@ -216,6 +220,11 @@ class SlideAttentionSampling(RegularizedModel):
             sizes = torch.as_tensor(sizes, dtype=torch.int64).cpu()
             if sizes.shape != (x_low.shape[0], 2):
                 raise ValueError(f"sizes must be (batch, 2), got shape {tuple(sizes.shape)}")
+            padded = torch.tensor(x_low.shape[2:], dtype=torch.int64)
+            if bool(((sizes < 1) | (sizes > padded)).any()):
+                row = int(((sizes < 1) | (sizes > padded)).any(dim=1).nonzero()[0])
+                raise ValueError(f"sizes[{row}] = {sizes[row].tolist()} must lie in [1, {tuple(x_low.shape[2:])}] "
+                                 "(each slide's low view inside the padded x_low: collate_slides' sizes)")
         attention = self.attention_map(x_low, sizes)
         if self.attention_regularizer is not None:
             self.regularization_loss = self.attention_regularizer(attention)
