@@ -52,3 +52,21 @@ def test_generate_and_train_tiny(tmp_path):
     assert metrics["seconds_per_step"] > 0 and metrics["peak_rss_mib_main_process"] > 0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["slides"] == {"train": 4, "test": 2}
     assert len(list((tmp_path / "run").glob("attention_*.png"))) == 1
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    ("generate", ["--train", "0"], "--train must be >= 1"),
+    ("generate", ["--min-size", "500", "--max-size", "300"], "--min-size must be at least 512"),
+    ("generate", ["--lesions", "5", "2"], "--lesions takes MIN MAX"),
+    ("train", ["--epochs", "0"], "--epochs must be >= 1"),
+    ("train", ["--data", "/nonexistent/slides"], "no labels.csv there"),
+])
+def test_example_arguments_are_checked(module, argv, message, capsys):
+    """The example scripts refuse bad settings with argparse's usage error (they raised IndexError, a NumPy
+    'low >= high' or printed a NaN timing)."""
+    import importlib
+
+    main = importlib.import_module(f"examples.slides.{module}").main
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2 and message in capsys.readouterr().err

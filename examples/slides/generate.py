@@ -82,6 +82,13 @@ def main(argv=None):
     parser.add_argument("--decoys", type=int, nargs=2, default=(3, 6), help="min and max decoys per slide")
     parser.add_argument("--motif-radius", type=int, default=64)
     args = parser.parse_args(argv)
+    if args.train < 1 or args.test < 0:
+        parser.error("--train must be >= 1 and --test >= 0")
+    if not 512 <= args.min_size <= args.max_size:
+        parser.error("--min-size must be at least 512 (a pyramid of several levels) and at most --max-size")
+    for name, (low, high) in (("--lesions", args.lesions), ("--decoys", args.decoys)):
+        if not 0 <= low <= high:
+            parser.error(f"{name} takes MIN MAX with 0 <= MIN <= MAX, got {low} {high}")
     rows = generate(args.out, n_train=args.train, n_test=args.test, min_size=args.min_size, max_size=args.max_size,
                     seed=args.seed, layout=args.layout, tissue_scale=args.tissue_scale, lesions=args.lesions,
                     decoys=args.decoys, motif_radius=args.motif_radius)

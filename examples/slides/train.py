@@ -124,6 +124,11 @@ def main(argv=None):
     parser.add_argument("--overlays", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    for name in ("epochs", "batch", "patches", "patch", "low_side", "attention_downscale"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not (Path(args.data) / "labels.csv").is_file():
+        parser.error(f"--data {args.data}: no labels.csv there (make the data with python -m examples.slides.generate)")
 
     import torch
     from torch import nn
