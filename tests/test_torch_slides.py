@@ -182,3 +182,9 @@ def test_slide_dataset_scale(tmp_path):
     np.testing.assert_allclose(x_low.numpy(), level.transpose(2, 0, 1) / 65535, rtol=1e-6)
     with pytest.raises(ValueError, match="scale must be a positive number"):
         ts.SlideDataset([path], scale=-1)
+
+
+def test_collate_refuses_mixed_channels():
+    items = [(torch.zeros(3, 8, 8), "rgb.tif", 0), (torch.zeros(1, 6, 8), "gray.tif", 1)]
+    with pytest.raises(ValueError, match="same channels: rgb.tif has 3, gray.tif has 1"):
+        ts.collate_slides(items)

@@ -125,6 +125,10 @@ def collate_slides(items) -> SlideBatch:
     """Pad the low views of a batch to the largest (bottom/right zeros) and record their sizes."""
     lows, paths, labels = zip(*items)
     channels = lows[0].shape[0]
+    for x, path in zip(lows, paths):
+        if x.shape[0] != channels:
+            raise ValueError(f"slides of one batch must have the same channels: {paths[0]} has {channels}, {path} "
+                             f"has {x.shape[0]}")
     height = max(x.shape[1] for x in lows)
     width = max(x.shape[2] for x in lows)
     x_low = lows[0].new_zeros((len(lows), channels, height, width))
