@@ -23,7 +23,7 @@ from torch import nn  # noqa: E402
 import ats.torch as at  # noqa: E402
 from ats import _distributed  # noqa: E402
 from ats.torch import functional as F  # noqa: E402
-from ats.torch.modules import _KeyStream  # noqa: E402
+from ats.torch.modules import _KeyStream, rank_seed  # noqa: E402
 
 from .conftest import HAS_GPU  # noqa: E402
 
@@ -51,6 +51,11 @@ def splitmix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
+def scramble(z: int) -> int:
+    """splitmix64's finalizer alone (no golden step first): how a rank r > 0 starts its fixed seed's stream."""
+    return splitmix64((z - 0x9E3779B97F4A7C15) & MASK)
+
+
 def key_value(key: torch.Tensor) -> int:
     return int(key) & MASK
 
@@ -65,7 +70,8 @@ def test_fixed_seed_stream_is_salted_by_rank(rank):
     stream = _KeyStream(seed)
     rank1 = [key_value(stream.next()) for _ in range(3)]
     salt = (0x9E3779B97F4A7C15 * 1) & MASK
-    assert rank1 == [splitmix64(((seed ^ salt) + k * 0x9E3779B97F4A7C15) & MASK) for k in range(3)]
+    base = scramble(seed ^ salt)  # not the salted seed itself: seed ^ salt == seed + step when no bits collide
+    assert rank1 == [splitmix64((base + k * 0x9E3779B97F4A7C15) & MASK) for k in range(3)]
     assert not set(rank0) & set(rank1)
     assert _KeyStream(seed).seed == seed  # the salt is applied when keys are drawn, not stored
 
@@ -93,7 +99,8 @@ def _inputs():
 
 @pytest.mark.parametrize("seed", [None, 77])
 def test_sample_patches_draws_per_rank(rank, seed):
-    """Rank 1 draws what rank 0 draws with the key salted for rank 1, and not what rank 0 draws."""
+    """Rank 1 draws what rank 0 draws with the seed salted for rank 1 (scrambled, for a fixed seed), and not what
+    rank 0 draws."""
     x_low, x_high, attention = _inputs()
 
     def draw(r, key_seed):
@@ -104,13 +111,14 @@ def test_sample_patches_draws_per_rank(rank, seed):
     rank0, rank1 = draw(0, seed), draw(1, seed)
     assert not torch.equal(rank0, rank1)
     if seed is not None:
-        assert torch.equal(rank1, draw(0, _distributed.salted_seed(seed, 1)))
+        assert torch.equal(rank1, draw(0, scramble(_distributed.salted_seed(seed, 1))))
+        assert rank_seed(seed, 1) == scramble(_distributed.salted_seed(seed, 1)) and rank_seed(seed, 0) == seed
     torch.manual_seed(11)
     key = F.random_key() if seed is None else None
     if seed is None:
         expected_key = _distributed.salted_seed(int(key), 1)
     else:
-        expected_key = splitmix64(_distributed.salted_seed(seed, 1))
+        expected_key = splitmix64(scramble(_distributed.salted_seed(seed, 1)))
     indices, _ = F.sample(attention, 6, key=expected_key)
     offsets = F.patch_offsets(indices, (12, 12), (48, 48), (4, 4), margin=(0, (12, 12)))
     assert torch.equal(rank1, F.extract_patches(x_high, offsets, (4, 4), channels_first=True))

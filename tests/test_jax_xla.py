@@ -507,3 +507,15 @@ def test_top_k_mode_refuses_the_rows_sampling_refuses(row, message):
     aj.sample(attention, 2, deterministic=True, validate=False)
     with pytest.raises(ValueError, match="only 2 positive weights, fewer than n_samples=3"):
         aj.sample(jnp.array([[1.0, 0.0, 0.5]]), 3, deterministic=True, strict=True)
+
+
+def test_an_int_seed_passed_to_a_jitted_function_draws_as_atskern():
+    """A Python int handed to a jitted function arrives as a traced integer scalar: it is the seed itself (it was
+    refused as "not a uint32 [k0, k1] array", though the README's jit example passes one)."""
+    attention = np.random.default_rng(2).random((2, 8, 8)).astype(np.float32)
+    draw = jax.jit(lambda a, key: aj.sample(a, 3, key=key)[0])
+    assert np.array_equal(np.asarray(draw(jnp.asarray(attention), 1234)), atskern.sample(attention, 3, seed=1234)[0])
+    assert np.array_equal(np.asarray(aj.sample(attention, 3, key=jnp.int32(77))[0]),
+                          atskern.sample(attention, 3, seed=77)[0])
+    with pytest.raises(ValueError, match=r"key must be an int in \[0, 2\*\*64\), got -1"):
+        aj.sample(attention, 3, key=jnp.int32(-1))

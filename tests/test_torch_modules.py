@@ -296,3 +296,46 @@ def test_deepcopy_and_averaged_model_after_a_regularized_step():
 def test_module_flags_must_be_bools(make):
     with pytest.raises(TypeError, match="must be True or False"):
         make()
+
+
+def test_seeded_key_streams_of_ranks_never_line_up(monkeypatch):
+    """A fixed seed's key stream on rank r > 0 shares no key with rank 0's or another rank's over many calls (the
+    xor salt equalled adding r steps for seeds like 0 and 42: rank r replayed rank 0's stream r calls ahead); rank
+    0 keeps the single-process stream."""
+    from ats.torch.modules import _KeyStream
+
+    def stream(seed, rank, calls=64):
+        monkeypatch.setenv("RANK", str(rank))
+        keys = _KeyStream(seed)
+        return [int(keys.next()) for _ in range(calls)]
+
+    for seed in (0, 1, 42, 2**63):
+        streams = [stream(seed, rank) for rank in range(4)]
+        for a in range(4):
+            for b in range(a + 1, 4):
+                assert not set(streams[a]) & set(streams[b]), (seed, a, b)
+    monkeypatch.setenv("RANK", "0")
+    single = _KeyStream(42)
+    golden, mask = 0x9E3779B97F4A7C15, 2**64 - 1
+    z = (42 + golden) & mask  # the first key of seed 42 on rank 0: splitmix64 of seed + step
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    assert int(single.next()) % 2**64 == z ^ (z >> 31)
+
+
+def test_state_dict_keeps_the_key_stream_position():
+    """A seeded module resumed from its state_dict continues its key stream (it replayed it from the start); a
+    state_dict saved without the position still loads, strictly."""
+    x_high = torch.rand(1, 1, 32, 32)
+    x_low, attention = x_high[:, :, ::4, ::4], torch.softmax(torch.randn(1, 64), 1).reshape(1, 8, 8)
+    trained = at.SamplePatches(3, 4, seed=7)
+    for _ in range(3):
+        trained(x_low, x_high, attention)
+    resumed = at.SamplePatches(3, 4, seed=7)
+    resumed.load_state_dict(trained.state_dict())
+    assert torch.equal(resumed(x_low, x_high, attention)[0], trained(x_low, x_high, attention)[0])
+    fresh = at.SamplePatches(3, 4, seed=7)
+    fresh.load_state_dict({})  # an older checkpoint: no position
+    assert fresh._keys.calls == 0
+    model = _tiny_model(seed=5)
+    model.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")})

@@ -45,15 +45,24 @@ def seed_words(key):
     """The Philox key ``(k0, k1)`` as uint32 scalars.
 
     ``key`` is an int in ``[0, 2**64)`` (atskern's ``seed``: ``k0 = seed % 2**32``,
-    ``k1 = seed // 2**32``), a uint32 array ``[k0, k1]`` (may be traced), or a
-    JAX PRNG key whose data are two uint32 words (the default threefry key),
-    used as ``[k0, k1]``.
+    ``k1 = seed // 2**32``), a non-negative integer scalar array (the same seed;
+    a Python int passed to a jitted function arrives traced as one), a uint32
+    array ``[k0, k1]`` (may be traced), or a JAX PRNG key whose data are two
+    uint32 words (the default threefry key), used as ``[k0, k1]``.
     """
     if isinstance(key, numbers.Integral) and not isinstance(key, bool):
         key = int(key)
         if not 0 <= key < 2**64:
             raise ValueError(f"key must be an int in [0, 2**64), got {key}")
         return jnp.uint32(key & 0xFFFFFFFF), jnp.uint32(key >> 32)
+    if (hasattr(key, "dtype") and tuple(getattr(key, "shape", (None,))) == ()
+            and jnp.issubdtype(key.dtype, jnp.integer)):
+        if not isinstance(key, jax.core.Tracer) and int(key) < 0:
+            raise ValueError(f"key must be an int in [0, 2**64), got {int(key)}")
+        if jnp.dtype(key.dtype).itemsize < 8:
+            return key.astype(jnp.uint32), jnp.uint32(0)
+        wide = key.astype(jnp.uint64)
+        return (wide & 0xFFFFFFFF).astype(jnp.uint32), (wide >> 32).astype(jnp.uint32)
     if isinstance(key, bool) or not hasattr(key, "dtype"):
         raise TypeError(f"key must be an int in [0, 2**64), a uint32 array [k0, k1] or a JAX PRNG key, got {key!r}")
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):

@@ -31,7 +31,11 @@ class _KeyStream:
     when they are drawn, so that the ranks of a data-parallel job draw
     different patches even when every rank calls ``torch.manual_seed`` with
     the same value or builds its modules with the same ``seed``. Rank 0 (and a
-    single-process run) keeps the unsalted keys.
+    single-process run) keeps the unsalted keys. A fixed seed's stream on rank
+    ``r > 0`` starts from a mix of the salted seed (splitmix64), not from it:
+    the salt is an xor of ``r`` times the stream's step, so for seeds like 0 or
+    42 the salted stream was rank 0's, ``r`` calls ahead. ``calls`` (the stream's
+    position) is saved in the owning module's ``state_dict``.
     """
 
     def __init__(self, seed):
@@ -44,12 +48,52 @@ class _KeyStream:
         if self.seed is None:
             key = F.random_key()
             return key if rank == 0 else F.key_tensor(_distributed.salted_seed(int(key), rank))
-        # splitmix64 of (salted seed, call number): a fresh, reproducible key per call
-        z = (_distributed.salted_seed(self.seed, rank) + (self.calls + 1) * 0x9E3779B97F4A7C15) % 2**64
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+        # splitmix64 of (base, call number): a fresh, reproducible key per call
+        base = rank_seed(self.seed, rank)
         self.calls += 1
-        return F.key_tensor(z ^ (z >> 31))
+        return F.key_tensor(_mix64((base + self.calls * _GOLDEN64) % 2**64))
+
+
+_GOLDEN64 = 0x9E3779B97F4A7C15
+
+
+def rank_seed(seed: int, rank: int | None = None) -> int:
+    """The seed whose key stream rank ``rank`` (this process's by default) of a job draws for a module built with
+    ``seed``: ``seed`` itself on rank 0, else splitmix64's finalizer of ``salted_seed(seed, rank)``. A module built
+    with ``rank_seed(seed, r)`` and run alone draws what rank ``r`` draws."""
+    seed = check_seed(seed)
+    if seed is None:
+        raise ValueError("seed must be an int in [0, 2**64), got None")
+    rank = _distributed.process_index() if rank is None else int(rank)
+    return seed if rank == 0 else _mix64(_distributed.salted_seed(seed, rank))
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finalizer: a bijection of 64-bit words that scrambles every bit."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return z ^ (z >> 31)
+
+
+class KeyStreamState:
+    """``state_dict`` support for a module with a key stream (``self._keys``): its position (the calls made) is
+    saved, so a run resumed from a checkpoint continues the stream instead of replaying it; a checkpoint saved
+    before this entry loads as before (the position left at 0)."""
+
+    def get_extra_state(self):
+        return {"key_stream_calls": self._keys.calls}
+
+    def set_extra_state(self, state):
+        self._keys.calls = int(state.get("key_stream_calls", 0)) if isinstance(state, dict) else 0
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + "_extra_state"
+        present = key in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not present and key in missing_keys:
+            missing_keys.remove(key)
 
 
 def device_key(seed=None, device="cuda") -> torch.Tensor:
@@ -70,7 +114,7 @@ def device_key(seed=None, device="cuda") -> torch.Tensor:
     return key.reshape(1).to(device)
 
 
-class SamplePatches(nn.Module):
+class SamplePatches(KeyStreamState, nn.Module):
     """Sample positions from an attention map and extract ``x_high`` patches around them.
 
     ``forward(x_low, x_high, attention)`` with ``x_low`` ``(B, C, *low)`` (the

@@ -50,7 +50,7 @@ from atskern.io import grid as _grid
 
 from .._layer_args import check_flag, check_sampling_args
 from . import functional as F
-from .modules import Expectation, RegularizedModel, _KeyStream
+from .modules import Expectation, KeyStreamState, RegularizedModel, _KeyStream
 
 
 @functools.lru_cache(maxsize=8)
@@ -147,7 +147,7 @@ def valid_cells(grid, padded, sizes):
 slide_offsets = _grid.slide_offsets
 
 
-class SlideAttentionSampling(RegularizedModel):
+class SlideAttentionSampling(KeyStreamState, RegularizedModel):
     """Attention sampling with a slide file as the high-resolution source.
 
     ``forward(x_low, slides, sizes=None)``: ``x_low`` ``(B, C, Hp, Wp)`` the
