@@ -277,3 +277,71 @@ def test_equal_keys_name_the_same_data_file(tmp_path):
     copies = (("".join(["float", "64"]), "2d"), ("".join(["float", "64"]), "2d"))
     assert shared == copies and shared[0][0] is shared[1][0] and copies[0][0] is not copies[1][0]
     assert entries._data_name_for(shared) == entries._data_name_for(copies)
+
+
+_CHOICE = """
+import os, tempfile
+deny = os.environ.get("DENY")
+if deny:  # the folder cannot be written (root writes through file modes, so the test refuses it here)
+    for name in ("NamedTemporaryFile", "TemporaryFile", "mkstemp"):
+        real = getattr(tempfile, name)
+        def refuse(*args, _real=real, dir=None, **kwargs):
+            if dir is not None and str(dir).startswith(deny):
+                raise PermissionError(13, "read-only for this test", str(dir))
+            return _real(*args, dir=dir, **kwargs)
+        setattr(tempfile, name, refuse)
+if os.environ.get("NOHOME"):  # a uid without a passwd entry and no HOME: Path.home() raises
+    from pathlib import Path
+    def no_home(cls):
+        raise RuntimeError("Could not determine home directory.")
+    Path.home = classmethod(no_home)
+from atskern.cpu import _jit
+print("CHOICE", _jit.CACHE_DIR)
+import numpy as np, atskern
+atskern.sample(np.ones((1, 4), np.float32), 2, seed=0)  # a cached kernel compiles and loads
+print("RAN")
+"""
+
+
+def _choice(tmp_path, env_extra, drop=()):
+    script = tmp_path / "choice.py"
+    script.write_text(_CHOICE)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path / "tmp"))
+    for name in ("NUMBA_CACHE_DIR", "XDG_CACHE_HOME", *drop):
+        env.pop(name, None)
+    env.update(env_extra)
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "RAN"
+    return lines[-2].split(" ", 1)[1]
+
+
+def test_an_unwritable_numba_cache_dir_falls_back_instead_of_failing(tmp_path):
+    """NUMBA_CACHE_DIR set to a folder that cannot be written: atskern caches in its own folder (Numba's locator for
+    NUMBA_CACHE_DIR failed the first kernel with "no locator available")."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    home = tmp_path / "home"
+    chosen = _choice(tmp_path, {"NUMBA_CACHE_DIR": str(locked), "DENY": str(locked), "HOME": str(home)})
+    assert chosen == str(home / ".cache" / "atskern" / "numba")
+    assert any((home / ".cache" / "atskern" / "numba").rglob("*.nbi")) and not any(locked.iterdir())
+
+
+def test_no_home_directory_uses_the_private_temporary_folder(tmp_path):
+    """Without HOME (a uid with no passwd entry) the first kernel ran into Path.home()'s RuntimeError."""
+    chosen = _choice(tmp_path, {"NOHOME": "1"}, drop=("HOME",))
+    assert chosen == str(tmp_path / "tmp" / f"atskern-numba-{os.getuid()}")
+
+
+def test_a_temporary_cache_folder_others_can_write_is_refused(tmp_path):
+    """The shared temporary folder is used only if it is this user's and private: one that another user made first
+    (here: writable by everyone) would have its pickled index files loaded, their code run in this process."""
+    shared = tmp_path / "tmp" / f"atskern-numba-{os.getuid()}"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    chosen = _choice(tmp_path, {"HOME": str(tmp_path / "nohome"), "XDG_CACHE_HOME": "/proc/forbidden"})
+    assert chosen == "None"
+    shared.chmod(0o700)
+    assert _choice(tmp_path, {"HOME": str(tmp_path / "nohome"), "XDG_CACHE_HOME": "/proc/forbidden"}) == str(shared)

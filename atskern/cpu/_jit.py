@@ -2,9 +2,11 @@
 
 Compiled kernels are cached (``cache=True``) in, by priority:
 
-1. ``NUMBA_CACHE_DIR`` if it is set (Numba's own rule, for every cached function);
-2. ``$XDG_CACHE_HOME/atskern/numba`` (default ``~/.cache/atskern/numba``);
-3. ``<temporary folder>/atskern-numba-<uid>``;
+1. ``NUMBA_CACHE_DIR`` if it is set and writable (Numba's own rule, for every cached function);
+2. ``$XDG_CACHE_HOME/atskern/numba`` (default ``~/.cache/atskern/numba``; skipped without a home);
+3. ``<temporary folder>/atskern-numba-<uid>``, made private (mode 0700) and used only if it is this user's
+   and no one else can write to it (Numba unpickles its index files: a folder another user made there
+   first would run their code in this process);
 
 never the package's own ``__pycache__`` (a site-packages folder is often read-only or shared).
 Each compiled signature goes to a data file named by a hash of its index key and of the source
@@ -53,20 +55,43 @@ def _writable(path: Path) -> bool:
         return False
 
 
+def _private(path: Path) -> bool:
+    """``path`` exists or is made with mode 0700, belongs to this user and is writable by no one else."""
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        info = path.lstat()
+    except OSError:
+        return False
+    if not hasattr(os, "getuid"):  # Windows: per-user temporary folders
+        return True
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022 and path.is_dir() and not path.is_symlink()
+
+
+def _shared_temp_dir() -> Path:
+    return Path(tempfile.gettempdir()) / f"atskern-numba-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+
+
 def cache_candidates() -> list[Path]:
     """Where the cache may live, in order of preference (see the module docstring)."""
     configured = os.environ.get("NUMBA_CACHE_DIR")
     candidates = [Path(configured)] if configured else []
-    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    candidates += [
-        user_cache / "atskern" / "numba",
-        Path(tempfile.gettempdir()) / f"atskern-numba-{os.getuid() if hasattr(os, 'getuid') else 'user'}",
-    ]
+    user_cache = os.environ.get("XDG_CACHE_HOME")
+    if not user_cache:
+        try:
+            user_cache = Path.home() / ".cache"
+        except (RuntimeError, KeyError):  # no home directory (a uid without a passwd entry, HOME unset)
+            user_cache = None
+    if user_cache:
+        candidates.append(Path(user_cache) / "atskern" / "numba")
+    candidates.append(_shared_temp_dir())
     return candidates
 
 
 def _choose_cache_dir() -> Path | None:
+    shared = _shared_temp_dir()
     for candidate in cache_candidates():
+        if candidate == shared and not _private(candidate):
+            continue
         if _writable(candidate):
             return candidate
     return None
@@ -76,8 +101,9 @@ CACHE_DIR = _choose_cache_dir()
 CACHE = CACHE_DIR is not None
 
 
-def _install_locator(cache_dir: Path) -> bool:
-    """Make Numba cache atskern's functions (only) under ``cache_dir``; False if Numba's API moved."""
+def _install_locator(cache_dir: Path, first: bool = False) -> bool:
+    """Make Numba cache atskern's functions (only) under ``cache_dir`` (``first``: ahead of every Numba locator);
+    False if Numba's API moved."""
     try:
         from numba.core import caching
 
@@ -107,13 +133,16 @@ def _install_locator(cache_dir: Path) -> bool:
     if not any(c.__name__ == AtskernCacheLocator.__name__ for c in classes):
         # after Numba's NUMBA_CACHE_DIR locator, before its in-tree (__pycache__) one
         names = [c.__name__ for c in classes]
-        at = names.index("UserProvidedCacheLocator") + 1 if "UserProvidedCacheLocator" in names else 0
+        at = 0 if first else names.index("UserProvidedCacheLocator") + 1 if "UserProvidedCacheLocator" in names else 0
         classes.insert(at, AtskernCacheLocator)
     return True
 
 
-if CACHE_DIR is not None and not os.environ.get("NUMBA_CACHE_DIR"):
-    if not _install_locator(CACHE_DIR):
+_CONFIGURED = os.environ.get("NUMBA_CACHE_DIR")
+if CACHE_DIR is not None and not (_CONFIGURED and CACHE_DIR == Path(_CONFIGURED)):
+    # our own directory: NUMBA_CACHE_DIR unset, or set but not writable (then ahead of Numba's locator for it,
+    # which would fail: "no locator available")
+    if not _install_locator(CACHE_DIR, first=bool(_CONFIGURED)):
         numba.config.CACHE_DIR = str(CACHE_DIR)
 
 
