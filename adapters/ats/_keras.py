@@ -7,6 +7,7 @@ rather than whatever importing that backend fails with, and again after.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -55,9 +56,16 @@ BACKENDS = ("tensorflow", "torch", "jax")
 
 def require_keras(what: str = "ats.keras") -> str:
     """Raise ImportError unless Keras 3 runs on one of :data:`BACKENDS`; return the backend's name."""
+    from ._requires import require
+
+    require("keras", what)
     backend = _configured_backend()
     if backend not in BACKENDS:
         raise ImportError(f"{what} runs on the Keras 3 backends {BACKENDS}, but the Keras backend is {backend!r}")
+    if "keras" not in sys.modules and importlib.util.find_spec(backend) is None:
+        source = "KERAS_BACKEND" if os.environ.get("KERAS_BACKEND") else "Keras' default"
+        raise ImportError(f"{what}: Keras' backend is {backend!r} ({source}), which is not installed; install it "
+                          f"or set KERAS_BACKEND to an installed one of {BACKENDS}")
     import keras
 
     major = int(keras.__version__.split(".")[0])

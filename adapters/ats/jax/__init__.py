@@ -22,6 +22,11 @@ float64 as atskern does; with it off (the default) in float32, which can
 reorder near-tied keys (see ``ats.jax._sampling`` and the README).
 """
 
+from .._requires import require
+
+require("jax", "ats.jax")
+# ruff: noqa: E402
+
 from . import functional
 from ._paths import PATHS
 from ._rng import x64_enabled

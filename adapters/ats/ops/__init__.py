@@ -27,6 +27,12 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+
+from .._requires import require
+
+require("tensorflow", "ats.ops")
+# ruff: noqa: E402
+
 import tensorflow as tf
 
 from atskern import _offsets, _validation

@@ -22,6 +22,12 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+
+from .._requires import require
+
+require("tensorflow", "ats.tf.xla")
+# ruff: noqa: E402
+
 import tensorflow as tf
 
 from .. import _xla_common as common

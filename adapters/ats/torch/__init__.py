@@ -9,6 +9,11 @@ Modules (channels-first images, the PyTorch layout): :class:`AttentionSampling`,
 ``torch.compile`` traces through them. Needs no TensorFlow.
 """
 
+from .._requires import require
+
+require("torch", "ats.torch")
+# ruff: noqa: E402
+
 from . import functional
 from .functional import expectation, extract_multiscale, extract_patches, patch_offsets, sample
 from .modules import (
