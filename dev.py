@@ -63,6 +63,9 @@ def _workers(rest: list[str]) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"], ["help"]):
+        print(__doc__)
+        return 0
     if not argv or argv[0] not in {"bench", "test"}:
         print(__doc__, file=sys.stderr)
         return 2
