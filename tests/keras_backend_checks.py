@@ -187,6 +187,11 @@ def check_bad_input_gets_value_errors():
     _raises("must share the batch size", lambda: SamplePatches(1, 2, seed=0)([x[:, ::2, ::2], x, np.ones((3, 4, 4), "float32") / 16]))
     _raises("Expectation needs features (B, n, ...) and sampled_attention (B, n)",
             lambda: Expectation()([np.ones((2, 3, 4), "float32"), np.ones((2, 3, 1), "float32")]))
+    # eager calls on concrete maps: the backends' own messages, in the layer's terms
+    low, high = np.zeros((1, 2, 2, 1), "float32"), np.zeros((1, 8, 8, 1), "float32")
+    _raises("n_patches=5 is larger than the 4 positions", lambda: SamplePatches(5, 2)([low, high, np.ones((1, 2, 2),
+                                                                                                      "float32")]))
+    _raises("pass use_logits=True", lambda: SamplePatches(2, 2)([low, high, -np.ones((1, 2, 2), "float32")]))
 
 
 def quick_start(size=1500):

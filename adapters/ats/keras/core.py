@@ -31,6 +31,7 @@ from keras import ops
 
 from atskern import _validation
 
+from .. import _errors
 from .._keras import register
 from .._layer_args import MODES  # noqa: F401 (public here since 2019's layout)
 from .._layer_args import check_flag, check_patch_size_arg, check_sampling_args
@@ -186,7 +187,11 @@ class SamplePatches(keras.layers.Layer):
             attention = ops.reshape(ops.softmax(flat, axis=-1), ops.shape(attention))
         deterministic = self._deterministic(training)
         key = None if deterministic else self.sampling_key(attention)
-        indices, sampled = be.sample(attention, self.n_patches, replace=self.replace, key=key, deterministic=deterministic)
+        try:
+            indices, sampled = be.sample(attention, self.n_patches, replace=self.replace, key=key,
+                                         deterministic=deterministic)
+        except ValueError as error:  # the backends' functional names, in the layer's terms
+            raise _errors.sampling_error(ValueError(str(error).replace("n_samples", "n_patches"))) from None
         # the margin receptive_field / 2 / low_size, as an exact fraction (ties in the offsets round exactly)
         margin = _margin(self.receptive_field, be.spatial_shape(x_low))
         offsets = be.patch_offsets(indices, be.grid_shape(attention), be.spatial_shape(x_high), size, margin=margin)
