@@ -65,8 +65,9 @@ MAPPED_STATUS = False
 the block that writes the status's summary row also copies the whole status into this thread's page-locked,
 device-mapped host buffer (``atskern.gpu._mapped``; the kernels never read host memory), and :func:`read_status`
 waits for the stream and reads it, with no device-to-host copy queued behind the kernels (on an H100 the validated
-call took 17 to 23 us more than ``validate=False``: ``bench.gpu_tuning --only where``). Off until timed on a GPU:
-``bench.gpu_tuning --only status`` runs both ways."""
+call took 17 to 23 us more than ``validate=False``: ``bench.gpu_tuning --only where``). Off: on an H200
+(``bench.gpu_tuning --only status``, 2026-11-26, ``bench/results/gpu-nvidia-h200-30bbccd.md``) the mapped status was
+0.96x to 1.01x the copied one's wall time over seven shapes, no faster: the copy is not where that time goes."""
 
 
 def _suffix(dtype) -> str:
