@@ -11,6 +11,8 @@ import numbers
 
 import numpy as np
 
+from ._xla_common import boolean
+
 MODES = ("sample", "topk", "auto")
 
 
@@ -30,11 +32,18 @@ def check_sampling_args(n_patches, mode, receptive_field=0, fill=0):
     return int(n_patches), receptive_field, int(fill) if isinstance(fill, numbers.Integral) else float(fill)
 
 
-def check_flag(value, name: str) -> bool:
-    """A layer's True/False argument (``bool("no")`` would be True), or a TypeError naming it."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
+check_flag = boolean
+"""A layer's True/False argument (``bool("no")`` would be True), or a TypeError naming it: the functional APIs'
+check (``ats._xla_common.boolean``)."""
+
+
+def check_scale(scale) -> float:
+    """The factor a slide reader multiplies pixels by (1/255 for uint8 slides), a positive number, or a
+    ValueError naming ``scale``."""
+    value = float(scale)
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    return value
 
 
 def check_patch_size_arg(patch_size):

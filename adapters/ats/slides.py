@@ -38,7 +38,7 @@ import numpy as np
 from atskern.io import grid as _grid
 
 from ._keras import register
-from ._layer_args import MODES, check_flag, check_sampling_args  # noqa: F401 (MODES: public here)
+from ._layer_args import MODES, check_flag, check_sampling_args, check_scale  # noqa: F401 (MODES: public here)
 from .keras._keys import check_seed
 from .keras.functions import _gather, draw
 
@@ -253,9 +253,7 @@ class SlideSequence(keras.utils.PyDataset):
         self.order = np.arange(len(self.paths))
         self.shuffle = shuffle
         self.rng = np.random.default_rng(seed)
-        self.scale = float(scale)
-        if not (np.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"scale must be a positive number, got {scale!r}")
+        self.scale = check_scale(scale)
 
     def __len__(self):
         return -(-len(self.paths) // self.batch_size)

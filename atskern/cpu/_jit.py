@@ -35,6 +35,7 @@ import functools
 import hashlib
 import os
 import pickle
+import stat
 import tempfile
 from pathlib import Path
 
@@ -64,7 +65,8 @@ def _private(path: Path) -> bool:
         return False
     if not hasattr(os, "getuid"):  # Windows: per-user temporary folders
         return True
-    return info.st_uid == os.getuid() and not info.st_mode & 0o022 and path.is_dir() and not path.is_symlink()
+    # lstat: a symbolic link is not a directory here
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
 def _shared_temp_dir() -> Path:
@@ -133,7 +135,9 @@ def _install_locator(cache_dir: Path, first: bool = False) -> bool:
     if not any(c.__name__ == AtskernCacheLocator.__name__ for c in classes):
         # after Numba's NUMBA_CACHE_DIR locator, before its in-tree (__pycache__) one
         names = [c.__name__ for c in classes]
-        at = 0 if first else names.index("UserProvidedCacheLocator") + 1 if "UserProvidedCacheLocator" in names else 0
+        at = 0
+        if not first and "UserProvidedCacheLocator" in names:
+            at = names.index("UserProvidedCacheLocator") + 1
         classes.insert(at, AtskernCacheLocator)
     return True
 

@@ -48,7 +48,7 @@ import torch
 
 from atskern.io import grid as _grid
 
-from .._layer_args import check_flag, check_sampling_args
+from .._layer_args import check_flag, check_sampling_args, check_scale
 from . import functional as F
 from .modules import Expectation, KeyStreamState, RegularizedModel, _KeyStream
 
@@ -105,9 +105,7 @@ class SlideDataset(torch.utils.data.Dataset):
         self.labels = labels
         self.low_side = int(low_side)
         self.low_level = low_level
-        self.scale = float(scale)
-        if not (np.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"scale must be a positive number, got {scale!r}")
+        self.scale = check_scale(scale)
 
     def __len__(self):
         return len(self.paths)
