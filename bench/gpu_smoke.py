@@ -103,16 +103,14 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     if not args.sampling_only:
         patches(cupy, atskern, rng)
-    saved = gpu_sampling.FUSED_FINISH, gpu_sampling.ONE_PASS_CELLS
+    saved = gpu_sampling.FUSED_FINISH
     try:
-        # small float32 calls in one pass (the default), then every call with its statistics pass and rows
-        # finished by finish_rows, and by their last select_rows block
-        for fused, one_pass_cells in ((False, saved[1]), (False, 0), (True, 0)):
-            gpu_sampling.FUSED_FINISH, gpu_sampling.ONE_PASS_CELLS = fused, one_pass_cells
+        for fused in (False, True):  # rows finished by finish_rows, and by their last select_rows block
+            gpu_sampling.FUSED_FINISH = fused
             sampling(cupy, atskern, rng)
             unvalidated_bad_rows(cupy, atskern, rng)
     finally:
-        gpu_sampling.FUSED_FINISH, gpu_sampling.ONE_PASS_CELLS = saved
+        gpu_sampling.FUSED_FINISH = saved
     cupy.cuda.Device().synchronize()
     print("gpu smoke: all results equal the CPU kernels")
     return 0

@@ -1,9 +1,8 @@
 """Tuning probe of the GPU sampling kernels: registers and spills per compile option, the GPU time of each
 launch of one call, and ``atskern.sample`` under each block size and ``MIN_BLOCKS`` (draws checked unchanged);
-``--only onepass`` times small calls with and without the statistics pass (``ONE_PASS_CELLS``); ``--only where``
-splits a call's time into host and device parts; ``--only status`` times the status read-back by a copy against
-mapped host memory (``MAPPED_STATUS``); ``--only ncu`` adds Nsight Compute's sections for the streaming kernels
-where ``ncu`` is installed.
+``--only where`` splits a call's time into host and device parts; ``--only status`` times the status read-back
+by a copy against mapped host memory (``MAPPED_STATUS``); ``--only ncu`` adds Nsight Compute's sections
+for the streaming kernels where ``ncu`` is installed.
 
     PYTHONPATH=.:adapters python3 -m bench.gpu_tuning [--quick]
 
@@ -89,8 +88,7 @@ def launch_breakdown(rows, side, n, replace=False, repeats=20) -> list[str]:
     attention = cupy.asarray(np.random.default_rng(0).random((rows, side * side), dtype=np.float32) + 1e-3)
     threads = _module.THREADS_PER_BLOCK
     device = cupy.cuda.Device().id
-    p = sampling.plan(rows, side * side, n, replace, threads, sampling._multiprocessors(device),
-                      single_pass=sampling.one_pass(rows, side * side, replace, False, np.float32))
+    p = sampling.plan(rows, side * side, n, replace, threads, sampling._multiprocessors(device))
     lay = sampling.layout(rows, side * side, n, p, replace, False, 2, np.dtype(np.float32))
     ws, indices, probs, memory = sampling.allocate(lay, arrays=p.sort)
     steps = sampling.launches(attention, n, (side, side), 3, replace, False, ws, p, indices, probs)
@@ -165,12 +163,12 @@ def _same_draws_both_ways(sampling, knob: str, attention, n: int, what: str) -> 
         raise AssertionError(f"{what} at {(attention.shape, n)}")
 
 
-def _alternating(sampling, knob: str, measure, rounds: int, values=(False, True)) -> dict:
-    """``{value: [...]}``: ``measure()`` with ``knob`` of ``sampling`` set to each of ``values`` (default off and
-    on), in turn, ``rounds`` times each (so drift on a shared machine hits both)."""
-    timed = {value: [] for value in values}
+def _alternating(sampling, knob: str, measure, rounds: int) -> dict:
+    """``{False: [...], True: [...]}``: ``measure()`` with the boolean ``knob`` of ``sampling`` off and on, in turn,
+    ``rounds`` times each (so drift on a shared machine hits both)."""
+    timed = {False: [], True: []}
     for _ in range(rounds):
-        for value in values:
+        for value in (False, True):
             setattr(sampling, knob, value)
             timed[value].append(measure())
     return timed
@@ -208,55 +206,6 @@ def finish_table(quick: bool) -> str:
             lines += launch_breakdown(rows, side, n)
     finally:
         sampling.FUSED_FINISH = saved
-    return "\n".join(lines)
-
-
-ONE_PASS_CASES = [(1, 150, 10), (1, 256, 10), (8, 256, 10), (32, 256, 100), (1, 512, 10), (1, 1024, 10),
-                  (1, 1024, 100), (32, 1024, 100), (256, 256, 10), (1, 4096, 100)]
-
-
-def one_pass_table(quick: bool) -> str:
-    """``atskern.sample`` (float32, validated) planned with its statistics pass (``ONE_PASS_CELLS = 0``) against in
-    one pass (every float32 call admitted, so that the table shows where the threshold belongs), in one process,
-    alternating, draws and probabilities of both plans checked against the CPU kernel's; then the GPU time per
-    launch of the one-pass plan. ``ONE_PASS_CELLS`` is set from this table."""
-    import cupy
-
-    import atskern
-    from atskern.gpu import sampling
-
-    lines = ["| B | grid | n | two passes: GPU ms (wall ms) | one pass: GPU ms (wall ms) | wall: two / one |",
-             "|---|---|---|---|---|---|"]
-    rng = np.random.default_rng(0)
-    saved = sampling.ONE_PASS_CELLS
-    every = 1 << 62
-    try:
-        for rows, side, n in (ONE_PASS_CASES[:3] if quick else ONE_PASS_CASES):
-            host = rng.random((rows, side, side), dtype=np.float32) + np.float32(1e-3)
-            attention = cupy.asarray(host)
-            want = atskern.sample(host, n, seed=3)
-            for cells in (0, every):
-                sampling.ONE_PASS_CELLS = cells
-                got = atskern.sample(attention, n, seed=3)
-                if not np.array_equal(got[0].get(), want[0]) or not np.allclose(got[1].get(), want[1], rtol=1e-6):
-                    raise AssertionError(f"ONE_PASS_CELLS={cells}: draws differ from the CPU kernel's at "
-                                         f"{(rows, side, n)}")
-            timed = _alternating(sampling, "ONE_PASS_CELLS", lambda: _gpu.timings(
-                lambda: atskern.sample(attention, n, seed=3), repeats=10 if quick else 25), 2 if quick else 4,
-                values=(0, every))
-            cells = {value: (statistics.median(t["gpu"] for t in timed[value]),
-                             statistics.median(t["wall"] for t in timed[value])) for value in timed}
-            lines.append(f"| {rows} | {side}² | {n} | {cells[0][0]:.3f} ({cells[0][1]:.3f}) | "
-                         f"{cells[every][0]:.3f} ({cells[every][1]:.3f}) | {cells[0][1] / cells[every][1]:.2f} |")
-            del attention
-            cupy.get_default_memory_pool().free_all_blocks()
-        sampling.ONE_PASS_CELLS = every
-        lines += ["", "GPU time per launch in one pass:", "",
-                  "| B | grid | n | replace | chunk x chunks | launch | GPU us (queued) |", "|---|---|---|---|---|---|---|"]
-        for rows, side, n in ((1, 256, 10), (32, 256, 100), (1, 1024, 10)):
-            lines += launch_breakdown(rows, side, n)
-    finally:
-        sampling.ONE_PASS_CELLS = saved
     return "\n".join(lines)
 
 
@@ -493,11 +442,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=["registers", "breakdown", "finish", "configs", "torch-profile", "host-profile",
-                                           "where", "status", "ncu", "onepass"],
+                                           "where", "status", "ncu"],
                         action="append", help="run only these parts (repeatable; default all but ncu)")
     args = parser.parse_args(argv)
-    parts = set(args.only or ["registers", "breakdown", "onepass", "finish", "where", "status", "configs",
-                              "torch-profile", "host-profile"])
+    parts = set(args.only or ["registers", "breakdown", "finish", "where", "status", "configs", "torch-profile",
+                              "host-profile"])
     reason = _gpu.unavailable()
     if reason:
         print(f"skipped: {reason}")
@@ -506,9 +455,6 @@ def main(argv=None) -> int:
         print("### Registers per compile option\n\n" + register_table() + "\n", flush=True)
     if "breakdown" in parts:
         print("### GPU time per launch (default configuration)\n\n" + breakdown_table(args.quick) + "\n", flush=True)
-    if "onepass" in parts:
-        print("### Small calls with or without the statistics pass (ONE_PASS_CELLS, float32)\n\n"
-              + one_pass_table(args.quick) + "\n", flush=True)
     if "finish" in parts:
         print("### Rows finished apart or in the selecting launch (FUSED_FINISH)\n\n" + finish_table(args.quick) + "\n",
               flush=True)

@@ -65,19 +65,6 @@ def index_width(request, monkeypatch):
     gp.clear_caches()
 
 
-@pytest.fixture(params=["finish_rows", "select_rows", "one_pass"])
-def gpu_plan(request, monkeypatch):
-    """GPU sampling (the CuPy path) planned with a statistics pass and rows finished by a finish_rows launch, or by
-    their last select_rows block (FUSED_FINISH), or, for calls it admits, in one pass (ONE_PASS_CELLS: small float32
-    calls; the other two params turn it off so that small calls take the statistics pass too)."""
-    from atskern.gpu import sampling as gs
-
-    monkeypatch.setattr(gs, "FUSED_FINISH", request.param == "select_rows")
-    if request.param != "one_pass":
-        monkeypatch.setattr(gs, "ONE_PASS_CELLS", 0)
-    return request.param
-
-
 @pytest.fixture(params=[False, True], ids=["finish_rows", "select_rows"])
 def finish(request, monkeypatch):
     """GPU sampling with each row finished by a finish_rows launch, or by its last select_rows block in the

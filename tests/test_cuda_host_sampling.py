@@ -61,17 +61,17 @@ def _garbage(shape, dtype):
 
 
 def host_sample(lib, attention, n, *, seed, replace=False, logits=False, threads=32, chunk=128, seed_array=None,
-                capacity=None, keep=None, probs_dtype=np.float64, fused=None, single_pass=False):
+                capacity=None, keep=None, probs_dtype=np.float64, fused=None):
     """``atskern.gpu.sampling.sample`` with the host build: (indices, float64 probs, status, plan). ``threads``
     must be the ATS_SELECT_THREADS ``lib`` was built with. ``capacity`` overrides the plan's screening buffer (0:
     every row selected chunk by chunk); ``keep`` (a dict) receives the workspace; ``probs_dtype`` is float64 (the
     tests' precision) or float32 (as the CuPy path writes float32 maps' probabilities); ``fused`` overrides
-    gs.FUSED_FINISH; ``single_pass`` plans without the statistics pass (gs.one_pass)."""
+    gs.FUSED_FINISH."""
     rows = attention.shape[0]
     grid = attention.shape[1:]
     weights = np.ascontiguousarray(attention).reshape(rows, -1)
     size = weights.shape[1]
-    p = gs.plan(rows, size, n, replace, threads, multiprocessors=1, chunk=chunk, fused=fused, single_pass=single_pass)
+    p = gs.plan(rows, size, n, replace, threads, multiprocessors=1, chunk=chunk, fused=fused)
     if capacity is not None:
         p = dataclasses.replace(p, capacity=capacity)
     ws = gs.workspace(_garbage, rows, size, n, p, replace, logits)
@@ -393,73 +393,6 @@ def test_host_merge_takes_list_prefixes_under_the_bound(lib, n, fused):  # every
     if n > 70:
         assert np.array_equal(flat[5, 70:], np.flatnonzero(attention[5] == 0)[: n - 70])
         assert (probs[5, 70:] == 0).all()
-
-
-LEVELS32 = [0.0, 1e-45, 1e-30, 0.25, 1.0, 1.0 + 2**-23, 3.0]  # float32: zeros, a subnormal, equal and 1-ulp weights
-
-
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rows=st.integers(1, 3), size=st.integers(1, 700), n_fraction=st.floats(0.0, 1.0),
-       levels=st.lists(st.sampled_from(LEVELS32), min_size=1, max_size=4, unique=True),
-       chunk=st.sampled_from([128, 256, 512]), seed=st.integers(0, 2**64 - 1),
-       bad=st.sampled_from([None, np.nan, -1.0, np.inf, 0.0]))
-def test_host_one_pass_draws_as_the_reference(lib, rows, size, n_fraction, levels, chunk, seed, bad):
-    """A one-pass plan (no statistics pass: each chunk_topn block writes its chunk's statistics, finish_rows adds
-    them): the draws of the reference and the CPU kernel for any float32 rows, chunking and n, ties and fillers
-    included; the probabilities and the status (bad rows: NaN, negative, +inf, all zero) of the CPU path."""
-    rng = np.random.default_rng(seed % 2**32)
-    attention = rng.choice(np.array(levels, np.float32), size=(rows, size))
-    attention[np.arange(rows), rng.integers(0, size, rows)] = max(max(levels), 1e-45)
-    if bad is not None:
-        attention[-1] = 0.0 if bad == 0.0 else attention[-1]
-        attention[-1, rng.integers(0, size)] = bad
-    n = max(1, int(round(n_fraction * size)))
-    indices, probs, status, p = host_sample(lib, attention, n, seed=seed, chunk=chunk, single_pass=True)
-    assert p.one_pass and p.capacity == 0 and not p.fused
-    cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, seed, False)
-    assert_same_status(status, cpu_status)
-    good = np.ones(rows, bool)
-    if bad is not None:
-        good[-1] = False
-        assert (probs[-1] == 0).all() and ((indices[-1] >= 0) & (indices[-1] < size)).all()
-    assert np.array_equal(indices[good], cpu_i[good])
-    if not good.any():
-        return
-    assert np.array_equal(indices[good], reference.sample(attention[good], n, seed=seed)[0])
-    np.testing.assert_allclose(probs[good], cpu_p[good], rtol=1e-12)
-    np.testing.assert_allclose(probs[good], independent_probs(attention[good], flat_positions(indices[good], (size,))),
-                               rtol=1e-12)
-
-
-def test_one_pass_plans_float32_weights_of_small_calls(monkeypatch):
-    """``one_pass``: float32 weights without replacement, not logits, at most ONE_PASS_CELLS cells (0: never); the
-    plan drops the statistics launch, screening and the fused finish, and allocates neither counters nor row plans;
-    a float64 or logits call cannot run one."""
-    cells = gs.ONE_PASS_CELLS
-    assert gs.one_pass(1, cells, False, False, np.float32) and gs.one_pass(32, 256 * 256, False, False, "float32")
-    assert not gs.one_pass(1, cells + 1, False, False, np.float32)
-    assert not gs.one_pass(1, 100, True, False, np.float32)
-    assert not gs.one_pass(1, 100, False, True, np.float32)
-    assert not gs.one_pass(1, 100, False, False, np.float64)
-    monkeypatch.setattr(gs, "ONE_PASS_CELLS", 0)
-    assert not gs.one_pass(1, 1, False, False, np.float32)
-    p = gs.plan(2, 5000, 10, False, 256, 132, fused=True, single_pass=True)
-    assert p.one_pass and p.capacity == 0 and not p.fused and not p.sort
-    assert not gs.plan(2, 5000, 10, True, 256, 132, single_pass=True).one_pass  # with replacement: no selection
-    assert not gs.plan(2, 5000, 3000, False, 256, 132, single_pass=True).one_pass  # every key sorted
-    specs = gs.workspace_specs(2, 5000, 10, p, False, False)
-    assert specs["counters"] is None and specs["row_plan"] is None and specs["stats"] is not None
-    weights = np.zeros((2, 5000), np.float32)
-    ws = gs.workspace(lambda shape, dtype: np.zeros(shape, dtype), 2, 5000, 10, p, False, False)
-    out = np.zeros((2, 10, 1), np.int32), np.zeros((2, 10), np.float32)
-    steps = gs.launches(weights, 10, (5000,), 1, False, False, ws, p, *out)
-    assert [step if step == gs.ZERO_STEP else step[0] for step in steps] == [gs.ZERO_STEP, "chunk_topn_f32",
-                                                                           "finish_rows_f32"]
-    assert steps[1][3][-1] is ws.stats  # the statistics written by the selecting blocks
-    with pytest.raises(ValueError, match="float32 weights, not logits"):
-        gs.launches(weights.astype(np.float64), 10, (5000,), 1, False, False, ws, p, *out)
-    with pytest.raises(ValueError, match="float32 weights, not logits"):
-        gs.launches(weights, 10, (5000,), 1, False, True, ws, p, *out)
 
 
 @pytest.mark.parametrize("chunk", [128, 1024])
@@ -790,20 +723,13 @@ class _EmulatedDevice:
 
 
 @pytest.mark.usefixtures("finish")
-@pytest.mark.parametrize("dtype, replace, logits, one_pass_cells", [
-    (np.float32, False, False, 0), (np.float32, False, False, 1 << 21), (np.float32, True, False, 1 << 21),
-    (np.float32, False, True, 1 << 21), (np.float64, False, False, 1 << 21), (np.float64, True, False, 1 << 21),
-    (np.float64, False, True, 1 << 21)])
-def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace, logits, one_pass_cells):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("replace, logits", [(False, False), (True, False), (False, True)])
+def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace, logits):
     """``atskern.gpu.sampling.sample`` itself (one allocation, the memset, the launches through packed slots) and
     ``read_status`` on the emulated device: the draws, probabilities and status of the host harness's direct path
-    and of the CPU kernel, including a bad row and a float64 row that the rescaling pass redoes; a small float32
-    call planned in one pass (``ONE_PASS_CELLS``) and with its statistics pass (0)."""
+    and of the CPU kernel, including a bad row and a float64 row that the rescaling pass redoes."""
     from atskern.gpu import _launch, _sequence
-
-    monkeypatch.setattr(gs, "ONE_PASS_CELLS", one_pass_cells)
-    single = gs.one_pass(4, 630, replace, logits, dtype)
-    assert single == (dtype == np.float32 and not replace and not logits and one_pass_cells > 0)
 
     names = sorted(kernel_parameters(gs.SOURCE))
     device = _EmulatedDevice(lib, names)
@@ -825,13 +751,11 @@ def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace
     host_status = gs.read_status(status)
     suffix = "f32" if dtype == np.float32 else "f64"
     assert device.launched[0] == "memset" and device.launched.count("memset") == 1
-    fused = gs.FUSED_FINISH and not single
-    last = "replacement_draws" if replace else "select_rows" if fused else "finish_rows"
+    last = "replacement_draws" if replace else "select_rows" if gs.FUSED_FINISH else "finish_rows"
     assert device.launched[-1] == f"{last}_{suffix}"
-    assert (f"chunk_topn_{suffix}" in device.launched) == (not replace and not fused)
-    assert (f"chunk_stats_{suffix}" in device.launched) == (not single)
+    assert (f"chunk_topn_{suffix}" in device.launched) == (not replace and not gs.FUSED_FINISH)
     want_i, want_p, want_status, _ = host_sample(lib, attention, n, seed=seed, replace=replace, logits=logits,
-                                                 probs_dtype=dtype, single_pass=single)
+                                                 probs_dtype=dtype)
     assert np.array_equal(np.asarray(indices), want_i)
     assert np.array_equal(np.asarray(probs).view(np.uint8), want_p.view(np.uint8))
     assert np.array_equal(host_status, want_status) and np.array_equal(np.asarray(status), want_status)
@@ -847,7 +771,7 @@ def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace
     assert np.array_equal(np.asarray(by_device[1]).view(np.uint8), want_p.view(np.uint8))
 
     # the step runner that sample() and the tuning probe share: every step issued, the hook called after each
-    p = gs.plan(4, weights.shape[1], n, replace, 32, 1, chunk=128, single_pass=single)
+    p = gs.plan(4, weights.shape[1], n, replace, 32, 1, chunk=128)
     lay = gs.layout(4, weights.shape[1], n, p, replace, logits, 2, np.dtype(dtype))
     ws, again_i, again_p, memory = gs.allocate(lay, arrays=p.sort)
     steps = gs.launches(weights, n, grid, seed, replace, logits, ws, p, again_i, again_p)

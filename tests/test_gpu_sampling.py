@@ -40,7 +40,7 @@ def _assert_each_bad_row_raises_as_on_the_cpu(attention, replace):
         assert str(gpu_error.value) == str(cpu_error.value), row
 
 
-@pytest.mark.usefixtures("gpu_plan")
+@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("replace", [False, True])
 def test_validation_messages_equal_the_cpu_path(replace):
     import cupy as cp
@@ -55,7 +55,7 @@ def test_validation_messages_equal_the_cpu_path(replace):
     assert str(gpu_error.value) == str(cpu_error.value)
 
 
-@pytest.mark.usefixtures("gpu_plan")
+@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("replace", [False, True])
 def test_validate_false_gives_the_documented_result(replace):
     """Bad rows: in-range indices, probs exactly 0, the status left on the device; check_status raises later."""
@@ -90,7 +90,7 @@ def test_device_seed_draws_as_the_int_seed(replace, logits):
     np.testing.assert_allclose(got[1].get(), want[1], rtol=1e-12)
 
 
-@pytest.mark.usefixtures("gpu_plan")
+@pytest.mark.usefixtures("finish")
 def test_scale_free_and_large_n_on_the_device():
     import cupy as cp
 
@@ -118,7 +118,7 @@ def _large_n_rows(dtype):
     return np.stack(rows).astype(dtype)
 
 
-@pytest.mark.usefixtures("gpu_plan")
+@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("threads", [32, 256])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_large_n_selected_on_the_device(monkeypatch, threads, dtype):
@@ -156,7 +156,7 @@ def _screening_rows(dtype, size):
     return rows.astype(dtype)
 
 
-@pytest.mark.usefixtures("gpu_plan")
+@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("capacity", ["planned", "tight"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n", [1, 10, 100])
@@ -201,7 +201,7 @@ def test_validate_false_call_is_capturable_in_a_cuda_graph():
     assert np.array_equal(indices.get(), atskern.sample(attention.get(), 10, seed=12)[0])
 
 
-@pytest.mark.usefixtures("gpu_plan")
+@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("rows", [1, 37, 300])
 @pytest.mark.parametrize("dtype, replace", [(np.float32, False), (np.float64, False), (np.float32, True)])
 def test_mapped_status_validates_as_the_device_status(monkeypatch, rows, dtype, replace):

@@ -39,7 +39,7 @@ def handles(monkeypatch):
 
 
 def _knobs():
-    return gs.BLOCKS_PER_SM, gs.MIN_BLOCKS, gs.SCREEN_UNROLL, gs.FUSED_FINISH, gs.ONE_PASS_CELLS
+    return gs.BLOCKS_PER_SM, gs.MIN_BLOCKS, gs.SCREEN_UNROLL, gs.FUSED_FINISH
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["finish_rows", "select_rows"])
@@ -71,8 +71,7 @@ def test_replay_words_are_the_launch_lists_words(handles, monkeypatch, rows, siz
     indices = _DeviceArray(*lay.specs["indices"], BASE + lay.offsets["indices"])
     probs = _DeviceArray(*lay.specs["probs"], BASE + lay.offsets["probs"])
     steps = gs.launches(weights, n, grid, seed, replace, logits, ws, call.plan, indices, probs, seed_array)
-    assert call.plan.one_pass == gs.one_pass(rows, size, replace, logits, dtype) == (size == 65536)
-    assert call.plan.fused == (fused and not replace and not call.plan.one_pass)
+    assert call.plan.fused == (fused and not replace)
     assert steps[0] == gs.ZERO_STEP and call.sequence.ops[0] == (_sequence.MEMSET, 0, lay.zeroed)
     assert len(call.sequence.ops) == len(steps)
     for op, step in zip(call.sequence.ops[1:], steps[1:]):

@@ -815,6 +815,78 @@ __device__ __forceinline__ ChunkItem chunk_item(long long size, int nchunks, lon
     return c;
 }
 
+// Block (row, chunk) after chunk_stats: a screened row's keys at most its plan's t into the row's buffer
+// (screen_range), a selected row's chunk n smallest keys into the chunk's candidate list (select_range); nothing for
+// pass 0 of a row that pass 1 redoes. Called by every thread of the block (c not skipped).
+template <typename T>
+__device__ void chunk_select(TopN& s, BlockStats& block_stats, const ChunkItem& c, const T* __restrict__ weights,
+                             long long size, int n, unsigned long long seed,
+                             const unsigned long long* __restrict__ seed_ptr, int logits,
+                             const unsigned long long* __restrict__ rowmax, int pass,
+                             unsigned long long* __restrict__ row_bound, double* __restrict__ cand_keys,
+                             long long* __restrict__ cand_idx, int* __restrict__ cand_count, int capacity,
+                             const double* __restrict__ row_plan, unsigned int* __restrict__ counters,
+                             double* __restrict__ screen_keys, long long* __restrict__ screen_idx) {
+    const long long item = c.item, rows = c.rows, row = c.row, start = c.start, stop = c.stop;
+    const double plan = row_plan[pass * rows + row];
+    if (plan == ATS_PLAN_SKIP) return;  // pass 0 of a row that pass 1 redoes
+    seed = effective_seed(seed, seed_ptr);
+    const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
+    const T* row_weights = weights + row * size;
+    if (plan < ATS_INF) {  // block-uniform
+        unsigned int* count = counters + counter_at(pass, ATS_SCREENED, rows, row);
+        if (!logits && !c.shift) {
+            screen_range<true>(row_weights, row, start, stop, seed, logits, top_logit, c.shift, plan, count, capacity,
+                               screen_keys + row * capacity, screen_idx + row * capacity);
+        } else {
+            screen_range<false>(row_weights, row, start, stop, seed, logits, top_logit, c.shift, plan, count, capacity,
+                                screen_keys + row * capacity, screen_idx + row * capacity);
+        }
+        return;
+    }
+    const int kept = select_range(s, block_stats, row_weights, row, start, stop, n, seed, logits, top_logit, c.shift,
+                                  row_bound);
+    for (int i = threadIdx.x; i < kept; i += blockDim.x) {
+        cand_keys[item * n + i] = __longlong_as_double((long long)s.u.list.keys[i]);
+        cand_idx[item * n + i] = start + s.u.list.values[i];
+    }
+    if (threadIdx.x == 0) cand_count[item] = kept;
+}
+
+// One block per (row, chunk): chunk_select (finish_rows then finishes the rows).
+template <typename T>
+__device__ void chunk_topn(const T* __restrict__ weights, long long size, int nchunks, long long chunk, int n,
+                           unsigned long long seed, const unsigned long long* __restrict__ seed_ptr, int logits,
+                           const unsigned long long* __restrict__ rowmax, int pass, const long long* __restrict__ status,
+                           unsigned long long* __restrict__ row_bound, double* __restrict__ cand_keys,
+                           long long* __restrict__ cand_idx, int* __restrict__ cand_count, int capacity,
+                           const double* __restrict__ row_plan, unsigned int* __restrict__ counters,
+                           double* __restrict__ screen_keys, long long* __restrict__ screen_idx) {
+    __shared__ TopN s;
+    __shared__ BlockStats block_stats;
+    const ChunkItem c = chunk_item<T>(size, nchunks, chunk, logits, pass, status);
+    if (c.skip) return;  // the whole block
+    chunk_select<T>(s, block_stats, c, weights, size, n, seed, seed_ptr, logits, rowmax, pass, row_bound, cand_keys,
+                    cand_idx, cand_count, capacity, row_plan, counters, screen_keys, screen_idx);
+}
+
+#define ATS_CHUNK_TOPN(suffix, T)                                                                                     \
+    extern "C" __global__ void ATS_SELECT_BOUNDS chunk_topn_##suffix(                                                  \
+        const T* weights, long long size, int nchunks, long long chunk, int n, unsigned long long seed,               \
+        const unsigned long long* seed_ptr, int logits, const unsigned long long* rowmax, int pass,                   \
+        const long long* status, unsigned long long* row_bound, double* cand_keys, long long* cand_idx,               \
+        int* cand_count, int capacity, const double* row_plan, unsigned int* counters, double* screen_keys,           \
+        long long* screen_idx) {                                                                                      \
+        chunk_topn<T>(weights, size, nchunks, chunk, n, seed, seed_ptr, logits, rowmax, pass, status, row_bound,     \
+                      cand_keys, cand_idx, cand_count, capacity, row_plan, counters, screen_keys, screen_idx);       \
+    }
+#if ATS_IN_GROUP(1)
+ATS_CHUNK_TOPN(f32, float)
+#endif
+#if ATS_IN_GROUP(2)
+ATS_CHUNK_TOPN(f64, double)
+#endif
+
 // A chunk's statistics, as chunk_stats reduces them (counts as the CPU kernel takes them: -inf is negative, +inf
 // positive; the largest finite weight, 0 below).
 struct ChunkSums {
@@ -909,89 +981,6 @@ __device__ __noinline__ ChunkSums stats_range(const T* __restrict__ row_weights,
     if constexpr (BITS) t.top = widen(__uint_as_float(top_bits));
     return t;
 }
-
-// Block (row, chunk) after chunk_stats: a screened row's keys at most its plan's t into the row's buffer
-// (screen_range), a selected row's chunk n smallest keys into the chunk's candidate list (select_range); nothing for
-// pass 0 of a row that pass 1 redoes. Called by every thread of the block (c not skipped).
-template <typename T>
-__device__ void chunk_select(TopN& s, BlockStats& block_stats, const ChunkItem& c, const T* __restrict__ weights,
-                             long long size, int n, unsigned long long seed,
-                             const unsigned long long* __restrict__ seed_ptr, int logits,
-                             const unsigned long long* __restrict__ rowmax, int pass,
-                             unsigned long long* __restrict__ row_bound, double* __restrict__ cand_keys,
-                             long long* __restrict__ cand_idx, int* __restrict__ cand_count, int capacity,
-                             const double* __restrict__ row_plan, unsigned int* __restrict__ counters,
-                             double* __restrict__ screen_keys, long long* __restrict__ screen_idx) {
-    const long long item = c.item, rows = c.rows, row = c.row, start = c.start, stop = c.stop;
-    const double plan = row_plan ? row_plan[pass * rows + row] : ATS_INF;  // null: a one-pass plan, every row selected
-    if (plan == ATS_PLAN_SKIP) return;  // pass 0 of a row that pass 1 redoes
-    seed = effective_seed(seed, seed_ptr);
-    const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
-    const T* row_weights = weights + row * size;
-    if (plan < ATS_INF) {  // block-uniform
-        unsigned int* count = counters + counter_at(pass, ATS_SCREENED, rows, row);
-        if (!logits && !c.shift) {
-            screen_range<true>(row_weights, row, start, stop, seed, logits, top_logit, c.shift, plan, count, capacity,
-                               screen_keys + row * capacity, screen_idx + row * capacity);
-        } else {
-            screen_range<false>(row_weights, row, start, stop, seed, logits, top_logit, c.shift, plan, count, capacity,
-                                screen_keys + row * capacity, screen_idx + row * capacity);
-        }
-        return;
-    }
-    const int kept = select_range(s, block_stats, row_weights, row, start, stop, n, seed, logits, top_logit, c.shift,
-                                  row_bound);
-    for (int i = threadIdx.x; i < kept; i += blockDim.x) {
-        cand_keys[item * n + i] = __longlong_as_double((long long)s.u.list.keys[i]);
-        cand_idx[item * n + i] = start + s.u.list.values[i];
-    }
-    if (threadIdx.x == 0) cand_count[item] = kept;
-}
-
-// One block per (row, chunk): chunk_select (finish_rows then finishes the rows). With `stats` (a one-pass plan:
-// float32 weights, not logits, no row_plan: atskern.gpu.sampling.one_pass; chunk_topn_f64 ignores it) the block
-// first writes its chunk's statistics there, as chunk_stats would (in this block size's order), for finish_rows.
-template <typename T>
-__device__ void chunk_topn(const T* __restrict__ weights, long long size, int nchunks, long long chunk, int n,
-                           unsigned long long seed, const unsigned long long* __restrict__ seed_ptr, int logits,
-                           const unsigned long long* __restrict__ rowmax, int pass, const long long* __restrict__ status,
-                           unsigned long long* __restrict__ row_bound, double* __restrict__ cand_keys,
-                           long long* __restrict__ cand_idx, int* __restrict__ cand_count, int capacity,
-                           const double* __restrict__ row_plan, unsigned int* __restrict__ counters,
-                           double* __restrict__ screen_keys, long long* __restrict__ screen_idx,
-                           double* __restrict__ stats) {
-    __shared__ TopN s;
-    __shared__ BlockStats block_stats;
-    const ChunkItem c = chunk_item<T>(size, nchunks, chunk, logits, pass, status);
-    if (c.skip) return;  // the whole block
-    if constexpr (sizeof(T) == 4) {
-        if (stats) {  // block-uniform
-            const ChunkSums t = stats_range<true>(weights + c.row * size, c.start, c.stop, 0, 0.0, 0);
-            reduce_stats(block_stats, stats + c.item * ATS_STATS, t.sum, t.top, t.nonfinite, t.negative, t.positive,
-                         t.squares);
-            __syncthreads();  // thread 0 has read block_stats before the selection uses it
-        }
-    }
-    chunk_select<T>(s, block_stats, c, weights, size, n, seed, seed_ptr, logits, rowmax, pass, row_bound, cand_keys,
-                    cand_idx, cand_count, capacity, row_plan, counters, screen_keys, screen_idx);
-}
-
-#define ATS_CHUNK_TOPN(suffix, T)                                                                                     \
-    extern "C" __global__ void ATS_SELECT_BOUNDS chunk_topn_##suffix(                                                  \
-        const T* weights, long long size, int nchunks, long long chunk, int n, unsigned long long seed,               \
-        const unsigned long long* seed_ptr, int logits, const unsigned long long* rowmax, int pass,                   \
-        const long long* status, unsigned long long* row_bound, double* cand_keys, long long* cand_idx,               \
-        int* cand_count, int capacity, const double* row_plan, unsigned int* counters, double* screen_keys,           \
-        long long* screen_idx, double* stats) {                                                                       \
-        chunk_topn<T>(weights, size, nchunks, chunk, n, seed, seed_ptr, logits, rowmax, pass, status, row_bound,     \
-                      cand_keys, cand_idx, cand_count, capacity, row_plan, counters, screen_keys, screen_idx, stats); \
-    }
-#if ATS_IN_GROUP(1)
-ATS_CHUNK_TOPN(f32, float)
-#endif
-#if ATS_IN_GROUP(2)
-ATS_CHUNK_TOPN(f64, double)
-#endif
 
 // The statistics of every path: one block per (row, chunk) of ATS_SELECT_THREADS threads (sum, largest finite
 // weight, counts, sum of squares), without the selection's shared memory and register cap, so many blocks share an
@@ -1382,7 +1371,7 @@ __device__ void finish_row(TopN& s, BlockStats& block_stats, FinishShared& f, lo
     // * n), or one presorted list of the row's n smallest keys in order (sort_keys), used as it is; so is a single
     // chunk's list (its exact n smallest keys, sorted).
     // A screened row (its plan a finite t): its buffer's keys sorted, or the row selected alone.
-    const double plan = (presorted || !row_plan) ? ATS_INF : row_plan[pass * rows + row];  // null: one pass
+    const double plan = presorted ? ATS_INF : row_plan[pass * rows + row];
     const int screened = plan < ATS_INF;  // block-uniform
     const long long screen_base = row * capacity;
     const unsigned int screened_count = screened ? load_written<COHERENT>(counters + counter_at(pass, ATS_SCREENED, rows, row)) : 0u;

@@ -60,13 +60,6 @@ FUSED_FINISH = False
 over seven shapes, no better, and its one-row ``select_rows`` (71.8 us GPU on 1 x 4096², n=10) cost more than
 ``chunk_topn`` and ``finish_rows`` apart (49.4 + 18.9): the row's last block finishes it while the others are
 done, so the launch saved buys nothing on the device."""
-ONE_PASS_CELLS = 1 << 21
-"""Most cells (rows x positions) of a float32 call without replacement (weights, not logits) planned in one pass
-(:func:`one_pass`): no ``chunk_stats`` launch; each ``chunk_topn`` block adds its chunk's statistics and selects its
-n smallest keys, and ``finish_rows`` merges the rows' lists. On small maps a launch is mostly latency: the
-statistics pass cost as much as the selecting one (1 x 256², n=10 on the H200: 12.7 us against 8.3,
-``bench/results/gpu-nvidia-h200-30bbccd.md``). Larger calls keep the statistics pass, whose row bound screens the
-keys of a long row. 0: never; the draws are the same either way (``bench.gpu_tuning --only onepass`` times both)."""
 MAPPED_STATUS = False
 """``sample(host_status=True)`` (a validated call of ``atskern.sample``) on a recorded call (:func:`maps_status`):
 the block that writes the status's summary row also copies the whole status into this thread's page-locked,
@@ -176,23 +169,12 @@ class Plan:
     """Slots of a row's screening buffer (:func:`screen_capacity`; 0: no row is screened)."""
     fused: bool = False
     """Rows finished inside the selecting launch (``select_rows``; :data:`FUSED_FINISH`)."""
-    one_pass: bool = False
-    """No statistics pass: ``chunk_topn`` blocks write their chunks' statistics and select (:func:`one_pass`)."""
-
-
-def one_pass(rows: int, size: int, replace: bool, logits: bool, dtype) -> bool:
-    """Whether a call is planned in one pass (:data:`ONE_PASS_CELLS`): float32 weights without replacement, no
-    logits (neither has a rescaling pass, which needs the rows' statistics first), at most that many cells."""
-    return (not replace and not logits and np.dtype(dtype) == np.float32
-            and rows * size <= ONE_PASS_CELLS)
 
 
 def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocessors: int, chunk: int | None = None,
-         fused: bool | None = None, single_pass: bool = False) -> Plan:
+         fused: bool | None = None) -> Plan:
     """The launch plan of a call (pure: tests build it for the host build of the kernels); ``fused`` defaults to
-    :data:`FUSED_FINISH` (it applies without replacement where keys are selected, not sorted); ``single_pass``
-    (:func:`one_pass`, the caller's to decide: it depends on the dtype) drops the statistics pass where keys are
-    selected, and with it screening and the fused finish."""
+    :data:`FUSED_FINISH` (it applies without replacement where keys are selected, not sorted)."""
     if threads not in SELECT_THREADS:
         raise ValueError(f"threads must be one of {SELECT_THREADS} (the block size of the selecting kernels), "
                          f"got {threads}")
@@ -207,18 +189,16 @@ def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocess
     chunk = min(chunk, MAX_CHUNK)
     if -(-size // chunk) * n >= MAX_SLOTS:
         chunk = -(-(-(-size // (MAX_SLOTS // n - 1))) // tile) * tile
-    single_pass = bool(single_pass) and not (replace or sort)
-    capacity = 0 if replace or sort or single_pass else screen_capacity(n, size, threads)
-    fused = (FUSED_FINISH if fused is None else bool(fused)) and not (replace or sort or single_pass)
-    return Plan(threads=threads, chunk=chunk, nchunks=-(-size // chunk), sort=sort, capacity=capacity, fused=fused,
-                one_pass=single_pass)
+    capacity = 0 if replace or sort else screen_capacity(n, size, threads)
+    fused = (FUSED_FINISH if fused is None else bool(fused)) and not (replace or sort)
+    return Plan(threads=threads, chunk=chunk, nchunks=-(-size // chunk), sort=sort, capacity=capacity, fused=fused)
 
 
 def workspace_specs(rows: int, size: int, n: int, p: Plan, replace: bool, logits: bool) -> dict:
     """The call's device arrays (the :class:`Workspace` fields) as ``{field: (shape, dtype) or None}``."""
     items = rows * p.nchunks
     select = not replace
-    planned = select and not p.sort and not p.one_pass  # a statistics pass writes the rows' plans
+    planned = select and not p.sort
     return {  # the ZEROED fields first and together: one memset
         "counters": ((COUNTER_KINDS * 2 * rows,), np.uint32) if planned else None,
         "row_bound": ((rows + 1,), np.uint64),
@@ -281,8 +261,6 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
     geometry = (dims, g[0], g[1], g[2])
     seed_args = (seed, _ptr(seed_ptr), logits, _ptr(ws.rowmax))
     items = rows * nchunks
-    if p.one_pass and double:
-        raise ValueError("a one-pass plan takes float32 weights, not logits (no rescaling pass: plan's single_pass)")
     steps = [ZERO_STEP]
     if logits:
         steps.append((f"row_max_{suffix}", (items,), (t,), (weights, size, nchunks, chunk, ws.rowmax)))
@@ -294,7 +272,7 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
     def chunk_pass(pass_):
         return (f"chunk_topn_{suffix}", (items,), (t,),
                 (weights, size, nchunks, chunk, n, *seed_args, pass_, ws.status, ws.row_bound, _ptr(ws.cand_keys),
-                 _ptr(ws.cand_idx), _ptr(ws.cand_count), *screen_args, ws.stats if p.one_pass else 0))
+                 _ptr(ws.cand_idx), _ptr(ws.cand_count), *screen_args))
 
     def stats_pass(pass_, planned=0):
         return (f"chunk_stats_{suffix}", (items,), (stats_threads(t),),
@@ -328,8 +306,6 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
         steps.append((f"exponential_keys_{suffix}", (min(-(-total // t), 1 << 20),), (t,),
                       (weights, size, total, *seed_args, ws.status, ws.keys)))
         steps += [SORT_STEP, finish(0, 1, presorted=1)]
-    elif p.one_pass:
-        steps += [chunk_pass(0), finish(0, 1)]
     else:
         for pass_ in (0, 1) if double else (0,):
             steps.append(stats_pass(pass_, 1))
@@ -454,9 +430,8 @@ def recorded_call(rows: int, size: int, n: int, grid: tuple, replace: bool, logi
     offsets for the workspace, indices and probs, and slots for the weights, the seed, (``seed_on_device``) the
     seed's device address and (``status_slot``) the status's host copy's address, in that order; ``dtype`` is the
     weights' and the probabilities'. ``knobs`` (``BLOCKS_PER_SM``, ``MIN_BLOCKS``, ``SCREEN_UNROLL``,
-    ``FUSED_FINISH``, ``ONE_PASS_CELLS``: their values now) keys the memo, so that a tuning change takes effect."""
-    p = plan(rows, size, n, replace, threads, _multiprocessors(device_id), chunk,
-             single_pass=one_pass(rows, size, replace, logits, dtype))
+    ``FUSED_FINISH``: their values now) keys the memo, so that a tuning change takes effect."""
+    p = plan(rows, size, n, replace, threads, _multiprocessors(device_id), chunk)
     lay = layout(rows, size, n, p, replace, logits, len(grid), dtype)
     if p.sort:
         return RecordedCall(p, lay, None)
@@ -511,7 +486,7 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
         mapped = _mapped.status_buffer((rows + 1, 4), device_id)
     call = recorded_call(rows, size, int(n), tuple(grid), bool(replace), bool(logits), weights.dtype, threads, chunk,
                          device_id, seed_ptr is not None,
-                         (BLOCKS_PER_SM, MIN_BLOCKS, SCREEN_UNROLL, FUSED_FINISH, ONE_PASS_CELLS), mapped is not None)
+                         (BLOCKS_PER_SM, MIN_BLOCKS, SCREEN_UNROLL, FUSED_FINISH), mapped is not None)
     lay = call.layout
     if call.sequence is None:
         return sample_from_lists(weights, n, grid, seed, replace, logits, seed_ptr, call.plan, lay, device_id)

@@ -19,11 +19,11 @@
                                              int logits, const U64* rowmax, int pass, const long long* status,        \
                                              U64* row_bound, double* cand_keys, long long* cand_idx, int* cand_count, \
                                              int capacity, const double* row_plan, unsigned* counters,                \
-                                             double* screen_keys, long long* screen_idx, double* stats) {             \
+                                             double* screen_keys, long long* screen_idx) {                            \
         launch(grid, block, [=] {                                                                                     \
             chunk_topn_##suffix(weights, size, nchunks, chunk, n, seed, seed_ptr, logits, rowmax, pass, status,       \
                                 row_bound, cand_keys, cand_idx, cand_count, capacity, row_plan, counters,             \
-                                screen_keys, screen_idx, stats);                                                      \
+                                screen_keys, screen_idx);                                                             \
         });                                                                                                           \
     }                                                                                                                 \
     extern "C" void host_chunk_stats_##suffix(unsigned grid, unsigned block, const T* weights, long long size,        \
