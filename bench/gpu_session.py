@@ -50,10 +50,12 @@ TEST_SECONDS = 230
 timed out there."""
 SANITIZER_SECONDS = 150
 TUNING_SECONDS = (100, 15)
-TUNING_PARTS = ["--only", "breakdown", "--only", "status", "--only", "finish", "--only", "where", "--only", "ncu"]
-"""The tuning step: each kernel's GPU time, the status read back by a copy or from mapped host memory, the two
-finishes compared, where a sampling call's time goes, then Nsight Compute on the streaming kernels (skipped without
-ncu; in quick mode only the breakdown runs)."""
+TUNING_PARTS = ["--only", "breakdown", "--only", "where", "--only", "ncu"]
+"""The tuning step: each kernel's GPU time, where a sampling call's time goes (a validated call's steps one by one),
+then Nsight Compute on the streaming kernels (skipped without ncu; in quick mode only the breakdown runs). The
+finish and status parts (FUSED_FINISH, MAPPED_STATUS) ran on the H200 and chose their knobs
+(``bench/results/gpu-nvidia-h200-30bbccd.md``); the configurations part ran on 05a75fa
+(``bench/results/gpu-nvidia-h200-onepass.md``)."""
 
 
 def _env() -> dict:

@@ -226,9 +226,12 @@ def _host_us(fn, reps=150) -> float:
 
 
 def where_table() -> str:
-    """Where a float32 ``atskern.sample`` call's time goes, with either finish (``FUSED_FINISH``): wall µs with
-    and without validation, the backend's host time issuing its memset and launches (no wait), the front end's
-    host time (the rest, validate=False), torch Gumbel top-k (rand, log, top-k) and ``a.sum()`` in the same run."""
+    """Where a validated float32 ``atskern.sample`` call's time goes, wall µs: the call as the benchmarks time it
+    (then a device synchronize), the same call without that wait (it has waited for its status already), and
+    ``validate=False`` followed by the steps a validated call adds one by one (a stream synchronize; the status
+    copied to pinned memory, then the synchronize); then the backend's host time issuing its memset and launches (no
+    wait), the front end's host time (the rest, validate=False), torch Gumbel top-k (rand, log, top-k) and
+    ``a.sum()`` read back, in the same run."""
     import cupy
 
     import atskern
@@ -239,33 +242,44 @@ def where_table() -> str:
     def median_us(fn, wait=None):
         return 1e6 * _gpu.median_wall(fn, wait, repeats=150, warmup=15)
 
-    lines = ["| B | grid | n | finish | sample | validate=False | backend host (no wait) | front host | torch top-k | "
-             "a.sum() | torch top-k / sample |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    def nothing():
+        return None
+
+    lines = ["| B | grid | n | sample | sample, no wait after | validate=False | + stream sync | + status copy, sync | "
+             "backend host (no wait) | front host | torch top-k | a.sum() | torch top-k / sample |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     rng = np.random.default_rng(0)
-    saved = sampling.FUSED_FINISH
-    try:
-        for rows, side, n in WHERE_CASES:
-            attention = cupy.asarray(rng.random((rows, side, side), dtype=np.float32) + np.float32(1e-3))
-            weights = attention.reshape(rows, -1)
-            topk = float("nan")
-            if torch is not None:
-                flat = torch.as_tensor(weights, device="cuda")
-                topk = median_us(lambda: (flat.log() - (-torch.rand_like(flat).log()).log()).topk(n, dim=1),
-                                 torch.cuda.synchronize)
-            floor = median_us(lambda: float(attention.sum()))
-            for fused in (False, True):
-                sampling.FUSED_FINISH = fused
-                total = median_us(lambda: atskern.sample(attention, n, seed=1))
-                unchecked = median_us(lambda: atskern.sample(attention, n, seed=1, validate=False))
-                backend = _host_us(lambda: sampling.sample(weights, n, (side, side), 1, False))
-                front = _host_us(lambda: atskern.sample(attention, n, seed=1, validate=False)) - backend
-                lines.append(f"| {rows} | {side}² | {n} | {'select_rows' if fused else 'finish_rows'} | {total:.1f} | "
-                             f"{unchecked:.1f} | {backend:.1f} | {front:.1f} | {topk:.1f} | {floor:.1f} | "
-                             f"{topk / total:.2f} |")
-            del attention, weights
-            cupy.get_default_memory_pool().free_all_blocks()
-    finally:
-        sampling.FUSED_FINISH = saved
+    for rows, side, n in WHERE_CASES:
+        attention = cupy.asarray(rng.random((rows, side, side), dtype=np.float32) + np.float32(1e-3))
+        weights = attention.reshape(rows, -1)
+        topk = float("nan")
+        if torch is not None:
+            flat = torch.as_tensor(weights, device="cuda")
+            topk = median_us(lambda: (flat.log() - (-torch.rand_like(flat).log()).log()).topk(n, dim=1),
+                             torch.cuda.synchronize)
+        floor = median_us(lambda: float(attention.sum()))
+        stream = cupy.cuda.get_current_stream()
+
+        def synced():
+            atskern.sample(attention, n, seed=1, validate=False)
+            stream.synchronize()
+
+        def copied():
+            status = atskern.sample(attention, n, seed=1, validate=False, return_status=True)[2]
+            sampling.read_status(status)
+
+        total = median_us(lambda: atskern.sample(attention, n, seed=1))
+        no_wait = median_us(lambda: atskern.sample(attention, n, seed=1), nothing)
+        unchecked = median_us(lambda: atskern.sample(attention, n, seed=1, validate=False))
+        with_sync = median_us(synced, nothing)
+        with_copy = median_us(copied, nothing)
+        backend = _host_us(lambda: sampling.sample(weights, n, (side, side), 1, False))
+        front = _host_us(lambda: atskern.sample(attention, n, seed=1, validate=False)) - backend
+        lines.append(f"| {rows} | {side}² | {n} | {total:.1f} | {no_wait:.1f} | {unchecked:.1f} | {with_sync:.1f} | "
+                     f"{with_copy:.1f} | {backend:.1f} | {front:.1f} | {topk:.1f} | {floor:.1f} | "
+                     f"{topk / total:.2f} |")
+        del attention, weights
+        cupy.get_default_memory_pool().free_all_blocks()
     return "\n".join(lines)
 
 
