@@ -2,7 +2,8 @@
 launch of one call, and ``atskern.sample`` under each block size and ``MIN_BLOCKS`` (draws checked unchanged);
 ``--only where`` splits a call's time into host and device parts; ``--only status`` times the status read-back
 by a copy against mapped host memory (``MAPPED_STATUS``); ``--only ncu`` adds Nsight Compute's sections
-for the streaming kernels where ``ncu`` is installed.
+for the streaming kernels where ``ncu`` is installed, ``--only ncu-small`` for the three kernels of a small call,
+``--only ncu-gather`` for the patch gather.
 
     PYTHONPATH=.:adapters python3 -m bench.gpu_tuning [--quick]
 
@@ -409,11 +410,12 @@ NCU_KERNELS = "regex:^(chunk_stats|chunk_topn|finish_rows)_f32$"
 NCU_SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "MemoryWorkloadAnalysis", "WarpStateStats")
 NCU_TARGET = """
 import cupy, numpy as np, atskern
-x = cupy.asarray(np.random.default_rng(0).random((1, 4096, 4096), dtype=np.float32) + np.float32(1e-3))
+x = cupy.asarray(np.random.default_rng(0).random((1, {side}, {side}), dtype=np.float32) + np.float32(1e-3))
 for seed in range(3):
-    atskern.sample(x, 100, seed=seed)
+    atskern.sample(x, {n}, seed=seed)
 """
-"""The profiled program: three calls on 1 x 4096², n=100 (the first compiles; ncu profiles the last call's kernels)."""
+"""The profiled program: three calls on 1 x side², n (the first compiles; ncu profiles the last call's kernels)."""
+NCU_SMALL_SECTIONS = ("SpeedOfLight", "LaunchStats", "Occupancy", "WarpStateStats", "SchedulerStats")
 
 
 def _ncu() -> str | None:
@@ -427,20 +429,20 @@ def _ncu() -> str | None:
     return candidates[-1] if candidates else None
 
 
-def ncu_profile(timeout: float = 120.0) -> str:
-    """Nsight Compute's view of the streaming kernels of one call on 1 x 4096², n=100: bandwidth reached (speed of
-    light), occupancy, registers and what the warps wait on -- what the read-floor goal of issue 10 hinges on."""
+def _run_ncu(kernels: str, skip: int, count: int, sections, target: str, timeout: float) -> str:
+    """Nsight Compute's ``sections`` for ``count`` launches of ``kernels`` (a regex) after ``skip`` of them in the
+    program ``target``, as markdown (the command, its exit status and the report's last lines)."""
     import os
     import subprocess
 
     ncu = _ncu()
     if ncu is None:
         return "- skipped: ncu (Nsight Compute) not found"
-    command = [ncu, "--kernel-name", NCU_KERNELS, "--launch-skip", "6", "--launch-count", "3", "--target-processes",
-               "all"]
-    for section in NCU_SECTIONS:
+    command = [ncu, "--kernel-name", kernels, "--launch-skip", str(skip), "--launch-count", str(count),
+               "--target-processes", "all"]
+    for section in sections:
         command += ["--section", section]
-    command += [sys.executable, "-c", NCU_TARGET]
+    command += [sys.executable, "-c", target]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [".", "adapters", os.environ.get("PYTHONPATH")])))
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
@@ -448,15 +450,43 @@ def ncu_profile(timeout: float = 120.0) -> str:
         return f"- ncu timed out after {timeout:.0f} s"
     text = result.stdout.strip() or result.stderr.strip()
     lines = [line for line in text.splitlines() if line.strip() and not line.startswith("==PROF==")]
-    return f"`{' '.join(command[:2])} ... ({', '.join(NCU_SECTIONS)})`, exit {result.returncode}\n\n```\n" + \
+    return f"`{' '.join(command[:3])} ... ({', '.join(sections)})`, exit {result.returncode}\n\n```\n" + \
         "\n".join(lines[-400:]) + "\n```"
+
+
+def ncu_profile(timeout: float = 120.0) -> str:
+    """Nsight Compute's view of the streaming kernels of one call on 1 x 4096², n=100: bandwidth reached (speed of
+    light), occupancy, registers and what the warps wait on -- what the read-floor goal of issue 10 hinges on."""
+    return _run_ncu(NCU_KERNELS, 6, 3, NCU_SECTIONS, NCU_TARGET.format(side=4096, n=100), timeout)
+
+
+def ncu_small(timeout: float = 120.0) -> str:
+    """Nsight Compute on the three kernels of the last of three calls on 1 x 256², n=10 (statistics, screening,
+    finish): on small maps each launch is mostly latency, and the warp states say what it waits on."""
+    return _run_ncu(NCU_KERNELS, 6, 3, NCU_SMALL_SECTIONS, NCU_TARGET.format(side=256, n=10), timeout)
+
+
+NCU_GATHER_TARGET = """
+import cupy, numpy as np, atskern
+rng = np.random.default_rng(0)
+x = cupy.asarray(rng.random((8, 2048, 2048, 3), dtype=np.float32))
+offsets = cupy.asarray(rng.integers(0, 2048 - 32 + 1, (8, 512, 2)).astype(np.int32))
+for _ in range(3):
+    atskern.extract_patches(x, offsets, 32)
+"""
+
+
+def ncu_gather(timeout: float = 120.0) -> str:
+    """Nsight Compute on the gather of 512 patches of 32²x3 float32 from each of 8 images of 2048²x3 (the last of
+    three calls): 40% of the copy bandwidth in kernel time on the H200, short of issue 10's 50%."""
+    return _run_ncu("regex:^gather_", 2, 1, NCU_SECTIONS, NCU_GATHER_TARGET, timeout)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=["registers", "breakdown", "finish", "configs", "torch-profile", "host-profile",
-                                           "where", "status", "ncu"],
+                                           "where", "status", "ncu", "ncu-small", "ncu-gather"],
                         action="append", help="run only these parts (repeatable; default all but ncu)")
     args = parser.parse_args(argv)
     parts = set(args.only or ["registers", "breakdown", "finish", "where", "status", "configs", "torch-profile",
@@ -483,6 +513,11 @@ def main(argv=None) -> int:
         print("### torch profile of the ATS training step\n\n" + torch_step_profile() + "\n", flush=True)
     if "ncu" in parts:
         print("### Nsight Compute profile of the streaming kernels\n\n" + ncu_profile() + "\n", flush=True)
+    if "ncu-small" in parts:
+        print("### Nsight Compute profile of a small call's kernels (1 x 256², n=10)\n\n" + ncu_small() + "\n", flush=True)
+    if "ncu-gather" in parts:
+        print("### Nsight Compute profile of the gather (8 x 512 patches of 32²x3 float32)\n\n" + ncu_gather() + "\n",
+              flush=True)
     if "host-profile" in parts:
         print("### Host time of single calls (cProfile)\n\n" + host_profile() + "\n", flush=True)
     return 0
