@@ -96,6 +96,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sampling-only", action="store_true", help="only the sampling kernels (for racecheck)")
+    parser.add_argument("--patches-only", action="store_true", help="only the patch kernels")
     args = parser.parse_args(argv)
     from atskern.gpu import sampling as gpu_sampling
 
@@ -103,6 +104,10 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     if not args.sampling_only:
         patches(cupy, atskern, rng)
+    if args.patches_only:
+        cupy.cuda.Device().synchronize()
+        print("gpu smoke: all results equal the CPU kernels")
+        return 0
     saved = gpu_sampling.FUSED_FINISH
     try:
         for fused in (False, True):  # rows finished by finish_rows, and by their last select_rows block

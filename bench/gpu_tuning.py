@@ -210,6 +210,54 @@ def finish_table(quick: bool) -> str:
     return "\n".join(lines)
 
 
+GATHER_UNIT_ROWS = (8, 16, 32)
+
+
+def gather_table(quick: bool) -> str:
+    """The gather of ``bench.gpu_patches``' cases with each chunk's place in a row computed per row or once per unit
+    (``GATHER_PERIODIC``) and ``GATHER_UNIT_ROWS`` rows per unit: kernel ms (queued behind a spin kernel: no host
+    time) and wall ms, the output checked equal to the first configuration's; the knobs' defaults are set from it."""
+    import cupy
+
+    import atskern
+    from atskern.gpu import patches
+
+    from .gpu_patches import BATCH, CASES, CHANNELS, SIDE, queued_device_ms
+
+    copy = _gpu.copy_bandwidth(repeats=5)
+    configs = [(periodic, rows) for periodic in (False, True) for rows in GATHER_UNIT_ROWS]
+    header = " | ".join(f"{'once' if periodic else 'per row'}, {rows} rows" for periodic, rows in configs)
+    lines = ["kernel ms (% of d2d copy) / wall ms of `atskern.extract_patches` per configuration: the chunk's place "
+             "computed per row or once per unit (GATHER_PERIODIC), rows per unit (GATHER_UNIT_ROWS)", "",
+             f"| case | {header} |", "|---" * (1 + len(configs)) + "|"]
+    saved = patches.GATHER_PERIODIC, patches.GATHER_UNIT_ROWS
+    rng = np.random.default_rng(0)
+    try:
+        for dtype, patch, count in (CASES[1:3] if quick else CASES):
+            x = cupy.asarray(rng.integers(0, 256, (BATCH, SIDE, SIDE, CHANNELS)).astype(dtype))
+            offsets = cupy.asarray(rng.integers(0, SIDE - patch + 1, (BATCH, count, 2)).astype(np.int32))
+            reference, cells = None, []
+            for periodic, rows in configs:
+                patches.GATHER_PERIODIC, patches.GATHER_UNIT_ROWS = periodic, rows
+                patches.clear_caches()
+                got = atskern.extract_patches(x, offsets, patch)
+                if reference is None:
+                    reference = got
+                elif not bool(cupy.array_equal(got, reference)):
+                    raise AssertionError(f"the gather differs at GATHER_PERIODIC={periodic}, {rows} rows")
+                t = _gpu.timings(lambda: atskern.extract_patches(x, offsets, patch), repeats=10 if quick else 20)
+                kernel = min(queued_device_ms(lambda: atskern.extract_patches(x, offsets, patch), t["host"])
+                             for _ in range(3))
+                cells.append(f"{kernel:.4f} ({200 * reference.nbytes / copy / kernel / 1e-3:.0f}%) / {t['wall']:.4f}")
+            lines.append(f"| {np.dtype(dtype).name} {patch}²x{CHANNELS}, {count} per image | " + " | ".join(cells) + " |")
+            del x, offsets, reference
+            cupy.get_default_memory_pool().free_all_blocks()
+    finally:
+        patches.GATHER_PERIODIC, patches.GATHER_UNIT_ROWS = saved
+        patches.clear_caches()
+    return "\n".join(lines)
+
+
 WHERE_CASES = [(1, 256, 10), (32, 256, 100), (1, 1024, 10), (1, 4096, 100), (32, 1024, 100), (256, 256, 10)]
 
 
@@ -486,7 +534,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=["registers", "breakdown", "finish", "configs", "torch-profile", "host-profile",
-                                           "where", "status", "ncu", "ncu-small", "ncu-gather"],
+                                           "where", "status", "ncu", "ncu-small", "ncu-gather", "gather"],
                         action="append", help="run only these parts (repeatable; default all but ncu)")
     args = parser.parse_args(argv)
     parts = set(args.only or ["registers", "breakdown", "finish", "where", "status", "configs", "torch-profile",
@@ -515,6 +563,8 @@ def main(argv=None) -> int:
         print("### Nsight Compute profile of the streaming kernels\n\n" + ncu_profile() + "\n", flush=True)
     if "ncu-small" in parts:
         print("### Nsight Compute profile of a small call's kernels (1 x 256², n=10)\n\n" + ncu_small() + "\n", flush=True)
+    if "gather" in parts:
+        print("### Patch gather configurations\n\n" + gather_table(args.quick) + "\n", flush=True)
     if "ncu-gather" in parts:
         print("### Nsight Compute profile of the gather (8 x 512 patches of 32²x3 float32)\n\n" + ncu_gather() + "\n",
               flush=True)

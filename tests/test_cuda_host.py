@@ -317,7 +317,8 @@ def test_launch_constants_match_the_kernel_source():
     from atskern.gpu._module import source
 
     defines = dict(re.findall(r"^#define (\w+) (\d+)", source("patches.cu"), re.M))
-    for name in ("GATHER_BATCH", "GATHER_MAX_THREADS", "SCATTER_THREADS", "SCATTER_PIXELS", "SCATTER_STAGED"):
+    for name in ("GATHER_BATCH", "GATHER_MAX_THREADS", "SCATTER_THREADS", "SCATTER_PIXELS", "SCATTER_STAGED",
+                 "GATHER_PERIODIC"):
         assert int(defines[name]) == getattr(gp, name), name
 
 

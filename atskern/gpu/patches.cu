@@ -78,6 +78,11 @@ __device__ __forceinline__ Box patch_box(const Offsets& off, const Geometry& g, 
 // chunks touching the image's border go element by element.
 
 #define GATHER_BATCH 4
+// Rows whose length is a multiple of 16 bytes share each chunk's span (chunk_span), computed once per unit instead
+// of per row; 0 computes it per row (atskern.gpu.patches.GATHER_PERIODIC, a tuning knob: the same output).
+#ifndef GATHER_PERIODIC
+#define GATHER_PERIODIC 1
+#endif
 #define GATHER_MAX_THREADS 256  // the launches' block size (atskern.gpu._module.THREADS_PER_BLOCK) at most
 // blocks per SM the registers allow: 3 (<= 85 registers a thread) with int indices, 2 with 64-bit ones (no spills)
 
@@ -113,31 +118,49 @@ struct Chunk {
     const unsigned char* source;  // CHUNK_FAST: the chunk's first source byte
 };
 
-// Chunk number `chunk` (counted from the row's first 16-byte line) of the row dst[0, width), whose part [lo, hi)
-// comes from src (src[0] is element lo). A fast chunk's 16-byte loads stay inside the image's bytes
-// [begin, end) (chunks whose aligned blocks would leave it, at the image's first and last bytes, go element
-// by element), so no load leaves the image's allocation.
+// Where chunk number `chunk` (counted from the row's first 16-byte line) falls in the row dst[0, width): its
+// elements [e0, e1), whether the row has it at all and whether it is a whole aligned 16 bytes. It depends on the
+// row only through dst's address modulo 16, so every row of a patch plane whose rows are a multiple of 16 bytes
+// long shares it.
+template <typename I>
+struct ChunkSpan {
+    I e0, e1;
+    bool present, whole;
+};
+
 template <typename T, typename I>
-__device__ __forceinline__ Chunk<T, I> row_chunk(const T* dst, const T* src, I lo, I hi, I width,
-                                                 unsigned long long chunk, unsigned long long begin,
-                                                 unsigned long long end) {
+__device__ __forceinline__ ChunkSpan<I> chunk_span(const T* dst, I width, unsigned long long chunk) {
     const long long item = (long long)sizeof(T);
     const unsigned long long start = reinterpret_cast<unsigned long long>(dst);
     const unsigned long long first = start >> 4;
     const unsigned long long last = (start + (unsigned long long)width * sizeof(T) - 1ULL) >> 4;
-    Chunk<T, I> c;
-    c.e0 = 0;
-    c.e1 = 0;
-    c.mode = CHUNK_NONE;
-    c.source = nullptr;
-    if (first + chunk > last) return c;
+    ChunkSpan<I> span;
+    span.e0 = 0;
+    span.e1 = 0;
+    span.present = first + chunk <= last;
+    span.whole = false;
+    if (!span.present) return span;
     // byte0 is a multiple of sizeof(T) in (-16, width * sizeof(T)): dst is T-aligned, chunks 16-aligned
     const long long byte0 = (long long)((first + chunk) << 4) - (long long)start;
-    c.e0 = byte0 <= 0 ? I(0) : (I)(byte0 / item);
+    span.e0 = byte0 <= 0 ? I(0) : (I)(byte0 / item);
     const long long stop = (byte0 + 16) / item;
-    c.e1 = stop < (long long)width ? (I)stop : width;
-    c.mode = CHUNK_SLOW;
-    if (byte0 >= 0 && (long long)(c.e1 - c.e0) * item == 16) {
+    span.e1 = stop < (long long)width ? (I)stop : width;
+    span.whole = byte0 >= 0 && (long long)(span.e1 - span.e0) * item == 16;
+    return span;
+}
+
+// The chunk `span` of a row whose part [lo, hi) comes from src (src[0] is element lo): how it is written. A fast
+// chunk's 16-byte loads stay inside the image's bytes [begin, end) (chunks whose aligned blocks would leave it, at
+// the image's first and last bytes, go element by element), so no load leaves the image's allocation.
+template <typename T, typename I>
+__device__ __forceinline__ Chunk<T, I> row_chunk(const ChunkSpan<I>& span, const T* src, I lo, I hi,
+                                                 unsigned long long begin, unsigned long long end) {
+    Chunk<T, I> c;
+    c.e0 = span.e0;
+    c.e1 = span.e1;
+    c.mode = span.present ? CHUNK_SLOW : CHUNK_NONE;
+    c.source = nullptr;
+    if (span.whole) {
         if (c.e0 >= lo && c.e1 <= hi) {
             const unsigned char* s = reinterpret_cast<const unsigned char*>(src + (c.e0 - lo));
             if (load16_inside(s, begin, end)) {
@@ -170,6 +193,7 @@ __device__ void gather(const T* __restrict__ x, const Offsets& off, T* __restric
     const I step = (I)gridDim.x * per_block;
     const unsigned long long image_begin = reinterpret_cast<unsigned long long>(x);
     const unsigned long long image_end = image_begin + (unsigned long long)image_bytes;
+    const bool periodic = GATHER_PERIODIC && ((unsigned long long)width * sizeof(T)) % 16ULL == 0ULL;
     for (I unit = (I)blockIdx.x * per_block + (I)(threadIdx.x >> lanes_log2); unit < (I)units; unit += step) {
         const I segment = unit % segments;
         I rest = unit / segments;  // the plane (b, k, r, i0)
@@ -204,6 +228,8 @@ __device__ void gather(const T* __restrict__ x, const Offsets& off, T* __restric
         };
         for (int slot = 0; slot < slots; ++slot) {
             const unsigned long long chunk = (unsigned long long)(lane + slot * lanes);
+            // rows a multiple of 16 bytes long: the unit's rows share the chunk's span, computed once
+            const ChunkSpan<I> unit_span = chunk_span<T, I>(dst0, width, chunk);
             for (I u0 = 0; u0 < n; u0 += GATHER_BATCH) {
                 uint4 a[GATHER_BATCH], bb[GATHER_BATCH];
                 I e0[GATHER_BATCH];
@@ -218,8 +244,9 @@ __device__ void gather(const T* __restrict__ x, const Offsets& off, T* __restric
                     if (u < n) {
                         I row_lo, row_hi;
                         const T* src = row_source(u, row_lo, row_hi);
-                        const Chunk<T, I> c = row_chunk<T, I>(dst0 + u * width, src, row_lo, row_hi, width, chunk,
-                                                              image_begin, image_end);
+                        const Chunk<T, I> c = row_chunk<T, I>(
+                            periodic ? unit_span : chunk_span<T, I>(dst0 + u * width, width, chunk), src, row_lo,
+                            row_hi, image_begin, image_end);
                         mode[j] = c.mode;
                         e0[j] = c.e0;
                         if (c.mode == CHUNK_FAST) {
@@ -242,8 +269,8 @@ __device__ void gather(const T* __restrict__ x, const Offsets& off, T* __restric
                     } else if (mode[j] == CHUNK_SLOW) {  // rare: recompute the row's source
                         I row_lo, row_hi;
                         const T* src = row_source(u, row_lo, row_hi);
-                        const Chunk<T, I> c = row_chunk<T, I>(dst, src, row_lo, row_hi, width, chunk, image_begin,
-                                                              image_end);
+                        const Chunk<T, I> c = row_chunk<T, I>(chunk_span<T, I>(dst, width, chunk), src, row_lo,
+                                                              row_hi, image_begin, image_end);
                         for (I e = c.e0; e < c.e1; ++e) dst[e] = (e >= row_lo && e < row_hi) ? src[e - row_lo] : fill;
                     }
                 }

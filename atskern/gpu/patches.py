@@ -38,6 +38,10 @@ GATHER_MAX_THREADS = 256
 """The gather's __launch_bounds__ (patches.cu GATHER_MAX_THREADS): its blocks have at most this many threads."""
 GATHER_BATCH = 4
 """Rows whose loads the gather issues before their stores (patches.cu GATHER_BATCH)."""
+GATHER_PERIODIC = True
+"""patches.cu GATHER_PERIODIC: where a patch row is a multiple of 16 bytes long, the gather computes each chunk's place
+in a row once per unit of rows instead of per row (fewer instructions per 16-byte chunk); a tuning knob, the same
+output (``bench.gpu_tuning --only gather`` times both)."""
 GATHER_UNIT_ROWS = 8
 """Consecutive rows of a patch plane per thread group of the gather (one offsets read per unit; the kernel
 issues the loads of 4 rows before their stores)."""
@@ -194,10 +198,24 @@ def _device() -> int:
     return cupy().cuda.runtime.getDevice()
 
 
+def compile_options() -> tuple[str, ...]:
+    """The NVRTC options of ``patches.cu`` (its tuning knobs)."""
+    return _options(bool(GATHER_PERIODIC))
+
+
 @functools.lru_cache(maxsize=None)
+def _options(periodic: bool) -> tuple[str, ...]:
+    return (f"-DGATHER_PERIODIC={int(periodic)}",)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str, device: int, options: tuple[str, ...]) -> int:
+    return _module.function(SOURCE, name, options).kernel.ptr
+
+
 def _handle(name: str, device: int) -> int:
-    """The ``CUfunction`` of kernel ``name`` on ``device`` (memoized)."""
-    return _module.function(SOURCE, name).kernel.ptr
+    """The ``CUfunction`` of kernel ``name`` on ``device``, compiled with :func:`compile_options` (memoized)."""
+    return _kernel(name, device, compile_options())
 
 
 _cached_gather_plan = functools.lru_cache(maxsize=1024)(gather_plan)
