@@ -40,8 +40,10 @@ GATHER_BATCH = 4
 """Rows whose loads the gather issues before their stores (patches.cu GATHER_BATCH)."""
 GATHER_PERIODIC = True
 """patches.cu GATHER_PERIODIC: where a patch row is a multiple of 16 bytes long, the gather computes each chunk's place
-in a row once per unit of rows instead of per row (fewer instructions per 16-byte chunk); a tuning knob, the same
-output (``bench.gpu_tuning --only gather`` times both)."""
+in a row once per unit of rows instead of per row (fewer instructions per 16-byte chunk: Nsight Compute had the
+gather issue-bound, DRAM at 27%); a tuning knob, the same output. On the H200 (``bench.gpu_tuning --only gather``,
+``bench/results/gpu-nvidia-h200-077b93b-patches.md``) it took 4-5% off the kernel time of the 32², 64² and uint8
+128² gathers; 16 or 32 rows per unit (``GATHER_UNIT_ROWS``) were slower but for 32² (4%)."""
 GATHER_UNIT_ROWS = 8
 """Consecutive rows of a patch plane per thread group of the gather (one offsets read per unit; the kernel
 issues the loads of 4 rows before their stores)."""
