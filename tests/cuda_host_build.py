@@ -14,16 +14,17 @@ import pytest
 HERE = Path(__file__).resolve().parent / "cuda_host"
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "atskern" / "gpu"
 
-PROBE = "#include <barrier>\nint main() { std::barrier<> b(1); b.arrive_and_wait(); }\n"
+PROBE = "#include <ucontext.h>\nint main() { ucontext_t context; return getcontext(&context); }\n"
 
 
 def build_host_library(folder: Path, harness: str) -> ctypes.CDLL:
-    """Compile ``tests/cuda_host/<harness>.cpp`` into ``folder`` and load it; skip where g++ lacks C++20 <barrier>."""
+    """Compile ``tests/cuda_host/<harness>.cpp`` into ``folder`` and load it; skip where g++ or <ucontext.h> (the
+    shims' fibers) is missing."""
     (folder / "probe.cpp").write_text(PROBE)
     probe = subprocess.run(["g++", "-std=c++20", "-pthread", str(folder / "probe.cpp"), "-o", str(folder / "probe")],
                            capture_output=True, text=True)
     if probe.returncode != 0:
-        pytest.skip(f"g++ without C++20 <barrier>: {probe.stderr.strip()[:200]}")
+        pytest.skip(f"g++ cannot build with <ucontext.h>: {probe.stderr.strip()[:200]}")
     out = folder / f"{harness}.so"
     # -fno-gnu-unique: a template's function-local statics (the shims' __shared__ variables) would otherwise be
     # STB_GNU_UNIQUE symbols, bound to the first loaded library's copy across every harness of another block size

@@ -1,12 +1,16 @@
 // Host shims of the CUDA built-ins that atskern/gpu/*.cu use, so a kernel source compiles as C++20 and runs on the
-// CPU: a launch runs its blocks one after another, each block's threads as std::threads that meet at
-// __syncthreads (a std::barrier); __shared__ variables are function statics, shared by the threads of the one
-// block that runs at a time. For CPU-only CI of the kernels' own code (tests/test_cuda_host.py), not for speed.
+// CPU: a launch runs its blocks one after another, each block's threads as fibers (ucontext) of the calling thread
+// that meet at __syncthreads: a fiber runs until its next barrier, and the barrier opens when every fiber of the
+// block has reached it (fibers that returned wait no more). Each round of a barrier runs the fibers in the other
+// order than the round before, so that a read of another thread's write without a barrier between them sees a
+// different value depending on the order, and a result that depends on it shows up. __shared__ variables are
+// function statics, shared by the fibers of the one block that runs at a time. For CPU-only CI of the kernels' own
+// code (tests/test_cuda_host*.py), not for speed; fibers instead of OS threads because a barrier then costs a few
+// context switches in user space, not a scheduling round of the operating system for every thread.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -14,7 +18,7 @@
 #include <memory>
 #include <numeric>
 #include <mutex>
-#include <thread>
+#include <ucontext.h>
 #include <vector>
 
 struct dim3 {
@@ -31,10 +35,18 @@ struct double2 {
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
 
-inline thread_local dim3 threadIdx, blockIdx;
+inline dim3 threadIdx, blockIdx;  // the running fiber's (one OS thread runs every fiber of a launch)
 inline dim3 blockDim, gridDim;
-inline std::barrier<>* block_barrier = nullptr;
 inline std::mutex atomic_mutex;
+
+// The fibers of the block that runs: each one's context, and the scheduler's, which a barrier switches back to.
+struct Fibers {
+    ucontext_t scheduler;
+    std::vector<ucontext_t> contexts;
+    std::vector<unsigned char> done;
+    unsigned current = 0;
+};
+inline Fibers* running_fibers = nullptr;
 
 #define __global__
 #define __device__
@@ -45,7 +57,10 @@ inline std::mutex atomic_mutex;
 #define __launch_bounds__(...)
 #define __shared__ static
 
-inline void __syncthreads() { block_barrier->arrive_and_wait(); }
+inline void __syncthreads() {
+    Fibers& fibers = *running_fibers;
+    swapcontext(&fibers.contexts[fibers.current], &fibers.scheduler);  // back when every fiber has arrived
+}
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 
 template <typename T>
@@ -164,23 +179,48 @@ inline int __syncthreads_or(int predicate) {
     return any;
 }
 
+inline const std::function<void()>* fiber_body = nullptr;
+
+inline void fiber_main() {
+    (*fiber_body)();
+    running_fibers->done[running_fibers->current] = 1;
+}  // returns to the scheduler (uc_link)
+
 // Runs body() as a grid of `grid` blocks of `block` threads.
 inline void launch(unsigned grid, unsigned block, const std::function<void()>& body) {
+    constexpr std::size_t stack_bytes = 256 * 1024;
     gridDim = dim3{grid, 1, 1};
     blockDim = dim3{block, 1, 1};
-    std::barrier<> barrier((std::ptrdiff_t)block);
-    block_barrier = &barrier;
-    std::vector<std::thread> threads;
-    for (unsigned t = 0; t < block; ++t) {
-        threads.emplace_back([&, t] {
-            threadIdx = dim3{t, 0, 0};
-            for (unsigned b = 0; b < grid; ++b) {
-                blockIdx = dim3{b, 0, 0};
-                body();
-                barrier.arrive_and_wait();  // the next block starts when every thread has finished this one
+    Fibers fibers;
+    fibers.contexts.resize(block);
+    fibers.done.assign(block, 0);
+    std::unique_ptr<unsigned char[]> stacks(new unsigned char[stack_bytes * block]);  // untouched pages: not committed
+    running_fibers = &fibers;
+    fiber_body = &body;
+    for (unsigned b = 0; b < grid; ++b) {
+        blockIdx = dim3{b, 0, 0};
+        for (unsigned t = 0; t < block; ++t) {
+            ucontext_t& context = fibers.contexts[t];
+            getcontext(&context);
+            context.uc_stack.ss_sp = stacks.get() + stack_bytes * t;
+            context.uc_stack.ss_size = stack_bytes;
+            context.uc_link = &fibers.scheduler;
+            makecontext(&context, fiber_main, 0);
+            fibers.done[t] = 0;
+        }
+        for (bool forward = true;; forward = !forward) {  // one round per barrier, in alternating order
+            bool any = false;
+            for (unsigned i = 0; i < block; ++i) {
+                const unsigned t = forward ? i : block - 1 - i;
+                if (fibers.done[t]) continue;
+                any = true;
+                fibers.current = t;
+                threadIdx = dim3{t, 0, 0};
+                swapcontext(&fibers.scheduler, &fibers.contexts[t]);
             }
-        });
+            if (!any) break;
+        }
     }
-    for (auto& thread : threads) thread.join();
-    block_barrier = nullptr;
+    running_fibers = nullptr;
+    fiber_body = nullptr;
 }
