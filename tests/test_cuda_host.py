@@ -1,7 +1,7 @@
 """The CUDA patch kernels' own source, compiled for the host and run on the CPU (no GPU needed).
 
-``tests/cuda_host`` shims the CUDA built-ins (threads of a block are std::threads meeting at __syncthreads,
-CUB's BlockScan a shared-memory stand-in) so ``atskern/gpu/patches.cu`` compiles with g++. Each test builds
+``tests/cuda_host`` shims the CUDA built-ins (threads of a block are fibers meeting at __syncthreads, run in
+alternating order, CUB's BlockScan a shared-memory stand-in) so ``atskern/gpu/patches.cu`` compiles with g++. Each test builds
 the launch with ``atskern.gpu.patches.gather_launch`` / ``scatter_launch`` -- the exact kernel name, grid,
 block and argument list a CuPy launch gets -- runs it on NumPy arrays and compares with the reference and the
 CPU kernels. This checks the kernels' index arithmetic, the host/kernel argument order, the 16-byte path at

@@ -1,6 +1,6 @@
 """The CUDA sampling kernels' own source, compiled for the host and run on the CPU (no GPU needed).
 
-``tests/cuda_host`` shims the CUDA built-ins (a block's threads are std::threads meeting at __syncthreads, warp
+``tests/cuda_host`` shims the CUDA built-ins (a block's threads are fibers meeting at __syncthreads, warp
 shuffles and ballots exchange through memory between barriers, atomics under a mutex), so
 ``atskern/gpu/sampling.cu`` compiles with g++. Each call runs the exact launch plan of
 ``atskern.gpu.sampling.launches`` -- kernel names, grids, blocks and argument lists a CuPy launch gets -- on NumPy
