@@ -15,6 +15,8 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import atskern
 from atskern import _validation as v
@@ -77,6 +79,38 @@ def test_host_gather_equals_reference(lib, dtype, channels_first, index_width):
         got = host_gather(lib, x, strided, patch, 7, channels_first)
         item = x.dtype.itemsize
         assert np.array_equal(got.view(f"u{item}"), expected.view(f"u{item}")), trial
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), ndim=st.integers(1, 3), channels_first=st.booleans(),
+       dtype=st.sampled_from([np.uint8, np.float16, np.float32, np.float64]), channels=st.integers(1, 4),
+       unit_rows=st.sampled_from([1, 3, 8, 16]), threads=st.sampled_from([32, 64]), out_shift=st.integers(0, 15),
+       seed=st.integers(0, 2**32 - 1))
+def test_host_gather_fuzz(lib, monkeypatch, data, ndim, channels_first, dtype, channels, unit_rows, threads,
+                          out_shift, seed):
+    """Any layout, patch and offsets (inside, across and outside the image), rows per unit, block size and output
+    alignment: the host-built gather equals the reference byte for byte. Rows a multiple of 16 bytes long (a chunk's
+    place worked out once per unit: GATHER_PERIODIC) and rows that are not both come up."""
+    rng = np.random.default_rng(seed)
+    spatial = tuple(data.draw(st.lists(st.integers(1, 20), min_size=ndim, max_size=ndim)))
+    patch = tuple(data.draw(st.lists(st.integers(1, 9), min_size=ndim, max_size=ndim)))
+    batch = data.draw(st.integers(1, 3))
+    shape = (batch, channels) + spatial if channels_first else (batch,) + spatial + (channels,)
+    x = rng.integers(0, 120, shape).astype(dtype)
+    offsets = np.stack([rng.integers(-p - 3, s + 3, (batch, 5)) for s, p in zip(spatial, patch)], axis=-1)
+    monkeypatch.setattr(gp, "GATHER_UNIT_ROWS", unit_rows)
+    gp.clear_caches()
+    try:
+        expected = reference.extract_patches(x, offsets, patch, fill=9, channels_first=channels_first)
+        layout, fill = v.check_gather(x, offsets, patch, 9, channels_first, None)
+        raw = np.full(expected.nbytes + 32, 0xA5, np.uint8)
+        out = raw[out_shift:out_shift + expected.nbytes].view(x.dtype).reshape(expected.shape)
+        launch(lib, *gp.gather_launch(x, offsets, layout, fill, out, threads=threads))
+    finally:
+        gp.clear_caches()
+    item = x.dtype.itemsize
+    assert np.array_equal(out.view(f"u{item}"), expected.view(f"u{item}"))
+    assert (raw[:out_shift] == 0xA5).all() and (raw[out_shift + expected.nbytes:] == 0xA5).all()
 
 
 def test_host_gather_at_every_alignment(lib):
