@@ -160,6 +160,30 @@ def test_host_scatter_is_bitwise_the_cpu_kernel(lib, dtype, channels_first, pixe
         np.testing.assert_allclose(atomic, expected, rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), ndim=st.integers(1, 3), channels_first=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]), channels=st.integers(1, 4),
+       pixels=st.sampled_from([1, 2, 4, 8, 16]), chunk=st.integers(1, 256), count=st.integers(1, 12),
+       seed=st.integers(0, 2**32 - 1))
+def test_host_scatter_fuzz(lib, data, ndim, channels_first, dtype, channels, pixels, chunk, count, seed):
+    """Any layout, patch, overlapping offsets (inside, across and outside the image), tile size and patch chunk of
+    the deterministic scatter: the host build is bitwise the CPU kernel's sum in patch order; the atomic one
+    equals it within rounding."""
+    rng = np.random.default_rng(seed)
+    spatial = tuple(data.draw(st.lists(st.integers(1, 24), min_size=ndim, max_size=ndim)))
+    patch = tuple(data.draw(st.lists(st.integers(1, 9), min_size=ndim, max_size=ndim)))
+    batch = data.draw(st.integers(1, 3))
+    offsets = np.stack([rng.integers(-p - 3, s + 3, (batch, count)) for s, p in zip(spatial, patch)], axis=-1)
+    grad_shape = (batch, count) + ((channels,) + patch if channels_first else patch + (channels,))
+    grad = rng.standard_normal(grad_shape).astype(dtype)
+    expected = atskern.scatter_patches(grad, offsets, spatial, channels_first=channels_first)
+    got = host_scatter(lib, grad, offsets, spatial, channels_first, pixels=pixels, chunk=chunk)
+    item = np.dtype(dtype).itemsize
+    assert np.array_equal(got.view(f"u{item}"), expected.view(f"u{item}"))
+    atomic = host_scatter(lib, grad, offsets, spatial, channels_first, deterministic=False)
+    np.testing.assert_allclose(atomic, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_host_scatter_many_overlapping_patches(lib):
     """300 patches (two passes of the tile scan) piled on a small image, in tiles of one and many rows."""
     rng = np.random.default_rng(4)
