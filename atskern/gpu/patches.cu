@@ -229,7 +229,7 @@ __device__ void gather(const T* __restrict__ x, const Offsets& off, T* __restric
         for (int slot = 0; slot < slots; ++slot) {
             const unsigned long long chunk = (unsigned long long)(lane + slot * lanes);
             // rows a multiple of 16 bytes long: the unit's rows share the chunk's span, computed once
-            const ChunkSpan<I> unit_span = chunk_span<T, I>(dst0, width, chunk);
+            const ChunkSpan<I> unit_span = periodic ? chunk_span<T, I>(dst0, width, chunk) : ChunkSpan<I>{};
             for (I u0 = 0; u0 < n; u0 += GATHER_BATCH) {
                 uint4 a[GATHER_BATCH], bb[GATHER_BATCH];
                 I e0[GATHER_BATCH];

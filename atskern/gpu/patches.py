@@ -200,24 +200,19 @@ def _device() -> int:
     return cupy().cuda.runtime.getDevice()
 
 
-def compile_options() -> tuple[str, ...]:
-    """The NVRTC options of ``patches.cu`` (its tuning knobs)."""
-    return _options(bool(GATHER_PERIODIC))
-
-
-@functools.lru_cache(maxsize=None)
-def _options(periodic: bool) -> tuple[str, ...]:
+def compile_options(periodic: bool) -> tuple[str, ...]:
+    """The NVRTC options of ``patches.cu`` for the value of its tuning knob (:data:`GATHER_PERIODIC`)."""
     return (f"-DGATHER_PERIODIC={int(periodic)}",)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(name: str, device: int, options: tuple[str, ...]) -> int:
-    return _module.function(SOURCE, name, options).kernel.ptr
+def _kernel(name: str, device: int, periodic: bool) -> int:
+    return _module.function(SOURCE, name, compile_options(periodic)).kernel.ptr
 
 
 def _handle(name: str, device: int) -> int:
-    """The ``CUfunction`` of kernel ``name`` on ``device``, compiled with :func:`compile_options` (memoized)."""
-    return _kernel(name, device, compile_options())
+    """The ``CUfunction`` of kernel ``name`` on ``device``, compiled for the knob's value now (memoized)."""
+    return _kernel(name, device, bool(GATHER_PERIODIC))
 
 
 _cached_gather_plan = functools.lru_cache(maxsize=1024)(gather_plan)
