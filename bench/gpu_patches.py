@@ -183,8 +183,7 @@ def run(quick: bool = False, progress=None) -> Table:
     rng = np.random.default_rng(0)
     errors = []
     images = {}
-    images_warm = False
-    for dtype, patch, count in cases(quick):
+    for index, (dtype, patch, count) in enumerate(cases(quick)):
         if dtype not in images:
             images[dtype] = cupy.asarray(rng.integers(0, 256, (BATCH, SIDE, SIDE, CHANNELS)).astype(dtype))
         x = images[dtype]
@@ -193,10 +192,9 @@ def run(quick: bool = False, progress=None) -> Table:
         expected = None
         timed = {}
         methods = _methods(x, offsets, patch, torch)
-        if not images_warm:
+        if index == 0:
             warm_up(list(methods.values()) + list(_scatter_methods(
                 cupy.zeros((BATCH, count, patch, patch, CHANNELS), np.float32), offsets, patch, torch).values()))
-            images_warm = True
         for name, fn in methods.items():
             got = cupy.asarray(fn())
             if expected is None:

@@ -104,13 +104,10 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     if not args.sampling_only:
         patches(cupy, atskern, rng)
-    if args.patches_only:
-        cupy.cuda.Device().synchronize()
-        print("gpu smoke: all results equal the CPU kernels")
-        return 0
     saved = gpu_sampling.FUSED_FINISH
     try:
-        for fused in (False, True):  # rows finished by finish_rows, and by their last select_rows block
+        # rows finished by finish_rows, and by their last select_rows block
+        for fused in () if args.patches_only else (False, True):
             gpu_sampling.FUSED_FINISH = fused
             sampling(cupy, atskern, rng)
             unvalidated_bad_rows(cupy, atskern, rng)

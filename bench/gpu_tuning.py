@@ -1,9 +1,9 @@
 """Tuning probe of the GPU sampling kernels: registers and spills per compile option, the GPU time of each
 launch of one call, and ``atskern.sample`` under each block size and ``MIN_BLOCKS`` (draws checked unchanged);
 ``--only where`` splits a call's time into host and device parts; ``--only status`` times the status read-back
-by a copy against mapped host memory (``MAPPED_STATUS``); ``--only ncu`` adds Nsight Compute's sections
-for the streaming kernels where ``ncu`` is installed, ``--only ncu-small`` for the three kernels of a small call,
-``--only ncu-gather`` for the patch gather.
+by a copy against mapped host memory (``MAPPED_STATUS``); ``--only gather`` times the patch gather's knobs; ``--only ncu`` adds
+Nsight Compute's sections for the streaming kernels where ``ncu`` is installed, ``--only ncu-small`` for the three
+kernels of a small call, ``--only ncu-gather`` for the patch gather.
 
     PYTHONPATH=.:adapters python3 -m bench.gpu_tuning [--quick]
 
@@ -237,17 +237,20 @@ def gather_table(quick: bool) -> str:
             x = cupy.asarray(rng.integers(0, 256, (BATCH, SIDE, SIDE, CHANNELS)).astype(dtype))
             offsets = cupy.asarray(rng.integers(0, SIDE - patch + 1, (BATCH, count, 2)).astype(np.int32))
             reference, cells = None, []
+
+            def gather():
+                return atskern.extract_patches(x, offsets, patch)
+
             for periodic, rows in configs:
                 patches.GATHER_PERIODIC, patches.GATHER_UNIT_ROWS = periodic, rows
                 patches.clear_caches()
-                got = atskern.extract_patches(x, offsets, patch)
+                got = gather()
                 if reference is None:
                     reference = got
                 elif not bool(cupy.array_equal(got, reference)):
                     raise AssertionError(f"the gather differs at GATHER_PERIODIC={periodic}, {rows} rows")
-                t = _gpu.timings(lambda: atskern.extract_patches(x, offsets, patch), repeats=10 if quick else 20)
-                kernel = min(queued_device_ms(lambda: atskern.extract_patches(x, offsets, patch), t["host"])
-                             for _ in range(3))
+                t = _gpu.timings(gather, repeats=10 if quick else 20)
+                kernel = min(queued_device_ms(gather, t["host"]) for _ in range(3))
                 cells.append(f"{kernel:.4f} ({200 * reference.nbytes / copy / kernel / 1e-3:.0f}%) / {t['wall']:.4f}")
             lines.append(f"| {np.dtype(dtype).name} {patch}²x{CHANNELS}, {count} per image | " + " | ".join(cells) + " |")
             del x, offsets, reference
