@@ -201,3 +201,31 @@ def test_block_scans_give_the_statistics_bit_for_bit(kind):
                 assert scan[1:] == (positive, negative)
                 assert np.float64(scan[0]).tobytes() == np.float64(total).tobytes()
                 np.testing.assert_array_equal(fused, flags)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_piece_sums_add_in_their_written_order(dtype):
+    """Each whole piece's sum is LANES interleaved running sums then a fixed tree, the partial last piece added in
+    turn, computed here independently in Python floats, bit for bit: no compiled copy may reorder it (with
+    fast-math reassociation the serial and the parallel path once differed by an ulp)."""
+    rng = np.random.default_rng(5)
+    piece, lanes = cpu_sampling.PIECE, cpu_sampling.LANES
+    row = (rng.gamma(0.5, size=3 * piece + 37) * rng.choice([0.0, 1.0, -1.0], size=3 * piece + 37, p=[0.2, 0.7, 0.1]))
+    weights = row.astype(dtype)[None, :]
+    sums = np.empty(4)
+    positive, negative = cpu_sampling._piece_sums(weights, 0, sums)
+    values = [float(v) for v in weights[0]]
+    for s in range(4):
+        part = values[s * piece:(s + 1) * piece]
+        if len(part) == piece:
+            lane = [0.0] * lanes
+            for i in range(0, piece, lanes):
+                for j in range(lanes):
+                    lane[j] += part[i + j]
+            want = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))
+        else:
+            want = 0.0
+            for v in part:
+                want += v
+        assert sums[s] == want, s
+    assert (positive, negative) == (int((weights > 0).sum()), int((weights < 0).sum()))

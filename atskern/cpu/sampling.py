@@ -519,25 +519,48 @@ def _replacement_rows(weights, k0, k1, grid, indices, probs, status):
         _replacement_row(weights, b, k0, k1, grid, indices, probs, status)
 
 
-@jit(fastmath={"reassoc", "nsz", "contract"})
+LANES = 8
+"""Interleaved partial sums of a whole piece in :func:`_piece_sums` (``PIECE`` is a multiple)."""
+
+
+@jit
 def _piece_sums(weights, b, sums):
-    """One vectorized pass over row ``b``: the float64 sum of each piece of ``PIECE`` positions (``sums``; the
-    reassociated order is fixed by the piece) and the counts of positive and negative entries."""
+    """One pass over row ``b``: the float64 sum of each piece of ``PIECE`` positions (``sums``) and the counts of
+    positive and negative entries.
+
+    A whole piece is added in an order written out here: ``LANES`` interleaved running sums (lane ``j`` adds
+    positions ``j, j + LANES, ...`` of the piece in turn), then a fixed tree over the lanes; the last, partial
+    piece one position after another. No fast-math reassociation: with it the order was whatever LLVM's
+    vectorizer chose for each compiled copy of this function, and the serial and the parallel path (two copies)
+    differed by an ulp in a CI process (``tests/test_sampling_paths.py``). The lanes are independent, so the
+    loop still vectorizes."""
     size = weights.shape[1]
     positive = 0
     negative = 0
+    row = weights[b]
     for s in range(sums.size):
         base = s * PIECE
-        total = 0.0
         if base + PIECE <= size:
-            for i in range(PIECE):  # a fixed trip count: one unrolled vector loop
-                a = np.float64(weights[b, base + i])
-                total += a
-                positive += np.int64(a > 0.0)
-                negative += np.int64(a < 0.0)
+            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0  # float64: a float32 weight widens as it is added
+            for i in range(base, base + PIECE, LANES):
+                a0, a1, a2, a3 = row[i], row[i + 1], row[i + 2], row[i + 3]
+                a4, a5, a6, a7 = row[i + 4], row[i + 5], row[i + 6], row[i + 7]
+                s0 += a0
+                s1 += a1
+                s2 += a2
+                s3 += a3
+                s4 += a4
+                s5 += a5
+                s6 += a6
+                s7 += a7
+            total = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+            for p in range(base, base + PIECE):  # counted apart: an integer loop the compiler vectorizes
+                positive += np.int64(row[p] > 0.0)
+                negative += np.int64(row[p] < 0.0)
         else:
+            total = 0.0
             for p in range(base, size):
-                a = np.float64(weights[b, p])
+                a = np.float64(row[p])
                 total += a
                 positive += np.int64(a > 0.0)
                 negative += np.int64(a < 0.0)
