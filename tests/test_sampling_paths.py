@@ -166,8 +166,8 @@ def test_segments_of_long_rows(dtype):
 
 @pytest.mark.parametrize("kind", ["uniform", "zeros", "signed", "wide", "nan"])
 def test_block_scans_give_the_statistics_bit_for_bit(kind):
-    """The block sums and counts do not depend on which scan took them (the head's statistics, the rest's
-    sum, or the fused float64 sum-and-flags of a whole block), and every flag passes where the exact test
+    """The block sums and counts do not depend on which scan took them (the head's statistics or the rest's
+    sum-and-flags pass), the pass's flags are the flag loop's, and every flag passes where the exact test
     ``1 - (hi + 1) 2**-32 < a t`` does, so no key below the bound is ruled out."""
     rng = np.random.default_rng(["uniform", "zeros", "signed", "wide", "nan"].index(kind))
     block = cpu_sampling.BLOCK
@@ -181,51 +181,78 @@ def test_block_scans_give_the_statistics_bit_for_bit(kind):
             values[rng.integers(size)] = np.nan
         hi = rng.integers(0, 2**32, block, dtype=np.uint64).astype(np.uint32)
         hi[:64] = 2**32 - 1 - rng.integers(0, 4, 64)  # uniforms next to 1: flagged at the smallest products
-        bound = float(np.ldexp(1.0, int(rng.integers(-1100, 40)))) if trial % 5 else np.inf
-        with np.errstate(over="ignore", invalid="ignore"):
-            exact = (2.0**32 - 1 - hi[:size].astype(np.float64)) * 2.0**-32 < values * bound
+        hi[64:128] = 2**32 - 2048 - rng.integers(-1024, 1024, 64)  # around the float32 test's edge
+        bound = [np.inf, float(np.ldexp(rng.random() + 0.5, -24))][trial % 5] if trial % 5 < 2 else \
+            float(np.ldexp(1.0, int(rng.integers(-1100, 40))))  # the second: products a t 2**32 near the edge
         for dtype in (np.float32, np.float64):
             v = values.astype(dtype) if dtype == np.float64 else values.clip(-1e30, 1e30).astype(dtype)
             total, positive, negative, _ = cpu_sampling._block_stats(v)
             assert (positive, negative) == ((v > 0).sum(), (v < 0).sum())
-            rest = cpu_sampling._block_sum(v)
-            assert rest[1:] == (positive, negative)
-            assert np.float64(rest[0]).tobytes() == np.float64(total).tobytes()
             flags = np.zeros(block, np.bool_)
             cpu_sampling._flag_block(v, hi[:size], bound, flags)
-            if dtype == np.float64:
-                assert not np.any(exact & ~flags[:size])
-            if dtype == np.float64 and size == block:
-                fused = np.zeros(block, np.bool_)
-                scan = cpu_sampling._scan_full_block(v, hi, bound, fused)
-                assert scan[1:] == (positive, negative)
-                assert np.float64(scan[0]).tobytes() == np.float64(total).tobytes()
-                np.testing.assert_array_equal(fused, flags)
+            with np.errstate(over="ignore", invalid="ignore"):
+                exact = (2.0**32 - 1 - hi[:size].astype(np.float64)) * 2.0**-32 < v.astype(np.float64) * bound
+            assert not np.any(exact & ~flags[:size])
+            fused = np.zeros(block, np.bool_)
+            scan = cpu_sampling._scan_block(v, hi[:size], bound, fused)
+            assert scan[1:] == (positive, negative)
+            assert np.float64(scan[0]).tobytes() == np.float64(total).tobytes()
+            np.testing.assert_array_equal(fused[:size], flags[:size])
+            assert not fused[size:].any()  # nothing written past the block
+
+
+def _sum_in_written_order(values):
+    """``atskern.cpu._block_scan``'s order in Python floats: 4 accumulators of 8 lanes over whole groups of 32
+    values, lane-wise ``(acc0 + acc1) + (acc2 + acc3)``, a pairwise tree over the lanes, the rest in turn."""
+    values = [float(v) for v in values]
+    groups = len(values) // 32
+    acc = [[0.0] * 8 for _ in range(4)]
+    for g in range(groups):
+        for k in range(4):
+            for j in range(8):
+                acc[k][j] += values[32 * g + 8 * k + j]
+    lane = [(acc[0][j] + acc[1][j]) + (acc[2][j] + acc[3][j]) for j in range(8)]
+    total = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))
+    for v in values[32 * groups:]:
+        total += v
+    return total
+
+
+def _same_float(x, y):
+    return np.float64(x).tobytes() == np.float64(y).tobytes()
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_piece_sums_add_in_their_written_order(dtype):
-    """Each whole piece's sum is LANES interleaved running sums then a fixed tree, the partial last piece added in
-    turn, computed here independently in Python floats, bit for bit: no compiled copy may reorder it (with
-    fast-math reassociation the serial and the parallel path once differed by an ulp)."""
+    """Each piece's sum is taken in the order written in ``atskern.cpu._block_scan``, computed here independently
+    in Python floats, bit for bit: no compiled copy may reorder it (with fast-math reassociation the serial and
+    the parallel path once differed by an ulp)."""
     rng = np.random.default_rng(5)
-    piece, lanes = cpu_sampling.PIECE, cpu_sampling.LANES
-    row = (rng.gamma(0.5, size=3 * piece + 37) * rng.choice([0.0, 1.0, -1.0], size=3 * piece + 37, p=[0.2, 0.7, 0.1]))
+    piece = cpu_sampling.PIECE
+    size = 3 * piece + 37
+    row = rng.gamma(0.5, size=size) * rng.choice([0.0, 1.0, -1.0], size=size, p=[0.2, 0.7, 0.1])
     weights = row.astype(dtype)[None, :]
     sums = np.empty(4)
     positive, negative = cpu_sampling._piece_sums(weights, 0, sums)
-    values = [float(v) for v in weights[0]]
     for s in range(4):
-        part = values[s * piece:(s + 1) * piece]
-        if len(part) == piece:
-            lane = [0.0] * lanes
-            for i in range(0, piece, lanes):
-                for j in range(lanes):
-                    lane[j] += part[i + j]
-            want = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))
-        else:
-            want = 0.0
-            for v in part:
-                want += v
-        assert sums[s] == want, s
+        assert _same_float(sums[s], _sum_in_written_order(weights[0, s * piece:(s + 1) * piece])), s
     assert (positive, negative) == (int((weights > 0).sum()), int((weights < 0).sum()))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [0, 1, 31, 32, 33, 95, 1000, cpu_sampling.BLOCK])
+def test_block_sums_add_in_their_written_order(dtype, size):
+    """The block scans without replacement take their sums in the written order too, the fast-math one
+    (``_block_stats``) included, from any offset of a row; a NaN anywhere gives NaN."""
+    rng = np.random.default_rng(size)
+    row = (rng.gamma(0.5, size=size + 3) * rng.choice([1.0, -1.0], size=size + 3)).astype(dtype)
+    values = row[3:]
+    want = _sum_in_written_order(values)
+    assert _same_float(cpu_sampling._block_stats(values)[0], want)
+    flags = np.zeros(size, np.bool_)
+    assert _same_float(cpu_sampling._scan_block(values, np.zeros(size, np.uint32), 1.0, flags)[0], want)
+    if size:
+        values = values.copy()
+        values[size // 2] = np.nan
+        assert np.isnan(cpu_sampling._scan_block(values, np.zeros(size, np.uint32), 1.0, flags)[0])
+        assert np.isnan(cpu_sampling._block_stats(values)[0])

@@ -25,6 +25,7 @@ from numba import prange
 from .._validation import SCALE_FREE_EXPONENTS
 from .._rng import STREAM_HI, STREAM_LO, STREAM_REPLACE, TWO_POW_M32
 from ._jit import jit
+from ._block_scan import F32_EDGE, F32_SLACK, ordered_sum, ordered_sum_flags, ordered_sum_squares
 from .philox import block_words, pick_word, to_uniform
 
 FUSED = False
@@ -38,8 +39,6 @@ BLOCK = 1 << 10
 
 _REJECT_MARGIN = 1.0 + 1e-12
 _TWO_POW_32 = 2.0**32
-_F32_SLACK = 1.0 + 2.0**-20
-_F32_EDGE = np.float32(2.0**32 - 2048)
 
 SEGMENT = 1 << 16
 """Positions at the head of an item whose statistics are taken before any of their keys, for the first bound
@@ -141,56 +140,26 @@ def _flag64(hi, a, scaled):
     return np.float64(np.uint32(0xFFFFFFFF) - hi) < a * scaled
 
 
-@jit(fastmath={"reassoc", "nsz", "contract"})
+@jit
 def _block_stats(values):
-    """One vectorized pass over a block's weights ``values`` (a 1-D slice): their float64 sum, the counts
-    of positive and negative entries, and the sum of squares (for :func:`_first_bound`). Negative entries are
-    counted (a second pass, in cache) only in a block with a non-positive or NaN entry: elsewhere there are none.
-
-    The sum's (reassociated) order is fixed by the block, so it does not depend on the chunking, the
-    thread count or the path; a NaN or inf makes it non-finite. Fast-math flags touch only this function:
-    keys are computed elsewhere, exactly.
-    """
-    total = 0.0
-    positive = 0
-    squares = 0.0
-    for i in range(values.size):
-        a = np.float64(values[i])
-        total += a
-        squares += a * a
-        positive += np.int64(a > 0.0)
+    """A block's weights ``values`` (a 1-D slice): their float64 sum (:func:`ordered_sum`'s order, so it does not
+    depend on the chunking, the thread count, the path or the compiled copy; a NaN or inf makes it non-finite),
+    the counts of positive and negative entries, and the sum of squares (for :func:`_first_bound`). Negative
+    entries are counted (a second pass, in cache) only in a block with a non-positive or NaN entry: elsewhere
+    there are none."""
+    total, positive, squares = ordered_sum_squares(values, 0, values.size)
     return total, positive, _negatives(values, positive), squares
 
 
-@jit(fastmath={"reassoc", "nsz", "contract"})
-def _block_sum(values):
-    """:func:`_block_stats` without the sum of squares: the same float64 sum (the same vectorized order) and
-    the count of positive entries; negative entries are counted only in a block that has a non-positive one."""
-    total = 0.0
-    positive = 0
-    for i in range(values.size):
-        a = np.float64(values[i])
-        total += a
-        positive += np.int64(a > 0.0)
-    return total, positive, _negatives(values, positive)
-
-
-@jit(fastmath={"reassoc", "nsz", "contract"})
-def _scan_full_block(values, hi_words, bound, flags):
-    """:func:`_block_sum` and :func:`_flag_block` in one vectorized loop, for a whole block (``BLOCK``
-    positions) of float64 weights: the same sum, bit for bit (the loop's vectorized order is that of
-    :func:`_block_stats` when the trip count is ``BLOCK``; a partial block's remainder is ordered otherwise,
-    so partial blocks take the two functions). The flag test has one product and one comparison (nothing for
-    the fast-math flags to change): ``float(2**32 - 1 - hi) < a (t 2**32)``, which passes wherever the exact
-    test does (see :func:`_flag_block`)."""
-    total = 0.0
-    positive = 0
-    scaled = bound * _TWO_POW_32
-    for i in range(BLOCK):
-        a = values[i]
-        total += a
-        positive += np.int64(a > 0.0)
-        flags[i] = _flag64(hi_words[i], a, scaled)
+@jit
+def _scan_block(values, hi_words, bound, flags):
+    """A block's float64 sum (:func:`_block_stats`'s, bit for bit), its counts of positive and negative entries,
+    and :func:`_flag_block`'s flags (bit for bit), in one vectorized pass (negative entries counted again in
+    cache, only in a block with a non-positive one)."""
+    if values.itemsize == 4:
+        total, positive = ordered_sum_flags(values, hi_words, np.float32(bound * _TWO_POW_32 * F32_SLACK), flags)
+    else:
+        total, positive = ordered_sum_flags(values, hi_words, bound * _TWO_POW_32, flags)
     return total, positive, _negatives(values, positive)
 
 
@@ -208,9 +177,9 @@ def _flag_block(values, hi_words, bound, flags):
     are tested again exactly, so neither test changes a draw.
     """
     if values.itemsize == 4:
-        scaled = np.float32(bound * _TWO_POW_32 * _F32_SLACK)
+        scaled = np.float32(bound * _TWO_POW_32 * F32_SLACK)
         for i in range(values.size):
-            flags[i] = np.float32(hi_words[i]) + values[i] * scaled >= _F32_EDGE
+            flags[i] = np.float32(hi_words[i]) + values[i] * scaled >= F32_EDGE
     else:
         scaled = bound * _TWO_POW_32
         for i in range(values.size):
@@ -320,8 +289,7 @@ def _select(row_weights, k0, k1, b, start, stop, keys, idx, count, row_bound, fi
     """Add the keys of positions ``start..stop`` below ``first`` and the row's shared bound ``row_bound[b, 0]``
     to the max-heap ``keys[:count]`` of the ``keys.size`` smallest; returns how many it holds, and with
     ``take_stats`` the counts of positive and negative weights (block sums into ``sums``, each block's
-    statistics taken just before its keys, while it is in cache: for a whole block of float64 weights in the
-    flags' loop, :func:`_scan_full_block`). Inside a block a key is computed only when the high word of its
+    statistics taken in its flags' pass, :func:`_scan_block`). Inside a block a key is computed only when the high word of its
     uniform cannot rule it out."""
     positive = 0
     negative = 0
@@ -336,11 +304,9 @@ def _select(row_weights, k0, k1, b, start, stop, keys, idx, count, row_bound, fi
         block_stop = min(stop, block_start + BLOCK)
         bound = min(threshold, row_bound[b, 0], first) * _REJECT_MARGIN
         _fill_block(block_start, block_stop, b, k0, k1, hi_words)
-        if take_stats and row_weights.itemsize == 8 and block_stop - block_start == BLOCK:
-            t, pos, neg = _scan_full_block(row_weights[block_start:block_stop], hi_words, bound, flags)
+        if take_stats:
+            t, pos, neg = _scan_block(row_weights[block_start:block_stop], hi_words, bound, flags)
         else:
-            if take_stats:
-                t, pos, neg = _block_sum(row_weights[block_start:block_stop])
             _flag_block(row_weights[block_start:block_stop], hi_words, bound, flags)
         if take_stats:
             sums[block_start // BLOCK] = t
@@ -519,52 +485,23 @@ def _replacement_rows(weights, k0, k1, grid, indices, probs, status):
         _replacement_row(weights, b, k0, k1, grid, indices, probs, status)
 
 
-LANES = 8
-"""Interleaved partial sums of a whole piece in :func:`_piece_sums` (``PIECE`` is a multiple)."""
-
-
 @jit
 def _piece_sums(weights, b, sums):
-    """One pass over row ``b``: the float64 sum of each piece of ``PIECE`` positions (``sums``) and the counts of
-    positive and negative entries.
-
-    A whole piece is added in an order written out here: ``LANES`` interleaved running sums (lane ``j`` adds
-    positions ``j, j + LANES, ...`` of the piece in turn), then a fixed tree over the lanes; the last, partial
-    piece one position after another. No fast-math reassociation: with it the order was whatever LLVM's
-    vectorizer chose for each compiled copy of this function, and the serial and the parallel path (two copies)
-    differed by an ulp in a CI process (``tests/test_sampling_paths.py``). The lanes are independent, so the
-    loop still vectorizes."""
+    """One pass over row ``b``: the float64 sum of each piece of ``PIECE`` positions (``sums``, each in
+    :func:`ordered_sum`'s order, the same in every compiled copy) and the counts of positive and negative
+    entries (negative ones counted again in cache, only in a piece with a non-positive entry)."""
     size = weights.shape[1]
     positive = 0
     negative = 0
     row = weights[b]
     for s in range(sums.size):
-        base = s * PIECE
-        if base + PIECE <= size:
-            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0  # float64: a float32 weight widens as it is added
-            for i in range(base, base + PIECE, LANES):
-                a0, a1, a2, a3 = row[i], row[i + 1], row[i + 2], row[i + 3]
-                a4, a5, a6, a7 = row[i + 4], row[i + 5], row[i + 6], row[i + 7]
-                s0 += a0
-                s1 += a1
-                s2 += a2
-                s3 += a3
-                s4 += a4
-                s5 += a5
-                s6 += a6
-                s7 += a7
-            total = ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
-            for p in range(base, base + PIECE):  # counted apart: an integer loop the compiler vectorizes
-                positive += np.int64(row[p] > 0.0)
+        start = s * PIECE
+        stop = min(size, start + PIECE)
+        sums[s], piece_positive = ordered_sum(row, start, stop - start)
+        positive += piece_positive
+        if piece_positive < stop - start:
+            for p in range(start, stop):
                 negative += np.int64(row[p] < 0.0)
-        else:
-            total = 0.0
-            for p in range(base, size):
-                a = np.float64(row[p])
-                total += a
-                positive += np.int64(a > 0.0)
-                negative += np.int64(a < 0.0)
-        sums[s] = total
     return positive, negative
 
 
