@@ -256,3 +256,38 @@ def test_block_sums_add_in_their_written_order(dtype, size):
         values[size // 2] = np.nan
         assert np.isnan(cpu_sampling._scan_block(values, np.zeros(size, np.uint32), 1.0, flags)[0])
         assert np.isnan(cpu_sampling._block_stats(values)[0])
+
+
+_SPECIAL = st.sampled_from([0.0, -0.0, 5e-324, -5e-324, 1e-310, 1.0, -1.0, 1e300, -1e300, np.inf, -np.inf, np.nan])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    values=st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True, width=64), _SPECIAL), max_size=140),
+    start=st.integers(0, 9),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    bound=st.sampled_from([0.0, 2.0**-40, 2.0**-24, 1.0, np.inf]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_block_scans_fuzzed(values, start, dtype, bound, seed):
+    """Any run of weights (signed zeros, subnormals, huge, inf, NaN; any length, any offset of the row): the
+    three block scans give the written-order sum bit for bit (NaN where it is NaN), the counts NumPy gives, and
+    the flag loop's flags, writing nothing past the run."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        row = np.array([0.0] * start + values, np.float64).astype(dtype)
+    run = row[start:]
+    size = run.size
+    hi = np.random.default_rng(seed).integers(0, 2**32, size, dtype=np.uint64).astype(np.uint32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = _sum_in_written_order(run)
+    counts = (int((run > 0).sum()), int((run < 0).sum()))
+    flags = np.zeros(size + 8, np.bool_)
+    cpu_sampling._flag_block(run, hi, bound, flags)
+    fused = np.zeros(size + 8, np.bool_)
+    with np.errstate(over="ignore", invalid="ignore"):
+        results = [cpu_sampling._block_stats(run)[:3], cpu_sampling._scan_block(run, hi, bound, fused)]
+    for total, positive, negative in results:
+        assert _same_float(total, want) or (np.isnan(total) and np.isnan(want))
+        assert (positive, negative) == counts
+    np.testing.assert_array_equal(fused, flags)
+    assert not fused[size:].any()
