@@ -4,6 +4,7 @@ prefix sums with replacement."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 import atskern
 from atskern import reference
 from atskern.cpu import sampling as cpu_sampling
+from atskern.cpu._block_scan import ordered_sum_squares
 
 
 def _rows(kind, dtype, rows=4, size=5000, seed=0):
@@ -239,16 +241,24 @@ def test_piece_sums_add_in_their_written_order(dtype):
     assert (positive, negative) == (int((weights > 0).sum()), int((weights < 0).sum()))
 
 
+@numba.njit(fastmath=True)
+def _fast_math_caller(values):
+    total, positive, squares = ordered_sum_squares(values, 0, values.size)
+    return total + 0.0, positive, squares
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("size", [0, 1, 31, 32, 33, 95, 1000, cpu_sampling.BLOCK])
 def test_block_sums_add_in_their_written_order(dtype, size):
-    """The block scans without replacement take their sums in the written order too, the fast-math one
-    (``_block_stats``) included, from any offset of a row; a NaN anywhere gives NaN."""
+    """The block scans without replacement take their sums in the written order too, from any offset of a row,
+    and so does the scan inlined into a fast-math caller (whose flags Numba gives to every float operation that
+    has none); a NaN anywhere gives NaN."""
     rng = np.random.default_rng(size)
     row = (rng.gamma(0.5, size=size + 3) * rng.choice([1.0, -1.0], size=size + 3)).astype(dtype)
     values = row[3:]
     want = _sum_in_written_order(values)
     assert _same_float(cpu_sampling._block_stats(values)[0], want)
+    assert _same_float(_fast_math_caller(values)[0], want)
     flags = np.zeros(size, np.bool_)
     assert _same_float(cpu_sampling._scan_block(values, np.zeros(size, np.uint32), 1.0, flags)[0], want)
     if size:
