@@ -301,3 +301,19 @@ def test_block_scans_fuzzed(values, start, dtype, bound, seed):
         assert (positive, negative) == counts
     np.testing.assert_array_equal(fused, flags)
     assert not fused[size:].any()
+
+
+def test_block_scans_refuse_strided_runs():
+    """The scans read runs of unit stride only: any other view is refused, not summed from the wrong places."""
+    values = np.arange(1.0, 65.0)
+    hi = np.zeros(64, np.uint32)
+    flags = np.zeros(64, np.bool_)
+    with pytest.raises(ValueError, match="unit-stride"):
+        cpu_sampling._block_stats(values[::2])
+    with pytest.raises(ValueError, match="unit-stride"):
+        cpu_sampling._scan_block(values[::-1], hi, 1.0, flags)
+    with pytest.raises(ValueError, match="unit-stride"):
+        cpu_sampling._scan_block(values[:32], hi[::2], 1.0, flags)
+    with pytest.raises(ValueError, match="as long as"):
+        cpu_sampling._scan_block(values, hi[:10], 1.0, flags)
+    assert cpu_sampling._block_stats(values[::1])[0] == 2080.0

@@ -208,21 +208,35 @@ def _ordered_sum_flags(typingctx, values, start, count, hi_words, scaled, flags)
 
 
 @jit(inline="always")
+def _require_unit_stride(values):
+    if values.size > 1 and values.strides[0] != values.itemsize:  # (NumPy gives some runs of 0 or 1 any stride)
+        raise ValueError("a block scan needs a unit-stride run of weights")
+
+
+@jit(inline="always")
 def ordered_sum(values, start, count):
     """``values[start : start + count]`` summed in float64 in the module's order, and the count of its positive
-    values. ``values`` is 1-D float32 or float64 and unit-stride (a contiguous row or a slice of one); the caller
-    guarantees the bounds."""
+    values. ``values`` is 1-D float32 or float64 and unit-stride (a contiguous row or a slice of one: anything
+    else is a ValueError); the caller guarantees the bounds."""
+    _require_unit_stride(values)
     return _ordered_sum(values, start, count)
 
 
 @jit(inline="always")
 def ordered_sum_squares(values, start, count):
     """:func:`ordered_sum` and the sum of the squares, in the same order."""
+    _require_unit_stride(values)
     return _ordered_sum_squares(values, start, count)
 
 
 @jit(inline="always")
 def ordered_sum_flags(values, hi_words, scaled, flags):
     """:func:`ordered_sum` of the whole of ``values``, writing ``flags[i]`` for each ``values[i]`` and
-    ``hi_words[i]`` (the module docstring's tests; ``scaled`` in the weights' dtype)."""
+    ``hi_words[i]`` (the module docstring's tests; ``scaled`` in the weights' dtype; all three unit-stride, and
+    ``hi_words`` and ``flags`` at least as long as ``values``)."""
+    _require_unit_stride(values)
+    _require_unit_stride(hi_words)
+    _require_unit_stride(flags)
+    if hi_words.size < values.size or flags.size < values.size:
+        raise ValueError("a block scan needs hi_words and flags as long as its weights")
     return _ordered_sum_flags(values, 0, values.size, hi_words, scaled, flags)
