@@ -317,3 +317,14 @@ def test_block_scans_refuse_strided_runs():
     with pytest.raises(ValueError, match="as long as"):
         cpu_sampling._scan_block(values, hi[:10], 1.0, flags)
     assert cpu_sampling._block_stats(values[::1])[0] == 2080.0
+
+
+@pytest.mark.parametrize("rows, serial", [(1, True), (2, False)])
+def test_one_row_with_replacement_runs_on_the_calling_thread(rows, serial, monkeypatch):
+    """With replacement the parallel path splits rows, so a single row of any size takes the serial one."""
+    seen = []
+    run = cpu_sampling._with_replacement
+    monkeypatch.setattr(cpu_sampling, "SERIAL_WORK", 0)
+    monkeypatch.setattr(cpu_sampling, "_with_replacement", lambda *args: seen.append(args[3]) or run(*args))
+    atskern.sample(np.ones((rows, 300, 300), np.float32), 5, replace=True, seed=1)
+    assert seen == [serial]

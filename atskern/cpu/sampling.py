@@ -52,7 +52,8 @@ _PIECE_SLACK = 1.0 + 2.0**-30  # far above the rounding of PIECE sequential floa
 SERIAL_WORK = 1 << 17
 """Up to this many positions in all (rows times positions per row) a call runs on the calling thread: waking
 the thread pool costs more than it saves (and on a busy machine a parallel region waits for its slowest
-thread). The draws do not depend on it."""
+thread). So does every call of one row with replacement, whatever its size: its threads would split rows.
+The draws do not depend on it."""
 
 _EXPONENT_LOW, _EXPONENT_HIGH = SCALE_FREE_EXPONENTS
 _SCREEN_LOW = 2.0 ** (SCALE_FREE_EXPONENTS[0] - 1)
@@ -578,13 +579,13 @@ def sample(weights, n, grid, seed, replace, chunk=None, serial=None, spare=None)
     row per batch row, then the summary row (see ``atskern.sampling``). Rows that the status
     marks invalid still get in-range indices. ``chunk`` (a multiple of ``BLOCK``)
     overrides :func:`chunk_size` without replacement; ``serial`` (default: up to ``SERIAL_WORK``
-    positions in all) runs the call on the calling thread; ``spare`` (default ``5 sqrt(n) + 10``) is how many
+    positions in all, or one row with replacement) runs the call on the calling thread; ``spare`` (default ``5 sqrt(n) + 10``) is how many
     keys beyond ``n`` the first bound of an item expects (see :func:`_first_bound`; a test makes it
     negative to force the reselection). None of them changes a bit of the results.
     """
     rows, size = weights.shape
     if serial is None:
-        serial = rows * size <= SERIAL_WORK
+        serial = rows * size <= SERIAL_WORK or (replace and rows == 1)
     indices = np.empty((rows, n, grid.shape[0]), np.int32)
     probs = np.empty((rows, n), np.float64)
     status = np.empty((rows + 1, 4), np.int64)
