@@ -290,8 +290,8 @@ def _select(row_weights, k0, k1, b, start, stop, keys, idx, count, row_bound, fi
     """Add the keys of positions ``start..stop`` below ``first`` and the row's shared bound ``row_bound[b, 0]``
     to the max-heap ``keys[:count]`` of the ``keys.size`` smallest; returns how many it holds, and with
     ``take_stats`` the counts of positive and negative weights (block sums into ``sums``, each block's
-    statistics taken in its flags' pass, :func:`_scan_block`). Inside a block a key is computed only when the high word of its
-    uniform cannot rule it out."""
+    statistics taken in its flags' pass, :func:`_scan_block`). Inside a block a key is computed only when the
+    high word of its uniform cannot rule it out."""
     positive = 0
     negative = 0
     capacity = keys.size
@@ -307,12 +307,11 @@ def _select(row_weights, k0, k1, b, start, stop, keys, idx, count, row_bound, fi
         _fill_block(block_start, block_stop, b, k0, k1, hi_words)
         if take_stats:
             t, pos, neg = _scan_block(row_weights[block_start:block_stop], hi_words, bound, flags)
-        else:
-            _flag_block(row_weights[block_start:block_stop], hi_words, bound, flags)
-        if take_stats:
             sums[block_start // BLOCK] = t
             positive += pos
             negative += neg
+        else:
+            _flag_block(row_weights[block_start:block_stop], hi_words, bound, flags)
         for w in range((block_stop - block_start + 7) // 8):
             if flag_words[w] == 0:
                 continue
@@ -577,10 +576,10 @@ def sample(weights, n, grid, seed, replace, chunk=None, serial=None, spare=None)
     shape (its product is N); ``seed`` a 64-bit integer. Returns ``indices`` int32
     ``(B, n, D)``, float64 ``probs`` ``(B, n)`` and the int64 ``status`` ``(B + 1, 4)``: one
     row per batch row, then the summary row (see ``atskern.sampling``). Rows that the status
-    marks invalid still get in-range indices. ``chunk`` (a multiple of ``BLOCK``)
-    overrides :func:`chunk_size` without replacement; ``serial`` (default: up to ``SERIAL_WORK``
-    positions in all, or one row with replacement) runs the call on the calling thread; ``spare`` (default ``5 sqrt(n) + 10``) is how many
-    keys beyond ``n`` the first bound of an item expects (see :func:`_first_bound`; a test makes it
+    marks invalid still get in-range indices. ``chunk`` (a multiple of ``BLOCK``) overrides
+    :func:`chunk_size` without replacement; ``serial`` (default: up to ``SERIAL_WORK`` positions in all, or
+    one row with replacement) runs the call on the calling thread; ``spare`` (default ``5 sqrt(n) + 10``) is
+    how many keys beyond ``n`` the first bound of an item expects (see :func:`_first_bound`; a test makes it
     negative to force the reselection). None of them changes a bit of the results.
     """
     rows, size = weights.shape
