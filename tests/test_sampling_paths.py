@@ -328,3 +328,40 @@ def test_one_row_with_replacement_runs_on_the_calling_thread(rows, serial, monke
     monkeypatch.setattr(cpu_sampling, "_with_replacement", lambda *args: seen.append(args[3]) or run(*args))
     atskern.sample(np.ones((rows, 300, 300), np.float32), 5, replace=True, seed=1)
     assert seen == [serial]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 80),
+    counts=st.lists(st.integers(0, 80), min_size=1, max_size=4),
+    distinct=st.integers(1, 6),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_row_smallest_in_key_then_position_order(n, counts, distinct, seed):
+    """The finish's selection of a row's n smallest candidates (chunk lists of up to n keys, a full list's
+    largest first as in a max-heap), in increasing (key, position) order, against Python's sort: keys drawn from
+    a few values (``-0.0`` and ``inf`` among them), so ties are everywhere, by insertion and by argsort."""
+    rng = np.random.default_rng(seed)
+    values = np.array([-0.0, 0.0, 0.5, 1.0, 2.0, np.inf])[:distinct]
+    nchunks = len(counts)
+    cand_keys = np.zeros((1, nchunks, n))
+    cand_idx = np.zeros((1, nchunks, n), np.int64)
+    cand_count = np.zeros((1, nchunks), np.int64)
+    pairs = []
+    positions = rng.permutation(10_000)
+    for c, count in enumerate(counts):
+        count = min(count, n)
+        keys = rng.choice(values, count)
+        idx = positions[c * 100:c * 100 + count]
+        if count:
+            top = max(range(count), key=lambda j: (keys[j], idx[j]))
+            order = [top] + [j for j in range(count) if j != top]
+            cand_keys[0, c, :count], cand_idx[0, c, :count] = keys[order], idx[order]
+        cand_count[0, c] = count
+        pairs += list(zip(keys.tolist(), idx.tolist()))
+    want = [p for _, p in sorted(pairs)[:n]]
+    size = nchunks * n
+    got = np.full(n, -1, np.int64)
+    count = cpu_sampling._row_smallest(cand_keys, cand_idx, cand_count, 0, np.empty(size), np.empty(size, np.int64), got)
+    assert count == len(want)
+    assert got[:count].tolist() == want
