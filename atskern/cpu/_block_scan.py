@@ -65,7 +65,7 @@ def _scan_codegen(squares: bool, flagged: bool):
         element = context.get_data_type(array_type.dtype)
         double = ir.DoubleType()
         wide = ir.VectorType(double, LANES)
-        counts = ir.VectorType(i32, LANES)  # a lane counts at most count / LANES values: count below 2**34
+        counts = ir.VectorType(i32, LANES)  # a lane counts at most count / LANES values: count below 2**35
         zero = ir.Constant(wide, [0.0] * LANES)
 
         def add(x, y):
@@ -149,7 +149,9 @@ def _scan_codegen(squares: bool, flagged: bool):
         total = cgutils.alloca_once_value(builder, lanes_total(sums, add))
         total_squares = cgutils.alloca_once_value(builder, lanes_total(squared, add) if squares
                                                   else ir.Constant(double, 0))
-        count_positive = cgutils.alloca_once_value(builder, builder.zext(lanes_total(positives, builder.add), intp))
+        per_lane = _tree(builder.add, [builder.load(counted) for counted in positives])  # each below 2**32
+        count_positive = cgutils.alloca_once_value(builder, _tree(builder.add, [
+            builder.zext(builder.extract_element(per_lane, ir.Constant(i32, j)), intp) for j in range(LANES)]))
         done = builder.mul(groups, ir.Constant(intp, GROUP))
         with cgutils.for_range(builder, builder.sub(count, done)) as loop:
             offset = builder.add(done, loop.index)
@@ -216,8 +218,8 @@ def _require_unit_stride(values):
 @jit(inline="always")
 def ordered_sum(values, start, count):
     """``values[start : start + count]`` summed in float64 in the module's order, and the count of its positive
-    values. ``values`` is 1-D float32 or float64 and unit-stride (a contiguous row or a slice of one: anything
-    else is a ValueError); the caller guarantees the bounds."""
+    values (``count`` below 2**35). ``values`` is 1-D float32 or float64 and unit-stride (a contiguous row or a
+    slice of one: anything else is a ValueError); the caller guarantees the bounds."""
     _require_unit_stride(values)
     return _ordered_sum(values, start, count)
 
