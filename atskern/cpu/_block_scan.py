@@ -142,13 +142,12 @@ def _scan_codegen(squares: bool, flagged: bool):
                     builder.store(add_square(builder.load(squared[k]), loaded), squared[k])
                 builder.store(builder.add(builder.load(positives[k]), positive(loaded, counts)), positives[k])
 
-        def lanes_total(accumulators, combine):
-            lanes = _tree(combine, [builder.load(accumulator) for accumulator in accumulators])
-            return _tree(combine, [builder.extract_element(lanes, ir.Constant(i32, j)) for j in range(LANES)])
+        def lanes_total(accumulators):
+            lanes = _tree(add, [builder.load(accumulator) for accumulator in accumulators])
+            return _tree(add, [builder.extract_element(lanes, ir.Constant(i32, j)) for j in range(LANES)])
 
-        total = cgutils.alloca_once_value(builder, lanes_total(sums, add))
-        total_squares = cgutils.alloca_once_value(builder, lanes_total(squared, add) if squares
-                                                  else ir.Constant(double, 0))
+        total = cgutils.alloca_once_value(builder, lanes_total(sums))
+        total_squares = cgutils.alloca_once_value(builder, lanes_total(squared) if squares else ir.Constant(double, 0))
         per_lane = _tree(builder.add, [builder.load(counted) for counted in positives])  # each below 2**32
         count_positive = cgutils.alloca_once_value(builder, _tree(builder.add, [
             builder.zext(builder.extract_element(per_lane, ir.Constant(i32, j)), intp) for j in range(LANES)]))

@@ -381,7 +381,7 @@ def _row_status(weights, b, total, positive, negative, status):
 
 
 _INSERTION_SORT = 32
-"""Up to this many candidates a row's are sorted in place (an argsort's allocation costs more)."""
+"""Up to this many candidates a row's are sorted by insertion alone (an argsort's allocation costs more)."""
 
 
 @jit(inline="always")
@@ -392,8 +392,8 @@ def _row_smallest(cand_keys, cand_idx, cand_count, b, keys, positions, order_idx
 
     Every full chunk's largest kept key (its heap's top) bounds the row's n-th smallest, so only the
     candidates up to the smallest such bound are gathered (``keys``, ``positions``) and sorted by key (a
-    quicksort: 1.6x faster than merging through a heap for n in the hundreds), equal keys then by position; a
-    few (up to ``_INSERTION_SORT``) by insertion."""
+    quicksort: 1.6x faster than merging through a heap for n in the hundreds), then by ``(key, position)`` by
+    insertion, which moves only equal keys (a few candidates, up to ``_INSERTION_SORT``, by insertion alone)."""
     nchunks, capacity = cand_keys.shape[1], cand_keys.shape[2]
     n = order_idx.size
     bound = np.inf
@@ -407,34 +407,19 @@ def _row_smallest(cand_keys, cand_idx, cand_count, b, keys, positions, order_idx
                 keys[m] = cand_keys[b, c, j]
                 positions[m] = cand_idx[b, c, j]
                 m += 1
+    if m > _INSERTION_SORT:  # by key first: the insertion below then only moves equal keys
+        order = np.argsort(keys[:m])
+        keys[:m] = keys[order]
+        positions[:m] = positions[order]
+    for i in range(1, m):  # by (key, position), in place
+        key, position = keys[i], positions[i]
+        j = i
+        while j > 0 and _greater(keys[j - 1], positions[j - 1], key, position):
+            keys[j], positions[j] = keys[j - 1], positions[j - 1]
+            j -= 1
+        keys[j], positions[j] = key, position
     count = min(n, m)
-    if m <= _INSERTION_SORT:
-        for i in range(1, m):  # a few candidates: sorted in place by (key, position)
-            key, position = keys[i], positions[i]
-            j = i
-            while j > 0 and _greater(keys[j - 1], positions[j - 1], key, position):
-                keys[j], positions[j] = keys[j - 1], positions[j - 1]
-                j -= 1
-            keys[j], positions[j] = key, position
-        for k in range(count):
-            order_idx[k] = positions[k]
-        return count
-    order = np.argsort(keys[:m])
-    start = 0
-    while start < count:  # runs of equal keys, by position (insertion sort: ties are rare and short)
-        stop = start + 1
-        while stop < m and keys[order[stop]] == keys[order[start]]:
-            stop += 1
-        for i in range(start + 1, stop):
-            moving = order[i]
-            j = i
-            while j > start and positions[order[j - 1]] > positions[moving]:
-                order[j] = order[j - 1]
-                j -= 1
-            order[j] = moving
-        start = stop
-    for k in range(count):
-        order_idx[k] = positions[order[k]]
+    order_idx[:count] = positions[:count]
     return count
 
 
@@ -551,9 +536,7 @@ def _piece_sums(weights, b, sums):
         stop = min(size, start + PIECE)
         sums[s], piece_positive = ordered_sum(row, start, stop - start)
         positive += piece_positive
-        if piece_positive < stop - start:
-            for p in range(start, stop):
-                negative += np.int64(row[p] < 0.0)
+        negative += _negatives(row[start:stop], piece_positive)
     return positive, negative
 
 
