@@ -188,8 +188,10 @@ def _flag_block(values, hi_words, bound, flags):
 
 
 @jit(parallel=True)
-def _chunk_pass(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums):
-    """One pass over the weights, the (row, chunk) items in parallel (see :func:`_chunk_item`).
+def _chunk_pass(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums,
+                grid, indices, probs, status):
+    """One pass over the weights, the (row, chunk) items in parallel (see :func:`_chunk_item`); a row of one chunk
+    is finished by its item (:func:`_whole_row_item`).
 
     The loop body is one call: a small parallel region compiles in a fraction of the time.
     """
@@ -197,21 +199,36 @@ def _chunk_pass(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_count, 
     nchunks = cand_keys.shape[1]
     for item in prange(rows * nchunks):
         b = item // nchunks
-        _chunk_item(weights, k0, k1, chunk, spare, b, item - b * nchunks, cand_keys, cand_idx, cand_count,
-                    row_bound, chunk_stats, block_sums)
+        _whole_row_item(weights, k0, k1, chunk, spare, b, item - b * nchunks, cand_keys, cand_idx, cand_count,
+                        row_bound, chunk_stats, block_sums, grid, indices, probs, status)
 
 
 @jit
 def _chunk_pass_serial(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_count, row_bound, chunk_stats,
-                       block_sums):
+                       block_sums, grid, indices, probs, status):
     """:func:`_chunk_pass` on the calling thread: the same items in the same order, for work too small to pay
     for waking the thread pool (the draws, probabilities and status are bitwise the same)."""
     rows = weights.shape[0]
     nchunks = cand_keys.shape[1]
     for item in range(rows * nchunks):
         b = item // nchunks
-        _chunk_item(weights, k0, k1, chunk, spare, b, item - b * nchunks, cand_keys, cand_idx, cand_count,
-                    row_bound, chunk_stats, block_sums)
+        _whole_row_item(weights, k0, k1, chunk, spare, b, item - b * nchunks, cand_keys, cand_idx, cand_count,
+                        row_bound, chunk_stats, block_sums, grid, indices, probs, status)
+
+
+@jit
+def _whole_row_item(weights, k0, k1, chunk, spare, b, c, cand_keys, cand_idx, cand_count, row_bound, chunk_stats,
+                    block_sums, grid, indices, probs, status):
+    """:func:`_chunk_item`, then, where the row is this one chunk, the row's finish (:func:`_finish_row`) on the
+    same thread while its candidates are in cache: the finish of many rows runs on every thread instead of
+    after the parallel pass on one (the same results, bit for bit)."""
+    _chunk_item(weights, k0, k1, chunk, spare, b, c, cand_keys, cand_idx, cand_count, row_bound, chunk_stats,
+                block_sums)
+    if cand_keys.shape[1] == 1:
+        capacity = cand_keys.shape[2]
+        _finish_row(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_sums, grid, indices, probs, status,
+                    b, np.empty(capacity, np.float64), np.empty(capacity, np.int64),
+                    np.empty(indices.shape[1], np.int64))
 
 
 @jit
@@ -425,35 +442,46 @@ def _row_smallest(cand_keys, cand_idx, cand_count, b, keys, positions, order_idx
 
 @jit
 def _finish_rows(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_sums, grid, indices, probs, status):
-    """Per row: the chunks' candidates' ``n`` smallest keys in increasing order (:func:`_row_smallest`), pad a
-    row with fewer positive entries with its lowest zero-weight positions (fillers, rule R1), and write grid
-    coordinates, float64 probabilities and the row's status."""
-    rows, nchunks = cand_count.shape
-    n = indices.shape[1]
+    """:func:`_finish_row` of every row, on the calling thread (rows of several chunks: their candidates are
+    complete only after the parallel pass)."""
+    nchunks = cand_count.shape[1]
     keys = np.empty(nchunks * cand_keys.shape[2], np.float64)
     positions = np.empty(nchunks * cand_keys.shape[2], np.int64)
-    idx = np.empty(n, np.int64)
-    for b in range(rows):
-        positive = 0
-        negative = 0
-        for c in range(nchunks):
-            positive += chunk_stats[b, c, 0]
-            negative += chunk_stats[b, c, 1]
-        count = _row_smallest(cand_keys, cand_idx, cand_count, b, keys, positions, idx)
-        total = 0.0
-        for j in range(block_sums.shape[1]):
-            total += block_sums[b, j]
-        _row_status(weights, b, total, positive, negative, status)
-        p = 0
-        for k in range(count, n):  # fillers: the lowest positions without positive weight
-            while weights[b, p] > 0.0:
-                p += 1
-            idx[k] = p
+    idx = np.empty(indices.shape[1], np.int64)
+    for b in range(cand_count.shape[0]):
+        _finish_row(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_sums, grid, indices, probs, status,
+                    b, keys, positions, idx)
+
+
+@jit
+def _finish_row(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_sums, grid, indices, probs, status, b,
+                keys, positions, idx):
+    """Row ``b``: its chunks' candidates' ``n`` smallest keys in increasing order (:func:`_row_smallest`, with
+    ``keys``, ``positions`` and ``idx`` as scratch), pad a row with fewer positive entries with its lowest
+    zero-weight positions (fillers, rule R1), and write grid coordinates, float64 probabilities and the row's
+    status."""
+    nchunks = cand_count.shape[1]
+    n = indices.shape[1]
+    positive = 0
+    negative = 0
+    for c in range(nchunks):
+        positive += chunk_stats[b, c, 0]
+        negative += chunk_stats[b, c, 1]
+    count = _row_smallest(cand_keys, cand_idx, cand_count, b, keys, positions, idx)
+    total = 0.0
+    for j in range(block_sums.shape[1]):
+        total += block_sums[b, j]
+    _row_status(weights, b, total, positive, negative, status)
+    p = 0
+    for k in range(count, n):  # fillers: the lowest positions without positive weight
+        while weights[b, p] > 0.0:
             p += 1
-        for k in range(n):
-            _write_coords(indices, b, k, idx[k], grid)
-            a = np.float64(weights[b, idx[k]])
-            probs[b, k] = a / total if a > 0.0 and total > 0.0 else 0.0  # total <= 0: a refused row
+        idx[k] = p
+        p += 1
+    for k in range(n):
+        _write_coords(indices, b, k, idx[k], grid)
+        a = np.float64(weights[b, idx[k]])
+        probs[b, k] = a / total if a > 0.0 and total > 0.0 else 0.0  # total <= 0: a refused row
 
 
 @jit
@@ -486,10 +514,12 @@ def _without_replacement(weights, k0, k1, chunk, serial, spare, grid, indices, p
     block_sums = np.empty((rows, (size + BLOCK - 1) // BLOCK), np.float64)
     if serial:
         _chunk_pass_serial(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_count, row_bound, chunk_stats,
-                           block_sums)
+                           block_sums, grid, indices, probs, status)
     else:
-        _chunk_pass(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums)
-    _finish_rows(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_sums, grid, indices, probs, status)
+        _chunk_pass(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums,
+                    grid, indices, probs, status)
+    if nchunks > 1:  # a row of one chunk is finished by its item
+        _finish_rows(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_sums, grid, indices, probs, status)
     _summarize(status)
 
 
