@@ -50,7 +50,7 @@ TEST_SECONDS = 230
 timed out there."""
 SANITIZER_SECONDS = 150
 TUNING_SECONDS = (100, 15)
-TUNING_PARTS = ["--only", "breakdown", "--only", "where", "--only", "ncu"]
+TUNING_PARTS = ["--only", "breakdown", "--only", "whole", "--only", "where", "--only", "ncu"]
 """The tuning step: each kernel's GPU time, where a sampling call's time goes (a validated call's steps one by one),
 then Nsight Compute on the streaming kernels (skipped without ncu; in quick mode only the breakdown runs). The
 finish and status parts (FUSED_FINISH, MAPPED_STATUS) ran on the H200 and chose their knobs

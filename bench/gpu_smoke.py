@@ -104,15 +104,15 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     if not args.sampling_only:
         patches(cupy, atskern, rng)
-    saved = gpu_sampling.FUSED_FINISH
+    saved = gpu_sampling.FUSED_FINISH, gpu_sampling.WHOLE_ROWS
     try:
-        # rows finished by finish_rows, and by their last select_rows block
-        for fused in () if args.patches_only else (False, True):
-            gpu_sampling.FUSED_FINISH = fused
+        # rows finished by finish_rows, by their last select_rows block, and sampled whole by one sample_rows block
+        for fused, whole in () if args.patches_only else ((False, 0), (True, 0), (False, 1 << 30)):
+            gpu_sampling.FUSED_FINISH, gpu_sampling.WHOLE_ROWS = fused, whole
             sampling(cupy, atskern, rng)
             unvalidated_bad_rows(cupy, atskern, rng)
     finally:
-        gpu_sampling.FUSED_FINISH = saved
+        gpu_sampling.FUSED_FINISH, gpu_sampling.WHOLE_ROWS = saved
     cupy.cuda.Device().synchronize()
     print("gpu smoke: all results equal the CPU kernels")
     return 0

@@ -1,7 +1,8 @@
 """Tuning probe of the GPU sampling kernels: registers and spills per compile option, the GPU time of each
 launch of one call, and ``atskern.sample`` under each block size and ``MIN_BLOCKS`` (draws checked unchanged);
 ``--only where`` splits a call's time into host and device parts; ``--only status`` times the status read-back
-by a copy against mapped host memory (``MAPPED_STATUS``); ``--only gather`` times the patch gather's knobs; ``--only ncu`` adds
+by a copy against mapped host memory (``MAPPED_STATUS``); ``--only whole`` times small maps sampled by one block a
+row (``WHOLE_ROWS``) against the chunked launches; ``--only gather`` times the patch gather's knobs; ``--only ncu`` adds
 Nsight Compute's sections for the streaming kernels where ``ncu`` is installed, ``--only ncu-small`` for the three
 kernels of a small call, ``--only ncu-gather`` for the patch gather.
 
@@ -150,26 +151,27 @@ def config_table(quick: bool) -> str:
     return "\n".join(lines)
 
 
-def _same_draws_both_ways(sampling, knob: str, attention, n: int, what: str) -> None:
-    """``atskern.sample``'s draws and probabilities with the boolean ``knob`` of ``sampling`` off and on are equal,
-    or an AssertionError saying ``what`` differs (the knob is left on)."""
+def _same_draws_both_ways(sampling, knob: str, attention, n: int, what: str, values=(False, True)) -> None:
+    """``atskern.sample``'s draws and probabilities with ``knob`` of ``sampling`` at each of ``values`` (off and
+    on) are equal, or an AssertionError saying ``what`` differs (the knob is left at the last value)."""
     import atskern
 
     drawn = {}
-    for value in (False, True):
+    for value in values:
         setattr(sampling, knob, value)
         indices, probs = atskern.sample(attention, n, seed=3)
         drawn[value] = (indices.get(), probs.get())
-    if not all(np.array_equal(a, b) for a, b in zip(drawn[False], drawn[True])):
+    first, second = (drawn[value] for value in values)
+    if not all(np.array_equal(a, b) for a, b in zip(first, second)):
         raise AssertionError(f"{what} at {(attention.shape, n)}")
 
 
-def _alternating(sampling, knob: str, measure, rounds: int) -> dict:
-    """``{False: [...], True: [...]}``: ``measure()`` with the boolean ``knob`` of ``sampling`` off and on, in turn,
-    ``rounds`` times each (so drift on a shared machine hits both)."""
-    timed = {False: [], True: []}
+def _alternating(sampling, knob: str, measure, rounds: int, values=(False, True)) -> dict:
+    """``{value: [...]}``: ``measure()`` with ``knob`` of ``sampling`` at each of ``values`` (off and on), in
+    turn, ``rounds`` times each (so drift on a shared machine hits both)."""
+    timed = {value: [] for value in values}
     for _ in range(rounds):
-        for value in (False, True):
+        for value in values:
             setattr(sampling, knob, value)
             timed[value].append(measure())
     return timed
@@ -207,6 +209,78 @@ def finish_table(quick: bool) -> str:
             lines += launch_breakdown(rows, side, n)
     finally:
         sampling.FUSED_FINISH = saved
+    return "\n".join(lines)
+
+
+WHOLE_CASES = [(1, 128, 10), (1, 181, 10), (1, 256, 10), (1, 256, 100), (1, 362, 10), (1, 512, 10), (8, 180, 10),
+               (32, 128, 10), (32, 256, 10), (32, 256, 100), (256, 256, 10)]
+"""Small maps (B, side, n): where one block a row might beat the chunked launches (``WHOLE_ROWS``)."""
+
+
+def whole_rows_limit(ratios) -> tuple[int, list]:
+    """From ``(positions a row, chunked time / whole-row time)`` pairs: the largest row size below which every case
+    was faster whole (0: none), and the sizes of the cases that were not."""
+    slower = sorted({size for size, ratio in ratios if not ratio > 1.0})
+    limit = max((size for size, _ in ratios if not slower or size < slower[0]), default=0)
+    return limit, slower
+
+
+def whole_table(quick: bool) -> str:
+    """``atskern.sample`` (float32, validated) on small maps with each row sampled by one ``sample_rows`` block
+    (``WHOLE_ROWS`` above the row's size) against the chunked launches (``WHOLE_ROWS = 0``), in one process,
+    alternating, draws and probabilities checked equal, with torch's Gumbel top-k in the same loop; then the GPU
+    time per launch of a few whole-row calls. ``WHOLE_ROWS`` is set from this table: the largest row size up to
+    which every case was faster whole."""
+    import cupy
+
+    import atskern
+    from atskern.gpu import sampling
+
+    lines = ["| B | grid | n | chunked: GPU ms (wall ms) | whole rows: GPU ms (wall ms) | wall: chunked / whole | "
+             "torch Gumbel top-k wall ms | top-k / whole |", "|---|---|---|---|---|---|---|---|"]
+    rng = np.random.default_rng(0)
+    saved = sampling.WHOLE_ROWS
+    values = (0, 1 << 30)
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    ratios = []  # (positions a row, wall chunked / whole)
+    try:
+        for rows, side, n in (WHOLE_CASES[:3] if quick else WHOLE_CASES):
+            attention = cupy.asarray(rng.random((rows, side, side), dtype=np.float32) + np.float32(1e-3))
+            _same_draws_both_ways(sampling, "WHOLE_ROWS", attention, n, "sample_rows draws differ from the chunked "
+                                  "launches'", values)
+            timed = _alternating(sampling, "WHOLE_ROWS", lambda: _gpu.timings(
+                lambda: atskern.sample(attention, n, seed=3), repeats=10 if quick else 25), 2 if quick else 4, values)
+            cells = {v: (statistics.median(t["gpu"] for t in timed[v]), statistics.median(t["wall"] for t in timed[v]))
+                     for v in values}
+            topk = ""
+            if torch is not None:
+                scores = torch.as_tensor(attention.reshape(rows, -1), device="cuda")
+
+                def gumbel_topk():
+                    keys = torch.log(scores) - torch.log(-torch.log(torch.rand_like(scores)))
+                    return torch.topk(keys, n, dim=1).indices
+
+                topk_ms = _gpu.timings(lambda: gumbel_topk(), repeats=10 if quick else 25)["wall"]
+                topk = f"{topk_ms:.3f} | {topk_ms / cells[values[1]][1]:.2f}"
+            ratio = cells[0][1] / cells[values[1]][1]
+            ratios.append((side * side, ratio))
+            lines.append(f"| {rows} | {side}² | {n} | {cells[0][0]:.3f} ({cells[0][1]:.3f}) | {cells[values[1]][0]:.3f} "
+                         f"({cells[values[1]][1]:.3f}) | {ratio:.2f} | {topk or 'n/a | n/a'} |")
+            del attention
+            cupy.get_default_memory_pool().free_all_blocks()
+        limit, slower = whole_rows_limit(ratios)
+        lines += ["", f"- every case up to {limit} positions a row faster whole (a WHOLE_ROWS that this table "
+                      f"supports); slower whole at {slower or 'none'}", ""]
+        sampling.WHOLE_ROWS = values[1]
+        lines += ["GPU time per launch with WHOLE_ROWS on:", "",
+                  "| B | grid | n | replace | chunk x chunks | launch | GPU us (queued) |", "|---|---|---|---|---|---|---|"]
+        for rows, side, n in ((1, 256, 10), (32, 256, 100), (256, 256, 10)):
+            lines += launch_breakdown(rows, side, n)
+    finally:
+        sampling.WHOLE_ROWS = saved
     return "\n".join(lines)
 
 
@@ -537,11 +611,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=["registers", "breakdown", "finish", "configs", "torch-profile", "host-profile",
-                                           "where", "status", "ncu", "ncu-small", "ncu-gather", "gather"],
+                                           "where", "status", "ncu", "ncu-small", "ncu-gather", "gather", "whole"],
                         action="append", help="run only these parts (repeatable; default all but ncu)")
     args = parser.parse_args(argv)
-    parts = set(args.only or ["registers", "breakdown", "finish", "where", "status", "configs", "torch-profile",
-                              "host-profile"])
+    parts = set(args.only or ["registers", "breakdown", "finish", "whole", "where", "status", "configs",
+                              "torch-profile", "host-profile"])
     reason = _gpu.unavailable()
     if reason:
         print(f"skipped: {reason}")
@@ -553,6 +627,9 @@ def main(argv=None) -> int:
     if "finish" in parts:
         print("### Rows finished apart or in the selecting launch (FUSED_FINISH)\n\n" + finish_table(args.quick) + "\n",
               flush=True)
+    if "whole" in parts:
+        print("### Small maps sampled by one block a row (WHOLE_ROWS) or by the chunked launches (float32)\n\n"
+              + whole_table(args.quick) + "\n", flush=True)
     if "where" in parts:
         print("### Where a sampling call's time goes (float32, µs)\n\n" + where_table() + "\n", flush=True)
     if "status" in parts:

@@ -65,11 +65,14 @@ def index_width(request, monkeypatch):
     gp.clear_caches()
 
 
-@pytest.fixture(params=[False, True], ids=["finish_rows", "select_rows"])
+@pytest.fixture(params=["finish_rows", "select_rows", "sample_rows"])
 def finish(request, monkeypatch):
-    """GPU sampling with each row finished by a finish_rows launch, or by its last select_rows block in the
-    selecting launch (atskern.gpu.sampling.FUSED_FINISH; the host build and the CuPy path alike)."""
+    """GPU sampling with each row finished by a finish_rows launch, by its last select_rows block in the
+    selecting launch (atskern.gpu.sampling.FUSED_FINISH), or sampled whole by one sample_rows block
+    (atskern.gpu.sampling.WHOLE_ROWS: every row here), on the host build and the CuPy path alike; the value is
+    the kernel that finishes the rows (without replacement)."""
     from atskern.gpu import sampling as gs
 
-    monkeypatch.setattr(gs, "FUSED_FINISH", request.param)
+    monkeypatch.setattr(gs, "FUSED_FINISH", request.param == "select_rows")
+    monkeypatch.setattr(gs, "WHOLE_ROWS", (1 << 30) if request.param == "sample_rows" else 0)
     return request.param

@@ -165,3 +165,16 @@ def test_knob_timings_alternate_the_knob():
     seen = []
     timed = gpu_tuning._alternating(module, "KNOB", lambda: seen.append(module.KNOB) or len(seen), 3)
     assert seen == [False, True] * 3 and timed == {False: [1, 3, 5], True: [2, 4, 6]}
+    seen.clear()
+    timed = gpu_tuning._alternating(module, "KNOB", lambda: seen.append(module.KNOB) or len(seen), 2, (0, 9))
+    assert seen == [0, 9, 0, 9] and timed == {0: [1, 3], 9: [2, 4]}
+
+
+def test_whole_rows_limit_is_below_the_first_slower_size():
+    """The WHOLE_ROWS the tuning table supports: every case of a row size up to it faster whole."""
+    from bench.gpu_tuning import whole_rows_limit
+
+    assert whole_rows_limit([(100, 2.0), (400, 1.5), (400, 1.1), (900, 0.9), (1600, 1.2)]) == (400, [900])
+    assert whole_rows_limit([(400, 1.5), (100, 1.0)]) == (0, [100])
+    assert whole_rows_limit([(100, 1.3), (400, 1.2)]) == (400, [])
+    assert whole_rows_limit([]) == (0, [])

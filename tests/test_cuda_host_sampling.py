@@ -61,17 +61,17 @@ def _garbage(shape, dtype):
 
 
 def host_sample(lib, attention, n, *, seed, replace=False, logits=False, threads=32, chunk=128, seed_array=None,
-                capacity=None, keep=None, probs_dtype=np.float64, fused=None):
+                capacity=None, keep=None, probs_dtype=np.float64, fused=None, whole_rows=None):
     """``atskern.gpu.sampling.sample`` with the host build: (indices, float64 probs, status, plan). ``threads``
     must be the ATS_SELECT_THREADS ``lib`` was built with. ``capacity`` overrides the plan's screening buffer (0:
     every row selected chunk by chunk); ``keep`` (a dict) receives the workspace; ``probs_dtype`` is float64 (the
     tests' precision) or float32 (as the CuPy path writes float32 maps' probabilities); ``fused`` overrides
-    gs.FUSED_FINISH."""
+    gs.FUSED_FINISH and ``whole_rows`` gs.WHOLE_ROWS (True: a block per row, sample_rows)."""
     rows = attention.shape[0]
     grid = attention.shape[1:]
     weights = np.ascontiguousarray(attention).reshape(rows, -1)
     size = weights.shape[1]
-    p = gs.plan(rows, size, n, replace, threads, multiprocessors=1, chunk=chunk, fused=fused)
+    p = gs.plan(rows, size, n, replace, threads, multiprocessors=1, chunk=chunk, fused=fused, whole_rows=whole_rows)
     if capacity is not None:
         p = dataclasses.replace(p, capacity=capacity)
     ws = gs.workspace(_garbage, rows, size, n, p, replace, logits)
@@ -131,17 +131,17 @@ def independent_probs(attention, flat, logits=False):
     return np.where(drawn > 0, drawn / w.sum(axis=1, keepdims=True), 0.0)
 
 
-@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("replace", [False, True], ids=["successive", "replace"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_host_draws_equal_cpu_and_reference(lib, dtype, replace):
+def test_host_draws_equal_cpu_and_reference(lib, dtype, replace, finish):
     rng = np.random.default_rng(7 + replace)
     for trial, shape in enumerate([(3, 700), (2, 19, 23), (2, 5, 6, 7), (1, 1)]):
         attention = (rng.random(shape) ** 3).astype(dtype)
         n = min(1 if shape == (1, 1) else 5 + 7 * trial, attention[0].size)
         seed = 1000 + trial
         indices, probs, status, p = host_sample(lib, attention, n, seed=seed, replace=replace)
-        assert p.nchunks > 1 or attention[0].size <= 128
+        assert p.whole_rows == (finish == "sample_rows" and not replace)
+        assert p.nchunks > 1 or attention[0].size <= 128 or p.whole_rows
         ref_i, ref_p = reference.sample(attention, n, replace=replace, seed=seed)
         cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, seed, replace)
         assert np.array_equal(indices, ref_i) and np.array_equal(indices, cpu_i), (trial, shape)
@@ -193,7 +193,7 @@ def test_host_large_n_selected_in_shared_memory(libs, threads, n):
     the CPU kernel's."""
     attention = _large_n_rows(np.random.default_rng(n + threads))
     indices, probs, status, p = host_sample(libs(threads), attention, n, seed=n, threads=threads, chunk=4096)
-    assert not p.sort and p.nchunks == 2
+    assert not p.sort and (p.nchunks == 2 or p.whole_rows)
     ref_i, ref_p = reference.sample(attention, n, seed=n)
     cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, n, False)
     for row in range(attention.shape[0]):
@@ -219,17 +219,19 @@ LEVELS = [0.0, 5e-324, 1e-300, 0.25, 1.0, 1.0 + 2**-52, 3.0]  # zeros, +inf keys
 @given(rows=st.integers(1, 3), size=st.integers(1, 700), n_fraction=st.floats(0.0, 1.0),
        levels=st.lists(st.sampled_from(LEVELS), min_size=1, max_size=4, unique=True),
        chunk=st.sampled_from([128, 256, 512]), seed=st.integers(0, 2**64 - 1), screen=st.booleans(),
-       fused=st.booleans())
-def test_host_fuzz_ties_fillers_and_chunks(lib, rows, size, n_fraction, levels, chunk, seed, screen, fused):
+       finish=st.sampled_from(["finish_rows", "select_rows", "sample_rows"]))
+def test_host_fuzz_ties_fillers_and_chunks(lib, rows, size, n_fraction, levels, chunk, seed, screen, finish):
     """Rows drawn from a few weight levels (many equal keys, exact +inf ties, zeros: fillers, rows that the
-    scale-free pass redoes), any n and chunking: the host build draws as the reference and the CPU kernel."""
+    scale-free pass redoes), any n and chunking, each way of finishing the rows (sample_rows: a block per row):
+    the host build draws as the reference and the CPU kernel."""
+    fused, whole = finish == "select_rows", finish == "sample_rows"
     rng = np.random.default_rng(seed % 2**32)
     attention = rng.choice(np.array(levels), size=(rows, size))
     attention[np.arange(rows), rng.integers(0, size, rows)] = max(max(levels), 5e-324)  # a positive cell a row
     n = max(1, int(round(n_fraction * size)))
     indices, probs, status, p = host_sample(lib, attention, n, seed=seed, chunk=chunk, capacity=None if screen else 0,
-                                            fused=fused)
-    assert p.fused == (fused and not p.sort)
+                                            fused=fused, whole_rows=whole)
+    assert p.fused == (fused and not p.sort) and p.whole_rows == (whole and not p.sort)
     ref_i, _ = reference.sample(attention, n, seed=seed)
     cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, seed, False)
     assert np.array_equal(indices, ref_i) and np.array_equal(indices, cpu_i)
@@ -562,6 +564,92 @@ def test_host_screened_rows_ranked_or_sorted(lib):
     assert_same_status(status, cpu_status)
 
 
+def _screened_slots(ws, rows):
+    """Per row, how many slots of its screening buffer sample_rows wrote (the rest keep _garbage's bytes): the
+    kept keys up to the buffer's size; 0 for a row selected without screening."""
+    capacity = ws.screen_keys.size // rows
+    untouched = _garbage((1,), np.float64).view(np.uint64)[0]
+    return (ws.screen_keys.view(np.uint64).reshape(rows, capacity) != untouched).sum(axis=1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_host_sample_rows_screened_selected_or_alone(libs, dtype):
+    """sample_rows (a block per row, WHOLE_ROWS): even rows are screened under their plan's bound t (their
+    buffers written), uneven, short and bad rows selected by the block alone (buffers untouched), a float64 row
+    outside the scale-free exponents planned on its rescaled statistics (pass 1's, in the same launch); a
+    screened row with fewer than n keys under t (the 64-thread harness) or more than its buffer holds is selected
+    alone. One row needs no zeroed memory; several elect the summary's block through row_bound[rows]."""
+    rng = np.random.default_rng(5)
+    size = 1500
+    attention = (rng.random((6, size)) + 0.05).astype(dtype)
+    attention[1, 7] = size  # uneven: one cell holds half the mass
+    attention[2, 40:] = 0  # short: 40 positive cells
+    attention[3, 11] = np.nan
+    if dtype == np.float64:
+        attention[4] *= 1e-300  # rescaled
+    n = 12
+    ref_i, _ = reference.sample(np.where(np.isnan(attention), 0, attention), n, seed=9)
+    cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, 9, False)
+    valid = [0, 1, 2, 4, 5]
+    for threads, capacity in [(32, None), (64, None), (32, n + 1)]:
+        keep = {}
+        indices, probs, status, p = host_sample(libs(threads), attention, n, seed=9, threads=threads,
+                                                capacity=capacity, keep=keep, whole_rows=True)
+        assert p.whole_rows and p.capacity > 0
+        written = _screened_slots(keep["workspace"], 6)
+        # the 64-thread harness's smaller want screens the short row too
+        assert list(written > 0) == [True, False, threads == 64, False, True, True]
+        if threads == 64:  # about n / 2 + 1 keys expected below t: rows fall short of n, then selected alone
+            assert ((written > 0) & (written < n)).any()
+        elif capacity is not None:  # more keys than the buffer holds: selected alone
+            assert (written[written > 0] == capacity).all()
+        else:
+            assert (written[written > 0] >= n).all()
+        assert np.array_equal(indices[valid], ref_i[valid]) and np.array_equal(indices[valid], cpu_i[valid])
+        np.testing.assert_allclose(probs[valid], cpu_p[valid], rtol=1e-12)
+        assert_same_status(status, cpu_status)
+        assert (probs[3] == 0).all() and ((indices >= 0) & (indices < size)).all()
+    for row in range(6):  # one row alone: no memset (the workspace is all garbage), the summary its own
+        indices, probs, status, _ = host_sample(libs(32), attention[row:row + 1], n, seed=9, whole_rows=True)
+        assert np.array_equal(indices[0], cpu_sample(attention[row:row + 1], n, 9, False)[0][0]), row
+        assert_same_status(status, cpu_sample(attention[row:row + 1], n, 9, False)[2])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_host_sample_rows_ranks_or_sorts_and_takes_logits(lib, dtype):
+    """sample_rows ranks a screened row's kept keys up to RANK_MAX and sorts them beyond (n = 850 keeps about 1040
+    a row); with logits, each block takes its row's largest finite logit itself (no row_max launch): -inf cells
+    are zero weights (fillers), a row of only -inf is refused (probabilities 0), and a row whose logits are all
+    about -800 is drawn as exp(l - max) gives it. The draws equal the reference's and the CPU kernel's."""
+    rng = np.random.default_rng(85)
+    attention = (rng.random((4, 5000)) + 0.1).astype(dtype)
+    attention[2, ::2] = 1.0
+    n = 850
+    keep = {}
+    indices, probs, status, p = host_sample(lib, attention, n, seed=4, keep=keep, whole_rows=True)
+    written = _screened_slots(keep["workspace"], 4)
+    assert p.whole_rows and (written <= p.capacity).all() and (written >= n).all()
+    assert (written > gs.RANK_MAX).any() and (written <= gs.RANK_MAX).any()
+    ref_i, _ = reference.sample(attention, n, seed=4)
+    cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, 4, False)
+    assert np.array_equal(indices, ref_i) and np.array_equal(indices, cpu_i)
+    np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
+    assert_same_status(status, cpu_status)
+
+    logits = np.log(rng.random((4, 2, 300)) + 0.01).astype(dtype)
+    logits[0, :, :50] = -np.inf  # zero weights: drawn only as fillers (n = 560 > 500 positive cells)
+    logits[1] = -np.inf
+    logits[2] -= 800.0
+    for n in (7, 560):
+        indices, probs, status, _ = host_sample(lib, logits, n, seed=n, logits=True, whole_rows=True)
+        cpu_i, cpu_p, cpu_status = cpu_sample(logits, n, n, False, logits=True)
+        good = [0, 2, 3]
+        assert np.array_equal(indices[good], cpu_i[good]), n
+        np.testing.assert_allclose(probs[good], cpu_p[good], rtol=1e-12)
+        assert (probs[1] == 0).all()
+        assert_same_status(status, cpu_status)
+
+
 @pytest.mark.parametrize("replace", [False, True], ids=["successive", "replace"])
 def test_host_float32_probabilities_round_as_numpy(lib, replace):
     """float32 probabilities written by the kernels (the CuPy path, no cast launch) equal NumPy's cast of the
@@ -722,10 +810,9 @@ class _EmulatedDevice:
         self.launched.append(name)
 
 
-@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("replace, logits", [(False, False), (True, False), (False, True)])
-def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace, logits):
+def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace, logits, finish):
     """``atskern.gpu.sampling.sample`` itself (one allocation, the memset, the launches through packed slots) and
     ``read_status`` on the emulated device: the draws, probabilities and status of the host harness's direct path
     and of the CPU kernel, including a bad row and a float64 row that the rescaling pass redoes."""
@@ -751,9 +838,9 @@ def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace
     host_status = gs.read_status(status)
     suffix = "f32" if dtype == np.float32 else "f64"
     assert device.launched[0] == "memset" and device.launched.count("memset") == 1
-    last = "replacement_draws" if replace else "select_rows" if gs.FUSED_FINISH else "finish_rows"
+    last = "replacement_draws" if replace else finish  # the kernel that finishes the rows
     assert device.launched[-1] == f"{last}_{suffix}"
-    assert (f"chunk_topn_{suffix}" in device.launched) == (not replace and not gs.FUSED_FINISH)
+    assert (f"chunk_topn_{suffix}" in device.launched) == (not replace and finish == "finish_rows")
     want_i, want_p, want_status, _ = host_sample(lib, attention, n, seed=seed, replace=replace, logits=logits,
                                                  probs_dtype=dtype)
     assert np.array_equal(np.asarray(indices), want_i)

@@ -269,16 +269,17 @@ def _kernels_defined(tmp_path, group: int) -> set:
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_every_launched_kernel_is_in_the_module_of_its_group(tmp_path, monkeypatch):
     """A call compiles only the module of each kernel's group (``kernel_group``: one dtype's kernels, select_rows
-    apart): every kernel of every path (float32/float64, logits, with replacement, the sort fallback, both
+    apart): every kernel of every path (float32/float64, logits, with replacement, the sort fallback, the three
     finishes) is defined in its group's module, the groups split the default module's kernels without overlap,
     and each group holds a kernel some path launches."""
     from atskern.gpu import sampling as gs
 
     defined = {group: _kernels_defined(tmp_path, group) for group in (0, 1, 2, 3, 4)}
-    assert len(defined[0]) == 14, defined[0]
+    assert len(defined[0]) == 16, defined[0]
     launched = set()
-    for fused in (False, True):
+    for fused, whole in ((False, 0), (True, 0), (False, 1 << 30)):
         monkeypatch.setattr(gs, "FUSED_FINISH", fused)
+        monkeypatch.setattr(gs, "WHOLE_ROWS", whole)
         for dtype in (np.float32, np.float64):
             for n in (10, 2049):
                 for replace in (False, True):
@@ -314,6 +315,43 @@ def test_sampling_launch_sequence():
     assert gs.SORT_STEP in names(np.float32, 2049, False, False)
 
 
+def test_whole_rows_plan_and_launch_sequence(monkeypatch):
+    """Rows of at most ``WHOLE_ROWS`` positions, without replacement and with n up to MAX_SELECTION_N, are one
+    ``sample_rows`` launch (a block per row), after the memset of the count that elects the summary's block, or
+    alone for one row (nothing to zero); its work space holds no statistics, counters, plans or candidate lists,
+    and logits need no row_max launch."""
+    from atskern.gpu import sampling as gs
+
+    monkeypatch.setattr(gs, "WHOLE_ROWS", 5000)
+    assert names_whole(3, np.float64, 10, False, True) == [gs.ZERO_STEP, "sample_rows_f64"]
+    assert names_whole(1, np.float32, 10, False, False) == ["sample_rows_f32"]
+    assert names_whole(3, np.float32, 2048, False, False) == [gs.ZERO_STEP, "sample_rows_f32"]
+    assert gs.SORT_STEP in names_whole(3, np.float32, 2049, False, False)  # n too large: every key sorted
+    assert "replacement_draws_f32" in names_whole(3, np.float32, 10, True, False)
+    p = gs.plan(3, 5000, 10, False, 256, multiprocessors=4, chunk=1024)
+    assert p.whole_rows and p.nchunks == 1 and p.capacity == gs.screen_capacity(10, 5000, 256) and not p.fused
+    specs = gs.workspace_specs(3, 5000, 10, p, False, True)
+    assert {name for name, spec in specs.items() if spec is not None} == {"row_bound", "status", "screen_keys",
+                                                                           "screen_idx"}
+    assert not gs.plan(3, 5001, 10, False, 256, multiprocessors=4).whole_rows  # a longer row: chunks
+    assert gs.plan(3, 5001, 10, False, 256, multiprocessors=4, whole_rows=True).whole_rows
+    assert not gs.plan(3, 100, 10, False, 256, multiprocessors=4, whole_rows=False).whole_rows
+    monkeypatch.setattr(gs, "WHOLE_ROWS", 0)  # the default: off
+    assert not gs.plan(1, 1, 1, False, 256, multiprocessors=4).whole_rows
+
+
+def names_whole(rows, dtype, n, replace, logits):
+    """The steps of a sampling call on ``rows`` rows of 5000 weights (the plan of ``WHOLE_ROWS`` now)."""
+    from atskern.gpu import sampling as gs
+
+    weights = np.zeros((rows, 5000), dtype)
+    p = gs.plan(rows, 5000, n, replace, 256, multiprocessors=4, chunk=1024)
+    ws = gs.workspace(np.empty, rows, 5000, n, p, replace, logits)
+    steps = gs.launches(weights, n, (50, 100), 1, replace, logits, ws, p, np.empty((rows, n, 2), np.int32),
+                        np.empty((rows, n)))
+    return [s if s in (gs.SORT_STEP, gs.ZERO_STEP) else s[0] for s in steps]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_selecting_kernels_fit_the_default_shared_memory(tmp_path):
@@ -338,5 +376,6 @@ def test_selecting_kernels_fit_the_default_shared_memory(tmp_path):
         found = re.search(r"(\d+) bytes smem", line)
         if found and name:
             smem[name] = int(found.group(1))
-    for kernel in ("chunk_topn_f32", "chunk_topn_f64", "finish_rows_f32", "finish_rows_f64"):
+    for kernel in ("chunk_topn_f32", "chunk_topn_f64", "finish_rows_f32", "finish_rows_f64", "sample_rows_f32",
+                   "sample_rows_f64"):
         assert gs.selection_capacity(threads) * 12 <= smem[kernel] <= 48 * 1024, (kernel, smem)

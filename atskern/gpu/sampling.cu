@@ -35,6 +35,9 @@
 //                  largest weight's exponent is outside SCALE_FREE_EXPONENTS are redone on weights times
 //                  2^-exponent (exact), every other block returns at once: the CPU's scale-free rule without a host
 //                  round trip.
+// Short rows (a plan with `whole_rows`, atskern.gpu.sampling.WHOLE_ROWS) take one launch instead, after the memset
+// (none for one row): sample_rows, a block per row doing all of the above for its row (statistics, status, pass 1's
+// rescaling, plan, screening or selection, finish), blocks meeting only to elect the one writing the summary row.
 // With replacement chunk_stats gathers the statistics (short chunks) and replacement_draws finds each draw with one
 // block: a scan of the row's chunk sums, then of the positions from the chunk found (no prefix sum over the row in
 // memory). The sort fallback takes its statistics from chunk_stats.
@@ -918,18 +921,17 @@ __device__ __forceinline__ void add_plain_bits(ChunkSums& t, unsigned int& top_b
 // This thread's part of positions [start, stop) of a row (PLAIN: weight_as; plain float32: add_plain_bits). Not inlined: each version gets its
 // own registers, and ptxas reports each (inlined into chunk_stats beside exp and ldexp, the loop spilled 84 bytes
 // at 64 registers). The sums are returned, not accumulated through a reference: that put them in local memory.
-template <bool PLAIN, typename T>
+template <bool PLAIN, typename T, int UNROLL = unroll_of<T>()>
 __device__ __noinline__ ChunkSums stats_range(const T* __restrict__ row_weights, long long start, long long stop,
                                               int logits, double top_logit, int shift) {
     ChunkSums t;
     constexpr bool BITS = PLAIN && sizeof(T) == 4;
     unsigned int top_bits = 0u;  // BITS: the largest finite non-negative weight's bits
-    // unroll_of<T>() tiles (of the block's own size: ATS_STATS_THREADS threads, more than a selecting block, for
-    // more loads in flight per SM) loaded before any is added, added in tile order: the sums depend on the block
-    // size (the plan), not on the unrolling
+    // UNROLL tiles (of the block's own size: ATS_STATS_THREADS threads, more than a selecting block, for more
+    // loads in flight per SM; unroll_of<T>() unless sample_rows asks for more) loaded before any is added, added
+    // in tile order: the sums depend on the block size (the plan), not on the unrolling
     // positions as 32-bit offsets from the chunk's start: fewer registers (a chunk holds at most MAX_CHUNK, 2^16
     // short of 2^31: an offset stepped past the end stays an int)
-    constexpr int UNROLL = unroll_of<T>();
     const T* __restrict__ chunk_weights = row_weights + start;
     const int count = (int)(stop - start);
     const int tile = ATS_PER_THREAD * (int)blockDim.x;
@@ -1056,6 +1058,38 @@ __device__ __forceinline__ void write_coords(int* indices, long long at, long lo
     for (int d = dims - 1; d >= 0; --d) {
         indices[at * dims + d] = (int)(position % g[d]);
         position /= g[d];
+    }
+}
+
+// A row's draws: the positions position_of(k) of its `kept` smallest keys in order (k < kept), as grid coordinates
+// and probabilities (a / total where the row is valid, else 0), then fillers (rule R1) up to n. Called by every
+// thread of the block, the selection complete.
+template <typename T, typename PositionOf>
+__device__ void write_draws(const PositionOf& position_of, int kept, long long row, int n,
+                            const T* __restrict__ row_weights, long long size, int logits, double top_logit, int shift,
+                            int valid, double total, int dims, long long g0, long long g1, long long g2,
+                            int* __restrict__ indices, void* __restrict__ probs, int single) {
+    for (int k = threadIdx.x; k < kept; k += blockDim.x) {
+        const long long position = position_of(k);
+        const long long at = row * n + k;
+        write_coords(indices, at, position, dims, g0, g1, g2);
+        const double a = weight_at(row_weights, position, logits, top_logit, shift);
+        store_prob(probs, at, (valid && a > 0.0) ? a / total : 0.0, single);
+    }
+    if (threadIdx.x == 0) {
+        // Fillers (rule R1): the lowest positions without positive weight, in increasing order, probability 0.
+        // At most 2n positions are looked at: the row has fewer than n positive ones.
+        int k = kept;
+        for (long long p = 0; p < size && k < n; ++p) {
+            if (!(weight_at(row_weights, p, logits, top_logit, shift) > 0.0)) {
+                write_coords(indices, row * n + k, p, dims, g0, g1, g2);
+                store_prob(probs, row * n + k++, 0.0, single);
+            }
+        }
+        for (; k < n; ++k) {  // not reached for a valid row; keeps a bad one in range
+            write_coords(indices, row * n + k, 0, dims, g0, g1, g2);
+            store_prob(probs, row * n + k, 0.0, single);
+        }
     }
 }
 
@@ -1393,30 +1427,13 @@ __device__ void finish_row(TopN& s, BlockStats& block_stats, FinishShared& f, lo
                       : merge_lists<COHERENT>(s, lens, offs, cand_keys + base, cand_count + row * nchunks, nchunks, n,
                                     info.bound);
     }
-    for (int k = threadIdx.x; k < kept; k += blockDim.x) {
-        const long long position = alone ? (long long)s.u.list.values[k]
-                                   : screened ? load_written<COHERENT>(screen_idx + screen_base + s.u.list.values[k])
-                                   : load_written<COHERENT>(cand_idx + base + (direct ? k : (long long)s.u.list.values[k]));
-        const long long at = row * n + k;
-        write_coords(indices, at, position, dims, g0, g1, g2);
-        const double a = weight_at(row_weights, position, logits, info.top_logit, info.shift);
-        store_prob(probs, at, (info.valid && a > 0.0) ? a / info.total : 0.0, single);
-    }
-    if (threadIdx.x == 0) {
-        // Fillers (rule R1): the lowest positions without positive weight, in increasing order, probability 0.
-        // At most 2n positions are looked at: the row has fewer than n positive ones.
-        int k = kept;
-        for (long long p = 0; p < size && k < n; ++p) {
-            if (!(weight_at(row_weights, p, logits, info.top_logit, info.shift) > 0.0)) {
-                write_coords(indices, row * n + k, p, dims, g0, g1, g2);
-                store_prob(probs, row * n + k++, 0.0, single);
-            }
-        }
-        for (; k < n; ++k) {  // not reached for a valid row; keeps a bad one in range
-            write_coords(indices, row * n + k, 0, dims, g0, g1, g2);
-            store_prob(probs, row * n + k, 0.0, single);
-        }
-    }
+    const auto position_of = [&](int k) -> long long {
+        return alone ? (long long)s.u.list.values[k]
+               : screened ? load_written<COHERENT>(screen_idx + screen_base + s.u.list.values[k])
+               : load_written<COHERENT>(cand_idx + base + (direct ? k : (long long)s.u.list.values[k]));
+    };
+    write_draws(position_of, kept, row, n, row_weights, size, logits, info.top_logit, info.shift, info.valid,
+                info.total, dims, g0, g1, g2, indices, probs, single);
 }
 
 // One block per row: finish_row (after chunk_topn, or alone: the status of the with-replacement and sort paths).
@@ -1542,6 +1559,139 @@ ATS_SELECT_ROWS(f32, float)
 #endif
 #if ATS_IN_GROUP(4)
 ATS_SELECT_ROWS(f64, double)
+#endif
+
+// Tiles of weights a thread of sample_rows loads before adding any in its statistics pass (float32; float64 half
+// as many: the same bytes): one block streams a whole row, so it needs more loads in flight than a chunk_stats
+// block, one of many over a row. A tuning knob; the sums do not depend on it (stats_range adds in tile order).
+#ifndef ATS_ROW_UNROLL
+#define ATS_ROW_UNROLL 8
+#endif
+template <typename T>
+__host__ __device__ constexpr int row_unroll_of() {
+    return sizeof(T) == 8 ? (ATS_ROW_UNROLL + 1) / 2 : ATS_ROW_UNROLL;
+}
+
+// The largest finite logit of a row by one block: logits_top's value (0 where no logit is finite). Called by
+// every thread of the block.
+template <typename T>
+__device__ double block_logits_top(BlockStats& b, const T* __restrict__ row_weights, long long size) {
+    double top = -ATS_INF;
+    for (long long p = threadIdx.x; p < size; p += blockDim.x) {
+        const double x = widen(row_weights[p]);
+        if (isfinite(x) && x > top) top = x;
+    }
+    top = warp_max(top);
+    if ((threadIdx.x & 31u) == 0u) b.top[threadIdx.x >> 5] = top;
+    __syncthreads();
+    for (unsigned int i = 0; i < (blockDim.x >> 5); ++i) top = b.top[i] > top ? b.top[i] : top;
+    __syncthreads();  // every thread has read b.top before it is written again
+    return isfinite(top) ? top : 0.0;
+}
+
+// A whole row's statistics by one block into out[0..ATS_STATS) (total, largest finite weight, counts, squares):
+// stats_range over the row, then reduce_stats' fixed tree. Called by every thread; out is visible to all on return.
+template <typename T>
+__device__ void block_row_stats(BlockStats& b, double* out, const T* __restrict__ row_weights, long long size,
+                                int logits, double top_logit, int shift) {
+    constexpr int UNROLL = row_unroll_of<T>();
+    const ChunkSums t = (!logits && !shift)
+                            ? stats_range<true, T, UNROLL>(row_weights, 0, size, logits, top_logit, shift)
+                            : stats_range<false, T, UNROLL>(row_weights, 0, size, logits, top_logit, shift);
+    reduce_stats(b, out, t.sum, t.top, t.nonfinite, t.negative, t.positive, t.squares);
+    __syncthreads();
+}
+
+// One block per row (a plan with `whole_rows`: short rows, atskern.gpu.sampling.WHOLE_ROWS): the whole call in one
+// launch, with no kernel boundary and nothing shared between blocks but the count that elects the block writing
+// the summary row (row_bound[rows], zeroed by the host; a one-row call needs no zeroed memory). The block takes
+// the row's logit maximum (logits), its statistics and status, and for float64 rows outside the scale-free range
+// the statistics again on the rescaled weights (pass 1's exact rescaling, in the same launch); then the row's plan
+// (row_plan_of): a screened row's keys at most t go to the row's buffer (screen_range, a shared-memory count) and
+// are ranked or sorted; a selected row, or a screened one with fewer than n or more than `capacity` keys kept, is
+// selected by this block alone (select_range). The draws are finish_rows' for the same row and seed.
+template <typename T>
+__device__ void sample_rows(const T* __restrict__ weights, long long size, int n, unsigned long long seed,
+                            const unsigned long long* __restrict__ seed_ptr, int logits, long long* __restrict__ status,
+                            unsigned long long* __restrict__ row_bound, int capacity, double* __restrict__ screen_keys,
+                            long long* __restrict__ screen_idx, int dims, long long g0, long long g1, long long g2,
+                            int* __restrict__ indices, void* __restrict__ probs, int single,
+                            long long* __restrict__ status_host) {
+    __shared__ TopN s;
+    __shared__ BlockStats block_stats;
+    __shared__ double stats[ATS_STATS];
+    __shared__ double plan;
+    __shared__ int shift, last;
+    __shared__ unsigned int screened;
+    const long long row = blockIdx.x, rows = gridDim.x;
+    const T* row_weights = weights + row * size;
+    const int is_double = sizeof(T) == 8 || logits;
+    seed = effective_seed(seed, seed_ptr);
+    const double top_logit = logits ? block_logits_top(block_stats, row_weights, size) : 0.0;
+    block_row_stats(block_stats, stats, row_weights, size, logits, top_logit, 0);
+    if (threadIdx.x == 0) {
+        long long* out = status + row * 4;
+        out[0] = (long long)stats[2];
+        out[1] = (long long)stats[3];
+        out[2] = (long long)stats[4];
+        out[3] = exponent_of(stats[1]);
+        shift = rescale_shift_of(out[0], out[2], out[3], is_double);
+        screened = 0u;
+        __threadfence();  // the row's status before the count of blocks done
+        last = rows == 1 || atomicAdd(row_bound + rows, 1ull) == (unsigned long long)rows - 1ull;
+    }
+    __syncthreads();
+    if (last) summarize_rows(s, status, rows, status_host);  // block-uniform
+    if (shift) block_row_stats(block_stats, stats, row_weights, size, logits, top_logit, shift);  // block-uniform
+    if (threadIdx.x == 0) plan = row_plan_of(stats, n, capacity, is_double, 1);
+    __syncthreads();
+    const double t = plan, total = stats[0];
+    const int valid = stats[2] == 0.0 && stats[3] == 0.0 && stats[4] > 0.0;
+    const long long screen_base = row * capacity;
+    int kept = -1;  // block-uniform: -1 until a selection is complete
+    if (t < ATS_INF) {
+        if (!logits && !shift) {
+            screen_range<true>(row_weights, row, 0, size, seed, logits, top_logit, shift, t, &screened, capacity,
+                               screen_keys + screen_base, screen_idx + screen_base);
+        } else {
+            screen_range<false>(row_weights, row, 0, size, seed, logits, top_logit, shift, t, &screened, capacity,
+                                screen_keys + screen_base, screen_idx + screen_base);
+        }
+        __syncthreads();  // every key and the count written
+        const unsigned int count = screened;
+        if (count >= (unsigned int)n && count <= (unsigned int)capacity) {
+            kept = count <= ATS_RANK_MAX
+                       ? rank_screened<false>(s, screen_keys + screen_base, screen_idx + screen_base, (int)count, n)
+                       : sort_screened<false>(s, screen_keys + screen_base, screen_idx + screen_base, (int)count, n);
+        }
+    }
+    const int alone = kept < 0;
+    if (alone) {
+        kept = select_range(s, block_stats, row_weights, row, 0, size, n, seed, logits, top_logit, shift,
+                            (unsigned long long*)nullptr);
+    }
+    const long long* row_screen_idx = screen_idx + screen_base;
+    const auto position_of = [&](int k) -> long long {
+        return alone ? (long long)s.u.list.values[k] : row_screen_idx[s.u.list.values[k]];
+    };
+    write_draws(position_of, kept, row, n, row_weights, size, logits, top_logit, shift, valid, total, dims, g0, g1,
+                g2, indices, probs, single);
+}
+
+#define ATS_SAMPLE_ROWS(suffix, T)                                                                                    \
+    extern "C" __global__ void ATS_SELECT_BOUNDS sample_rows_##suffix(                                                 \
+        const T* weights, long long size, int n, unsigned long long seed, const unsigned long long* seed_ptr,          \
+        int logits, long long* status, unsigned long long* row_bound, int capacity, double* screen_keys,               \
+        long long* screen_idx, int dims, long long g0, long long g1, long long g2, int* indices, void* probs,           \
+        int single, long long* status_host) {                                                                         \
+        sample_rows<T>(weights, size, n, seed, seed_ptr, logits, status, row_bound, capacity, screen_keys,            \
+                       screen_idx, dims, g0, g1, g2, indices, probs, single, status_host);                            \
+    }
+#if ATS_IN_GROUP(1)
+ATS_SAMPLE_ROWS(f32, float)
+#endif
+#if ATS_IN_GROUP(2)
+ATS_SAMPLE_ROWS(f64, double)
 #endif
 
 // Keys of every position, for n too large for the shared-memory selection (the caller sorts them; sampling.py):

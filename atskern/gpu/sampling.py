@@ -60,6 +60,16 @@ FUSED_FINISH = False
 over seven shapes, no better, and its one-row ``select_rows`` (71.8 us GPU on 1 x 4096², n=10) cost more than
 ``chunk_topn`` and ``finish_rows`` apart (49.4 + 18.9): the row's last block finishes it while the others are
 done, so the launch saved buys nothing on the device."""
+WHOLE_ROWS = 0
+"""Most positions of a row that one block samples alone (``sample_rows``, a plan's ``whole_rows``): without
+replacement and with ``n`` up to :data:`MAX_SELECTION_N`, a call whose rows have at most this many positions is
+one launch of a block per row -- statistics, status, the float64 rescaling, selection and finish, with no kernel
+boundary and no zeroed memory for one row -- instead of a memset and three launches (``chunk_stats``,
+``chunk_topn``, ``finish_rows``) whose blocks meet through device memory (0: never). On small maps those launches
+and boundaries, not the reads, are the time (H200, 1 x 256², n=10: 12.5 + 8.4 + 15.3 us of GPU time and about 39
+us of host time per call, ``bench/results/gpu-nvidia-h200-8a23e75.md``); one block streams a row slower than many
+SMs do, so the knob is a size limit. The same draws. Off until a GPU session measures it
+(``bench.gpu_tuning --only whole``): it has not run on a GPU."""
 MAPPED_STATUS = False
 """``sample(host_status=True)`` (a validated call of ``atskern.sample``) on a recorded call (:func:`maps_status`):
 the block that writes the status's summary row also copies the whole status into this thread's page-locked,
@@ -169,17 +179,28 @@ class Plan:
     """Slots of a row's screening buffer (:func:`screen_capacity`; 0: no row is screened)."""
     fused: bool = False
     """Rows finished inside the selecting launch (``select_rows``; :data:`FUSED_FINISH`)."""
+    whole_rows: bool = False
+    """Each row sampled by one block in one launch (``sample_rows``; :data:`WHOLE_ROWS`)."""
 
 
 def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocessors: int, chunk: int | None = None,
-         fused: bool | None = None) -> Plan:
+         fused: bool | None = None, whole_rows: bool | None = None) -> Plan:
     """The launch plan of a call (pure: tests build it for the host build of the kernels); ``fused`` defaults to
-    :data:`FUSED_FINISH` (it applies without replacement where keys are selected, not sorted)."""
+    :data:`FUSED_FINISH` (it applies without replacement where keys are selected, not sorted), ``whole_rows`` to
+    rows of at most :data:`WHOLE_ROWS` positions (it applies where keys are selected, not sorted; it takes
+    precedence over ``fused`` and ``chunk``)."""
     if threads not in SELECT_THREADS:
         raise ValueError(f"threads must be one of {SELECT_THREADS} (the block size of the selecting kernels), "
                          f"got {threads}")
     sort = not replace and n > MAX_SELECTION_N
     tile = PER_THREAD * threads  # a chunk starts on a tile: a thread's 4 positions share one Philox block
+    whole = (size <= WHOLE_ROWS if whole_rows is None else bool(whole_rows)) and not (replace or sort)
+    if whole:  # one chunk: the row (screened or selected in 32-bit positions, like finish_rows' fallback)
+        chunk = max(tile, -(-size // tile) * tile)
+        if chunk >= MAX_SLOTS - tile:
+            raise ValueError(f"a row of {size} positions is too long for one block (whole_rows)")
+        return Plan(threads=threads, chunk=chunk, nchunks=1, sort=False,
+                    capacity=screen_capacity(n, size, threads), whole_rows=True)
     if chunk is None:
         chunk = chunk_size(rows, size, threads, multiprocessors)
         if replace:  # a draw's block scans from its chunk's start: short chunks, short scans
@@ -197,14 +218,15 @@ def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocess
 def workspace_specs(rows: int, size: int, n: int, p: Plan, replace: bool, logits: bool) -> dict:
     """The call's device arrays (the :class:`Workspace` fields) as ``{field: (shape, dtype) or None}``."""
     items = rows * p.nchunks
-    select = not replace
+    select = not replace and not p.whole_rows  # candidate lists: chunk_topn's (sample_rows keeps its own)
     planned = select and not p.sort
+    chunked = not p.whole_rows  # a launch per pass, meeting through statistics and counters in device memory
     return {  # the ZEROED fields first and together: one memset
         "counters": ((COUNTER_KINDS * 2 * rows,), np.uint32) if planned else None,
         "row_bound": ((rows + 1,), np.uint64),
-        "rowmax": ((rows,), np.uint64) if logits else None,
+        "rowmax": ((rows,), np.uint64) if logits and chunked else None,
         "status": ((rows + 1, 4), np.int64),
-        "stats": ((items * STATS,), np.float64),
+        "stats": ((items * STATS,), np.float64) if chunked else None,
         "row_plan": ((2 * rows,), np.float64) if planned else None,
         "screen_keys": ((rows * p.capacity,), np.float64) if p.capacity else None,
         "screen_idx": ((rows * p.capacity,), np.int64) if p.capacity else None,
@@ -244,8 +266,8 @@ def zero_workspace(ws: Workspace):
 
 def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: Workspace, p: Plan, indices, probs,
              seed_ptr=None, status_host=None) -> list:
-    """The steps of one call, in order: :data:`ZERO_STEP` first, then ``(kernel name, grid, block, args)`` tuples
-    (and :data:`SORT_STEP` where all keys are sorted). ``seed_ptr`` (a device uint64 array) overrides ``seed``;
+    """The steps of one call, in order: :data:`ZERO_STEP` first (but for one row sampled by one block: nothing
+    to zero), then ``(kernel name, grid, block, args)`` tuples (and :data:`SORT_STEP` where all keys are sorted). ``seed_ptr`` (a device uint64 array) overrides ``seed``;
     ``status_host`` (mapped host memory, :data:`MAPPED_STATUS`) receives a copy of the final status.
 
     The arguments are the arrays (or device addresses) and plain Python integers, in the kernels' parameter order;
@@ -261,12 +283,17 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
     geometry = (dims, g[0], g[1], g[2])
     seed_args = (seed, _ptr(seed_ptr), logits, _ptr(ws.rowmax))
     items = rows * nchunks
+    single = int(probs.dtype == np.float32)  # probs written in float32 (else float64)
+    if p.whole_rows:  # row_bound[rows] elects the block that writes the summary row: one row elects itself
+        return ([ZERO_STEP] if rows > 1 else []) + [
+            (f"sample_rows_{suffix}", (rows,), (t,),
+             (weights, size, n, seed, _ptr(seed_ptr), logits, ws.status, ws.row_bound, p.capacity,
+              _ptr(ws.screen_keys), _ptr(ws.screen_idx), *geometry, indices, probs, single, _ptr(status_host)))]
     steps = [ZERO_STEP]
     if logits:
         steps.append((f"row_max_{suffix}", (items,), (t,), (weights, size, nchunks, chunk, ws.rowmax)))
 
     capacity = p.capacity
-    single = int(probs.dtype == np.float32)  # probs written in float32 (else float64)
     screen_args = (capacity, _ptr(ws.row_plan), _ptr(ws.counters), _ptr(ws.screen_keys), _ptr(ws.screen_idx))
 
     def chunk_pass(pass_):
@@ -430,7 +457,7 @@ def recorded_call(rows: int, size: int, n: int, grid: tuple, replace: bool, logi
     offsets for the workspace, indices and probs, and slots for the weights, the seed, (``seed_on_device``) the
     seed's device address and (``status_slot``) the status's host copy's address, in that order; ``dtype`` is the
     weights' and the probabilities'. ``knobs`` (``BLOCKS_PER_SM``, ``MIN_BLOCKS``, ``SCREEN_UNROLL``,
-    ``FUSED_FINISH``: their values now) keys the memo, so that a tuning change takes effect."""
+    ``FUSED_FINISH``, ``WHOLE_ROWS``: their values now) keys the memo, so that a tuning change takes effect."""
     p = plan(rows, size, n, replace, threads, _multiprocessors(device_id), chunk)
     lay = layout(rows, size, n, p, replace, logits, len(grid), dtype)
     if p.sort:
@@ -486,7 +513,7 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
         mapped = _mapped.status_buffer((rows + 1, 4), device_id)
     call = recorded_call(rows, size, int(n), tuple(grid), bool(replace), bool(logits), weights.dtype, threads, chunk,
                          device_id, seed_ptr is not None,
-                         (BLOCKS_PER_SM, MIN_BLOCKS, SCREEN_UNROLL, FUSED_FINISH), mapped is not None)
+                         (BLOCKS_PER_SM, MIN_BLOCKS, SCREEN_UNROLL, FUSED_FINISH, WHOLE_ROWS), mapped is not None)
     lay = call.layout
     if call.sequence is None:
         return sample_from_lists(weights, n, grid, seed, replace, logits, seed_ptr, call.plan, lay, device_id)

@@ -68,6 +68,17 @@
                                  status_host);                                                                        \
         });                                                                                                           \
     }                                                                                                                 \
+    extern "C" void host_sample_rows_##suffix(unsigned grid, unsigned block, const T* weights, long long size, int n,  \
+                                              U64 seed, const U64* seed_ptr, int logits, long long* status,           \
+                                              U64* row_bound, int capacity, double* screen_keys,                     \
+                                              long long* screen_idx, int dims, long long g0, long long g1,            \
+                                              long long g2, int* indices, void* probs, int single,                    \
+                                              long long* status_host) {                                               \
+        launch(grid, block, [=] {                                                                                     \
+            sample_rows_##suffix(weights, size, n, seed, seed_ptr, logits, status, row_bound, capacity, screen_keys,  \
+                                 screen_idx, dims, g0, g1, g2, indices, probs, single, status_host);                 \
+        });                                                                                                           \
+    }                                                                                                                 \
     extern "C" void host_exponential_keys_##suffix(unsigned grid, unsigned block, const T* weights, long long size,   \
                                                    long long total, U64 seed, const U64* seed_ptr, int logits,        \
                                                    const U64* rowmax, const long long* status, double* keys) {        \
