@@ -99,3 +99,23 @@ def test_streaming_loops_keep_everything_in_registers(tmp_path):
     assert len(bodies) == 12, [name for name, _ in bodies]  # 8 above, and sample_rows' 4 statistics loops
     assert all("ld.local" not in body and "st.local" not in body for _, body in bodies), \
         [name for name, body in bodies if "ld.local" in body or "st.local" in body]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
+def test_sample_rows_reads_its_own_writes_coherently(tmp_path):
+    """sample_rows reads back the screened keys and positions its threads wrote in the same launch: with plain
+    loads (coherent for the block after its barrier), never ld.global.nc, the read-only path, which is not."""
+    from atskern.gpu import sampling as gs
+
+    inlined = tmp_path / "sampling.cu"
+    inlined.write_text(source("sampling.cu"))
+    ptx = tmp_path / "sampling.ptx"
+    result = subprocess.run(["nvcc", "--ptx", "-arch=sm_90", "--std=c++17", "-ftz=true", *gs.compile_options(256),
+                             str(inlined), "-o", str(ptx)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = ptx.read_text()
+    for kernel in ("sample_rows_f32", "sample_rows_f64"):
+        start = text.index(f".entry {kernel}(")
+        end = text.find(".entry", start + 10)
+        body = text[start:end if end > 0 else len(text)]
+        assert "ld.global" in body and "ld.global.nc" not in body, kernel

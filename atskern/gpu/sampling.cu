@@ -1657,7 +1657,9 @@ __device__ void sample_rows(const T* __restrict__ weights, long long size, int n
             screen_range<false>(row_weights, row, 0, size, seed, logits, top_logit, shift, t, &screened, capacity,
                                 screen_keys + screen_base, screen_idx + screen_base);
         }
-        __syncthreads();  // every key and the count written
+        // every key and the count written; the block reads its own writes with plain loads, coherent for the block
+        // after the barrier (never ld.global.nc, the non-coherent path: tests/test_cuda_sources.py checks the PTX)
+        __syncthreads();
         const unsigned int count = screened;
         if (count >= (unsigned int)n && count <= (unsigned int)capacity) {
             kept = count <= ATS_RANK_MAX
