@@ -299,6 +299,7 @@ def test_host_scale_free_rows(lib, replace):
     assert status[-1, v.STATUS_EXPONENT] == 3  # three rows outside SCALE_FREE_EXPONENTS were redone
 
 
+@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_host_status_exponent_is_the_largest_finite_weights(lib, dtype):
     """The status's exponent column on every row, bad ones included: frexp's exponent of the row's largest finite
@@ -339,6 +340,7 @@ def test_host_bad_rows_stay_in_range(lib):
             v.check_status(status, 6, replace, False, False)
 
 
+@pytest.mark.usefixtures("finish")
 def test_host_seed_from_device_memory(lib):
     """A seed read from a uint64 array (ats.torch's device key) draws as that seed."""
     attention = np.random.default_rng(0).random((2, 400))
@@ -650,6 +652,7 @@ def test_host_sample_rows_ranks_or_sorts_and_takes_logits(lib, dtype):
         assert_same_status(status, cpu_status)
 
 
+@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("replace", [False, True], ids=["successive", "replace"])
 def test_host_float32_probabilities_round_as_numpy(lib, replace):
     """float32 probabilities written by the kernels (the CuPy path, no cast launch) equal NumPy's cast of the
