@@ -503,6 +503,20 @@ def _plans(ws, rows, pass_=0):
     return ws.row_plan[pass_ * rows:(pass_ + 1) * rows]
 
 
+def _rows_of_every_plan(dtype):
+    """``(attention, size, n)``: 6 rows of 1500 weights, n = 12: even (screened), uneven (one cell holds half the
+    mass), short (40 positive cells), bad (a NaN), float64 rows outside the scale-free exponents (rescaled), even."""
+    rng = np.random.default_rng(5)
+    size = 1500
+    attention = (rng.random((6, size)) + 0.05).astype(dtype)
+    attention[1, 7] = size
+    attention[2, 40:] = 0
+    attention[3, 11] = np.nan
+    if dtype == np.float64:
+        attention[4] *= 1e-300
+    return attention, size, 12
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_host_rows_screened_selected_or_alone(libs, dtype):
     """Each row's plan from its statistics (chunk_stats' last block): even rows are screened (every key under the
@@ -510,15 +524,7 @@ def test_host_rows_screened_selected_or_alone(libs, dtype):
     than want) and bad ones are selected chunk by chunk; pass 0 skips a row that pass 1 rescales, which pass 1
     screens. A screened row with fewer than n keys under t (the 64-thread harness expects only n / 2 + 1 there)
     or more than its buffer holds is selected by finish_rows alone. Every way gives the reference's draws."""
-    rng = np.random.default_rng(5)
-    size = 1500
-    attention = (rng.random((6, size)) + 0.05).astype(dtype)
-    attention[1, 7] = size  # uneven: one cell holds half the mass
-    attention[2, 40:] = 0  # short: 40 positive cells
-    attention[3, 11] = np.nan
-    if dtype == np.float64:
-        attention[4] *= 1e-300  # rescaled by pass 1
-    n = 12
+    attention, size, n = _rows_of_every_plan(dtype)
     for threads, capacity in [(32, None), (64, None), (32, n + 1)]:
         keep = {}
         indices, probs, status, p = host_sample(libs(threads), attention, n, seed=9, threads=threads, chunk=256,
@@ -546,32 +552,34 @@ def test_host_rows_screened_selected_or_alone(libs, dtype):
         assert (probs[3] == 0).all() and ((indices >= 0) & (indices < size)).all()
 
 
-def test_host_screened_rows_ranked_or_sorted(lib):
-    """A screened row's kept keys are ranked (each entry counts the entries before it) up to RANK_MAX of them, and
-    sorted with the block radix sort beyond: n = 850 keeps about 1040 keys a row, so both run; the draws equal the
-    reference's and the CPU kernel's."""
-    rng = np.random.default_rng(85)
-    attention = rng.random((4, 5000)) + 0.1
-    attention[2, ::2] = 1.0
-    n = 850
-    keep = {}
-    indices, probs, status, p = host_sample(lib, attention, n, seed=4, chunk=1024, keep=keep)
-    kept = keep["workspace"].counters[4:8]
-    assert p.capacity > 0 and (kept <= p.capacity).all() and (kept >= n).all()
-    assert (kept > gs.RANK_MAX).any() and (kept <= gs.RANK_MAX).any()
-    ref_i, _ = reference.sample(attention, n, seed=4)
-    cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, 4, False)
-    assert np.array_equal(indices, ref_i) and np.array_equal(indices, cpu_i)
-    np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
-    assert_same_status(status, cpu_status)
-
-
 def _screened_slots(ws, rows):
     """Per row, how many slots of its screening buffer sample_rows wrote (the rest keep _garbage's bytes): the
     kept keys up to the buffer's size; 0 for a row selected without screening."""
     capacity = ws.screen_keys.size // rows
     untouched = _garbage((1,), np.float64).view(np.uint64)[0]
     return (ws.screen_keys.view(np.uint64).reshape(rows, capacity) != untouched).sum(axis=1)
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["finish_rows", "sample_rows"])
+def test_host_screened_rows_ranked_or_sorted(lib, whole):
+    """A screened row's kept keys are ranked (each entry counts the entries before it) up to RANK_MAX of them, and
+    sorted with the block radix sort beyond: n = 850 keeps about 1040 keys a row, so both run, in finish_rows and
+    in sample_rows (a block per row: kept keys seen as the screening buffer's written slots); the draws equal the
+    reference's and the CPU kernel's."""
+    rng = np.random.default_rng(85)
+    attention = rng.random((4, 5000)) + 0.1
+    attention[2, ::2] = 1.0
+    n = 850
+    keep = {}
+    indices, probs, status, p = host_sample(lib, attention, n, seed=4, chunk=1024, keep=keep, whole_rows=whole)
+    kept = _screened_slots(keep["workspace"], 4) if whole else keep["workspace"].counters[4:8]
+    assert p.whole_rows == whole and p.capacity > 0 and (kept <= p.capacity).all() and (kept >= n).all()
+    assert (kept > gs.RANK_MAX).any() and (kept <= gs.RANK_MAX).any()
+    ref_i, _ = reference.sample(attention, n, seed=4)
+    cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, 4, False)
+    assert np.array_equal(indices, ref_i) and np.array_equal(indices, cpu_i)
+    np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
+    assert_same_status(status, cpu_status)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -581,15 +589,7 @@ def test_host_sample_rows_screened_selected_or_alone(libs, dtype):
     outside the scale-free exponents planned on its rescaled statistics (pass 1's, in the same launch); a
     screened row with fewer than n keys under t (the 64-thread harness) or more than its buffer holds is selected
     alone. One row needs no zeroed memory; several elect the summary's block through row_bound[rows]."""
-    rng = np.random.default_rng(5)
-    size = 1500
-    attention = (rng.random((6, size)) + 0.05).astype(dtype)
-    attention[1, 7] = size  # uneven: one cell holds half the mass
-    attention[2, 40:] = 0  # short: 40 positive cells
-    attention[3, 11] = np.nan
-    if dtype == np.float64:
-        attention[4] *= 1e-300  # rescaled
-    n = 12
+    attention, size, n = _rows_of_every_plan(dtype)
     ref_i, _ = reference.sample(np.where(np.isnan(attention), 0, attention), n, seed=9)
     cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, 9, False)
     valid = [0, 1, 2, 4, 5]
@@ -618,32 +618,20 @@ def test_host_sample_rows_screened_selected_or_alone(libs, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_host_sample_rows_ranks_or_sorts_and_takes_logits(lib, dtype):
-    """sample_rows ranks a screened row's kept keys up to RANK_MAX and sorts them beyond (n = 850 keeps about 1040
-    a row); with logits, each block takes its row's largest finite logit itself (no row_max launch): -inf cells
-    are zero weights (fillers), a row of only -inf is refused (probabilities 0), and a row whose logits are all
-    about -800 is drawn as exp(l - max) gives it. The draws equal the reference's and the CPU kernel's."""
+def test_host_sample_rows_takes_logits(lib, dtype):
+    """With logits, each sample_rows block takes its row's largest finite logit itself (no row_max launch): -inf
+    cells are zero weights (fillers), a row of only -inf is refused (probabilities 0), and a row whose logits are
+    all about -800 is drawn as exp(l - max) gives it; the draws equal the CPU kernel's, screened (n = 7) or
+    selected (n = 560: fewer positive cells than the bound wants)."""
     rng = np.random.default_rng(85)
-    attention = (rng.random((4, 5000)) + 0.1).astype(dtype)
-    attention[2, ::2] = 1.0
-    n = 850
-    keep = {}
-    indices, probs, status, p = host_sample(lib, attention, n, seed=4, keep=keep, whole_rows=True)
-    written = _screened_slots(keep["workspace"], 4)
-    assert p.whole_rows and (written <= p.capacity).all() and (written >= n).all()
-    assert (written > gs.RANK_MAX).any() and (written <= gs.RANK_MAX).any()
-    ref_i, _ = reference.sample(attention, n, seed=4)
-    cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, 4, False)
-    assert np.array_equal(indices, ref_i) and np.array_equal(indices, cpu_i)
-    np.testing.assert_allclose(probs, cpu_p, rtol=1e-12)
-    assert_same_status(status, cpu_status)
-
     logits = np.log(rng.random((4, 2, 300)) + 0.01).astype(dtype)
     logits[0, :, :50] = -np.inf  # zero weights: drawn only as fillers (n = 560 > 500 positive cells)
     logits[1] = -np.inf
     logits[2] -= 800.0
     for n in (7, 560):
-        indices, probs, status, _ = host_sample(lib, logits, n, seed=n, logits=True, whole_rows=True)
+        keep = {}
+        indices, probs, status, _ = host_sample(lib, logits, n, seed=n, logits=True, keep=keep, whole_rows=True)
+        assert list(_screened_slots(keep["workspace"], 4) > 0) == [n == 7, False, n == 7, n == 7]
         cpu_i, cpu_p, cpu_status = cpu_sample(logits, n, n, False, logits=True)
         good = [0, 2, 3]
         assert np.array_equal(indices[good], cpu_i[good]), n

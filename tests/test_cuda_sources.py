@@ -48,6 +48,19 @@ def test_scatter_keeps_subnormals_under_cupys_ftz(tmp_path):
     assert ".ftz.f32" not in body
 
 
+def _sampling_ptx(tmp_path: Path) -> Path:
+    """sampling.cu as PTX for sm_90 with the default compile options and CuPy's -ftz=true."""
+    from atskern.gpu import sampling as gs
+
+    inlined = tmp_path / "sampling.cu"
+    inlined.write_text(source("sampling.cu"))
+    ptx = tmp_path / "sampling.ptx"
+    result = subprocess.run(["nvcc", "--ptx", "-arch=sm_90", "--std=c++17", "-ftz=true", *gs.compile_options(256),
+                             str(inlined), "-o", str(ptx)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return ptx
+
+
 def _ptxas_report(ptx: Path, entries: tuple[str, ...]) -> list[tuple[str, str, int, int]]:
     """``(entry kernel, function, spill store bytes, spill load bytes)`` of every function ptxas reports for the
     ``entries`` of ``ptx`` (sm_90; only those kernels are assembled)."""
@@ -71,16 +84,9 @@ def _ptxas_report(ptx: Path, entries: tuple[str, ...]) -> list[tuple[str, str, i
 def test_streaming_loops_keep_everything_in_registers(tmp_path):
     """The per-position loops of the statistics and screening passes (``stats_range`` and ``screen_range``, every
     dtype, plain weights and logits/rescaled ones) spill nothing under chunk_stats', chunk_topn's and
-    sample_rows' register caps, with the default compile options (ptxas -v, sm_90), and touch no local memory (PTX): inlined into their
-    kernels, beside exp and the selection, they had spilled 80-130 bytes."""
-    from atskern.gpu import sampling as gs
-
-    inlined = tmp_path / "sampling.cu"
-    inlined.write_text(source("sampling.cu"))
-    ptx = tmp_path / "sampling.ptx"
-    result = subprocess.run(["nvcc", "--ptx", "-arch=sm_90", "--std=c++17", "-ftz=true", *gs.compile_options(256),
-                             str(inlined), "-o", str(ptx)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    sample_rows' register caps, with the default compile options (ptxas -v, sm_90), and touch no local memory
+    (PTX): inlined into their kernels, beside exp and the selection, they had spilled 80-130 bytes."""
+    ptx = _sampling_ptx(tmp_path)
     report = _ptxas_report(ptx, ("chunk_stats_f32", "chunk_stats_f64", "chunk_topn_f32", "chunk_topn_f64",
                                  "sample_rows_f32", "sample_rows_f64"))
     loops = [(entry, function, stores, loads) for entry, function, stores, loads in report
@@ -105,15 +111,7 @@ def test_streaming_loops_keep_everything_in_registers(tmp_path):
 def test_sample_rows_reads_its_own_writes_coherently(tmp_path):
     """sample_rows reads back the screened keys and positions its threads wrote in the same launch: with plain
     loads (coherent for the block after its barrier), never ld.global.nc, the read-only path, which is not."""
-    from atskern.gpu import sampling as gs
-
-    inlined = tmp_path / "sampling.cu"
-    inlined.write_text(source("sampling.cu"))
-    ptx = tmp_path / "sampling.ptx"
-    result = subprocess.run(["nvcc", "--ptx", "-arch=sm_90", "--std=c++17", "-ftz=true", *gs.compile_options(256),
-                             str(inlined), "-o", str(ptx)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    text = ptx.read_text()
+    text = _sampling_ptx(tmp_path).read_text()
     for kernel in ("sample_rows_f32", "sample_rows_f64"):
         start = text.index(f".entry {kernel}(")
         end = text.find(".entry", start + 10)
