@@ -336,6 +336,7 @@ def test_whole_rows_plan_and_launch_sequence(monkeypatch):
     assert not gs.plan(3, 5001, 10, False, 256, multiprocessors=4).whole_rows  # a longer row: chunks
     assert gs.plan(3, 5001, 10, False, 256, multiprocessors=4, whole_rows=True).whole_rows
     assert not gs.plan(3, 100, 10, False, 256, multiprocessors=4, whole_rows=False).whole_rows
+    assert not gs.plan(1, gs.MAX_CHUNK, 10, False, 256, multiprocessors=4, whole_rows=True).whole_rows  # 2^31: chunks
     monkeypatch.setattr(gs, "WHOLE_ROWS", 0)  # the default: off
     assert not gs.plan(1, 1, 1, False, 256, multiprocessors=4).whole_rows
 

@@ -187,19 +187,16 @@ def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocess
          fused: bool | None = None, whole_rows: bool | None = None) -> Plan:
     """The launch plan of a call (pure: tests build it for the host build of the kernels); ``fused`` defaults to
     :data:`FUSED_FINISH` (it applies without replacement where keys are selected, not sorted), ``whole_rows`` to
-    rows of at most :data:`WHOLE_ROWS` positions (it applies where keys are selected, not sorted; it takes
-    precedence over ``fused`` and ``chunk``)."""
+    rows of at most :data:`WHOLE_ROWS` positions (it applies where keys are selected, not sorted, to rows short of
+    2^31 positions; it takes precedence over ``fused`` and ``chunk``)."""
     if threads not in SELECT_THREADS:
         raise ValueError(f"threads must be one of {SELECT_THREADS} (the block size of the selecting kernels), "
                          f"got {threads}")
     sort = not replace and n > MAX_SELECTION_N
     tile = PER_THREAD * threads  # a chunk starts on a tile: a thread's 4 positions share one Philox block
     whole = (size <= WHOLE_ROWS if whole_rows is None else bool(whole_rows)) and not (replace or sort)
-    if whole:  # one chunk: the row (screened or selected in 32-bit positions, like finish_rows' fallback)
-        chunk = max(tile, -(-size // tile) * tile)
-        if chunk >= MAX_SLOTS - tile:
-            raise ValueError(f"a row of {size} positions is too long for one block (whole_rows)")
-        return Plan(threads=threads, chunk=chunk, nchunks=1, sort=False,
+    if whole and size < MAX_CHUNK:  # one chunk, the row: screened or selected in 32-bit positions
+        return Plan(threads=threads, chunk=max(tile, -(-size // tile) * tile), nchunks=1, sort=False,
                     capacity=screen_capacity(n, size, threads), whole_rows=True)
     if chunk is None:
         chunk = chunk_size(rows, size, threads, multiprocessors)
@@ -267,8 +264,9 @@ def zero_workspace(ws: Workspace):
 def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: Workspace, p: Plan, indices, probs,
              seed_ptr=None, status_host=None) -> list:
     """The steps of one call, in order: :data:`ZERO_STEP` first (but for one row sampled by one block: nothing
-    to zero), then ``(kernel name, grid, block, args)`` tuples (and :data:`SORT_STEP` where all keys are sorted). ``seed_ptr`` (a device uint64 array) overrides ``seed``;
-    ``status_host`` (mapped host memory, :data:`MAPPED_STATUS`) receives a copy of the final status.
+    to zero), then ``(kernel name, grid, block, args)`` tuples (and :data:`SORT_STEP` where all keys are sorted).
+    ``seed_ptr`` (a device uint64 array) overrides ``seed``; ``status_host`` (mapped host memory,
+    :data:`MAPPED_STATUS`) receives a copy of the final status.
 
     The arguments are the arrays (or device addresses) and plain Python integers, in the kernels' parameter order;
     ``atskern.gpu._launch`` packs them, the host harness types them from the kernels' parameter lists."""
