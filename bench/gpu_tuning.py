@@ -257,7 +257,7 @@ def whole_table(quick: bool) -> str:
                      for v in values}
             topk = ""
             if torch is not None:
-                scores = torch.as_tensor(attention.reshape(rows, -1), device="cuda")
+                scores = torch.from_dlpack(attention.reshape(rows, -1))  # as bench.gpu_sampling times it
 
                 def gumbel_topk():
                     keys = torch.log(scores) - torch.log(-torch.log(torch.rand_like(scores)))
