@@ -46,9 +46,10 @@
 // their probabilities are 0 (their estimator weight is 0).
 
 // The kernels a module defines (atskern.gpu.sampling.kernel_group: one NVRTC compile per group, so a call compiles
-// only its dtype's kernels, about half the work): ATS_GROUP 1, every float32 kernel but select_rows; 2, every float64
-// one but select_rows; 3 and 4, select_rows_f32 and select_rows_f64 (the fused finish, off by default); 0 (the
-// default: CI's nvcc check, the host harness), all of them.
+// only its dtype's kernels, about half the work): ATS_GROUP 1, every float32 kernel but select_rows and sample_rows;
+// 2, every such float64 one; 3 and 4, select_rows_f32 and select_rows_f64 (the fused finish, off by default); 5 and
+// 6, sample_rows_f32 and sample_rows_f64 (a block per row, off by default); 0 (the default: CI's nvcc check, the host
+// harness), all of them.
 #ifndef ATS_GROUP
 #define ATS_GROUP 0
 #endif
@@ -1689,10 +1690,10 @@ __device__ void sample_rows(const T* __restrict__ weights, long long size, int n
         sample_rows<T>(weights, size, n, seed, seed_ptr, logits, status, row_bound, capacity, screen_keys,            \
                        screen_idx, dims, g0, g1, g2, indices, probs, single, status_host);                            \
     }
-#if ATS_IN_GROUP(1)
+#if ATS_IN_GROUP(5)
 ATS_SAMPLE_ROWS(f32, float)
 #endif
-#if ATS_IN_GROUP(2)
+#if ATS_IN_GROUP(6)
 ATS_SAMPLE_ROWS(f64, double)
 #endif
 

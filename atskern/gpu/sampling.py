@@ -354,17 +354,21 @@ def _multiprocessors(device_id: int) -> int:
     return int(cupy().cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
-KERNEL_GROUPS = {("f32", False): 1, ("f64", False): 2, ("f32", True): 3, ("f64", True): 4}
-"""``ATS_GROUP`` of sampling.cu per (dtype suffix, select_rows): which module variant defines a kernel."""
+KERNEL_GROUPS = {("f32", "chunks"): 1, ("f64", "chunks"): 2, ("f32", "select_rows"): 3, ("f64", "select_rows"): 4,
+                 ("f32", "sample_rows"): 5, ("f64", "sample_rows"): 6}
+"""``ATS_GROUP`` of sampling.cu per (dtype suffix, kind): which module variant defines a kernel (kind: ``select_rows``
+or ``sample_rows``, each a plan's only selecting kernel, else ``chunks``)."""
 
 
 def kernel_group(name: str) -> int:
     """The ``ATS_GROUP`` whose module defines kernel ``name``: each dtype's kernels compile apart, and
-    ``select_rows`` (the fused finish) apart from the rest, so a call compiles what it launches and little more."""
+    ``select_rows`` (the fused finish) and ``sample_rows`` (a block per row) apart from the rest, so a call
+    compiles what it launches and little more."""
     suffix = name.rsplit("_", 1)[-1]
     if suffix not in ("f32", "f64"):
         raise ValueError(f"not a kernel of {SOURCE}: {name!r}")
-    return KERNEL_GROUPS[(suffix, name.startswith("select_rows_"))]
+    kind = next((k for k in ("select_rows", "sample_rows") if name.startswith(k + "_")), "chunks")
+    return KERNEL_GROUPS[(suffix, kind)]
 
 
 def function(name: str, options: tuple[str, ...]):
