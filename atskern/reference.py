@@ -16,12 +16,13 @@ from ._validation import SCALE_FREE_EXPONENTS
 
 
 def _weights(attention, logits):
-    """float64 ``(B, N)`` weights: ``exp(l - max l)`` for logits, and float64 rows whose largest
-    weight has a binary exponent outside ``SCALE_FREE_EXPONENTS`` times ``2**-exponent`` (exact)."""
+    """float64 ``(B, N)`` weights: ``exp(l - t)`` for logits (``t`` the row's largest finite logit, 0 where none
+    is), and float64 rows whose largest weight has a binary exponent outside ``SCALE_FREE_EXPONENTS`` times
+    ``2**-exponent`` (exact)."""
     rows = attention.shape[0]
     flat = np.asarray(attention, dtype=np.float64).reshape(rows, -1)
     if logits:
-        top = flat.max(axis=1, keepdims=True)
+        top = np.where(np.isfinite(flat), flat, -np.inf).max(axis=1, keepdims=True)
         top = np.where(np.isfinite(top), top, 0.0)
         return np.exp(flat - top)
     if attention.dtype != np.float64:

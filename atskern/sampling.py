@@ -42,11 +42,17 @@ def _grid_array(grid: tuple[int, ...]) -> np.ndarray:
 
 
 def logits_to_weights(xp, flat):
-    """``exp(l - max_row(l))`` in float64; a row of only ``-inf`` gives zeros."""
+    """``exp(l - t)`` in float64, ``t`` the row's largest finite logit (0 where none is finite), as the GPU kernels
+    take it: a row of only ``-inf`` gives zeros, NaN and ``+inf`` logits stay non-finite and every finite logit
+    gives a finite weight, so a refused row's status counts exactly its NaN and ``+inf`` logits."""
     flat = flat.astype(xp.float64, copy=False)
     top = flat.max(axis=1, keepdims=True)
-    top = xp.where(xp.isfinite(top), top, 0.0)
-    with np.errstate(over="ignore"):  # only rows holding +inf/NaN, refused by validation
+    odd = ~xp.isfinite(top[:, 0])  # a NaN or +inf logit, or only -inf: the largest finite logit instead
+    if odd.any():
+        rows = flat[odd]
+        finite_top = xp.where(xp.isfinite(rows), rows, -xp.inf).max(axis=1, keepdims=True)
+        top[odd] = xp.where(xp.isfinite(finite_top), finite_top, 0.0)
+    with np.errstate(over="ignore", invalid="ignore"):  # only rows holding +inf/NaN, refused by validation
         return xp.exp(flat - top)
 
 

@@ -284,6 +284,26 @@ def test_host_fillers_underflow_and_logits(lib):
 
 @pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("replace", [False, True], ids=["successive", "replace"])
+def test_refused_logits_rows_count_their_nan_and_inf_logits(lib, replace):
+    """exp(l - t) with t the row's largest finite logit, on the CPU path and in the kernels alike: beside a NaN or
+    +inf logit a finite logit of 800 stays a finite weight, so the status (every column) and the message count
+    exactly the NaN and +inf logits (the CPU path took t = 0 there and counted exp(800) = inf too)."""
+    logits = np.array([[np.inf, 800.0, 0.0, 1.0], [np.nan, 800.0, 0.0, -800.0], [np.inf, np.inf, 5.0, 1.0],
+                       [0.0, 1.0, 2.0, 3.0], [-np.inf, -np.inf, 750.0, 0.0]])
+    _, _, status, _ = host_sample(lib, logits, 2, seed=1, replace=replace, logits=True)
+    _, _, cpu_status = cpu_sample(logits, 2, 1, replace, logits=True)
+    assert_same_status(status, cpu_status)
+    assert np.array_equal(status[:3], cpu_status[:3])  # the refused rows' exponents too (the CPU takes them there)
+    bad = np.isnan(logits) | (logits == np.inf)
+    assert status[:-1, v.STATUS_NONFINITE].tolist() == bad.sum(axis=1).tolist() == [1, 1, 2, 0, 0]
+    with pytest.raises(ValueError, match=r"row 0 contains NaN or \+inf logits \(1 entries\)"):
+        atskern.sample(logits, 2, replace=replace, logits=True, seed=1)
+    with pytest.raises(ValueError, match=r"row 0 contains NaN or \+inf logits \(1 entries\)"):
+        v.check_status(status, 2, replace, True, False)
+
+
+@pytest.mark.usefixtures("finish")
+@pytest.mark.parametrize("replace", [False, True], ids=["successive", "replace"])
 def test_host_scale_free_rows(lib, replace):
     """float64 rows at 1e-320 and 1e300: the rescaling pass (pass 1) gives the exact distribution, the same
     draws as the CPU's rescaled rerun."""
