@@ -203,7 +203,7 @@ def check_rows(status: np.ndarray, n: int, replace: bool, logits: bool, strict: 
         raise ValueError(f"attention row {row} has no positive weight: {what}")
     if strict and not replace and (positive < n).any():
         row = _first(positive < n)
-        underflow = "" if logits else " (a weight that underflows next to the row's largest counts as zero)"
+        underflow = " (a logit whose weight underflows next to the row's largest counts as zero)" if logits else ""
         raise ValueError(
             f"attention row {row} has only {int(positive[row])} positive weights, fewer than n={n}{underflow}; "
             "sampling without replacement with strict=True needs at least n (use strict=False to pad the draw "

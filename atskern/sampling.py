@@ -181,7 +181,9 @@ def sample(attention, n, *, replace=False, logits=False, seed=None, strict=False
             if status[-1, v.STATUS_EXPONENT] and weights.dtype == np.float64:
                 rescale = v.rows_to_rescale(status[:-1], weights.dtype)
                 weights = rescale_rows(xp, weights, status[:-1], rescale)
-                indices, probs, status = kernels.sample(weights, n, grid_array, seed, replace)
+                # the draws of the rescaled weights, the status of the attention as given (the GPU's): rescaled, a
+                # negative weight may become -inf and a tiny one 0, which the status must not count
+                indices, probs, _ = kernels.sample(weights, n, grid_array, seed, replace)
             if validate:
                 v.check_status(status, n, replace, bool(logits), bool(strict))
             else:

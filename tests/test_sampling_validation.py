@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import atskern
+from atskern import _validation as v
 
 
 def _valid(shape=(2, 5, 5)):
@@ -157,8 +158,30 @@ def test_negative_weights_summing_to_zero_are_refused_not_divided_by(dtype, repl
     assert 0 <= indices[0, 0, 0] < len(row) and probs[0, 0] == 0.0 and probs[1, 0] > 0.0
 
 
-def test_strict_message_says_a_rescaled_row_can_underflow():
-    """A float64 row spanning more than the format's range: its smallest weight underflows after the rescaling
-    by the largest weight's exponent, and the strict error says why the count is lower than the row's nonzeros."""
-    with pytest.raises(ValueError, match=r"only 1 positive weights, fewer than n=2 \(a weight that underflows"):
-        atskern.sample(np.array([[1e300, 1e-300, 0.0]]), 2, strict=True)
+def test_strict_counts_the_weights_as_given_and_logits_after_exp():
+    """strict counts a row's positive weights as given: a float64 row spanning more than the format's range has
+    2 of them although its 1e-300 underflows after the rescaling by the largest weight's exponent; that cell is
+    drawn second as a filler (probability 0 in float64: the underflow rule), as for float32 weights whose
+    probability underflows. Logits count after exp(l - max): the strict error says so."""
+    for attention in (np.array([[1e300, 1e-300, 0.0]]), np.array([[1e30, 1e-30, 0.0]], np.float32)):
+        indices, probs, status = atskern.sample(attention, 2, strict=True, seed=5, return_status=True)
+        assert status[0, v.STATUS_POSITIVE] == 2 and indices[0, :, 0].tolist() == [0, 1]
+        assert probs[0, 0] == 1.0 and probs[0, 1] == 0.0
+        with pytest.raises(ValueError, match=r"only 2 positive weights, fewer than n=3; "):
+            atskern.sample(attention, 3, strict=True)
+    with pytest.raises(ValueError, match=r"only 1 positive weights, fewer than n=2 \(a logit whose weight underflows"):
+        atskern.sample(np.array([[0.0, -800.0, -np.inf]]), 2, strict=True, logits=True)
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_a_rescaled_row_keeps_the_status_of_its_weights_as_given(replace):
+    """A float64 row outside the scale-free exponents with negative weights (its largest weight 1e-320): the
+    rescaling by 2**1064 turns -1 into -inf, but the status and the message are the row's as given (negative
+    weights, no NaN or inf), as on the GPU; a row of 1e300 next to 1e-30 keeps its two positive weights."""
+    attention = np.array([[0.0, -1.0, 1e-320, 1e-320], [1e300, 1e300, 1e-30, 0.0], [1.0, 2.0, 3.0, 4.0]])
+    with pytest.raises(ValueError, match="attention row 0 has 1 negative weights"):
+        atskern.sample(attention, 2, seed=1, replace=replace)
+    _, probs, status = atskern.sample(attention, 2, seed=1, replace=replace, validate=False, return_status=True)
+    assert status[:-1, :3].tolist() == [[0, 1, 2], [0, 0, 3], [0, 0, 4]]
+    assert status[-1, v.STATUS_EXPONENT] == 2  # rows 0 and 1 lie outside the scale-free exponents
+    assert (probs[0] == 0).all() and (probs[1:, 0] > 0).all()
