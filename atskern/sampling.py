@@ -59,7 +59,8 @@ def logits_to_weights(xp, flat):
 def rescale_rows(xp, weights, status, rows):
     """float64 copy of ``weights`` with each row in ``rows`` times ``2**-exponent`` (exact)."""
     exponent = xp.asarray(np.where(rows, status[:, v.STATUS_EXPONENT], 0).astype(np.int32))
-    return xp.ldexp(weights.astype(xp.float64), -exponent[:, None])
+    with np.errstate(over="ignore"):  # only a refused row's negative weights, larger than its largest weight
+        return xp.ldexp(weights.astype(xp.float64), -exponent[:, None])
 
 
 def _invalid_rows(status, logits: bool):
