@@ -7,8 +7,9 @@ Without replacement each position gets the key ``-log(u) / a`` (exponential keys
 smallest in increasing order are a successive-sampling draw). Rows are cut into chunks
 (:func:`chunk_size`), processed in parallel in one pass that also validates the weights (sums,
 counts, largest entry), each chunk keeping its ``n`` smallest keys in a max-heap; the finish sorts
-the row's candidates and keeps its ``n`` smallest (inside the parallel pass where a row is one chunk). Ties are broken by position, so the result is the row's exact ``n``
-smallest ``(key, position)`` pairs whatever the chunking or thread count. Inside a chunk a key
+the row's candidates and keeps its ``n`` smallest (inside the parallel pass where a row is one
+chunk). Ties are broken by position, so the result is the row's exact ``n`` smallest
+``(key, position)`` pairs whatever the chunking or thread count. Inside a chunk a key
 is computed only when the high word of its uniform cannot rule it out: ``-log(u) / a >= t``
 whenever ``1 - u >= a t``. A row with fewer than ``n`` positive entries is padded with its
 lowest zero-weight positions (rule R1 of DESIGN.md).
