@@ -93,7 +93,6 @@
 #define ATS_EXPONENT_LOW (-64)   // SCALE_FREE_EXPONENTS in atskern/_validation.py
 #define ATS_EXPONENT_HIGH 64
 #define ATS_STATS 6              // per (row, chunk): sum, largest finite weight, non-finite, negative, positive, squares
-#define ATS_MAX_THREADS 1024
 
 static_assert(ATS_SELECT_THREADS % 32 == 0 && ATS_SELECT_THREADS <= 256 && ATS_MAX_N % ATS_SELECT_THREADS == 0,
               "ATS_SELECT_THREADS: 32, 64, 128 or 256 (the selection buffer must fit 48 KiB of shared memory)");
@@ -461,26 +460,33 @@ __device__ __forceinline__ long long counter_at(int pass, int kind, long long ro
     return ((long long)ATS_COUNTER_KINDS * pass + kind) * rows + row;
 }
 
-// The largest finite logit of each row: block (row, chunk) reduces its chunk and atomicMax-es the row's slot.
+// The largest finite value of row_weights[start, stop) (-inf where none is finite), in every thread of the block:
+// each thread's positions, then warp shuffles and the warps' maxima (a maximum: the order does not matter).
+// Called by every thread of the block.
 template <typename T>
-__device__ void row_max(const T* __restrict__ weights, long long size, int nchunks, long long chunk,
-                        unsigned long long* __restrict__ rowmax) {
-    __shared__ double tops[ATS_MAX_THREADS];
-    const long long row = blockIdx.x / nchunks;
-    const long long start = (blockIdx.x % nchunks) * chunk;
-    const long long stop = min(size, start + chunk);
-    const T* row_weights = weights + row * size;
+__device__ double block_finite_max(BlockStats& b, const T* __restrict__ row_weights, long long start, long long stop) {
     double top = -ATS_INF;
     for (long long p = start + threadIdx.x; p < stop; p += blockDim.x) {
         const double x = widen(row_weights[p]);
         if (isfinite(x) && x > top) top = x;
     }
-    tops[threadIdx.x] = top;
+    top = warp_max(top);
+    if ((threadIdx.x & 31u) == 0u) b.top[threadIdx.x >> 5] = top;
     __syncthreads();
-    if (threadIdx.x == 0) {
-        for (unsigned int i = 1; i < blockDim.x; ++i) top = tops[i] > top ? tops[i] : top;
-        if (top > -ATS_INF) atomicMax(rowmax + row, ordered_bits(top));
-    }
+    for (unsigned int i = 0; i < (blockDim.x >> 5); ++i) top = b.top[i] > top ? b.top[i] : top;
+    __syncthreads();  // every thread has read b.top before it is written again
+    return top;
+}
+
+// The largest finite logit of each row: block (row, chunk) reduces its chunk and atomicMax-es the row's slot.
+template <typename T>
+__device__ void row_max(const T* __restrict__ weights, long long size, int nchunks, long long chunk,
+                        unsigned long long* __restrict__ rowmax) {
+    __shared__ BlockStats block_stats;
+    const long long row = blockIdx.x / nchunks;
+    const long long start = (blockIdx.x % nchunks) * chunk;
+    const double top = block_finite_max(block_stats, weights + row * size, start, min(size, start + chunk));
+    if (threadIdx.x == 0 && top > -ATS_INF) atomicMax(rowmax + row, ordered_bits(top));
 }
 
 #if ATS_IN_GROUP(1)
@@ -797,6 +803,21 @@ __device__ __noinline__ void screen_range(const T* __restrict__ row_weights, lon
     }
 }
 
+// screen_range for weights as they are (PLAIN) or for logits or rescaled weights.
+template <typename T>
+__device__ __forceinline__ void screen_weights(const T* __restrict__ row_weights, long long row, long long start,
+                                               long long stop, unsigned long long seed, int logits, double top_logit,
+                                               int shift, double t, unsigned int* count, int capacity,
+                                               double* __restrict__ keys, long long* __restrict__ positions) {
+    if (!logits && !shift) {
+        screen_range<true>(row_weights, row, start, stop, seed, logits, top_logit, shift, t, count, capacity, keys,
+                           positions);
+    } else {
+        screen_range<false>(row_weights, row, start, stop, seed, logits, top_logit, shift, t, count, capacity, keys,
+                            positions);
+    }
+}
+
 // Block (row, chunk) of a launch over rows * nchunks blocks: its row, positions [start, stop), the power of two
 // pass 1 rescales the row by (rescale_shift), and whether the block has nothing to do (pass 1, a row not rescaled).
 struct ChunkItem {
@@ -838,14 +859,9 @@ __device__ void chunk_select(TopN& s, BlockStats& block_stats, const ChunkItem& 
     const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
     const T* row_weights = weights + row * size;
     if (plan < ATS_INF) {  // block-uniform
-        unsigned int* count = counters + counter_at(pass, ATS_SCREENED, rows, row);
-        if (!logits && !c.shift) {
-            screen_range<true>(row_weights, row, start, stop, seed, logits, top_logit, c.shift, plan, count, capacity,
-                               screen_keys + row * capacity, screen_idx + row * capacity);
-        } else {
-            screen_range<false>(row_weights, row, start, stop, seed, logits, top_logit, c.shift, plan, count, capacity,
-                                screen_keys + row * capacity, screen_idx + row * capacity);
-        }
+        screen_weights(row_weights, row, start, stop, seed, logits, top_logit, c.shift, plan,
+                       counters + counter_at(pass, ATS_SCREENED, rows, row), capacity, screen_keys + row * capacity,
+                       screen_idx + row * capacity);
         return;
     }
     const int kept = select_range(s, block_stats, row_weights, row, start, stop, n, seed, logits, top_logit, c.shift,
@@ -985,6 +1001,14 @@ __device__ __noinline__ ChunkSums stats_range(const T* __restrict__ row_weights,
     return t;
 }
 
+// stats_range for weights as they are (PLAIN) or for logits or rescaled weights, UNROLL tiles at a time.
+template <typename T, int UNROLL = unroll_of<T>()>
+__device__ __forceinline__ ChunkSums stats_weights(const T* __restrict__ row_weights, long long start, long long stop,
+                                                   int logits, double top_logit, int shift) {
+    return (!logits && !shift) ? stats_range<true, T, UNROLL>(row_weights, start, stop, logits, top_logit, shift)
+                               : stats_range<false, T, UNROLL>(row_weights, start, stop, logits, top_logit, shift);
+}
+
 // The statistics of every path: one block per (row, chunk) of ATS_SELECT_THREADS threads (sum, largest finite
 // weight, counts, sum of squares), without the selection's shared memory and register cap, so many blocks share an
 // SM. With `planned` (without replacement, before chunk_topn), the row's last block to finish (a count in
@@ -1003,8 +1027,7 @@ __device__ void chunk_stats(const T* __restrict__ weights, long long size, int n
     const int shift = c.shift;
     const double top_logit = logits ? logits_top(rowmax, row) : 0.0;
     const T* row_weights = weights + row * size;
-    const ChunkSums t = (!logits && !shift) ? stats_range<true>(row_weights, start, stop, logits, top_logit, shift)
-                                            : stats_range<false>(row_weights, start, stop, logits, top_logit, shift);
+    const ChunkSums t = stats_weights(row_weights, start, stop, logits, top_logit, shift);
     reduce_stats(block_stats, stats + item * ATS_STATS, t.sum, t.top, t.nonfinite, t.negative, t.positive, t.squares);
     if (!planned) return;
     if (threadIdx.x == 0) {
@@ -1092,6 +1115,27 @@ __device__ void write_draws(const PositionOf& position_of, int kept, long long r
             store_prob(probs, row * n + k, 0.0, single);
         }
     }
+}
+
+// A row's status (atskern._validation.STATUS_COLUMNS) into out[0..4) from its statistics (row_stats).
+__device__ __forceinline__ void write_row_status(long long* out, const double* stats) {
+    out[0] = (long long)stats[2];
+    out[1] = (long long)stats[3];
+    out[2] = (long long)stats[4];
+    out[3] = exponent_of(stats[1]);
+}
+
+// Whether a row's statistics pass validation: no non-finite or negative weight, a positive one.
+__device__ __forceinline__ int valid_row(const double* stats) {
+    return stats[2] == 0.0 && stats[3] == 0.0 && stats[4] > 0.0;
+}
+
+// Whether this block is the last of `rows` to count itself done in *done (zeroed before the launch; a one-row
+// launch needs no count): the one that writes the summary row. Called by one thread, after the block's status
+// writes, which the fence puts before the count.
+__device__ __forceinline__ int last_to_finish(unsigned long long* done, long long rows) {
+    __threadfence();
+    return rows == 1 || atomicAdd(done, 1ull) == (unsigned long long)rows - 1ull;
 }
 
 struct RowInfo {
@@ -1376,27 +1420,22 @@ __device__ void finish_row(TopN& s, BlockStats& block_stats, FinishShared& f, lo
     row_stats(block_stats, info.stats, stats, row, nchunks);
     __syncthreads();
     if (threadIdx.x == 0) {
-        const long long counts[3] = {(long long)info.stats[2], (long long)info.stats[3], (long long)info.stats[4]};
         info.total = info.stats[0];
         info.top_logit = logits ? logits_top(rowmax, row) : 0.0;
-        info.valid = counts[0] == 0 && counts[1] == 0 && counts[2] > 0;
+        info.valid = valid_row(info.stats);
         info.bound = shared_bound(row_bound, row);
         info.redo = 0;
         info.last = 0;
         if (!pass && !presorted) {  // the status is final here (a presorted or pass 1 finish keeps it)
             long long* out = status + row * 4;
-            out[0] = counts[0];
-            out[1] = counts[1];
-            out[2] = counts[2];
-            out[3] = exponent_of(info.stats[1]);
+            write_row_status(out, info.stats);
             // A row that pass 1 redoes starts again from an open bound (chunk_topn pass 1 runs after this), and
             // its merge here would be overwritten: skipped.
             if (select && rescale_shift(out, is_double)) {
                 row_bound[row] = 0ull;  // no bound
                 info.redo = 1;
             }
-            __threadfence();  // the row's status before the count of blocks done (row_bound[rows], zeroed)
-            info.last = atomicAdd(row_bound + rows, 1ull) == (unsigned long long)rows - 1ull;
+            info.last = last_to_finish(row_bound + rows, rows);  // row_bound[rows]: finish_rows blocks done
         }
     }
     __syncthreads();
@@ -1573,32 +1612,12 @@ __host__ __device__ constexpr int row_unroll_of() {
     return sizeof(T) == 8 ? (ATS_ROW_UNROLL + 1) / 2 : ATS_ROW_UNROLL;
 }
 
-// The largest finite logit of a row by one block: logits_top's value (0 where no logit is finite). Called by
-// every thread of the block.
-template <typename T>
-__device__ double block_logits_top(BlockStats& b, const T* __restrict__ row_weights, long long size) {
-    double top = -ATS_INF;
-    for (long long p = threadIdx.x; p < size; p += blockDim.x) {
-        const double x = widen(row_weights[p]);
-        if (isfinite(x) && x > top) top = x;
-    }
-    top = warp_max(top);
-    if ((threadIdx.x & 31u) == 0u) b.top[threadIdx.x >> 5] = top;
-    __syncthreads();
-    for (unsigned int i = 0; i < (blockDim.x >> 5); ++i) top = b.top[i] > top ? b.top[i] : top;
-    __syncthreads();  // every thread has read b.top before it is written again
-    return isfinite(top) ? top : 0.0;
-}
-
 // A whole row's statistics by one block into out[0..ATS_STATS) (total, largest finite weight, counts, squares):
 // stats_range over the row, then reduce_stats' fixed tree. Called by every thread; out is visible to all on return.
 template <typename T>
 __device__ void block_row_stats(BlockStats& b, double* out, const T* __restrict__ row_weights, long long size,
                                 int logits, double top_logit, int shift) {
-    constexpr int UNROLL = row_unroll_of<T>();
-    const ChunkSums t = (!logits && !shift)
-                            ? stats_range<true, T, UNROLL>(row_weights, 0, size, logits, top_logit, shift)
-                            : stats_range<false, T, UNROLL>(row_weights, 0, size, logits, top_logit, shift);
+    const ChunkSums t = stats_weights<T, row_unroll_of<T>()>(row_weights, 0, size, logits, top_logit, shift);
     reduce_stats(b, out, t.sum, t.top, t.nonfinite, t.negative, t.positive, t.squares);
     __syncthreads();
 }
@@ -1628,18 +1647,18 @@ __device__ void sample_rows(const T* __restrict__ weights, long long size, int n
     const T* row_weights = weights + row * size;
     const int is_double = sizeof(T) == 8 || logits;
     seed = effective_seed(seed, seed_ptr);
-    const double top_logit = logits ? block_logits_top(block_stats, row_weights, size) : 0.0;
+    double top_logit = 0.0;
+    if (logits) {  // block-uniform: logits_top's value
+        const double top = block_finite_max(block_stats, row_weights, 0, size);
+        top_logit = isfinite(top) ? top : 0.0;
+    }
     block_row_stats(block_stats, stats, row_weights, size, logits, top_logit, 0);
     if (threadIdx.x == 0) {
         long long* out = status + row * 4;
-        out[0] = (long long)stats[2];
-        out[1] = (long long)stats[3];
-        out[2] = (long long)stats[4];
-        out[3] = exponent_of(stats[1]);
-        shift = rescale_shift_of(out[0], out[2], out[3], is_double);
+        write_row_status(out, stats);
+        shift = rescale_shift(out, is_double);
         screened = 0u;
-        __threadfence();  // the row's status before the count of blocks done
-        last = rows == 1 || atomicAdd(row_bound + rows, 1ull) == (unsigned long long)rows - 1ull;
+        last = last_to_finish(row_bound + rows, rows);
     }
     __syncthreads();
     if (last) summarize_rows(s, status, rows, status_host);  // block-uniform
@@ -1647,17 +1666,12 @@ __device__ void sample_rows(const T* __restrict__ weights, long long size, int n
     if (threadIdx.x == 0) plan = row_plan_of(stats, n, capacity, is_double, 1);
     __syncthreads();
     const double t = plan, total = stats[0];
-    const int valid = stats[2] == 0.0 && stats[3] == 0.0 && stats[4] > 0.0;
+    const int valid = valid_row(stats);
     const long long screen_base = row * capacity;
     int kept = -1;  // block-uniform: -1 until a selection is complete
     if (t < ATS_INF) {
-        if (!logits && !shift) {
-            screen_range<true>(row_weights, row, 0, size, seed, logits, top_logit, shift, t, &screened, capacity,
-                               screen_keys + screen_base, screen_idx + screen_base);
-        } else {
-            screen_range<false>(row_weights, row, 0, size, seed, logits, top_logit, shift, t, &screened, capacity,
-                                screen_keys + screen_base, screen_idx + screen_base);
-        }
+        screen_weights(row_weights, row, 0, size, seed, logits, top_logit, shift, t, &screened, capacity,
+                       screen_keys + screen_base, screen_idx + screen_base);
         // every key and the count written; the block reads its own writes with plain loads, coherent for the block
         // after the barrier (never ld.global.nc, the non-coherent path: tests/test_cuda_sources.py checks the PTX)
         __syncthreads();
