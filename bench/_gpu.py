@@ -67,6 +67,15 @@ def timings(fn, *, repeats: int = 20, warmup: int = 3) -> dict:
     }
 
 
+def torch_gumbel_top_k(scores, n: int):
+    """The one-line torch alternative to ``atskern.sample`` without replacement that the benchmarks time: Gumbel
+    keys of the ``(B, N)`` weights ``scores`` (``rand``, ``log``) and each row's ``n`` largest (``topk``)."""
+    import torch
+
+    keys = torch.log(scores) - torch.log(-torch.log(torch.rand_like(scores)))
+    return torch.topk(keys, n, dim=1).indices
+
+
 def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
     """Bytes per second moved by a device-to-device copy of ``nbytes``, counting read and write (2 * nbytes)."""
     cupy = importlib.import_module("cupy")

@@ -177,13 +177,25 @@ def _alternating(sampling, knob: str, measure, rounds: int, values=(False, True)
     return timed
 
 
+def _knob_cells(sampling, knob: str, attention, n: int, what: str, quick: bool, values=(False, True)) -> dict:
+    """``{value: (GPU ms, wall ms)}``: medians of ``atskern.sample(attention, n)`` with ``knob`` of ``sampling`` at
+    each of ``values``, alternating (:func:`_alternating`), after checking that the draws are the same
+    (:func:`_same_draws_both_ways`, ``what`` naming the difference)."""
+    import atskern
+
+    _same_draws_both_ways(sampling, knob, attention, n, what, values)
+    timed = _alternating(sampling, knob, lambda: _gpu.timings(
+        lambda: atskern.sample(attention, n, seed=3), repeats=10 if quick else 25), 2 if quick else 4, values)
+    return {v: (statistics.median(t["gpu"] for t in timed[v]), statistics.median(t["wall"] for t in timed[v]))
+            for v in values}
+
+
 def finish_table(quick: bool) -> str:
     """``atskern.sample`` with each row finished by a ``finish_rows`` launch against by its last ``select_rows``
     block (``FUSED_FINISH``), in one process, alternating, draws and probabilities checked equal; then the GPU time
     per launch of the fused plan. The knob's default is set from this table."""
     import cupy
 
-    import atskern
     from atskern.gpu import sampling
 
     lines = ["| B | grid | n | finish_rows: GPU ms (wall ms) | select_rows: GPU ms (wall ms) | wall: finish_rows / "
@@ -193,11 +205,8 @@ def finish_table(quick: bool) -> str:
     try:
         for rows, side, n in (CASES[:2] if quick else CASES):
             attention = cupy.asarray(rng.random((rows, side, side), dtype=np.float32) + np.float32(1e-3))
-            _same_draws_both_ways(sampling, "FUSED_FINISH", attention, n, "select_rows draws differ from finish_rows'")
-            timed = _alternating(sampling, "FUSED_FINISH", lambda: _gpu.timings(
-                lambda: atskern.sample(attention, n, seed=3), repeats=10 if quick else 25), 2 if quick else 4)
-            cells = {fused: (statistics.median(t["gpu"] for t in timed[fused]),
-                             statistics.median(t["wall"] for t in timed[fused])) for fused in timed}
+            cells = _knob_cells(sampling, "FUSED_FINISH", attention, n, "select_rows draws differ from finish_rows'",
+                                quick)
             lines.append(f"| {rows} | {side}² | {n} | {cells[False][0]:.3f} ({cells[False][1]:.3f}) | "
                          f"{cells[True][0]:.3f} ({cells[True][1]:.3f}) | {cells[False][1] / cells[True][1]:.2f} |")
             del attention
@@ -233,7 +242,6 @@ def whole_table(quick: bool) -> str:
     which every case was faster whole."""
     import cupy
 
-    import atskern
     from atskern.gpu import sampling
 
     lines = ["| B | grid | n | chunked: GPU ms (wall ms) | whole rows: GPU ms (wall ms) | wall: chunked / whole | "
@@ -249,21 +257,12 @@ def whole_table(quick: bool) -> str:
     try:
         for rows, side, n in (WHOLE_CASES[:3] if quick else WHOLE_CASES):
             attention = cupy.asarray(rng.random((rows, side, side), dtype=np.float32) + np.float32(1e-3))
-            _same_draws_both_ways(sampling, "WHOLE_ROWS", attention, n, "sample_rows draws differ from the chunked "
-                                  "launches'", values)
-            timed = _alternating(sampling, "WHOLE_ROWS", lambda: _gpu.timings(
-                lambda: atskern.sample(attention, n, seed=3), repeats=10 if quick else 25), 2 if quick else 4, values)
-            cells = {v: (statistics.median(t["gpu"] for t in timed[v]), statistics.median(t["wall"] for t in timed[v]))
-                     for v in values}
+            cells = _knob_cells(sampling, "WHOLE_ROWS", attention, n, "sample_rows draws differ from the chunked "
+                                "launches'", quick, values)
             topk = ""
             if torch is not None:
-                scores = torch.from_dlpack(attention.reshape(rows, -1))  # as bench.gpu_sampling times it
-
-                def gumbel_topk():
-                    keys = torch.log(scores) - torch.log(-torch.log(torch.rand_like(scores)))
-                    return torch.topk(keys, n, dim=1).indices
-
-                topk_ms = _gpu.timings(lambda: gumbel_topk(), repeats=10 if quick else 25)["wall"]
+                scores = torch.from_dlpack(attention.reshape(rows, -1))
+                topk_ms = _gpu.timings(lambda: _gpu.torch_gumbel_top_k(scores, n), repeats=10 if quick else 25)["wall"]
                 topk = f"{topk_ms:.3f} | {topk_ms / cells[values[1]][1]:.2f}"
             ratio = cells[0][1] / cells[values[1]][1]
             ratios.append((side * side, ratio))

@@ -170,6 +170,23 @@ def test_knob_timings_alternate_the_knob():
     assert seen == [0, 9, 0, 9] and timed == {0: [1, 3], 9: [2, 4]}
 
 
+def test_knob_cells_check_the_draws_then_take_medians_per_setting(monkeypatch):
+    """The knob tables' cells: the draws compared across the settings first, then each setting's median GPU and
+    wall time over alternating rounds, each call timed under its own setting."""
+    import types
+
+    from bench import _gpu, gpu_tuning
+
+    module = types.SimpleNamespace(KNOB=None)
+    checked, timed = [], iter([1.0, 10.0, 3.0, 30.0, 2.0, 20.0, 5.0, 50.0])
+    monkeypatch.setattr(gpu_tuning, "_same_draws_both_ways", lambda *args: checked.append(args[1:]))
+    monkeypatch.setattr(_gpu, "timings", lambda fn, repeats: (lambda t: {"gpu": t, "wall": t + module.KNOB})(
+        next(timed)))
+    cells = gpu_tuning._knob_cells(module, "KNOB", "attention", 7, "differ", quick=False, values=(0, 100))
+    assert checked == [("KNOB", "attention", 7, "differ", (0, 100))]
+    assert cells == {0: (2.5, 2.5), 100: (25.0, 125.0)}  # medians of 1, 3, 2, 5 and of 10, 30, 20, 50
+
+
 def test_whole_rows_limit_is_below_the_first_slower_size():
     """The WHOLE_ROWS the tuning table supports: every case of a row size up to it faster whole."""
     from bench.gpu_tuning import whole_rows_limit
