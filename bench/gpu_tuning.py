@@ -152,8 +152,9 @@ def config_table(quick: bool) -> str:
 
 
 def _same_draws_both_ways(sampling, knob: str, attention, n: int, what: str, values=(False, True)) -> None:
-    """``atskern.sample``'s draws and probabilities with ``knob`` of ``sampling`` at each of ``values`` (off and
-    on) are equal, or an AssertionError saying ``what`` differs (the knob is left at the last value)."""
+    """``atskern.sample``'s draws with ``knob`` of ``sampling`` at each of ``values`` (off and on) are equal and its
+    probabilities within 8 units in the last place (float64 rows are summed in each plan's own order), or an
+    AssertionError saying ``what`` differs (the knob is left at the last value)."""
     import atskern
 
     drawn = {}
@@ -162,7 +163,8 @@ def _same_draws_both_ways(sampling, knob: str, attention, n: int, what: str, val
         indices, probs = atskern.sample(attention, n, seed=3)
         drawn[value] = (indices.get(), probs.get())
     first, second = (drawn[value] for value in values)
-    if not all(np.array_equal(a, b) for a, b in zip(first, second)):
+    ulps = 8 * np.finfo(first[1].dtype).eps
+    if not (np.array_equal(first[0], second[0]) and np.allclose(first[1], second[1], rtol=ulps, atol=0)):
         raise AssertionError(f"{what} at {(attention.shape, n)}")
 
 
@@ -221,9 +223,11 @@ def finish_table(quick: bool) -> str:
     return "\n".join(lines)
 
 
-WHOLE_CASES = [(1, 128, 10), (1, 181, 10), (1, 256, 10), (1, 256, 100), (1, 362, 10), (1, 512, 10), (8, 180, 10),
-               (32, 128, 10), (32, 256, 10), (32, 256, 100), (256, 256, 10)]
-"""Small maps (B, side, n): where one block a row might beat the chunked launches (``WHOLE_ROWS``)."""
+WHOLE_CASES = [(1, 128, 10), (1, 181, 10), (1, 256, 10), (1, 256, 100), (1, 362, 10), (8, 180, 10), (32, 128, 10),
+               (32, 256, 100), (132, 256, 10), (132, 362, 100), (256, 256, 10), (264, 362, 10), (264, 512, 10),
+               (528, 256, 100), (1024, 128, 10)]
+"""Small maps (B, side, n): where one block a row might beat the chunked launches (``WHOLE_ROWS`` for any row
+count, ``WHOLE_ROWS_FILLED`` for at least a row per multiprocessor; 132 on the H100 and H200)."""
 
 
 def whole_rows_limit(ratios) -> tuple[int, list]:
@@ -234,12 +238,13 @@ def whole_rows_limit(ratios) -> tuple[int, list]:
     return limit, slower
 
 
-def whole_table(quick: bool) -> str:
-    """``atskern.sample`` (float32, validated) on small maps with each row sampled by one ``sample_rows`` block
-    (``WHOLE_ROWS`` above the row's size) against the chunked launches (``WHOLE_ROWS = 0``), in one process,
-    alternating, draws and probabilities checked equal, with torch's Gumbel top-k in the same loop; then the GPU
-    time per launch of a few whole-row calls. ``WHOLE_ROWS`` is set from this table: the largest row size up to
-    which every case was faster whole."""
+def whole_table(quick: bool, cases=None, dtype=np.float32, breakdown: bool = True) -> str:
+    """``atskern.sample`` (``dtype``, validated) on small maps (``cases``, default :data:`WHOLE_CASES`) with each
+    row sampled by one ``sample_rows`` block (``WHOLE_ROWS`` above the row's size) against the chunked launches
+    (``WHOLE_ROWS = 0``), in one process, alternating, the draws checked equal (:func:`_same_draws_both_ways`),
+    with torch's Gumbel top-k in the same loop; then (``breakdown``) the GPU time per launch of a few whole-row
+    calls. ``WHOLE_ROWS`` and ``WHOLE_ROWS_FILLED`` are set from this table: the largest row size up to which every
+    case (every case of at least a row per multiprocessor) was faster whole."""
     import cupy
 
     from atskern.gpu import sampling
@@ -253,10 +258,11 @@ def whole_table(quick: bool) -> str:
         import torch
     except ImportError:
         torch = None
-    ratios = []  # (positions a row, wall chunked / whole)
+    ratios = []  # (rows, positions a row, wall chunked / whole)
     try:
-        for rows, side, n in (WHOLE_CASES[:3] if quick else WHOLE_CASES):
-            attention = cupy.asarray(rng.random((rows, side, side), dtype=np.float32) + np.float32(1e-3))
+        cases = cases or (WHOLE_CASES[:3] if quick else WHOLE_CASES)
+        for rows, side, n in cases:
+            attention = cupy.asarray(rng.random((rows, side, side), dtype=dtype) + dtype(1e-3))
             cells = _knob_cells(sampling, "WHOLE_ROWS", attention, n, "sample_rows draws differ from the chunked "
                                 "launches'", quick, values)
             topk = ""
@@ -265,15 +271,22 @@ def whole_table(quick: bool) -> str:
                 topk_ms = _gpu.timings(lambda: _gpu.torch_gumbel_top_k(scores, n), repeats=10 if quick else 25)["wall"]
                 topk = f"{topk_ms:.3f} | {topk_ms / cells[values[1]][1]:.2f}"
             ratio = cells[0][1] / cells[values[1]][1]
-            ratios.append((side * side, ratio))
+            ratios.append((rows, side * side, ratio))
             lines.append(f"| {rows} | {side}² | {n} | {cells[0][0]:.3f} ({cells[0][1]:.3f}) | {cells[values[1]][0]:.3f} "
                          f"({cells[values[1]][1]:.3f}) | {ratio:.2f} | {topk or 'n/a | n/a'} |")
             del attention
             cupy.get_default_memory_pool().free_all_blocks()
-        limit, slower = whole_rows_limit(ratios)
+        multiprocessors = sampling._multiprocessors(cupy.cuda.runtime.getDevice())
+        limit, slower = whole_rows_limit([(size, ratio) for rows, size, ratio in ratios])
+        filled, filled_slower = whole_rows_limit([(size, r) for rows, size, r in ratios if rows >= multiprocessors])
         lines += ["", f"- every case up to {limit} positions a row faster whole (a WHOLE_ROWS that this table "
-                      f"supports); slower whole at {slower or 'none'}", ""]
+                      f"supports); slower whole at {slower or 'none'}",
+                  f"- with at least one row per multiprocessor ({multiprocessors}): every case up to {filled} "
+                  f"positions faster whole (a WHOLE_ROWS_FILLED); slower at {filled_slower or 'none'}",
+                  f"- now: WHOLE_ROWS = {saved}, WHOLE_ROWS_FILLED = {sampling.WHOLE_ROWS_FILLED}", ""]
         sampling.WHOLE_ROWS = values[1]
+        if not breakdown:
+            return "\n".join(lines)
         lines += ["GPU time per launch with WHOLE_ROWS on:", "",
                   "| B | grid | n | replace | chunk x chunks | launch | GPU us (queued) |", "|---|---|---|---|---|---|---|"]
         for rows, side, n in ((1, 256, 10), (32, 256, 100), (256, 256, 10)):

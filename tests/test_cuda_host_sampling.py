@@ -55,6 +55,14 @@ def lib(libs):
     return libs(32)
 
 
+@pytest.fixture(autouse=True)
+def chunked_unless_asked(monkeypatch):
+    """The chunked launches for every test here that neither takes the ``finish`` fixture (which sets the knobs
+    after this) nor passes ``whole_rows``: with the harness's one multiprocessor the default rule would send almost
+    every row to ``sample_rows``, and these tests are about the chunked kernels."""
+    monkeypatch.setattr(gs, "WHOLE_ROWS", 0)
+
+
 def _garbage(shape, dtype):
     """Work space full of a byte pattern, so a kernel that reads what it never wrote shows up."""
     return np.full(int(np.prod(shape)) * np.dtype(dtype).itemsize, 0xA5, np.uint8).view(dtype).reshape(shape)
@@ -395,7 +403,8 @@ def test_host_merge_takes_list_prefixes_under_the_bound(lib, n, fused):  # every
     bound from the lists' heads) and rows where the prefixes overflow the buffer (+inf key ties: the bound
     bounds nothing, the tile-by-tile merge): draws equal the reference's and the CPU kernel's, ties by position."""
     attention = _merge_rows(np.random.default_rng(n), 6000)
-    indices, probs, status, p = host_sample(lib, attention, n, seed=n, chunk=128, capacity=0, fused=fused)
+    indices, probs, status, p = host_sample(lib, attention, n, seed=n, chunk=128, capacity=0, fused=fused,
+                                            whole_rows=False)
     assert p.nchunks == 47 and p.nchunks > 32 and p.fused == fused
     assert p.nchunks * n > gs.selection_capacity(32) or n == 9
     ref_i, _ = reference.sample(attention, n, seed=n)
@@ -548,7 +557,7 @@ def test_host_rows_screened_selected_or_alone(libs, dtype):
     for threads, capacity in [(32, None), (64, None), (32, n + 1)]:
         keep = {}
         indices, probs, status, p = host_sample(libs(threads), attention, n, seed=9, threads=threads, chunk=256,
-                                                capacity=capacity, keep=keep)
+                                                capacity=capacity, keep=keep, whole_rows=False)
         ws = keep["workspace"]
         plans = _plans(ws, 6)
         screened = np.isfinite(plans) & (plans > 0)

@@ -295,12 +295,14 @@ def test_every_launched_kernel_is_in_the_module_of_its_group(tmp_path, monkeypat
         gs.kernel_group("gather_u8_i32")
 
 
-def test_sampling_launch_sequence():
+def test_sampling_launch_sequence(monkeypatch):
     """The launches of each path, in order, and their work space: the statistics (with each row's plan), the
     screening or selecting pass, the rescaling passes only for float64 (and logits), the sort fallback, the
     block-per-draw scan with replacement; the summary row is written by the first finish_rows (no launch of its
-    own)."""
+    own). Rows sampled by the chunked plan (WHOLE_ROWS off)."""
     from atskern.gpu import sampling as gs
+
+    monkeypatch.setattr(gs, "WHOLE_ROWS", 0)
 
     names = sampling_step_names
     assert names(np.float32, 10, False, False) == [gs.ZERO_STEP, "chunk_stats_f32", "chunk_topn_f32", "finish_rows_f32"]
@@ -337,8 +339,26 @@ def test_whole_rows_plan_and_launch_sequence(monkeypatch):
     assert gs.plan(3, 5001, 10, False, 256, multiprocessors=4, whole_rows=True).whole_rows
     assert not gs.plan(3, 100, 10, False, 256, multiprocessors=4, whole_rows=False).whole_rows
     assert not gs.plan(1, gs.MAX_CHUNK, 10, False, 256, multiprocessors=4, whole_rows=True).whole_rows  # 2^31: chunks
-    monkeypatch.setattr(gs, "WHOLE_ROWS", 0)  # the default: off
+    monkeypatch.setattr(gs, "WHOLE_ROWS", 0)  # off, the filled rule too
     assert not gs.plan(1, 1, 1, False, 256, multiprocessors=4).whole_rows
+    assert not gs.plan(8, 1, 1, False, 256, multiprocessors=4).whole_rows
+
+
+def test_whole_rows_defaults_follow_the_row_size_and_count(monkeypatch):
+    """The default rule: rows up to WHOLE_ROWS positions always go whole; up to WHOLE_ROWS_FILLED only with at
+    least one row per multiprocessor; never with replacement or a sorted n."""
+    from atskern.gpu import sampling as gs
+
+    monkeypatch.setattr(gs, "WHOLE_ROWS", 1000)
+    monkeypatch.setattr(gs, "WHOLE_ROWS_FILLED", 4000)
+
+    def whole(rows, size, n=10, replace=False):
+        return gs.plan(rows, size, n, replace, 256, multiprocessors=8).whole_rows
+
+    assert whole(1, 1000) and whole(7, 1000) and not whole(1, 1001) and not whole(7, 1001)
+    assert whole(8, 1001) and whole(8, 4000) and whole(100, 4000) and not whole(8, 4001) and not whole(7, 4000)
+    assert not whole(1, 1000, replace=True) and not whole(8, 4000, n=gs.MAX_SELECTION_N + 1)
+    assert whole(1, 1000, n=gs.MAX_SELECTION_N)
 
 
 def names_whole(rows, dtype, n, replace, logits):

@@ -60,16 +60,22 @@ FUSED_FINISH = False
 over seven shapes, no better, and its one-row ``select_rows`` (71.8 us GPU on 1 x 4096², n=10) cost more than
 ``chunk_topn`` and ``finish_rows`` apart (49.4 + 18.9): the row's last block finishes it while the others are
 done, so the launch saved buys nothing on the device."""
-WHOLE_ROWS = 0
-"""Most positions of a row that one block samples alone (``sample_rows``, a plan's ``whole_rows``): without
-replacement and with ``n`` up to :data:`MAX_SELECTION_N`, a call whose rows have at most this many positions is
-one launch of a block per row -- statistics, status, the float64 rescaling, selection and finish, with no kernel
-boundary and no zeroed memory for one row -- instead of a memset and three launches (``chunk_stats``,
-``chunk_topn``, ``finish_rows``) whose blocks meet through device memory (0: never). On small maps those launches
-and boundaries, not the reads, are the time (H200, 1 x 256², n=10: 12.5 + 8.4 + 15.3 us of GPU time and about 39
-us of host time per call, ``bench/results/gpu-nvidia-h200-8a23e75.md``); one block streams a row slower than many
-SMs do, so the knob is a size limit. The same draws. Off until a GPU session measures it
-(``bench.gpu_tuning --only whole``): it has not run on a GPU."""
+WHOLE_ROWS = 1 << 14
+"""Most positions of a row that one block samples alone (``sample_rows``, a plan's ``whole_rows``) whatever the
+row count: without replacement and with ``n`` up to :data:`MAX_SELECTION_N`, such a call is one launch of a block
+per row -- statistics, status, the float64 rescaling, selection and finish, with no kernel boundary and no zeroed
+memory for one row -- instead of a memset and three launches (``chunk_stats``, ``chunk_topn``, ``finish_rows``)
+whose blocks meet through device memory. The same draws. 0: never (:data:`WHOLE_ROWS_FILLED` included).
+
+One block streams a row slower than many SMs do: on the H200 (``bench.gpu_tuning --only whole``, 2026-11-27,
+``bench/results/gpu-nvidia-h200-whole-rows.md``) every case up to 128² was 1.15-1.50x faster whole in wall time
+(float32 and float64, 1 to 1024 rows), 181² was 0.94-1.23x, and 256² and more with few rows 0.47-1.11x; see
+:data:`WHOLE_ROWS_FILLED` for many rows."""
+WHOLE_ROWS_FILLED = 1 << 17
+"""Most positions of a row that one block samples alone in a call of at least one row per multiprocessor: then
+the blocks fill the GPU and one launch beats the chunked plan's three further up. On the H200 (132 SMs; the same
+table) every case of 132 to 528 rows up to 362² was 1.00-1.30x faster whole (float32 and float64); 512² was
+0.97-1.18x, left to the chunked plan."""
 MAPPED_STATUS = False
 """``sample(host_status=True)`` (a validated call of ``atskern.sample``) on a recorded call (:func:`maps_status`):
 the block that writes the status's summary row also copies the whole status into this thread's page-locked,
@@ -187,14 +193,17 @@ def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocess
          fused: bool | None = None, whole_rows: bool | None = None) -> Plan:
     """The launch plan of a call (pure: tests build it for the host build of the kernels); ``fused`` defaults to
     :data:`FUSED_FINISH` (it applies without replacement where keys are selected, not sorted), ``whole_rows`` to
-    rows of at most :data:`WHOLE_ROWS` positions (it applies where keys are selected, not sorted, to rows short of
+    rows of at most :data:`WHOLE_ROWS` positions, or :data:`WHOLE_ROWS_FILLED` with at least one row per
+    multiprocessor (it applies where keys are selected, not sorted, to rows short of
     2^31 positions; it takes precedence over ``fused`` and ``chunk``)."""
     if threads not in SELECT_THREADS:
         raise ValueError(f"threads must be one of {SELECT_THREADS} (the block size of the selecting kernels), "
                          f"got {threads}")
     sort = not replace and n > MAX_SELECTION_N
     tile = PER_THREAD * threads  # a chunk starts on a tile: a thread's 4 positions share one Philox block
-    whole = (size <= WHOLE_ROWS if whole_rows is None else bool(whole_rows)) and not (replace or sort)
+    if whole_rows is None:
+        whole_rows = WHOLE_ROWS > 0 and (size <= WHOLE_ROWS or (rows >= multiprocessors and size <= WHOLE_ROWS_FILLED))
+    whole = bool(whole_rows) and not (replace or sort)
     if whole and size < MAX_CHUNK:  # one chunk, the row: screened or selected in 32-bit positions
         return Plan(threads=threads, chunk=max(tile, -(-size // tile) * tile), nchunks=1, sort=False,
                     capacity=screen_capacity(n, size, threads), whole_rows=True)
@@ -459,7 +468,8 @@ def recorded_call(rows: int, size: int, n: int, grid: tuple, replace: bool, logi
     offsets for the workspace, indices and probs, and slots for the weights, the seed, (``seed_on_device``) the
     seed's device address and (``status_slot``) the status's host copy's address, in that order; ``dtype`` is the
     weights' and the probabilities'. ``knobs`` (``BLOCKS_PER_SM``, ``MIN_BLOCKS``, ``SCREEN_UNROLL``,
-    ``FUSED_FINISH``, ``WHOLE_ROWS``: their values now) keys the memo, so that a tuning change takes effect."""
+    ``FUSED_FINISH``, ``WHOLE_ROWS``, ``WHOLE_ROWS_FILLED``: their values now) keys the memo, so that a tuning
+    change takes effect."""
     p = plan(rows, size, n, replace, threads, _multiprocessors(device_id), chunk)
     lay = layout(rows, size, n, p, replace, logits, len(grid), dtype)
     if p.sort:
@@ -515,7 +525,8 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
         mapped = _mapped.status_buffer((rows + 1, 4), device_id)
     call = recorded_call(rows, size, int(n), tuple(grid), bool(replace), bool(logits), weights.dtype, threads, chunk,
                          device_id, seed_ptr is not None,
-                         (BLOCKS_PER_SM, MIN_BLOCKS, SCREEN_UNROLL, FUSED_FINISH, WHOLE_ROWS), mapped is not None)
+                         (BLOCKS_PER_SM, MIN_BLOCKS, SCREEN_UNROLL, FUSED_FINISH, WHOLE_ROWS, WHOLE_ROWS_FILLED),
+                         mapped is not None)
     lay = call.layout
     if call.sequence is None:
         return sample_from_lists(weights, n, grid, seed, replace, logits, seed_ptr, call.plan, lay, device_id)
