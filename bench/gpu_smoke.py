@@ -104,15 +104,18 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     if not args.sampling_only:
         patches(cupy, atskern, rng)
-    saved = gpu_sampling.FUSED_FINISH, gpu_sampling.WHOLE_ROWS
+    knobs = ("FUSED_FINISH", "WHOLE_ROWS", "WHOLE_ROWS_UNSCREENED")
+    saved = [getattr(gpu_sampling, knob) for knob in knobs]
     try:
         # rows finished by finish_rows, by their last select_rows block, and sampled whole by one sample_rows block
-        for fused, whole in () if args.patches_only else ((False, 0), (True, 0), (False, 1 << 30)):
-            gpu_sampling.FUSED_FINISH, gpu_sampling.WHOLE_ROWS = fused, whole
+        for values in () if args.patches_only else ((False, 0, False), (True, 0, False), (False, 1 << 30, True)):
+            for knob, value in zip(knobs, values):
+                setattr(gpu_sampling, knob, value)
             sampling(cupy, atskern, rng)
             unvalidated_bad_rows(cupy, atskern, rng)
     finally:
-        gpu_sampling.FUSED_FINISH, gpu_sampling.WHOLE_ROWS = saved
+        for knob, value in zip(knobs, saved):
+            setattr(gpu_sampling, knob, value)
     cupy.cuda.Device().synchronize()
     print("gpu smoke: all results equal the CPU kernels")
     return 0

@@ -75,4 +75,5 @@ def finish(request, monkeypatch):
 
     monkeypatch.setattr(gs, "FUSED_FINISH", request.param == "select_rows")
     monkeypatch.setattr(gs, "WHOLE_ROWS", (1 << 30) if request.param == "sample_rows" else 0)
+    monkeypatch.setattr(gs, "WHOLE_ROWS_UNSCREENED", request.param == "sample_rows")
     return request.param

@@ -327,6 +327,8 @@ def test_whole_rows_plan_and_launch_sequence(monkeypatch):
     monkeypatch.setattr(gs, "WHOLE_ROWS", 5000)
     assert names_whole(3, np.float64, 10, False, True) == [gs.ZERO_STEP, "sample_rows_f64"]
     assert names_whole(1, np.float32, 10, False, False) == ["sample_rows_f32"]
+    assert names_whole(3, np.float32, 2048, False, False)[1] == "chunk_stats_f32"  # no screening buffer at n
+    monkeypatch.setattr(gs, "WHOLE_ROWS_UNSCREENED", True)
     assert names_whole(3, np.float32, 2048, False, False) == [gs.ZERO_STEP, "sample_rows_f32"]
     assert gs.SORT_STEP in names_whole(3, np.float32, 2049, False, False)  # n too large: every key sorted
     assert "replacement_draws_f32" in names_whole(3, np.float32, 10, True, False)
@@ -346,7 +348,8 @@ def test_whole_rows_plan_and_launch_sequence(monkeypatch):
 
 def test_whole_rows_defaults_follow_the_row_size_and_count(monkeypatch):
     """The default rule: rows up to WHOLE_ROWS positions always go whole; up to WHOLE_ROWS_FILLED only with at
-    least one row per multiprocessor; never with replacement or a sorted n."""
+    least one row per multiprocessor; only where n leaves a screening buffer (asked for, up to MAX_SELECTION_N);
+    never with replacement or a sorted n."""
     from atskern.gpu import sampling as gs
 
     monkeypatch.setattr(gs, "WHOLE_ROWS", 1000)
@@ -358,7 +361,13 @@ def test_whole_rows_defaults_follow_the_row_size_and_count(monkeypatch):
     assert whole(1, 1000) and whole(7, 1000) and not whole(1, 1001) and not whole(7, 1001)
     assert whole(8, 1001) and whole(8, 4000) and whole(100, 4000) and not whole(8, 4001) and not whole(7, 4000)
     assert not whole(1, 1000, replace=True) and not whole(8, 4000, n=gs.MAX_SELECTION_N + 1)
-    assert whole(1, 1000, n=gs.MAX_SELECTION_N)
+    screened = max(n for n in range(1, gs.MAX_SELECTION_N + 1) if gs.screen_capacity(n, 1000, 256))
+    assert 1000 < screened < gs.MAX_SELECTION_N
+    assert whole(1, 1000, n=screened) and not whole(1, 1000, n=screened + 1) and not whole(100, 4000, n=screened + 1)
+    monkeypatch.setattr(gs, "WHOLE_ROWS_UNSCREENED", True)
+    assert whole(1, 1000, n=screened + 1) and whole(100, 4000, n=gs.MAX_SELECTION_N)
+    assert not whole(1, 1000, n=gs.MAX_SELECTION_N + 1)
+    assert gs.plan(1, 1000, gs.MAX_SELECTION_N, False, 256, multiprocessors=8, whole_rows=True).whole_rows
 
 
 def names_whole(rows, dtype, n, replace, logits):

@@ -120,10 +120,9 @@ def _large_n_rows(dtype):
     return np.stack(rows).astype(dtype)
 
 
-@pytest.mark.usefixtures("finish")
 @pytest.mark.parametrize("threads", [32, 256])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_large_n_selected_on_the_device(monkeypatch, threads, dtype):
+def test_large_n_selected_on_the_device(monkeypatch, threads, dtype, finish):
     """n up to 2048 through the block radix sort (no full sort of the row), at the smallest and the default block
     size, several chunks a row: draws equal the reference's, probabilities the CPU path's; 2049 takes the sort."""
     import cupy as cp
@@ -135,7 +134,8 @@ def test_large_n_selected_on_the_device(monkeypatch, threads, dtype):
     monkeypatch.setattr(gs, "MIN_CHUNK", 4096)
     attention = _large_n_rows(dtype)
     for n in (1921, 2048, 2049):
-        assert gs.plan(len(attention), attention.shape[1], n, False, threads, 132).sort == (n > 2048)
+        p = gs.plan(len(attention), attention.shape[1], n, False, threads, 132)
+        assert p.sort == (n > 2048) and p.whole_rows == (finish == "sample_rows" and n <= 2048)
         got_i, got_p = atskern.sample(cp.asarray(attention), n, seed=n)
         want_i, cpu_i, cpu_p = _large_n_expected(dtype, n)
         assert np.array_equal(got_i.get(), want_i), n

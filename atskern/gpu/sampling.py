@@ -70,12 +70,18 @@ whose blocks meet through device memory. The same draws. 0: never (:data:`WHOLE_
 One block streams a row slower than many SMs do: on the H200 (``bench.gpu_tuning --only whole``, 2026-11-27,
 ``bench/results/gpu-nvidia-h200-whole-rows.md``) every case up to 128² was 1.15-1.50x faster whole in wall time
 (float32 and float64, 1 to 1024 rows), 181² was 0.94-1.23x, and 256² and more with few rows 0.47-1.11x; see
-:data:`WHOLE_ROWS_FILLED` for many rows."""
+:data:`WHOLE_ROWS_FILLED` for many rows. By default only where ``n`` leaves a row a screening buffer
+(:func:`screen_capacity`: n up to about 1400 with 256 threads), which the table's n = 10 and 100 use: there both
+plans rank or sort the same buffer and differ in the streaming and the launches; a larger ``n`` would select a
+whole row in one block against the chunks' blocks in parallel, not measured (:data:`WHOLE_ROWS_UNSCREENED`)."""
 WHOLE_ROWS_FILLED = 1 << 17
 """Most positions of a row that one block samples alone in a call of at least one row per multiprocessor: then
 the blocks fill the GPU and one launch beats the chunked plan's three further up. On the H200 (132 SMs; the same
 table) every case of 132 to 528 rows up to 362² was 1.00-1.30x faster whole (float32 and float64); 512² was
 0.97-1.18x, left to the chunked plan."""
+WHOLE_ROWS_UNSCREENED = False
+"""Also send to ``sample_rows`` the rows that ``n`` leaves no screening buffer (each then selected by its block
+alone): not measured, off; the tests turn it on to run every row of a call through ``sample_rows``."""
 MAPPED_STATUS = False
 """``sample(host_status=True)`` (a validated call of ``atskern.sample``) on a recorded call (:func:`maps_status`):
 the block that writes the status's summary row also copies the whole status into this thread's page-locked,
@@ -194,7 +200,8 @@ def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocess
     """The launch plan of a call (pure: tests build it for the host build of the kernels); ``fused`` defaults to
     :data:`FUSED_FINISH` (it applies without replacement where keys are selected, not sorted), ``whole_rows`` to
     rows of at most :data:`WHOLE_ROWS` positions, or :data:`WHOLE_ROWS_FILLED` with at least one row per
-    multiprocessor (it applies where keys are selected, not sorted, to rows short of
+    multiprocessor, where ``n`` leaves the rows a screening buffer (:func:`screen_capacity`) unless
+    :data:`WHOLE_ROWS_UNSCREENED` (it applies where keys are selected, not sorted, to rows short of
     2^31 positions; it takes precedence over ``fused`` and ``chunk``)."""
     if threads not in SELECT_THREADS:
         raise ValueError(f"threads must be one of {SELECT_THREADS} (the block size of the selecting kernels), "
@@ -202,7 +209,9 @@ def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocess
     sort = not replace and n > MAX_SELECTION_N
     tile = PER_THREAD * threads  # a chunk starts on a tile: a thread's 4 positions share one Philox block
     if whole_rows is None:
-        whole_rows = WHOLE_ROWS > 0 and (size <= WHOLE_ROWS or (rows >= multiprocessors and size <= WHOLE_ROWS_FILLED))
+        screened = WHOLE_ROWS_UNSCREENED or screen_capacity(n, size, threads) > 0
+        whole_rows = WHOLE_ROWS > 0 and screened and (
+            size <= WHOLE_ROWS or (rows >= multiprocessors and size <= WHOLE_ROWS_FILLED))
     whole = bool(whole_rows) and not (replace or sort)
     if whole and size < MAX_CHUNK:  # one chunk, the row: screened or selected in 32-bit positions
         return Plan(threads=threads, chunk=max(tile, -(-size // tile) * tile), nchunks=1, sort=False,
@@ -468,7 +477,7 @@ def recorded_call(rows: int, size: int, n: int, grid: tuple, replace: bool, logi
     offsets for the workspace, indices and probs, and slots for the weights, the seed, (``seed_on_device``) the
     seed's device address and (``status_slot``) the status's host copy's address, in that order; ``dtype`` is the
     weights' and the probabilities'. ``knobs`` (``BLOCKS_PER_SM``, ``MIN_BLOCKS``, ``SCREEN_UNROLL``,
-    ``FUSED_FINISH``, ``WHOLE_ROWS``, ``WHOLE_ROWS_FILLED``: their values now) keys the memo, so that a tuning
+    ``FUSED_FINISH`` and the ``WHOLE_ROWS`` knobs: their values now) keys the memo, so that a tuning
     change takes effect."""
     p = plan(rows, size, n, replace, threads, _multiprocessors(device_id), chunk)
     lay = layout(rows, size, n, p, replace, logits, len(grid), dtype)
@@ -525,7 +534,8 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
         mapped = _mapped.status_buffer((rows + 1, 4), device_id)
     call = recorded_call(rows, size, int(n), tuple(grid), bool(replace), bool(logits), weights.dtype, threads, chunk,
                          device_id, seed_ptr is not None,
-                         (BLOCKS_PER_SM, MIN_BLOCKS, SCREEN_UNROLL, FUSED_FINISH, WHOLE_ROWS, WHOLE_ROWS_FILLED),
+                         (BLOCKS_PER_SM, MIN_BLOCKS, SCREEN_UNROLL, FUSED_FINISH, WHOLE_ROWS, WHOLE_ROWS_FILLED,
+                          WHOLE_ROWS_UNSCREENED),
                          mapped is not None)
     lay = call.layout
     if call.sequence is None:
