@@ -71,7 +71,7 @@ One block streams a row slower than many SMs do: on the H200 (``bench.gpu_tuning
 ``bench/results/gpu-nvidia-h200-whole-rows.md``) every case up to 128² was 1.15-1.50x faster whole in wall time
 (float32 and float64, 1 to 1024 rows), 181² was 0.94-1.23x, and 256² and more with few rows 0.47-1.11x; see
 :data:`WHOLE_ROWS_FILLED` for many rows. By default only where ``n`` leaves a row a screening buffer
-(:func:`screen_capacity`: n up to about 1400 with 256 threads), which the table's n = 10 and 100 use: there both
+(:func:`screen_capacity`: n up to 1273 with 256 threads), which the table's n = 10 and 100 use: there both
 plans rank or sort the same buffer and differ in the streaming and the launches; a larger ``n`` would select a
 whole row in one block against the chunks' blocks in parallel, not measured (:data:`WHOLE_ROWS_UNSCREENED`)."""
 WHOLE_ROWS_FILLED = 1 << 17
