@@ -21,7 +21,9 @@ from pathlib import Path
 
 GROUPS = [(0, "every kernel (the file as a whole)"), (1, "float32 (group 1)"), (2, "float64 (group 2)"),
           (3, "select_rows_f32 (group 3, FUSED_FINISH only)"), (4, "select_rows_f64 (group 4, FUSED_FINISH only)"),
-          (5, "sample_rows_f32 (group 5, WHOLE_ROWS only)"), (6, "sample_rows_f64 (group 6, WHOLE_ROWS only)")]
+          (5, "sample_rows_f32 (group 5, whole rows)"), (6, "sample_rows_f64 (group 6, whole rows)"),
+          (7, "sample_cluster_rows_f32 (group 7, ROW_CLUSTER only)"),
+          (8, "sample_cluster_rows_f64 (group 8, ROW_CLUSTER only)")]
 
 
 def compile_seconds(source: Path, options: tuple[str, ...], group: int, out: Path) -> float:

@@ -49,9 +49,10 @@ TEST_SECONDS = 230
 (each compile option set is one NVRTC compile of sampling.cu per worker); 140 s with the sanitizers beside them
 timed out there."""
 SANITIZER_SECONDS = 150
-TUNING_SECONDS = (100, 15)
-TUNING_PARTS = ["--only", "breakdown", "--only", "whole", "--only", "where", "--only", "ncu"]
-"""The tuning step: each kernel's GPU time, where a sampling call's time goes (a validated call's steps one by one),
+TUNING_SECONDS = (140, 15)
+TUNING_PARTS = ["--only", "breakdown", "--only", "cluster", "--only", "whole", "--only", "where", "--only", "ncu"]
+"""The tuning step: each kernel's GPU time, the clusters of blocks a row (ROW_CLUSTER, never run on a GPU yet)
+against one block and the chunked launches, where a sampling call's time goes (a validated call's steps one by one),
 then Nsight Compute on the streaming kernels (skipped without ncu; in quick mode only the breakdown runs). The
 finish and status parts (FUSED_FINISH, MAPPED_STATUS) ran on the H200 and chose their knobs
 (``bench/results/gpu-nvidia-h200-30bbccd.md``); the configurations part ran on 05a75fa

@@ -104,11 +104,13 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     if not args.sampling_only:
         patches(cupy, atskern, rng)
-    knobs = ("FUSED_FINISH", "WHOLE_ROWS", "WHOLE_ROWS_UNSCREENED")
+    knobs = ("FUSED_FINISH", "WHOLE_ROWS", "WHOLE_ROWS_UNSCREENED", "ROW_CLUSTER")
     saved = [getattr(gpu_sampling, knob) for knob in knobs]
+    modes = ((False, 0, False, 0), (True, 0, False, 0), (False, 1 << 30, True, 0), (False, 1 << 30, True, 4))
     try:
-        # rows finished by finish_rows, by their last select_rows block, and sampled whole by one sample_rows block
-        for values in () if args.patches_only else ((False, 0, False), (True, 0, False), (False, 1 << 30, True)):
+        # rows finished by finish_rows, by their last select_rows block, sampled whole by one sample_rows block and
+        # by a cluster of four blocks (sample_cluster_rows)
+        for values in () if args.patches_only else modes:
             for knob, value in zip(knobs, values):
                 setattr(gpu_sampling, knob, value)
             sampling(cupy, atskern, rng)

@@ -2,7 +2,8 @@
 launch of one call, and ``atskern.sample`` under each block size and ``MIN_BLOCKS`` (draws checked unchanged);
 ``--only where`` splits a call's time into host and device parts; ``--only status`` times the status read-back
 by a copy against mapped host memory (``MAPPED_STATUS``); ``--only whole`` times small maps sampled by one block a
-row (``WHOLE_ROWS``) against the chunked launches; ``--only gather`` times the patch gather's knobs; ``--only ncu`` adds
+row (``WHOLE_ROWS``) against the chunked launches; ``--only cluster`` adds clusters of blocks a row
+(``ROW_CLUSTER``); ``--only gather`` times the patch gather's knobs; ``--only ncu`` adds
 Nsight Compute's sections for the streaming kernels where ``ncu`` is installed, ``--only ncu-small`` for the three
 kernels of a small call, ``--only ncu-gather`` for the patch gather.
 
@@ -293,6 +294,85 @@ def whole_table(quick: bool, cases=None, dtype=np.float32, breakdown: bool = Tru
             lines += launch_breakdown(rows, side, n)
     finally:
         sampling.WHOLE_ROWS = saved
+    return "\n".join(lines)
+
+
+CLUSTER_CASES = [(1, 128, 10), (1, 256, 10), (1, 256, 100), (1, 512, 10), (1, 1024, 10), (8, 256, 10),
+                 (32, 181, 100), (32, 256, 100)]
+"""Small maps (B, side, n) where a cluster of blocks a row (``ROW_CLUSTER``) might beat both one block a row and
+the chunked launches."""
+CLUSTER_PLANS = {"chunked": {"WHOLE_ROWS": 0, "ROW_CLUSTER": 0}, "one block": {"WHOLE_ROWS": 1 << 30, "ROW_CLUSTER": 0},
+                 **{f"cluster of {c}": {"WHOLE_ROWS": 1 << 30, "ROW_CLUSTER": c} for c in (2, 4, 8)}}
+"""The plans the cluster table compares: knob values of ``atskern.gpu.sampling`` each."""
+
+
+def _plans_cells(sampling, plans: dict, attention, n: int, quick: bool) -> dict:
+    """``{plan: (GPU ms, wall ms)}``: medians of ``atskern.sample(attention, n)`` under each of ``plans`` (knob
+    values), alternating rounds, after checking the draws equal the first plan's (probabilities within 8 ulp)."""
+    import atskern
+
+    def under(knobs, fn):
+        saved = {knob: getattr(sampling, knob) for knob in knobs}
+        try:
+            for knob, value in knobs.items():
+                setattr(sampling, knob, value)
+            return fn()
+        finally:
+            for knob, value in saved.items():
+                setattr(sampling, knob, value)
+
+    first = None
+    for name, knobs in plans.items():
+        indices, probs = under(knobs, lambda: atskern.sample(attention, n, seed=3))
+        drawn = (indices.get(), probs.get())
+        if first is None:
+            first = drawn
+        elif not (np.array_equal(first[0], drawn[0])
+                  and np.allclose(first[1], drawn[1], rtol=8 * np.finfo(drawn[1].dtype).eps, atol=0)):
+            raise AssertionError(f"{name}: draws differ from the first plan's at {(attention.shape, n)}")
+    timed = {name: [] for name in plans}
+    for _ in range(2 if quick else 4):
+        for name, knobs in plans.items():
+            timed[name].append(under(knobs, lambda: _gpu.timings(lambda: atskern.sample(attention, n, seed=3),
+                                                                repeats=10 if quick else 25)))
+    return {name: (statistics.median(t["gpu"] for t in runs), statistics.median(t["wall"] for t in runs))
+            for name, runs in timed.items()}
+
+
+def cluster_table(quick: bool, cases=None) -> str:
+    """``atskern.sample`` (float32, validated) on small maps under each of :data:`CLUSTER_PLANS`: the chunked
+    launches, one ``sample_rows`` block a row, and ``sample_cluster_rows`` with clusters of 2, 4 and 8 blocks a row
+    (Hopper's thread block clusters), in one process, alternating, the draws checked equal; with torch's Gumbel top-k
+    in the same loop. ``ROW_CLUSTER`` and where it applies are set from this table."""
+    import cupy
+
+    from atskern.gpu import sampling
+
+    if not sampling._clusters(cupy.cuda.runtime.getDevice()):
+        return "skipped: this GPU has no thread block clusters (compute capability below 9.0)"
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    names = list(CLUSTER_PLANS)
+    lines = ["wall ms (GPU ms) per plan; the last columns: the fastest plan, and torch's Gumbel top-k over it", "",
+             "| B | grid | n | " + " | ".join(names) + " | fastest | torch top-k ms | top-k / fastest |",
+             "|---|---|---|" + "---|" * (len(names) + 3)]
+    rng = np.random.default_rng(0)
+    for rows, side, n in cases or (CLUSTER_CASES[:3] if quick else CLUSTER_CASES):
+        attention = cupy.asarray(rng.random((rows, side, side), dtype=np.float32) + np.float32(1e-3))
+        cells = _plans_cells(sampling, CLUSTER_PLANS, attention, n, quick)
+        fastest = min(names, key=lambda name: cells[name][1])
+        topk = ""
+        if torch is not None:
+            scores = torch.from_dlpack(attention.reshape(rows, -1))
+            topk_ms = _gpu.timings(lambda: _gpu.torch_gumbel_top_k(scores, n), repeats=10 if quick else 25)["wall"]
+            topk = f"{topk_ms:.3f} | {topk_ms / cells[fastest][1]:.2f}"
+        lines.append(f"| {rows} | {side}² | {n} | "
+                     + " | ".join(f"{cells[name][1]:.3f} ({cells[name][0]:.3f})" for name in names)
+                     + f" | {fastest} | {topk or 'n/a | n/a'} |")
+        del attention
+        cupy.get_default_memory_pool().free_all_blocks()
     return "\n".join(lines)
 
 
@@ -623,10 +703,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", choices=["registers", "breakdown", "finish", "configs", "torch-profile", "host-profile",
-                                           "where", "status", "ncu", "ncu-small", "ncu-gather", "gather", "whole"],
+                                           "where", "status", "ncu", "ncu-small", "ncu-gather", "gather", "whole",
+                                           "cluster"],
                         action="append", help="run only these parts (repeatable; default all but ncu)")
     args = parser.parse_args(argv)
-    parts = set(args.only or ["registers", "breakdown", "finish", "whole", "where", "status", "configs",
+    parts = set(args.only or ["registers", "breakdown", "finish", "cluster", "whole", "where", "status", "configs",
                               "torch-profile", "host-profile"])
     reason = _gpu.unavailable()
     if reason:
@@ -639,6 +720,9 @@ def main(argv=None) -> int:
     if "finish" in parts:
         print("### Rows finished apart or in the selecting launch (FUSED_FINISH)\n\n" + finish_table(args.quick) + "\n",
               flush=True)
+    if "cluster" in parts:
+        print("### Small maps sampled by a cluster of blocks a row (ROW_CLUSTER), one block, or the chunked "
+              "launches (float32)\n\n" + cluster_table(args.quick) + "\n", flush=True)
     if "whole" in parts:
         print("### Small maps sampled by one block a row (WHOLE_ROWS) or by the chunked launches (float32)\n\n"
               + whole_table(args.quick) + "\n", flush=True)

@@ -65,15 +65,23 @@ def index_width(request, monkeypatch):
     gp.clear_caches()
 
 
-@pytest.fixture(params=["finish_rows", "select_rows", "sample_rows"])
+FINISHES = ["finish_rows", "select_rows", "sample_rows", "sample_cluster_rows"]
+HOST_ROW_CLUSTER = 4  # ATS_ROW_CLUSTER of tests/cuda_host/sampling_host.cpp, the harness the CuPy path's tests emulate
+
+
+@pytest.fixture(params=FINISHES)
 def finish(request, monkeypatch):
     """GPU sampling with each row finished by a finish_rows launch, by its last select_rows block in the
-    selecting launch (atskern.gpu.sampling.FUSED_FINISH), or sampled whole by one sample_rows block
-    (atskern.gpu.sampling.WHOLE_ROWS: every row here), on the host build and the CuPy path alike; the value is
-    the kernel that finishes the rows (without replacement)."""
+    selecting launch (atskern.gpu.sampling.FUSED_FINISH), sampled whole by one sample_rows block
+    (atskern.gpu.sampling.WHOLE_ROWS: every row here), or by a cluster of blocks (sample_cluster_rows,
+    ROW_CLUSTER), on the host build and the CuPy path alike; the value is the kernel that finishes the rows
+    (without replacement)."""
     from atskern.gpu import sampling as gs
 
+    whole = request.param in ("sample_rows", "sample_cluster_rows")
     monkeypatch.setattr(gs, "FUSED_FINISH", request.param == "select_rows")
-    monkeypatch.setattr(gs, "WHOLE_ROWS", (1 << 30) if request.param == "sample_rows" else 0)
-    monkeypatch.setattr(gs, "WHOLE_ROWS_UNSCREENED", request.param == "sample_rows")
+    monkeypatch.setattr(gs, "WHOLE_ROWS", (1 << 30) if whole else 0)
+    monkeypatch.setattr(gs, "WHOLE_ROWS_UNSCREENED", whole)
+    monkeypatch.setattr(gs, "ROW_CLUSTER", HOST_ROW_CLUSTER if request.param == "sample_cluster_rows" else 0)
+    monkeypatch.setattr(gs, "_clusters", lambda device_id: True)
     return request.param

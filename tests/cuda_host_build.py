@@ -39,7 +39,8 @@ C_TYPES = {"ptr": ctypes.c_void_p, "i32": ctypes.c_int, "u32": ctypes.c_uint, "i
            "u64": ctypes.c_ulonglong}
 _SCALARS = {"int": "i32", "unsigned int": "u32", "unsigned": "u32", "long long": "i64", "long long int": "i64",
             "unsigned long long": "u64", "unsigned long long int": "u64", "float": "f32", "double": "f64"}
-_KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\((?:[^()]|\([^()]*\))*\)\s*)?'
+_KERNEL = re.compile(r'extern\s+"C"\s+__global__\s+void\s+'
+                     r'(?:__(?:launch_bounds|cluster_dims)__\s*\((?:[^()]|\([^()]*\))*\)\s*)*'  # attributes
                      r'(\w+)\s*\(([^)]*)\)')
 
 

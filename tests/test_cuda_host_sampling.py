@@ -69,17 +69,21 @@ def _garbage(shape, dtype):
 
 
 def host_sample(lib, attention, n, *, seed, replace=False, logits=False, threads=32, chunk=128, seed_array=None,
-                capacity=None, keep=None, probs_dtype=np.float64, fused=None, whole_rows=None):
+                capacity=None, keep=None, probs_dtype=np.float64, fused=None, whole_rows=None, row_cluster=None):
     """``atskern.gpu.sampling.sample`` with the host build: (indices, float64 probs, status, plan). ``threads``
     must be the ATS_SELECT_THREADS ``lib`` was built with. ``capacity`` overrides the plan's screening buffer (0:
     every row selected chunk by chunk); ``keep`` (a dict) receives the workspace; ``probs_dtype`` is float64 (the
     tests' precision) or float32 (as the CuPy path writes float32 maps' probabilities); ``fused`` overrides
-    gs.FUSED_FINISH and ``whole_rows`` gs.WHOLE_ROWS (True: a block per row, sample_rows)."""
+    gs.FUSED_FINISH and ``whole_rows`` gs.WHOLE_ROWS (True: a block per row, sample_rows); a whole-row plan takes
+    ``row_cluster`` blocks a row (default: the harness's cluster size where gs.ROW_CLUSTER is on, else 0)."""
     rows = attention.shape[0]
     grid = attention.shape[1:]
     weights = np.ascontiguousarray(attention).reshape(rows, -1)
     size = weights.shape[1]
-    p = gs.plan(rows, size, n, replace, threads, multiprocessors=1, chunk=chunk, fused=fused, whole_rows=whole_rows)
+    if row_cluster is None:
+        row_cluster = lib.host_row_cluster() if gs.ROW_CLUSTER > 1 else 0
+    p = gs.plan(rows, size, n, replace, threads, multiprocessors=1, chunk=chunk, fused=fused, whole_rows=whole_rows,
+                row_cluster=row_cluster)
     if capacity is not None:
         p = dataclasses.replace(p, capacity=capacity)
     ws = gs.workspace(_garbage, rows, size, n, p, replace, logits)
@@ -148,7 +152,8 @@ def test_host_draws_equal_cpu_and_reference(lib, dtype, replace, finish):
         n = min(1 if shape == (1, 1) else 5 + 7 * trial, attention[0].size)
         seed = 1000 + trial
         indices, probs, status, p = host_sample(lib, attention, n, seed=seed, replace=replace)
-        assert p.whole_rows == (finish == "sample_rows" and not replace)
+        assert p.whole_rows == (finish in ("sample_rows", "sample_cluster_rows") and not replace)
+        assert (p.row_cluster > 1) == (finish == "sample_cluster_rows" and not replace)
         assert p.nchunks > 1 or attention[0].size <= 128 or p.whole_rows
         ref_i, ref_p = reference.sample(attention, n, replace=replace, seed=seed)
         cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, seed, replace)
@@ -200,7 +205,7 @@ def test_host_large_n_selected_in_shared_memory(libs, threads, n, finish):
     the CPU kernel's."""
     attention = _large_n_rows(np.random.default_rng(n + threads))
     indices, probs, status, p = host_sample(libs(threads), attention, n, seed=n, threads=threads, chunk=4096)
-    assert not p.sort and (p.whole_rows if finish == "sample_rows" else p.nchunks == 2)
+    assert not p.sort and (p.whole_rows if finish.startswith("sample_") else p.nchunks == 2)
     ref_i, ref_p = reference.sample(attention, n, seed=n)
     cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, n, False)
     for row in range(attention.shape[0]):
@@ -226,18 +231,19 @@ LEVELS = [0.0, 5e-324, 1e-300, 0.25, 1.0, 1.0 + 2**-52, 3.0]  # zeros, +inf keys
 @given(rows=st.integers(1, 3), size=st.integers(1, 700), n_fraction=st.floats(0.0, 1.0),
        levels=st.lists(st.sampled_from(LEVELS), min_size=1, max_size=4, unique=True),
        chunk=st.sampled_from([128, 256, 512]), seed=st.integers(0, 2**64 - 1), screen=st.booleans(),
-       finish=st.sampled_from(["finish_rows", "select_rows", "sample_rows"]))
+       finish=st.sampled_from(["finish_rows", "select_rows", "sample_rows", "sample_cluster_rows"]))
 def test_host_fuzz_ties_fillers_and_chunks(lib, rows, size, n_fraction, levels, chunk, seed, screen, finish):
     """Rows drawn from a few weight levels (many equal keys, exact +inf ties, zeros: fillers, rows that the
     scale-free pass redoes), any n and chunking, each way of finishing the rows (sample_rows: a block per row):
     the host build draws as the reference and the CPU kernel."""
-    fused, whole = finish == "select_rows", finish == "sample_rows"
+    fused, whole = finish == "select_rows", finish.startswith("sample_")
     rng = np.random.default_rng(seed % 2**32)
     attention = rng.choice(np.array(levels), size=(rows, size))
     attention[np.arange(rows), rng.integers(0, size, rows)] = max(max(levels), 5e-324)  # a positive cell a row
     n = max(1, int(round(n_fraction * size)))
+    cluster = lib.host_row_cluster() if finish == "sample_cluster_rows" else 0
     indices, probs, status, p = host_sample(lib, attention, n, seed=seed, chunk=chunk, capacity=None if screen else 0,
-                                            fused=fused, whole_rows=whole)
+                                            fused=fused, whole_rows=whole, row_cluster=cluster)
     assert p.fused == (fused and not p.sort) and p.whole_rows == (whole and not p.sort)
     ref_i, _ = reference.sample(attention, n, seed=seed)
     cpu_i, cpu_p, cpu_status = cpu_sample(attention, n, seed, False)

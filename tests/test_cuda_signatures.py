@@ -44,12 +44,12 @@ def check_arguments(source, name, args):
 @pytest.mark.parametrize("n, replace, logits", [(10, False, False), (10, False, True), (5, True, False),
                                                  (5, True, True), (2049, False, False), (3000, False, True)])
 @pytest.mark.parametrize("seed_array", [False, True])
-@pytest.mark.parametrize("finish", ["finish_rows", "select_rows", "sample_rows"])
+@pytest.mark.parametrize("finish", ["finish_rows", "select_rows", "sample_rows", "sample_cluster_rows"])
 def test_sampling_launches_match_the_kernel_parameters(dtype, n, replace, logits, seed_array, finish):
     rows, size = 3, 5000
     fused = finish == "select_rows"
     p = gs.plan(rows, size, n, replace, 256, multiprocessors=4, chunk=1024, fused=fused,
-                whole_rows=finish == "sample_rows")
+                whole_rows=finish.startswith("sample_"), row_cluster=8 if finish == "sample_cluster_rows" else 0)
     ws = gs.workspace(np.empty, rows, size, n, p, replace, logits)
     weights = np.zeros((rows, size), dtype)
     seed_ptr = np.zeros(1, np.uint64) if seed_array else None
@@ -60,10 +60,12 @@ def test_sampling_launches_match_the_kernel_parameters(dtype, n, replace, logits
     names = {step[0][:-4] for step in launched}
     assert ("select_rows" in names) == p.fused == (fused and not replace and not p.sort)
     assert not (p.fused and names & {"chunk_topn", "finish_rows"})
-    assert (names == {"sample_rows"}) == p.whole_rows == (finish == "sample_rows" and not replace and not p.sort)
+    assert (names == {finish}) == p.whole_rows == (finish.startswith("sample_") and not replace and not p.sort)
     for name, grid, block, args in launched:
         check_arguments(gs.SOURCE, name, args)
         assert len(grid) == len(block) == 1 and grid[0] >= 1 and block[0] in (256, gs.stats_threads(256))
+        if name.startswith("sample_cluster_rows"):
+            assert grid[0] == rows * 8  # a cluster of 8 blocks a row
 
 
 def _patch_case(channels_first, offsets_dtype, ndim):

@@ -110,10 +110,15 @@ def test_streaming_loops_keep_everything_in_registers(tmp_path):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_sample_rows_reads_its_own_writes_coherently(tmp_path):
     """sample_rows reads back the screened keys and positions its threads wrote in the same launch: with plain
-    loads (coherent for the block after its barrier), never ld.global.nc, the read-only path, which is not."""
+    loads (coherent for the block after its barrier), never ld.global.nc, the read-only path, which is not;
+    sample_cluster_rows' block 0 reads what the cluster's other blocks wrote with ld.global.cg (past its L1) after
+    the cluster's barriers (release, acquire)."""
     text = _sampling_ptx(tmp_path).read_text()
-    for kernel in ("sample_rows_f32", "sample_rows_f64"):
+    for kernel in ("sample_rows_f32", "sample_rows_f64", "sample_cluster_rows_f32", "sample_cluster_rows_f64"):
         start = text.index(f".entry {kernel}(")
         end = text.find(".entry", start + 10)
         body = text[start:end if end > 0 else len(text)]
         assert "ld.global" in body and "ld.global.nc" not in body, kernel
+        if "cluster" in kernel:  # the cluster's barriers, and block 0 reads the others' keys past its L1
+            assert body.count("barrier.cluster.arrive.release") == body.count("barrier.cluster.wait.acquire") >= 3
+            assert "ld.global.cg" in body

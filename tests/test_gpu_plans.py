@@ -263,23 +263,24 @@ def _kernels_defined(tmp_path, group: int) -> set:
     assert result.returncode == 0, result.stderr
     text = (tmp_path / f"group{group}.ii").read_text()
     return set(re.findall(r'extern "C" __attribute__\(\(global\)\) void '
-                          r'(?:__attribute__\(\(launch_bounds\(.*?\)\)\)\s*)?(\w+)\s*\(', text))
+                          r'(?:__attribute__\(\(\w+\(.*?\)\)\)\s*)*(\w+)\s*\(', text))
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_every_launched_kernel_is_in_the_module_of_its_group(tmp_path, monkeypatch):
-    """A call compiles only the module of each kernel's group (``kernel_group``: one dtype's kernels, select_rows
-    and sample_rows apart): every kernel of every path (float32/float64, logits, with replacement, the sort
-    fallback, the three finishes) is defined in its group's module, the groups split the default module's kernels without overlap,
-    and each group holds a kernel some path launches."""
+    """A call compiles only the module of each kernel's group (``kernel_group``: one dtype's kernels, select_rows,
+    sample_rows and sample_cluster_rows apart): every kernel of every path (float32/float64, logits, with
+    replacement, the sort fallback, the four finishes) is defined in its group's module, the groups split the
+    default module's kernels without overlap, and each group holds a kernel some path launches."""
     from atskern.gpu import sampling as gs
 
-    defined = {group: _kernels_defined(tmp_path, group) for group in range(7)}
-    assert len(defined[0]) == 16, defined[0]
+    defined = {group: _kernels_defined(tmp_path, group) for group in range(9)}
+    assert len(defined[0]) == 18, defined[0]
     launched = set()
-    for fused, whole in ((False, 0), (True, 0), (False, 1 << 30)):
+    for fused, whole, cluster in ((False, 0, 0), (True, 0, 0), (False, 1 << 30, 0), (False, 1 << 30, 4)):
         monkeypatch.setattr(gs, "FUSED_FINISH", fused)
         monkeypatch.setattr(gs, "WHOLE_ROWS", whole)
+        monkeypatch.setattr(gs, "ROW_CLUSTER", cluster)
         for dtype in (np.float32, np.float64):
             for n in (10, 2049):
                 for replace in (False, True):
@@ -287,7 +288,7 @@ def test_every_launched_kernel_is_in_the_module_of_its_group(tmp_path, monkeypat
                         launched |= set(sampling_step_names(dtype, n, replace, logits)) - {gs.ZERO_STEP, gs.SORT_STEP}
     for name in sorted(launched):
         assert name in defined[gs.kernel_group(name)], (name, gs.kernel_group(name))
-    groups = [defined[group] for group in range(1, 7)]
+    groups = [defined[group] for group in range(1, 9)]
     assert set().union(*groups) == defined[0]
     assert sum(len(group) for group in groups) == len(defined[0])
     assert all(group & launched for group in groups)
@@ -368,6 +369,40 @@ def test_whole_rows_defaults_follow_the_row_size_and_count(monkeypatch):
     assert whole(1, 1000, n=screened + 1) and whole(100, 4000, n=gs.MAX_SELECTION_N)
     assert not whole(1, 1000, n=gs.MAX_SELECTION_N + 1)
     assert gs.plan(1, 1000, gs.MAX_SELECTION_N, False, 256, multiprocessors=8, whole_rows=True).whole_rows
+
+
+def test_row_cluster_plan_and_launch(monkeypatch):
+    """ROW_CLUSTER: a whole-row plan splits each row into that many spans (whole tiles, the last ones possibly
+    empty), one block each, launched as rows x cluster blocks of one sample_cluster_rows launch (no memset for one
+    row) with the cluster's work space (partial statistics of two passes and logit maxima, the screened counts);
+    larger than a portable cluster is refused; off by default."""
+    from atskern.gpu import sampling as gs
+
+    assert gs.ROW_CLUSTER == 0 and gs.plan(1, 5000, 10, False, 256, 4, whole_rows=True).row_cluster == 0
+    monkeypatch.setattr(gs, "ROW_CLUSTER", 4)
+    p = gs.plan(3, 5000, 10, False, 256, multiprocessors=4, whole_rows=True)
+    tile = gs.PER_THREAD * 256
+    assert p.whole_rows and p.row_cluster == 4 and p.nchunks == 4 and p.chunk % tile == 0
+    assert p.chunk - tile < -(-5000 // 4) <= p.chunk and p.capacity == gs.screen_capacity(10, 5000, 256)
+    assert gs.plan(1, 10, 3, False, 256, 4, whole_rows=True).chunk == tile  # spans 1-3 empty
+    assert gs.plan(1, 5000, 10, False, 256, 4, whole_rows=True, row_cluster=0).row_cluster == 0
+    assert gs.plan(1, 5000, 10, True, 256, 4, whole_rows=True).row_cluster == 0  # with replacement: chunks
+    with pytest.raises(ValueError, match="row_cluster"):
+        gs.plan(1, 5000, 10, False, 256, 4, whole_rows=True, row_cluster=gs.MAX_ROW_CLUSTER + 1)
+    specs = gs.workspace_specs(3, 5000, 10, p, False, True)
+    assert specs["cluster_stats"] == ((3 * 4 * (2 * gs.STATS + 1),), np.float64)
+    assert specs["cluster_counts"] == ((3,), np.uint32) and specs["stats"] is None and specs["cand_keys"] is None
+    for rows in (1, 3):
+        q = gs.plan(rows, 5000, 10, False, 256, 4, whole_rows=True)
+        ws = gs.workspace(np.empty, rows, 5000, 10, q, False, False)
+        steps = gs.launches(np.zeros((rows, 5000), np.float32), 10, (50, 100), 1, False, False, ws, q,
+                            np.empty((rows, 10, 2), np.int32), np.empty((rows, 10), np.float32))
+        assert (steps[0] == gs.ZERO_STEP) == (rows > 1)
+        name, grid, block, args = steps[-1]
+        assert name == "sample_cluster_rows_f32" and grid == (rows * 4,) and block == (256,)
+        assert args[13] == q.chunk  # span
+    assert gs.compile_options(256, 4)[-1] == "-DATS_ROW_CLUSTER=4" and len(gs.compile_options(256)) == 3
+    assert gs.kernel_group("sample_cluster_rows_f64") == 8
 
 
 def names_whole(rows, dtype, n, replace, logits):

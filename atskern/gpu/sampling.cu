@@ -37,7 +37,9 @@
 //                  round trip.
 // Short rows (a plan with `whole_rows`, atskern.gpu.sampling.WHOLE_ROWS) take one launch instead, after the memset
 // (none for one row): sample_rows, a block per row doing all of the above for its row (statistics, status, pass 1's
-// rescaling, plan, screening or selection, finish), blocks meeting only to elect the one writing the summary row.
+// rescaling, plan, screening or selection, finish), blocks meeting only to elect the one writing the summary row;
+// or (ROW_CLUSTER, sm_90) sample_cluster_rows, a thread block cluster per row whose blocks split the streaming
+// passes and meet at the cluster's barrier, one of them then finishing the row.
 // With replacement chunk_stats gathers the statistics (short chunks) and replacement_draws finds each draw with one
 // block: a scan of the row's chunk sums, then of the positions from the chunk found (no prefix sum over the row in
 // memory). The sort fallback takes its statistics from chunk_stats.
@@ -46,10 +48,11 @@
 // their probabilities are 0 (their estimator weight is 0).
 
 // The kernels a module defines (atskern.gpu.sampling.kernel_group: one NVRTC compile per group, so a call compiles
-// only its dtype's kernels, about half the work): ATS_GROUP 1, every float32 kernel but select_rows and sample_rows;
-// 2, every such float64 one; 3 and 4, select_rows_f32 and select_rows_f64 (the fused finish, off by default); 5 and
-// 6, sample_rows_f32 and sample_rows_f64 (a block per row, off by default); 0 (the default: CI's nvcc check, the host
-// harness), all of them.
+// only its dtype's kernels, about half the work): ATS_GROUP 1, every float32 kernel but select_rows and the
+// whole-row kernels; 2, every such float64 one; 3 and 4, select_rows_f32 and select_rows_f64 (the fused finish, off by
+// default); 5 and 6, sample_rows_f32 and sample_rows_f64 (a block per row); 7 and 8, sample_cluster_rows_f32 and
+// sample_cluster_rows_f64 (a cluster per row, off by default; sm_90 and later); 0 (the default: CI's nvcc check, the
+// host harness), all of them.
 #ifndef ATS_GROUP
 #define ATS_GROUP 0
 #endif
@@ -1709,6 +1712,156 @@ ATS_SAMPLE_ROWS(f32, float)
 #endif
 #if ATS_IN_GROUP(6)
 ATS_SAMPLE_ROWS(f64, double)
+#endif
+
+// Blocks of one row's cluster (sample_cluster_rows, Hopper thread block clusters: sm_90). A compile-time constant of
+// the kernel's __cluster_dims__: atskern.gpu.sampling compiles one module per cluster size (-D option).
+#ifndef ATS_ROW_CLUSTER
+#define ATS_ROW_CLUSTER 2
+#endif
+#ifdef ATS_HOST_BUILD  // the host harness (tests/cuda_host/cuda_shim.h) provides cluster_sync and cluster_rank
+#define ATS_CLUSTER_DIMS
+#else
+#define ATS_CLUSTER_DIMS __cluster_dims__(ATS_ROW_CLUSTER, 1, 1)
+// Every thread of the cluster's blocks meets here; global memory written before it is visible to the cluster's
+// threads after it (release, acquire). Called by every thread of every block of the cluster.
+__device__ __forceinline__ void cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+__device__ __forceinline__ unsigned int cluster_rank() {
+    unsigned int rank;
+    asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+    return rank;
+}
+#endif
+
+// Partial statistics of one cluster block into its slot of `partials` (ATS_STATS doubles), then the cluster's
+// barrier, then the row's statistics from the cluster's slots in rank order (row_stats: the same order in every
+// block, so every block holds the same values in out). Called by every thread of every block of the cluster.
+template <typename T>
+__device__ void cluster_row_stats(BlockStats& b, double* out, double* __restrict__ partials, long long row,
+                                  unsigned int rank, const T* __restrict__ row_weights, long long start, long long stop,
+                                  int logits, double top_logit, int shift) {
+    const ChunkSums t = stats_weights<T, row_unroll_of<T>()>(row_weights, start, stop, logits, top_logit, shift);
+    reduce_stats(b, out, t.sum, t.top, t.nonfinite, t.negative, t.positive, t.squares);
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < ATS_STATS; ++i) partials[(row * ATS_ROW_CLUSTER + rank) * ATS_STATS + i] = out[i];
+    }
+    __threadfence();
+    cluster_sync();
+    row_stats(b, out, partials, row, ATS_ROW_CLUSTER);
+    __syncthreads();
+}
+
+// One cluster of ATS_ROW_CLUSTER blocks per row (a plan with `row_cluster`, atskern.gpu.sampling.ROW_CLUSTER): the
+// whole call in one launch as sample_rows, the row's streaming passes split over the cluster's blocks (block `rank`
+// takes positions [rank * span, (rank + 1) * span), span a whole number of tiles), which meet at the cluster's
+// barrier and through device memory: `cluster_stats` (each block's partial statistics of pass 0 and pass 1, then
+// its largest finite logit: rows * ATS_ROW_CLUSTER * (2 ATS_STATS + 1) doubles) and `cluster_counts` (the row's
+// screened count, zeroed by rank 0 before the first barrier). No shared memory is read across a cluster barrier.
+// Every block combines the partials in rank order (the same statistics, status, rescaling and plan in each); each
+// screens its span into the row's buffer; after the last barrier rank 0 alone ranks or sorts the buffer (or selects
+// the row alone: fewer than n or more than `capacity` keys kept, or a selected row) and finishes the row. Rank 0
+// writes the status and takes part in the election of the block writing the summary row (row_bound[rows], zeroed
+// by the host where rows > 1). The draws are sample_rows' for the same row and seed.
+template <typename T>
+__device__ void sample_cluster_rows(const T* __restrict__ weights, long long size, int n, unsigned long long seed,
+                                    const unsigned long long* __restrict__ seed_ptr, int logits,
+                                    long long* __restrict__ status, unsigned long long* __restrict__ row_bound,
+                                    int capacity, double* __restrict__ screen_keys, long long* __restrict__ screen_idx,
+                                    double* __restrict__ cluster_stats, unsigned int* __restrict__ cluster_counts,
+                                    long long span, int dims, long long g0, long long g1, long long g2,
+                                    int* __restrict__ indices, void* __restrict__ probs, int single,
+                                    long long* __restrict__ status_host) {
+    __shared__ TopN s;
+    __shared__ BlockStats block_stats;
+    __shared__ double stats[ATS_STATS];
+    __shared__ double plan;
+    __shared__ int last;
+    const unsigned int rank = cluster_rank();
+    const long long row = blockIdx.x / ATS_ROW_CLUSTER, rows = gridDim.x / ATS_ROW_CLUSTER;
+    const long long start = min(size, (long long)rank * span), stop = min(size, start + span);
+    const T* row_weights = weights + row * size;
+    const int is_double = sizeof(T) == 8 || logits;
+    double* pass0 = cluster_stats;
+    double* pass1 = cluster_stats + rows * ATS_ROW_CLUSTER * ATS_STATS;
+    double* logit_tops = cluster_stats + 2 * rows * ATS_ROW_CLUSTER * ATS_STATS;
+    unsigned int* count = cluster_counts + row;
+    seed = effective_seed(seed, seed_ptr);
+    if (rank == 0 && threadIdx.x == 0) *count = 0u;  // used after the first cluster barrier
+    double top_logit = 0.0;
+    if (logits) {  // cluster-uniform: the largest of the blocks' finite maxima, logits_top's value
+        const double top = block_finite_max(block_stats, row_weights, start, stop);
+        if (threadIdx.x == 0) logit_tops[row * ATS_ROW_CLUSTER + rank] = top;
+        __threadfence();
+        cluster_sync();
+        double best = -ATS_INF;
+        for (int r = 0; r < ATS_ROW_CLUSTER; ++r) {
+            const double other = load_written<true>(logit_tops + row * ATS_ROW_CLUSTER + r);
+            best = other > best ? other : best;
+        }
+        top_logit = isfinite(best) ? best : 0.0;
+    }
+    cluster_row_stats(block_stats, stats, pass0, row, rank, row_weights, start, stop, logits, top_logit, 0);
+    long long row_status[4];
+    write_row_status(row_status, stats);
+    const int shift = rescale_shift(row_status, is_double);  // cluster-uniform
+    if (rank == 0 && threadIdx.x == 0) {
+        for (int i = 0; i < 4; ++i) status[row * 4 + i] = row_status[i];
+        last = last_to_finish(row_bound + rows, rows);
+    }
+    __syncthreads();
+    if (rank == 0 && last) summarize_rows(s, status, rows, status_host);  // block-uniform
+    if (shift) cluster_row_stats(block_stats, stats, pass1, row, rank, row_weights, start, stop, logits, top_logit, shift);
+    if (threadIdx.x == 0) plan = row_plan_of(stats, n, capacity, is_double, 1);
+    __syncthreads();
+    const double t = plan, total = stats[0];
+    const int valid = valid_row(stats);
+    const long long screen_base = row * capacity;
+    if (t < ATS_INF) {  // cluster-uniform
+        screen_weights(row_weights, row, start, stop, seed, logits, top_logit, shift, t, count, capacity,
+                       screen_keys + screen_base, screen_idx + screen_base);
+    }
+    __threadfence();
+    cluster_sync();  // every block's keys and count written
+    if (rank != 0) return;  // the whole block
+    int kept = -1;  // block-uniform: -1 until a selection is complete
+    if (t < ATS_INF) {
+        const unsigned int screened = load_written<true>(count);
+        if (screened >= (unsigned int)n && screened <= (unsigned int)capacity) {
+            kept = screened <= ATS_RANK_MAX
+                       ? rank_screened<true>(s, screen_keys + screen_base, screen_idx + screen_base, (int)screened, n)
+                       : sort_screened<true>(s, screen_keys + screen_base, screen_idx + screen_base, (int)screened, n);
+        }
+    }
+    const int alone = kept < 0;
+    if (alone) {
+        kept = select_range(s, block_stats, row_weights, row, 0, size, n, seed, logits, top_logit, shift,
+                            (unsigned long long*)nullptr);
+    }
+    const long long* row_screen_idx = screen_idx + screen_base;
+    const auto position_of = [&](int k) -> long long {
+        return alone ? (long long)s.u.list.values[k] : load_written<true>(row_screen_idx + s.u.list.values[k]);
+    };
+    write_draws(position_of, kept, row, n, row_weights, size, logits, top_logit, shift, valid, total, dims, g0, g1,
+                g2, indices, probs, single);
+}
+
+#define ATS_SAMPLE_CLUSTER_ROWS(suffix, T)                                                                            \
+    extern "C" __global__ void ATS_SELECT_BOUNDS ATS_CLUSTER_DIMS sample_cluster_rows_##suffix(                        \
+        const T* weights, long long size, int n, unsigned long long seed, const unsigned long long* seed_ptr,          \
+        int logits, long long* status, unsigned long long* row_bound, int capacity, double* screen_keys,               \
+        long long* screen_idx, double* cluster_stats, unsigned int* cluster_counts, long long span, int dims,           \
+        long long g0, long long g1, long long g2, int* indices, void* probs, int single, long long* status_host) {     \
+        sample_cluster_rows<T>(weights, size, n, seed, seed_ptr, logits, status, row_bound, capacity, screen_keys,    \
+                               screen_idx, cluster_stats, cluster_counts, span, dims, g0, g1, g2, indices, probs,     \
+                               single, status_host);                                                                  \
+    }
+#if ATS_IN_GROUP(7)
+ATS_SAMPLE_CLUSTER_ROWS(f32, float)
+#endif
+#if ATS_IN_GROUP(8)
+ATS_SAMPLE_CLUSTER_ROWS(f64, double)
 #endif
 
 // Keys of every position, for n too large for the shared-memory selection (the caller sorts them; sampling.py):

@@ -37,6 +37,7 @@ SCREEN_UNROLL = 4
 """ATS_SCREEN_UNROLL: tiles of float32 loads a thread of the statistics and screening passes issues before using
 them (and generator chains it interleaves; float64: half as many tiles, the same bytes); a tuning knob, draws
 unchanged."""
+MAX_ROW_CLUSTER = 8  # the largest portable cluster size
 MIN_CHUNK = 1 << 12
 """Fewest positions of a chunk (4 tiles of 256 threads): a small map still spreads over many short blocks (the
 latency of a block is about one tile per 1024 positions, serialized), and finish_rows merges only the prefix of
@@ -79,6 +80,13 @@ WHOLE_ROWS_FILLED = 1 << 17
 the blocks fill the GPU and one launch beats the chunked plan's three further up. On the H200 (132 SMs; the same
 table) every case of 132 to 528 rows up to 362² was 1.00-1.30x faster whole (float32 and float64); 512² was
 0.97-1.18x, left to the chunked plan."""
+ROW_CLUSTER = 0
+"""Blocks of a thread block cluster that sample each row of a whole-row plan together (``sample_cluster_rows``;
+Hopper and later, compute capability 9.0): the statistics and the screening split over the cluster's SMs, which
+meet at the cluster's barrier; then one block ranks and finishes the row, in the same single launch. One block a
+row is latency-bound on a single row (eight warps on one SM: ``bench/results/gpu-nvidia-h200-whole-rows.md``).
+2 to 8 (the portable cluster sizes); 0: one block a row (``sample_rows``). The same draws. Off: it has not run
+on a GPU (``bench.gpu_tuning --only cluster`` measures it)."""
 WHOLE_ROWS_UNSCREENED = False
 """Also send to ``sample_rows`` the rows that ``n`` leaves no screening buffer (each then selected by its block
 alone): not measured, off; the tests turn it on to run every row of a call through ``sample_rows``."""
@@ -134,9 +142,11 @@ def stats_threads(threads: int) -> int:
     return min(2 * threads, 512)
 
 
-def compile_options(threads: int) -> tuple[str, ...]:
-    """The nvcc/NVRTC options of the module whose selecting kernels run ``threads``-thread blocks."""
-    return _options(threads, MIN_BLOCKS, SCREEN_UNROLL)
+def compile_options(threads: int, row_cluster: int = 0) -> tuple[str, ...]:
+    """The nvcc/NVRTC options of the module whose selecting kernels run ``threads``-thread blocks (and, for
+    ``sample_cluster_rows``, clusters of ``row_cluster`` blocks)."""
+    options = _options(threads, MIN_BLOCKS, SCREEN_UNROLL)
+    return options + (f"-DATS_ROW_CLUSTER={row_cluster}",) if row_cluster else options
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,6 +187,9 @@ class Workspace:
     cand_idx: object  # int64
     cand_count: object  # int32 (B * nchunks,)
     keys: object  # float64 (B, N), only where n is too large for the selection
+    cluster_stats: object  # float64 (B * C * (2 STATS + 1),): a row cluster's partial statistics (two passes) and
+    #                        logit maxima, block by block (sample_cluster_rows)
+    cluster_counts: object  # uint32 (B,): each row cluster's screened count (zeroed by the kernel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,16 +206,20 @@ class Plan:
     """Rows finished inside the selecting launch (``select_rows``; :data:`FUSED_FINISH`)."""
     whole_rows: bool = False
     """Each row sampled by one block in one launch (``sample_rows``; :data:`WHOLE_ROWS`)."""
+    row_cluster: int = 0
+    """With ``whole_rows``: each row sampled by a cluster of this many blocks (``sample_cluster_rows``, ``chunk``
+    positions a block; :data:`ROW_CLUSTER`), 0: by one block."""
 
 
 def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocessors: int, chunk: int | None = None,
-         fused: bool | None = None, whole_rows: bool | None = None) -> Plan:
+         fused: bool | None = None, whole_rows: bool | None = None, row_cluster: int | None = None) -> Plan:
     """The launch plan of a call (pure: tests build it for the host build of the kernels); ``fused`` defaults to
     :data:`FUSED_FINISH` (it applies without replacement where keys are selected, not sorted), ``whole_rows`` to
     rows of at most :data:`WHOLE_ROWS` positions, or :data:`WHOLE_ROWS_FILLED` with at least one row per
     multiprocessor, where ``n`` leaves the rows a screening buffer (:func:`screen_capacity`) unless
     :data:`WHOLE_ROWS_UNSCREENED` (it applies where keys are selected, not sorted, to rows short of
-    2^31 positions; it takes precedence over ``fused`` and ``chunk``)."""
+    2^31 positions; it takes precedence over ``fused`` and ``chunk``); a whole-row plan's ``row_cluster`` defaults
+    to :data:`ROW_CLUSTER`."""
     if threads not in SELECT_THREADS:
         raise ValueError(f"threads must be one of {SELECT_THREADS} (the block size of the selecting kernels), "
                          f"got {threads}")
@@ -214,6 +231,13 @@ def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocess
             size <= WHOLE_ROWS or (rows >= multiprocessors and size <= WHOLE_ROWS_FILLED))
     whole = bool(whole_rows) and not (replace or sort)
     if whole and size < MAX_CHUNK:  # one chunk, the row: screened or selected in 32-bit positions
+        cluster = ROW_CLUSTER if row_cluster is None else int(row_cluster)
+        if cluster > 1:  # a whole number of tiles a block
+            if cluster > MAX_ROW_CLUSTER:
+                raise ValueError(f"row_cluster must be at most {MAX_ROW_CLUSTER} (a portable cluster), got {cluster}")
+            span = max(tile, -(-(-(-size // cluster)) // tile) * tile)
+            return Plan(threads=threads, chunk=span, nchunks=cluster, sort=False,
+                        capacity=screen_capacity(n, size, threads), whole_rows=True, row_cluster=cluster)
         return Plan(threads=threads, chunk=max(tile, -(-size // tile) * tile), nchunks=1, sort=False,
                     capacity=screen_capacity(n, size, threads), whole_rows=True)
     if chunk is None:
@@ -249,6 +273,8 @@ def workspace_specs(rows: int, size: int, n: int, p: Plan, replace: bool, logits
         "cand_idx": ((items * n,), np.int64) if select else None,
         "cand_count": ((items,), np.int32) if select else None,
         "keys": ((rows, size), np.float64) if select and p.sort else None,
+        "cluster_stats": ((rows * p.row_cluster * (2 * STATS + 1),), np.float64) if p.row_cluster else None,
+        "cluster_counts": ((rows,), np.uint32) if p.row_cluster else None,
     }
 
 
@@ -300,6 +326,12 @@ def launches(weights, n: int, grid, seed: int, replace: bool, logits: bool, ws: 
     seed_args = (seed, _ptr(seed_ptr), logits, _ptr(ws.rowmax))
     items = rows * nchunks
     single = int(probs.dtype == np.float32)  # probs written in float32 (else float64)
+    if p.whole_rows and p.row_cluster:  # as sample_rows, a cluster of blocks a row
+        return ([ZERO_STEP] if rows > 1 else []) + [
+            (f"sample_cluster_rows_{suffix}", (rows * p.row_cluster,), (t,),
+             (weights, size, n, seed, _ptr(seed_ptr), logits, ws.status, ws.row_bound, p.capacity,
+              _ptr(ws.screen_keys), _ptr(ws.screen_idx), ws.cluster_stats, ws.cluster_counts, chunk, *geometry,
+              indices, probs, single, _ptr(status_host)))]
     if p.whole_rows:  # row_bound[rows] elects the block that writes the summary row: one row elects itself
         return ([ZERO_STEP] if rows > 1 else []) + [
             (f"sample_rows_{suffix}", (rows,), (t,),
@@ -372,8 +404,15 @@ def _multiprocessors(device_id: int) -> int:
     return int(cupy().cuda.Device(device_id).attributes["MultiProcessorCount"])
 
 
+@functools.lru_cache(maxsize=None)
+def _clusters(device_id: int) -> bool:
+    """Whether the device launches thread block clusters (compute capability 9.0 or more)."""
+    return int(cupy().cuda.Device(device_id).compute_capability) >= 90
+
+
 KERNEL_GROUPS = {("f32", "chunks"): 1, ("f64", "chunks"): 2, ("f32", "select_rows"): 3, ("f64", "select_rows"): 4,
-                 ("f32", "sample_rows"): 5, ("f64", "sample_rows"): 6}
+                 ("f32", "sample_rows"): 5, ("f64", "sample_rows"): 6, ("f32", "sample_cluster_rows"): 7,
+                 ("f64", "sample_cluster_rows"): 8}
 """``ATS_GROUP`` of sampling.cu per (dtype suffix, kind): which module variant defines a kernel (kind: ``select_rows``
 or ``sample_rows``, each a plan's only selecting kernel, else ``chunks``)."""
 
@@ -385,7 +424,8 @@ def kernel_group(name: str) -> int:
     suffix = name.rsplit("_", 1)[-1]
     if suffix not in ("f32", "f64"):
         raise ValueError(f"not a kernel of {SOURCE}: {name!r}")
-    kind = next((k for k in ("select_rows", "sample_rows") if name.startswith(k + "_")), "chunks")
+    kind = next((k for k in ("select_rows", "sample_rows", "sample_cluster_rows") if name.startswith(k + "_")),
+                "chunks")
     return KERNEL_GROUPS[(suffix, kind)]
 
 
@@ -477,9 +517,10 @@ def recorded_call(rows: int, size: int, n: int, grid: tuple, replace: bool, logi
     offsets for the workspace, indices and probs, and slots for the weights, the seed, (``seed_on_device``) the
     seed's device address and (``status_slot``) the status's host copy's address, in that order; ``dtype`` is the
     weights' and the probabilities'. ``knobs`` (``BLOCKS_PER_SM``, ``MIN_BLOCKS``, ``SCREEN_UNROLL``,
-    ``FUSED_FINISH`` and the ``WHOLE_ROWS`` knobs: their values now) keys the memo, so that a tuning
+    ``FUSED_FINISH``, the ``WHOLE_ROWS`` knobs and ``ROW_CLUSTER``: their values now) keys the memo, so that a tuning
     change takes effect."""
-    p = plan(rows, size, n, replace, threads, _multiprocessors(device_id), chunk)
+    p = plan(rows, size, n, replace, threads, _multiprocessors(device_id), chunk,
+             row_cluster=None if ROW_CLUSTER < 2 or _clusters(device_id) else 0)
     lay = layout(rows, size, n, p, replace, logits, len(grid), dtype)
     if p.sort:
         return RecordedCall(p, lay, None)
@@ -490,7 +531,7 @@ def recorded_call(rows: int, size: int, n: int, grid: tuple, replace: bool, logi
     status = _sequence.Slot("status_host") if status_slot else None
     indices = _sequence.Offset(lay.offsets["indices"])
     probs = _sequence.Offset(lay.offsets["probs"], lay.specs["probs"][1])
-    options = compile_options(threads)
+    options = compile_options(threads, p.row_cluster)
     steps = []
     for step in launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_ptr, status):
         if step == ZERO_STEP:
@@ -535,7 +576,7 @@ def sample(weights, n, grid, seed, replace, *, logits=False, seed_ptr=None, thre
     call = recorded_call(rows, size, int(n), tuple(grid), bool(replace), bool(logits), weights.dtype, threads, chunk,
                          device_id, seed_ptr is not None,
                          (BLOCKS_PER_SM, MIN_BLOCKS, SCREEN_UNROLL, FUSED_FINISH, WHOLE_ROWS, WHOLE_ROWS_FILLED,
-                          WHOLE_ROWS_UNSCREENED),
+                          WHOLE_ROWS_UNSCREENED, ROW_CLUSTER),
                          mapped is not None)
     lay = call.layout
     if call.sequence is None:
@@ -556,7 +597,7 @@ def sample_from_lists(weights, n, grid, seed, replace, logits, seed_ptr, p: Plan
     that sort every key (their sort step reads CuPy arrays), and ``bench.host_path``'s baseline."""
     ws, indices, probs, memory = allocate(lay, arrays=p.sort)
     steps = launches(weights, n, grid, seed, replace, logits, ws, p, indices, probs, seed_ptr)
-    run_steps(steps, ws, n, lay, memory, compile_options(p.threads), device_id)
+    run_steps(steps, ws, n, lay, memory, compile_options(p.threads, p.row_cluster), device_id)
     return indices, probs, ws.status
 
 

@@ -8,6 +8,7 @@
 // code (tests/test_cuda_host*.py), not for speed; fibers instead of OS threads because a barrier then costs a few
 // context switches in user space, not a scheduling round of the operating system for every thread.
 #pragma once
+#define ATS_HOST_BUILD  // atskern/gpu/sampling.cu: the cluster barrier and rank come from here
 
 #include <algorithm>
 #include <atomic>
@@ -39,14 +40,16 @@ inline dim3 threadIdx, blockIdx;  // the running fiber's (one OS thread runs eve
 inline dim3 blockDim, gridDim;
 inline std::mutex atomic_mutex;
 
-// The fibers of the block that runs: each one's context, and the scheduler's, which a barrier switches back to.
+// The fibers of the block that runs: each one's context, and the scheduler's, which a barrier switches back to;
+// in a cluster launch, which fibers wait at the cluster's barrier.
 struct Fibers {
     ucontext_t scheduler;
     std::vector<ucontext_t> contexts;
-    std::vector<unsigned char> done;
+    std::vector<unsigned char> done, at_cluster;
     unsigned current = 0;
 };
 inline Fibers* running_fibers = nullptr;
+inline unsigned running_cluster_rank = 0;
 
 #define __global__
 #define __device__
@@ -62,6 +65,15 @@ inline void __syncthreads() {
     swapcontext(&fibers.contexts[fibers.current], &fibers.scheduler);  // back when every fiber has arrived
 }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+
+// Thread block clusters (launch_clusters): the rank of the running block in its cluster, and the cluster's barrier,
+// where the fiber waits until every fiber of every block of the cluster has arrived (or returned).
+inline unsigned cluster_rank() { return running_cluster_rank; }
+inline void cluster_sync() {
+    Fibers& fibers = *running_fibers;
+    fibers.at_cluster[fibers.current] = 1;
+    swapcontext(&fibers.contexts[fibers.current], &fibers.scheduler);
+}
 
 template <typename T>
 inline T __ldg(const T* p) { return *p; }
@@ -194,6 +206,7 @@ inline void launch(unsigned grid, unsigned block, const std::function<void()>& b
     Fibers fibers;
     fibers.contexts.resize(block);
     fibers.done.assign(block, 0);
+    fibers.at_cluster.assign(block, 0);
     std::unique_ptr<unsigned char[]> stacks(new unsigned char[stack_bytes * block]);  // untouched pages: not committed
     running_fibers = &fibers;
     fiber_body = &body;
@@ -222,5 +235,77 @@ inline void launch(unsigned grid, unsigned block, const std::function<void()>& b
         }
     }
     running_fibers = nullptr;
+    fiber_body = nullptr;
+}
+
+// Runs body() as a grid of `grid` blocks of `block` threads in clusters of `cluster` consecutive blocks. A cluster's
+// blocks run one at a time between the cluster's barriers: block 0 until each of its fibers waits at the cluster
+// barrier (or has returned), then block 1, ..., in alternating order from one barrier to the next; then the barrier
+// opens. __shared__ variables are function statics, shared by the blocks of the cluster that run in turn: a kernel
+// that reads a shared value it wrote before a cluster barrier after it reads another block's, and the tests see
+// it. Global memory is the blocks' only channel, as on the device between blocks of different SMs.
+// A block's fresh fibers, their stacks from `stacks` on.
+__attribute__((noinline)) inline void make_fibers(Fibers& fibers, unsigned block, unsigned char* stacks,
+                                                  std::size_t stack_bytes) {
+    fibers.contexts.resize(block);
+    fibers.done.assign(block, 0);
+    fibers.at_cluster.assign(block, 0);
+    for (unsigned t = 0; t < block; ++t) {
+        ucontext_t& context = fibers.contexts[t];
+        getcontext(&context);
+        context.uc_stack.ss_sp = stacks + stack_bytes * t;
+        context.uc_stack.ss_size = stack_bytes;
+        context.uc_link = &fibers.scheduler;
+        makecontext(&context, fiber_main, 0);
+    }
+}
+
+// One cluster of launch_clusters: blocks first .. first + cluster - 1.
+__attribute__((noinline)) inline void run_cluster(std::vector<Fibers>& members, unsigned first, unsigned block,
+                                                  unsigned char* stacks, std::size_t stack_bytes) {
+    const unsigned cluster = (unsigned)members.size();
+    for (unsigned r = 0; r < cluster; ++r) make_fibers(members[r], block, stacks + stack_bytes * block * r, stack_bytes);
+    for (bool forward_blocks = true;; forward_blocks = !forward_blocks) {  // one phase per cluster barrier
+        bool any = false;
+        for (unsigned i = 0; i < cluster; ++i) {
+            const unsigned r = forward_blocks ? i : cluster - 1 - i;
+            Fibers& fibers = members[r];
+            running_fibers = &fibers;
+            running_cluster_rank = r;
+            blockIdx = dim3{first + r, 0, 0};
+            for (bool forward = true;; forward = !forward) {  // the block's rounds up to the cluster barrier
+                bool ran = false;
+                for (unsigned j = 0; j < block; ++j) {
+                    const unsigned t = forward ? j : block - 1 - j;
+                    if (fibers.done[t] || fibers.at_cluster[t]) continue;
+                    ran = any = true;
+                    fibers.current = t;
+                    threadIdx = dim3{t, 0, 0};
+                    swapcontext(&fibers.scheduler, &fibers.contexts[t]);
+                }
+                if (!ran) break;
+            }
+        }
+        if (!any) break;
+        for (Fibers& fibers : members) std::fill(fibers.at_cluster.begin(), fibers.at_cluster.end(), 0);
+    }
+}
+
+// Runs body() as a grid of `grid` blocks of `block` threads in clusters of `cluster` consecutive blocks. A cluster's
+// blocks run one at a time between the cluster's barriers: block 0 until each of its fibers waits at the cluster
+// barrier (or has returned), then block 1, ..., in alternating order from one barrier to the next; then the barrier
+// opens. __shared__ variables are function statics, shared by the blocks of the cluster that run in turn: a kernel
+// that reads a shared value it wrote before a cluster barrier after it reads another block's, and the tests see
+// it. Global memory is the blocks' only channel, as on the device between blocks of different SMs.
+inline void launch_clusters(unsigned grid, unsigned block, unsigned cluster, const std::function<void()>& body) {
+    constexpr std::size_t stack_bytes = 256 * 1024;
+    gridDim = dim3{grid, 1, 1};
+    blockDim = dim3{block, 1, 1};
+    std::vector<Fibers> members(cluster);
+    std::unique_ptr<unsigned char[]> stacks(new unsigned char[stack_bytes * block * cluster]);
+    fiber_body = &body;
+    for (unsigned first = 0; first < grid; first += cluster) run_cluster(members, first, block, stacks.get(), stack_bytes);
+    running_fibers = nullptr;
+    running_cluster_rank = 0;
     fiber_body = nullptr;
 }

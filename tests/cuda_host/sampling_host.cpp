@@ -5,7 +5,12 @@
 #ifndef ATS_SELECT_THREADS
 #define ATS_SELECT_THREADS 32
 #endif
+#ifndef ATS_ROW_CLUSTER
+#define ATS_ROW_CLUSTER 4  // blocks of a row's cluster (sample_cluster_rows); sampling_host_t64.cpp: 2
+#endif
 #include "sampling.cu"
+
+extern "C" int host_row_cluster() { return ATS_ROW_CLUSTER; }
 
 #define U64 unsigned long long
 
@@ -77,6 +82,20 @@
         launch(grid, block, [=] {                                                                                     \
             sample_rows_##suffix(weights, size, n, seed, seed_ptr, logits, status, row_bound, capacity, screen_keys,  \
                                  screen_idx, dims, g0, g1, g2, indices, probs, single, status_host);                 \
+        });                                                                                                           \
+    }                                                                                                                 \
+    extern "C" void host_sample_cluster_rows_##suffix(unsigned grid, unsigned block, const T* weights, long long size, \
+                                                      int n, U64 seed, const U64* seed_ptr, int logits,               \
+                                                      long long* status, U64* row_bound, int capacity,                \
+                                                      double* screen_keys, long long* screen_idx,                     \
+                                                      double* cluster_stats, unsigned* cluster_counts,                \
+                                                      long long span, int dims, long long g0, long long g1,           \
+                                                      long long g2, int* indices, void* probs, int single,            \
+                                                      long long* status_host) {                                       \
+        launch_clusters(grid, block, ATS_ROW_CLUSTER, [=] {                                                           \
+            sample_cluster_rows_##suffix(weights, size, n, seed, seed_ptr, logits, status, row_bound, capacity,       \
+                                         screen_keys, screen_idx, cluster_stats, cluster_counts, span, dims, g0, g1,  \
+                                         g2, indices, probs, single, status_host);                                    \
         });                                                                                                           \
     }                                                                                                                 \
     extern "C" void host_exponential_keys_##suffix(unsigned grid, unsigned block, const T* weights, long long size,   \
