@@ -152,10 +152,16 @@ def config_table(quick: bool) -> str:
     return "\n".join(lines)
 
 
+def _draws_equal(first, second) -> bool:
+    """Whether two ``(indices, probs)`` host copies hold the same draws, probabilities within 8 units in the last
+    place (float64 rows are summed in each plan's own order)."""
+    ulps = 8 * np.finfo(first[1].dtype).eps
+    return np.array_equal(first[0], second[0]) and np.allclose(first[1], second[1], rtol=ulps, atol=0)
+
+
 def _same_draws_both_ways(sampling, knob: str, attention, n: int, what: str, values=(False, True)) -> None:
-    """``atskern.sample``'s draws with ``knob`` of ``sampling`` at each of ``values`` (off and on) are equal and its
-    probabilities within 8 units in the last place (float64 rows are summed in each plan's own order), or an
-    AssertionError saying ``what`` differs (the knob is left at the last value)."""
+    """``atskern.sample``'s draws with ``knob`` of ``sampling`` at each of ``values`` (off and on) are equal
+    (:func:`_draws_equal`), or an AssertionError saying ``what`` differs (the knob is left at the last value)."""
     import atskern
 
     drawn = {}
@@ -164,8 +170,7 @@ def _same_draws_both_ways(sampling, knob: str, attention, n: int, what: str, val
         indices, probs = atskern.sample(attention, n, seed=3)
         drawn[value] = (indices.get(), probs.get())
     first, second = (drawn[value] for value in values)
-    ulps = 8 * np.finfo(first[1].dtype).eps
-    if not (np.array_equal(first[0], second[0]) and np.allclose(first[1], second[1], rtol=ulps, atol=0)):
+    if not _draws_equal(first, second):
         raise AssertionError(f"{what} at {(attention.shape, n)}")
 
 
@@ -308,7 +313,7 @@ CLUSTER_PLANS = {"chunked": {"WHOLE_ROWS": 0, "ROW_CLUSTER": 0}, "one block": {"
 
 def _plans_cells(sampling, plans: dict, attention, n: int, quick: bool) -> dict:
     """``{plan: (GPU ms, wall ms)}``: medians of ``atskern.sample(attention, n)`` under each of ``plans`` (knob
-    values), alternating rounds, after checking the draws equal the first plan's (probabilities within 8 ulp)."""
+    values), alternating rounds, after checking the draws equal the first plan's (:func:`_draws_equal`)."""
     import atskern
 
     def under(knobs, fn):
@@ -327,8 +332,7 @@ def _plans_cells(sampling, plans: dict, attention, n: int, quick: bool) -> dict:
         drawn = (indices.get(), probs.get())
         if first is None:
             first = drawn
-        elif not (np.array_equal(first[0], drawn[0])
-                  and np.allclose(first[1], drawn[1], rtol=8 * np.finfo(drawn[1].dtype).eps, atol=0)):
+        elif not _draws_equal(first, drawn):
             raise AssertionError(f"{name}: draws differ from the first plan's at {(attention.shape, n)}")
     timed = {name: [] for name in plans}
     for _ in range(2 if quick else 4):

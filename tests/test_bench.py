@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,3 +196,19 @@ def test_whole_rows_limit_is_below_the_first_slower_size():
     assert whole_rows_limit([(400, 1.5), (100, 1.0)]) == (0, [100])
     assert whole_rows_limit([(100, 1.3), (400, 1.2)]) == (400, [])
     assert whole_rows_limit([]) == (0, [])
+
+
+def test_knob_tables_compare_draws_exactly_and_probabilities_to_8_ulp():
+    """The tuning tables' check that two plans drew the same: indices exactly, probabilities within 8 units in the
+    last place (float64 rows summed in another order differ by a few), for float32 and float64 alike."""
+    from bench.gpu_tuning import _draws_equal
+
+    for dtype in (np.float32, np.float64):
+        indices = np.arange(12).reshape(2, 3, 2)
+        probs = np.array([[0.3, 0.2, 0.1], [0.25, 0.25, 1e-5]], dtype)
+        eps = np.finfo(dtype).eps
+        assert _draws_equal((indices, probs), (indices.copy(), probs * (1 + 3 * eps)))
+        assert not _draws_equal((indices, probs), (indices, probs * (1 + 40 * eps)))
+        moved = indices.copy()
+        moved[1, 2, 0] += 1
+        assert not _draws_equal((indices, probs), (moved, probs))

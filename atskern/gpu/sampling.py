@@ -37,7 +37,6 @@ SCREEN_UNROLL = 4
 """ATS_SCREEN_UNROLL: tiles of float32 loads a thread of the statistics and screening passes issues before using
 them (and generator chains it interleaves; float64: half as many tiles, the same bytes); a tuning knob, draws
 unchanged."""
-MAX_ROW_CLUSTER = 8  # the largest portable cluster size
 MIN_CHUNK = 1 << 12
 """Fewest positions of a chunk (4 tiles of 256 threads): a small map still spreads over many short blocks (the
 latency of a block is about one tile per 1024 positions, serialized), and finish_rows merges only the prefix of
@@ -87,6 +86,7 @@ meet at the cluster's barrier; then one block ranks and finishes the row, in the
 row is latency-bound on a single row (eight warps on one SM: ``bench/results/gpu-nvidia-h200-whole-rows.md``).
 2 to 8 (the portable cluster sizes); 0: one block a row (``sample_rows``). The same draws. Off: it has not run
 on a GPU (``bench.gpu_tuning --only cluster`` measures it)."""
+MAX_ROW_CLUSTER = 8  # the largest portable cluster size
 WHOLE_ROWS_UNSCREENED = False
 """Also send to ``sample_rows`` the rows that ``n`` leaves no screening buffer (each then selected by its block
 alone): not measured, off; the tests turn it on to run every row of a call through ``sample_rows``."""
@@ -235,7 +235,8 @@ def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocess
         if cluster > 1:  # a whole number of tiles a block
             if cluster > MAX_ROW_CLUSTER:
                 raise ValueError(f"row_cluster must be at most {MAX_ROW_CLUSTER} (a portable cluster), got {cluster}")
-            span = max(tile, -(-(-(-size // cluster)) // tile) * tile)
+            per_block = -(-size // cluster)
+            span = max(tile, -(-per_block // tile) * tile)
             return Plan(threads=threads, chunk=span, nchunks=cluster, sort=False,
                         capacity=screen_capacity(n, size, threads), whole_rows=True, row_cluster=cluster)
         return Plan(threads=threads, chunk=max(tile, -(-size // tile) * tile), nchunks=1, sort=False,
@@ -413,14 +414,14 @@ def _clusters(device_id: int) -> bool:
 KERNEL_GROUPS = {("f32", "chunks"): 1, ("f64", "chunks"): 2, ("f32", "select_rows"): 3, ("f64", "select_rows"): 4,
                  ("f32", "sample_rows"): 5, ("f64", "sample_rows"): 6, ("f32", "sample_cluster_rows"): 7,
                  ("f64", "sample_cluster_rows"): 8}
-"""``ATS_GROUP`` of sampling.cu per (dtype suffix, kind): which module variant defines a kernel (kind: ``select_rows``
-or ``sample_rows``, each a plan's only selecting kernel, else ``chunks``)."""
+"""``ATS_GROUP`` of sampling.cu per (dtype suffix, kind): which module variant defines a kernel (kind: ``select_rows``,
+``sample_rows`` or ``sample_cluster_rows``, each a plan's only selecting kernel, else ``chunks``)."""
 
 
 def kernel_group(name: str) -> int:
     """The ``ATS_GROUP`` whose module defines kernel ``name``: each dtype's kernels compile apart, and
-    ``select_rows`` (the fused finish) and ``sample_rows`` (a block per row) apart from the rest, so a call
-    compiles what it launches and little more."""
+    ``select_rows`` (the fused finish), ``sample_rows`` (a block per row) and ``sample_cluster_rows`` (a cluster per
+    row) apart from the rest, so a call compiles what it launches and little more."""
     suffix = name.rsplit("_", 1)[-1]
     if suffix not in ("f32", "f64"):
         raise ValueError(f"not a kernel of {SOURCE}: {name!r}")
