@@ -1625,6 +1625,34 @@ __device__ void block_row_stats(BlockStats& b, double* out, const T* __restrict_
     __syncthreads();
 }
 
+// A whole row's selection and draws by one block (sample_rows; block 0 of sample_cluster_rows): a screened row (t
+// finite) whose buffer `keys`, `positions` holds `count` keys, n <= count <= capacity, ranked or sorted; else the
+// row selected by this block alone (select_range). COHERENT: other blocks wrote the buffer (read past this SM's
+// L1). Called by every thread of the block.
+template <bool COHERENT, typename T>
+__device__ void finish_whole_row(TopN& s, BlockStats& block_stats, const T* __restrict__ row_weights, long long row,
+                                 long long size, int n, unsigned long long seed, int logits, double top_logit,
+                                 int shift, double t, unsigned int count, int capacity, const double* keys,
+                                 const long long* positions, int valid, double total, int dims, long long g0,
+                                 long long g1, long long g2, int* __restrict__ indices, void* __restrict__ probs,
+                                 int single) {
+    int kept = -1;  // block-uniform: -1 until a selection is complete
+    if (t < ATS_INF && count >= (unsigned int)n && count <= (unsigned int)capacity) {
+        kept = count <= ATS_RANK_MAX ? rank_screened<COHERENT>(s, keys, positions, (int)count, n)
+                                     : sort_screened<COHERENT>(s, keys, positions, (int)count, n);
+    }
+    const int alone = kept < 0;
+    if (alone) {
+        kept = select_range(s, block_stats, row_weights, row, 0, size, n, seed, logits, top_logit, shift,
+                            (unsigned long long*)nullptr);
+    }
+    const auto position_of = [&](int k) -> long long {
+        return alone ? (long long)s.u.list.values[k] : load_written<COHERENT>(positions + s.u.list.values[k]);
+    };
+    write_draws(position_of, kept, row, n, row_weights, size, logits, top_logit, shift, valid, total, dims, g0, g1,
+                g2, indices, probs, single);
+}
+
 // One block per row (a plan with `whole_rows`: short rows, atskern.gpu.sampling.WHOLE_ROWS): the whole call in one
 // launch, with no kernel boundary and nothing shared between blocks but the count that elects the block writing
 // the summary row (row_bound[rows], zeroed by the host; a one-row call needs no zeroed memory). The block takes
@@ -1671,31 +1699,16 @@ __device__ void sample_rows(const T* __restrict__ weights, long long size, int n
     const double t = plan, total = stats[0];
     const int valid = valid_row(stats);
     const long long screen_base = row * capacity;
-    int kept = -1;  // block-uniform: -1 until a selection is complete
     if (t < ATS_INF) {
         screen_weights(row_weights, row, 0, size, seed, logits, top_logit, shift, t, &screened, capacity,
                        screen_keys + screen_base, screen_idx + screen_base);
         // every key and the count written; the block reads its own writes with plain loads, coherent for the block
         // after the barrier (never ld.global.nc, the non-coherent path: tests/test_cuda_sources.py checks the PTX)
         __syncthreads();
-        const unsigned int count = screened;
-        if (count >= (unsigned int)n && count <= (unsigned int)capacity) {
-            kept = count <= ATS_RANK_MAX
-                       ? rank_screened<false>(s, screen_keys + screen_base, screen_idx + screen_base, (int)count, n)
-                       : sort_screened<false>(s, screen_keys + screen_base, screen_idx + screen_base, (int)count, n);
-        }
     }
-    const int alone = kept < 0;
-    if (alone) {
-        kept = select_range(s, block_stats, row_weights, row, 0, size, n, seed, logits, top_logit, shift,
-                            (unsigned long long*)nullptr);
-    }
-    const long long* row_screen_idx = screen_idx + screen_base;
-    const auto position_of = [&](int k) -> long long {
-        return alone ? (long long)s.u.list.values[k] : row_screen_idx[s.u.list.values[k]];
-    };
-    write_draws(position_of, kept, row, n, row_weights, size, logits, top_logit, shift, valid, total, dims, g0, g1,
-                g2, indices, probs, single);
+    finish_whole_row<false>(s, block_stats, row_weights, row, size, n, seed, logits, top_logit, shift, t,
+                            t < ATS_INF ? screened : 0u, capacity, screen_keys + screen_base,
+                            screen_idx + screen_base, valid, total, dims, g0, g1, g2, indices, probs, single);
 }
 
 #define ATS_SAMPLE_ROWS(suffix, T)                                                                                    \
@@ -1825,26 +1838,9 @@ __device__ void sample_cluster_rows(const T* __restrict__ weights, long long siz
     __threadfence();
     cluster_sync();  // every block's keys and count written
     if (rank != 0) return;  // the whole block
-    int kept = -1;  // block-uniform: -1 until a selection is complete
-    if (t < ATS_INF) {
-        const unsigned int screened = load_written<true>(count);
-        if (screened >= (unsigned int)n && screened <= (unsigned int)capacity) {
-            kept = screened <= ATS_RANK_MAX
-                       ? rank_screened<true>(s, screen_keys + screen_base, screen_idx + screen_base, (int)screened, n)
-                       : sort_screened<true>(s, screen_keys + screen_base, screen_idx + screen_base, (int)screened, n);
-        }
-    }
-    const int alone = kept < 0;
-    if (alone) {
-        kept = select_range(s, block_stats, row_weights, row, 0, size, n, seed, logits, top_logit, shift,
-                            (unsigned long long*)nullptr);
-    }
-    const long long* row_screen_idx = screen_idx + screen_base;
-    const auto position_of = [&](int k) -> long long {
-        return alone ? (long long)s.u.list.values[k] : load_written<true>(row_screen_idx + s.u.list.values[k]);
-    };
-    write_draws(position_of, kept, row, n, row_weights, size, logits, top_logit, shift, valid, total, dims, g0, g1,
-                g2, indices, probs, single);
+    finish_whole_row<true>(s, block_stats, row_weights, row, size, n, seed, logits, top_logit, shift, t,
+                           t < ATS_INF ? load_written<true>(count) : 0u, capacity, screen_keys + screen_base,
+                           screen_idx + screen_base, valid, total, dims, g0, g1, g2, indices, probs, single);
 }
 
 #define ATS_SAMPLE_CLUSTER_ROWS(suffix, T)                                                                            \
