@@ -95,7 +95,7 @@ def launch_breakdown(rows, side, n, replace=False, repeats=20) -> list[str]:
     lay = sampling.layout(rows, side * side, n, p, replace, False, 2, np.dtype(np.float32))
     ws, indices, probs, memory = sampling.allocate(lay, arrays=p.sort)
     steps = sampling.launches(attention, n, (side, side), 3, replace, False, ws, p, indices, probs)
-    options = sampling.compile_options(threads)
+    options = sampling.compile_options(threads, p.row_cluster)
     stream = cupy.cuda.get_current_stream()
     times = {i: [] for i in range(len(steps))}
     for repeat in range(repeats + 2):
@@ -347,7 +347,8 @@ def cluster_table(quick: bool, cases=None) -> str:
     """``atskern.sample`` (float32, validated) on small maps under each of :data:`CLUSTER_PLANS`: the chunked
     launches, one ``sample_rows`` block a row, and ``sample_cluster_rows`` with clusters of 2, 4 and 8 blocks a row
     (Hopper's thread block clusters), in one process, alternating, the draws checked equal; with torch's Gumbel top-k
-    in the same loop. ``ROW_CLUSTER`` and where it applies are set from this table."""
+    in the same loop; then the GPU time per launch of two calls with clusters of 4. ``ROW_CLUSTER`` and where it
+    applies are set from this table."""
     import cupy
 
     from atskern.gpu import sampling
@@ -377,6 +378,15 @@ def cluster_table(quick: bool, cases=None) -> str:
                      + f" | {fastest} | {topk or 'n/a | n/a'} |")
         del attention
         cupy.get_default_memory_pool().free_all_blocks()
+    saved = sampling.WHOLE_ROWS, sampling.ROW_CLUSTER
+    lines += ["", "GPU time per launch with clusters of 4 blocks a row:", "",
+              "| B | grid | n | replace | chunk x chunks | launch | GPU us (queued) |", "|---|---|---|---|---|---|---|"]
+    try:
+        sampling.WHOLE_ROWS, sampling.ROW_CLUSTER = 1 << 30, 4
+        for rows, side, n in ((1, 256, 10), (32, 256, 100)):
+            lines += launch_breakdown(rows, side, n)
+    finally:
+        sampling.WHOLE_ROWS, sampling.ROW_CLUSTER = saved
     return "\n".join(lines)
 
 
