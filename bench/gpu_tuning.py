@@ -160,8 +160,9 @@ def _draws_equal(first, second) -> bool:
 
 
 def _same_draws_both_ways(sampling, knob: str, attention, n: int, what: str, values=(False, True)) -> None:
-    """``atskern.sample``'s draws with ``knob`` of ``sampling`` at each of ``values`` (off and on) are equal
-    (:func:`_draws_equal`), or an AssertionError saying ``what`` differs (the knob is left at the last value)."""
+    """``atskern.sample``'s draws with ``knob`` of ``sampling`` at each of ``values`` (off and on, or more) equal the
+    first value's (:func:`_draws_equal`), or an AssertionError saying ``what`` differs (the knob is left at the last
+    value)."""
     import atskern
 
     drawn = {}
@@ -169,8 +170,8 @@ def _same_draws_both_ways(sampling, knob: str, attention, n: int, what: str, val
         setattr(sampling, knob, value)
         indices, probs = atskern.sample(attention, n, seed=3)
         drawn[value] = (indices.get(), probs.get())
-    first, second = (drawn[value] for value in values)
-    if not _draws_equal(first, second):
+    first, *others = (drawn[value] for value in values)
+    if not all(_draws_equal(first, other) for other in others):
         raise AssertionError(f"{what} at {(attention.shape, n)}")
 
 
@@ -311,36 +312,22 @@ CLUSTER_PLANS = {"chunked": {"WHOLE_ROWS": 0, "ROW_CLUSTER": 0}, "one block": {"
 """The plans the cluster table compares: knob values of ``atskern.gpu.sampling`` each."""
 
 
-def _plans_cells(sampling, plans: dict, attention, n: int, quick: bool) -> dict:
-    """``{plan: (GPU ms, wall ms)}``: medians of ``atskern.sample(attention, n)`` under each of ``plans`` (knob
-    values), alternating rounds, after checking the draws equal the first plan's (:func:`_draws_equal`)."""
-    import atskern
+class PlanKnob:
+    """One knob standing for several of ``sampling``: setting its ``PLAN`` to a name of ``plans`` sets that plan's
+    knob values, so the knob tables' helpers (:func:`_knob_cells`) time and check plans of several knobs. Every
+    plan sets the same knobs (none keeps a value the plan before it left)."""
 
-    def under(knobs, fn):
-        saved = {knob: getattr(sampling, knob) for knob in knobs}
-        try:
-            for knob, value in knobs.items():
-                setattr(sampling, knob, value)
-            return fn()
-        finally:
-            for knob, value in saved.items():
-                setattr(sampling, knob, value)
+    def __init__(self, sampling, plans: dict):
+        if len({frozenset(knobs) for knobs in plans.values()}) > 1:
+            raise ValueError(f"every plan must set the same knobs, got {plans}")
+        self.__dict__.update(sampling=sampling, plans=plans, PLAN=None)
 
-    first = None
-    for name, knobs in plans.items():
-        indices, probs = under(knobs, lambda: atskern.sample(attention, n, seed=3))
-        drawn = (indices.get(), probs.get())
-        if first is None:
-            first = drawn
-        elif not _draws_equal(first, drawn):
-            raise AssertionError(f"{name}: draws differ from the first plan's at {(attention.shape, n)}")
-    timed = {name: [] for name in plans}
-    for _ in range(2 if quick else 4):
-        for name, knobs in plans.items():
-            timed[name].append(under(knobs, lambda: _gpu.timings(lambda: atskern.sample(attention, n, seed=3),
-                                                                repeats=10 if quick else 25)))
-    return {name: (statistics.median(t["gpu"] for t in runs), statistics.median(t["wall"] for t in runs))
-            for name, runs in timed.items()}
+    def __setattr__(self, name: str, value) -> None:
+        if name != "PLAN":
+            raise AttributeError(f"a PlanKnob has no knob {name!r}")
+        for knob, setting in self.plans[value].items():
+            setattr(self.sampling, knob, setting)
+        self.__dict__["PLAN"] = value
 
 
 def cluster_table(quick: bool, cases=None) -> str:
@@ -359,29 +346,31 @@ def cluster_table(quick: bool, cases=None) -> str:
         import torch
     except ImportError:
         torch = None
-    names = list(CLUSTER_PLANS)
+    names = tuple(CLUSTER_PLANS)
+    plan_knob = PlanKnob(sampling, CLUSTER_PLANS)
     lines = ["wall ms (GPU ms) per plan; the last columns: the fastest plan, and torch's Gumbel top-k over it", "",
              "| B | grid | n | " + " | ".join(names) + " | fastest | torch top-k ms | top-k / fastest |",
              "|---|---|---|" + "---|" * (len(names) + 3)]
     rng = np.random.default_rng(0)
-    for rows, side, n in cases or (CLUSTER_CASES[:3] if quick else CLUSTER_CASES):
-        attention = cupy.asarray(rng.random((rows, side, side), dtype=np.float32) + np.float32(1e-3))
-        cells = _plans_cells(sampling, CLUSTER_PLANS, attention, n, quick)
-        fastest = min(names, key=lambda name: cells[name][1])
-        topk = ""
-        if torch is not None:
-            scores = torch.from_dlpack(attention.reshape(rows, -1))
-            topk_ms = _gpu.timings(lambda: _gpu.torch_gumbel_top_k(scores, n), repeats=10 if quick else 25)["wall"]
-            topk = f"{topk_ms:.3f} | {topk_ms / cells[fastest][1]:.2f}"
-        lines.append(f"| {rows} | {side}² | {n} | "
-                     + " | ".join(f"{cells[name][1]:.3f} ({cells[name][0]:.3f})" for name in names)
-                     + f" | {fastest} | {topk or 'n/a | n/a'} |")
-        del attention
-        cupy.get_default_memory_pool().free_all_blocks()
     saved = sampling.WHOLE_ROWS, sampling.ROW_CLUSTER
-    lines += ["", "GPU time per launch with clusters of 4 blocks a row:", "",
-              "| B | grid | n | replace | chunk x chunks | launch | GPU us (queued) |", "|---|---|---|---|---|---|---|"]
     try:
+        for rows, side, n in cases or (CLUSTER_CASES[:3] if quick else CLUSTER_CASES):
+            attention = cupy.asarray(rng.random((rows, side, side), dtype=np.float32) + np.float32(1e-3))
+            cells = _knob_cells(plan_knob, "PLAN", attention, n, "draws differ between the plans", quick, names)
+            fastest = min(names, key=lambda name: cells[name][1])
+            topk = ""
+            if torch is not None:
+                scores = torch.from_dlpack(attention.reshape(rows, -1))
+                topk_ms = _gpu.timings(lambda: _gpu.torch_gumbel_top_k(scores, n), repeats=10 if quick else 25)["wall"]
+                topk = f"{topk_ms:.3f} | {topk_ms / cells[fastest][1]:.2f}"
+            lines.append(f"| {rows} | {side}² | {n} | "
+                         + " | ".join(f"{cells[name][1]:.3f} ({cells[name][0]:.3f})" for name in names)
+                         + f" | {fastest} | {topk or 'n/a | n/a'} |")
+            del attention
+            cupy.get_default_memory_pool().free_all_blocks()
+        lines += ["", "GPU time per launch with clusters of 4 blocks a row:", "",
+                  "| B | grid | n | replace | chunk x chunks | launch | GPU us (queued) |",
+                  "|---|---|---|---|---|---|---|"]
         sampling.WHOLE_ROWS, sampling.ROW_CLUSTER = 1 << 30, 4
         for rows, side, n in ((1, 256, 10), (32, 256, 100)):
             lines += launch_breakdown(rows, side, n)

@@ -212,3 +212,29 @@ def test_knob_tables_compare_draws_exactly_and_probabilities_to_8_ulp():
         moved = indices.copy()
         moved[1, 2, 0] += 1
         assert not _draws_equal((indices, probs), (moved, probs))
+
+
+def test_plan_knob_times_plans_of_several_knobs(monkeypatch):
+    """The cluster table's plans (several knobs each) go through the one-knob helpers: setting the PlanKnob's PLAN
+    sets the plan's knobs, each call is timed under its own plan, and only PLAN can be set."""
+    import types
+
+    from bench import _gpu, gpu_tuning
+
+    module = types.SimpleNamespace(A=0, B=0)
+    plans = {"first": {"A": 1, "B": 2}, "second": {"A": 3, "B": 0}, "third": {"A": 0, "B": 5}}
+    knob = gpu_tuning.PlanKnob(module, plans)
+    knob.PLAN = "second"
+    assert (module.A, module.B, knob.PLAN) == (3, 0, "second")
+    with pytest.raises(AttributeError, match="no knob"):
+        knob.A = 1
+    with pytest.raises(ValueError, match="same knobs"):
+        gpu_tuning.PlanKnob(module, {"first": {"A": 1, "B": 2}, "second": {"A": 3}})
+    checked, times = [], iter(range(1, 13))
+    monkeypatch.setattr(gpu_tuning, "_same_draws_both_ways", lambda *args: checked.append(args[1:]))
+    monkeypatch.setattr(_gpu, "timings", lambda fn, repeats: (lambda t: {"gpu": t, "wall": 10 * module.A + module.B})(
+        next(times)))
+    cells = gpu_tuning._knob_cells(knob, "PLAN", "attention", 7, "differ", quick=False, values=tuple(plans))
+    assert checked == [("PLAN", "attention", 7, "differ", ("first", "second", "third"))]
+    # rounds of first, second, third: GPU times 1..12 in turn, wall from the knobs each plan set
+    assert cells == {"first": (5.5, 12.0), "second": (6.5, 30.0), "third": (7.5, 5.0)}
