@@ -1615,12 +1615,13 @@ __host__ __device__ constexpr int row_unroll_of() {
     return sizeof(T) == 8 ? (ATS_ROW_UNROLL + 1) / 2 : ATS_ROW_UNROLL;
 }
 
-// A whole row's statistics by one block into out[0..ATS_STATS) (total, largest finite weight, counts, squares):
-// stats_range over the row, then reduce_stats' fixed tree. Called by every thread; out is visible to all on return.
+// The statistics of positions [start, stop) of a row by one block into out[0..ATS_STATS) (total, largest finite
+// weight, counts, squares): stats_range with sample_rows' unrolling, then reduce_stats' fixed tree. Called by every
+// thread; out is visible to all on return.
 template <typename T>
-__device__ void block_row_stats(BlockStats& b, double* out, const T* __restrict__ row_weights, long long size,
-                                int logits, double top_logit, int shift) {
-    const ChunkSums t = stats_weights<T, row_unroll_of<T>()>(row_weights, 0, size, logits, top_logit, shift);
+__device__ void block_row_stats(BlockStats& b, double* out, const T* __restrict__ row_weights, long long start,
+                                long long stop, int logits, double top_logit, int shift) {
+    const ChunkSums t = stats_weights<T, row_unroll_of<T>()>(row_weights, start, stop, logits, top_logit, shift);
     reduce_stats(b, out, t.sum, t.top, t.nonfinite, t.negative, t.positive, t.squares);
     __syncthreads();
 }
@@ -1683,7 +1684,7 @@ __device__ void sample_rows(const T* __restrict__ weights, long long size, int n
         const double top = block_finite_max(block_stats, row_weights, 0, size);
         top_logit = isfinite(top) ? top : 0.0;
     }
-    block_row_stats(block_stats, stats, row_weights, size, logits, top_logit, 0);
+    block_row_stats(block_stats, stats, row_weights, 0, size, logits, top_logit, 0);
     if (threadIdx.x == 0) {
         long long* out = status + row * 4;
         write_row_status(out, stats);
@@ -1693,7 +1694,7 @@ __device__ void sample_rows(const T* __restrict__ weights, long long size, int n
     }
     __syncthreads();
     if (last) summarize_rows(s, status, rows, status_host);  // block-uniform
-    if (shift) block_row_stats(block_stats, stats, row_weights, size, logits, top_logit, shift);  // block-uniform
+    if (shift) block_row_stats(block_stats, stats, row_weights, 0, size, logits, top_logit, shift);  // block-uniform
     if (threadIdx.x == 0) plan = row_plan_of(stats, n, capacity, is_double, 1);
     __syncthreads();
     const double t = plan, total = stats[0];
@@ -1755,8 +1756,7 @@ template <typename T>
 __device__ void cluster_row_stats(BlockStats& b, double* out, double* __restrict__ partials, long long row,
                                   unsigned int rank, const T* __restrict__ row_weights, long long start, long long stop,
                                   int logits, double top_logit, int shift) {
-    const ChunkSums t = stats_weights<T, row_unroll_of<T>()>(row_weights, start, stop, logits, top_logit, shift);
-    reduce_stats(b, out, t.sum, t.top, t.nonfinite, t.negative, t.positive, t.squares);
+    block_row_stats(b, out, row_weights, start, stop, logits, top_logit, shift);
     if (threadIdx.x == 0) {
         for (int i = 0; i < ATS_STATS; ++i) partials[(row * ATS_ROW_CLUSTER + rank) * ATS_STATS + i] = out[i];
     }
