@@ -198,45 +198,6 @@ inline void fiber_main() {
     running_fibers->done[running_fibers->current] = 1;
 }  // returns to the scheduler (uc_link)
 
-// Runs body() as a grid of `grid` blocks of `block` threads.
-inline void launch(unsigned grid, unsigned block, const std::function<void()>& body) {
-    constexpr std::size_t stack_bytes = 256 * 1024;
-    gridDim = dim3{grid, 1, 1};
-    blockDim = dim3{block, 1, 1};
-    Fibers fibers;
-    fibers.contexts.resize(block);
-    fibers.done.assign(block, 0);
-    fibers.at_cluster.assign(block, 0);
-    std::unique_ptr<unsigned char[]> stacks(new unsigned char[stack_bytes * block]);  // untouched pages: not committed
-    running_fibers = &fibers;
-    fiber_body = &body;
-    for (unsigned b = 0; b < grid; ++b) {
-        blockIdx = dim3{b, 0, 0};
-        for (unsigned t = 0; t < block; ++t) {
-            ucontext_t& context = fibers.contexts[t];
-            getcontext(&context);
-            context.uc_stack.ss_sp = stacks.get() + stack_bytes * t;
-            context.uc_stack.ss_size = stack_bytes;
-            context.uc_link = &fibers.scheduler;
-            makecontext(&context, fiber_main, 0);
-            fibers.done[t] = 0;
-        }
-        for (bool forward = true;; forward = !forward) {  // one round per barrier, in alternating order
-            bool any = false;
-            for (unsigned i = 0; i < block; ++i) {
-                const unsigned t = forward ? i : block - 1 - i;
-                if (fibers.done[t]) continue;
-                any = true;
-                fibers.current = t;
-                threadIdx = dim3{t, 0, 0};
-                swapcontext(&fibers.scheduler, &fibers.contexts[t]);
-            }
-            if (!any) break;
-        }
-    }
-    running_fibers = nullptr;
-    fiber_body = nullptr;
-}
 
 // Runs body() as a grid of `grid` blocks of `block` threads in clusters of `cluster` consecutive blocks. A cluster's
 // blocks run one at a time between the cluster's barriers: block 0 until each of its fibers waits at the cluster
@@ -264,7 +225,9 @@ __attribute__((noinline)) inline void make_fibers(Fibers& fibers, unsigned block
 __attribute__((noinline)) inline void run_cluster(std::vector<Fibers>& members, unsigned first, unsigned block,
                                                   unsigned char* stacks, std::size_t stack_bytes) {
     const unsigned cluster = (unsigned)members.size();
-    for (unsigned r = 0; r < cluster; ++r) make_fibers(members[r], block, stacks + stack_bytes * block * r, stack_bytes);
+    for (unsigned r = 0; r < cluster; ++r) {
+        make_fibers(members[r], block, stacks + stack_bytes * block * r, stack_bytes);
+    }
     for (bool forward_blocks = true;; forward_blocks = !forward_blocks) {  // one phase per cluster barrier
         bool any = false;
         for (unsigned i = 0; i < cluster; ++i) {
@@ -302,10 +265,18 @@ inline void launch_clusters(unsigned grid, unsigned block, unsigned cluster, con
     gridDim = dim3{grid, 1, 1};
     blockDim = dim3{block, 1, 1};
     std::vector<Fibers> members(cluster);
+    // untouched pages of the stacks are not committed
     std::unique_ptr<unsigned char[]> stacks(new unsigned char[stack_bytes * block * cluster]);
     fiber_body = &body;
-    for (unsigned first = 0; first < grid; first += cluster) run_cluster(members, first, block, stacks.get(), stack_bytes);
+    for (unsigned first = 0; first < grid; first += cluster) {
+        run_cluster(members, first, block, stacks.get(), stack_bytes);
+    }
     running_fibers = nullptr;
     running_cluster_rank = 0;
     fiber_body = nullptr;
+}
+
+// Runs body() as a grid of `grid` blocks of `block` threads, one block after another (clusters of one block).
+inline void launch(unsigned grid, unsigned block, const std::function<void()>& body) {
+    launch_clusters(grid, block, 1, body);
 }
