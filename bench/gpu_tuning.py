@@ -237,6 +237,16 @@ WHOLE_CASES = [(1, 128, 10), (1, 181, 10), (1, 256, 10), (1, 256, 100), (1, 362,
 count, ``WHOLE_ROWS_FILLED`` for at least a row per multiprocessor; 132 on the H100 and H200)."""
 
 
+def _top_k_cells(torch, attention, n: int, quick: bool, atskern_ms: float) -> str:
+    """Two table cells: the wall ms of torch's Gumbel top-k on the rows of ``attention`` (a CuPy array, timed as
+    ``bench.gpu_sampling`` times it) and its ratio to ``atskern_ms``; ``n/a`` twice without torch."""
+    if torch is None:
+        return "n/a | n/a"
+    scores = torch.from_dlpack(attention.reshape(attention.shape[0], -1))
+    top_k_ms = _gpu.timings(lambda: _gpu.torch_gumbel_top_k(scores, n), repeats=10 if quick else 25)["wall"]
+    return f"{top_k_ms:.3f} | {top_k_ms / atskern_ms:.2f}"
+
+
 def whole_rows_limit(ratios) -> tuple[int, list]:
     """From ``(positions a row, chunked time / whole-row time)`` pairs: the largest row size below which every case
     was faster whole (0: none), and the sizes of the cases that were not."""
@@ -272,15 +282,11 @@ def whole_table(quick: bool, cases=None, dtype=np.float32, breakdown: bool = Tru
             attention = cupy.asarray(rng.random((rows, side, side), dtype=dtype) + dtype(1e-3))
             cells = _knob_cells(sampling, "WHOLE_ROWS", attention, n, "sample_rows draws differ from the chunked "
                                 "launches'", quick, values)
-            topk = ""
-            if torch is not None:
-                scores = torch.from_dlpack(attention.reshape(rows, -1))
-                topk_ms = _gpu.timings(lambda: _gpu.torch_gumbel_top_k(scores, n), repeats=10 if quick else 25)["wall"]
-                topk = f"{topk_ms:.3f} | {topk_ms / cells[values[1]][1]:.2f}"
             ratio = cells[0][1] / cells[values[1]][1]
             ratios.append((rows, side * side, ratio))
             lines.append(f"| {rows} | {side}² | {n} | {cells[0][0]:.3f} ({cells[0][1]:.3f}) | {cells[values[1]][0]:.3f} "
-                         f"({cells[values[1]][1]:.3f}) | {ratio:.2f} | {topk or 'n/a | n/a'} |")
+                         f"({cells[values[1]][1]:.3f}) | {ratio:.2f} | "
+                         f"{_top_k_cells(torch, attention, n, quick, cells[values[1]][1])} |")
             del attention
             cupy.get_default_memory_pool().free_all_blocks()
         multiprocessors = sampling._multiprocessors(cupy.cuda.runtime.getDevice())
@@ -358,14 +364,9 @@ def cluster_table(quick: bool, cases=None) -> str:
             attention = cupy.asarray(rng.random((rows, side, side), dtype=np.float32) + np.float32(1e-3))
             cells = _knob_cells(plan_knob, "PLAN", attention, n, "draws differ between the plans", quick, names)
             fastest = min(names, key=lambda name: cells[name][1])
-            topk = ""
-            if torch is not None:
-                scores = torch.from_dlpack(attention.reshape(rows, -1))
-                topk_ms = _gpu.timings(lambda: _gpu.torch_gumbel_top_k(scores, n), repeats=10 if quick else 25)["wall"]
-                topk = f"{topk_ms:.3f} | {topk_ms / cells[fastest][1]:.2f}"
             lines.append(f"| {rows} | {side}² | {n} | "
                          + " | ".join(f"{cells[name][1]:.3f} ({cells[name][0]:.3f})" for name in names)
-                         + f" | {fastest} | {topk or 'n/a | n/a'} |")
+                         + f" | {fastest} | {_top_k_cells(torch, attention, n, quick, cells[fastest][1])} |")
             del attention
             cupy.get_default_memory_pool().free_all_blocks()
         lines += ["", "GPU time per launch with clusters of 4 blocks a row:", "",
@@ -476,8 +477,7 @@ def where_table() -> str:
         topk = float("nan")
         if torch is not None:
             flat = torch.as_tensor(weights, device="cuda")
-            topk = median_us(lambda: (flat.log() - (-torch.rand_like(flat).log()).log()).topk(n, dim=1),
-                             torch.cuda.synchronize)
+            topk = median_us(lambda: _gpu.torch_gumbel_top_k(flat, n), torch.cuda.synchronize)
         floor = median_us(lambda: float(attention.sum()))
         stream = cupy.cuda.get_current_stream()
 
