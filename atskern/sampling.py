@@ -26,7 +26,9 @@ import importlib
 import numpy as np
 
 from . import _validation as v
-from ._backend import CPU, array_module, backend_of, require_current_device
+from ._backend import CPU, array_module, backend_of, is_cupy_array, require_current_device
+from .gpu._alignment import aligned as device_aligned
+from .gpu._alignment import misaligned
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,13 +91,17 @@ def check_status(status, n, *, replace=False, logits=False, strict=False):
 def _seed_array(seed, xp):
     """A seed held in device memory (a one-element uint64/int64 CuPy array, or any CUDA array such as a torch
     tensor, viewed without a copy), or None for a host seed."""
-    if isinstance(seed, np.ndarray) or not hasattr(seed, "__cuda_array_interface__"):
+    on_device = is_cupy_array(seed) or (hasattr(seed, "__cuda_array_interface__") and not isinstance(seed, np.ndarray))
+    if not on_device:
         return None
     if xp is np:
         raise TypeError("seed is a device array, but attention is a NumPy array; pass an int seed on the CPU")
     seed = xp.asarray(seed)
     if seed.size != 1 or np.dtype(seed.dtype) not in (np.dtype(np.uint64), np.dtype(np.int64)):
         raise TypeError(f"seed as a device array must hold one uint64 or int64 value, got {seed.dtype} {tuple(seed.shape)}")
+    if misaligned(seed):
+        raise TypeError(f"seed as a device array must lie at an address that is a multiple of 8 (the kernels read it "
+                        f"as one 64-bit word), got address {seed.data.ptr:#x}; keep the seed in an array of its own")
     return seed.reshape(1)
 
 
@@ -161,6 +167,7 @@ def sample(attention, n, *, replace=False, logits=False, seed=None, strict=False
     seed_ptr = None if type(seed) is int else _seed_array(seed, xp)
     if backend != CPU:
         require_current_device(attention=attention, seed=seed_ptr)
+        attention = device_aligned(attention)  # a typed read of a misaligned CuPy array would fault
     seed = 0 if seed_ptr is not None else v.seed_or_random(seed)
     attention = v.native(attention)
     rows = attention.shape[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -14,7 +15,18 @@ import pytest
 HERE = Path(__file__).resolve().parent / "cuda_host"
 SOURCE_DIR = Path(__file__).resolve().parents[1] / "atskern" / "gpu"
 
+SANITIZE = "ATS_HOST_SANITIZE"
+"""Environment variable: ``1`` builds the harnesses with AddressSanitizer and UndefinedBehaviorSanitizer (alignment
+included), every report fatal; the process must preload their runtimes (``tests/test_cuda_host_sanitized.py``)."""
+
 PROBE = "#include <ucontext.h>\nint main() { ucontext_t context; return getcontext(&context); }\n"
+
+
+def sanitizer_flags() -> list[str]:
+    """The g++ flags of a sanitized build where :data:`SANITIZE` asks for one, else none."""
+    if os.environ.get(SANITIZE) != "1":
+        return []
+    return ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
 
 
 def build_host_library(folder: Path, harness: str) -> ctypes.CDLL:
@@ -29,7 +41,7 @@ def build_host_library(folder: Path, harness: str) -> ctypes.CDLL:
     # -fno-gnu-unique: a template's function-local statics (the shims' __shared__ variables) would otherwise be
     # STB_GNU_UNIQUE symbols, bound to the first loaded library's copy across every harness of another block size
     build = subprocess.run(["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-fno-gnu-unique", "-Wall", "-Wextra", "-Wshadow",
-                            "-Werror", "-Wno-unknown-pragmas", f"-I{HERE}", f"-I{SOURCE_DIR}",
+                            "-Werror", "-Wno-unknown-pragmas", *sanitizer_flags(), f"-I{HERE}", f"-I{SOURCE_DIR}",
                             str(HERE / f"{harness}.cpp"), "-o", str(out)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-4000:]
     return ctypes.CDLL(str(out))

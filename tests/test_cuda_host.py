@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -24,6 +25,7 @@ from atskern import reference
 from atskern.gpu import patches as gp
 
 from .cuda_host_build import build_host_library, call_host
+from .emulated_device import EmulatedDevice, placed
 
 OFFSET_DTYPES = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64]
 
@@ -90,7 +92,10 @@ def test_host_gather_fuzz(lib, monkeypatch, data, ndim, channels_first, dtype, c
                           out_shift, seed):
     """Any layout, patch and offsets (inside, across and outside the image), rows per unit, block size and output
     alignment: the host-built gather equals the reference byte for byte. Rows a multiple of 16 bytes long (a chunk's
-    place worked out once per unit: GATHER_PERIODIC) and rows that are not both come up."""
+    place worked out once per unit: GATHER_PERIODIC) and rows that are not both come up. The output starts at any
+    multiple of the item size inside a 16-byte line (the kernel's contract: a CUDA store of a T at another address
+    faults, so the front end hands it element-aligned arrays only, ``atskern.gpu._alignment``)."""
+    out_shift -= out_shift % np.dtype(dtype).itemsize
     rng = np.random.default_rng(seed)
     spatial = tuple(data.draw(st.lists(st.integers(1, 20), min_size=ndim, max_size=ndim)))
     patch = tuple(data.draw(st.lists(st.integers(1, 9), min_size=ndim, max_size=ndim)))
@@ -399,3 +404,117 @@ def test_host_scatter_more_patches_than_staged(lib):
     finally:
         gp.SCATTER_BLOCKS = saved
         gp.clear_caches()
+
+
+@pytest.fixture
+def device(lib, monkeypatch):
+    """The public front ends on the emulated CuPy (``tests/emulated_device.py``), running this host build."""
+    from atskern import _backend, _check_memo, patches
+    from atskern.gpu import _alignment, _launch, _module
+
+    from .cuda_host_build import kernel_parameters
+
+    names = sorted(kernel_parameters(gp.SOURCE))
+    emulated = EmulatedDevice(lib, names, gp.SOURCE)
+    for module in (_backend, gp, _launch, _alignment):
+        monkeypatch.setattr(module, "cupy", lambda: emulated.module)
+    monkeypatch.setattr(gp, "_handle", lambda name, device_id: names.index(name))
+    monkeypatch.setattr(_module, "THREADS_PER_BLOCK", 64)
+    monkeypatch.setattr(patches, "array_module", lambda backend: emulated.module if backend == "gpu" else np)
+    monkeypatch.setitem(sys.modules, "cupy", emulated.module)  # atskern._validation's overlap check imports it
+    gp.clear_caches()
+    for memo in (patches._checked_gather, patches._checked_scatter):
+        memo.clear()
+    yield emulated
+    gp.clear_caches()
+    for memo in (patches._checked_gather, patches._checked_scatter):
+        memo.clear()
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32, np.float64])
+@pytest.mark.parametrize("offsets_dtype", [np.int32, np.int64])
+def test_extract_patches_of_misaligned_device_arrays(device, monkeypatch, dtype, offsets_dtype):
+    """CuPy arrays whose address or strides are not a multiple of their item size (a CUDA load or store of them
+    would fault): the image, the offsets and ``out`` of ``atskern.extract_patches`` go to the kernel as aligned
+    copies (and ``out`` is written back through its bytes), with the reference's patches; aligned arrays go as they
+    are."""
+    from atskern.gpu import _alignment
+
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 1000, (2, 11, 13, 3)).astype(dtype)
+    offsets = rng.integers(-3, 12, (2, 5, 2)).astype(offsets_dtype)
+    expected = reference.extract_patches(x, offsets, (4, 6), fill=7)
+    seen = []
+    launch_of = gp.gather_launch
+
+    def recording(x_, offsets_, layout, fill_value, out_, threads=None):
+        seen.append((x_.data.ptr, offsets_.data.ptr, out_.data.ptr))
+        assert not any(_alignment.misaligned(a) for a in (x_, offsets_, out_))
+        return launch_of(x_, offsets_, layout, fill_value, out_, threads)
+
+    monkeypatch.setattr(gp, "gather_launch", recording)
+    for x_shift, offsets_shift, out_shift, x_strides in [(0, 0, 0, None), (1, 3, 5, None), (2, 0, 0, (1, -2, 1, 1)),
+                                                         (0, 1, 0, None), (0, 0, 3, None), (3, 0, 0, (-1, 1, 3, 1))]:
+        image = x if x_strides is None else np.broadcast_to(x, x.shape)  # the same values, laid out as asked
+        x_dev = placed(image, x_shift, x_strides)
+        offsets_dev = placed(offsets, offsets_shift)
+        out = placed(np.zeros(expected.shape, dtype), out_shift)
+        got = atskern.extract_patches(x_dev, offsets_dev, (4, 6), fill=7, out=out)
+        assert got is out
+        assert np.array_equal(np.asarray(out).view(np.uint8), expected.view(np.uint8))
+        if (x_shift, offsets_shift, out_shift, x_strides) == (0, 0, 0, None):
+            assert seen[-1] == (x_dev.data.ptr, offsets_dev.data.ptr, out.data.ptr)  # no copies
+
+
+@pytest.mark.parametrize("grad_dtype, out_dtype", [(np.float32, np.float32), (np.float64, np.float64),
+                                                   (np.float16, np.float32)])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_scatter_patches_of_misaligned_device_arrays(device, monkeypatch, grad_dtype, out_dtype, deterministic):
+    """As for the gather: misaligned gradients, offsets and ``out`` reach the kernel as aligned arrays and give the
+    CPU kernel's images (bitwise where deterministic)."""
+    from atskern.gpu import _alignment
+
+    launch_of = gp.scatter_launch
+
+    def checked(grad_, offsets_, layout, out_, *args, **kwargs):
+        assert not any(_alignment.misaligned(a) for a in (grad_, offsets_, out_))
+        return launch_of(grad_, offsets_, layout, out_, *args, **kwargs)
+
+    monkeypatch.setattr(gp, "scatter_launch", checked)
+    rng = np.random.default_rng(5)
+    grad = rng.standard_normal((2, 4, 3, 5, 2)).astype(grad_dtype)
+    offsets = rng.integers(-2, 9, (2, 4, 2)).astype(np.int64)
+    expected = atskern.scatter_patches(grad, offsets, (9, 10))
+    assert expected.dtype == out_dtype
+    for grad_shift, offsets_shift, out_shift in [(0, 0, 0), (1, 2, 3), (0, 4, 0), (2, 0, 6)]:
+        out = placed(np.full(expected.shape, np.nan, out_dtype), out_shift)
+        got = atskern.scatter_patches(placed(grad, grad_shift), placed(offsets, offsets_shift), (9, 10), out=out,
+                                      deterministic=deterministic)
+        assert got is out
+        if deterministic:
+            assert np.array_equal(np.asarray(out).view(np.uint8), expected.view(np.uint8))
+        else:
+            np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_misaligned_arrays_by_address_or_stride(device):
+    """``misaligned`` reads the address and every stride (one byte elements are never misaligned); ``aligned_copy``
+    holds the same elements at an aligned address; ``write_through_bytes`` writes them back to any address."""
+    from atskern.gpu import _alignment
+
+    from .emulated_device import at_address
+
+    memory = placed(np.arange(64, dtype=np.uint8))
+    ptr = memory.data.ptr
+    assert not _alignment.misaligned(at_address((4, 3), np.float32, ptr, (24, 4)))
+    assert _alignment.misaligned(at_address((4, 3), np.float32, ptr, (22, 4)))  # a row stride of 22 bytes
+    assert _alignment.misaligned(at_address((4, 3), np.float32, ptr + 2, (-24, 4)))
+    assert not _alignment.misaligned(at_address((4, 3), np.float64, ptr + 8, (-24, 8)))
+    assert not _alignment.misaligned(at_address((4, 3), np.uint8, ptr + 1, (5, 1)))
+    odd = at_address((4, 3), np.float32, ptr + 1, (13, 4))
+    copy = _alignment.aligned_copy(odd)
+    assert copy.data.ptr % 256 == 0 and copy.flags.c_contiguous and not _alignment.misaligned(copy)
+    assert np.array_equal(np.asarray(copy).view(np.uint32), np.asarray(odd).view(np.uint32))
+    target = at_address((4, 3), np.float32, ptr + 3, (13, 4))
+    _alignment.write_through_bytes(target, copy + 1)
+    assert np.array_equal(np.asarray(target), np.asarray(copy) + 1)

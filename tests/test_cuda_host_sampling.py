@@ -11,7 +11,6 @@ reference's for the same seed; probabilities and the status are checked against 
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import shutil
 import types
@@ -27,7 +26,8 @@ from atskern import reference
 from atskern.cpu import sampling as cpu_sampling
 from atskern.gpu import sampling as gs
 
-from .cuda_host_build import C_TYPES, build_host_library, call_host, kernel_parameters
+from .cuda_host_build import build_host_library, call_host, kernel_parameters
+from .emulated_device import DeviceArray, EmulatedDevice
 
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
@@ -753,88 +753,6 @@ def test_one_allocation_carves_disjoint_aligned_pieces(monkeypatch, replace, n, 
     assert pieces[0][0] >= memory.ptr and pieces[-1][0] + pieces[-1][1] <= memory.ptr + memory.size
 
 
-class _DeviceArray(np.ndarray):
-    """A NumPy array posing as a CuPy one for ``atskern.gpu`` (``.data.ptr`` is its address)."""
-
-    @property
-    def data(self):
-        return types.SimpleNamespace(ptr=self.ctypes.data)
-
-
-class _EmulatedDevice:
-    """Just enough of CuPy for ``atskern.gpu.sampling.sample`` and ``read_status`` to run on the host build: an
-    allocation is host memory filled with a byte pattern (a missed zeroing shows), the memset is ``ctypes.memset``,
-    and ``driver.launchKernel`` reads the packed slots back (as wide as each parameter of the kernel) and calls the
-    host launcher: the untyped launch path, the layout, the memset and the read-back of the CuPy path, end to end."""
-
-    def __init__(self, lib, names):
-        self.lib, self.names, self.buffers, self.launched = lib, names, [], []
-        self.host_buffers, self.waits = {}, 0
-        stream = types.SimpleNamespace(ptr=0, synchronize=self.synchronize)
-        cuda = types.SimpleNamespace(
-            alloc=self.alloc, alloc_pinned_memory=lambda size: np.zeros(size, np.uint8),
-            runtime=types.SimpleNamespace(getDevice=lambda: 0, memsetAsync=self.memset, memcpyAsync=self.memcpy,
-                                          memcpyDeviceToHost=2, hostAlloc=self.host_alloc, freeHost=self.free_host,
-                                          pointerGetAttributes=self.pointer_attributes),
-            driver=types.SimpleNamespace(launchKernel=self.launch_kernel, ctxGetCurrent=lambda: 1),
-            get_current_stream=lambda: stream)
-        self.module = types.SimpleNamespace(cuda=cuda, ndarray=self.ndarray)
-
-    def synchronize(self):
-        self.waits += 1
-
-    def host_alloc(self, size, flags):
-        """Mapped host memory: on the emulated device, host memory at the same address (a byte pattern first)."""
-        assert flags == 3  # cudaHostAllocPortable | cudaHostAllocMapped
-        buffer = np.full(size, 0x5A, np.uint8)
-        self.host_buffers[buffer.ctypes.data] = buffer
-        return buffer.ctypes.data
-
-    def free_host(self, ptr):
-        del self.host_buffers[ptr]
-
-    def pointer_attributes(self, ptr):
-        assert ptr in self.host_buffers
-        return types.SimpleNamespace(devicePointer=ptr)
-
-    def alloc(self, size):
-        buffer = np.full(size, 0xA5, np.uint8)
-        self.buffers.append(buffer)
-        return _FakeMemory(buffer.ctypes.data, size)
-
-    def ndarray(self, shape, dtype, memptr):
-        for buffer in self.buffers:
-            start = buffer.ctypes.data
-            if start <= memptr.ptr < start + buffer.size:
-                return np.ndarray(shape, dtype, buffer=buffer, offset=memptr.ptr - start).view(_DeviceArray)
-        raise AssertionError("an array outside every allocation")
-
-    def memset(self, ptr, value, size, stream):
-        ctypes.memset(ptr, value, size)
-        self.launched.append("memset")
-
-    def memcpy(self, dst, src, size, kind, stream):
-        ctypes.memmove(dst, src, size)
-
-    def launch_kernel(self, handle, gx, gy, gz, bx, by, bz, shared, stream, table, extra):
-        name = self.names[handle]
-        kinds = kernel_parameters(gs.SOURCE)[name]
-        words = [ctypes.c_uint64.from_address(ctypes.c_uint64.from_address(table + 8 * i).value).value
-                 for i in range(len(kinds))]
-        width = {"i32": 32, "u32": 32, "i64": 64, "u64": 64, "ptr": 64}
-        values = []
-        for kind, word in zip(kinds, words):
-            word &= (1 << width[kind]) - 1
-            if kind in ("i32", "i64") and word >> (width[kind] - 1):
-                word -= 1 << width[kind]
-            values.append((word or None) if kind == "ptr" else word)
-        assert (gy, gz, by, bz, shared, extra) == (1, 1, 1, 1, 0, 0)
-        function = getattr(self.lib, "host_" + name)
-        function.argtypes = [ctypes.c_uint, ctypes.c_uint] + [C_TYPES[k] for k in kinds]
-        function(gx, bx, *values)
-        self.launched.append(name)
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("replace, logits", [(False, False), (True, False), (False, True)])
 def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace, logits, finish):
@@ -844,7 +762,7 @@ def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace
     from atskern.gpu import _launch, _sequence
 
     names = sorted(kernel_parameters(gs.SOURCE))
-    device = _EmulatedDevice(lib, names)
+    device = EmulatedDevice(lib, names, gs.SOURCE)
     for module in (gs, _launch, _sequence):
         monkeypatch.setattr(module, "cupy", lambda: device.module)
     monkeypatch.setattr(gs, "_handle", lambda name, options, device_id: names.index(name))
@@ -857,7 +775,7 @@ def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace
     if logits:
         attention = np.log(attention)
     n, seed = 7, 2**64 - 3
-    weights = np.ascontiguousarray(attention).reshape(4, -1).view(_DeviceArray)
+    weights = np.ascontiguousarray(attention).reshape(4, -1).view(DeviceArray)
     grid = np.array(attention.shape[1:], np.int64)
     indices, probs, status = gs.sample(weights, n, grid, seed, replace, logits=logits, threads=32, chunk=128)
     host_status = gs.read_status(status)
@@ -877,7 +795,7 @@ def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace
     assert np.array_equal(np.asarray(indices)[good], cpu_i[good])
     assert_same_status(host_status, cpu_status)
     # the seed read from device memory by the kernels (its own recorded sequence: one more slot)
-    seed_array = np.array([seed], np.uint64).view(_DeviceArray)
+    seed_array = np.array([seed], np.uint64).view(DeviceArray)
     by_device = gs.sample(weights, n, grid, 0, replace, logits=logits, seed_ptr=seed_array, threads=32, chunk=128)
     assert np.array_equal(np.asarray(by_device[0]), want_i)
     assert np.array_equal(np.asarray(by_device[1]).view(np.uint8), want_p.view(np.uint8))
@@ -905,7 +823,7 @@ def test_mapped_status_end_to_end_on_the_host_build(monkeypatch, lib, rows):
     from atskern.gpu import _launch, _mapped, _sequence
 
     names = sorted(kernel_parameters(gs.SOURCE))
-    device = _EmulatedDevice(lib, names)
+    device = EmulatedDevice(lib, names, gs.SOURCE)
     for module in (gs, _launch, _sequence, _mapped):
         monkeypatch.setattr(module, "cupy", lambda: device.module)
     monkeypatch.setattr(gs, "_handle", lambda name, options, device_id: names.index(name))
@@ -932,9 +850,9 @@ def test_mapped_status_end_to_end_on_the_host_build(monkeypatch, lib, rows):
     monkeypatch.setattr(gs, "MAPPED_STATUS", True)
     for dtype, kwargs in [(np.float32, {}), (np.float32, {"replace": True}), (np.float64, {}),
                           (np.float32, {"logits": True})]:
-        weights = attention.astype(dtype).reshape(rows, -1).view(_DeviceArray)
+        weights = attention.astype(dtype).reshape(rows, -1).view(DeviceArray)
         if kwargs.get("logits"):
-            weights = np.log(np.abs(weights)).view(_DeviceArray)
+            weights = np.log(np.abs(weights)).view(DeviceArray)
         device_i, device_p, device_status = call(weights, False, **kwargs)
         want_status = gs.read_status(device_status)
         copied = len(copies)
@@ -951,9 +869,79 @@ def test_mapped_status_end_to_end_on_the_host_build(monkeypatch, lib, rows):
             assert np.array_equal(np.asarray(probs).view(np.uint8), np.asarray(device_p).view(np.uint8)), kwargs
             status[...] = -1  # the next call must write every entry again
     want_i, want_p, want_status, _ = host_sample(lib, attention, n, seed=seed, probs_dtype=np.float32)
-    assert np.array_equal(want_status, gs.read_status(call(attention.reshape(rows, -1).view(_DeviceArray), True)[2]))
+    assert np.array_equal(want_status, gs.read_status(call(attention.reshape(rows, -1).view(DeviceArray), True)[2]))
 
     monkeypatch.setattr(gs, "MAX_SELECTION_N", n - 1)  # n now sorts every key: no recorded sequence, no copy
-    assert isinstance(call(attention.reshape(rows, -1).view(_DeviceArray), True)[2], _DeviceArray)
+    assert isinstance(call(attention.reshape(rows, -1).view(DeviceArray), True)[2], DeviceArray)
     monkeypatch.undo()
     gs.recorded_call.cache_clear()
+
+
+@pytest.fixture
+def front_end(monkeypatch, lib):
+    """``atskern.sample`` itself on the emulated CuPy (``tests/emulated_device.py``), running this host build."""
+    import sys
+
+    from atskern import _backend
+    from atskern import sampling as front
+    from atskern.gpu import _alignment, _launch, _mapped, _module, _sequence
+
+    names = sorted(kernel_parameters(gs.SOURCE))
+    device = EmulatedDevice(lib, names, gs.SOURCE)
+    for module in (_backend, gs, _launch, _sequence, _mapped, _alignment):
+        monkeypatch.setattr(module, "cupy", lambda: device.module)
+    monkeypatch.setattr(front, "array_module", lambda backend: device.module if backend == "gpu" else np)
+    monkeypatch.setitem(sys.modules, "cupy", device.module)
+    monkeypatch.setattr(gs, "_handle", lambda name, options, device_id: names.index(name))
+    monkeypatch.setattr(gs, "_multiprocessors", lambda device_id: 1)
+    monkeypatch.setattr(_module, "THREADS_PER_BLOCK", 32)  # the harness's ATS_SELECT_THREADS
+    monkeypatch.setattr(_mapped, "_buffers", _mapped._Buffers())
+    gs.recorded_call.cache_clear()
+    yield device
+    gs.recorded_call.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sample_of_misaligned_device_attention(front_end, monkeypatch, dtype):
+    """CuPy attention whose address or strides are not a multiple of its item size (a CUDA load of it would
+    fault): ``atskern.sample`` hands the kernels an aligned copy, made byte by byte, and draws what the CPU draws
+    from the same values, with the probabilities of an aligned device array."""
+    from atskern.gpu import _alignment
+
+    from .emulated_device import placed
+
+    sample_of = gs.sample
+    seen = []
+
+    def checked(weights, *args, **kwargs):
+        assert not _alignment.misaligned(weights)
+        seen.append(weights.data.ptr)
+        return sample_of(weights, *args, **kwargs)
+
+    monkeypatch.setattr(gs, "sample", checked)
+    rng = np.random.default_rng(12)
+    attention = (rng.random((3, 9, 70)) + 0.05).astype(dtype)
+    want_indices, _ = atskern.sample(attention, 7, seed=11)
+    aligned = placed(attention)
+    indices, probs = atskern.sample(aligned, 7, seed=11)
+    assert seen == [aligned.data.ptr]  # an aligned array goes as it is
+    assert np.array_equal(np.asarray(indices), want_indices)
+    for shift, strides in [(1, None), (2, (1, -1, 2)), (4 if dtype == np.float64 else 0, (-1, 2, 1))]:
+        got_indices, got_probs = atskern.sample(placed(attention, shift, strides), 7, seed=11)
+        assert np.array_equal(np.asarray(got_indices), want_indices), (shift, strides)
+        assert np.array_equal(np.asarray(got_probs).view(np.uint8), np.asarray(probs).view(np.uint8))
+
+
+def test_misaligned_device_seed_is_refused(front_end):
+    """A device seed the kernels would read as one misaligned 64-bit word: a TypeError before any launch; an aligned
+    one draws what the same host seed draws."""
+    from .emulated_device import placed
+
+    attention = placed(np.random.default_rng(3).random((2, 40)).astype(np.float32) + 0.1)
+    want = atskern.sample(attention, 5, seed=77)
+    got = atskern.sample(attention, 5, seed=placed(np.array([77], np.uint64)))
+    assert np.array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    launched = len(front_end.launched)
+    with pytest.raises(TypeError, match="multiple of 8"):
+        atskern.sample(attention, 5, seed=placed(np.array([77], np.uint64), 4))
+    assert len(front_end.launched) == launched

@@ -239,3 +239,28 @@ def test_mapped_status_validates_as_the_device_status(monkeypatch, rows, dtype, 
     assert np.array_equal(want_i.get(), cpu_i)
 
     _assert_each_bad_row_raises_as_on_the_cpu(_bad_rows(dtype), replace)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_misaligned_attention_draws_as_the_cpu(dtype):
+    """Attention at an address that is not a multiple of its item size (a byte slice viewed as float), contiguous
+    or strided: the CPU's draws, the CUDA context intact; a device seed at such an address is a TypeError."""
+    import cupy as cp
+
+    attention = np.random.default_rng(9).random((3, 20, 33)).astype(dtype) + 0.01
+    want_indices, _ = atskern.sample(attention, 6, seed=4)
+    raw = cp.zeros(2 * attention.nbytes + 16, np.uint8)
+    raw[1:1 + attention.nbytes] = cp.asarray(attention.view(np.uint8).reshape(-1))
+    contiguous = cp.ndarray(attention.shape, attention.dtype, memptr=raw.data + 1)
+    item = attention.itemsize
+    strided = cp.ndarray((3, 20, 33), attention.dtype, memptr=raw.data + 1,
+                         strides=(20 * 33 * item, 33 * item, item))[:, ::-2, :]
+    want_strided, _ = atskern.sample(attention[:, ::-2], 6, seed=4)
+    for device_attention, want in [(contiguous, want_indices), (strided, want_strided)]:
+        indices, _ = atskern.sample(device_attention, 6, seed=4)
+        assert np.array_equal(indices.get(), want)
+    seed_raw = cp.zeros(16, np.uint8)
+    seed = cp.ndarray((1,), np.uint64, memptr=seed_raw.data + 4)
+    with pytest.raises(TypeError, match="multiple of 8"):
+        atskern.sample(cp.asarray(attention), 6, seed=seed)
+    cp.cuda.runtime.deviceSynchronize()  # a fault would surface here

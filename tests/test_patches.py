@@ -483,6 +483,40 @@ def test_gpu_gather_at_every_alignment(dtype, index_width):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_gpu_misaligned_arrays_work(dtype):
+    """CuPy views at addresses that are not a multiple of their item size (a byte slice viewed as a wider dtype):
+    the image, the offsets, the gradients and both outputs give the CPU's results, and the CUDA context survives
+    (a typed access of such an array faults; atskern copies through bytes, ``atskern.gpu._alignment``)."""
+    import cupy
+
+    rng = np.random.default_rng(25)
+    x = random_images(rng, (2, 30, 41, 3), dtype)
+    offsets = random_offsets(rng, 2, 7, (30, 41), (6, 5)).astype(np.int64)
+    expected = atskern.extract_patches(x, offsets, (6, 5))
+    grad = random_images(rng, expected.shape, dtype)
+    back = atskern.scatter_patches(grad, offsets, (30, 41))
+
+    def misaligned(array, shift):
+        raw = cupy.zeros(array.nbytes + 16, np.uint8)
+        raw[shift:shift + array.nbytes] = cupy.asarray(array.view(np.uint8).reshape(-1))
+        return cupy.ndarray(array.shape, array.dtype, memptr=raw.data + shift)
+
+    x_dev, offsets_dev = misaligned(x, 1), misaligned(offsets, 3)
+    out = misaligned(np.zeros_like(expected), 1)
+    assert atskern.extract_patches(x_dev, offsets_dev, (6, 5), out=out) is out
+    got = cupy.ndarray((out.nbytes,), np.uint8, memptr=out.data).get()
+    assert np.array_equal(got, expected.view(np.uint8).reshape(-1))
+    result_dtype = back.dtype
+    out_back = misaligned(np.zeros(back.shape, result_dtype), 2)
+    atskern.scatter_patches(misaligned(grad, 1), offsets_dev, (30, 41), out=out_back)
+    got_back = cupy.ndarray((out_back.nbytes,), np.uint8, memptr=out_back.data).get()
+    assert np.array_equal(got_back, back.view(np.uint8).reshape(-1))
+    cupy.cuda.runtime.deviceSynchronize()  # a fault would surface here
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")
 def test_gpu_kernels_allocate_nothing_and_do_not_synchronize():
     """With ``out=``, gather and deterministic scatter take no memory from CuPy's pool (no temporaries), and a
     call returns before a long kernel queued ahead of it on the stream has finished (no host synchronization)."""

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .._backend import cupy
-from . import _launch, _module
+from . import _alignment, _launch, _module
 
 SOURCE = "patches.cu"
 WORD_NAMES = {1: "u8", 2: "u16", 4: "u32", 8: "u64"}
@@ -249,7 +249,13 @@ def clear_caches():
 
 
 def gather(x, offsets, layout, fill_value, out):
-    """``out`` (patches of ``layout``) = the patches of ``x`` at ``offsets``, ``fill_value`` outside. One launch."""
+    """``out`` (patches of ``layout``) = the patches of ``x`` at ``offsets``, ``fill_value`` outside. One launch
+    (arrays at addresses or strides that are not a multiple of their item size go through byte copies first, and
+    such an ``out`` is written through its bytes: ``atskern.gpu._alignment``)."""
+    if _alignment.misaligned(x, offsets, out):
+        written = _alignment.aligned_output(out)
+        gather(_alignment.aligned(x), _alignment.aligned(offsets), layout, fill_value, written)
+        return _alignment.written_back(out, written)
     if not x.flags.c_contiguous:
         x = cupy().ascontiguousarray(x)
     name, grid, block, args = gather_launch(x, offsets, layout, fill_value, out)
@@ -261,8 +267,13 @@ def scatter(grad, offsets, layout, out, *, deterministic=True):
     """``out`` (overwritten) = the patches ``grad`` added at ``offsets``, in ``out``'s float dtype.
 
     Deterministic (default): one launch writing every element once as the sum of its covering patches in
-    patch order, bitwise the CPU kernel's result. ``deterministic=False``: zero ``out``, then atomic adds.
+    patch order, bitwise the CPU kernel's result. ``deterministic=False``: zero ``out``, then atomic adds. Arrays
+    that CUDA cannot address element by element go through byte copies, as in :func:`gather`.
     """
+    if _alignment.misaligned(grad, offsets, out):
+        written = _alignment.aligned_output(out)
+        scatter(_alignment.aligned(grad), _alignment.aligned(offsets), layout, written, deterministic=deterministic)
+        return _alignment.written_back(out, written)
     cp = cupy()
     if grad.dtype != out.dtype:
         grad = grad.astype(out.dtype)  # float16 / bfloat16 gradients accumulate in float32

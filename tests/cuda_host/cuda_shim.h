@@ -25,13 +25,15 @@
 struct dim3 {
     unsigned x = 0, y = 0, z = 0;
 };
-struct uint4 {
+// CUDA's vector types with CUDA's alignment: a load or store of one at an address that is not a multiple of 16 faults
+// on a GPU, and in a build with -fsanitize=alignment (tests/cuda_host_build.py's sanitized build) it is reported here.
+struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
-struct float4 {
+struct alignas(16) float4 {
     float x, y, z, w;
 };
-struct double2 {
+struct alignas(16) double2 {
     double x, y;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
