@@ -1,8 +1,8 @@
 """Every array layout through every public patch function (issue 11, item 6) and ``out=`` overlap (item 4).
 
-Each view (strided, reversed, broadcast, transposed, Fortran-ordered, channel-strided) holds the same values as
-a contiguous ``base``; the kernels must give what the reference gives on ``base`` and what direct slicing of a
-padded copy gives, without copying the view whole.
+Each view (strided, reversed, broadcast, transposed, Fortran-ordered, channel-strided, at an address that is not a
+multiple of the item size) holds the same values as a contiguous ``base``; the kernels must give what the reference
+gives on ``base`` and what direct slicing of a padded copy gives, without copying the view whole.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .memmap_probe import run_next_to_big_memmap
 from .test_patches import images_shape, random_images
 
 KINDS = ("contiguous", "strided", "every_axis_strided", "reversed", "broadcast", "transposed", "fortran",
-         "channel_strided")
+         "channel_strided", "misaligned")
 DTYPES = [np.uint8, np.int16, np.float16, ml_dtypes.bfloat16, np.float32, np.float64, np.dtype(">f4")]
 
 
@@ -52,6 +52,10 @@ def view_of(base, kind, channel_axis):
         return xp.moveaxis(other, 1 if channel_axis == -1 else -1, channel_axis)
     if kind == "fortran":
         return xp.asfortranarray(base)
+    if kind == "misaligned":  # one byte past an aligned address: no element at a multiple of its size
+        raw = xp.zeros(base.nbytes + 1, xp.uint8)
+        raw[1:] = xp.ascontiguousarray(base).view(xp.uint8).reshape(-1)
+        return raw[1:].view(base.dtype).reshape(base.shape)
     if kind == "channel_strided":
         shape = list(base.shape)
         shape[channel_axis] *= 3
@@ -109,7 +113,7 @@ def test_extract_any_layout(data):
     x = view_of(base, kind, 1 if channels_first else -1)
     assert np.array_equal(x.view(f"u{dtype.itemsize}"), base.view(f"u{dtype.itemsize}"))
     offsets = np.stack([rng.integers(-p - 1, s + 1, size=(batch, count)) for s, p in zip(spatial, patch)], -1)
-    offsets_kind = data.draw(st.sampled_from(["contiguous", "reversed", "fortran"]), label="offsets_kind")
+    offsets_kind = data.draw(st.sampled_from(["contiguous", "reversed", "fortran", "misaligned"]), label="offsets_kind")
     offsets_view = view_of(offsets, offsets_kind, -1)
     got = atskern.extract_patches(x, offsets_view, patch, fill=3, channels_first=channels_first)
     assert same_bits(got, reference.extract_patches(base, offsets, patch, fill=3, channels_first=channels_first))

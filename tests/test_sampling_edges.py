@@ -239,6 +239,22 @@ def test_big_endian_attention_is_accepted(backend):
         atskern.sample(native.astype(">i4"), 1)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("replace", [False, True])
+def test_misaligned_attention_draws_as_an_aligned_copy(dtype, replace):
+    """Attention one byte past an aligned address (a byte buffer viewed as floats: no element at a multiple of its
+    size), contiguous or strided: the draws and probabilities of an aligned copy."""
+    attention = np.random.default_rng(8).random((3, 17, 19)).astype(dtype) + 0.01
+    raw = np.zeros(attention.nbytes + 1, np.uint8)
+    raw[1:] = attention.view(np.uint8).reshape(-1)
+    shifted = raw[1:].view(dtype).reshape(attention.shape)
+    assert not shifted.flags.aligned
+    for view, same in [(shifted, attention), (shifted[:, ::-2], attention[:, ::-2])]:
+        want = atskern.sample(np.ascontiguousarray(same), 6, replace=replace, seed=21)
+        got = atskern.sample(view, 6, replace=replace, seed=21)
+        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
+
+
 def test_torch_tensors_get_a_clear_type_error():
     torch = pytest.importorskip("torch")
     t = torch.rand(2, 5)
