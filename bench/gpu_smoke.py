@@ -47,6 +47,31 @@ def patches(cupy, atskern, rng):
     offsets = np.array([[[0, 0], [28, 30], [27, 14], [5, 7]], [[0, 1], [26, 29], [28, 0], [1, 22]]])
     expected = atskern.extract_patches(x.get(), offsets, (3, 9), fill=1)
     _check("gather unaligned", atskern.extract_patches(x, cupy.asarray(offsets), (3, 9), fill=1).get(), expected)
+    # float32 image, offsets, gradients and outputs one byte past an aligned address (atskern.gpu._alignment: byte
+    # copies in, the outputs written through their bytes; a typed access of them would fault)
+    image = rng.random((2, 29, 31, 3)).astype(np.float32)
+    grad = rng.standard_normal((2, 4, 3, 9, 3)).astype(np.float32)
+    x, offsets_dev, grad_dev = (_one_byte_off(cupy, a) for a in (image, offsets, grad))
+    out = _one_byte_off(cupy, np.zeros((2, 4, 3, 9, 3), np.float32))
+    atskern.extract_patches(x, offsets_dev, (3, 9), fill=1, out=out)
+    _check("gather misaligned", _bytes(cupy, out), _bytes(np, atskern.extract_patches(image, offsets, (3, 9), fill=1)))
+    back = _one_byte_off(cupy, np.zeros(image.shape, np.float32))
+    atskern.scatter_patches(grad_dev, offsets_dev, (29, 31), out=back)
+    _check("scatter misaligned", _bytes(cupy, back), _bytes(np, atskern.scatter_patches(grad, offsets, (29, 31))))
+
+
+def _one_byte_off(cupy, array):
+    """A device copy of ``array`` (C-contiguous) one byte past an aligned address."""
+    raw = cupy.zeros(array.nbytes + 1, np.uint8)
+    raw[1:] = cupy.asarray(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
+    return cupy.ndarray(array.shape, array.dtype, memptr=raw.data + 1)
+
+
+def _bytes(xp, array):
+    """A C-contiguous array's bytes on the host (a device array's read without a typed access)."""
+    if xp is np:
+        return np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+    return xp.ndarray((array.nbytes,), np.uint8, memptr=array.data).get()
 
 
 def sampling(cupy, atskern, rng):

@@ -27,7 +27,10 @@ class DeviceArray(np.ndarray):
 
     @property
     def data(self):
-        return types.SimpleNamespace(ptr=self.ctypes.data)
+        return _Memory(self.ctypes.data)
+
+    def get(self):
+        return np.array(self)
 
     @property
     def __cuda_array_interface__(self):
@@ -93,7 +96,7 @@ class EmulatedDevice:
             get_current_stream=lambda: stream)
         self.module = types.SimpleNamespace(
             cuda=cuda, ndarray=self.ndarray, empty=self.empty, ascontiguousarray=self.ascontiguousarray,
-            asarray=self.asarray, uint8=np.uint8, float64=np.float64, int64=np.int64,
+            asarray=self.asarray, zeros=self.zeros, uint8=np.uint8, float64=np.float64, int64=np.int64,
             may_share_memory=np.may_share_memory, shares_memory=np.shares_memory)
 
     def synchronize(self):
@@ -130,6 +133,11 @@ class EmulatedDevice:
         ptr = -(-memory.ptr // 256) * 256
         return at_address(np.atleast_1d(shape) if np.ndim(shape) else (int(shape),), dtype, ptr)
 
+    def zeros(self, shape, dtype=np.float64):
+        out = self.empty(shape, dtype)
+        out[...] = 0
+        return out
+
     def ascontiguousarray(self, array):
         if array.flags.c_contiguous:
             return array
@@ -137,8 +145,13 @@ class EmulatedDevice:
         out[...] = array
         return out
 
-    def asarray(self, array):
-        return array if isinstance(array, DeviceArray) else device_array(np.asarray(array))
+    def asarray(self, array, dtype=None):
+        if isinstance(array, DeviceArray) and (dtype is None or array.dtype == dtype):
+            return array
+        host = np.asarray(array, dtype)
+        out = self.empty(host.shape, host.dtype)
+        out[...] = host
+        return out
 
     def memset(self, ptr, value, size, stream):
         ctypes.memset(ptr, value, size)

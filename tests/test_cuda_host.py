@@ -518,3 +518,11 @@ def test_misaligned_arrays_by_address_or_stride(device):
     target = at_address((4, 3), np.float32, ptr + 3, (13, 4))
     _alignment.write_through_bytes(target, copy + 1)
     assert np.array_equal(np.asarray(target), np.asarray(copy) + 1)
+
+
+def test_gpu_smoke_patch_workout_on_the_host_build(device):
+    """``bench.gpu_smoke``'s patch part (what compute-sanitizer runs on a GPU) on the emulated device: every case
+    equals the CPU kernel, the misaligned arrays included (a mistake in the script would cost a GPU session)."""
+    from bench import gpu_smoke
+
+    gpu_smoke.patches(device.module, atskern, np.random.default_rng(0))
