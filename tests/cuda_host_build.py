@@ -17,7 +17,8 @@ SOURCE_DIR = Path(__file__).resolve().parents[1] / "atskern" / "gpu"
 
 SANITIZE = "ATS_HOST_SANITIZE"
 """Environment variable: ``1`` builds the harnesses with AddressSanitizer and UndefinedBehaviorSanitizer (alignment
-included), every report fatal; the process must preload their runtimes (``tests/test_cuda_host_sanitized.py``)."""
+included, and float-to-integer conversions out of range, which a GPU saturates and C++ leaves undefined), every
+report fatal; the process must preload their runtimes (``tests/test_cuda_host_sanitized.py``)."""
 
 PROBE = "#include <ucontext.h>\nint main() { ucontext_t context; return getcontext(&context); }\n"
 
@@ -26,7 +27,7 @@ def sanitizer_flags() -> list[str]:
     """The g++ flags of a sanitized build where :data:`SANITIZE` asks for one, else none."""
     if os.environ.get(SANITIZE) != "1":
         return []
-    return ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+    return ["-fsanitize=address,undefined,float-cast-overflow", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
 
 
 def build_host_library(folder: Path, harness: str) -> ctypes.CDLL:
