@@ -17,7 +17,7 @@ import types
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import atskern
@@ -945,3 +945,76 @@ def test_misaligned_device_seed_is_refused(front_end):
     with pytest.raises(TypeError, match="multiple of 8"):
         atskern.sample(attention, 5, seed=placed(np.array([77], np.uint64), 4))
     assert len(front_end.launched) == launched
+
+
+def _outcome(call):
+    """``(indices, probs)`` of a sampling call as NumPy arrays, or its ValueError's message."""
+    try:
+        indices, probs = call()
+    except ValueError as error:
+        return str(error)
+    return np.asarray(indices), np.asarray(probs)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(data=st.data())
+def test_front_end_fuzz_equals_the_cpu_path(front_end, monkeypatch, data):
+    """``atskern.sample`` on the emulated device (its checks, plan, recorded launches, status read-back and the
+    errors made of it) against ``atskern.sample`` on the CPU, for drawn maps (zeros, scales from 1e-300 to 1e300,
+    logits, a bad row, fewer positive cells than n, strict mode), every finish, chunking and device address: the
+    same error message word for word, or the same draws and the probabilities within rounding."""
+    from .conftest import FINISHES, HOST_ROW_CLUSTER
+    from .emulated_device import placed
+
+    finish = data.draw(st.sampled_from(FINISHES), label="finish")
+    whole = finish in ("sample_rows", "sample_cluster_rows")
+    monkeypatch.setattr(gs, "FUSED_FINISH", finish == "select_rows")
+    monkeypatch.setattr(gs, "WHOLE_ROWS", (1 << 30) if whole else 0)
+    monkeypatch.setattr(gs, "WHOLE_ROWS_UNSCREENED", whole)
+    monkeypatch.setattr(gs, "ROW_CLUSTER", HOST_ROW_CLUSTER if finish == "sample_cluster_rows" else 0)
+    monkeypatch.setattr(gs, "_clusters", lambda device_id: True)
+    monkeypatch.setattr(gs, "MIN_CHUNK", 128)  # one tile of the 32-thread harness: rows of several chunks
+    multiprocessors = data.draw(st.sampled_from([1, 3, 16]), label="multiprocessors")
+    monkeypatch.setattr(gs, "_multiprocessors", lambda device_id: multiprocessors)
+    gs.recorded_call.cache_clear()
+
+    rows = data.draw(st.integers(1, 4), label="rows")
+    grid = tuple(data.draw(st.lists(st.integers(1, 24), min_size=1, max_size=3), label="grid"))
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]), label="dtype")
+    logits, replace = (data.draw(st.booleans(), label=name) for name in ("logits", "replace"))
+    strict = data.draw(st.sampled_from([False, False, True]), label="strict")
+    size = int(np.prod(grid))
+    n = data.draw(st.integers(1, min(size, 40) if not replace else 40), label="n")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    weights = rng.random((rows,) + grid) * (rng.random((rows,) + grid) < data.draw(st.sampled_from([1.0, 0.5, 0.05])))
+    if dtype == np.float64:
+        weights *= 10.0 ** data.draw(st.sampled_from([-300, -30, 0, 30, 300]), label="scale")
+    with np.errstate(divide="ignore"):
+        attention = (np.log(weights) if logits else weights).astype(dtype)
+    bad = data.draw(st.sampled_from(["none"] * 6 + ["nan", "negative", "zero", "inf"]), label="bad")
+    if bad != "none":
+        row = int(rng.integers(rows))
+        flat = attention.reshape(rows, -1)
+        flat[row, int(rng.integers(size))] = {"nan": np.nan, "negative": -1.0, "inf": np.inf, "zero": 0.0}[bad]
+        if bad == "zero":
+            flat[row] = -np.inf if logits else 0.0
+    seed = data.draw(st.integers(0, 2**64 - 1), label="sample_seed")
+    shift = data.draw(st.sampled_from([0, 0, 1, 8]), label="shift")
+
+    def call(given):
+        with np.errstate(all="ignore"):
+            return atskern.sample(given, n, replace=replace, logits=logits, seed=seed, strict=strict)
+
+    launched = len(front_end.launched)
+    want = _outcome(lambda: call(attention))
+    got = _outcome(lambda: call(placed(attention, shift)))
+    event(f"{finish}: " + ("refused" if isinstance(want, str) else "drawn"))
+    if isinstance(want, str) or isinstance(got, str):
+        assert got == want
+        return
+    assert len(front_end.launched) > launched  # the kernels ran
+    assert np.array_equal(got[0], want[0])
+    assert got[1].dtype == want[1].dtype
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6 if dtype == np.float32 else 1e-12,
+                               atol=float(np.finfo(dtype).tiny))
