@@ -25,7 +25,8 @@ from atskern import reference
 from atskern.gpu import patches as gp
 
 from .cuda_host_build import build_host_library, call_host
-from .emulated_device import EmulatedDevice, placed
+from .emulated_device import EmulatedDevice, device_array, placed
+from .test_patches_layouts import KINDS, base_for, draw_geometry, view_of
 
 OFFSET_DTYPES = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64]
 
@@ -526,3 +527,45 @@ def test_gpu_smoke_patch_workout_on_the_host_build(device):
     from bench import gpu_smoke
 
     gpu_smoke.patches(device.module, atskern, np.random.default_rng(0))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(data=st.data())
+def test_front_end_patch_fuzz_equals_the_cpu(device, data):
+    """``atskern.extract_patches`` and ``scatter_patches`` on the emulated device (checks, copies of views and of
+    misaligned arrays, launch, ``out``) against the CPU path, for every layout kind of
+    ``tests/test_patches_layouts.py``, offsets of every integer dtype in any layout, and ``out`` at any address:
+    the gather bit for bit, the deterministic scatter bit for bit (the CPU kernel's sums in its order)."""
+    kind = data.draw(st.sampled_from(KINDS), label="kind")
+    dtype = np.dtype(data.draw(st.sampled_from([np.uint8, np.int16, np.float16, np.float32, np.float64]),
+                               label="dtype"))
+    channels_first, spatial, patch, batch, count, channels, rng = draw_geometry(data)
+    base = base_for(kind, random_case_images(rng, batch, spatial, channels, channels_first, dtype))
+    x = view_of(base, kind, 1 if channels_first else -1)
+    offsets_dtype = data.draw(st.sampled_from(OFFSET_DTYPES), label="offsets_dtype")
+    low = -3 if np.issubdtype(offsets_dtype, np.signedinteger) else 0
+    offsets = np.stack([rng.integers(low, s + 3, size=(batch, count)) for s in spatial], -1).astype(offsets_dtype)
+    offsets_view = view_of(offsets, data.draw(st.sampled_from(["contiguous", "reversed", "misaligned"]),
+                                              label="offsets_kind"), -1)
+    fill = int(data.draw(st.integers(0, 9), label="fill"))
+    want = atskern.extract_patches(x, offsets_view, patch, fill=fill, channels_first=channels_first)
+    out = placed(np.zeros(want.shape, dtype), data.draw(st.sampled_from([0, 1, 16]), label="out_shift")) \
+        if data.draw(st.booleans(), label="out") else None
+    got = atskern.extract_patches(device_array(x), device_array(offsets_view), patch, fill=fill,
+                                  channels_first=channels_first, out=out)
+    assert out is None or got is out
+    assert np.array_equal(np.asarray(got).view(np.uint8), want.view(np.uint8))
+    if dtype.kind != "f":
+        return
+    grad_base = base_for(kind, rng.standard_normal(want.shape).astype(dtype))
+    grad = view_of(grad_base, kind, 2 if channels_first else -1)
+    want_back = atskern.scatter_patches(grad, offsets_view, spatial, channels_first=channels_first)
+    got_back = atskern.scatter_patches(device_array(grad), device_array(offsets_view), spatial,
+                                       channels_first=channels_first)
+    assert np.array_equal(np.asarray(got_back).view(np.uint8), want_back.view(np.uint8))
+
+
+def random_case_images(rng, batch, spatial, channels, channels_first, dtype):
+    shape = (batch, channels) + spatial if channels_first else (batch,) + spatial + (channels,)
+    return (rng.integers(0, 100, shape) + (rng.random(shape) if np.dtype(dtype).kind == "f" else 0)).astype(dtype)
