@@ -74,16 +74,23 @@ def _bytes(xp, array):
     return xp.ndarray((array.nbytes,), np.uint8, memptr=array.data).get()
 
 
-def sampling(cupy, atskern, rng):
-    for shape, n, replace in [((3, 40), 7, False), ((2, 30, 20), 12, True), ((2, 30, 20), 12, False),
-                              ((1, 4, 5, 6), 9, False), ((2, 300, 300), 100, False), ((2, 300, 300), 100, True),
-                              ((2, 60, 60), 2048, False), ((1, 70, 70), 3000, False)]:
+SAMPLE_CASES = [((3, 40), 7, False), ((2, 30, 20), 12, True), ((2, 30, 20), 12, False), ((1, 4, 5, 6), 9, False),
+                ((2, 300, 300), 100, False), ((2, 300, 300), 100, True), ((2, 60, 60), 2048, False),
+                ((1, 70, 70), 3000, False)]
+"""(attention shape, n, replace) of :func:`sampling`'s calls."""
+
+
+def sampling(cupy, atskern, rng, cases=SAMPLE_CASES):
+    for shape, n, replace in cases:
         attention = rng.random(shape) + 0.01
         for logits in (False, True):
             given = np.log(attention) if logits else attention
             cpu = atskern.sample(given, n, replace=replace, logits=logits, seed=5)
             gpu = atskern.sample(cupy.asarray(given), n, replace=replace, logits=logits, seed=5)
             _check(f"sample {shape} n={n} replace={replace} logits={logits}", gpu[0].get(), cpu[0])
+    attention = rng.random((3, 50, 41)).astype(np.float32) + 0.01  # one byte off: copied through bytes
+    _check("sample misaligned", atskern.sample(_one_byte_off(cupy, attention), 9, seed=6)[0].get(),
+           atskern.sample(attention, 9, seed=6)[0])
 
 
 def unvalidated_bad_rows(cupy, atskern, rng):

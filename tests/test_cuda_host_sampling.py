@@ -1018,3 +1018,14 @@ def test_front_end_fuzz_equals_the_cpu_path(front_end, monkeypatch, data):
     assert got[1].dtype == want[1].dtype
     np.testing.assert_allclose(got[1], want[1], rtol=1e-6 if dtype == np.float32 else 1e-12,
                                atol=float(np.finfo(dtype).tiny))
+
+
+@pytest.mark.usefixtures("finish")
+def test_gpu_smoke_sampling_workout_on_the_host_build(front_end):
+    """``bench.gpu_smoke``'s sampling part (what compute-sanitizer runs on a GPU) on the emulated device, with its
+    small cases and the misaligned attention: the CPU's draws (a mistake in the script would cost a GPU session)."""
+    from bench import gpu_smoke
+
+    launched = len(front_end.launched)
+    gpu_smoke.sampling(front_end.module, atskern, np.random.default_rng(0), cases=gpu_smoke.SAMPLE_CASES[:4])
+    assert len(front_end.launched) > launched
