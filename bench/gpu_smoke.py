@@ -93,12 +93,16 @@ def sampling(cupy, atskern, rng, cases=SAMPLE_CASES):
            atskern.sample(attention, 9, seed=6)[0])
 
 
-def unvalidated_bad_rows(cupy, atskern, rng):
+BAD_ROW_CASES = [(7, False), (7, True), (600, False), (2100, False)]
+"""(n, replace) of :func:`unvalidated_bad_rows`' calls."""
+
+
+def unvalidated_bad_rows(cupy, atskern, rng, cases=BAD_ROW_CASES):
     """``validate=False`` on rows validation refuses: in-range indices, probs 0 on the bad rows, the good rows
     drawn as the CPU draws them, and the status counts equal to the CPU's (the documented result, without
     faults)."""
     for dtype in (np.float32, np.float64):
-        for n, replace in [(7, False), (7, True), (600, False), (2100, False)]:
+        for n, replace in cases:
             attention = (rng.random((6, 48, 50)) + 0.01).astype(dtype)
             attention[1, 3, 4] = np.nan
             attention[2, 0, 0] = -1.0

@@ -1023,9 +1023,12 @@ def test_front_end_fuzz_equals_the_cpu_path(front_end, monkeypatch, data):
 @pytest.mark.usefixtures("finish")
 def test_gpu_smoke_sampling_workout_on_the_host_build(front_end):
     """``bench.gpu_smoke``'s sampling part (what compute-sanitizer runs on a GPU) on the emulated device, with its
-    small cases and the misaligned attention: the CPU's draws (a mistake in the script would cost a GPU session)."""
+    small cases, the misaligned attention and the unvalidated bad rows (n up to 600): the CPU's draws and status (a
+    mistake in the script would cost a GPU session)."""
     from bench import gpu_smoke
 
     launched = len(front_end.launched)
     gpu_smoke.sampling(front_end.module, atskern, np.random.default_rng(0), cases=gpu_smoke.SAMPLE_CASES[:4])
+    gpu_smoke.unvalidated_bad_rows(front_end.module, atskern, np.random.default_rng(1),
+                                   cases=gpu_smoke.BAD_ROW_CASES[:3])
     assert len(front_end.launched) > launched
