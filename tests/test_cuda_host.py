@@ -529,7 +529,7 @@ def test_gpu_smoke_patch_workout_on_the_host_build(device):
     gpu_smoke.patches(device.module, atskern, np.random.default_rng(0))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(data=st.data())
 def test_front_end_patch_fuzz_equals_the_cpu(device, data):

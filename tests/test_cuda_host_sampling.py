@@ -956,7 +956,7 @@ def _outcome(call):
     return np.asarray(indices), np.asarray(probs)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(data=st.data())
 def test_front_end_fuzz_equals_the_cpu_path(front_end, monkeypatch, data):
