@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import sys
 import types
 
 import numpy as np
@@ -27,7 +28,7 @@ class DeviceArray(np.ndarray):
 
     @property
     def data(self):
-        return _Memory(self.ctypes.data)
+        return Memory(self.ctypes.data)
 
     def get(self):
         return np.array(self)
@@ -78,6 +79,17 @@ def placed(array, shift=0, strides=None):
     return view.view(DeviceArray)
 
 
+def install(monkeypatch, lib, source, modules) -> "EmulatedDevice":
+    """An :class:`EmulatedDevice` of the host build ``lib`` (the kernels of ``atskern/gpu/<source>``, handle ``i`` for
+    the ``i``-th kernel name in sorted order) put in place of CuPy for ``modules`` (their ``cupy()``) and for an
+    ``import cupy`` (``atskern._validation``'s overlap check), until ``monkeypatch`` undoes it."""
+    device = EmulatedDevice(lib, sorted(kernel_parameters(source)), source)
+    for module in modules:
+        monkeypatch.setattr(module, "cupy", lambda: device.module)
+    monkeypatch.setitem(sys.modules, "cupy", device.module)
+    return device
+
+
 class EmulatedDevice:
     """The stand-in CuPy module (``.module``) of one host build ``lib`` of the kernels of ``source``
     (``atskern/gpu/<source>``); ``names[handle]`` is the kernel that handle ``handle`` launches. ``launched`` lists the
@@ -119,7 +131,7 @@ class EmulatedDevice:
     def alloc(self, size):
         buffer = np.full(size, 0xA5, np.uint8)
         self.buffers.append(buffer)
-        return _Memory(buffer.ctypes.data, size)
+        return Memory(buffer.ctypes.data, size)
 
     def ndarray(self, shape, dtype, memptr, strides=None):
         return at_address(shape, dtype, memptr.ptr, strides)
@@ -179,11 +191,11 @@ class EmulatedDevice:
         self.launched.append(name)
 
 
-class _Memory:
+class Memory:
     """A device allocation as atskern uses one: an address, ``+ offset``, and its size."""
 
     def __init__(self, ptr, size=None):
         self.ptr, self.size = ptr, size
 
     def __add__(self, offset):
-        return _Memory(self.ptr + offset)
+        return Memory(self.ptr + offset)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ from atskern import reference
 from atskern.gpu import patches as gp
 
 from .cuda_host_build import build_host_library, call_host
-from .emulated_device import EmulatedDevice, device_array, placed
+from .emulated_device import device_array, install, placed
 from .test_patches_layouts import KINDS, base_for, draw_geometry, view_of
 
 OFFSET_DTYPES = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64]
@@ -410,19 +409,12 @@ def test_host_scatter_more_patches_than_staged(lib):
 @pytest.fixture
 def device(lib, monkeypatch):
     """The public front ends on the emulated CuPy (``tests/emulated_device.py``), running this host build."""
-    from atskern import _backend, _check_memo, patches
+    from atskern import _backend, patches
     from atskern.gpu import _alignment, _launch, _module
 
-    from .cuda_host_build import kernel_parameters
-
-    names = sorted(kernel_parameters(gp.SOURCE))
-    emulated = EmulatedDevice(lib, names, gp.SOURCE)
-    for module in (_backend, gp, _launch, _alignment):
-        monkeypatch.setattr(module, "cupy", lambda: emulated.module)
-    monkeypatch.setattr(gp, "_handle", lambda name, device_id: names.index(name))
+    emulated = install(monkeypatch, lib, gp.SOURCE, (_backend, gp, _launch, _alignment))
+    monkeypatch.setattr(gp, "_handle", lambda name, device_id: emulated.names.index(name))
     monkeypatch.setattr(_module, "THREADS_PER_BLOCK", 64)
-    monkeypatch.setattr(patches, "array_module", lambda backend: emulated.module if backend == "gpu" else np)
-    monkeypatch.setitem(sys.modules, "cupy", emulated.module)  # atskern._validation's overlap check imports it
     gp.clear_caches()
     for memo in (patches._checked_gather, patches._checked_scatter):
         memo.clear()

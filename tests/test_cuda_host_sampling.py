@@ -26,8 +26,8 @@ from atskern import reference
 from atskern.cpu import sampling as cpu_sampling
 from atskern.gpu import sampling as gs
 
-from .cuda_host_build import build_host_library, call_host, kernel_parameters
-from .emulated_device import DeviceArray, EmulatedDevice
+from .cuda_host_build import build_host_library, call_host
+from .emulated_device import DeviceArray, Memory, install
 
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
@@ -695,16 +695,6 @@ def test_host_float32_probabilities_round_as_numpy(lib, replace):
         assert (np.abs(tiny) < np.finfo(np.float32).tiny).any()
 
 
-class _FakeMemory:
-    """A device allocation as ``atskern.gpu.sampling.allocate`` uses it: an address, and ``+ offset``."""
-
-    def __init__(self, ptr, size=None):
-        self.ptr, self.size = ptr, size
-
-    def __add__(self, offset):
-        return _FakeMemory(self.ptr + offset)
-
-
 class _FakeArray:
     def __init__(self, shape, dtype, memptr):
         self.shape, self.dtype, self.ptr = tuple(shape), np.dtype(dtype), memptr.ptr
@@ -723,7 +713,7 @@ def test_one_allocation_carves_disjoint_aligned_pieces(monkeypatch, replace, n, 
     allocations = []
 
     def alloc(size):
-        allocations.append(_FakeMemory(1 << 20, size))
+        allocations.append(Memory(1 << 20, size))
         return allocations[-1]
 
     monkeypatch.setattr(gs, "cupy", lambda: types.SimpleNamespace(cuda=types.SimpleNamespace(alloc=alloc),
@@ -761,11 +751,8 @@ def test_cupy_path_end_to_end_on_the_host_build(monkeypatch, lib, dtype, replace
     and of the CPU kernel, including a bad row and a float64 row that the rescaling pass redoes."""
     from atskern.gpu import _launch, _sequence
 
-    names = sorted(kernel_parameters(gs.SOURCE))
-    device = EmulatedDevice(lib, names, gs.SOURCE)
-    for module in (gs, _launch, _sequence):
-        monkeypatch.setattr(module, "cupy", lambda: device.module)
-    monkeypatch.setattr(gs, "_handle", lambda name, options, device_id: names.index(name))
+    device = install(monkeypatch, lib, gs.SOURCE, (gs, _launch, _sequence))
+    monkeypatch.setattr(gs, "_handle", lambda name, options, device_id: device.names.index(name))
     monkeypatch.setattr(gs, "_multiprocessors", lambda device_id: 1)
     rng = np.random.default_rng(31)
     attention = (rng.random((4, 9, 70)) + 0.05).astype(dtype)
@@ -822,11 +809,8 @@ def test_mapped_status_end_to_end_on_the_host_build(monkeypatch, lib, rows):
     replacement); the plan that sorts every key and calls without ``host_status`` keep the device status."""
     from atskern.gpu import _launch, _mapped, _sequence
 
-    names = sorted(kernel_parameters(gs.SOURCE))
-    device = EmulatedDevice(lib, names, gs.SOURCE)
-    for module in (gs, _launch, _sequence, _mapped):
-        monkeypatch.setattr(module, "cupy", lambda: device.module)
-    monkeypatch.setattr(gs, "_handle", lambda name, options, device_id: names.index(name))
+    device = install(monkeypatch, lib, gs.SOURCE, (gs, _launch, _sequence, _mapped))
+    monkeypatch.setattr(gs, "_handle", lambda name, options, device_id: device.names.index(name))
     monkeypatch.setattr(gs, "_multiprocessors", lambda device_id: 1)
     monkeypatch.setattr(_mapped, "_buffers", _mapped._Buffers())
     copies = []
@@ -880,19 +864,11 @@ def test_mapped_status_end_to_end_on_the_host_build(monkeypatch, lib, rows):
 @pytest.fixture
 def front_end(monkeypatch, lib):
     """``atskern.sample`` itself on the emulated CuPy (``tests/emulated_device.py``), running this host build."""
-    import sys
-
     from atskern import _backend
-    from atskern import sampling as front
     from atskern.gpu import _alignment, _launch, _mapped, _module, _sequence
 
-    names = sorted(kernel_parameters(gs.SOURCE))
-    device = EmulatedDevice(lib, names, gs.SOURCE)
-    for module in (_backend, gs, _launch, _sequence, _mapped, _alignment):
-        monkeypatch.setattr(module, "cupy", lambda: device.module)
-    monkeypatch.setattr(front, "array_module", lambda backend: device.module if backend == "gpu" else np)
-    monkeypatch.setitem(sys.modules, "cupy", device.module)
-    monkeypatch.setattr(gs, "_handle", lambda name, options, device_id: names.index(name))
+    device = install(monkeypatch, lib, gs.SOURCE, (_backend, gs, _launch, _sequence, _mapped, _alignment))
+    monkeypatch.setattr(gs, "_handle", lambda name, options, device_id: device.names.index(name))
     monkeypatch.setattr(gs, "_multiprocessors", lambda device_id: 1)
     monkeypatch.setattr(_module, "THREADS_PER_BLOCK", 32)  # the harness's ATS_SELECT_THREADS
     monkeypatch.setattr(_mapped, "_buffers", _mapped._Buffers())
