@@ -76,12 +76,17 @@ def finish(request, monkeypatch):
     (atskern.gpu.sampling.WHOLE_ROWS: every row here), or by a cluster of blocks (sample_cluster_rows,
     ROW_CLUSTER), on the host build and the CuPy path alike; the value is the kernel that finishes the rows
     (without replacement)."""
+    use_finish(monkeypatch, request.param)
+    return request.param
+
+
+def use_finish(monkeypatch, finish: str) -> None:
+    """Set ``atskern.gpu.sampling``'s knobs so that ``finish`` (one of :data:`FINISHES`) finishes every row."""
     from atskern.gpu import sampling as gs
 
-    whole = request.param in ("sample_rows", "sample_cluster_rows")
-    monkeypatch.setattr(gs, "FUSED_FINISH", request.param == "select_rows")
+    whole = finish in ("sample_rows", "sample_cluster_rows")
+    monkeypatch.setattr(gs, "FUSED_FINISH", finish == "select_rows")
     monkeypatch.setattr(gs, "WHOLE_ROWS", (1 << 30) if whole else 0)
     monkeypatch.setattr(gs, "WHOLE_ROWS_UNSCREENED", whole)
-    monkeypatch.setattr(gs, "ROW_CLUSTER", HOST_ROW_CLUSTER if request.param == "sample_cluster_rows" else 0)
+    monkeypatch.setattr(gs, "ROW_CLUSTER", HOST_ROW_CLUSTER if finish == "sample_cluster_rows" else 0)
     monkeypatch.setattr(gs, "_clusters", lambda device_id: True)
-    return request.param

@@ -139,11 +139,9 @@ class EmulatedDevice:
     def empty(self, shape, dtype=np.float64):
         """A fresh C-contiguous array at a 256-byte aligned address (as CuPy's allocator gives), a byte pattern
         first."""
-        dtype = np.dtype(dtype)
-        nbytes = math.prod(int(s) for s in np.atleast_1d(shape)) * dtype.itemsize
-        memory = self.alloc(nbytes + 256)
-        ptr = -(-memory.ptr // 256) * 256
-        return at_address(np.atleast_1d(shape) if np.ndim(shape) else (int(shape),), dtype, ptr)
+        shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(s) for s in shape)
+        memory = self.alloc(math.prod(shape) * np.dtype(dtype).itemsize + 256)
+        return at_address(shape, dtype, -(-memory.ptr // 256) * 256)
 
     def zeros(self, shape, dtype=np.float64):
         out = self.empty(shape, dtype)

@@ -25,6 +25,7 @@ from atskern.gpu import patches as gp
 
 from .cuda_host_build import build_host_library, call_host
 from .emulated_device import device_array, install, placed
+from .test_patches import images_shape, random_images
 from .test_patches_layouts import KINDS, base_for, draw_geometry, view_of
 
 OFFSET_DTYPES = [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64]
@@ -533,7 +534,7 @@ def test_front_end_patch_fuzz_equals_the_cpu(device, data):
     dtype = np.dtype(data.draw(st.sampled_from([np.uint8, np.int16, np.float16, np.float32, np.float64]),
                                label="dtype"))
     channels_first, spatial, patch, batch, count, channels, rng = draw_geometry(data)
-    base = base_for(kind, random_case_images(rng, batch, spatial, channels, channels_first, dtype))
+    base = base_for(kind, random_images(rng, images_shape(batch, spatial, channels, channels_first), dtype))
     x = view_of(base, kind, 1 if channels_first else -1)
     offsets_dtype = data.draw(st.sampled_from(OFFSET_DTYPES), label="offsets_dtype")
     low = -3 if np.issubdtype(offsets_dtype, np.signedinteger) else 0
@@ -556,8 +557,3 @@ def test_front_end_patch_fuzz_equals_the_cpu(device, data):
     got_back = atskern.scatter_patches(device_array(grad), device_array(offsets_view), spatial,
                                        channels_first=channels_first)
     assert np.array_equal(np.asarray(got_back).view(np.uint8), want_back.view(np.uint8))
-
-
-def random_case_images(rng, batch, spatial, channels, channels_first, dtype):
-    shape = (batch, channels) + spatial if channels_first else (batch,) + spatial + (channels,)
-    return (rng.integers(0, 100, shape) + (rng.random(shape) if np.dtype(dtype).kind == "f" else 0)).astype(dtype)

@@ -27,7 +27,7 @@ from atskern.cpu import sampling as cpu_sampling
 from atskern.gpu import sampling as gs
 
 from .cuda_host_build import build_host_library, call_host
-from .emulated_device import DeviceArray, Memory, install
+from .emulated_device import DeviceArray, Memory, install, placed
 
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not on PATH")
@@ -884,8 +884,6 @@ def test_sample_of_misaligned_device_attention(front_end, monkeypatch, dtype):
     from the same values, with the probabilities of an aligned device array."""
     from atskern.gpu import _alignment
 
-    from .emulated_device import placed
-
     sample_of = gs.sample
     seen = []
 
@@ -911,8 +909,6 @@ def test_sample_of_misaligned_device_attention(front_end, monkeypatch, dtype):
 def test_misaligned_device_seed_is_refused(front_end):
     """A device seed the kernels would read as one misaligned 64-bit word: a TypeError before any launch; an aligned
     one draws what the same host seed draws."""
-    from .emulated_device import placed
-
     attention = placed(np.random.default_rng(3).random((2, 40)).astype(np.float32) + 0.1)
     want = atskern.sample(attention, 5, seed=77)
     got = atskern.sample(attention, 5, seed=placed(np.array([77], np.uint64)))
@@ -940,16 +936,10 @@ def test_front_end_fuzz_equals_the_cpu_path(front_end, monkeypatch, data):
     errors made of it) against ``atskern.sample`` on the CPU, for drawn maps (zeros, scales from 1e-300 to 1e300,
     logits, a bad row, fewer positive cells than n, strict mode), every finish, chunking and device address: the
     same error message word for word, or the same draws and the probabilities within rounding."""
-    from .conftest import FINISHES, HOST_ROW_CLUSTER
-    from .emulated_device import placed
+    from .conftest import FINISHES, use_finish
 
     finish = data.draw(st.sampled_from(FINISHES), label="finish")
-    whole = finish in ("sample_rows", "sample_cluster_rows")
-    monkeypatch.setattr(gs, "FUSED_FINISH", finish == "select_rows")
-    monkeypatch.setattr(gs, "WHOLE_ROWS", (1 << 30) if whole else 0)
-    monkeypatch.setattr(gs, "WHOLE_ROWS_UNSCREENED", whole)
-    monkeypatch.setattr(gs, "ROW_CLUSTER", HOST_ROW_CLUSTER if finish == "sample_cluster_rows" else 0)
-    monkeypatch.setattr(gs, "_clusters", lambda device_id: True)
+    use_finish(monkeypatch, finish)
     monkeypatch.setattr(gs, "MIN_CHUNK", 128)  # one tile of the 32-thread harness: rows of several chunks
     multiprocessors = data.draw(st.sampled_from([1, 3, 16]), label="multiprocessors")
     monkeypatch.setattr(gs, "_multiprocessors", lambda device_id: multiprocessors)
