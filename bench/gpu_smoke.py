@@ -51,23 +51,26 @@ def patches(cupy, atskern, rng):
     # copies in, the outputs written through their bytes; a typed access of them would fault)
     image = rng.random((2, 29, 31, 3)).astype(np.float32)
     grad = rng.standard_normal((2, 4, 3, 9, 3)).astype(np.float32)
-    x, offsets_dev, grad_dev = (_one_byte_off(cupy, a) for a in (image, offsets, grad))
-    out = _one_byte_off(cupy, np.zeros((2, 4, 3, 9, 3), np.float32))
+    x, offsets_dev, grad_dev = (bytes_off(cupy, a) for a in (image, offsets, grad))
+    out = bytes_off(cupy, np.zeros((2, 4, 3, 9, 3), np.float32))
     atskern.extract_patches(x, offsets_dev, (3, 9), fill=1, out=out)
-    _check("gather misaligned", _bytes(cupy, out), _bytes(np, atskern.extract_patches(image, offsets, (3, 9), fill=1)))
-    back = _one_byte_off(cupy, np.zeros(image.shape, np.float32))
+    _check("gather misaligned", host_bytes(cupy, out),
+           host_bytes(np, atskern.extract_patches(image, offsets, (3, 9), fill=1)))
+    back = bytes_off(cupy, np.zeros(image.shape, np.float32))
     atskern.scatter_patches(grad_dev, offsets_dev, (29, 31), out=back)
-    _check("scatter misaligned", _bytes(cupy, back), _bytes(np, atskern.scatter_patches(grad, offsets, (29, 31))))
+    _check("scatter misaligned", host_bytes(cupy, back),
+           host_bytes(np, atskern.scatter_patches(grad, offsets, (29, 31))))
 
 
-def _one_byte_off(cupy, array):
-    """A device copy of ``array`` (C-contiguous) one byte past an aligned address."""
-    raw = cupy.zeros(array.nbytes + 1, np.uint8)
-    raw[1:] = cupy.asarray(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
-    return cupy.ndarray(array.shape, array.dtype, memptr=raw.data + 1)
+def bytes_off(cupy, array, shift=1):
+    """A C-contiguous device copy of the host ``array`` ``shift`` bytes past an aligned address (made through bytes:
+    for a ``shift`` that is not a multiple of the item size, a typed copy would fault)."""
+    raw = cupy.zeros(array.nbytes + shift, np.uint8)
+    raw[shift:] = cupy.asarray(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
+    return cupy.ndarray(array.shape, array.dtype, memptr=raw.data + shift)
 
 
-def _bytes(xp, array):
+def host_bytes(xp, array):
     """A C-contiguous array's bytes on the host (a device array's read without a typed access)."""
     if xp is np:
         return np.ascontiguousarray(array).view(np.uint8).reshape(-1)
@@ -89,7 +92,7 @@ def sampling(cupy, atskern, rng, cases=SAMPLE_CASES):
             gpu = atskern.sample(cupy.asarray(given), n, replace=replace, logits=logits, seed=5)
             _check(f"sample {shape} n={n} replace={replace} logits={logits}", gpu[0].get(), cpu[0])
     attention = rng.random((3, 50, 41)).astype(np.float32) + 0.01  # one byte off: copied through bytes
-    _check("sample misaligned", atskern.sample(_one_byte_off(cupy, attention), 9, seed=6)[0].get(),
+    _check("sample misaligned", atskern.sample(bytes_off(cupy, attention), 9, seed=6)[0].get(),
            atskern.sample(attention, 9, seed=6)[0])
 
 

@@ -247,14 +247,12 @@ def test_misaligned_attention_draws_as_the_cpu(dtype):
     or strided: the CPU's draws, the CUDA context intact; a device seed at such an address is a TypeError."""
     import cupy as cp
 
+    from bench.gpu_smoke import bytes_off
+
     attention = np.random.default_rng(9).random((3, 20, 33)).astype(dtype) + 0.01
     want_indices, _ = atskern.sample(attention, 6, seed=4)
-    raw = cp.zeros(2 * attention.nbytes + 16, np.uint8)
-    raw[1:1 + attention.nbytes] = cp.asarray(attention.view(np.uint8).reshape(-1))
-    contiguous = cp.ndarray(attention.shape, attention.dtype, memptr=raw.data + 1)
-    item = attention.itemsize
-    strided = cp.ndarray((3, 20, 33), attention.dtype, memptr=raw.data + 1,
-                         strides=(20 * 33 * item, 33 * item, item))[:, ::-2, :]
+    contiguous = bytes_off(cp, attention)
+    strided = contiguous[:, ::-2, :]
     want_strided, _ = atskern.sample(attention[:, ::-2], 6, seed=4)
     for device_attention, want in [(contiguous, want_indices), (strided, want_strided)]:
         indices, _ = atskern.sample(device_attention, 6, seed=4)

@@ -490,28 +490,21 @@ def test_gpu_misaligned_arrays_work(dtype):
     (a typed access of such an array faults; atskern copies through bytes, ``atskern.gpu._alignment``)."""
     import cupy
 
+    from bench.gpu_smoke import bytes_off, host_bytes
+
     rng = np.random.default_rng(25)
     x = random_images(rng, (2, 30, 41, 3), dtype)
     offsets = random_offsets(rng, 2, 7, (30, 41), (6, 5)).astype(np.int64)
     expected = atskern.extract_patches(x, offsets, (6, 5))
     grad = random_images(rng, expected.shape, dtype)
     back = atskern.scatter_patches(grad, offsets, (30, 41))
-
-    def misaligned(array, shift):
-        raw = cupy.zeros(array.nbytes + 16, np.uint8)
-        raw[shift:shift + array.nbytes] = cupy.asarray(array.view(np.uint8).reshape(-1))
-        return cupy.ndarray(array.shape, array.dtype, memptr=raw.data + shift)
-
-    x_dev, offsets_dev = misaligned(x, 1), misaligned(offsets, 3)
-    out = misaligned(np.zeros_like(expected), 1)
+    x_dev, offsets_dev = bytes_off(cupy, x, 1), bytes_off(cupy, offsets, 3)
+    out = bytes_off(cupy, np.zeros_like(expected), 1)
     assert atskern.extract_patches(x_dev, offsets_dev, (6, 5), out=out) is out
-    got = cupy.ndarray((out.nbytes,), np.uint8, memptr=out.data).get()
-    assert np.array_equal(got, expected.view(np.uint8).reshape(-1))
-    result_dtype = back.dtype
-    out_back = misaligned(np.zeros(back.shape, result_dtype), 2)
-    atskern.scatter_patches(misaligned(grad, 1), offsets_dev, (30, 41), out=out_back)
-    got_back = cupy.ndarray((out_back.nbytes,), np.uint8, memptr=out_back.data).get()
-    assert np.array_equal(got_back, back.view(np.uint8).reshape(-1))
+    assert np.array_equal(host_bytes(cupy, out), host_bytes(np, expected))
+    out_back = bytes_off(cupy, np.zeros_like(back), 2)
+    atskern.scatter_patches(bytes_off(cupy, grad, 1), offsets_dev, (30, 41), out=out_back)
+    assert np.array_equal(host_bytes(cupy, out_back), host_bytes(np, back))
     cupy.cuda.runtime.deviceSynchronize()  # a fault would surface here
 
 
