@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 
 import numpy as np
 import pytest
@@ -90,3 +91,28 @@ def use_finish(monkeypatch, finish: str) -> None:
     monkeypatch.setattr(gs, "WHOLE_ROWS_UNSCREENED", whole)
     monkeypatch.setattr(gs, "ROW_CLUSTER", HOST_ROW_CLUSTER if finish == "sample_cluster_rows" else 0)
     monkeypatch.setattr(gs, "_clusters", lambda device_id: True)
+
+
+@pytest.fixture(scope="session")
+def sampling_ptx(tmp_path_factory):
+    """sampling.cu as PTX for sm_90 (:func:`tests.cuda_ptx.build_sampling_ptx`), compiled once per test process;
+    skips where nvcc or ptxas is missing."""
+    if shutil.which("nvcc") is None or shutil.which("ptxas") is None:
+        pytest.skip("nvcc/ptxas not on PATH")
+    from .cuda_ptx import build_sampling_ptx
+
+    return build_sampling_ptx(tmp_path_factory.mktemp("sampling_ptx"))
+
+
+SAMPLING_PTXAS_ENTRIES = ("chunk_stats_f32", "chunk_stats_f64", "chunk_topn_f32", "chunk_topn_f64", "finish_rows_f32",
+                          "finish_rows_f64", "sample_rows_f32", "sample_rows_f64")
+"""The kernels of :func:`sampling_ptxas`' report."""
+
+
+@pytest.fixture(scope="session")
+def sampling_ptxas(sampling_ptx):
+    """``ptxas -v``'s report (sm_90) of the :data:`SAMPLING_PTXAS_ENTRIES` of :func:`sampling_ptx`, assembled once
+    per test process."""
+    from .cuda_ptx import ptxas_verbose
+
+    return ptxas_verbose(sampling_ptx, SAMPLING_PTXAS_ENTRIES, sampling_ptx.with_suffix(".cubin"))

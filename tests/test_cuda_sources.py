@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -48,27 +47,11 @@ def test_scatter_keeps_subnormals_under_cupys_ftz(tmp_path):
     assert ".ftz.f32" not in body
 
 
-def _sampling_ptx(tmp_path: Path) -> Path:
-    """sampling.cu as PTX for sm_90 with the default compile options and CuPy's -ftz=true."""
-    from atskern.gpu import sampling as gs
-
-    inlined = tmp_path / "sampling.cu"
-    inlined.write_text(source("sampling.cu"))
-    ptx = tmp_path / "sampling.ptx"
-    result = subprocess.run(["nvcc", "--ptx", "-arch=sm_90", "--std=c++17", "-ftz=true", *gs.compile_options(256),
-                             str(inlined), "-o", str(ptx)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    return ptx
-
-
-def _ptxas_report(ptx: Path, entries: tuple[str, ...]) -> list[tuple[str, str, int, int]]:
-    """``(entry kernel, function, spill store bytes, spill load bytes)`` of every function ptxas reports for the
-    ``entries`` of ``ptx`` (sm_90; only those kernels are assembled)."""
-    result = subprocess.run(["ptxas", "-v", "-arch=sm_90", "--entry", ",".join(entries), str(ptx), "-o",
-                             str(ptx.with_suffix(".cubin"))], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+def _ptxas_report(text: str) -> list[tuple[str, str, int, int]]:
+    """``(entry kernel, function, spill store bytes, spill load bytes)`` of every function of a ``ptxas -v``
+    report."""
     report, entry, function = [], None, None
-    for line in result.stderr.splitlines():
+    for line in text.splitlines():
         if "Compiling entry function" in line:
             entry = line.split("'")[1]
         elif "Function properties for" in line:
@@ -80,15 +63,13 @@ def _ptxas_report(ptx: Path, entries: tuple[str, ...]) -> list[tuple[str, str, i
     return report
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("ptxas") is None, reason="nvcc/ptxas not on PATH")
-def test_streaming_loops_keep_everything_in_registers(tmp_path):
+def test_streaming_loops_keep_everything_in_registers(sampling_ptx, sampling_ptxas):
     """The per-position loops of the statistics and screening passes (``stats_range`` and ``screen_range``, every
     dtype, plain weights and logits/rescaled ones) spill nothing under chunk_stats', chunk_topn's and
     sample_rows' register caps, with the default compile options (ptxas -v, sm_90), and touch no local memory
     (PTX): inlined into their kernels, beside exp and the selection, they had spilled 80-130 bytes."""
-    ptx = _sampling_ptx(tmp_path)
-    report = _ptxas_report(ptx, ("chunk_stats_f32", "chunk_stats_f64", "chunk_topn_f32", "chunk_topn_f64",
-                                 "sample_rows_f32", "sample_rows_f64"))
+    ptx = sampling_ptx
+    report = _ptxas_report(sampling_ptxas)
     loops = [(entry, function, stores, loads) for entry, function, stores, loads in report
              if "stats_range" in function or "screen_range" in function]
     # 2 dtypes x (plain, general) x (stats in chunk_stats, screen in chunk_topn, both in sample_rows, the
@@ -107,13 +88,12 @@ def test_streaming_loops_keep_everything_in_registers(tmp_path):
         [name for name, body in bodies if "ld.local" in body or "st.local" in body]
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-def test_sample_rows_reads_its_own_writes_coherently(tmp_path):
+def test_sample_rows_reads_its_own_writes_coherently(sampling_ptx):
     """sample_rows reads back the screened keys and positions its threads wrote in the same launch: with plain
     loads (coherent for the block after its barrier), never ld.global.nc, the read-only path, which is not;
     sample_cluster_rows' block 0 reads what the cluster's other blocks wrote with ld.global.cg (past its L1) after
     the cluster's barriers (release, acquire)."""
-    text = _sampling_ptx(tmp_path).read_text()
+    text = sampling_ptx.read_text()
     for kernel in ("sample_rows_f32", "sample_rows_f64", "sample_cluster_rows_f32", "sample_cluster_rows_f64"):
         start = text.index(f".entry {kernel}(")
         end = text.find(".entry", start + 10)

@@ -417,30 +417,23 @@ def names_whole(rows, dtype, n, replace, logits):
     return [s if s in (gs.SORT_STEP, gs.ZERO_STEP) else s[0] for s in steps]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
-def test_selecting_kernels_fit_the_default_shared_memory(tmp_path):
+def test_selecting_kernels_fit_the_default_shared_memory(sampling_ptxas):
     """The selection buffer (n up to 2048 plus a tile of offers) and the radix sort's storage that overlays it fit
-    the 48 KiB of static shared memory a block gets without opting in, at the largest block size; ptxas (a cubin,
-    not only PTX) says so per kernel."""
+    the 48 KiB of static shared memory a block gets without opting in, at the largest block size; ptxas says so
+    per kernel."""
     from atskern.gpu import sampling as gs
-    from atskern.gpu._module import source
 
     threads = max(gs.SELECT_THREADS)
-    inlined = tmp_path / "sampling.cu"
-    inlined.write_text(source("sampling.cu"))
-    result = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "--std=c++17", "--resource-usage",
-                             *gs.compile_options(threads), str(inlined), "-o", str(tmp_path / "sampling.cubin")],
-                            capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    assert threads == 256, "the shared PTX is built for 256-thread blocks"
+    kernels = ("chunk_topn_f32", "chunk_topn_f64", "finish_rows_f32", "finish_rows_f64", "sample_rows_f32",
+               "sample_rows_f64")
     smem = {}
     name = None
-    for line in (result.stdout + result.stderr).splitlines():
-        if "Function properties for" in line:
-            name = line.split()[-1]
+    for line in sampling_ptxas.splitlines():
+        if "Compiling entry function" in line:
+            name = line.split("'")[1]
         found = re.search(r"(\d+) bytes smem", line)
         if found and name:
             smem[name] = int(found.group(1))
-    for kernel in ("chunk_topn_f32", "chunk_topn_f64", "finish_rows_f32", "finish_rows_f64", "sample_rows_f32",
-                   "sample_rows_f64"):
+    for kernel in kernels:
         assert gs.selection_capacity(threads) * 12 <= smem[kernel] <= 48 * 1024, (kernel, smem)
