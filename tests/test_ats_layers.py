@@ -224,6 +224,9 @@ def test_bad_arguments():
         SamplePatches(2, 2, mode="best")
     with pytest.raises(ValueError, match="seed must be None or an int"):
         SamplePatches(2, 2, seed=-1)
+    for bad in (-1, float("nan"), float("inf")):  # nan once passed and failed at the call, unnamed
+        with pytest.raises(ValueError, match="receptive_field must be a finite number >= 0"):
+            SamplePatches(2, 2, receptive_field=bad)
     with pytest.raises(ValueError, match="static"):
         attention_sampling(lambda x: x, lambda x: x)([L.Input((None, None, 1)), L.Input((None, None, 1))])
 

@@ -339,6 +339,62 @@ def test_expectation_static_shape_and_errors():
         ops.expectation(tf.ones((2, 3, 4)), tf.fill((2, 3, 1), 0.1))
 
 
+def test_expectation_of_bfloat16_equals_the_estimate_by_hand():
+    """bfloat16 features and probs (a mixed_bfloat16 model): the estimate ``sum_k c_k f_k`` with
+    ``c_k = (1 - sum_{j<k} a_j + (n - 1 - k) a_k) / n``, computed here in float64 from the same bfloat16 values,
+    within bfloat16's rounding (the probs check once asked NumPy's finfo of bfloat16 and raised)."""
+    import keras
+
+    from ats.core import Expectation
+
+    rng = np.random.default_rng(12)
+    features = tf.cast(tf.constant(rng.normal(size=(2, 3, 4))), tf.bfloat16)
+    probs = tf.cast(tf.constant([[0.25, 0.125, 0.5], [0.0625, 0.375, 0.25]]), tf.bfloat16)
+    f, a = features.numpy().astype(np.float64), probs.numpy().astype(np.float64)
+    before = np.cumsum(a, axis=1) - a
+    c = (1 - before + np.arange(2, -1, -1) * a) / 3
+    want = (c[:, :, None] * f).sum(axis=1)
+    got = ops.expectation(features, probs)
+    assert got.dtype == tf.bfloat16
+    np.testing.assert_allclose(got.numpy().astype(np.float64), want, rtol=2**-7, atol=2**-7)
+    policy = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        layer_value = Expectation()([features, probs])
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+    np.testing.assert_allclose(np.asarray(layer_value, np.float64), want, rtol=2**-7, atol=2**-7)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_a_batch_mismatch_known_only_at_run_time_fails(jit_compile):
+    """Traced with a None batch, features of 4 images and probs of 1 once broadcast, and offsets of 3 images
+    against 2 images once read image 1 twice under XLA (its gather clips the batch index): both now fail,
+    with the argument named where assertions run (XLA drops them: a reshape to the other batch fails there)."""
+    estimate = tf.function(lambda f, p: ops.expectation(f, p), jit_compile=jit_compile,
+                           input_signature=[tf.TensorSpec((None, 3, 2)), tf.TensorSpec((None, 3))])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="reshape" if jit_compile else "features must be"):
+        estimate(tf.ones((4, 3, 2)), tf.fill((1, 3), 0.2))
+    assert estimate(tf.ones((4, 3, 2)), tf.fill((4, 3), 0.2)).shape == (4, 2)
+    gather = tf.function(lambda x, o: ops.extract_patches(x, o, 2), jit_compile=jit_compile,
+                         input_signature=[tf.TensorSpec((None, 8, 8, 1)), tf.TensorSpec((None, 1, 2), tf.int32)])
+    images = tf.constant(np.stack([np.full((8, 8, 1), v, np.float32) for v in (10, 20)]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="reshape" if jit_compile else "batch size"):
+        gather(images, tf.zeros((3, 1, 2), tf.int32))
+    np.testing.assert_array_equal(gather(images, tf.zeros((2, 1, 2), tf.int32)).numpy()[:, 0, 0, 0, 0], [10, 20])
+
+
+def test_xla_ops_refuse_a_static_batch_mismatch():
+    from ats.tf import xla
+
+    with pytest.raises(ValueError, match=r"offsets has batch size 3 .* x has batch size 2"):
+        xla.extract_patches(tf.ones((2, 8, 8, 1)), tf.zeros((3, 1, 2), tf.int32), 2)
+    with pytest.raises(ValueError, match=r"offsets has batch size 3 .* grad has batch size 2"):
+        xla.scatter_patches(tf.ones((2, 1, 2, 2, 1)), tf.zeros((3, 1, 2), tf.int32), (8, 8))
+    with pytest.raises(ValueError, match=r"features must be \(batch, n, ...\) with probs' \(batch, n\) = \(1, 3\)"):
+        xla.expectation(tf.ones((4, 3, 2)), tf.fill((1, 3), 0.2))
+
+
 def test_extract_patches_channels_first_layout():
     rng = np.random.default_rng(10)
     x = rng.normal(size=(2, 9, 10, 3))

@@ -52,22 +52,32 @@ SCRIPT = """
         out = L.Dense(2, activation="softmax")(features)
         return keras.Model([x, i, s], [out, patches, sampled, logits])
 
+    def check_topk(patches, sampled, logits):
+        mask = grid.valid_cells(logits.shape[1:], x_low.shape[1:3], sizes)
+        for b in range(3):
+            masked = np.where(mask[b], logits[b], -np.inf).ravel()
+            top = np.argsort(-masked, kind="stable")[:4]  # ties to the lower cell, as tf.math.top_k
+            cells = np.stack([top // logits.shape[2], top % logits.shape[2]], axis=1)
+            assert mask[b][cells[:, 0], cells[:, 1]].all()
+            slide = aio.open_slide(paths[ids[b]])
+            offsets = grid.slide_offsets(cells, logits.shape[1:], x_low.shape[1:3], sizes[b],
+                                         slide.levels[0].shape[:2], (32, 32))
+            want = slide.read_patches(offsets, 32) / np.float32(255)
+            np.testing.assert_allclose(patches[b], want, rtol=1e-6)
+            assert abs(sampled[b].sum() - np.sort(np.exp(masked - masked.max()))[::-1][:4].sum()
+                       / np.exp(masked - masked.max()).sum()) < 1e-5
+
     keras.utils.set_random_seed(0)
     model = build("topk")
     _, patches, sampled, logits = (keras.ops.convert_to_numpy(t) for t in model([x_low, ids, sizes]))
-    mask = grid.valid_cells(logits.shape[1:], x_low.shape[1:3], sizes)
-    for b in range(3):
-        masked = np.where(mask[b], logits[b], -np.inf).ravel()
-        top = np.argsort(-masked, kind="stable")[:4]
-        cells = np.stack([top // logits.shape[2], top % logits.shape[2]], axis=1)
-        assert mask[b][cells[:, 0], cells[:, 1]].all()
-        slide = aio.open_slide(paths[ids[b]])
-        offsets = grid.slide_offsets(cells, logits.shape[1:], x_low.shape[1:3], sizes[b], slide.levels[0].shape[:2],
-                                     (32, 32))
-        want = slide.read_patches(offsets, 32) / np.float32(255)
-        np.testing.assert_allclose(patches[b], want, rtol=1e-6)
-        assert abs(sampled[b].sum() - np.sort(np.exp(masked - masked.max()))[::-1][:4].sum()
-                   / np.exp(masked - masked.max()).sum()) < 1e-5
+    check_topk(patches, sampled, logits)
+    # seven cells tied above the rest (torch.topk took them in another order than TF and JAX)
+    tied = np.full((3, 64, 64), -1, np.float32)
+    for r, c in ((16, 16), (20, 40), (28, 28), (32, 12), (36, 48), (44, 24), (48, 40)):
+        tied[:, r, c] = 0
+    layer = ks.SlidePatches(paths, n_patches=4, patch_size=32, use_logits=True, mode="topk")
+    patches, sampled = (keras.ops.convert_to_numpy(t) for t in layer([x_low, tied, ids, sizes]))
+    check_topk(patches, sampled, tied)
     print("TOPK-OK")
 
     sampler = build("sample")

@@ -81,6 +81,20 @@ def test_topk_takes_the_largest_first():
     torch.testing.assert_close(sampled[1], torch.tensor([0.7, 0.2, 0.05]))
 
 
+def test_topk_breaks_ties_to_the_lower_position():
+    """As ``tf.math.top_k`` and ``lax.top_k`` (a Keras model's top-k predicts the same on every backend):
+    against NumPy's stable sort, on rows of few distinct values, uniform rows and rows tied across the n-th."""
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        rows, size = rng.integers(1, 4), rng.integers(1, 70)
+        n = int(rng.integers(1, size + 1))
+        attention = rng.integers(1, rng.integers(2, 6), (rows, size)).astype(np.float32)
+        want = np.argsort(-attention, axis=1, kind="stable")[:, :n]
+        indices, _ = F.sample(torch.from_numpy(attention), n, deterministic=True)
+        assert np.array_equal(indices[..., 0].numpy(), want), (attention, n)
+    assert F.top_indices(torch.empty((2, 50), device="meta"), 5).shape == (2, 5)  # Keras' shape inference
+
+
 def test_sample_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"attention must be \(batch, \*grid\)"):
         F.sample(torch.rand(5), 2)

@@ -128,6 +128,9 @@ def test_module_errors_name_the_argument():
         at.SamplePatches(2, 2, mode="best")
     with pytest.raises(ValueError, match="seed must be None or an int"):
         at.SamplePatches(2, 2, seed=-1)
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="receptive_field must be a finite number >= 0"):
+            at.SamplePatches(2, 2, receptive_field=bad)
     with pytest.raises(TypeError, match="x_high must be a torch.Tensor"):
         layer(low, np.zeros((2, 1, 32, 32)), att)
 

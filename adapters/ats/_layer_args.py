@@ -7,6 +7,7 @@ the argument, on every front end.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -19,14 +20,14 @@ MODES = ("sample", "topk", "auto")
 def check_sampling_args(n_patches, mode, receptive_field=0, fill=0):
     """``(n_patches, receptive_field, fill)`` normalized (int, number, int or float), or a ValueError naming the
     first bad argument: ``n_patches`` a positive integer, ``mode`` one of :data:`MODES`, ``receptive_field`` a
-    number >= 0, ``fill`` a real number."""
+    finite number >= 0, ``fill`` a real number."""
     if isinstance(n_patches, (bool, np.bool_)) or not isinstance(n_patches, numbers.Integral) or n_patches < 1:
         raise ValueError(f"n_patches must be a positive integer, got {n_patches!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if (isinstance(receptive_field, (bool, np.bool_)) or not isinstance(receptive_field, numbers.Real)
-            or receptive_field < 0):
-        raise ValueError(f"receptive_field must be a number >= 0, got {receptive_field!r}")
+            or not 0 <= receptive_field < math.inf):
+        raise ValueError(f"receptive_field must be a finite number >= 0, got {receptive_field!r}")
     if isinstance(fill, (bool, np.bool_)) or not isinstance(fill, numbers.Real):
         raise ValueError(f"fill must be a real number, got {fill!r}")
     return int(n_patches), receptive_field, int(fill) if isinstance(fill, numbers.Integral) else float(fill)

@@ -40,6 +40,7 @@ from atskern.io import grid as _grid
 from ._keras import register
 from ._layer_args import MODES, check_flag, check_sampling_args, check_scale  # noqa: F401 (MODES: public here)
 from .keras._keys import check_seed
+from .keras.backends import ops as backend_ops
 from .keras.functions import _gather, draw
 
 
@@ -206,7 +207,7 @@ class SlidePatches(keras.layers.Layer):
         else:
             attention = ops.where(mask, attention, ops.zeros_like(attention))
         if self._deterministic(training):
-            _, flat = ops.top_k(ops.stop_gradient(ops.reshape(attention, (batch, -1))), self.n_patches, sorted=True)
+            flat = backend_ops().top_indices(ops.stop_gradient(ops.reshape(attention, (batch, -1))), self.n_patches)
             indices = ops.stack([flat // grid[1], flat % grid[1]], axis=-1)
         else:
             seed = self.seed

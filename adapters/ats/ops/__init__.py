@@ -33,6 +33,7 @@ from .._requires import require
 require("tensorflow", "ats.ops")
 # ruff: noqa: E402
 
+import ml_dtypes
 import tensorflow as tf
 
 from atskern import _offsets, _validation
@@ -499,7 +500,7 @@ def _probs_tolerance(dtype, n):
     """How far above 1 a draw's probabilities may sum without replacement (rounding of ``dtype``)."""
     if dtype == tf.float64:
         return tf.constant(1e-6, tf.float64)
-    return tf.cast(n, tf.float64) * max(2.0**-20, float(np.finfo(dtype.as_numpy_dtype).eps))
+    return tf.cast(n, tf.float64) * max(2.0**-20, float(ml_dtypes.finfo(dtype.as_numpy_dtype).eps))  # bfloat16 too
 
 
 def _checked_probs(probs, replace: bool):
@@ -518,6 +519,17 @@ def _checked_probs(probs, replace: bool):
     message = ("ats.ops.expectation: probs must be finite, in [0, 1] and (without replacement) sum to at most 1 "
                "per row; check the sampled attention (use replace=True if the draws were made with replacement)")
     with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):
+        return tf.identity(probs)
+
+
+def _same_leading_shape(features, probs):
+    """``probs``, in a graph after an assertion that ``features`` starts with its shape (``(batch, n)``, which
+    may be unknown when traced: broadcasting would silently take a batch of 1 for every image)."""
+    if tf.executing_eagerly():
+        return probs
+    same = tf.reduce_all(tf.equal(tf.shape(features)[:2], tf.shape(probs)))
+    message = "ats.ops.expectation: features must be (batch, n, ...) with probs' (batch, n)"
+    with tf.control_dependencies([tf.debugging.Assert(same, [message, tf.shape(features), tf.shape(probs)])]):
         return tf.identity(probs)
 
 
@@ -554,13 +566,15 @@ def expectation(features, probs, *, replace=False):
         raise ValueError(f"features {features.shape} must start with probs' shape {probs.shape}")
     rank = features.shape.rank
     replace = bool(replace)
-    probs = _checked_probs(probs, replace)
+    probs = _same_leading_shape(features, _checked_probs(probs, replace))
 
     @tf.custom_gradient
     def estimate(f, p):
         p64 = tf.cast(p, tf.float64)
         weights, scale = _feature_weights(p64, replace)
-        weights_f = _expand(tf.cast(weights, f.dtype), rank)
+        # to f's own leading shape: a (batch, n) that differs from p's fails here even under XLA (which drops the
+        # assertion of _same_leading_shape) instead of broadcasting a batch of 1
+        weights_f = _expand(tf.reshape(tf.cast(weights, f.dtype), tf.shape(f)[:2]), rank)
         value = tf.reduce_sum(weights_f * f, axis=1)
 
         def grad(upstream):

@@ -14,7 +14,11 @@ Rules R1-R3: without replacement, a row with fewer positive weights than
 ``probs`` are float64 probabilities cast to the attention's dtype; the
 estimator gives ``probs == 0`` entries weight 0 and gradient 0. Value checks
 (NaN, inf, negative weights, empty rows, ``probs`` range) run when called
-eagerly; inside ``tf.function`` only shapes and arguments are checked.
+eagerly; inside ``tf.function`` only shapes and arguments are checked. A
+batch size that differs between ``offsets`` and the images (or ``features``
+and ``probs``) is a ValueError where both are static; known only at run
+time, it fails the reshape of one to the other's batch (XLA drops
+assertions), never reading another image's pixels or broadcasting a batch of 1.
 """
 
 from __future__ import annotations
@@ -238,8 +242,18 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
     return tf.stack(columns, axis=-1)
 
 
-def _index_grid(offsets, patch, spatial, channels, channels_first: bool):
-    """Full gather indices ``(B, K, [C,] *P, [C,] rank)`` into the image (clipped) and the inside mask."""
+def _same_batch(offsets, images, what: str):
+    """A ValueError where the static batch sizes of ``offsets`` and ``images`` (tensors) differ."""
+    b, batch = offsets.shape[0], images.shape[0]
+    if b is not None and batch is not None and b != batch:
+        raise ValueError(f"offsets has batch size {b} (shape {tuple(offsets.shape)}) but {what} has batch size {batch}")
+
+
+def _index_grid(offsets, patch, spatial, channels, channels_first: bool, image_batch):
+    """Full gather indices ``(B, K, [C,] *P, [C,] rank)`` into the image (clipped) and the inside mask.
+
+    The batch indices are the image's ``tf.range(image_batch)`` reshaped to the offsets' batch: where the two
+    differ at run time the reshape fails (XLA drops assertions, and its gather would clip the batch index)."""
     ndim = len(spatial)
     batch, count = tf.shape(offsets)[0], tf.shape(offsets)[1]
     rank = 2 + ndim + 1
@@ -250,7 +264,7 @@ def _index_grid(offsets, patch, spatial, channels, channels_first: bool):
     for d in range(ndim):
         out_shape[first_patch_axis + d] = patch[d]
 
-    b_index = tf.reshape(tf.range(batch, dtype=tf.int32), [-1] + [1] * (rank - 1))
+    b_index = tf.reshape(tf.range(image_batch, dtype=tf.int32), [batch] + [1] * (rank - 1))
     c_shape = [1] * rank
     c_shape[channel_axis] = channels
     c_index = tf.reshape(tf.range(channels, dtype=tf.int32), c_shape)
@@ -281,8 +295,8 @@ def _scatter(grad, offsets, spatial, channels_first: bool):
     patch = tuple(int(s) for s in (grad.shape[3:] if channels_first else grad.shape[2:-1]))
     channels = int(grad.shape[2] if channels_first else grad.shape[-1])
     dtype = tf.float32 if grad.dtype.size < 4 else grad.dtype
-    index, inside = _index_grid(offsets, patch, spatial, channels, channels_first)
     batch = tf.shape(grad)[0]
+    index, inside = _index_grid(offsets, patch, spatial, channels, channels_first, batch)
     image = [batch, channels, *spatial] if channels_first else [batch, *spatial, channels]
     values = tf.where(inside, tf.cast(grad, dtype), tf.zeros([], dtype))
     return tf.tensor_scatter_nd_add(tf.zeros(image, dtype), index, values)
@@ -296,6 +310,7 @@ def scatter_patches(grad, offsets, spatial_shape, *, channels_first=False):
     spatial = common.size_tuple(tuple(spatial_shape), offsets.shape[-1], "spatial_shape")
     if not grad.dtype.is_floating:
         raise TypeError(f"grad must be floating, got {grad.dtype.name}")
+    _same_batch(offsets, grad, "grad")
     return _scatter(grad, offsets, spatial, common.boolean(channels_first, "channels_first"))
 
 
@@ -314,9 +329,10 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False):
     if isinstance(fill, bool) or not isinstance(fill, (int, float)):
         raise TypeError(f"fill must be a Python int or float, got {fill!r}")
     patch = common.size_tuple(patch_size, len(spatial), "patch_size")
+    _same_batch(offsets, x, "x")
 
     def gather(image):
-        index, inside = _index_grid(offsets, patch, spatial, channels, channels_first)
+        index, inside = _index_grid(offsets, patch, spatial, channels, channels_first, tf.shape(image)[0])
         return tf.where(inside, tf.gather_nd(image, index), tf.cast(fill, image.dtype))
 
     if not x.dtype.is_floating:
@@ -390,8 +406,9 @@ def expectation(features, probs, *, replace=False):
     replace = common.boolean(replace, "replace")
     if len(probs.shape) != 2:
         raise ValueError(f"probs must be (batch, n), got shape {tuple(probs.shape)}")
-    if len(features.shape) < 2 or tuple(features.shape[1:2]) != tuple(probs.shape[1:2]):
-        raise ValueError(f"features must be (batch, n, ...) with n = {probs.shape[1]}, got {tuple(features.shape)}")
+    if len(features.shape) < 2 or not features.shape[:2].is_compatible_with(probs.shape):
+        raise ValueError(f"features must be (batch, n, ...) with probs' (batch, n) = {tuple(probs.shape)}, got "
+                         f"{tuple(features.shape)}")
     if not features.dtype.is_floating or not probs.dtype.is_floating:
         raise TypeError(f"features and probs must be floating, got {features.dtype.name} and {probs.dtype.name}")
     if _eager(probs):
@@ -401,6 +418,7 @@ def expectation(features, probs, *, replace=False):
     @tf.custom_gradient
     def estimate(f, a):
         c, _ = _coefficients(tf.cast(a, tf.float64), replace)
+        c = tf.reshape(c, tf.shape(f)[:2])  # a batch that differs at run time fails here, never broadcasts
         value = tf.cast(tf.reduce_sum(_expand(c, rank) * tf.cast(f, tf.float64), axis=1), f.dtype)
 
         def grad_fn(upstream):

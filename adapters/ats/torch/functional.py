@@ -128,7 +128,8 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
         with NaN/inf, negative weights or no positive weight then give in-range
         indices (and whatever their gather gives as sampled attention).
     deterministic : bool
-        Take the ``n_samples`` largest weights, largest first (inference).
+        Take the ``n_samples`` largest weights, largest first, ties to the lower
+        position (inference; as ``tf.math.top_k`` and ``lax.top_k``).
     strict : bool
         Without replacement, a row with fewer than ``n_samples`` positive
         weights is drawn as all its positive cells followed by
@@ -154,7 +155,7 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
     if deterministic:
         if validate:
             _check_rows(flat.detach(), n, strict)
-        flat_index = torch.topk(flat.detach(), n, dim=1, sorted=True).indices
+        flat_index = top_indices(flat.detach(), n)
         indices = _unravel(flat_index, grid)
     else:
         weights = attention.detach()
@@ -172,6 +173,21 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
             key.add_(1)  # the device key's counter: the next draw (or graph replay) uses the next seed
         flat_index = _ravel(indices, grid)
     return indices, _normalized_gather(flat, flat_index)
+
+
+def top_indices(flat, n: int):
+    """The positions of the ``n`` largest entries of each row of ``flat`` ``(B, N)``, largest first, ties to the
+    lower position: the order of ``tf.math.top_k`` and ``lax.top_k`` (``torch.topk`` orders ties as it likes, so
+    a uniform map took other cells than on TensorFlow or JAX)."""
+    kth = torch.topk(flat, n, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    above = flat > kth
+    tied = flat == kth
+    wanted = n - above.sum(dim=1, keepdim=True)  # of the tied entries: the lowest positions
+    chosen = above | (tied & (torch.cumsum(tied, dim=1) <= wanted))
+    size = flat.shape[1]
+    rank = torch.where(chosen, size - torch.arange(size, device=flat.device), -1)
+    index = torch.topk(rank, n, dim=1, sorted=True).indices  # the n chosen, by increasing position
+    return index.gather(1, torch.sort(flat.gather(1, index), dim=1, descending=True, stable=True).indices)
 
 
 def _normalized_gather(flat, flat_index):

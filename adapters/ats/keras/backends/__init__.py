@@ -10,6 +10,8 @@ the backend's own tensors, channels-last. They serve the layers of
   TensorFlow also None: a fresh key per run of the graph), or the top-k when
   ``deterministic``; ``sampled`` is a differentiable gather of the attention
   divided by its row's sum;
+- ``top_indices(flat, n)``: int32 positions of each row's ``n`` largest entries, largest first, ties to the
+  lower position (the top-k of ``ats.slides``);
 - ``patch_offsets(indices, grid, level, size, *, margin)``: exact int32 first pixels;
 - ``extract_patches(x, offsets, size, *, fill=0)``: the gather, with the scatter as its gradient;
 - ``expectation(features, probs, *, replace)``: the estimator with ``atskern.expectation_grad``'s gradients;

@@ -23,6 +23,11 @@ def sample(attention, n, *, replace, key, deterministic):
     return aj.sample(attention, n, key=key, replace=replace)
 
 
+def top_indices(flat, n):
+    """int32 positions of each row's ``n`` largest entries, largest first, ties to the lower position."""
+    return lax.top_k(flat, n)[1].astype(jnp.int32)
+
+
 def fingerprint(attention):
     """uint32 ``[word0, word1]`` of :func:`ats.keras._keys.fingerprint`, in ``jnp`` ops (traceable)."""
     bits = lax.bitcast_convert_type(lax.stop_gradient(attention).astype(jnp.float32), jnp.uint32).reshape(-1)

@@ -22,6 +22,11 @@ def sample(attention, n, *, replace, key, deterministic):
     return tf_ops.sample(attention, n, replace=replace, seed=key, deterministic=deterministic)
 
 
+def top_indices(flat, n):
+    """int32 positions of each row's ``n`` largest entries, largest first, ties to the lower position."""
+    return tf.math.top_k(flat, n, sorted=True).indices
+
+
 def fingerprint(attention):
     """uint32 ``[word0, word1]`` of :func:`ats.keras._keys.fingerprint`, in TensorFlow ops (compiles under XLA)."""
     bits = tf.reshape(tf.bitcast(tf.cast(tf.stop_gradient(attention), tf.float32), tf.uint32), [-1])

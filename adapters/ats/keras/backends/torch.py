@@ -57,6 +57,11 @@ def expectation(features, probs, *, replace):
     return F.expectation(features, probs, replace=replace, validate=not _meta(probs))
 
 
+def top_indices(flat, n):
+    """int32 positions of each row's ``n`` largest entries, largest first, ties to the lower position."""
+    return F.top_indices(flat, n).to(torch.int32)
+
+
 def fingerprint(attention):
     """``[word0, word1]`` (int64 tensor of uint32 values) of :func:`ats.keras._keys.fingerprint`, in torch ops."""
     values = attention.detach().to(torch.float32).contiguous().reshape(-1)
