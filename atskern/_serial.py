@@ -1,11 +1,12 @@
-"""Public CPU calls behind the threading layer's launch lock where it needs one (``atskern.cpu._threading``).
+"""Public CPU calls counted by the fork guard (``atskern._fork_guard``: no fork while one runs in another thread),
+and behind the threading layer's launch lock where it needs one (``atskern.cpu._threading``).
 
 Numba's ``workqueue`` layer (the fallback where TBB cannot be loaded) aborts
 the process when two Python threads launch parallel kernels at once; the lock
 makes them take turns. Parallel kernels are also launched from inside other
 compiled functions, so the lock is taken here, around each public call, not
 around each kernel. With TBB (the default) no lock is taken. CuPy calls never
-take it and never import Numba.
+take either and never import Numba.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import functools
 
 from ._backend import is_cupy_array
+from ._fork_guard import GUARD
 
 
 def _first_array(args):
@@ -34,18 +36,23 @@ def _launch_lock():
 
 
 def cpu_serialized(function, module: str):
-    """``function`` behind the launch lock for CPU arrays when the threading layer needs it, named as the attribute
-    of ``module`` that holds it (so ``pickle`` finds it there: multiprocessing pools, spawned DataLoader workers)."""
+    """``function`` for CPU arrays counted by the fork guard, and behind the launch lock when the threading layer
+    needs it; named as the attribute of ``module`` that holds it (so ``pickle`` finds it there: multiprocessing
+    pools, spawned DataLoader workers)."""
 
     @functools.wraps(function)
     def call(*args, **kwargs):
         if is_cupy_array(_first_array(args)):
             return function(*args, **kwargs)
-        lock = _launch_lock()
-        if lock is None:
-            return function(*args, **kwargs)
-        with lock:
-            return function(*args, **kwargs)
+        GUARD.enter()
+        try:
+            lock = _launch_lock()
+            if lock is None:
+                return function(*args, **kwargs)
+            with lock:
+                return function(*args, **kwargs)
+        finally:
+            GUARD.exit()
 
     call.__module__ = module
     return call

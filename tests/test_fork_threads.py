@@ -84,6 +84,56 @@ def test_torch_dataloader_workers_call_kernels():
     assert "ok 6" in run_script(DATALOADER)
 
 
+FORK_WHILE_A_THREAD_CALLS = """
+import os, signal, threading, time
+import numpy as np
+import atskern
+images = np.random.default_rng(0).random((16, 60, 50, 3)).astype(np.float32)
+offsets = np.arange(16 * 6 * 2).reshape(16, 6, 2) % 40
+def gather():
+    return atskern.extract_patches(images, offsets, (8, 8))
+stop = False
+def loop():
+    while not stop:
+        gather()
+caller = threading.Thread(target=loop)
+caller.start()  # the gather loads, and Numba's thread pool starts, in this thread: the forks below are its worry
+hung = 0
+for trial in range(4):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if gather().shape == (16, 6, 8, 8, 3) and gather().shape == (16, 6, 8, 8, 3) else 3)
+    deadline = time.monotonic() + 40
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0, status
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            hung += 1
+            break
+        time.sleep(0.01)
+stop = True
+caller.join()
+print("hung", hung)
+"""
+
+
+def test_forks_while_another_thread_calls_the_kernels():
+    """A thread loads and calls a kernel while the main thread forks (a data-loader worker started while a
+    training thread samples, or after TensorFlow's threads ran the kernels): the child's kernels finish (1 to 2 of
+    4 such children hung inside a parallel kernel, the forks having split Numba's TBB pool), and no lock of
+    logging's fork hooks is released unacquired."""
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(FORK_WHILE_A_THREAD_CALLS)], capture_output=True,
+                         text=True, timeout=400,
+                         env=dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'adapters'}", NUMBA_NUM_THREADS="2"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "hung 0" in run.stdout, run.stdout
+    assert "un-acquired" not in run.stderr, run.stderr[-3000:]
+
+
 THREADS = """
 from concurrent.futures import ThreadPoolExecutor
 expected = {seed: work(seed) for seed in range(4)}

@@ -32,6 +32,8 @@ import warnings
 
 import numba
 
+from .. import _fork_guard
+
 TBB_LIBRARIES = {"linux": "libtbb.so.12", "darwin": "libtbb.12.dylib", "win32": "tbb12.dll"}
 INSTALL_HINT = "pip install tbb (a dependency of atskern)"
 
@@ -104,6 +106,15 @@ def _select() -> tuple[str, bool]:
 
 
 LAYER, NEEDS_LOCK = _select()
+
+
+def _one_kernel_thread() -> None:
+    """The calling thread's parallel kernels on one thread: a one-slot task arena, which needs no TBB worker (a
+    forked child at risk, see ``atskern._fork_guard``)."""
+    numba.set_num_threads(1)
+
+
+_fork_guard.GUARD.single_thread = _one_kernel_thread
 
 
 PARALLEL_SYMBOLS = (

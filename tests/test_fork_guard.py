@@ -1,0 +1,86 @@
+"""atskern._fork_guard on its own: its fork hooks called by hand on a fresh guard (no process is forked here; the
+real forks are tests/test_fork_threads.py)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from atskern._fork_guard import ForkGuard
+
+
+def _in_call(guard, inside: threading.Event, leave: threading.Event):
+    guard.enter()
+    inside.set()
+    leave.wait(10)
+    guard.exit()
+
+
+def test_a_fork_waits_for_the_calls_of_other_threads_and_holds_new_ones_back():
+    guard = ForkGuard()
+    inside, leave = threading.Event(), threading.Event()
+    caller = threading.Thread(target=_in_call, args=(guard, inside, leave))
+    caller.start()
+    assert inside.wait(10)
+    forked = threading.Event()
+    fork = threading.Thread(target=lambda: (guard.before_fork(), forked.set()))
+    fork.start()
+    assert not forked.wait(0.3), "the fork went ahead while another thread's call ran"
+    leave.set()
+    assert forked.wait(10)
+    started = threading.Event()
+    later = threading.Thread(target=lambda: (guard.enter(), started.set(), guard.exit()))
+    later.start()
+    assert not started.wait(0.3), "a call started before the fork was done"
+    guard.after_fork_in_parent()
+    assert started.wait(10)
+    for thread in (caller, fork, later):
+        thread.join(10)
+
+
+def test_a_thread_inside_a_call_may_fork_and_call_again():
+    """The forking thread's own call does not wait for itself, nor does its nested call wait for a pending fork."""
+    guard = ForkGuard()
+    guard.enter()
+    started = time.monotonic()
+    guard.before_fork()
+    assert time.monotonic() - started < 1
+    guard.enter()  # nested, while the fork is pending
+    guard.exit()
+    guard.after_fork_in_parent()
+    guard.exit()
+
+
+def _child_of(guard, other_thread_called: bool):
+    if other_thread_called:
+        thread = threading.Thread(target=lambda: (guard.enter(), guard.exit()))
+        thread.start()
+        thread.join()
+    guard.enter()
+    guard.exit()
+    guard.before_fork()
+    guard.after_fork_in_child()
+    return guard
+
+
+def test_a_child_runs_its_kernels_on_one_thread_only_where_another_thread_had_called():
+    calls = []
+    guard = _child_of(ForkGuard(), other_thread_called=True)
+    guard.single_thread = lambda: calls.append(threading.get_ident())
+    assert guard.single_threaded
+    for _ in range(3):
+        guard.enter()
+        guard.exit()
+    assert calls == [threading.get_ident()]  # once a thread
+    thread = threading.Thread(target=lambda: (guard.enter(), guard.exit()))
+    thread.start()
+    thread.join()
+    assert len(calls) == 2 and calls[1] != calls[0]
+    grandchild = _child_of(guard, other_thread_called=False)
+    assert grandchild.single_threaded, "a child's children inherit its split pool"
+
+    alone = _child_of(ForkGuard(), other_thread_called=False)
+    alone.single_thread = lambda: calls.append("alone")
+    alone.enter()
+    alone.exit()
+    assert not alone.single_threaded and "alone" not in calls
