@@ -314,6 +314,25 @@ def test_extract_errors_name_the_argument():
         F.extract_patches(x, offsets, (2, 0))
     with pytest.raises(ValueError, match="patch_sizes must hold one patch size per level"):
         F.extract_multiscale([x, x], offsets, (4, 4), [2])
+    with pytest.raises(ValueError, match="levels must hold at least one level"):
+        F.extract_multiscale([], offsets, (4, 4), [])
+    for bad in (None, 0, "no"):  # None and 0 once read x as channels-last, "no" as channels-first
+        with pytest.raises(TypeError, match="channels_first must be True or False"):
+            F.extract_patches(x, offsets, 2, channels_first=bad)
+        with pytest.raises(TypeError, match="channels_first must be True or False"):
+            F.extract_multiscale([x], offsets, (4, 4), [2], channels_first=bad)
+    for huge in ((2**40, 2**40), (2**17, 2**17)):  # torch's own errors once came from allocating the output
+        with pytest.raises(ValueError, match=r"x's batch, the offsets and patch_size give an output of shape"):
+            F.extract_patches(x, offsets, huge)
+
+
+def test_unsigned_cells_past_int64_lie_outside_every_level():
+    """uint64 cells of 2**63 and more clamp as atskern's do (a cast to int64 wrapped them to negative cells, whose
+    patches held pixels of the image instead of ``fill``)."""
+    cells = torch.tensor([[[2**64 - 1], [2**63], [5]]], dtype=torch.uint64)
+    got = F.patch_offsets(cells, (25,), (1000,), 50)
+    np.testing.assert_array_equal(got.numpy(), atskern.patch_offsets(cells.numpy(), (25,), (1000,), 50))
+    assert got[0, :2, 0].tolist() == [2**31 - 1] * 2
 
 
 # --- the zero-copy bridge ---------------------------------------------------------------------

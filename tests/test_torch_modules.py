@@ -193,6 +193,25 @@ def test_torch_compile_forward_backward_matches_eager():
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
+@needs_patches
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_a_compiled_model_takes_images_of_new_sizes(dynamic):
+    """With a receptive field, the margin's exact fractions once met the sizes that torch.compile makes symbolic
+    (the second or third image size, or the first with dynamic=True) and the forward failed; compiled and eager
+    copies of one model now draw the same patches at every size."""
+    import copy
+
+    torch.manual_seed(0)
+    eager = _tiny_model(receptive_field=3, seed=7)
+    compiled = torch.compile(copy.deepcopy(eager), backend="aot_eager", dynamic=dynamic)
+    for side in (48, 64, 80):
+        x = torch.rand(2, 1, side, side)
+        low = nn.functional.avg_pool2d(x, 4)
+        want, got = eager(low, x), compiled(low, x)
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
 # --- a toy task -------------------------------------------------------------------------------
 
 

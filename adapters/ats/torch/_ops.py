@@ -114,11 +114,22 @@ def _kernel_fill(x: torch.Tensor, moved: torch.Tensor, fill):
     return int(torch.tensor(fill, dtype=x.dtype).view(moved.dtype).item())
 
 
+def _output(shape, like: torch.Tensor, what: str) -> torch.Tensor:
+    """An empty tensor of ``like``'s dtype and device (torch owns the memory: its caching allocator on CUDA), or,
+    as atskern says it, a ValueError naming ``what`` sized it where it cannot be allocated."""
+    try:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    except (RuntimeError, MemoryError) as error:  # torch's out-of-memory and size-overflow errors
+        nbytes = math.prod(shape) * like.element_size()
+        raise ValueError(f"{what} give an output of shape {tuple(shape)} ({nbytes / 2**30:.3g} GiB of {like.dtype}), "
+                         f"more than can be allocated here ({type(error).__name__})") from None
+
+
 def _extract(x: torch.Tensor, offsets: torch.Tensor, patch_size: list[int], fill: int | float | bool,
             channels_first: bool) -> torch.Tensor:
     """``atskern.extract_patches`` on a tensor (bytes moved as-is, so any dtype of size 1, 2, 4 or 8)."""
-    out = torch.empty(_patch_shape(tuple(x.shape), offsets.shape[1], patch_size, channels_first), dtype=x.dtype,
-                      device=x.device)  # torch owns the memory (its caching allocator on CUDA)
+    out = _output(_patch_shape(tuple(x.shape), offsets.shape[1], patch_size, channels_first), x,
+                  "x's batch, the offsets and patch_size")
     moved = byte_twin(x)
     with kernel_stream(x.device):
         _kernel("extract_patches")(

@@ -227,6 +227,15 @@ def _int64(mask: torch.Tensor) -> torch.Tensor:
     return mask.to(torch.int64)
 
 
+def _int64_cells(samples: torch.Tensor) -> torch.Tensor:
+    """Integer ``samples`` as int64, a uint64 cell of 2**63 or more as int64's largest (a plain cast wrapped it to
+    a negative cell, whose patch then held real pixels instead of ``fill``)."""
+    if samples.dtype != torch.uint64:
+        return samples.to(torch.int64)
+    bits = samples.view(torch.int64)
+    return torch.where(bits < 0, torch.iinfo(torch.int64).max, bits)
+
+
 def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
     """First pixel of the patch around each sampled cell, in one image level (as ``atskern.patch_offsets``).
 
@@ -249,7 +258,7 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
     level = _validation.check_shape(tuple(level_shape), dims, "level_shape")
     patch = size_tuple(patch_size, dims)
     margins = _validation.check_margin(margin, dims)
-    cells = samples.to(torch.int64).clamp(-_offsets.SAMPLE_LIMIT, _offsets.SAMPLE_LIMIT)
+    cells = _int64_cells(samples).clamp(-_offsets.SAMPLE_LIMIT, _offsets.SAMPLE_LIMIT)
     starts = []
     for d in range(dims):
         args = (grid[d], level[d], patch[d], margins[d].numerator, margins[d].denominator)
@@ -311,6 +320,7 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=True):
     ``(B, K, *patch_size, C)``). The gradient scatters the patch gradients
     back with ``atskern.scatter_patches`` (only when ``x`` requires it).
     """
+    channels_first = _validation.check_channels_first(channels_first)
     spatial = _check_images(x, "x", channels_first)
     require_tensor(offsets, "offsets")
     if offsets.dim() != 3 or offsets.shape[0] != x.shape[0] or offsets.shape[2] != len(spatial):
@@ -324,7 +334,7 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=True):
         raise TypeError(f"x must be a real, integer or bool tensor, got {x.dtype}; gather complex or float8 data "
                         "through an integer view of the same item size (x.view(torch.int64), x.view(torch.uint8))")
     fill = _checked_fill(fill, x.dtype)
-    return _ops.extract_patches(x.contiguous(), offsets.contiguous(), list(size), fill, bool(channels_first))
+    return _ops.extract_patches(x.contiguous(), offsets.contiguous(), list(size), fill, channels_first)
 
 
 def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, fill=0, channels_first=True):
@@ -335,9 +345,10 @@ def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, 
     offsets come from :func:`patch_offsets`, and each level's gradient is
     scattered back into it. Returns one patch tensor per level.
     """
-    levels = list(levels)
+    levels = _validation.check_levels(levels, "levels")
     if not isinstance(patch_sizes, (list, tuple)) or len(patch_sizes) != len(levels):
         raise ValueError(f"patch_sizes must hold one patch size per level ({len(levels)}), got {patch_sizes!r}")
+    channels_first = _validation.check_channels_first(channels_first)
     patches = []
     require_tensor(samples, "samples")
     for i, (x, size) in enumerate(zip(levels, patch_sizes)):

@@ -224,10 +224,23 @@ class SamplePatches(KeyStreamState, nn.Module):
             key = self._keys.next()
         indices, sampled = F.sample(attention, self.n_patches, replace=self.replace, key=key, deterministic=deterministic,
                                     validate=self.validate)
-        margin = (self.receptive_field, tuple(x_low.shape[2:]))  # receptive_field / 2 / low, exactly
-        offsets = F.patch_offsets(indices, attention.shape[1:], x_high.shape[2:], size, margin=margin)
+        if self.receptive_field:
+            offsets = _offsets_with_margin(indices, attention.shape[1:], x_high.shape[2:], size, self.receptive_field,
+                                           x_low)
+        else:
+            offsets = F.patch_offsets(indices, attention.shape[1:], x_high.shape[2:], size)
         patches = F.extract_patches(x_high, offsets, size, fill=self.fill, channels_first=True)
         return patches, sampled
+
+
+@torch.compiler.disable
+def _offsets_with_margin(indices, grid, level, size, receptive_field, x_low):
+    """:func:`F.patch_offsets` with the margin ``receptive_field / 2 / low`` in each dim, exactly: run eagerly under
+    ``torch.compile`` (a graph break), where dynamic shapes would make the low sizes symbolic, which the exact
+    fractions cannot take."""
+    low = tuple(int(s) for s in x_low.shape[2:])
+    return F.patch_offsets(indices, tuple(int(s) for s in grid), tuple(int(s) for s in level), size,
+                           margin=(receptive_field, low))
 
 
 class Expectation(nn.Module):
