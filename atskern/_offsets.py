@@ -27,21 +27,28 @@ SAMPLE_LIMIT = 2**31
 """Samples are clamped to ``[-SAMPLE_LIMIT, SAMPLE_LIMIT]`` (grid cells are far inside)."""
 
 
-def round_half_even_div(y, d, to_int):
-    """``rint(y / d)``, half to even, for integers ``y`` and ``d > 0`` (``to_int`` casts a boolean array)."""
+def round_half_even_div(y, d, to_int, base=0):
+    """``rint(base + y / d)``, half to even, for integers ``base``, ``y`` and ``d > 0`` (``to_int`` casts a
+    boolean array): a tie goes to the even one of ``base + q`` and ``base + q + 1``, so the parity is the sum's,
+    not ``q``'s alone."""
     q = y // d
     twice_rest = 2 * (y - q * d)
-    up = (twice_rest > d) | ((twice_rest == d) & (q % 2 == 1))
-    return q + to_int(up)
+    whole = base + q
+    up = (twice_rest > d) | ((twice_rest == d) & (whole % 2 == 1))
+    return whole + to_int(up)
 
 
 def start(s, grid, level, patch, num, den, to_int):
-    """Exact first pixel ``rint(L (m + (s + 1/2) / G (1 - 2 m)) - P / 2)`` with ``m = num / den`` (unclipped)."""
+    """Exact first pixel ``rint(L (m + (s + 1/2) / G (1 - 2 m)) - P / 2)`` with ``m = num / den`` (unclipped).
+
+    ``L X / D`` is split as ``L qx + L rx / D``; outside the grid (``s < 0`` or ``s >= G``) ``L qx`` may be odd,
+    and a tie then rounds by the parity of the whole (it once took ``q``'s: ``s = -2, G = 15, L = 1105, P = 132``
+    gave -177 for -176.5)."""
     d = 2 * grid * den
     x = 2 * grid * num + (2 * s + 1) * (den - 2 * num)
     qx = x // d
     rx = x - qx * d
-    return level * qx + round_half_even_div(level * rx - patch * grid * den, d, to_int)
+    return round_half_even_div(level * rx - patch * grid * den, d, to_int, base=level * qx)
 
 
 def fits_int64(grid: int, level: int, patch: int, num: int, den: int) -> bool:

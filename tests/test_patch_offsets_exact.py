@@ -63,6 +63,36 @@ def test_atskern_sweep(backend):
         assert ref.ravel().tolist() == want.tolist()
 
 
+def test_cells_outside_the_grid_round_their_ties_as_the_rational_formula():
+    """Cells before and past the grid (any integer cell is accepted): the whole offset's parity breaks a tie
+    (``s = -2, G = 15, L = 1105, P = 132`` gave -177 for -176.5, the parity of the fraction part's quotient),
+    in atskern, ats.torch and ats.ops alike."""
+    torch = pytest.importorskip("torch")
+    from ats.torch import functional as F
+
+    cases = CASES + [(15, 1105, 132, 0, 15), (1, 3, 2, 0, 1)]
+    ties = 0
+    for grid, level, patch, rf, low in cases:
+        cells = np.arange(-2 * grid, 3 * grid).reshape(1, -1, 1)
+        margin = Fraction(rf, 2 * low)
+        want = [oracle(int(s), grid, level, patch, margin) for s in cells.ravel()]
+        ties += sum((2 * (level * (margin + Fraction(2 * int(s) + 1, 2 * grid) * (1 - 2 * margin))
+                          - Fraction(patch, 2))).denominator == 1 for s in cells.ravel() if not 0 <= s < grid)
+        got = atskern.patch_offsets(cells, (grid,), (level,), (patch,), margin=(rf, (low,)))
+        assert got.ravel().tolist() == want, (grid, level, patch, rf, low)
+        got = F.patch_offsets(torch.from_numpy(cells), (grid,), (level,), (patch,), margin=(rf, (low,)))
+        assert got.ravel().tolist() == want, (grid, level, patch, rf, low)
+    assert ties > 100, ties
+    tf = pytest.importorskip("tensorflow")
+    from ats import ops
+
+    for grid, level, patch, rf, low in cases[-2:] + cases[:-2:40]:
+        cells = np.arange(-2 * grid, 3 * grid, dtype=np.int32).reshape(1, -1, 1)
+        want = [oracle(int(s), grid, level, patch, Fraction(rf, 2 * low)) for s in cells.ravel()]
+        got = ops.patch_offsets(tf.constant(cells), (grid,), (level,), (patch,), margin=(rf, (low,)))
+        assert got.numpy().ravel().tolist() == want, (grid, level, patch, rf, low)
+
+
 def test_issue_reproduction_and_worked_examples():
     assert atskern.patch_offsets(np.array([[[3]]]), [50], [150], [8]).tolist() == [[[6]]]
     for grid, cell, start in [(25, 12, 475), (25, 0, -5), (100, 0, -20)]:
