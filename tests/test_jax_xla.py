@@ -362,6 +362,19 @@ def test_patch_offsets_exact_half_to_even():
         aj.patch_offsets(plain, (25, 25), (100, 100), 5, margin=0.5)
 
 
+def test_float_margins_read_as_atskern_reads_them():
+    """A float margin is the simplest fraction that rounds to it, as in atskern (0.1 is 1/10): taken at its exact
+    binary value, 1050 (1/10 + 1/12 (4/5)) - 1/2 = 174.5 went to 175 instead of 174."""
+    assert int(aj.patch_offsets(jnp.array([[[0]]], jnp.int32), (6,), (1050,), 1, margin=0.1)[0, 0, 0]) == 174
+    cells = np.arange(12, dtype=np.int32).reshape(1, 12, 1)
+    for margin in (0.1, 0.3, 0.15, 3 / 16, 0.05):
+        for level in (1050, 999, 640, 77):
+            for patch in (1, 2, 7):
+                want = atskern.patch_offsets(cells, (12,), (level,), (patch,), margin=margin)
+                np.testing.assert_array_equal(np.asarray(aj.patch_offsets(cells, (12,), (level,), (patch,),
+                                                                          margin=margin)), want)
+
+
 def test_multiscale_matches_atskern():
     rng = np.random.default_rng(2)
     levels = [rng.random((2, 32, 32, 3)).astype(np.float32), rng.random((2, 64, 64, 3)).astype(np.float32)]

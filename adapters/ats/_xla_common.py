@@ -13,6 +13,8 @@ from fractions import Fraction
 
 import numpy as np
 
+from atskern._offsets import simplest_fraction
+
 
 def positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
@@ -136,8 +138,9 @@ def _rint_half_even(value: Fraction) -> int:
 @functools.lru_cache(maxsize=256)
 def offset_table(grid: int, level: int, patch: int, margin) -> np.ndarray:
     """int32 first pixel of the patch around each cell ``0..grid-1``: ``rint(L (m + (s + 1/2) / G (1 - 2 m)) - P / 2)``,
-    in exact rational arithmetic (``margin`` a float is taken at its exact binary value, a Fraction as is)."""
-    m = Fraction(margin)
+    in exact rational arithmetic, ``margin`` read as atskern reads it (a Fraction as is, a float as the simplest
+    fraction that rounds to it: 0.1 is 1/10; its exact binary value once put ties on the other side)."""
+    m = simplest_fraction(margin)
     bound = 2**31 - 1
     starts = []
     for s in range(grid):
