@@ -380,6 +380,19 @@ def test_close_waits_for_reads_in_flight_and_slides_do_not_leak_descriptors(tmp_
     assert len(os.listdir("/proc/self/fd")) - before <= 1
 
 
+@pytest.mark.parametrize("layout", ["tiff", "ome", "subifds", "svs"])
+def test_write_pyramid_keeps_any_number_of_channels(tmp_path, layout):
+    """2, 4 or 5 channels in lossless codecs (tifffile read (H, W, C) as H planes of (W, C) without a contiguous
+    planar configuration: "tile is too large" or a negative index)."""
+    rng = np.random.default_rng(1)
+    for channels in (2, 4, 5):
+        image = rng.integers(0, 60000, (72, 40, channels), dtype=np.uint16)
+        path = aio.write_pyramid(tmp_path / f"c{channels}.tif", image, tile=16, compression="zstd", layout=layout)
+        slide = aio.open_slide(path)
+        assert np.array_equal(slide.read_level(0), image), (layout, channels)
+        assert slide.levels[1].shape == (36, 20, channels)
+
+
 def test_write_pyramid_refuses_what_it_would_write_wrong(tmp_path):
     """JPEG holds uint8 images of 1 or 3 channels (tifffile wrote uint16 as 12-bit JPEG: values over 4095 lost);
     factors are the level ratios readers recognize (a factor of 8 gave a file open_slide saw as one level); a

@@ -74,6 +74,8 @@ def _write(path, shapes, channels, dtype, tile, tile_fn, *, layout, compression,
                          f"{channels} channels; use a lossless one (zstd, deflate, lzw) or jpeg2000")
     args = dict(tile=(tile, tile), compression=codec, photometric="rgb" if channels == 3 else "minisblack",
                 metadata=None)
+    if channels > 1:  # samples interleaved in each pixel (else tifffile reads (H, W, C) as H planes of (W, C))
+        args["planarconfig"] = "contig"
     if codec == "jpeg":
         args["compressionargs"] = {"level": quality}
     elif codec == "jpeg2000":
@@ -108,7 +110,8 @@ def _write(path, shapes, channels, dtype, tile, tile_fn, *, layout, compression,
             writer.write(**data_args(0), description=description, **args)
             if layout == "svs":
                 thumb = thumbnail if thumbnail is not None else np.zeros((16, 16, channels), dtype)
-                writer.write(thumb, photometric=args["photometric"], metadata=None, description=description)
+                writer.write(thumb, photometric=args["photometric"], planarconfig=args.get("planarconfig"),
+                             metadata=None, description=description)
             for level in range(1, len(shapes)):
                 writer.write(**data_args(level), subfiletype=1 if layout != "svs" else 0, **args)
     return path
