@@ -155,6 +155,30 @@ def test_scale_free_in_float32():
         assert np.all(np.asarray(probs) > 0)
 
 
+@pytest.mark.parametrize("replace", [False, True])
+def test_scale_free_up_to_the_largest_float(x64, replace):
+    """Rows scaled up to float32's (or float64's) largest values draw and weigh as atskern's: the XLA path once
+    divided by 1 / max, which XLA's CPU flushed to zero, and summed the raw row to inf (probabilities 0, cells in
+    position order). A row of subnormal weights, which XLA flushes to zero, is refused; the kernel path samples it."""
+    dtype = np.float64 if x64 else np.float32
+    base = np.array([[1.0, 2.0, 4.0, 8.0, 16.0, 32.0], [3.0, 1.0, 0.5, 2.0, 0.25, 6.0]])
+    jitted = jax.jit(lambda a: aj.sample_indices(a, 3, 5, replace=replace))
+    for top in (3.2e38, 1.7e308) if x64 else (3.2e38,):
+        attention = (base / 32 * top).astype(dtype)
+        want_i, want_p = atskern.sample(attention, 3, seed=5, replace=replace)
+        for got_i, got_p in (aj.sample_indices(jnp.asarray(attention), 3, 5, replace=replace), jitted(attention)):
+            np.testing.assert_array_equal(np.asarray(got_i), want_i)
+            np.testing.assert_allclose(np.asarray(got_p), want_p, rtol=1e-6)
+        _, sampled = aj.sample(jnp.asarray(attention), 3, key=5, replace=replace)
+        np.testing.assert_allclose(np.asarray(sampled), want_p, rtol=1e-6)
+    tiny = (base * (1e-40 if dtype == np.float32 else 1e-320)).astype(dtype)
+    with pytest.raises(ValueError, match="attention row 0: its largest weight .* is subnormal"):
+        aj.sample_indices(jnp.asarray(tiny), 3, 5, replace=replace)
+    want_i, _ = atskern.sample(tiny, 3, seed=5, replace=replace)
+    np.testing.assert_array_equal(np.asarray(aj.sample_indices(tiny, 3, 5, replace=replace, path="kernel")[0]),
+                                  want_i)
+
+
 def test_short_rows_get_lowest_index_fillers(x64):
     """Rule R1: the positive cells in key order, then the lowest-index zero cells, with probability 0."""
     attention = np.zeros((2, 4, 5), np.float32)

@@ -15,10 +15,15 @@ step). Without it (JAX's default; this module never changes the setting)
 they are float32: keys carry about one float32 ulp of error, so a row's draw
 differs from atskern's where two of its smallest keys are within ~2e-7 of
 each other (relatively), or a with-replacement target lies within float32
-rounding of a CDF step; the README measures how often. Weights are divided
-by their row maximum first, so any positive finite scale works; a weight
-below ~1e-37 of its row maximum gets an infinite key and, if drawn (only in
-rows with fewer larger weights than ``n``), comes in position order.
+rounding of a CDF step; the README measures how often. Each row is first
+multiplied by a power of two that brings its largest weight into [1/2, 1)
+(exact: the draws do not change), so any normal positive scale works
+(float32 weights of 3e38 included); a weight below ~1e-37 of its row maximum
+gets an infinite key and, if drawn (only in rows with fewer larger weights
+than ``n``), comes in position order. XLA on the CPU flushes subnormal
+numbers to zero, so a row whose weights are all subnormal reads as empty
+there (``sample_indices`` refuses it when validating; ``path="kernel"``
+samples it exactly).
 """
 
 from __future__ import annotations
@@ -57,11 +62,19 @@ def weights(attention, logits: bool, dtype):
     return jnp.exp(flat - top)
 
 
+def power_of_two_scaled(rows):
+    """``rows`` ``(B, N)`` times ``2**-e``, ``e`` the exponent of each row's largest finite weight: exact (keys,
+    sums and draws scale by a power of two), the largest weight in [1/2, 1), so a row's sum stays finite (3e38 +
+    3e38 in float32) and no key overflows. Two normal factors: XLA's CPU flushes a subnormal one (``2**-128``,
+    or ``1 / 3e38``) to zero."""
+    top = jnp.max(jnp.where(jnp.isfinite(rows), rows, 0), axis=1, keepdims=True)
+    exponent = lax.stop_gradient(jnp.frexp(top)[1]).astype(rows.dtype)
+    half = jnp.floor(exponent / 2)
+    return rows * jnp.exp2(-half) * jnp.exp2(half - exponent)
+
+
 def _without_replacement(w, n: int, k0, k1, dtype):
     rows, size = w.shape
-    if dtype == jnp.float32:  # scale-free in float32: a row's largest weight becomes 1
-        top = jnp.max(w, axis=1, keepdims=True)
-        w = w / jnp.where(top > 0, top, 1)
     hi, lo = _rng.position_words(rows, size, k0, k1)
     exponentials = _rng.exponentials(hi, lo, dtype)
     positive = w > 0
@@ -118,7 +131,7 @@ def _with_replacement(w, n: int, k0, k1, dtype):
 def draw(attention, n: int, k0, k1, *, replace: bool, logits: bool):
     """Flat indices ``(B, n)`` int32 and the compute-precision weights ``(B, N)`` of a draw (no checks)."""
     dtype = _rng.compute_dtype()
-    w = weights(attention, logits, dtype)
+    w = power_of_two_scaled(weights(attention, logits, dtype))
     if replace:
         return _with_replacement(w, n, k0, k1, dtype), w
     return _without_replacement(w, n, k0, k1, dtype), w

@@ -117,7 +117,21 @@ def sample_indices(attention, n_samples, key, *, replace=False, logits=False, st
         return _kernel_draw(attention, n, k0, k1, replace=replace, logits=logits, strict=strict, validate=validate)
     if validate and c.is_concrete(attention):
         c.attention_values(attention, n, replace, logits, strict)
+        if not logits:
+            _refuse_subnormal_rows(attention)
     return _draw(lax.stop_gradient(attention), k0, k1, n=n, replace=replace, logits=logits)
+
+
+def _refuse_subnormal_rows(attention):
+    """A ValueError naming the first row whose largest weight is subnormal in the compute dtype: XLA flushes
+    subnormal numbers to zero, so the XLA path would read the row as empty (its cells in position order)."""
+    dtype = np.dtype(_rng.compute_dtype())
+    top = np.max(np.asarray(attention, dtype=np.float64).reshape(attention.shape[0], -1), axis=1)
+    small = np.flatnonzero((top > 0) & (top < np.finfo(dtype).tiny))
+    if small.size:
+        row = int(small[0])
+        raise ValueError(f"attention row {row}: its largest weight {top[row]:.3g} is subnormal in {dtype}, which XLA "
+                         "flushes to zero; use path='kernel' (exact for any positive scale) or rescale the row")
 
 
 sample_indices.__doc__ = sample_indices.__doc__.replace("{path}", _PATH_DOC)
@@ -172,13 +186,7 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
             raise TypeError("key is required to sample (an int seed, a uint32 [k0, k1] array or a JAX PRNG key)")
         indices, _ = sample_indices(attention, n, key, replace=replace, strict=strict, validate=validate, path=path)
         flat = _sampling.ravel(indices, grid)
-    rows = attention.reshape(attention.shape[0], -1).astype(_rng.compute_dtype())
-    # rows times 2**-e, e the largest weight's exponent (it cancels): the sum stays finite (3e38 + 3e38 in float32);
-    # two normal factors, as XLA's CPU flushes a subnormal factor (1 / 3e38) to zero
-    exponent = lax.stop_gradient(jnp.frexp(jnp.max(rows, axis=1, keepdims=True))[1]).astype(rows.dtype)
-    exponent = jnp.where(jnp.isfinite(exponent), exponent, jnp.zeros_like(exponent))
-    half = jnp.floor(exponent / 2)
-    scaled = rows * jnp.exp2(-half) * jnp.exp2(half - exponent)
+    scaled = _sampling.power_of_two_scaled(attention.reshape(attention.shape[0], -1).astype(_rng.compute_dtype()))
     sampled = jnp.take_along_axis(scaled, flat, axis=1) / jnp.sum(scaled, axis=1, keepdims=True)
     return indices, sampled.astype(attention.dtype)
 
