@@ -28,3 +28,14 @@ def aligned_zeros(shape, dtype, alignment: int = ALIGNMENT) -> np.ndarray:
     out = aligned_empty(shape, dtype, alignment)
     out.fill(0)
     return out
+
+
+def output_array(shape, dtype, what: str, empty=aligned_empty):
+    """``empty(shape, dtype)``, or a ValueError naming ``what`` sized it where it cannot be allocated (a size past
+    memory, or more elements than an index holds), instead of a bare MemoryError."""
+    try:
+        return empty(shape, dtype)
+    except (MemoryError, ValueError) as error:
+        nbytes = math.prod(int(s) for s in shape) * np.dtype(dtype).itemsize
+        raise ValueError(f"{what} give an output of shape {tuple(int(s) for s in shape)} ({nbytes / 2**30:.3g} GiB "
+                         f"of {np.dtype(dtype)}), more than can be allocated here ({type(error).__name__})") from None

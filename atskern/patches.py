@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import functools
 import importlib
-import math
 
 import numpy as np
 
 from . import _check_memo, _offsets
 from . import _validation as v
 from ._backend import GPU, array_module, backend_of, require_current_device
-from ._memory import aligned_empty
+from ._memory import aligned_empty, output_array
 
 WORDS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
@@ -35,14 +34,7 @@ def _kernels(backend: str):
 
 def _empty(xp, shape, dtype, what: str):
     """A new output array, or a ValueError naming ``what`` sized it where it cannot be allocated."""
-    try:
-        if xp is np:
-            return aligned_empty(shape, dtype)
-        return xp.empty(shape, dtype=dtype)
-    except (MemoryError, ValueError) as error:  # ValueError: more elements than an index holds
-        nbytes = math.prod(int(s) for s in shape) * np.dtype(dtype).itemsize
-        raise ValueError(f"{what} give an output of shape {tuple(int(s) for s in shape)} ({nbytes / 2**30:.3g} GiB "
-                         f"of {np.dtype(dtype)}), more than can be allocated here ({type(error).__name__})") from None
+    return output_array(shape, dtype, what, aligned_empty if xp is np else lambda s, d: xp.empty(s, dtype=d))
 
 
 def _pad3(values, fill):

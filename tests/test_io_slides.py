@@ -148,6 +148,12 @@ def test_cache_eviction_under_a_small_budget(jpeg_slide):
     assert "big" not in unit
     with pytest.raises(ValueError, match="max_bytes"):
         aio.TileCache(-1)
+    with pytest.raises(ValueError, match="max_bytes"):
+        aio.TileCache(True)
+    assert aio.TileCache(np.int64(100)).max_bytes == 100  # a NumPy integer, as the slides' threads take
+    for huge in ((2**20, 2**20), (2**40, 2**40)):  # a bare MemoryError (or NumPy's ValueError) once
+        with pytest.raises(ValueError, match="offsets and patch_size give an output of shape"):
+            slide.read_patches([[0, 0]], huge)
 
 
 def test_concurrent_readers_from_threads(jpeg_slide):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import threading
 from collections import OrderedDict
+
+import numpy as np
 
 
 class TileCache:
@@ -19,9 +22,9 @@ class TileCache:
     """
 
     def __init__(self, max_bytes: int = 256 << 20):
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        if isinstance(max_bytes, (bool, np.bool_)) or not isinstance(max_bytes, numbers.Integral) or max_bytes < 0:
             raise ValueError(f"max_bytes must be an int >= 0 (a byte budget), got {max_bytes!r}")
-        self.max_bytes = max_bytes
+        self.max_bytes = int(max_bytes)  # NumPy integers too, as the readers' threads
         self._tiles: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         self._pid = os.getpid()

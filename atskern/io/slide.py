@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .._memory import output_array
 from ._cache import TileCache
 from ._deps import available
 from ._tiff import SlideFormatError
@@ -266,7 +267,7 @@ class Slide:
         ph, pw = _patch_size(patch_size)
         shape = (offsets.shape[0], ph, pw, lv.shape[2])
         if out is None:
-            out = np.empty(shape, lv.dtype)
+            out = output_array(shape, lv.dtype, "offsets and patch_size", np.empty)
         elif not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != lv.dtype:
             raise ValueError(f"out must be a NumPy array of shape {shape} and dtype {lv.dtype}, got "
                              f"{getattr(out, 'shape', None)} {getattr(out, 'dtype', type(out).__name__)}")
