@@ -151,6 +151,10 @@ def test_cache_eviction_under_a_small_budget(jpeg_slide):
     with pytest.raises(ValueError, match="max_bytes"):
         aio.TileCache(True)
     assert aio.TileCache(np.int64(100)).max_bytes == 100  # a NumPy integer, as the slides' threads take
+    with pytest.raises(ValueError, match=r"origin must be \(row, column\), got \[1, 2, 3\]"):
+        slide.read_region((1, 2, 3), 4)  # "cannot reshape array of size 3" once
+    with pytest.raises(TypeError, match="offsets must hold integers"):
+        slide.read_region((1.5, 2), 4)
     for huge in ((2**20, 2**20), (2**40, 2**40)):  # a bare MemoryError (or NumPy's ValueError) once
         with pytest.raises(ValueError, match="offsets and patch_size give an output of shape"):
             slide.read_patches([[0, 0]], huge)

@@ -322,8 +322,10 @@ class Slide:
 
     def read_region(self, origin, size, level=0, *, fill=0) -> np.ndarray:
         """One region ``(h, w, C)`` at ``origin`` (row, column) of level ``level``; outside pixels take ``fill``."""
-        origin = np.asarray(origin, dtype=np.int64).reshape(1, 2)
-        return self.read_patches(origin, _patch_size(size, "size"), level, fill=fill)[0]
+        origin = np.asarray(origin)
+        if origin.shape != (2,):
+            raise ValueError(f"origin must be (row, column), got {origin.tolist()!r}")
+        return self.read_patches(origin.reshape(1, 2), _patch_size(size, "size"), level, fill=fill)[0]
 
     def read_level(self, level) -> np.ndarray:
         """The whole level as one array (reads every tile: for the small levels of a pyramid)."""
