@@ -63,6 +63,9 @@ class ForkGuard:
         local = self._local
         depth = getattr(local, "depth", 0)
         if depth == 0:
+            if self.single_threaded and not getattr(local, "single", False) and self.single_thread is not None:
+                self.single_thread()  # before counting: should it raise, no call is left counted
+                local.single = True
             with self._lock:
                 while self._forking:
                     self._state.wait()
@@ -70,9 +73,6 @@ class ForkGuard:
                 if not getattr(local, "known", False):
                     self._callers.add(threading.get_ident())
                     local.known = True
-            if self.single_threaded and not getattr(local, "single", False) and self.single_thread is not None:
-                self.single_thread()
-                local.single = True
         local.depth = depth + 1
 
     def exit(self) -> None:

@@ -119,7 +119,10 @@ def _output(shape, like: torch.Tensor, what: str) -> torch.Tensor:
     as atskern says it, a ValueError naming ``what`` sized it where it cannot be allocated."""
     try:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
-    except (RuntimeError, MemoryError) as error:  # torch's out-of-memory and size-overflow errors
+    except (RuntimeError, MemoryError) as error:
+        if not isinstance(error, (torch.OutOfMemoryError, MemoryError)) and not any(
+                words in str(error) for words in ("allocate", "overflow")):
+            raise  # another RuntimeError (a CUDA error an earlier launch left) keeps its own message
         nbytes = math.prod(shape) * like.element_size()
         raise ValueError(f"{what} give an output of shape {tuple(shape)} ({nbytes / 2**30:.3g} GiB of {like.dtype}), "
                          f"more than can be allocated here ({type(error).__name__})") from None
