@@ -371,3 +371,44 @@ def test_builder_from_a_batch_that_owns_its_inputs():
     assert [t.name for t in model.inputs] == ["low", "high"]
     rng = np.random.default_rng(17)
     assert model.predict([rng.uniform(size=(1, *SMALL)), rng.uniform(size=(1, *LARGE))], verbose=0).shape == (1, 4)
+
+
+def test_flags_must_be_true_or_false():
+    """README: flags that are not True/False are errors; these took ``bool(...)`` (the string "False" was True:
+    20 draws with replacement from 16 cells), and the builder took only ``is True`` (``np.True_`` sampled without
+    replacement)."""
+    from ats.core import attention_sampling
+    from ats.core.sampling import sample
+    from ats.utils.layers import ImagePan, ResizeImages, SampleSoftmax
+
+    attention = np.full((1, 4, 4), 1 / 16, np.float32)
+    probs, features = np.array([[0.5, 0.25]], np.float32), np.ones((1, 2, 4), np.float32)
+    calls = {
+        "replace": [lambda: sample(3, attention, (4, 4), replace="False"),
+                    lambda: expected(probs, features, replace="False")],
+        "use_logits": [lambda: sample(3, attention, (4, 4), use_logits=1)],
+        "squeeze_channels": [lambda: SampleSoftmax(squeeze_channels="False")],
+        "vertically": [lambda: ImagePan(vertically="False")],
+        "antialias": [lambda: ResizeImages((2, 2), antialias="False")],
+        "deterministic": [lambda: attention_sampling(None, None, deterministic="False")],
+        "replacement": [lambda: ATSBuilder().sample_with(replacement=1)],
+    }
+    for name, makes in calls.items():
+        for make in makes:
+            with pytest.raises(TypeError, match=f"{name} must be True or False"):
+                make()
+    assert ATSBuilder().sample_with(replacement=np.bool_(True))._sample_with_replacement is True
+    samples, _ = sample(20, attention, (4, 4), replace=np.bool_(True))
+    assert tuple(samples.shape) == (1, 20, 2)
+
+
+def test_sizes_and_counts_are_integers_not_truncated():
+    from ats.keras.core import BatchToPatches
+    from ats.utils.layers import ResizeImages
+
+    for size in ((2.7, 3), "ab", (2, 0)):  # (2.7, 3) was (2, 3), "ab" failed in int()
+        with pytest.raises(ValueError, match=r"size must be \(height, width\) with positive integer entries"):
+            ResizeImages(size)
+    assert ResizeImages((np.int64(2), 3)).size == (2, 3)
+    with pytest.raises(ValueError, match="n_patches must be a positive integer, got 2.5"):
+        BatchToPatches(2.5)  # was 2

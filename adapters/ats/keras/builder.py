@@ -28,6 +28,7 @@ import numbers
 
 from keras import ops
 
+from .._layer_args import check_flag
 from .data import FromTensors
 from .functions import expected, sample
 
@@ -110,7 +111,7 @@ class ATSBuilder:
         """``sample_with(replacement=True)`` or ``(replacement=False)``."""
         if set(kwargs) != {"replacement"}:
             raise TypeError(f"sample_with takes one keyword argument, replacement=True/False; got {sorted(kwargs)}")
-        self._sample_with_replacement = kwargs["replacement"] is True
+        self._sample_with_replacement = check_flag(kwargs["replacement"], "replacement")
         return self
 
     def sample_with_replacement(self):

@@ -285,7 +285,7 @@ class BatchToPatches(keras.layers.Layer):
 
     def __init__(self, n_patches, **kwargs):
         super().__init__(**kwargs)
-        self.n_patches = int(n_patches)
+        self.n_patches = check_sampling_args(n_patches, "sample")[0]  # a positive integer (2.5 was 2 once)
 
     def call(self, x):
         return ops.reshape(x, (-1, self.n_patches, *ops.shape(x)[1:]))
@@ -325,7 +325,7 @@ def attention_sampling(
     samples in training and takes the top-k in inference; ``seed`` makes
     sampling reproducible (see :class:`SamplePatches`).
     """
-    if deterministic:
+    if check_flag(deterministic, "deterministic"):
         mode = "topk"
 
     def apply(inputs):

@@ -150,6 +150,8 @@ def sample(n_samples, attention, sample_space, replace=False, use_logits=False, 
         samples (differentiable; the logits when ``use_logits``).
     """
     n = _positive_int(n_samples, "n_samples")
+    replace = check_flag(replace, "replace")
+    use_logits = check_flag(use_logits, "use_logits")
     if is_symbolic(attention):
         return Sample(n, replace=replace, use_logits=use_logits, seed=seed)(attention)
     attention = ops.convert_to_tensor(attention)
@@ -159,7 +161,7 @@ def sample(n_samples, attention, sample_space, replace=False, use_logits=False, 
     weights = attention
     if use_logits:
         weights = ops.reshape(ops.softmax(_rows(attention), axis=-1), ops.shape(attention))
-    samples = draw(weights, n, replace=bool(replace), seed=seed)
+    samples = draw(weights, n, replace=replace, seed=seed)
     return samples, _gather(attention, samples)
 
 
@@ -296,13 +298,14 @@ def expected(attention, features, replace=False, weights=None):
 
     Returns ``(B, ...)``.
     """
+    replace = check_flag(replace, "replace")
     if is_symbolic(attention, features, weights):
         inputs = [attention, features] + ([] if weights is None else [weights])
         return Expected(replace=replace)(inputs)
     attention = ops.convert_to_tensor(attention)
     features = ops.convert_to_tensor(features)
     if weights is None:
-        return backend_ops().expectation(features, attention, replace=bool(replace))
+        return backend_ops().expectation(features, attention, replace=replace)
     weights = ops.convert_to_tensor(weights)
     if len(attention.shape) != 2:
         raise ValueError(f"attention must be (batch, n), got shape {tuple(attention.shape)}")
@@ -318,7 +321,7 @@ def expected(attention, features, replace=False, weights=None):
         raise ValueError(f"features {tuple(features.shape)} must start with attention's shape {tuple(attention.shape)}")
     if not _is_floating(features) or not _is_floating(attention):
         raise TypeError(f"attention and features must be floating, got {attention.dtype} and {features.dtype}")
-    return _weighted(weights, attention, features, bool(replace))
+    return _weighted(weights, attention, features, replace)
 
 
 def _expected_with_replacement(weights, attention, features):

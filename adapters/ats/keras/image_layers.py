@@ -23,6 +23,7 @@ import keras
 from keras import ops
 
 from .._keras import register
+from .._layer_args import check_flag
 
 __all__ = ["ResizeImages", "ImageLinearTransform", "ImagePan"]
 
@@ -80,12 +81,10 @@ class ResizeImages(keras.layers.Layer):
 
     def __init__(self, size, mode="bilinear", antialias=False, **kwargs):
         super().__init__(**kwargs)
-        try:
-            size = tuple(int(s) for s in size)
-        except TypeError:
-            raise ValueError(f"size must be (height, width), got {size!r}") from None
-        if len(size) != 2 or min(size) < 1:
-            raise ValueError(f"size must be (height, width) with positive entries, got {size!r}")
+        if isinstance(size, (str, bytes)) or not hasattr(size, "__len__") or len(size) != 2 or not all(
+                isinstance(s, numbers.Integral) and not isinstance(s, bool) and s >= 1 for s in size):
+            raise ValueError(f"size must be (height, width) with positive integer entries, got {size!r}")
+        size = tuple(int(s) for s in size)  # (2.7, 3) was (2, 3) once
         if mode not in _RESIZE_MODES:
             raise ValueError(f"Unsupported resize mode {mode!r}; use one of {_RESIZE_MODES}")
         backend = keras.backend.backend()
@@ -97,7 +96,7 @@ class ResizeImages(keras.layers.Layer):
             )
         self.size = size
         self.mode = mode
-        self.antialias = bool(antialias)
+        self.antialias = check_flag(antialias, "antialias")
 
     def call(self, x):
         return ops.image.resize(x, self.size, interpolation=self.mode, antialias=self.antialias)
@@ -166,8 +165,8 @@ class ImagePan(keras.layers.Layer):
             raise ValueError(f"mode must be 'NEAREST' or 'BILINEAR', got {mode!r}")
         self.pixels = pixels
         self.p = _probability(p)
-        self.horizontally = bool(horizontally)
-        self.vertically = bool(vertically)
+        self.horizontally = check_flag(horizontally, "horizontally")
+        self.vertically = check_flag(vertically, "vertically")
         self.mode = str(mode).upper()
         self.seed = _seed(seed)
         self.seed_generator = keras.random.SeedGenerator(self.seed)

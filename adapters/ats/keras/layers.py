@@ -20,6 +20,7 @@ import keras
 from keras import ops
 
 from .._keras import register
+from .._layer_args import check_flag
 from .image_layers import ImageLinearTransform, ImagePan, ResizeImages
 
 
@@ -45,7 +46,7 @@ class SampleSoftmax(keras.layers.Layer):
         super().__init__(**kwargs)
         if isinstance(smooth, bool) or not isinstance(smooth, numbers.Real) or not 0 <= smooth < 1:
             raise ValueError(f"smooth must be a number in [0, 1), got {smooth!r}")
-        self.squeeze_channels = bool(squeeze_channels)
+        self.squeeze_channels = check_flag(squeeze_channels, "squeeze_channels")
         self.smooth = float(smooth)
 
     def build(self, input_shape):
