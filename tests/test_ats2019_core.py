@@ -412,3 +412,6 @@ def test_sizes_and_counts_are_integers_not_truncated():
     assert ResizeImages((np.int64(2), 3)).size == (2, 3)
     with pytest.raises(ValueError, match="n_patches must be a positive integer, got 2.5"):
         BatchToPatches(2.5)  # was 2
+    for bad in (0, 2.5):  # ATSBuilder().n_patches(0) failed in get(), naming sample()'s n_samples
+        with pytest.raises(ValueError, match=f"n_patches must be a positive integer, got {bad}"):
+            ATSBuilder().n_patches(bad)

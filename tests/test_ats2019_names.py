@@ -175,6 +175,9 @@ def test_to_dtype_unsigned_and_errors():
     assert out.dtype == np.uint8 and out.tolist() == [1, 200]
     with pytest.raises(ValueError, match="width must be one of"):
         utils.to_dtype(np.ones(2), "float", 12)
+    with pytest.raises(ValueError, match="width must be one of .* got 32.0"):
+        utils.to_dtype(np.ones(2), "float", 32.0)  # once "Invalid dtype: float32.0"
+    assert keras.ops.convert_to_numpy(utils.to_dtype(np.ones(2), "float", np.int64(16))).dtype == np.float16
     with pytest.raises(ValueError, match="no unsigned float32"):
         utils.to_dtype(np.ones(2), "float", 32, sign=False)
     with pytest.raises(ValueError, match="type must be one of"):

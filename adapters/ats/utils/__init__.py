@@ -7,6 +7,7 @@ use: ``import ats.utils`` stays light.
 
 from __future__ import annotations
 
+import numbers
 from functools import partial
 
 __all__ = [
@@ -59,8 +60,9 @@ def to_dtype(x, type="float", width=32, sign=True):  # noqa: A002 - the 2019 arg
     """
     if type not in _TYPES:
         raise ValueError(f"type must be one of {_TYPES}, got {type!r}")
-    if width not in _WIDTHS:
-        raise ValueError(f"width must be one of {_WIDTHS}, got {width!r}")
+    if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width not in _WIDTHS:
+        raise ValueError(f"width must be one of {_WIDTHS}, got {width!r}")  # 32.0 once made "float32.0"
+    width = int(width)
     if type == "float" and (width == 8 or not sign):
         raise ValueError(f"there is no {'' if sign else 'unsigned '}float{width} dtype (type={type!r}, width={width}, sign={sign})")
     return _ops().cast(x, f"{'' if sign else 'u'}{type}{width}")
