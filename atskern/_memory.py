@@ -30,12 +30,19 @@ def aligned_zeros(shape, dtype, alignment: int = ALIGNMENT) -> np.ndarray:
     return out
 
 
+def too_large(shape, itemsize: int, dtype_name, what: str, error: BaseException) -> ValueError:
+    """The ValueError for an output of ``shape`` that cannot be allocated, naming ``what`` sized it (every front
+    end's words for it)."""
+    shape = tuple(int(s) for s in shape)
+    nbytes = math.prod(shape) * itemsize
+    return ValueError(f"{what} give an output of shape {shape} ({nbytes / 2**30:.3g} GiB of {dtype_name}), more than "
+                      f"can be allocated here ({type(error).__name__})")
+
+
 def output_array(shape, dtype, what: str, empty=aligned_empty):
-    """``empty(shape, dtype)``, or a ValueError naming ``what`` sized it where it cannot be allocated (a size past
-    memory, or more elements than an index holds), instead of a bare MemoryError."""
+    """``empty(shape, dtype)``, or :func:`too_large`'s ValueError where it cannot be allocated (a size past memory,
+    or more elements than an index holds), instead of a bare MemoryError."""
     try:
         return empty(shape, dtype)
     except (MemoryError, ValueError) as error:
-        nbytes = math.prod(int(s) for s in shape) * np.dtype(dtype).itemsize
-        raise ValueError(f"{what} give an output of shape {tuple(int(s) for s in shape)} ({nbytes / 2**30:.3g} GiB "
-                         f"of {np.dtype(dtype)}), more than can be allocated here ({type(error).__name__})") from None
+        raise too_large(shape, np.dtype(dtype).itemsize, np.dtype(dtype), what, error) from None

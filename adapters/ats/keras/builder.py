@@ -28,7 +28,8 @@ import numbers
 
 from keras import ops
 
-from .._layer_args import check_flag, check_sampling_args
+from .._layer_args import check_flag
+from .._xla_common import positive_int
 from .data import FromTensors
 from .functions import expected, sample
 
@@ -104,7 +105,7 @@ class ATSBuilder:
 
     def n_patches(self, n_patches):
         """How many patches to sample per input."""
-        self._n_patches = check_sampling_args(n_patches, "sample")[0]  # named as here, not as sample()'s n_samples
+        self._n_patches = positive_int(n_patches, "n_patches")  # named as here, not as sample()'s n_samples
         return self
 
     def sample_with(self, **kwargs):

@@ -33,6 +33,7 @@ from atskern import _validation
 
 from .. import _errors
 from .._keras import register
+from .._xla_common import positive_int
 from .._layer_args import MODES  # noqa: F401 (public here since 2019's layout)
 from .._layer_args import check_flag, check_patch_size_arg, check_sampling_args
 from . import _keys
@@ -285,7 +286,7 @@ class BatchToPatches(keras.layers.Layer):
 
     def __init__(self, n_patches, **kwargs):
         super().__init__(**kwargs)
-        self.n_patches = check_sampling_args(n_patches, "sample")[0]  # a positive integer (2.5 was 2 once)
+        self.n_patches = positive_int(n_patches, "n_patches")  # 2.5 was 2 once
 
     def call(self, x):
         return ops.reshape(x, (-1, self.n_patches, *ops.shape(x)[1:]))

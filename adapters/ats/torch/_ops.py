@@ -22,6 +22,7 @@ import math
 import torch
 
 import atskern
+from atskern._memory import too_large
 
 from ._bridge import byte_twin, from_kernel, kernel_stream, to_kernel
 
@@ -123,9 +124,7 @@ def _output(shape, like: torch.Tensor, what: str) -> torch.Tensor:
         if not isinstance(error, (torch.OutOfMemoryError, MemoryError)) and not any(
                 words in str(error) for words in ("allocate", "overflow")):
             raise  # another RuntimeError (a CUDA error an earlier launch left) keeps its own message
-        nbytes = math.prod(shape) * like.element_size()
-        raise ValueError(f"{what} give an output of shape {tuple(shape)} ({nbytes / 2**30:.3g} GiB of {like.dtype}), "
-                         f"more than can be allocated here ({type(error).__name__})") from None
+        raise too_large(shape, like.element_size(), like.dtype, what, error) from None
 
 
 def _extract(x: torch.Tensor, offsets: torch.Tensor, patch_size: list[int], fill: int | float | bool,

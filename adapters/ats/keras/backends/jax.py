@@ -14,6 +14,7 @@ from jax import lax
 from ... import jax as aj
 from ...jax import expectation, extract_patches, patch_offsets  # noqa: F401 (this backend's ops)
 from ...jax._rng import OPS as UINT32
+from ...jax._sampling import top_cells as top_indices  # noqa: F401 (this backend's op)
 from .. import _keys
 
 
@@ -21,11 +22,6 @@ def sample(attention, n, *, replace, key, deterministic):
     if deterministic:
         return aj.sample(attention, n, replace=replace, deterministic=True)
     return aj.sample(attention, n, key=key, replace=replace)
-
-
-def top_indices(flat, n):
-    """int32 positions of each row's ``n`` largest entries, largest first, ties to the lower position."""
-    return lax.top_k(flat, n)[1].astype(jnp.int32)
 
 
 def fingerprint(attention):
