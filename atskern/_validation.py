@@ -317,7 +317,11 @@ def _is_ml_dtype(dtype: np.dtype) -> bool:
 
 def require_movable(array, name: str) -> np.dtype:
     """A plain numeric dtype (or an ml_dtypes float) of item size 1, 2, 4 or 8."""
-    dtype = array_dtype(array)
+    return check_movable_dtype(array_dtype(array), name)
+
+
+def check_movable_dtype(dtype: np.dtype, name: str) -> np.dtype:
+    """:func:`require_movable` of an array of ``dtype`` (for the adapters' symbolic tensors)."""
     if (dtype.kind not in _MOVABLE_KINDS and not _is_ml_dtype(dtype)) or dtype.itemsize not in GATHER_ITEMSIZES:
         raise TypeError(
             f"{name} must have a numeric dtype of item size 1, 2, 4 or 8 bytes "
@@ -383,13 +387,14 @@ def check_fill(fill, dtype: np.dtype):
             converted = np.asarray(fill).astype(dtype)
     except (OverflowError, ValueError, TypeError):
         raise bad from None
+    integer_range = _ml_integer_range(dtype)
     try:
-        if dtype.kind in "iub":
+        if dtype.kind in "iub" or integer_range:
             if isinstance(fill, (complex, np.complexfloating)):
                 raise bad
             if not isinstance(fill, (numbers.Integral, np.bool_)) and not float(fill).is_integer():
                 raise bad
-            if int(converted) != int(fill):
+            if int(converted.astype(np.int64)) != int(fill):
                 raise bad
         elif dtype.kind == "c":
             if np.isfinite(complex(fill)) and not np.isfinite(complex(converted)):
@@ -401,9 +406,32 @@ def check_fill(fill, dtype: np.dtype):
                 fill = fill.real
             if np.isfinite(float(fill)) and not np.isfinite(float(converted.astype(np.float64))):
                 raise bad
+            if _is_ml_dtype(dtype) and abs(float(fill)) >= _overflow_threshold(dtype):
+                raise bad  # a float without infinities (float4_e2m1fn, ...) saturates instead of overflowing
     except (OverflowError, ValueError, TypeError):
         raise bad from None
     return converted
+
+
+def _ml_integer_range(dtype: np.dtype) -> tuple[int, int] | None:
+    """``(min, max)`` of an ml_dtypes integer dtype (int4, uint2, ...; NumPy gives them kind 'V'), else None."""
+    if not _is_ml_dtype(dtype):
+        return None
+    ml_dtypes = importlib.import_module("ml_dtypes")
+    try:
+        info = ml_dtypes.iinfo(dtype)
+    except (TypeError, ValueError):
+        return None
+    return int(info.min), int(info.max)
+
+
+def _overflow_threshold(dtype: np.dtype) -> float:
+    """Smallest magnitude that rounds past an ml_dtypes float's largest finite value (its largest plus half an
+    ulp there): a NumPy float would become inf from it on."""
+    info = importlib.import_module("ml_dtypes").finfo(dtype)
+    largest = float(info.max)
+    _, exponent = math.frexp(largest)
+    return largest + 2.0 ** (exponent - 2 - int(info.nmant))
 
 
 _check_fill_uncached = check_fill

@@ -61,8 +61,21 @@ def from_numpy(array: np.ndarray) -> tf.Tensor:
     array = importable(array)
     if array.size == 0:
         return tf.constant(array)
+    if array.dtype.type.__module__.startswith("ml_dtypes"):  # bfloat16, float8...: DLPack has no code for them
+        return _from_ml_dtypes(array)
     # A legacy capsule: ``__dlpack__()`` without ``max_version``.
     return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+
+
+def _from_ml_dtypes(array: np.ndarray) -> tf.Tensor:
+    """The tensor of an ml_dtypes array: its bits through DLPack as unsigned integers, bitcast to the TF dtype
+    (a copy where TF cannot bitcast to it)."""
+    try:
+        target = tf.as_dtype(array.dtype)
+        bits = array.view(np.dtype(f"u{array.dtype.itemsize}"))
+        return tf.bitcast(tf.experimental.dlpack.from_dlpack(bits.__dlpack__()), target)
+    except (TypeError, ValueError, BufferError, tf.errors.OpError):
+        return tf.constant(array)
 
 
 def to_numpy(tensor) -> np.ndarray:
@@ -72,7 +85,7 @@ def to_numpy(tensor) -> np.ndarray:
         return tensor.numpy()
     try:
         return np.from_dlpack(tensor)
-    except (BufferError, TypeError, RuntimeError):
+    except (BufferError, TypeError, RuntimeError, tf.errors.OpError):  # OpError: float8 has no DLPack code
         return tensor.numpy()
 
 

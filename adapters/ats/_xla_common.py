@@ -13,7 +13,26 @@ from fractions import Fraction
 
 import numpy as np
 
+from atskern import _validation
 from atskern._offsets import simplest_fraction
+
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def int32_clamps(dtype) -> tuple[int | None, int | None]:
+    """The int32 limits that values of the integer ``dtype`` must be clamped to before a cast to int32 (None
+    where the dtype cannot pass it): a saturating cast keeps an offset or a cell far outside an image outside it,
+    where a plain cast would wrap it back in (2**32 + 1 to 1)."""
+    info = np.iinfo(np.dtype(dtype))
+    return (INT32_MIN if info.min < INT32_MIN else None), (INT32_MAX if info.max > INT32_MAX else None)
+
+
+def checked_fill(fill, dtype):
+    """``fill`` as it is, after atskern's check against the images' dtype (the kernels' error: a bool fill for
+    numbers, a value the dtype cannot hold); NumPy scalars and bools (for bool images) are accepted as there."""
+    _validation.check_fill(fill, np.dtype(dtype))
+    return fill
 
 
 def positive_int(value, name: str) -> int:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._xla_common import offset_table
+from .._xla_common import int32_clamps, offset_table
 
 
 def _geometry(shape, channels_first: bool):
@@ -47,7 +47,7 @@ def gather(x, offsets, patch, fill, channels_first: bool):
     padded = jax.lax.pad(x, jnp.asarray(fill).astype(x.dtype), config)
     low = jnp.asarray([-p for p in patch], jnp.int32)
     high = jnp.asarray(spatial, jnp.int32)
-    starts = jnp.clip(offsets, low.astype(offsets.dtype), high.astype(offsets.dtype)).astype(jnp.int32)
+    starts = jnp.clip(int32_saturated(offsets), low, high)
     starts = starts + jnp.asarray(patch, jnp.int32)
     sizes = ((channels,) + tuple(patch)) if channels_first else (tuple(patch) + (channels,))
 
@@ -57,6 +57,17 @@ def gather(x, offsets, patch, fill, channels_first: bool):
         return jax.lax.dynamic_slice(image, index, sizes)
 
     return jax.vmap(jax.vmap(one, in_axes=(None, 0)))(padded, starts)
+
+
+def int32_saturated(values):
+    """Integer ``values`` cast to int32 with saturation (``int32_clamps``), not wrapping: uint8 offsets stay
+    positive, int64 ones of 2**32 + 1 stay outside."""
+    low, high = int32_clamps(values.dtype)
+    if high is not None:
+        values = jnp.minimum(values, jnp.asarray(high, values.dtype))
+    if low is not None:
+        values = jnp.maximum(values, jnp.asarray(low, values.dtype))
+    return values.astype(jnp.int32)
 
 
 def scatter_patches(grad, offsets, spatial_shape, *, channels_first: bool = False):
@@ -121,6 +132,6 @@ def offsets_from_samples(samples, grid, level, patch, margins):
     columns = []
     for d in range(len(grid)):
         table = jnp.asarray(offset_table(grid[d], level[d], patch[d], margins[d]))
-        cells = jnp.clip(samples[..., d].astype(jnp.int32), 0, grid[d] - 1)
+        cells = jnp.clip(int32_saturated(samples[..., d]), 0, grid[d] - 1)
         columns.append(table[cells])
     return jnp.stack(columns, axis=-1)

@@ -27,7 +27,6 @@ import numpy as np
 from jax import lax
 
 import atskern
-from atskern import _validation
 
 from . import _checks as c
 from . import _estimator, _kernel, _patches, _paths, _rng, _sampling
@@ -205,7 +204,7 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
     lookup table built in rational arithmetic. Returns int32 ``(..., D)``;
     cells outside the grid are clipped into it.
     """
-    samples = c.as_array(samples, "samples")
+    samples = c.as_index_array(samples, "samples")
     if not jnp.issubdtype(samples.dtype, jnp.integer):
         raise TypeError(f"samples must be integer grid cells, got {samples.dtype}")
     dims = samples.shape[-1]
@@ -222,15 +221,6 @@ def _spatial(x, name: str, channels_first: bool) -> tuple[int, ...]:
     return tuple(x.shape[2:]) if channels_first else tuple(x.shape[1:-1])
 
 
-def _fill(fill, dtype, name="fill"):
-    """``fill`` checked against the images' dtype with atskern's rule (the same error on both paths)."""
-    if isinstance(fill, bool) or not isinstance(fill, (int, float)):
-        raise TypeError(f"{name} must be a Python int or float, got {fill!r}")
-    try:
-        _validation.check_fill(fill, np.dtype(dtype))
-    except ValueError as error:
-        raise ValueError(str(error)) from None
-    return fill
 
 
 def _kernel_extract(x, offsets, patch, fill, channels_first):
@@ -250,7 +240,7 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False, pat
     offsets : integer array ``(B, K, D)``
         Each patch's first pixel; anywhere (pixels outside ``x`` take ``fill``).
     patch_size : int or D ints
-    fill : Python int or float, representable in ``x``'s dtype
+    fill : number (a Python or NumPy scalar; a bool for bool ``x``), representable in ``x``'s dtype
     channels_first : bool
         JAX's default is channels-last (``ats.torch``'s is channels-first).
     {path}
@@ -263,13 +253,13 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False, pat
     x = c.as_array(x, "x")
     channels_first = c.boolean(channels_first, "channels_first")
     spatial = _spatial(x, "x", channels_first)
-    offsets = c.as_array(offsets, "offsets")
+    offsets = c.as_index_array(offsets, "offsets")
     if offsets.ndim != 3 or offsets.shape[0] != x.shape[0] or offsets.shape[2] != len(spatial):
         raise ValueError(f"offsets must be (batch, K, {len(spatial)}) for x of shape {tuple(x.shape)}, got {tuple(offsets.shape)}")
     if not jnp.issubdtype(offsets.dtype, jnp.integer):
         raise TypeError(f"offsets must be an integer array, got {offsets.dtype}")
     patch = c.size_tuple(patch_size, len(spatial), "patch_size")
-    fill = _fill(fill, x.dtype)
+    fill = c.checked_fill(fill, x.dtype)
     if _paths.choose(path, "patches", x, offsets) == "kernel":
         return _kernel_extract(x, offsets, patch, fill, channels_first)
     return _extract(x, offsets, patch, fill, channels_first)
@@ -283,7 +273,7 @@ def scatter_patches(grad, offsets, spatial_shape, *, channels_first=False, path=
     :func:`extract_patches` (overlaps sum, parts outside dropped). float32 for 16-bit gradients.
     ``path`` as in :func:`extract_patches` (``atskern.scatter_patches`` or a ``jnp`` scatter-add)."""
     grad = c.as_array(grad, "grad")
-    offsets = c.as_array(offsets, "offsets")
+    offsets = c.as_index_array(offsets, "offsets")
     channels_first = c.boolean(channels_first, "channels_first")
     if offsets.ndim != 3 or grad.ndim != offsets.shape[2] + 3 or grad.shape[:2] != offsets.shape[:2]:
         raise ValueError(f"grad must be (batch, K, *patch, C) matching offsets {tuple(offsets.shape)}, got {tuple(grad.shape)}")
@@ -313,7 +303,7 @@ def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, 
     if not isinstance(patch_sizes, (list, tuple)) or len(patch_sizes) != len(levels):
         raise ValueError(f"patch_sizes must hold one patch size per level ({len(levels)}), got {patch_sizes!r}")
     _paths.check(path)
-    samples = c.as_array(samples, "samples")
+    samples = c.as_index_array(samples, "samples")
     patches = []
     for i, (x, size) in enumerate(zip(levels, patch_sizes)):
         x = c.as_array(x, f"levels[{i}]")

@@ -343,6 +343,8 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
     grid = _per_dim(grid_shape, dims, "grid_shape")
     level = _per_dim(level_shape, dims, "level_shape")
     limit = _offsets.SAMPLE_LIMIT
+    if samples.dtype.max > limit:  # uint64 cells of 2**63 and more would wrap to negative ones
+        samples = tf.minimum(samples, tf.constant(limit, samples.dtype))
     cells = tf.clip_by_value(tf.cast(samples, tf.int64), -limit, limit)
     terms = _margin_terms(margin, dims)
     if terms is None:
@@ -403,8 +405,11 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False):
     """
     x = tf.convert_to_tensor(x)
     offsets = tf.convert_to_tensor(offsets)
+    channels_first = _validation.check_channels_first(channels_first)
     size = _check_patch_inputs(x, offsets, patch_size)
-    offsets = tf.cast(offsets, tf.int32)
+    _validation.check_fill(fill, _validation.check_movable_dtype(np.dtype(x.dtype.as_numpy_dtype), "x"))
+    check_same_batch({"offsets": offsets, "x": x})
+    offsets = _xla().int32_saturated(offsets)
     if in_xla_context():
         spatial = x.shape[2:] if channels_first else x.shape[1:-1]
         if not spatial.is_fully_defined():
@@ -447,31 +452,26 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False):
     return extract(x, offsets)
 
 
-def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, fill=0):
+def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, fill=0, channels_first=False):
     """One patch per level of an image pyramid around each sampled grid cell.
 
-    ``levels`` is a list of ``(B, *spatial_l, C)`` tensors, ``samples`` int
-    ``(B, K, D)`` cells of a grid of shape ``grid_shape``, ``patch_sizes`` one
-    size per level (or one for all). Returns a list of ``(B, K, *P_l, C)``
-    patches; gradients scatter back into every floating level.
+    ``levels`` is a list of ``(B, *spatial_l, C)`` tensors (``(B, C, *spatial_l)`` when
+    ``channels_first``), ``samples`` int ``(B, K, D)`` cells of a grid of shape ``grid_shape``,
+    ``patch_sizes`` one patch size (an int or D ints) per level, as in ``atskern.extract_multiscale``.
+    Returns a list of ``(B, K, *P_l, C)`` (``(B, K, C, *P_l)``) patches; gradients scatter back into
+    every floating level.
     """
-    levels = list(levels)
-    if not levels:
-        raise ValueError("levels must hold at least one image level")
-    if isinstance(patch_sizes, numbers.Integral) or (
-        len(patch_sizes) and isinstance(patch_sizes[0], numbers.Integral)
-    ):
-        patch_sizes = [patch_sizes] * len(levels)
-    if len(patch_sizes) != len(levels):
-        raise ValueError(f"patch_sizes must give one size per level ({len(levels)}), got {len(patch_sizes)}")
+    levels = _validation.check_levels(levels, "levels")
+    patch_sizes = _validation.check_per_level(patch_sizes, len(levels), "patch_sizes")
+    channels_first = _validation.check_channels_first(channels_first)
     samples = tf.convert_to_tensor(samples)
     patches = []
     for i, (level, size) in enumerate(zip(levels, patch_sizes)):
         level = tf.convert_to_tensor(level)
         check_same_batch({"samples": samples, f"levels[{i}]": level})
-        spatial = tf.shape(level)[1:-1]
+        spatial = tf.shape(level)[2:] if channels_first else tf.shape(level)[1:-1]
         offsets = patch_offsets(samples, grid_shape, spatial, size, margin=margin)
-        patches.append(extract_patches(level, offsets, size, fill=fill))
+        patches.append(extract_patches(level, offsets, size, fill=fill, channels_first=channels_first))
     return patches
 
 

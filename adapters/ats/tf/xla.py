@@ -59,6 +59,16 @@ def _tensor(value, name: str):
     raise TypeError(f"{name} must be a TensorFlow tensor or a NumPy array, got {type(value).__name__}")
 
 
+def int32_saturated(values):
+    """An integer tensor cast to int32 with saturation (``common.int32_clamps``), not wrapping."""
+    low, high = common.int32_clamps(values.dtype.as_numpy_dtype)
+    if high is not None:
+        values = tf.minimum(values, tf.constant(high, values.dtype))
+    if low is not None:
+        values = tf.maximum(values, tf.constant(low, values.dtype))
+    return tf.cast(values, tf.int32)
+
+
 # --- the generator ----------------------------------------------------------------------------
 
 
@@ -237,7 +247,7 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
     columns = []
     for d in range(dims):
         table = tf.constant(common.offset_table(grid[d], level[d], patch[d], margins[d]))
-        cells = tf.clip_by_value(tf.cast(samples[..., d], tf.int32), 0, grid[d] - 1)
+        cells = tf.clip_by_value(int32_saturated(samples[..., d]), 0, grid[d] - 1)
         columns.append(tf.gather(table, cells))
     return tf.stack(columns, axis=-1)
 
@@ -270,7 +280,7 @@ def _index_grid(offsets, patch, spatial, channels, channels_first: bool, image_b
     c_index = tf.reshape(tf.range(channels, dtype=tf.int32), c_shape)
     positions, inside = [], None
     for d in range(ndim):
-        start = tf.clip_by_value(tf.cast(offsets[:, :, d], tf.int32), -patch[d], spatial[d])
+        start = tf.clip_by_value(int32_saturated(offsets[:, :, d]), -patch[d], spatial[d])
         shape = [batch, count] + [1] * (rank - 2)
         shape[first_patch_axis + d] = patch[d]
         pos = tf.reshape(start[:, :, None] + tf.range(patch[d], dtype=tf.int32), shape)
@@ -326,8 +336,7 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False):
         raise ValueError(f"offsets must be (batch, K, {len(spatial)}) for x of shape {tuple(x.shape)}, got {tuple(offsets.shape)}")
     if not offsets.dtype.is_integer:
         raise TypeError(f"offsets must be an integer tensor, got {offsets.dtype.name}")
-    if isinstance(fill, bool) or not isinstance(fill, (int, float)):
-        raise TypeError(f"fill must be a Python int or float, got {fill!r}")
+    fill = common.checked_fill(fill, x.dtype.as_numpy_dtype)
     patch = common.size_tuple(patch_size, len(spatial), "patch_size")
     _same_batch(offsets, x, "x")
 
