@@ -254,9 +254,20 @@ def check_expectation(features, probs, grad=None):
     return tuple(int(s) for s in probs.shape)
 
 
+def unit_roundoff(dtype) -> float:
+    """Half the machine epsilon of a float dtype (NumPy's, or ml_dtypes' such as bfloat16): the largest relative
+    error of rounding a value to it."""
+    dtype = np.dtype(dtype)
+    info = importlib.import_module("ml_dtypes").finfo(dtype) if _is_ml_dtype(dtype) else np.finfo(dtype)
+    return float(info.eps) / 2
+
+
 def probs_sum_tolerance(dtype, n: int) -> float:
-    """How far above 1 a draw's probabilities (without replacement) may sum: rounding of the given dtype."""
-    return 1e-6 if np.dtype(dtype) == np.float64 else n * 2.0**-20
+    """How far above 1 a draw's probabilities (without replacement) may sum: rounding of the given dtype
+    (1e-6 for float64; ``n`` times the larger of ``2**-20`` and the dtype's epsilon otherwise)."""
+    if np.dtype(dtype) == np.float64:
+        return 1e-6
+    return n * max(2.0**-20, 2 * unit_roundoff(dtype))
 
 
 def explain_bad_probs(probs64: np.ndarray, replace: bool, tolerance: float) -> ValueError:

@@ -11,7 +11,10 @@ With ``n`` draws per row, ``w = 1/n``, drawn probabilities ``a_k`` and features
 The feature gradient is ``c_k g``. The attention gradient is not the
 derivative of ``F`` but the unbiased estimate of ``<g, f_i>``:
 ``w <g, f_k> / a_k`` with replacement, ``w (pm_k / a_k + n - 1 - k) <g, f_k>``
-without. Sums of probabilities are taken in float64.
+without. Sums of probabilities are taken in float64. Where ``1 - sum_{j<k} a_j`` is lost in the
+rounding of the probabilities (the draws so far hold all but a sliver of the mass), ``pm_k`` is
+``sum_{j>=k} a_j`` instead, the mass of the draws still to come: a lower bound of the mass left
+that keeps the gradients finite (:func:`_mass_left`).
 
 A drawn entry with ``probs == 0`` (a filler: a short row's padding or a probability the dtype
 cannot hold, DESIGN.md R1-R3) gets ``c_k = 0`` and attention gradient 0, so results stay finite.
@@ -25,10 +28,22 @@ from . import _validation as v
 from ._backend import array_module, backend_of
 
 
-def _mass_left(xp, probs64):
-    """``pm_k = 1 - sum_{j<k} a_j`` per row, float64."""
+def _mass_left(xp, probs64, unit):
+    """``pm_k`` per row, float64: ``1 - sum_{j<k} a_j`` where the probabilities resolve it, else
+    ``sum_{j>=k} a_j``.
+
+    The draws still to come are part of the mass left, so ``sum_{j>=k} a_j`` bounds it from below. Once the
+    draws so far hold all but a sliver of the mass, ``1 - sum_{j<k} a_j`` is within its rounding error (``unit``,
+    the unit roundoff of the probabilities' dtype, per entry, and float64's per addition): then it may be 0,
+    negative, or 1e36 times the true mass, and ``pm_k / a_k`` overflows. There the bound takes its place, so every
+    gradient stays finite; elsewhere the two agree up to rounding.
+    """
+    n = probs64.shape[1]
     before = xp.cumsum(probs64, axis=1) - probs64
-    return 1.0 - before
+    still_to_come = xp.cumsum(probs64[:, ::-1], axis=1)[:, ::-1]
+    left = 1.0 - before
+    noise = 2.0 * unit * before + xp.arange(1, n + 1, dtype=xp.float64) * 2.0**-53
+    return xp.where(left > noise, xp.maximum(left, still_to_come), still_to_come)
 
 
 def _check_probs(xp, probs, probs64, replace):
@@ -54,17 +69,17 @@ def _check(features, probs, grad, replace):
     return xp, probs64
 
 
-def _feature_weights(xp, probs64, replace):
+def _feature_weights(xp, probs64, replace, unit):
     """``c_k``; 0 for fillers (``probs == 0``: rule R3)."""
     n = probs64.shape[1]
     drawn = probs64 > 0
     if replace:
         return xp.where(drawn, 1.0 / n, 0.0)
     remaining = xp.arange(n - 1, -1, -1, dtype=xp.float64)
-    return xp.where(drawn, (_mass_left(xp, probs64) + remaining * probs64) / n, 0.0)
+    return xp.where(drawn, (_mass_left(xp, probs64, unit) + remaining * probs64) / n, 0.0)
 
 
-def _attention_scale(xp, probs64, replace):
+def _attention_scale(xp, probs64, replace, unit):
     """The attention gradient's factor of ``<g, f_k>``; 0 for fillers (no division by 0)."""
     n = probs64.shape[1]
     drawn = probs64 > 0
@@ -72,7 +87,7 @@ def _attention_scale(xp, probs64, replace):
     if replace:
         return xp.where(drawn, 1.0 / (n * safe), 0.0)
     remaining = xp.arange(n - 1, -1, -1, dtype=xp.float64)
-    return xp.where(drawn, (_mass_left(xp, probs64) / safe + remaining) / n, 0.0)
+    return xp.where(drawn, (_mass_left(xp, probs64, unit) / safe + remaining) / n, 0.0)
 
 
 def _expand(weights, ndim):
@@ -87,7 +102,7 @@ def expectation(features, probs, *, replace=False):
     ``features``' dtype. ``replace`` must match how the draws were made.
     """
     xp, probs64 = _check(features, probs, None, replace)
-    weights = _feature_weights(xp, probs64, replace)
+    weights = _feature_weights(xp, probs64, replace, v.unit_roundoff(probs.dtype))
     estimate = (_expand(weights, features.ndim) * features).sum(axis=1)
     return estimate.astype(features.dtype)
 
@@ -103,9 +118,10 @@ def expectation_grad(grad, features, probs, *, replace=False):
     v.require_array(grad, "grad")  # None is expectation's "no gradient" inside _check
     xp, probs64 = _check(features, probs, grad, replace)
     n = probs64.shape[1]
-    weights = _feature_weights(xp, probs64, replace)
+    unit = v.unit_roundoff(probs.dtype)
+    weights = _feature_weights(xp, probs64, replace, unit)
     grad_b = grad[:, None]
     grad_features = (_expand(weights, features.ndim) * grad_b).astype(features.dtype)
     inner = (grad_b.astype(xp.float64) * features).reshape(features.shape[0], n, -1).sum(axis=2)
-    grad_probs = (_attention_scale(xp, probs64, replace) * inner).astype(probs.dtype)
+    grad_probs = (_attention_scale(xp, probs64, replace, unit) * inner).astype(probs.dtype)
     return grad_probs, grad_features

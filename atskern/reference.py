@@ -94,6 +94,7 @@ def expectation(features, probs, *, replace=False):
     ``features`` ``(B, n, *F)``, ``probs`` ``(B, n)``; returns ``(B, *F)``.
     A filler (``probs == 0``) contributes nothing.
     """
+    unit = _unit_roundoff(probs)
     features = np.asarray(features, dtype=np.float64)
     probs = np.asarray(probs, dtype=np.float64)
     rows, n = probs.shape
@@ -103,14 +104,34 @@ def expectation(features, probs, *, replace=False):
         if replace:
             out[b] = features[b][drawn].sum(axis=0) / n
             continue
-        pm = 1.0
         for k in range(n):
+            pm = _mass_left(probs[b], k, unit)
             estimate_k = (pm if drawn[k] else 0.0) * features[b, k]
             for j in range(k):
                 estimate_k = estimate_k + probs[b, j] * features[b, j]
             out[b] += estimate_k / n
-            pm -= probs[b, k]
     return out
+
+
+def _unit_roundoff(probs) -> float:
+    dtype = np.asarray(probs).dtype
+    if dtype.type.__module__.startswith("ml_dtypes"):
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(dtype).eps) / 2
+    return float(np.finfo(dtype).eps) / 2
+
+
+def _mass_left(row, k: int, unit: float) -> float:
+    """The mass left before draw ``k``: ``1 - sum_{j<k} a_j``, unless that lies within the rounding of the
+    probabilities (``unit`` per entry, float64's per addition), where the draws still to come, a lower bound of
+    it, take its place (see ``atskern.estimator``)."""
+    before = float(sum(row[:k]))
+    left = 1.0 - before
+    still_to_come = float(sum(row[k:]))
+    if left > 2.0 * unit * before + (k + 1) * 2.0**-53:
+        return max(left, still_to_come)
+    return still_to_come
 
 
 def expectation_grad(grad, features, probs, *, replace=False):
@@ -119,6 +140,7 @@ def expectation_grad(grad, features, probs, *, replace=False):
     Returns ``(grad_probs (B, n), grad_features (B, n, *F))``; see DESIGN.md.
     Fillers (``probs == 0``) get zero gradients.
     """
+    unit = _unit_roundoff(probs)
     grad = np.asarray(grad, dtype=np.float64)
     features = np.asarray(features, dtype=np.float64)
     probs = np.asarray(probs, dtype=np.float64)
@@ -126,7 +148,6 @@ def expectation_grad(grad, features, probs, *, replace=False):
     grad_probs = np.zeros((rows, n))
     grad_features = np.zeros(features.shape)
     for b in range(rows):
-        pm = 1.0
         for k in range(n):
             inner = float(np.sum(grad[b] * features[b, k]))
             if probs[b, k] == 0:  # a filler: no weight, no gradient
@@ -135,10 +156,10 @@ def expectation_grad(grad, features, probs, *, replace=False):
                 grad_features[b, k] = grad[b] / n
                 grad_probs[b, k] = inner / probs[b, k] / n
             else:
+                pm = _mass_left(probs[b], k, unit)
                 remaining = n - 1 - k
                 grad_features[b, k] = (pm + remaining * probs[b, k]) * grad[b] / n
                 grad_probs[b, k] = (pm / probs[b, k] + remaining) * inner / n
-            pm -= probs[b, k]
     return grad_probs, grad_features
 
 

@@ -126,8 +126,9 @@ def attention_values(att, n: int, replace: bool, logits: bool, strict: bool):
 
 
 def probs_tolerance(dtype, n: int) -> float:
-    """How far above 1 a row of probabilities may sum: 1e-6 for float64, ``n * 2**-20`` otherwise."""
-    return 1e-6 if np.dtype(dtype) == np.float64 else n * 2.0**-20
+    """How far above 1 a row of probabilities may sum: atskern's rule (1e-6 for float64, ``n`` times the larger of
+    ``2**-20`` and the dtype's epsilon otherwise: float16 and bfloat16 probabilities round further)."""
+    return _validation.probs_sum_tolerance(dtype, n)
 
 
 def probs_values(probs, replace: bool):

@@ -20,14 +20,22 @@ import jax.numpy as jnp
 from ._rng import compute_dtype
 
 
-def mass_left(probs):
-    """``pm_k = 1 - sum_{j<k} a_j`` per row (an exclusive cumulative sum)."""
+def mass_left(probs, unit: float):
+    """``pm_k`` per row: ``1 - sum_{j<k} a_j``, or ``sum_{j>=k} a_j`` (the draws still to come, a lower bound)
+    where that is lost in the rounding of the probabilities (``unit`` per entry) and of the compute dtype
+    (``atskern.estimator._mass_left``)."""
+    n = probs.shape[1]
     before = jnp.cumsum(probs, axis=1) - probs
-    return 1 - before
+    still_to_come = jnp.flip(jnp.cumsum(jnp.flip(probs, axis=1), axis=1), axis=1)
+    left = 1 - before
+    sums = float(jnp.finfo(probs.dtype).eps) / 2
+    noise = 2 * unit * before + jnp.arange(1, n + 1, dtype=probs.dtype) * sums
+    return jnp.where(left > noise, jnp.maximum(left, still_to_come), still_to_come)
 
 
-def coefficients(probs, replace: bool):
-    """``(c, s)``: feature coefficients and attention-gradient scales ``(B, n)``, zero where ``probs == 0``."""
+def coefficients(probs, replace: bool, unit: float):
+    """``(c, s)``: feature coefficients and attention-gradient scales ``(B, n)``, zero where ``probs == 0``;
+    ``probs`` in the compute dtype, ``unit`` the unit roundoff of their own dtype."""
     n = probs.shape[1]
     filler = probs == 0
     safe = jnp.where(filler, 1, probs)
@@ -36,10 +44,14 @@ def coefficients(probs, replace: bool):
         s = 1 / (n * safe)
     else:
         remaining = jnp.arange(n - 1, -1, -1, dtype=probs.dtype)
-        pm = mass_left(probs)
+        pm = mass_left(probs, unit)
         c = (pm + remaining * probs) / n
         s = (pm / safe + remaining) / n
     return jnp.where(filler, 0, c), jnp.where(filler, 0, s)
+
+
+def _unit(probs) -> float:
+    return float(jnp.finfo(probs.dtype).eps) / 2
 
 
 def _expand(weights, ndim: int):
@@ -50,7 +62,7 @@ def _expand(weights, ndim: int):
 def expectation(features, probs, replace: bool):
     """``(B, *F)`` estimate from ``features`` ``(B, n, *F)`` and ``probs`` ``(B, n)`` (no checks)."""
     dtype = compute_dtype()
-    c, _ = coefficients(probs.astype(dtype), replace)
+    c, _ = coefficients(probs.astype(dtype), replace, _unit(probs))
     estimate = jnp.sum(_expand(c, features.ndim) * features.astype(dtype), axis=1)
     return estimate.astype(features.dtype)
 
@@ -62,7 +74,7 @@ def _fwd(features, probs, replace):
 def grads(grad, features, probs, replace: bool):
     """``(grad_probs, grad_features)``: atskern.expectation_grad's formulas, rule R3 included."""
     dtype = compute_dtype()
-    c, s = coefficients(probs.astype(dtype), replace)
+    c, s = coefficients(probs.astype(dtype), replace, _unit(probs))
     grad_features = (_expand(c, features.ndim) * grad[:, None].astype(dtype)).astype(features.dtype)
     products = grad[:, None].astype(dtype) * features.astype(dtype)
     inner = products.reshape(probs.shape[0], probs.shape[1], -1).sum(axis=2)

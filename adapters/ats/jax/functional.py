@@ -333,28 +333,39 @@ def expectation(features, probs, *, replace=False, validate=True):
     the row); only when called eagerly (traced values are unknown).
     One implementation (the estimator is a few elementwise ops: no kernel path).
     """
+    features, probs, replace = _estimator_inputs(features, probs, replace, validate)
+    return _expectation(features, probs, replace)
+
+
+def _estimator_inputs(features, probs, replace, validate):
+    """``features``, ``probs`` and ``replace`` of the estimator, checked (shapes, dtypes, and the values of
+    concrete ``probs`` when ``validate``)."""
     features = c.as_array(features, "features")
     probs = c.as_array(probs, "probs")
     replace = c.boolean(replace, "replace")
     if probs.ndim != 2:
         raise ValueError(f"probs must be (batch, n), got shape {tuple(probs.shape)}")
+    if probs.shape[1] == 0:
+        raise ValueError(f"probs must not be empty, got shape {tuple(probs.shape)}")
     if features.ndim < 2 or tuple(features.shape[:2]) != tuple(probs.shape):
         raise ValueError(f"features must be (batch, n, ...) = {tuple(probs.shape)} + (...), got {tuple(features.shape)}")
     if not jnp.issubdtype(features.dtype, jnp.floating) or not jnp.issubdtype(probs.dtype, jnp.floating):
         raise TypeError(f"features and probs must be floating, got {features.dtype} and {probs.dtype}")
     if c.boolean(validate, "validate") and c.is_concrete(probs):
         c.probs_values(probs, replace)
-    return _expectation(features, probs, replace)
+    return features, probs, replace
 
 
-def expectation_grad(grad, features, probs, *, replace=False):
-    """``(grad_probs, grad_features)`` of :func:`expectation` for upstream ``grad`` ``(B, *F)``, as atskern's."""
+def expectation_grad(grad, features, probs, *, replace=False, validate=True):
+    """``(grad_probs, grad_features)`` of :func:`expectation` for upstream ``grad`` ``(B, *F)``, as atskern's
+    (the same checks as :func:`expectation`)."""
     grad = c.as_array(grad, "grad")
-    features = c.as_array(features, "features")
-    probs = c.as_array(probs, "probs")
+    features, probs, replace = _estimator_inputs(features, probs, replace, validate)
+    if not jnp.issubdtype(grad.dtype, jnp.floating):
+        raise TypeError(f"grad must be floating, got {grad.dtype}")
     if tuple(grad.shape) != (probs.shape[0],) + tuple(features.shape[2:]):
         raise ValueError(f"grad must be (batch, *F) = {(probs.shape[0],) + tuple(features.shape[2:])}, got {tuple(grad.shape)}")
-    return _estimator.grads(grad, features, probs, c.boolean(replace, "replace"))
+    return _estimator.grads(grad, features, probs, replace)
 
 
 # --- attention helpers (as ats.torch.functional's) ----------------------------------------------

@@ -111,6 +111,12 @@ class SamplePatches(keras.layers.Layer):
         process; other ranks draw their own patches.
     fill : number
         Value of patch pixels that fall outside ``x_high``.
+
+    Mixed precision: this layer and :class:`Expectation` do not cast their inputs to the policy's compute dtype
+    (``autocast=False``). The sampled attention stays in the attention map's dtype, because its gradient,
+    ``<g, f_k> / (n a_k)`` and more, exceeds float16's largest value (65504) on maps of 65536 cells and more,
+    and then every logit's gradient is NaN. Under ``mixed_float16``, give the attention network's last layer
+    ``dtype="float32"``, as Keras advises for softmax outputs.
     """
 
     def __init__(
@@ -125,6 +131,7 @@ class SamplePatches(keras.layers.Layer):
         fill=0,
         **kwargs,
     ):
+        kwargs.setdefault("autocast", False)  # see "Mixed precision" in the docstring
         super().__init__(**kwargs)
         self.n_patches, self.receptive_field, self.fill = check_sampling_args(n_patches, mode, receptive_field, fill)
         self.patch_size = check_patch_size_arg(patch_size)
@@ -245,6 +252,7 @@ class Expectation(keras.layers.Layer):
     """
 
     def __init__(self, replace=False, **kwargs):
+        kwargs.setdefault("autocast", False)  # see "Mixed precision" in SamplePatches' docstring
         super().__init__(**kwargs)
         self.replace = check_flag(replace, "replace")
         self.supports_jit = True

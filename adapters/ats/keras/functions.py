@@ -58,6 +58,7 @@ require_keras("ats.keras.functions")
 import numbers
 
 import keras
+import ml_dtypes
 import numpy as np
 from keras import ops
 
@@ -238,15 +239,28 @@ def _exclusive_cumsum(x, reverse=False):
     return total - x
 
 
-def _coefficients(weights, probs, replace: bool):
-    """Feature coefficients ``c_k`` and attention-gradient scales ``s_k``, ``(B, n)`` in the compute dtype."""
+def _mass_left(probs, unit: float, work: str):
+    """``pm_k``: ``1 - sum_{j<k} a_j``, or ``sum_{j>=k} a_j`` (the draws still to come, a lower bound) where that
+    is lost in the rounding of the probabilities (``unit`` per entry) and of ``work``
+    (``atskern.estimator._mass_left``)."""
+    before = _exclusive_cumsum(probs)
+    still_to_come = _exclusive_cumsum(probs, reverse=True) + probs
+    left = 1 - before
+    draws = ops.cast(ops.arange(1, ops.shape(probs)[1] + 1), work)
+    noise = 2 * unit * before + draws * (float(np.finfo(work).eps) / 2)
+    return ops.where(left > noise, ops.maximum(left, still_to_come), still_to_come)
+
+
+def _coefficients(weights, probs, replace: bool, unit: float, work: str):
+    """Feature coefficients ``c_k`` and attention-gradient scales ``s_k``, ``(B, n)`` in the compute dtype
+    ``work``; ``unit``: the unit roundoff of the probabilities' own dtype."""
     zero = ops.equal(probs, 0)
     safe = ops.where(zero, ops.ones_like(probs), probs)
     if replace:
         coef = weights
         scale = weights / safe
     else:
-        mass_left = 1 - _exclusive_cumsum(probs)
+        mass_left = _mass_left(probs, unit, work)
         later = _exclusive_cumsum(weights, reverse=True)
         coef = weights * mass_left + probs * later
         scale = weights * mass_left / safe + later
@@ -263,7 +277,8 @@ def _weighted(weights, attention, features, replace: bool):
 
     @ops.custom_gradient
     def estimate(f, a):
-        coef, scale = _coefficients(weights, ops.cast(a, work), replace)
+        unit = float(ml_dtypes.finfo(keras.backend.standardize_dtype(a.dtype)).eps) / 2
+        coef, scale = _coefficients(weights, ops.cast(a, work), replace, unit, work)
         coef_f = expand(ops.cast(coef, f.dtype))
         value = ops.sum(coef_f * f, axis=1)
 

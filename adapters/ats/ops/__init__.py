@@ -191,8 +191,9 @@ def sample(attention, n_samples, *, replace=False, seed=None, deterministic=Fals
     """
     attention = tf.convert_to_tensor(attention)
     n = _positive_int(n_samples, "n_samples")
-    if not isinstance(replace, (bool, np.bool_)):
-        raise TypeError(f"replace must be True or False, got {replace!r}")
+    replace = _validation.require_bool(replace, "replace")
+    deterministic = _validation.require_bool(deterministic, "deterministic")
+    strict = _validation.require_bool(strict, "strict")
     dims = _check_attention(attention, n, bool(replace and not deterministic))
     if not (replace and not deterministic) and not attention.shape[1:].is_fully_defined():
         check = tf.debugging.assert_greater_equal(
@@ -478,8 +479,9 @@ def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, 
 # --- expectation ---------------------------------------------------------------
 
 
-def _feature_weights(probs64, replace: bool):
-    """``c_k`` of ``F = sum_k c_k f_k`` and the attention-gradient scale, float64 ``(B, n)``.
+def _feature_weights(probs64, replace: bool, unit: float):
+    """``c_k`` of ``F = sum_k c_k f_k`` and the attention-gradient scale, float64 ``(B, n)``; ``unit``: the unit
+    roundoff of the probabilities' own dtype.
 
     A filler (``probs == 0``: rule R3 of DESIGN.md) gets 0 for both, with no division by zero.
     """
@@ -489,7 +491,7 @@ def _feature_weights(probs64, replace: bool):
     zero = tf.zeros_like(probs64)
     if replace:
         return tf.where(drawn, tf.ones_like(probs64) / n, zero), tf.where(drawn, 1.0 / (n * safe), zero)
-    mass_left = 1.0 - (tf.cumsum(probs64, axis=1) - probs64)
+    mass_left = _xla().mass_left(probs64, unit)
     remaining = tf.range(n - 1.0, -1.0, -1.0, dtype=tf.float64)
     weights = tf.where(drawn, (mass_left + remaining * probs64) / n, zero)
     scale = tf.where(drawn, (mass_left / safe + remaining) / n, zero)
@@ -564,14 +566,16 @@ def expectation(features, probs, *, replace=False):
         raise TypeError(f"features and probs must be floating, got {features.dtype.name} and {probs.dtype.name}")
     if not features.shape[:2].is_compatible_with(probs.shape):
         raise ValueError(f"features {features.shape} must start with probs' shape {probs.shape}")
+    if probs.shape[1] == 0:
+        raise ValueError(f"probs must not be empty, got shape {tuple(probs.shape)}")
     rank = features.shape.rank
-    replace = bool(replace)
+    replace = _validation.require_bool(replace, "replace")
     probs = _same_leading_shape(features, _checked_probs(probs, replace))
 
     @tf.custom_gradient
     def estimate(f, p):
         p64 = tf.cast(p, tf.float64)
-        weights, scale = _feature_weights(p64, replace)
+        weights, scale = _feature_weights(p64, replace, _validation.unit_roundoff(p.dtype.as_numpy_dtype))
         # to f's own leading shape: a (batch, n) that differs from p's fails here even under XLA (which drops the
         # assertion of _same_leading_shape) instead of broadcasting a batch of 1
         weights_f = _expand(tf.reshape(tf.cast(weights, f.dtype), tf.shape(f)[:2]), rank)

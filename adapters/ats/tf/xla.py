@@ -34,6 +34,8 @@ require("tensorflow", "ats.tf.xla")
 
 import tensorflow as tf
 
+from atskern import _validation
+
 from .. import _xla_common as common
 from .. import _xla_philox as px
 
@@ -375,17 +377,31 @@ def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, 
 # --- the estimator ----------------------------------------------------------------------------
 
 
-def _coefficients(probs64, replace: bool):
-    """Feature coefficients ``c`` and attention-gradient scales ``s`` ``(B, n)``, 0 where probs == 0 (R3)."""
-    n = probs64.shape[1]
+def mass_left(probs64, unit: float):
+    """``pm_k`` per row, float64: ``1 - sum_{j<k} a_j``, or ``sum_{j>=k} a_j`` (the draws still to come, a lower
+    bound) where that is lost in the rounding of the probabilities (``unit`` per entry;
+    ``atskern.estimator._mass_left``)."""
+    before = tf.math.cumsum(probs64, axis=1, exclusive=True)
+    still_to_come = tf.math.cumsum(probs64, axis=1, reverse=True)
+    left = 1.0 - before
+    draws = tf.cast(tf.range(1, tf.shape(probs64)[1] + 1), tf.float64)
+    noise = 2.0 * unit * before + draws * 2.0**-53
+    return tf.where(left > noise, tf.maximum(left, still_to_come), still_to_come)
+
+
+def _coefficients(probs, replace: bool):
+    """Feature coefficients ``c`` and attention-gradient scales ``s`` ``(B, n)``, float64, 0 where probs == 0
+    (R3); ``n`` may be known only at run time."""
+    probs64 = tf.cast(probs, tf.float64)
+    n = tf.cast(tf.shape(probs64)[1], tf.float64)
     filler = probs64 == 0
     safe = tf.where(filler, tf.ones_like(probs64), probs64)
     if replace:
-        c = tf.fill(tf.shape(probs64), tf.constant(1.0 / n, tf.float64))
+        c = tf.ones_like(probs64) / n
         s = 1.0 / (n * safe)
     else:
-        remaining = tf.range(n - 1, -1, -1, dtype=tf.float64)
-        pm = 1.0 - (tf.math.cumsum(probs64, axis=1) - probs64)
+        remaining = tf.range(n - 1.0, -1.0, -1.0, dtype=tf.float64)
+        pm = mass_left(probs64, _validation.unit_roundoff(probs.dtype.as_numpy_dtype))
         c = (pm + remaining * probs64) / n
         s = (pm / safe + remaining) / n
     zero = tf.zeros_like(probs64)
@@ -399,11 +415,11 @@ def _expand(weights, rank: int):
 def expectation_grad(grad, features, probs, *, replace=False):
     """``(grad_probs, grad_features)``: exactly ``atskern.expectation_grad`` (float64 inside, rule R3)."""
     rank = len(features.shape)
-    c, s = _coefficients(tf.cast(probs, tf.float64), replace)
+    c, s = _coefficients(probs, replace)
     grad64 = tf.cast(grad, tf.float64)[:, None]
     grad_features = tf.cast(_expand(c, rank) * grad64, features.dtype)
     products = grad64 * tf.cast(features, tf.float64)
-    inner = tf.reduce_sum(tf.reshape(products, [tf.shape(probs)[0], probs.shape[1], -1]), axis=2)
+    inner = tf.reduce_sum(tf.reshape(products, [tf.shape(probs)[0], tf.shape(probs)[1], -1]), axis=2)
     return tf.cast(s * inner, probs.dtype), grad_features
 
 
@@ -420,13 +436,15 @@ def expectation(features, probs, *, replace=False):
                          f"{tuple(features.shape)}")
     if not features.dtype.is_floating or not probs.dtype.is_floating:
         raise TypeError(f"features and probs must be floating, got {features.dtype.name} and {probs.dtype.name}")
+    if probs.shape[1] == 0:
+        raise ValueError(f"probs must not be empty, got shape {tuple(probs.shape)}")
     if _eager(probs):
         common.probs_values(probs.numpy(), replace)
     rank = len(features.shape)
 
     @tf.custom_gradient
     def estimate(f, a):
-        c, _ = _coefficients(tf.cast(a, tf.float64), replace)
+        c, _ = _coefficients(a, replace)
         c = tf.reshape(c, tf.shape(f)[:2])  # a batch that differs at run time fails here, never broadcasts
         value = tf.cast(tf.reduce_sum(_expand(c, rank) * tf.cast(f, tf.float64), axis=1), f.dtype)
 

@@ -363,16 +363,28 @@ def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, 
 # --- the estimator ----------------------------------------------------------------------------
 
 
-def _coefficients(probs64: torch.Tensor, replace: bool):
+def _mass_left(probs64: torch.Tensor, unit: float) -> torch.Tensor:
+    """``pm_k``: ``1 - sum_{j<k} a_j``, or ``sum_{j>=k} a_j`` where that is lost in the rounding of the
+    probabilities (``unit`` per entry; ``atskern.estimator._mass_left``)."""
+    n = probs64.shape[1]
+    before = torch.cumsum(probs64, dim=1) - probs64
+    still_to_come = torch.flip(torch.cumsum(torch.flip(probs64, (1,)), dim=1), (1,))
+    left = 1.0 - before
+    noise = 2.0 * unit * before + torch.arange(1, n + 1, dtype=torch.float64, device=probs64.device) * 2.0**-53
+    return torch.where(left > noise, torch.maximum(left, still_to_come), still_to_come)
+
+
+def _coefficients(probs: torch.Tensor, replace: bool):
     """``c_k`` of ``F = sum_k c_k f_k`` and the attention-gradient scale, float64 ``(B, n)``;
     0 for both at a filler (``probs == 0``: rule R3 of DESIGN.md), with no division by zero."""
+    probs64 = probs.to(torch.float64)
     n = probs64.shape[1]
     drawn = probs64 > 0
     safe = torch.where(drawn, probs64, torch.ones_like(probs64))
     zero = torch.zeros_like(probs64)
     if replace:
         return torch.where(drawn, 1.0 / n, zero), torch.where(drawn, 1.0 / (n * safe), zero)
-    mass_left = 1.0 - (torch.cumsum(probs64, dim=1) - probs64)
+    mass_left = _mass_left(probs64, torch.finfo(probs.dtype).eps / 2)
     remaining = torch.arange(n - 1, -1, -1, dtype=torch.float64, device=probs64.device)
     weights = torch.where(drawn, (mass_left + remaining * probs64) / n, zero)
     return weights, torch.where(drawn, (mass_left / safe + remaining) / n, zero)
@@ -407,14 +419,17 @@ class _Expectation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, features, probs, replace):
-        weights, scale = _coefficients(probs.to(torch.float64), replace)
-        ctx.save_for_backward(features, weights, scale)  # (B, n) coefficients: computed once per step
+        weights, scale = _coefficients(probs, replace)
+        ctx.save_for_backward(features, probs, weights, scale)  # (B, n) coefficients: computed once per step
+        ctx.replace = replace
         ctx.probs_dtype = probs.dtype
         return (_expand(weights.to(features.dtype), features.dim()) * features).sum(dim=1)
 
     @staticmethod
     def backward(ctx, grad):
-        features, weights, scale = ctx.saved_tensors
+        features, probs, weights, scale = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a second derivative also runs through the coefficients
+            weights, scale = _coefficients(probs, ctx.replace)
         grad_features = grad_probs = None
         upstream = grad.unsqueeze(1)
         if ctx.needs_input_grad[0]:
@@ -455,6 +470,8 @@ def expectation(features, probs, *, replace=False, validate=True):
         raise TypeError(f"features and probs must be floating, got {features.dtype} and {probs.dtype}")
     if not isinstance(replace, bool):
         raise TypeError(f"replace must be True or False, got {replace!r}")
+    if probs.shape[1] == 0:
+        raise ValueError(f"probs must not be empty, got shape {tuple(probs.shape)}")
     if validate and not torch.compiler.is_compiling():
         _check_probs(probs, replace)
     return _Expectation.apply(features, probs, replace)
