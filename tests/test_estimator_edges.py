@@ -188,3 +188,13 @@ def test_mixed_float16_keeps_the_sampled_attention_and_its_gradient_finite():
     assert sampled.dtype == tf.float32
     assert np.isfinite(grad).all()
     assert np.abs(grad).max() > 0
+
+
+def test_torch_func_transforms_take_the_torch_estimator():
+    probs = torch.tensor([[0.4, 0.3, 0.2], [0.5, 0.1, 0.05]], dtype=torch.float64)
+    features = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mapped = torch.func.vmap(lambda f, p: F.expectation(f[None], p[None])[0])(features, probs)
+    np.testing.assert_allclose(mapped.numpy(), F.expectation(features, probs).numpy(), rtol=1e-14)
+    grad = torch.func.grad(lambda p: F.expectation(features, p).sum())(probs)
+    want, _ = atskern.expectation_grad(np.ones((2, 4)), features.numpy(), probs.numpy())
+    np.testing.assert_allclose(grad.numpy(), want, rtol=1e-12)

@@ -415,18 +415,27 @@ def _expand(weights: torch.Tensor, dims: int) -> torch.Tensor:
 
 
 class _Expectation(torch.autograd.Function):
-    """The estimate ``sum_k c_k f_k`` with the unbiased gradients of ``atskern.expectation_grad``."""
+    """The estimate ``sum_k c_k f_k`` with the unbiased gradients of ``atskern.expectation_grad``; a function of
+    the new style (``setup_context``, a generated vmap rule), so ``torch.func`` transforms take it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, features, probs, replace):
-        weights, scale = _coefficients(probs, replace)
-        ctx.save_for_backward(features, probs, weights, scale)  # (B, n) coefficients: computed once per step
+    def forward(features, probs, replace):
+        weights, scale = _coefficients(probs, replace)  # (B, n): computed once per step, kept for the backward
+        return (_expand(weights.to(features.dtype), features.dim()) * features).sum(dim=1), weights, scale
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        features, probs, replace = inputs
+        _, weights, scale = output
+        ctx.mark_non_differentiable(weights, scale)
+        ctx.save_for_backward(features, probs, weights, scale)
         ctx.replace = replace
         ctx.probs_dtype = probs.dtype
-        return (_expand(weights.to(features.dtype), features.dim()) * features).sum(dim=1)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_weights, _grad_scale):
         features, probs, weights, scale = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph: a second derivative also runs through the coefficients
             weights, scale = _coefficients(probs, ctx.replace)
@@ -458,7 +467,9 @@ def expectation(features, probs, *, replace=False, validate=True):
     finite, in [0, 1] and, without replacement, sum to at most 1 per row (a
     ValueError naming the row; on CUDA a device-side assert instead, with no
     host round trip, raised at the next synchronization; skipped while
-    ``torch.compile`` traces).
+    ``torch.compile`` traces and under ``torch.func.vmap``, whose values
+    cannot steer Python). ``torch.func`` transforms (``vmap``, ``grad``,
+    ``jacrev``) and second derivatives work.
     """
     require_tensor(features, "features")
     require_tensor(probs, "probs")
@@ -472,9 +483,14 @@ def expectation(features, probs, *, replace=False, validate=True):
         raise TypeError(f"replace must be True or False, got {replace!r}")
     if probs.shape[1] == 0:
         raise ValueError(f"probs must not be empty, got shape {tuple(probs.shape)}")
-    if validate and not torch.compiler.is_compiling():
+    if validate and not torch.compiler.is_compiling() and not _under_vmap(probs):
         _check_probs(probs, replace)
-    return _Expectation.apply(features, probs, replace)
+    return _Expectation.apply(features, probs, replace)[0]
+
+
+def _under_vmap(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is batched by ``torch.func.vmap``, whose values cannot steer Python control flow."""
+    return torch._C._functorch.is_batchedtensor(tensor)
 
 
 # --- attention helpers ------------------------------------------------------------------------
