@@ -172,3 +172,12 @@ def test_replay_passes_the_status_host_copy_to_every_finish(handles, monkeypatch
             last -= 1
         assert np.array_equal(after[first:last + 1], before[first:last + 1]), name
     assert finishing >= 1
+
+
+def test_more_draws_with_replacement_than_one_launch_takes_are_refused_by_the_plan():
+    limit = 2**31 - 1  # CUDA's largest gridDim.x: replacement_draws runs a block a draw
+    assert gs.plan(1, 64 * 64, limit, True, 256, 132) is not None
+    for rows, n in ((1024, 2**21), (1, 2**31), (3, 2**30)):
+        with pytest.raises(ValueError, match=rf"n={n} draws with replacement from each of {rows} rows make "
+                                             rf"{rows * n} draws, more than one GPU launch takes"):
+            gs.plan(rows, 64 * 64, n, True, 256, 132)

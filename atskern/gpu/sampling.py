@@ -87,6 +87,7 @@ row is latency-bound on a single row (eight warps on one SM: ``bench/results/gpu
 2 to 8 (the portable cluster sizes); 0: one block a row (``sample_rows``). The same draws. Off: it has not run
 on a GPU (``bench.gpu_tuning --only cluster`` measures it)."""
 MAX_ROW_CLUSTER = 8  # the largest portable cluster size
+MAX_GRID_BLOCKS = 2**31 - 1  # CUDA's largest gridDim.x
 WHOLE_ROWS_UNSCREENED = False
 """Also send to ``sample_rows`` the rows that ``n`` leaves no screening buffer (each then selected by its block
 alone): not measured, off; the tests turn it on to run every row of a call through ``sample_rows``."""
@@ -223,6 +224,9 @@ def plan(rows: int, size: int, n: int, replace: bool, threads: int, multiprocess
     if threads not in SELECT_THREADS:
         raise ValueError(f"threads must be one of {SELECT_THREADS} (the block size of the selecting kernels), "
                          f"got {threads}")
+    if replace and rows * n > MAX_GRID_BLOCKS:
+        raise ValueError(f"n={n} draws with replacement from each of {rows} rows make {rows * n} draws, more than one "
+                         f"GPU launch takes (a block a draw, at most 2**31 - 1): draw from fewer rows per call")
     sort = not replace and n > MAX_SELECTION_N
     tile = PER_THREAD * threads  # a chunk starts on a tile: a thread's 4 positions share one Philox block
     if whole_rows is None:
