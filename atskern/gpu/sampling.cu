@@ -1740,7 +1740,8 @@ ATS_SAMPLE_ROWS(f64, double)
 // Every thread of the cluster's blocks meets here; global memory written before it is visible to the cluster's
 // threads after it (release, acquire). Called by every thread of every block of the cluster.
 __device__ __forceinline__ void cluster_sync() {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+    // not .aligned: a warp may reach it diverged (after a per-thread loop), as cooperative groups' cluster sync allows
+    asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
 }
 __device__ __forceinline__ unsigned int cluster_rank() {
     unsigned int rank;
@@ -1941,6 +1942,7 @@ __device__ void replacement_draws(const T* __restrict__ weights, long long size,
     if (valid) {  // block-uniform
         // the chunk: the first whose prefix sum (with its own sum) reaches the target, else the last
         if (threadIdx.x == 0) sh.hit = 0x7FFFFFFF;
+        __syncthreads();  // the reset before any atomicMin (a block of one warp may scan without a barrier)
         double acc = 0.0;  // block-uniform: the prefix sum before this step's chunks
         for (int c0 = 0; c0 < nchunks; c0 += ATS_SELECT_THREADS) {
             const int c = c0 + (int)threadIdx.x;
@@ -1961,6 +1963,7 @@ __device__ void replacement_draws(const T* __restrict__ weights, long long size,
         __syncthreads();  // every thread has read sh.hit and sh.start
         for (long long tile = c * chunk; tile < size; tile += ATS_TILE) {
             if (threadIdx.x == 0) sh.hit = 0x7FFFFFFF;
+            __syncthreads();  // the reset before any atomicMin (a block of one warp may scan without a barrier)
             const long long first = tile + ATS_PER_THREAD * (long long)threadIdx.x;
             T raw[ATS_PER_THREAD];
             load_lanes(row_weights, first, size, raw);
@@ -1973,7 +1976,7 @@ __device__ void replacement_draws(const T* __restrict__ weights, long long size,
                 local[lane] = run;
             }
             double before = 0.0, step = 0.0;
-            BlockPrefix(sh.scan).ExclusiveSum(run, before, step);  // its barriers order sh.hit's reset
+            BlockPrefix(sh.scan).ExclusiveSum(run, before, step);
 #pragma unroll
             for (int lane = 0; lane < ATS_PER_THREAD; ++lane) {
                 if (first + lane < size && a[lane] > 0.0 && acc + (before + local[lane]) >= target) {
