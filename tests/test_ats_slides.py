@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -105,3 +109,39 @@ def test_slide_sequence_scales_the_low_views(tmp_path):
     np.testing.assert_allclose(default, x_low * (65535 / 255), rtol=1e-6)
     with pytest.raises(ValueError, match="scale must be a positive number"):
         ks.SlideSequence([path], [0], scale=0)
+
+
+def test_sizes_outside_the_padded_view_are_refused(slide_paths):
+    """sizes of 0 or below gave NaN attention and garbage patches; sizes past the padded x_low mapped the cells to
+    the wrong slide pixels. Refused as ats.torch.slides refuses them."""
+    layer = ks.SlidePatches(slide_paths, 2, 8, use_logits=True, mode="topk")
+    x = np.zeros((2, 16, 16, 3), np.float32)
+    attention = np.zeros((2, 4, 4), np.float32)
+    ids = np.array([0, 1], np.int32)
+    for sizes in ([[16, 16], [0, 0]], [[16, 16], [-5, 10]], [[16, 16], [17, 16]], [[1000, 1000], [16, 16]]):
+        with pytest.raises(ValueError, match=r"sizes\[\d\] = .* must lie in \[1, \(16, 16\)\]"):
+            layer([x, attention, ids, np.array(sizes, np.int64)])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd")
+def test_opened_slides_are_bounded_and_closed(tmp_path):
+    """ats.slides kept every slide it ever opened (a descriptor each): a layer over more slides than the
+    descriptor limit failed with "Too many open files". At most 64 stay open; the others are closed."""
+    image = np.random.default_rng(3).integers(0, 255, (64, 48, 3), dtype=np.uint8)
+    first = aio.write_pyramid(tmp_path / "c0.tif", image, tile=16, compression="none")
+    paths = [str(first)] + [shutil.copy(first, tmp_path / f"c{i}.tif") for i in range(1, 70)]
+    targets = {os.path.realpath(p) for p in paths}
+
+    def open_descriptors():
+        return sum(os.path.realpath(f"/proc/self/fd/{fd}") in targets for fd in os.listdir("/proc/self/fd"))
+
+    gc.collect()
+    gc.disable()
+    try:
+        for path in paths:
+            np.testing.assert_array_equal(ks._slide(path, None, 1 << 20).read_patches([[3, 4]], 8)[0],
+                                          image[3:11, 4:12])
+        assert open_descriptors() <= 64
+    finally:
+        gc.enable()
+        ks._SLIDES.clear()

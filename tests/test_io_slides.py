@@ -153,7 +153,7 @@ def test_cache_eviction_under_a_small_budget(jpeg_slide):
     assert aio.TileCache(np.int64(100)).max_bytes == 100  # a NumPy integer, as the slides' threads take
     with pytest.raises(ValueError, match=r"origin must be \(row, column\), got \[1, 2, 3\]"):
         slide.read_region((1, 2, 3), 4)  # "cannot reshape array of size 3" once
-    with pytest.raises(TypeError, match="offsets must hold integers"):
+    with pytest.raises(TypeError, match="origin must hold integers"):
         slide.read_region((1.5, 2), 4)
     for huge in ((2**20, 2**20), (2**40, 2**40)):  # a bare MemoryError (or NumPy's ValueError) once
         with pytest.raises(ValueError, match="offsets and patch_size give an output of shape"):
@@ -264,7 +264,7 @@ def test_clear_errors(tmp_path, jpeg_slide):
         slide.read_patches([0, 0], 8)
     with pytest.raises(ValueError, match="patch_size"):
         slide.read_patches([[0, 0]], 0)
-    with pytest.raises(ValueError, match="fill 300 does not fit the slide's dtype uint8"):
+    with pytest.raises(ValueError, match="fill=300 cannot be represented in the images' dtype uint8"):
         slide.read_patches([[0, 0]], 8, fill=300)
     with pytest.raises(TypeError, match="offsets must hold integers"):
         slide.read_patches([[0.5, 0]], 8)

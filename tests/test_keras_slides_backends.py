@@ -80,6 +80,15 @@ SCRIPT = """
     check_topk(patches, sampled, tied)
     print("TOPK-OK")
 
+    for bad in (np.zeros_like(sizes), sizes + x_low.shape[1]):  # empty views; views past the padded x_low
+        try:
+            layer([x_low, tied, ids, bad])
+        except ValueError as error:  # checked before the host callback, which JAX would wrap in its own error
+            assert "must lie in [1, " in str(error), error
+        else:
+            raise AssertionError(f"sizes {bad.tolist()} were accepted")
+    print("SIZES-OK")
+
     sampler = build("sample")
     for layer in sampler.layers:
         if isinstance(layer, ks.SlidePatches):
@@ -115,7 +124,7 @@ def test_slide_patches_on_backend(backend, slide_paths):
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(SCRIPT), *slide_paths], capture_output=True, text=True,
                           env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "TOPK-OK" in done.stdout and "SAVE-OK" in done.stdout
+    assert "TOPK-OK" in done.stdout and "SIZES-OK" in done.stdout and "SAVE-OK" in done.stdout
     if backend == "jax":
         assert "FIT-OK True" in done.stdout  # SlidePatches ran inside the jitted training step
     else:

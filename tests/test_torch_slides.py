@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -188,3 +192,31 @@ def test_collate_refuses_mixed_channels():
     items = [(torch.zeros(3, 8, 8), "rgb.tif", 0), (torch.zeros(1, 6, 8), "gray.tif", 1)]
     with pytest.raises(ValueError, match="same channels: rgb.tif has 3, gray.tif has 1"):
         ts.collate_slides(items)
+
+
+def _open_descriptors(paths) -> int:
+    targets = {os.path.realpath(p) for p in paths}
+    return sum(os.path.realpath(f"/proc/self/fd/{fd}") in targets for fd in os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc/self/fd")
+def test_open_cached_closes_the_slides_it_drops(tmp_path):
+    """open_cached's LRU dropped slides without closing them, so a slide still referenced elsewhere (or kept by
+    Slide <-> SlideLevel until a GC pass) kept its descriptor: a run over many slides hit "Too many open files". A
+    dropped slide is closed, and still reads if used again."""
+    image = np.random.default_rng(3).integers(0, 255, (64, 48, 3), dtype=np.uint8)
+    first = aio.write_pyramid(tmp_path / "c0.tif", image, tile=16, compression="none")
+    paths = [str(first)] + [shutil.copy(first, tmp_path / f"c{i}.tif") for i in range(1, 70)]
+    gc.collect()
+    gc.disable()
+    try:
+        opened = []  # held here, as a batch or a user would
+        for path in paths:
+            opened.append(ts.open_cached(path))
+            np.testing.assert_array_equal(opened[-1].read_patches([[3, 4]], 8)[0], image[3:11, 4:12])
+        assert _open_descriptors(paths) <= 64
+        assert _open_descriptors(paths[:6]) == 0  # the least recently used, closed
+        np.testing.assert_array_equal(opened[0].read_patches([[5, 6]], 8)[0], image[5:13, 6:14])
+    finally:
+        gc.enable()
+        getattr(ts, "OPEN_SLIDES", {}).clear()

@@ -29,6 +29,7 @@ from ._keras import require_keras
 require_keras("ats.slides")
 # ruff: noqa: E402
 
+import functools
 import numbers
 import os
 
@@ -36,6 +37,7 @@ import keras
 import numpy as np
 
 from atskern.io import grid as _grid
+from atskern.io._cache import OpenSlides
 
 from ._keras import register
 from ._layer_args import MODES, check_flag, check_sampling_args, check_scale  # noqa: F401 (MODES: public here)
@@ -44,24 +46,48 @@ from .keras.backends import ops as backend_ops
 from .keras.functions import _gather, draw
 
 
-def _slide(path, threads, cache_bytes):
-    return _open_cached(os.fspath(path), os.getpid(), threads, cache_bytes)
-
-
-_SLIDES = {}
+_SLIDES = OpenSlides(64)
+"""The slides the layer and the sequence keep open in this process (the least recently used is closed past 64)."""
 _CACHES = {}
 
 
-def _open_cached(path, pid, threads, cache_bytes):
-    """Each path opened once per process; the slides share one tile cache of ``cache_bytes`` per process."""
-    key = (path, pid, threads, cache_bytes)
-    slide = _SLIDES.get(key)
-    if slide is None:
-        from atskern.io import TileCache, open_slide
+def _slide(path, threads, cache_bytes):
+    """``path`` opened once per process (at most ``_SLIDES.maxsize`` kept open); the slides share one tile cache of
+    ``cache_bytes`` per process."""
+    path = os.fsdecode(path)
+    return _SLIDES.get((path, threads, cache_bytes), functools.partial(_open, path, threads, cache_bytes))
 
-        cache = _CACHES.setdefault((pid, cache_bytes), TileCache(cache_bytes))
-        slide = _SLIDES[key] = open_slide(path, threads=threads, cache=cache)
-    return slide
+
+def _open(path, threads, cache_bytes):
+    from atskern.io import TileCache, open_slide
+
+    cache = _CACHES.setdefault((os.getpid(), cache_bytes), TileCache(cache_bytes))
+    return open_slide(path, threads=threads, cache=cache)
+
+
+def _checked_sizes(sizes, padded) -> np.ndarray:
+    """``sizes`` ``(B, 2)``, each slide's low view inside the padded ``x_low``, or a ValueError naming the row."""
+    sizes = np.asarray(sizes)
+    padded = tuple(int(p) for p in padded)
+    if sizes.ndim != 2 or sizes.shape[1] != 2:
+        raise ValueError(f"sizes must be (batch, 2), got shape {sizes.shape}")
+    bad = (sizes < 1) | (sizes > np.array(padded))
+    if bad.any():
+        row = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise ValueError(f"sizes[{row}] = {sizes[row].tolist()} must lie in [1, {padded}] (each slide's low view "
+                         "inside the padded x_low: SlideSequence's sizes)")
+    return sizes
+
+
+def _check_concrete_sizes(sizes, padded) -> None:
+    """Check ``sizes`` now where they have values (not traced by ``jax.jit``, whose callback would wrap the
+    ValueError in a runtime error); traced sizes are checked in the host callback."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        if isinstance(sizes, jax.core.Tracer):
+            return
+    _checked_sizes(keras.ops.convert_to_numpy(sizes), padded)
 
 
 def _host_call(fn, args, shape, dtype):
@@ -96,8 +122,9 @@ class SlidePatches(keras.layers.Layer):
     Called on ``[x_low, attention, slide_ids, sizes]``: ``x_low``
     ``(B, Hp, Wp, C)``, ``attention`` ``(B, gh, gw)`` (weights, or logits with
     ``use_logits=True``), ``slide_ids`` int ``(B,)`` into ``slides``,
-    ``sizes`` int ``(B, 2)``. Returns ``[patches (B, n, ph, pw, C) float32
-    (pixels times scale), sampled_attention (B, n)]``, the latter
+    ``sizes`` int ``(B, 2)``, each in ``[1, (Hp, Wp)]`` (else a ValueError).
+    Returns ``[patches (B, n, ph, pw, C) float32 (pixels times scale),
+    sampled_attention (B, n)]``, the latter
     differentiable with respect to the attention (the masked, normalized map).
 
     ``seed``: None (default) draws a fresh key on every call (the layer's seed
@@ -113,7 +140,7 @@ class SlidePatches(keras.layers.Layer):
                  fill=0, level=0, channels=3, scale=1.0 / 255.0, threads=None, cache_bytes=64 << 20, **kwargs):
         super().__init__(**kwargs)
         n_patches, _, fill = check_sampling_args(n_patches, mode, fill=fill)
-        self.slides = [os.fspath(p) for p in slides]
+        self.slides = [os.fsdecode(p) for p in slides]
         if not self.slides:
             raise ValueError("slides must name at least one slide file")
         self.n_patches = n_patches
@@ -172,8 +199,8 @@ class SlidePatches(keras.layers.Layer):
         sizes = tf.cast(sizes, tf.int64)
         padded = tf.shape(x_low)[1:3]
         grid = tf.shape(attention)[1:3]
-        mask = numpy_call(lambda g, p, s: _grid.valid_cells(tuple(g), tuple(p), s), [grid, padded, sizes], tf.bool,
-                          name="ats.slides.valid_cells")
+        mask = numpy_call(lambda g, p, s: _grid.valid_cells(tuple(g), tuple(p), _checked_sizes(s, p)),
+                          [grid, padded, sizes], tf.bool, name="ats.slides.valid_cells")
         mask = tf.reshape(mask, tf.shape(attention))
         if self.use_logits:
             logits = tf.where(mask, attention, tf.constant(-np.inf, attention.dtype))
@@ -200,7 +227,9 @@ class SlidePatches(keras.layers.Layer):
         padded = tuple(int(s) for s in x_low.shape[1:3])
         grid = tuple(int(s) for s in attention.shape[1:3])
         batch = int(attention.shape[0])
-        mask = _host_call(lambda s: _grid.valid_cells(grid, padded, s), [sizes], attention.shape, "bool")
+        _check_concrete_sizes(sizes, padded)
+        mask = _host_call(lambda s: _grid.valid_cells(grid, padded, _checked_sizes(s, padded)), [sizes],
+                          attention.shape, "bool")
         if self.use_logits:
             logits = ops.where(mask, attention, ops.full_like(attention, -np.inf))
             attention = ops.reshape(ops.softmax(ops.reshape(logits, (batch, -1)), axis=-1), attention.shape)
@@ -245,7 +274,7 @@ class SlideSequence(keras.utils.PyDataset):
     def __init__(self, paths, labels, batch_size=4, *, low_side=512, shuffle=False, seed=0, scale=1.0 / 255.0,
                  **kwargs):
         super().__init__(**kwargs)
-        self.paths = [os.fspath(p) for p in paths]
+        self.paths = [os.fsdecode(p) for p in paths]
         self.labels = np.asarray(labels)
         if len(self.labels) != len(self.paths):
             raise ValueError(f"labels must have one entry per slide ({len(self.paths)}), got {len(self.labels)}")

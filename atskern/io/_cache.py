@@ -1,4 +1,4 @@
-"""A thread-safe LRU cache of decoded tiles with a byte budget."""
+"""Thread-safe LRU caches: decoded tiles within a byte budget, and the slides a process keeps open."""
 
 from __future__ import annotations
 
@@ -81,3 +81,59 @@ class TileCache:
     def __repr__(self) -> str:
         return (f"TileCache({len(self._tiles)} tiles, {self.nbytes} of {self.max_bytes} bytes, "
                 f"hits={self.hits}, misses={self.misses}, evictions={self.evictions})")
+
+
+class OpenSlides:
+    """The slides a process keeps open, at most ``maxsize``; opening another closes the least recently used.
+
+    ``get(key, opener)`` returns the slide cached under ``key`` or ``opener()``
+    (called outside the lock). A thread still reading an evicted slide
+    finishes its read (``Slide.close`` waits for the reads in flight, and a
+    read after a close opens the file again, to be closed when the slide is
+    dropped). A forked child starts with none (the parent's stay the
+    parent's).
+    """
+
+    def __init__(self, maxsize: int = 64):
+        if isinstance(maxsize, (bool, np.bool_)) or not isinstance(maxsize, numbers.Integral) or maxsize < 1:
+            raise ValueError(f"maxsize must be an int >= 1 (open slides), got {maxsize!r}")
+        self.maxsize = int(maxsize)
+        self._slides: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def _checked_lock(self) -> threading.Lock:
+        if self._pid != os.getpid():  # forked: the parent's slides and (maybe held) lock are not ours
+            self._lock = threading.Lock()
+            self._slides = OrderedDict()
+            self._pid = os.getpid()
+        return self._lock
+
+    def __len__(self) -> int:
+        return len(self._slides)
+
+    def get(self, key, opener):
+        """The slide under ``key``, marked most recently used, else ``opener()`` cached (closing the evicted)."""
+        with self._checked_lock():
+            slide = self._slides.get(key)
+            if slide is not None:
+                self._slides.move_to_end(key)
+                return slide
+        opened = opener()
+        with self._checked_lock():
+            slide = self._slides.setdefault(key, opened)
+            self._slides.move_to_end(key)
+            evicted = [opened] if slide is not opened else []  # another thread opened it meanwhile
+            while len(self._slides) > self.maxsize:
+                evicted.append(self._slides.popitem(last=False)[1])
+        for old in evicted:
+            old.close()
+        return slide
+
+    def clear(self) -> None:
+        """Close every slide and forget them."""
+        with self._checked_lock():
+            slides = list(self._slides.values())
+            self._slides.clear()
+        for slide in slides:
+            slide.close()

@@ -11,15 +11,14 @@ mid-read) or when the backend is collected.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import threading
 import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
 from ._deps import require
+from ._guard import ReadGuard
 
 CONVERT_HINT = (
     "convert it to a tiled pyramid, e.g. `vips tiffsave in.tif out.tif --tile --pyramid --bigtiff "
@@ -65,7 +64,7 @@ def _level_from_page(page, index: int, path: str) -> TiffLevel:
     decode = page.decode  # built (and memoized by tifffile) now, in one thread
     return TiffLevel(
         shape=(height, width, channels),
-        dtype=np.dtype(page.dtype),
+        dtype=np.dtype(page.dtype.str),  # NumPy's own uint64 (tifffile's 'Q' is a type torch refuses)
         tile=tile,
         tiles_across=-(-width // tile[1]),
         offsets=np.asarray(page.dataoffsets, dtype=np.int64),
@@ -73,6 +72,31 @@ def _level_from_page(page, index: int, path: str) -> TiffLevel:
         decode=decode,
         jpegtables=page.jpegtables,
     )
+
+
+def _check_one_page_per_level(level, index: int, series: int, path: str) -> None:
+    """Refuse a level stored over several pages (an OME-TIFF stored CYX: one page per channel), or with axes
+    other than YX / YXS: atskern.io reads a level from one page, which would be one plane of it."""
+    pages = len(level.pages)
+    if pages > 1 or level.axes not in ("YX", "YXS"):
+        raise SlideFormatError(
+            f"{path}: series {series} has axes {level.axes!r} (level {index}: shape {tuple(level.shape)} in "
+            f"{pages} page{'s' if pages != 1 else ''}); atskern.io reads 2-D images stored as one page per level, "
+            f"with axes YX or YXS (samples interleaved in each pixel): {CONVERT_HINT}")
+
+
+def openslide_keeps_values(path: str, series: int = 0) -> bool:
+    """Whether OpenSlide (8-bit RGB) would return the file's own values: True for a file tifffile cannot parse
+    (OpenSlide reads other formats), else whether the series' samples are uint8, 1 or 3 a pixel, not a palette."""
+    tifffile = require("tifffile")
+    try:
+        tif = tifffile.TiffFile(path)
+    except tifffile.TiffFileError:
+        return True
+    with tif:
+        page = tif.series[series].keyframe if 0 <= series < len(tif.series) else tif.pages.first
+        return (page.dtype is not None and np.dtype(page.dtype) == np.uint8 and page.samplesperpixel in (1, 3)
+                and page.photometric != tifffile.PHOTOMETRIC.PALETTE)
 
 
 def _check_codec(tif, page, path):
@@ -86,19 +110,6 @@ def _check_codec(tif, page, path):
     except (KeyError, ImportError) as exc:  # imagecodecs missing or a codec it lacks
         require("imagecodecs")
         raise SlideFormatError(f"{path}: no decoder for TIFF compression {compression} ({exc})") from exc
-
-
-_BACKENDS = weakref.WeakSet()
-"""Live backends: a forked child gives each a fresh lock (a parent thread may have held one at the fork)."""
-
-
-def _fresh_locks_in_child():
-    for backend in list(_BACKENDS):
-        backend._guard = threading.Condition()
-        backend._reads = 0
-
-
-os.register_at_fork(after_in_child=_fresh_locks_in_child)
 
 
 class TiffBackend:
@@ -118,6 +129,8 @@ class TiffBackend:
                 raise SlideFormatError(f"{path}: the TIFF holds no image series")
             if not 0 <= series < len(tif.series):
                 raise ValueError(f"series must be in [0, {len(tif.series)}) for {path}, got {series}")
+            for i, level in enumerate(tif.series[series].levels):
+                _check_one_page_per_level(level, i, series, path)
             pages = [level.keyframe for level in tif.series[series].levels]
             for page in pages:
                 _check_codec(tif, page, path)
@@ -128,40 +141,24 @@ class TiffBackend:
         self._fd = None
         self._pid = None
         self._closer = None
-        self._guard = threading.Condition()
-        self._reads = 0  # preads in flight on self._fd
-        _BACKENDS.add(self)
+        self._guard = ReadGuard()  # preads in flight on self._fd
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.update(_fd=None, _pid=None, _closer=None, _guard=None, _reads=0)
+        state.update(_fd=None, _pid=None, _closer=None)
         return state
 
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._guard = threading.Condition()
-        _BACKENDS.add(self)
-
-    @contextlib.contextmanager
-    def _descriptor(self):
-        """The descriptor to read with, held open (``close`` waits) until the block ends."""
-        with self._guard:
-            pid = os.getpid()
-            if self._fd is None or self._pid != pid:  # first use, after a close, or a forked child: its own
-                if self._closer is not None:
-                    self._closer.detach()  # a forked child's copy of the parent's descriptor: left to the parent
-                fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-                self._fd, self._pid = fd, pid
-                self._closer = weakref.finalize(self, os.close, fd)
-                self._reads = 0
-            self._reads += 1
-            fd = self._fd
-        try:
-            yield fd
-        finally:
-            with self._guard:
-                self._reads -= 1
-                self._guard.notify_all()
+    def _descriptor(self) -> int:
+        """The descriptor to read with (called under the guard's lock): opened on first use, after a close, and in
+        a forked child (its own)."""
+        pid = os.getpid()
+        if self._fd is None or self._pid != pid:
+            if self._closer is not None:
+                self._closer.detach()  # a forked child's copy of the parent's descriptor: left to the parent
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+            self._fd, self._pid = fd, pid
+            self._closer = weakref.finalize(self, os.close, fd)
+        return self._fd
 
     def read_tile(self, level: int, row: int, col: int) -> np.ndarray:
         """Decode one tile as ``(th, tw, C)``; an empty tile (byte count 0) reads as zeros."""
@@ -171,7 +168,7 @@ class TiffBackend:
         th, tw = info.tile
         if count == 0:
             return np.zeros((th, tw, info.shape[2]), info.dtype)
-        with self._descriptor() as fd:
+        with self._guard.reading(self._descriptor) as fd:
             data = os.pread(fd, count, int(info.offsets[index]))
         if len(data) != count:
             raise OSError(f"{self.path}: short read of tile {index} at level {level} (file truncated?)")
@@ -180,9 +177,7 @@ class TiffBackend:
 
     def close(self) -> None:
         """Close the descriptor once the reads in flight are done (a later read opens the file again)."""
-        with self._guard:
-            while self._reads and self._pid == os.getpid():
-                self._guard.wait()
+        with self._guard.idle():
             if self._closer is not None and self._pid == os.getpid():
                 self._closer()  # os.close, once
             self._fd, self._closer = None, None

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from .._memory import output_array
+from .._validation import check_fill
 from ._cache import TileCache
 from ._deps import available
 from ._tiff import SlideFormatError
@@ -46,10 +47,10 @@ def _patch_size(patch_size, name="patch_size"):
     return size
 
 
-def _offsets(offsets):
+def _offsets(offsets, name="offsets"):
     array = np.asarray(offsets)
     if array.ndim != 2 or array.shape[1] != 2:
-        raise ValueError(f"offsets must be (K, 2) (row, column) first pixels in the level, got shape {array.shape}")
+        raise ValueError(f"{name} must be (K, 2) (row, column) first pixels in the level, got shape {array.shape}")
     limit = 2**62  # far past any level: such a patch is all fill, and no cast wraps it round to the slide
     if array.dtype.kind == "u":
         return np.minimum(array, np.uint64(limit)).astype(np.int64)
@@ -57,17 +58,48 @@ def _offsets(offsets):
         if array.dtype.kind == "f" and array.size and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
             return np.clip(array, -limit, limit).astype(np.int64)
         if array.size:
-            raise TypeError(f"offsets must hold integers, got dtype {array.dtype}")
+            raise TypeError(f"{name} must hold integers, got dtype {array.dtype}")
     return array.astype(np.int64, copy=False)
+
+
+def _axis_index(key, axis: int, size: int) -> range:
+    """The rows (axis 0) or columns (axis 1) an int or a slice of non-negative step selects, as a range."""
+    if isinstance(key, (bool, np.bool_)):
+        raise IndexError(f"SlideLevel takes ints and slices, got the bool {key!r} for axis {axis} (NumPy would read "
+                         "it as a new axis)")
+    if isinstance(key, numbers.Integral):
+        i = int(key) + size if key < 0 else int(key)
+        if not 0 <= i < size:
+            raise IndexError(f"index {key} is out of range for axis {axis} of size {size}")
+        return range(i, i + 1)
+    if isinstance(key, slice):
+        start, stop, step = key.indices(size)
+        if step < 0:
+            raise IndexError("negative steps are not supported on a SlideLevel")
+        return range(start, stop, step)
+    raise IndexError(f"SlideLevel supports ints and slices, got {type(key).__name__}")
+
+
+def _tile_groups(index: np.ndarray, tile: int) -> list:
+    """``(tile number, slice into index)`` for each run of increasing pixel indices that lies in one tile."""
+    tiles = index // tile
+    starts = np.flatnonzero(np.r_[True, tiles[1:] != tiles[:-1]])
+    ends = np.r_[starts[1:], len(tiles)]
+    return [(int(tiles[a]), slice(int(a), int(b))) for a, b in zip(starts, ends)]
+
+
+TILES_PER_READ = 64
+"""Tiles decoded at once by a strided read (its memory: this many decoded tiles, not the spanned region)."""
 
 
 class SlideLevel:
     """One pyramid level: a lazy, read-only array ``(H, W, C)``.
 
-    Indexing with slices (``level[y0:y1, x0:x1]``) reads only the tiles under
-    the region; ``np.asarray(level)`` reads the whole level (asked for).
-    ``downsample`` is the mean of the per-axis factors against level 0 (as
-    OpenSlide reports it), ``downsamples`` the per-axis ``(rows, columns)`` ones.
+    Indexing with ints and slices (``level[y0:y1, x0:x1]``, ``level[::100,
+    ::100]``) reads only the tiles under the selected pixels; ``np.asarray(level)``
+    reads the whole level (asked for). ``downsample`` is the mean of the
+    per-axis factors against level 0 (as OpenSlide reports it), ``downsamples``
+    the per-axis ``(rows, columns)`` ones.
     """
 
     def __init__(self, slide, index, shape, dtype, tile_shape, downsamples):
@@ -97,28 +129,12 @@ class SlideLevel:
             key = (key,)
         if len(key) > 3 or any(k is Ellipsis for k in key):
             raise IndexError("SlideLevel takes up to 3 slices/ints (rows, columns, channels); no Ellipsis")
+        if len(key) == 3 and isinstance(key[2], (bool, np.bool_)):
+            raise IndexError(f"SlideLevel takes ints and slices, got the bool {key[2]!r} for the channels")
         key = key + (slice(None),) * (3 - len(key))
-        spans, squeeze = [], []
-        for axis in range(2):
-            k = key[axis]
-            size = self.shape[axis]
-            if isinstance(k, numbers.Integral):
-                i = int(k) + size if k < 0 else int(k)
-                if not 0 <= i < size:
-                    raise IndexError(f"index {k} is out of range for axis {axis} of size {size}")
-                spans.append((i, i + 1, 1))
-                squeeze.append(axis)
-            elif isinstance(k, slice):
-                spans.append(k.indices(size))
-            else:
-                raise IndexError(f"SlideLevel supports ints and slices, got {type(k).__name__}")
-        (y0, y1, ys), (x0, x1, xs) = spans
-        h, w = max(0, y1 - y0), max(0, x1 - x0)
-        if ys < 0 or xs < 0:
-            raise IndexError("negative steps are not supported on a SlideLevel")
-        region = self._slide.read_region((y0, x0), (h, w), level=self.index) if h and w else \
-            np.zeros((h, w, self.shape[2]), self.dtype)
-        region = region[::ys, ::xs]
+        rows, cols = (_axis_index(key[axis], axis, self.shape[axis]) for axis in range(2))
+        region = self._slide._read_pixels(self.index, rows, cols)
+        squeeze = tuple(axis for axis in range(2) if isinstance(key[axis], numbers.Integral))
         if squeeze:
             region = region.reshape(tuple(s for a, s in enumerate(region.shape) if a not in squeeze))
         return region[(Ellipsis, key[2])]
@@ -141,7 +157,7 @@ class Slide:
     """
 
     def __init__(self, path, backend, *, threads=None, cache=None, cache_bytes=DEFAULT_CACHE_BYTES, options=None):
-        self.path = str(path)
+        self.path = os.fsdecode(path)
         self._backend = backend
         self.backend = backend.name
         self.kind = getattr(backend, "kind", backend.name)
@@ -151,7 +167,7 @@ class Slide:
         self.threads = int(threads)
         if cache is not None and not isinstance(cache, TileCache):
             raise TypeError(f"cache must be an atskern.io.TileCache or None, got {type(cache).__name__}")
-        self.cache = cache if cache is not None else TileCache(cache_bytes)
+        self.cache = cache if cache is not None else TileCache(_check_cache_bytes(cache_bytes))
         self._options = dict(options or {}, threads=self.threads, cache_bytes=self.cache.max_bytes)
         self._token = next(_TOKENS)
         self._pool = None
@@ -165,15 +181,19 @@ class Slide:
             tiles = [None] * len(shapes)
             dtypes = [np.dtype(np.uint8)] * len(shapes)
         h0, w0 = shapes[0][:2]
-        self.levels = tuple(
-            SlideLevel(self, i, shape, dtype, tile, (h0 / shape[0], w0 / shape[1]))
-            for i, (shape, dtype, tile) in enumerate(zip(shapes, dtypes, tiles))
-        )
+        self._level_specs = tuple((i, shape, dtype, tile, (h0 / shape[0], w0 / shape[1]))
+                                  for i, (shape, dtype, tile) in enumerate(zip(shapes, dtypes, tiles)))
 
     # -- description -------------------------------------------------------
     @property
+    def levels(self) -> tuple:
+        """The :class:`SlideLevel` objects, largest first (made on each access: a level refers to its slide, the
+        slide not to its levels, so a dropped slide closes its file at once, with no reference cycle to collect)."""
+        return tuple(SlideLevel(self, *spec) for spec in self._level_specs)
+
+    @property
     def level_count(self) -> int:
-        return len(self.levels)
+        return len(self._level_specs)
 
     @property
     def shape(self) -> tuple:
@@ -186,19 +206,21 @@ class Slide:
 
     def level(self, level) -> SlideLevel:
         """The :class:`SlideLevel` ``level`` (an int; negative counts from the smallest)."""
-        if isinstance(level, bool) or not isinstance(level, numbers.Integral):
+        if isinstance(level, (bool, np.bool_)) or not isinstance(level, numbers.Integral):
             raise TypeError(f"level must be an int, got {type(level).__name__}")
-        n = len(self.levels)
+        n = len(self._level_specs)
         if not -n <= level < n:
             raise ValueError(f"level {level} is out of range: {self.path} has {n} levels (0 to {n - 1})")
-        return self.levels[level]
+        return SlideLevel(self, *self._level_specs[level])
 
     def best_level(self, max_side: int) -> int:
-        """The largest level whose sides are both at most ``max_side`` (else the smallest level)."""
-        for lv in self.levels:
-            if max(lv.shape[:2]) <= max_side:
-                return lv.index
-        return len(self.levels) - 1
+        """The largest level whose sides are both at most ``max_side`` pixels (else the smallest level)."""
+        if isinstance(max_side, (bool, np.bool_)) or not isinstance(max_side, numbers.Integral):
+            raise TypeError(f"max_side must be an int (pixels), got {max_side!r}")
+        for index, shape, *_ in self._level_specs:
+            if max(shape[:2]) <= max_side:
+                return index
+        return len(self._level_specs) - 1
 
     # -- process and thread plumbing ---------------------------------------
     def _executor(self):
@@ -273,12 +295,7 @@ class Slide:
                              f"{getattr(out, 'shape', None)} {getattr(out, 'dtype', type(out).__name__)}")
         elif not out.flags.writeable:
             raise ValueError("out must be writeable")
-        try:
-            fill_value = np.array(fill).astype(lv.dtype, casting="same_kind" if lv.dtype.kind == "f" else "unsafe")
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"fill must be a number, got {fill!r}") from exc
-        if np.ndim(fill_value) != 0 or (lv.dtype.kind in "iu" and fill_value != fill):
-            raise ValueError(f"fill {fill!r} does not fit the slide's dtype {lv.dtype}")
+        fill_value = check_fill(fill, lv.dtype)
         if not len(offsets):
             return out
         H, W = lv.shape[:2]
@@ -315,17 +332,52 @@ class Slide:
     def _read_regions(self, lv, out, ks, y0, x0, ya, yb, xa, xb):
         def one(k):
             region = self._backend.read_region(lv.index, int(ya[k]), int(xa[k]), int(yb[k] - ya[k]),
-                                               int(xb[k] - xa[k]), lv.downsamples)
+                                               int(xb[k] - xa[k]))
             out[k, ya[k] - y0[k]:yb[k] - y0[k], xa[k] - x0[k]:xb[k] - x0[k]] = region
 
         self._map(one, list(ks))
+
+    def _read_pixels(self, level: int, rows: range, cols: range) -> np.ndarray:
+        """The pixels ``rows`` x ``cols`` (ranges of positive step inside the level) of level ``level``.
+
+        With steps of 1, one region; with larger steps only the tiles holding
+        selected pixels are decoded, ``TILES_PER_READ`` at a time (OpenSlide:
+        one selected row at a time), so memory follows the result, not the
+        spanned region.
+        """
+        lv = self.level(level)
+        if not len(rows) or not len(cols):
+            return np.zeros((len(rows), len(cols), lv.shape[2]), lv.dtype)
+        if rows.step == 1 and cols.step == 1:
+            return self.read_region((rows.start, cols.start), (len(rows), len(cols)), level)
+        out = np.empty((len(rows), len(cols), lv.shape[2]), lv.dtype)
+        if lv.tile_shape is None:
+            span = (1, cols[-1] - cols.start + 1)
+            for i, row in enumerate(rows):
+                out[i] = self.read_region((row, cols.start), span, level)[0, ::cols.step]
+            return out
+        self._read_tiles_strided(lv, np.asarray(rows), np.asarray(cols), out)
+        return out
+
+    def _read_tiles_strided(self, lv, rows: np.ndarray, cols: np.ndarray, out: np.ndarray) -> None:
+        """Fill ``out`` with the pixels ``rows`` x ``cols`` (increasing) of ``lv``, a band of tile rows at a time."""
+        th, tw = lv.tile_shape
+        col_groups = _tile_groups(cols, tw)
+        for band, rsel in _tile_groups(rows, th):
+            in_rows = (rows[rsel] - band * th)[:, None]
+            for first in range(0, len(col_groups), TILES_PER_READ):
+                chunk = col_groups[first:first + TILES_PER_READ]
+                tiles = self._tiles(lv.index, [(band, c) for c, _ in chunk])
+                for c, csel in chunk:
+                    out[rsel, csel] = tiles[band, c][in_rows, cols[csel] - c * tw]
 
     def read_region(self, origin, size, level=0, *, fill=0) -> np.ndarray:
         """One region ``(h, w, C)`` at ``origin`` (row, column) of level ``level``; outside pixels take ``fill``."""
         origin = np.asarray(origin)
         if origin.shape != (2,):
             raise ValueError(f"origin must be (row, column), got {origin.tolist()!r}")
-        return self.read_patches(origin.reshape(1, 2), _patch_size(size, "size"), level, fill=fill)[0]
+        offsets = _offsets(origin.reshape(1, 2), "origin")
+        return self.read_patches(offsets, _patch_size(size, "size"), level, fill=fill)[0]
 
     def read_level(self, level) -> np.ndarray:
         """The whole level as one array (reads every tile: for the small levels of a pyramid)."""
@@ -371,57 +423,98 @@ def _reopen(path, backend, options):
     return open_slide(path, backend=backend, **options)
 
 
+def _check_cache_bytes(cache_bytes) -> int:
+    if isinstance(cache_bytes, (bool, np.bool_)) or not isinstance(cache_bytes, numbers.Integral) or cache_bytes < 0:
+        raise ValueError(f"cache_bytes must be an int >= 0 (the decoded-tile cache budget in bytes; 0: no cache), "
+                         f"got {cache_bytes!r}")
+    return int(cache_bytes)
+
+
+def _slide_path(path) -> str:
+    """``path`` (str, bytes or os.PathLike) as a str, checked to name an existing file."""
+    try:
+        path = os.fsdecode(path)
+    except TypeError:
+        raise TypeError(f"path must be a str, bytes or os.PathLike naming a slide file, got {type(path).__name__}") \
+            from None
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no slide at {path!r}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a directory, not a slide file")
+    return path
+
+
+def _check_pyramid(path: str, level_count: int, require_pyramid: bool) -> None:
+    if require_pyramid and level_count < 2:
+        raise SlideFormatError(
+            f"{path}: a single-level slide (no pyramid): ATS reads its attention view from a "
+            f"low-resolution level; convert it to a pyramid, e.g. `vips tiffsave in.tif out.tif --tile "
+            f"--pyramid --compression jpeg`, or pass require_pyramid=False to read level 0 only")
+
+
+def _tiff_or_fallback(path: str, backend: str, series: int):
+    """``(tifffile backend, None)``, or ``(None, its error)`` where ``backend="auto"`` may fall back to OpenSlide
+    (installed, and its 8-bit RGB would be the file's own values); else raises the tifffile backend's error."""
+    from ._tiff import TiffBackend, openslide_keeps_values
+
+    try:
+        return TiffBackend(path, series), None
+    except SlideFormatError as error:
+        if backend == "tifffile" or not available("openslide"):
+            raise
+        if not openslide_keeps_values(path, series):
+            raise SlideFormatError(f"{error} (backend='auto' does not fall back to OpenSlide here: it reads 8-bit "
+                                   "RGB, not this file's samples)") from None
+        return None, error
+
+
+def _openslide_backend(path: str, tiff_error):
+    from ._openslide import OpenSlideBackend
+
+    if tiff_error is None:
+        return OpenSlideBackend(path)
+    try:  # auto, after tifffile refused it: OpenSlide's own error says less than tifffile's, which has the fix
+        return OpenSlideBackend(path)
+    except Exception as error:
+        raise SlideFormatError(f"{tiff_error} (OpenSlide cannot read it either: {error})") from None
+
+
 def open_slide(path, *, backend="auto", threads=None, cache=None, cache_bytes=DEFAULT_CACHE_BYTES, series=0,
                require_pyramid=True) -> Slide:
     """Open a whole-slide image for patch reads.
 
-    ``backend``: ``"tifffile"`` (tiled TIFF, BigTIFF, OME-TIFF, SubIFD and
-    SVS pyramids; JPEG, JPEG 2000, deflate, LZW, zstd tiles through
-    imagecodecs), ``"openslide"`` (any format OpenSlide reads; needs
-    openslide-python and openslide-bin) or ``"auto"`` (tifffile, else
-    OpenSlide when installed). ``threads`` decoding threads (default
+    ``path``: a str, bytes or os.PathLike. ``backend``: ``"tifffile"`` (tiled
+    TIFF, BigTIFF, OME-TIFF, SubIFD and SVS pyramids; JPEG, JPEG 2000,
+    deflate, LZW, zstd tiles through imagecodecs), ``"openslide"`` (any
+    format OpenSlide reads, as 8-bit RGB; needs openslide-python and
+    openslide-bin) or ``"auto"`` (tifffile, else OpenSlide when installed and
+    the file's samples are 8-bit). ``threads`` decoding threads (default
     ``min(4, cores)``), ``cache_bytes`` the decoded-tile cache budget (or a
-    shared :class:`TileCache` as ``cache``). A TIFF with one level is
+    shared :class:`TileCache` as ``cache``). A slide with one level is
     refused unless ``require_pyramid=False`` (the attention network reads a
     low-resolution level). Raises ``FileNotFoundError`` for a missing file,
     :class:`SlideFormatError` (a ``ValueError``) for a file it cannot read,
     with the fix in the message.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no slide at {path!r}")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"{path!r} is a directory, not a slide file")
+    path = _slide_path(path)
     if backend not in ("auto", "tifffile", "openslide"):
         raise ValueError(f"backend must be 'auto', 'tifffile' or 'openslide', got {backend!r}")
     if isinstance(series, bool) or not isinstance(series, numbers.Integral):
         raise TypeError(f"series must be an integer (the TIFF's image series), got {series!r}")
+    if cache is None:
+        _check_cache_bytes(cache_bytes)
     series = int(series)
     options = dict(series=series, require_pyramid=require_pyramid)
+    impl, tiff_error = None, None
     if backend in ("auto", "tifffile"):
-        from ._tiff import TiffBackend
-
-        tiff_error = None
+        impl, tiff_error = _tiff_or_fallback(path, backend, series)
+    if impl is not None:
+        _check_pyramid(path, len(impl.levels), require_pyramid)
+    else:
+        impl = _openslide_backend(path, tiff_error)
         try:
-            impl = TiffBackend(path, series)
-        except SlideFormatError as error:
-            if backend == "tifffile" or not available("openslide"):
-                raise
-            impl, tiff_error = None, error
-        if impl is not None:
-            if require_pyramid and len(impl.levels) < 2:
-                raise SlideFormatError(
-                    f"{path}: a single-level TIFF (no pyramid): ATS reads its attention view from a "
-                    f"low-resolution level; convert it to a pyramid, e.g. `vips tiffsave in.tif out.tif --tile "
-                    f"--pyramid --compression jpeg`, or pass require_pyramid=False to read level 0 only")
-            return Slide(path, impl, threads=threads, cache=cache, cache_bytes=cache_bytes, options=options)
-    from ._openslide import OpenSlideBackend
-
-    if backend == "openslide":
-        impl = OpenSlideBackend(path)
-    else:  # auto, after tifffile refused it: OpenSlide's own error says less than tifffile's, which has the fix
-        try:
-            impl = OpenSlideBackend(path)
-        except Exception as error:
-            raise SlideFormatError(f"{tiff_error} (OpenSlide cannot read it either: {error})") from None
+            _check_pyramid(path, len(impl.dimensions), require_pyramid)
+        except SlideFormatError:
+            impl.close()
+            raise
     return Slide(path, impl, threads=threads, cache=cache, cache_bytes=cache_bytes, options=options)

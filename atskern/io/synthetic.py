@@ -18,6 +18,7 @@ convert a strip-based TIFF that fits in memory).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -141,10 +142,14 @@ def write_pyramid(path, image, *, tile=256, factor=2, min_side=None, layout="tif
         image = image[..., None]
     if image.ndim != 3:
         raise ValueError(f"image must be (H, W) or (H, W, C), got shape {image.shape}")
-    shapes, downsamples = _pyramid_shapes(image.shape[:2], tile, factor, min_side or tile)
+    if min_side is not None and (isinstance(min_side, (bool, np.bool_)) or not isinstance(min_side, numbers.Integral)
+                                 or min_side < 1):
+        raise ValueError(f"min_side must be an int >= 1 (the longest side of the smallest level) or None (one "
+                         f"tile), got {min_side!r}")
+    shapes, downsamples = _pyramid_shapes(image.shape[:2], tile, factor, tile if min_side is None else min_side)
     levels = [image]
     for _ in shapes[1:]:
-        prev = levels[-1].astype(np.float64)
+        prev = levels[-1].astype(np.complex128 if image.dtype.kind == "c" else np.float64)  # complex: keep imag
         h, w = -(-prev.shape[0] // factor), -(-prev.shape[1] // factor)
         padded = np.pad(prev, ((0, h * factor - prev.shape[0]), (0, w * factor - prev.shape[1]), (0, 0)), mode="edge")
         mean = padded.reshape(h, factor, w, factor, -1).mean(axis=(1, 3))

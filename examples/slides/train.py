@@ -107,11 +107,12 @@ def overlay(path, x_low, size, attention, cells, patch_px, label, prediction):
     plt.close(fig)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; its defaults are the configuration of the run in ``results/`` (and the README)."""
     parser = argparse.ArgumentParser(prog="python -m examples.slides.train", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/slides")
     parser.add_argument("--out", default="runs/slides")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--patches", type=int, default=12)
     parser.add_argument("--patch", type=int, default=160)
@@ -123,6 +124,11 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--overlays", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     for name in ("epochs", "batch", "patches", "patch", "low_side", "attention_downscale"):
         if getattr(args, name) < 1:

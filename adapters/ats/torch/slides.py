@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from atskern.io import grid as _grid
+from atskern.io._cache import OpenSlides
 
 from .._layer_args import check_flag, check_sampling_args, check_scale
 from . import functional as F
@@ -60,22 +61,28 @@ def _shared_cache(pid, cache_bytes):
     return TileCache(cache_bytes)
 
 
-@functools.lru_cache(maxsize=64)
-def _open_in_process(path, pid, threads, cache_bytes):
-    from atskern.io import open_slide
-
-    return open_slide(path, threads=threads, cache=_shared_cache(pid, cache_bytes))
+OPEN_SLIDES = OpenSlides(64)
+"""The slides :func:`open_cached` keeps open in this process (the least recently used is closed past 64)."""
 
 
 def open_cached(slide, *, threads=None, cache_bytes=64 << 20):
     """``slide`` if it is an :class:`atskern.io.Slide`, else the path opened once per process.
 
     The slides opened this way share one tile cache of ``cache_bytes`` per
-    process, so memory stays bounded however many slides a run visits.
+    process, and at most ``OPEN_SLIDES.maxsize`` stay open (the least recently
+    used is closed), so memory and file descriptors stay bounded however many
+    slides a run visits.
     """
     if hasattr(slide, "read_patches"):
         return slide
-    return _open_in_process(os.fspath(slide), os.getpid(), threads, cache_bytes)
+    path = os.fsdecode(slide)
+    return OPEN_SLIDES.get((path, threads, cache_bytes), functools.partial(_open, path, threads, cache_bytes))
+
+
+def _open(path, threads, cache_bytes):
+    from atskern.io import open_slide
+
+    return open_slide(path, threads=threads, cache=_shared_cache(os.getpid(), cache_bytes))
 
 
 class SlideBatch(NamedTuple):
@@ -99,7 +106,7 @@ class SlideDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, paths, labels=None, *, low_side=512, low_level=None, scale=1.0 / 255.0):
-        self.paths = [os.fspath(p) for p in paths]
+        self.paths = [os.fsdecode(p) for p in paths]
         if labels is not None and len(labels) != len(self.paths):
             raise ValueError(f"labels must have one entry per slide ({len(self.paths)}), got {len(labels)}")
         self.labels = labels
