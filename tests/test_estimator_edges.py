@@ -198,3 +198,15 @@ def test_torch_func_transforms_take_the_torch_estimator():
     grad = torch.func.grad(lambda p: F.expectation(features, p).sum())(probs)
     want, _ = atskern.expectation_grad(np.ones((2, 4)), features.numpy(), probs.numpy())
     np.testing.assert_allclose(grad.numpy(), want, rtol=1e-12)
+
+
+def test_torch_modules_normalize_float16_logits_in_float32():
+    from ats.torch import Expectation, SamplePatches
+
+    size = 256
+    logits = torch.zeros(1, size, size, dtype=torch.float16, requires_grad=True)
+    images = torch.full((1, 8, size, size), 2.0, dtype=torch.float16)  # <g, f> = 16 at every cell
+    patches, sampled = SamplePatches(10, 1, use_logits=True, seed=1)(images, images, logits)
+    Expectation()(patches.reshape(1, 10, 8), sampled).float().sum().backward()
+    assert sampled.dtype == torch.float32
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().max() > 0

@@ -136,7 +136,8 @@ class SamplePatches(KeyStreamState, nn.Module):
     replace : bool
         Sample with replacement; pass the same value to :class:`Expectation`.
     use_logits : bool
-        ``attention`` holds unnormalized log-probabilities.
+        ``attention`` holds unnormalized log-probabilities (float16 ones are normalized in float32: the sampled
+        attention's gradient, ``<g, f_k> / (n a_k)`` and more, exceeds float16's range on large maps).
     mode : ``"sample"``, ``"topk"`` or ``"auto"``
         ``"topk"`` takes the most attended positions (deterministic);
         ``"auto"`` samples in training and takes the top-k in ``eval()``.
@@ -213,8 +214,8 @@ class SamplePatches(KeyStreamState, nn.Module):
 
             return sample_from_slides(self, x_low, x_high, attention)
         size = self._check(x_low, x_high, attention)
-        if self.use_logits:
-            attention = F.sample_softmax(attention)
+        if self.use_logits:  # float16 logits are normalized in float32: the sampled attention's gradient overflows float16
+            attention = F.sample_softmax(attention.float() if attention.dtype == torch.float16 else attention)
         deterministic = self.deterministic()
         if deterministic:
             key = None
