@@ -47,6 +47,9 @@ def _reshape_view(array, shape):
         return np.reshape(array, shape, copy=False)
     except ValueError:
         return None
+    except TypeError:  # NumPy before 2.1 has no copy argument: a reshape that copied shares no memory
+        reshaped = array.reshape(shape)
+        return reshaped if np.may_share_memory(reshaped, array) else None
 
 
 def _image_view(array, layout):

@@ -325,3 +325,9 @@ def test_write_pyramid_refuses_min_side_0_and_keeps_complex_levels(tmp_path):
     means = image.astype(np.complex128).reshape(32, 2, 24, 2, 2).mean(axis=(1, 3))
     np.testing.assert_allclose(level1, means, rtol=1e-6)
     assert np.abs(level1.imag).max() > 1
+
+
+def test_a_progress_bar_without_tqdm_says_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    with pytest.raises(ImportError, match=r"'tqdm'.*pip install 'atskern\[slides\]'"):
+        aio.write_synthetic_slide(tmp_path / "s.tif", 512, tile=128, min_side=128, progress=True)

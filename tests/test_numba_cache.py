@@ -346,3 +346,37 @@ def test_a_temporary_cache_folder_others_can_write_is_refused(tmp_path):
     assert chosen == "None"
     shared.chmod(0o700)
     assert _choice(tmp_path, {"HOME": str(tmp_path / "nohome"), "XDG_CACHE_HOME": "/proc/forbidden"}) == str(shared)
+
+
+def test_a_cache_dir_whose_kernels_folder_another_user_made_is_passed_over(monkeypatch, tmp_path):
+    """In a shared ``NUMBA_CACHE_DIR`` the folder Numba keeps the kernels in may belong to another user (its first
+    writer): Numba's locator would then fail ("no locator available"), so the next candidate is taken."""
+    import numba
+    from numba.core import caching
+
+    from atskern.cpu import _jit, sampling
+
+    shared = tmp_path / "shared"
+    kernels = _jit._kernels_folder(shared)
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(shared))
+    kernel = sampling._chunk_pass_serial.py_func
+    numba_folder = caching.UserProvidedCacheLocator.from_function(kernel, kernel.__code__.co_filename).get_cache_path()
+    assert Path(numba_folder) == kernels  # the folder Numba's own locator would write the kernels to
+
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(shared))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _jit._choose_cache_dir() == shared
+    writable = _jit._writable
+    monkeypatch.setattr(_jit, "_writable", lambda path: path != kernels and writable(path))
+    assert _jit._choose_cache_dir() == tmp_path / "xdg" / "atskern" / "numba"
+
+
+def test_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
+    from atskern.cpu import _jit
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    candidates = _jit.cache_candidates()
+    assert candidates[0] == tmp_path / ".cache" / "atskern" / "numba"
+    assert all(path.is_absolute() for path in candidates)

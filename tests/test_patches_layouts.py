@@ -310,3 +310,25 @@ def test_byte_swapped_float64_gradients_keep_float64_in_kernel_and_reference(ord
     for k, start in enumerate((0, 2)):
         by_hand[0, start:start + 3] += grad[0, k].astype(np.float64)
     assert np.array_equal(got, by_hand) and np.array_equal(want, by_hand)
+
+
+def test_numpy_before_2_1_without_reshape_copy_gathers_and_scatters_the_same(monkeypatch):
+    """NumPy 1.26 (the declared minimum) has no ``np.reshape(..., copy=False)``: the channels-last gather and
+    scatter fall back to a reshape kept only where it is a view."""
+    original = np.reshape
+
+    def reshape_without_copy(array, shape, **kwargs):
+        if "copy" in kwargs:
+            raise TypeError("reshape() got an unexpected keyword argument 'copy'")
+        return original(array, shape, **kwargs)
+
+    monkeypatch.setattr(np, "reshape", reshape_without_copy)
+    rng = np.random.default_rng(5)
+    image = rng.random((2, 9, 11, 3)).astype(np.float32)
+    offsets = rng.integers(-4, 12, size=(2, 5, 2))
+    for x in (image, image[:, ::2], image.transpose(0, 2, 1, 3), image[..., ::-1]):
+        np.testing.assert_array_equal(atskern.extract_patches(x, offsets, (4, 5)),
+                                      reference.extract_patches(x, offsets, (4, 5)))
+    grad = rng.random((2, 5, 4, 5, 3)).astype(np.float32)
+    np.testing.assert_allclose(atskern.scatter_patches(grad, offsets, (9, 11)),
+                               reference.scatter_patches(grad, offsets, (9, 11)), rtol=1e-6)

@@ -2,8 +2,10 @@
 
 Compiled kernels are cached (``cache=True``) in, by priority:
 
-1. ``NUMBA_CACHE_DIR`` if it is set and writable (Numba's own rule, for every cached function);
-2. ``$XDG_CACHE_HOME/atskern/numba`` (default ``~/.cache/atskern/numba``; skipped without a home);
+1. ``NUMBA_CACHE_DIR`` if it is set and writable, with the folder Numba makes in it for the kernels' source
+   folder (Numba's own rule, for every cached function);
+2. ``$XDG_CACHE_HOME/atskern/numba`` (default ``~/.cache/atskern/numba``, also for a relative
+   ``XDG_CACHE_HOME``; skipped without a home);
 3. ``<temporary folder>/atskern-numba-<uid>``, made private (mode 0700) and used only if it is this user's
    and no one else can write to it (Numba unpickles its index files: a folder another user made there
    first would run their code in this process);
@@ -78,7 +80,7 @@ def cache_candidates() -> list[Path]:
     configured = os.environ.get("NUMBA_CACHE_DIR")
     candidates = [Path(configured)] if configured else []
     user_cache = os.environ.get("XDG_CACHE_HOME")
-    if not user_cache:
+    if not user_cache or not os.path.isabs(user_cache):  # the XDG rule: a relative value is ignored
         try:
             user_cache = Path.home() / ".cache"
         except (RuntimeError, KeyError):  # no home directory (a uid without a passwd entry, HOME unset)
@@ -89,12 +91,23 @@ def cache_candidates() -> list[Path]:
     return candidates
 
 
+def _kernels_folder(candidate: Path) -> Path:
+    """The folder inside ``candidate`` where Numba writes the kernels' files (one per source folder): another user
+    may have made it in a shared ``NUMBA_CACHE_DIR``, unwritable to this one."""
+    try:
+        from numba.core import caching
+
+        return candidate / caching._CacheLocator.get_suitable_cache_subpath(str(Path(__file__).resolve()))
+    except AttributeError:  # Numba's API moved: the folder itself decides
+        return candidate
+
+
 def _choose_cache_dir() -> Path | None:
     shared = _shared_temp_dir()
     for candidate in cache_candidates():
         if candidate == shared and not _private(candidate):
             continue
-        if _writable(candidate):
+        if _writable(candidate) and _writable(_kernels_folder(candidate)):
             return candidate
     return None
 

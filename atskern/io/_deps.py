@@ -8,6 +8,7 @@ _HINTS = {
     "tifffile": "pip install 'atskern[slides]'  (or: pip install tifffile imagecodecs)",
     "imagecodecs": "pip install 'atskern[slides]'  (or: pip install imagecodecs)",
     "openslide": "pip install 'atskern[openslide]'  (or: pip install openslide-python openslide-bin)",
+    "tqdm": "pip install 'atskern[slides]'  (or: pip install tqdm)",
 }
 
 

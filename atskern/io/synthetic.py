@@ -269,8 +269,7 @@ def write_synthetic_slide(path, size=8192, *, label=1, seed=0, tile=256, factor=
     shapes, downsamples = _pyramid_shapes(scene.shape, tile, factor, min_side)
     bar = None
     if progress:
-        from tqdm import tqdm
-
+        tqdm = require("tqdm").tqdm
         total = sum(-(-h // tile) * -(-w // tile) for h, w in shapes)
         bar = tqdm(total=total, desc=f"slide {path}", unit="tile", leave=False)
 
