@@ -187,13 +187,13 @@ def _peak_bytes(fn):
         tracemalloc.stop()
 
 
-@pytest.mark.parametrize("backend", ["tifffile", pytest.param("openslide", marks=needs_openslide)])
-def test_strided_slices_read_the_selected_pixels_not_the_spanned_region(tmp_path, backend):
+@pytest.mark.parametrize("reader", ["tifffile", pytest.param("openslide", marks=needs_openslide)])
+def test_strided_slices_read_the_selected_pixels_not_the_spanned_region(tmp_path, reader):
     """level[::64, ::64] of a 1024 x 1536 level (4.5 MiB decoded) read and allocated the whole level, then
     subsampled; it now decodes a band of tiles at a time (OpenSlide: a row at a time), equal to NumPy's slicing."""
     image = _random_image((1024, 1536, 3), seed=6)
     path = aio.write_pyramid(tmp_path / "big.tif", image, tile=32, compression="deflate")
-    level = aio.open_slide(path, backend=backend, cache_bytes=0, threads=1).levels[0]
+    level = aio.open_slide(path, backend=reader, cache_bytes=0, threads=1).levels[0]
     for key in STRIDED_KEYS:
         got, peak = _peak_bytes(lambda key=key: level[key])
         np.testing.assert_array_equal(got, image[key])
@@ -288,10 +288,10 @@ def test_fill_is_checked_against_the_slides_dtype(tmp_path):
         u16.read_region((0, 0), 2, fill=-1)
 
 
-@pytest.mark.parametrize("backend", ["tifffile", pytest.param("openslide", marks=needs_openslide)])
-def test_bytes_paths_open_and_survive_pickling(small_slide, backend):
+@pytest.mark.parametrize("reader", ["tifffile", pytest.param("openslide", marks=needs_openslide)])
+def test_bytes_paths_open_and_survive_pickling(small_slide, reader):
     path = os.fsencode(small_slide)
-    slide = aio.open_slide(path, backend=backend)
+    slide = aio.open_slide(path, backend=reader)
     assert slide.path == str(small_slide)
     clone = pickle.loads(pickle.dumps(slide))
     np.testing.assert_array_equal(clone.read_patches([[5, 6]], 8), slide.read_patches([[5, 6]], 8))

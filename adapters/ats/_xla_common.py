@@ -15,6 +15,7 @@ import numpy as np
 
 from atskern import _validation
 from atskern._offsets import simplest_fraction
+from atskern.sampling import logits_to_weights
 
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -113,7 +114,8 @@ def attention_values(att, n: int, replace: bool, logits: bool, strict: bool):
                 f"attention row {row} has {int((flat[row] < 0).sum())} negative weights; "
                 "weights must be >= 0 (pass logits=True for unnormalized log-probabilities)"
             )
-    positive = (flat > -np.inf).sum(axis=1) if logits else (flat > 0).sum(axis=1)
+    # a logit whose weight exp(l - max) underflows in float64 counts as zero, as atskern counts it
+    positive = (logits_to_weights(np, flat) > 0).sum(axis=1) if logits else (flat > 0).sum(axis=1)
     for row in np.flatnonzero(positive == 0)[:1]:
         raise ValueError(f"attention row {row} has no positive weight (all zero, or all logits -inf)")
     if strict and not replace:

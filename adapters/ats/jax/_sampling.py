@@ -146,4 +146,5 @@ def probabilities(w, flat, out_dtype):
 def top_cells(attention, n: int):
     """The ``n`` largest cells of each row, largest first (ties: lower index first), flat int32."""
     flat = attention.reshape(attention.shape[0], -1)
+    flat = jnp.where(flat == 0, jnp.zeros_like(flat), flat)  # -0.0 ties +0.0 (XLA's top-k orders -0.0 below it)
     return lax.top_k(flat, n)[1].astype(jnp.int32)

@@ -148,6 +148,7 @@ def _draw_indices(attention, n: int, replace: bool, seed, strict: bool = False):
 
 def _top_indices(flat, grid_shape, n: int):
     """int32 ``(B, n, D)`` indices of the ``n`` largest weights of each row, largest first."""
+    flat = tf.where(flat == 0, tf.zeros_like(flat), flat)  # -0.0 ties +0.0 (XLA's top-k orders -0.0 below it)
     _, flat_index = tf.math.top_k(flat, k=n, sorted=True)
     grid_shape = tf.cast(grid_shape, tf.int32)
     # row-major strides; tf.unravel_index has no XLA kernel

@@ -132,11 +132,30 @@ def _ravel(indices, grid):
     return flat
 
 
+def _power_of_two(exponent):
+    """``2.0 ** exponent`` for int64 ``exponent`` in [-1022, 1023], built from its bits: exact on every device."""
+    return tf.bitcast(tf.bitwise.left_shift(exponent + 1023, tf.constant(52, tf.int64)), tf.float64)
+
+
+def power_of_two_scaled(rows):
+    """float64 ``rows`` ``(B, N)`` times ``2**-e``, ``e`` the exponent of each row's largest finite weight (as
+    ``frexp`` gives it): exact (keys, sums and draws scale by a power of two), the largest weight in [1/2, 1), so a
+    row of weights near 1e308 sums to a finite number and no key ``-log(u) / w`` of a weight near 1e-300
+    overflows. Two normal factors (``2**-1024`` alone is subnormal, which XLA's CPU flushes to zero); the exponent
+    is read from the bits (TensorFlow has no ``frexp``)."""
+    top = tf.reduce_max(tf.where(tf.math.is_finite(rows), rows, tf.zeros_like(rows)), axis=1, keepdims=True)
+    biased = tf.bitwise.bitwise_and(tf.bitwise.right_shift(tf.bitcast(top, tf.int64), tf.constant(52, tf.int64)),
+                                    tf.constant(0x7FF, tf.int64))
+    exponent = tf.where((top > 0) & (biased > 0), biased - 1022, tf.zeros_like(biased))
+    half = tf.math.floordiv(exponent, tf.constant(2, tf.int64))
+    return rows * _power_of_two(-half) * _power_of_two(half - exponent)
+
+
 def _weights(attention, logits: bool):
     size = int(np.prod(attention.shape[1:]))  # static (grid_of): the rows' length stays known with a None batch
     flat = tf.cast(tf.reshape(attention, [-1, size]), tf.float64)
     if not logits:
-        return flat
+        return power_of_two_scaled(flat)
     top = tf.reduce_max(flat, axis=1, keepdims=True)
     top = tf.where(tf.math.is_finite(top), top, tf.zeros_like(top))
     return tf.exp(flat - top)
@@ -204,10 +223,24 @@ def sample_indices(attention, n_samples, seed, *, replace=False, logits=False, s
     k0, k1 = seed_words(seed)
     if _eager(attention):
         common.attention_values(attention.numpy(), n, replace, logits, strict)
+        if not logits:
+            _refuse_subnormal_rows(attention.numpy())
     w = _weights(tf.stop_gradient(attention), logits)
     flat = _with_replacement(w, n, k0, k1) if replace else _without_replacement(w, n, k0, k1)
     probs = tf.gather(w, flat, batch_dims=1) / tf.reduce_sum(w, axis=1, keepdims=True)
     return _unravel(flat, grid), tf.cast(probs, attention.dtype)
+
+
+def _refuse_subnormal_rows(attention):
+    """A ValueError naming the first row whose largest weight is subnormal in its dtype: TensorFlow flushes
+    subnormal numbers to zero (in the cast to float64 and in XLA), so the row would read as empty."""
+    top = np.max(np.asarray(attention, dtype=np.float64).reshape(attention.shape[0], -1), axis=1)
+    small = np.flatnonzero((top > 0) & (top < np.finfo(attention.dtype).tiny))
+    if small.size:
+        row = int(small[0])
+        raise ValueError(f"attention row {row}: its largest weight {top[row]:.3g} is subnormal in {attention.dtype}, "
+                         "which TensorFlow flushes to zero; rescale the row (or use atskern.sample or ats.ops "
+                         "outside XLA, exact for any positive scale)")
 
 
 def sample(attention, n_samples, seed=None, *, replace=False, deterministic=False):
@@ -221,14 +254,16 @@ def sample(attention, n_samples, seed=None, *, replace=False, deterministic=Fals
     grid = common.grid_of(attention.shape, attention.dtype.is_floating, n, not replace or deterministic)
     rows = tf.reshape(attention, [tf.shape(attention)[0], -1])
     if deterministic:
-        flat = tf.math.top_k(tf.stop_gradient(rows), n).indices
+        ranked = tf.stop_gradient(rows)
+        ranked = tf.where(ranked == 0, tf.zeros_like(ranked), ranked)  # -0.0 ties +0.0 (XLA orders it below)
+        flat = tf.math.top_k(ranked, n).indices
         indices = _unravel(flat, grid)
     else:
         if seed is None:
             raise TypeError("seed is required to sample (an int or a uint32 tensor [k0, k1])")
         indices, _ = sample_indices(attention, n, seed, replace=replace)
         flat = _ravel(indices, grid)
-    rows64 = tf.cast(rows, tf.float64)
+    rows64 = power_of_two_scaled(tf.cast(rows, tf.float64))
     sampled = tf.gather(rows64, flat, batch_dims=1) / tf.reduce_sum(rows64, axis=1, keepdims=True)
     return indices, tf.cast(sampled, attention.dtype)
 

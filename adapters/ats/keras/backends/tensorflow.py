@@ -27,9 +27,22 @@ def top_indices(flat, n):
     return tf.math.top_k(flat, n, sorted=True).indices
 
 
+def _float32_bits(values):
+    """uint32 bits of ``values`` rounded to float32 as NumPy rounds them. TensorFlow's cast of float64 flushes
+    results below float32's smallest normal number (1.2e-38) to zero, so there the bits are computed: a float32
+    subnormal is its multiple of ``2**-149`` (rounded half to even, exact in float64), with the sign bit."""
+    if values.dtype != tf.float64:
+        return tf.bitcast(tf.cast(values, tf.float32), tf.uint32)
+    magnitude = tf.abs(values)
+    multiple = tf.cast(tf.round(magnitude * 2.0**149), tf.uint32)  # up to 2**23: the smallest normal's bits
+    sign = tf.cast(tf.bitwise.right_shift(tf.bitcast(values, tf.uint64), tf.constant(63, tf.uint64)), tf.uint32)
+    tiny = tf.bitwise.bitwise_or(multiple, tf.bitwise.left_shift(sign, tf.constant(31, tf.uint32)))
+    return tf.where(magnitude < 2.0**-126, tiny, tf.bitcast(tf.cast(values, tf.float32), tf.uint32))
+
+
 def fingerprint(attention):
     """uint32 ``[word0, word1]`` of :func:`ats.keras._keys.fingerprint`, in TensorFlow ops (compiles under XLA)."""
-    bits = tf.reshape(tf.bitcast(tf.cast(tf.stop_gradient(attention), tf.float32), tf.uint32), [-1])
+    bits = tf.reshape(_float32_bits(tf.stop_gradient(attention)), [-1])
     index = tf.cast(tf.range(tf.size(bits)), tf.uint32)
     words = []
     for j in (0, 1):
