@@ -56,7 +56,7 @@ _DEFAULT_DIR = """
 import atskern
 from atskern.cpu import _jit
 import numpy as np
-atskern.sample(np.ones((1, 4), np.float32), 2, seed=0)
+atskern.extract_patches(np.ones((1, 8, 8, 1), np.float32), np.zeros((1, 1, 2), np.int32), 2)  # a cached kernel
 print("CACHE", _jit.CACHE, _jit.CACHE_DIR)
 """
 
@@ -74,7 +74,7 @@ def test_default_cache_is_per_user_not_the_package(tmp_path):
     assert out.returncode == 0, out.stderr
     cache = tmp_path / "xdg" / "atskern" / "numba"
     assert out.stdout.strip().splitlines()[-1] == f"CACHE True {cache}"
-    assert any(cache.rglob("sampling*.nbi")), "the sampling kernels were not cached in the per-user directory"
+    assert any(cache.rglob("patches*.nbi")), "the gather kernel was not cached in the per-user directory"
     after = {p.name for p in package_cache.glob("*.nbi")} if package_cache.exists() else set()
     assert after == before, "a kernel was cached inside the package"
 
