@@ -161,6 +161,25 @@ def check_expectation_gradients_equal_atskern():
             np.testing.assert_allclose(grad_probs, direct, rtol=1e-4, atol=1e-6)
 
 
+def check_weighted_estimator_keeps_a_tiny_last_draw():
+    """The 2019 ``expected`` with weights: the last draw holds 1e-20 of the mass, so its mass left is the mass still
+    to come (a reversed cumulative sum; the row sum minus a cumulative sum cancels it to noise on JAX and torch)."""
+    from ats.keras import functions
+
+    for rows in (16, 64, 256):
+        rng = np.random.default_rng(rows)
+        probs = rng.random((1, rows))
+        probs[0, :-1] /= probs[0, :-1].sum()
+        probs[0, -1] = 1e-20
+        probs = probs.astype("float32")
+        features = np.ones((1, rows, 1), "float32")
+        weights = ops.convert_to_tensor(np.full((1, rows), 1.0 / rows, "float32"))
+        estimate = lambda fp: functions.expected(fp[1], fp[0], weights=weights)  # noqa: E731
+        _, grad_probs = _grads(estimate, features, probs, np.ones((1, 1), "float32"))
+        want, _ = atskern.expectation_grad(np.ones((1, 1), np.float32), features, probs)
+        np.testing.assert_allclose(grad_probs[0, -1], want[0, -1], rtol=1e-5)
+
+
 def _raises(match, fn):
     try:
         fn()
@@ -310,6 +329,7 @@ def main(argv):
             ("seeded_draws_under_jit_equal_atskern", check_seeded_draws_under_jit_equal_atskern),
             ("unseeded_draws_are_fresh", check_unseeded_draws_are_fresh),
             ("expectation_gradients_equal_atskern", check_expectation_gradients_equal_atskern),
+            ("weighted_estimator_keeps_a_tiny_last_draw", check_weighted_estimator_keeps_a_tiny_last_draw),
             ("bad_input_gets_value_errors", check_bad_input_gets_value_errors),
             ("quick_start_fits_and_predicts", check_quick_start_fits_and_predicts),
             ("jitted_training", check_jitted_training),

@@ -97,3 +97,25 @@ def test_the_tensorflow_fingerprint_of_float64_maps_rounds_subnormals_as_numpy()
     jitted = tf.function(backend.fingerprint, jit_compile=True)(tf.constant(attention)).numpy()
     assert tuple(int(w) for w in eager) == want
     assert tuple(int(w) for w in jitted) == want
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_tf_xla_draws_sixteen_bit_maps_whose_cells_are_subnormal_in_their_dtype(dtype):
+    """A float16 softmax over 65536 cells is 1.5e-5 everywhere, subnormal in float16 but normal once cast to
+    float64 (which TensorFlow does not flush): drawn as atskern draws it, not refused."""
+    attention = np.full((2, 256, 256), 1.0 / 65536, np.float32)
+    attention[1, 3, :] *= 2
+    tensor = tf.cast(tf.constant(attention), getattr(tf, dtype))
+    want, _ = atskern.sample(tensor.numpy().astype(np.float32), 4, seed=7)
+    got, _ = xla.sample_indices(tensor, 4, 7)
+    np.testing.assert_array_equal(got.numpy(), want)
+    got, _ = xla.sample(tensor, 4, 7)
+    np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_keras_tensorflow_top_indices_ties_negative_zero_under_jit():
+    from ats.keras.backends import tensorflow as backend
+
+    row = tf.constant([[1.0, -0.0, 0.0, 0.0, 2.0]])
+    jitted = tf.function(lambda r: backend.top_indices(r, 3), jit_compile=True)
+    assert jitted(row).numpy().tolist() == [[4, 0, 1]]

@@ -210,3 +210,29 @@ def test_torch_modules_normalize_float16_logits_in_float32():
     Expectation()(patches.reshape(1, 10, 8), sampled).float().sum().backward()
     assert sampled.dtype == torch.float32
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().max() > 0
+
+
+def test_torch_per_sample_gradients_vmap_of_grad():
+    probs = torch.tensor([[0.4, 0.3, 0.2], [0.5, 0.1, 0.05]], dtype=torch.float64)
+    features = torch.randn(2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def row_loss(p, f):
+        return F.expectation(f[None], p[None])[0].sum()
+
+    per_row = torch.func.vmap(torch.func.grad(row_loss))(probs, features)
+    want, _ = atskern.expectation_grad(np.ones((2, 4)), features.numpy(), probs.numpy())
+    np.testing.assert_allclose(per_row.numpy(), want, rtol=1e-12)
+
+
+def test_mixed_float16_patches_and_features_keep_the_policy_dtype():
+    from ats.keras import Expectation, SamplePatches
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        images = tf.random.uniform((1, 16, 16, 2))
+        attention = tf.fill((1, 16, 16), 1.0 / 256)
+        patches, sampled = SamplePatches(3, 2, seed=1)([images, images, attention])
+        estimate = Expectation()([tf.ones((1, 3, 5)), sampled])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert patches.dtype == tf.float16 and estimate.dtype == tf.float16 and sampled.dtype == tf.float32

@@ -331,3 +331,14 @@ def test_a_progress_bar_without_tqdm_says_how_to_install_it(monkeypatch, tmp_pat
     monkeypatch.setitem(sys.modules, "tqdm", None)
     with pytest.raises(ImportError, match=r"'tqdm'.*pip install 'atskern\[slides\]'"):
         aio.write_synthetic_slide(tmp_path / "s.tif", 512, tile=128, min_side=128, progress=True)
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, pickle.HIGHEST_PROTOCOL])
+def test_a_read_guard_unpickles_fresh_under_every_pickle_protocol(protocol):
+    from atskern.io._guard import ReadGuard
+
+    guard = pickle.loads(pickle.dumps(ReadGuard(), protocol))
+    with guard.reading(lambda: "handle") as handle:
+        assert handle == "handle" and guard.reads == 1
+    with guard.idle():
+        assert guard.reads == 0

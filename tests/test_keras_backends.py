@@ -19,6 +19,7 @@ MAIN_CHECKS = (
     "seeded_draws_under_jit_equal_atskern",
     "unseeded_draws_are_fresh",
     "expectation_gradients_equal_atskern",
+    "weighted_estimator_keeps_a_tiny_last_draw",
     "bad_input_gets_value_errors",
     "quick_start_fits_and_predicts",
     "jitted_training",

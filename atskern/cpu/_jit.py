@@ -97,7 +97,7 @@ def _kernels_folder(candidate: Path) -> Path:
     try:
         from numba.core import caching
 
-        return candidate / caching._CacheLocator.get_suitable_cache_subpath(str(Path(__file__).resolve()))
+        return candidate / caching._CacheLocator.get_suitable_cache_subpath(__file__)  # the path as Numba sees it
     except AttributeError:  # Numba's API moved: the folder itself decides
         return candidate
 

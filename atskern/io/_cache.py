@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 import os
 import threading
+import weakref
 from collections import OrderedDict
 
 import numpy as np
@@ -83,6 +84,18 @@ class TileCache:
                 f"hits={self.hits}, misses={self.misses}, evictions={self.evictions})")
 
 
+_OPEN_SLIDES = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    for slides in list(_OPEN_SLIDES):
+        slides._forget()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
 class OpenSlides:
     """The slides a process keeps open, at most ``maxsize``; opening another closes the least recently used.
 
@@ -98,29 +111,27 @@ class OpenSlides:
         if isinstance(maxsize, (bool, np.bool_)) or not isinstance(maxsize, numbers.Integral) or maxsize < 1:
             raise ValueError(f"maxsize must be an int >= 1 (open slides), got {maxsize!r}")
         self.maxsize = int(maxsize)
+        self._forget()
+        _OPEN_SLIDES.add(self)
+
+    def _forget(self) -> None:
+        """No slides and a new lock: also in a forked child (the parent's slides and, maybe held, lock are not
+        its own), before any thread of the child can look."""
         self._slides: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
-        self._pid = os.getpid()
-
-    def _checked_lock(self) -> threading.Lock:
-        if self._pid != os.getpid():  # forked: the parent's slides and (maybe held) lock are not ours
-            self._lock = threading.Lock()
-            self._slides = OrderedDict()
-            self._pid = os.getpid()
-        return self._lock
 
     def __len__(self) -> int:
         return len(self._slides)
 
     def get(self, key, opener):
         """The slide under ``key``, marked most recently used, else ``opener()`` cached (closing the evicted)."""
-        with self._checked_lock():
+        with self._lock:
             slide = self._slides.get(key)
             if slide is not None:
                 self._slides.move_to_end(key)
                 return slide
         opened = opener()
-        with self._checked_lock():
+        with self._lock:
             slide = self._slides.setdefault(key, opened)
             self._slides.move_to_end(key)
             evicted = [opened] if slide is not opened else []  # another thread opened it meanwhile
@@ -132,7 +143,7 @@ class OpenSlides:
 
     def clear(self) -> None:
         """Close every slide and forget them."""
-        with self._checked_lock():
+        with self._lock:
             slides = list(self._slides.values())
             self._slides.clear()
         for slide in slides:

@@ -39,11 +39,8 @@ class ReadGuard:
         self._lock = threading.Condition()
         self.reads = 0
 
-    def __getstate__(self):
-        return {}
-
-    def __setstate__(self, state):
-        self.__init__()
+    def __reduce__(self):  # a new guard, without reads, whatever the pickle protocol
+        return (ReadGuard, ())
 
     @contextlib.contextmanager
     def reading(self, acquire):

@@ -112,8 +112,9 @@ class SamplePatches(keras.layers.Layer):
     fill : number
         Value of patch pixels that fall outside ``x_high``.
 
-    Mixed precision: this layer and :class:`Expectation` do not cast their inputs to the policy's compute dtype
-    (``autocast=False``). The sampled attention stays in the attention map's dtype, because its gradient,
+    Mixed precision: this layer and :class:`Expectation` cast ``x_high`` and the features to the policy's compute
+    dtype but not the attention (``autocast=False``, then casts of their own). The sampled attention stays in the
+    attention map's dtype, because its gradient,
     ``<g, f_k> / (n a_k)`` and more, exceeds float16's largest value (65504) on maps of 65536 cells and more,
     and then every logit's gradient is NaN. Under ``mixed_float16``, give the attention network's last layer
     ``dtype="float32"``, as Keras advises for softmax outputs.
@@ -188,7 +189,7 @@ class SamplePatches(keras.layers.Layer):
         dims = _check_ranks(x_low.shape, x_high.shape, attention.shape)
         size = self._size(dims)
         be = backend_ops()
-        x_high = be.check_inputs(x_low, x_high, attention, size)
+        x_high = _compute_cast(be.check_inputs(x_low, x_high, attention, size), self.compute_dtype)
         logits = attention
         if self.use_logits:
             flat = ops.reshape(attention, (ops.shape(attention)[0], -1))
@@ -234,6 +235,14 @@ class SamplePatches(keras.layers.Layer):
         }
 
 
+def _compute_cast(x, dtype):
+    """Floating ``x`` in the layer's compute dtype: the patches and features keep the policy's dtype (float16 under
+    ``mixed_float16``), as autocasting gave them; only the attention is left as given."""
+    if "float" in str(x.dtype) and keras.backend.standardize_dtype(x.dtype) != dtype:
+        return ops.cast(x, dtype)
+    return x
+
+
 def _ravel(indices, grid):
     """Row-major flat indices ``(B, n)`` of grid coordinates ``(B, n, D)``."""
     flat = indices[..., 0]
@@ -266,7 +275,7 @@ class Expectation(keras.layers.Layer):
 
     def call(self, inputs):
         features, sampled = inputs
-        return backend_ops().expectation(features, sampled, replace=self.replace)
+        return backend_ops().expectation(_compute_cast(features, self.compute_dtype), sampled, replace=self.replace)
 
     def compute_output_shape(self, input_shape):
         features = tuple(input_shape[0])

@@ -244,7 +244,7 @@ def _mass_left(probs, unit: float, work: str):
     is lost in the rounding of the probabilities (``unit`` per entry) and of ``work``
     (``atskern.estimator._mass_left``)."""
     before = _exclusive_cumsum(probs)
-    still_to_come = _exclusive_cumsum(probs, reverse=True) + probs
+    still_to_come = ops.flip(ops.cumsum(ops.flip(probs, axis=1), axis=1), axis=1)  # not sum - cumsum: it cancels
     left = 1 - before
     draws = ops.cast(ops.arange(1, ops.shape(probs)[1] + 1), work)
     noise = 2 * unit * before + draws * (float(np.finfo(work).eps) / 2)

@@ -223,7 +223,7 @@ def sample_indices(attention, n_samples, seed, *, replace=False, logits=False, s
     k0, k1 = seed_words(seed)
     if _eager(attention):
         common.attention_values(attention.numpy(), n, replace, logits, strict)
-        if not logits:
+        if not logits and attention.dtype in (tf.float32, tf.float64):  # 16-bit subnormals are normal in float64
             _refuse_subnormal_rows(attention.numpy())
     w = _weights(tf.stop_gradient(attention), logits)
     flat = _with_replacement(w, n, k0, k1) if replace else _without_replacement(w, n, k0, k1)

@@ -489,8 +489,14 @@ def expectation(features, probs, *, replace=False, validate=True):
 
 
 def _under_vmap(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is batched by ``torch.func.vmap``, whose values cannot steer Python control flow."""
-    return torch._C._functorch.is_batchedtensor(tensor)
+    """Whether ``tensor`` is batched by ``torch.func.vmap`` at any level of ``torch.func`` wrappers (``vmap(grad(f))``
+    wraps the batched tensor in a gradient-tracking one): its values cannot steer Python control flow."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(tensor):
+        if functorch.is_batchedtensor(tensor):
+            return True
+        tensor = functorch.get_unwrapped(tensor)
+    return False
 
 
 # --- attention helpers ------------------------------------------------------------------------

@@ -23,8 +23,9 @@ def sample(attention, n, *, replace, key, deterministic):
 
 
 def top_indices(flat, n):
-    """int32 positions of each row's ``n`` largest entries, largest first, ties to the lower position."""
-    return tf.math.top_k(flat, n, sorted=True).indices
+    """int32 positions of each row's ``n`` largest entries, largest first, ties to the lower position (-0.0 ties
+    +0.0: XLA's top-k orders it below)."""
+    return tf.math.top_k(tf.where(flat == 0, tf.zeros_like(flat), flat), n, sorted=True).indices
 
 
 def _float32_bits(values):
