@@ -48,7 +48,15 @@ from .keras.functions import _gather, draw
 
 _SLIDES = OpenSlides(64)
 """The slides the layer and the sequence keep open in this process (the least recently used is closed past 64)."""
-_CACHES = {}
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_cache(pid, cache_bytes):
+    """The tile cache the slides of one process and budget share (bounded: a forked child's or another budget's
+    cache replaces the least recently used)."""
+    from atskern.io import TileCache
+
+    return TileCache(cache_bytes)
 
 
 def _slide(path, threads, cache_bytes):
@@ -59,10 +67,9 @@ def _slide(path, threads, cache_bytes):
 
 
 def _open(path, threads, cache_bytes):
-    from atskern.io import TileCache, open_slide
+    from atskern.io import open_slide
 
-    cache = _CACHES.setdefault((os.getpid(), cache_bytes), TileCache(cache_bytes))
-    return open_slide(path, threads=threads, cache=cache)
+    return open_slide(path, threads=threads, cache=_shared_cache(os.getpid(), cache_bytes))
 
 
 def _checked_sizes(sizes, padded) -> np.ndarray:
