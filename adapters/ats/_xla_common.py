@@ -127,6 +127,17 @@ def attention_values(att, n: int, replace: bool, logits: bool, strict: bool):
             )
 
 
+def refuse_subnormal_rows(attention, dtype, flushed_by: str, remedy: str):
+    """A ValueError naming the first row of concrete ``attention`` whose largest weight is subnormal in ``dtype``,
+    which ``flushed_by`` flushes to zero (the row would read as empty); ``remedy`` ends the message."""
+    top = np.max(np.asarray(attention, dtype=np.float64).reshape(attention.shape[0], -1), axis=1)
+    small = np.flatnonzero((top > 0) & (top < np.finfo(dtype).tiny))
+    if small.size:
+        row = int(small[0])
+        raise ValueError(f"attention row {row}: its largest weight {top[row]:.3g} is subnormal in {np.dtype(dtype)}, "
+                         f"which {flushed_by} flushes to zero; {remedy}")
+
+
 def probs_tolerance(dtype, n: int) -> float:
     """How far above 1 a row of probabilities may sum: atskern's rule (1e-6 for float64, ``n`` times the larger of
     ``2**-20`` and the dtype's epsilon otherwise: float16 and bfloat16 probabilities round further)."""

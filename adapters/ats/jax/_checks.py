@@ -8,13 +8,14 @@ import numpy as np
 
 from .._xla_common import (  # noqa: F401  (re-exported for functional.py)
     attention_values,
-    checked_fill,
-    int32_clamps,
     boolean,
+    checked_fill,
     grid_of,
+    int32_clamps,
     margins,
     positive_int,
     probs_values,
+    refuse_subnormal_rows,
     size_tuple,
 )
 from ._paths import is_concrete  # noqa: F401  (re-exported for functional.py)

@@ -116,21 +116,10 @@ def sample_indices(attention, n_samples, key, *, replace=False, logits=False, st
         return _kernel_draw(attention, n, k0, k1, replace=replace, logits=logits, strict=strict, validate=validate)
     if validate and c.is_concrete(attention):
         c.attention_values(attention, n, replace, logits, strict)
-        if not logits:
-            _refuse_subnormal_rows(attention)
+        if not logits:  # XLA would read such a row as empty (its cells in position order)
+            c.refuse_subnormal_rows(attention, _rng.compute_dtype(), "XLA",
+                                    "use path='kernel' (exact for any positive scale) or rescale the row")
     return _draw(lax.stop_gradient(attention), k0, k1, n=n, replace=replace, logits=logits)
-
-
-def _refuse_subnormal_rows(attention):
-    """A ValueError naming the first row whose largest weight is subnormal in the compute dtype: XLA flushes
-    subnormal numbers to zero, so the XLA path would read the row as empty (its cells in position order)."""
-    dtype = np.dtype(_rng.compute_dtype())
-    top = np.max(np.asarray(attention, dtype=np.float64).reshape(attention.shape[0], -1), axis=1)
-    small = np.flatnonzero((top > 0) & (top < np.finfo(dtype).tiny))
-    if small.size:
-        row = int(small[0])
-        raise ValueError(f"attention row {row}: its largest weight {top[row]:.3g} is subnormal in {dtype}, which XLA "
-                         "flushes to zero; use path='kernel' (exact for any positive scale) or rescale the row")
 
 
 sample_indices.__doc__ = sample_indices.__doc__.replace("{path}", _PATH_DOC)

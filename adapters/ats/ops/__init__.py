@@ -148,8 +148,7 @@ def _draw_indices(attention, n: int, replace: bool, seed, strict: bool = False):
 
 def _top_indices(flat, grid_shape, n: int):
     """int32 ``(B, n, D)`` indices of the ``n`` largest weights of each row, largest first."""
-    flat = tf.where(flat == 0, tf.zeros_like(flat), flat)  # -0.0 ties +0.0 (XLA's top-k orders -0.0 below it)
-    _, flat_index = tf.math.top_k(flat, k=n, sorted=True)
+    flat_index = _xla().top_positions(flat, n)
     grid_shape = tf.cast(grid_shape, tf.int32)
     # row-major strides; tf.unravel_index has no XLA kernel
     strides = tf.math.cumprod(grid_shape, exclusive=True, reverse=True)
@@ -226,15 +225,10 @@ def sample(attention, n_samples, *, replace=False, seed=None, deterministic=Fals
 
 
 def _row_shares(flat, gathered):
-    """``gathered / sum(flat)`` per row in float64 over weights times ``2**-e`` (``e`` about the exponent of the row's
-    largest; it cancels), cast back: a sum that overflows the attention's dtype (unnormalized float16 weights) gave 0.
-    Two power-of-two factors, each a normal number, as XLA's CPU may flush a subnormal one to zero."""
-    top = tf.stop_gradient(tf.reduce_max(tf.cast(flat, tf.float64), axis=1, keepdims=True))
-    exponent = tf.math.floor(tf.math.log(tf.where(top > 0, top, tf.ones_like(top))) / np.log(2.0))
-    exponent = tf.where(tf.math.is_finite(exponent), exponent, tf.zeros_like(exponent))
-    half = tf.math.floor(exponent / 2.0)
-    two = tf.constant(2.0, tf.float64)
-    first, second = tf.math.pow(two, -half), tf.math.pow(two, half - exponent)  # applied one after the other
+    """``gathered / sum(flat)`` per row in float64 over weights times ``2**-e`` (``e`` the exponent of the row's
+    largest; it cancels: ``ats.tf.xla.power_of_two_factors``), cast back: a sum that overflows the attention's dtype
+    (unnormalized float16 weights) gave 0."""
+    first, second = _xla().power_of_two_factors(tf.stop_gradient(tf.cast(flat, tf.float64)))
 
     def scaled(x):
         return tf.cast(x, tf.float64) * first * second

@@ -132,23 +132,36 @@ def _ravel(indices, grid):
     return flat
 
 
+def top_positions(rows, n: int):
+    """int32 positions of each row's ``n`` largest entries, largest first, ties to the lower position; -0.0 ties
+    +0.0 (XLA's top-k orders it below)."""
+    return tf.math.top_k(tf.where(rows == 0, tf.zeros_like(rows), rows), n, sorted=True).indices
+
+
 def _power_of_two(exponent):
     """``2.0 ** exponent`` for int64 ``exponent`` in [-1022, 1023], built from its bits: exact on every device."""
     return tf.bitcast(tf.bitwise.left_shift(exponent + 1023, tf.constant(52, tf.int64)), tf.float64)
 
 
-def power_of_two_scaled(rows):
-    """float64 ``rows`` ``(B, N)`` times ``2**-e``, ``e`` the exponent of each row's largest finite weight (as
-    ``frexp`` gives it): exact (keys, sums and draws scale by a power of two), the largest weight in [1/2, 1), so a
-    row of weights near 1e308 sums to a finite number and no key ``-log(u) / w`` of a weight near 1e-300
-    overflows. Two normal factors (``2**-1024`` alone is subnormal, which XLA's CPU flushes to zero); the exponent
-    is read from the bits (TensorFlow has no ``frexp``)."""
+def power_of_two_factors(rows):
+    """Two float64 ``(B, 1)`` factors whose product is ``2**-e``, ``e`` the exponent of each row's largest finite
+    weight in float64 ``rows`` ``(B, N)`` (as ``frexp`` gives it), read from its bits (TensorFlow has no
+    ``frexp``). Both are normal numbers (``2**-1024`` alone is subnormal, which XLA's CPU flushes to zero); apply
+    them one after the other."""
     top = tf.reduce_max(tf.where(tf.math.is_finite(rows), rows, tf.zeros_like(rows)), axis=1, keepdims=True)
     biased = tf.bitwise.bitwise_and(tf.bitwise.right_shift(tf.bitcast(top, tf.int64), tf.constant(52, tf.int64)),
                                     tf.constant(0x7FF, tf.int64))
     exponent = tf.where((top > 0) & (biased > 0), biased - 1022, tf.zeros_like(biased))
     half = tf.math.floordiv(exponent, tf.constant(2, tf.int64))
-    return rows * _power_of_two(-half) * _power_of_two(half - exponent)
+    return _power_of_two(-half), _power_of_two(half - exponent)
+
+
+def power_of_two_scaled(rows):
+    """float64 ``rows`` ``(B, N)`` times :func:`power_of_two_factors`: exact (keys, sums and draws scale by a power
+    of two), the largest weight in [1/2, 1), so a row of weights near 1e308 sums to a finite number and no key
+    ``-log(u) / w`` of a weight near 1e-300 overflows."""
+    first, second = power_of_two_factors(rows)
+    return rows * first * second
 
 
 def _weights(attention, logits: bool):
@@ -224,23 +237,13 @@ def sample_indices(attention, n_samples, seed, *, replace=False, logits=False, s
     if _eager(attention):
         common.attention_values(attention.numpy(), n, replace, logits, strict)
         if not logits and attention.dtype in (tf.float32, tf.float64):  # 16-bit subnormals are normal in float64
-            _refuse_subnormal_rows(attention.numpy())
+            values = attention.numpy()
+            common.refuse_subnormal_rows(values, values.dtype, "TensorFlow", "rescale the row (or use atskern.sample "
+                                         "or ats.ops outside XLA, exact for any positive scale)")
     w = _weights(tf.stop_gradient(attention), logits)
     flat = _with_replacement(w, n, k0, k1) if replace else _without_replacement(w, n, k0, k1)
     probs = tf.gather(w, flat, batch_dims=1) / tf.reduce_sum(w, axis=1, keepdims=True)
     return _unravel(flat, grid), tf.cast(probs, attention.dtype)
-
-
-def _refuse_subnormal_rows(attention):
-    """A ValueError naming the first row whose largest weight is subnormal in its dtype: TensorFlow flushes
-    subnormal numbers to zero (in the cast to float64 and in XLA), so the row would read as empty."""
-    top = np.max(np.asarray(attention, dtype=np.float64).reshape(attention.shape[0], -1), axis=1)
-    small = np.flatnonzero((top > 0) & (top < np.finfo(attention.dtype).tiny))
-    if small.size:
-        row = int(small[0])
-        raise ValueError(f"attention row {row}: its largest weight {top[row]:.3g} is subnormal in {attention.dtype}, "
-                         "which TensorFlow flushes to zero; rescale the row (or use atskern.sample or ats.ops "
-                         "outside XLA, exact for any positive scale)")
 
 
 def sample(attention, n_samples, seed=None, *, replace=False, deterministic=False):
@@ -254,9 +257,7 @@ def sample(attention, n_samples, seed=None, *, replace=False, deterministic=Fals
     grid = common.grid_of(attention.shape, attention.dtype.is_floating, n, not replace or deterministic)
     rows = tf.reshape(attention, [tf.shape(attention)[0], -1])
     if deterministic:
-        ranked = tf.stop_gradient(rows)
-        ranked = tf.where(ranked == 0, tf.zeros_like(ranked), ranked)  # -0.0 ties +0.0 (XLA orders it below)
-        flat = tf.math.top_k(ranked, n).indices
+        flat = top_positions(tf.stop_gradient(rows), n)
         indices = _unravel(flat, grid)
     else:
         if seed is None:

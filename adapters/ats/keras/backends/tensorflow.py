@@ -14,6 +14,7 @@ import tensorflow as tf
 from ... import ops as tf_ops
 from ...ops import expectation, extract_patches, patch_offsets  # noqa: F401 (this backend's ops)
 from ...ops.extract_patches import _trace_time_value
+from ...tf import xla
 from ...tf.xla import OPS as UINT32
 from .. import _keys
 
@@ -23,9 +24,8 @@ def sample(attention, n, *, replace, key, deterministic):
 
 
 def top_indices(flat, n):
-    """int32 positions of each row's ``n`` largest entries, largest first, ties to the lower position (-0.0 ties
-    +0.0: XLA's top-k orders it below)."""
-    return tf.math.top_k(tf.where(flat == 0, tf.zeros_like(flat), flat), n, sorted=True).indices
+    """int32 positions of each row's ``n`` largest entries, largest first, ties to the lower position."""
+    return xla.top_positions(flat, n)
 
 
 def _float32_bits(values):
