@@ -15,6 +15,7 @@ import functools
 
 from ._backend import is_cupy_array
 from ._fork_guard import GUARD
+from ._fpenv import ieee_subnormals
 
 
 def _first_array(args):
@@ -47,10 +48,11 @@ def cpu_serialized(function, module: str):
         GUARD.enter()
         try:
             lock = _launch_lock()
-            if lock is None:
-                return function(*args, **kwargs)
-            with lock:
-                return function(*args, **kwargs)
+            with ieee_subnormals():
+                if lock is None:
+                    return function(*args, **kwargs)
+                with lock:
+                    return function(*args, **kwargs)
         finally:
             GUARD.exit()
 

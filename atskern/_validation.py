@@ -602,7 +602,11 @@ def _real(value, name: str):
 
 
 def _is_sequence(value) -> bool:
-    return isinstance(value, (list, tuple)) or (hasattr(value, "ndim") and getattr(value, "ndim", 0) == 1)
+    if isinstance(value, (list, tuple)):
+        return True
+    if isinstance(value, numbers.Number):  # before hasattr: torch.compile cannot trace it on a symbolic float
+        return False
+    return hasattr(value, "ndim") and getattr(value, "ndim", 0) == 1
 
 
 def check_margin(margin, ndim: int) -> tuple[Fraction, ...]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from . import _validation as v
 from ._backend import array_module, backend_of
+from ._fpenv import ieee_subnormals
 
 
 def _mass_left(xp, probs64, unit):
@@ -101,10 +102,11 @@ def expectation(features, probs, *, replace=False):
     :func:`atskern.sample`, in draw order); returns ``(B, *F)`` in
     ``features``' dtype. ``replace`` must match how the draws were made.
     """
-    xp, probs64 = _check(features, probs, None, replace)
-    weights = _feature_weights(xp, probs64, replace, v.unit_roundoff(probs.dtype))
-    estimate = (_expand(weights, features.ndim) * features).sum(axis=1)
-    return estimate.astype(features.dtype)
+    with ieee_subnormals():
+        xp, probs64 = _check(features, probs, None, replace)
+        weights = _feature_weights(xp, probs64, replace, v.unit_roundoff(probs.dtype))
+        estimate = (_expand(weights, features.ndim) * features).sum(axis=1)
+        return estimate.astype(features.dtype)
 
 
 def expectation_grad(grad, features, probs, *, replace=False):
@@ -116,12 +118,13 @@ def expectation_grad(grad, features, probs, *, replace=False):
     scattering ``grad_features`` gives ``a_i grad``.
     """
     v.require_array(grad, "grad")  # None is expectation's "no gradient" inside _check
-    xp, probs64 = _check(features, probs, grad, replace)
-    n = probs64.shape[1]
-    unit = v.unit_roundoff(probs.dtype)
-    weights = _feature_weights(xp, probs64, replace, unit)
-    grad_b = grad[:, None]
-    grad_features = (_expand(weights, features.ndim) * grad_b).astype(features.dtype)
-    inner = (grad_b.astype(xp.float64) * features).reshape(features.shape[0], n, -1).sum(axis=2)
-    grad_probs = (_attention_scale(xp, probs64, replace, unit) * inner).astype(probs.dtype)
-    return grad_probs, grad_features
+    with ieee_subnormals():
+        xp, probs64 = _check(features, probs, grad, replace)
+        n = probs64.shape[1]
+        unit = v.unit_roundoff(probs.dtype)
+        weights = _feature_weights(xp, probs64, replace, unit)
+        grad_b = grad[:, None]
+        grad_features = (_expand(weights, features.ndim) * grad_b).astype(features.dtype)
+        inner = (grad_b.astype(xp.float64) * features).reshape(features.shape[0], n, -1).sum(axis=2)
+        grad_probs = (_attention_scale(xp, probs64, replace, unit) * inner).astype(probs.dtype)
+        return grad_probs, grad_features

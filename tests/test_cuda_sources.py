@@ -102,3 +102,25 @@ def test_sample_rows_reads_its_own_writes_coherently(sampling_ptx):
         if "cluster" in kernel:  # the cluster's barriers, and block 0 reads the others' keys past its L1
             assert body.count("barrier.cluster.arrive.release") == body.count("barrier.cluster.wait.acquire") >= 3
             assert "ld.global.cg" in body
+
+
+def test_selecting_kernels_fit_the_default_shared_memory(sampling_ptxas):
+    """The selection buffer (n up to 2048 plus a tile of offers) and the radix sort's storage that overlays it fit
+    the 48 KiB of static shared memory a block gets without opting in, at the largest block size; ptxas says so
+    per kernel."""
+    from atskern.gpu import sampling as gs
+
+    threads = max(gs.SELECT_THREADS)
+    assert threads == 256, "the shared PTX is built for 256-thread blocks"
+    kernels = ("chunk_topn_f32", "chunk_topn_f64", "finish_rows_f32", "finish_rows_f64", "sample_rows_f32",
+               "sample_rows_f64")
+    smem = {}
+    name = None
+    for line in sampling_ptxas.splitlines():
+        if "Compiling entry function" in line:
+            name = line.split("'")[1]
+        found = re.search(r"(\d+) bytes smem", line)
+        if found and name:
+            smem[name] = int(found.group(1))
+    for kernel in kernels:
+        assert gs.selection_capacity(threads) * 12 <= smem[kernel] <= 48 * 1024, (kernel, smem)

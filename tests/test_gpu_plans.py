@@ -415,25 +415,3 @@ def names_whole(rows, dtype, n, replace, logits):
     steps = gs.launches(weights, n, (50, 100), 1, replace, logits, ws, p, np.empty((rows, n, 2), np.int32),
                         np.empty((rows, n)))
     return [s if s in (gs.SORT_STEP, gs.ZERO_STEP) else s[0] for s in steps]
-
-
-def test_selecting_kernels_fit_the_default_shared_memory(sampling_ptxas):
-    """The selection buffer (n up to 2048 plus a tile of offers) and the radix sort's storage that overlays it fit
-    the 48 KiB of static shared memory a block gets without opting in, at the largest block size; ptxas says so
-    per kernel."""
-    from atskern.gpu import sampling as gs
-
-    threads = max(gs.SELECT_THREADS)
-    assert threads == 256, "the shared PTX is built for 256-thread blocks"
-    kernels = ("chunk_topn_f32", "chunk_topn_f64", "finish_rows_f32", "finish_rows_f64", "sample_rows_f32",
-               "sample_rows_f64")
-    smem = {}
-    name = None
-    for line in sampling_ptxas.splitlines():
-        if "Compiling entry function" in line:
-            name = line.split("'")[1]
-        found = re.search(r"(\d+) bytes smem", line)
-        if found and name:
-            smem[name] = int(found.group(1))
-    for kernel in kernels:
-        assert gs.selection_capacity(threads) * 12 <= smem[kernel] <= 48 * 1024, (kernel, smem)

@@ -380,3 +380,33 @@ def test_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
     candidates = _jit.cache_candidates()
     assert candidates[0] == tmp_path / ".cache" / "atskern" / "numba"
     assert all(path.is_absolute() for path in candidates)
+
+
+def test_the_sources_digest_is_computed_by_one_thread_at_a_time(monkeypatch):
+    """The first imports of two kernel modules can run on two threads at once (TensorFlow runs independent ops'
+    first calls concurrently), and CPython 3.11's ``ast.parse`` failed when two threads parsed at once ("AST
+    constructor recursion depth mismatch")."""
+    import threading
+    import time
+
+    sources = _jit.kernel_sources()
+    inside, most = [0], [0]
+    counter = threading.Lock()
+
+    def slow_sources():
+        with counter:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.2)
+        with counter:
+            inside[0] -= 1
+        return sources
+
+    monkeypatch.setattr(_jit, "kernel_sources", slow_sources)
+    digests = []
+    threads = [threading.Thread(target=lambda: digests.append(_jit._sources_digest.__wrapped__())) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1 and len(set(digests)) == 1 and digests[0] == _jit._sources_digest()

@@ -39,6 +39,7 @@ import os
 import pickle
 import stat
 import tempfile
+import threading
 from pathlib import Path
 
 import numba
@@ -257,12 +258,20 @@ def kernel_sources(start: Path = Path(__file__).parent) -> list[Path]:
     return sorted(p for p in found if PACKAGE_DIR in p.parents)
 
 
+_DIGEST_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=None)
 def _sources_digest() -> str:
-    digest = hashlib.sha256()
-    for path in kernel_sources():
-        digest.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
+    """The digest of :func:`kernel_sources`, computed by one thread at a time: the first imports of two kernel
+    modules can run on two threads at once (TensorFlow runs independent ops' first calls concurrently), and
+    CPython 3.11's ``ast.parse`` is not safe to run concurrently (its recursion-depth check is shared state:
+    "SystemError: AST constructor recursion depth mismatch")."""
+    with _DIGEST_LOCK:
+        digest = hashlib.sha256()
+        for path in kernel_sources():
+            digest.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
+        return digest.hexdigest()
 
 
 def _keyed_entries(dispatcher):

@@ -12,6 +12,7 @@ under JAX's 64-bit mode, in float32 otherwise.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -77,7 +78,7 @@ def grads(grad, features, probs, replace: bool):
     c, s = coefficients(probs.astype(dtype), replace, _unit(probs))
     grad_features = (_expand(c, features.ndim) * grad[:, None].astype(dtype)).astype(features.dtype)
     products = grad[:, None].astype(dtype) * features.astype(dtype)
-    inner = products.reshape(probs.shape[0], probs.shape[1], -1).sum(axis=2)
+    inner = products.reshape(probs.shape[0], probs.shape[1], math.prod(features.shape[2:])).sum(axis=2)  # -1: not for size 0
     return (s * inner).astype(probs.dtype), grad_features
 
 

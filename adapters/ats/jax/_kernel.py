@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import atskern
+from atskern._fpenv import ieee_subnormals
 from atskern._memory import aligned_empty
 
 from ._patches import with_adjoint
@@ -46,22 +47,39 @@ def to_jax(array: np.ndarray):
         return jnp.asarray(array)
 
 
+def _host_extract(image, starts, patch, fill, channels_first: bool, out):
+    """``atskern.extract_patches`` into ``out``; an empty ``out`` (no images, patches or channels: atskern refuses
+    empty arrays) stays as it is, as on the XLA path."""
+    if out.size:
+        atskern.extract_patches(image, starts, patch, fill=fill, channels_first=channels_first, out=out)
+    return out
+
+
+def _host_scatter(g, starts, spatial, channels_first: bool, out):
+    """``atskern.scatter_patches`` into ``out``; zeros where ``g`` is empty (no patch adds anything)."""
+    if g.size:
+        return atskern.scatter_patches(g, starts, spatial, channels_first=channels_first, out=out)
+    out[...] = 0
+    return out
+
+
+def _image_shape(grad_shape, spatial, channels_first: bool):
+    return (grad_shape[0], grad_shape[2], *spatial) if channels_first else (grad_shape[0], *spatial, grad_shape[-1])
+
+
 def eager_extract(x, offsets, patch, fill, channels_first: bool):
     """``atskern.extract_patches`` on the host buffers of concrete CPU arrays, into an aligned buffer handed to JAX."""
     image = np.asarray(x)
     out = aligned_empty(_patch_shape(image.shape, offsets.shape, patch, channels_first), image.dtype)
-    atskern.extract_patches(image, np.asarray(offsets), patch, fill=fill, channels_first=channels_first, out=out)
-    return to_jax(out)
+    return to_jax(_host_extract(image, np.asarray(offsets), patch, fill, channels_first, out))
 
 
 def eager_scatter(grad, offsets, spatial, channels_first: bool):
     """``atskern.scatter_patches`` of concrete arrays (float32 for 16-bit gradients), handed to JAX without a copy."""
     g = np.asarray(grad)
     g = g.astype(np.float32) if g.dtype.itemsize < 4 else g
-    image = (g.shape[0], g.shape[2], *spatial) if channels_first else (g.shape[0], *spatial, g.shape[-1])
-    out = aligned_empty(image, g.dtype)
-    atskern.scatter_patches(g, np.asarray(offsets), spatial, channels_first=channels_first, out=out)
-    return to_jax(out)
+    out = aligned_empty(_image_shape(g.shape, spatial, channels_first), g.dtype)
+    return to_jax(_host_scatter(g, np.asarray(offsets), spatial, channels_first, out))
 
 
 def _seed(key_words) -> int:
@@ -91,10 +109,11 @@ def sample_indices(attention, n: int, k0, k1, *, replace: bool, logits: bool, st
 
     def host(w, key_words):
         w = np.asarray(w)
-        indices, probs = atskern.sample(
-            w, n, replace=replace, logits=logits, seed=_seed(key_words), strict=strict, validate=validate
-        )
-        return indices.astype(np.int32, copy=False), probs.astype(w.dtype, copy=False)
+        with ieee_subnormals():  # XLA's threads flush subnormals: the cast below too
+            indices, probs = atskern.sample(
+                w, n, replace=replace, logits=logits, seed=_seed(key_words), strict=strict, validate=validate
+            )
+            return indices.astype(np.int32, copy=False), probs.astype(w.dtype, copy=False)
 
     key_words = jnp.stack([jnp.asarray(k0, jnp.uint32), jnp.asarray(k1, jnp.uint32)])
     indices, probs = jax.pure_callback(host, shapes, weights, key_words, vmap_method=VMAP)
@@ -113,7 +132,9 @@ def gather(x, offsets, patch, fill, channels_first: bool):
     shape = jax.ShapeDtypeStruct(_patch_shape(x.shape, offsets.shape, patch, channels_first), x.dtype)
 
     def host(image, starts):
-        return atskern.extract_patches(np.asarray(image), np.asarray(starts), patch, fill=fill, channels_first=channels_first)
+        image = np.asarray(image)
+        out = np.empty(shape.shape, image.dtype)
+        return _host_extract(image, np.asarray(starts), patch, fill, channels_first, out)
 
     return jax.pure_callback(host, shape, x, offsets, vmap_method=VMAP)
 
@@ -122,13 +143,11 @@ def scatter_patches(grad, offsets, spatial, channels_first: bool):
     """``atskern.scatter_patches`` as a callback: float32 for 16-bit gradients, the gradient's dtype otherwise."""
     dtype = jnp.float32 if jnp.dtype(grad.dtype).itemsize < 4 else grad.dtype
     grad = grad.astype(dtype)
-    if channels_first:
-        image = (grad.shape[0], grad.shape[2], *spatial)
-    else:
-        image = (grad.shape[0], *spatial, grad.shape[-1])
+    image = _image_shape(grad.shape, spatial, channels_first)
 
     def host(g, starts):
-        return atskern.scatter_patches(np.asarray(g), np.asarray(starts), spatial, channels_first=channels_first)
+        g = np.asarray(g)
+        return _host_scatter(g, np.asarray(starts), spatial, channels_first, np.empty(image, g.dtype))
 
     return jax.pure_callback(host, jax.ShapeDtypeStruct(image, dtype), grad, offsets, vmap_method=VMAP)
 

@@ -44,6 +44,7 @@ def _draw(attention, k0, k1, *, n, replace, logits):
 
 
 _extract = jax.jit(_patches.extract, static_argnums=(2, 3, 4))
+_NAN = float("nan")
 _scatter = jax.jit(_patches.scatter_patches, static_argnums=(2,), static_argnames=("channels_first",))
 _expectation = jax.jit(_estimator.expectation, static_argnums=(2,))
 
@@ -174,6 +175,9 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
             raise TypeError("key is required to sample (an int seed, a uint32 [k0, k1] array or a JAX PRNG key)")
         indices, _ = sample_indices(attention, n, key, replace=replace, strict=strict, validate=validate, path=path)
         flat = _sampling.ravel(indices, grid)
+    if c.boolean(validate, "validate") and c.is_concrete(attention):  # the sampled attention below is XLA's: such a row would be 0 / 0
+        c.refuse_subnormal_rows(attention, _rng.compute_dtype(), "XLA",
+                                "rescale the row (sample_indices' kernel path draws from any positive scale)")
     scaled = _sampling.power_of_two_scaled(attention.reshape(attention.shape[0], -1).astype(_rng.compute_dtype()))
     sampled = jnp.take_along_axis(scaled, flat, axis=1) / jnp.sum(scaled, axis=1, keepdims=True)
     return indices, sampled.astype(attention.dtype)
@@ -249,6 +253,8 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False, pat
         raise TypeError(f"offsets must be an integer array, got {offsets.dtype}")
     patch = c.size_tuple(patch_size, len(spatial), "patch_size")
     fill = c.checked_fill(fill, x.dtype)
+    if isinstance(fill, float) and fill != fill:
+        fill = _NAN  # one NaN object: fill is a static argument, and NaN != NaN would recompile every call
     if _paths.choose(path, "patches", x, offsets) == "kernel":
         return _kernel_extract(x, offsets, patch, fill, channels_first)
     return _extract(x, offsets, patch, fill, channels_first)

@@ -38,12 +38,16 @@ def byte_twin(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if twin is None else tensor.view(twin)
 
 
-def to_kernel(tensor: torch.Tensor):
+def to_kernel(tensor: torch.Tensor, *, strided: bool = False):
     """A NumPy (CPU) or CuPy (CUDA) array sharing ``tensor``'s memory (made C-contiguous first if needed).
 
-    On CUDA call it inside :func:`kernel_stream`.
+    ``strided=True`` hands a CPU tensor over with its own strides (a ``channels_last``, sliced or expanded
+    image: the CPU gather reads any layout in place, where a contiguous copy would cost the whole image per
+    call). On CUDA call it inside :func:`kernel_stream`.
     """
     tensor = tensor.detach()
+    if strided and tensor.device.type == "cpu":
+        return tensor.numpy()
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
     if tensor.device.type == "cpu":

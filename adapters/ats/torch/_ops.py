@@ -135,7 +135,7 @@ def _extract(x: torch.Tensor, offsets: torch.Tensor, patch_size: list[int], fill
     moved = byte_twin(x)
     with kernel_stream(x.device):
         _kernel("extract_patches")(
-            to_kernel(moved),
+            to_kernel(moved, strided=True),
             to_kernel(offsets),
             tuple(patch_size),
             fill=_kernel_fill(x, moved, fill),

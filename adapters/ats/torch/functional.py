@@ -236,7 +236,7 @@ def _int64_cells(samples: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, torch.iinfo(torch.int64).max, bits)
 
 
-def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
+def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0):
     """First pixel of the patch around each sampled cell, in one image level (as ``atskern.patch_offsets``).
 
     A cell ``s`` of a grid of ``G`` cells has its centre at
@@ -245,7 +245,9 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
     computed in int64 torch ops exactly as atskern does (exact .5 ties).
     ``margin``: a number or ``fractions.Fraction``, one per dim, or the pair
     ``(receptive_field, low_shape)`` for ``receptive_field / 2 / low_shape[d]``;
-    each in ``[0, 0.5)``. ``samples``: an integer tensor ``(B, K, D)``.
+    each in ``[0, 0.5)`` (under ``torch.compile(dynamic=True)`` a float margin
+    becomes a symbolic number, which the exact arithmetic cannot trace: pass a
+    ``Fraction``, or none). ``samples``: an integer tensor ``(B, K, D)``.
     Returns int32 ``(B, K, D)`` on the samples' device.
     """
     require_tensor(samples, "samples")
@@ -288,25 +290,30 @@ def _checked_fill(fill, dtype: torch.dtype):
         fill = fill.item()
     if isinstance(fill, complex) or not isinstance(fill, numbers.Real):
         raise TypeError(f"fill must be a real number, got {fill!r} ({type(fill).__name__})")
-    bad = ValueError(f"fill={fill!r} cannot be represented in the images' dtype {dtype}")
     if dtype == torch.bool:
         if fill not in (0, 1):
-            raise bad
+            raise _unrepresentable(fill, dtype)
         return bool(fill)
     if isinstance(fill, bool) and dtype != torch.bool:
         raise TypeError(f"fill must be a number, got {fill!r}")
     if dtype.is_floating_point:
         value = float(fill)
-        if math.isfinite(value) and abs(value) > torch.finfo(dtype).max:
-            raise bad
+        if value - value == 0 and abs(value) > torch.finfo(dtype).max:  # finite (math.isfinite: not on a SymFloat)
+            raise _unrepresentable(fill, dtype)
         return value
     if not (isinstance(fill, numbers.Integral) or float(fill).is_integer()):
-        raise bad
+        raise _unrepresentable(fill, dtype)
     value = int(fill)
     info = torch.iinfo(dtype)
     if not info.min <= value <= info.max:
-        raise bad
+        raise _unrepresentable(fill, dtype)
     return value
+
+
+def _unrepresentable(fill, dtype: torch.dtype) -> ValueError:
+    """The error for a ``fill`` that ``dtype`` cannot hold (built only when raised: under ``torch.compile`` a
+    symbolic ``fill``'s message cannot be traced)."""
+    return ValueError(f"fill={fill!r} cannot be represented in the images' dtype {dtype}")
 
 
 def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=True):
@@ -334,10 +341,10 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=True):
         raise TypeError(f"x must be a real, integer or bool tensor, got {x.dtype}; gather complex or float8 data "
                         "through an integer view of the same item size (x.view(torch.int64), x.view(torch.uint8))")
     fill = _checked_fill(fill, x.dtype)
-    return _ops.extract_patches(x.contiguous(), offsets.contiguous(), list(size), fill, channels_first)
+    return _ops.extract_patches(x, offsets.contiguous(), list(size), fill, channels_first)
 
 
-def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, fill=0, channels_first=True):
+def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0, fill=0, channels_first=True):
     """Gather the patch around each sampled cell from every level of an image pyramid.
 
     ``levels`` is a list of image batches, ``samples`` integer ``(B, K, D)``
@@ -503,8 +510,16 @@ def _under_vmap(tensor: torch.Tensor) -> bool:
 
 
 def sample_softmax(x, *, smooth=0.0):
-    """Softmax over every axis but the batch, optionally mixed with the uniform distribution."""
-    p = torch.softmax(x.reshape(x.shape[0], -1), dim=1)
+    """Softmax over every axis but the batch, optionally mixed with the uniform distribution.
+
+    Under ``torch.autocast`` a 16-bit ``x`` is normalized in float32 and the map comes out float32, on every
+    device (CUDA's autocast does that for softmax, CPU's does not): the sampled attention's gradient,
+    ``<g, f_k> / (n a_k)`` and more, exceeds float16's range on maps of 65536 cells and more.
+    """
+    flat = x.reshape(x.shape[0], -1)
+    if flat.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(flat.device.type):
+        flat = flat.float()
+    p = torch.softmax(flat, dim=1)
     if smooth > 0:
         p = p * (1 - smooth) + smooth / p.shape[1]
     return p.reshape(x.shape)

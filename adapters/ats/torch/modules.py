@@ -220,8 +220,11 @@ class SamplePatches(KeyStreamState, nn.Module):
         if deterministic:
             key = None
         elif self._device_key is not None and attention.device == self._device_key.device:
+            _refuse_recomputation("a device key (set_device_key)")
             key = self._device_key
         else:
+            if self._keys.seed is not None:
+                _refuse_recomputation(f"seed={self._keys.seed}")
             key = self._keys.next()
         indices, sampled = F.sample(attention, self.n_patches, replace=self.replace, key=key, deterministic=deterministic,
                                     validate=self.validate)
@@ -232,6 +235,19 @@ class SamplePatches(KeyStreamState, nn.Module):
             offsets = F.patch_offsets(indices, attention.shape[1:], x_high.shape[2:], size)
         patches = F.extract_patches(x_high, offsets, size, fill=self.fill, channels_first=True)
         return patches, sampled
+
+
+def _refuse_recomputation(source: str) -> None:
+    """A RuntimeError where the forward runs inside a backward pass: ``torch.utils.checkpoint`` recomputing it.
+    Checkpoint restores torch's generators for the recomputation, not a module's own key stream or device key,
+    so the recomputed draw would take other patches and the gradient would belong to them, not to the loss."""
+    graph_task = getattr(torch._C, "_current_graph_task_id", None)
+    if graph_task is not None and not torch.compiler.is_compiling() and graph_task() != -1:
+        raise RuntimeError(
+            f"SamplePatches with {source} is being run inside a backward pass (torch.utils.checkpoint recomputing "
+            "it?): the recomputation would draw other patches than the forward did, so the gradients would be wrong. "
+            "Keys from seed=None come from torch's generator, which checkpoint restores; or checkpoint only the "
+            "feature network")
 
 
 @torch.compiler.disable

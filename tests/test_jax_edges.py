@@ -1,0 +1,62 @@
+"""ats.jax at the edges: empty batches on both paths, a NaN fill, rows its XLA normalization cannot hold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+
+import jax.numpy as jnp  # noqa: E402
+
+from ats import jax as aj  # noqa: E402
+from ats.jax import functional  # noqa: E402
+
+
+def test_the_estimator_and_its_gradients_take_an_empty_batch():
+    features, probs = jnp.ones((0, 3, 4)), jnp.full((0, 3), 0.1)
+    assert aj.expectation(features, probs).shape == (0, 4)
+    assert jax.grad(lambda p: aj.expectation(features, p).sum())(probs).shape == (0, 3)
+    assert jax.jit(jax.grad(lambda p: aj.expectation(features, p).sum()))(probs).shape == (0, 3)
+    grad_probs, grad_features = aj.expectation_grad(jnp.ones((0, 4)), features, probs)
+    assert grad_probs.shape == (0, 3) and grad_features.shape == (0, 3, 4)
+    empty = jnp.ones((2, 3, 0))  # no feature entries: the attention gradient is 0
+    np.testing.assert_array_equal(jax.grad(lambda p: aj.expectation(empty, p).sum())(jnp.full((2, 3), 0.1)), 0)
+
+
+@pytest.mark.parametrize("path", ["kernel", "xla"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_patches_of_an_empty_batch_or_none_per_image_on_both_paths(path, jit):
+    """Both paths give empty patches and a zero image gradient (the kernel path called atskern, which refuses
+    empty arrays: eagerly for B=0, inside the gradient's callback for K=0)."""
+    run = jax.jit if jit else (lambda f: f)
+    x0, o0 = jnp.ones((0, 8, 8, 2)), jnp.zeros((0, 3, 2), jnp.int32)
+    assert run(lambda x, o: aj.extract_patches(x, o, 3, path=path))(x0, o0).shape == (0, 3, 3, 3, 2)
+    x, none = jnp.ones((2, 8, 8, 2)), jnp.zeros((2, 0, 2), jnp.int32)
+    assert run(lambda x, o: aj.extract_patches(x, o, 3, path=path))(x, none).shape == (2, 0, 3, 3, 2)
+    grad = run(jax.grad(lambda x: aj.extract_patches(x, none, 3, path=path).sum()))(x)
+    assert grad.shape == x.shape and not np.asarray(grad).any()
+
+
+def test_a_nan_fill_compiles_once():
+    """fill is a static argument of the compiled gather, and NaN != NaN: every eager call compiled anew."""
+    x, offsets = jnp.ones((1, 6, 6, 1)), jnp.array([[[-2, 4]]], jnp.int32)
+    before = functional._extract._cache_size()
+    for _ in range(4):
+        patch = aj.extract_patches(x, offsets, 3, fill=float("nan"), path="xla")
+    assert functional._extract._cache_size() - before <= 1
+    assert np.isnan(np.asarray(patch)[0, 0, :2]).all() and np.isnan(np.asarray(patch)[0, 0, :, 2]).all()
+    np.testing.assert_array_equal(np.asarray(patch)[0, 0, 2:, :2], 1)
+
+
+@pytest.mark.parametrize("path", ["kernel", "xla"])
+def test_sample_refuses_a_row_its_normalization_cannot_hold(path):
+    """A row whose largest weight is subnormal: the kernel path draws it exactly, but sample()'s sampled attention
+    is XLA's weight / sum, which read it as 0 / 0 and returned NaN with validation on."""
+    rows = np.array([[0.3, 0.2, 0.4, 0.1], [1e-39, 2e-39, 4e-39, 3e-39]], np.float32)
+    with pytest.raises(ValueError, match="attention row 1: its largest weight 4e-39 is subnormal in float32"):
+        aj.sample(rows, 2, key=0, path=path)
+    indices, _ = aj.sample_indices(rows, 2, 0, path="kernel")  # the draw itself is exact
+    assert np.asarray(indices).shape == (2, 2, 1)
+    _, sampled = aj.sample(rows[:1], 2, key=0, path=path)
+    assert np.isfinite(np.asarray(sampled)).all()
