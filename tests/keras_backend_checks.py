@@ -63,6 +63,8 @@ def check_draws_equal_atskern():
         layer = SamplePatches(5, (3, 4), seed=2**40 + 7, replace=replace, fill=-1)
         patches, sampled = layer([x_low, x_high, att])
         key = _keys.seeded_key(2**40 + 7, att)
+        words = [int(w) for w in numpy(layer.sampling_key(att))]  # a NumPy map, as the call takes
+        assert words[0] + 2**32 * words[1] == key, (words, key)
         indices, probs = atskern.sample(att, 5, replace=replace, seed=key)
         np.testing.assert_allclose(numpy(sampled), probs, rtol=1e-6)
         offsets = atskern.patch_offsets(indices, (6, 7), (24, 28), (3, 4))

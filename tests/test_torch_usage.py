@@ -111,3 +111,19 @@ def test_checkpointing_a_seeded_module_is_refused(use_reentrant):
     checkpoint(lambda a, b: checkpointed(a, b)[0], x_low, x_high, use_reentrant=use_reentrant).sum().backward()
     for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
         torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_torch_func_transforms_of_the_kernels_get_a_clear_error():
+    """The kernels read the tensors' data, which torch.func's wrappers do not hold: torch's own message
+    ("Cannot access data pointer", "must override the setup_context") named neither the call nor a way out."""
+    from torch.func import grad, vmap
+
+    x = torch.rand(2, 1, 8, 8)
+    offsets = torch.zeros(2, 3, 2, dtype=torch.int64)
+    with pytest.raises(NotImplementedError, match="extract_patches does not run under torch.func transforms"):
+        grad(lambda x: F.extract_patches(x, offsets, 3).sum())(x)
+    with pytest.raises(NotImplementedError, match="extract_patches does not run under torch.func transforms"):
+        vmap(lambda x: F.extract_patches(x, offsets, 3))(x[None].expand(2, -1, -1, -1, -1))
+    attention = torch.full((2, 4, 4), 1 / 16)
+    with pytest.raises(NotImplementedError, match="sample does not run under torch.func transforms"):
+        grad(lambda a: F.sample(a, 2, key=torch.tensor(1))[1].sum())(attention)

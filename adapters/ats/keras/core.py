@@ -179,6 +179,7 @@ class SamplePatches(keras.layers.Layer):
         ``seed=None`` each call takes the seed generator's next state (a new key)."""
         be = backend_ops()
         if self.seed is not None:
+            attention = keras.ops.convert_to_tensor(attention)  # a NumPy map too, as the layer's call takes
             return be.xor(be.fingerprint(attention), _keys.seed_words(self.seed))
         words = be.key_words(self.seed_generator.next())
         salt = _keys.rank_salt()

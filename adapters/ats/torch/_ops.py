@@ -261,10 +261,21 @@ def _traced(*tensors) -> bool:
     return torch.compiler.is_compiling() or any(type(t) not in _PLAIN or t.device.type == "meta" for t in tensors)
 
 
+def _refuse_transforms(what: str, *tensors) -> None:
+    """A NotImplementedError naming ``what`` where a tensor is wrapped by a ``torch.func`` transform (its wrapper
+    holds no data the kernels could read)."""
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        raise NotImplementedError(
+            f"ats.torch's {what} does not run under torch.func transforms (grad, vmap, jacrev, jvp): use "
+            "torch.autograd (loss.backward(), torch.autograd.grad), or transform only what follows the patches "
+            "(expectation supports vmap and grad)")
+
+
 def sample_patches_indices(attention, key, n, replace, strict=False, validate=True):
     """:func:`sample_indices`: the custom op when traced, a direct call otherwise."""
     if _traced(attention, key):
         return sample_indices(attention, key, n, replace, strict, validate)
+    _refuse_transforms("sample", attention, key)
     return _sample(attention, key, n, replace, strict, validate)
 
 
@@ -272,4 +283,5 @@ def extract_patches(x, offsets, patch_size, fill, channels_first):
     """:func:`extract` with its gradients: the custom op when traced, an autograd Function otherwise."""
     if _traced(x, offsets):
         return extract(x, offsets, patch_size, fill, channels_first)
+    _refuse_transforms("extract_patches", x, offsets)
     return _EagerExtract.apply(x, offsets, patch_size, fill, channels_first)
