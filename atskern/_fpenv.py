@@ -11,9 +11,8 @@ does not flush it does nothing but two comparisons.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
-import ctypes.util
+import functools
 import sys
 
 _SUBNORMAL = 5e-324
@@ -30,15 +29,20 @@ def flushing() -> bool:
     return not _SUBNORMAL > _ZERO or not _SMALLEST_NORMAL * _HALF > _ZERO
 
 
+@functools.cache
 def _c_library():
-    """``(libm, FE_DFL_ENV)`` where the C library has ``fegetenv``/``fesetenv`` and a known default environment
-    (glibc and musl: the pointer -1; macOS: ``_FE_DFL_ENV``), else None."""
+    """``(fegetenv, fesetenv, FE_DFL_ENV)`` of the C library (glibc and musl: ``FE_DFL_ENV`` is the pointer -1;
+    macOS: ``_FE_DFL_ENV``), else None; loaded on the first call from a flushing thread (no library search, which
+    runs a subprocess on Linux, at import)."""
     try:
         if sys.platform.startswith("linux"):
-            lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+            try:
+                lib = ctypes.CDLL("libm.so.6")
+            except OSError:
+                lib = ctypes.CDLL(None)  # the symbols the process has loaded (musl: libc holds them)
             default = ctypes.c_void_p(ctypes.c_size_t(-1).value)
         elif sys.platform == "darwin":
-            lib = ctypes.CDLL(ctypes.util.find_library("System"))
+            lib = ctypes.CDLL("/usr/lib/libSystem.B.dylib")
             default = ctypes.c_void_p(ctypes.addressof(ctypes.c_char.in_dll(lib, "_FE_DFL_ENV")))
         else:
             return None
@@ -50,21 +54,24 @@ def _c_library():
     return get, set_, default
 
 
-_LIBRARY = _c_library()
+class ieee_subnormals:
+    """``with ieee_subnormals():`` runs the body with IEEE subnormals on this thread if it flushes them, and restores
+    the thread's environment afterwards (a class, not a generator: it wraps every CPU call)."""
 
+    __slots__ = ("_saved",)
 
-@contextlib.contextmanager
-def ieee_subnormals():
-    """Run the body with IEEE subnormals on this thread if it flushes them (then restore its environment)."""
-    if _LIBRARY is None or not flushing():
-        yield
-        return
-    get, set_, default = _LIBRARY
-    saved = ctypes.create_string_buffer(_ENV_BYTES)
-    if get(saved) != 0 or set_(default) != 0:
-        yield
-        return
-    try:
-        yield
-    finally:
-        set_(saved)
+    def __enter__(self):
+        self._saved = None
+        library = _c_library() if flushing() else None
+        if library is not None:
+            get, set_, default = library
+            saved = ctypes.create_string_buffer(_ENV_BYTES)
+            if get(saved) == 0 and set_(default) == 0:
+                self._saved = saved
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._saved is not None:
+            _c_library()[1](self._saved)
+            self._saved = None
+        return False

@@ -182,6 +182,53 @@ def check_weighted_estimator_keeps_a_tiny_last_draw():
         np.testing.assert_allclose(grad_probs[0, -1], want[0, -1], rtol=1e-5)
 
 
+def check_logits_keys_and_mixed_precision():
+    """Seeded use_logits keys fingerprint the logits as given (the backends' softmaxes differ by an ulp, and so did
+    their keys); float64 maps whose values are float32 subnormals fingerprint as NumPy rounds them (XLA's cast
+    flushed them); under mixed_float16 the attention regularizer leaves the float32 attention alone (its autocast
+    made it float16: NaN gradients) and the patches' symbolic dtype is the one call returns; a patch larger than
+    x_high is refused when the model left the sizes to the data."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 12, 12)).astype("float32")
+    x_high = rng.uniform(size=(2, 48, 48, 1)).astype("float32")
+    layer = SamplePatches(6, 4, use_logits=True, seed=77)
+    _, sampled = layer([x_high[:, ::4, ::4], x_high, logits])
+    key = _keys.seeded_key(77, logits)
+    weights = np.exp(logits - logits.max(axis=(1, 2), keepdims=True))
+    indices, _ = atskern.sample(weights / weights.sum(axis=(1, 2), keepdims=True), 6, seed=key)
+    np.testing.assert_allclose(numpy(sampled), np.take_along_axis(logits.reshape(2, -1),
+                                                                  indices[..., 0] * 12 + indices[..., 1], 1))
+    tiny = np.array([[1e-40, 0.5, 3e-39, 0.25, -2e-45, 1.5e-45]], np.float64)
+    assert tuple(int(v) for v in numpy(backend_ops().fingerprint(ops.convert_to_tensor(tiny)))) == \
+        _keys.fingerprint(tiny)
+    if BACKEND == "jax":  # float64 maps stay float64 only in JAX's 64-bit mode
+        import jax
+
+        with jax.enable_x64(True):
+            words = backend_ops().fingerprint(jax.numpy.asarray(tiny))
+            assert str(words.dtype) == "uint32" and tuple(int(v) for v in numpy(words)) == _keys.fingerprint(tiny)
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        x_low, high = L.Input((8, 8, 1)), L.Input((32, 32, 1))
+        attention = L.Reshape((8, 8))(L.Conv2D(1, 3, padding="same")(x_low))
+        attention = SampleSoftmax(dtype="float32")(attention)
+        features, att, patches = attention_sampling(
+            lambda x: attention, keras.Sequential([L.Flatten(), L.Dense(3)]), patch_size=4, n_patches=3, seed=1,
+            attention_regularizer=multinomial_entropy(0.01))([x_low, high])
+        model = keras.Model([x_low, high], [features, att, patches])
+        assert [str(t.dtype) for t in model.outputs] == ["float16", "float32", "float16"], model.outputs
+        got = model([x_high[:, :32:4, :32:4], x_high[:, :32, :32]])
+        assert [str(numpy(t).dtype) for t in got] == ["float16", "float32", "float16"], [t.dtype for t in got]
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+    inputs = [L.Input((None, None, 1)), L.Input((None, None, 1)), L.Input((None, None))]
+    free = keras.Model(inputs, SamplePatches(3, 8)(inputs))
+    _raises("patch_size (8, 8) is larger than x_high's spatial shape (6, 6)", lambda: free.predict(
+        [x_high[:, :3, :3], x_high[:, :6, :6], np.full((2, 3, 3), 1 / 9, np.float32)], verbose=0))
+
+
 def _raises(match, fn):
     try:
         fn()
@@ -333,6 +380,7 @@ def main(argv):
             ("expectation_gradients_equal_atskern", check_expectation_gradients_equal_atskern),
             ("weighted_estimator_keeps_a_tiny_last_draw", check_weighted_estimator_keeps_a_tiny_last_draw),
             ("bad_input_gets_value_errors", check_bad_input_gets_value_errors),
+            ("logits_keys_and_mixed_precision", check_logits_keys_and_mixed_precision),
             ("quick_start_fits_and_predicts", check_quick_start_fits_and_predicts),
             ("jitted_training", check_jitted_training),
             ("files_of_the_tf_only_release_load", check_files_of_the_tf_only_release_load),

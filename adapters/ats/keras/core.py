@@ -174,9 +174,10 @@ class SamplePatches(keras.layers.Layer):
         return self.mode == "topk"
 
     def sampling_key(self, attention):
-        """The Philox key ``[k0, k1]`` (uint32 words, a backend tensor) for a draw from ``attention``:
-        ``atskern.sample(attention, n, seed=k0 + 2**32 k1)`` draws what the layer draws with it. With
-        ``seed=None`` each call takes the seed generator's next state (a new key)."""
+        """The Philox key ``[k0, k1]`` (uint32 words, a backend tensor) for a draw from ``attention`` (the layer's
+        third input, logits with ``use_logits``): ``atskern.sample(weights, n, seed=k0 + 2**32 k1)`` draws what the
+        layer draws with it (``weights`` the attention, or the softmax of the logits). With ``seed=None`` each call
+        takes the seed generator's next state (a new key)."""
         be = backend_ops()
         if self.seed is not None:
             attention = keras.ops.convert_to_tensor(attention)  # a NumPy map too, as the layer's call takes
@@ -189,6 +190,10 @@ class SamplePatches(keras.layers.Layer):
         x_low, x_high, attention = inputs
         dims = _check_ranks(x_low.shape, x_high.shape, attention.shape)
         size = self._size(dims)
+        high = tuple(x_high.shape[1:-1])
+        if all(isinstance(h, int) for h in high) and any(p > h for p, h in zip(size, high)):
+            # build's check, where the model left the sizes to the data (Input((None, None, C)))
+            raise ValueError(f"patch_size {size} is larger than x_high's spatial shape {high}")
         be = backend_ops()
         x_high = _compute_cast(be.check_inputs(x_low, x_high, attention, size), self.compute_dtype)
         logits = attention
@@ -196,7 +201,8 @@ class SamplePatches(keras.layers.Layer):
             flat = ops.reshape(attention, (ops.shape(attention)[0], -1))
             attention = ops.reshape(ops.softmax(flat, axis=-1), ops.shape(attention))
         deterministic = self._deterministic(training)
-        key = None if deterministic else self.sampling_key(attention)
+        # the key of the map as given (the logits with use_logits: each backend's softmax rounds its own way)
+        key = None if deterministic else self.sampling_key(logits)
         try:
             indices, sampled = be.sample(attention, self.n_patches, replace=self.replace, key=key,
                                          deterministic=deterministic)
@@ -220,7 +226,8 @@ class SamplePatches(keras.layers.Layer):
     def compute_output_spec(self, inputs, training=None):
         x_low, x_high, attention = inputs
         patches, sampled = self.compute_output_shape([x_low.shape, x_high.shape, attention.shape])
-        return [keras.KerasTensor(patches, dtype=x_high.dtype), keras.KerasTensor(sampled, dtype=attention.dtype)]
+        patches_dtype = self.compute_dtype if "float" in str(x_high.dtype) else x_high.dtype  # as call casts
+        return [keras.KerasTensor(patches, dtype=patches_dtype), keras.KerasTensor(sampled, dtype=attention.dtype)]
 
     def get_config(self):
         return {

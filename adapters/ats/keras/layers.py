@@ -113,9 +113,13 @@ class L2Normalize(keras.layers.Layer):
 
 @register
 class ActivityRegularizer(keras.layers.Layer):
-    """Identity layer that adds ``regularizer(x)`` to the model's losses (used on the attention map)."""
+    """Identity layer that adds ``regularizer(x)`` to the model's losses (used on the attention map).
+
+    It never casts: under ``mixed_float16`` autocasting turned the float32 attention map back to float16, whose
+    sampled attention's gradient overflows (NaN gradients; ``fit`` then skipped every step)."""
 
     def __init__(self, regularizer, **kwargs):
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         if isinstance(regularizer, dict):
             regularizer = keras.regularizers.deserialize(regularizer)
@@ -129,6 +133,9 @@ class ActivityRegularizer(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
+
+    def compute_output_spec(self, x):
+        return keras.KerasTensor(x.shape, dtype=x.dtype)  # its input's dtype, not the policy's compute dtype
 
     def get_config(self):
         return {**super().get_config(), "regularizer": keras.regularizers.serialize(self.regularizer)}

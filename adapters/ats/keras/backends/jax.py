@@ -24,9 +24,22 @@ def sample(attention, n, *, replace, key, deterministic):
     return aj.sample(attention, n, key=key, replace=replace)
 
 
+def _float32_bits(values):
+    """uint32 bits of ``values`` rounded to float32 as NumPy rounds them. XLA's CPU cast of float64 flushes results
+    below float32's smallest normal number (1.2e-38) to zero, so there the bits are computed: a float32 subnormal
+    is its multiple of ``2**-149`` (rounded half to even, exact in float64), with the sign bit."""
+    if values.dtype != jnp.float64:
+        return lax.bitcast_convert_type(values.astype(jnp.float32), jnp.uint32)
+    magnitude = jnp.abs(values)
+    multiple = jnp.round(magnitude * 2.0**149).astype(jnp.uint32)  # up to 2**23: the smallest normal's bits
+    sign = (lax.bitcast_convert_type(values, jnp.uint64) >> jnp.uint64(63)).astype(jnp.uint32)
+    tiny = multiple | (sign << jnp.uint32(31))
+    return jnp.where(magnitude < 2.0**-126, tiny, lax.bitcast_convert_type(values.astype(jnp.float32), jnp.uint32))
+
+
 def fingerprint(attention):
     """uint32 ``[word0, word1]`` of :func:`ats.keras._keys.fingerprint`, in ``jnp`` ops (traceable)."""
-    bits = lax.bitcast_convert_type(lax.stop_gradient(attention).astype(jnp.float32), jnp.uint32).reshape(-1)
+    bits = _float32_bits(lax.stop_gradient(attention)).reshape(-1)
     index = jnp.arange(bits.size, dtype=jnp.uint32)
     words = []
     for j in (0, 1):
