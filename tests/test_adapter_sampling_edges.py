@@ -119,3 +119,18 @@ def test_keras_tensorflow_top_indices_ties_negative_zero_under_jit():
     row = tf.constant([[1.0, -0.0, 0.0, 0.0, 2.0]])
     jitted = tf.function(lambda r: backend.top_indices(r, 3), jit_compile=True)
     assert jitted(row).numpy().tolist() == [[4, 0, 1]]
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_rows_near_the_float64_limit_in_a_plain_tf_function(replace):
+    """Not compiled by XLA, a tf.function is rewritten by Grappler, which regrouped the row scaling
+    ``rows * 2**-h * 2**(h-e)`` as ``rows * 2**-e``: for a largest weight of 2**1023 and more that factor is
+    subnormal and TF flushed it, so the rows drew in position order with NaN probabilities."""
+    rows = np.array([[1.7e308, 1.0e308, 0.5e308, 1.2e308, 0.9e308, 0.1e308],
+                     [9e307, 3e307, 1e300, 0.0, 8e307, 2e307]])
+    want_i, want_p = atskern.sample(rows, 3, seed=7, replace=replace)
+    got_i, got_p = tf.function(lambda t: xla.sample_indices(t, 3, 7, replace=replace))(tf.constant(rows))
+    np.testing.assert_array_equal(got_i.numpy(), want_i)
+    np.testing.assert_allclose(got_p.numpy(), want_p, rtol=1e-12)
+    _, sampled = tf.function(lambda t: ops.sample(t, 3, seed=7, replace=replace))(tf.constant(rows))
+    np.testing.assert_allclose(sampled.numpy(), want_p, rtol=1e-12)

@@ -228,10 +228,11 @@ def _row_shares(flat, gathered):
     """``gathered / sum(flat)`` per row in float64 over weights times ``2**-e`` (``e`` the exponent of the row's
     largest; it cancels: ``ats.tf.xla.power_of_two_factors``), cast back: a sum that overflows the attention's dtype
     (unnormalized float16 weights) gave 0."""
-    first, second = _xla().power_of_two_factors(tf.stop_gradient(tf.cast(flat, tf.float64)))
+    xla = _xla()
+    factor, divisor = xla.power_of_two_factors(tf.stop_gradient(tf.cast(flat, tf.float64)))
 
     def scaled(x):
-        return tf.cast(x, tf.float64) * first * second
+        return xla.apply_power_of_two(tf.cast(x, tf.float64), factor, divisor)
 
     total = tf.reduce_sum(scaled(flat), axis=1, keepdims=True)
     return tf.cast(scaled(gathered) / total, flat.dtype)

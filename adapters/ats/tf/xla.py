@@ -144,24 +144,31 @@ def _power_of_two(exponent):
 
 
 def power_of_two_factors(rows):
-    """Two float64 ``(B, 1)`` factors whose product is ``2**-e``, ``e`` the exponent of each row's largest finite
-    weight in float64 ``rows`` ``(B, N)`` (as ``frexp`` gives it), read from its bits (TensorFlow has no
-    ``frexp``). Both are normal numbers (``2**-1024`` alone is subnormal, which XLA's CPU flushes to zero); apply
-    them one after the other."""
+    """A float64 ``(B, 1)`` factor and divisor whose quotient is ``2**-e``, ``e`` the exponent of each row's largest
+    finite weight in float64 ``rows`` ``(B, N)`` (as ``frexp`` gives it), read from its bits (TensorFlow has no
+    ``frexp``): scale with :func:`apply_power_of_two`. Both are normal numbers (``2**-1024`` alone is subnormal,
+    which XLA's CPU flushes to zero)."""
     top = tf.reduce_max(tf.where(tf.math.is_finite(rows), rows, tf.zeros_like(rows)), axis=1, keepdims=True)
     biased = tf.bitwise.bitwise_and(tf.bitwise.right_shift(tf.bitcast(top, tf.int64), tf.constant(52, tf.int64)),
                                     tf.constant(0x7FF, tf.int64))
     exponent = tf.where((top > 0) & (biased > 0), biased - 1022, tf.zeros_like(biased))
     half = tf.math.floordiv(exponent, tf.constant(2, tf.int64))
-    return _power_of_two(-half), _power_of_two(half - exponent)
+    return _power_of_two(-half), _power_of_two(exponent - half)
+
+
+def apply_power_of_two(x, factor, divisor):
+    """``x * factor / divisor`` (float64; the pair of :func:`power_of_two_factors`): a product and a quotient, not
+    two products, which Grappler's arithmetic optimizer regroups as ``x * (factor * factor2)`` in a plain
+    ``tf.function``, a subnormal product that TensorFlow flushes to zero (rows near 1e308 then drew in position
+    order with NaN probabilities)."""
+    return x * factor / divisor
 
 
 def power_of_two_scaled(rows):
-    """float64 ``rows`` ``(B, N)`` times :func:`power_of_two_factors`: exact (keys, sums and draws scale by a power
-    of two), the largest weight in [1/2, 1), so a row of weights near 1e308 sums to a finite number and no key
-    ``-log(u) / w`` of a weight near 1e-300 overflows."""
-    first, second = power_of_two_factors(rows)
-    return rows * first * second
+    """float64 ``rows`` ``(B, N)`` times ``2**-e`` (:func:`power_of_two_factors`): exact (keys, sums and draws scale
+    by a power of two), the largest weight in [1/2, 1), so a row of weights near 1e308 sums to a finite number and
+    no key ``-log(u) / w`` of a weight near 1e-300 overflows."""
+    return apply_power_of_two(rows, *power_of_two_factors(rows))
 
 
 def _weights(attention, logits: bool):
