@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -389,6 +392,8 @@ def test_the_sources_digest_is_computed_by_one_thread_at_a_time(monkeypatch):
     import threading
     import time
 
+    from atskern.cpu import _jit
+
     sources = _jit.kernel_sources()
     inside, most = [0], [0]
     counter = threading.Lock()
@@ -410,3 +415,23 @@ def test_the_sources_digest_is_computed_by_one_thread_at_a_time(monkeypatch):
     for thread in threads:
         thread.join()
     assert most[0] == 1 and len(set(digests)) == 1 and digests[0] == _jit._sources_digest()
+
+
+def test_a_cache_entry_that_cannot_be_written_warns_and_the_call_goes_on(tmp_path, monkeypatch):
+    """In a shared sticky folder (mode 1777, as /tmp) the index file belongs to its first writer and replacing it
+    fails for every other user: every call raised PermissionError. The kernel was compiled; only keeping it fails."""
+    from atskern.cpu import _jit
+
+    entries = _jit._ENTRIES_BY_KEY(cache_path=str(tmp_path), filename_base="kernel-10.py311", source_stamp="source")
+
+    def refused(overloads):
+        raise PermissionError(1, "Operation not permitted", entries._index_path)
+
+    monkeypatch.setattr(entries, "_save_index", refused)
+    monkeypatch.setattr(_jit, "_UNSAVED_FOLDERS", set())
+    with pytest.warns(RuntimeWarning, match="could not write compiled kernels to the cache folder"):
+        entries.save(("key",), "code")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        entries.save(("other key",), "code")  # once per folder
+    assert entries.load(("key",)) is None  # not kept: compiled again next time

@@ -40,6 +40,7 @@ import pickle
 import stat
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import numba
@@ -185,6 +186,19 @@ def _index_lock(index_path: str):
         handle.close()  # releases the lock
 
 
+_UNSAVED_FOLDERS: set[str] = set()
+
+
+def _unsaved(folder: str, error: OSError) -> None:
+    """Warn once per folder that a compiled kernel could not be written to the cache (a shared folder whose
+    index file another user owns, a full disk): the call goes on with the code it compiled."""
+    if folder not in _UNSAVED_FOLDERS:
+        _UNSAVED_FOLDERS.add(folder)
+        warnings.warn(f"atskern could not write compiled kernels to the cache folder {folder} ({error}); they are "
+                      "compiled again in each process (set NUMBA_CACHE_DIR to a folder of your own)",
+                      RuntimeWarning, stacklevel=2)
+
+
 def _entries_by_key():
     """``numba.core.caching.IndexDataCacheFile`` with one data file per index key and source version, which starts
     the threading layer before handing Numba code that calls it (see the module docstring), or None if Numba's API
@@ -205,6 +219,12 @@ def _entries_by_key():
             return self._index_name[: -len(".nbi")] + f".{digest}.nbc"
 
         def save(self, key, data):
+            try:
+                self._save_entry(key, data)
+            except OSError as error:  # the compiled code runs all the same; it is only not kept
+                _unsaved(self._cache_path, error)
+
+        def _save_entry(self, key, data):
             data_name = self._data_name_for(key)
             self._save_data(data_name, data)  # before the index names it (a reader skips a missing file anyway)
             with _index_lock(self._index_path):  # two processes adding entries at once would each drop the other's
