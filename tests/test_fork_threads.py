@@ -218,3 +218,18 @@ def test_public_calls_pickle_by_reference():
     call = pickle.loads(pickle.dumps(functools.partial(atskern.sample, n=3, seed=4)))
     attention = np.random.default_rng(0).random((2, 6, 6))
     assert np.array_equal(call(attention)[0], atskern.sample(attention, 3, seed=4)[0])
+
+
+@pytest.mark.parametrize("layer", ["safe", "threadsafe"])
+def test_numba_layer_settings_that_take_tbb_find_the_wheel(layer):
+    """Numba's 'safe' (TBB only) and 'threadsafe' settings: Numba finds the tbb wheel's library only once atskern
+    has loaded it, which it did only for 'tbb' ('safe' failed with "install tbb", 'threadsafe' ran on OpenMP)."""
+    out = run_script("""
+    big = np.random.default_rng(1).random((4, 400, 400))
+    indices, _ = atskern.sample(big, 5, seed=3)  # 640000 positions: the parallel kernel
+    import atskern.reference
+    assert (indices == atskern.reference.sample(big, 5, seed=3)[0]).all()
+    import numba
+    print("layer", numba.threading_layer())
+    """, {"NUMBA_THREADING_LAYER": layer, "NUMBA_NUM_THREADS": "2"})
+    assert "layer tbb" in out

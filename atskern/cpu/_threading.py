@@ -74,6 +74,10 @@ def _load_tbb() -> bool:
     return True
 
 
+_MAY_PICK_TBB = ("tbb", "safe", "threadsafe", "forksafe", "default")
+"""Settings of ``NUMBA_THREADING_LAYER`` under which Numba takes TBB when it can (``safe`` takes nothing else)."""
+
+
 def _select() -> tuple[str, bool]:
     """``(layer, needs_lock)``; sets ``numba.config.THREADING_LAYER`` unless the user or a launch already did."""
     if _launched():
@@ -84,8 +88,8 @@ def _select() -> tuple[str, bool]:
     if not requested and configured != "default":  # set in code (numba.config) before atskern loaded
         requested = configured
     if requested:
-        if requested == "tbb":
-            _load_tbb()
+        if requested in _MAY_PICK_TBB:
+            _load_tbb()  # Numba finds the tbb wheel's library only once it is loaded
         if requested in ("omp", "threadsafe"):
             # OpenMP workers spinning next to TensorFlow's busy threads turned a 0.1 ms sample call into
             # 24 ms on a loaded 2-core machine; passive waiting avoids it (an explicit setting wins)
