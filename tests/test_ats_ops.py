@@ -439,3 +439,32 @@ def test_sampled_attention_when_the_row_sum_overflows_float16(deterministic):
     big = tf.constant([[1e308, 1e308, 1.0]], tf.float64)
     _, shares = tf.function(lambda a: ops.sample(a, 2, seed=1, deterministic=deterministic), jit_compile=True)(big)
     np.testing.assert_allclose(shares.numpy(), [[0.5, 0.5]], rtol=1e-12)
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_an_empty_batch_gets_empty_draws_and_patches(graph):
+    """tf.distribute hands a replica an empty batch when the last global batch has fewer examples than replicas:
+    atskern refuses empty arrays, and every such model.fit failed on its last step."""
+    run = tf.function if graph else (lambda f: f)
+    attention = tf.zeros((0, 6, 6))
+    for deterministic in (False, True):
+        indices, sampled = run(lambda a: ops.sample(a, 3, seed=1, deterministic=deterministic))(attention)
+        assert indices.shape == (0, 3, 2) and sampled.shape == (0, 3)
+    x = tf.ones((0, 8, 8, 2))
+    offsets = tf.zeros((0, 4, 2), tf.int32)
+
+    def patches_and_grad(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            patches = ops.extract_patches(x, offsets, (3, 3))
+        return patches, tape.gradient(patches, x, output_gradients=tf.ones_like(patches))
+
+    patches, grad = run(patches_and_grad)(x)
+    assert patches.shape == (0, 4, 3, 3, 2) and grad.shape == (0, 8, 8, 2)
+    none = tf.zeros((2, 0, 2), tf.int32)  # no patches of a non-empty batch: a zero gradient
+    x = tf.ones((2, 8, 8, 2))
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        patches = ops.extract_patches(x, none, (3, 3))
+    assert patches.shape == (2, 0, 3, 3, 2)
+    np.testing.assert_array_equal(tape.gradient(patches, x, output_gradients=tf.ones_like(patches)).numpy(), 0)

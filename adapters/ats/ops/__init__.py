@@ -136,6 +136,8 @@ def _draw_indices(attention, n: int, replace: bool, seed, strict: bool = False):
 
     def draw(weights, *seed_bits):
         key = int(seed_bits[0]) % 2**64 if seed_bits else None
+        if weights.shape[0] == 0:  # a replica's share of a short last batch (tf.distribute); atskern refuses it
+            return np.empty((0, n, weights.ndim - 1), np.int32)
         try:
             indices, _ = _kernels.sample(weights, n, replace=replace, seed=key, strict=strict)
         except ValueError as error:
@@ -242,6 +244,8 @@ def _checked_rows(flat, n: int, strict: bool):
     """Top-k mode's row checks, as sampling's: eagerly a ValueError naming the first bad row (NaN/inf, negative
     weights, no positive weight; with ``strict``, fewer than ``n`` positive), in a graph an assertion."""
     if tf.executing_eagerly():
+        if not flat.shape[0]:  # an empty batch has no bad row
+            return flat
         try:
             _xla_common.attention_values(flat.numpy(), n, False, False, strict)
         except ValueError as error:
@@ -420,10 +424,14 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False):
         channels = image.shape[1] if channels_first else image.shape[-1]
         shape = (batch, k, channels, *size) if channels_first else (batch, k, *size, channels)
         out = _kernels.aligned_empty(shape, np_dtype)
+        if not out.size:  # no images (a replica's share of a short last batch), patches or channels
+            return out
         return _kernels.extract_patches(image, starts, size, fill=fill, channels_first=channels_first, out=out)
 
     def backward(grad, starts, image_shape):
         spatial = tuple(int(s) for s in (image_shape[2:] if channels_first else image_shape[1:-1]))
+        if not grad.size:  # nothing gathered, nothing to add back
+            return np.zeros(tuple(int(s) for s in image_shape), grad.dtype)
         return _kernels.scatter_patches(np.ascontiguousarray(grad), starts, spatial, channels_first=channels_first)
 
     @tf.custom_gradient
