@@ -468,3 +468,27 @@ def test_an_empty_batch_gets_empty_draws_and_patches(graph):
         patches = ops.extract_patches(x, none, (3, 3))
     assert patches.shape == (2, 0, 3, 3, 2)
     np.testing.assert_array_equal(tape.gradient(patches, x, output_gradients=tf.ones_like(patches)).numpy(), 0)
+
+
+def test_unseeded_keys_under_xla_are_salted_with_the_rank(monkeypatch):
+    """Under jit_compile an unseeded draw's key comes from TF's stateful generator, which workers that call
+    tf.random.set_seed(0), as multi-worker scripts do, run identically: every rank drew the same patches."""
+    from ats import _distributed
+
+    words = np.array([123456789, 2**31 + 5], np.int64)
+    monkeypatch.setattr(tf.random, "uniform", lambda *args, **kwargs: tf.constant(words.astype(np.int32)))
+
+    def key_words(rank):
+        monkeypatch.setattr(_distributed, "process_index", lambda: rank)
+        return ops._xla_seed(None).numpy().astype(np.int64)
+
+    np.testing.assert_array_equal(key_words(0), words)
+    salt = _distributed.salted_seed(0, 1)
+    np.testing.assert_array_equal(key_words(1), words ^ np.array([salt & 0xFFFFFFFF, salt >> 32]))
+    attention = tf.constant(np.full((1, 40, 40), 1 / 1600, np.float32))
+
+    def draws(rank):
+        monkeypatch.setattr(_distributed, "process_index", lambda: rank)
+        return tf.function(lambda a: ops.sample(a, 6)[0], jit_compile=True)(attention).numpy()
+
+    assert np.array_equal(draws(0), draws(0)) and not np.array_equal(draws(0), draws(1))

@@ -38,7 +38,7 @@ import tensorflow as tf
 
 from atskern import _offsets, _validation
 
-from .. import _errors, _kernels, _xla_common
+from .. import _distributed, _errors, _kernels, _xla_common
 from .._bridge import XLAUnsupportedError, in_xla_context, numpy_call
 
 __all__ = [
@@ -89,8 +89,13 @@ def _seed_tensor(seed):
 def _xla_seed(seed):
     """The seed as ``ats.tf.xla``'s key: an int, or uint32 words ``[k0, k1]`` (a fresh random key for None)."""
     if seed is None:
-        # TensorFlow's stateful RNG (compiles under XLA): a new key on every run of the step
-        return tf.bitcast(tf.random.uniform([2], tf.int32.min, tf.int32.max, dtype=tf.int32), tf.uint32)
+        # TensorFlow's stateful RNG (compiles under XLA): a new key on every run of the step, salted with the
+        # process's rank, since workers that call tf.random.set_seed with one value would draw the same keys
+        words = tf.bitcast(tf.random.uniform([2], tf.int32.min, tf.int32.max, dtype=tf.int32), tf.uint32)
+        salt = _distributed.salted_seed(0)
+        if salt:
+            words = tf.bitwise.bitwise_xor(words, tf.constant([salt & _MASK32, salt >> 32], tf.uint32))
+        return words
     if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
         return int(seed)
     bits = _seed_tensor(seed)
