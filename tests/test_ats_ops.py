@@ -492,3 +492,30 @@ def test_unseeded_keys_under_xla_are_salted_with_the_rank(monkeypatch):
         return tf.function(lambda a: ops.sample(a, 6)[0], jit_compile=True)(attention).numpy()
 
     assert np.array_equal(draws(0), draws(0)) and not np.array_equal(draws(0), draws(1))
+
+
+@pytest.mark.parametrize("graph", [False, True])
+def test_second_derivatives_of_the_patch_gather(graph):
+    """A Hessian-vector product of 0.5 |extract(x)|^2 is scatter(extract(v)) (the gather is linear): the kernel
+    gradient was not differentiable, and the outer gradient came back None without an error."""
+    rng = np.random.default_rng(6)
+    x, v = (tf.constant(rng.standard_normal((2, 5, 6, 2))) for _ in range(2))
+    offsets = tf.constant([[[-1, 1], [2, 2]], [[3, -2], [0, 0]]], tf.int32)
+
+    def hvp(x):
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                loss = 0.5 * tf.reduce_sum(ops.extract_patches(x, offsets, (3, 3)) ** 2)
+            directional = tf.reduce_sum(inner.gradient(loss, x) * v)
+        return outer.gradient(directional, x)
+
+    got = (tf.function(hvp) if graph else hvp)(x)
+    start = offsets.numpy()
+    want = atskern.scatter_patches(atskern.extract_patches(v.numpy(), start, (3, 3)), start, (5, 6))
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-12, atol=1e-12)
+    # independently: the HVP of a linear map's squared norm is its Gram operator, here the patch-coverage count
+    # times v (every pixel read k times gets k v)
+    cover = atskern.scatter_patches(np.ones((2, 2, 3, 3, 2)), start, (5, 6))
+    np.testing.assert_allclose(got.numpy(), cover * v.numpy(), rtol=1e-12, atol=1e-12)

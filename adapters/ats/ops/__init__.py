@@ -422,13 +422,12 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False):
             raise ValueError(f"x's spatial shape must be static to extract patches under XLA (jit_compile=True), got {x.shape}")
         return _xla().extract_patches(x, offsets, size, fill=fill, channels_first=channels_first)
     out_shape = _patch_shape(x, offsets, size, channels_first)
-    np_dtype = x.dtype.as_numpy_dtype
 
-    def forward(image, starts):
+    def forward(image, starts, fill=fill):
         batch, k = starts.shape[:2]
         channels = image.shape[1] if channels_first else image.shape[-1]
         shape = (batch, k, channels, *size) if channels_first else (batch, k, *size, channels)
-        out = _kernels.aligned_empty(shape, np_dtype)
+        out = _kernels.aligned_empty(shape, image.dtype)
         if not out.size:  # no images (a replica's share of a short last batch), patches or channels
             return out
         return _kernels.extract_patches(image, starts, size, fill=fill, channels_first=channels_first, out=out)
@@ -448,14 +447,22 @@ def extract_patches(x, offsets, patch_size, *, fill=0, channels_first=False):
             if not image.dtype.is_floating:
                 return None, None
             work = tf.float64 if image.dtype == tf.float64 else tf.float32
-            scattered = numpy_call(
-                backward,
-                [tf.cast(upstream, work), starts, tf.shape(image, out_type=tf.int64)],
-                work,
-                name="ats.ops.scatter_patches",
-            )
-            scattered.set_shape(image.shape)
-            return tf.cast(scattered, image.dtype), None
+
+            @tf.custom_gradient
+            def scatter(patch_grad):
+                scattered = numpy_call(backward, [patch_grad, starts, tf.shape(image, out_type=tf.int64)], work,
+                                       name="ats.ops.scatter_patches")
+                scattered.set_shape(image.shape)
+
+                def adjoint(image_grad):  # the scatter's own gradient (second derivatives): the gather, fill 0
+                    gathered = numpy_call(lambda g, s: forward(g, s, 0), [image_grad, starts], work,
+                                          name="ats.ops.extract_patches")
+                    gathered.set_shape(patch_grad.shape)
+                    return gathered
+
+                return scattered, adjoint
+
+            return tf.cast(scatter(tf.cast(upstream, work)), image.dtype), None
 
         return patches, grad
 
