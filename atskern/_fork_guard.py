@@ -48,52 +48,65 @@ class ForkGuard:
         :attr:`single_thread` once in each thread."""
         self.single_thread = None
         """A callable making the calling thread's CPU kernels run on it alone (set by ``atskern.cpu._threading``)."""
-        self._fresh_state(0)
+        self._fresh_state(set())
 
-    def _fresh_state(self, calls: int) -> None:
+    def _fresh_state(self, in_call: set[int]) -> None:
         self._lock = threading.Lock()
         self._state = threading.Condition(self._lock)  # waits on the lock taken as such (a C-level ``with``)
-        self._calls = calls
+        self._in_call = in_call
+        """The threads inside a public call: one ``add``/``discard`` each, which an exception cannot split."""
         self._forking = False
+
+    @property
+    def _calls(self) -> int:
+        return len(self._in_call)
 
     def _depth(self) -> int:
         return getattr(self._local, "depth", 0)
 
-    def enter(self) -> None:
+    def enter(self) -> int:
+        """Count a public call of this thread (not a nested one); returns the call's nesting level for
+        :meth:`exit`. Call it inside the ``try`` whose ``finally`` calls :meth:`exit`: whatever line an exception
+        (a KeyboardInterrupt) stops it at, :meth:`exit` undoes exactly what it did (a thread is in
+        ``_in_call`` or not, one set operation each way)."""
         local = self._local
         depth = getattr(local, "depth", 0)
+        local.depth = depth + 1
         if depth == 0:
             if self.single_threaded and not getattr(local, "single", False) and self.single_thread is not None:
-                self.single_thread()  # before counting: should it raise, no call is left counted
+                self.single_thread()
                 local.single = True
             with self._lock:
                 while self._forking:
                     self._state.wait()
-                self._calls += 1
-                if not getattr(local, "known", False):
+                self._in_call.add(threading.get_ident())
+            if not getattr(local, "known", False):
+                with self._lock:
                     self._callers.add(threading.get_ident())
-                    local.known = True
-        local.depth = depth + 1
+                local.known = True
+        return depth + 1
 
-    def exit(self) -> None:
-        depth = self._depth() - 1
-        self._local.depth = depth
-        if depth == 0:
+    def exit(self, level: int | None = None) -> None:
+        """End the call :meth:`enter` returned ``level`` for (None: this thread's innermost). Idempotent for a
+        given level, so a caller whose ``exit`` was interrupted can call it again."""
+        local = self._local
+        level = self._depth() if level is None else level
+        if level <= 1:
             with self._lock:
-                self._calls -= 1
-                if self._forking and self._calls == 0:
+                self._in_call.discard(threading.get_ident())
+                if self._forking and not self._in_call:
                     self._state.notify_all()
+        local.depth = max(level - 1, 0)
 
     def before_fork(self) -> None:
-        me = threading.get_ident()
-        own = 1 if self._depth() else 0  # a call of the forking thread itself cannot end before the fork
+        me = threading.get_ident()  # a call of the forking thread itself cannot end before the fork
         deadline = time.monotonic() + PATIENCE_S
         with self._state:
             self._forking = True
-            while self._calls > own:
+            while self._in_call - {me}:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    warnings.warn(f"atskern: forking while {self._calls - own} CPU call(s) of other threads still "
+                    warnings.warn(f"atskern: forking while {len(self._in_call - {me})} CPU call(s) of other threads still "
                                   f"run after {PATIENCE_S:.0f} s; parallel kernels may hang in the child",
                                   RuntimeWarning, stacklevel=2)
                     break
@@ -106,7 +119,8 @@ class ForkGuard:
             self._state.notify_all()
 
     def after_fork_in_child(self) -> None:
-        self._fresh_state(1 if self._depth() else 0)  # the child has the forking thread only
+        me = threading.get_ident()
+        self._fresh_state({me} if me in self._in_call else set())  # the child has the forking thread only
         self._callers = {threading.get_ident()} if getattr(self._local, "known", False) else set()
         if self._child_at_risk:
             self.single_threaded = True

@@ -45,8 +45,9 @@ def cpu_serialized(function, module: str):
     def call(*args, **kwargs):
         if is_cupy_array(_first_array(args)):
             return function(*args, **kwargs)
-        GUARD.enter()
+        level = None
         try:
+            level = GUARD.enter()
             lock = _launch_lock()
             with ieee_subnormals():
                 if lock is None:
@@ -54,7 +55,11 @@ def cpu_serialized(function, module: str):
                 with lock:
                     return function(*args, **kwargs)
         finally:
-            GUARD.exit()
+            try:
+                GUARD.exit(level)
+            except BaseException:  # a KeyboardInterrupt inside exit: once more (it is idempotent), then raise
+                GUARD.exit(level)
+                raise
 
     call.__module__ = module
     return call

@@ -84,3 +84,48 @@ def test_a_child_runs_its_kernels_on_one_thread_only_where_another_thread_had_ca
     alone.enter()
     alone.exit()
     assert not alone.single_threaded and "alone" not in calls
+
+
+def test_a_keyboard_interrupt_anywhere_in_the_call_wrapper_leaves_no_call_counted():
+    """Ctrl-C can land anywhere in the public call wrapper and the guard: a count left behind made every later
+    fork wait the full patience (10 minutes). CPython runs a signal handler where a function starts and after a
+    call returns; the tracer raises a KeyboardInterrupt at each such point of the two files in turn (entering or
+    returning from ``call``, ``enter``, ``exit`` and the helpers), then the guard must be clean."""
+    import sys
+
+    import numpy as np
+
+    import atskern
+    from atskern import _fork_guard, _serial
+    from atskern._fork_guard import GUARD
+
+    attention = np.full((1, 4, 4), 1 / 16)
+    atskern.sample(attention, 2, seed=0)
+    files = (_serial.__file__, _fork_guard.__file__)
+
+    def interrupt_at(target: int):
+        seen = [0]
+
+        def tracer(frame, event, arg):
+            if frame.f_code.co_filename not in files:
+                return None
+            if event in ("call", "return"):
+                seen[0] += 1
+                if seen[0] == target:
+                    raise KeyboardInterrupt
+            return tracer
+
+        sys.settrace(tracer)
+        try:
+            atskern.sample(attention, 2, seed=0)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.settrace(None)
+        return seen[0]
+
+    points = interrupt_at(0)  # no interrupt: how many such points a call passes
+    assert points >= 8
+    for target in range(1, points + 1):
+        interrupt_at(target)
+        assert (GUARD._calls, GUARD._depth()) == (0, 0), f"interrupted at point {target} of {points}"
