@@ -57,10 +57,6 @@ class ForkGuard:
         """The threads inside a public call: one ``add``/``discard`` each, which an exception cannot split."""
         self._forking = False
 
-    @property
-    def _calls(self) -> int:
-        return len(self._in_call)
-
     def _depth(self) -> int:
         return getattr(self._local, "depth", 0)
 

@@ -395,12 +395,14 @@ def test_the_sources_digest_is_computed_by_one_thread_at_a_time(monkeypatch):
     from atskern.cpu import _jit
 
     sources = _jit.kernel_sources()
-    inside, most = [0], [0]
+    want = _jit._sources_digest()
+    inside, most, runs = [0], [0], [0]
     counter = threading.Lock()
 
     def slow_sources():
         with counter:
             inside[0] += 1
+            runs[0] += 1
             most[0] = max(most[0], inside[0])
         time.sleep(0.2)
         with counter:
@@ -408,13 +410,14 @@ def test_the_sources_digest_is_computed_by_one_thread_at_a_time(monkeypatch):
         return sources
 
     monkeypatch.setattr(_jit, "kernel_sources", slow_sources)
+    _jit._digest_of_sources.cache_clear()
     digests = []
-    threads = [threading.Thread(target=lambda: digests.append(_jit._sources_digest.__wrapped__())) for _ in range(3)]
+    threads = [threading.Thread(target=lambda: digests.append(_jit._sources_digest())) for _ in range(3)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    assert most[0] == 1 and len(set(digests)) == 1 and digests[0] == _jit._sources_digest()
+    assert most[0] == 1 and runs[0] == 1 and digests == [want] * 3
 
 
 def test_a_cache_entry_that_cannot_be_written_warns_and_the_call_goes_on(tmp_path, monkeypatch):

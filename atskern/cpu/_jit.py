@@ -281,17 +281,21 @@ def kernel_sources(start: Path = Path(__file__).parent) -> list[Path]:
 _DIGEST_LOCK = threading.Lock()
 
 
-@functools.lru_cache(maxsize=None)
 def _sources_digest() -> str:
-    """The digest of :func:`kernel_sources`, computed by one thread at a time: the first imports of two kernel
-    modules can run on two threads at once (TensorFlow runs independent ops' first calls concurrently), and
-    CPython 3.11's ``ast.parse`` is not safe to run concurrently (its recursion-depth check is shared state:
-    "SystemError: AST constructor recursion depth mismatch")."""
+    """The digest of :func:`kernel_sources`, computed once, by one thread: the first imports of two kernel modules
+    can run on two threads at once (TensorFlow runs independent ops' first calls concurrently), and CPython 3.11's
+    ``ast.parse`` is not safe to run concurrently (its recursion-depth check is shared state: "SystemError: AST
+    constructor recursion depth mismatch"); a thread that waited takes the first one's digest."""
     with _DIGEST_LOCK:
-        digest = hashlib.sha256()
-        for path in kernel_sources():
-            digest.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
-        return digest.hexdigest()
+        return _digest_of_sources()
+
+
+@functools.lru_cache(maxsize=None)
+def _digest_of_sources() -> str:
+    digest = hashlib.sha256()
+    for path in kernel_sources():
+        digest.update(str(path.relative_to(PACKAGE_DIR)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def _keyed_entries(dispatcher):

@@ -155,9 +155,7 @@ class SamplePatches(keras.layers.Layer):
         x_low, x_high, attention = (tuple(s) for s in input_shape)
         dims = _check_ranks(x_low, x_high, attention)
         size = self._size(dims)
-        high = x_high[1:-1]
-        if all(h is not None for h in high) and any(p > h for p, h in zip(size, high)):
-            raise ValueError(f"patch_size {size} is larger than x_high's spatial shape {high}")
+        _check_patch_fits(size, x_high[1:-1])
         grid = attention[1:]
         without_replacement = not self.replace or self.mode != "sample"
         if all(g is not None for g in grid) and without_replacement:
@@ -190,10 +188,7 @@ class SamplePatches(keras.layers.Layer):
         x_low, x_high, attention = inputs
         dims = _check_ranks(x_low.shape, x_high.shape, attention.shape)
         size = self._size(dims)
-        high = tuple(x_high.shape[1:-1])
-        if all(isinstance(h, int) for h in high) and any(p > h for p, h in zip(size, high)):
-            # build's check, where the model left the sizes to the data (Input((None, None, C)))
-            raise ValueError(f"patch_size {size} is larger than x_high's spatial shape {high}")
+        _check_patch_fits(size, tuple(x_high.shape[1:-1]))  # again: build cannot where the model left sizes to the data
         be = backend_ops()
         x_high = _compute_cast(be.check_inputs(x_low, x_high, attention, size), self.compute_dtype)
         logits = attention
@@ -241,6 +236,12 @@ class SamplePatches(keras.layers.Layer):
             "seed": self.seed,
             "fill": self.fill,
         }
+
+
+def _check_patch_fits(size, high):
+    """A ValueError where every spatial size of ``x_high`` is known and ``size`` is larger than one of them."""
+    if all(isinstance(h, int) for h in high) and any(p > h for p, h in zip(size, high)):
+        raise ValueError(f"patch_size {size} is larger than x_high's spatial shape {high}")
 
 
 def _compute_cast(x, dtype):

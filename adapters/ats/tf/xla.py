@@ -157,9 +157,9 @@ def power_of_two_factors(rows):
 
 
 def apply_power_of_two(x, factor, divisor):
-    """``x * factor / divisor`` (float64; the pair of :func:`power_of_two_factors`): a product and a quotient, not
-    two products, which Grappler's arithmetic optimizer regroups as ``x * (factor * factor2)`` in a plain
-    ``tf.function``, a subnormal product that TensorFlow flushes to zero (rows near 1e308 then drew in position
+    """``x * factor / divisor`` (float64; the pair of :func:`power_of_two_factors`): a product and a quotient. Two
+    products, ``x * a * b``, Grappler's arithmetic optimizer regroups as ``x * (a * b)`` in a plain ``tf.function``,
+    and ``a * b = 2**-1024`` is subnormal, which TensorFlow flushes to zero (rows near 1e308 then drew in position
     order with NaN probabilities)."""
     return x * factor / divisor
 
@@ -242,9 +242,9 @@ def sample_indices(attention, n_samples, seed, *, replace=False, logits=False, s
     grid = common.grid_of(attention.shape, attention.dtype.is_floating, n, not replace)
     k0, k1 = seed_words(seed)
     if _eager(attention):
-        common.attention_values(attention.numpy(), n, replace, logits, strict)
+        values = attention.numpy()
+        common.attention_values(values, n, replace, logits, strict)
         if not logits and attention.dtype in (tf.float32, tf.float64):  # 16-bit subnormals are normal in float64
-            values = attention.numpy()
             common.refuse_subnormal_rows(values, values.dtype, "TensorFlow", "rescale the row (or use atskern.sample "
                                          "or ats.ops outside XLA, exact for any positive scale)")
     w = _weights(tf.stop_gradient(attention), logits)
