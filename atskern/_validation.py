@@ -405,7 +405,7 @@ def check_fill(fill, dtype: np.dtype):
                 raise bad
             if not isinstance(fill, (numbers.Integral, np.bool_)) and not float(fill).is_integer():
                 raise bad
-            if int(converted.astype(np.int64)) != int(fill):
+            if int(converted.astype(np.uint64 if dtype.kind == "u" else np.int64)) != int(fill):
                 raise bad
         elif dtype.kind == "c":
             if np.isfinite(complex(fill)) and not np.isfinite(complex(converted)):
@@ -415,8 +415,11 @@ def check_fill(fill, dtype: np.dtype):
                 if fill.imag != 0:
                     raise bad
                 fill = fill.real
-            if np.isfinite(float(fill)) and not np.isfinite(float(converted.astype(np.float64))):
+            back = float(converted.astype(np.float64))
+            if np.isfinite(float(fill)) and not np.isfinite(back):
                 raise bad
+            if np.isnan(float(fill)) and not np.isnan(back):
+                raise bad  # a float without NaN (float4_e2m1fn, ...) turns it into a number
             if _is_ml_dtype(dtype) and abs(float(fill)) >= _overflow_threshold(dtype):
                 raise bad  # a float without infinities (float4_e2m1fn, ...) saturates instead of overflowing
     except (OverflowError, ValueError, TypeError):

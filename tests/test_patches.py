@@ -316,6 +316,38 @@ def test_extract_errors(kwargs, error, match):
         atskern.extract_patches(x, offsets, patch_size, **args)
 
 
+@pytest.mark.parametrize(
+    "dtype, fill, padded",
+    [
+        (np.uint64, 2**63, 2**63),
+        (np.uint64, 2**64 - 1, 2**64 - 1),
+        (np.uint64, np.uint64(2**64 - 1), 2**64 - 1),
+        (np.uint64, -1, None),
+        (np.uint64, -2**63, None),
+        (np.int64, 2**63, None),
+        (np.int64, -2**63, -2**63),
+        (ml_dtypes.float4_e2m1fn, float("nan"), None),
+        (ml_dtypes.float6_e3m2fn, float("nan"), None),
+        (ml_dtypes.float8_e4m3fn, float("nan"), "nan"),
+    ],
+    ids=str,
+)
+def test_fill_at_the_edges_of_its_dtype(dtype, fill, padded):
+    """A fill is taken exactly when the dtype holds it (uint64 up to 2**64 - 1, a NaN where the format has one)
+    and refused otherwise (negative uint64 fills wrapped around; a NaN became -0.0 in floats without NaN)."""
+    x = np.ones((1, 3, 3, 1), dtype)
+    offsets = np.array([[[-1, -1]]])
+    if padded is None:
+        with pytest.raises(ValueError, match="cannot be represented"):
+            atskern.extract_patches(x, offsets, 2, fill=fill)
+        return
+    corner = atskern.extract_patches(x, offsets, 2, fill=fill)[0, 0, 0, 0, 0]
+    if padded == "nan":
+        assert np.isnan(float(corner))
+    else:
+        assert int(corner) == padded
+
+
 def test_extract_read_only_out_and_mixed_devices():
     out = np.zeros((2, 4, 3, 3, 3), np.float32)
     out.flags.writeable = False
