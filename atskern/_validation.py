@@ -17,6 +17,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from . import _offsets
 from ._offsets import simplest_fraction
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -364,6 +365,16 @@ def check_shape(shape, ndim: int, name: str, what: str = "a sequence") -> tuple[
     if min(sizes) <= 0:
         raise ValueError(f"{name} must be > 0 in every dim, got {sizes}")
     return sizes
+
+
+def check_int32_offsets(level: tuple[int, ...], patch: tuple[int, ...]):
+    """A ValueError where int32 patch offsets cannot address every pixel of the level: a level or patch longer
+    than 2**31 - 1 pixels in a dim (the clipping to int32 then moves patches that lie inside the level)."""
+    for name, sizes in (("level_shape", level), ("patch_size", patch)):
+        for size in sizes:  # a loop, not max(): torch.compile traces it (sizes may hold symbolic or tensor entries)
+            if isinstance(size, int) and size > _offsets.INT32_MAX:
+                raise ValueError(f"{name} {tuple(sizes)} has a dim of {size} pixels, longer than 2**31 - 1: "
+                                 "patch_offsets' int32 offsets cannot address it (extract_patches with int64 offsets can)")
 
 
 def check_offsets(offsets, batch: int, name: str = "offsets", ndim: int | None = None):

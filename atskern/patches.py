@@ -210,8 +210,10 @@ def _as_int64(mask):
     return mask.astype(np.int64)
 
 
-def _patch_offsets(xp, samples, grid, level, patch, margins):
-    """Exact int32 offsets (:mod:`atskern._offsets`), clipped to the int32 range."""
+def _patch_offsets(xp, samples, grid, level, patch, margins, dtype=np.int32):
+    """Exact offsets (:mod:`atskern._offsets`), clipped to the range of ``dtype`` (int32, or int64 for a level
+    longer than int32 can address)."""
+    bound = np.iinfo(dtype).max
     if samples.dtype.kind == "u":  # uint64 cells past 2**63 would wrap in the cast: clamp them first
         samples = xp.minimum(samples, np.uint64(_offsets.SAMPLE_LIMIT))
     cells = xp.clip(samples.astype(xp.int64), -_offsets.SAMPLE_LIMIT, _offsets.SAMPLE_LIMIT)
@@ -223,9 +225,9 @@ def _patch_offsets(xp, samples, grid, level, patch, margins):
         else:  # Python ints: exact beyond int64, slow (huge margin denominators)
             host = cells[..., d].get() if xp is not np else cells[..., d]
             start = _offsets.start(host.astype(object), *args, to_int=_as_int64)
-            start = xp.asarray(np.clip(start, -_offsets.INT32_MAX, _offsets.INT32_MAX).astype(np.int64))
-        columns.append(xp.clip(start, -_offsets.INT32_MAX, _offsets.INT32_MAX))
-    return xp.stack(columns, axis=-1).astype(xp.int32)
+            start = xp.asarray(np.clip(start, -bound, bound).astype(np.int64))
+        columns.append(xp.clip(start, -bound, bound))
+    return xp.stack(columns, axis=-1).astype(dtype)
 
 
 def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
@@ -246,12 +248,14 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
     ``3 / 2 / 50`` means 3/100. Each margin lies in ``[0, 0.5)``.
 
     Returns int32 ``(B, K, D)``, on the samples' device (samples beyond
-    ``+-2**31`` are clamped there first; offsets are clipped to int32).
+    ``+-2**31`` are clamped there first; offsets are clipped to int32, so
+    a level or patch longer than ``2**31 - 1`` pixels is refused).
     """
     grid = v.check_samples(samples, grid_shape)
     ndim = len(grid)
     level = v.check_shape(level_shape, ndim, "level_shape")
     patch = v.check_patch_size(patch_size, ndim)
+    v.check_int32_offsets(level, patch)
     margin = v.check_margin(margin, ndim)
     xp = array_module(backend_of(samples=samples))
     return _patch_offsets(xp, samples, grid, level, patch, margin)
@@ -286,7 +290,7 @@ def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0.0, 
         batch = int(x.shape[0])
         v.check_samples(samples, grid, batch)
         spatial = x.shape[2:] if channels_first else x.shape[1:-1]
-        offsets = _patch_offsets(xp, samples, grid, spatial, patch, margin)
+        offsets = _patch_offsets(xp, samples, grid, spatial, patch, margin, np.int64)
         plans.append((x, offsets) + v.check_gather(x, offsets, patch, fill, channels_first, None, f"levels[{i}]"))
     return [_gather(xp, backend, x, offsets, layout, fill_value, None) for x, offsets, layout, fill_value in plans]
 
@@ -307,7 +311,7 @@ def scatter_multiscale(grads, samples, grid_shape, level_shapes, patch_sizes, *,
         v.require_array(g, f"grads[{i}]")
         shape = v.check_shape(shape, len(grid), f"level_shapes[{i}]")
         v.check_samples(samples, grid, int(g.shape[0]) if g.ndim else None, "the grads")
-        offsets = _patch_offsets(xp, samples, grid, shape, patch, margin)
+        offsets = _patch_offsets(xp, samples, grid, shape, patch, margin, np.int64)
         layout, result_dtype = v.check_scatter(g, offsets, shape, channels_first, None, f"grads[{i}]")
         if layout.patch != patch:
             raise ValueError(f"grads[{i}] holds patches of size {layout.patch} but patch_sizes[{i}] is {patch}")

@@ -232,13 +232,16 @@ def _margin_fractions(margin, ndim):
 
 def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
     """``round(L * (m + (s + 1/2) / G * (1 - 2 m)) - P / 2)`` per sample and dim in exact rational
-    arithmetic (Python's ``round`` of a Fraction is half to even), clipped to int32."""
+    arithmetic (Python's ``round`` of a Fraction is half to even), clipped to int32 (a level or patch longer than
+    2**31 - 1 pixels, which int32 cannot address, is refused)."""
     samples = np.asarray(samples)
     out = np.empty(samples.shape, dtype=np.int32)
     ndim = samples.shape[-1]
     patch = tuple(patch_size) if np.ndim(patch_size) else (int(patch_size),) * ndim
-    margins = _margin_fractions(margin, ndim)
     limit = 2**31 - 1
+    if max(int(s) for s in level_shape) > limit or max(int(p) for p in patch) > limit:
+        raise ValueError("a level or patch longer than 2**31 - 1 pixels: int32 offsets cannot address it")
+    margins = _margin_fractions(margin, ndim)
     for index in np.ndindex(samples.shape[:-1]):
         for d in range(ndim):
             m, cell = margins[d], int(samples[index + (d,)])

@@ -199,3 +199,16 @@ def test_ats_ops_multiscale_takes_one_patch_size_per_level_as_every_front_end():
         np.testing.assert_array_equal(g.numpy(), w)
     with pytest.raises(ValueError, match=r"patch_sizes must be a list with one entry per level \(2 levels\)"):
         ops.extract_multiscale([tf.constant(level) for level in levels], tf.constant(samples), (4, 4), (8, 4, 2))
+
+
+def test_patch_offsets_refuse_levels_that_int32_cannot_address():
+    """Offsets clipped to int32 would move patches inside a level longer than 2**31 - 1 pixels: the TensorFlow and
+    JAX patch_offsets (int32) refuse such a level, naming level_shape."""
+    cells = np.array([[[0, 3]]])
+    long = (1 << 31) + 1
+    for name, patch_offsets in (("ats.ops", ops.patch_offsets), ("ats.tf.xla", xla.patch_offsets),
+                                ("ats.jax", ajax.patch_offsets)):
+        with pytest.raises(ValueError, match="level_shape .* longer than 2\\*\\*31 - 1"):
+            patch_offsets(cells, (1, 4), (1, long), (1, 4))
+        np.testing.assert_array_equal(np.asarray(patch_offsets(cells, (1, 4), (1, 2**31 - 1), (1, 4))),
+                                      atskern.patch_offsets(cells, (1, 4), (1, 2**31 - 1), (1, 4)), err_msg=name)

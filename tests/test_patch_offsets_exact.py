@@ -194,3 +194,42 @@ def test_numpy_float_margins_read_as_python_floats(kind):
     assert atskern.patch_offsets(samples, (8, 8), (150, 150), 50, margin=margin).tolist() == want.tolist()
     pair = atskern.patch_offsets(samples, (8, 8), (150, 150), 50, margin=(kind(3), (8, 8)))
     assert pair.tolist() == atskern.patch_offsets(samples, (8, 8), (150, 150), 50, margin=(3.0, (8, 8))).tolist()
+
+
+LONG = 5 << 29
+"""A level length that int32 offsets cannot address: its last quarter starts past 2**31 - 1."""
+
+
+@pytest.fixture
+def long_level(tmp_path):
+    """A sparse (1, 1, LONG, 1) uint8 memmap (no disk or memory used) with 7, 8, 9, 10 where the patch of 4
+    around cell 3 of a 4-cell grid starts: ``LONG * 7 / 8 - 2`` (the formula's exact value)."""
+    path = tmp_path / "level.bin"
+    with open(path, "wb") as f:
+        f.truncate(LONG)
+    level = np.memmap(path, dtype=np.uint8, mode="r+", shape=(1, 1, LONG, 1))
+    start = oracle(3, 4, LONG, 4, Fraction(0))
+    assert start == LONG * 7 // 8 - 2 > 2**31
+    level[0, 0, start:start + 4, 0] = [7, 8, 9, 10]
+    yield level
+    del level
+
+
+def test_multiscale_reads_a_level_longer_than_int32_addresses(long_level):
+    """The multiscale gathers place a patch by its exact int64 offset (clipped to int32, the far quarter of a
+    level over 2**31 pixels read the pixel 2**31 - 1 instead); patch_offsets, which returns int32, refuses it."""
+    torch = pytest.importorskip("torch")
+    import ats.torch as ats_torch
+
+    cells = np.array([[[0, 3]]])
+    patch = atskern.extract_multiscale([long_level], cells, (1, 4), [(1, 4)])[0]
+    np.testing.assert_array_equal(patch.ravel(), [7, 8, 9, 10])
+    torch_patch = ats_torch.extract_multiscale([torch.from_numpy(np.asarray(long_level))], torch.tensor(cells), (1, 4),
+                                               [(1, 4)], channels_first=False)[0]
+    np.testing.assert_array_equal(torch_patch.numpy().ravel(), [7, 8, 9, 10])
+    for patch_offsets, samples in ((atskern.patch_offsets, cells), (reference.patch_offsets, cells),
+                                   (ats_torch.patch_offsets, torch.tensor(cells))):
+        with pytest.raises(ValueError, match="longer than 2\\*\\*31 - 1"):
+            patch_offsets(samples, (1, 4), (1, LONG), (1, 4))
+    with pytest.raises(ValueError, match=r"patch_size \(1, 2684354560\) has a dim of 2684354560 pixels"):
+        atskern.patch_offsets(cells, (1, 4), (1, 8), (1, LONG))

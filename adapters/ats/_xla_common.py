@@ -173,6 +173,7 @@ def offset_table(grid: int, level: int, patch: int, margin) -> np.ndarray:
     """int32 first pixel of the patch around each cell ``0..grid-1``: ``rint(L (m + (s + 1/2) / G (1 - 2 m)) - P / 2)``,
     in exact rational arithmetic, ``margin`` read as atskern reads it (a Fraction as is, a float as the simplest
     fraction that rounds to it: 0.1 is 1/10; its exact binary value once put ties on the other side)."""
+    _validation.check_int32_offsets((level,), (patch,))
     m = simplest_fraction(margin)
     bound = 2**31 - 1
     starts = []

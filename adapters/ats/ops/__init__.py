@@ -348,6 +348,7 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
     size = _validation.check_patch_size(patch_size, dims)
     grid = _per_dim(grid_shape, dims, "grid_shape")
     level = _per_dim(level_shape, dims, "level_shape")
+    _validation.check_int32_offsets(level, size)
     limit = _offsets.SAMPLE_LIMIT
     if samples.dtype.max > limit:  # uint64 cells of 2**63 and more would wrap to negative ones
         samples = tf.minimum(samples, tf.constant(limit, samples.dtype))

@@ -248,8 +248,17 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0):
     each in ``[0, 0.5)`` (under ``torch.compile(dynamic=True)`` a float margin
     becomes a symbolic number, which the exact arithmetic cannot trace: pass a
     ``Fraction``, or none). ``samples``: an integer tensor ``(B, K, D)``.
-    Returns int32 ``(B, K, D)`` on the samples' device.
+    Returns int32 ``(B, K, D)`` on the samples' device (a level or patch
+    longer than ``2**31 - 1`` pixels, which int32 cannot address, is refused).
     """
+    grid, level, patch, margins = _offset_arguments(samples, grid_shape, level_shape, patch_size, margin)
+    _validation.check_int32_offsets(level, patch)
+    bound = _offsets.INT32_MAX
+    return _exact_offsets(samples, grid, level, patch, margins).clamp(-bound, bound).to(torch.int32)
+
+
+def _offset_arguments(samples, grid_shape, level_shape, patch_size, margin):
+    """:func:`patch_offsets`' arguments checked: ``(grid, level, patch, margins)``."""
     require_tensor(samples, "samples")
     if samples.dim() != 3 or samples.shape[-1] not in (1, 2, 3):
         raise ValueError(f"samples must be (batch, K, D) with D in 1..3, got shape {tuple(samples.shape)}")
@@ -259,17 +268,23 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0):
     grid = _validation.check_shape(tuple(grid_shape), dims, "grid_shape")
     level = _validation.check_shape(tuple(level_shape), dims, "level_shape")
     patch = size_tuple(patch_size, dims)
-    margins = _validation.check_margin(margin, dims)
+    return grid, level, patch, _validation.check_margin(margin, dims)
+
+
+def _exact_offsets(samples, grid, level, patch, margins) -> torch.Tensor:
+    """The int64 offsets of :func:`patch_offsets`' checked arguments, not clipped (extract_multiscale's: a level
+    longer than int32 can address keeps them exact)."""
+    dims = samples.shape[-1]
     cells = _int64_cells(samples).clamp(-_offsets.SAMPLE_LIMIT, _offsets.SAMPLE_LIMIT)
     starts = []
     for d in range(dims):
         args = (grid[d], level[d], patch[d], margins[d].numerator, margins[d].denominator)
         if not _offsets.fits_int64(*args):
             raise ValueError(f"patch_offsets: grid_shape, level_shape, patch_size and margin of dim {d} are too "
-                             f"large for exact int64 arithmetic ({args}); use atskern.patch_offsets")
+                             f"large for exact int64 arithmetic ({args}); atskern.patch_offsets and extract_multiscale compute "
+                             "them in Python integers")
         starts.append(_offsets.start(cells[..., d], *args, to_int=_int64))
-    bound = _offsets.INT32_MAX
-    return torch.stack(starts, dim=-1).clamp(-bound, bound).to(torch.int32)
+    return torch.stack(starts, dim=-1)
 
 
 def _check_images(x, name: str, channels_first: bool) -> tuple[int, ...]:
@@ -362,7 +377,7 @@ def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0, fi
         spatial = _check_images(x, f"levels[{i}]", channels_first)
         if samples.dim() and samples.shape[0] != x.shape[0]:
             raise ValueError(f"samples and levels[{i}] must share the batch size, got {samples.shape[0]} and {x.shape[0]}")
-        offsets = patch_offsets(samples, grid_shape, spatial, size_tuple(size, len(spatial)), margin=margin)
+        offsets = _exact_offsets(samples, *_offset_arguments(samples, grid_shape, spatial, size, margin))
         patches.append(extract_patches(x, offsets, size, fill=fill, channels_first=channels_first))
     return patches
 
