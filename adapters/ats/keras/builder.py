@@ -150,6 +150,9 @@ class ATSBuilder:
         n = self._n_patches
         rf = self._receptive_field
         x_low = self._batch.data(0)
+        if any(size is None for size in _spatial(x_low)):
+            raise ValueError(f"ATSBuilder needs the spatial sizes of level 0 when the model is built, got x_low of shape "
+                             f"{tuple(x_low.shape)}; attention_sampling takes inputs of unknown sizes")
         attention = self._attention(x_low)
         sample_space = list(ops.shape(attention)[1:])
         samples, sampled_attention = sample(n, attention, sample_space, replace=self._sample_with_replacement)
