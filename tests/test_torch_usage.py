@@ -127,3 +127,60 @@ def test_torch_func_transforms_of_the_kernels_get_a_clear_error():
     attention = torch.full((2, 4, 4), 1 / 16)
     with pytest.raises(NotImplementedError, match="sample does not run under torch.func transforms"):
         grad(lambda a: F.sample(a, 2, key=torch.tensor(1))[1].sum())(attention)
+
+
+def _trace(function, *args):
+    with pytest.warns(Warning):  # torch's TracerWarnings and jit.trace's deprecation notice
+        return torch.jit.trace(function, args, check_trace=False)
+
+
+def test_jit_trace_draws_fresh_and_checks_at_every_call():
+    """torch.jit.trace recorded a direct kernel call's result as a constant: the trace returned the cells drawn
+    while tracing for every map and key (cells of weight 0 for a new map). The kernels are ops of the trace now,
+    and the checks too (a check in Python ran once, at trace time: the trace took probs summing to 2.7)."""
+    gen = torch.Generator().manual_seed(3)
+    traced = _trace(lambda a, k: F.sample(a, 3, key=k), torch.rand(2, 6, 6, generator=gen), torch.tensor(5))
+    new = torch.rand(2, 6, 6, generator=gen) * (torch.rand(2, 6, 6, generator=gen) < 0.4)
+    draws = []
+    for key in (9, 10):
+        got, want = traced(new, torch.tensor(key)), F.sample(new, 3, key=key)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        draws.append(got[0])
+    assert not torch.equal(draws[0][0], draws[1][0])
+    top_k = _trace(lambda a: F.sample(a, 3, deterministic=True), torch.rand(2, 6, 6, generator=gen))
+    torch.testing.assert_close(top_k(new), F.sample(new, 3, deterministic=True), rtol=0, atol=0)
+
+    probs = torch.tensor([[0.2, 0.3, 0.1]], dtype=torch.float64, requires_grad=True)
+    features = torch.randn(1, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    estimate = _trace(lambda f, p: F.expectation(f, p), features, probs)
+    traced_grads = torch.autograd.grad(estimate(features, probs).sum(), (features, probs))
+    for got, want in zip(traced_grads, torch.autograd.grad(F.expectation(features, probs).sum(), (features, probs))):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="ValueError: probs row 0 sums to 2.7"):
+        estimate(features, torch.full((1, 3), 0.9, dtype=torch.float64))
+    nan_row = new.clone()
+    nan_row[1, 2, 2] = float("nan")
+    for function in (top_k, lambda a: traced(a, torch.tensor(1))):
+        with pytest.raises(RuntimeError, match="(?s)ValueError: .*row 1"):
+            function(nan_row)
+
+
+def test_jit_trace_of_a_module_draws_from_torch_generator_or_is_refused():
+    """A SamplePatches trace failed on the tensors a traced shape holds (grid_shape 'got tensor(8)'); with
+    seed=None its key is a traced torch.randint (fresh patches per call, as eager under the same torch seed); a
+    seeded stream's key would be a constant of the trace and is refused."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(2, 1, 32, 32, generator=gen)
+    low = nn.functional.avg_pool2d(x, 4)
+    attention = torch.softmax(torch.randn(2, 64, generator=gen), 1).reshape(2, 8, 8)
+    layer = at.SamplePatches(3, 8)
+    traced = _trace(layer, low, x, attention)
+    torch.manual_seed(11)
+    first = traced(low, x, attention)
+    torch.manual_seed(11)
+    eager = layer(low, x, attention)
+    for got, want in zip(first, eager):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(traced(low, x, attention)[0], first[0])
+    with pytest.raises(RuntimeError, match=r"torch.jit.trace would record this module's sampling key \(seed=3"):
+        _trace(at.SamplePatches(3, 8, seed=3), low, x, attention)

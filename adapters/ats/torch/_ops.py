@@ -256,9 +256,11 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _traced(*tensors) -> bool:
-    """Whether the call is being traced rather than run: torch.compile, or tensors that hold no data (the meta
-    device Keras builds models on, fake or functional tensor subclasses): then only the custom ops will do."""
-    return torch.compiler.is_compiling() or any(type(t) not in _PLAIN or t.device.type == "meta" for t in tensors)
+    """Whether the call is being traced rather than run: torch.compile, torch.jit.trace (a direct call's draw would
+    become a constant of the trace), or tensors that hold no data (the meta device Keras builds models on, fake or
+    functional tensor subclasses): then only the custom ops will do."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or any(type(t) not in _PLAIN or t.device.type == "meta" for t in tensors))
 
 
 def _refuse_transforms(what: str, *tensors) -> None:

@@ -153,9 +153,12 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
     grid = tuple(attention.shape[1:])
     flat = attention.reshape(attention.shape[0], -1)
     if deterministic:
-        if validate:
-            _check_rows(flat.detach(), n, strict)
-        flat_index = top_indices(flat.detach(), n)
+        rows = flat.detach()
+        if validate and torch.jit.is_tracing():
+            rows = _checked_rows(rows, n, strict)
+        elif validate:
+            _check_rows(rows, n, strict)
+        flat_index = top_indices(rows, n)
         indices = _unravel(flat_index, grid)
     else:
         weights = attention.detach()
@@ -432,6 +435,37 @@ def _check_probs(probs: torch.Tensor, replace: bool):
         raise _validation.explain_bad_probs(p64.cpu().numpy(), replace, tolerance)
 
 
+# Under torch.jit.trace a check in Python runs once, at trace time, and torch._assert_async is dropped (nothing uses
+# its result): the checks a trace must repeat are ops that return a checked copy, which what follows reads.
+
+
+@torch.library.custom_op("atskern::checked_rows", mutates_args=())
+def _checked_rows(flat: torch.Tensor, n: int, strict: bool) -> torch.Tensor:
+    """:func:`_check_rows` as an op: the rows, checked, as a copy."""
+    _check_rows(flat, n, strict)
+    return flat.clone()
+
+
+@torch.library.custom_op("atskern::checked_probs", mutates_args=())
+def _checked_probs(probs: torch.Tensor, replace: bool) -> torch.Tensor:
+    """:func:`_check_probs` as an op: ``probs``, checked, as a copy (its gradient passes through)."""
+    _check_probs(probs, replace)
+    return probs.clone()
+
+
+@_checked_rows.register_fake
+def _(flat, n, strict):
+    return torch.empty_like(flat)
+
+
+@_checked_probs.register_fake
+def _(probs, replace):
+    return torch.empty_like(probs)
+
+
+_checked_probs.register_autograd(lambda ctx, grad: (grad, None))
+
+
 def _expand(weights: torch.Tensor, dims: int) -> torch.Tensor:
     return weights.reshape(weights.shape + (1,) * (dims - 2))
 
@@ -505,7 +539,9 @@ def expectation(features, probs, *, replace=False, validate=True):
         raise TypeError(f"replace must be True or False, got {replace!r}")
     if probs.shape[1] == 0:
         raise ValueError(f"probs must not be empty, got shape {tuple(probs.shape)}")
-    if validate and not torch.compiler.is_compiling() and not _under_vmap(probs):
+    if validate and torch.jit.is_tracing():
+        probs = _checked_probs(probs, replace)
+    elif validate and not torch.compiler.is_compiling() and not _under_vmap(probs):
         _check_probs(probs, replace)
     return _Expectation.apply(features, probs, replace)[0]
 

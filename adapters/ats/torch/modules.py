@@ -45,6 +45,11 @@ class _KeyStream:
     @torch.compiler.disable
     def next(self) -> torch.Tensor:
         rank = _distributed.process_index()
+        if torch.jit.is_tracing() and (self.seed is not None or rank != 0):
+            raise RuntimeError(
+                f"torch.jit.trace would record this module's sampling key (seed={self.seed}, rank {rank}) as a "
+                "constant: every call of the trace would draw the same patches. Trace a module built with seed=None "
+                "(its key is a traced torch.randint), or use torch.compile")
         if self.seed is None:
             key = F.random_key()
             return key if rank == 0 else F.key_tensor(_distributed.salted_seed(int(key), rank))
@@ -231,8 +236,9 @@ class SamplePatches(KeyStreamState, nn.Module):
         if self.receptive_field:
             offsets = _offsets_with_margin(indices, attention.shape[1:], x_high.shape[2:], size, self.receptive_field,
                                            x_low)
-        else:
-            offsets = F.patch_offsets(indices, attention.shape[1:], x_high.shape[2:], size)
+        else:  # ints: under torch.jit.trace a shape's entries are tensors
+            offsets = F.patch_offsets(indices, tuple(int(s) for s in attention.shape[1:]),
+                                      tuple(int(s) for s in x_high.shape[2:]), size)
         patches = F.extract_patches(x_high, offsets, size, fill=self.fill, channels_first=True)
         return patches, sampled
 
