@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import traceback
+from fractions import Fraction
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -260,6 +261,20 @@ def check_bad_input_gets_value_errors():
     _raises("n_patches=5 is larger than the 4 positions", lambda: SamplePatches(5, 2)([low, high, np.ones((1, 2, 2),
                                                                                                       "float32")]))
     _raises("pass use_logits=True", lambda: SamplePatches(2, 2)([low, high, -np.ones((1, 2, 2), "float32")]))
+    switched = SamplePatches(2, 2, mode="topk")  # no seed generator: an AttributeError on None once sampling
+    switched.mode = "sample"
+    _raises("unseeded sampling needs the seed generator", lambda: switched([low, high, np.ones((1, 2, 2), "float32")]))
+
+
+def check_config_of_a_fraction_receptive_field():
+    """A Fraction receptive field works in the layer, and its config is JSON (model.save raised 'Cannot serialize
+    object 5/2 of type Fraction'): the same patches after a round trip through JSON."""
+    layer = SamplePatches(3, 4, mode="topk", receptive_field=Fraction(5, 3))
+    copy = SamplePatches.from_config(json.loads(json.dumps(layer.get_config())))
+    rng = np.random.default_rng(2)
+    x_high = rng.random((2, 40, 40, 1)).astype("float32")
+    inputs = [x_high[:, ::4, ::4], x_high, rng.random((2, 10, 10)).astype("float32")]
+    np.testing.assert_array_equal(numpy(layer(inputs)[0]), numpy(copy(inputs)[0]))
 
 
 def quick_start(size=1500):
@@ -380,6 +395,7 @@ def main(argv):
             ("expectation_gradients_equal_atskern", check_expectation_gradients_equal_atskern),
             ("weighted_estimator_keeps_a_tiny_last_draw", check_weighted_estimator_keeps_a_tiny_last_draw),
             ("bad_input_gets_value_errors", check_bad_input_gets_value_errors),
+            ("config_of_a_fraction_receptive_field", check_config_of_a_fraction_receptive_field),
             ("logits_keys_and_mixed_precision", check_logits_keys_and_mixed_precision),
             ("quick_start_fits_and_predicts", check_quick_start_fits_and_predicts),
             ("jitted_training", check_jitted_training),

@@ -60,3 +60,26 @@ def test_sample_refuses_a_row_its_normalization_cannot_hold(path):
     assert np.asarray(indices).shape == (2, 2, 1)
     _, sampled = aj.sample(rows[:1], 2, key=0, path=path)
     assert np.isfinite(np.asarray(sampled)).all()
+
+
+def test_export_with_a_symbolic_batch_size():
+    """jax.export (and Keras' model.export on JAX) leaves the batch symbolic: the XLA path's shape checks called
+    int() on it, and the patch gradient built its offsets' float0 zeros from the shape."""
+    from jax import export
+
+    def patches(a, x, key):
+        cells, probs = aj.sample(a, 3, key=key, path="xla")
+        return aj.extract_patches(x, aj.patch_offsets(cells, (8, 8), (32, 32), 4), 4, path="xla"), probs
+
+    def image_gradient(a, x, key):
+        return jax.grad(lambda x: (patches(a, x, key)[0] ** 2).sum())(x)
+
+    (batch,) = export.symbolic_shape("batch")
+    shapes = (jax.ShapeDtypeStruct((batch, 8, 8), jnp.float32), jax.ShapeDtypeStruct((batch, 32, 32, 1), jnp.float32),
+              jax.ShapeDtypeStruct((2,), jnp.uint32))
+    rng = np.random.default_rng(5)
+    args = (rng.random((5, 8, 8), np.float32), rng.random((5, 32, 32, 1), np.float32), np.array([1, 2], np.uint32))
+    for function in (patches, image_gradient):
+        exported = export.export(jax.jit(function))(*shapes)
+        for got, want in zip(jax.tree.leaves(exported.call(*args)), jax.tree.leaves(jax.jit(function)(*args))):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -21,6 +21,7 @@ MAIN_CHECKS = (
     "expectation_gradients_equal_atskern",
     "weighted_estimator_keeps_a_tiny_last_draw",
     "bad_input_gets_value_errors",
+    "config_of_a_fraction_receptive_field",
     "logits_keys_and_mixed_precision",
     "quick_start_fits_and_predicts",
     "jitted_training",

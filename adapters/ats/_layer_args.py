@@ -17,6 +17,12 @@ from ._xla_common import boolean
 MODES = ("sample", "topk", "auto")
 
 
+def config_number(value):
+    """A real number as ``get_config`` can store it in JSON: an int, or a float (a ``Fraction`` receptive field
+    too, which the margin reads back as the simplest fraction that rounds to it)."""
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 def check_sampling_args(n_patches, mode, receptive_field=0, fill=0):
     """``(n_patches, receptive_field, fill)`` normalized (int, number, int or float), or a ValueError naming the
     first bad argument: ``n_patches`` a positive integer, ``mode`` one of :data:`MODES`, ``receptive_field`` a

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import operator
 from fractions import Fraction
 
 import numpy as np
@@ -77,10 +78,19 @@ def margins(margin, dims: int) -> list:
     return values
 
 
+def _static_size(size) -> int | None:
+    """A dimension as an int, or None where it is unknown or symbolic (``jax.export``'s batch, whose ``int()``
+    raises)."""
+    try:
+        return None if size is None else operator.index(size)
+    except TypeError:
+        return None
+
+
 def grid_of(shape, floating: bool, n: int, without_replacement: bool) -> tuple[int, ...]:
     """Grid shape of an attention map of ``shape`` ``(B, *grid)`` (the batch may be unknown: None, as when Keras
-    traces a last, smaller batch); errors name ``attention`` / ``n_samples``."""
-    shape = tuple(None if s is None else int(s) for s in shape)
+    traces a last, smaller batch, or symbolic, as in ``jax.export``); errors name ``attention`` / ``n_samples``."""
+    shape = tuple(_static_size(s) for s in shape)
     if len(shape) not in (2, 3, 4):
         raise ValueError(f"attention must be (batch, *grid) with 1 to 3 grid dimensions (rank 2 to 4), got shape {shape}")
     if not floating:

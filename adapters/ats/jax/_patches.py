@@ -109,7 +109,7 @@ def with_adjoint(gather_fn, scatter_fn):
     def backward(patch, fill, channels_first, spatial, residual, grad):
         offsets, like = residual
         image = scatter_fn(grad, offsets, spatial, channels_first).astype(like.dtype)
-        return image, np.zeros(offsets.shape, dtype=jax.dtypes.float0)
+        return image, None  # offsets: no cotangent (a float0 array needs a concrete shape, which jax.export lacks)
 
     extract_float.defvjp(forward, backward)
 

@@ -35,7 +35,7 @@ from .. import _errors
 from .._keras import register
 from .._xla_common import positive_int
 from .._layer_args import MODES  # noqa: F401 (public here since 2019's layout)
-from .._layer_args import check_flag, check_patch_size_arg, check_sampling_args
+from .._layer_args import check_flag, check_patch_size_arg, check_sampling_args, config_number
 from . import _keys
 from .backends import ops as backend_ops
 from .layers import ActivityRegularizer
@@ -180,6 +180,11 @@ class SamplePatches(keras.layers.Layer):
         if self.seed is not None:
             attention = keras.ops.convert_to_tensor(attention)  # a NumPy map too, as the layer's call takes
             return be.xor(be.fingerprint(attention), _keys.seed_words(self.seed))
+        if self.seed_generator is None:
+            raise ValueError(
+                f"{self.name}: unseeded sampling needs the seed generator that a SamplePatches built with seed=None "
+                "and mode 'sample' or 'auto' creates, and this one was built with mode='topk' or an int seed: build "
+                "a new layer to sample unseeded, or set an int seed")
         words = be.key_words(self.seed_generator.next())
         salt = _keys.rank_salt()
         return be.xor(words, salt) if salt != (0, 0) else words
@@ -229,7 +234,7 @@ class SamplePatches(keras.layers.Layer):
             **super().get_config(),
             "n_patches": self.n_patches,
             "patch_size": self.patch_size if isinstance(self.patch_size, int) else list(self.patch_size),
-            "receptive_field": self.receptive_field,
+            "receptive_field": config_number(self.receptive_field),
             "replace": self.replace,
             "use_logits": self.use_logits,
             "mode": self.mode,
