@@ -232,9 +232,15 @@ def sample(attention, n_samples, *, replace=False, seed=None, deterministic=Fals
 
 
 def _row_shares(flat, gathered):
-    """``gathered / sum(flat)`` per row in float64 over weights times ``2**-e`` (``e`` the exponent of the row's
-    largest; it cancels: ``ats.tf.xla.power_of_two_factors``), cast back: a sum that overflows the attention's dtype
-    (unnormalized float16 weights) gave 0."""
+    """``gathered / sum(flat)`` per row in float64, cast back: a sum that overflows the attention's dtype
+    (unnormalized float16 weights) gave 0. float64 rows are first scaled by ``2**-e`` (``e`` the exponent of the
+    row's largest; it cancels: ``ats.tf.xla.power_of_two_factors``), so that rows near 1e308 sum to a finite number
+    and tiny ones stay normal (TensorFlow flushes subnormals); narrower weights need no scaling (their float64 sum
+    cannot overflow, nor any of them be subnormal in float64), and a power-of-two scaling would not change a bit
+    of the result: two passes over the map instead of eight."""
+    if flat.dtype != tf.float64:
+        return tf.cast(tf.cast(gathered, tf.float64) / tf.reduce_sum(tf.cast(flat, tf.float64), axis=1, keepdims=True),
+                       flat.dtype)
     xla = _xla()
     factor, divisor = xla.power_of_two_factors(tf.stop_gradient(tf.cast(flat, tf.float64)))
 
