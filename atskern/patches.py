@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 
 import numpy as np
 
@@ -163,7 +164,8 @@ def _scatter(xp, backend, grad, offsets, layout, result_dtype, out, deterministi
     canonical = _canonical_offsets(xp, offsets, layout)
     images, _ = _image_view(out, layout)  # out is C-contiguous: always folded
     s0, s1, _ = images.shape[2:]
-    kernels.scatter(patches, canonical, kernels.scatter_bands(layout.batch, images.shape[1], s0 * s1), images)
+    bands = kernels.scatter_bands(layout.batch, images.shape[1], s0 * s1, math.prod(patches.shape[3:]))
+    kernels.scatter(patches, canonical, bands, images)
     return out
 
 

@@ -218,6 +218,26 @@ def test_scatter_is_bitwise_deterministic_across_thread_counts():
     assert digests[0] == digests[1]
 
 
+def test_scatter_bands_of_tiny_patches(monkeypatch):
+    """Every band visits every patch of its image: tiny patches get one band per image (100,000 patches of 1x1
+    took 15-20 ms with 8 bands, 2-3 ms with one), large ones a few work items per thread; every banding gives the
+    same bits."""
+    from atskern.cpu import patches as kernels
+
+    monkeypatch.setattr(kernels.numba, "get_num_threads", lambda: 4)
+    assert kernels.scatter_bands(1, 1, 512 * 512, 1) == 1
+    assert kernels.scatter_bands(1, 1, 512 * 512, 64) == 2
+    assert kernels.scatter_bands(1, 1, 512 * 512, 32 * 32 * 3) == 16
+    assert kernels.scatter_bands(8, 3, 512 * 512, 32 * 32) == 1
+    rng = np.random.default_rng(8)
+    offsets = rng.integers(-2, 40, size=(1, 300, 2))
+    grad = rng.standard_normal((1, 300, 3, 3, 2)).astype(np.float32)
+    want = atskern.scatter_patches(grad, offsets, (40, 40))
+    for bands in (2, 7, 40):
+        monkeypatch.setattr(kernels, "scatter_bands", lambda *args, bands=bands: bands)
+        np.testing.assert_array_equal(atskern.scatter_patches(grad, offsets, (40, 40)).view(np.uint32), want.view(np.uint32))
+
+
 # --- multi-scale --------------------------------------------------------------
 
 

@@ -99,8 +99,16 @@ def scatter(grad, offsets, bands, out):
                         dst[o2 + t] += src[t]
 
 
-def scatter_bands(batch: int, rows: int, image_rows: int) -> int:
-    """Row bands per image so that there are a few work items per thread (does not change results)."""
+BAND_VISIT_COST = 32
+"""About how many added elements a band's visit of one patch costs (its bounds test); see :func:`scatter_bands`."""
+
+
+def scatter_bands(batch: int, rows: int, image_rows: int, patch_elements: int) -> int:
+    """Row bands per image so that there are a few work items per thread (does not change results).
+
+    Each band visits every patch of its image, so more bands than ``patch_elements / BAND_VISIT_COST`` (a patch's
+    elements per channel row) would spend more on visits than on additions: 100,000 patches of 1x1 on one image
+    took 15-20 ms with the 8 bands of 2 threads, 2-3 ms with one."""
     wanted = 4 * numba.get_num_threads()
     per_image = -(-wanted // max(1, batch * rows))
-    return int(max(1, min(image_rows, per_image)))
+    return int(max(1, min(image_rows, per_image, patch_elements // BAND_VISIT_COST)))
