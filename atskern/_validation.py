@@ -374,7 +374,8 @@ def check_int32_offsets(level: tuple[int, ...], patch: tuple[int, ...]):
         for size in sizes:  # a loop, not max(): torch.compile traces it (sizes may hold symbolic or tensor entries)
             if isinstance(size, int) and size > _offsets.INT32_MAX:
                 raise ValueError(f"{name} {tuple(sizes)} has a dim of {size} pixels, longer than 2**31 - 1: "
-                                 "patch_offsets' int32 offsets cannot address it (extract_patches with int64 offsets can)")
+                                 "patch_offsets' int32 offsets cannot address it (extract_patches with int64 "
+                                 "offsets can)")
 
 
 def check_offsets(offsets, batch: int, name: str = "offsets", ndim: int | None = None):

@@ -213,8 +213,8 @@ def _as_int64(mask):
 
 
 def _patch_offsets(xp, samples, grid, level, patch, margins, dtype=np.int32):
-    """Exact offsets (:mod:`atskern._offsets`), clipped to the range of ``dtype`` (int32, or int64 for a level
-    longer than int32 can address)."""
+    """Exact offsets (:mod:`atskern._offsets`), clipped to the range of ``dtype``: int32 for :func:`patch_offsets`,
+    int64 inside the multiscale functions (a level may be longer than int32 can address)."""
     bound = np.iinfo(dtype).max
     if samples.dtype.kind == "u":  # uint64 cells past 2**63 would wrap in the cast: clamp them first
         samples = xp.minimum(samples, np.uint64(_offsets.SAMPLE_LIMIT))

@@ -343,7 +343,8 @@ def test_builder_says_what_is_missing():
         ATSBuilder().attention_receptive_field(-1)
     unknown = [L.Input((None, None, 3)), L.Input((None, None, 3))]  # a TypeError from `None - rf` before
     with pytest.raises(ValueError, match=r"needs the spatial sizes of level 0 .* shape \(None, None, None, 3\)"):
-        ATSBuilder().from_tensors(unknown, None).attention(_attention()).feature(_feature()).patch_size((8, 8)).n_patches(2).get()
+        (ATSBuilder().from_tensors(unknown, None).attention(_attention()).feature(_feature()).patch_size((8, 8))
+         .n_patches(2).get())
 
 
 class InputsBatch(MultiResolutionBatch):

@@ -235,7 +235,8 @@ def test_scatter_bands_of_tiny_patches(monkeypatch):
     want = atskern.scatter_patches(grad, offsets, (40, 40))
     for bands in (2, 7, 40):
         monkeypatch.setattr(kernels, "scatter_bands", lambda *args, bands=bands: bands)
-        np.testing.assert_array_equal(atskern.scatter_patches(grad, offsets, (40, 40)).view(np.uint32), want.view(np.uint32))
+        got = atskern.scatter_patches(grad, offsets, (40, 40))
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 # --- multi-scale --------------------------------------------------------------

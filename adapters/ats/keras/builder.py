@@ -151,8 +151,8 @@ class ATSBuilder:
         rf = self._receptive_field
         x_low = self._batch.data(0)
         if any(size is None for size in _spatial(x_low)):
-            raise ValueError(f"ATSBuilder needs the spatial sizes of level 0 when the model is built, got x_low of shape "
-                             f"{tuple(x_low.shape)}; attention_sampling takes inputs of unknown sizes")
+            raise ValueError(f"ATSBuilder needs the spatial sizes of level 0 when the model is built, got x_low of "
+                             f"shape {tuple(x_low.shape)}; attention_sampling takes inputs of unknown sizes")
         attention = self._attention(x_low)
         sample_space = list(ops.shape(attention)[1:])
         samples, sampled_attention = sample(n, attention, sample_space, replace=self._sample_with_replacement)

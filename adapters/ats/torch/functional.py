@@ -284,8 +284,8 @@ def _exact_offsets(samples, grid, level, patch, margins) -> torch.Tensor:
         args = (grid[d], level[d], patch[d], margins[d].numerator, margins[d].denominator)
         if not _offsets.fits_int64(*args):
             raise ValueError(f"patch_offsets: grid_shape, level_shape, patch_size and margin of dim {d} are too "
-                             f"large for exact int64 arithmetic ({args}); atskern.patch_offsets and extract_multiscale compute "
-                             "them in Python integers")
+                             f"large for exact int64 arithmetic ({args}); atskern.patch_offsets and "
+                             "extract_multiscale compute them in Python integers")
         starts.append(_offsets.start(cells[..., d], *args, to_int=_int64))
     return torch.stack(starts, dim=-1)
 
