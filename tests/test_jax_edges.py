@@ -9,6 +9,7 @@ jax = pytest.importorskip("jax")
 
 import jax.numpy as jnp  # noqa: E402
 
+import atskern  # noqa: E402
 from ats import jax as aj  # noqa: E402
 from ats.jax import functional  # noqa: E402
 
@@ -60,6 +61,22 @@ def test_sample_refuses_a_row_its_normalization_cannot_hold(path):
     assert np.asarray(indices).shape == (2, 2, 1)
     _, sampled = aj.sample(rows[:1], 2, key=0, path=path)
     assert np.isfinite(np.asarray(sampled)).all()
+
+
+def test_x64_refuses_a_float32_row_xla_reads_as_empty():
+    """With x64 on, the XLA path computes in float64, where float32 subnormals are normal numbers, so such a row
+    passed the check; XLA's float32-to-float64 cast reads them as 0: cells in position order, NaN probabilities,
+    and with replacement only the last cell (weight 0)."""
+    rows = np.array([[1, 2, 3, 4, 0]], np.float32) * np.float32(2.0**-149)
+    with jax.enable_x64():
+        for call in (lambda: aj.sample_indices(jnp.asarray(rows), 3, 0, path="xla"),
+                     lambda: aj.sample_indices(jnp.asarray(rows), 4, 0, replace=True, path="xla"),
+                     lambda: aj.sample(jnp.asarray(rows), 3, key=0, path="xla")):
+            with pytest.raises(ValueError, match="attention row 0: its largest weight .* is subnormal in float32"):
+                call()
+        wide = np.array([[1e-39, 3e-39]], np.float64)  # normal in float64: drawn as atskern draws it
+        indices, probs = aj.sample_indices(jnp.asarray(wide), 1, 4, path="xla")
+        np.testing.assert_allclose(np.asarray(probs), atskern.sample(wide, 1, seed=4)[1], rtol=1e-12)
 
 
 def test_export_with_a_symbolic_batch_size():

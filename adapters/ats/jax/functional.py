@@ -118,12 +118,20 @@ def sample_indices(attention, n_samples, key, *, replace=False, logits=False, st
     if validate and c.is_concrete(attention):
         c.attention_values(attention, n, replace, logits, strict)
         if not logits:  # XLA would read such a row as empty (its cells in position order)
-            c.refuse_subnormal_rows(attention, _rng.compute_dtype(), "XLA",
+            c.refuse_subnormal_rows(attention, _flushed_in(attention), "XLA",
                                     "use path='kernel' (exact for any positive scale) or rescale the row")
     return _draw(lax.stop_gradient(attention), k0, k1, n=n, replace=replace, logits=logits)
 
 
 sample_indices.__doc__ = sample_indices.__doc__.replace("{path}", _PATH_DOC)
+
+
+def _flushed_in(attention):
+    """The dtype whose subnormals XLA flushes in ``attention``'s row statistics: float32 where the map or the
+    compute dtype is float32 (with x64 on, the cast of a float32 map to float64 reads its subnormals as 0), else
+    float64 (float16 and bfloat16 maps convert exactly)."""
+    float32 = np.dtype(np.float32)
+    return float32 if float32 in (np.dtype(attention.dtype), np.dtype(_rng.compute_dtype())) else np.dtype(np.float64)
 
 
 def sample(attention, n_samples, *, replace=False, key=None, deterministic=False, strict=False, validate=True, path="auto"):
@@ -176,7 +184,7 @@ def sample(attention, n_samples, *, replace=False, key=None, deterministic=False
         indices, _ = sample_indices(attention, n, key, replace=replace, strict=strict, validate=validate, path=path)
         flat = _sampling.ravel(indices, grid)
     if c.boolean(validate, "validate") and c.is_concrete(attention):  # the sampled attention below is XLA's: such a row would be 0 / 0
-        c.refuse_subnormal_rows(attention, _rng.compute_dtype(), "XLA",
+        c.refuse_subnormal_rows(attention, _flushed_in(attention), "XLA",
                                 "rescale the row (sample_indices' kernel path draws from any positive scale)")
     scaled = _sampling.power_of_two_scaled(attention.reshape(attention.shape[0], -1).astype(_rng.compute_dtype()))
     sampled = jnp.take_along_axis(scaled, flat, axis=1) / jnp.sum(scaled, axis=1, keepdims=True)
