@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -100,3 +102,18 @@ def test_export_with_a_symbolic_batch_size():
         exported = export.export(jax.jit(function))(*shapes)
         for got, want in zip(jax.tree.leaves(exported.call(*args)), jax.tree.leaves(jax.jit(function)(*args))):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_float32_running_sum_over_long_rows_is_announced():
+    """With replacement, the XLA path without x64 inverts a float32 running sum: over 2**20 cells (one of weight 1,
+    the others 2**-26) its small cells were drawn only at indices 3 and 4 modulo 8. Long rows get a warning that
+    says so; short rows and x64 do not."""
+    row = np.full((1, 1 << 16), 2.0**-26, np.float32)
+    row[0, 0] = 1
+    with pytest.warns(UserWarning, match="inverts a float32 running sum over rows of 65536 cells"):
+        aj.sample_indices(row, 4, 0, replace=True, path="xla")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        aj.sample_indices(row[:, :4096], 4, 0, replace=True, path="xla")
+        with jax.enable_x64():
+            aj.sample_indices(jnp.asarray(row), 4, 0, replace=True, path="xla")

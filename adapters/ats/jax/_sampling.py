@@ -28,6 +28,8 @@ samples it exactly).
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -113,8 +115,17 @@ def _searchsorted_rows(cdf, targets):
     return jax.vmap(lambda c, t: jnp.searchsorted(c, t, side="left"))(cdf, targets)
 
 
+COARSE_CDF_CELLS = 1 << 16
+"""From this many cells a row, a float32 running sum's steps (its ulp) reach about 0.4% of an average cell."""
+
+
 def _with_replacement(w, n: int, k0, k1, dtype):
     rows, size = w.shape
+    if jnp.dtype(dtype) == jnp.float32 and size >= COARSE_CDF_CELLS:  # once per trace
+        warnings.warn(
+            f"ats.jax: sampling with replacement on the XLA path without jax_enable_x64 inverts a float32 running sum "
+            f"over rows of {size} cells: a cell smaller than a few of its ulps is drawn at a wrong rate, even never "
+            "(the README measures it). Enable x64, or use path='kernel' on a CPU", UserWarning, stacklevel=2)
     cdf = jnp.cumsum(w, axis=1)
     hi, lo = _rng.replacement_words(rows, n, k0, k1)
     targets = _rng.uniforms(hi, lo, dtype) * cdf[:, -1:]
