@@ -31,6 +31,7 @@ from keras import ops  # noqa: E402
 import atskern  # noqa: E402
 from ats.keras import Expectation, SamplePatches, attention_sampling  # noqa: E402
 from ats.keras import _keys  # noqa: E402
+from ats.keras.functions import Expected, expected  # noqa: E402
 from ats.keras.layers import SampleSoftmax  # noqa: E402
 from ats.keras.regularizers import multinomial_entropy  # noqa: E402
 from ats.keras.backends import ops as backend_ops  # noqa: E402
@@ -162,6 +163,32 @@ def check_expectation_gradients_equal_atskern():
             inner = np.einsum("bf,bkf->bk", upstream.astype(np.float64), features.astype(np.float64))
             direct = (pm / p64 + (3 - np.arange(4))) / 4 * inner
             np.testing.assert_allclose(grad_probs, direct, rtol=1e-4, atol=1e-6)
+
+
+def check_expected_layer_keeps_dtypes():
+    """The 2019 Expected layer autocast like a plain layer: float16 probabilities were checked with float32's
+    tolerance (a valid draw [0.3, 0.7] refused), and under mixed_float16 its float32 attention became float16 (the
+    gradient at a probability of 1e-5 was inf); Keras' torch backend summed float64 weights in float32 (7% off)."""
+    value = numpy(Expected()([np.array([[0.3, 0.7]], np.float16), np.ones((1, 2, 2), np.float16)]))
+    np.testing.assert_allclose(value.astype(np.float64), 1.0, rtol=1e-3)
+    probs = np.array([[1e-5, 0.6, 0.39999]], np.float32)
+    features = np.ones((1, 3, 2), np.float32)
+    upstream = np.ones((1, 2), np.float32)
+    want = atskern.expectation_grad(upstream, features, probs)[0]
+    policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        layer = Expected()
+        got = _grads(lambda inputs: layer([inputs[1], inputs[0]]), features, probs, upstream)[1]
+    finally:
+        keras.config.set_dtype_policy(policy)
+    np.testing.assert_allclose(got, want, rtol=1e-3)
+    if backend_ops().x64():
+        draw = np.array([[0.6807046910206214, 0.3192944988699695, 4.555825375221708e-07]])
+        last = np.array([[[0.0], [0.0], [1.0]]])
+        got = numpy(expected(ops.convert_to_tensor(draw, "float64"), ops.convert_to_tensor(last, "float64"),
+                             weights=ops.convert_to_tensor(np.full((1, 3), 1 / 3), "float64")))
+        np.testing.assert_allclose(got, atskern.expectation(last, draw), rtol=1e-9)
 
 
 def check_weighted_estimator_keeps_a_tiny_last_draw():
@@ -394,6 +421,7 @@ def main(argv):
             ("unseeded_draws_are_fresh", check_unseeded_draws_are_fresh),
             ("expectation_gradients_equal_atskern", check_expectation_gradients_equal_atskern),
             ("weighted_estimator_keeps_a_tiny_last_draw", check_weighted_estimator_keeps_a_tiny_last_draw),
+            ("expected_layer_keeps_dtypes", check_expected_layer_keeps_dtypes),
             ("bad_input_gets_value_errors", check_bad_input_gets_value_errors),
             ("config_of_a_fraction_receptive_field", check_config_of_a_fraction_receptive_field),
             ("logits_keys_and_mixed_precision", check_logits_keys_and_mixed_precision),

@@ -20,6 +20,7 @@ MAIN_CHECKS = (
     "unseeded_draws_are_fresh",
     "expectation_gradients_equal_atskern",
     "weighted_estimator_keeps_a_tiny_last_draw",
+    "expected_layer_keeps_dtypes",
     "bad_input_gets_value_errors",
     "config_of_a_fraction_receptive_field",
     "logits_keys_and_mixed_precision",

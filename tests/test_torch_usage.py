@@ -184,3 +184,13 @@ def test_jit_trace_of_a_module_draws_from_torch_generator_or_is_refused():
     assert not torch.equal(traced(low, x, attention)[0], first[0])
     with pytest.raises(RuntimeError, match=r"torch.jit.trace would record this module's sampling key \(seed=3"):
         _trace(at.SamplePatches(3, 8, seed=3), low, x, attention)
+
+
+@pytest.mark.parametrize("feature_shape", [(), (5,), (2, 3)])
+def test_expectation_gradients_of_an_empty_batch(feature_shape):
+    """An empty batch (a replica's share of a short last batch) passed the forward and failed in the backward
+    ('cannot reshape tensor of 0 elements into shape [0, 3, -1]'); its gradients are empty, as on TF and JAX."""
+    probs = torch.zeros(0, 3, dtype=torch.float64, requires_grad=True)
+    features = torch.zeros(0, 3, *feature_shape, dtype=torch.float64, requires_grad=True)
+    F.expectation(features, probs).sum().backward()
+    assert probs.grad.shape == (0, 3) and features.grad.shape == features.shape

@@ -232,8 +232,8 @@ def _compute_dtype() -> str:
 
 
 def _exclusive_cumsum(x, reverse=False):
-    """``sum_{j<k} x_j`` (or ``sum_{j>k}`` with ``reverse``) along axis 1."""
-    total = ops.cumsum(x, axis=1)
+    """``sum_{j<k} x_j`` (or ``sum_{j>k}`` with ``reverse``) along axis 1, in ``x``'s dtype."""
+    total = backend_ops().cumsum(x, 1)
     if reverse:
         return ops.sum(x, axis=1, keepdims=True) - total
     return total - x
@@ -244,11 +244,12 @@ def _mass_left(probs, unit: float, work: str):
     is lost in the rounding of the probabilities (``unit`` per entry) and of ``work``
     (``atskern.estimator._mass_left``)."""
     before = _exclusive_cumsum(probs)
-    still_to_come = ops.flip(ops.cumsum(ops.flip(probs, axis=1), axis=1), axis=1)  # not sum - cumsum: it cancels
+    still_to_come = ops.flip(backend_ops().cumsum(ops.flip(probs, axis=1), 1), axis=1)  # not sum - cumsum: it cancels
     left = 1 - before
     draws = ops.cast(ops.arange(1, ops.shape(probs)[1] + 1), work)
     noise = 2 * unit * before + draws * (float(np.finfo(work).eps) / 2)
-    return ops.where(left > noise, ops.maximum(left, still_to_come), still_to_come)
+    larger = ops.where(left > still_to_come, left, still_to_come)  # ops.maximum: float32 on Keras' torch backend
+    return ops.where(left > noise, larger, still_to_come)
 
 
 def _coefficients(weights, probs, replace: bool, unit: float, work: str):
@@ -354,7 +355,8 @@ class Expected(keras.layers.Layer):
     """:func:`expected` as a layer: ``[attention, features]`` or ``[attention, features, weights]`` -> ``(B, ...)``."""
 
     def __init__(self, replace=False, **kwargs):
-        super().__init__(**kwargs)
+        kwargs.setdefault("autocast", False)  # as Expectation: float16 probabilities checked in their own dtype,
+        super().__init__(**kwargs)  # and a float32 attention's gradient not computed in float16 (it overflowed)
         self.replace = check_flag(replace, "replace")
 
     def call(self, inputs):

@@ -501,7 +501,7 @@ class _Expectation(torch.autograd.Function):
             grad_features = _expand(weights.to(features.dtype), features.dim()) * upstream
         if ctx.needs_input_grad[1]:
             products = upstream.to(torch.float64) * features.to(torch.float64)
-            inner = products.reshape(scale.shape[0], scale.shape[1], -1).sum(dim=2)
+            inner = products.reshape(scale.shape[0], scale.shape[1], math.prod(products.shape[2:])).sum(dim=2)
             grad_probs = (scale * inner).to(ctx.probs_dtype)
         return grad_features, grad_probs, None
 

@@ -107,3 +107,7 @@ def static_value(value):
 def x64():
     """Whether JAX's 64-bit mode is on (the library never turns it on itself)."""
     return jax.dtypes.canonicalize_dtype(np.float64) == np.dtype(np.float64)
+
+
+def cumsum(x, axis: int):
+    return jnp.cumsum(x, axis=axis)

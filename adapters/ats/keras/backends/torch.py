@@ -132,3 +132,8 @@ def static_value(value):
 
 def x64():
     return True
+
+
+def cumsum(x, axis: int):
+    """A running sum in ``x``'s dtype (Keras' ``ops.cumsum`` returns float32 for float64 on this backend)."""
+    return torch.cumsum(x, dim=axis)
