@@ -98,12 +98,14 @@ def sample_indices(attention, n_samples, key, *, replace=False, logits=False, st
     -------
     indices : int32 ``(B, n_samples, D)``, grid coordinates in draw order.
     probs : ``(B, n_samples)``, attention's dtype: each draw's probability
-        under its row (0 for fillers and for probabilities the dtype cannot hold).
+        under its row (0 for fillers and for probabilities the dtype cannot hold),
+        with no gradient (:func:`sample`'s sampled attention has one).
 
     The kernel path is atskern, so its draws are atskern's. On the XLA path,
     with JAX's 64-bit mode on the draws equal atskern's (up to atskern's
     near-tie caveat); without it keys are float32 and a row can differ at
-    near ties (see ``ats.jax._sampling``).
+    near ties, and with replacement on long rows a float32 running sum
+    draws small cells at wrong rates (see the README).
     """
     attention = c.as_array(attention, "attention")
     n = c.positive_int(n_samples, "n_samples")

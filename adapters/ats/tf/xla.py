@@ -231,8 +231,9 @@ def sample_indices(attention, n_samples, seed, *, replace=False, logits=False, s
     ``[0, 2**64)`` or a uint32 tensor ``[seed % 2**32, seed // 2**32]`` (may be
     a variable, so a compiled step can draw anew each call). Returns int32
     ``indices`` ``(B, n, D)`` in draw order and ``probs`` ``(B, n)`` in the
-    attention's dtype (0 for R1 fillers). ``strict=True`` makes short rows an
-    error (checked eagerly only).
+    attention's dtype (0 for R1 fillers), with no gradient (:func:`sample`'s
+    sampled attention has one). ``strict=True`` makes short rows an error
+    (checked eagerly only).
     """
     attention = _tensor(attention, "attention")
     n = common.positive_int(n_samples, "n_samples")
