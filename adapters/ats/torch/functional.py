@@ -268,6 +268,8 @@ def _offset_arguments(samples, grid_shape, level_shape, patch_size, margin):
     if samples.dtype.is_floating_point or samples.dtype.is_complex or samples.dtype == torch.bool:
         raise TypeError(f"samples must be an integer tensor (grid cells, e.g. from sample()), got {samples.dtype}")
     dims = samples.shape[-1]
+    if torch.jit.is_tracing():  # a traced shape's entries are 0-d tensors (the trace keeps the sizes it saw)
+        grid_shape, level_shape = (tuple(int(s) for s in shape) for shape in (grid_shape, level_shape))
     grid = _validation.check_shape(tuple(grid_shape), dims, "grid_shape")
     level = _validation.check_shape(tuple(level_shape), dims, "level_shape")
     patch = size_tuple(patch_size, dims)

@@ -236,9 +236,8 @@ class SamplePatches(KeyStreamState, nn.Module):
         if self.receptive_field:
             offsets = _offsets_with_margin(indices, attention.shape[1:], x_high.shape[2:], size, self.receptive_field,
                                            x_low)
-        else:  # ints: under torch.jit.trace a shape's entries are tensors
-            offsets = F.patch_offsets(indices, tuple(int(s) for s in attention.shape[1:]),
-                                      tuple(int(s) for s in x_high.shape[2:]), size)
+        else:
+            offsets = F.patch_offsets(indices, attention.shape[1:], x_high.shape[2:], size)
         patches = F.extract_patches(x_high, offsets, size, fill=self.fill, channels_first=True)
         return patches, sampled
 
