@@ -174,6 +174,95 @@ def test_torch_sweep():
         F.patch_offsets(torch.tensor(3), [50], [150], [8])
 
 
+
+def _torch_offset_cases(rng):
+    """(samples (B, K, D) int64 NumPy, grid, level, patch, margin) over 1-3 dims and every margin form, cells in the
+    grid."""
+    cases = []
+    for trial in range(60):
+        dims = 1 + trial % 3
+        grid = tuple(int(g) for g in rng.integers(1, 40, dims))
+        level = tuple(int(v) for v in rng.integers(1, 3000, dims))
+        patch = tuple(int(p) for p in rng.integers(1, 200, dims))
+        margin = [0, Fraction(int(rng.integers(0, 50)), 101),
+                  (int(rng.integers(0, 20)), tuple(int(v) for v in rng.integers(20, 60, dims)))][trial % 3]
+        samples = np.stack([rng.integers(0, g, (2, 5)) for g in grid], axis=-1)
+        cases.append((samples, grid, level, patch, margin))
+    return cases
+
+
+def test_torch_offset_lookup_equals_the_arithmetic():
+    """Eager ats.torch offsets of cells in the grid come from cached per-dim tables (``sampled_offsets`` always,
+    ``patch_offsets`` and ``extract_multiscale`` once CPU cells are checked): the same offsets as the arithmetic
+    path and atskern for every integer dtype, and cells outside the grid still take the arithmetic."""
+    torch = pytest.importorskip("torch")
+    from ats.torch import functional as F
+
+    lookups = []
+    real_table = F._offset_table
+
+    def counting_table(*args):
+        lookups.append(args)
+        return real_table(*args)
+
+    rng = np.random.default_rng(7)
+    for samples, grid, level, patch, margin in _torch_offset_cases(rng):
+        want = atskern.patch_offsets(samples, grid, level, patch, margin=margin)
+        outside = samples.copy()
+        outside[0, 0, -1] = -2 * grid[-1] - 1
+        outside[1, 4, 0] = grid[0] + 3
+        want_outside = atskern.patch_offsets(outside, grid, level, patch, margin=margin)
+        for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            cells = torch.from_numpy(samples).to(dtype)
+            F._offset_table = counting_table
+            try:
+                sampled = F.sampled_offsets(cells, grid, level, patch, margin=margin)
+                checked = F.patch_offsets(cells, grid, level, patch, margin=margin)
+            finally:
+                F._offset_table = real_table
+            assert sampled.dtype == checked.dtype == torch.int32
+            assert sampled.tolist() == checked.tolist() == want.tolist(), (grid, level, patch, margin, dtype)
+            if dtype != torch.uint8:
+                beyond = F.patch_offsets(torch.from_numpy(outside).to(dtype), grid, level, patch, margin=margin)
+                assert beyond.tolist() == want_outside.tolist(), (grid, level, patch, margin, dtype)
+        image = torch.zeros(2, 1, *level) if np.prod(level) <= 2**21 else None
+        if image is not None:  # the multiscale patches of the looked-up int64 offsets against atskern's
+            got = F.extract_multiscale([image + torch.arange(float(np.prod(level))).reshape(level)], torch.from_numpy(samples),
+                                       grid, [patch], margin=margin)[0]
+            ref = atskern.extract_multiscale([(image + torch.arange(float(np.prod(level))).reshape(level)).numpy()],
+                                             samples, grid, [patch], margin=margin, channels_first=True)[0]
+            assert np.array_equal(got.numpy(), ref)
+    assert len(lookups) >= 60 * 4 * 2, len(lookups)  # the lookup path ran for every case and dtype
+
+
+def test_torch_sampled_offsets_cost_one_op_per_dim():
+    """An eager ``sampled_offsets`` call is one indexing op per dim and a stack (the exact arithmetic is about
+    twenty torch ops per dim, each a kernel launch with its host time on a GPU); ``patch_offsets`` adds the
+    check of the CPU cells."""
+    torch = pytest.importorskip("torch")
+    from torch.overrides import TorchFunctionMode
+
+    from ats.torch import functional as F
+
+    class TensorOps(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.count += isinstance(out, torch.Tensor)
+            return out
+
+    cells = torch.randint(0, 30, (8, 10, 2))
+    counts = {}
+    for name in ("sampled_offsets", "patch_offsets"):
+        getattr(F, name)(cells, (30, 30), (256, 256), (16, 16))  # the tables are made on the first call
+        with TensorOps() as ops:
+            getattr(F, name)(cells, (30, 30), (256, 256), (16, 16))
+        counts[name] = ops.count
+    assert counts == {"sampled_offsets": 5, "patch_offsets": 7}, counts
+
 def test_uint64_samples_clamp_instead_of_wrapping():
     """uint64 cells past 2**63 clamp to the far end like the reference (a cast first wrapped them to negatives)."""
     samples = np.array([[[2**64 - 1], [2**63], [2**31 + 5], [3]]], dtype=np.uint64)

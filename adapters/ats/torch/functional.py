@@ -7,9 +7,11 @@ dimensions.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
+import numpy as np
 import torch
 
 from atskern import _offsets, _validation
@@ -199,7 +201,7 @@ def _normalized_gather(flat, flat_index):
     over 64², float64 near 1e308) no longer makes every sampled attention 0."""
     wide = flat.to(torch.float64)
     top = wide.detach().amax(dim=1, keepdim=True)
-    top = torch.where(top > 0, top, torch.ones_like(top))  # an all-zero row (validate=False): 0 / 0 as before
+    top = torch.where(top > 0, top, 1.0)  # an all-zero row (validate=False): 0 / 0 as before
     scaled = wide / top
     return (scaled.gather(1, flat_index) / scaled.sum(dim=1, keepdim=True)).to(flat.dtype)
 
@@ -256,8 +258,74 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0):
     """
     grid, level, patch, margins = _offset_arguments(samples, grid_shape, level_shape, patch_size, margin)
     _validation.check_int32_offsets(level, patch)
+    return _offsets_of(samples, grid, level, patch, margins, torch.int32, _cells_in_grid(samples, grid))
+
+
+def sampled_offsets(indices, grid_shape, level_shape, patch_size, *, margin=0):
+    """:func:`patch_offsets` of ``indices`` from :func:`sample`, which lie in the grid: on CUDA too, eager calls then
+    look each cell's offset up in a table (one op per dim instead of about twenty; a cell outside the grid would
+    fail torch's index check, never read out of bounds)."""
+    grid, level, patch, margins = _offset_arguments(indices, grid_shape, level_shape, patch_size, margin)
+    _validation.check_int32_offsets(level, patch)
+    return _offsets_of(indices, grid, level, patch, margins, torch.int32, True)
+
+
+TABLE_CELLS = 1 << 16
+"""Largest grid side whose offsets eager calls look up in a cached table (``int64`` per cell) instead of
+computing them."""
+
+
+def _offsets_of(samples, grid, level, patch, margins, dtype, in_grid: bool) -> torch.Tensor:
+    """The offsets of checked arguments in ``dtype`` (int32: clipped to int32; int64: exact), from cached
+    per-dim tables where the cells lie in the grid (``in_grid``) and the call is eager, else by the exact
+    arithmetic in torch ops (which ``torch.compile`` fuses, and traces and CUDA graphs record)."""
+    if in_grid and _table_lookup_allowed(samples, grid):
+        cells = samples if samples.dtype == torch.int64 else samples.to(torch.int64)
+        dims = samples.shape[-1]
+        columns = [_offset_table(*_exact_arguments(d, grid, level, patch, margins), samples.device, dtype)[cells[..., d]]
+                   for d in range(dims)]
+        return torch.stack(columns, dim=-1)
+    offsets = _exact_offsets(samples, grid, level, patch, margins)
+    if dtype == torch.int64:
+        return offsets
     bound = _offsets.INT32_MAX
-    return _exact_offsets(samples, grid, level, patch, margins).clamp(-bound, bound).to(torch.int32)
+    return offsets.clamp(-bound, bound).to(torch.int32)
+
+
+_LOOKUP_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _table_lookup_allowed(samples, grid) -> bool:
+    """Whether :func:`_offsets_of` may look offsets up: an eager call (not traced, compiled, under ``torch.func``
+    or captured into a CUDA graph, where the table's first copy to the device cannot run) on cells of a signed or
+    uint8 dtype, in grids of at most :data:`TABLE_CELLS` cells a side."""
+    if samples.dtype not in _LOOKUP_DTYPES or max(grid) > TABLE_CELLS:
+        return False
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(samples):
+        return False
+    return not (samples.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _cells_in_grid(samples, grid) -> bool:
+    """Whether every cell of CPU ``samples`` lies in the grid (False on other devices: the check would wait for
+    the device)."""
+    if samples.device.type != "cpu" or samples.numel() == 0 or not _table_lookup_allowed(samples, grid):
+        return False
+    low = samples.amin(dim=(0, 1)).tolist()
+    high = samples.amax(dim=(0, 1)).tolist()
+    return min(low) >= 0 and all(h < g for h, g in zip(high, grid))
+
+
+@functools.lru_cache(maxsize=64)
+def _offset_table(grid: int, level: int, patch: int, num: int, den: int, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The offsets of cells ``0 .. grid - 1`` of one dim (``atskern._offsets.start`` in NumPy int64, clipped to
+    int32 for int32), on ``device``: made once per set of arguments (on a GPU its copy waits for the device, once)."""
+    starts = _offsets.start(np.arange(grid, dtype=np.int64), grid, level, patch, num, den,
+                            to_int=lambda mask: mask.astype(np.int64))
+    if dtype == torch.int32:
+        starts = np.clip(starts, -_offsets.INT32_MAX, _offsets.INT32_MAX).astype(np.int32)
+    return torch.from_numpy(starts).to(device)
 
 
 def _offset_arguments(samples, grid_shape, level_shape, patch_size, margin):
@@ -283,13 +351,19 @@ def _exact_offsets(samples, grid, level, patch, margins) -> torch.Tensor:
     cells = _int64_cells(samples).clamp(-_offsets.SAMPLE_LIMIT, _offsets.SAMPLE_LIMIT)
     starts = []
     for d in range(dims):
-        args = (grid[d], level[d], patch[d], margins[d].numerator, margins[d].denominator)
-        if not _offsets.fits_int64(*args):
-            raise ValueError(f"patch_offsets: grid_shape, level_shape, patch_size and margin of dim {d} are too "
-                             f"large for exact int64 arithmetic ({args}); atskern.patch_offsets and "
-                             "extract_multiscale compute them in Python integers")
+        args = _exact_arguments(d, grid, level, patch, margins)
         starts.append(_offsets.start(cells[..., d], *args, to_int=_int64))
     return torch.stack(starts, dim=-1)
+
+
+def _exact_arguments(d: int, grid, level, patch, margins) -> tuple[int, ...]:
+    """Dim ``d``'s ``(grid, level, patch, num, den)``, or a ValueError where int64 cannot hold its arithmetic."""
+    args = (grid[d], level[d], patch[d], margins[d].numerator, margins[d].denominator)
+    if not _offsets.fits_int64(*args):
+        raise ValueError(f"patch_offsets: grid_shape, level_shape, patch_size and margin of dim {d} are too "
+                         f"large for exact int64 arithmetic ({args}); atskern.patch_offsets and "
+                         "extract_multiscale compute them in Python integers")
+    return args
 
 
 def _check_images(x, name: str, channels_first: bool) -> tuple[int, ...]:
@@ -382,7 +456,8 @@ def extract_multiscale(levels, samples, grid_shape, patch_sizes, *, margin=0, fi
         spatial = _check_images(x, f"levels[{i}]", channels_first)
         if samples.dim() and samples.shape[0] != x.shape[0]:
             raise ValueError(f"samples and levels[{i}] must share the batch size, got {samples.shape[0]} and {x.shape[0]}")
-        offsets = _exact_offsets(samples, *_offset_arguments(samples, grid_shape, spatial, size, margin))
+        grid, level, patch, margins = _offset_arguments(samples, grid_shape, spatial, size, margin)
+        offsets = _offsets_of(samples, grid, level, patch, margins, torch.int64, _cells_in_grid(samples, grid))
         patches.append(extract_patches(x, offsets, size, fill=fill, channels_first=channels_first))
     return patches
 
@@ -407,14 +482,13 @@ def _coefficients(probs: torch.Tensor, replace: bool):
     probs64 = probs.to(torch.float64)
     n = probs64.shape[1]
     drawn = probs64 > 0
-    safe = torch.where(drawn, probs64, torch.ones_like(probs64))
-    zero = torch.zeros_like(probs64)
+    safe = torch.where(drawn, probs64, 1.0)
     if replace:
-        return torch.where(drawn, 1.0 / n, zero), torch.where(drawn, 1.0 / (n * safe), zero)
+        return drawn.to(torch.float64) * (1.0 / n), torch.where(drawn, 1.0 / (n * safe), 0.0)
     mass_left = _mass_left(probs64, torch.finfo(probs.dtype).eps / 2)
     remaining = torch.arange(n - 1, -1, -1, dtype=torch.float64, device=probs64.device)
-    weights = torch.where(drawn, (mass_left + remaining * probs64) / n, zero)
-    return weights, torch.where(drawn, (mass_left / safe + remaining) / n, zero)
+    weights = torch.where(drawn, (mass_left + remaining * probs64) / n, 0.0)
+    return weights, torch.where(drawn, (mass_left / safe + remaining) / n, 0.0)
 
 
 BAD_PROBS_ON_DEVICE = ("ats.torch.expectation: probs must be finite, in [0, 1] and, without replacement, sum to "
@@ -425,12 +499,12 @@ def _check_probs(probs: torch.Tensor, replace: bool):
     """R3: ``probs`` finite, in [0, 1] and, without replacement, rows summing to at most 1 + rounding
     (1e-6 for float64, ``n`` times the dtype's epsilon, at least ``2**-20``, otherwise); a ValueError names the row."""
     p64 = probs.detach().to(torch.float64)
-    inside = torch.isfinite(p64) & (p64 >= 0) & (p64 <= 1)
+    inside = (p64 >= 0) & (p64 <= 1)  # NaN and inf fail one of them
     n = probs.shape[1]
     tolerance = 1e-6 if probs.dtype == torch.float64 else n * max(2.0**-20, torch.finfo(probs.dtype).eps)
     ok = inside.all()
-    if not replace:
-        ok = ok & (torch.where(inside, p64, 0.0).sum(dim=1) <= 1 + tolerance).all()
+    if not replace:  # a row's sum decides only where every entry is inside
+        ok = ok & (p64.sum(dim=1) <= 1 + tolerance).all()
     if probs.is_cuda:  # no host round trip (CUDA-graph capturable): a device assert, raised at the next sync
         torch._assert_async(ok, BAD_PROBS_ON_DEVICE)
     elif not bool(ok):

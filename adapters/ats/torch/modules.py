@@ -237,7 +237,7 @@ class SamplePatches(KeyStreamState, nn.Module):
             offsets = _offsets_with_margin(indices, attention.shape[1:], x_high.shape[2:], size, self.receptive_field,
                                            x_low)
         else:
-            offsets = F.patch_offsets(indices, attention.shape[1:], x_high.shape[2:], size)
+            offsets = F.sampled_offsets(indices, attention.shape[1:], x_high.shape[2:], size)
         patches = F.extract_patches(x_high, offsets, size, fill=self.fill, channels_first=True)
         return patches, sampled
 
@@ -261,8 +261,8 @@ def _offsets_with_margin(indices, grid, level, size, receptive_field, x_low):
     ``torch.compile`` (a graph break), where dynamic shapes would make the low sizes symbolic, which the exact
     fractions cannot take."""
     low = tuple(int(s) for s in x_low.shape[2:])
-    return F.patch_offsets(indices, tuple(int(s) for s in grid), tuple(int(s) for s in level), size,
-                           margin=(receptive_field, low))
+    return F.sampled_offsets(indices, tuple(int(s) for s in grid), tuple(int(s) for s in level), size,
+                             margin=(receptive_field, low))
 
 
 class Expectation(nn.Module):
