@@ -5,7 +5,8 @@ Without replacement every position gets the exponential key ``-log(u) / a``
 smallest, ties going to the lower position as in atskern. Zero-weight cells
 have key ``+inf``, so a row with fewer than ``n`` positive weights is
 completed with its lowest-index zero-weight cells (rule R1's fillers, with
-probability 0). With replacement: inverse CDF on the cumulative sum.
+probability 0). With replacement: inverse CDF on the cumulative sum, in
+float64 under x64 and otherwise in double-floats (two float32 words).
 
 Precision. With JAX's 64-bit mode on (``jax_enable_x64``, globally or in a
 ``jax.enable_x64`` context) keys, sums and probabilities are float64 as in
@@ -14,8 +15,9 @@ equal to within an ulp, or a with-replacement target within an ulp of a CDF
 step). Without it (JAX's default; this module never changes the setting)
 they are float32: keys carry about one float32 ulp of error, so a row's draw
 differs from atskern's where two of its smallest keys are within ~2e-7 of
-each other (relatively), or a with-replacement target lies within float32
-rounding of a CDF step; the README measures how often. Each row is first
+each other (relatively); the README measures how often. With replacement the
+running sums and targets are double-floats, within about 2**-46 of the row's
+sum, so a draw differs only where a target lies that close to a CDF step. Each row is first
 multiplied by a power of two that brings its largest weight into [1/2, 1)
 (exact: the draws do not change), so any normal positive scale works
 (float32 weights of 3e38 included); a weight below ~1e-37 of its row maximum
@@ -28,13 +30,11 @@ samples it exactly).
 
 from __future__ import annotations
 
-import warnings
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _rng
+from . import _double, _rng
 
 
 def unravel(flat, grid) -> jnp.ndarray:
@@ -115,21 +115,50 @@ def _searchsorted_rows(cdf, targets):
     return jax.vmap(lambda c, t: jnp.searchsorted(c, t, side="left"))(cdf, targets)
 
 
-COARSE_CDF_CELLS = 1 << 16
-"""From this many cells a row, a float32 running sum's steps (its ulp) reach about 0.4% of an average cell."""
+def _sum_tree(w):
+    """The double-float sums of a complete binary tree over each row of ``w`` ``(B, N)``, zero-padded to ``P``, a
+    power of two: ``(B, 2P)`` pairs, node ``j``'s children at ``2j`` and ``2j + 1``, the root at 1, cell ``i`` at
+    ``P + i`` (entry 0 unused). Each sum adds two children, so it is within about ``2**-48 log2(P)`` of exact."""
+    rows, size = w.shape
+    width = 1 << (size - 1).bit_length()
+    level = (jnp.pad(w, ((0, 0), (0, width - size))), jnp.zeros((rows, width), w.dtype))
+    levels = [level]
+    while level[0].shape[1] > 1:
+        level = _double.add(tuple(part[:, 0::2] for part in level), tuple(part[:, 1::2] for part in level))
+        levels.append(level)
+    return tuple(jnp.concatenate([jnp.zeros((rows, 1), w.dtype)] + [lv[k] for lv in reversed(levels)], axis=1)
+                 for k in range(2))
+
+
+def _double_inverse_cdf(w, hi, lo):
+    """Flat indices ``(B, n)`` of float32 ``w``'s draws whose uniforms have the words ``hi, lo``: the cell where the
+    running sum first reaches ``u * total``, by descending :func:`_sum_tree` (left while the left sum reaches the
+    rest of the target), all in double-floats (:mod:`._double`), whose steps are as fine as a float64 sum's where
+    a float32 one's (its ulp) exceed small cells. A subtree of sum 0 is never entered, so where rounding leaves a
+    target just past a cell's step or the row's total, the draw is the next or the last positive cell."""
+    tree = _sum_tree(w)
+    rows, depth = w.shape[0], (w.shape[1] - 1).bit_length()
+    target = _double.multiply(_double.uniforms(hi, lo), (tree[0][:, 1:2], tree[1][:, 1:2]))
+    row = jnp.arange(rows)[:, None]
+
+    def step(_, state):
+        node, rest = state
+        left = (tree[0][row, 2 * node], tree[1][row, 2 * node])
+        go_left = (left[0] > 0) & (_double.reaches(left, rest) | ~(tree[0][row, 2 * node + 1] > 0))
+        rest = tuple(jnp.where(go_left, r, d) for r, d in zip(rest, _double.subtract(rest, left)))
+        return 2 * node + jnp.where(go_left, 0, 1), rest
+
+    node = lax.fori_loop(0, depth, step, (jnp.ones(hi.shape, jnp.int32), target))[0]
+    return jnp.minimum(node - (1 << depth), w.shape[1] - 1)
 
 
 def _with_replacement(w, n: int, k0, k1, dtype):
     rows, size = w.shape
-    if jnp.dtype(dtype) == jnp.float32 and size >= COARSE_CDF_CELLS:  # once per trace
-        warnings.warn(
-            f"ats.jax: sampling with replacement on the XLA path without jax_enable_x64 inverts a float32 running sum "
-            f"over rows of {size} cells: a cell smaller than a few of its ulps is drawn at a wrong rate, even never "
-            "(the README measures it). Enable x64, or use path='kernel' on a CPU", UserWarning, stacklevel=2)
-    cdf = jnp.cumsum(w, axis=1)
     hi, lo = _rng.replacement_words(rows, n, k0, k1)
-    targets = _rng.uniforms(hi, lo, dtype) * cdf[:, -1:]
-    flat = _searchsorted_rows(cdf, targets)
+    if jnp.dtype(dtype) == jnp.float32:
+        return _double_inverse_cdf(w, hi, lo)
+    cdf = jnp.cumsum(w, axis=1)
+    flat = _searchsorted_rows(cdf, _rng.uniforms(hi, lo, dtype) * cdf[:, -1:])
     # a parallel prefix sum need not be flat across zero weights: move to the next positive cell
     position = jnp.arange(size, dtype=jnp.int32)
     positive = w > 0

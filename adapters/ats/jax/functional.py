@@ -104,8 +104,9 @@ def sample_indices(attention, n_samples, key, *, replace=False, logits=False, st
     The kernel path is atskern, so its draws are atskern's. On the XLA path,
     with JAX's 64-bit mode on the draws equal atskern's (up to atskern's
     near-tie caveat); without it keys are float32 and a row can differ at
-    near ties, and with replacement on long rows a float32 running sum
-    draws small cells at wrong rates (see the README).
+    near ties, and with replacement the running sums are double-floats (two
+    float32 words, within about 2**-46 of the row's sum), so a draw differs
+    only where its target lies that close to a CDF step (see the README).
     """
     attention = c.as_array(attention, "attention")
     n = c.positive_int(n_samples, "n_samples")
