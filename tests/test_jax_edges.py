@@ -130,3 +130,25 @@ def test_float32_draws_with_replacement_equal_atskern():
         got = np.asarray(aj.sample_indices(attention, 1000, 5, replace=True, path="xla")[0])
         want = atskern.sample(attention, 1000, replace=True, seed=5)[0]
         assert np.count_nonzero(got != want) <= rows * 1000 // 100_000, (size, np.count_nonzero(got != want))
+
+
+def test_estimator_without_x64_keeps_the_mass_left_of_late_draws():
+    """x64 off: ``pm_k = 1 - sum_{j<k} a_j`` was a float32 difference, so the last draw of a peaked row (probability
+    1.1e-8, about 6e-7 of mass left) got an attention gradient of 0.125 for atskern's 6.585 (ats.torch, ats.tf.xla
+    and the other Keras backends agree with atskern). The double-float running sums give atskern's gradients to
+    float32 precision, on late draws of random peaked rows too."""
+    probs = np.array([[0.1788238286972046, 0.441189706325531, 0.08380994945764542, 0.04159441590309143,
+                       0.084211565554142, 0.03532977029681206, 0.13504016399383545, 1.1385423270837691e-08]], np.float32)
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((64, 40)) * 6
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True)).astype(np.float32)
+    drawn = atskern.sample(weights, 30, seed=9)[1].astype(np.float32)  # down to the rows' smallest cells
+    for p in (probs, drawn):
+        features = (rng.random(p.shape + (3,)) + 0.5).astype(np.float32)  # positive: no cancellation in <g, f>
+        grad = (rng.random((p.shape[0], 3)) + 0.5).astype(np.float32)
+        want_p, want_f = atskern.expectation_grad(grad, features, p)
+        got_p, got_f = aj.expectation_grad(jnp.asarray(grad), jnp.asarray(features), jnp.asarray(p))
+        np.testing.assert_allclose(np.asarray(got_p), want_p, rtol=2e-5, atol=1e-30)
+        np.testing.assert_allclose(np.asarray(got_f), want_f, rtol=2e-5, atol=1e-6)
+        value = aj.expectation(jnp.asarray(features), jnp.asarray(p))
+        np.testing.assert_allclose(np.asarray(value), atskern.expectation(features, p), rtol=2e-5, atol=1e-6)

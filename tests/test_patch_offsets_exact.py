@@ -143,6 +143,31 @@ def test_tensorflow_sweep():
         ops.patch_offsets(tf.constant([[[3]]]), [50], [150], [8], margin=0.7)
 
 
+
+def test_xla_front_ends_take_the_receptive_field_pair():
+    """``margin=(receptive_field, low_shape)``, the layers' form, which atskern, ats.torch and ats.ops take: ats.jax
+    and ats.tf.xla refused it ("margin must be in [0, 0.5), got (3, (5, 7))", reading the 3 as a margin)."""
+    tf = pytest.importorskip("tensorflow")
+    jnp = pytest.importorskip("jax.numpy")
+    from ats import jax as aj
+    from ats.tf import xla
+
+    for grid, level, patch, rf, low in CASES[::2]:
+        samples = np.arange(grid, dtype=np.int32).reshape(1, grid, 1)
+        want = expected_offsets(grid, level, patch, rf, low).tolist()
+        for offsets in (aj.patch_offsets(jnp.asarray(samples), (grid,), (level,), (patch,), margin=(rf, (low,))),
+                        xla.patch_offsets(tf.constant(samples), (grid,), (level,), (patch,), margin=(rf, [low]))):
+            assert np.asarray(offsets).ravel().tolist() == want, (grid, level, patch, rf, low)
+    samples = np.array([[[2, 3], [0, 6]]], np.int32)
+    image = np.arange(40 * 56 * 2, dtype=np.float32).reshape(1, 40, 56, 2)
+    want = atskern.extract_multiscale([image], samples, (5, 7), [(8, 8)], margin=(3, (5, 7)))[0]
+    for got in (aj.extract_multiscale([jnp.asarray(image)], jnp.asarray(samples), (5, 7), [(8, 8)], margin=(3, (5, 7))),
+                xla.extract_multiscale([tf.constant(image)], tf.constant(samples), (5, 7), [(8, 8)], margin=(3, (5, 7)))):
+        np.testing.assert_array_equal(np.asarray(got[0]), want)
+    for bad in ((-1, (5, 7)), (3, (5,)), (30, (5, 7))):
+        with pytest.raises(ValueError, match="margin"):
+            aj.patch_offsets(jnp.asarray(samples), (5, 7), (40, 56), (8, 8), margin=bad)
+
 def test_tensorflow_dynamic_low_shape_in_a_graph():
     tf = pytest.importorskip("tensorflow")
     from ats import ops

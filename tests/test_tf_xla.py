@@ -206,6 +206,24 @@ def test_errors_name_the_argument():
         xla.extract_patches(np.ones((1, 5, 5, 1), np.float32), np.zeros((1, 2, 2), np.float32), 3)
 
 
+
+@pytest.mark.parametrize("row, message", [([0.5, np.nan, 0.5], "row 1 contains NaN or inf"),
+                                          ([np.inf, 1, 1], "row 1 contains NaN or inf"),
+                                          ([0.5, -0.1, 0.5], "row 1 has 1 negative weights"),
+                                          ([0, 0, 0], "row 1 has no positive weight")])
+def test_eager_top_k_checks_the_rows_as_sampling_does(row, message):
+    """``sample(deterministic=True)`` called eagerly took the top-k of any row: a NaN row gave indices [0, 1] and NaN
+    sampled attention, a negative weight shares of 0.56 each (ats.ops, ats.torch, ats.jax and its own sampling
+    refuse them, naming the row)."""
+    attention = np.array([[1, 2, 3], row], np.float32)
+    with pytest.raises(ValueError, match=message):
+        xla.sample(tf.constant(attention), 2, deterministic=True)
+    with pytest.raises(ValueError, match=message):
+        xla.sample(tf.constant(attention), 2, 0)
+    indices, sampled = xla.sample(tf.constant(attention[:1]), 2, deterministic=True)
+    assert indices.numpy()[0, :, 0].tolist() == [2, 1]
+    np.testing.assert_allclose(sampled.numpy(), [[0.5, 1 / 3]], rtol=1e-6)
+
 def test_float64_selection_is_exact_through_the_float32_prefilter():
     rng = np.random.default_rng(0)
     cases = [rng.exponential(size=(4, 300)), 1 + rng.integers(0, 3, (4, 300)) * 1e-12]

@@ -66,16 +66,9 @@ def size_tuple(size, dims: int, name: str) -> tuple[int, ...]:
 
 
 def margins(margin, dims: int) -> list:
-    """One margin per dim, each a real in [0, 1/2) (a ``fractions.Fraction`` is kept exact)."""
-    values = list(margin) if isinstance(margin, (list, tuple)) else [margin] * dims
-    if len(values) != dims:
-        raise ValueError(f"margin must be a number or {dims} numbers, got {margin!r}")
-    for m in values:
-        if isinstance(m, bool) or not isinstance(m, numbers.Real):
-            raise TypeError(f"margin must be a real number (or one per dim), got {margin!r}")
-        if not 0 <= m < 0.5:
-            raise ValueError(f"margin must be in [0, 0.5), got {margin!r}")
-    return values
+    """One exact margin per dim, in [0, 1/2), as atskern reads ``margin``: a real number, one per dim, or the pair
+    ``(receptive_field, low_shape)`` (``atskern._validation.check_margin``)."""
+    return list(_validation.check_margin(margin, dims))
 
 
 def _static_size(size) -> int | None:

@@ -7,7 +7,9 @@ unbiased estimate of ``<g, f_i>``: ``<g, f_k> / (n a_k)`` or
 ``(pm_k / a_k + n - 1 - k) <g, f_k> / n``. Rule R3: an entry with
 ``a_k == 0`` (a filler) gets coefficient 0 and both gradients 0, so every
 result is finite. Coefficients and inner products are computed in float64
-under JAX's 64-bit mode, in float32 otherwise.
+under JAX's 64-bit mode, in float32 otherwise, where the running sums of
+``pm_k`` are double-floats (two float32 words): a late draw's ``1 - sum`` keeps
+its digits, as in atskern's float64.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
+from . import _double
 from ._rng import compute_dtype
 
 
@@ -26,12 +30,30 @@ def mass_left(probs, unit: float):
     where that is lost in the rounding of the probabilities (``unit`` per entry) and of the compute dtype
     (``atskern.estimator._mass_left``)."""
     n = probs.shape[1]
-    before = jnp.cumsum(probs, axis=1) - probs
-    still_to_come = jnp.flip(jnp.cumsum(jnp.flip(probs, axis=1), axis=1), axis=1)
-    left = 1 - before
-    sums = float(jnp.finfo(probs.dtype).eps) / 2
+    if probs.dtype == jnp.float32:  # no float64 here: the running sums as double-floats
+        before = _running_sums(jnp.pad(probs[:, :-1], ((0, 0), (1, 0))))
+        left = _double.subtract((jnp.ones_like(probs), jnp.zeros_like(probs)), before)
+        still_to_come = _running_sums(probs, reverse=True)
+        before, left, still_to_come = (x[0] + x[1] for x in (before, left, still_to_come))
+        sums = _DOUBLE_SUM_ERROR
+    else:
+        before = jnp.cumsum(probs, axis=1) - probs
+        still_to_come = jnp.flip(jnp.cumsum(jnp.flip(probs, axis=1), axis=1), axis=1)
+        left = 1 - before
+        sums = float(jnp.finfo(probs.dtype).eps) / 2
     noise = 2 * unit * before + jnp.arange(1, n + 1, dtype=probs.dtype) * sums
     return jnp.where(left > noise, jnp.maximum(left, still_to_come), still_to_come)
+
+
+_DOUBLE_SUM_ERROR = 2.0**-45
+"""A bound of one double-float addition's error relative to its sum (:func:`ats.jax._double.add`)."""
+
+
+def _running_sums(probs, reverse: bool = False):
+    """Inclusive running sums along each row of float32 ``probs`` as double-floats ``(hi, lo)`` (from the end with
+    ``reverse``): within about ``2**-46`` of the exact sums, where a float32 one's error reaches its ulp, 2**-24
+    of the sum, so ``1 - sum_{j<k} a_j`` of a late draw lost most of its digits."""
+    return lax.associative_scan(_double.add, (probs, jnp.zeros_like(probs)), reverse=reverse, axis=1)
 
 
 def coefficients(probs, replace: bool, unit: float):

@@ -265,6 +265,8 @@ def sample(attention, n_samples, seed=None, *, replace=False, deterministic=Fals
     grid = common.grid_of(attention.shape, attention.dtype.is_floating, n, not replace or deterministic)
     rows = tf.reshape(attention, [tf.shape(attention)[0], -1])
     if deterministic:
+        if _eager(attention):  # as sampling's (in a graph, values are not checked)
+            common.attention_values(attention.numpy(), n, False, False, False)
         flat = top_positions(tf.stop_gradient(rows), n)
         indices = _unravel(flat, grid)
     else:
