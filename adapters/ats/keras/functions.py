@@ -242,7 +242,12 @@ def _exclusive_cumsum(x, reverse=False):
 def _mass_left(probs, unit: float, work: str):
     """``pm_k``: ``1 - sum_{j<k} a_j``, or ``sum_{j>=k} a_j`` (the draws still to come, a lower bound) where that
     is lost in the rounding of the probabilities (``unit`` per entry) and of ``work``
-    (``atskern.estimator._mass_left``)."""
+    (``atskern.estimator._mass_left``). On JAX without x64 the running sums are ``ats.jax``'s double-floats: a
+    float32 ``1 - sum`` of a late draw lost most of its digits."""
+    if work == "float32" and keras.backend.backend() == "jax":
+        from ..jax import _estimator
+
+        return _estimator.mass_left(probs, unit)
     before = _exclusive_cumsum(probs)
     still_to_come = ops.flip(backend_ops().cumsum(ops.flip(probs, axis=1), 1), axis=1)  # not sum - cumsum: it cancels
     left = 1 - before
