@@ -203,8 +203,9 @@ def patch_offsets(samples, grid_shape, level_shape, patch_size, *, margin=0.0):
     A cell ``s`` of ``G`` cells has its centre at ``c = L (m + (s + 1/2) / G (1 - 2 m))``
     in a level of ``L`` pixels; the patch of ``P`` pixels starts at
     ``rint(c - P / 2)``, half to even, computed exactly (rule R5): ``margin``
-    (a number or one per dim, in ``[0, 1/2)``; a ``fractions.Fraction`` such as
-    ``Fraction(receptive_field, 2 * low_size)`` is exact) goes into a per-cell
+    (a number or one per dim, in ``[0, 1/2)``, or the pair ``(receptive_field,
+    low_shape)`` for ``receptive_field / 2 / low_shape[d]``, as atskern reads it;
+    a ``fractions.Fraction`` is exact) goes into a per-cell
     lookup table built in rational arithmetic. Returns int32 ``(..., D)``;
     cells outside the grid are clipped into it.
     """
