@@ -365,3 +365,33 @@ def test_row_smallest_in_key_then_position_order(n, counts, distinct, seed):
     count = cpu_sampling._row_smallest(cand_keys, cand_idx, cand_count, 0, np.empty(size), np.empty(size, np.int64), got)
     assert count == len(want)
     assert got[:count].tolist() == want
+
+
+@pytest.mark.parametrize("replace", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [1, 7, 64, 300])
+def test_many_tiny_rows_share_scratch_and_give_the_reference_draws(size, dtype, replace, monkeypatch):
+    """Many tiny rows per parallel task, one set of scratch arrays for them all (rows with zeros, with fewer
+    positive cells than n, one peaked): the reference's draws whatever the task size, on both paths, and the
+    same probabilities and status bit for bit."""
+    rng = np.random.default_rng(size)
+    rows = 700
+    a = rng.gamma(0.5, size=(rows, size)) * (rng.random((rows, size)) < 0.7)
+    a[::5, 1:] = 0.0  # at most one positive cell
+    a[3, -1] = 1e9
+    a[:, 0] += 1e-3
+    a = a.astype(dtype)
+    grid = np.array([size], np.int64)
+    for n in (1, 4, 10):
+        if not replace and n > size:
+            continue
+        runs = []
+        for work in (0, 1 << 30):  # one row per task, every row in one task
+            monkeypatch.setattr(cpu_sampling, "GROUP_WORK", work)
+            runs += [cpu_sampling.sample(a, n, grid, 5 + n, replace, serial=serial) for serial in (False, True)]
+        for other in runs[1:]:
+            for x, y in zip(runs[0], other):
+                np.testing.assert_array_equal(x, y)
+        want_i, want_p = reference.sample(a, n, replace=replace, seed=5 + n)
+        np.testing.assert_array_equal(runs[0][0], want_i)
+        np.testing.assert_allclose(runs[0][1], want_p, rtol=1e-6 if dtype == np.float32 else 1e-12)

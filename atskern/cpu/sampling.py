@@ -56,6 +56,10 @@ the thread pool costs more than it saves (and on a busy machine a parallel regio
 thread). So does every call of one row with replacement, whatever its size: its threads would split rows.
 The draws do not depend on it."""
 
+GROUP_WORK = 1 << 12
+"""Fewest positions of a parallel task (unless one work item is more): a task runs its items (many, for tiny rows)
+one after another with one set of scratch arrays. Read at each call; the draws do not depend on it."""
+
 _EXPONENT_LOW, _EXPONENT_HIGH = SCALE_FREE_EXPONENTS
 _SCREEN_LOW = 2.0 ** (SCALE_FREE_EXPONENTS[0] - 1)
 _SCREEN_HIGH = 2.0 ** SCALE_FREE_EXPONENTS[1]
@@ -189,19 +193,17 @@ def _flag_block(values, hi_words, bound, flags):
 
 
 @jit(parallel=True)
-def _chunk_pass(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums,
-                grid, indices, probs, status):
-    """One pass over the weights, the (row, chunk) items in parallel (see :func:`_chunk_item`); a row of one chunk
-    is finished by its item (:func:`_whole_row_item`).
+def _chunk_pass(weights, k0, k1, chunk, spare, group, cand_keys, cand_idx, cand_count, row_bound, chunk_stats,
+                block_sums, grid, indices, probs, status):
+    """One pass over the weights, tasks of ``group`` consecutive (row, chunk) items in parallel (see
+    :func:`_item_range`).
 
     The loop body is one call: a small parallel region compiles in a fraction of the time.
     """
-    rows = weights.shape[0]
-    nchunks = cand_keys.shape[1]
-    for item in prange(rows * nchunks):
-        b = item // nchunks
-        _whole_row_item(weights, k0, k1, chunk, spare, b, item - b * nchunks, cand_keys, cand_idx, cand_count,
-                        row_bound, chunk_stats, block_sums, grid, indices, probs, status)
+    items = weights.shape[0] * cand_keys.shape[1]
+    for task in prange((items + group - 1) // group):
+        _item_range(weights, k0, k1, chunk, spare, task * group, min(items, (task + 1) * group), cand_keys, cand_idx,
+                    cand_count, row_bound, chunk_stats, block_sums, grid, indices, probs, status)
 
 
 @jit
@@ -209,34 +211,38 @@ def _chunk_pass_serial(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_
                        block_sums, grid, indices, probs, status):
     """:func:`_chunk_pass` on the calling thread: the same items in the same order, for work too small to pay
     for waking the thread pool (the draws, probabilities and status are bitwise the same)."""
-    rows = weights.shape[0]
-    nchunks = cand_keys.shape[1]
-    for item in range(rows * nchunks):
-        b = item // nchunks
-        _whole_row_item(weights, k0, k1, chunk, spare, b, item - b * nchunks, cand_keys, cand_idx, cand_count,
-                        row_bound, chunk_stats, block_sums, grid, indices, probs, status)
+    _item_range(weights, k0, k1, chunk, spare, 0, weights.shape[0] * cand_keys.shape[1], cand_keys, cand_idx,
+                cand_count, row_bound, chunk_stats, block_sums, grid, indices, probs, status)
 
 
 @jit
-def _whole_row_item(weights, k0, k1, chunk, spare, b, c, cand_keys, cand_idx, cand_count, row_bound, chunk_stats,
-                    block_sums, grid, indices, probs, status):
-    """:func:`_chunk_item`, then, where the row is this one chunk, the row's finish (:func:`_finish_row`) on the
-    same thread while its candidates are in cache: the finish of many rows runs on every thread instead of
-    after the parallel pass on one (the same results, bit for bit)."""
-    _chunk_item(weights, k0, k1, chunk, spare, b, c, cand_keys, cand_idx, cand_count, row_bound, chunk_stats,
-                block_sums)
-    if cand_keys.shape[1] == 1:
-        capacity = cand_keys.shape[2]
-        _finish_row(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_sums, grid, indices, probs, status,
-                    b, np.empty(capacity, np.float64), np.empty(capacity, np.int64),
-                    np.empty(indices.shape[1], np.int64))
+def _item_range(weights, k0, k1, chunk, spare, first, stop, cand_keys, cand_idx, cand_count, row_bound, chunk_stats,
+                block_sums, grid, indices, probs, status):
+    """Items ``first..stop`` (item ``i`` is row ``i // nchunks``, chunk ``i % nchunks``) one after another, with one
+    set of scratch arrays for them all (allocated per item, they cost tiny rows a large share of their time):
+    :func:`_chunk_item`, then, where a row is one chunk, the row's finish (:func:`_finish_row`) on the same
+    thread while its candidates are in cache, so the finish of many rows runs on every thread instead of after
+    the parallel pass on one (the same results, bit for bit)."""
+    nchunks, capacity = cand_keys.shape[1], cand_keys.shape[2]
+    hi_words = np.empty(BLOCK, np.uint32)
+    flags = np.zeros(BLOCK, np.bool_)
+    keys = np.empty(capacity, np.float64)
+    positions = np.empty(capacity, np.int64)
+    idx = np.empty(indices.shape[1], np.int64)
+    for item in range(first, stop):
+        b = item // nchunks
+        _chunk_item(weights, k0, k1, chunk, spare, b, item - b * nchunks, cand_keys, cand_idx, cand_count, row_bound,
+                    chunk_stats, block_sums, hi_words, flags)
+        if nchunks == 1:
+            _finish_row(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_sums, grid, indices, probs,
+                        status, b, keys, positions, idx)
 
 
 @jit
 def _chunk_item(weights, k0, k1, chunk, spare, b, c, cand_keys, cand_idx, cand_count, row_bound, chunk_stats,
-                block_sums):
+                block_sums, hi_words, flags):
     """Item (row ``b``, chunk ``c``): validate its positions and keep the ``capacity`` smallest
-    keys of its positive ones in a max-heap.
+    keys of its positive ones in a max-heap (``hi_words`` and ``flags``: :func:`_select`'s scratch).
 
     Per block of ``BLOCK`` positions it records the float64 sum (``block_sums``), and per chunk
     the counts of positive and negative entries (``chunk_stats``). ``row_bound[b, 0]`` is
@@ -275,12 +281,14 @@ def _chunk_item(weights, k0, k1, chunk, spare, b, c, cand_keys, cand_idx, cand_c
     first = np.inf
     if negative == 0 and positive >= capacity:
         first = _first_bound(capacity + spare, total, squares)
-    count, _, _ = _select(row_weights, k0, k1, b, start, head, keys, idx, 0, row_bound, first, sums, False)
+    count, _, _ = _select(row_weights, k0, k1, b, start, head, keys, idx, 0, row_bound, first, sums, False, hi_words,
+                          flags)
     if count < capacity and first < row_bound[b, 0]:  # too few below the first bound: again without it
-        count, _, _ = _select(row_weights, k0, k1, b, start, head, keys, idx, 0, row_bound, np.inf, sums, False)
+        count, _, _ = _select(row_weights, k0, k1, b, start, head, keys, idx, 0, row_bound, np.inf, sums, False,
+                              hi_words, flags)
     if head < stop:
         count, pos, neg = _select(row_weights, k0, k1, b, head, stop, keys, idx, count, row_bound, np.inf, sums,
-                                  True)
+                                  True, hi_words, flags)
         positive += pos
         negative += neg
     chunk_stats[b, c, 0] = positive
@@ -304,19 +312,20 @@ def _first_bound(want, total, squares):
 
 
 @jit
-def _select(row_weights, k0, k1, b, start, stop, keys, idx, count, row_bound, first, sums, take_stats):
+def _select(row_weights, k0, k1, b, start, stop, keys, idx, count, row_bound, first, sums, take_stats, hi_words,
+            flags):
     """Add the keys of positions ``start..stop`` below ``first`` and the row's shared bound ``row_bound[b, 0]``
     to the max-heap ``keys[:count]`` of the ``keys.size`` smallest; returns how many it holds, and with
     ``take_stats`` the counts of positive and negative weights (block sums into ``sums``, each block's
     statistics taken in its flags' pass, :func:`_scan_block`). Inside a block a key is computed only when the
-    high word of its uniform cannot rule it out."""
+    high word of its uniform cannot rule it out. ``hi_words`` (uint32) and ``flags`` (bool) are scratch of
+    ``BLOCK`` entries, written for each block before they are read (flags past a block's end, in its last 8-byte
+    word, are never tested)."""
     positive = 0
     negative = 0
     capacity = keys.size
     k0 = np.uint64(k0)
     k1 = np.uint64(k1)
-    hi_words = np.empty(BLOCK, np.uint32)
-    flags = np.zeros(BLOCK, np.bool_)
     flag_words = flags.view(np.uint64)  # 8 flags at a time: most are all clear
     threshold = keys[0] if count == capacity else np.inf
     for block_start in range(start, stop, BLOCK):
@@ -502,7 +511,7 @@ def _summarize(status):
 
 
 @jit
-def _without_replacement(weights, k0, k1, chunk, serial, spare, grid, indices, probs, status):
+def _without_replacement(weights, k0, k1, chunk, serial, spare, group, grid, indices, probs, status):
     rows, size = weights.shape
     n = indices.shape[1]
     nchunks = (size + chunk - 1) // chunk
@@ -517,8 +526,8 @@ def _without_replacement(weights, k0, k1, chunk, serial, spare, grid, indices, p
         _chunk_pass_serial(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_count, row_bound, chunk_stats,
                            block_sums, grid, indices, probs, status)
     else:
-        _chunk_pass(weights, k0, k1, chunk, spare, cand_keys, cand_idx, cand_count, row_bound, chunk_stats, block_sums,
-                    grid, indices, probs, status)
+        _chunk_pass(weights, k0, k1, chunk, spare, group, cand_keys, cand_idx, cand_count, row_bound, chunk_stats,
+                    block_sums, grid, indices, probs, status)
     if nchunks > 1:  # a row of one chunk is finished by its item
         _finish_rows(weights, cand_keys, cand_idx, cand_count, chunk_stats, block_sums, grid, indices, probs, status)
     _summarize(status)
@@ -538,19 +547,32 @@ def chunk_size(rows, size, threads=None):
 
 
 @jit
-def _with_replacement(weights, k0, k1, serial, grid, indices, probs, status):
+def _with_replacement(weights, k0, k1, serial, group, grid, indices, probs, status):
     if serial:
-        for b in range(weights.shape[0]):
-            _replacement_row(weights, b, k0, k1, grid, indices, probs, status)
+        _replacement_range(weights, 0, weights.shape[0], k0, k1, grid, indices, probs, status)
     else:
-        _replacement_rows(weights, k0, k1, grid, indices, probs, status)
+        _replacement_rows(weights, k0, k1, group, grid, indices, probs, status)
     _summarize(status)
 
 
 @jit(parallel=True)
-def _replacement_rows(weights, k0, k1, grid, indices, probs, status):
-    for b in prange(weights.shape[0]):
-        _replacement_row(weights, b, k0, k1, grid, indices, probs, status)
+def _replacement_rows(weights, k0, k1, group, grid, indices, probs, status):
+    """Tasks of ``group`` consecutive rows in parallel (see :func:`_replacement_range`)."""
+    rows = weights.shape[0]
+    for task in prange((rows + group - 1) // group):
+        _replacement_range(weights, task * group, min(rows, (task + 1) * group), k0, k1, grid, indices, probs, status)
+
+
+@jit
+def _replacement_range(weights, first, stop, k0, k1, grid, indices, probs, status):
+    """Rows ``first..stop`` (:func:`_replacement_row`) one after another, with one set of scratch arrays for them
+    all (allocated per row, they cost tiny rows a large share of their time)."""
+    n = indices.shape[1]
+    sums = np.empty((weights.shape[1] + PIECE - 1) // PIECE, np.float64)
+    targets = np.empty(n, np.float64)
+    order = np.empty(n, np.int64)
+    for b in range(first, stop):
+        _replacement_row(weights, b, k0, k1, grid, indices, probs, status, sums, targets, order)
 
 
 @jit
@@ -571,9 +593,28 @@ def _piece_sums(weights, b, sums):
     return positive, negative
 
 
+@jit(inline="always")
+def _sort_order(targets, order):
+    """``order``: the positions of ``targets`` in increasing order, by insertion up to ``_INSERTION_SORT`` (an
+    argsort's allocation costs more), else by argsort. Equal targets may come in either order: they draw the same
+    position."""
+    n = targets.size
+    if n > _INSERTION_SORT:
+        order[:] = np.argsort(targets)
+        return
+    for i in range(n):
+        target = targets[i]
+        j = i
+        while j > 0 and targets[order[j - 1]] > target:
+            order[j] = order[j - 1]
+            j -= 1
+        order[j] = i
+
+
 @jit
-def _replacement_row(weights, b, k0, k1, grid, indices, probs, status):
-    """Row ``b``: one vectorized pass for the piece sums and the status, then ``n`` inverse-CDF draws.
+def _replacement_row(weights, b, k0, k1, grid, indices, probs, status, sums, targets, order):
+    """Row ``b``: one vectorized pass for the piece sums and the status, then ``n`` inverse-CDF draws (``sums``, one
+    per piece, ``targets`` and ``order``, ``n`` each, are scratch).
 
     The prefix sum is taken piece by piece: ``start_c`` is the sequential float64 sum of the sums of pieces
     ``0..c-1`` (``start`` of the last piece plus its sum is the row's total), and inside piece ``c`` the prefix
@@ -588,7 +629,6 @@ def _replacement_row(weights, b, k0, k1, grid, indices, probs, status):
     n = indices.shape[1]
     k0 = np.uint64(k0)
     k1 = np.uint64(k1)
-    sums = np.empty((size + PIECE - 1) // PIECE, np.float64)
     positive, negative = _piece_sums(weights, b, sums)
     total = 0.0
     for s in range(sums.size):
@@ -606,7 +646,7 @@ def _replacement_row(weights, b, k0, k1, grid, indices, probs, status):
             targets[k] = to_uniform(w0, w1) * total
         else:
             targets[k] = to_uniform(w2, w3) * total
-    order = np.argsort(targets)
+    _sort_order(targets, order)
     k = 0
     start = 0.0
     for s in range(sums.size):
@@ -656,10 +696,11 @@ def sample(weights, n, grid, seed, replace, chunk=None, serial=None, spare=None)
     status = np.empty((rows + 1, 4), np.int64)
     k0, k1 = seed & 0xFFFFFFFF, seed >> 32
     if replace:
-        _with_replacement(weights, k0, k1, serial, grid, indices, probs, status)
+        _with_replacement(weights, k0, k1, serial, max(1, GROUP_WORK // size), grid, indices, probs, status)
     else:
         if chunk is None:
             chunk = -(-size // BLOCK) * BLOCK if serial else chunk_size(rows, size)
         spare = 5.0 * math.sqrt(n) + 10.0 if spare is None else float(spare)
-        _without_replacement(weights, k0, k1, chunk, serial, spare, grid, indices, probs, status)
+        group = max(1, GROUP_WORK // min(chunk, size))
+        _without_replacement(weights, k0, k1, chunk, serial, spare, group, grid, indices, probs, status)
     return indices, probs, status
