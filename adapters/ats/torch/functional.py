@@ -271,7 +271,7 @@ def sampled_offsets(indices, grid_shape, level_shape, patch_size, *, margin=0):
 
 
 TABLE_CELLS = 1 << 16
-"""Largest grid side whose offsets eager calls look up in a cached table (``int64`` per cell) instead of
+"""Largest grid side whose offsets eager calls look up in a cached table (an int32 or int64 per cell) instead of
 computing them."""
 
 
