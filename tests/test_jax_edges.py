@@ -91,12 +91,15 @@ def test_export_with_a_symbolic_batch_size():
     def image_gradient(a, x, key):
         return jax.grad(lambda x: (patches(a, x, key)[0] ** 2).sum())(x)
 
+    def with_replacement(a, x, key):  # the double-float sum tree over rows of a symbolic count
+        return aj.sample(a, 5, key=key, replace=True, path="xla")
+
     (batch,) = export.symbolic_shape("batch")
     shapes = (jax.ShapeDtypeStruct((batch, 8, 8), jnp.float32), jax.ShapeDtypeStruct((batch, 32, 32, 1), jnp.float32),
               jax.ShapeDtypeStruct((2,), jnp.uint32))
     rng = np.random.default_rng(5)
     args = (rng.random((5, 8, 8), np.float32), rng.random((5, 32, 32, 1), np.float32), np.array([1, 2], np.uint32))
-    for function in (patches, image_gradient):
+    for function in (patches, image_gradient, with_replacement):
         exported = export.export(jax.jit(function))(*shapes)
         for got, want in zip(jax.tree.leaves(exported.call(*args)), jax.tree.leaves(jax.jit(function)(*args))):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
