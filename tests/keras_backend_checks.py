@@ -222,6 +222,30 @@ def check_weighted_estimator_keeps_a_tiny_last_draw():
         np.testing.assert_allclose(grad_probs, want, rtol=1e-5)
 
 
+
+def check_sample_softmax_takes_16_bit_maps_in_float32():
+    """SampleSoftmax under mixed_float16: the float16 sum of 65536 exponentials overflowed (an all-zero map on
+    TensorFlow and JAX, then "no positive weight"), and ``smooth / N`` was 0 (N cast to float16 is inf), on every
+    backend. 16-bit logits are now normalized in float32, and float32 logits are not cast to float16 first."""
+    policy = keras.config.dtype_policy()
+    try:
+        for name in ("mixed_float16", "mixed_bfloat16"):
+            keras.config.set_dtype_policy(name)
+            low = name.removeprefix("mixed_")
+            peaked = np.zeros((1, 256, 256, 1), low)
+            peaked[0, 3, 5, 0] = 30
+            for logits, smallest in ((np.zeros((1, 256, 256, 1), low), 1 / 65536), (peaked, 0.5 / 65536)):
+                p = SampleSoftmax(squeeze_channels=True, smooth=0.5)(ops.convert_to_tensor(logits))
+                assert keras.backend.standardize_dtype(p.dtype) == "float32", p.dtype
+                p = numpy(p).astype(np.float64)
+                np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-5)
+                np.testing.assert_allclose(p.min(), smallest, rtol=1e-5)
+            close = ops.convert_to_tensor(np.array([[0.0, 1e-4]], np.float32))  # equal once cast to float16
+            p = numpy(SampleSoftmax()(close))
+            assert p.dtype == np.float32 and p[0, 1] > p[0, 0], p
+    finally:
+        keras.config.set_dtype_policy(policy)
+
 def check_logits_keys_and_mixed_precision():
     """Seeded use_logits keys fingerprint the logits as given (the backends' softmaxes differ by an ulp, and so did
     their keys); float64 maps whose values are float32 subnormals fingerprint as NumPy rounds them (XLA's cast
@@ -436,6 +460,7 @@ def main(argv):
             ("expected_layer_keeps_dtypes", check_expected_layer_keeps_dtypes),
             ("bad_input_gets_value_errors", check_bad_input_gets_value_errors),
             ("config_of_a_fraction_receptive_field", check_config_of_a_fraction_receptive_field),
+            ("sample_softmax_takes_16_bit_maps_in_float32", check_sample_softmax_takes_16_bit_maps_in_float32),
             ("logits_keys_and_mixed_precision", check_logits_keys_and_mixed_precision),
             ("quick_start_fits_and_predicts", check_quick_start_fits_and_predicts),
             ("jitted_training", check_jitted_training),

@@ -23,6 +23,7 @@ MAIN_CHECKS = (
     "expected_layer_keeps_dtypes",
     "bad_input_gets_value_errors",
     "config_of_a_fraction_receptive_field",
+    "sample_softmax_takes_16_bit_maps_in_float32",
     "logits_keys_and_mixed_precision",
     "quick_start_fits_and_predicts",
     "jitted_training",

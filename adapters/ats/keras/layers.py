@@ -40,9 +40,15 @@ class SampleSoftmax(keras.layers.Layer):
     smooth : float in [0, 1)
         Mix the distribution with the uniform one: ``(1 - smooth) p + smooth / N``,
         so that no position has zero probability.
+
+    The logits keep their dtype (no autocasting), and 16-bit logits are normalized in float32 and give a float32
+    map, as ``ats.torch``'s under autocast: under ``mixed_float16`` the float16 sum of 65536 exponentials
+    overflowed (an all-zero map on TensorFlow and JAX), ``1 / N`` did too (the smoothing was lost), and the
+    sampled attention's gradient exceeds float16's range on such maps.
     """
 
     def __init__(self, squeeze_channels=False, smooth=0.0, **kwargs):
+        kwargs.setdefault("autocast", False)
         super().__init__(**kwargs)
         if isinstance(smooth, bool) or not isinstance(smooth, numbers.Real) or not 0 <= smooth < 1:
             raise ValueError(f"smooth must be a number in [0, 1), got {smooth!r}")
@@ -60,6 +66,8 @@ class SampleSoftmax(keras.layers.Layer):
     def call(self, x):
         shape = ops.shape(x)
         flat = ops.reshape(x, (shape[0], -1))
+        if keras.backend.standardize_dtype(flat.dtype) in ("float16", "bfloat16"):
+            flat = ops.cast(flat, "float32")
         p = ops.softmax(flat, axis=-1)
         if self.smooth > 0:
             positions = ops.cast(ops.shape(flat)[1], p.dtype)
