@@ -342,3 +342,77 @@ def test_a_read_guard_unpickles_fresh_under_every_pickle_protocol(protocol):
         assert handle == "handle" and guard.reads == 1
     with guard.idle():
         assert guard.reads == 0
+
+
+def _two_level_tiff(path, image):
+    with tifffile.TiffWriter(path) as writer:
+        writer.write(image, tile=(16, 16), photometric="rgb", metadata=None)
+        writer.write(image[::2, ::2], tile=(16, 16), photometric="rgb", subfiletype=1, metadata=None)
+
+
+def test_a_relative_path_keeps_naming_the_file_opened(tmp_path, monkeypatch):
+    """A slide opened as "slide.tif" opened its descriptor lazily by that relative path: after a chdir it read another
+    directory's slide.tif at the first file's tile offsets (silently wrong pixels), and the per-process caches of
+    the torch and Keras slide paths handed back the first directory's slide for the second's path."""
+    images = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        (tmp_path / name).mkdir()
+        images[name] = _random_image((64, 64, 3), seed=seed)
+        _two_level_tiff(tmp_path / name / "slide.tif", images[name])
+    monkeypatch.chdir(tmp_path / "a")
+    slide = aio.open_slide("slide.tif")
+    monkeypatch.chdir(tmp_path / "b")
+    np.testing.assert_array_equal(slide.read_patches([[0, 0]], 16)[0], images["a"][:16, :16])
+    slide.close()
+    np.testing.assert_array_equal(slide.read_patches([[16, 16]], 16)[0], images["a"][16:32, 16:32])
+    torch_slides = pytest.importorskip("ats.torch.slides")
+    monkeypatch.chdir(tmp_path / "a")
+    first = torch_slides.open_cached("slide.tif")
+    monkeypatch.chdir(tmp_path / "b")
+    second = torch_slides.open_cached("slide.tif")
+    assert first is not second
+    np.testing.assert_array_equal(second.read_patches([[0, 0]], 16)[0], images["b"][:16, :16])
+    keras_slides = pytest.importorskip("ats.slides")
+    monkeypatch.chdir(tmp_path / "a")
+    keras_slides._slide("slide.tif", None, 1 << 20)  # the per-process cache now holds a/slide.tif
+    monkeypatch.chdir(tmp_path / "b")
+    np.testing.assert_array_equal(keras_slides._slide("slide.tif", None, 1 << 20).read_patches([[0, 0]], 16)[0],
+                                  images["b"][:16, :16])
+
+
+def test_a_file_replaced_after_opening_is_refused_not_misread(tmp_path):
+    """A read that opens the file again (after close(), in a forked worker) took the new file's bytes at the old
+    file's tile offsets; now it refuses a file whose size or modification time changed."""
+    path = tmp_path / "slide.tif"
+    image = _random_image((64, 64, 3), seed=3)
+    _two_level_tiff(path, image)
+    slide = aio.open_slide(path)
+    np.testing.assert_array_equal(slide.read_patches([[0, 0]], 16)[0], image[:16, :16])
+    slide.close()
+    _two_level_tiff(tmp_path / "other.tif", _random_image((96, 96, 3), seed=4))
+    os.replace(tmp_path / "other.tif", path)
+    with pytest.raises(OSError, match="changed since the slide was opened"):
+        slide.read_patches([[32, 32]], 16)  # tiles not in the cache
+
+
+def test_padding_cells_centred_exactly_on_the_edge_are_not_valid():
+    """``valid_cells`` took a cell's centre in floats: 3.5 * 122 / 7 = 60.99999999999999 < 61 kept cell 3 of a
+    7-cell grid over 122 padded pixels, while ``slide_offsets`` (integers) found its centre on the edge, outside,
+    and read the slide's middle. Both now decide on integers; every cell of small grids agrees with Fractions."""
+    from fractions import Fraction
+
+    from atskern.io import grid
+
+    assert grid.valid_cells((7, 7), (122, 122), [[61, 61]])[0, 3].tolist() == [False] * 7
+    for cells in range(1, 24):
+        for padded in range(cells, 60):
+            sizes = np.arange(1, padded + 1)
+            mask = grid.valid_cells((cells, 1), (padded, 1), np.stack([sizes, np.ones_like(sizes)], axis=1))[:, :, 0]
+            want = np.array([[Fraction(2 * s + 1, 2) * Fraction(padded, cells) < h or (s == 0 and h > 0)
+                              for s in range(cells)] for h in sizes])
+            np.testing.assert_array_equal(mask, want)
+
+
+def test_write_pyramid_refuses_a_float_factor(tmp_path):
+    with pytest.raises(ValueError, match=r"factor must be one of \(2, 3, 4\).*got 2.0"):
+        aio.write_pyramid(tmp_path / "s.tif", np.zeros((64, 64, 3), np.uint8), tile=16, factor=2.0)

@@ -62,7 +62,7 @@ def _shared_cache(pid, cache_bytes):
 def _slide(path, threads, cache_bytes):
     """``path`` opened once per process (at most ``_SLIDES.maxsize`` kept open); the slides share one tile cache of
     ``cache_bytes`` per process."""
-    path = os.fsdecode(path)
+    path = os.path.abspath(os.fsdecode(path))  # a relative path names a file of the current directory
     return _SLIDES.get((path, threads, cache_bytes), functools.partial(_open, path, threads, cache_bytes))
 
 

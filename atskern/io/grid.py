@@ -16,8 +16,10 @@ def valid_cells(grid, padded, sizes) -> np.ndarray:
     sizes = np.asarray(sizes, dtype=np.float64).reshape(-1, 2)
     masks = []
     for axis in range(2):
-        centres = (np.arange(grid[axis], dtype=np.float64) + 0.5) * (padded[axis] / grid[axis])
-        mask = centres[None, :] < sizes[:, axis:axis + 1]
+        cells, view = int(grid[axis]), int(padded[axis])
+        # centre (s + 1/2) Hp / G < h, on integers as slide_offsets decides it (floats put exact ties inside)
+        twice_centres = (2 * np.arange(cells, dtype=np.int64) + 1) * view
+        mask = twice_centres[None, :] < 2 * cells * sizes[:, axis:axis + 1]
         mask[:, 0] |= sizes[:, axis] > 0
         masks.append(mask)
     return masks[0][:, :, None] & masks[1][:, None, :]

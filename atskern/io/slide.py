@@ -441,7 +441,7 @@ def _slide_path(path) -> str:
         raise FileNotFoundError(f"no slide at {path!r}")
     if os.path.isdir(path):
         raise IsADirectoryError(f"{path!r} is a directory, not a slide file")
-    return path
+    return os.path.abspath(path)  # files are reopened by path (after a close, in a forked child): not another one
 
 
 def _check_pyramid(path: str, level_count: int, require_pyramid: bool) -> None:

@@ -45,7 +45,7 @@ so that :func:`atskern.io.open_slide` finds every level."""
 def _pyramid_shapes(shape, tile, factor, min_side):
     """Level shapes and downsamples down to a longest side of at most ``min_side``; a level stops the pyramid
     before a side would reach 1 pixel (tifffile finds no factor between a 1-pixel side and the next)."""
-    if isinstance(factor, bool) or factor not in FACTORS:
+    if isinstance(factor, bool) or not isinstance(factor, numbers.Integral) or factor not in FACTORS:
         raise ValueError(f"factor must be one of {FACTORS} (the level ratios TIFF readers recognize), got {factor!r}")
     shapes, downsamples = [tuple(shape)], [1]
     d = 1

@@ -75,7 +75,11 @@ def open_cached(slide, *, threads=None, cache_bytes=64 << 20):
     """
     if hasattr(slide, "read_patches"):
         return slide
-    path = os.fsdecode(slide)
+    try:
+        path = os.path.abspath(os.fsdecode(slide))  # a relative path names a file of the current directory
+    except TypeError:
+        raise TypeError(f"slides must be atskern.io.Slide objects or paths (str, bytes or os.PathLike), got "
+                        f"{type(slide).__name__}") from None
     return OPEN_SLIDES.get((path, threads, cache_bytes), functools.partial(_open, path, threads, cache_bytes))
 
 
