@@ -346,8 +346,9 @@ def test_a_read_guard_unpickles_fresh_under_every_pickle_protocol(protocol):
 
 def _two_level_tiff(path, image):
     with tifffile.TiffWriter(path) as writer:
-        writer.write(image, tile=(16, 16), photometric="rgb", metadata=None)
-        writer.write(image[::2, ::2], tile=(16, 16), photometric="rgb", subfiletype=1, metadata=None)
+        writer.write(image, tile=(16, 16), photometric="rgb", compression="zlib", metadata=None)
+        writer.write(image[::2, ::2], tile=(16, 16), photometric="rgb", compression="zlib", subfiletype=1,
+                     metadata=None)
 
 
 def test_a_relative_path_keeps_naming_the_file_opened(tmp_path, monkeypatch):
@@ -380,13 +381,15 @@ def test_a_relative_path_keeps_naming_the_file_opened(tmp_path, monkeypatch):
                                   images["b"][:16, :16])
 
 
-def test_a_file_replaced_after_opening_is_refused_not_misread(tmp_path):
+@pytest.mark.parametrize("reader", ["tifffile", pytest.param("openslide", marks=needs_openslide)])
+def test_a_file_replaced_after_opening_is_refused_not_misread(tmp_path, reader):
     """A read that opens the file again (after close(), in a forked worker) took the new file's bytes at the old
-    file's tile offsets; now it refuses a file whose size or modification time changed."""
+    file's tile offsets (OpenSlide: levels other than the slide's); now it refuses a file whose size or modification
+    time changed."""
     path = tmp_path / "slide.tif"
     image = _random_image((64, 64, 3), seed=3)
     _two_level_tiff(path, image)
-    slide = aio.open_slide(path)
+    slide = aio.open_slide(path, backend=reader)
     np.testing.assert_array_equal(slide.read_patches([[0, 0]], 16)[0], image[:16, :16])
     slide.close()
     _two_level_tiff(tmp_path / "other.tif", _random_image((96, 96, 3), seed=4))

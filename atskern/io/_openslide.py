@@ -8,6 +8,7 @@ import numpy as np
 
 from ._deps import require
 from ._guard import ReadGuard
+from ._identity import changed_error, file_identity
 
 
 class OpenSlideBackend:
@@ -24,6 +25,7 @@ class OpenSlideBackend:
     def __init__(self, path: str):
         self.openslide = require("openslide")
         self.path = path
+        self._identity = file_identity(os.stat(path))
         self._handle = None
         self._pid = None
         self._guard = ReadGuard()
@@ -37,6 +39,8 @@ class OpenSlideBackend:
         forked child."""
         pid = os.getpid()
         if self._handle is None or self._pid != pid:
+            if file_identity(os.stat(self.path)) != self._identity:  # its levels would not be the slide's
+                raise changed_error(self.path)
             self._handle = self.openslide.OpenSlide(self.path)
             self._pid = pid
         return self._handle

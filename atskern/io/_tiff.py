@@ -19,6 +19,7 @@ import numpy as np
 
 from ._deps import require
 from ._guard import ReadGuard
+from ._identity import changed_error, file_identity
 
 CONVERT_HINT = (
     "convert it to a tiled pyramid, e.g. `vips tiffsave in.tif out.tif --tile --pyramid --bigtiff "
@@ -112,12 +113,6 @@ def _check_codec(tif, page, path):
         raise SlideFormatError(f"{path}: no decoder for TIFF compression {compression} ({exc})") from exc
 
 
-def _identity(stat) -> tuple[int, int]:
-    """What tells a file from a replacement written under its name: its size and modification time (not the inode,
-    which a network file system need not keep across machines, where pickled slides go)."""
-    return stat.st_size, stat.st_mtime_ns
-
-
 class TiffBackend:
     """Pyramid levels of a TIFF file, read tile by tile."""
 
@@ -126,7 +121,7 @@ class TiffBackend:
     def __init__(self, path: str, series: int = 0):
         tifffile = require("tifffile")
         self.path = path
-        self._identity = _identity(os.stat(path))
+        self._identity = file_identity(os.stat(path))
         try:
             tif = tifffile.TiffFile(path)
         except tifffile.TiffFileError as exc:
@@ -163,10 +158,9 @@ class TiffBackend:
             if self._closer is not None:
                 self._closer.detach()  # a forked child's copy of the parent's descriptor: left to the parent
             fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-            if _identity(os.fstat(fd)) != self._identity:  # its tiles would be read at the old file's offsets
+            if file_identity(os.fstat(fd)) != self._identity:  # its tiles would be read at the old file's offsets
                 os.close(fd)
-                raise OSError(f"{self.path}: the file changed since the slide was opened (its size or modification "
-                              "time); open the slide again")
+                raise changed_error(self.path)
             self._fd, self._pid = fd, pid
             self._closer = weakref.finalize(self, os.close, fd)
         return self._fd
