@@ -51,6 +51,14 @@ def start(s, grid, level, patch, num, den, to_int):
     return round_half_even_div(level * rx - patch * grid * den, d, to_int, base=level * qx)
 
 
+def table(grid: int, level: int, patch: int, num: int, den: int) -> np.ndarray:
+    """The unclipped :func:`start` of every cell ``0 .. grid - 1``: int64 where :func:`fits_int64` says int64 holds
+    the arithmetic, else Python ints (an object array, exact and slower)."""
+    dtype = np.int64 if fits_int64(grid, level, patch, num, den) else object
+    cells = np.arange(grid, dtype=np.int64).astype(dtype)
+    return start(cells, grid, level, patch, num, den, to_int=lambda mask: mask.astype(dtype))
+
+
 def fits_int64(grid: int, level: int, patch: int, num: int, den: int) -> bool:
     """Whether :func:`start` stays within int64 for ``|s| <= SAMPLE_LIMIT``."""
     d = 2 * grid * den

@@ -10,11 +10,10 @@ from __future__ import annotations
 import functools
 import numbers
 import operator
-from fractions import Fraction
 
 import numpy as np
 
-from atskern import _validation
+from atskern import _offsets, _validation
 from atskern._offsets import simplest_fraction
 from atskern.sampling import logits_to_weights
 
@@ -163,26 +162,14 @@ def probs_values(probs, replace: bool):
             )
 
 
-def _rint_half_even(value: Fraction) -> int:
-    floor = value.numerator // value.denominator
-    rest = value - floor
-    if rest > Fraction(1, 2) or (rest == Fraction(1, 2) and floor % 2):
-        return floor + 1
-    return floor
-
-
 @functools.lru_cache(maxsize=256)
 def offset_table(grid: int, level: int, patch: int, margin) -> np.ndarray:
     """int32 first pixel of the patch around each cell ``0..grid-1``: ``rint(L (m + (s + 1/2) / G (1 - 2 m)) - P / 2)``,
-    in exact rational arithmetic, ``margin`` read as atskern reads it (a Fraction as is, a float as the simplest
-    fraction that rounds to it: 0.1 is 1/10; its exact binary value once put ties on the other side)."""
+    exactly (``atskern._offsets.table``), ``margin`` read as atskern reads it (a Fraction as is, a float as the
+    simplest fraction that rounds to it: 0.1 is 1/10; its exact binary value once put ties on the other side)."""
     _validation.check_int32_offsets((level,), (patch,))
     m = simplest_fraction(margin)
-    bound = 2**31 - 1
-    starts = []
-    for s in range(grid):
-        centre = level * (m + Fraction(2 * s + 1, 2 * grid) * (1 - 2 * m))
-        starts.append(max(-bound, min(bound, _rint_half_even(centre - Fraction(patch, 2)))))
-    table = np.asarray(starts, dtype=np.int32)
+    starts = _offsets.table(grid, level, patch, m.numerator, m.denominator)
+    table = np.clip(starts, -_offsets.INT32_MAX, _offsets.INT32_MAX).astype(np.int32)
     table.flags.writeable = False
     return table

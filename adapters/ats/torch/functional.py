@@ -319,10 +319,9 @@ def _cells_in_grid(samples, grid) -> bool:
 @functools.lru_cache(maxsize=64)
 def _offset_table(grid: int, level: int, patch: int, num: int, den: int, device: torch.device,
                   dtype: torch.dtype) -> torch.Tensor:
-    """The offsets of cells ``0 .. grid - 1`` of one dim (``atskern._offsets.start`` in NumPy int64, clipped to
-    int32 for int32), on ``device``: made once per set of arguments (on a GPU its copy waits for the device, once)."""
-    starts = _offsets.start(np.arange(grid, dtype=np.int64), grid, level, patch, num, den,
-                            to_int=lambda mask: mask.astype(np.int64))
+    """The offsets of cells ``0 .. grid - 1`` of one dim (``atskern._offsets.table``, clipped to int32 for int32),
+    on ``device``: made once per set of arguments (on a GPU its copy waits for the device, once)."""
+    starts = _offsets.table(grid, level, patch, num, den)  # int64: the caller checked fits_int64
     if dtype == torch.int32:
         starts = np.clip(starts, -_offsets.INT32_MAX, _offsets.INT32_MAX).astype(np.int32)
     return torch.from_numpy(starts).to(device)
