@@ -124,7 +124,7 @@ def test_small_cells_of_a_long_row_are_drawn_at_their_rate_without_x64():
 def test_float32_draws_with_replacement_equal_atskern():
     """x64 off: the double-float running sums and targets differ from atskern's float64 ones by about 2**-46 of
     the row's sum, so a draw can differ only where its target lies that close to a step (measured: none of
-    644,000 draws at 2**12 to 2**20 cells). Allowed here: 1 in 100,000."""
+    648,000 draws at 2**12 to 2**20 cells). Allowed here: 1 in 100,000."""
     rng = np.random.default_rng(11)
     for rows, size in ((64, 1 << 12), (8, 1 << 16)):
         logits = rng.standard_normal((rows, size)) * 2
